@@ -1,0 +1,123 @@
+# connectd: one GNU Makefile. Variants build into build/<variant>/:
+#   release  -O2, fortify, PIE           (make, make release)
+#   asan     ASan + UBSan, used by tests (make asan)
+# make check runs unit tests, then the integration suite against a real Consul agent.
+
+PKGS      := openssl libcurl jansson
+CC        ?= cc
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+CMOCKA_LIBS := $(shell pkg-config --libs cmocka 2>/dev/null)
+
+WARN   := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wformat=2 -Wvla \
+          -Wno-format-nonliteral
+ifeq ($(CI),true)
+WARN   += -Werror
+endif
+BASE_CFLAGS := -std=c11 -D_GNU_SOURCE -g -pthread $(WARN) $(PKG_CFLAGS) $(CFLAGS)
+BASE_LDFLAGS := -pthread $(LDFLAGS)
+
+VARIANT ?= release
+ifeq ($(VARIANT),release)
+V_CFLAGS  := -O2 -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fPIE
+V_LDFLAGS := -pie -Wl,-z,relro,-z,now
+else ifeq ($(VARIANT),asan)
+V_CFLAGS  := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=undefined,float-cast-overflow
+V_LDFLAGS := -fsanitize=address,undefined,float-cast-overflow
+else
+$(error unknown VARIANT $(VARIANT))
+endif
+
+B        := build/$(VARIANT)
+SRCS     := $(wildcard src/*.c)
+OBJS     := $(SRCS:src/%.c=$(B)/obj/%.o)
+LIBOBJS  := $(filter-out $(B)/obj/main.o,$(OBJS))
+UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(B)/tests/%)
+
+.PHONY: all release asan unit check integ deps lint format demo clean install consul doc doc-check
+
+all: $(B)/connectd
+
+release:
+	$(MAKE) VARIANT=release all
+asan:
+	$(MAKE) VARIANT=asan all
+
+$(B)/obj/%.o: src/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) -MMD -MP -c -o $@ $<
+
+$(B)/connectd: $(OBJS)
+	$(CC) $(BASE_LDFLAGS) $(V_LDFLAGS) -o $@ $^ $(PKG_LIBS)
+
+$(B)/tests/%: tests/unit/%.c $(LIBOBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) -Isrc -o $@ $< $(LIBOBJS) $(BASE_LDFLAGS) $(V_LDFLAGS) \
+		$(PKG_LIBS) $(CMOCKA_LIBS)
+
+-include $(OBJS:.o=.d)
+
+# Unit tests (cmocka), under the sanitizers.
+unit:
+	@$(MAKE) --no-print-directory VARIANT=asan unit-run
+unit-run: $(UNIT_BINS)
+	@rc=0; for t in $(UNIT_BINS); do echo "== $$t"; $$t || rc=1; done; exit $$rc
+
+# Integration tests against a real Consul agent (pytest).
+integ:
+	@$(MAKE) --no-print-directory VARIANT=asan all
+	@$(MAKE) --no-print-directory VARIANT=release all
+	python3 -m pytest -ra tests/integ $(PYTEST_ARGS)
+
+# Everything: what the README's test command and CI run.
+check:
+	scripts/test
+
+deps:
+	scripts/deps
+
+# doc/config.md and the man page doc/connectd.8 are generated from the flag and key tables in
+# the code; doc-check fails when either is stale.
+doc: release
+	build/release/connectd -config-doc > doc/config.md
+	build/release/connectd -man > doc/connectd.8
+doc-check: release
+	@build/release/connectd -config-doc | diff -u doc/config.md - || \
+		{ echo "doc/config.md is stale: run make doc"; exit 1; }
+	@build/release/connectd -man | diff -u doc/connectd.8 - || \
+		{ echo "doc/connectd.8 is stale: run make doc"; exit 1; }
+
+consul:
+	scripts/consul path
+
+demo:
+	scripts/demo
+
+lint:
+	clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c
+	clang-tidy --quiet src/*.c -- -std=c11 -D_GNU_SOURCE $(PKG_CFLAGS)
+	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
+		--suppress=missingIncludeSystem -D_GNU_SOURCE src
+	@! grep -nE '\b(strcpy|strcat|sprintf|strtok|atoi|atol|strncpy|gets)\s*\(' src/*.c || \
+		{ echo "banned function used"; exit 1; }
+
+format:
+	clang-format -i src/*.c src/*.h tests/unit/*.c
+
+# make install [PREFIX=/usr/local] [DESTDIR=staging]: the binary, the man page and the example
+# systemd unit (its ExecStart names $(PREFIX)/bin/connectd).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+install: release
+	install -D -m 0755 build/release/connectd $(DESTDIR)$(BINDIR)/connectd
+	install -D -m 0644 doc/connectd.8 $(DESTDIR)$(MANDIR)/man8/connectd.8
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/bin/connectd|$(BINDIR)/connectd|' contrib/connectd@.service \
+		> $(DESTDIR)$(UNITDIR)/connectd@.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/connectd@.service
+
+clean:
+	rm -rf build
