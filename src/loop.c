@@ -1,0 +1,292 @@
+/*
+ * loop: level-triggered epoll, a binary min-heap of timers, a deferred-call queue and an
+ * eventfd for wake-ups from other threads.
+ *
+ * One iteration: wait for events (bounded by the nearest timer), dispatch fd events, run due
+ * timers, then run deferred calls. Level triggering keeps the session code simple: interest
+ * masks are recomputed after every state change, and nothing is lost if a callback consumes
+ * only part of what is ready.
+ */
+#include "loop.h"
+#include "util.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+
+#define MAX_EVENTS 256
+
+struct loop {
+    int epfd;
+    int stop;
+    uint64_t now_ms;
+    uint64_t timer_pass; /* incremented before each run of due timers */
+    struct loop_timer **heap;
+    size_t heap_len, heap_cap;
+    struct loop_defer *defer_head, *defer_tail;
+    struct loop_io wake_io;
+    void (*wake_cb)(struct loop *loop, void *data);
+    void *wake_data;
+};
+
+static void on_wake(struct loop_io *io, unsigned events)
+{
+    struct loop *loop = io->data;
+    uint64_t v;
+    (void)events;
+    while (read(io->fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+        ;
+    if (loop->wake_cb != NULL)
+        loop->wake_cb(loop, loop->wake_data);
+}
+
+struct loop *loop_new(void)
+{
+    struct loop *loop = xcalloc(1, sizeof(*loop));
+    loop->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (loop->epfd == -1)
+        goto fail;
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (efd == -1)
+        goto fail;
+    loop_io_init(&loop->wake_io, efd, on_wake, loop);
+    if (loop_io_want(loop, &loop->wake_io, LOOP_READ) != 0) {
+        close(efd);
+        goto fail;
+    }
+    loop->now_ms = util_now_ms();
+    return loop;
+fail:
+    if (loop->epfd != -1 && loop->epfd != 0)
+        close(loop->epfd);
+    free(loop);
+    return NULL;
+}
+
+static void run_deferred(struct loop *loop);
+
+void loop_free(struct loop *loop)
+{
+    if (loop == NULL)
+        return;
+    /* Owners that free themselves through loop_defer() must not leak when the loop ends. */
+    run_deferred(loop);
+    close(loop->wake_io.fd);
+    close(loop->epfd);
+    free(loop->heap);
+    free(loop);
+}
+
+uint64_t loop_now_ms(struct loop *loop)
+{
+    return loop->now_ms;
+}
+
+void loop_stop(struct loop *loop)
+{
+    loop->stop = 1;
+}
+
+void loop_io_init(struct loop_io *io, int fd, loop_io_cb cb, void *data)
+{
+    io->fd = fd;
+    io->want = 0;
+    io->cb = cb;
+    io->data = data;
+}
+
+int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want)
+{
+    if (want == io->want)
+        return 0;
+    struct epoll_event ev = {0};
+    ev.data.ptr = io;
+    if (want & LOOP_READ)
+        ev.events |= EPOLLIN | EPOLLRDHUP;
+    if (want & LOOP_WRITE)
+        ev.events |= EPOLLOUT;
+    int op = io->want == 0 ? EPOLL_CTL_ADD : want == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
+    if (epoll_ctl(loop->epfd, op, io->fd, &ev) == -1) {
+        int err = -errno;
+        /*
+         * A failed DEL means the fd is no longer registered (closed, so the kernel dropped
+         * it): record that, or the dispatcher would keep calling a watcher its owner has
+         * already given up on.
+         */
+        if (op == EPOLL_CTL_DEL)
+            io->want = 0;
+        return err;
+    }
+    io->want = want;
+    return 0;
+}
+
+/* ---- timers: binary min-heap keyed by due_ms ---- */
+
+static void heap_swap(struct loop *loop, size_t a, size_t b)
+{
+    struct loop_timer *t = loop->heap[a];
+    loop->heap[a] = loop->heap[b];
+    loop->heap[b] = t;
+    loop->heap[a]->heap_index = a;
+    loop->heap[b]->heap_index = b;
+}
+
+static void heap_up(struct loop *loop, size_t i)
+{
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (loop->heap[parent]->due_ms <= loop->heap[i]->due_ms)
+            break;
+        heap_swap(loop, i, parent);
+        i = parent;
+    }
+}
+
+static void heap_down(struct loop *loop, size_t i)
+{
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < loop->heap_len && loop->heap[l]->due_ms < loop->heap[m]->due_ms)
+            m = l;
+        if (r < loop->heap_len && loop->heap[r]->due_ms < loop->heap[m]->due_ms)
+            m = r;
+        if (m == i)
+            return;
+        heap_swap(loop, i, m);
+        i = m;
+    }
+}
+
+void loop_timer_init(struct loop_timer *t, loop_timer_cb cb, void *data)
+{
+    t->due_ms = 0;
+    t->heap_index = (size_t)-1;
+    t->cb = cb;
+    t->data = data;
+}
+
+void loop_timer_stop(struct loop *loop, struct loop_timer *t)
+{
+    size_t i = t->heap_index;
+    if (i == (size_t)-1)
+        return;
+    size_t last = --loop->heap_len;
+    if (i != last) {
+        loop->heap[i] = loop->heap[last];
+        loop->heap[i]->heap_index = i;
+        heap_down(loop, i);
+        heap_up(loop, i);
+    }
+    t->heap_index = (size_t)-1;
+}
+
+void loop_timer_start(struct loop *loop, struct loop_timer *t, uint64_t delay_ms)
+{
+    loop_timer_stop(loop, t);
+    if (loop->heap_len == loop->heap_cap) {
+        loop->heap_cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
+        loop->heap = xrealloc(loop->heap, loop->heap_cap * sizeof(*loop->heap));
+    }
+    t->due_ms = util_now_ms() + delay_ms;
+    t->pass = loop->timer_pass;
+    t->heap_index = loop->heap_len;
+    loop->heap[loop->heap_len++] = t;
+    heap_up(loop, t->heap_index);
+}
+
+static void run_timers(struct loop *loop)
+{
+    /* A timer re-armed by a callback of this pass waits for the next iteration, so a 0 ms
+     * re-arm cannot spin here until the clock ticks. */
+    uint64_t pass = ++loop->timer_pass;
+    while (loop->heap_len > 0 && loop->heap[0]->due_ms <= loop->now_ms &&
+           loop->heap[0]->pass != pass) {
+        struct loop_timer *t = loop->heap[0];
+        loop_timer_stop(loop, t);
+        t->cb(t);
+    }
+}
+
+/* ---- deferred calls ---- */
+
+void loop_defer(struct loop *loop, struct loop_defer *d, loop_defer_cb cb)
+{
+    if (d->queued)
+        return;
+    d->queued = 1;
+    d->cb = cb;
+    d->next = NULL;
+    if (loop->defer_tail != NULL)
+        loop->defer_tail->next = d;
+    else
+        loop->defer_head = d;
+    loop->defer_tail = d;
+}
+
+static void run_deferred(struct loop *loop)
+{
+    while (loop->defer_head != NULL) {
+        struct loop_defer *d = loop->defer_head;
+        loop->defer_head = d->next;
+        if (loop->defer_head == NULL)
+            loop->defer_tail = NULL;
+        d->queued = 0;
+        d->cb(d);
+    }
+}
+
+void loop_set_wakeup(struct loop *loop, void (*cb)(struct loop *loop, void *data), void *data)
+{
+    loop->wake_cb = cb;
+    loop->wake_data = data;
+}
+
+void loop_wakeup(struct loop *loop)
+{
+    uint64_t one = 1;
+    ssize_t n = write(loop->wake_io.fd, &one, sizeof(one));
+    (void)n; /* EAGAIN means the counter is already non-zero: a wake-up is pending. */
+}
+
+int loop_run(struct loop *loop)
+{
+    struct epoll_event events[MAX_EVENTS];
+    loop->stop = 0;
+    while (!loop->stop) {
+        int timeout = -1;
+        loop->now_ms = util_now_ms();
+        if (loop->defer_head != NULL) {
+            timeout = 0;
+        } else if (loop->heap_len > 0) {
+            uint64_t due = loop->heap[0]->due_ms;
+            timeout = due <= loop->now_ms ? 0 : (int)MIN(due - loop->now_ms, 60000u);
+        }
+        int n = epoll_wait(loop->epfd, events, MAX_EVENTS, timeout);
+        if (n == -1) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        loop->now_ms = util_now_ms();
+        for (int i = 0; i < n; i++) {
+            struct loop_io *io = events[i].data.ptr;
+            unsigned ev = 0;
+            if (events[i].events & (EPOLLIN | EPOLLRDHUP))
+                ev |= LOOP_READ;
+            if (events[i].events & EPOLLOUT)
+                ev |= LOOP_WRITE;
+            if (events[i].events & (EPOLLERR | EPOLLHUP))
+                ev |= LOOP_ERROR | LOOP_READ | LOOP_WRITE;
+            /* An earlier callback in this round may have stopped watching this fd. */
+            if (io->want != 0)
+                io->cb(io, ev & (io->want | LOOP_ERROR));
+        }
+        run_timers(loop);
+        run_deferred(loop);
+    }
+    return 0;
+}
