@@ -1,0 +1,740 @@
+/*
+ * tls: OpenSSL behind the small contract of tls.h.
+ *
+ * A tls_ctx owns two SSL_CTX built from objects decoded once (leaf, chain, key, one trust
+ * store shared by both), so a new connection costs one SSL_new() and nothing is re-parsed per
+ * handshake. Every SSL holds its own reference to its SSL_CTX, which is why a connection
+ * outlives the tls_ctx it was made from without holding a tls_ctx reference itself.
+ *
+ * Error discipline (STYLE rule 10): every I/O call starts with an empty OpenSSL error queue
+ * and errno, and every failure drains the queue into the connection's one-line message, so no
+ * stale error can be blamed on a later call or another connection of the same thread.
+ */
+#include "tls.h"
+
+#include "log.h"
+#include "loop.h"
+#include "util.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+/* ECDHE with AEAD only, AES first (hardware-accelerated), as Consul's Go proxy offers. */
+#define TLS12_CIPHERS                                                                              \
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"                                   \
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"                                   \
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+/* OpenSSL's default TLS 1.3 order puts AES-256 first; AES-128 is cheaper and as safe here. */
+#define TLS13_CIPHERSUITES                                                                         \
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+/* X25519 first (the client's one key share); P-384 only for peers that insist on it. */
+#define TLS_GROUPS "X25519:P-256:P-384"
+
+/* Server-side session cache: bounded so a burst of handshakes cannot grow memory without end. */
+#define TLS_SESSION_CACHE_SIZE 1024
+static const unsigned char session_id_context[] = "connectd";
+
+struct tls_ctx {
+    atomic_uint refs;
+    SSL_CTX *server;
+    SSL_CTX *client;
+    long long leaf_not_after;
+};
+
+struct tls_conn {
+    SSL *ssl;
+    unsigned wants;     /* LOOP_READ / LOOP_WRITE wanted by the last -EAGAIN */
+    int shutdown_sent;  /* close_notify is out (or queued inside OpenSSL) */
+    int fatal;          /* SSL_ERROR_SSL/SYSCALL seen: SSL_shutdown() must not be called */
+    const char *preset; /* a failure found before any I/O, reported by tls_handshake() */
+    char err[512];
+};
+
+/* ---- error text ---------------------------------------------------------------------------- */
+
+static void append(char *buf, size_t size, const char *s)
+{
+    size_t n = strnlen(buf, size);
+    if (n + 1 >= size)
+        return;
+    snprintf(buf + n, size - n, "%s", s);
+}
+
+/*
+ * Appends the drained OpenSSL error queue to <buf> as "; <error>[: <data>]" items. The PEM and
+ * decoder errors name reasons and expected types, not input bytes, so no key material gets in
+ * (test_bad_inputs checks this for broken, mismatched and encrypted keys).
+ */
+static void drain_errors(char *buf, size_t size)
+{
+    for (;;) {
+        const char *data = NULL;
+        int flags = 0;
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+        unsigned long e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags);
+#else
+        unsigned long e = ERR_get_error_line_data(NULL, NULL, &data, &flags);
+#endif
+        if (e == 0)
+            break;
+        char one[256];
+        ERR_error_string_n(e, one, sizeof(one));
+        append(buf, size, "; ");
+        append(buf, size, one);
+        if (data != NULL && *data != '\0' && (flags & ERR_TXT_STRING)) {
+            append(buf, size, ": ");
+            append(buf, size, data);
+        }
+    }
+}
+
+/* Records "<what>[: <detail>]; <queue>; verify: <reason>" as the connection's failure. */
+static void conn_fail(struct tls_conn *c, const char *what, const char *detail)
+{
+    snprintf(c->err, sizeof(c->err), "%s", what);
+    if (detail != NULL) {
+        append(c->err, sizeof(c->err), ": ");
+        append(c->err, sizeof(c->err), detail);
+    }
+    drain_errors(c->err, sizeof(c->err));
+    long v = SSL_get_verify_result(c->ssl);
+    if (v != X509_V_OK) {
+        append(c->err, sizeof(c->err), "; verify: ");
+        append(c->err, sizeof(c->err), X509_verify_cert_error_string(v));
+    }
+}
+
+/* Fills a setup-time message: "<what>" plus the drained queue. Always returns <code>. */
+static int ctx_fail(char *err, size_t errlen, int code, const char *what)
+{
+    if (err != NULL && errlen > 0) {
+        snprintf(err, errlen, "%s", what);
+        drain_errors(err, errlen);
+    } else {
+        ERR_clear_error();
+    }
+    return code;
+}
+
+/* ---- contexts ------------------------------------------------------------------------------ */
+
+/* Never prompt for a passphrase: an encrypted key is simply a key we cannot use. */
+static int no_passphrase(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf;
+    (void)size;
+    (void)rwflag;
+    (void)u;
+    return 0;
+}
+
+/*
+ * Decodes every CERTIFICATE block of <pem> and appends it to <out>. Returns the number
+ * decoded (at least one), or -1 on a malformed block or when there is none.
+ */
+static int read_certs(const char *pem, STACK_OF(X509) * out)
+{
+    BIO *bio = BIO_new_mem_buf(pem, -1);
+    if (bio == NULL)
+        return -1;
+    int n = 0;
+    for (;;) {
+        X509 *x = PEM_read_bio_X509(bio, NULL, no_passphrase, NULL);
+        if (x == NULL)
+            break;
+        if (!sk_X509_push(out, x)) {
+            X509_free(x);
+            n = -1;
+            break;
+        }
+        n++;
+    }
+    BIO_free(bio);
+    if (n < 0)
+        return -1;
+    /* The loop always ends on an error; "no start line" after a certificate is the clean end. */
+    unsigned long e = ERR_peek_last_error();
+    if (n == 0 || ERR_GET_LIB(e) != ERR_LIB_PEM || ERR_GET_REASON(e) != PEM_R_NO_START_LINE)
+        return -1;
+    ERR_clear_error();
+    return n;
+}
+
+/* Adds a trust anchor; the same root listed twice is harmless, any other failure is not. */
+static int store_add(X509_STORE *store, X509 *x)
+{
+    if (X509_STORE_add_cert(store, x))
+        return 0;
+    unsigned long e = ERR_peek_last_error();
+    if (ERR_GET_LIB(e) != ERR_LIB_X509 || ERR_GET_REASON(e) != X509_R_CERT_ALREADY_IN_HASH_TABLE)
+        return -1;
+    ERR_clear_error();
+    return 0;
+}
+
+static int version_of(int v, int *out)
+{
+    switch (v) {
+    case 0:
+        *out = 0;
+        return 0;
+    case 12:
+        *out = TLS1_2_VERSION;
+        return 0;
+    case 13:
+        *out = TLS1_3_VERSION;
+        return 0;
+    default:
+        return -EINVAL;
+    }
+}
+
+/* Maps opts (NULL = defaults) to OpenSSL versions: minimum TLS 1.2, no maximum (0). */
+static int version_range(const struct tls_ctx_opts *opts, int *min_v, int *max_v)
+{
+    if (version_of(opts ? opts->min_version : 0, min_v) < 0 ||
+        version_of(opts ? opts->max_version : 0, max_v) < 0)
+        return -EINVAL;
+    if (*min_v == 0)
+        *min_v = TLS1_2_VERSION;
+    if (*max_v != 0 && *max_v < *min_v)
+        return -EINVAL;
+    return 0;
+}
+
+#define CIPHER_LIST_MAX 2048
+
+/*
+ * Translates <names>, comma-separated IANA (RFC) suite names as Consul writes them, into an
+ * OpenSSL cipher list in <out>. Only TLS 1.2 suites qualify. Returns 0, or -EINVAL with the
+ * offending name in <err>.
+ */
+static int cipher_list_from_iana(const char *names, char *out, size_t outlen, char *err,
+                                 size_t errlen)
+{
+    int rc = -EINVAL;
+    size_t at = 0;
+    SSL_CTX *probe = SSL_CTX_new(TLS_method());
+    if (probe == NULL || !SSL_CTX_set_cipher_list(probe, "ALL:COMPLEMENTOFALL")) {
+        snprintf(err, errlen, "cannot list the cipher suites OpenSSL knows");
+        goto out;
+    }
+    STACK_OF(SSL_CIPHER) *all = SSL_CTX_get_ciphers(probe);
+    out[0] = '\0';
+    for (const char *p = names; *p != '\0';) {
+        const char *end = strchr(p, ',');
+        size_t len = end != NULL ? (size_t)(end - p) : strlen(p);
+        while (len > 0 && (*p == ' ' || *p == '\t')) {
+            p++;
+            len--;
+        }
+        while (len > 0 && (p[len - 1] == ' ' || p[len - 1] == '\t'))
+            len--;
+        const SSL_CIPHER *found = NULL;
+        for (int i = 0; len > 0 && found == NULL && i < sk_SSL_CIPHER_num(all); i++) {
+            const SSL_CIPHER *c = sk_SSL_CIPHER_value(all, i);
+            const char *std = SSL_CIPHER_standard_name(c);
+            if (std != NULL && strlen(std) == len && strncmp(std, p, len) == 0 &&
+                strcmp(SSL_CIPHER_get_version(c), "TLSv1.3") != 0)
+                found = c;
+        }
+        if (len > 0) {
+            const char *name = found != NULL ? SSL_CIPHER_get_name(found) : NULL;
+            if (name == NULL) {
+                snprintf(err, errlen, "unknown TLS 1.2 cipher suite \"%.*s\"", (int)MIN(len, 128),
+                         p);
+                goto out;
+            }
+            int n = snprintf(out + at, outlen - at, "%s%s", at > 0 ? ":" : "", name);
+            if (n < 0 || (size_t)n >= outlen - at) {
+                snprintf(err, errlen, "too many cipher suites");
+                goto out;
+            }
+            at += (size_t)n;
+        }
+        p = end != NULL ? end + 1 : p + len;
+    }
+    if (at == 0) {
+        snprintf(err, errlen, "empty cipher suite list");
+        goto out;
+    }
+    rc = 0;
+out:
+    SSL_CTX_free(probe);
+    return rc;
+}
+
+/* Applies what both sides share. Returns 0, or -1 with the reason on the error queue. */
+static int setup_common(SSL_CTX *sc, X509 *leaf, STACK_OF(X509) * chain, EVP_PKEY *key,
+                        X509_STORE *store, int min_v, int max_v, const char *cipher_list)
+{
+    if (!SSL_CTX_set_min_proto_version(sc, min_v) || !SSL_CTX_set_max_proto_version(sc, max_v))
+        return -1;
+    if (!SSL_CTX_set_cipher_list(sc, cipher_list) ||
+        !SSL_CTX_set_ciphersuites(sc, TLS13_CIPHERSUITES) ||
+        !SSL_CTX_set1_groups_list(sc, TLS_GROUPS))
+        return -1;
+    if (!SSL_CTX_use_certificate(sc, leaf))
+        return -1;
+    for (int i = 0; i < sk_X509_num(chain); i++) {
+        if (!SSL_CTX_add1_chain_cert(sc, sk_X509_value(chain, i)))
+            return -1;
+    }
+    if (!SSL_CTX_use_PrivateKey(sc, key) || !SSL_CTX_check_private_key(sc))
+        return -1;
+    if (!X509_STORE_up_ref(store))
+        return -1;
+    SSL_CTX_set_cert_store(sc, store);
+
+    uint64_t opts = SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION;
+#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
+    /*
+     * A peer that closes its socket without close_notify is a plain end of stream for an L4
+     * relay (the application protocol frames its own data). Without this option OpenSSL 3
+     * turns it into a fatal error that also forbids writing the other direction.
+     */
+    opts |= SSL_OP_IGNORE_UNEXPECTED_EOF;
+#endif
+    SSL_CTX_set_options(sc, opts);
+    /*
+     * The chain we send is exactly cert_pem: no per-handshake chain building from the store
+     * (which costs CPU and could append a root). Buffers go back to the pool while idle.
+     */
+    SSL_CTX_set_mode(sc, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                             SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
+    SSL_CTX_set_verify_depth(sc, 8);
+    return 0;
+}
+
+int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *root_pems,
+                size_t n_roots, const struct tls_ctx_opts *opts, struct tls_ctx **out, char *err,
+                size_t errlen)
+{
+    char what[128];
+    int rc = ERR_BAD_CERT;
+    STACK_OF(X509) *certs = NULL;
+    STACK_OF(X509) *roots = NULL;
+    X509 *leaf = NULL;
+    EVP_PKEY *key = NULL;
+    X509_STORE *store = NULL;
+    BIO *bio = NULL;
+    SSL_CTX *server = NULL;
+    SSL_CTX *client = NULL;
+    struct tls_ctx *ctx;
+    struct tm tm;
+    int min_v, max_v;
+    char cipher_list[CIPHER_LIST_MAX] = TLS12_CIPHERS;
+
+    *out = NULL;
+    ERR_clear_error();
+    if (version_range(opts, &min_v, &max_v) < 0) {
+        rc = ctx_fail(err, errlen, -EINVAL, "invalid TLS version range (use 12 or 13)");
+        goto out;
+    }
+    if (opts != NULL && opts->cipher_suites != NULL &&
+        cipher_list_from_iana(opts->cipher_suites, cipher_list, sizeof(cipher_list), err, errlen) !=
+            0) {
+        rc = -EINVAL;
+        goto out;
+    }
+
+    certs = sk_X509_new_null();
+    roots = sk_X509_new_null();
+    store = X509_STORE_new();
+    if (certs == NULL || roots == NULL || store == NULL) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "out of memory");
+        goto out;
+    }
+    if (cert_pem == NULL || read_certs(cert_pem, certs) < 0) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "certificate: no valid PEM certificate");
+        goto out;
+    }
+    leaf = sk_X509_shift(certs); /* the rest of <certs> is the chain we send */
+
+    if (key_pem == NULL || (bio = BIO_new_mem_buf(key_pem, -1)) == NULL ||
+        (key = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL)) == NULL) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "private key: no valid unencrypted PEM key");
+        goto out;
+    }
+    if (!X509_check_private_key(leaf, key)) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "private key does not match the leaf certificate");
+        goto out;
+    }
+
+    if (n_roots == 0) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "no trusted roots");
+        goto out;
+    }
+    for (size_t i = 0; i < n_roots; i++) {
+        int before = sk_X509_num(roots);
+        if (root_pems[i] == NULL || read_certs(root_pems[i], roots) < 0) {
+            snprintf(what, sizeof(what), "root %zu: no valid PEM certificate", i);
+            rc = ctx_fail(err, errlen, ERR_BAD_CERT, what);
+            goto out;
+        }
+        for (int j = before; j < sk_X509_num(roots); j++) {
+            if (store_add(store, sk_X509_value(roots, j)) < 0) {
+                snprintf(what, sizeof(what), "root %zu: cannot add to the trust store", i);
+                rc = ctx_fail(err, errlen, ERR_BAD_CERT, what);
+                goto out;
+            }
+        }
+    }
+
+    server = SSL_CTX_new(TLS_server_method());
+    client = SSL_CTX_new(TLS_client_method());
+    if (server == NULL || client == NULL ||
+        setup_common(server, leaf, certs, key, store, min_v, max_v, cipher_list) < 0 ||
+        setup_common(client, leaf, certs, key, store, min_v, max_v, cipher_list) < 0) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "cannot configure TLS context");
+        goto out;
+    }
+
+    /* Inbound: a certificate chaining to one of the roots is mandatory (purpose sslclient). */
+    SSL_CTX_set_verify(server, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    /*
+     * Resumption through a stateful server cache: with SSL_OP_NO_TICKET a TLS 1.3 ticket is
+     * only a cache key, cheaper to resume than a self-contained ticket (no certificate to
+     * re-decode). The cache belongs to this SSL_CTX, so sessions never outlive the roots that
+     * verified them. The session id context is required once client certificates are verified.
+     */
+    SSL_CTX_set_options(server, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_TICKET);
+    SSL_CTX_set_session_cache_mode(server, SSL_SESS_CACHE_SERVER);
+    SSL_CTX_sess_set_cache_size(server, TLS_SESSION_CACHE_SIZE);
+    SSL_CTX_set_num_tickets(server, 1);
+    if (!SSL_CTX_set_session_id_context(server, session_id_context,
+                                        sizeof(session_id_context) - 1)) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "cannot set session id context");
+        goto out;
+    }
+    /* Outbound: the server's chain is verified (purpose sslserver); identity is checked later. */
+    SSL_CTX_set_verify(client, SSL_VERIFY_PEER, NULL);
+
+    if (!ASN1_TIME_to_tm(X509_get0_notAfter(leaf), &tm)) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "certificate: unreadable notAfter");
+        goto out;
+    }
+
+    ctx = xcalloc(1, sizeof(*ctx));
+    atomic_init(&ctx->refs, 1);
+    ctx->server = server;
+    ctx->client = client;
+    ctx->leaf_not_after = (long long)timegm(&tm);
+    server = client = NULL;
+    *out = ctx;
+    rc = 0;
+
+out:
+    SSL_CTX_free(server);
+    SSL_CTX_free(client);
+    BIO_free(bio);
+    EVP_PKEY_free(key);
+    X509_free(leaf);
+    sk_X509_pop_free(certs, X509_free);
+    sk_X509_pop_free(roots, X509_free);
+    X509_STORE_free(store);
+    return rc;
+}
+
+struct tls_ctx *tls_ctx_ref(struct tls_ctx *ctx)
+{
+    atomic_fetch_add_explicit(&ctx->refs, 1, memory_order_relaxed);
+    return ctx;
+}
+
+void tls_ctx_unref(struct tls_ctx *ctx)
+{
+    if (ctx == NULL)
+        return;
+    if (atomic_fetch_sub_explicit(&ctx->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    SSL_CTX_free(ctx->server);
+    SSL_CTX_free(ctx->client);
+    free(ctx);
+}
+
+long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx)
+{
+    return ctx->leaf_not_after;
+}
+
+/* ---- connections --------------------------------------------------------------------------- */
+
+static struct tls_conn *conn_new(SSL_CTX *sc, int fd)
+{
+    ERR_clear_error();
+    SSL *ssl = SSL_new(sc);
+    if (ssl == NULL || !SSL_set_fd(ssl, fd)) {
+        LOG_ERROR("tls: cannot create a connection (out of memory)");
+        SSL_free(ssl);
+        ERR_clear_error();
+        return NULL;
+    }
+    struct tls_conn *c = xcalloc(1, sizeof(*c));
+    c->ssl = ssl;
+    return c;
+}
+
+struct tls_conn *tls_conn_new_server(struct tls_ctx *ctx, int fd)
+{
+    struct tls_conn *c = conn_new(ctx->server, fd);
+    if (c != NULL)
+        SSL_set_accept_state(c->ssl);
+    return c;
+}
+
+struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sni)
+{
+    struct tls_conn *c = conn_new(ctx->client, fd);
+    if (c == NULL)
+        return NULL;
+    SSL_set_connect_state(c->ssl);
+    /* A name OpenSSL refuses (over 255 bytes) fails the handshake rather than go unsent:
+     * a mesh gateway routes on it. */
+    if (sni != NULL && *sni != '\0' && !SSL_set_tlsext_host_name(c->ssl, sni)) {
+        ERR_clear_error();
+        c->preset = "SNI name rejected (too long?)";
+    }
+    return c;
+}
+
+void tls_conn_free(struct tls_conn *c)
+{
+    if (c == NULL)
+        return;
+    SSL_free(c->ssl);
+    free(c);
+}
+
+static void before_io(struct tls_conn *c)
+{
+    ERR_clear_error();
+    errno = 0;
+    c->wants = 0;
+    c->err[0] = '\0';
+}
+
+/*
+ * Maps a failed SSL_* call. <is_read> lets a clean or unexpected end of stream become 0;
+ * everywhere else it is a failure. Must run right after the call (it reads errno).
+ */
+static int io_result(struct tls_conn *c, const char *what, int is_read)
+{
+    int saved_errno = errno;
+    int e = SSL_get_error(c->ssl, 0);
+    switch (e) {
+    case SSL_ERROR_WANT_READ:
+        c->wants = LOOP_READ;
+        return -EAGAIN;
+    case SSL_ERROR_WANT_WRITE:
+        c->wants = LOOP_WRITE;
+        return -EAGAIN;
+    case SSL_ERROR_ZERO_RETURN:
+        if (is_read)
+            return 0;
+        conn_fail(c, what, "connection closed by the peer");
+        return ERR_TLS;
+    case SSL_ERROR_SYSCALL:
+        c->fatal = 1;
+        if (ERR_peek_error() == 0 && saved_errno == 0) {
+            /* OpenSSL 1.1 style unexpected EOF: nothing queued and no errno. */
+            if (is_read)
+                return 0;
+            conn_fail(c, what, "connection closed by the peer");
+            return ERR_TLS;
+        }
+        conn_fail(c, what, saved_errno != 0 ? strerror(saved_errno) : NULL);
+        return ERR_TLS;
+    case SSL_ERROR_SSL:
+#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING
+        /* OpenSSL 3 without SSL_OP_IGNORE_UNEXPECTED_EOF (kept for safety). */
+        if (is_read && ERR_GET_LIB(ERR_peek_error()) == ERR_LIB_SSL &&
+            ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+            ERR_clear_error();
+            c->fatal = 1;
+            return 0;
+        }
+#endif
+        c->fatal = 1;
+        conn_fail(c, what, NULL);
+        return ERR_TLS;
+    default:
+        c->fatal = 1;
+        conn_fail(c, what, "unexpected OpenSSL state");
+        return ERR_TLS;
+    }
+}
+
+int tls_handshake(struct tls_conn *c)
+{
+    if (c->preset != NULL) {
+        snprintf(c->err, sizeof(c->err), "handshake: %s", c->preset);
+        return ERR_TLS;
+    }
+    if (SSL_is_init_finished(c->ssl))
+        return 0;
+    before_io(c);
+    if (SSL_do_handshake(c->ssl) == 1)
+        return 0;
+    return io_result(c, "handshake", 0);
+}
+
+ssize_t tls_read(struct tls_conn *c, void *buf, size_t len)
+{
+    size_t n = 0;
+    before_io(c);
+    if (SSL_read_ex(c->ssl, buf, len, &n) == 1)
+        return (ssize_t)n;
+    return io_result(c, "read", 1);
+}
+
+ssize_t tls_write(struct tls_conn *c, const void *buf, size_t len)
+{
+    size_t n = 0;
+    if (len == 0)
+        return 0;
+    before_io(c);
+    if (SSL_write_ex(c->ssl, buf, len, &n) == 1)
+        return (ssize_t)n;
+    return io_result(c, "write", 0);
+}
+
+int tls_shutdown(struct tls_conn *c)
+{
+    if (c->shutdown_sent)
+        return 0;
+    if (c->fatal) {
+        snprintf(c->err, sizeof(c->err), "shutdown: connection already failed");
+        return ERR_TLS;
+    }
+    before_io(c);
+    /*
+     * 0 means close_notify was written and the peer's has not arrived; 1 means both are done.
+     * Calling again after 0 would wait for the peer's, which a half-close must not do.
+     */
+    int r = SSL_shutdown(c->ssl);
+    if (r >= 0) {
+        c->shutdown_sent = 1;
+        return 0;
+    }
+    return io_result(c, "shutdown", 0);
+}
+
+unsigned tls_conn_wants(const struct tls_conn *c)
+{
+    return c->wants;
+}
+
+size_t tls_conn_pending(const struct tls_conn *c)
+{
+    int n = SSL_pending(c->ssl);
+    return n > 0 ? (size_t)n : 0;
+}
+
+const char *tls_conn_error(const struct tls_conn *c)
+{
+    return c->err;
+}
+
+unsigned long long tls_conn_bytes_received(const struct tls_conn *c)
+{
+    return (unsigned long long)BIO_number_read(SSL_get_rbio(c->ssl));
+}
+
+int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len)
+{
+    /* With SSL_VERIFY_PEER a completed handshake implies a verified chain; check anyway. */
+    if (!SSL_is_init_finished(c->ssl) || SSL_get_verify_result(c->ssl) != X509_V_OK)
+        return ERR_NO_URI;
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    X509 *peer = SSL_get0_peer_certificate(c->ssl);
+#else
+    X509 *peer = SSL_get_peer_certificate(c->ssl);
+    X509_free(peer); /* the session keeps its own reference */
+#endif
+    if (peer == NULL)
+        return ERR_NO_URI;
+    GENERAL_NAMES *names = X509_get_ext_d2i(peer, NID_subject_alt_name, NULL, NULL);
+    int rc = ERR_NO_URI;
+    for (int i = 0; names != NULL && i < sk_GENERAL_NAME_num(names); i++) {
+        const GENERAL_NAME *gn = sk_GENERAL_NAME_value(names, i);
+        if (gn->type != GEN_URI)
+            continue;
+        const unsigned char *p = ASN1_STRING_get0_data(gn->d.uniformResourceIdentifier);
+        int n = ASN1_STRING_length(gn->d.uniformResourceIdentifier);
+        if (n <= 0 || memchr(p, '\0', (size_t)n) != NULL) {
+            rc = ERR_NO_URI; /* the first URI decides, as in Consul; a broken one is none */
+        } else if ((size_t)n >= len) {
+            rc = -ENOSPC;
+        } else {
+            memcpy(buf, p, (size_t)n);
+            buf[n] = '\0';
+            rc = n;
+        }
+        break;
+    }
+    GENERAL_NAMES_free(names);
+    ERR_clear_error(); /* a missing extension may leave decoder noise behind */
+    return rc;
+}
+
+int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (!SSL_is_init_finished(c->ssl) || SSL_get_verify_result(c->ssl) != X509_V_OK)
+        return ERR_NO_URI;
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    X509 *peer = SSL_get0_peer_certificate(c->ssl);
+#else
+    X509 *peer = SSL_get_peer_certificate(c->ssl);
+    X509_free(peer); /* the session keeps its own reference */
+#endif
+    if (peer == NULL || len == 0)
+        return ERR_NO_URI;
+    const ASN1_INTEGER *serial = X509_get0_serialNumber(peer);
+    const unsigned char *p = ASN1_STRING_get0_data(serial);
+    int n = ASN1_STRING_length(serial);
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        if (at + 4 > len)
+            return -ENOSPC;
+        if (i > 0)
+            buf[at++] = ':';
+        buf[at++] = hex[p[i] >> 4];
+        buf[at++] = hex[p[i] & 15];
+    }
+    buf[at] = '\0';
+    return (int)at;
+}
+
+const char *tls_conn_version(const struct tls_conn *c)
+{
+    return SSL_get_version(c->ssl);
+}
+
+const char *tls_conn_cipher(const struct tls_conn *c)
+{
+    const SSL_CIPHER *cipher = SSL_get_current_cipher(c->ssl);
+    return cipher != NULL ? SSL_CIPHER_get_name(cipher) : "(none)";
+}
+
+void tls_global_init(void)
+{
+    OPENSSL_init_ssl(OPENSSL_INIT_LOAD_SSL_STRINGS | OPENSSL_INIT_LOAD_CRYPTO_STRINGS, NULL);
+}
+
+const char *tls_lib_version(void)
+{
+    return OpenSSL_version(OPENSSL_VERSION);
+}

@@ -1,0 +1,105 @@
+/*
+ * tls: mutual TLS for the mesh, over non-blocking sockets.
+ *
+ * The only module that includes OpenSSL; no OpenSSL type appears here. A tls_ctx is built
+ * once per certificate generation (leaf + roots) and holds both the server context (inbound:
+ * client certificate required) and the client context (outbound). Connections keep the
+ * context they were created with, so swapping in a new tls_ctx never disturbs open ones.
+ *
+ * I/O functions follow the project convention: >0 bytes, 0 for a clean end of stream, -EAGAIN
+ * to wait (then tls_conn_wants() says for what), or another negative code for failure (then
+ * tls_conn_error() holds the drained OpenSSL error queue as one line).
+ */
+#ifndef CONNECTD_TLS_H
+#define CONNECTD_TLS_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+struct tls_ctx;
+struct tls_conn;
+
+struct tls_ctx_opts {
+    int min_version; /* 0 = TLS 1.2; else 12 or 13 */
+    int max_version; /* 0 = no maximum; else 12 or 13 */
+    /* NULL for the defaults, or comma-separated IANA names of TLS 1.2 cipher suites (e.g.
+     * "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"); TLS 1.3 suites stay the defaults. */
+    const char *cipher_suites;
+};
+
+/*
+ * Builds a context from <cert_pem> (the leaf followed by any intermediates, all sent in the
+ * handshake), <key_pem> and <n_roots> root PEMs (every one trusted; nothing else is). Verification
+ * requires a chain to one of the roots; host names are never checked (Consul leaves carry
+ * identities as URI SANs). <opts> may be NULL for the defaults. Returns 0 and a context with one
+ * reference, ERR_BAD_CERT with a message in <err> (never containing key material), or -EINVAL with
+ * a message when <opts> names an unknown or empty version range or an unknown cipher suite (the
+ * message names it).
+ */
+int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *root_pems,
+                size_t n_roots, const struct tls_ctx_opts *opts, struct tls_ctx **out, char *err,
+                size_t errlen);
+struct tls_ctx *tls_ctx_ref(struct tls_ctx *ctx);
+/* Safe from any thread; the last unref frees. */
+void tls_ctx_unref(struct tls_ctx *ctx);
+
+/* Seconds since the epoch at which the leaf stops being valid (for logs and metrics). */
+long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx);
+
+/*
+ * Creates a connection over the connected non-blocking socket <fd> (not owned: the caller
+ * closes it after tls_conn_free()). A server connection requires and verifies the client's
+ * certificate; a client connection sends <sni> (may be NULL) and verifies the server's chain.
+ * Returns NULL only when OpenSSL cannot allocate.
+ */
+struct tls_conn *tls_conn_new_server(struct tls_ctx *ctx, int fd);
+struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sni);
+void tls_conn_free(struct tls_conn *c);
+
+/* Drives the handshake: 0 when complete, -EAGAIN to wait, or an error (ERR_TLS). */
+int tls_handshake(struct tls_conn *c);
+
+/* Reads decrypted bytes: >0, 0 when the peer sent close_notify (or closed cleanly), -EAGAIN,
+ * or an error. */
+ssize_t tls_read(struct tls_conn *c, void *buf, size_t len);
+/* Writes: >0 bytes taken (may be fewer than len), -EAGAIN, or an error. After -EAGAIN the
+ * next call must pass the same bytes again (at least as many). */
+ssize_t tls_write(struct tls_conn *c, const void *buf, size_t len);
+/* Sends close_notify once; reading may continue afterwards. 0 when sent, -EAGAIN, or error.
+ * Call it only when no tls_write() is left to retry after -EAGAIN. A connection freed before
+ * its close_notify was sent loses its session (OpenSSL no longer resumes it). */
+int tls_shutdown(struct tls_conn *c);
+
+/* After -EAGAIN from the last call: LOOP_READ and/or LOOP_WRITE (the values of loop.h). */
+unsigned tls_conn_wants(const struct tls_conn *c);
+/* Bytes already decrypted and buffered inside the connection (readable without the fd). */
+size_t tls_conn_pending(const struct tls_conn *c);
+/* One line describing the last failure ("" when none). Valid until the next call on c. */
+const char *tls_conn_error(const struct tls_conn *c);
+
+/*
+ * Raw bytes read from the socket so far. 0 after a failed handshake means the peer never
+ * spoke TLS at all (a plain TCP connect-and-close, such as Consul's sidecar health check).
+ */
+unsigned long long tls_conn_bytes_received(const struct tls_conn *c);
+
+/*
+ * Copies the first URI SAN of the peer's (verified) leaf into <buf>. Returns its length, or
+ * ERR_NO_URI when the peer sent no certificate or the certificate has no URI SAN, or -ENOSPC.
+ */
+int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len);
+/*
+ * Writes the serial of the peer's leaf as colon-separated lower-case hex bytes ("3a:0f:..."),
+ * the form Consul uses. Returns the length, ERR_NO_URI without a verified peer, or -ENOSPC.
+ */
+int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len);
+/* Negotiated protocol ("TLSv1.3") and cipher, for logs. */
+const char *tls_conn_version(const struct tls_conn *c);
+const char *tls_conn_cipher(const struct tls_conn *c);
+
+/* Process-wide set-up (call once before threads start). */
+void tls_global_init(void);
+/* The OpenSSL version in use, e.g. "OpenSSL 3.0.13 30 Jan 2024" (static). */
+const char *tls_lib_version(void);
+
+#endif
