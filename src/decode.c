@@ -1,0 +1,1213 @@
+/*
+ * decode: the agent's JSON into plain structures, with jansson (the only file that includes it).
+ *
+ * Every decoder parses the whole body into a jansson tree, copies what it needs and drops the
+ * tree. Partial results are built in place in the caller's structure; on any error the matching
+ * dispose function runs on that half-built structure, which is why every array is allocated
+ * zeroed with its count set before it is filled, and why the dispose functions accept NULL
+ * members.
+ *
+ * Validation is strict about types (a string where a number belongs is an error naming the
+ * field) and lenient about presence: null and absent mean the same thing, because Go renders
+ * empty maps and slices either way depending on omitempty (consul-api.md 1.6).
+ */
+#include "decode.h"
+
+#include <jansson.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+
+/*
+ * Caps for flattening Proxy.Config maps. The agent's body is already size-capped, but a deep or
+ * long-keyed map would otherwise cost time quadratic in its size; real keys are short and at
+ * most a couple of levels deep.
+ */
+#define KEY_MAX   1024
+#define DEPTH_MAX 32
+
+#define CONNECT_PROXY "connect-proxy"
+
+struct dctx {
+    char *err;
+    size_t errlen;
+};
+
+static int fail(struct dctx *c, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void err_append(struct dctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Fills the caller's message buffer, if any, and returns <code>. */
+static int fail(struct dctx *c, int code, const char *fmt, ...)
+{
+    if (c->err != NULL && c->errlen > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->err, c->errlen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+/* "Proxy.Upstreams[1]" + "LocalBindPort" -> "Proxy.Upstreams[1].LocalBindPort must be ...". */
+static int bad_field(struct dctx *c, const char *where, const char *key, const char *what)
+{
+    const char *dot = where[0] != '\0' && key[0] != '\0' ? "." : "";
+    return fail(c, ERR_BAD_FIELD, "%s%s%s %s", where, dot, key, what);
+}
+
+static void ctx_init(struct dctx *c, char *err, size_t errlen)
+{
+    c->err = err;
+    c->errlen = errlen;
+    if (err != NULL && errlen > 0)
+        err[0] = '\0';
+}
+
+static int load(struct dctx *c, const char *buf, size_t len, json_t **root)
+{
+    json_error_t je;
+    *root = NULL;
+    if (buf == NULL)
+        return fail(c, ERR_BAD_JSON, "no response body");
+    /*
+     * Duplicate keys are refused: Go never sends them, and two readers could disagree. Any
+     * top-level value is parsed so a bare null or number is reported as the wrong shape.
+     */
+    *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
+    /*
+     * jansson refuses integers beyond long long, but Go emits uint64 fields (a CA root's
+     * SerialNumber often exceeds INT64_MAX). Parse such a body again with every integer as a
+     * double; get_int() accepts integral doubles, and no field we use needs more precision.
+     */
+    if (*root == NULL && strstr(je.text, "too big") != NULL)
+        *root = json_loadb(buf, len,
+                           JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_DECODE_INT_AS_REAL, &je);
+    if (*root == NULL)
+        return fail(c, ERR_BAD_JSON, "line %d column %d: %s", je.line, je.column, je.text);
+    return 0;
+}
+
+/* Looks up <key>, treating null as absent. <obj> may be NULL (a block that was absent). */
+static json_t *member(json_t *obj, const char *key)
+{
+    json_t *v = obj != NULL ? json_object_get(obj, key) : NULL;
+    return v != NULL && !json_is_null(v) ? v : NULL;
+}
+
+/* Points *dst into the tree (valid until it is released); "" when absent. */
+static int peek_str(struct dctx *c, json_t *obj, const char *key, int required, const char *where,
+                    const char **dst)
+{
+    json_t *v = member(obj, key);
+    *dst = "";
+    if (v == NULL)
+        return required ? bad_field(c, where, key, "is missing") : 0;
+    if (!json_is_string(v))
+        return bad_field(c, where, key, "must be a string");
+    *dst = json_string_value(v);
+    if (required && (*dst)[0] == '\0')
+        return bad_field(c, where, key, "must not be empty");
+    return 0;
+}
+
+/* Copies a string member into a fresh allocation; "" when absent and optional. */
+static int get_str(struct dctx *c, json_t *obj, const char *key, int required, const char *where,
+                   char **dst)
+{
+    const char *s;
+    int rc = peek_str(c, obj, key, required, where, &s);
+    if (rc == 0)
+        *dst = xstrdup(s);
+    return rc;
+}
+
+static int get_int(struct dctx *c, json_t *obj, const char *key, int required, json_int_t min,
+                   json_int_t max, const char *where, int *dst)
+{
+    json_t *v = member(obj, key);
+    *dst = 0;
+    if (v == NULL)
+        return required ? bad_field(c, where, key, "is missing") : 0;
+    json_int_t iv = 0;
+    int ok = 0;
+    if (json_is_integer(v)) {
+        iv = json_integer_value(v);
+        ok = 1;
+    } else if (json_is_real(v)) {
+        /* Range first: converting an out-of-range double to an integer is undefined. */
+        double d = json_real_value(v);
+        ok = d >= (double)min && d <= (double)max && d == (double)(json_int_t)d;
+        iv = ok ? (json_int_t)d : 0;
+    }
+    if (!ok || iv < min || iv > max) {
+        char what[96];
+        snprintf(what, sizeof(what),
+                 "must be an integer in [%" JSON_INTEGER_FORMAT ", %" JSON_INTEGER_FORMAT "]", min,
+                 max);
+        return bad_field(c, where, key, what);
+    }
+    *dst = (int)iv;
+    return 0;
+}
+
+static int get_bool(struct dctx *c, json_t *obj, const char *key, const char *where, int *dst)
+{
+    json_t *v = member(obj, key);
+    *dst = 0;
+    if (v == NULL)
+        return 0;
+    if (!json_is_boolean(v))
+        return bad_field(c, where, key, "must be true or false");
+    *dst = json_is_true(v);
+    return 0;
+}
+
+/* An optional (or required) object member; *dst is NULL when absent or null. */
+static int get_obj(struct dctx *c, json_t *obj, const char *key, int required, const char *where,
+                   json_t **dst)
+{
+    *dst = member(obj, key);
+    if (*dst == NULL)
+        return required ? bad_field(c, where, key, "is missing") : 0;
+    if (!json_is_object(*dst))
+        return bad_field(c, where, key, "must be an object");
+    return 0;
+}
+
+static int get_arr(struct dctx *c, json_t *obj, const char *key, int required, const char *where,
+                   json_t **dst)
+{
+    *dst = member(obj, key);
+    if (*dst == NULL)
+        return required ? bad_field(c, where, key, "is missing") : 0;
+    if (!json_is_array(*dst))
+        return bad_field(c, where, key, "must be an array");
+    return 0;
+}
+
+/*
+ * String members described by table: key, offset of the char * in the destination structure,
+ * and whether it must be present and non-empty.
+ */
+struct str_field {
+    const char *key;
+    size_t off;
+    int required;
+};
+
+#define SF(type, key, member, req)                                                                 \
+    {                                                                                              \
+        key, offsetof(type, member), req                                                           \
+    }
+
+static int get_strs(struct dctx *c, json_t *obj, const char *where, const struct str_field *f,
+                    size_t n, void *base)
+{
+    for (size_t i = 0; i < n; i++) {
+        char **dst = (char **)(void *)((char *)base + f[i].off);
+        int rc = get_str(c, obj, f[i].key, f[i].required, where, dst);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* ---- config maps ---- */
+
+struct kv_vec {
+    struct dec_kv *v;
+    size_t n, cap;
+};
+
+static struct dec_kv *kv_push(struct kv_vec *kv, const char *key, size_t klen)
+{
+    if (kv->n == kv->cap) {
+        kv->cap = kv->cap != 0 ? kv->cap * 2 : 8;
+        kv->v = xrealloc(kv->v, kv->cap * sizeof(*kv->v));
+    }
+    struct dec_kv *e = &kv->v[kv->n++];
+    memset(e, 0, sizeof(*e));
+    e->key = xstrndup(key, klen);
+    return e;
+}
+
+/*
+ * The text of a JSON real. jansson keeps only the double, so this prints the shortest form that
+ * reads back as the same double, and integral values without an exponent ("5", "1000"), which
+ * is how Go prints the float64s that central config passes through.
+ */
+static char *real_text(double d)
+{
+    char buf[40];
+    /* Range first: converting an out-of-range double to an integer is undefined. */
+    if (d > -1e15 && d < 1e15 && d == (double)(long long)d) {
+        snprintf(buf, sizeof(buf), "%.0f", d);
+        return xstrdup(buf);
+    }
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(buf, sizeof(buf), "%.*g", prec, d);
+        if (strtod(buf, NULL) == d)
+            break;
+    }
+    return xstrdup(buf);
+}
+
+static void kv_set(struct dec_kv *e, json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_STRING:
+        e->type = DEC_KV_STRING;
+        e->str = xstrdup(json_string_value(v));
+        return;
+    case JSON_INTEGER:
+        e->type = DEC_KV_NUMBER;
+        e->num = (double)json_integer_value(v);
+        e->str = xasprintf("%" JSON_INTEGER_FORMAT, json_integer_value(v));
+        return;
+    case JSON_REAL:
+        e->type = DEC_KV_NUMBER;
+        e->num = json_real_value(v);
+        e->str = real_text(e->num);
+        return;
+    case JSON_TRUE:
+    case JSON_FALSE:
+        e->type = DEC_KV_BOOL;
+        e->boolean = json_is_true(v);
+        break;
+    case JSON_NULL:
+        e->type = DEC_KV_NULL;
+        break;
+    default:
+        e->type = DEC_KV_OTHER;
+        break;
+    }
+    e->str = xstrdup("");
+}
+
+/* Appends the leaves of <obj> under the dotted prefix path[0..plen). */
+static int flatten(struct dctx *c, json_t *obj, char *path, size_t plen, int depth,
+                   struct kv_vec *kv, const char *where)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach(obj, key, v)
+    {
+        size_t klen = strlen(key);
+        size_t at = plen != 0 ? plen + 1 : 0;
+        if (at + klen > KEY_MAX)
+            return fail(c, ERR_BAD_FIELD, "%s: key \"%.40s...\" is longer than %d bytes", where,
+                        plen != 0 ? path : key, KEY_MAX);
+        if (plen != 0)
+            path[plen] = '.';
+        memcpy(path + at, key, klen);
+        path[at + klen] = '\0';
+        if (json_is_object(v)) {
+            if (depth >= DEPTH_MAX)
+                return fail(c, ERR_BAD_FIELD, "%s: key \"%.40s...\" nests deeper than %d levels",
+                            where, path, DEPTH_MAX);
+            int rc = flatten(c, v, path, at + klen, depth + 1, kv, where);
+            if (rc != 0)
+                return rc;
+        } else {
+            kv_set(kv_push(kv, path, at + klen), v);
+        }
+    }
+    return 0;
+}
+
+static int get_config(struct dctx *c, json_t *obj, const char *where, struct dec_kv **out,
+                      size_t *n)
+{
+    json_t *m;
+    char path[KEY_MAX + 1];
+    struct kv_vec kv = {NULL, 0, 0};
+    int rc = get_obj(c, obj, "Config", 0, where, &m);
+    if (rc == 0 && m != NULL) {
+        char name[256];
+        snprintf(name, sizeof(name), "%s%sConfig", where, where[0] != '\0' ? "." : "");
+        rc = flatten(c, m, path, 0, 1, &kv, name);
+    }
+    /* Hand over even on failure so the caller's dispose frees what was built. */
+    *out = kv.v;
+    *n = kv.n;
+    return rc;
+}
+
+void dec_kv_free(struct dec_kv *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(v[i].key);
+        free(v[i].str);
+    }
+    free(v);
+}
+
+/* ---- /v1/agent/connect/ca/roots ---- */
+
+static const struct str_field roots_fields[] = {
+    SF(struct dec_roots, "ActiveRootID", active_root_id, 0),
+    SF(struct dec_roots, "TrustDomain", trust_domain, 1),
+};
+
+static const struct str_field root_fields[] = {
+    SF(struct dec_root, "ID", id, 0),
+    SF(struct dec_root, "Name", name, 0),
+    SF(struct dec_root, "RootCert", root_cert_pem, 1),
+};
+
+int decode_roots(const char *buf, size_t len, struct dec_roots *out, char *err, size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *arr;
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "roots: the body must be a JSON object");
+        goto out;
+    }
+    rc = get_strs(&c, root, "", roots_fields, ARRAY_SIZE(roots_fields), out);
+    if (rc == 0)
+        rc = get_arr(&c, root, "Roots", 1, "", &arr);
+    if (rc != 0)
+        goto out;
+    if (json_array_size(arr) == 0) {
+        rc = fail(&c, ERR_BAD_FIELD, "Roots must not be empty");
+        goto out;
+    }
+    out->n_roots = json_array_size(arr);
+    out->roots = xcalloc(out->n_roots, sizeof(*out->roots));
+    for (size_t i = 0; i < out->n_roots && rc == 0; i++) {
+        json_t *r = json_array_get(arr, i);
+        char where[48];
+        snprintf(where, sizeof(where), "Roots[%zu]", i);
+        if (!json_is_object(r)) {
+            rc = bad_field(&c, where, "", "must be an object");
+            break;
+        }
+        rc = get_strs(&c, r, where, root_fields, ARRAY_SIZE(root_fields), &out->roots[i]);
+        if (rc == 0)
+            rc = get_bool(&c, r, "Active", where, &out->roots[i].active);
+    }
+out:
+    json_decref(root);
+    if (rc != 0)
+        dec_roots_dispose(out);
+    return rc;
+}
+
+void dec_roots_dispose(struct dec_roots *r)
+{
+    free(r->active_root_id);
+    free(r->trust_domain);
+    for (size_t i = 0; i < r->n_roots; i++) {
+        free(r->roots[i].id);
+        free(r->roots[i].name);
+        free(r->roots[i].root_cert_pem);
+    }
+    free(r->roots);
+    memset(r, 0, sizeof(*r));
+}
+
+/* ---- /v1/agent/connect/ca/leaf/<service> ---- */
+
+static const struct str_field leaf_fields[] = {
+    SF(struct dec_leaf, "SerialNumber", serial, 0),
+    SF(struct dec_leaf, "CertPEM", cert_pem, 1),
+    SF(struct dec_leaf, "PrivateKeyPEM", key_pem, 1),
+    SF(struct dec_leaf, "Service", service, 0),
+    SF(struct dec_leaf, "ServiceURI", service_uri, 0),
+    SF(struct dec_leaf, "ValidAfter", valid_after, 0),
+    SF(struct dec_leaf, "ValidBefore", valid_before, 0),
+};
+
+int decode_leaf(const char *buf, size_t len, struct dec_leaf *out, char *err, size_t errlen)
+{
+    struct dctx c;
+    json_t *root;
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root))
+        rc = fail(&c, ERR_BAD_FIELD, "leaf: the body must be a JSON object");
+    else
+        rc = get_strs(&c, root, "", leaf_fields, ARRAY_SIZE(leaf_fields), out);
+    /*
+     * The tree holds a copy of the private key that jansson frees without wiping. Wiping the
+     * parser's internal buffers is out of reach; the value we can reach is wiped here.
+     */
+    json_t *k = json_object_get(root, "PrivateKeyPEM");
+    if (json_is_string(k))
+        explicit_bzero((char *)json_string_value(k), json_string_length(k));
+    json_decref(root);
+    if (rc != 0)
+        dec_leaf_dispose(out);
+    return rc;
+}
+
+void dec_leaf_dispose(struct dec_leaf *l)
+{
+    if (l->key_pem != NULL)
+        explicit_bzero(l->key_pem, strlen(l->key_pem));
+    free(l->serial);
+    free(l->cert_pem);
+    free(l->key_pem);
+    free(l->service);
+    free(l->service_uri);
+    free(l->valid_after);
+    free(l->valid_before);
+    memset(l, 0, sizeof(*l));
+}
+
+/* ---- /v1/agent/service/<id> ---- */
+
+static const struct str_field service_fields[] = {
+    SF(struct dec_service, "Kind", kind, 0),
+    SF(struct dec_service, "ID", id, 1),
+    SF(struct dec_service, "Service", service, 1),
+    SF(struct dec_service, "Address", address, 0),
+    SF(struct dec_service, "SocketPath", socket_path, 0),
+    SF(struct dec_service, "Datacenter", datacenter, 0),
+    SF(struct dec_service, "Namespace", ns, 0),
+    SF(struct dec_service, "Partition", partition, 0),
+    SF(struct dec_service, "ContentHash", content_hash, 0),
+};
+
+/* Read from the Proxy block, which may be absent: then they are all "". */
+static const struct str_field proxy_fields[] = {
+    SF(struct dec_service, "DestinationServiceName", destination_service_name, 0),
+    SF(struct dec_service, "DestinationServiceID", destination_service_id, 0),
+    SF(struct dec_service, "LocalServiceAddress", local_service_address, 0),
+    SF(struct dec_service, "LocalServiceSocketPath", local_service_socket_path, 0),
+    SF(struct dec_service, "Mode", mode, 0),
+};
+
+static const struct str_field upstream_fields[] = {
+    SF(struct dec_upstream, "DestinationType", destination_type, 0),
+    SF(struct dec_upstream, "DestinationName", destination_name, 1),
+    SF(struct dec_upstream, "DestinationNamespace", destination_namespace, 0),
+    SF(struct dec_upstream, "DestinationPartition", destination_partition, 0),
+    SF(struct dec_upstream, "DestinationPeer", destination_peer, 0),
+    SF(struct dec_upstream, "Datacenter", datacenter, 0),
+    SF(struct dec_upstream, "LocalBindAddress", local_bind_address, 0),
+    SF(struct dec_upstream, "LocalBindSocketPath", local_bind_socket_path, 0),
+    SF(struct dec_upstream, "LocalBindSocketMode", local_bind_socket_mode, 0),
+};
+
+static int decode_upstream(struct dctx *c, json_t *u, const char *where, struct dec_upstream *out)
+{
+    if (!json_is_object(u))
+        return bad_field(c, where, "", "must be an object");
+    int rc = get_strs(c, u, where, upstream_fields, ARRAY_SIZE(upstream_fields), out);
+    if (rc == 0 && out->destination_type[0] == '\0') {
+        free(out->destination_type);
+        out->destination_type = xstrdup("service");
+    }
+    if (rc == 0)
+        rc = get_int(c, u, "LocalBindPort", 0, 0, 65535, where, &out->local_bind_port);
+    if (rc == 0)
+        rc = get_config(c, u, where, &out->config, &out->n_config);
+    return rc;
+}
+
+int decode_agent_service(const char *buf, size_t len, struct dec_service *out, char *err,
+                         size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *proxy = NULL, *ups = NULL;
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "service: the body must be a JSON object");
+        goto out;
+    }
+    rc = get_strs(&c, root, "", service_fields, ARRAY_SIZE(service_fields), out);
+    if (rc == 0)
+        rc = get_int(&c, root, "Port", 0, 0, 65535, "", &out->port);
+    if (rc == 0)
+        rc = get_obj(&c, root, "Proxy", 0, "", &proxy);
+    if (rc == 0)
+        rc = get_strs(&c, proxy, "Proxy", proxy_fields, ARRAY_SIZE(proxy_fields), out);
+    if (rc == 0)
+        rc = get_int(&c, proxy, "LocalServicePort", 0, 0, 65535, "Proxy", &out->local_service_port);
+    if (rc == 0)
+        rc = get_config(&c, proxy, "Proxy", &out->config, &out->n_config);
+    if (rc == 0)
+        rc = get_arr(&c, proxy, "Upstreams", 0, "Proxy", &ups);
+    if (rc != 0 || ups == NULL)
+        goto out;
+    out->n_upstreams = json_array_size(ups);
+    out->upstreams = xcalloc(out->n_upstreams, sizeof(*out->upstreams));
+    for (size_t i = 0; i < out->n_upstreams && rc == 0; i++) {
+        char where[48];
+        snprintf(where, sizeof(where), "Proxy.Upstreams[%zu]", i);
+        rc = decode_upstream(&c, json_array_get(ups, i), where, &out->upstreams[i]);
+    }
+out:
+    json_decref(root);
+    if (rc != 0)
+        dec_service_dispose(out);
+    return rc;
+}
+
+static void upstream_dispose(struct dec_upstream *u)
+{
+    free(u->destination_type);
+    free(u->destination_name);
+    free(u->destination_namespace);
+    free(u->destination_partition);
+    free(u->destination_peer);
+    free(u->datacenter);
+    free(u->local_bind_address);
+    free(u->local_bind_socket_path);
+    free(u->local_bind_socket_mode);
+    dec_kv_free(u->config, u->n_config);
+}
+
+void dec_service_dispose(struct dec_service *s)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(service_fields); i++)
+        free(*(char **)(void *)((char *)s + service_fields[i].off));
+    for (size_t i = 0; i < ARRAY_SIZE(proxy_fields); i++)
+        free(*(char **)(void *)((char *)s + proxy_fields[i].off));
+    dec_kv_free(s->config, s->n_config);
+    for (size_t i = 0; i < s->n_upstreams; i++)
+        upstream_dispose(&s->upstreams[i]);
+    free(s->upstreams);
+    memset(s, 0, sizeof(*s));
+}
+
+/* ---- /v1/agent/services: -sidecar-for ---- */
+
+/* Consul lowercases the registered ID only (consul-api.md 2.6); so do we, ASCII only. */
+static int lower_equal(const char *registered, const char *want)
+{
+    for (; *registered != '\0' && *want != '\0'; registered++, want++) {
+        char r = *registered;
+        if (r >= 'A' && r <= 'Z')
+            r = (char)(r - 'A' + 'a');
+        if (r != *want)
+            return 0;
+    }
+    return *registered == *want;
+}
+
+/* Appends to c->err without overflowing it. */
+static void err_append(struct dctx *c, const char *fmt, ...)
+{
+    if (c->err == NULL || c->errlen == 0)
+        return;
+    size_t used = strnlen(c->err, c->errlen);
+    if (used + 1 >= c->errlen)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err + used, c->errlen - used, fmt, ap);
+    va_end(ap);
+}
+
+int decode_sidecar_for(const char *buf, size_t len, const char *target_id, char **proxy_id,
+                       char *err, size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *svc;
+    const char *key, **ids = NULL;
+    size_t n = 0;
+    ctx_init(&c, err, errlen);
+    *proxy_id = NULL;
+    if (target_id == NULL)
+        return fail(&c, -EINVAL, "no service ID to find a sidecar for");
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "services: the body must be a JSON object");
+        goto out;
+    }
+    ids = xcalloc(json_object_size(root), sizeof(*ids));
+    json_object_foreach(root, key, svc)
+    {
+        const char *kind, *dest, *id;
+        json_t *proxy;
+        char where[96], pwhere[112];
+        snprintf(where, sizeof(where), "services[\"%.64s\"]", key);
+        snprintf(pwhere, sizeof(pwhere), "%s.Proxy", where);
+        if (!json_is_object(svc)) {
+            rc = bad_field(&c, where, "", "must be an object");
+            goto out;
+        }
+        if ((rc = peek_str(&c, svc, "Kind", 0, where, &kind)) != 0 ||
+            (rc = peek_str(&c, svc, "ID", 0, where, &id)) != 0 ||
+            (rc = get_obj(&c, svc, "Proxy", 0, where, &proxy)) != 0)
+            goto out;
+        if (strcmp(kind, CONNECT_PROXY) != 0 || proxy == NULL)
+            continue;
+        if ((rc = peek_str(&c, proxy, "DestinationServiceID", 0, pwhere, &dest)) != 0)
+            goto out;
+        if (lower_equal(dest, target_id))
+            ids[n++] = id[0] != '\0' ? id : key;
+    }
+    if (n == 0) {
+        rc = fail(&c, -ENOENT, "no sidecar proxy registered for \"%s\"", target_id);
+    } else if (n > 1) {
+        rc = fail(&c, -EEXIST, "more than one sidecar proxy registered for \"%s\":", target_id);
+        for (size_t i = 0; i < n; i++)
+            err_append(&c, "%s \"%s\"", i == 0 ? "" : ",", ids[i]);
+    } else {
+        *proxy_id = xstrdup(ids[0]);
+    }
+out:
+    free(ids);
+    json_decref(root);
+    return rc;
+}
+
+/* ---- /v1/connect/intentions/match ---- */
+
+static const struct str_field intention_fields[] = {
+    SF(struct dec_intention, "ID", id, 0),
+    SF(struct dec_intention, "Description", description, 0),
+    SF(struct dec_intention, "SourcePeer", source_peer, 0),
+    SF(struct dec_intention, "SourceSamenessGroup", source_sameness_group, 0),
+    SF(struct dec_intention, "SourcePartition", source_partition, 0),
+    SF(struct dec_intention, "SourceNS", source_ns, 0),
+    SF(struct dec_intention, "SourceName", source_name, 1),
+    SF(struct dec_intention, "DestinationNS", destination_ns, 0),
+    SF(struct dec_intention, "DestinationName", destination_name, 1),
+    SF(struct dec_intention, "Action", action, 0),
+};
+
+static int decode_intention(struct dctx *c, json_t *o, const char *where, struct dec_intention *out)
+{
+    json_t *perms;
+    if (!json_is_object(o))
+        return bad_field(c, where, "", "must be an object");
+    int rc = get_strs(c, o, where, intention_fields, ARRAY_SIZE(intention_fields), out);
+    if (rc == 0)
+        rc = get_int(c, o, "Precedence", 1, INT32_MIN, INT32_MAX, where, &out->precedence);
+    if (rc == 0)
+        rc = get_arr(c, o, "Permissions", 0, where, &perms);
+    if (rc == 0)
+        out->has_permissions = perms != NULL && json_array_size(perms) > 0;
+    return rc;
+}
+
+int decode_intentions_match(const char *buf, size_t len, const char *key,
+                            struct dec_intention **out, size_t *n, char *err, size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *arr;
+    ctx_init(&c, err, errlen);
+    *out = NULL;
+    *n = 0;
+    if (key == NULL)
+        return fail(&c, -EINVAL, "no intention match key");
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "intentions: the body must be a JSON object");
+        goto out;
+    }
+    rc = get_arr(&c, root, key, 0, "", &arr);
+    if (rc != 0 || arr == NULL)
+        goto out;
+    *n = json_array_size(arr);
+    *out = xcalloc(*n, sizeof(**out));
+    for (size_t i = 0; i < *n && rc == 0; i++) {
+        char where[128];
+        snprintf(where, sizeof(where), "%.64s[%zu]", key, i);
+        rc = decode_intention(&c, json_array_get(arr, i), where, &(*out)[i]);
+    }
+out:
+    json_decref(root);
+    if (rc != 0) {
+        dec_intentions_free(*out, *n);
+        *out = NULL;
+        *n = 0;
+    }
+    return rc;
+}
+
+void dec_intentions_free(struct dec_intention *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        for (size_t f = 0; f < ARRAY_SIZE(intention_fields); f++)
+            free(*(char **)(void *)((char *)&v[i] + intention_fields[f].off));
+    free(v);
+}
+
+/* ---- /v1/health/connect/<service> ---- */
+
+static const struct str_field node_fields[] = {
+    SF(struct dec_endpoint, "Node", node, 0),
+    SF(struct dec_endpoint, "Datacenter", node_datacenter, 0),
+};
+
+static const struct str_field endpoint_service_fields[] = {
+    SF(struct dec_endpoint, "ID", service_id, 0),
+    SF(struct dec_endpoint, "SocketPath", socket_path, 0),
+    SF(struct dec_endpoint, "Namespace", ns, 0),
+    SF(struct dec_endpoint, "Partition", partition, 0),
+};
+
+static int decode_checks(struct dctx *c, json_t *checks, const char *where, struct dec_endpoint *e)
+{
+    e->passing = 1;
+    e->critical = 0;
+    for (size_t i = 0; i < json_array_size(checks); i++) {
+        json_t *ck = json_array_get(checks, i);
+        const char *status;
+        char cw[96];
+        snprintf(cw, sizeof(cw), "%s.Checks[%zu]", where, i);
+        if (!json_is_object(ck))
+            return bad_field(c, cw, "", "must be an object");
+        int rc = peek_str(c, ck, "Status", 1, cw, &status);
+        if (rc != 0)
+            return rc;
+        if (strcmp(status, "passing") != 0)
+            e->passing = 0;
+        if (strcmp(status, "critical") == 0)
+            e->critical = 1;
+    }
+    return 0;
+}
+
+static int decode_entry(struct dctx *c, json_t *o, const char *where, struct dec_endpoint *e)
+{
+    json_t *node, *svc, *proxy, *checks;
+    const char *kind, *name, *saddr, *naddr, *ident;
+    char sw[64], nw[64], pw[64];
+    snprintf(sw, sizeof(sw), "%s.Service", where);
+    snprintf(nw, sizeof(nw), "%s.Node", where);
+    snprintf(pw, sizeof(pw), "%s.Service.Proxy", where);
+    if (!json_is_object(o))
+        return bad_field(c, where, "", "must be an object");
+    int rc;
+    if ((rc = get_obj(c, o, "Node", 1, where, &node)) != 0 ||
+        (rc = get_obj(c, o, "Service", 1, where, &svc)) != 0 ||
+        (rc = get_arr(c, o, "Checks", 0, where, &checks)) != 0 ||
+        (rc = get_strs(c, node, nw, node_fields, ARRAY_SIZE(node_fields), e)) != 0 ||
+        (rc = get_strs(c, svc, sw, endpoint_service_fields, ARRAY_SIZE(endpoint_service_fields),
+                       e)) != 0 ||
+        (rc = get_int(c, svc, "Port", 0, 0, 65535, sw, &e->port)) != 0 ||
+        (rc = peek_str(c, svc, "Kind", 0, sw, &kind)) != 0 ||
+        (rc = peek_str(c, svc, "Service", 1, sw, &name)) != 0 ||
+        (rc = peek_str(c, svc, "Address", 0, sw, &saddr)) != 0 ||
+        (rc = peek_str(c, node, "Address", 0, nw, &naddr)) != 0 ||
+        (rc = get_obj(c, svc, "Proxy", 0, sw, &proxy)) != 0)
+        return rc;
+    /* Proxies present their destination's identity; connect-native services their own. */
+    ident = name;
+    if (strcmp(kind, CONNECT_PROXY) == 0) {
+        if (proxy == NULL)
+            return bad_field(c, sw, "Proxy", "is missing for a connect-proxy");
+        rc = peek_str(c, proxy, "DestinationServiceName", 1, pw, &ident);
+        if (rc != 0)
+            return rc;
+    }
+    if (saddr[0] == '\0' && naddr[0] == '\0' && e->socket_path[0] == '\0')
+        return bad_field(c, where, "",
+                         "has no Service.Address, Node.Address or Service.SocketPath");
+    e->identity_service = xstrdup(ident);
+    e->address = xstrdup(saddr[0] != '\0' ? saddr : naddr);
+    return decode_checks(c, checks, where, e);
+}
+
+int decode_health_connect(const char *buf, size_t len, struct dec_endpoint **out, size_t *n,
+                          char *err, size_t errlen)
+{
+    struct dctx c;
+    json_t *root;
+    ctx_init(&c, err, errlen);
+    *out = NULL;
+    *n = 0;
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (json_is_null(root))
+        goto out;
+    if (!json_is_array(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "health: the body must be a JSON array");
+        goto out;
+    }
+    *n = json_array_size(root);
+    *out = xcalloc(*n, sizeof(**out));
+    for (size_t i = 0; i < *n && rc == 0; i++) {
+        char where[32];
+        snprintf(where, sizeof(where), "[%zu]", i);
+        rc = decode_entry(&c, json_array_get(root, i), where, &(*out)[i]);
+    }
+out:
+    json_decref(root);
+    if (rc != 0) {
+        dec_endpoints_free(*out, *n);
+        *out = NULL;
+        *n = 0;
+    }
+    return rc;
+}
+
+void dec_endpoints_free(struct dec_endpoint *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(v[i].node);
+        free(v[i].node_datacenter);
+        free(v[i].address);
+        free(v[i].socket_path);
+        free(v[i].service_id);
+        free(v[i].identity_service);
+        free(v[i].ns);
+        free(v[i].partition);
+    }
+    free(v);
+}
+
+/* ---- POST /v1/discovery-chain/<service> ---- */
+
+int decode_duration_ms(const char *s, uint64_t *ms)
+{
+    /* Nanoseconds per unit; longer unit names first so "ms" is not read as "m". */
+    static const struct {
+        const char *name;
+        double ns;
+    } units[] = {{"ns", 1},  {"us", 1e3}, {"\xc2\xb5s", 1e3}, {"ms", 1e6},
+                 {"s", 1e9}, {"m", 60e9}, {"h", 3600e9}};
+    double total = 0;
+    const char *p = s;
+    *ms = 0;
+    if (p == NULL || *p == '\0')
+        return -EINVAL;
+    if (strcmp(p, "0") == 0)
+        return 0;
+    while (*p != '\0') {
+        double v = 0, scale = 1;
+        int digits = 0;
+        for (; *p >= '0' && *p <= '9'; p++, digits++)
+            v = v * 10 + (*p - '0');
+        if (*p == '.')
+            for (p++; *p >= '0' && *p <= '9'; p++, digits++)
+                v += (*p - '0') * (scale /= 10);
+        if (digits == 0 || digits > 20)
+            return -EINVAL;
+        size_t i = 0;
+        for (; i < ARRAY_SIZE(units); i++)
+            if (strncmp(p, units[i].name, strlen(units[i].name)) == 0)
+                break;
+        if (i == ARRAY_SIZE(units))
+            return -EINVAL;
+        p += strlen(units[i].name);
+        total += v * units[i].ns;
+        if (total > 1e18)
+            return -EINVAL;
+    }
+    *ms = (uint64_t)((total + 999999.0) / 1e6);
+    return 0;
+}
+
+/* A ConnectTimeout: a duration string, or integer nanoseconds (consul-api.md 1.6). */
+static int get_timeout_ms(struct dctx *c, json_t *obj, const char *key, const char *where,
+                          uint32_t *dst)
+{
+    json_t *v = member(obj, key);
+    uint64_t ms = 0;
+    *dst = 0;
+    if (v == NULL)
+        return 0;
+    if (json_is_string(v)) {
+        if (decode_duration_ms(json_string_value(v), &ms) != 0)
+            return bad_field(c, where, key, "must be a duration such as \"5s\"");
+    } else if (json_is_integer(v) && json_integer_value(v) >= 0) {
+        ms = ((uint64_t)json_integer_value(v) + 999999u) / 1000000u;
+    } else {
+        return bad_field(c, where, key, "must be a duration");
+    }
+    *dst = (uint32_t)MIN(ms, (uint64_t)UINT32_MAX);
+    return 0;
+}
+
+static const struct str_field target_fields[] = {
+    SF(struct dec_chain_target, "ID", id, 0),
+    SF(struct dec_chain_target, "Service", service, 1),
+    SF(struct dec_chain_target, "ServiceSubset", service_subset, 0),
+    SF(struct dec_chain_target, "Namespace", ns, 0),
+    SF(struct dec_chain_target, "Partition", partition, 0),
+    SF(struct dec_chain_target, "Datacenter", datacenter, 0),
+    SF(struct dec_chain_target, "Peer", peer, 0),
+    SF(struct dec_chain_target, "SNI", sni, 0),
+};
+
+static int decode_target(struct dctx *c, json_t *targets, const char *id,
+                         struct dec_chain_target *t)
+{
+    char where[320];
+    json_t *o, *subset;
+    snprintf(where, sizeof(where), "Chain.Targets[\"%s\"]", id);
+    o = member(targets, id);
+    if (o == NULL)
+        return fail(c, ERR_BAD_FIELD, "%s is missing", where);
+    if (!json_is_object(o))
+        return bad_field(c, where, "", "must be an object");
+    int rc;
+    if ((rc = get_strs(c, o, where, target_fields, ARRAY_SIZE(target_fields), t)) != 0 ||
+        (rc = get_obj(c, o, "Subset", 0, where, &subset)) != 0 ||
+        (rc = get_str(c, subset, "Filter", 0, where, &t->filter)) != 0 ||
+        (rc = get_bool(c, subset, "OnlyPassing", where, &t->only_passing)) != 0 ||
+        (rc = get_timeout_ms(c, o, "ConnectTimeout", where, &t->connect_timeout_ms)) != 0)
+        return rc;
+    if (t->id[0] == '\0') {
+        free(t->id);
+        t->id = xstrdup(id);
+    }
+    return 0;
+}
+
+/* Appends target <id> unless it is listed already. */
+static int add_target(struct dctx *c, json_t *targets, const char *id, struct dec_chain *out)
+{
+    for (size_t i = 0; i < out->n_targets; i++)
+        if (strcmp(out->targets[i].id, id) == 0)
+            return 0;
+    /* The array was sized for every name; the count grows before filling so dispose sees it. */
+    struct dec_chain_target *t = &out->targets[out->n_targets++];
+    return decode_target(c, targets, id, t);
+}
+
+int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, char *err,
+                           size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *chain, *nodes, *targets, *node, *resolver, *failover = NULL, *fo_targets = NULL;
+    const char *start, *type, *primary;
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "discovery chain: the body must be a JSON object");
+        goto out;
+    }
+    if ((rc = get_obj(&c, root, "Chain", 1, "", &chain)) != 0 ||
+        (rc = get_str(&c, chain, "ServiceName", 1, "Chain", &out->service_name)) != 0 ||
+        (rc = get_str(&c, chain, "Protocol", 0, "Chain", &out->protocol)) != 0 ||
+        (rc = peek_str(&c, chain, "StartNode", 1, "Chain", &start)) != 0 ||
+        (rc = get_obj(&c, chain, "Nodes", 1, "Chain", &nodes)) != 0 ||
+        (rc = get_obj(&c, chain, "Targets", 1, "Chain", &targets)) != 0)
+        goto out;
+    node = member(nodes, start);
+    if (node == NULL || !json_is_object(node)) {
+        rc = fail(&c, ERR_BAD_FIELD, "Chain.StartNode \"%s\" is not an object in Chain.Nodes",
+                  start);
+        goto out;
+    }
+    char where[320];
+    snprintf(where, sizeof(where), "Chain.Nodes[\"%s\"]", start);
+    if ((rc = peek_str(&c, node, "Type", 1, where, &type)) != 0)
+        goto out;
+    if (strcmp(type, "resolver") != 0) {
+        /* An L4 proxy asks for OverrideProtocol tcp, which compiles to one resolver. */
+        rc = fail(&c, ERR_BAD_FIELD, "%s.Type is \"%s\"; only a resolver can be served at L4",
+                  where, type);
+        goto out;
+    }
+    if ((rc = get_obj(&c, node, "Resolver", 1, where, &resolver)) != 0)
+        goto out;
+    snprintf(where + strlen(where), sizeof(where) - strlen(where), ".Resolver");
+    if ((rc = peek_str(&c, resolver, "Target", 1, where, &primary)) != 0 ||
+        (rc = get_timeout_ms(&c, resolver, "ConnectTimeout", where, &out->connect_timeout_ms)) !=
+            0 ||
+        (rc = get_obj(&c, resolver, "Failover", 0, where, &failover)) != 0 ||
+        (rc = get_arr(&c, failover, "Targets", 0, where, &fo_targets)) != 0)
+        goto out;
+    if (out->connect_timeout_ms == 0)
+        out->connect_timeout_ms = 5000;
+    out->targets = xcalloc(1 + json_array_size(fo_targets), sizeof(*out->targets));
+    if ((rc = add_target(&c, targets, primary, out)) != 0)
+        goto out;
+    for (size_t i = 0; i < json_array_size(fo_targets); i++) {
+        json_t *id = json_array_get(fo_targets, i);
+        if (!json_is_string(id) || json_string_value(id)[0] == '\0') {
+            rc = fail(&c, ERR_BAD_FIELD, "%s.Failover.Targets[%zu] must be a target ID", where, i);
+            goto out;
+        }
+        if ((rc = add_target(&c, targets, json_string_value(id), out)) != 0)
+            goto out;
+    }
+out:
+    json_decref(root);
+    if (rc != 0)
+        dec_chain_dispose(out);
+    return rc;
+}
+
+void dec_chain_dispose(struct dec_chain *c)
+{
+    for (size_t i = 0; i < c->n_targets; i++) {
+        struct dec_chain_target *t = &c->targets[i];
+        for (size_t f = 0; f < ARRAY_SIZE(target_fields); f++)
+            free(*(char **)(void *)((char *)t + target_fields[f].off));
+        free(t->filter);
+    }
+    free(c->targets);
+    free(c->service_name);
+    free(c->protocol);
+    memset(c, 0, sizeof(*c));
+}
+
+/* ---- GET /v1/query/<name>/execute ---- */
+
+int decode_prepared_query(const char *buf, size_t len, struct dec_query *out, char *err,
+                          size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *nodes;
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "prepared query: the body must be a JSON object");
+        goto out;
+    }
+    if ((rc = get_str(&c, root, "Service", 0, "", &out->service)) != 0 ||
+        (rc = get_str(&c, root, "Datacenter", 0, "", &out->datacenter)) != 0 ||
+        (rc = get_arr(&c, root, "Nodes", 0, "", &nodes)) != 0)
+        goto out;
+    out->n_nodes = json_array_size(nodes);
+    out->nodes = xcalloc(out->n_nodes, sizeof(*out->nodes));
+    for (size_t i = 0; i < out->n_nodes && rc == 0; i++) {
+        char where[40];
+        snprintf(where, sizeof(where), "Nodes[%zu]", i);
+        rc = decode_entry(&c, json_array_get(nodes, i), where, &out->nodes[i]);
+    }
+out:
+    json_decref(root);
+    if (rc != 0)
+        dec_query_dispose(out);
+    return rc;
+}
+
+void dec_query_dispose(struct dec_query *q)
+{
+    dec_endpoints_free(q->nodes, q->n_nodes);
+    free(q->service);
+    free(q->datacenter);
+    memset(q, 0, sizeof(*q));
+}
+
+/* ---- /v1/agent/self ---- */
+
+int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, char *err,
+                      size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *config = NULL, *debug = NULL, *acl = NULL;
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "agent self: the body must be a JSON object");
+        goto out;
+    }
+    if ((rc = get_obj(&c, root, "Config", 0, "", &config)) != 0 ||
+        (rc = get_obj(&c, root, "DebugConfig", 0, "", &debug)) != 0 ||
+        (rc = get_obj(&c, debug, "ACLResolverSettings", 0, "DebugConfig", &acl)) != 0 ||
+        (rc = get_str(&c, config, "Datacenter", 0, "Config", &out->datacenter)) != 0 ||
+        (rc = get_str(&c, debug, "DefaultIntentionPolicy", 0, "DebugConfig",
+                      &out->default_intention_policy)) != 0 ||
+        (rc = get_str(&c, acl, "ACLDefaultPolicy", 0, "DebugConfig.ACLResolverSettings",
+                      &out->acl_default_policy)) != 0)
+        goto out;
+out:
+    json_decref(root);
+    if (rc != 0)
+        dec_agent_self_dispose(out);
+    return rc;
+}
+
+void dec_agent_self_dispose(struct dec_agent_self *s)
+{
+    free(s->datacenter);
+    free(s->default_intention_policy);
+    free(s->acl_default_policy);
+    memset(s, 0, sizeof(*s));
+}
+
+char *decode_proxy_registration_json(const struct dec_proxy_registration *r)
+{
+    json_t *proxy = json_pack("{s:s}", "DestinationServiceName", r->destination_service_name);
+    if (r->local_service_address != NULL && r->local_service_address[0] != '\0') {
+        json_object_set_new(proxy, "LocalServiceAddress", json_string(r->local_service_address));
+        json_object_set_new(proxy, "LocalServicePort", json_integer(r->local_service_port));
+    }
+    json_t *root = json_pack("{s:s, s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s, s:s, s:s}}", "Kind",
+                             CONNECT_PROXY, "ID", r->id, "Name", r->name, "Address", r->address,
+                             "Port", r->port, "Proxy", proxy, "Check", "CheckID", r->check_id,
+                             "Name", r->check_name, "TTL", r->check_ttl, "Status", "passing",
+                             "Notes", "connectd -register heartbeat");
+    char *text = root != NULL ? json_dumps(root, JSON_COMPACT) : NULL;
+    json_decref(root);
+    if (text == NULL) /* jansson fails here only when out of memory */
+        abort();
+    return text; /* malloc'ed: this project never replaces jansson's allocator */
+}
+
+char *decode_authorize_request_json(const char *target, const char *client_uri,
+                                    const char *client_serial)
+{
+    json_t *root = json_pack("{s:s, s:s, s:s}", "Target", target, "ClientCertURI", client_uri,
+                             "ClientCertSerial", client_serial);
+    char *text = root != NULL ? json_dumps(root, JSON_COMPACT) : NULL;
+    json_decref(root);
+    if (text == NULL) /* jansson fails here only when out of memory */
+        abort();
+    return text; /* malloc'ed: this project never replaces jansson's allocator */
+}
+
+int decode_authorize(const char *buf, size_t len, int *allowed, char *reason, size_t reason_len,
+                     char *err, size_t errlen)
+{
+    struct dctx c;
+    json_t *root;
+    const char *r;
+    ctx_init(&c, err, errlen);
+    *allowed = 0;
+    if (reason_len > 0)
+        reason[0] = '\0';
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    json_t *a = json_is_object(root) ? member(root, "Authorized") : NULL;
+    if (a == NULL || !json_is_boolean(a)) {
+        rc = fail(&c, ERR_BAD_FIELD, "authorize: Authorized must be a boolean");
+        goto out;
+    }
+    if ((rc = peek_str(&c, root, "Reason", 0, "authorize", &r)) != 0)
+        goto out;
+    *allowed = json_is_true(a);
+    snprintf(reason, reason_len, "%s", r);
+out:
+    json_decref(root);
+    return rc;
+}
+
+const char *decode_lib_version(void)
+{
+    return jansson_version_str();
+}

@@ -1,0 +1,277 @@
+/*
+ * decode: JSON from the Consul agent into plain C structures.
+ *
+ * The only module that includes jansson. Every decoder is pure: bytes in, either a fully
+ * filled result (owned by the caller, released with the matching _dispose/_free) or an error
+ * code with a message in <err> that names the field. On error nothing is left allocated and
+ * the output is zeroed. Unknown keys are ignored; absent optional strings decode as "" (never
+ * NULL) so callers need no NULL checks.
+ */
+#ifndef CONNECTD_DECODE_H
+#define CONNECTD_DECODE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- /v1/agent/connect/ca/roots ---- */
+
+struct dec_root {
+    char *id;
+    char *name;
+    char *root_cert_pem;
+    int active;
+};
+
+struct dec_roots {
+    char *active_root_id;
+    char *trust_domain;     /* required non-empty */
+    struct dec_root *roots; /* at least one, each with a non-empty RootCert */
+    size_t n_roots;
+};
+
+int decode_roots(const char *buf, size_t len, struct dec_roots *out, char *err, size_t errlen);
+void dec_roots_dispose(struct dec_roots *r);
+
+/* ---- /v1/agent/connect/ca/leaf/<service> ---- */
+
+struct dec_leaf {
+    char *serial;
+    char *cert_pem; /* required: leaf followed by intermediates */
+    char *key_pem;  /* required; secret: never log it */
+    char *service;
+    char *service_uri;
+    char *valid_after;  /* RFC 3339 as sent */
+    char *valid_before; /* RFC 3339 as sent */
+};
+
+int decode_leaf(const char *buf, size_t len, struct dec_leaf *out, char *err, size_t errlen);
+/* Also wipes key_pem before freeing it. */
+void dec_leaf_dispose(struct dec_leaf *l);
+
+/* ---- Proxy.Config and Upstreams[].Config maps ---- */
+
+enum dec_kv_type {
+    DEC_KV_STRING = 1,
+    DEC_KV_NUMBER,
+    DEC_KV_BOOL,
+    DEC_KV_NULL,
+    DEC_KV_OTHER, /* an array; kept so unknown-key warnings can name it */
+};
+
+/*
+ * One entry of a config map. Nested objects are flattened with dots: {"limits":
+ * {"max_connections": 5}} becomes "limits.max_connections" = 5. Numbers keep their JSON text
+ * too, so "5" and 5 can both be accepted by the config layer.
+ */
+struct dec_kv {
+    char *key;
+    enum dec_kv_type type;
+    char *str; /* DEC_KV_STRING: the string; DEC_KV_NUMBER: the number's text; else "" */
+    double num;
+    int boolean;
+};
+
+/* ---- /v1/agent/service/<id> ---- */
+
+struct dec_upstream {
+    char *destination_type; /* "service" when absent or empty */
+    char *destination_name;
+    char *destination_namespace;
+    char *destination_partition;
+    char *destination_peer;
+    char *datacenter;
+    char *local_bind_address;
+    int local_bind_port; /* 0 when absent */
+    char *local_bind_socket_path;
+    char *local_bind_socket_mode;
+    struct dec_kv *config;
+    size_t n_config;
+};
+
+struct dec_service {
+    char *kind; /* "connect-proxy" for proxies; "" for typical services */
+    char *id;
+    char *service;
+    char *address;
+    int port;
+    char *socket_path;
+    char *datacenter;
+    char *ns;
+    char *partition;
+    char *content_hash;
+    /* Proxy.* (empty when the service has no Proxy block) */
+    char *destination_service_name;
+    char *destination_service_id;
+    char *local_service_address;
+    int local_service_port;
+    char *local_service_socket_path;
+    char *mode;
+    struct dec_kv *config;
+    size_t n_config;
+    struct dec_upstream *upstreams;
+    size_t n_upstreams;
+};
+
+int decode_agent_service(const char *buf, size_t len, struct dec_service *out, char *err,
+                         size_t errlen);
+void dec_service_dispose(struct dec_service *s);
+
+/*
+ * From /v1/agent/services (an object of ID -> service), finds the one service with Kind
+ * "connect-proxy" whose Proxy.DestinationServiceID equals <target_id>. Returns 0 and a fresh
+ * string in *proxy_id; -ENOENT when none matches; -EEXIST when several do (<err> then lists
+ * their IDs); or a decode error.
+ */
+int decode_sidecar_for(const char *buf, size_t len, const char *target_id, char **proxy_id,
+                       char *err, size_t errlen);
+
+/* ---- /v1/connect/intentions/match?by=destination&name=<key> ---- */
+
+struct dec_intention {
+    char *id;
+    char *description;
+    char *source_peer;
+    char *source_sameness_group;
+    char *source_partition; /* "" means default */
+    char *source_ns;        /* "" means default */
+    char *source_name;
+    char *destination_ns;
+    char *destination_name;
+    char *action;        /* "allow", "deny", or "" when permissions is set */
+    int has_permissions; /* a non-empty Permissions array */
+    int precedence;
+};
+
+/*
+ * Decodes the array under <key> in the match response, keeping the agent's order (highest
+ * precedence first). A missing key or null is an empty list.
+ */
+int decode_intentions_match(const char *buf, size_t len, const char *key,
+                            struct dec_intention **out, size_t *n, char *err, size_t errlen);
+void dec_intentions_free(struct dec_intention *v, size_t n);
+
+/* ---- /v1/health/connect/<service> ---- */
+
+struct dec_endpoint {
+    char *node;
+    char *node_datacenter; /* Node.Datacenter */
+    char *address;         /* Service.Address, or Node.Address when that is empty */
+    int port;              /* Service.Port */
+    char *socket_path;     /* Service.SocketPath */
+    char *service_id;
+    /* Identity the endpoint must present: Proxy.DestinationServiceName for proxies, the
+     * service name itself for connect-native services. */
+    char *identity_service;
+    char *ns;        /* Service.Namespace, "" in CE */
+    char *partition; /* Service.Partition, "" in CE */
+    int passing;     /* 1 when every check in Checks is "passing" */
+    int critical;    /* 1 when any check is "critical" */
+};
+
+int decode_health_connect(const char *buf, size_t len, struct dec_endpoint **out, size_t *n,
+                          char *err, size_t errlen);
+void dec_endpoints_free(struct dec_endpoint *v, size_t n);
+
+/* ---- POST /v1/discovery-chain/<service> ---- */
+
+/* One target of a compiled chain: a service (subset) in one namespace/partition/datacenter. */
+struct dec_chain_target {
+    char *id; /* opaque target ID, e.g. "v2.db.default.default.dc1" */
+    char *service;
+    char *service_subset;
+    char *ns;         /* "" = default */
+    char *partition;  /* "" = default */
+    char *datacenter; /* "" = the agent's */
+    char *peer;
+    char *sni;                   /* the ready-made SNI to send; "" = none */
+    char *filter;                /* Subset.Filter (bexpr for ?filter=), "" = none */
+    int only_passing;            /* Subset.OnlyPassing */
+    uint32_t connect_timeout_ms; /* the target's ConnectTimeout; 0 when absent */
+};
+
+/*
+ * A compiled discovery chain walked as an L4 proxy walks it (consul-api.md 2.8): the start
+ * node must be a resolver; targets[0] is its Target, then its Failover.Targets in order
+ * (duplicates dropped). Every named target must exist in the chain's Targets map.
+ */
+struct dec_chain {
+    char *service_name;
+    char *protocol;
+    uint32_t connect_timeout_ms; /* the resolver's ConnectTimeout; 5000 when absent */
+    struct dec_chain_target *targets;
+    size_t n_targets; /* at least 1 */
+};
+
+int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, char *err,
+                           size_t errlen);
+void dec_chain_dispose(struct dec_chain *c);
+
+/*
+ * Parses a Go duration as the agent renders it ("5s", "1m30s", "250ms", "1.5s") into
+ * milliseconds, rounding up to whole milliseconds; 0 and -EINVAL on a malformed string.
+ */
+int decode_duration_ms(const char *s, uint64_t *ms);
+
+/* ---- GET /v1/query/<name>/execute?connect=true ---- */
+
+struct dec_query {
+    char *service;              /* the query's service */
+    char *datacenter;           /* the DC that answered (can be a failover DC) */
+    struct dec_endpoint *nodes; /* as from decode_health_connect */
+    size_t n_nodes;
+};
+
+int decode_prepared_query(const char *buf, size_t len, struct dec_query *out, char *err,
+                          size_t errlen);
+void dec_query_dispose(struct dec_query *q);
+
+/* ---- /v1/agent/self ---- */
+
+struct dec_agent_self {
+    char *datacenter;               /* Config.Datacenter */
+    char *default_intention_policy; /* DebugConfig.DefaultIntentionPolicy: "", allow or deny */
+    char *acl_default_policy;       /* DebugConfig.ACLResolverSettings.ACLDefaultPolicy */
+};
+
+/* Decodes the few fields connectd reads; every one is optional (older agents lack some). */
+int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, char *err,
+                      size_t errlen);
+void dec_agent_self_dispose(struct dec_agent_self *s);
+
+void dec_kv_free(struct dec_kv *v, size_t n);
+
+/* ---- PUT /v1/agent/service/register: a self-registered proxy (-register) ---- */
+
+/* The one JSON this module writes rather than reads, so jansson stays in one file. */
+struct dec_proxy_registration {
+    const char *id;
+    const char *name;
+    const char *address;
+    int port;
+    const char *destination_service_name;
+    const char *local_service_address; /* NULL or "" to leave out, with the port */
+    int local_service_port;
+    const char *check_id; /* a TTL check, registered passing */
+    const char *check_name;
+    const char *check_ttl; /* "30s" */
+};
+
+/* Returns the registration body as a fresh NUL-terminated JSON string (caller frees). */
+char *decode_proxy_registration_json(const struct dec_proxy_registration *r);
+
+/* ---- POST /v1/agent/connect/authorize (consul-api.md 2.3) ---- */
+
+/* The request body {"Target","ClientCertURI","ClientCertSerial"} (caller frees). */
+char *decode_authorize_request_json(const char *target, const char *client_uri,
+                                    const char *client_serial);
+/*
+ * Decodes {"Authorized": bool, "Reason": "..."}: *allowed is 1 or 0, <reason> gets the
+ * agent's reason (truncated to fit). Returns 0 or a decode error with a message in <err>.
+ */
+int decode_authorize(const char *buf, size_t len, int *allowed, char *reason, size_t reason_len,
+                     char *err, size_t errlen);
+
+/* The jansson version in use, e.g. "2.14" (static). */
+const char *decode_lib_version(void);
+
+#endif

@@ -1,0 +1,451 @@
+/*
+ * watch: the blocking-query loop of consul-api.md 1.4 on top of agent_request().
+ *
+ *                watch_start()
+ *                     |
+ *                     v   response: schedule()        timer fires
+ *               +-----------+ ------------------> +---------+ ----------+
+ *          +--> | IN_FLIGHT |                     | WAITING |           |
+ *          |    +-----------+ <-------------------+---------+           |
+ *          |       |     ^      schedule() with no delay left           |
+ *          |       |     +----------------------------------------------+
+ *          |       | 200 that may carry news
+ *          |       v
+ *          |  +------------+  watch_stop() from the callback   +---------+
+ *          +--| DELIVERING | --------------------------------> | STOPPED | -> freed when the
+ *   schedule()+------------+                                   +---------+    callback returns
+ *
+ * watch_stop() outside the callback frees at once from any state. Health (healthy/failing) is
+ * separate from this diagram: <failures> counts consecutive errors and drives both the back-off
+ * and the log lines, which are written when the watch starts failing, when it recovers, and
+ * at most once a minute in between.
+ */
+#include "watch.h"
+#include "log.h"
+#include "util.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEFAULT_WAIT_MS      300000u
+#define DEFAULT_POLL_MS      30000u
+#define MIN_INTERVAL_MS      50u    /* at most 20 requests a second per watch */
+#define NO_BLOCK_INTERVAL_MS 1000u  /* when the agent sent no index/hash to block on */
+#define TIMEOUT_SLACK_MS     10000u /* above wait + wait/16 (the agent's own jitter) */
+#define POLL_TIMEOUT_MS      30000L
+#define REPEAT_LOG_MS        60000u
+#define REASON_MAX           256
+
+enum watch_state {
+    WATCH_IN_FLIGHT = 1, /* <req> is outstanding */
+    WATCH_WAITING,       /* <timer> will start the next request */
+    WATCH_DELIVERING,    /* the owner's callback is running */
+    WATCH_STOPPED,       /* stopped from inside the callback; freed when it returns */
+};
+
+struct watch {
+    struct agent *agent;
+    struct loop *loop;
+    char *name, *method, *path, *body;
+    enum watch_block block;
+    uint32_t wait_ms, poll_ms;
+    watch_cb cb;
+    void *data;
+
+    enum watch_state state;
+    struct agent_req *req;
+    struct loop_timer timer;
+
+    uint64_t index;  /* last accepted X-Consul-Index (WATCH_BY_INDEX) */
+    char *hash;      /* last accepted X-Consul-ContentHash (WATCH_BY_HASH), "" at first */
+    char *last_body; /* last accepted body, to spot changes under an unchanged index */
+    size_t last_body_len;
+    int has_data;
+    /* After a transport error the agent may be a restarted one whose indexes began again:
+     * the next request does not block, and its answer counts as news only if the body
+     * differs from the last accepted one. */
+    int resync;
+
+    unsigned failures;
+    uint64_t last_ok_ms; /* util_now_ms() of the last good answer; 0 before the first */
+    uint64_t last_start_ms;
+    uint64_t last_log_ms;
+
+    struct watch_reach *reach;
+    struct watch *reach_prev, *reach_next; /* the tracker's list of its watches */
+};
+
+struct watch_reach {
+    char *addr;
+    int down;
+    struct watch *watches;
+};
+
+static uint32_t backoff_base_ms = 200;
+static uint32_t backoff_cap_ms = 30000;
+
+void watch_set_backoff_ms_for_testing(uint32_t base_ms, uint32_t cap_ms)
+{
+    backoff_base_ms = base_ms ? base_ms : 200;
+    backoff_cap_ms = cap_ms ? cap_ms : 30000;
+}
+
+static void start_request(struct watch *w);
+
+static void set_state(struct watch *w, enum watch_state s)
+{
+    LOG_TRACE("watch %s: state %d -> %d", w->name, (int)w->state, (int)s);
+    w->state = s;
+}
+
+static void reach_unlink(struct watch *w)
+{
+    if (w->reach == NULL)
+        return;
+    if (w->reach_prev != NULL)
+        w->reach_prev->reach_next = w->reach_next;
+    else
+        w->reach->watches = w->reach_next;
+    if (w->reach_next != NULL)
+        w->reach_next->reach_prev = w->reach_prev;
+    w->reach = NULL;
+}
+
+static void destroy(struct watch *w)
+{
+    reach_unlink(w);
+    if (w->req != NULL)
+        agent_cancel(w->req);
+    loop_timer_stop(w->loop, &w->timer);
+    free(w->name);
+    free(w->method);
+    free(w->path);
+    free(w->body);
+    free(w->hash);
+    free(w->last_body);
+    free(w);
+}
+
+static void on_timer(struct loop_timer *t)
+{
+    start_request(t->data);
+}
+
+/*
+ * Starts the next request after <delay_ms>, but never sooner than MIN_INTERVAL_MS after the
+ * previous one started, so no answer pattern can make a watch spin.
+ */
+static void schedule(struct watch *w, uint64_t delay_ms)
+{
+    uint64_t now = util_now_ms();
+    uint64_t at = MAX(now + delay_ms, w->last_start_ms + MIN_INTERVAL_MS);
+    if (at <= now) {
+        start_request(w);
+        return;
+    }
+    set_state(w, WATCH_WAITING);
+    loop_timer_start(w->loop, &w->timer, at - now);
+}
+
+/* Appends <s> to <buf> with everything but RFC 3986 unreserved characters percent-encoded. */
+static size_t url_escape(char *buf, size_t len, const char *s)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = 0;
+    for (; *s != '\0' && n + 4 < len; s++) {
+        unsigned char c = (unsigned char)*s;
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+            c == '-' || c == '.' || c == '_' || c == '~') {
+            buf[n++] = (char)c;
+        } else {
+            buf[n++] = '%';
+            buf[n++] = hex[c >> 4];
+            buf[n++] = hex[c & 15];
+        }
+    }
+    buf[n] = '\0';
+    return n;
+}
+
+static void on_response(void *data, const struct agent_response *resp);
+
+static void start_request(struct watch *w)
+{
+    char query[1024];
+    long timeout_ms = POLL_TIMEOUT_MS;
+    query[0] = '\0';
+    if (w->block == WATCH_BY_INDEX || w->block == WATCH_BY_HASH) {
+        char pos[sizeof(query) - 64] = "";
+        if (w->resync) {
+            /* no position: answer at once */
+        } else if (w->block == WATCH_BY_INDEX && w->index != 0) {
+            snprintf(pos, sizeof(pos), "index=%" PRIu64 "&", w->index);
+        } else if (w->block == WATCH_BY_HASH && w->hash[0] != '\0') {
+            memcpy(pos, "hash=", 5);
+            size_t n = 5 + url_escape(pos + 5, sizeof(pos) - 6, w->hash);
+            pos[n++] = '&';
+            pos[n] = '\0';
+        }
+        snprintf(query, sizeof(query), "%c%swait=%" PRIu32 "ms",
+                 strchr(w->path, '?') != NULL ? '&' : '?', pos, w->wait_ms);
+        timeout_ms = (long)w->wait_ms + (long)(w->wait_ms / 16) + (long)TIMEOUT_SLACK_MS;
+    }
+    char *url = xasprintf("%s%s", w->path, query);
+    w->last_start_ms = util_now_ms();
+    set_state(w, WATCH_IN_FLIGHT);
+    w->req = agent_request(w->agent, w->method, url, w->body, timeout_ms, on_response, w);
+    free(url);
+}
+
+/* "HTTP 404: unknown service ID ..." or "transport error: ...", printable and bounded. */
+static void describe(const struct agent_response *resp, char *buf, size_t len)
+{
+    if (resp->status == 0) {
+        snprintf(buf, len, "transport error: %s", resp->error[0] ? resp->error : "unknown");
+        return;
+    }
+    int n = snprintf(buf, len, "HTTP %ld", resp->status);
+    if (n < 0 || (size_t)n + 3 >= len || resp->body_len == 0)
+        return;
+    size_t at = (size_t)n;
+    buf[at++] = ':';
+    buf[at++] = ' ';
+    for (size_t i = 0; i < resp->body_len && at + 1 < len; i++) {
+        unsigned char c = (unsigned char)resp->body[i];
+        if (c == '\n' || c == '\r')
+            break;
+        buf[at++] = c >= 0x20 && c < 0x7f ? (char)c : '?';
+    }
+    buf[at] = '\0';
+}
+
+/* <status>: the HTTP status, 0 for a transport error, -1 for an answer the owner rejected. */
+static void fail(struct watch *w, const char *reason, long status)
+{
+    int transport = status == 0;
+    uint64_t now = util_now_ms();
+    w->failures++;
+    unsigned shift = MIN(w->failures - 1, 20u);
+    uint64_t ceiling = MIN((uint64_t)backoff_base_ms << shift, (uint64_t)backoff_cap_ms);
+    uint64_t delay = util_rand() % (ceiling + 1); /* full jitter; schedule() sets a floor */
+    w->resync |= transport;
+    if (transport && w->reach != NULL) {
+        /* The tracker has said "agent unreachable" once for every watch. */
+        LOG_DEBUG("watch %s: attempt %u failed: %s; next in %" PRIu64 " ms", w->name, w->failures,
+                  reason, delay);
+    } else if (w->failures == 1 && status == 403) {
+        /* The token is unknown or lacks a permission: no retry will fix that by itself. */
+        LOG_ERROR("watch %s: %s %s refused: %s (HTTP 403: the ACL token is unknown or lacks "
+                  "the permission; retrying with back-off)",
+                  w->name, w->method, w->path, reason);
+        w->last_log_ms = now;
+    } else if (w->failures == 1) {
+        LOG_WARN("watch %s: %s %s failing: %s (retrying with back-off)", w->name, w->method,
+                 w->path, reason);
+        w->last_log_ms = now;
+    } else if (now - w->last_log_ms >= REPEAT_LOG_MS) {
+        LOG_WARN("watch %s: still failing after %u attempts: %s", w->name, w->failures, reason);
+        w->last_log_ms = now;
+    } else {
+        LOG_DEBUG("watch %s: attempt %u failed: %s; next in %" PRIu64 " ms", w->name, w->failures,
+                  reason, delay);
+    }
+    schedule(w, delay);
+}
+
+static void healthy(struct watch *w)
+{
+    w->last_ok_ms = util_now_ms();
+    if (w->failures > 0) {
+        LOG_INFO("watch %s: recovered after %u failed attempts", w->name, w->failures);
+        w->failures = 0;
+    }
+}
+
+static int body_differs(const struct watch *w, const struct agent_response *resp)
+{
+    return !w->has_data || resp->body_len != w->last_body_len ||
+           memcmp(resp->body, w->last_body, resp->body_len) != 0;
+}
+
+static void accept_response(struct watch *w, const struct agent_response *resp)
+{
+    w->index = resp->index;
+    if (w->block == WATCH_BY_HASH) {
+        free(w->hash);
+        w->hash = xstrdup(resp->content_hash);
+    }
+    free(w->last_body);
+    w->last_body = xstrndup(resp->body, resp->body_len);
+    w->last_body_len = resp->body_len;
+    w->has_data = 1;
+}
+
+static void on_response(void *data, const struct agent_response *resp)
+{
+    struct watch *w = data;
+    w->req = NULL;
+    if (resp->status != 200) {
+        char reason[REASON_MAX];
+        describe(resp, reason, sizeof(reason));
+        watch_reach_note(w->reach, resp);
+        fail(w, reason, resp->status);
+        return;
+    }
+
+    int news;
+    uint64_t next_ms = 0;
+    watch_reach_note(w->reach, resp);
+    switch (w->block) {
+    case WATCH_BY_INDEX:
+        if (w->resync) {
+            news = body_differs(w, resp);
+        } else if (resp->index < w->index) {
+            /* A snapshot restore or a new leader: start over, as consul-api.md 1.4 says. */
+            LOG_DEBUG("watch %s: index went back from %" PRIu64 " to %" PRIu64 "; resetting",
+                      w->name, w->index, resp->index);
+            w->index = 0;
+            healthy(w);
+            schedule(w, 0);
+            return;
+        } else {
+            news = resp->index != w->index || body_differs(w, resp);
+        }
+        if (resp->index == 0)
+            next_ms = NO_BLOCK_INTERVAL_MS;
+        break;
+    case WATCH_BY_HASH:
+        news = (!w->resync && strcmp(resp->content_hash, w->hash) != 0) || body_differs(w, resp);
+        if (resp->content_hash[0] == '\0')
+            next_ms = NO_BLOCK_INTERVAL_MS;
+        break;
+    default:
+        news = body_differs(w, resp);
+        next_ms = w->poll_ms;
+        break;
+    }
+
+    if (news) {
+        set_state(w, WATCH_DELIVERING);
+        int rc = w->cb(w->data, resp);
+        if (w->state == WATCH_STOPPED) {
+            destroy(w);
+            return;
+        }
+        if (rc < 0) {
+            char reason[REASON_MAX];
+            snprintf(reason, sizeof(reason), "response rejected: %s", util_strerror(rc));
+            fail(w, reason, -1);
+            return;
+        }
+        accept_response(w, resp);
+    } else if (w->resync) {
+        accept_response(w, resp); /* same data, but the agent's position to block on */
+    }
+    w->resync = 0;
+    healthy(w);
+    schedule(w, next_ms);
+}
+
+struct watch *watch_start(struct agent *a, const struct watch_spec *spec, watch_cb cb, void *data)
+{
+    struct watch *w = xcalloc(1, sizeof(*w));
+    w->agent = a;
+    w->loop = agent_loop(a);
+    w->name = xstrdup(spec->name != NULL ? spec->name : spec->path);
+    w->method = xstrdup(spec->method != NULL ? spec->method : "GET");
+    w->path = xstrdup(spec->path);
+    w->body = spec->body != NULL ? xstrdup(spec->body) : NULL;
+    w->block = spec->block;
+    w->wait_ms = spec->wait_ms ? spec->wait_ms : DEFAULT_WAIT_MS;
+    w->poll_ms = MAX(spec->poll_ms ? spec->poll_ms : DEFAULT_POLL_MS, MIN_INTERVAL_MS);
+    w->cb = cb;
+    w->data = data;
+    w->hash = xstrdup("");
+    loop_timer_init(&w->timer, on_timer, w);
+    if (spec->reach != NULL) {
+        w->reach = spec->reach;
+        w->reach_next = w->reach->watches;
+        if (w->reach_next != NULL)
+            w->reach_next->reach_prev = w;
+        w->reach->watches = w;
+    }
+    start_request(w);
+    return w;
+}
+
+void watch_stop(struct watch *w)
+{
+    if (w == NULL)
+        return;
+    if (w->state == WATCH_DELIVERING || w->state == WATCH_STOPPED) {
+        set_state(w, WATCH_STOPPED); /* on_response() frees it when the callback returns */
+        return;
+    }
+    destroy(w);
+}
+
+uint64_t watch_last_ok_ms(const struct watch *w)
+{
+    return w->last_ok_ms;
+}
+
+int watch_has_data(const struct watch *w)
+{
+    return w->has_data;
+}
+
+unsigned watch_failures(const struct watch *w)
+{
+    return w->failures;
+}
+
+struct watch_reach *watch_reach_new(const char *addr)
+{
+    struct watch_reach *r = xcalloc(1, sizeof(*r));
+    r->addr = xstrdup(addr);
+    return r;
+}
+
+void watch_reach_free(struct watch_reach *r)
+{
+    if (r == NULL)
+        return;
+    while (r->watches != NULL)
+        reach_unlink(r->watches);
+    free(r->addr);
+    free(r);
+}
+
+void watch_reach_note(struct watch_reach *r, const struct agent_response *resp)
+{
+    if (r == NULL)
+        return;
+    if (resp->status == 0) {
+        if (!r->down)
+            LOG_WARN("agent %s unreachable (%s); serving with the last good certificates, "
+                     "intentions and endpoints",
+                     r->addr, resp->error[0] ? resp->error : "transport error");
+        r->down = 1;
+        return;
+    }
+    if (!r->down)
+        return;
+    r->down = 0;
+    LOG_INFO("agent %s reachable again", r->addr);
+    /* Everyone backing off retries now; schedule() keeps the per-watch minimum interval. The
+     * list cannot change under us: starting a request never runs a callback. */
+    for (struct watch *w = r->watches; w != NULL; w = w->reach_next) {
+        if (w->state == WATCH_WAITING && w->failures > 0) {
+            loop_timer_stop(w->loop, &w->timer);
+            schedule(w, 0);
+        }
+    }
+}
+
+int watch_reach_down(const struct watch_reach *r)
+{
+    return r != NULL && r->down;
+}

@@ -1,0 +1,89 @@
+/*
+ * watch: one long-poll blocking query kept running against the agent (consul-api.md 1.4).
+ *
+ * A watch repeats its request forever: by index (?index=N&wait=) or by content hash
+ * (?hash=H&wait=). It delivers a response to its callback only when something may have
+ * changed (the index moved, the hash changed, or the body differs), resets the index to 0 when
+ * it goes backwards, uses a request timeout above the wait, and backs off with jitter after
+ * errors (transport errors, non-200 statuses, and bodies the callback rejects), logging when
+ * its state changes rather than on every retry. After a transport error the next request
+ * carries no index or hash (the agent may have restarted with its indexes begun again) and is
+ * news only when the body differs. Requests of one watch start at least 50 ms
+ * apart; a blocking answer without an index (or hash) to block on is re-asked after 1 s.
+ */
+#ifndef CONNECTD_WATCH_H
+#define CONNECTD_WATCH_H
+
+#include <stdint.h>
+
+#include "agent.h"
+
+enum watch_block {
+    WATCH_BY_INDEX = 1,
+    WATCH_BY_HASH,
+    WATCH_POLL, /* no blocking: repeat every poll_ms */
+};
+
+struct watch_spec {
+    const char *name;   /* for logs: "roots", "leaf web", ... */
+    const char *method; /* "GET" or "POST" */
+    const char *path;   /* path and query without index/hash/wait, e.g.
+                           "/v1/health/connect/db?passing&cached" */
+    const char *body;   /* NULL or a JSON body for POST */
+    enum watch_block block;
+    uint32_t wait_ms; /* blocking wait; 0 = 300000 */
+    uint32_t poll_ms; /* WATCH_POLL interval */
+    /* NULL, or the reachability tracker this watch reports to (see below); not owned. */
+    struct watch_reach *reach;
+};
+
+/*
+ * Called with each 200 response that may carry news. Return 0 to accept it (the watch then
+ * advances its index/hash), or a negative code when the body is unusable: the watch then keeps
+ * its previous position, counts a failure and backs off (the caller keeps its last good
+ * state). Non-200 answers never reach the callback.
+ */
+typedef int (*watch_cb)(void *data, const struct agent_response *resp);
+
+struct watch;
+
+/* Copies <spec>; the first request starts at once (before the loop's next iteration). */
+struct watch *watch_start(struct agent *a, const struct watch_spec *spec, watch_cb cb, void *data);
+/* Stops and frees; safe from inside the watch's own callback. */
+void watch_stop(struct watch *w);
+
+/* 1 once a response has been accepted; for readiness. */
+int watch_has_data(const struct watch *w);
+/* util_now_ms() of the last good answer (accepted or unchanged), or 0 before the first. */
+uint64_t watch_last_ok_ms(const struct watch *w);
+/* Consecutive failures since the last success (0 when healthy). */
+unsigned watch_failures(const struct watch *w);
+
+/*
+ * Reachability of one agent, shared by every watch (and one-off request) that talks to it, so
+ * an outage is logged once rather than once per watch and retry: "agent <addr> unreachable"
+ * when the first transport error arrives while the agent was reachable, "agent <addr>
+ * reachable again" when any HTTP answer (whatever its status) arrives after that. On recovery
+ * every watch of the tracker that is backing off after a failure retries at once, so all
+ * inputs resume together instead of each waiting out its own back-off. Create it before the
+ * watches that use it and free it after they are stopped.
+ */
+struct watch_reach;
+
+/* <addr> is copied, for the log lines. */
+struct watch_reach *watch_reach_new(const char *addr);
+void watch_reach_free(struct watch_reach *r);
+/* Reports the outcome of a request that is not a watch (status 0 means a transport error). */
+void watch_reach_note(struct watch_reach *r, const struct agent_response *resp);
+/* 1 while the agent is considered unreachable. */
+int watch_reach_down(const struct watch_reach *r);
+
+/*
+ * Tests only: sets the error back-off's first ceiling and its cap (defaults 200 ms and 30 s;
+ * 0 restores a default). Delays are drawn uniformly below the ceiling (full jitter), which
+ * doubles with each consecutive failure; a watch never starts two requests less than 50 ms
+ * apart whatever these are. Not thread-safe; call before starting watches.
+ */
+void watch_set_backoff_ms_for_testing(uint32_t base_ms, uint32_t cap_ms);
+
+#endif
