@@ -1,0 +1,51 @@
+/*
+ * authq: authorization questions between threads, for the "authorize" mode (consul-api.md
+ * 2.3). A worker cannot talk to the agent (the control thread owns libcurl), so an inbound
+ * session in AUTHORIZE posts a question to the control thread's box; the control thread
+ * answers (from its cache or with POST /v1/agent/connect/authorize) and posts the same object
+ * back to the asking worker's box. A box is a mutex-protected list plus its loop's wake-up;
+ * the data path of other connections never waits on it.
+ *
+ * Ownership follows the object: the asker owns a question until it posts it, the control
+ * thread until it posts the answer back, and the asker's thread again after that. A session
+ * that ends while its question is out clears <owner>; its worker frees the answer on arrival.
+ */
+#ifndef CONNECTD_AUTHQ_H
+#define CONNECTD_AUTHQ_H
+
+#include <stdint.h>
+
+#include "loop.h"
+
+struct authq_box;
+
+struct authq_req {
+    struct authq_req *next;  /* list link inside a box */
+    char *target;            /* destination service name (the identity this proxy fronts) */
+    char *client_uri;        /* the caller's SPIFFE ID, as presented */
+    char *client_serial;     /* the caller's certificate serial, colon-separated hex */
+    uint32_t cache_ms;       /* how long the answer may be reused for this caller; 0 = never */
+    struct authq_box *reply; /* the asker's box */
+    void *owner;             /* the asking session; NULL once it went away (asker's thread) */
+    /* the answer */
+    int allowed;
+    char reason[256];
+};
+
+/* A question with copies of the strings; reply/owner/cache_ms are for the caller to set. */
+struct authq_req *authq_req_new(const char *target, const char *client_uri,
+                                const char *client_serial);
+void authq_req_free(struct authq_req *r);
+
+/* A box whose arrivals wake <loop> (loop_wakeup: the loop's owner drains it from there). */
+struct authq_box *authq_box_new(struct loop *loop);
+/* Frees the box and every request still inside it. No thread may post to it any more. */
+void authq_box_free(struct authq_box *b);
+/* Any thread: appends <r> (ownership moves with it) and wakes the box's loop. */
+void authq_box_post(struct authq_box *b, struct authq_req *r);
+/* Wakes the box's loop without posting anything (its owner then re-checks its inputs). */
+void authq_box_wake(struct authq_box *b);
+/* The box's loop thread: takes everything posted so far, oldest first (a NULL-ended list). */
+struct authq_req *authq_box_take(struct authq_box *b);
+
+#endif

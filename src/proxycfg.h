@@ -1,0 +1,104 @@
+/*
+ * proxycfg: the proxy's registration (decoded /v1/agent/service/<id>) turned into typed,
+ * validated settings, driven by one table of known Proxy.Config and upstream Config keys.
+ *
+ * Pure: no I/O. The same table documents every key (doc/config.md is generated from it).
+ */
+#ifndef CONNECTD_PROXYCFG_H
+#define CONNECTD_PROXYCFG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "decode.h"
+#include "limit.h"
+
+struct upstream_cfg {
+    char *key;              /* unique and stable: "<type>:<ns>/<partition>/<dc>/<name>" */
+    char *destination_type; /* "service" or "prepared_query" */
+    char *destination_name;
+    char *ns;         /* "" = default */
+    char *partition;  /* "" = default */
+    char *datacenter; /* "" = the agent's */
+    char *bind_address;
+    int bind_port;          /* 0 when the listener is a unix socket */
+    char *bind_socket_path; /* LocalBindSocketPath; "" for a TCP listener */
+    int bind_socket_mode;   /* LocalBindSocketMode (octal text), -1 = leave the umask's */
+    uint32_t connect_timeout_ms;
+    int connect_timeout_set;   /* connect_timeout_ms was given: it overrides the chain's */
+    uint32_t poll_interval_ms; /* prepared queries: how often the query is executed */
+    uint32_t idle_timeout_ms;  /* 0 = off */
+    struct limit_cfg limits;   /* of the upstream's listener */
+};
+
+struct proxy_cfg {
+    char *proxy_id;
+    char *service;    /* Proxy.DestinationServiceName: the identity we present */
+    char *service_id; /* Proxy.DestinationServiceID */
+    char *datacenter;
+    char *ns;
+    char *partition;
+    char *bind_address; /* public listener */
+    int bind_port;      /* 0 = no public listener */
+    char *local_address;
+    int local_port;
+    char *local_socket_path; /* Proxy.LocalServiceSocketPath; "" = local_address:local_port */
+    uint32_t local_connect_timeout_ms;
+    uint32_t handshake_timeout_ms;
+    /* TLS of every mesh connection, in and out */
+    int tls_min_version;     /* 0 (TLS_AUTO: 1.2), 12 or 13 */
+    int tls_max_version;     /* 0 (TLS_AUTO: none), 12 or 13 */
+    char *tls_cipher_suites; /* NULL, or comma-separated IANA names (TLS 1.2 suites) */
+    int verify_trust_domain; /* 1: peers must be of the roots' trust domain */
+    /* inbound authorization: 0 = the local intention table, 1 = ask the agent per connection */
+    int authorize_with_agent;
+    uint32_t authorize_cache_ms; /* reuse of an agent answer for the same caller; 0 = never */
+    uint32_t authorize_timeout_ms;
+    uint32_t idle_timeout_ms;         /* inbound (local_idle_timeout_ms); 0 = off */
+    uint32_t max_lifetime_ms;         /* every session; 0 = off */
+    uint32_t reauthorize_interval_ms; /* periodic re-authorization; 0 = off */
+    struct limit_cfg limits;          /* of the public listener */
+    struct upstream_cfg *upstreams;
+    size_t n_upstreams;
+    /* Things to warn about once: keys no table knows, upstreams skipped as unsupported. */
+    char **warnings;
+    size_t n_warnings;
+};
+
+/*
+ * Builds <out> from a decoded registration. Fails with ERR_BAD_CONFIG and a message naming
+ * the key or field when the service is not a connect-proxy, has no destination service, a
+ * known key has a bad type or value, an upstream has neither port nor socket, or two upstreams
+ * bind the same address and port. On failure <out> is zeroed.
+ */
+int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *err, size_t errlen);
+void proxycfg_dispose(struct proxy_cfg *c);
+
+/* Flags mode (consul-api.md 4.2): a static configuration from command-line flags. */
+struct proxycfg_flags {
+    const char *service;      /* identity; required */
+    const char *proxy_id;     /* the ID to report (and register under) */
+    const char *listen;       /* "host:port" of the public listener, or NULL for none */
+    const char *service_addr; /* "host:port" of the local application; required with listen */
+    char *const *upstreams;   /* "name[.type]:[addr:]port", type "service" or "query" */
+    size_t n_upstreams;
+};
+
+/*
+ * Builds <out> from flags, with the same defaults and checks as a registration. Fails with
+ * ERR_BAD_CONFIG and a message naming the flag and value that is wrong. On failure <out> is
+ * zeroed.
+ */
+int proxycfg_from_flags(const struct proxycfg_flags *f, struct proxy_cfg *out, char *err,
+                        size_t errlen);
+
+/* Deep copy of <src> into <dst>, without the warnings. */
+void proxycfg_copy(struct proxy_cfg *dst, const struct proxy_cfg *src);
+
+/* Writes the Markdown table of every Config key (name, scope, type, default, meaning). */
+void proxycfg_write_doc(FILE *f);
+/* Writes every key as troff .TP entries (scope, type, default, meaning) for the man page. */
+void proxycfg_write_man(FILE *f);
+
+#endif

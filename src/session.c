@@ -1,0 +1,1098 @@
+/*
+ * session: the inbound and outbound state machines and the relay between their two legs.
+ *
+ *   inbound:  ACCEPTED -> TLS_HANDSHAKE -> AUTHORIZE -> CONNECT_LOCAL -> RELAY -> DONE
+ *                                          (waits here for the agent in authorize mode)
+ *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
+ *                             ^------- next endpoint on connect/handshake/identity failure ---'
+ *   any state -> DONE on error, timeout, deny or shutdown (through finish(), the one door out)
+ *
+ * A session has two ends: end[0] is the accepted connection, end[1] the one we dial (the local
+ * application inbound, the upstream endpoint outbound). Exactly one end speaks TLS. AUTHORIZE
+ * (with the intention table), PICK_ENDPOINT and VERIFY_PEER are instantaneous: they are passed
+ * through inside one call. In authorize mode AUTHORIZE waits, with no I/O interest and a
+ * timer, for the control thread's answer to a question posted to it (authq.h).
+ *
+ * Relay: buf[d] carries bytes read from end[d] to end[1 - d]. A direction reads only when its
+ * buffer is empty (back-pressure: a slow reader stops the writer's side), writes what it holds,
+ * and once its source reached EOF and the buffer drained, shuts down the write side of its
+ * destination (TLS close_notify, or shutdown(SHUT_WR) on plain TCP): half-close is carried
+ * both ways and the other direction keeps flowing. The session is done when both directions
+ * have shut down. The pump runs both directions until neither makes progress, then registers
+ * exactly the events each end is blocked on; TLS may need the opposite event of the operation
+ * (a read that wants a write), which tls_conn_wants() reports.
+ *
+ * Limits and timeouts: admission (open-connection count and new-connection rate, shared by all
+ * workers through the snapshot's limit_state) is checked before a session exists, so a refused
+ * connection costs one close(). In RELAY the state timer becomes the idle timer: the relay only
+ * notes the time of its last progress and the timer, when it fires, re-arms itself for the
+ * rest of the idle period, so moving bytes never touches the timer heap. A second timer bounds
+ * the whole life of the session (max_connection_lifetime_ms).
+ */
+#include "session.h"
+#include "alog.h"
+#include "limit.h"
+#include "log.h"
+#include "sock.h"
+#include "spiffe.h"
+#include "util.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define RELAY_BUF_BYTES    16384
+#define MAX_ENDPOINT_TRIES 5
+#define REFUSAL_SUMMARY_MS 1000
+
+enum session_state {
+    S_ACCEPTED = 0,
+    S_TLS_HANDSHAKE,
+    S_AUTHORIZE,
+    S_CONNECT_LOCAL,
+    S_PICK_ENDPOINT,
+    S_CONNECT,
+    S_VERIFY_PEER,
+    S_RELAY,
+    S_DONE,
+};
+
+static const char *const state_names[] = {
+    "ACCEPTED", "TLS_HANDSHAKE", "AUTHORIZE", "CONNECT_LOCAL", "PICK_ENDPOINT",
+    "CONNECT",  "VERIFY_PEER",   "RELAY",     "DONE",
+};
+
+struct end {
+    int fd;
+    struct loop_io io;
+    struct tls_conn *tls; /* NULL on the plain end */
+    int rd_eof;           /* read side reached end of stream */
+    int wr_shut;          /* our write side is shut down (close_notify or SHUT_WR sent) */
+};
+
+struct relay_buf {
+    char *data;
+    size_t off, len;
+};
+
+struct session {
+    struct session *next, *prev;
+    struct session_host *host;
+    struct snapshot *snap; /* the snapshot this session started with */
+    uint64_t id;
+    int inbound;
+    enum session_state state;
+    struct end end[2];
+    struct relay_buf buf[2];
+    uint64_t bytes[2]; /* bytes[d]: read from end[d], written to end[1 - d] */
+    uint64_t start_ms;
+    uint64_t last_io_ms;          /* RELAY: when a direction last made progress */
+    struct limit_state *admitted; /* released by finish(); inside snap */
+    struct loop_timer timer;      /* the state's timeout; the idle timer in RELAY */
+    struct loop_timer lifetime;
+    struct loop_defer reap;
+    char peer[64]; /* address of end[0]'s peer */
+    /* inbound */
+    char caller[SPIFFE_NAME_MAX * 2]; /* caller's SPIFFE ID as sent */
+    char caller_partition[SPIFFE_NAME_MAX];
+    char caller_ns[SPIFFE_NAME_MAX];
+    char caller_service[SPIFFE_NAME_MAX];
+    struct authq_req *question; /* out with the control thread (authorize mode); not owned */
+    char caller_trust_domain[SPIFFE_NAME_MAX];
+    /* outbound */
+    char *upstream_key;
+    const struct snap_upstream *up; /* inside snap */
+    unsigned char *tried;           /* one flag per endpoint of every target, in order */
+    unsigned tries;
+    const struct snap_target *tgt; /* the target of the endpoint being dialled */
+    const struct dec_endpoint *ep; /* the endpoint being dialled */
+    char ep_name[300];
+    struct session_listener_stats *lstat; /* in host->stats; never NULL */
+};
+
+#define STAT_ADD(field, n) atomic_fetch_add_explicit(&(field), (n), memory_order_relaxed)
+#define STAT_SUB(field, n) atomic_fetch_sub_explicit(&(field), (n), memory_order_relaxed)
+
+static atomic_uint_fast64_t next_session_id = 1;
+
+static void on_io(struct loop_io *io, unsigned events);
+static void on_timer(struct loop_timer *t);
+static void on_lifetime(struct loop_timer *t);
+static void advance(struct session *s);
+static void try_next_endpoint(struct session *s, const char *why);
+
+/* ---- lifecycle ---- */
+
+static void set_state(struct session *s, enum session_state st)
+{
+    LOG_TRACE("conn=%llu %s -> %s", (unsigned long long)s->id, state_names[s->state],
+              state_names[st]);
+    s->state = st;
+}
+
+static void end_close(struct session *s, struct end *e)
+{
+    if (e->fd < 0)
+        return;
+    loop_io_want(s->host->loop, &e->io, 0);
+    if (e->tls != NULL) {
+        tls_conn_free(e->tls);
+        e->tls = NULL;
+    }
+    close(e->fd);
+    e->fd = -1;
+    e->rd_eof = e->wr_shut = 0;
+}
+
+static void reap(struct loop_defer *d)
+{
+    struct session *s = (struct session *)((char *)d - offsetof(struct session, reap));
+    for (int i = 0; i < 2; i++) {
+        end_close(s, &s->end[i]);
+        free(s->buf[i].data);
+    }
+    snapshot_unref(s->snap);
+    free(s->upstream_key);
+    free(s->tried);
+    free(s);
+}
+
+static void expected_identity(const struct session *s, const struct snap_target *t,
+                              const struct dec_endpoint *ep, struct spiffe_id *id);
+
+/* Writes the session's access-log line (alog.h). */
+static void access_log(struct session *s, const char *result, const char *reason,
+                       const char *upstream, uint64_t dur_ms)
+{
+    char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
+    const struct proxy_cfg *c = &s->snap->cfg;
+    if (s->end[0].fd >= 0)
+        sock_local_name(s->end[0].fd, local, sizeof(local));
+    int have_ident = 0;
+    if (s->inbound && s->snap->trust_domain != NULL && s->snap->trust_domain[0] != '\0') {
+        have_ident = spiffe_format_service(ident, sizeof(ident), s->snap->trust_domain,
+                                           c->partition, c->ns, c->datacenter, c->service) >= 0;
+    } else if (!s->inbound && s->up != NULL && s->tgt != NULL && s->ep != NULL) {
+        struct spiffe_id want_id;
+        expected_identity(s, s->tgt, s->ep, &want_id);
+        have_ident = spiffe_format(ident, sizeof(ident), &want_id) >= 0;
+    }
+    struct alog_rec r = {
+        .time_ms = util_wall_ms(),
+        .direction = s->inbound ? "inbound" : "outbound",
+        .source = s->inbound ? (s->caller[0] ? s->caller : NULL) : s->peer,
+        .destination = have_ident ? ident : NULL,
+        .upstream = upstream,
+        .endpoint = s->ep_name[0] ? s->ep_name : NULL,
+        .local_addr = local[0] ? local : NULL,
+        .remote_addr = s->peer,
+        .bytes_in = s->bytes[0],
+        .bytes_out = s->bytes[1],
+        .duration_ms = dur_ms,
+        .result = result,
+        .reason = reason,
+        .conn = s->id,
+        .worker = s->host->index,
+    };
+    alog_write(&r);
+}
+
+/*
+ * The one way out: records the result, logs the session's line, stops all I/O and queues the
+ * memory to be freed after the current dispatch round.
+ */
+static void finish(struct session *s, const char *result, const char *reason)
+{
+    if (s->state == S_DONE)
+        return;
+    struct session_host *h = s->host;
+    uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
+    const char *src = s->inbound ? (s->caller[0] ? s->caller : "-") : s->peer;
+    const char *dst = s->inbound ? s->snap->cfg.service : s->ep_name[0] ? s->ep_name : "-";
+    const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
+    /* With an access log the line for a session that ended well is DEBUG: the access log
+     * already has it. Failures stay WARN. */
+    enum log_level lvl = strcmp(result, "ok") == 0
+                             ? (alog_enabled() ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO)
+                         : strcmp(result, "probe") == 0 ? LOG_LEVEL_DEBUG
+                                                        : LOG_LEVEL_WARN;
+    LOG_AT(lvl,
+           "conn=%llu %s peer=%s src=%s dst=%s%s%s result=%s reason=\"%s\" bytes_in=%llu "
+           "bytes_out=%llu duration_ms=%llu worker=%u",
+           (unsigned long long)s->id, s->inbound ? "in" : "out", s->peer, src, dst,
+           s->inbound ? "" : " upstream=",
+           s->inbound ? ""
+           : upstream ? upstream
+                      : "-",
+           result, reason, (unsigned long long)s->bytes[0], (unsigned long long)s->bytes[1],
+           (unsigned long long)dur, h->index);
+    if (s->inbound && strcmp(result, "probe") != 0 &&
+        (s->state == S_TLS_HANDSHAKE || strcmp(result, "bad_identity") == 0)) {
+        enum session_handshake_reason r = strcmp(result, "tls_error") == 0 ? SESSION_HS_TLS_ERROR
+                                          : strcmp(result, "timeout") == 0 ? SESSION_HS_TIMEOUT
+                                          : strcmp(result, "bad_identity") == 0
+                                              ? SESSION_HS_BAD_IDENTITY
+                                              : SESSION_HS_OTHER;
+        STAT_ADD(h->stats->handshake_failures[r], 1);
+    }
+    STAT_SUB(s->lstat->active, 1);
+    if (alog_enabled())
+        access_log(s, result, reason, upstream, dur);
+    set_state(s, S_DONE);
+    loop_timer_stop(h->loop, &s->timer);
+    if (s->question != NULL) {
+        /* The control thread still holds it and never reads <owner>: mark it orphaned; the
+         * worker frees it when it comes back. */
+        s->question->owner = NULL;
+        s->question = NULL;
+    }
+    loop_timer_stop(h->loop, &s->lifetime);
+    if (s->admitted != NULL)
+        limit_release(s->admitted);
+    for (int i = 0; i < 2; i++)
+        if (s->end[i].fd >= 0)
+            loop_io_want(h->loop, &s->end[i].io, 0);
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        h->sessions = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    h->n_sessions--;
+    loop_defer(h->loop, &s->reap, reap);
+}
+
+const char *session_handshake_reason_name(enum session_handshake_reason r)
+{
+    static const char *const names[] = {
+#define X(name, label) label,
+        SESSION_HANDSHAKE_REASONS(X)
+#undef X
+    };
+    return (unsigned)r < ARRAY_SIZE(names) ? names[r] : "other";
+}
+
+/*
+ * The stats slot named <name>, claimed on first use. Only this worker writes the table: the
+ * name is written before the count is published (release), so readers never see a half name.
+ */
+static struct session_listener_stats *listener_stats(struct session_host *h, const char *name,
+                                                     int inbound)
+{
+    struct session_stats *st = h->stats;
+    size_t n = atomic_load_explicit(&st->n_listeners, memory_order_relaxed);
+    for (size_t i = 0; i < n; i++)
+        if (st->listeners[i].inbound == inbound && strcmp(st->listeners[i].name, name) == 0)
+            return &st->listeners[i];
+    if (n == SESSION_STATS_MAX_LISTENERS)
+        return &st->other_listener;
+    snprintf(st->listeners[n].name, sizeof(st->listeners[n].name), "%s", name);
+    st->listeners[n].inbound = inbound;
+    atomic_store_explicit(&st->n_listeners, n + 1, memory_order_release);
+    return &st->listeners[n];
+}
+
+/* Counts an authorization decision for source service <name> (same publication as above). */
+static void count_decision(struct session_host *h, const char *name, int allow)
+{
+    struct session_stats *st = h->stats;
+    struct session_source_stats *src = NULL;
+    size_t n = atomic_load_explicit(&st->n_sources, memory_order_relaxed);
+    for (size_t i = 0; i < n && src == NULL; i++)
+        if (strcmp(st->sources[i].name, name) == 0)
+            src = &st->sources[i];
+    if (src == NULL && n == SESSION_STATS_MAX_SOURCES) {
+        src = &st->other_source;
+    } else if (src == NULL) {
+        src = &st->sources[n];
+        snprintf(src->name, sizeof(src->name), "%s", name);
+        atomic_store_explicit(&st->n_sources, n + 1, memory_order_release);
+    }
+    if (allow)
+        STAT_ADD(src->allow, 1);
+    else
+        STAT_ADD(src->deny, 1);
+}
+
+static struct session *session_new(struct session_host *h, int fd, const char *peer, int inbound,
+                                   struct limit_state *admitted, const char *listener)
+{
+    struct session *s = xcalloc(1, sizeof(*s));
+    s->lstat = listener_stats(h, listener, inbound);
+    STAT_ADD(s->lstat->active, 1);
+    STAT_ADD(s->lstat->total, 1);
+    s->host = h;
+    s->snap = snapshot_ref(h->snap);
+    s->admitted = admitted;
+    s->id = atomic_fetch_add(&next_session_id, 1);
+    s->inbound = inbound;
+    s->start_ms = loop_now_ms(h->loop);
+    snprintf(s->peer, sizeof(s->peer), "%s", peer);
+    s->end[0].fd = fd;
+    s->end[1].fd = -1;
+    loop_io_init(&s->end[0].io, fd, on_io, s);
+    loop_timer_init(&s->timer, on_timer, s);
+    loop_timer_init(&s->lifetime, on_lifetime, s);
+    if (s->snap->cfg.max_lifetime_ms != 0)
+        loop_timer_start(h->loop, &s->lifetime, s->snap->cfg.max_lifetime_ms);
+    s->next = h->sessions;
+    if (h->sessions != NULL)
+        h->sessions->prev = s;
+    h->sessions = s;
+    h->n_sessions++;
+    return s;
+}
+
+/* Registers <want> for end <i>; a failure to do so ends the session. */
+static int want(struct session *s, int i, unsigned mask)
+{
+    if (s->state == S_DONE)
+        return ERR_SHUTDOWN;
+    int rc = loop_io_want(s->host->loop, &s->end[i].io, mask);
+    if (rc != 0) {
+        finish(s, "error", util_strerror(rc));
+        return rc;
+    }
+    return 0;
+}
+
+/* ---- the TLS end ---- */
+
+static int tls_end(const struct session *s)
+{
+    return s->inbound ? 0 : 1;
+}
+
+/* Runs the handshake on the TLS end; returns 0 when complete, -EAGAIN while waiting (events
+ * registered), or an error after which the caller decides (the session is still alive). */
+static int step_handshake(struct session *s)
+{
+    int i = tls_end(s);
+    int rc = tls_handshake(s->end[i].tls);
+    if (rc == -EAGAIN) {
+        if (want(s, i, tls_conn_wants(s->end[i].tls)) != 0)
+            return ERR_SHUTDOWN;
+        return -EAGAIN;
+    }
+    return rc;
+}
+
+/* ---- inbound ---- */
+
+static void start_connect_local(struct session *s)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    int unix_sock = c->local_socket_path[0] != '\0';
+    int fd = unix_sock ? sock_connect_unix(c->local_socket_path)
+                       : sock_connect(c->local_address, c->local_port);
+    if (fd < 0) {
+        char why[400];
+        if (unix_sock)
+            snprintf(why, sizeof(why), "connect unix %s: %s", c->local_socket_path,
+                     util_strerror(fd));
+        else
+            snprintf(why, sizeof(why), "connect %s:%d: %s", c->local_address, c->local_port,
+                     util_strerror(fd));
+        finish(s, "local_connect_error", why);
+        return;
+    }
+    if (unix_sock)
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+    else
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+    s->end[1].fd = fd;
+    loop_io_init(&s->end[1].io, fd, on_io, s);
+    set_state(s, S_CONNECT_LOCAL);
+    loop_timer_start(s->host->loop, &s->timer, c->local_connect_timeout_ms);
+    want(s, 0, 0);
+    want(s, 1, LOOP_WRITE);
+}
+
+/* authorize mode: posts the question and waits (no I/O interest) for the answer or the timer. */
+static void ask_agent(struct session *s)
+{
+    struct session_host *h = s->host;
+    char serial[256];
+    if (h->ask == NULL) {
+        finish(s, "error", "authorize mode, but no control thread to ask");
+        return;
+    }
+    if (tls_conn_peer_serial(s->end[0].tls, serial, sizeof(serial)) < 0)
+        serial[0] = '\0';
+    struct authq_req *r = authq_req_new(h->snap->cfg.service, s->caller, serial);
+    r->cache_ms = h->snap->cfg.authorize_cache_ms;
+    r->reply = h->answers;
+    r->owner = s;
+    s->question = r;
+    loop_io_want(h->loop, &s->end[0].io, 0);
+    loop_timer_start(h->loop, &s->timer, h->snap->cfg.authorize_timeout_ms);
+    authq_box_post(h->ask, r);
+}
+
+void session_authorize_answer(struct authq_req *r)
+{
+    struct session *s = r->owner;
+    if (s != NULL) {
+        s->question = NULL;
+        loop_timer_stop(s->host->loop, &s->timer);
+        count_decision(s->host, s->caller_service, r->allowed);
+        if (!r->allowed) {
+            char why[300];
+            snprintf(why, sizeof(why), "agent authorize: %s", r->reason);
+            finish(s, "denied", why);
+        } else {
+            LOG_DEBUG("conn=%llu in authorized %s by the agent: %s", (unsigned long long)s->id,
+                      s->caller, r->reason);
+            start_connect_local(s);
+        }
+    }
+    authq_req_free(r);
+}
+
+/*
+ * AUTHORIZE: the peer's first URI SAN must be a service SPIFFE ID of our trust domain, and the
+ * host's current intention table (not the one this session started with) must allow it.
+ */
+static void authorize(struct session *s)
+{
+    struct spiffe_id id;
+    char why[600];
+    set_state(s, S_AUTHORIZE);
+    int n = tls_conn_peer_uri(s->end[0].tls, s->caller, sizeof(s->caller));
+    if (n < 0) {
+        s->caller[0] = '\0';
+        finish(s, "bad_identity", util_strerror(n));
+        return;
+    }
+    if (spiffe_parse(s->caller, (size_t)n, &id) != 0 || id.kind != SPIFFE_SERVICE) {
+        finish(s, "bad_identity", "peer URI is not a SPIFFE service identity");
+        return;
+    }
+    const struct snapshot *now = s->host->snap;
+    if (now->cfg.verify_trust_domain && strcasecmp(id.trust_domain, now->trust_domain) != 0) {
+        snprintf(why, sizeof(why), "trust domain %s is not %s", id.trust_domain, now->trust_domain);
+        finish(s, "bad_identity", why);
+        return;
+    }
+    snprintf(s->caller_partition, sizeof(s->caller_partition), "%s", id.partition);
+    snprintf(s->caller_ns, sizeof(s->caller_ns), "%s", id.ns);
+    snprintf(s->caller_service, sizeof(s->caller_service), "%s", id.service);
+    snprintf(s->caller_trust_domain, sizeof(s->caller_trust_domain), "%s", id.trust_domain);
+    if (now->cfg.authorize_with_agent) {
+        ask_agent(s);
+        return;
+    }
+    struct intent_decision d =
+        intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
+    count_decision(s->host, s->caller_service, d.allow);
+    if (!d.allow) {
+        finish(s, "denied", intent_describe(&d, why, sizeof(why)));
+        return;
+    }
+    LOG_DEBUG("conn=%llu in authorized %s: %s", (unsigned long long)s->id, s->caller,
+              intent_describe(&d, why, sizeof(why)));
+    start_connect_local(s);
+}
+
+/* ---- relay entry and the idle timer ---- */
+
+static uint32_t idle_timeout_ms(const struct session *s)
+{
+    return s->inbound ? s->snap->cfg.idle_timeout_ms : s->up->cfg->idle_timeout_ms;
+}
+
+/* Both legs are up: from here the state timer measures idleness (when configured). */
+static void enter_relay(struct session *s)
+{
+    set_state(s, S_RELAY);
+    s->last_io_ms = loop_now_ms(s->host->loop);
+    if (idle_timeout_ms(s) != 0)
+        loop_timer_start(s->host->loop, &s->timer, idle_timeout_ms(s));
+}
+
+/* ---- outbound ---- */
+
+/*
+ * The identity the server must present: the chain target's service, namespace, partition and
+ * datacenter; what a target leaves open (a prepared query names no service) comes from the
+ * endpoint's entry, then the upstream's settings, then defaults.
+ */
+static void expected_identity(const struct session *s, const struct snap_target *t,
+                              const struct dec_endpoint *ep, struct spiffe_id *id)
+{
+    const struct upstream_cfg *u = s->up->cfg;
+    memset(id, 0, sizeof(*id));
+    id->kind = SPIFFE_SERVICE;
+    snprintf(id->trust_domain, sizeof(id->trust_domain), "%s", s->snap->trust_domain);
+    snprintf(id->partition, sizeof(id->partition), "%s",
+             t->partition[0]    ? t->partition
+             : ep->partition[0] ? ep->partition
+             : u->partition[0]  ? u->partition
+                                : "default");
+    snprintf(id->ns, sizeof(id->ns), "%s",
+             t->ns[0]    ? t->ns
+             : ep->ns[0] ? ep->ns
+             : u->ns[0]  ? u->ns
+                         : "default");
+    snprintf(id->dc, sizeof(id->dc), "%s",
+             t->datacenter[0]         ? t->datacenter
+             : ep->node_datacenter[0] ? ep->node_datacenter
+             : u->datacenter[0]       ? u->datacenter
+                                      : s->snap->cfg.datacenter);
+    snprintf(id->service, sizeof(id->service), "%s",
+             t->service[0] ? t->service : ep->identity_service);
+}
+
+/*
+ * The SNI to send: the chain target's own; for a prepared query Envoy's QuerySNI
+ * "<query>.default.<dc>.query.<trust-domain>" with the endpoint's datacenter (consul-api.md
+ * 3.2; sidecars do not require SNI, mesh gateways route on it); else the service SNI.
+ */
+static void target_sni(const struct session *s, const struct spiffe_id *want_id, char *sni,
+                       size_t len)
+{
+    const struct upstream_cfg *u = s->up->cfg;
+    int n;
+    if (s->tgt->sni[0] != '\0')
+        n = snprintf(sni, len, "%s", s->tgt->sni);
+    else if (strcmp(u->destination_type, "prepared_query") == 0)
+        n = snprintf(sni, len, "%s.default.%s.query.%s", u->destination_name, want_id->dc,
+                     want_id->trust_domain);
+    else
+        n = spiffe_format_sni(sni, len, NULL, want_id->service, want_id->ns, want_id->partition,
+                              want_id->dc, want_id->trust_domain);
+    if (n < 0 || (size_t)n >= len)
+        sni[0] = '\0';
+}
+
+static void start_handshake_out(struct session *s)
+{
+    struct spiffe_id want_id;
+    char sni[1024];
+    expected_identity(s, s->tgt, s->ep, &want_id);
+    target_sni(s, &want_id, sni, sizeof(sni));
+    s->end[1].tls = tls_conn_new_client(s->snap->tls, s->end[1].fd, sni);
+    if (s->end[1].tls == NULL) {
+        finish(s, "error", "cannot allocate a TLS connection");
+        return;
+    }
+    set_state(s, S_TLS_HANDSHAKE);
+    loop_timer_start(s->host->loop, &s->timer, s->snap->cfg.handshake_timeout_ms);
+    advance(s);
+}
+
+/* VERIFY_PEER: the server's first URI SAN must name the service we meant to reach. */
+static void verify_peer(struct session *s)
+{
+    struct spiffe_id want_id, got;
+    char uri[SPIFFE_NAME_MAX * 2], why[SPIFFE_NAME_MAX * 4 + 64];
+    set_state(s, S_VERIFY_PEER);
+    expected_identity(s, s->tgt, s->ep, &want_id);
+    int n = tls_conn_peer_uri(s->end[1].tls, uri, sizeof(uri));
+    if (n < 0) {
+        try_next_endpoint(s, "server certificate has no URI SAN");
+        return;
+    }
+    if (spiffe_parse(uri, (size_t)n, &got) != 0 ||
+        !spiffe_same_service(&want_id, &got, s->snap->cfg.verify_trust_domain)) {
+        char expect[SPIFFE_NAME_MAX * 2];
+        spiffe_format(expect, sizeof(expect), &want_id);
+        snprintf(why, sizeof(why), "server identity %s is not %s", uri, expect);
+        try_next_endpoint(s, why);
+        return;
+    }
+    loop_timer_stop(s->host->loop, &s->timer);
+    enter_relay(s);
+    advance(s);
+}
+
+/*
+ * PICK_ENDPOINT: a random endpoint not tried yet by this session from the first target
+ * (primary, then failovers in order) that has one, at most MAX_ENDPOINT_TRIES in all. Targets
+ * hold only healthy endpoints, so the primary serves while it has any, and a failover takes
+ * over when it has none or every one of them failed for this session.
+ */
+static void pick_endpoint(struct session *s)
+{
+    set_state(s, S_PICK_ENDPOINT);
+    for (;;) {
+        const struct snap_target *t = NULL;
+        size_t base = 0, left = 0, total = 0;
+        for (size_t j = 0; j < s->up->n_targets; j++)
+            total += s->up->targets[j].endpoints->n;
+        for (size_t j = 0; j < s->up->n_targets && t == NULL; j++) {
+            const struct endpoint_set *eps = s->up->targets[j].endpoints;
+            left = 0;
+            for (size_t i = 0; i < eps->n; i++)
+                left += !s->tried[base + i];
+            if (left > 0)
+                t = &s->up->targets[j];
+            else
+                base += eps->n;
+        }
+        if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
+            finish(s, "no_endpoint",
+                   total == 0 ? "no healthy endpoint" : "every endpoint tried failed");
+            return;
+        }
+        size_t k = (size_t)(util_rand() % left), i = 0;
+        for (;; i++)
+            if (!s->tried[base + i] && k-- == 0)
+                break;
+        s->tried[base + i] = 1;
+        s->tries++;
+        s->tgt = t;
+        s->ep = &t->endpoints->v[i];
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", s->ep->address, s->ep->port);
+        int fd = sock_connect(s->ep->address, s->ep->port);
+        if (fd < 0) {
+            LOG_WARN("conn=%llu out endpoint %s: connect: %s", (unsigned long long)s->id,
+                     s->ep_name, util_strerror(fd));
+            continue;
+        }
+        LOG_DEBUG("conn=%llu out target %s endpoint %s", (unsigned long long)s->id, t->id,
+                  s->ep_name);
+        s->end[1].fd = fd;
+        loop_io_init(&s->end[1].io, fd, on_io, s);
+        set_state(s, S_CONNECT);
+        loop_timer_start(s->host->loop, &s->timer,
+                         t->connect_timeout_ms ? t->connect_timeout_ms
+                                               : s->up->cfg->connect_timeout_ms);
+        want(s, 1, LOOP_WRITE);
+        return;
+    }
+}
+
+static void try_next_endpoint(struct session *s, const char *why)
+{
+    LOG_WARN("conn=%llu out endpoint %s failed: %s", (unsigned long long)s->id, s->ep_name, why);
+    STAT_ADD(s->lstat->connect_errors, 1);
+    if (s->state == S_VERIFY_PEER)
+        STAT_ADD(s->host->stats->handshake_failures[SESSION_HS_WRONG_PEER], 1);
+    loop_timer_stop(s->host->loop, &s->timer);
+    end_close(s, &s->end[1]);
+    pick_endpoint(s);
+}
+
+/* ---- relay ---- */
+
+static ssize_t end_read(struct end *e, void *buf, size_t len)
+{
+    if (e->tls != NULL)
+        return tls_read(e->tls, buf, len);
+    for (;;) {
+        ssize_t n = recv(e->fd, buf, len, 0);
+        if (n >= 0)
+            return n;
+        if (errno == EINTR)
+            continue;
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    }
+}
+
+static ssize_t end_write(struct end *e, const void *buf, size_t len)
+{
+    if (e->tls != NULL)
+        return tls_write(e->tls, buf, len);
+    for (;;) {
+        ssize_t n = send(e->fd, buf, len, MSG_NOSIGNAL);
+        if (n >= 0)
+            return n;
+        if (errno == EINTR)
+            continue;
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    }
+}
+
+static int end_shutdown(struct end *e)
+{
+    if (e->tls != NULL)
+        return tls_shutdown(e->tls);
+    return shutdown(e->fd, SHUT_WR) == -1 ? -errno : 0;
+}
+
+/* The events end <e> waits for after -EAGAIN from an operation that, on plain TCP, needs
+ * <plain>. */
+static unsigned end_wants(const struct end *e, unsigned plain)
+{
+    return e->tls != NULL ? tls_conn_wants(e->tls) : plain;
+}
+
+static const char *end_error(const struct end *e, int rc)
+{
+    if (e->tls != NULL && tls_conn_error(e->tls)[0] != '\0')
+        return tls_conn_error(e->tls);
+    return util_strerror(rc);
+}
+
+static void relay(struct session *s)
+{
+    unsigned wants[2];
+    for (;;) {
+        int progress = 0;
+        wants[0] = wants[1] = 0;
+        for (int d = 0; d < 2; d++) {
+            struct end *src = &s->end[d], *dst = &s->end[1 - d];
+            struct relay_buf *b = &s->buf[d];
+            ssize_t n;
+            if (b->len == 0 && !src->rd_eof) {
+                if (b->data == NULL)
+                    b->data = xmalloc(RELAY_BUF_BYTES);
+                n = end_read(src, b->data, RELAY_BUF_BYTES);
+                if (n > 0) {
+                    b->off = 0;
+                    b->len = (size_t)n;
+                    s->bytes[d] += (uint64_t)n;
+                    if (d == 0)
+                        STAT_ADD(s->lstat->bytes_in, (uint64_t)n);
+                    else
+                        STAT_ADD(s->lstat->bytes_out, (uint64_t)n);
+                    progress = 1;
+                } else if (n == 0) {
+                    src->rd_eof = 1;
+                    progress = 1;
+                } else if (n == -EAGAIN) {
+                    wants[d] |= end_wants(src, LOOP_READ);
+                } else {
+                    finish(s, "error", end_error(src, (int)n));
+                    return;
+                }
+            }
+            if (b->len > 0) {
+                n = end_write(dst, b->data + b->off, b->len);
+                if (n > 0) {
+                    b->off += (size_t)n;
+                    b->len -= (size_t)n;
+                    progress = 1;
+                } else if (n == -EAGAIN) {
+                    wants[1 - d] |= end_wants(dst, LOOP_WRITE);
+                } else {
+                    finish(s, "error", end_error(dst, (int)n));
+                    return;
+                }
+            }
+            if (b->len == 0 && src->rd_eof && !dst->wr_shut) {
+                int rc = end_shutdown(dst);
+                if (rc == 0) {
+                    dst->wr_shut = 1;
+                    progress = 1;
+                } else if (rc == -EAGAIN) {
+                    wants[1 - d] |= end_wants(dst, LOOP_WRITE);
+                } else {
+                    finish(s, "error", end_error(dst, rc));
+                    return;
+                }
+            }
+        }
+        if (s->end[0].wr_shut && s->end[1].wr_shut) {
+            finish(s, "ok", "closed");
+            return;
+        }
+        if (!progress)
+            break;
+        s->last_io_ms = loop_now_ms(s->host->loop);
+    }
+    if (want(s, 0, wants[0]) == 0)
+        want(s, 1, wants[1]);
+}
+
+/* ---- dispatch ---- */
+
+/* Moves the session forward as far as it can go without waiting. */
+static void advance(struct session *s)
+{
+    int rc;
+    switch (s->state) {
+    case S_TLS_HANDSHAKE:
+        rc = step_handshake(s);
+        if (rc == -EAGAIN || rc == ERR_SHUTDOWN)
+            return;
+        if (s->inbound) {
+            if (rc != 0 && tls_conn_bytes_received(s->end[0].tls) == 0) {
+                /* Connect and close without a byte: a TCP health check, not an attack. */
+                finish(s, "probe", "closed before the TLS handshake began");
+                return;
+            }
+            if (rc != 0) {
+                finish(s, "tls_error", tls_conn_error(s->end[0].tls));
+                return;
+            }
+            loop_timer_stop(s->host->loop, &s->timer);
+            authorize(s);
+        } else if (rc != 0) {
+            char why[600];
+            snprintf(why, sizeof(why), "TLS handshake: %s", tls_conn_error(s->end[1].tls));
+            try_next_endpoint(s, why);
+        } else {
+            verify_peer(s);
+        }
+        return;
+    case S_CONNECT_LOCAL:
+    case S_CONNECT:
+        rc = sock_connect_result(s->end[1].fd);
+        if (rc != 0) {
+            char why[300];
+            if (s->state == S_CONNECT) {
+                snprintf(why, sizeof(why), "connect: %s", util_strerror(rc));
+                try_next_endpoint(s, why);
+            } else {
+                if (s->snap->cfg.local_socket_path[0] != '\0')
+                    snprintf(why, sizeof(why), "connect unix %s: %s",
+                             s->snap->cfg.local_socket_path, util_strerror(rc));
+                else
+                    snprintf(why, sizeof(why), "connect %s:%d: %s", s->snap->cfg.local_address,
+                             s->snap->cfg.local_port, util_strerror(rc));
+                finish(s, "local_connect_error", why);
+            }
+            return;
+        }
+        loop_timer_stop(s->host->loop, &s->timer);
+        if (s->state == S_CONNECT) {
+            start_handshake_out(s);
+            return;
+        }
+        enter_relay(s);
+        relay(s);
+        return;
+    case S_RELAY:
+        relay(s);
+        return;
+    default:
+        return;
+    }
+}
+
+static void on_io(struct loop_io *io, unsigned events)
+{
+    struct session *s = io->data;
+    (void)events;
+    advance(s);
+}
+
+static void on_timer(struct loop_timer *t)
+{
+    struct session *s = t->data;
+    switch (s->state) {
+    case S_TLS_HANDSHAKE:
+        if (s->inbound)
+            finish(s, "timeout", "TLS handshake timed out");
+        else
+            try_next_endpoint(s, "TLS handshake timed out");
+        return;
+    case S_CONNECT:
+        try_next_endpoint(s, "connect timed out");
+        return;
+    case S_CONNECT_LOCAL:
+        finish(s, "timeout", "connect to the local application timed out");
+        return;
+    case S_AUTHORIZE:
+        finish(s, "timeout", "no answer from the agent's authorize endpoint in time");
+        return;
+    case S_RELAY: {
+        uint64_t idle = loop_now_ms(s->host->loop) - s->last_io_ms, limit = idle_timeout_ms(s);
+        if (idle < limit) {
+            loop_timer_start(s->host->loop, &s->timer, limit - idle);
+            return;
+        }
+        char why[100];
+        snprintf(why, sizeof(why), "idle for %llu ms (%s %llu)", (unsigned long long)idle,
+                 s->inbound ? "local_idle_timeout_ms" : "idle_timeout_ms",
+                 (unsigned long long)limit);
+        STAT_ADD(s->host->stats->counters.closed_idle, 1);
+        finish(s, "idle_timeout", why);
+        return;
+    }
+    default:
+        return;
+    }
+}
+
+static void on_lifetime(struct loop_timer *t)
+{
+    struct session *s = t->data;
+    char why[100];
+    snprintf(why, sizeof(why), "max_connection_lifetime_ms %lu reached",
+             (unsigned long)s->snap->cfg.max_lifetime_ms);
+    STAT_ADD(s->host->stats->counters.closed_lifetime, 1);
+    finish(s, "lifetime", why);
+}
+
+/* ---- admission ---- */
+
+static void on_refusal_summary(struct loop_timer *t)
+{
+    struct session_host *h = t->data;
+    if (h->refused_since_summary == 0)
+        return; /* a quiet second: the next refusal logs at once again */
+    LOG_WARN("worker %u: refused %llu more connection(s) over limits in the last %d ms "
+             "(totals: %llu over a connection limit, %llu over a rate limit)",
+             h->index, (unsigned long long)h->refused_since_summary, REFUSAL_SUMMARY_MS,
+             (unsigned long long)h->stats->counters.refused_max_connections,
+             (unsigned long long)h->stats->counters.refused_rate);
+    h->refused_since_summary = 0;
+    loop_timer_start(h->loop, t, REFUSAL_SUMMARY_MS);
+}
+
+/*
+ * Checks the listener's limits for a new connection. Returns 0 when admitted (the caller's
+ * session then owns one unit of <l>), or -1 after closing <fd>, counting and logging.
+ */
+static int admit(struct session_host *h, int fd, const char *peer, const char *listener,
+                 struct limit_state *l, const struct limit_cfg *cfg, const char *max_key)
+{
+    enum limit_verdict v = limit_admit(l, cfg, limit_now_us());
+    if (v == LIMIT_OK)
+        return 0;
+    close(fd);
+    char why[200];
+    if (v == LIMIT_MAX_CONNECTIONS) {
+        STAT_ADD(h->stats->counters.refused_max_connections, 1);
+        snprintf(why, sizeof(why), "%s %lu reached", max_key, (unsigned long)cfg->max_connections);
+    } else {
+        STAT_ADD(h->stats->counters.refused_rate, 1);
+        snprintf(why, sizeof(why), "over max_new_connections_per_second %lu (burst %lu)",
+                 (unsigned long)cfg->new_per_second,
+                 (unsigned long)(cfg->new_burst != 0 ? cfg->new_burst : cfg->new_per_second));
+    }
+    LOG_DEBUG("worker %u: refused connection from %s on %s: %s", h->index, peer, listener, why);
+    if (!loop_timer_armed(&h->refusal_summary)) {
+        /* The first refusal after a quiet second is logged at once; the rest are summed. */
+        LOG_WARN("worker %u: refusing connections on %s: %s (further refusals summarized every "
+                 "%d ms)",
+                 h->index, listener, why, REFUSAL_SUMMARY_MS);
+        loop_timer_start(h->loop, &h->refusal_summary, REFUSAL_SUMMARY_MS);
+    } else {
+        h->refused_since_summary++;
+    }
+    return -1;
+}
+
+void session_host_init(struct session_host *h, struct loop *loop, unsigned index)
+{
+    memset(h, 0, sizeof(*h));
+    h->loop = loop;
+    h->index = index;
+    loop_timer_init(&h->refusal_summary, on_refusal_summary, h);
+    h->stats = xcalloc(1, sizeof(*h->stats));
+    snprintf(h->stats->other_listener.name, sizeof(h->stats->other_listener.name), "other");
+    snprintf(h->stats->other_source.name, sizeof(h->stats->other_source.name), "other");
+}
+
+void session_host_dispose(struct session_host *h)
+{
+    loop_timer_stop(h->loop, &h->refusal_summary);
+    free(h->stats);
+    h->stats = NULL;
+}
+
+/* ---- entry points ---- */
+
+void session_start_inbound(struct session_host *h, int fd, const char *peer)
+{
+    struct limit_state *l = h->snap->inbound_limit;
+    if (admit(h, fd, peer, "the public listener", l, &h->snap->cfg.limits,
+              "max_inbound_connections") != 0)
+        return;
+    struct session *s = session_new(h, fd, peer, 1, l, "public");
+    s->end[0].tls = tls_conn_new_server(s->snap->tls, fd);
+    if (s->end[0].tls == NULL) {
+        finish(s, "error", "cannot allocate a TLS connection");
+        return;
+    }
+    set_state(s, S_TLS_HANDSHAKE);
+    loop_timer_start(h->loop, &s->timer, s->snap->cfg.handshake_timeout_ms);
+    advance(s);
+}
+
+void session_start_outbound(struct session_host *h, int fd, const char *peer,
+                            const char *upstream_key)
+{
+    const struct snap_upstream *up = snapshot_upstream(h->snap, upstream_key);
+    char listener[400];
+    if (up != NULL) {
+        snprintf(listener, sizeof(listener), "upstream %s", up->cfg->destination_name);
+        if (admit(h, fd, peer, listener, up->limit, &up->cfg->limits, "limits.max_connections") !=
+            0)
+            return;
+    }
+    struct session *s = session_new(h, fd, peer, 0, up != NULL ? up->limit : NULL,
+                                    up != NULL ? up->cfg->destination_name : upstream_key);
+    s->upstream_key = xstrdup(upstream_key);
+    s->up = up;
+    if (s->up == NULL) {
+        finish(s, "no_endpoint", "upstream no longer configured");
+        return;
+    }
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    s->tried = xcalloc(total ? total : 1, 1);
+    pick_endpoint(s);
+}
+
+size_t session_reauthorize_all(struct session_host *h)
+{
+    size_t closed = 0;
+    char why[600], desc[500];
+    struct session *s = h->sessions, *next;
+    for (; s != NULL; s = next) {
+        next = s->next;
+        if (!s->inbound || (s->state != S_CONNECT_LOCAL && s->state != S_RELAY))
+            continue;
+        if (h->snap->cfg.authorize_with_agent)
+            continue; /* the agent decided when it connected, as for the built-in proxy */
+        STAT_ADD(h->stats->counters.reauthorized, 1);
+        if (h->snap->cfg.verify_trust_domain &&
+            strcasecmp(s->caller_trust_domain, h->snap->trust_domain) != 0) {
+            snprintf(why, sizeof(why), "re-authorization: trust domain is now %s",
+                     h->snap->trust_domain);
+            finish(s, "bad_identity", why);
+            closed++;
+            continue;
+        }
+        struct intent_decision d =
+            intent_eval(h->snap->intents, s->caller_partition, s->caller_ns, s->caller_service);
+        if (d.allow)
+            continue;
+        snprintf(why, sizeof(why), "re-authorization: %s", intent_describe(&d, desc, sizeof(desc)));
+        finish(s, "denied", why);
+        closed++;
+    }
+    STAT_ADD(h->stats->counters.reauthorize_closed, closed);
+    return closed;
+}
+
+void session_close_all(struct session_host *h)
+{
+    while (h->sessions != NULL)
+        finish(h->sessions, "shutdown", "connectd is stopping");
+}
+
+size_t session_host_list(const struct session_host *h, struct session_info *out, size_t max)
+{
+    size_t n = 0;
+    uint64_t now = loop_now_ms(h->loop);
+    for (const struct session *s = h->sessions; s != NULL; s = s->next, n++) {
+        if (n >= max)
+            continue;
+        struct session_info *i = &out[n];
+        memset(i, 0, sizeof(*i));
+        i->id = s->id;
+        i->inbound = s->inbound;
+        snprintf(i->peer_addr, sizeof(i->peer_addr), "%s", s->peer);
+        if (s->inbound)
+            snprintf(i->identity, sizeof(i->identity), "%s", s->caller);
+        else if (s->up != NULL)
+            snprintf(i->upstream, sizeof(i->upstream), "%s", s->up->cfg->destination_name);
+        snprintf(i->endpoint, sizeof(i->endpoint), "%s", s->ep_name);
+        snprintf(i->state, sizeof(i->state), "%s", state_names[s->state]);
+        i->age_ms = now - s->start_ms;
+        i->bytes_in = s->bytes[0];
+        i->bytes_out = s->bytes[1];
+    }
+    return n;
+}

@@ -1,0 +1,162 @@
+/*
+ * session: one proxied connection, inbound (mTLS from the mesh -> local application) or
+ * outbound (local client -> mTLS to an upstream endpoint), from accept to its one finish.
+ *
+ * Sessions live on one worker's loop and are touched only by that worker's thread.
+ */
+#ifndef CONNECTD_SESSION_H
+#define CONNECTD_SESSION_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <stdatomic.h>
+
+#include "loop.h"
+#include "spiffe.h"
+#include "authq.h"
+#include "snapshot.h"
+
+struct session;
+
+/*
+ * What happened to connections on one worker, for the admin endpoint's /metrics. Written only
+ * by the worker's thread with relaxed atomic adds (no lock, no allocation on the relay path);
+ * the control thread reads them racily but atomically and sums the workers.
+ */
+struct session_counters {
+    atomic_uint_fast64_t refused_max_connections; /* over a listener's max connections */
+    atomic_uint_fast64_t refused_rate;            /* over max_new_connections_per_second */
+    atomic_uint_fast64_t closed_idle;             /* idle timeout */
+    atomic_uint_fast64_t closed_lifetime;         /* max_connection_lifetime_ms */
+    atomic_uint_fast64_t reauthorized;            /* sessions re-evaluated (periodic or change) */
+    atomic_uint_fast64_t reauthorize_closed;      /* sessions a re-evaluation ended */
+};
+
+/* Why an inbound TLS handshake (or an outbound peer check) failed. */
+#define SESSION_HANDSHAKE_REASONS(X)                                                               \
+    X(TLS_ERROR, "tls_error")                                                                      \
+    X(TIMEOUT, "timeout")                                                                          \
+    X(BAD_IDENTITY, "bad_identity")                                                                \
+    X(WRONG_PEER, "wrong_peer")                                                                    \
+    X(OTHER, "other")
+
+enum session_handshake_reason {
+#define X(name, label) SESSION_HS_##name,
+    SESSION_HANDSHAKE_REASONS(X)
+#undef X
+        SESSION_HS_COUNT
+};
+
+/* Label of a handshake failure reason. */
+const char *session_handshake_reason_name(enum session_handshake_reason r);
+
+/*
+ * Per listener ("public" or an upstream's destination name). Slots are claimed by the worker
+ * only: it writes <name> first and then publishes the slot by a release store of n_listeners,
+ * so a reader that loads n_listeners with acquire sees complete names.
+ */
+#define SESSION_STATS_MAX_LISTENERS 64
+#define SESSION_STATS_NAME_MAX      256
+struct session_listener_stats {
+    char name[SESSION_STATS_NAME_MAX];
+    int inbound;
+    atomic_uint_fast64_t active, total;
+    atomic_uint_fast64_t bytes_in;       /* read from the connecting client */
+    atomic_uint_fast64_t bytes_out;      /* written back to the connecting client */
+    atomic_uint_fast64_t connect_errors; /* upstreams: endpoints that failed to connect/verify */
+};
+
+/* Authorization decisions per source service; past the cap they go to <other_source>. */
+#define SESSION_STATS_MAX_SOURCES 256
+struct session_source_stats {
+    char name[SESSION_STATS_NAME_MAX];
+    atomic_uint_fast64_t allow, deny;
+};
+
+struct session_stats {
+    struct session_counters counters;
+    atomic_uint_fast64_t handshake_failures[SESSION_HS_COUNT];
+    atomic_size_t n_listeners;
+    struct session_listener_stats listeners[SESSION_STATS_MAX_LISTENERS];
+    struct session_listener_stats other_listener; /* when the table is full */
+    atomic_size_t n_sources;
+    struct session_source_stats sources[SESSION_STATS_MAX_SOURCES];
+    struct session_source_stats other_source;
+};
+
+/*
+ * One open session as the admin endpoint's /connections shows it: written on the worker's
+ * thread into a caller-owned array by session_host_list().
+ */
+struct session_info {
+    uint64_t id;
+    int inbound;
+    char peer_addr[64];                    /* the connecting client's address */
+    char identity[SPIFFE_NAME_MAX * 2];    /* inbound: caller's SPIFFE ID; outbound: "" */
+    char upstream[SESSION_STATS_NAME_MAX]; /* outbound: the upstream's destination name */
+    char endpoint[300];                    /* outbound: the endpoint dialled */
+    char state[16];
+    uint64_t age_ms;
+    uint64_t bytes_in, bytes_out;
+};
+
+/* What a worker lends its sessions. */
+struct session_host {
+    struct loop *loop;
+    struct snapshot *snap;    /* the worker's current snapshot (its own reference) */
+    struct session *sessions; /* every live session (list head) */
+    size_t n_sessions;
+    unsigned index; /* worker number, for logs */
+    /* authorize mode: questions go to the control thread's box <ask> (NULL: no one to ask,
+     * such connections are refused); answers come back to this worker's <answers>. */
+    struct authq_box *ask;
+    struct authq_box *answers;
+    struct session_stats *stats; /* owned; see session_host_init */
+    /* Refusals are logged one per line at DEBUG and summarized at WARN at most once a second. */
+    struct loop_timer refusal_summary;
+    uint64_t refused_since_summary;
+};
+
+/* Initialises <h> for worker <index> on <loop> (no sessions, no snapshot, zeroed stats). */
+void session_host_init(struct session_host *h, struct loop *loop, unsigned index);
+/* Stops the host's timers and frees its stats; every session must have ended. */
+void session_host_dispose(struct session_host *h);
+
+/*
+ * Starts an inbound session on the accepted socket <fd> (ownership moves to the session),
+ * with the host's current snapshot. The public listener's limits are checked first: a
+ * connection over max_inbound_connections or the new-connection rate is closed at once,
+ * counted and logged, and no session is created. Never fails: problems end the session
+ * through its finish.
+ */
+void session_start_inbound(struct session_host *h, int fd, const char *peer);
+
+/* Starts an outbound session for the upstream with key <upstream_key>. Same ownership and
+ * the same admission check against that upstream's limits. */
+void session_start_outbound(struct session_host *h, int fd, const char *peer,
+                            const char *upstream_key);
+
+/*
+ * Re-evaluates every authorized inbound session against the host's current intention table
+ * and trust domain, and ends the ones now denied. Returns how many were closed.
+ */
+size_t session_reauthorize_all(struct session_host *h);
+
+/*
+ * Delivers the control thread's answer <r> (taken) to the session that asked, which goes on
+ * to CONNECT_LOCAL or ends as denied; when that session is already gone it is just freed.
+ * On the worker's thread, from its wake-up.
+ */
+void session_authorize_answer(struct authq_req *r);
+
+/*
+ * Copies up to <max> open sessions into <out>; returns how many there are in all (which may
+ * exceed <max>). Worker thread only.
+ */
+size_t session_host_list(const struct session_host *h, struct session_info *out, size_t max);
+
+/* Ends every session at once with result "shutdown". */
+void session_close_all(struct session_host *h);
+
+#endif

@@ -1,0 +1,112 @@
+/*
+ * snapshot: construction and reference counting. The counts are atomics because the last
+ * reference to a snapshot may be dropped by any worker.
+ */
+#include "snapshot.h"
+#include "util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct endpoint_set *endpoint_set_new(struct dec_endpoint *v, size_t n)
+{
+    struct endpoint_set *s = xcalloc(1, sizeof(*s));
+    atomic_init(&s->refs, 1);
+    s->v = v;
+    s->n = n;
+    return s;
+}
+
+struct endpoint_set *endpoint_set_ref(struct endpoint_set *s)
+{
+    atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+    return s;
+}
+
+void endpoint_set_unref(struct endpoint_set *s)
+{
+    if (s == NULL || atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    dec_endpoints_free(s->v, s->n);
+    free(s);
+}
+
+struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
+                              const char *trust_domain, struct tls_ctx *tls,
+                              struct intent_table *intents,
+                              const struct snap_target *const *targets, const size_t *n_targets,
+                              struct limit_state *inbound_limit, struct limit_state *const *limits)
+{
+    struct snapshot *s = xcalloc(1, sizeof(*s));
+    atomic_init(&s->refs, 1);
+    s->generation = generation;
+    proxycfg_copy(&s->cfg, cfg);
+    s->trust_domain = xstrdup(trust_domain);
+    s->tls = tls_ctx_ref(tls);
+    s->intents = intent_table_ref(intents);
+    s->upstreams = xcalloc(cfg->n_upstreams, sizeof(*s->upstreams));
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        struct snap_upstream *u = &s->upstreams[i];
+        u->cfg = &s->cfg.upstreams[i];
+        u->n_targets = n_targets[i];
+        u->targets = xcalloc(u->n_targets, sizeof(*u->targets));
+        for (size_t j = 0; j < u->n_targets; j++) {
+            const struct snap_target *src = &targets[i][j];
+            struct snap_target *t = &u->targets[j];
+            *t = *src;
+            t->id = xstrdup(src->id);
+            t->service = xstrdup(src->service);
+            t->ns = xstrdup(src->ns);
+            t->partition = xstrdup(src->partition);
+            t->datacenter = xstrdup(src->datacenter);
+            t->sni = xstrdup(src->sni);
+            t->endpoints = src->endpoints != NULL ? endpoint_set_ref(src->endpoints)
+                                                  : endpoint_set_new(NULL, 0);
+        }
+        u->limit = limits[i] != NULL ? limit_state_ref(limits[i]) : limit_state_new();
+    }
+    s->inbound_limit = inbound_limit != NULL ? limit_state_ref(inbound_limit) : limit_state_new();
+    return s;
+}
+
+struct snapshot *snapshot_ref(struct snapshot *s)
+{
+    atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+    return s;
+}
+
+void snapshot_unref(struct snapshot *s)
+{
+    if (s == NULL || atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    for (size_t i = 0; i < s->cfg.n_upstreams; i++) {
+        struct snap_upstream *u = &s->upstreams[i];
+        for (size_t j = 0; j < u->n_targets; j++) {
+            struct snap_target *t = &u->targets[j];
+            free(t->id);
+            free(t->service);
+            free(t->ns);
+            free(t->partition);
+            free(t->datacenter);
+            free(t->sni);
+            endpoint_set_unref(t->endpoints);
+        }
+        free(u->targets);
+        limit_state_unref(u->limit);
+    }
+    limit_state_unref(s->inbound_limit);
+    free(s->upstreams);
+    intent_table_unref(s->intents);
+    tls_ctx_unref(s->tls);
+    free(s->trust_domain);
+    proxycfg_dispose(&s->cfg);
+    free(s);
+}
+
+const struct snap_upstream *snapshot_upstream(const struct snapshot *s, const char *key)
+{
+    for (size_t i = 0; i < s->cfg.n_upstreams; i++)
+        if (strcmp(s->cfg.upstreams[i].key, key) == 0)
+            return &s->upstreams[i];
+    return NULL;
+}

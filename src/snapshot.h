@@ -1,0 +1,88 @@
+/*
+ * snapshot: everything a worker needs, immutable and reference-counted.
+ *
+ * The control thread builds a new snapshot whenever an input changes and hands one reference
+ * to each worker; a worker's session holds a reference for its whole life, so the TLS context,
+ * endpoints and settings it started with stay valid while newer snapshots come and go. The
+ * pieces that change independently (TLS context, intention table, endpoint sets) carry their
+ * own reference counts and are shared between consecutive snapshots.
+ */
+#ifndef CONNECTD_SNAPSHOT_H
+#define CONNECTD_SNAPSHOT_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "decode.h"
+#include "intent.h"
+#include "limit.h"
+#include "proxycfg.h"
+#include "tls.h"
+
+/* The healthy endpoints of one upstream; immutable, shared by reference. */
+struct endpoint_set {
+    atomic_uint refs;
+    struct dec_endpoint *v;
+    size_t n;
+};
+
+/* Takes ownership of <v> (from decode_health_connect). */
+struct endpoint_set *endpoint_set_new(struct dec_endpoint *v, size_t n);
+struct endpoint_set *endpoint_set_ref(struct endpoint_set *s);
+void endpoint_set_unref(struct endpoint_set *s);
+
+/*
+ * One target of an upstream: where its endpoints came from and what a server there must
+ * prove. For a service upstream it is a discovery-chain target; a prepared query has one.
+ */
+struct snap_target {
+    char *id;                       /* chain target ID, or the query name; for logs */
+    char *service;                  /* expected identity; "" = each endpoint's identity_service */
+    char *ns;                       /* "" = the endpoint's, else default */
+    char *partition;                /* "" = the endpoint's, else default */
+    char *datacenter;               /* "" = the endpoint's Node.Datacenter, else the proxy's */
+    char *sni;                      /* "" = derived (prepared query SNI, or the service SNI) */
+    uint32_t connect_timeout_ms;    /* 0 = the upstream's connect_timeout_ms */
+    struct endpoint_set *endpoints; /* the healthy endpoints; never NULL in a snapshot */
+};
+
+struct snap_upstream {
+    const struct upstream_cfg *cfg; /* points into snapshot->cfg */
+    struct snap_target *targets;    /* primary first, then failovers in order */
+    size_t n_targets;
+    struct limit_state *limit; /* one reference; shared with later snapshots */
+};
+
+struct snapshot {
+    atomic_uint refs;
+    uint64_t generation;
+    struct proxy_cfg cfg;              /* owned deep copy */
+    char *trust_domain;                /* from the roots */
+    struct tls_ctx *tls;               /* one reference */
+    struct intent_table *intents;      /* one reference */
+    struct snap_upstream *upstreams;   /* cfg.n_upstreams entries, same order */
+    struct limit_state *inbound_limit; /* the public listener's; one reference */
+};
+
+/*
+ * Builds a snapshot with copies of <cfg> and <trust_domain> and new references to <tls> and
+ * <intents>. <targets[i]> (<n_targets[i]> entries, possibly none) belong to cfg->upstreams[i];
+ * their strings are copied and their endpoint sets referenced (NULL: an empty set is used).
+ * <inbound_limit> and <limits[i]> are the admission states of the public and upstream
+ * listeners; the snapshot takes new references (a NULL one gets a fresh state of its own).
+ * Never fails.
+ */
+struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
+                              const char *trust_domain, struct tls_ctx *tls,
+                              struct intent_table *intents,
+                              const struct snap_target *const *targets, const size_t *n_targets,
+                              struct limit_state *inbound_limit, struct limit_state *const *limits);
+struct snapshot *snapshot_ref(struct snapshot *s);
+/* Safe from any thread; the last reference frees everything. */
+void snapshot_unref(struct snapshot *s);
+
+/* The upstream whose key is <key>, or NULL. */
+const struct snap_upstream *snapshot_upstream(const struct snapshot *s, const char *key);
+
+#endif
