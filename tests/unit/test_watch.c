@@ -1,0 +1,919 @@
+/*
+ * Tests for agent (libcurl on our loop) and watch (blocking queries) against a tiny scripted
+ * HTTP/1.1 server that runs in a thread on 127.0.0.1 (ephemeral port) or on a unix socket.
+ *
+ * The server answers the requests it receives, in order, with the test's script; a request
+ * past the end of the script is held open without an answer, like a blocking query with
+ * nothing new. Most tests run the loop until the server has seen a given number of requests:
+ * the last one is the held query, so by then the watch has handled every scripted answer.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "agent.h"
+#include "loop.h"
+#include "util.h"
+#include "watch.h"
+
+/* ---- the fake agent ---- */
+
+struct fake_resp {
+    int status;
+    const char *headers; /* extra header lines, each ending in "\r\n" */
+    const char *body;
+    int chunked; /* send the body with Transfer-Encoding: chunked */
+};
+
+#define FAKE_MAX_REQS  32
+#define FAKE_MAX_CONNS 16
+
+struct fake_conn {
+    int fd;
+    int held; /* answered nothing to its last request; ignore it from now on */
+    char buf[65536];
+    size_t len;
+};
+
+struct fake {
+    int lfd;
+    int port;
+    char dir[64];
+    char sock_path[108];
+    int stop_pipe[2];
+    pthread_t thread;
+    const struct fake_resp *script;
+    size_t script_len;
+
+    pthread_mutex_t mu; /* guards what follows */
+    size_t nreq;
+    char *reqs[FAKE_MAX_REQS]; /* request head and body as received */
+    uint64_t req_ms[FAKE_MAX_REQS];
+    unsigned accepts;
+    char first_bytes[2048]; /* the first bytes of the first connection (a TLS hello, say) */
+    size_t first_len;
+};
+
+static void send_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0)
+            return; /* the client gave up (body cap tests): fine */
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static void send_resp(int fd, const struct fake_resp *r)
+{
+    const char *body = r->body != NULL ? r->body : "";
+    size_t blen = strlen(body);
+    char *head = xasprintf("HTTP/1.1 %d X\r\n%sContent-Type: application/json\r\n", r->status,
+                           r->headers != NULL ? r->headers : "");
+    if (!r->chunked) {
+        char *h2 = xasprintf("%sContent-Length: %zu\r\n\r\n", head, blen);
+        send_all(fd, h2, strlen(h2));
+        send_all(fd, body, blen);
+        free(h2);
+    } else {
+        char *h2 = xasprintf("%sTransfer-Encoding: chunked\r\n\r\n", head);
+        send_all(fd, h2, strlen(h2));
+        free(h2);
+        for (size_t off = 0; off < blen; off += 1000) {
+            size_t n = MIN(blen - off, (size_t)1000);
+            char sz[32];
+            int k = snprintf(sz, sizeof(sz), "%zx\r\n", n);
+            send_all(fd, sz, (size_t)k);
+            send_all(fd, body + off, n);
+            send_all(fd, "\r\n", 2);
+        }
+        send_all(fd, "0\r\n\r\n", 5);
+    }
+    free(head);
+}
+
+/* Handles every complete request in <c>'s buffer. */
+static void serve(struct fake *f, struct fake_conn *c)
+{
+    while (!c->held) {
+        c->buf[c->len] = '\0';
+        char *end = strstr(c->buf, "\r\n\r\n");
+        if (end == NULL)
+            return;
+        size_t head_len = (size_t)(end - c->buf) + 4;
+        size_t body_len = 0;
+        char *cl = strcasestr(c->buf, "\r\nContent-Length:");
+        if (cl != NULL && cl < end)
+            body_len = strtoul(cl + 17, NULL, 10);
+        if (c->len < head_len + body_len)
+            return;
+        size_t total = head_len + body_len;
+
+        pthread_mutex_lock(&f->mu);
+        size_t i = f->nreq;
+        if (i < FAKE_MAX_REQS) {
+            f->reqs[i] = xstrndup(c->buf, total);
+            f->req_ms[i] = util_now_ms();
+            f->nreq++;
+        }
+        pthread_mutex_unlock(&f->mu);
+
+        if (i < f->script_len)
+            send_resp(c->fd, &f->script[i]);
+        else
+            c->held = 1;
+        memmove(c->buf, c->buf + total, c->len - total);
+        c->len -= total;
+    }
+}
+
+static void *fake_main(void *arg)
+{
+    struct fake *f = arg;
+    struct fake_conn *conns[FAKE_MAX_CONNS] = {0};
+    for (;;) {
+        struct pollfd pfd[FAKE_MAX_CONNS + 2];
+        struct fake_conn *who[FAKE_MAX_CONNS + 2];
+        nfds_t n = 0;
+        pfd[n++] = (struct pollfd){.fd = f->stop_pipe[0], .events = POLLIN};
+        pfd[n++] = (struct pollfd){.fd = f->lfd, .events = POLLIN};
+        for (int i = 0; i < FAKE_MAX_CONNS; i++) {
+            if (conns[i] != NULL) {
+                who[n] = conns[i];
+                pfd[n++] = (struct pollfd){.fd = conns[i]->fd, .events = POLLIN};
+            }
+        }
+        if (poll(pfd, n, -1) < 0)
+            continue;
+        if (pfd[0].revents)
+            break;
+        if (pfd[1].revents & POLLIN) {
+            int fd = accept(f->lfd, NULL, NULL);
+            int slot = -1;
+            for (int i = 0; i < FAKE_MAX_CONNS && fd >= 0; i++) {
+                if (conns[i] == NULL) {
+                    slot = i;
+                    break;
+                }
+            }
+            if (slot < 0) {
+                if (fd >= 0)
+                    close(fd);
+            } else {
+                conns[slot] = xcalloc(1, sizeof(struct fake_conn));
+                conns[slot]->fd = fd;
+                pthread_mutex_lock(&f->mu);
+                f->accepts++;
+                pthread_mutex_unlock(&f->mu);
+            }
+        }
+        for (nfds_t k = 2; k < n; k++) {
+            if (pfd[k].revents == 0)
+                continue;
+            struct fake_conn *c = who[k];
+            ssize_t r = read(c->fd, c->buf + c->len, sizeof(c->buf) - 1 - c->len);
+            if (r > 0) {
+                pthread_mutex_lock(&f->mu);
+                if (f->first_len == 0) {
+                    f->first_len = MIN((size_t)r, sizeof(f->first_bytes));
+                    memcpy(f->first_bytes, c->buf, f->first_len);
+                }
+                pthread_mutex_unlock(&f->mu);
+                c->len += (size_t)r;
+                serve(f, c);
+            }
+            if (r <= 0 || c->len == sizeof(c->buf) - 1) {
+                for (int i = 0; i < FAKE_MAX_CONNS; i++) {
+                    if (conns[i] == c)
+                        conns[i] = NULL;
+                }
+                close(c->fd);
+                free(c);
+            }
+        }
+    }
+    for (int i = 0; i < FAKE_MAX_CONNS; i++) {
+        if (conns[i] != NULL) {
+            close(conns[i]->fd);
+            free(conns[i]);
+        }
+    }
+    return NULL;
+}
+
+static void fake_start(struct fake *f, const struct fake_resp *script, size_t len, int unix_sock)
+{
+    memset(f, 0, sizeof(*f));
+    f->script = script;
+    f->script_len = len;
+    pthread_mutex_init(&f->mu, NULL);
+    assert_int_equal(pipe(f->stop_pipe), 0);
+    if (unix_sock) {
+        snprintf(f->dir, sizeof(f->dir), "/tmp/connectd-test-XXXXXX");
+        assert_non_null(mkdtemp(f->dir));
+        snprintf(f->sock_path, sizeof(f->sock_path), "%s/agent.sock", f->dir);
+        struct sockaddr_un sun = {.sun_family = AF_UNIX};
+        memcpy(sun.sun_path, f->sock_path, strlen(f->sock_path) + 1);
+        f->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        assert_true(f->lfd >= 0);
+        assert_int_equal(bind(f->lfd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    } else {
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = 0};
+        sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        f->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        assert_true(f->lfd >= 0);
+        assert_int_equal(bind(f->lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+        socklen_t sl = sizeof(sin);
+        assert_int_equal(getsockname(f->lfd, (struct sockaddr *)&sin, &sl), 0);
+        f->port = ntohs(sin.sin_port);
+    }
+    assert_int_equal(listen(f->lfd, 16), 0);
+    assert_int_equal(pthread_create(&f->thread, NULL, fake_main, f), 0);
+}
+
+static void fake_stop(struct fake *f)
+{
+    char c = 'x';
+    assert_int_equal(write(f->stop_pipe[1], &c, 1), 1);
+    pthread_join(f->thread, NULL);
+    close(f->stop_pipe[0]);
+    close(f->stop_pipe[1]);
+    close(f->lfd);
+    if (f->sock_path[0] != '\0') {
+        unlink(f->sock_path);
+        rmdir(f->dir);
+    }
+    for (size_t i = 0; i < f->nreq; i++)
+        free(f->reqs[i]);
+    pthread_mutex_destroy(&f->mu);
+}
+
+static size_t fake_nreq(struct fake *f)
+{
+    pthread_mutex_lock(&f->mu);
+    size_t n = f->nreq;
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
+/* The request line of request <i>, e.g. "GET /v1/x?wait=1000ms HTTP/1.1". */
+static char *req_line(struct fake *f, size_t i)
+{
+    assert_true(i < fake_nreq(f));
+    return xstrndup(f->reqs[i], strcspn(f->reqs[i], "\r"));
+}
+
+static void assert_req_line(struct fake *f, size_t i, const char *want)
+{
+    char *line = req_line(f, i);
+    if (strcmp(line, want) != 0)
+        fail_msg("request %zu: got \"%s\", want \"%s\"", i, line, want);
+    free(line);
+}
+
+/* ---- the loop harness ---- */
+
+struct harness {
+    struct loop *loop;
+    struct agent *agent;
+    struct fake srv;
+    struct loop_timer check, deadline;
+    size_t want_reqs;               /* stop once the server has seen this many requests */
+    int (*done)(struct harness *h); /* or once this says so */
+    int timed_out;
+    int expect_timeout; /* the deadline is the planned end of the run */
+
+    /* what watch and request callbacks saw */
+    int ndeliv;
+    char bodies[8][64];
+    uint64_t indexes[8];
+    char hashes[8][32];
+    unsigned failures_seen[8];
+    struct watch *w;
+    const char *reject_prefix; /* the watch callback rejects bodies starting with this */
+    int stop_in_cb;
+};
+
+static void on_check(struct loop_timer *t)
+{
+    struct harness *h = t->data;
+    if ((h->want_reqs > 0 && fake_nreq(&h->srv) >= h->want_reqs) ||
+        (h->done != NULL && h->done(h))) {
+        loop_stop(h->loop);
+        return;
+    }
+    loop_timer_start(h->loop, t, 2);
+}
+
+static void on_deadline(struct loop_timer *t)
+{
+    struct harness *h = t->data;
+    h->timed_out = 1;
+    loop_stop(h->loop);
+}
+
+static void run(struct harness *h, uint64_t deadline_ms)
+{
+    loop_timer_init(&h->check, on_check, h);
+    loop_timer_init(&h->deadline, on_deadline, h);
+    loop_timer_start(h->loop, &h->check, 0);
+    loop_timer_start(h->loop, &h->deadline, deadline_ms);
+    assert_int_equal(loop_run(h->loop), 0);
+    loop_timer_stop(h->loop, &h->check);
+    loop_timer_stop(h->loop, &h->deadline);
+    if (h->timed_out != h->expect_timeout)
+        fail_msg("run %s (server saw %zu requests)", h->timed_out ? "timed out" : "ended early",
+                 fake_nreq(&h->srv));
+}
+
+static struct agent *make_agent(struct harness *h, const struct agent_opts *extra)
+{
+    char err[256];
+    struct agent_opts o = {.ssl_verify = 1};
+    if (extra != NULL)
+        o = *extra;
+    char addr[160];
+    if (o.addr == NULL) {
+        if (h->srv.sock_path[0] != '\0')
+            snprintf(addr, sizeof(addr), "unix://%s", h->srv.sock_path);
+        else
+            snprintf(addr, sizeof(addr), "127.0.0.1:%d", h->srv.port);
+        o.addr = addr;
+    }
+    struct agent *a = agent_new(h->loop, &o, err, sizeof(err));
+    if (a == NULL)
+        fail_msg("agent_new: %s", err);
+    return a;
+}
+
+static void setup(struct harness *h, const struct fake_resp *script, size_t len, int unix_sock,
+                  const struct agent_opts *opts)
+{
+    memset(h, 0, sizeof(*h));
+    fake_start(&h->srv, script, len, unix_sock);
+    h->loop = loop_new();
+    assert_non_null(h->loop);
+    h->agent = make_agent(h, opts);
+}
+
+/* Stops everything; ASan's leak check then proves nothing was left behind. */
+static void teardown(struct harness *h)
+{
+    watch_stop(h->w);
+    h->w = NULL;
+    agent_free(h->agent);
+    loop_free(h->loop);
+    fake_stop(&h->srv);
+}
+
+static int on_watch(void *data, const struct agent_response *resp)
+{
+    struct harness *h = data;
+    assert_int_equal(resp->status, 200);
+    assert_true(h->ndeliv < 8);
+    int i = h->ndeliv++;
+    snprintf(h->bodies[i], sizeof(h->bodies[i]), "%s", resp->body);
+    h->indexes[i] = resp->index;
+    snprintf(h->hashes[i], sizeof(h->hashes[i]), "%s", resp->content_hash);
+    h->failures_seen[i] = watch_failures(h->w);
+    if (h->stop_in_cb) {
+        watch_stop(h->w);
+        h->w = NULL;
+        return 0;
+    }
+    if (h->reject_prefix != NULL &&
+        strncmp(resp->body, h->reject_prefix, strlen(h->reject_prefix)) == 0)
+        return ERR_BAD_JSON;
+    return 0;
+}
+
+/* ---- watch tests ---- */
+
+static void test_index_blocking_delivers_only_changes(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 5\r\n", "A", 0},
+        {200, "X-Consul-Index: 5\r\n", "A", 0}, /* wait expired: nothing new */
+        {200, "X-Consul-Index: 7\r\n", "B", 0}, /* index moved */
+        {200, "X-Consul-Index: 7\r\n", "C", 0}, /* same index, different body */
+    };
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    struct watch_spec spec = {.name = "health db",
+                              .path = "/v1/health/connect/db?passing",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 2000};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 5;
+    run(&h, 3000);
+
+    assert_int_equal(h.ndeliv, 3);
+    assert_string_equal(h.bodies[0], "A");
+    assert_int_equal(h.indexes[0], 5);
+    assert_string_equal(h.bodies[1], "B");
+    assert_int_equal(h.indexes[1], 7);
+    assert_string_equal(h.bodies[2], "C");
+    assert_int_equal(h.indexes[2], 7);
+    assert_true(watch_has_data(h.w));
+    assert_int_equal(watch_failures(h.w), 0);
+
+    /* The first request carries no index (index 0 would return at once anyway). */
+    assert_req_line(&h.srv, 0, "GET /v1/health/connect/db?passing&wait=2000ms HTTP/1.1");
+    assert_req_line(&h.srv, 1, "GET /v1/health/connect/db?passing&index=5&wait=2000ms HTTP/1.1");
+    assert_req_line(&h.srv, 2, "GET /v1/health/connect/db?passing&index=5&wait=2000ms HTTP/1.1");
+    assert_req_line(&h.srv, 3, "GET /v1/health/connect/db?passing&index=7&wait=2000ms HTTP/1.1");
+    assert_req_line(&h.srv, 4, "GET /v1/health/connect/db?passing&index=7&wait=2000ms HTTP/1.1");
+    assert_null(strcasestr(h.srv.reqs[0], "X-Consul-Token"));
+    /* One kept-alive connection served the whole run. */
+    assert_int_equal(h.srv.accepts, 1);
+    /* Successful loops are rate-limited too. */
+    for (size_t i = 1; i < 5; i++)
+        assert_true(h.srv.req_ms[i] - h.srv.req_ms[i - 1] >= 40);
+    teardown(&h);
+}
+
+static void test_index_going_back_resets_to_zero(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 10\r\n", "A", 0},
+        {200, "X-Consul-Index: 3\r\n", "B", 0}, /* snapshot restore: index went back */
+        {200, "X-Consul-Index: 3\r\n", "B", 0},
+    };
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    struct watch_spec spec = {.name = "roots",
+                              .path = "/v1/agent/connect/ca/roots",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 4;
+    run(&h, 3000);
+
+    assert_req_line(&h.srv, 0, "GET /v1/agent/connect/ca/roots?wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 1, "GET /v1/agent/connect/ca/roots?index=10&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 2, "GET /v1/agent/connect/ca/roots?wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 3, "GET /v1/agent/connect/ca/roots?index=3&wait=1000ms HTTP/1.1");
+    assert_int_equal(h.ndeliv, 2);
+    assert_string_equal(h.bodies[0], "A");
+    assert_string_equal(h.bodies[1], "B");
+    assert_int_equal(h.indexes[1], 3);
+    teardown(&h);
+}
+
+static void test_hash_blocking(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-ContentHash: abc\r\n", "{\"Port\":1}", 0},
+        {200, "X-Consul-ContentHash: abc\r\n", "{\"Port\":1}", 0},
+        {200, "x-consul-contenthash: def\r\n", "{\"Port\":2}", 0},
+    };
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    struct watch_spec spec = {.name = "service",
+                              .path = "/v1/agent/service/web-proxy",
+                              .block = WATCH_BY_HASH,
+                              .wait_ms = 1500};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 4;
+    run(&h, 3000);
+
+    assert_req_line(&h.srv, 0, "GET /v1/agent/service/web-proxy?wait=1500ms HTTP/1.1");
+    assert_req_line(&h.srv, 1, "GET /v1/agent/service/web-proxy?hash=abc&wait=1500ms HTTP/1.1");
+    assert_req_line(&h.srv, 2, "GET /v1/agent/service/web-proxy?hash=abc&wait=1500ms HTTP/1.1");
+    assert_req_line(&h.srv, 3, "GET /v1/agent/service/web-proxy?hash=def&wait=1500ms HTTP/1.1");
+    assert_int_equal(h.ndeliv, 2);
+    assert_string_equal(h.hashes[0], "abc");
+    assert_string_equal(h.bodies[1], "{\"Port\":2}");
+    assert_string_equal(h.hashes[1], "def");
+    teardown(&h);
+}
+
+static void test_errors_back_off_then_recover(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {404, NULL, "unknown service ID: web-proxy\nmore", 0}, /* re-registration window */
+        {500, NULL, "CA not initialized yet", 0},
+        {200, "X-Consul-Index: 2\r\n", "ok", 0},
+    };
+    watch_set_backoff_ms_for_testing(100, 200);
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    struct watch_spec spec = {.name = "svc",
+                              .path = "/v1/agent/service/web-proxy",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 4;
+    run(&h, 3000);
+    watch_set_backoff_ms_for_testing(0, 0);
+
+    /* Non-200 answers never reach the callback; the failures were counted before success. */
+    assert_int_equal(h.ndeliv, 1);
+    assert_string_equal(h.bodies[0], "ok");
+    assert_int_equal(h.failures_seen[0], 2);
+    assert_int_equal(watch_failures(h.w), 0);
+    assert_true(watch_has_data(h.w));
+    /* Retries keep the (still zero) index and never spin. */
+    assert_req_line(&h.srv, 1, "GET /v1/agent/service/web-proxy?wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 2, "GET /v1/agent/service/web-proxy?wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 3, "GET /v1/agent/service/web-proxy?index=2&wait=1000ms HTTP/1.1");
+    assert_true(h.srv.req_ms[1] - h.srv.req_ms[0] >= 40);
+    assert_true(h.srv.req_ms[2] - h.srv.req_ms[1] >= 40);
+    teardown(&h);
+}
+
+static void test_rejected_body_keeps_index(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 5\r\n", "good1", 0},
+        {200, "X-Consul-Index: 6\r\n", "garbage", 0},
+        {200, "X-Consul-Index: 6\r\n", "good2", 0},
+    };
+    watch_set_backoff_ms_for_testing(100, 100);
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    h.reject_prefix = "garbage";
+    struct watch_spec spec = {.name = "leaf",
+                              .path = "/v1/agent/connect/ca/leaf/web",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 4;
+    run(&h, 3000);
+    watch_set_backoff_ms_for_testing(0, 0);
+
+    assert_int_equal(h.ndeliv, 3);
+    assert_string_equal(h.bodies[1], "garbage");
+    assert_string_equal(h.bodies[2], "good2");
+    assert_int_equal(h.failures_seen[2], 1);
+    /* After the rejection the watch asked again from the last good index. */
+    assert_req_line(&h.srv, 2, "GET /v1/agent/connect/ca/leaf/web?index=5&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 3, "GET /v1/agent/connect/ca/leaf/web?index=6&wait=1000ms HTTP/1.1");
+    assert_int_equal(watch_failures(h.w), 0);
+    teardown(&h);
+}
+
+static void test_stop_inside_callback(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 1\r\n", "once", 0},
+        {200, "X-Consul-Index: 2\r\n", "never", 0},
+    };
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    h.stop_in_cb = 1;
+    struct watch_spec spec = {.name = "x", .path = "/v1/x", .block = WATCH_BY_INDEX};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.expect_timeout = 1; /* run a while to see that nothing else happens */
+    run(&h, 200);
+    assert_int_equal(h.ndeliv, 1);
+    assert_null(h.w);
+    assert_int_equal(fake_nreq(&h.srv), 1);
+    teardown(&h);
+}
+
+static void test_poll_mode(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, NULL, "[1]", 0},
+        {200, NULL, "[1]", 0},
+        {200, NULL, "[2]", 0},
+    };
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    struct watch_spec spec = {.name = "query",
+                              .path = "/v1/query/db/execute?connect=true",
+                              .block = WATCH_POLL,
+                              .poll_ms = 60};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 4;
+    run(&h, 3000);
+    assert_req_line(&h.srv, 1, "GET /v1/query/db/execute?connect=true HTTP/1.1");
+    assert_int_equal(h.ndeliv, 2);
+    assert_string_equal(h.bodies[1], "[2]");
+    assert_true(h.srv.req_ms[1] - h.srv.req_ms[0] >= 50);
+    teardown(&h);
+}
+
+static void test_unix_socket(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 1\r\n", "over unix", 0},
+    };
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 1, NULL);
+    struct watch_spec spec = {.name = "roots",
+                              .path = "/v1/agent/connect/ca/roots",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 2;
+    run(&h, 3000);
+    assert_int_equal(h.ndeliv, 1);
+    assert_string_equal(h.bodies[0], "over unix");
+    assert_req_line(&h.srv, 1, "GET /v1/agent/connect/ca/roots?index=1&wait=1000ms HTTP/1.1");
+    assert_non_null(strcasestr(h.srv.reqs[0], "\r\nHost: localhost\r\n"));
+    teardown(&h);
+}
+
+/* ---- agent tests ---- */
+
+struct seen {
+    int n;
+    long status[4];
+    char error[4][128];
+    char body[4][64];
+    size_t body_len[4];
+    uint64_t index[4];
+    char acl[4][16];
+};
+
+static struct seen seen;
+
+static void on_resp(void *data, const struct agent_response *resp)
+{
+    int i = (int)(intptr_t)data;
+    assert_true(i >= 0 && i < 4);
+    seen.n++;
+    seen.status[i] = resp->status;
+    snprintf(seen.error[i], sizeof(seen.error[i]), "%s", resp->error);
+    snprintf(seen.body[i], sizeof(seen.body[i]), "%s", resp->body);
+    seen.body_len[i] = resp->body_len;
+    seen.index[i] = resp->index;
+    snprintf(seen.acl[i], sizeof(seen.acl[i]), "%s", resp->default_acl_policy);
+}
+
+static int all_seen(struct harness *h)
+{
+    return seen.n >= h->ndeliv; /* ndeliv holds the number of requests made here */
+}
+
+static void test_body_cap(void **state)
+{
+    (void)state;
+    char *big = xmalloc(4097);
+    memset(big, 'x', 4096);
+    big[4096] = '\0';
+    char *fits = xmalloc(1001);
+    memset(fits, 'y', 1000);
+    fits[1000] = '\0';
+    const struct fake_resp script[] = {
+        {200, NULL, big, 0}, /* Content-Length says it is too big */
+        {200, NULL, big, 1}, /* chunked: only counting the bytes can tell */
+        {200, NULL, fits, 0},
+    };
+    struct harness h;
+    struct agent_opts o = {.ssl_verify = 1, .max_body_bytes = 1024};
+    memset(&seen, 0, sizeof(seen));
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    agent_free(h.agent);
+    h.agent = make_agent(&h, &o);
+    /* One after another, so the script order matches. */
+    agent_request(h.agent, "GET", "/v1/big", NULL, 2000, on_resp, (void *)(intptr_t)0);
+    h.ndeliv = 1;
+    h.done = all_seen;
+    run(&h, 3000);
+    agent_request(h.agent, "GET", "/v1/big", NULL, 2000, on_resp, (void *)(intptr_t)1);
+    h.ndeliv = 2;
+    run(&h, 3000);
+    agent_request(h.agent, "GET", "/v1/fits", NULL, 2000, on_resp, (void *)(intptr_t)2);
+    h.ndeliv = 3;
+    run(&h, 3000);
+
+    assert_int_equal(seen.status[0], 0);
+    assert_string_equal(seen.error[0], "response body too large");
+    assert_int_equal(seen.body_len[0], 0);
+    assert_int_equal(seen.status[1], 0);
+    assert_string_equal(seen.error[1], "response body too large");
+    assert_int_equal(seen.status[2], 200);
+    assert_int_equal(seen.body_len[2], 1000);
+    assert_string_equal(seen.error[2], "");
+    teardown(&h);
+    free(big);
+    free(fits);
+}
+
+static void test_token_body_and_headers(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "x-consul-index: 42\r\nX-CONSUL-DEFAULT-ACL-POLICY: deny\r\n",
+         "{\"Authorized\":true}", 0},
+    };
+    struct harness h;
+    memset(&seen, 0, sizeof(seen));
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    agent_free(h.agent);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "http://127.0.0.1:%d/consul/", h.srv.port);
+    struct agent_opts o = {.addr = addr, .token = "s3cr3t-token", .ssl_verify = 1};
+    h.agent = make_agent(&h, &o);
+    assert_string_equal(agent_addr(h.agent), addr);
+    agent_request(h.agent, "POST", "/v1/agent/connect/authorize", "{\"Target\":\"db\"}", 2000,
+                  on_resp, (void *)(intptr_t)0);
+    h.ndeliv = 1;
+    h.done = all_seen;
+    run(&h, 3000);
+
+    assert_int_equal(seen.status[0], 200);
+    assert_int_equal(seen.index[0], 42);
+    assert_string_equal(seen.acl[0], "deny");
+    assert_string_equal(seen.body[0], "{\"Authorized\":true}");
+    const char *req = h.srv.reqs[0];
+    assert_req_line(&h.srv, 0, "POST /consul/v1/agent/connect/authorize HTTP/1.1");
+    assert_non_null(strstr(req, "\r\nX-Consul-Token: s3cr3t-token\r\n"));
+    assert_non_null(strstr(req, "\r\nContent-Type: application/json\r\n"));
+    assert_non_null(strstr(req, "\r\n\r\n{\"Target\":\"db\"}"));
+    /* The token travels in its header only. */
+    assert_ptr_equal(strstr(req, "s3cr3t"), strstr(req, "X-Consul-Token: ") + 16);
+    teardown(&h);
+}
+
+static void test_cancel_and_transport_error(void **state)
+{
+    (void)state;
+    struct harness h;
+    memset(&seen, 0, sizeof(seen));
+    setup(&h, NULL, 0, 0, NULL);
+    /* A held request cancelled before it ends never calls back. */
+    struct agent_req *r =
+        agent_request(h.agent, "GET", "/v1/held", NULL, 2000, on_resp, (void *)(intptr_t)0);
+    h.want_reqs = 1;
+    run(&h, 3000);
+    agent_cancel(r);
+    agent_free(h.agent);
+
+    /* Nothing listens on a port we just closed: status 0 with curl's reason. */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&sin, &sl), 0);
+    close(fd);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", ntohs(sin.sin_port));
+    struct agent_opts o = {.addr = addr, .ssl_verify = 1};
+    h.agent = make_agent(&h, &o);
+    agent_request(h.agent, "GET", "/v1/x", NULL, 2000, on_resp, (void *)(intptr_t)1);
+    h.want_reqs = 0;
+    h.ndeliv = 1;
+    h.done = all_seen;
+    run(&h, 3000);
+    assert_int_equal(seen.n, 1);
+    assert_int_equal(seen.status[1], 0);
+    assert_true(seen.error[1][0] != '\0');
+    teardown(&h);
+}
+
+static struct agent_req *pair[2];
+
+static void on_resp_cancel_other(void *data, const struct agent_response *resp)
+{
+    int i = (int)(intptr_t)data;
+    on_resp(data, resp);
+    pair[i] = NULL;
+    if (pair[1 - i] != NULL) {
+        agent_cancel(pair[1 - i]);
+        pair[1 - i] = NULL;
+    }
+}
+
+/*
+ * Two held requests time out together (often within one curl call, so the second is already
+ * queued for its callback): the first callback cancels the second, which must then never
+ * call back, whichever queue it was on.
+ */
+static void test_callback_may_cancel_another(void **state)
+{
+    (void)state;
+    struct harness h;
+    memset(&seen, 0, sizeof(seen));
+    setup(&h, NULL, 0, 0, NULL);
+    for (int i = 0; i < 2; i++)
+        pair[i] = agent_request(h.agent, "GET", "/v1/held", NULL, 150, on_resp_cancel_other,
+                                (void *)(intptr_t)i);
+    h.expect_timeout = 1;
+    run(&h, 400);
+    assert_int_equal(seen.n, 1);
+    int i = seen.status[0] == 0 && seen.error[0][0] != '\0' ? 0 : 1;
+    assert_int_equal(seen.status[i], 0);
+    assert_non_null(strcasestr(seen.error[i], "timed out"));
+    teardown(&h);
+}
+
+static int saw_tls_hello(struct harness *h)
+{
+    pthread_mutex_lock(&h->srv.mu);
+    int yes = h->srv.first_len > 0 &&
+              memmem(h->srv.first_bytes, h->srv.first_len, "consul.example", 14) != NULL;
+    pthread_mutex_unlock(&h->srv.mu);
+    return yes;
+}
+
+/*
+ * With tls_server_name the connection still goes to the address's host and port, but the TLS
+ * hello names the server name (SNI; curl verifies the certificate against the same name).
+ */
+static void test_tls_server_name_routes_to_address(void **state)
+{
+    (void)state;
+    struct harness h;
+    memset(&seen, 0, sizeof(seen));
+    setup(&h, NULL, 0, 0, NULL);
+    agent_free(h.agent);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "https://127.0.0.1:%d", h.srv.port);
+    struct agent_opts o = {.addr = addr, .tls_server_name = "consul.example:8501", .ssl_verify = 1};
+    h.agent = make_agent(&h, &o);
+    struct agent_req *r =
+        agent_request(h.agent, "GET", "/v1/x", NULL, 2000, on_resp, (void *)(intptr_t)0);
+    h.done = saw_tls_hello;
+    run(&h, 3000);
+    if (seen.n == 0)
+        agent_cancel(r);
+    teardown(&h);
+}
+
+static void test_bad_addresses(void **state)
+{
+    (void)state;
+    struct loop *loop = loop_new();
+    char err[256];
+    static const char *const bad[] = {"ftp://example:21", "tcp://127.0.0.1:8500",
+                                      "unix://",          "http://",
+                                      "localhost",        "http://u:p@h:1"};
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        struct agent_opts o = {.addr = bad[i], .ssl_verify = 1};
+        err[0] = '\0';
+        assert_null(agent_new(loop, &o, err, sizeof(err)));
+        if (strstr(err, bad[i]) == NULL)
+            fail_msg("error for \"%s\" does not name it: %s", bad[i], err);
+    }
+    static const char *const good[] = {NULL,
+                                       "localhost:8500",
+                                       "[::1]:8500",
+                                       "http://consul:8500/prefix",
+                                       "https://consul:8501",
+                                       "https://consul",
+                                       "unix:///run/consul/http.sock"};
+    for (size_t i = 0; i < ARRAY_SIZE(good); i++) {
+        struct agent_opts o = {.addr = good[i], .tls_server_name = "x.example", .ssl_verify = 1};
+        struct agent *a = agent_new(loop, &o, err, sizeof(err));
+        if (a == NULL)
+            fail_msg("\"%s\" rejected: %s", good[i] ? good[i] : "(default)", err);
+        agent_free(a);
+    }
+    struct agent_opts o = {.addr = "https://h:1", .client_cert = "c.pem", .ssl_verify = 1};
+    assert_null(agent_new(loop, &o, err, sizeof(err)));
+    assert_non_null(strstr(err, "client_key"));
+    loop_free(loop);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_index_blocking_delivers_only_changes),
+        cmocka_unit_test(test_index_going_back_resets_to_zero),
+        cmocka_unit_test(test_hash_blocking),
+        cmocka_unit_test(test_errors_back_off_then_recover),
+        cmocka_unit_test(test_rejected_body_keeps_index),
+        cmocka_unit_test(test_stop_inside_callback),
+        cmocka_unit_test(test_poll_mode),
+        cmocka_unit_test(test_unix_socket),
+        cmocka_unit_test(test_body_cap),
+        cmocka_unit_test(test_token_body_and_headers),
+        cmocka_unit_test(test_cancel_and_transport_error),
+        cmocka_unit_test(test_callback_may_cancel_another),
+        cmocka_unit_test(test_tls_server_name_routes_to_address),
+        cmocka_unit_test(test_bad_addresses),
+    };
+    assert_int_equal(agent_global_init(), 0);
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    agent_global_cleanup();
+    return rc;
+}
