@@ -1,0 +1,1178 @@
+"""Building blocks for the integration tests: free loopback ports, a real Consul dev agent,
+its HTTP API, small in-process TCP apps, connectd processes, and certificates.
+
+Everything here binds to 127.0.0.1 only, never uses a fixed port, and waits on conditions
+with deadlines instead of sleeping for fixed times. The pytest fixtures in conftest.py own
+the lifetimes; this module does not depend on pytest (scripts/demo uses it too).
+"""
+
+import datetime
+import hashlib
+import http.client
+import itertools
+import json
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOOPBACK = "127.0.0.1"
+
+# ---------------------------------------------------------------------------------------------
+# Waiting
+# ---------------------------------------------------------------------------------------------
+
+
+def wait_until(cond, timeout, what, interval=0.05):
+    """Calls cond() until it returns something truthy and returns that; fails the test with
+    `what` in the message when `timeout` seconds pass first. Exceptions from cond propagate."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports
+# ---------------------------------------------------------------------------------------------
+
+_used_ports = set()
+_ports_lock = threading.Lock()
+
+
+def _bindable(port, udp_too=False):
+    kinds = [socket.SOCK_STREAM] + ([socket.SOCK_DGRAM] if udp_too else [])
+    for kind in kinds:
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+
+
+def free_port(udp_too=False):
+    """A loopback port that was free a moment ago and that no other caller in this run got.
+    With udp_too the same number must also be free for UDP (Consul's serf and DNS ports)."""
+    with _ports_lock:
+        for _ in range(200):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+            s.close()
+            if port in _used_ports or (udp_too and not _bindable(port, udp_too=True)):
+                continue
+            _used_ports.add(port)
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def free_port_range(n):
+    """n consecutive ports below the kernel's ephemeral range that are free now (for Consul's
+    sidecar and expose ranges, which it only hands out and never binds itself)."""
+    with _ports_lock:
+        for _ in range(200):
+            base = random.randrange(20000, 32000 - n)
+            ports = range(base, base + n)
+            if any(p in _used_ports for p in ports):
+                continue
+            if all(_bindable(p) for p in ports):
+                _used_ports.update(ports)
+                return base, base + n - 1
+    raise RuntimeError(f"no free range of {n} ports found")
+
+
+def port_accepts(port, host=LOOPBACK, timeout=1.0):
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def port_refuses(port, host=LOOPBACK, timeout=1.0):
+    """True when a connect gets ECONNREFUSED (nobody listens), False when it is accepted."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+
+def log_tail(path, lines=60):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"(no log: {e})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_process(proc, term_timeout=10.0):
+    """SIGTERM, wait, then SIGKILL. Returns (returncode, killed)."""
+    if proc.poll() is not None:
+        return proc.returncode, False
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(term_timeout), False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10), True
+
+
+# ---------------------------------------------------------------------------------------------
+# Consul agent and its HTTP API
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, method, path, status, body):
+        super().__init__(f"{method} {path}: HTTP {status}: {body.strip()[:500]}")
+        self.status = status
+        self.body = body
+
+
+class AgentApi:
+    """A tiny client for the agent's HTTP API: JSON in, JSON out, errors raise ApiError."""
+
+    def __init__(self, http_addr, token=None):
+        self.http_addr = http_addr
+        self.base = "http://" + http_addr
+        self.token = token  # sent as X-Consul-Token when set (ACL-enabled agents)
+
+    def call(self, method, path, body=None, timeout=30):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("X-Consul-Token", self.token)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            raise ApiError(method, path, e.code, e.read().decode("utf-8", "replace")) from None
+        if not raw.strip():
+            return None
+        return json.loads(raw)
+
+    def get(self, path, **kw):
+        return self.call("GET", path, **kw)
+
+    def put(self, path, body=None, **kw):
+        return self.call("PUT", path, body, **kw)
+
+    def delete(self, path, **kw):
+        return self.call("DELETE", path, **kw)
+
+    # --- readiness, CA ---
+
+    def leader(self):
+        return self.get("/v1/status/leader")
+
+    def roots(self):
+        return self.get("/v1/agent/connect/ca/roots")
+
+    def trust_domain(self):
+        return self.roots()["TrustDomain"]
+
+    def active_root(self):
+        r = self.roots()
+        return next(x for x in r["Roots"] if x["ID"] == r["ActiveRootID"])
+
+    def roots_pem(self):
+        return "".join(x["RootCert"] for x in self.roots()["Roots"])
+
+    def leaf(self, service):
+        return self.get("/v1/agent/connect/ca/leaf/" + urllib.parse.quote(service))
+
+    def ca_config(self):
+        return self.get("/v1/connect/ca/configuration")
+
+    def set_ca(self, root_pem, key_pem):
+        """Makes a root we generated (and whose key we hold) the active CA root. Consul keeps
+        the old roots listed (inactive) and cross-signs the new one with the old key."""
+        body = {"Provider": "consul", "Config": {"PrivateKey": key_pem, "RootCert": root_pem}}
+        self.put("/v1/connect/ca/configuration", body)
+        # The agent's roots endpoint is served from its cache, which follows the servers a
+        # moment later: wait until it shows the new active root.
+        wait_until(lambda: self.active_root()["RootCert"].strip() == root_pem.strip(), 30,
+                   "the agent to list the new CA root as active")
+
+    def spiffe_id(self, service, dc="dc1", ns="default"):
+        return f"spiffe://{self.trust_domain()}/ns/{ns}/dc/{dc}/svc/{service}"
+
+    # --- services ---
+
+    def register(self, body):
+        self.put("/v1/agent/service/register", body)
+
+    def deregister(self, service_id):
+        self.put("/v1/agent/service/deregister/" + urllib.parse.quote(service_id))
+
+    def service(self, service_id):
+        return self.get("/v1/agent/service/" + urllib.parse.quote(service_id))
+
+    def health_connect(self, service, passing=True):
+        q = "?passing" if passing else ""
+        return self.get("/v1/health/connect/" + urllib.parse.quote(service) + q)
+
+    def wait_passing(self, service, port=None, timeout=30):
+        """Waits until /v1/health/connect/<service>?passing lists an instance (on `port` when
+        given) and returns the list."""
+
+        def ok():
+            entries = self.health_connect(service)
+            if port is None:
+                return entries
+            return [e for e in entries if e["Service"]["Port"] == port]
+
+        return wait_until(ok, timeout, f"a passing connect instance of {service!r}"
+                          + (f" on port {port}" if port else ""), interval=0.1)
+
+    # --- intentions ---
+
+    def set_intentions(self, destination, sources):
+        """Writes the service-intentions config entry for `destination`; sources is a dict
+        {source_name: "allow"|"deny"} and replaces whatever the entry held."""
+        body = {
+            "Kind": "service-intentions",
+            "Name": destination,
+            "Sources": [{"Name": s, "Action": a} for s, a in sources.items()],
+        }
+        if self.put("/v1/config", body) is not True:
+            raise AssertionError(f"config write of intentions for {destination} returned false")
+
+    def delete_intentions(self, destination):
+        self.delete("/v1/config/service-intentions/" + urllib.parse.quote(destination))
+
+    def intention_allowed(self, source, destination):
+        q = urllib.parse.urlencode({"source": source, "destination": destination})
+        return self.get("/v1/connect/intentions/check?" + q)["Allowed"]
+
+
+def sidecar_registration(name, app_port, sidecar_port, upstreams=(), proxy_config=None,
+                         service_id=None):
+    """The body of PUT /v1/agent/service/register for a service with a sidecar.
+
+    The sidecar gets the public port we chose, address 127.0.0.1, and one fast TCP check on
+    that port instead of the agent's default 10 s check, so health follows the proxy within
+    about a second. upstreams: iterable of dicts {"name", "port", "config"(optional),
+    "fields"(optional: more Upstream fields, e.g. DestinationType; a None value drops one)}."""
+    proxy = {
+        "Upstreams": [
+            {k: v for k, v in {
+                "DestinationName": u["name"],
+                "LocalBindAddress": LOOPBACK,
+                "LocalBindPort": u["port"],
+                **({"Config": u["config"]} if u.get("config") else {}),
+                **(u.get("fields") or {}),
+            }.items() if v is not None}
+            for u in upstreams
+        ]
+    }
+    if proxy_config:
+        proxy["Config"] = proxy_config
+    return {
+        "Name": name,
+        "ID": service_id or name,
+        "Address": LOOPBACK,
+        "Port": app_port,
+        "Connect": {
+            "SidecarService": {
+                "Port": sidecar_port,
+                "Address": LOOPBACK,
+                "Checks": [
+                    {
+                        "Name": "Connect Sidecar Listening (fast)",
+                        "TCP": f"{LOOPBACK}:{sidecar_port}",
+                        "Interval": "1s",
+                        "Timeout": "1s",
+                    }
+                ],
+                "Proxy": proxy,
+            }
+        },
+    }
+
+
+class ConsulAgent:
+    """A `consul agent -dev` on loopback with every listener on a free port."""
+
+    _seq = itertools.count(1)
+
+    def __init__(self, consul_bin, workdir, extra_hcl=(), https=False, token=None):
+        self.consul_bin = consul_bin
+        self.workdir = workdir
+        self.extra_hcl = list(extra_hcl)  # more -hcl fragments, e.g. agent config for one test
+        self.log_path = os.path.join(workdir, "consul.log")
+        self.proc = None
+        self.ports = {}
+        self.https = https  # also listen for HTTPS on ports["https"] (TLS config via extra_hcl)
+        # The token for the harness's own API calls: given, or the initial_management token of
+        # an ACL configuration in extra_hcl.
+        m = re.search(r'initial_management\s*=\s*"([^"]+)"', " ".join(self.extra_hcl))
+        self.token = token or (m.group(1) if m else None)
+        self.node = f"connectd-test-{os.getpid()}-{next(self._seq)}"
+
+    def start(self, timeout=60):
+        """Starts the agent; after stop() or kill() it starts again on the same ports."""
+        if not self.ports:
+            p = {k: free_port(udp_too=k in ("dns", "serf_lan", "serf_wan"))
+                 for k in ("http", "dns", "grpc", "grpc_tls", "serf_lan", "serf_wan", "server")}
+            if self.https:
+                p["https"] = free_port()
+            smin, smax = free_port_range(16)
+            emin, emax = free_port_range(16)
+            self.ports = dict(p, sidecar=(smin, smax), expose=(emin, emax))
+        p = self.ports
+        (smin, smax), (emin, emax) = p["sidecar"], p["expose"]
+        hcl = (f"ports {{ https = {p.get('https', -1)} sidecar_min_port = {smin} "
+               f"sidecar_max_port = {smax} expose_min_port = {emin} expose_max_port = {emax} }}")
+        args = [
+            self.consul_bin, "agent", "-dev",
+            "-bind", LOOPBACK, "-client", LOOPBACK, "-advertise", LOOPBACK,
+            "-node", self.node, "-datacenter", "dc1",
+            "-http-port", str(p["http"]), "-dns-port", str(p["dns"]),
+            "-grpc-port", str(p["grpc"]), "-grpc-tls-port", str(p["grpc_tls"]),
+            "-serf-lan-port", str(p["serf_lan"]), "-serf-wan-port", str(p["serf_wan"]),
+            "-server-port", str(p["server"]),
+            "-hcl", hcl,
+        ]
+        for extra in self.extra_hcl:
+            args += ["-hcl", extra]
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(("$ " + " ".join(args) + "\n").encode())
+            log.flush()
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.api = AgentApi(f"{LOOPBACK}:{p['http']}", self.token)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"consul agent exited with {self.proc.returncode}:\n"
+                                     + log_tail(self.log_path, 30))
+            try:
+                if not self.api.leader():
+                    return False
+                roots = self.api.roots()
+            except (OSError, ApiError):
+                return False
+            return bool(roots.get("TrustDomain")) and len(roots.get("Roots") or []) >= 1
+
+        wait_until(ready, timeout, "the consul agent to elect a leader and have CA roots",
+                   interval=0.1)
+
+    @property
+    def http_addr(self):
+        return self.api.http_addr
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc, term_timeout=15)
+
+    def kill(self):
+        """SIGKILL, like a crash: every connection to the agent is reset at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, timeout=60):
+        """kill() then start() on the same ports. A dev agent keeps nothing across this: it
+        comes back with a new CA and no services or intentions."""
+        self.kill()
+        return self.start(timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small TCP apps, in-process
+# ---------------------------------------------------------------------------------------------
+
+
+class TcpApp:
+    """A threaded TCP server on 127.0.0.1:<port> (default: ephemeral); subclasses implement
+    handle(conn).
+    stop() closes the listener and every open connection and joins every thread."""
+
+    def __init__(self, port=0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, port))
+        self.sock.listen(128)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns = set()
+        self._threads = []
+        self.accepted = 0
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name=f"{type(self).__name__}:{self.port}")
+        self._acceptor.start()
+
+    def _accept_loop(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            conn.settimeout(None)
+            with self._lock:
+                if self._stop.is_set():
+                    conn.close()
+                    break
+                self.accepted += 1
+                self._conns.add(conn)
+                t = threading.Thread(target=self._run, args=(conn,), daemon=True)
+                self._threads.append(t)
+            t.start()
+
+    def _run(self, conn):
+        try:
+            self.handle(conn)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def handle(self, conn):
+        raise NotImplementedError
+
+    def stop(self):
+        self._stop.set()
+        self._acceptor.join(5)
+        self.sock.close()
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(5)
+
+
+def _read_to_eof(conn, h):
+    n = 0
+    while True:
+        b = conn.recv(256 * 1024)
+        if not b:
+            return n
+        h.update(b)
+        n += len(b)
+
+
+class EchoApp(TcpApp):
+    """Writes back every byte it reads; on EOF it closes its write side too. `received`
+    counts the bytes it got over all connections."""
+
+    received = 0
+
+    def handle(self, conn):
+        while True:
+            b = conn.recv(65536)
+            if not b:
+                break
+            with self._lock:
+                self.received += len(b)
+            conn.sendall(b)
+        conn.shutdown(socket.SHUT_WR)
+
+
+class SinkApp(TcpApp):
+    """Hashes everything it reads; when the client half-closes it answers with the hex
+    SHA-256 and the byte count ("<hex> <n>\\n") and closes."""
+
+    def handle(self, conn):
+        h = hashlib.sha256()
+        n = _read_to_eof(conn, h)
+        conn.sendall(f"{h.hexdigest()} {n}\n".encode())
+        conn.shutdown(socket.SHUT_WR)
+
+
+def after_eof_payload(size):
+    """The deterministic body RespondAfterEofApp sends (so the test can check it)."""
+    block = hashlib.sha256(b"connectd").digest() * 2048  # 64 KiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+class RespondAfterEofApp(TcpApp):
+    """Reads until the client's EOF, then sends "<hex sha256 of request> <n>\\n" followed by
+    `size` bytes of after_eof_payload(size), and closes. Tests half-close end to end."""
+
+    def __init__(self, size=1 << 20, port=0):
+        self.size = size
+        self.payload = after_eof_payload(size)
+        super().__init__(port)
+
+    def handle(self, conn):
+        h = hashlib.sha256()
+        n = _read_to_eof(conn, h)
+        conn.sendall(f"{h.hexdigest()} {n}\n".encode() + self.payload)
+        conn.shutdown(socket.SHUT_WR)
+
+
+def _pump(src, dst):
+    try:
+        while True:
+            b = src.recv(65536)
+            if not b:
+                break
+            dst.sendall(b)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+class RelayApp(TcpApp):
+    """A plain TCP relay to 127.0.0.1:<target_port> that counts the connections it gets; a
+    tap that shows a proxy really dialled an address."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        super().__init__()
+
+    def handle(self, conn):
+        up = socket.create_connection((LOOPBACK, self.target_port), timeout=5)
+        up.settimeout(None)
+        back = threading.Thread(target=_pump, args=(up, conn), daemon=True)
+        with self._lock:
+            self._conns.add(up)
+            self._threads.append(back)
+        back.start()
+        try:
+            _pump(conn, up)
+            back.join()
+        finally:
+            with self._lock:
+                self._conns.discard(up)
+            up.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+
+
+def recv_exact(sock, n, timeout=10):
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while len(buf) < n:
+        b = sock.recv(n - len(buf))
+        if not b:
+            break
+        buf += b
+    return bytes(buf)
+
+
+def recv_all(sock, timeout=30):
+    """Reads until EOF and returns the bytes; raises socket.timeout when it takes longer."""
+    deadline = time.monotonic() + timeout
+    buf = bytearray()
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        b = sock.recv(256 * 1024)
+        if not b:
+            return bytes(buf)
+        buf += b
+
+
+def echo_roundtrip(sock, payload, timeout=5):
+    """Sends payload on an open connection and returns what came back (up to len(payload))."""
+    sock.sendall(payload)
+    return recv_exact(sock, len(payload), timeout)
+
+
+def try_echo(port, payload=b"hello through the mesh\n", timeout=5):
+    """One fresh connection, one echo; True when the payload came back intact."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+            return echo_roundtrip(s, payload, timeout) == payload
+    except OSError:
+        return False
+
+
+def closed_without_data(sock, timeout=5):
+    """Waits for the peer to end the connection. Returns (closed, data): closed is True when
+    recv saw EOF or a reset/TLS error within `timeout`, data is whatever arrived before."""
+    deadline = time.monotonic() + timeout
+    data = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False, bytes(data)
+        sock.settimeout(left)
+        try:
+            b = sock.recv(65536)
+        except socket.timeout:
+            return False, bytes(data)
+        except (ConnectionError, ssl.SSLError, OSError):
+            return True, bytes(data)
+        if not b:
+            return True, bytes(data)
+        data += b
+
+
+def assert_refused(port, payload=b"may I?\n", timeout=5):
+    """A new plain connection to `port` (an upstream listener) is cut without data: accepted
+    locally or refused, but nothing comes back and it is closed within `timeout`."""
+    try:
+        s = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    except ConnectionRefusedError:
+        return
+    with s:
+        try:
+            s.sendall(payload)
+        except OSError:
+            return
+        closed, data = closed_without_data(s, timeout)
+    assert data == b"", f"connection through port {port} was relayed: got {data[:80]!r}"
+    assert closed, f"connection through port {port} was neither relayed nor closed in {timeout}s"
+
+
+def is_refused(port, payload=b"may I?\n", timeout=5):
+    try:
+        assert_refused(port, payload, timeout)
+        return True
+    except AssertionError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS clients and certificates
+# ---------------------------------------------------------------------------------------------
+
+
+def tls_client_context(certfile=None, keyfile=None, cafile=None):
+    """A TLS client context that presents certfile/keyfile (a chain file is fine) and, when
+    cafile is given, verifies the server chain against it (no host name check: mesh servers
+    are identified by URI SAN, which the tests check themselves)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    if cafile:
+        ctx.load_verify_locations(cafile)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if certfile:
+        ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+def tls_connect(port, ctx, timeout=10):
+    """Connects and completes the handshake; returns the SSLSocket (caller closes)."""
+    raw = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    try:
+        s = ctx.wrap_socket(raw)
+    except BaseException:
+        raw.close()
+        raise
+    return s
+
+
+def assert_tls_refused(port, ctx, payload=b"ping\n", timeout=5):
+    """The server at `port` must refuse this client: the handshake fails, or the connection is
+    closed (alert, EOF or reset) without any application data coming back."""
+    try:
+        s = tls_connect(port, ctx, timeout)
+    except (ssl.SSLError, ConnectionError, OSError):
+        return
+    with s:
+        try:
+            s.sendall(payload)
+        except (ssl.SSLError, OSError):
+            return
+        closed, data = closed_without_data(s, timeout)
+    assert data == b"", f"TLS client was accepted and relayed: got {data[:80]!r}"
+    assert closed, f"TLS connection to {port} was neither refused nor relayed in {timeout}s"
+
+
+def peer_cert_der(port, ctx, timeout=10):
+    with tls_connect(port, ctx, timeout) as s:
+        return s.getpeercert(binary_form=True)
+
+
+def split_pem(pem):
+    return re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", pem,
+                      re.S)
+
+
+def write_leaf_files(dirpath, leaf, prefix):
+    """Writes an agent leaf (GET /v1/agent/connect/ca/leaf/...) as <prefix>.crt (the whole
+    CertPEM chain), <prefix>-leaf.crt (first cert), <prefix>-chain.crt (the rest, may be
+    empty) and <prefix>.key. Returns a dict of the paths."""
+    certs = split_pem(leaf["CertPEM"])
+    paths = {k: os.path.join(dirpath, f"{prefix}{suffix}") for k, suffix in
+             (("chain_all", ".crt"), ("leaf", "-leaf.crt"), ("rest", "-chain.crt"),
+              ("key", ".key"))}
+    for k, text in (("chain_all", leaf["CertPEM"]), ("leaf", certs[0]),
+                    ("rest", "".join(certs[1:])), ("key", leaf["PrivateKeyPEM"])):
+        with open(paths[k], "w") as f:
+            f.write(text)
+    paths["has_rest"] = len(certs) > 1
+    return paths
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def openssl_peer_chain(port, leaf_paths, cafile, timeout=20):
+    """Runs `openssl s_client` against 127.0.0.1:port presenting the given leaf and returns
+    (first peer certificate PEM, full s_client output)."""
+    args = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-showcerts",
+            "-cert", leaf_paths["leaf"], "-key", leaf_paths["key"], "-CAfile", cafile]
+    if leaf_paths.get("has_rest"):
+        args += ["-cert_chain", leaf_paths["rest"]]
+    r = subprocess.run(args, input=b"", capture_output=True, timeout=timeout)
+    out = r.stdout.decode("utf-8", "replace") + r.stderr.decode("utf-8", "replace")
+    certs = split_pem(out)
+    return (certs[0] if certs else None), out
+
+
+def openssl_san(cert_pem):
+    r = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"],
+                       input=cert_pem.encode(), capture_output=True, timeout=20, check=True)
+    return r.stdout.decode()
+
+
+def _key_pem(key):
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption()).decode()
+
+
+def cert_pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass
+class Ca:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def cert_pem(self):
+        return cert_pem(self.cert)
+
+    @property
+    def key_pem(self):
+        return _key_pem(self.key)
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def make_ca(common_name, trust_domain):
+    """A self-signed EC P-256 CA shaped like Consul's roots: CA:true, keyCertSign, subject and
+    authority key ids, and the URI SAN spiffe://<trust_domain>.
+
+    The serial is random like an operator's CA, with bit 63 always set: the agent reports a
+    root's serial as the uint64 of its low 64 bits ("SerialNumber" in the roots JSON), so a
+    proxy must cope with numbers above INT64_MAX there, and every test that installs a CA
+    checks it does."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number() | (1 << 63))
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Ca(cert, key)
+
+
+def make_leaf(ca, uri, dirpath, prefix):
+    """A leaf signed by `ca` with URI SAN `uri`, shaped like Consul's (digitalSignature +
+    keyAgreement, serverAuth + clientAuth). Writes <prefix>.crt/.key; returns their paths."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=3))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=True, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                                              x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                       critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    crt = write_text(os.path.join(dirpath, prefix + ".crt"), cert_pem(cert))
+    key_path = write_text(os.path.join(dirpath, prefix + ".key"), _key_pem(key))
+    return crt, key_path
+
+
+def issued_by(cert_der, issuer_pem):
+    """True when the DER certificate's signature verifies with the public key of issuer_pem."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    issuer = x509.load_pem_x509_certificate(issuer_pem.encode())
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, Exception):  # InvalidSignature has no common base
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# connectd processes
+# ---------------------------------------------------------------------------------------------
+
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                     "WARNING: ThreadSanitizer", "SUMMARY: UndefinedBehaviorSanitizer")
+
+
+def connectd_binary():
+    return os.environ.get("CONNECTD_BIN") or os.path.join(REPO, "build", "asan", "connectd")
+
+
+class Connectd:
+    """One connectd process. stderr and stdout go to log_path."""
+
+    def __init__(self, binary, args, log_path, label, env=None):
+        self.binary = binary
+        self.args = list(args)
+        self.env = dict(env or {})  # set after CONSUL_*/CONNECT_* are cleared
+        self.log_path = log_path
+        self.label = label
+        self.proc = None
+        self.returncode = None
+        self.killed = False
+
+    def start(self):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CONSUL_", "CONNECT_"))}
+        env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
+        env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:
+            log.write(("$ " + " ".join([self.binary] + self.args) + "\n").encode())
+            log.flush()
+            self.proc = subprocess.Popen([self.binary] + self.args, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_log(self, pattern, timeout=10):
+        """Waits until the log matches the regular expression; returns the match."""
+        rx = re.compile(pattern)
+        return wait_until(lambda: rx.search(self.log()), timeout,
+                          f"{self.label} to log /{pattern}/")
+
+    def wait_port(self, port, timeout=20):
+        def ok():
+            if not self.alive():
+                raise AssertionError(f"{self.label} exited with {self.proc.returncode}:\n"
+                                     + log_tail(self.log_path, 30))
+            return port_accepts(port)
+
+        wait_until(ok, timeout, f"{self.label} to accept on port {port}", interval=0.05)
+
+    def stop(self):
+        """SIGTERM (then SIGKILL after 10 s). Returns a list of problems: a non-zero exit, a
+        kill, or a sanitizer report in the log."""
+        if self.proc is None:
+            return []
+        was_alive = self.alive()
+        self.returncode, self.killed = stop_process(self.proc)
+        problems = []
+        if self.killed:
+            problems.append(f"{self.label}: did not exit within 10 s of SIGTERM; killed")
+        elif not was_alive:
+            problems.append(f"{self.label}: had already exited with {self.returncode}")
+        elif self.returncode != 0:
+            problems.append(f"{self.label}: exited with {self.returncode} after SIGTERM")
+        text = self.log()
+        for m in SANITIZER_MARKERS:
+            if m in text:
+                problems.append(f"{self.label}: sanitizer report in log ({m!r})")
+                break
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# A mesh of services with sidecars on one agent
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    name: str
+    app_port: int
+    public_port: int
+    upstreams: dict  # logical upstream name -> {"name", "port", "config"}
+    proxy_config: dict = None
+    proxy: Connectd = None
+    up: dict = field(default_factory=dict)  # logical upstream name -> local port
+
+    @property
+    def id(self):
+        return self.name
+
+    @property
+    def sidecar_id(self):
+        return self.name + "-sidecar-proxy"
+
+
+class Mesh:
+    """Services with sidecars and their connectd processes on one agent, for one test.
+
+    Service names get a per-test suffix so tests sharing an agent never see each other's
+    services or intentions; tests refer to them by logical name ("web", "db")."""
+
+    _seq = itertools.count(1)
+
+    def __init__(self, agent, workdir, binary, on_log):
+        self.agent = agent
+        self.api = agent.api
+        self.workdir = workdir
+        self.binary = binary
+        self.on_log = on_log  # callback(label, path): lets conftest show logs on failure
+        self.tag = f"t{next(self._seq)}"
+        self.services = {}
+        self.apps = []
+        self.procs = []
+        self.registered = []
+        self.intentions = set()
+
+    # --- names, apps ---
+
+    def name(self, logical):
+        return f"{logical}-{self.tag}"
+
+    def app(self, cls, *args):
+        a = cls(*args)
+        self.apps.append(a)
+        return a
+
+    # --- services ---
+
+    def add(self, logical, app_port=None, upstreams=(), proxy_config=None, start=True,
+            use_proxy_id=False):
+        """Registers <logical> with a sidecar (public port chosen here) and upstreams (logical
+        names, or dicts {"name": logical, "config": {...}}), then starts its connectd (with
+        -sidecar-for, or -proxy-id) unless start is False. Returns the Service."""
+        ups = {}
+        for u in upstreams:
+            u = {"name": u} if isinstance(u, str) else dict(u)
+            ups[u["name"]] = {"name": self.name(u["name"]), "port": free_port(),
+                              "config": u.get("config"), "fields": u.get("fields")}
+            if (u.get("fields") or {}).get("LocalBindSocketPath"):
+                ups[u["name"]]["port"] = None
+        svc = Service(name=self.name(logical), app_port=app_port or free_port(),
+                      public_port=free_port(), upstreams=ups, proxy_config=proxy_config)
+        svc.up = {k: v["port"] for k, v in ups.items()}
+        self.services[logical] = svc
+        self.register(svc)
+        if start:
+            self.start(svc, use_proxy_id=use_proxy_id)
+        return svc
+
+    def register(self, svc):
+        body = sidecar_registration(svc.name, svc.app_port, svc.public_port,
+                                    svc.upstreams.values(), svc.proxy_config)
+        self.api.register(body)
+        if svc.name not in self.registered:
+            self.registered.append(svc.name)
+
+    def move_upstream(self, svc, logical_upstream, new_port):
+        """Re-registers svc (the parent, which re-registers its sidecar) with the upstream
+        moved to new_port."""
+        svc.upstreams[logical_upstream]["port"] = new_port
+        svc.up[logical_upstream] = new_port
+        self.register(svc)
+
+    def start_connectd(self, label, args, env=None):
+        log_path = os.path.join(self.workdir, f"connectd-{label}.log")
+        p = Connectd(self.binary, args, log_path, f"connectd[{label}]", env)
+        self.procs.append(p)
+        self.on_log(p.label, log_path)
+        return p.start()
+
+    def start(self, svc, extra_args=(), use_proxy_id=False):
+        """Starts connectd for svc and waits until its public and upstream ports accept."""
+        sel = ["-proxy-id", svc.sidecar_id] if use_proxy_id else ["-sidecar-for", svc.id]
+        args = sel + ["-http-addr", self.agent.http_addr, "-log-level", "debug",
+                      "-workers", "2", *extra_args]
+        svc.proxy = self.start_connectd(svc.name, args)
+        for port in [svc.public_port, *svc.up.values()]:
+            if port is not None:
+                svc.proxy.wait_port(port)
+        return svc.proxy
+
+    def wait_passing(self, svc, timeout=30):
+        return self.api.wait_passing(svc.name, port=svc.public_port, timeout=timeout)
+
+    def wait_echo(self, port, timeout=30, what="an echo through the mesh"):
+        wait_until(lambda: try_echo(port), timeout, f"{what} (port {port})", interval=0.1)
+
+    # --- intentions ---
+
+    def intend(self, dst_logical, sources):
+        """sources: {logical source: action}."""
+        dst = self.name(dst_logical)
+        self.api.set_intentions(dst, {self.name(s): a for s, a in sources.items()})
+        self.intentions.add(dst)
+
+    # --- teardown ---
+
+    def close(self):
+        """Stops connectd processes and apps, removes registrations and intentions. Returns
+        the problems the processes reported (see Connectd.stop)."""
+        problems = []
+        for p in self.procs:
+            problems += p.stop()
+        for a in self.apps:
+            a.stop()
+        if self.agent.proc is not None and self.agent.proc.poll() is None:
+            for dst in self.intentions:
+                try:
+                    self.api.delete_intentions(dst)
+                except (OSError, ApiError):
+                    pass
+            for sid in self.registered:
+                try:
+                    self.api.deregister(sid)
+                except (OSError, ApiError):
+                    pass
+        return problems
+
+
+# --- admin endpoint ---
+
+def admin_args():
+    """(-admin-bind args on a free loopback port, that port) for Mesh.start's extra_args."""
+    port = free_port()
+    return ["-admin-bind", f"{LOOPBACK}:{port}"], port
+
+
+def admin_get(port, path, timeout=5):
+    """GET <path> from an admin endpoint; returns (status, body text). Raises OSError when the
+    endpoint does not answer."""
+    c = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
+
+
+def admin_raw(port, data, timeout=10):
+    """Sends raw bytes to an admin endpoint and returns whatever comes back until it closes
+    (b"" when it closed without an answer)."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except OSError:
+            pass
+        return out
+
+
+def parse_metrics(text):
+    """Prometheus text into {(name, frozenset(labels.items())): value}."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$', line)
+        assert m, f"bad metrics line: {line!r}"
+        labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out[(m.group(1), frozenset(labels.items()))] = float(m.group(3))
+    return out
+
+
+def metric(metrics, name, **labels):
+    """The value of one sample (0 when absent)."""
+    return metrics.get((name, frozenset(labels.items())), 0.0)

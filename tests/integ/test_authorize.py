@@ -1,0 +1,38 @@
+"""authorization = "authorize": the sidecar asks the agent (POST /v1/agent/connect/authorize,
+from its control thread) about each new inbound caller instead of consulting its own intention
+table, keeps answers a few seconds per caller, and forgets them when the intentions change."""
+
+import re
+
+from mesh import EchoApp, is_refused, try_echo, wait_until
+
+
+def test_authorize_mode_allows_and_denies_like_intentions(mesh):
+    m = mesh
+    db_app = m.app(EchoApp)
+    db = m.add("db", app_port=db_app.port, proxy_config={"authorization": "authorize",
+                                                         "authorize_cache_ms": 60000})
+    web = m.add("web", upstreams=["db"])
+    api = m.add("api", upstreams=["db"])
+    m.intend("db", {"web": "allow", "api": "deny"})
+    m.wait_passing(db)
+
+    m.wait_echo(web.up["db"])
+    # Refused by db itself (not for lack of an endpoint on api's side), with the agent's reason.
+    denied = re.compile(r"src=\S+/svc/" + re.escape(api.name)
+                        + r" dst=\S+ result=denied reason=\"agent authorize: [^\"]*intention")
+    wait_until(lambda: is_refused(api.up["db"]) and denied.search(db.proxy.log()), 30,
+               "api to be refused by db on the agent's word")
+    log = db.proxy.log()
+    assert re.search(r"authorized spiffe://\S+/svc/" + re.escape(web.name) + r" by the agent",
+                     log)
+
+    # Answers are cached (a second connection right away is answered from the cache)...
+    assert try_echo(web.up["db"])
+    db.proxy.wait_log(r"by the agent: [^\n]*\(cached\)")
+
+    # ...and dropped when the intentions change: the deny takes effect long before the
+    # 60 s cache would have expired on its own.
+    m.intend("db", {"web": "deny", "api": "allow"})
+    wait_until(lambda: is_refused(web.up["db"]), 20, "web to be refused after the deny")
+    m.wait_echo(api.up["db"], what="api allowed after the change")
