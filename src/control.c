@@ -63,6 +63,7 @@ struct authz_pending {
     struct control *ctl;
     struct authq_req *req;
     struct agent_req *areq;
+    uint64_t asked_under; /* ctl->intents_gen when the question left */
 };
 
 struct up_watch;
@@ -119,6 +120,7 @@ struct control {
     int have_leaf;
     struct tls_ctx *tls;
     struct intent_table *intents;
+    uint64_t intents_gen; /* counts changes of <intents>, for answers asked under an older one */
     struct dec_intention *rules; /* the last good match answer, kept to re-derive the table */
     size_t n_rules;
     int have_rules;
@@ -304,6 +306,7 @@ static void apply_intentions(struct control *ctl)
              intent_table_default_allow(t) ? "allow" : "deny");
     intent_table_unref(ctl->intents);
     ctl->intents = t;
+    ctl->intents_gen++;
     schedule_rebuild(ctl);
 }
 
@@ -782,6 +785,7 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
         ctl->have_leaf = 0;
         intent_table_unref(ctl->intents);
         ctl->intents = NULL;
+        ctl->intents_gen++;
         forget_rules(ctl);
         start_service_watches(ctl, cfg.service);
     }
@@ -1081,11 +1085,39 @@ static void authz_cache_put(struct control *ctl, const struct authq_req *r)
     e->expires_ms = now + r->cache_ms;
 }
 
+/*
+ * The agent answers /authorize from its own copy of the intentions, which reaches it by a
+ * blocking query of its own and so may lag behind ours or run ahead of it. An answer is kept
+ * only when the intentions did not change while it was asked (<asked_under> is still the
+ * current generation) and the current table decides the same way: two views that disagree
+ * mean one is stale, and a stale "allow" cached for authorize_cache_ms would outlive the deny
+ * that replaced it. An answer that is not kept still decides its own connection, as the
+ * agent's word; the next caller asks again.
+ */
+static int authz_cacheable(const struct control *ctl, uint64_t asked_under,
+                           const struct authq_req *r)
+{
+    struct spiffe_id id;
+    if (ctl->intents == NULL || asked_under != ctl->intents_gen)
+        return 0;
+    if (spiffe_parse(r->client_uri, strlen(r->client_uri), &id) != 0 || id.kind != SPIFFE_SERVICE)
+        return 0;
+    struct intent_decision d = intent_eval(ctl->intents, id.partition, id.ns, id.service);
+    if (d.allow != (r->allowed != 0)) {
+        LOG_DEBUG("authorize: the agent's answer for %s differs from the intentions here; "
+                  "not cached",
+                  r->client_uri);
+        return 0;
+    }
+    return 1;
+}
+
 static void on_authorized(void *data, const struct agent_response *resp)
 {
     struct authz_pending *p = data;
     struct control *ctl = p->ctl;
     struct authq_req *r = p->req;
+    uint64_t asked_under = p->asked_under;
     char err[256];
     if (p->prev != NULL)
         p->prev->next = p->next;
@@ -1098,7 +1130,7 @@ static void on_authorized(void *data, const struct agent_response *resp)
 
     if (resp->status == 200 && decode_authorize(resp->body, resp->body_len, &r->allowed, r->reason,
                                                 sizeof(r->reason), err, sizeof(err)) == 0) {
-        if (r->cache_ms > 0)
+        if (r->cache_ms > 0 && authz_cacheable(ctl, asked_under, r))
             authz_cache_put(ctl, r);
     } else {
         /* No answer means no: the caller is refused, and may try again. */
@@ -1143,6 +1175,7 @@ static void on_ask(struct loop *loop, void *data)
             char *body = decode_authorize_request_json(r->target, r->client_uri, r->client_serial);
             p->ctl = ctl;
             p->req = r;
+            p->asked_under = ctl->intents_gen;
             p->next = ctl->asking;
             if (p->next != NULL)
                 p->next->prev = p;

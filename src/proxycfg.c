@@ -66,7 +66,8 @@ static const struct key_def keys[] = {
      "thread; the connection waits in AUTHORIZE)."},
     {"authorize_cache_ms", SCOPE_PROXY, KEY_MS, "5000", 0, 600000,
      "authorize mode: how long an answer is reused for the same caller; 0 asks every time. "
-     "Cleared when the intentions change."},
+     "Cleared when the intentions change; an answer that disagrees with the intentions seen "
+     "here (one of the two views is stale) is not kept."},
     {"authorize_timeout_ms", SCOPE_PROXY, KEY_MS, "5000", 1, 600000,
      "authorize mode: how long a connection waits for the agent's answer before it is closed."},
     {"protocol", SCOPE_PROXY, KEY_IGNORED, "tcp", 0, 0,

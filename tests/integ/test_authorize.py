@@ -4,7 +4,9 @@ table, keeps answers a few seconds per caller, and forgets them when the intenti
 
 import re
 
-from mesh import EchoApp, is_refused, try_echo, wait_until
+import pytest
+
+from mesh import AgentInterposer, EchoApp, assert_refused, is_refused, try_echo, wait_until
 
 
 def test_authorize_mode_allows_and_denies_like_intentions(mesh):
@@ -36,3 +38,45 @@ def test_authorize_mode_allows_and_denies_like_intentions(mesh):
     m.intend("db", {"web": "deny", "api": "allow"})
     wait_until(lambda: is_refused(web.up["db"]), 20, "web to be refused after the deny")
     m.wait_echo(api.up["db"], what="api allowed after the change")
+
+
+@pytest.fixture
+def hop(agent):
+    """Requested before mesh, so it outlives the connectd processes that talk through it."""
+    h = AgentInterposer(agent.http_addr)
+    yield h
+    h.stop()
+
+
+def test_authorize_answer_that_disagrees_with_the_intentions_is_not_cached(hop, mesh):
+    """The agent answers /authorize from its own copy of the intentions, which can lag behind
+    the intention change the sidecar has already seen. Such an answer decides its connection
+    (it is the agent's word) but is not cached: otherwise a stale allow would outlive the deny
+    for the whole authorize_cache_ms."""
+    m = mesh
+    db_app = m.app(EchoApp)
+    db = m.add("db", app_port=db_app.port, start=False,
+               proxy_config={"authorization": "authorize", "authorize_cache_ms": 60000})
+    web = m.add("web", upstreams=["db"])
+    m.intend("db", {"web": "deny"})
+    # The agent behind the hop still "believes" web is allowed.
+    hop.authorize_answer = {"Authorized": True, "Reason": "stale copy: web allowed"}
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
+                                          hop.http_addr, "-log-level", "debug"])
+    db.proxy.wait_port(db.public_port)
+    db.proxy.wait_log(r"intentions for \S+: 1 rule\(s\)")
+    m.wait_passing(db)
+
+    m.wait_echo(web.up["db"], what="web allowed on the agent's (stale) word")
+    calls = hop.authorize_calls
+    assert try_echo(web.up["db"])
+    assert hop.authorize_calls > calls, "the second connection was not asked again"
+    log = db.proxy.log()
+    assert "by the agent: stale copy: web allowed" in log
+    assert "(cached)" not in log
+    assert "differs from the intentions here; not cached" in log
+
+    # The agent catches up: the deny applies to the very next connection, not 60 s later.
+    hop.authorize_answer = None
+    assert_refused(web.up["db"])
+    db.proxy.wait_log(r"result=denied reason=\"agent authorize: [^\"]*DENY")
