@@ -72,17 +72,38 @@ def _bindable(port, udp_too=False):
     return True
 
 
+def _port_span():
+    """Where free ports are drawn from: below the kernel's ephemeral range, so a port a test
+    frees (an agent it restarts on the same ports) is not taken meanwhile by some outgoing
+    connection's local end. None when that span is too small to draw from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            eph_lo = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    lo = 10000
+    return (lo, eph_lo) if eph_lo - lo >= 4000 else None
+
+
+_PORT_SPAN = _port_span()
+
+
 def free_port(udp_too=False):
     """A loopback port that was free a moment ago and that no other caller in this run got.
     With udp_too the same number must also be free for UDP (Consul's serf and DNS ports)."""
     with _ports_lock:
-        for _ in range(200):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((LOOPBACK, 0))
-            port = s.getsockname()[1]
-            s.close()
-            if port in _used_ports or (udp_too and not _bindable(port, udp_too=True)):
-                continue
+        for _ in range(400):
+            if _PORT_SPAN is not None:
+                port = random.randrange(*_PORT_SPAN)
+                if port in _used_ports or not _bindable(port, udp_too):
+                    continue
+            else:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((LOOPBACK, 0))
+                port = s.getsockname()[1]
+                s.close()
+                if port in _used_ports or (udp_too and not _bindable(port, udp_too=True)):
+                    continue
             _used_ports.add(port)
             return port
     raise RuntimeError("no free loopback port found")
@@ -91,9 +112,10 @@ def free_port(udp_too=False):
 def free_port_range(n):
     """n consecutive ports below the kernel's ephemeral range that are free now (for Consul's
     sidecar and expose ranges, which it only hands out and never binds itself)."""
+    lo, hi = _PORT_SPAN or (20000, 32000)
     with _ports_lock:
         for _ in range(200):
-            base = random.randrange(20000, 32000 - n)
+            base = random.randrange(lo, hi - n)
             ports = range(base, base + n)
             if any(p in _used_ports for p in ports):
                 continue
@@ -884,6 +906,74 @@ def issued_by(cert_der, issuer_pem):
         return True
     except (ValueError, TypeError, Exception):  # InvalidSignature has no common base
         return False
+
+
+class AgentInterposer:
+    """An HTTP hop between connectd and a real agent that passes every request through, except
+    that POST /v1/agent/connect/authorize is answered with <authorize_answer> (a dict) while
+    that is set. It stands in for an agent whose own copy of the intentions lags behind, which
+    a real agent does only for a moment and cannot be made to do on demand."""
+
+    def __init__(self, agent_http_addr):
+        import http.server
+
+        self.upstream = agent_http_addr
+        self.authorize_answer = None
+        self.authorize_calls = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _relay(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                if self.path.startswith("/v1/agent/connect/authorize"):
+                    outer.authorize_calls += 1
+                    canned = outer.authorize_answer
+                    if canned is not None:
+                        return self._answer(200, [("Content-Type", "application/json")],
+                                            json.dumps(canned).encode())
+                host, port = outer.upstream.rsplit(":", 1)
+                c = http.client.HTTPConnection(host, int(port), timeout=700)
+                try:
+                    hdrs = {k: v for k, v in self.headers.items()
+                            if k.lower() not in ("host", "connection", "content-length")}
+                    c.request(self.command, self.path, body=body, headers=hdrs)
+                    r = c.getresponse()
+                    data = r.read()
+                    keep = [(k, v) for k, v in r.getheaders()
+                            if k.lower() not in ("connection", "content-length",
+                                                 "transfer-encoding")]
+                    self._answer(r.status, keep, data)
+                finally:
+                    c.close()
+
+            def _answer(self, status, headers, data):
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = _relay
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def http_addr(self):
+        return f"{LOOPBACK}:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------
