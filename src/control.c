@@ -1404,7 +1404,7 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
     struct listener_sum *ls = NULL;
     struct source_sum *ss = NULL;
     size_t nl = 0, ns = 0;
-    uint64_t hs[SESSION_HS_COUNT] = {0};
+    uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}};
     uint64_t refused_max = 0, refused_rate = 0, idle = 0, lifetime = 0, reauth = 0,
              reauth_closed = 0;
     for (int i = 0; i < ctl->n_workers; i++) {
@@ -1421,6 +1421,9 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
             sum_source(&ss, &ns, &st->other_source);
         for (int r = 0; r < SESSION_HS_COUNT; r++)
             hs[r] += load(&st->handshake_failures[r]);
+        for (int d = 0; d < 2; d++)
+            for (int r = 0; r < 2; r++)
+                tls_hs[d][r] += load(&st->tls_handshakes[d][r]);
         refused_max += load(&st->counters.refused_max_connections);
         refused_rate += load(&st->counters.refused_rate);
         idle += load(&st->counters.closed_idle);
@@ -1461,6 +1464,16 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
                 "identity, by reason.");
     for (int r = 0; r < SESSION_HS_COUNT; r++)
         sample(b, "handshake_failures_total", "reason", session_handshake_reason_name(r), hs[r]);
+
+    metric_head(b, "tls_handshakes_total", "counter",
+                "Completed TLS handshakes by direction, and whether they resumed a session.");
+    for (int d = 0; d < 2; d++)
+        for (int r = 0; r < 2; r++)
+            admin_buf_printf(b,
+                             "connectd_tls_handshakes_total{direction=\"%s\",resumed=\"%s\"} "
+                             "%llu\n",
+                             d == 0 ? "inbound" : "outbound", r ? "true" : "false",
+                             (unsigned long long)tls_hs[d][r]);
 
     metric_head(b, "authorization_decisions_total", "counter",
                 "Inbound authorization decisions by source service and result (at most 256 "
@@ -1642,6 +1655,7 @@ static void render_config(const struct control *ctl, struct admin_reply *reply)
     json_kv_str(b, "max_version", tls_version_name(c->tls_max_version), 1);
     json_kv_str(b, "cipher_suites", c->tls_cipher_suites, 1);
     json_kv_num(b, "verify_trust_domain", c->verify_trust_domain, 1);
+    json_kv_num(b, "tls_resumption", c->tls_resumption, 1);
     json_kv_str(b, "leaf_serial", ctl->have_leaf ? ctl->leaf.serial : NULL, 1);
     json_kv_str(b, "leaf_valid_before", ctl->have_leaf ? ctl->leaf.valid_before : NULL, 1);
     json_kv_num(b, "leaf_not_after", tls_ctx_leaf_not_after(s->tls), 0);

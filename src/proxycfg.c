@@ -60,6 +60,10 @@ static const struct key_def keys[] = {
      "Require peers' SPIFFE IDs to be of the roots' trust domain; false accepts any trust "
      "domain whose certificate chains to a trusted root (CA migrations, providers without "
      "one)."},
+    {"tls_resumption", SCOPE_PROXY, KEY_BOOL, "true", 0, 0,
+     "Outbound: offer the session an earlier connection to the same endpoint received (TLS "
+     "session resumption, cheaper than a full mutual handshake; the peer's identity is still "
+     "checked). false runs a full handshake every time. Inbound resumption is always on."},
     {"authorization", SCOPE_PROXY, KEY_STRING, "intentions", 0, 0,
      "How inbound callers are authorized: intentions (the intention table the proxy watches) "
      "or authorize (POST /v1/agent/connect/authorize per new connection, from the control "
@@ -208,6 +212,8 @@ static int apply_kvs(struct proxy_cfg *c, enum key_scope scope, const char *wher
                 proxy->tls_cipher_suites = kv[i].str[0] ? xstrdup(kv[i].str) : NULL;
             } else if (strcmp(def->name, "verify_trust_domain") == 0) {
                 proxy->verify_trust_domain = (int)v;
+            } else if (strcmp(def->name, "tls_resumption") == 0) {
+                proxy->tls_resumption = (int)v;
             } else if (strcmp(def->name, "authorization") == 0) {
                 if (strcmp(kv[i].str, "intentions") == 0)
                     proxy->authorize_with_agent = 0;
@@ -329,6 +335,7 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
     out->local_connect_timeout_ms = 1000;
     out->handshake_timeout_ms = 10000;
     out->verify_trust_domain = 1;
+    out->tls_resumption = 1;
     out->authorize_cache_ms = 5000;
     out->authorize_timeout_ms = 5000;
     rc = apply_kvs(out, SCOPE_PROXY, "Proxy.Config", svc->config, svc->n_config, out, NULL, err,

@@ -51,6 +51,7 @@ struct proxy_cfg {
     int tls_max_version;     /* 0 (TLS_AUTO: none), 12 or 13 */
     char *tls_cipher_suites; /* NULL, or comma-separated IANA names (TLS 1.2 suites) */
     int verify_trust_domain; /* 1: peers must be of the roots' trust domain */
+    int tls_resumption;      /* 1: outbound connections resume sessions per endpoint */
     /* inbound authorization: 0 = the local intention table, 1 = ask the agent per connection */
     int authorize_with_agent;
     uint32_t authorize_cache_ms; /* reuse of an agent answer for the same caller; 0 = never */

@@ -575,7 +575,11 @@ static void start_handshake_out(struct session *s)
     char sni[1024];
     expected_identity(s, s->tgt, s->ep, &want_id);
     target_sni(s, &want_id, sni, sizeof(sni));
-    s->end[1].tls = tls_conn_new_client(s->snap->tls, s->end[1].fd, sni);
+    /* Sessions are kept per endpoint and name: the next connection to this sidecar resumes. */
+    char key[sizeof(s->ep_name) + sizeof(sni) + 1];
+    snprintf(key, sizeof(key), "%s|%s", s->ep_name, sni);
+    s->end[1].tls = tls_conn_new_client(s->snap->tls, s->end[1].fd, sni,
+                                        s->snap->cfg.tls_resumption ? key : NULL);
     if (s->end[1].tls == NULL) {
         finish(s, "error", "cannot allocate a TLS connection");
         return;
@@ -821,6 +825,7 @@ static void advance(struct session *s)
                 finish(s, "tls_error", tls_conn_error(s->end[0].tls));
                 return;
             }
+            STAT_ADD(s->host->stats->tls_handshakes[0][tls_conn_resumed(s->end[0].tls)], 1);
             loop_timer_stop(s->host->loop, &s->timer);
             authorize(s);
         } else if (rc != 0) {
@@ -828,6 +833,7 @@ static void advance(struct session *s)
             snprintf(why, sizeof(why), "TLS handshake: %s", tls_conn_error(s->end[1].tls));
             try_next_endpoint(s, why);
         } else {
+            STAT_ADD(s->host->stats->tls_handshakes[1][tls_conn_resumed(s->end[1].tls)], 1);
             verify_peer(s);
         }
         return;

@@ -77,6 +77,7 @@ struct session_source_stats {
 struct session_stats {
     struct session_counters counters;
     atomic_uint_fast64_t handshake_failures[SESSION_HS_COUNT];
+    atomic_uint_fast64_t tls_handshakes[2][2]; /* [0 inbound, 1 outbound][1 resumed] */
     atomic_size_t n_listeners;
     struct session_listener_stats listeners[SESSION_STATS_MAX_LISTENERS];
     struct session_listener_stats other_listener; /* when the table is full */

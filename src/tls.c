@@ -17,6 +17,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -45,15 +46,37 @@
 #define TLS_SESSION_CACHE_SIZE 1024
 static const unsigned char session_id_context[] = "connectd";
 
+/*
+ * Client-side resumption. The sessions peers issue are kept per peer key (endpoint and SNI)
+ * so that the next connection to the same sidecar resumes instead of running a full mutual
+ * handshake. A stateful TLS 1.3 server (ours: SSL_OP_NO_TICKET) accepts each ticket once, so a
+ * session is taken out when it is offered; every handshake brings one new ticket back. A few
+ * per peer cover connections opened at the same moment.
+ */
+#define TLS_CLIENT_SESSIONS          256
+#define TLS_CLIENT_SESSIONS_PER_PEER 4
+
+struct client_session {
+    uint64_t hash; /* of key; 0 marks a free slot */
+    uint64_t seq;  /* arrival order: the oldest goes first */
+    SSL_SESSION *sess;
+    char *key;
+};
+
 struct tls_ctx {
     atomic_uint refs;
     SSL_CTX *server;
     SSL_CTX *client;
     long long leaf_not_after;
+    /* the client's sessions, shared by every worker (allocated on first use) */
+    pthread_mutex_t sess_lock;
+    uint64_t sess_seq;
+    struct client_session *sessions;
 };
 
 struct tls_conn {
     SSL *ssl;
+    char *resume_key;   /* client: where this connection's sessions are kept; NULL: not kept */
     unsigned wants;     /* LOOP_READ / LOOP_WRITE wanted by the last -EAGAIN */
     int shutdown_sent;  /* close_notify is out (or queued inside OpenSSL) */
     int fatal;          /* SSL_ERROR_SSL/SYSCALL seen: SSL_shutdown() must not be called */
@@ -125,6 +148,107 @@ static int ctx_fail(char *err, size_t errlen, int code, const char *what)
         ERR_clear_error();
     }
     return code;
+}
+
+/* ---- client sessions ----------------------------------------------------------------------- */
+
+static uint64_t key_hash(const char *key)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)key; *p != '\0'; p++)
+        h = (h ^ *p) * 1099511628211ULL;
+    return h != 0 ? h : 1;
+}
+
+static void slot_clear(struct client_session *e)
+{
+    SSL_SESSION_free(e->sess);
+    free(e->key);
+    memset(e, 0, sizeof(*e));
+}
+
+/* Keeps <sess> (ownership moves here) for <key>, the newest of at most a few per peer. */
+static void session_put(struct tls_ctx *ctx, const char *key, SSL_SESSION *sess)
+{
+    uint64_t h = key_hash(key);
+    pthread_mutex_lock(&ctx->sess_lock);
+    if (ctx->sessions == NULL)
+        ctx->sessions = xcalloc(TLS_CLIENT_SESSIONS, sizeof(*ctx->sessions));
+    struct client_session *free_slot = NULL, *oldest = NULL, *oldest_same = NULL;
+    int same = 0;
+    for (size_t i = 0; i < TLS_CLIENT_SESSIONS; i++) {
+        struct client_session *e = &ctx->sessions[i];
+        if (e->hash == 0) {
+            if (free_slot == NULL)
+                free_slot = e;
+            continue;
+        }
+        if (oldest == NULL || e->seq < oldest->seq)
+            oldest = e;
+        if (e->hash == h && strcmp(e->key, key) == 0) {
+            same++;
+            if (oldest_same == NULL || e->seq < oldest_same->seq)
+                oldest_same = e;
+        }
+    }
+    struct client_session *e = same >= TLS_CLIENT_SESSIONS_PER_PEER ? oldest_same
+                               : free_slot != NULL                  ? free_slot
+                                                                    : oldest;
+    if (e->hash != 0)
+        slot_clear(e);
+    e->hash = h;
+    e->seq = ++ctx->sess_seq;
+    e->sess = sess;
+    e->key = xstrdup(key);
+    pthread_mutex_unlock(&ctx->sess_lock);
+}
+
+/* Takes the newest unexpired session kept for <key> (the caller owns it), or NULL. */
+static SSL_SESSION *session_take(struct tls_ctx *ctx, const char *key)
+{
+    uint64_t h = key_hash(key);
+    time_t now = time(NULL);
+    SSL_SESSION *sess = NULL;
+    pthread_mutex_lock(&ctx->sess_lock);
+    for (;;) {
+        struct client_session *best = NULL;
+        for (size_t i = 0; ctx->sessions != NULL && i < TLS_CLIENT_SESSIONS; i++) {
+            struct client_session *e = &ctx->sessions[i];
+            if (e->hash == h && strcmp(e->key, key) == 0 && (best == NULL || e->seq > best->seq))
+                best = e;
+        }
+        if (best == NULL)
+            break;
+        sess = best->sess;
+        best->sess = NULL;
+        slot_clear(best);
+        if ((time_t)SSL_SESSION_get_time(sess) + (time_t)SSL_SESSION_get_timeout(sess) > now)
+            break;
+        SSL_SESSION_free(sess); /* expired: the server has forgotten it too */
+        sess = NULL;
+    }
+    pthread_mutex_unlock(&ctx->sess_lock);
+    return sess;
+}
+
+/*
+ * OpenSSL hands over each session a server issues (in TLS 1.3, after the handshake). A copy is
+ * kept: OpenSSL marks the connection's own object unusable when the connection ends without
+ * close_notify, which must not cost the next connection its resumption.
+ */
+static int on_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    const struct tls_conn *c = SSL_get_app_data(ssl);
+    struct tls_ctx *ctx = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+    if (c == NULL || c->resume_key == NULL || ctx == NULL || !SSL_SESSION_is_resumable(sess))
+        return 0;
+    SSL_SESSION *copy = SSL_SESSION_dup(sess);
+    if (copy == NULL) {
+        ERR_clear_error();
+        return 0;
+    }
+    session_put(ctx, c->resume_key, copy);
+    return 0; /* OpenSSL keeps and frees its own reference */
 }
 
 /* ---- contexts ------------------------------------------------------------------------------ */
@@ -418,8 +542,12 @@ int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *ro
         rc = ctx_fail(err, errlen, ERR_BAD_CERT, "cannot set session id context");
         goto out;
     }
-    /* Outbound: the server's chain is verified (purpose sslserver); identity is checked later. */
+    /* Outbound: the server's chain is verified (purpose sslserver); identity is checked later.
+     * Sessions are kept by this module (session_put), not in OpenSSL's client cache. */
     SSL_CTX_set_verify(client, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_session_cache_mode(client,
+                                   SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(client, on_new_session);
 
     if (!ASN1_TIME_to_tm(X509_get0_notAfter(leaf), &tm)) {
         rc = ctx_fail(err, errlen, ERR_BAD_CERT, "certificate: unreadable notAfter");
@@ -431,6 +559,8 @@ int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *ro
     ctx->server = server;
     ctx->client = client;
     ctx->leaf_not_after = (long long)timegm(&tm);
+    pthread_mutex_init(&ctx->sess_lock, NULL);
+    SSL_CTX_set_app_data(client, ctx);
     server = client = NULL;
     *out = ctx;
     rc = 0;
@@ -461,6 +591,11 @@ void tls_ctx_unref(struct tls_ctx *ctx)
         return;
     SSL_CTX_free(ctx->server);
     SSL_CTX_free(ctx->client);
+    for (size_t i = 0; ctx->sessions != NULL && i < TLS_CLIENT_SESSIONS; i++)
+        if (ctx->sessions[i].hash != 0)
+            slot_clear(&ctx->sessions[i]);
+    free(ctx->sessions);
+    pthread_mutex_destroy(&ctx->sess_lock);
     free(ctx);
 }
 
@@ -483,6 +618,7 @@ static struct tls_conn *conn_new(SSL_CTX *sc, int fd)
     }
     struct tls_conn *c = xcalloc(1, sizeof(*c));
     c->ssl = ssl;
+    SSL_set_app_data(ssl, c);
     return c;
 }
 
@@ -494,7 +630,8 @@ struct tls_conn *tls_conn_new_server(struct tls_ctx *ctx, int fd)
     return c;
 }
 
-struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sni)
+struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sni,
+                                     const char *resume_key)
 {
     struct tls_conn *c = conn_new(ctx->client, fd);
     if (c == NULL)
@@ -506,6 +643,18 @@ struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sn
         ERR_clear_error();
         c->preset = "SNI name rejected (too long?)";
     }
+    if (resume_key != NULL) {
+        c->resume_key = xstrdup(resume_key);
+        SSL_SESSION *sess = session_take(ctx, resume_key);
+        if (sess != NULL) {
+            /* No chain is verified again on resumption: the session carries the peer
+             * certificate verified when it was made, under this same context's roots, and
+             * the caller still checks the identity in it. */
+            if (!SSL_set_session(c->ssl, sess))
+                ERR_clear_error();
+            SSL_SESSION_free(sess);
+        }
+    }
     return c;
 }
 
@@ -514,6 +663,7 @@ void tls_conn_free(struct tls_conn *c)
     if (c == NULL)
         return;
     SSL_free(c->ssl);
+    free(c->resume_key);
     free(c);
 }
 
@@ -716,6 +866,11 @@ int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len)
     }
     buf[at] = '\0';
     return (int)at;
+}
+
+int tls_conn_resumed(const struct tls_conn *c)
+{
+    return SSL_session_reused(c->ssl) == 1;
 }
 
 const char *tls_conn_version(const struct tls_conn *c)

@@ -50,10 +50,15 @@ long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx);
  * Creates a connection over the connected non-blocking socket <fd> (not owned: the caller
  * closes it after tls_conn_free()). A server connection requires and verifies the client's
  * certificate; a client connection sends <sni> (may be NULL) and verifies the server's chain.
+ * With a <resume_key> (the peer: endpoint and SNI) a client offers a session an earlier
+ * connection to that key received, when the context holds one, and keeps the sessions it
+ * receives under that key; NULL runs full handshakes only. Resumed or not, the peer
+ * certificate is the one verified under this context's roots.
  * Returns NULL only when OpenSSL cannot allocate.
  */
 struct tls_conn *tls_conn_new_server(struct tls_ctx *ctx, int fd);
-struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sni);
+struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sni,
+                                     const char *resume_key);
 void tls_conn_free(struct tls_conn *c);
 
 /* Drives the handshake: 0 when complete, -EAGAIN to wait, or an error (ERR_TLS). */
@@ -93,6 +98,8 @@ int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len);
  * the form Consul uses. Returns the length, ERR_NO_URI without a verified peer, or -ENOSPC.
  */
 int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len);
+/* 1 when the completed handshake resumed an earlier session. */
+int tls_conn_resumed(const struct tls_conn *c);
 /* Negotiated protocol ("TLSv1.3") and cipher, for logs. */
 const char *tls_conn_version(const struct tls_conn *c);
 const char *tls_conn_cipher(const struct tls_conn *c);

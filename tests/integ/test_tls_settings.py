@@ -6,8 +6,9 @@ import re
 import ssl
 import subprocess
 
-from mesh import (LOOPBACK, EchoApp, assert_tls_refused, make_ca, make_leaf, recv_exact,
-                  tls_client_context, tls_connect, wait_until, write_leaf_files, write_text)
+from mesh import (LOOPBACK, EchoApp, admin_args, admin_get, assert_tls_refused, is_refused,
+                  make_ca, make_leaf, metric, parse_metrics, recv_exact, tls_client_context,
+                  tls_connect, try_echo, wait_until, write_leaf_files, write_text)
 
 
 def _s_client(port, paths, cafile, *extra):
@@ -107,3 +108,52 @@ def _tls_echo(port, ctx, payload=b"tls ping\n"):
             return recv_exact(s, len(payload), 5) == payload
     except (OSError, ssl.SSLError):
         return False
+
+
+def _handshakes(port, direction):
+    """(full, resumed) TLS handshakes a sidecar's /metrics counts in <direction>."""
+    status, body = admin_get(port, "/metrics")
+    assert status == 200, body
+    ms = parse_metrics(body)
+    return tuple(int(metric(ms, "connectd_tls_handshakes_total", direction=direction,
+                            resumed=r)) for r in ("false", "true"))
+
+
+def test_sessions_resume_between_sidecars(mesh):
+    """The next connection to the same sidecar resumes the TLS session of an earlier one (a
+    cheaper handshake); the caller's identity is still known and authorized on resumption, and
+    tls_resumption = false runs full handshakes."""
+    m = mesh
+    app = m.app(EchoApp)
+    db = m.add("db", app_port=app.port, start=False)
+    db_admin, db_port = admin_args()
+    m.start(db, extra_args=db_admin)
+    web = m.add("web", upstreams=["db"], start=False)
+    web_admin, web_port = admin_args()
+    m.start(web, extra_args=web_admin)
+    full = m.add("full", upstreams=["db"], start=False,
+                 proxy_config={"tls_resumption": False})
+    full_admin, full_port = admin_args()
+    m.start(full, extra_args=full_admin)
+    m.wait_passing(db)
+
+    m.wait_echo(web.up["db"])
+    for _ in range(3):
+        assert try_echo(web.up["db"])
+    f, r = _handshakes(web_port, "outbound")
+    assert r >= 3 and f >= 1, f"web outbound: {f} full, {r} resumed"
+    assert _handshakes(db_port, "inbound")[1] >= 3
+    # Every connection, resumed or not, was decided on web's identity.
+    ok = re.findall(r"src=(\S+) dst=\S+ result=ok", db.proxy.log())
+    assert len(ok) >= 4 and all(s.endswith("/svc/" + web.name) for s in ok), ok
+
+    for _ in range(3):
+        m.wait_echo(full.up["db"])
+    f, r = _handshakes(full_port, "outbound")
+    assert r == 0 and f >= 3, f"full outbound: {f} full, {r} resumed"
+
+    # A resumed session is no way around the intentions.
+    resumed_before = _handshakes(db_port, "inbound")[1]
+    m.intend("db", {"web": "deny"})
+    wait_until(lambda: is_refused(web.up["db"]), 20, "web refused after the deny")
+    assert _handshakes(db_port, "inbound")[1] > resumed_before

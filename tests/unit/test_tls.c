@@ -347,20 +347,28 @@ static int read_until_error(struct tls_conn *c, int fd)
 struct duo {
     int fds[2];
     struct end cli, srv;
+    const char *resume_key; /* the client's, for duo_open_resuming */
 };
 
-static void duo_open(struct duo *d, struct tls_ctx *cli_ctx, struct tls_ctx *srv_ctx,
-                     const char *sni)
+static void duo_open_resuming(struct duo *d, struct tls_ctx *cli_ctx, struct tls_ctx *srv_ctx,
+                              const char *sni, const char *resume_key)
 {
     memset(d, 0, sizeof(*d));
+    d->resume_key = resume_key;
     pair(d->fds);
     d->cli.fd = d->fds[0];
     d->srv.fd = d->fds[1];
-    d->cli.tc = tls_conn_new_client(cli_ctx, d->cli.fd, sni);
+    d->cli.tc = tls_conn_new_client(cli_ctx, d->cli.fd, sni, d->resume_key);
     d->srv.tc = tls_conn_new_server(srv_ctx, d->srv.fd);
     assert_non_null(d->cli.tc);
     assert_non_null(d->srv.tc);
     handshake_both(&d->cli, &d->srv);
+}
+
+static void duo_open(struct duo *d, struct tls_ctx *cli_ctx, struct tls_ctx *srv_ctx,
+                     const char *sni)
+{
+    duo_open_resuming(d, cli_ctx, srv_ctx, sni, NULL);
 }
 
 static void duo_close(struct duo *d)
@@ -562,7 +570,7 @@ static void test_peer_without_uri(void **state)
     pair(d.fds);
     d.cli.fd = d.fds[0];
     d.srv.fd = d.fds[1];
-    d.cli.tc = tls_conn_new_client(web, d.cli.fd, "");
+    d.cli.tc = tls_conn_new_client(web, d.cli.fd, "", NULL);
     d.srv.tc = tls_conn_new_server(nouri, d.srv.fd);
     char uri[256];
     assert_int_equal(tls_conn_peer_uri(d.cli.tc, uri, sizeof(uri)), ERR_NO_URI); /* too early */
@@ -588,7 +596,7 @@ static void test_sni(void **state)
         pair(d.fds);
         d.cli.fd = d.fds[0];
         d.srv.fd = d.fds[1];
-        d.cli.tc = tls_conn_new_client(web, d.cli.fd, cases[i][0]);
+        d.cli.tc = tls_conn_new_client(web, d.cli.fd, cases[i][0], NULL);
         d.srv.raw = SSL_new(raw);
         assert_true(SSL_set_fd(d.srv.raw, d.srv.fd));
         SSL_set_accept_state(d.srv.raw);
@@ -610,7 +618,7 @@ static void test_sni(void **state)
     longname[sizeof(longname) - 1] = '\0';
     int fds[2];
     pair(fds);
-    struct tls_conn *c = tls_conn_new_client(web, fds[0], longname);
+    struct tls_conn *c = tls_conn_new_client(web, fds[0], longname, NULL);
     assert_non_null(c);
     assert_int_equal(tls_handshake(c), ERR_TLS);
     assert_non_null(strstr(tls_conn_error(c), "SNI"));
@@ -677,6 +685,60 @@ static void test_session_resumption(void **state)
     }
     SSL_SESSION_free(sess);
     SSL_CTX_free(raw);
+    tls_ctx_unref(db);
+}
+
+/*
+ * Resumption between two connectd ends: the client keeps the session the server issued under
+ * its resume key and offers it on the next connection to the same key, once (a stateful TLS
+ * 1.3 ticket is single-use, and each handshake brings a new one). Both ends still know the
+ * peer's identity. A client connection freed without close_notify does not spoil the kept
+ * session; no key, or another key, means a full handshake.
+ */
+static void test_client_resumption(void **state)
+{
+    (void)state;
+    struct tls_ctx *web = ctx_for(&pki.web, &pki.ca1);
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    static const struct {
+        const char *key;
+        int resumed;
+    } rounds[] = {
+        {"127.0.0.1:1|" SNI_DB, 0}, /* nothing kept yet */
+        {"127.0.0.1:1|" SNI_DB, 1}, /* the ticket of round 0 */
+        {NULL, 0},                  /* resumption not asked for */
+        {"127.0.0.1:2|" SNI_DB, 0}, /* another peer */
+        {"127.0.0.1:1|" SNI_DB, 1}, /* the ticket of round 1 */
+        {"127.0.0.1:1|" SNI_DB, 1}, /* of round 4: each handshake brings one */
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(rounds); i++) {
+        struct duo d;
+        duo_open_resuming(&d, web, db, SNI_DB, rounds[i].key);
+        assert_int_equal(d.cli.rc, 0);
+        assert_int_equal(d.srv.rc, 0);
+        if (tls_conn_resumed(d.cli.tc) != rounds[i].resumed)
+            fail_msg("round %zu: resumed %d, want %d", i, tls_conn_resumed(d.cli.tc),
+                     rounds[i].resumed);
+        assert_int_equal(tls_conn_resumed(d.srv.tc), rounds[i].resumed);
+        assert_peer_uri(d.cli.tc, URI_DB);
+        assert_peer_uri(d.srv.tc, URI_WEB);
+        /* TLS 1.3 tickets arrive after the handshake: a byte read takes them in. */
+        char c;
+        write_all(d.srv.tc, d.srv.fd, "x", 1);
+        read_exact(d.cli.tc, d.cli.fd, &c, 1);
+        /* The server ends cleanly (its cache keeps the session); the client just goes. */
+        assert_int_equal(tls_shutdown(d.srv.tc), 0);
+        duo_close(&d);
+    }
+    /* A session never outlives its context: a new generation starts without any. */
+    struct tls_ctx *web2 = ctx_for(&pki.web, &pki.ca1);
+    struct duo d;
+    duo_open_resuming(&d, web2, db, SNI_DB, "127.0.0.1:1|" SNI_DB);
+    assert_int_equal(d.cli.rc, 0);
+    assert_int_equal(tls_conn_resumed(d.cli.tc), 0);
+    duo_close(&d);
+    tls_ctx_unref(web2);
+    tls_ctx_unref(web);
     tls_ctx_unref(db);
 }
 
@@ -908,7 +970,7 @@ static void test_ctx_dropped_under_connection(void **state)
     d.srv.fd = d.fds[1];
     assert_ptr_equal(tls_ctx_ref(web), web);
     tls_ctx_unref(web); /* back to one reference */
-    d.cli.tc = tls_conn_new_client(web, d.cli.fd, NULL);
+    d.cli.tc = tls_conn_new_client(web, d.cli.fd, NULL, NULL);
     d.srv.tc = tls_conn_new_server(db, d.srv.fd);
     tls_ctx_unref(web);
     tls_ctx_unref(db);
@@ -1068,6 +1130,7 @@ int main(void)
         cmocka_unit_test(test_peer_without_uri),
         cmocka_unit_test(test_sni),
         cmocka_unit_test(test_session_resumption),
+        cmocka_unit_test(test_client_resumption),
         cmocka_unit_test(test_bulk_both_ways),
         cmocka_unit_test(test_pending),
         cmocka_unit_test(test_half_close_tls13),
