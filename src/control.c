@@ -798,9 +798,13 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
     if (tls_changed &&
         (cfg.tls_min_version || cfg.tls_max_version || cfg.tls_cipher_suites || ctl->tls != NULL))
         install_tls(ctl, ctl->have_leaf ? &ctl->leaf : NULL, ctl->have_roots ? &ctl->roots : NULL);
-    LOG_INFO("%s %s: service %s, public %s:%d -> %s:%d, %zu upstream(s)", source, cfg.proxy_id,
-             cfg.service, cfg.bind_address, cfg.bind_port, cfg.local_address, cfg.local_port,
-             cfg.n_upstreams);
+    char pub[300];
+    if (cfg.bind_port == 0 && cfg.bind_socket_path[0] != '\0')
+        snprintf(pub, sizeof(pub), "unix:%s", cfg.bind_socket_path);
+    else
+        snprintf(pub, sizeof(pub), "%s:%d", cfg.bind_address, cfg.bind_port);
+    LOG_INFO("%s %s: service %s, public %s -> %s:%d, %zu upstream(s)", source, cfg.proxy_id,
+             cfg.service, pub, cfg.local_address, cfg.local_port, cfg.n_upstreams);
     schedule_rebuild(ctl);
 }
 
@@ -1629,12 +1633,16 @@ static void render_config(const struct control *ctl, struct admin_reply *reply)
     json_kv_str(b, "partition", c->partition, 1);
     json_kv_str(b, "trust_domain", s->trust_domain, 1);
     admin_buf_add(b, "\"public_listener\":", 18);
-    if (c->bind_port == 0) {
+    if (c->bind_port == 0 && c->bind_socket_path[0] == '\0') {
         admin_buf_add(b, "null,", 5);
     } else {
         admin_buf_add(b, "{", 1);
-        json_kv_str(b, "address", c->bind_address, 1);
-        json_kv_num(b, "port", c->bind_port, 1);
+        if (c->bind_port != 0) {
+            json_kv_str(b, "address", c->bind_address, 1);
+            json_kv_num(b, "port", c->bind_port, 1);
+        } else {
+            json_kv_str(b, "socket_path", c->bind_socket_path, 1);
+        }
         admin_buf_add(b, "\"limits\":", 9);
         json_limits(b, &c->limits);
         admin_buf_add(b, "},", 2);

@@ -348,7 +348,9 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         goto out;
     }
     out->local_socket_path = xstrdup(out->local_port == 0 ? svc->local_service_socket_path : "");
-    if (out->bind_port != 0 && out->local_port == 0 && out->local_socket_path[0] == '\0') {
+    out->bind_socket_path = xstrdup(out->bind_port == 0 ? svc->socket_path : "");
+    if ((out->bind_port != 0 || out->bind_socket_path[0] != '\0') && out->local_port == 0 &&
+        out->local_socket_path[0] == '\0') {
         rc = fail(err, errlen, "service \"%s\": Proxy.LocalServicePort is not set%s", svc->id, "");
         goto out;
     }
@@ -493,6 +495,7 @@ void proxycfg_dispose(struct proxy_cfg *c)
     free(c->ns);
     free(c->partition);
     free(c->bind_address);
+    free(c->bind_socket_path);
     free(c->local_address);
     free(c->local_socket_path);
     free(c->tls_cipher_suites);
@@ -520,6 +523,7 @@ void proxycfg_copy(struct proxy_cfg *dst, const struct proxy_cfg *src)
     dst->ns = dup_or_null(src->ns);
     dst->partition = dup_or_null(src->partition);
     dst->bind_address = dup_or_null(src->bind_address);
+    dst->bind_socket_path = dup_or_null(src->bind_socket_path);
     dst->local_address = dup_or_null(src->local_address);
     dst->local_socket_path = dup_or_null(src->local_socket_path);
     dst->tls_cipher_suites = dup_or_null(src->tls_cipher_suites);

@@ -39,8 +39,10 @@ struct proxy_cfg {
     char *datacenter;
     char *ns;
     char *partition;
-    char *bind_address; /* public listener */
-    int bind_port;      /* 0 = no public listener */
+    char *bind_address;     /* public listener */
+    int bind_port;          /* 0 = no TCP public listener */
+    char *bind_socket_path; /* the registration's SocketPath when it has no port: the public
+                               listener is this unix socket; else "" */
     char *local_address;
     int local_port;
     char *local_socket_path; /* Proxy.LocalServiceSocketPath; "" = local_address:local_port */

@@ -195,6 +195,8 @@ static void reconcile_listeners(struct worker *w, const struct snapshot *s)
         if (s->cfg.bind_port != 0)
             failed |= add_listener(w, &old, &fresh, "public", s->cfg.bind_address, s->cfg.bind_port,
                                    -1, 1);
+        else if (s->cfg.bind_socket_path[0] != '\0' && w->index == 0)
+            failed |= add_listener(w, &old, &fresh, "public", s->cfg.bind_socket_path, -1, -1, 1);
         for (size_t i = 0; i < s->cfg.n_upstreams; i++) {
             const struct upstream_cfg *u = &s->cfg.upstreams[i];
             /* A unix socket path cannot be shared with SO_REUSEPORT: worker 0 owns it. */

@@ -275,6 +275,33 @@ def test_local_app_on_unix_socket(mesh, tmp_path):
 
 
 
+def test_sidecar_listening_on_a_unix_socket(mesh, tmp_path):
+    """A proxy registered with a SocketPath and no Port listens on that unix socket, and
+    callers dial the endpoint's SocketPath instead of address:port."""
+    m, api = mesh, mesh.api
+    db_name = m.name("db")
+    proxy_id = db_name + "-sock-proxy"
+    path = str(tmp_path / "db-public.sock")
+    app = m.app(NameApp, "db over a unix socket")
+    api.register({"Kind": "connect-proxy", "ID": proxy_id, "Name": proxy_id, "SocketPath": path,
+                  "Proxy": {"DestinationServiceName": db_name, "LocalServiceAddress": LOOPBACK,
+                            "LocalServicePort": app.port}})
+    m.registered.append(proxy_id)
+    proc = m.start_connectd(proxy_id, ["-proxy-id", proxy_id, "-http-addr", m.agent.http_addr,
+                                       "-log-level", "debug", "-workers", "2"])
+    proc.wait_log(r"listening on unix " + path + r" \(public\)")
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+
+    web = m.add("web", upstreams=["db"])
+    wait_until(lambda: who(web.up["db"]) == "db over a unix socket", 30,
+               "web to reach db through its unix-socket listener", interval=0.2)
+    web.proxy.wait_log(r"endpoint unix:" + path)
+    proc.wait_log(r"conn=\d+ in peer=unix src=\S+/svc/" + web.name + r" dst=\S+ result=ok")
+    # Stopping connectd removes its socket file.
+    assert proc.stop() == []
+    m.procs.remove(proc)
+    assert not os.path.exists(path)
+
 def test_upstream_datacenter_compiles_the_chain_there(mesh):
     m = mesh
     db = m.add("db", app_port=m.app(NameApp, "db").port)
