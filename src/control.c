@@ -62,6 +62,7 @@ struct authz_pending {
     struct authz_pending *next, *prev;
     struct control *ctl;
     struct authq_req *req;
+    struct authq_req *waiters; /* the same question, asked again before the answer came */
     struct agent_req *areq;
     uint64_t asked_under; /* ctl->intents_gen when the question left */
 };
@@ -1122,6 +1123,7 @@ static void on_authorized(void *data, const struct agent_response *resp)
     struct control *ctl = p->ctl;
     struct authq_req *r = p->req;
     uint64_t asked_under = p->asked_under;
+    struct authq_req *waiters = p->waiters;
     char err[256];
     if (p->prev != NULL)
         p->prev->next = p->next;
@@ -1148,7 +1150,35 @@ static void on_authorized(void *data, const struct agent_response *resp)
             snprintf(r->reason, sizeof(r->reason),
                      "POST /v1/agent/connect/authorize: transport error: %s", resp->error);
     }
+    int shared = 0;
+    while (waiters != NULL) {
+        struct authq_req *w = waiters;
+        waiters = w->next;
+        w->allowed = r->allowed;
+        snprintf(w->reason, sizeof(w->reason), "%s", r->reason);
+        authq_box_post(w->reply, w);
+        shared++;
+    }
+    if (shared > 0)
+        LOG_DEBUG("authorize: the answer for %s also decided %d connection(s) that asked "
+                  "meanwhile",
+                  r->client_uri, shared);
     authq_box_post(r->reply, r);
+}
+
+/*
+ * A question already on its way to the agent under the current intentions: a burst of
+ * connections from one caller (or the same caller on many connections at once) makes one
+ * request, not one each. NULL when there is none.
+ */
+static struct authz_pending *authz_asking(const struct control *ctl, const struct authq_req *r)
+{
+    for (struct authz_pending *p = ctl->asking; p != NULL; p = p->next)
+        if (p->asked_under == ctl->intents_gen && strcmp(p->req->client_uri, r->client_uri) == 0 &&
+            strcmp(p->req->target, r->target) == 0 &&
+            strcmp(p->req->client_serial, r->client_serial) == 0)
+            return p;
+    return NULL;
 }
 
 static void on_ask(struct loop *loop, void *data)
@@ -1170,10 +1200,14 @@ static void on_ask(struct loop *loop, void *data)
     while (r != NULL) {
         struct authq_req *next = r->next;
         const struct authz_entry *e = r->cache_ms > 0 ? authz_cache_find(ctl, r) : NULL;
+        struct authz_pending *same = e == NULL ? authz_asking(ctl, r) : NULL;
         if (e != NULL) {
             r->allowed = e->allowed;
             snprintf(r->reason, sizeof(r->reason), "%.200s (cached)", e->reason);
             authq_box_post(r->reply, r);
+        } else if (same != NULL) {
+            r->next = same->waiters;
+            same->waiters = r;
         } else {
             struct authz_pending *p = xcalloc(1, sizeof(*p));
             char *body = decode_authorize_request_json(r->target, r->client_uri, r->client_serial);
@@ -1991,6 +2025,11 @@ out:
         ctl.asking = p->next;
         agent_cancel(p->areq);
         authq_req_free(p->req);
+        while (p->waiters != NULL) {
+            struct authq_req *w = p->waiters;
+            p->waiters = w->next;
+            authq_req_free(w);
+        }
         free(p);
     }
     authq_box_free(ctl.ask);

@@ -911,14 +911,16 @@ def issued_by(cert_der, issuer_pem):
 class AgentInterposer:
     """An HTTP hop between connectd and a real agent that passes every request through, except
     that POST /v1/agent/connect/authorize is answered with <authorize_answer> (a dict) while
-    that is set. It stands in for an agent whose own copy of the intentions lags behind, which
-    a real agent does only for a moment and cannot be made to do on demand."""
+    that is set, and passes it on <authorize_delay> seconds late otherwise. It stands in for an
+    agent whose own copy of the intentions lags behind, or that is slow to answer, which a real
+    agent does only for a moment and cannot be made to do on demand."""
 
     def __init__(self, agent_http_addr):
         import http.server
 
         self.upstream = agent_http_addr
         self.authorize_answer = None
+        self.authorize_delay = 0.0
         self.authorize_calls = 0
         outer = self
 
@@ -937,6 +939,7 @@ class AgentInterposer:
                     if canned is not None:
                         return self._answer(200, [("Content-Type", "application/json")],
                                             json.dumps(canned).encode())
+                    time.sleep(outer.authorize_delay)
                 host, port = outer.upstream.rsplit(":", 1)
                 c = http.client.HTTPConnection(host, int(port), timeout=700)
                 try:

@@ -3,6 +3,7 @@ from its control thread) about each new inbound caller instead of consulting its
 table, keeps answers a few seconds per caller, and forgets them when the intentions change."""
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -80,3 +81,35 @@ def test_authorize_answer_that_disagrees_with_the_intentions_is_not_cached(hop, 
     hop.authorize_answer = None
     assert_refused(web.up["db"])
     db.proxy.wait_log(r"result=denied reason=\"agent authorize: [^\"]*DENY")
+
+
+def test_concurrent_questions_from_one_caller_make_one_request(hop, mesh):
+    """A burst of connections from one caller while its question is out waits for that one
+    answer instead of asking the agent once per connection (authorize_cache_ms = 0 still asks
+    anew for every connection that arrives after the answer)."""
+    m = mesh
+    db_app = m.app(EchoApp)
+    db = m.add("db", app_port=db_app.port, start=False,
+               proxy_config={"authorization": "authorize", "authorize_cache_ms": 0})
+    web = m.add("web", upstreams=["db"])
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
+                                          hop.http_addr, "-log-level", "debug"])
+    db.proxy.wait_port(db.public_port)
+    m.wait_passing(db)
+    m.wait_echo(web.up["db"])
+
+    hop.authorize_delay = 1.5
+    calls = hop.authorize_calls
+    n = 12
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda _: try_echo(web.up["db"], timeout=15), range(n)))
+    assert all(results), results
+    asked = hop.authorize_calls - calls
+    assert 1 <= asked <= n // 3, f"{asked} requests for {n} concurrent connections"
+    db.proxy.wait_log(r"the answer for \S+/svc/" + web.name + r" also decided \d+ connection")
+
+    # Once answered, the next connection asks again (nothing is cached with 0).
+    hop.authorize_delay = 0
+    calls = hop.authorize_calls
+    assert try_echo(web.up["db"])
+    assert hop.authorize_calls == calls + 1
