@@ -148,12 +148,35 @@ static void end_close(struct session *s, struct end *e)
     e->rd_eof = e->wr_shut = 0;
 }
 
+/*
+ * Relay buffers: taken when a direction reads, given back when it has nothing buffered and
+ * its source has nothing to read, so an idle connection holds no buffer (OpenSSL releases its
+ * own then too: SSL_MODE_RELEASE_BUFFERS) and a busy worker cycles through a few.
+ */
+static void buf_take(struct session_host *h, struct relay_buf *b)
+{
+    if (b->data == NULL)
+        b->data = h->n_buf_pool > 0 ? h->buf_pool[--h->n_buf_pool] : xmalloc(RELAY_BUF_BYTES);
+}
+
+static void buf_give_back(struct session_host *h, struct relay_buf *b)
+{
+    if (b->data == NULL || b->len != 0)
+        return;
+    if (h->n_buf_pool < SESSION_BUF_POOL)
+        h->buf_pool[h->n_buf_pool++] = b->data;
+    else
+        free(b->data);
+    b->data = NULL;
+}
+
 static void reap(struct loop_defer *d)
 {
     struct session *s = (struct session *)((char *)d - offsetof(struct session, reap));
     for (int i = 0; i < 2; i++) {
         end_close(s, &s->end[i]);
-        free(s->buf[i].data);
+        s->buf[i].len = 0;
+        buf_give_back(s->host, &s->buf[i]);
     }
     snapshot_unref(s->snap);
     free(s->upstream_key);
@@ -754,8 +777,7 @@ static void relay(struct session *s)
             struct relay_buf *b = &s->buf[d];
             ssize_t n;
             if (b->len == 0 && !src->rd_eof) {
-                if (b->data == NULL)
-                    b->data = xmalloc(RELAY_BUF_BYTES);
+                buf_take(s->host, b);
                 n = end_read(src, b->data, RELAY_BUF_BYTES);
                 if (n > 0) {
                     b->off = 0;
@@ -769,8 +791,10 @@ static void relay(struct session *s)
                 } else if (n == 0) {
                     src->rd_eof = 1;
                     progress = 1;
+                    buf_give_back(s->host, b);
                 } else if (n == -EAGAIN) {
                     wants[d] |= end_wants(src, LOOP_READ);
+                    buf_give_back(s->host, b);
                 } else {
                     finish(s, "error", end_error(src, (int)n));
                     return;
@@ -1001,6 +1025,8 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
 void session_host_dispose(struct session_host *h)
 {
     loop_timer_stop(h->loop, &h->refusal_summary);
+    while (h->n_buf_pool > 0)
+        free(h->buf_pool[--h->n_buf_pool]);
     free(h->stats);
     h->stats = NULL;
 }

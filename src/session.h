@@ -102,6 +102,8 @@ struct session_info {
     uint64_t bytes_in, bytes_out;
 };
 
+#define SESSION_BUF_POOL 32 /* idle relay buffers a worker keeps for reuse */
+
 /* What a worker lends its sessions. */
 struct session_host {
     struct loop *loop;
@@ -117,6 +119,9 @@ struct session_host {
     /* Refusals are logged one per line at DEBUG and summarized at WARN at most once a second. */
     struct loop_timer refusal_summary;
     uint64_t refused_since_summary;
+    /* relay buffers not in use: a connection waiting for data holds none */
+    char *buf_pool[SESSION_BUF_POOL];
+    size_t n_buf_pool;
 };
 
 /* Initialises <h> for worker <index> on <loop> (no sessions, no snapshot, zeroed stats). */
