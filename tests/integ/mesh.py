@@ -965,8 +965,13 @@ class AgentInterposer:
 
             do_GET = do_PUT = do_POST = do_DELETE = _relay
 
-        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self.server.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # the agent or connectd went away mid-request (teardown): nothing to say
+
+        self.server = Server((LOOPBACK, 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
