@@ -1,8 +1,9 @@
 /* bench/benchd: the back-end application of the benchmarks, one thread, epoll.
  *
- *   benchd http PORT   answers every HTTP/1.1 request with 200 and a 64-byte body; keeps the
- *                      connection open unless the request says "Connection: close", in which
- *                      case it answers with the same header and closes after the answer.
+ *   benchd http PORT   answers every HTTP/1.1 request with 200 and a 64-byte body (1 KiB for
+ *                      GET /1k); keeps the connection open unless the request says
+ *                      "Connection: close", in which case it answers with the same header and
+ *                      closes after the answer.
  *   benchd echo PORT   writes back every byte it reads; closes when the client does.
  *
  * It listens on 127.0.0.1 only. A Python server would be the bottleneck of a saturated run,
@@ -34,6 +35,7 @@ struct conn {
 };
 
 static const char BODY[] = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
+static char body_1k[1025];
 static int echo_mode;
 static int ep;
 
@@ -95,10 +97,11 @@ static void answer_requests(struct conn *c)
             break;
         size_t req_len = (size_t)(end + 4 - start);
         int close_it = has_close(start, req_len);
+        const char *body = strncmp(start, "GET /1k ", 8) == 0 ? body_1k : BODY;
         int n = snprintf(c->out + c->out_len, sizeof(c->out) - c->out_len,
                          "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
                          "%s\r\n%s",
-                         sizeof(BODY) - 1, close_it ? "Connection: close\r\n" : "", BODY);
+                         strlen(body), close_it ? "Connection: close\r\n" : "", body);
         if (n < 0 || (size_t)n >= sizeof(c->out) - c->out_len)
             break; /* no room: answer after the pending bytes are written */
         c->out_len += (size_t)n;
@@ -173,6 +176,7 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
+    memset(body_1k, 'k', sizeof(body_1k) - 1);
 
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
