@@ -35,7 +35,8 @@ LIBOBJS  := $(filter-out $(B)/obj/main.o,$(OBJS))
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(B)/tests/%)
 
-.PHONY: all release asan unit check integ deps lint format demo clean install consul doc doc-check
+.PHONY: all release asan unit check integ deps lint format demo clean install consul doc doc-check \
+	bench bench-tools
 
 all: $(B)/connectd
 
@@ -93,6 +94,17 @@ consul:
 
 demo:
 	scripts/demo
+
+# Side-by-side benchmarks (bench/README.md): connectd against consul, haproxy and nginx pairs.
+# Always the release build; writes bench/report.md. BENCH_QUICK=1 runs a ~1 minute subset.
+bench-tools: $(B)/benchd $(B)/openloop
+$(B)/benchd $(B)/openloop: $(B)/%: bench/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) $(BASE_LDFLAGS) $(V_LDFLAGS) -o $@ $<
+
+bench:
+	@$(MAKE) --no-print-directory VARIANT=release all bench-tools
+	bench/run
 
 lint:
 	clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c
