@@ -97,12 +97,11 @@ struct session {
     struct loop_defer reap;
     char peer[64]; /* address of end[0]'s peer */
     /* inbound */
-    char caller[SPIFFE_NAME_MAX * 2]; /* caller's SPIFFE ID as sent */
-    char caller_partition[SPIFFE_NAME_MAX];
-    char caller_ns[SPIFFE_NAME_MAX];
-    char caller_service[SPIFFE_NAME_MAX];
+    /* The caller's SPIFFE ID as sent (NULL until read) and its parts; one allocation, owned by
+     * <caller>: a connection carries these for its whole life, so they take only their size. */
+    char *caller;
+    const char *caller_partition, *caller_ns, *caller_service, *caller_trust_domain;
     struct authq_req *question; /* out with the control thread (authorize mode); not owned */
-    char caller_trust_domain[SPIFFE_NAME_MAX];
     /* outbound */
     char *upstream_key;
     const struct snap_upstream *up; /* inside snap */
@@ -178,6 +177,7 @@ static void reap(struct loop_defer *d)
         s->buf[i].len = 0;
         buf_give_back(s->host, &s->buf[i]);
     }
+    free(s->caller);
     snapshot_unref(s->snap);
     free(s->upstream_key);
     free(s->tried);
@@ -207,7 +207,7 @@ static void access_log(struct session *s, const char *result, const char *reason
     struct alog_rec r = {
         .time_ms = util_wall_ms(),
         .direction = s->inbound ? "inbound" : "outbound",
-        .source = s->inbound ? (s->caller[0] ? s->caller : NULL) : s->peer,
+        .source = s->inbound ? s->caller : s->peer,
         .destination = have_ident ? ident : NULL,
         .upstream = upstream,
         .endpoint = s->ep_name[0] ? s->ep_name : NULL,
@@ -234,7 +234,7 @@ static void finish(struct session *s, const char *result, const char *reason)
         return;
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
-    const char *src = s->inbound ? (s->caller[0] ? s->caller : "-") : s->peer;
+    const char *src = s->inbound ? (s->caller != NULL ? s->caller : "-") : s->peer;
     const char *dst = s->inbound ? s->snap->cfg.service : s->ep_name[0] ? s->ep_name : "-";
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
     /* With an access log the line for a session that ended well is DEBUG: the access log
@@ -480,31 +480,56 @@ void session_authorize_answer(struct authq_req *r)
  * AUTHORIZE: the peer's first URI SAN must be a service SPIFFE ID of our trust domain, and the
  * host's current intention table (not the one this session started with) must allow it.
  */
+/* Keeps the caller's URI (<n> bytes) and, when <id> is given, its parts. */
+static void set_caller(struct session *s, const char *uri, size_t n, const struct spiffe_id *id)
+{
+    const char *part[4] = {"", "", "", ""};
+    if (id != NULL) {
+        part[0] = id->partition;
+        part[1] = id->ns;
+        part[2] = id->service;
+        part[3] = id->trust_domain;
+    }
+    size_t len[4], total = n + 1;
+    for (int i = 0; i < 4; i++)
+        total += (len[i] = strlen(part[i])) + 1;
+    char *p = xmalloc(total);
+    free(s->caller);
+    s->caller = p;
+    memcpy(p, uri, n);
+    p[n] = '\0';
+    p += n + 1;
+    const char **dst[4] = {&s->caller_partition, &s->caller_ns, &s->caller_service,
+                           &s->caller_trust_domain};
+    for (int i = 0; i < 4; i++) {
+        memcpy(p, part[i], len[i] + 1);
+        *dst[i] = p;
+        p += len[i] + 1;
+    }
+}
+
 static void authorize(struct session *s)
 {
     struct spiffe_id id;
-    char why[600];
+    char why[600], uri[SPIFFE_NAME_MAX * 2];
     set_state(s, S_AUTHORIZE);
-    int n = tls_conn_peer_uri(s->end[0].tls, s->caller, sizeof(s->caller));
+    int n = tls_conn_peer_uri(s->end[0].tls, uri, sizeof(uri));
     if (n < 0) {
-        s->caller[0] = '\0';
         finish(s, "bad_identity", util_strerror(n));
         return;
     }
-    if (spiffe_parse(s->caller, (size_t)n, &id) != 0 || id.kind != SPIFFE_SERVICE) {
+    if (spiffe_parse(uri, (size_t)n, &id) != 0 || id.kind != SPIFFE_SERVICE) {
+        set_caller(s, uri, (size_t)n, NULL);
         finish(s, "bad_identity", "peer URI is not a SPIFFE service identity");
         return;
     }
+    set_caller(s, uri, (size_t)n, &id);
     const struct snapshot *now = s->host->snap;
     if (now->cfg.verify_trust_domain && strcasecmp(id.trust_domain, now->trust_domain) != 0) {
         snprintf(why, sizeof(why), "trust domain %s is not %s", id.trust_domain, now->trust_domain);
         finish(s, "bad_identity", why);
         return;
     }
-    snprintf(s->caller_partition, sizeof(s->caller_partition), "%s", id.partition);
-    snprintf(s->caller_ns, sizeof(s->caller_ns), "%s", id.ns);
-    snprintf(s->caller_service, sizeof(s->caller_service), "%s", id.service);
-    snprintf(s->caller_trust_domain, sizeof(s->caller_trust_domain), "%s", id.trust_domain);
     if (now->cfg.authorize_with_agent) {
         ask_agent(s);
         return;
@@ -1127,7 +1152,7 @@ size_t session_host_list(const struct session_host *h, struct session_info *out,
         i->inbound = s->inbound;
         snprintf(i->peer_addr, sizeof(i->peer_addr), "%s", s->peer);
         if (s->inbound)
-            snprintf(i->identity, sizeof(i->identity), "%s", s->caller);
+            snprintf(i->identity, sizeof(i->identity), "%s", s->caller ? s->caller : "");
         else if (s->up != NULL)
             snprintf(i->upstream, sizeof(i->upstream), "%s", s->up->cfg->destination_name);
         snprintf(i->endpoint, sizeof(i->endpoint), "%s", s->ep_name);
