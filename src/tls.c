@@ -76,11 +76,12 @@ struct tls_ctx {
 
 struct tls_conn {
     SSL *ssl;
-    char *resume_key;   /* client: where this connection's sessions are kept; NULL: not kept */
-    unsigned wants;     /* LOOP_READ / LOOP_WRITE wanted by the last -EAGAIN */
-    int shutdown_sent;  /* close_notify is out (or queued inside OpenSSL) */
-    int fatal;          /* SSL_ERROR_SSL/SYSCALL seen: SSL_shutdown() must not be called */
-    const char *preset; /* a failure found before any I/O, reported by tls_handshake() */
+    char *resume_key;    /* client: where this connection's sessions are kept; NULL: not kept */
+    struct tls_ctx *ctx; /* with a resume_key: the context that keeps them (a reference) */
+    unsigned wants;      /* LOOP_READ / LOOP_WRITE wanted by the last -EAGAIN */
+    int shutdown_sent;   /* close_notify is out (or queued inside OpenSSL) */
+    int fatal;           /* SSL_ERROR_SSL/SYSCALL seen: SSL_shutdown() must not be called */
+    const char *preset;  /* a failure found before any I/O, reported by tls_handshake() */
     char err[512];
 };
 
@@ -239,15 +240,14 @@ static SSL_SESSION *session_take(struct tls_ctx *ctx, const char *key)
 static int on_new_session(SSL *ssl, SSL_SESSION *sess)
 {
     const struct tls_conn *c = SSL_get_app_data(ssl);
-    struct tls_ctx *ctx = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
-    if (c == NULL || c->resume_key == NULL || ctx == NULL || !SSL_SESSION_is_resumable(sess))
+    if (c == NULL || c->resume_key == NULL || !SSL_SESSION_is_resumable(sess))
         return 0;
     SSL_SESSION *copy = SSL_SESSION_dup(sess);
     if (copy == NULL) {
         ERR_clear_error();
         return 0;
     }
-    session_put(ctx, c->resume_key, copy);
+    session_put(c->ctx, c->resume_key, copy);
     return 0; /* OpenSSL keeps and frees its own reference */
 }
 
@@ -560,7 +560,6 @@ int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *ro
     ctx->client = client;
     ctx->leaf_not_after = (long long)timegm(&tm);
     pthread_mutex_init(&ctx->sess_lock, NULL);
-    SSL_CTX_set_app_data(client, ctx);
     server = client = NULL;
     *out = ctx;
     rc = 0;
@@ -644,6 +643,8 @@ struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sn
         c->preset = "SNI name rejected (too long?)";
     }
     if (resume_key != NULL) {
+        /* A ticket can arrive after the caller dropped its own reference. */
+        c->ctx = tls_ctx_ref(ctx);
         c->resume_key = xstrdup(resume_key);
         SSL_SESSION *sess = session_take(ctx, resume_key);
         if (sess != NULL) {
@@ -664,6 +665,7 @@ void tls_conn_free(struct tls_conn *c)
         return;
     SSL_free(c->ssl);
     free(c->resume_key);
+    tls_ctx_unref(c->ctx);
     free(c);
 }
 

@@ -738,6 +738,16 @@ static void test_client_resumption(void **state)
     assert_int_equal(tls_conn_resumed(d.cli.tc), 0);
     duo_close(&d);
     tls_ctx_unref(web2);
+
+    /* The caller may drop the context first: a ticket arriving then is kept all the same. */
+    struct tls_ctx *web3 = ctx_for(&pki.web, &pki.ca1);
+    duo_open_resuming(&d, web3, db, SNI_DB, "127.0.0.1:3|" SNI_DB);
+    tls_ctx_unref(web3);
+    char c;
+    write_all(d.srv.tc, d.srv.fd, "y", 1);
+    read_exact(d.cli.tc, d.cli.fd, &c, 1);
+    assert_int_equal(c, 'y');
+    duo_close(&d);
     tls_ctx_unref(web);
     tls_ctx_unref(db);
 }
