@@ -699,14 +699,8 @@ static void pick_endpoint(struct session *s)
         s->tries++;
         s->tgt = t;
         s->ep = &t->endpoints->v[i];
-        /* Service.SocketPath, when set, replaces address:port (consul-api.md 3.3). */
-        int unix_sock = s->ep->socket_path[0] != '\0';
-        if (unix_sock)
-            snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", s->ep->socket_path);
-        else
-            snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", s->ep->address, s->ep->port);
-        int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
-                           : sock_connect(s->ep->address, s->ep->port);
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", s->ep->address, s->ep->port);
+        int fd = sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
             LOG_WARN("conn=%llu out endpoint %s: connect: %s", (unsigned long long)s->id,
                      s->ep_name, util_strerror(fd));
@@ -770,11 +764,7 @@ static int end_shutdown(struct end *e)
 {
     if (e->tls != NULL)
         return tls_shutdown(e->tls);
-    /* ENOTCONN: the peer has already closed both ways (a client that read its answer and
-     * left); there is nothing left to half-close, and nothing unsent (the caller checks). */
-    if (shutdown(e->fd, SHUT_WR) == -1 && errno != ENOTCONN)
-        return -errno;
-    return 0;
+    return shutdown(e->fd, SHUT_WR) == -1 ? -errno : 0;
 }
 
 /* The events end <e> waits for after -EAGAIN from an operation that, on plain TCP, needs
