@@ -1040,10 +1040,14 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
 void session_host_dispose(struct session_host *h)
 {
     loop_timer_stop(h->loop, &h->refusal_summary);
-    while (h->n_buf_pool > 0)
-        free(h->buf_pool[--h->n_buf_pool]);
     free(h->stats);
     h->stats = NULL;
+}
+
+void session_host_free_buffers(struct session_host *h)
+{
+    while (h->n_buf_pool > 0)
+        free(h->buf_pool[--h->n_buf_pool]);
 }
 
 /* ---- entry points ---- */

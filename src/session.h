@@ -128,6 +128,9 @@ struct session_host {
 void session_host_init(struct session_host *h, struct loop *loop, unsigned index);
 /* Stops the host's timers and frees its stats; every session must have ended. */
 void session_host_dispose(struct session_host *h);
+/* Frees the pooled relay buffers; after the loop has run the last sessions' deferred frees
+ * (they give their buffers back to the pool). */
+void session_host_free_buffers(struct session_host *h);
 
 /*
  * Starts an inbound session on the accepted socket <fd> (ownership moves to the session),

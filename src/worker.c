@@ -404,6 +404,7 @@ void worker_join_free(struct worker *w)
     if (w->started)
         pthread_join(w->thread, NULL);
     /* Sessions freed by deferred calls have run before loop_run returned. */
+    session_host_free_buffers(&w->host);
     snapshot_unref(atomic_exchange(&w->pending, NULL));
     snapshot_unref(w->host.snap);
     loop_free(w->loop);
