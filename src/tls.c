@@ -4,7 +4,8 @@
  * A tls_ctx owns two SSL_CTX built from objects decoded once (leaf, chain, key, one trust
  * store shared by both), so a new connection costs one SSL_new() and nothing is re-parsed per
  * handshake. Every SSL holds its own reference to its SSL_CTX, which is why a connection
- * outlives the tls_ctx it was made from without holding a tls_ctx reference itself.
+ * outlives the tls_ctx it was made from; only a client connection that keeps its sessions
+ * (a resume key) also holds a tls_ctx reference, for the table they go into.
  *
  * Error discipline (STYLE rule 10): every I/O call starts with an empty OpenSSL error queue
  * and errno, and every failure drains the queue into the connection's one-line message, so no
@@ -223,9 +224,13 @@ static SSL_SESSION *session_take(struct tls_ctx *ctx, const char *key)
         sess = best->sess;
         best->sess = NULL;
         slot_clear(best);
-        if ((time_t)SSL_SESSION_get_time(sess) + (time_t)SSL_SESSION_get_timeout(sess) > now)
+        /* Neither an expired session (the server has forgotten it too) nor one whose server
+         * certificate has expired since it was verified: resumption verifies nothing again. */
+        const X509 *peer = SSL_SESSION_get0_peer(sess);
+        if ((time_t)SSL_SESSION_get_time(sess) + (time_t)SSL_SESSION_get_timeout(sess) > now &&
+            peer != NULL && X509_cmp_time(X509_get0_notAfter(peer), &now) > 0)
             break;
-        SSL_SESSION_free(sess); /* expired: the server has forgotten it too */
+        SSL_SESSION_free(sess);
         sess = NULL;
     }
     pthread_mutex_unlock(&ctx->sess_lock);
@@ -737,8 +742,18 @@ int tls_handshake(struct tls_conn *c)
     if (SSL_is_init_finished(c->ssl))
         return 0;
     before_io(c);
-    if (SSL_do_handshake(c->ssl) == 1)
+    if (SSL_do_handshake(c->ssl) == 1) {
+        /* A TLS 1.2 server issues nothing new on resumption, and the session was taken out
+         * when offered: put it back, or only every other connection would resume. */
+        if (c->resume_key != NULL && SSL_session_reused(c->ssl) == 1 &&
+            SSL_version(c->ssl) < TLS1_3_VERSION) {
+            SSL_SESSION *copy = SSL_SESSION_dup(SSL_get0_session(c->ssl));
+            if (copy != NULL)
+                session_put(c->ctx, c->resume_key, copy);
+            ERR_clear_error();
+        }
         return 0;
+    }
     return io_result(c, "handshake", 0);
 }
 

@@ -752,6 +752,58 @@ static void test_client_resumption(void **state)
     tls_ctx_unref(db);
 }
 
+/* Resumption verifies no certificate again, so a session whose server certificate has
+ * expired since is not offered: the next connection runs a full handshake (which then fails
+ * on the expired certificate, as it must). */
+static void test_client_resumption_not_past_peer_expiry(void **state)
+{
+    (void)state;
+    struct cert short_db;
+    make_cert(&short_db, &pki.ca1, 0, "db", URI_DB, time(NULL) + 2);
+    struct tls_ctx *web = ctx_for(&pki.web, &pki.ca1);
+    struct tls_ctx *db = ctx_for(&short_db, &pki.ca1);
+    struct duo d;
+    duo_open_resuming(&d, web, db, SNI_DB, "127.0.0.1:1|" SNI_DB);
+    assert_int_equal(d.cli.rc, 0);
+    char c;
+    write_all(d.srv.tc, d.srv.fd, "z", 1);
+    read_exact(d.cli.tc, d.cli.fd, &c, 1);
+    assert_int_equal(tls_shutdown(d.srv.tc), 0);
+    duo_close(&d);
+    sleep(3);
+    duo_open_resuming(&d, web, db, SNI_DB, "127.0.0.1:1|" SNI_DB);
+    assert_int_not_equal(d.cli.rc, 0);
+    assert_int_equal(tls_conn_resumed(d.cli.tc), 0);
+    duo_close(&d);
+    tls_ctx_unref(web);
+    tls_ctx_unref(db);
+    free_cert(&short_db);
+}
+
+/* TLS 1.2 resumes by session id and issues nothing new on resumption: the session offered
+ * goes back after each resumed handshake, so every connection after the first resumes. */
+static void test_client_resumption_tls12(void **state)
+{
+    (void)state;
+    const char *roots[] = {pki.ca1.cert_pem};
+    struct tls_ctx *web = ctx_roots(&pki.web, NULL, roots, 1, 12, 12);
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    for (int i = 0; i < 4; i++) {
+        struct duo d;
+        duo_open_resuming(&d, web, db, SNI_DB, "127.0.0.1:1|" SNI_DB);
+        assert_int_equal(d.cli.rc, 0);
+        assert_string_equal(tls_conn_version(d.cli.tc), "TLSv1.2");
+        if (tls_conn_resumed(d.cli.tc) != (i > 0))
+            fail_msg("connection %d: resumed %d", i, tls_conn_resumed(d.cli.tc));
+        assert_peer_uri(d.cli.tc, URI_DB);
+        assert_peer_uri(d.srv.tc, URI_WEB);
+        assert_int_equal(tls_shutdown(d.srv.tc), 0);
+        duo_close(&d);
+    }
+    tls_ctx_unref(web);
+    tls_ctx_unref(db);
+}
+
 /* ---- tests: data ----------------------------------------------------------------------------- */
 
 struct flow {
@@ -1141,6 +1193,8 @@ int main(void)
         cmocka_unit_test(test_sni),
         cmocka_unit_test(test_session_resumption),
         cmocka_unit_test(test_client_resumption),
+        cmocka_unit_test(test_client_resumption_tls12),
+        cmocka_unit_test(test_client_resumption_not_past_peer_expiry),
         cmocka_unit_test(test_bulk_both_ways),
         cmocka_unit_test(test_pending),
         cmocka_unit_test(test_half_close_tls13),
