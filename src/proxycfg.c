@@ -69,7 +69,8 @@ static const struct key_def keys[] = {
      "or authorize (POST /v1/agent/connect/authorize per new connection, from the control "
      "thread; the connection waits in AUTHORIZE)."},
     {"authorize_cache_ms", SCOPE_PROXY, KEY_MS, "5000", 0, 600000,
-     "authorize mode: how long an answer is reused for the same caller; 0 asks every time. "
+     "authorize mode: how long an answer is reused for the same caller; 0 keeps none "
+     "(connections that arrive while a question about their caller is out share its answer). "
      "Cleared when the intentions change; an answer that disagrees with the intentions seen "
      "here (one of the two views is stale) is not kept."},
     {"authorize_timeout_ms", SCOPE_PROXY, KEY_MS, "5000", 1, 600000,
@@ -349,6 +350,12 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
     }
     out->local_socket_path = xstrdup(out->local_port == 0 ? svc->local_service_socket_path : "");
     out->bind_socket_path = xstrdup(out->bind_port == 0 ? svc->socket_path : "");
+    if (out->bind_socket_path[0] != '\0' &&
+        strcmp(out->bind_socket_path, out->local_socket_path) == 0) {
+        rc = fail(err, errlen, "SocketPath %s is also Proxy.LocalServiceSocketPath%s",
+                  out->bind_socket_path, "");
+        goto out;
+    }
     if ((out->bind_port != 0 || out->bind_socket_path[0] != '\0') && out->local_port == 0 &&
         out->local_socket_path[0] == '\0') {
         rc = fail(err, errlen, "service \"%s\": Proxy.LocalServicePort is not set%s", svc->id, "");
@@ -371,6 +378,15 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         out->n_upstreams++;
         if (rc != 0)
             goto out;
+        /* Opening a unix listener replaces a stale socket file: two of ours must not meet. */
+        if (nu->bind_socket_path[0] != '\0' &&
+            (strcmp(nu->bind_socket_path, out->bind_socket_path) == 0 ||
+             strcmp(nu->bind_socket_path, out->local_socket_path) == 0)) {
+            snprintf(err, errlen, "upstream \"%s\" binds %s, the proxy's own socket",
+                     nu->destination_name, nu->bind_socket_path);
+            rc = ERR_BAD_CONFIG;
+            goto out;
+        }
         for (size_t j = 0; j + 1 < out->n_upstreams; j++) {
             const struct upstream_cfg *o = &out->upstreams[j];
             if (nu->bind_socket_path[0] != '\0' &&

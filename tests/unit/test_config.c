@@ -547,6 +547,46 @@ static void test_proxycfg_local_socket(void **state)
     proxycfg_dispose(&c);
 }
 
+/* A registration with a SocketPath and no Port: the public listener is that unix socket, and
+ * no other socket of the proxy may be the same path (opening it replaces the file). */
+static void test_proxycfg_public_socket(void **state)
+{
+    struct dec_service s = base_service();
+    struct dec_upstream up = base_upstream("db", 0);
+    struct proxy_cfg c;
+    char err[256];
+    (void)state;
+    s.port = 0;
+    s.socket_path = "/run/web-public.sock";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_string_equal(c.bind_socket_path, "/run/web-public.sock");
+    assert_int_equal(c.bind_port, 0);
+    struct proxy_cfg copy;
+    proxycfg_copy(&copy, &c);
+    assert_string_equal(copy.bind_socket_path, "/run/web-public.sock");
+    proxycfg_dispose(&copy);
+    proxycfg_dispose(&c);
+
+    up.local_bind_socket_path = "/run/web-public.sock";
+    s.upstreams = &up;
+    s.n_upstreams = 1;
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_non_null(strstr(err, "the proxy's own socket"));
+    s.n_upstreams = 0;
+    s.local_service_port = 0;
+    s.local_service_socket_path = "/run/web-public.sock";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_non_null(strstr(err, "also Proxy.LocalServiceSocketPath"));
+
+    /* A port, from the registration or Proxy.Config bind_port, wins over the path. */
+    s.local_service_socket_path = "";
+    s.local_service_port = 8080;
+    s.port = 21000;
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_string_equal(c.bind_socket_path, "");
+    proxycfg_dispose(&c);
+}
+
 static void test_proxycfg_doc(void **state)
 {
     char *buf = NULL;
@@ -573,6 +613,7 @@ int main(void)
         cmocka_unit_test(test_proxycfg_keys),
         cmocka_unit_test(test_proxycfg_errors),
         cmocka_unit_test(test_proxycfg_socket_upstream),
+        cmocka_unit_test(test_proxycfg_public_socket),
         cmocka_unit_test(test_proxycfg_local_socket),
         cmocka_unit_test(test_proxycfg_doc),
     };
