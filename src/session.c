@@ -699,8 +699,14 @@ static void pick_endpoint(struct session *s)
         s->tries++;
         s->tgt = t;
         s->ep = &t->endpoints->v[i];
-        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", s->ep->address, s->ep->port);
-        int fd = sock_connect(s->ep->address, s->ep->port);
+        /* Service.SocketPath, when set, replaces address:port (consul-api.md 3.3). */
+        int unix_sock = s->ep->socket_path[0] != '\0';
+        if (unix_sock)
+            snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", s->ep->socket_path);
+        else
+            snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", s->ep->address, s->ep->port);
+        int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
+                           : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
             LOG_WARN("conn=%llu out endpoint %s: connect: %s", (unsigned long long)s->id,
                      s->ep_name, util_strerror(fd));
