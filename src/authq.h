@@ -25,6 +25,8 @@ struct authq_req {
     char *client_uri;        /* the caller's SPIFFE ID, as presented */
     char *client_serial;     /* the caller's certificate serial, colon-separated hex */
     uint32_t cache_ms;       /* how long the answer may be reused for this caller; 0 = never */
+    int recheck;             /* about an open connection (re-authorization), not a new one */
+    unsigned asks;           /* control thread: times sent to the agent so far */
     struct authq_box *reply; /* the asker's box */
     void *owner;             /* the asking session; NULL once it went away (asker's thread) */
     /* the answer */

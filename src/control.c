@@ -44,6 +44,8 @@
 #define CHECK_TTL                  "30s"
 #define DEREGISTER_MS              5000
 #define AUTHORIZE_HTTP_MS          10000
+#define RECHECK_RETRY_MS           500  /* a re-check the agent answered stale: ask again after */
+#define RECHECK_ASKS               10   /* ...at most this many times in all */
 #define AUTHZ_CACHE_MAX            1024 /* callers remembered at once; the oldest make room */
 #define DRAIN_POLL_MS              20
 #define CONNECTIONS_WAIT_MS        2000 /* how long /connections waits for the workers */
@@ -151,6 +153,10 @@ struct control {
     /* authorize mode: the workers' questions, answers being fetched, and the cache */
     struct authq_box *ask;
     struct authz_pending *asking;
+    /* re-checks of open connections whose answer disagreed with the intentions here: asked
+     * again a little later, when the agent's copy has had time to catch up */
+    struct authq_req *recheck_later;
+    struct loop_timer recheck_timer;
     struct authz_entry *cache;
     size_t n_cache;
 
@@ -1099,22 +1105,42 @@ static void authz_cache_put(struct control *ctl, const struct authq_req *r)
  * that replaced it. An answer that is not kept still decides its own connection, as the
  * agent's word; the next caller asks again.
  */
-static int authz_cacheable(const struct control *ctl, uint64_t asked_under,
-                           const struct authq_req *r)
+static int authz_agrees(const struct control *ctl, const struct authq_req *r)
 {
     struct spiffe_id id;
-    if (ctl->intents == NULL || asked_under != ctl->intents_gen)
-        return 0;
-    if (spiffe_parse(r->client_uri, strlen(r->client_uri), &id) != 0 || id.kind != SPIFFE_SERVICE)
-        return 0;
+    if (ctl->intents == NULL || spiffe_parse(r->client_uri, strlen(r->client_uri), &id) != 0 ||
+        id.kind != SPIFFE_SERVICE)
+        return -1;
     struct intent_decision d = intent_eval(ctl->intents, id.partition, id.ns, id.service);
-    if (d.allow != (r->allowed != 0)) {
-        LOG_DEBUG("authorize: the agent's answer for %s differs from the intentions here; "
-                  "not cached",
-                  r->client_uri);
-        return 0;
+    return d.allow == (r->allowed != 0);
+}
+
+static void authz_submit(struct control *ctl, struct authq_req *r);
+
+/*
+ * A re-check of an open connection that the agent answered differently from the intentions
+ * here is asked again a little later rather than answered: a stale "allow" would otherwise
+ * leave the connection open after the deny that should end it. New connections are answered
+ * at once (they wait), as the agent's word.
+ */
+static void on_recheck_timer(struct loop_timer *t)
+{
+    struct control *ctl = t->data;
+    struct authq_req *r = ctl->recheck_later;
+    ctl->recheck_later = NULL;
+    while (r != NULL) {
+        struct authq_req *next = r->next;
+        authz_submit(ctl, r);
+        r = next;
     }
-    return 1;
+}
+
+static void recheck_later(struct control *ctl, struct authq_req *r)
+{
+    r->next = ctl->recheck_later;
+    ctl->recheck_later = r;
+    if (!loop_timer_armed(&ctl->recheck_timer))
+        loop_timer_start(ctl->loop, &ctl->recheck_timer, RECHECK_RETRY_MS);
 }
 
 static void on_authorized(void *data, const struct agent_response *resp)
@@ -1136,7 +1162,24 @@ static void on_authorized(void *data, const struct agent_response *resp)
 
     if (resp->status == 200 && decode_authorize(resp->body, resp->body_len, &r->allowed, r->reason,
                                                 sizeof(r->reason), err, sizeof(err)) == 0) {
-        if (r->cache_ms > 0 && authz_cacheable(ctl, asked_under, r))
+        int agrees = authz_agrees(ctl, r);
+        if (r->recheck && agrees == 0 && r->asks < RECHECK_ASKS) {
+            LOG_DEBUG("authorize: the agent's answer for %s (re-check) differs from the "
+                      "intentions here; asking again in %d ms",
+                      r->client_uri, RECHECK_RETRY_MS);
+            while (waiters != NULL) { /* re-checks too: they wait with it */
+                struct authq_req *w = waiters;
+                waiters = w->next;
+                recheck_later(ctl, w);
+            }
+            recheck_later(ctl, r);
+            return;
+        }
+        if (agrees == 0)
+            LOG_DEBUG("authorize: the agent's answer for %s differs from the intentions here; "
+                      "not cached",
+                      r->client_uri);
+        if (r->cache_ms > 0 && asked_under == ctl->intents_gen && agrees == 1)
             authz_cache_put(ctl, r);
     } else {
         /* No answer means no: the caller is refused, and may try again. */
@@ -1174,7 +1217,8 @@ static void on_authorized(void *data, const struct agent_response *resp)
 static struct authz_pending *authz_asking(const struct control *ctl, const struct authq_req *r)
 {
     for (struct authz_pending *p = ctl->asking; p != NULL; p = p->next)
-        if (p->asked_under == ctl->intents_gen && strcmp(p->req->client_uri, r->client_uri) == 0 &&
+        if (p->asked_under == ctl->intents_gen && p->req->recheck == r->recheck &&
+            strcmp(p->req->client_uri, r->client_uri) == 0 &&
             strcmp(p->req->target, r->target) == 0 &&
             strcmp(p->req->client_serial, r->client_serial) == 0)
             return p;
@@ -1199,30 +1243,37 @@ static void on_ask(struct loop *loop, void *data)
     struct authq_req *r = authq_box_take(ctl->ask);
     while (r != NULL) {
         struct authq_req *next = r->next;
-        const struct authz_entry *e = r->cache_ms > 0 ? authz_cache_find(ctl, r) : NULL;
-        struct authz_pending *same = e == NULL ? authz_asking(ctl, r) : NULL;
-        if (e != NULL) {
-            r->allowed = e->allowed;
-            snprintf(r->reason, sizeof(r->reason), "%.200s (cached)", e->reason);
-            authq_box_post(r->reply, r);
-        } else if (same != NULL) {
-            r->next = same->waiters;
-            same->waiters = r;
-        } else {
-            struct authz_pending *p = xcalloc(1, sizeof(*p));
-            char *body = decode_authorize_request_json(r->target, r->client_uri, r->client_serial);
-            p->ctl = ctl;
-            p->req = r;
-            p->asked_under = ctl->intents_gen;
-            p->next = ctl->asking;
-            if (p->next != NULL)
-                p->next->prev = p;
-            ctl->asking = p;
-            p->areq = agent_request(ctl->agent, "POST", "/v1/agent/connect/authorize", body,
-                                    AUTHORIZE_HTTP_MS, on_authorized, p);
-            free(body);
-        }
+        authz_submit(ctl, r);
         r = next;
+    }
+}
+
+/* Answers <r> from the cache, joins it to the same question on its way, or asks the agent. */
+static void authz_submit(struct control *ctl, struct authq_req *r)
+{
+    const struct authz_entry *e = r->cache_ms > 0 ? authz_cache_find(ctl, r) : NULL;
+    struct authz_pending *same = e == NULL ? authz_asking(ctl, r) : NULL;
+    if (e != NULL) {
+        r->allowed = e->allowed;
+        snprintf(r->reason, sizeof(r->reason), "%.200s (cached)", e->reason);
+        authq_box_post(r->reply, r);
+    } else if (same != NULL) {
+        r->next = same->waiters;
+        same->waiters = r;
+    } else {
+        struct authz_pending *p = xcalloc(1, sizeof(*p));
+        char *body = decode_authorize_request_json(r->target, r->client_uri, r->client_serial);
+        r->asks++;
+        p->ctl = ctl;
+        p->req = r;
+        p->asked_under = ctl->intents_gen;
+        p->next = ctl->asking;
+        if (p->next != NULL)
+            p->next->prev = p;
+        ctl->asking = p;
+        p->areq = agent_request(ctl->agent, "POST", "/v1/agent/connect/authorize", body,
+                                AUTHORIZE_HTTP_MS, on_authorized, p);
+        free(body);
     }
 }
 
@@ -1918,6 +1969,7 @@ int control_run(const struct config *conf)
     loop_timer_init(&ctl.lookup_retry, on_lookup_retry, &ctl);
     loop_timer_init(&ctl.self_retry, on_self_retry, &ctl);
     loop_timer_init(&ctl.heartbeat, on_heartbeat, &ctl);
+    loop_timer_init(&ctl.recheck_timer, on_recheck_timer, &ctl);
     loop_timer_init(&ctl.drain_poll, on_drain_poll, &ctl);
     loop_timer_init(&ctl.conn_wait, on_conn_wait, &ctl);
     ctl.inbound_limit = limit_state_new();
@@ -2031,6 +2083,12 @@ out:
             authq_req_free(w);
         }
         free(p);
+    }
+    loop_timer_stop(ctl.loop, &ctl.recheck_timer);
+    while (ctl.recheck_later != NULL) {
+        struct authq_req *r = ctl.recheck_later;
+        ctl.recheck_later = r->next;
+        authq_req_free(r);
     }
     authq_box_free(ctl.ask);
     authz_cache_clear(&ctl);

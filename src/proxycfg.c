@@ -91,7 +91,8 @@ static const struct key_def keys[] = {
      "Closes any connection, inbound or outbound, this long after it was accepted."},
     {"reauthorize_interval_ms", SCOPE_PROXY, KEY_MS, "0 (off)", 0, 86400000,
      "Re-evaluates every authorized inbound connection against the current intentions this "
-     "often (they are always re-evaluated when the intentions change)."},
+     "often (they are always re-evaluated when the intentions change); in authorize mode the "
+     "agent is asked again."},
     {"connect_timeout_ms", SCOPE_UPSTREAM, KEY_MS, "5000", 1, 600000,
      "Timeout for connecting to one upstream endpoint (TCP connect). Sent to the discovery "
      "chain as OverrideConnectTimeout, as Envoy does, so it overrides a service-resolver's "

@@ -435,31 +435,48 @@ static void start_connect_local(struct session *s)
     want(s, 1, LOOP_WRITE);
 }
 
-/* authorize mode: posts the question and waits (no I/O interest) for the answer or the timer. */
-static void ask_agent(struct session *s)
+/* Posts a question about the session's caller to the control thread. */
+static void post_question(struct session *s, int recheck)
 {
     struct session_host *h = s->host;
     char serial[256];
-    if (h->ask == NULL) {
-        finish(s, "error", "authorize mode, but no control thread to ask");
-        return;
-    }
     if (tls_conn_peer_serial(s->end[0].tls, serial, sizeof(serial)) < 0)
         serial[0] = '\0';
     struct authq_req *r = authq_req_new(h->snap->cfg.service, s->caller, serial);
     r->cache_ms = h->snap->cfg.authorize_cache_ms;
+    r->recheck = recheck;
     r->reply = h->answers;
     r->owner = s;
     s->question = r;
+    authq_box_post(h->ask, r);
+}
+
+/* authorize mode: posts the question and waits (no I/O interest) for the answer or the timer. */
+static void ask_agent(struct session *s)
+{
+    struct session_host *h = s->host;
+    if (h->ask == NULL) {
+        finish(s, "error", "authorize mode, but no control thread to ask");
+        return;
+    }
     loop_io_want(h->loop, &s->end[0].io, 0);
     loop_timer_start(h->loop, &s->timer, h->snap->cfg.authorize_timeout_ms);
-    authq_box_post(h->ask, r);
+    post_question(s, 0);
 }
 
 void session_authorize_answer(struct authq_req *r)
 {
     struct session *s = r->owner;
-    if (s != NULL) {
+    if (s != NULL && s->state != S_AUTHORIZE) {
+        /* a re-check of an open connection: it goes on unless the agent now says no */
+        s->question = NULL;
+        if (!r->allowed) {
+            char why[300];
+            snprintf(why, sizeof(why), "re-authorization: agent authorize: %s", r->reason);
+            finish(s, "denied", why);
+            STAT_ADD(s->host->stats->counters.reauthorize_closed, 1);
+        }
+    } else if (s != NULL) {
         s->question = NULL;
         loop_timer_stop(s->host->loop, &s->timer);
         count_decision(s->host, s->caller_service, r->allowed);
@@ -1110,8 +1127,14 @@ size_t session_reauthorize_all(struct session_host *h)
         next = s->next;
         if (!s->inbound || (s->state != S_CONNECT_LOCAL && s->state != S_RELAY))
             continue;
-        if (h->snap->cfg.authorize_with_agent)
-            continue; /* the agent decided when it connected, as for the built-in proxy */
+        if (h->snap->cfg.authorize_with_agent) {
+            /* The agent decides again; its answer arrives later (session_authorize_answer). */
+            if (s->question == NULL && h->ask != NULL) {
+                STAT_ADD(h->stats->counters.reauthorized, 1);
+                post_question(s, 1);
+            }
+            continue;
+        }
         STAT_ADD(h->stats->counters.reauthorized, 1);
         if (h->snap->cfg.verify_trust_domain &&
             strcasecmp(s->caller_trust_domain, h->snap->trust_domain) != 0) {

@@ -148,7 +148,9 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
 
 /*
  * Re-evaluates every authorized inbound session against the host's current intention table
- * and trust domain, and ends the ones now denied. Returns how many were closed.
+ * and trust domain, and ends the ones now denied. Returns how many were closed. In authorize
+ * mode it asks the agent again instead (one question per session, none while one is out); a
+ * "no" that comes back ends the session then.
  */
 size_t session_reauthorize_all(struct session_host *h);
 

@@ -3,11 +3,13 @@ from its control thread) about each new inbound caller instead of consulting its
 table, keeps answers a few seconds per caller, and forgets them when the intentions change."""
 
 import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mesh import AgentInterposer, EchoApp, assert_refused, is_refused, try_echo, wait_until
+from mesh import (LOOPBACK, AgentInterposer, EchoApp, assert_refused, closed_without_data,
+                  echo_roundtrip, is_refused, try_echo, wait_until)
 
 
 def test_authorize_mode_allows_and_denies_like_intentions(mesh):
@@ -113,3 +115,34 @@ def test_concurrent_questions_from_one_caller_make_one_request(hop, mesh):
     calls = hop.authorize_calls
     assert try_echo(web.up["db"])
     assert hop.authorize_calls == calls + 1
+
+
+def test_open_connection_rechecked_with_the_agent_when_intentions_change(hop, mesh):
+    """In authorize mode too, an intention change re-checks open connections, with the agent:
+    a connection the agent now refuses is closed. While the agent's own copy of the
+    intentions still answers the old way (it lags behind the change), the re-check is asked
+    again rather than taken as the final word."""
+    m = mesh
+    db_app = m.app(EchoApp)
+    db = m.add("db", app_port=db_app.port, start=False,
+               proxy_config={"authorization": "authorize"})
+    web = m.add("web", upstreams=["db"])
+    m.intend("db", {"web": "allow"})
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
+                                          hop.http_addr, "-log-level", "debug"])
+    db.proxy.wait_port(db.public_port)
+    m.wait_passing(db)
+    m.wait_echo(web.up["db"])
+
+    with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
+        assert echo_roundtrip(s, b"before the change\n") == b"before the change\n"
+        # The agent behind the hop lags: it still allows web after the deny is written.
+        hop.authorize_answer = {"Authorized": True, "Reason": "stale copy: web allowed"}
+        m.intend("db", {"web": "deny"})
+        db.proxy.wait_log(r"\(re-check\) differs from the intentions here; asking again")
+        assert echo_roundtrip(s, b"still open\n") == b"still open\n"
+        # The agent catches up: the next re-check closes the connection.
+        hop.authorize_answer = None
+        closed, _ = closed_without_data(s, timeout=15)
+        assert closed, "the open connection survived the deny"
+    db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: [^\"]*DENY")
