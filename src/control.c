@@ -1143,6 +1143,17 @@ static void recheck_later(struct control *ctl, struct authq_req *r)
         loop_timer_start(ctl->loop, &ctl->recheck_timer, RECHECK_RETRY_MS);
 }
 
+/* A re-check and the re-checks that joined it (<waiters>) wait together to be asked again. */
+static void recheck_group_later(struct control *ctl, struct authq_req *r, struct authq_req *waiters)
+{
+    while (waiters != NULL) {
+        struct authq_req *w = waiters;
+        waiters = w->next;
+        recheck_later(ctl, w);
+    }
+    recheck_later(ctl, r);
+}
+
 static void on_authorized(void *data, const struct agent_response *resp)
 {
     struct authz_pending *p = data;
@@ -1167,22 +1178,22 @@ static void on_authorized(void *data, const struct agent_response *resp)
             LOG_DEBUG("authorize: the agent's answer for %s (re-check) differs from the "
                       "intentions here; asking again in %d ms",
                       r->client_uri, RECHECK_RETRY_MS);
-            while (waiters != NULL) { /* re-checks too: they wait with it */
-                struct authq_req *w = waiters;
-                waiters = w->next;
-                recheck_later(ctl, w);
-            }
-            recheck_later(ctl, r);
+            recheck_group_later(ctl, r, waiters);
             return;
         }
-        if (agrees == 0)
+        if (agrees == 0 && r->recheck)
+            LOG_INFO("authorize: the agent still answers %s for %s after %u re-check(s), unlike "
+                     "the intentions here; its answer is taken",
+                     r->allowed ? "allow" : "deny", r->client_uri, r->asks);
+        else if (agrees == 0)
             LOG_DEBUG("authorize: the agent's answer for %s differs from the intentions here; "
                       "not cached",
                       r->client_uri);
         if (r->cache_ms > 0 && asked_under == ctl->intents_gen && agrees == 1)
             authz_cache_put(ctl, r);
     } else {
-        /* No answer means no: the caller is refused, and may try again. */
+        /* No answer means no for a new caller, who may try again; an open connection is not
+         * cut for it: its re-check is asked again, and after the last try it stays. */
         r->allowed = 0;
         if (resp->status == 200)
             snprintf(r->reason, sizeof(r->reason), "unusable answer: %.200s", err);
@@ -1192,6 +1203,16 @@ static void on_authorized(void *data, const struct agent_response *resp)
         else
             snprintf(r->reason, sizeof(r->reason),
                      "POST /v1/agent/connect/authorize: transport error: %s", resp->error);
+        if (r->recheck && r->asks < RECHECK_ASKS) {
+            recheck_group_later(ctl, r, waiters);
+            return;
+        }
+        if (r->recheck) {
+            LOG_WARN("authorize: no answer to the re-check of %s (%s); its connections stay "
+                     "open",
+                     r->client_uri, r->reason);
+            r->allowed = 1;
+        }
     }
     int shared = 0;
     while (waiters != NULL) {
@@ -1959,6 +1980,13 @@ int control_run(const struct config *conf)
         LOG_ERROR("cannot create the control loop: %s", util_strerror(-errno));
         return 1;
     }
+    /* Timers first: the clean-up at out: stops them all. */
+    loop_timer_init(&ctl.lookup_retry, on_lookup_retry, &ctl);
+    loop_timer_init(&ctl.self_retry, on_self_retry, &ctl);
+    loop_timer_init(&ctl.heartbeat, on_heartbeat, &ctl);
+    loop_timer_init(&ctl.recheck_timer, on_recheck_timer, &ctl);
+    loop_timer_init(&ctl.drain_poll, on_drain_poll, &ctl);
+    loop_timer_init(&ctl.conn_wait, on_conn_wait, &ctl);
     ctl.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     if (ctl.sigfd == -1) {
         LOG_ERROR("signalfd: %s", util_strerror(-errno));
@@ -1966,12 +1994,6 @@ int control_run(const struct config *conf)
     }
     loop_io_init(&ctl.sig_io, ctl.sigfd, on_signal, &ctl);
     loop_io_want(ctl.loop, &ctl.sig_io, LOOP_READ);
-    loop_timer_init(&ctl.lookup_retry, on_lookup_retry, &ctl);
-    loop_timer_init(&ctl.self_retry, on_self_retry, &ctl);
-    loop_timer_init(&ctl.heartbeat, on_heartbeat, &ctl);
-    loop_timer_init(&ctl.recheck_timer, on_recheck_timer, &ctl);
-    loop_timer_init(&ctl.drain_poll, on_drain_poll, &ctl);
-    loop_timer_init(&ctl.conn_wait, on_conn_wait, &ctl);
     ctl.inbound_limit = limit_state_new();
     ctl.acl_default_allow = 1;
 

@@ -467,7 +467,7 @@ static void ask_agent(struct session *s)
 void session_authorize_answer(struct authq_req *r)
 {
     struct session *s = r->owner;
-    if (s != NULL && s->state != S_AUTHORIZE) {
+    if (s != NULL && r->recheck) {
         /* a re-check of an open connection: it goes on unless the agent now says no */
         s->question = NULL;
         if (!r->allowed) {

@@ -404,10 +404,10 @@ void worker_join_free(struct worker *w)
     if (w->started)
         pthread_join(w->thread, NULL);
     /* Sessions freed by deferred calls have run before loop_run returned. */
-    session_host_free_buffers(&w->host);
     snapshot_unref(atomic_exchange(&w->pending, NULL));
     snapshot_unref(w->host.snap);
-    loop_free(w->loop);
+    loop_free(w->loop); /* runs deferred calls still queued, which may give buffers back */
+    session_host_free_buffers(&w->host);
     authq_box_free(w->host.answers); /* answers that arrived after the last wake-up */
     free(w);
 }

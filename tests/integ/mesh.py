@@ -911,7 +911,8 @@ def issued_by(cert_der, issuer_pem):
 class AgentInterposer:
     """An HTTP hop between connectd and a real agent that passes every request through, except
     that POST /v1/agent/connect/authorize is answered with <authorize_answer> (a dict) while
-    that is set, and passes it on <authorize_delay> seconds late otherwise. It stands in for an
+    that is set (or fails it with <authorize_status>), and passes it on <authorize_delay>
+    seconds late otherwise. It stands in for an
     agent whose own copy of the intentions lags behind, or that is slow to answer, which a real
     agent does only for a moment and cannot be made to do on demand."""
 
@@ -920,6 +921,7 @@ class AgentInterposer:
 
         self.upstream = agent_http_addr
         self.authorize_answer = None
+        self.authorize_status = None  # an HTTP status to fail /authorize with
         self.authorize_delay = 0.0
         self.authorize_calls = 0
         outer = self
@@ -936,6 +938,9 @@ class AgentInterposer:
                 if self.path.startswith("/v1/agent/connect/authorize"):
                     outer.authorize_calls += 1
                     canned = outer.authorize_answer
+                    if outer.authorize_status is not None:
+                        return self._answer(outer.authorize_status,
+                                            [("Content-Type", "text/plain")], b"agent error")
                     if canned is not None:
                         return self._answer(200, [("Content-Type", "application/json")],
                                             json.dumps(canned).encode())

@@ -146,3 +146,32 @@ def test_open_connection_rechecked_with_the_agent_when_intentions_change(hop, me
         closed, _ = closed_without_data(s, timeout=15)
         assert closed, "the open connection survived the deny"
     db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: [^\"]*DENY")
+
+
+def test_recheck_without_an_answer_keeps_the_connection(hop, mesh):
+    """An agent that cannot answer a re-check (an error, a restart) does not cut open
+    connections: the re-check is asked again, and after the last try the connection stays;
+    only a real "no" ends it."""
+    m = mesh
+    db_app = m.app(EchoApp)
+    db = m.add("db", app_port=db_app.port, start=False,
+               proxy_config={"authorization": "authorize", "authorize_cache_ms": 0,
+                             "reauthorize_interval_ms": 300})
+    web = m.add("web", upstreams=["db"])
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
+                                          hop.http_addr, "-log-level", "debug"])
+    db.proxy.wait_port(db.public_port)
+    m.wait_passing(db)
+    m.wait_echo(web.up["db"])
+
+    with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
+        assert echo_roundtrip(s, b"before\n") == b"before\n"
+        hop.authorize_status = 500
+        db.proxy.wait_log(r"no answer to the re-check of \S+/svc/" + web.name
+                          + r" \([^)]*HTTP 500\); its connections stay open", timeout=20)
+        assert echo_roundtrip(s, b"still here\n") == b"still here\n"
+        hop.authorize_status = None
+        hop.authorize_answer = {"Authorized": False, "Reason": "denied now"}
+        closed, _ = closed_without_data(s, timeout=15)
+        assert closed, "a real no did not end the connection"
+    db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: denied now")
