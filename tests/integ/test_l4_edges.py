@@ -77,11 +77,12 @@ def test_local_app_down_is_refused_and_logged(mesh):
     db = m.add("db", app_port=app_port)
     web = m.add("web", upstreams=("db",))
     m.wait_passing(db)
-    assert_refused(web.up["db"])
-    db.proxy.wait_log(r"result=local_connect_error reason=\"connect 127\.0\.0\.1:%d" % app_port)
+    assert_refused(web.up["db"], timeout=15)
+    db.proxy.wait_log(r"result=local_connect_error reason=\"connect 127\.0\.0\.1:%d" % app_port,
+                      timeout=20)
 
     m.app(EchoApp, app_port)
-    m.wait_echo(web.up["db"], timeout=10, what="traffic once the local app is listening")
+    m.wait_echo(web.up["db"], what="traffic once the local app is listening")
 
 
 @pytest.mark.agent_hcl('default_intention_policy = "deny"')
