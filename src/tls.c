@@ -819,17 +819,24 @@ unsigned long long tls_conn_bytes_received(const struct tls_conn *c)
     return (unsigned long long)BIO_number_read(SSL_get_rbio(c->ssl));
 }
 
-int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len)
+/* The peer's leaf once the handshake completed with a verified chain, else NULL. */
+static X509 *verified_peer(const struct tls_conn *c)
 {
     /* With SSL_VERIFY_PEER a completed handshake implies a verified chain; check anyway. */
     if (!SSL_is_init_finished(c->ssl) || SSL_get_verify_result(c->ssl) != X509_V_OK)
-        return ERR_NO_URI;
+        return NULL;
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L
-    X509 *peer = SSL_get0_peer_certificate(c->ssl);
+    return SSL_get0_peer_certificate(c->ssl);
 #else
     X509 *peer = SSL_get_peer_certificate(c->ssl);
     X509_free(peer); /* the session keeps its own reference */
+    return peer;
 #endif
+}
+
+int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len)
+{
+    X509 *peer = verified_peer(c);
     if (peer == NULL)
         return ERR_NO_URI;
     GENERAL_NAMES *names = X509_get_ext_d2i(peer, NID_subject_alt_name, NULL, NULL);
@@ -859,14 +866,7 @@ int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len)
 int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
-    if (!SSL_is_init_finished(c->ssl) || SSL_get_verify_result(c->ssl) != X509_V_OK)
-        return ERR_NO_URI;
-#if OPENSSL_VERSION_NUMBER >= 0x30000000L
-    X509 *peer = SSL_get0_peer_certificate(c->ssl);
-#else
-    X509 *peer = SSL_get_peer_certificate(c->ssl);
-    X509_free(peer); /* the session keeps its own reference */
-#endif
+    const X509 *peer = verified_peer(c);
     if (peer == NULL || len == 0)
         return ERR_NO_URI;
     const ASN1_INTEGER *serial = X509_get0_serialNumber(peer);
