@@ -51,24 +51,34 @@ def hop(agent):
     h.stop()
 
 
+def add_pair(m, **config):
+    """db (an echo app behind it; authorize mode with more Proxy.Config <config>), not started
+    yet, and web with upstream db, started. Returns (db, web)."""
+    db = m.add("db", app_port=m.app(EchoApp).port, start=False,
+               proxy_config={"authorization": "authorize", **config})
+    return db, m.add("web", upstreams=["db"])
+
+
+def start_behind(m, hop, db):
+    """Starts db's connectd with its agent behind <hop>; waits until db is serving and passing."""
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr", hop.http_addr,
+                                          "-log-level", "debug"])
+    db.proxy.wait_port(db.public_port)
+    m.wait_passing(db)
+
+
 def test_authorize_answer_that_disagrees_with_the_intentions_is_not_cached(hop, mesh):
     """The agent answers /authorize from its own copy of the intentions, which can lag behind
     the intention change the sidecar has already seen. Such an answer decides its connection
     (it is the agent's word) but is not cached: otherwise a stale allow would outlive the deny
     for the whole authorize_cache_ms."""
     m = mesh
-    db_app = m.app(EchoApp)
-    db = m.add("db", app_port=db_app.port, start=False,
-               proxy_config={"authorization": "authorize", "authorize_cache_ms": 60000})
-    web = m.add("web", upstreams=["db"])
+    db, web = add_pair(m, authorize_cache_ms=60000)
     m.intend("db", {"web": "deny"})
     # The agent behind the hop still "believes" web is allowed.
     hop.authorize_answer = {"Authorized": True, "Reason": "stale copy: web allowed"}
-    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
-                                          hop.http_addr, "-log-level", "debug"])
-    db.proxy.wait_port(db.public_port)
+    start_behind(m, hop, db)
     db.proxy.wait_log(r"intentions for \S+: 1 rule\(s\)")
-    m.wait_passing(db)
 
     m.wait_echo(web.up["db"], what="web allowed on the agent's (stale) word")
     calls = hop.authorize_calls
@@ -90,14 +100,8 @@ def test_concurrent_questions_from_one_caller_make_one_request(hop, mesh):
     answer instead of asking the agent once per connection (authorize_cache_ms = 0 still asks
     anew for every connection that arrives after the answer)."""
     m = mesh
-    db_app = m.app(EchoApp)
-    db = m.add("db", app_port=db_app.port, start=False,
-               proxy_config={"authorization": "authorize", "authorize_cache_ms": 0})
-    web = m.add("web", upstreams=["db"])
-    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
-                                          hop.http_addr, "-log-level", "debug"])
-    db.proxy.wait_port(db.public_port)
-    m.wait_passing(db)
+    db, web = add_pair(m, authorize_cache_ms=0)
+    start_behind(m, hop, db)
     m.wait_echo(web.up["db"])
 
     hop.authorize_delay = 1.5
@@ -123,15 +127,9 @@ def test_open_connection_rechecked_with_the_agent_when_intentions_change(hop, me
     intentions still answers the old way (it lags behind the change), the re-check is asked
     again rather than taken as the final word."""
     m = mesh
-    db_app = m.app(EchoApp)
-    db = m.add("db", app_port=db_app.port, start=False,
-               proxy_config={"authorization": "authorize"})
-    web = m.add("web", upstreams=["db"])
+    db, web = add_pair(m)
     m.intend("db", {"web": "allow"})
-    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
-                                          hop.http_addr, "-log-level", "debug"])
-    db.proxy.wait_port(db.public_port)
-    m.wait_passing(db)
+    start_behind(m, hop, db)
     m.wait_echo(web.up["db"])
 
     with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
@@ -153,15 +151,8 @@ def test_recheck_without_an_answer_keeps_the_connection(hop, mesh):
     connections: the re-check is asked again, and after the last try the connection stays;
     only a real "no" ends it."""
     m = mesh
-    db_app = m.app(EchoApp)
-    db = m.add("db", app_port=db_app.port, start=False,
-               proxy_config={"authorization": "authorize", "authorize_cache_ms": 0,
-                             "reauthorize_interval_ms": 300})
-    web = m.add("web", upstreams=["db"])
-    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr",
-                                          hop.http_addr, "-log-level", "debug"])
-    db.proxy.wait_port(db.public_port)
-    m.wait_passing(db)
+    db, web = add_pair(m, authorize_cache_ms=0, reauthorize_interval_ms=300)
+    start_behind(m, hop, db)
     m.wait_echo(web.up["db"])
 
     with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
