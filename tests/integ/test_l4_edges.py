@@ -6,14 +6,15 @@ sleeps.
 """
 
 import os
+import re
 import socket
 import subprocess
 import time
 
 import pytest
 
-from mesh import (LOOPBACK, EchoApp, assert_refused, closed_without_data, free_port, try_echo,
-                  wait_until)
+from mesh import (LOOPBACK, EchoApp, assert_refused, closed_without_data, free_port, is_refused,
+                  try_echo, wait_until)
 
 
 def connect(port, timeout=10):
@@ -77,12 +78,14 @@ def test_local_app_down_is_refused_and_logged(mesh):
     db = m.add("db", app_port=app_port)
     web = m.add("web", upstreams=("db",))
     m.wait_passing(db)
-    assert_refused(web.up["db"], timeout=15)
-    db.proxy.wait_log(r"result=local_connect_error reason=\"connect 127\.0\.0\.1:%d" % app_port,
-                      timeout=20)
+    # Passing at the agent does not mean web's sidecar has heard of db yet: until it has, a
+    # connection is refused by web ("no healthy endpoint"), so try until db itself refuses.
+    logged = re.compile(r"result=local_connect_error reason=\"connect 127\.0\.0\.1:%d" % app_port)
+    wait_until(lambda: is_refused(web.up["db"]) and logged.search(db.proxy.log()), 15,
+               "a connection refused by db for want of its local app, and logged")
 
     m.app(EchoApp, app_port)
-    m.wait_echo(web.up["db"], what="traffic once the local app is listening")
+    m.wait_echo(web.up["db"], timeout=10, what="traffic once the local app is listening")
 
 
 @pytest.mark.agent_hcl('default_intention_policy = "deny"')
@@ -96,8 +99,10 @@ def test_default_intention_policy_deny(fresh_mesh):
     web = m.add("web", upstreams=("db",))
     m.wait_passing(db)
     db.proxy.wait_log(r"default_intention_policy is deny")
-    assert_refused(web.up["db"])
-    db.proxy.wait_log(r"result=denied reason=\"default policy deny\"")
+    # Refused by db's policy, not by web for want of an endpoint it has not heard of yet.
+    denied = re.compile(r"result=denied reason=\"default policy deny\"")
+    wait_until(lambda: is_refused(web.up["db"]) and denied.search(db.proxy.log()), 15,
+               "a connection refused by db's default policy, and logged")
     assert echo.accepted == 0
 
     m.intend("db", {"web": "allow"})
