@@ -1688,6 +1688,8 @@ static void render_authz(const struct control *ctl, const struct admin_request *
         json_kv_str(b, "source_partition", r->src_partition, 1);
         json_kv_str(b, "source_namespace", r->src_ns, 1);
         json_kv_str(b, "source", r->src_name, 1);
+        if (r->src_sameness[0] != '\0')
+            json_kv_str(b, "source_sameness_group", r->src_sameness, 1);
         json_kv_str(b, "destination_namespace", r->dst_ns, 1);
         json_kv_str(b, "destination", r->dst_name, 1);
         json_kv_str(b, "action",

@@ -56,14 +56,19 @@ static void rule_init(struct intent_rule *r, const struct dec_intention *d)
     r->src_partition = xstrdup(or_default(d->source_partition));
     r->src_ns = xstrdup(or_default(d->source_ns));
     r->src_name = xstrdup(or_empty(d->source_name));
+    r->src_sameness = xstrdup(or_empty(d->source_sameness_group));
     r->dst_ns = xstrdup(or_default(d->destination_ns));
     r->dst_name = xstrdup(or_empty(d->destination_name));
     r->precedence = d->precedence;
     r->has_permissions = has_permissions;
     /* An L7 intention cannot be enforced on a byte stream, so, like /authorize, it denies. */
     r->allow = !has_permissions && d->action != NULL && strcmp(d->action, "allow") == 0;
-    r->peer_only = (d->source_peer != NULL && d->source_peer[0] != '\0') ||
-                   (d->source_sameness_group != NULL && d->source_sameness_group[0] != '\0');
+    if (d->source_peer != NULL && d->source_peer[0] != '\0')
+        r->reach = INTENT_REACH_NONE;
+    else if (d->source_sameness_group != NULL && d->source_sameness_group[0] != '\0')
+        r->reach = r->allow ? INTENT_REACH_NONE : INTENT_REACH_ANY;
+    else
+        r->reach = INTENT_REACH_PARTITION;
 }
 
 static void rule_dispose(struct intent_rule *r)
@@ -73,6 +78,7 @@ static void rule_dispose(struct intent_rule *r)
     free(r->src_partition);
     free(r->src_ns);
     free(r->src_name);
+    free(r->src_sameness);
     free(r->dst_ns);
     free(r->dst_name);
 }
@@ -115,19 +121,20 @@ void intent_table_unref(struct intent_table *t)
 /* Skips rules that can never match a local caller; returns the index of the next one or n. */
 static size_t next_local(const struct intent_table *t, size_t i)
 {
-    while (i < t->n && t->rules[i].peer_only)
+    while (i < t->n && t->rules[i].reach == INTENT_REACH_NONE)
         i++;
     return i;
 }
 
 static int same_decision(const struct intent_rule *a, const struct intent_rule *b)
 {
-    return a->allow == b->allow && strcmp(a->src_partition, b->src_partition) == 0 &&
-           strcmp(a->src_ns, b->src_ns) == 0 && strcmp(a->src_name, b->src_name) == 0;
+    return a->allow == b->allow && a->reach == b->reach &&
+           strcmp(a->src_partition, b->src_partition) == 0 && strcmp(a->src_ns, b->src_ns) == 0 &&
+           strcmp(a->src_name, b->src_name) == 0;
 }
 
 /*
- * Peer-only rules are invisible to local callers, so they are left out of the comparison; all
+ * Rules no local caller can match are left out of the comparison; all
  * other rules must agree in order and in everything that decides. Tables that differ only in
  * shadowed rules compare unequal: that only costs a needless re-check.
  */
@@ -171,8 +178,9 @@ struct intent_decision intent_eval(const struct intent_table *t, const char *par
     name = or_empty(name);
     for (size_t i = 0; i < t->n; i++) {
         const struct intent_rule *r = &t->rules[i];
-        /* Partitions never take a wildcard; peer rules are for peered callers only. */
-        if (r->peer_only || strcmp(r->src_partition, partition) != 0 ||
+        /* Partitions never take a wildcard; see enum intent_reach for the other cases. */
+        if (r->reach == INTENT_REACH_NONE ||
+            (r->reach == INTENT_REACH_PARTITION && strcmp(r->src_partition, partition) != 0) ||
             !name_matches(r->src_ns, ns) || !name_matches(r->src_name, name))
             continue;
         d.allow = r->allow;
@@ -205,9 +213,13 @@ const char *intent_describe(const struct intent_decision *d, char *buf, size_t l
         return buf;
     }
     char src[200], dst[200];
-    describe_name(src, sizeof(src), r->src_partition, r->src_ns, r->src_name);
+    if (r->src_sameness[0] != '\0')
+        describe_name(src, sizeof(src), r->src_sameness, r->src_ns, r->src_name);
+    else
+        describe_name(src, sizeof(src), r->src_partition, r->src_ns, r->src_name);
     describe_name(dst, sizeof(dst), NULL, r->dst_ns, r->dst_name);
-    snprintf(buf, len, "intention %s => %s %s (%sprecedence %d)", src, dst, verdict,
+    snprintf(buf, len, "intention %s => %s %s (%s%sprecedence %d)", src, dst, verdict,
+             r->src_sameness[0] != '\0' ? "sameness group, " : "",
              r->has_permissions ? "L7 permissions, " : "", r->precedence);
     return buf;
 }

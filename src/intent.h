@@ -12,18 +12,33 @@
 
 #include "decode.h"
 
+/*
+ * How a rule's source applies to a caller of this datacenter. A SourcePeer rule is for peered
+ * callers only. A SourceSamenessGroup rule (Enterprise) is for the callers of every member of
+ * the group, and members may be local partitions; which ones is a sameness-group config entry
+ * a custom proxy is not given, so such a rule is read to fail closed: a deny (or L7) rule
+ * matches a caller of that namespace and name in any partition, an allow rule matches none.
+ */
+enum intent_reach {
+    INTENT_REACH_PARTITION, /* callers of the rule's source partition */
+    INTENT_REACH_NONE,      /* no local caller: SourcePeer, or a sameness-group allow */
+    INTENT_REACH_ANY,       /* callers of any partition: a sameness-group deny */
+};
+
 struct intent_rule {
     char *id;            /* legacy intention ID, often "" */
     char *description;   /* "" when none */
     char *src_partition; /* "default" when the agent sent "" */
     char *src_ns;        /* "default" when the agent sent "" */
     char *src_name;      /* may be "*" */
+    char *src_sameness;  /* SourceSamenessGroup, "" when none */
     char *dst_ns;
     char *dst_name; /* may be "*" */
     int precedence;
     int allow;           /* 1 for an L4 allow; 0 for deny and for any L7 (Permissions) rule */
     int has_permissions; /* an L7 intention: always a deny for an L4 proxy */
-    int peer_only;       /* SourcePeer or SourceSamenessGroup set: never matches a local caller */
+    /* Which local callers the rule can match (a local caller has no peer): */
+    enum intent_reach reach;
 };
 
 struct intent_table;

@@ -176,7 +176,7 @@ static void fuzz_intentions(const char *buf, size_t len)
     for (size_t i = 0; i < ARRAY_SIZE(callers); i++) {
         char desc[512];
         struct intent_decision d = intent_eval(t, callers[i][0], callers[i][1], callers[i][2]);
-        FUZZ_CHECK(d.rule == NULL || !d.rule->peer_only);
+        FUZZ_CHECK(d.rule == NULL || d.rule->reach != INTENT_REACH_NONE);
         FUZZ_CHECK(d.rule == NULL || !d.rule->has_permissions || !d.allow);
         check_str(intent_describe(&d, desc, sizeof(desc)));
     }

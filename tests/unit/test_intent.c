@@ -230,6 +230,54 @@ static void test_peer_rules_skipped(void **state)
     intent_table_unref(t);
 }
 
+/*
+ * Sameness-group rules used to be skipped like peer rules, so a sameness-group deny let a caller
+ * of a member partition through. Membership is not known here: deny rules apply in every
+ * partition, allow rules in none.
+ */
+static void test_sameness_group_rules_fail_closed(void **state)
+{
+    (void)state;
+    struct dec_intention v[] = {
+        ix("default", "web", "db", "deny", 9),
+        ix("default", "api", "db", "allow", 9),
+        ix("default", "*", "db", "allow", 8),
+    };
+    v[0].source_sameness_group = "group-a";
+    v[1].source_sameness_group = "group-a";
+    struct intent_table *t = intent_table_new(v, ARRAY_SIZE(v), 1);
+    struct intent_decision d = intent_eval(t, "", "", "web");
+    assert_int_equal(d.allow, 0);
+    assert_string_equal(d.rule->src_name, "web");
+    d = intent_eval(t, "other-partition", "default", "web");
+    assert_int_equal(d.allow, 0);
+    assert_string_equal(d.rule->src_name, "web");
+    char buf[200];
+    assert_string_equal(intent_describe(&d, buf, sizeof(buf)),
+                        "intention group-a/default/web => db deny (sameness group, precedence 9)");
+    /* The allow is not taken; the next rule decides (here the wildcard allow of the caller's
+     * own partition, and nothing in another one). */
+    d = intent_eval(t, "", "", "api");
+    assert_int_equal(d.allow, 1);
+    assert_string_equal(d.rule->src_name, "*");
+    d = intent_eval(t, "other-partition", "default", "api");
+    assert_null(d.rule);
+    intent_table_unref(t);
+
+    /* The deny counts when tables are compared; the allow does not. */
+    struct intent_table *a = intent_table_new(v + 1, 2, 1);
+    struct intent_table *b = intent_table_new(v + 2, 1, 1);
+    assert_int_equal(intent_table_equal(a, b), 1);
+    intent_table_unref(a);
+    a = intent_table_new(v, 1, 1);
+    struct dec_intention plain = ix("default", "web", "db", "deny", 9);
+    intent_table_unref(b);
+    b = intent_table_new(&plain, 1, 1);
+    assert_int_equal(intent_table_equal(a, b), 0);
+    intent_table_unref(a);
+    intent_table_unref(b);
+}
+
 static void test_misordered_input(void **state)
 {
     (void)state;
@@ -485,6 +533,7 @@ int main(void)
         cmocka_unit_test(test_permissions_deny),
         cmocka_unit_test(test_unknown_action_denies),
         cmocka_unit_test(test_peer_rules_skipped),
+        cmocka_unit_test(test_sameness_group_rules_fail_closed),
         cmocka_unit_test(test_misordered_input),
         cmocka_unit_test(test_sort_is_stable),
         cmocka_unit_test(test_partitions),
