@@ -914,7 +914,11 @@ class AgentInterposer:
     that is set (or fails it with <authorize_status>), and passes it on <authorize_delay>
     seconds late otherwise. It stands in for an
     agent whose own copy of the intentions lags behind, or that is slow to answer, which a real
-    agent does only for a moment and cannot be made to do on demand."""
+    agent does only for a moment and cannot be made to do on demand.
+
+    Also: <canned> maps a path prefix to (status, body) answered instead of the agent;
+    <drop_headers> names (lower case) response headers left out; <rewrite>(path, body) may
+    return another body for a 200 answer; <paths> lists every request path seen."""
 
     def __init__(self, agent_http_addr):
         import http.server
@@ -924,6 +928,10 @@ class AgentInterposer:
         self.authorize_status = None  # an HTTP status to fail /authorize with
         self.authorize_delay = 0.0
         self.authorize_calls = 0
+        self.canned = {}
+        self.drop_headers = set()
+        self.rewrite = None
+        self.paths = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -935,6 +943,11 @@ class AgentInterposer:
             def _relay(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
+                outer.paths.append(self.path)
+                for prefix, (status, data) in list(outer.canned.items()):
+                    if self.path.startswith(prefix):
+                        return self._answer(status, [("Content-Type", "application/json")],
+                                            data)
                 if self.path.startswith("/v1/agent/connect/authorize"):
                     outer.authorize_calls += 1
                     canned = outer.authorize_answer
@@ -953,9 +966,11 @@ class AgentInterposer:
                     c.request(self.command, self.path, body=body, headers=hdrs)
                     r = c.getresponse()
                     data = r.read()
+                    if r.status == 200 and outer.rewrite is not None:
+                        data = outer.rewrite(self.path, data)
                     keep = [(k, v) for k, v in r.getheaders()
                             if k.lower() not in ("connection", "content-length",
-                                                 "transfer-encoding")]
+                                                 "transfer-encoding") + tuple(outer.drop_headers)]
                     self._answer(r.status, keep, data)
                 finally:
                     c.close()
