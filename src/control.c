@@ -127,8 +127,11 @@ struct control {
     struct dec_intention *rules; /* the last good match answer, kept to re-derive the table */
     size_t n_rules;
     int have_rules;
-    int acl_default_allow;            /* from X-Consul-Default-ACL-Policy */
-    char default_intention_policy[8]; /* agent config default_intention_policy: "", allow, deny */
+    /* What the agent said of its default policy, "" while it has not (see default_allow()): */
+    char acl_header_policy[8];        /* X-Consul-Default-ACL-Policy of the intentions answer */
+    char default_intention_policy[8]; /* agent config default_intention_policy */
+    char self_acl_policy[8];          /* agent config acl.default_policy, from /v1/agent/self */
+    int self_acls_enabled;            /* from /v1/agent/self: 1, 0, or -1 when unknown */
     struct agent_req *self_req;
     struct loop_timer self_retry;
     unsigned self_failures;
@@ -286,15 +289,43 @@ static int on_leaf(void *data, const struct agent_response *resp)
 /* ---- intentions ---- */
 
 /*
- * The decision when no intention matches (consul-api.md 2.4.5): the agent's
- * default_intention_policy when it is set (newer agents; /authorize uses it too), else the ACL
- * default policy the agent reports on every answer, as Envoy does ("allow" when absent).
+ * The decision when no intention matches (consul-api.md 2.4.5), and where it comes from: the
+ * agent's default_intention_policy when it is set (newer agents; /authorize uses it too), else
+ * the ACL default policy the agent reports on every answer, as Envoy does, else the one
+ * /v1/agent/self reports. An agent that says neither (an old agent, or a hop that strips the
+ * header, and no agent:read) gets "allow" only when it says its ACLs are off; otherwise no
+ * match denies: a sidecar that cannot learn the policy must not guess the open one.
  */
-static int default_allow(const struct control *ctl)
+static int default_allow(const struct control *ctl, const char **why)
 {
-    if (ctl->default_intention_policy[0] != '\0')
-        return strcmp(ctl->default_intention_policy, "deny") != 0;
-    return ctl->acl_default_allow;
+    const char *p = NULL;
+    if (ctl->default_intention_policy[0] != '\0') {
+        p = ctl->default_intention_policy;
+        *why = "agent default_intention_policy";
+    } else if (ctl->acl_header_policy[0] != '\0') {
+        p = ctl->acl_header_policy;
+        *why = "agent ACL default policy";
+    } else if (ctl->self_acl_policy[0] != '\0') {
+        p = ctl->self_acl_policy;
+        *why = "agent ACL default policy, from agent self";
+    } else if (ctl->self_acls_enabled == 0) {
+        *why = "agent ACLs disabled";
+        return 1;
+    } else {
+        *why = "the agent did not say its default policy: failing closed";
+        return 0;
+    }
+    return strcmp(p, "deny") != 0;
+}
+
+/* Keeps "allow" or "deny" (any case) from <v> in <dst>, or "" for anything else. */
+static void keep_policy(char dst[8], const char *v)
+{
+    const char *p = v == NULL                     ? ""
+                    : strcasecmp(v, "allow") == 0 ? "allow"
+                    : strcasecmp(v, "deny") == 0  ? "deny"
+                                                  : "";
+    snprintf(dst, 8, "%s", p);
 }
 
 static void authz_cache_clear(struct control *ctl);
@@ -303,14 +334,15 @@ static void apply_intentions(struct control *ctl)
 {
     if (!ctl->have_rules)
         return;
-    struct intent_table *t = intent_table_new(ctl->rules, ctl->n_rules, default_allow(ctl));
+    const char *why;
+    struct intent_table *t = intent_table_new(ctl->rules, ctl->n_rules, default_allow(ctl, &why));
     if (ctl->intents != NULL && intent_table_equal(ctl->intents, t)) {
         intent_table_unref(t);
         return;
     }
     authz_cache_clear(ctl); /* the agent's answers may differ now */
-    LOG_INFO("intentions for %s: %zu rule(s), default %s", ctl->service, intent_table_len(t),
-             intent_table_default_allow(t) ? "allow" : "deny");
+    LOG_INFO("intentions for %s: %zu rule(s), default %s (%s)", ctl->service, intent_table_len(t),
+             intent_table_default_allow(t) ? "allow" : "deny", why);
     intent_table_unref(ctl->intents);
     ctl->intents = t;
     ctl->intents_gen++;
@@ -342,7 +374,7 @@ static int on_intentions(void *data, const struct agent_response *resp)
     ctl->rules = v;
     ctl->n_rules = n;
     ctl->have_rules = 1;
-    ctl->acl_default_allow = strcasecmp(resp->default_acl_policy, "deny") != 0;
+    keep_policy(ctl->acl_header_policy, resp->default_acl_policy);
     apply_intentions(ctl);
     return 0;
 }
@@ -359,8 +391,8 @@ static void retry_later(struct control *ctl, struct loop_timer *t, unsigned fail
     loop_timer_start(ctl->loop, t, delay / 2 + util_rand() % (delay / 2));
 }
 
-/* One look at the agent's own configuration for default_intention_policy; retried only while
- * the agent cannot answer (a 403 without agent:read leaves the ACL default in force). */
+/* One look at the agent's own configuration for its default policies; retried only while the
+ * agent cannot answer (a 403 without agent:read leaves what the answers' headers say). */
 static void self_start(struct control *ctl);
 
 static void on_self_retry(struct loop_timer *t)
@@ -381,7 +413,7 @@ static void on_self(void *data, const struct agent_response *resp)
     }
     if (resp->status != 200) {
         LOG_INFO("agent self answered status %ld; the default intention decision follows the "
-                 "ACL default policy",
+                 "agent's X-Consul-Default-ACL-Policy header (deny without it)",
                  resp->status);
         return;
     }
@@ -394,11 +426,13 @@ static void on_self(void *data, const struct agent_response *resp)
     if (strcmp(p, "allow") == 0 || strcmp(p, "deny") == 0) {
         snprintf(ctl->default_intention_policy, sizeof(ctl->default_intention_policy), "%s", p);
         LOG_INFO("agent default_intention_policy is %s", p);
-        apply_intentions(ctl);
     } else if (p[0] != '\0') {
         LOG_WARN("agent default_intention_policy \"%s\" is not allow or deny; ignored", p);
     }
+    keep_policy(ctl->self_acl_policy, self.acl_default_policy);
+    ctl->self_acls_enabled = self.acls_enabled;
     dec_agent_self_dispose(&self);
+    apply_intentions(ctl);
 }
 
 static void self_start(struct control *ctl)
@@ -1997,7 +2031,7 @@ int control_run(const struct config *conf)
     loop_io_init(&ctl.sig_io, ctl.sigfd, on_signal, &ctl);
     loop_io_want(ctl.loop, &ctl.sig_io, LOOP_READ);
     ctl.inbound_limit = limit_state_new();
-    ctl.acl_default_allow = 1;
+    ctl.self_acls_enabled = -1;
 
     struct agent_opts aopts = {
         .addr = conf->http_addr,

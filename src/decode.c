@@ -1132,8 +1132,11 @@ int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, c
         (rc = get_str(&c, debug, "DefaultIntentionPolicy", 0, "DebugConfig",
                       &out->default_intention_policy)) != 0 ||
         (rc = get_str(&c, acl, "ACLDefaultPolicy", 0, "DebugConfig.ACLResolverSettings",
-                      &out->acl_default_policy)) != 0)
+                      &out->acl_default_policy)) != 0 ||
+        (rc = get_bool(&c, debug, "ACLsEnabled", "DebugConfig", &out->acls_enabled)) != 0)
         goto out;
+    if (member(debug, "ACLsEnabled") == NULL)
+        out->acls_enabled = -1;
 out:
     json_decref(root);
     if (rc != 0)

@@ -231,6 +231,7 @@ struct dec_agent_self {
     char *datacenter;               /* Config.Datacenter */
     char *default_intention_policy; /* DebugConfig.DefaultIntentionPolicy: "", allow or deny */
     char *acl_default_policy;       /* DebugConfig.ACLResolverSettings.ACLDefaultPolicy */
+    int acls_enabled;               /* DebugConfig.ACLsEnabled: 1, 0, or -1 when absent */
 };
 
 /* Decodes the few fields connectd reads; every one is optional (older agents lack some). */

@@ -1697,11 +1697,13 @@ static void test_agent_self(void **state)
     assert_string_equal(self.datacenter, "dc1");
     assert_string_equal(self.default_intention_policy, "deny");
     assert_string_equal(self.acl_default_policy, "allow");
+    assert_int_equal(self.acls_enabled, 0);
     dec_agent_self_dispose(&self);
 
-    /* Older agents lack the fields: all optional, "" when absent. */
+    /* Older agents lack the fields: all optional, "" (or -1) when absent. */
     assert_int_equal(decode_agent_self("{}", 2, &self, err, sizeof(err)), 0);
     assert_string_equal(self.default_intention_policy, "");
+    assert_int_equal(self.acls_enabled, -1);
     dec_agent_self_dispose(&self);
 
     /* Wrong shapes name the field; every truncation fails cleanly. */
