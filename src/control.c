@@ -114,6 +114,7 @@ struct control {
 
     struct watch *svc_watch, *roots_watch, *leaf_watch, *intent_watch;
     char *service; /* the destination service the leaf and intentions watches are for */
+    char *scope;   /* its "&ns=..&partition=.." query suffix ("" for the defaults) */
 
     struct proxy_cfg cfg;
     int have_cfg;
@@ -503,24 +504,36 @@ static int on_target_health(void *data, const struct agent_response *resp)
     return 0;
 }
 
+/*
+ * The "&ns=<ns>&partition=<partition>" suffix of a query about a service in <ns> and
+ * <partition>. CE agents refuse a non-empty ns/partition other than default, and Enterprise
+ * agents take a missing one as default, so only what differs is sent.
+ */
+static char *scope_query(const char *ns, const char *partition)
+{
+    int send_ns = ns[0] != '\0' && strcmp(ns, "default") != 0;
+    int send_part = partition[0] != '\0' && strcmp(partition, "default") != 0;
+    char *ens = url_escape(ns), *epart = url_escape(partition);
+    char *q = xasprintf("%s%s%s%s", send_ns ? "&ns=" : "", send_ns ? ens : "",
+                        send_part ? "&partition=" : "", send_part ? epart : "");
+    free(ens);
+    free(epart);
+    return q;
+}
+
 /* The health query of one chain target (consul-api.md 2.8, "Mapping targets"). */
 static char *target_query(const struct dec_chain_target *ct)
 {
     char *name = url_escape(ct->service), *dc = url_escape(ct->datacenter);
-    char *filter = url_escape(ct->filter), *ns = url_escape(ct->ns);
-    char *part = url_escape(ct->partition), *peer = url_escape(ct->peer);
-    /* CE agents refuse a non-empty ns/partition other than default; send only what differs. */
-    int send_ns = ct->ns[0] != '\0' && strcmp(ct->ns, "default") != 0;
-    int send_part = ct->partition[0] != '\0' && strcmp(ct->partition, "default") != 0;
-    char *path = xasprintf("/v1/health/connect/%s?cached%s%s%s%s%s%s%s%s%s%s", name,
-                           dc[0] ? "&dc=" : "", dc, filter[0] ? "&filter=" : "", filter,
-                           send_ns ? "&ns=" : "", send_ns ? ns : "", send_part ? "&partition=" : "",
-                           send_part ? part : "", peer[0] ? "&peer=" : "", peer);
+    char *filter = url_escape(ct->filter), *scope = scope_query(ct->ns, ct->partition);
+    char *peer = url_escape(ct->peer);
+    char *path =
+        xasprintf("/v1/health/connect/%s?cached%s%s%s%s%s%s%s", name, dc[0] ? "&dc=" : "", dc,
+                  filter[0] ? "&filter=" : "", filter, scope, peer[0] ? "&peer=" : "", peer);
     free(name);
     free(dc);
     free(filter);
-    free(ns);
-    free(part);
+    free(scope);
     free(peer);
     return path;
 }
@@ -752,10 +765,16 @@ static void reconcile_upstreams(struct control *ctl, const struct proxy_cfg *cfg
 
 /* ---- the registration ---- */
 
+/*
+ * The leaf and the intentions are those of the destination service in the proxy's own
+ * namespace and partition (an Enterprise proxy registered outside the defaults must not
+ * present, nor be governed as, the same-named service of the default namespace).
+ */
 static void start_service_watches(struct control *ctl, const char *service)
 {
     char *esc = url_escape(service);
-    char *path = xasprintf("/v1/agent/connect/ca/leaf/%s", esc);
+    char *path = xasprintf("/v1/agent/connect/ca/leaf/%s%s%s", esc, ctl->scope[0] ? "?" : "",
+                           ctl->scope[0] ? ctl->scope + 1 : "");
     char *name = xasprintf("leaf %s", service);
     struct watch_spec spec = {
         .name = name, .method = "GET", .path = path, .block = WATCH_BY_INDEX, .reach = ctl->reach};
@@ -765,7 +784,8 @@ static void start_service_watches(struct control *ctl, const char *service)
     free(path);
     free(name);
 
-    path = xasprintf("/v1/connect/intentions/match?by=destination&name=%s&cached", esc);
+    path =
+        xasprintf("/v1/connect/intentions/match?by=destination&name=%s&cached%s", esc, ctl->scope);
     name = xasprintf("intentions %s", service);
     spec.name = name;
     spec.path = path;
@@ -815,12 +835,18 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
     for (size_t i = 0; i < cfg.n_warnings; i++)
         warn_once(ctl, cfg.warnings[i]);
 
-    if (ctl->service == NULL || strcmp(ctl->service, cfg.service) != 0) {
+    char *scope = scope_query(cfg.ns, cfg.partition);
+    if (ctl->service == NULL || strcmp(ctl->service, cfg.service) != 0 ||
+        strcmp(ctl->scope, scope) != 0) {
         /* A new identity: the leaf and intentions of the old one no longer apply. */
         if (ctl->service != NULL)
-            LOG_WARN("destination service changed from %s to %s", ctl->service, cfg.service);
+            LOG_WARN("destination service changed from %s%s to %s%s", ctl->service, ctl->scope,
+                     cfg.service, scope);
         free(ctl->service);
         ctl->service = xstrdup(cfg.service);
+        free(ctl->scope);
+        ctl->scope = scope;
+        scope = NULL;
         if (ctl->have_leaf)
             dec_leaf_dispose(&ctl->leaf);
         ctl->have_leaf = 0;
@@ -830,6 +856,7 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
         forget_rules(ctl);
         start_service_watches(ctl, cfg.service);
     }
+    free(scope);
     reconcile_upstreams(ctl, &cfg);
     int tls_changed = !ctl->have_cfg || !same_tls_settings(&ctl->cfg, &cfg);
     if (ctl->have_cfg)
@@ -1326,8 +1353,12 @@ static void authz_submit(struct control *ctl, struct authq_req *r)
         if (p->next != NULL)
             p->next->prev = p;
         ctl->asking = p;
-        p->areq = agent_request(ctl->agent, "POST", "/v1/agent/connect/authorize", body,
-                                AUTHORIZE_HTTP_MS, on_authorized, p);
+        /* The target is in the proxy's namespace and partition, as the intentions watch. */
+        char *path = xasprintf("/v1/agent/connect/authorize%s%s", ctl->scope[0] ? "?" : "",
+                               ctl->scope[0] ? ctl->scope + 1 : "");
+        p->areq =
+            agent_request(ctl->agent, "POST", path, body, AUTHORIZE_HTTP_MS, on_authorized, p);
+        free(path);
         free(body);
     }
 }
@@ -2185,6 +2216,7 @@ out:
         free(ctl.warned[i]);
     free(ctl.warned);
     free(ctl.service);
+    free(ctl.scope);
     free(ctl.proxy_id);
     free(ctl.reg_body);
     free(ctl.check_id);

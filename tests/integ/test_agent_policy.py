@@ -53,3 +53,33 @@ def test_default_policy_fails_closed_when_the_agent_does_not_say_it(hop, mesh):
     start_behind(m, hop, db)
     db.proxy.wait_log(r"default allow \(agent ACLs disabled\)")
     m.wait_echo(web.up["db"], what="web allowed once the agent says ACLs are off")
+
+
+def test_watches_carry_the_registration_namespace_and_partition(hop, mesh):
+    """A proxy registered in namespace "team" of partition "eng" (Enterprise) presents the
+    leaf of, and is governed by the intentions of, its service in that namespace and
+    partition; the watches used to ask for the default namespace's same-named service. A CE
+    agent cannot hold such a registration, so the hop adds the fields to the real one and the
+    test reads the requests connectd makes (the CE agent then refuses them, which is fine)."""
+    m = mesh
+    db = m.add("db", app_port=m.app(EchoApp).port, start=False)
+
+    def in_team(path, body):
+        if not path.startswith("/v1/agent/service/"):
+            return body
+        svc = json.loads(body)
+        svc["Namespace"], svc["Partition"] = "team", "eng"
+        return json.dumps(svc).encode()
+
+    hop.rewrite = in_team
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr", hop.http_addr,
+                                          "-log-level", "debug"])
+
+    def asked(prefix):
+        return [p for p in hop.paths if p.startswith(prefix)]
+
+    wait_until(lambda: asked("/v1/agent/connect/ca/leaf/") and
+               asked("/v1/connect/intentions/match"), 20, "the leaf and intentions watches")
+    for p in asked("/v1/agent/connect/ca/leaf/") + asked("/v1/connect/intentions/match"):
+        assert "ns=team" in p and "partition=eng" in p, p
+    assert all(f"name={db.name}&" in p for p in asked("/v1/connect/intentions/match"))
