@@ -488,6 +488,15 @@ void session_authorize_answer(struct authq_req *r)
             LOG_DEBUG("conn=%llu in authorized %s by the agent: %s", (unsigned long long)s->id,
                       s->caller, r->reason);
             start_connect_local(s);
+            /* The agent's allow contradicts the intentions here: ask again as for an open
+             * connection after a change, so that it ends once the agent agrees. */
+            if (r->disputed && s->state != S_DONE && s->host->ask != NULL) {
+                LOG_DEBUG("conn=%llu in the agent's allow for %s differs from the intentions "
+                          "here; re-checking it",
+                          (unsigned long long)s->id, s->caller);
+                STAT_ADD(s->host->stats->counters.reauthorized, 1);
+                post_question(s, 1);
+            }
         }
     }
     authq_req_free(r);
