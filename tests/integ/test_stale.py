@@ -3,8 +3,11 @@ and the caller's certificate it carries, a TLS session cache and the roots it wa
 an admitted connection and the trust-domain settings it was checked against."""
 
 import datetime
+import re
 import socket
 import ssl
+
+import pytest
 
 from mesh import (LOOPBACK, EchoApp, _now, admin_args, closed_without_data, echo_roundtrip,
                   issued_by, make_ca, make_leaf, peer_cert_der, recv_exact, tls_client_context,
@@ -98,3 +101,50 @@ def test_roots_change_empties_the_server_session_cache(fresh_mesh, tmp_path):
     ok, _, resumed = _session_echo(db.public_port, ctx, sess)
     assert ok, "the caller (old root, still listed) was refused after the rotation"
     assert not resumed, "a session of the previous roots was resumed"
+
+
+OTHER_TD = "11111111-2222-3333-4444-555555555555.consul"
+
+
+def _open_admitted(port, ctx):
+    """A TLS connection through which one echo came back (the caller owns it), or None."""
+    try:
+        s = tls_connect(port, ctx, timeout=5)
+    except (OSError, ssl.SSLError):
+        return None
+    try:
+        if echo_roundtrip(s, b"admitted?\n") == b"admitted?\n":
+            return s
+    except (OSError, ssl.SSLError):
+        pass
+    s.close()
+    return None
+
+
+@pytest.mark.parametrize("authorization", ["intentions", "authorize"])
+def test_open_connection_rechecked_when_verify_trust_domain_is_switched_on(fresh_mesh, tmp_path,
+                                                                           authorization):
+    """Regression (issue 7): open connections were re-checked only when the intentions
+    changed. A caller of another trust domain admitted while verify_trust_domain was off kept
+    its connection after the check was switched on (in authorize mode the re-check did not
+    look at the trust domain at all). Now any change an inbound decision depends on re-checks
+    open connections, and this one is closed."""
+    m = fresh_mesh
+    ca, _ = _own_ca(m, tmp_path)
+    db = m.add("db", app_port=m.app(EchoApp).port,
+               proxy_config={"verify_trust_domain": False, "authorization": authorization})
+    m.wait_passing(db)
+    other = make_leaf(ca, f"spiffe://{OTHER_TD}/ns/default/dc/dc1/svc/{m.name('web')}",
+                      str(tmp_path), "other-td")
+    ctx = tls_client_context(*other)
+    s = wait_until(lambda: _open_admitted(db.public_port, ctx), 30,
+                   "db to admit a caller of another trust domain with verify_trust_domain off")
+    with s:
+        db.proxy_config = {"verify_trust_domain": True, "authorization": authorization}
+        m.register(db)
+        closed, _ = closed_without_data(s, timeout=20)
+        assert closed, "the connection of a foreign trust domain survived verify_trust_domain"
+    db.proxy.wait_log(r"result=bad_identity reason=\"re-authorization: trust domain "
+                      + re.escape(OTHER_TD) + " is not ")
+    db.proxy.wait_log(r"verify_trust_domain changed; closed 1 connection")
+    assert _open_admitted(db.public_port, ctx) is None
