@@ -32,6 +32,9 @@ struct authq_req {
     /* the answer */
     int allowed;
     char reason[256];
+    /* the answer differs from the intentions the control thread holds (one of the two views
+     * is stale): an admitted connection must be re-checked, as after an intention change */
+    int disputed;
 };
 
 /* A question with copies of the strings; reply/owner/cache_ms are for the caller to set. */

@@ -1252,6 +1252,10 @@ static void on_authorized(void *data, const struct agent_response *resp)
                       r->client_uri);
         if (r->cache_ms > 0 && asked_under == ctl->intents_gen && agrees == 1)
             authz_cache_put(ctl, r);
+        /* An allow the intentions here refuse admits its connection, but only until the two
+         * views agree: the worker re-checks it at once, and the intention-change sweep, which
+         * skipped it while it waited, never comes back for it. */
+        r->disputed = !r->recheck && agrees == 0;
     } else {
         /* No answer means no for a new caller, who may try again; an open connection is not
          * cut for it: its re-check is asked again, and after the last try it stays. */
@@ -1280,6 +1284,7 @@ static void on_authorized(void *data, const struct agent_response *resp)
         struct authq_req *w = waiters;
         waiters = w->next;
         w->allowed = r->allowed;
+        w->disputed = r->disputed;
         snprintf(w->reason, sizeof(w->reason), "%s", r->reason);
         authq_box_post(w->reply, w);
         shared++;

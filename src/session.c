@@ -435,6 +435,21 @@ static void start_connect_local(struct session *s)
     want(s, 1, LOOP_WRITE);
 }
 
+/*
+ * Whether the host's current snapshot refuses the caller's trust domain; fills <why>. Checked
+ * on admission and again whenever the inputs change, in either authorization mode: the agent
+ * is never asked about a caller of a foreign trust domain.
+ */
+static int trust_domain_refused(const struct session *s, const char *prefix, char *why, size_t len)
+{
+    const struct snapshot *now = s->host->snap;
+    if (!now->cfg.verify_trust_domain || strcasecmp(s->caller_trust_domain, now->trust_domain) == 0)
+        return 0;
+    snprintf(why, len, "%strust domain %s is not %s", prefix, s->caller_trust_domain,
+             now->trust_domain);
+    return 1;
+}
+
 /* Posts a question about the session's caller to the control thread. */
 static void post_question(struct session *s, int recheck)
 {
@@ -480,14 +495,27 @@ void session_authorize_answer(struct authq_req *r)
         s->question = NULL;
         loop_timer_stop(s->host->loop, &s->timer);
         count_decision(s->host, s->caller_service, r->allowed);
+        char why[600];
         if (!r->allowed) {
-            char why[300];
             snprintf(why, sizeof(why), "agent authorize: %s", r->reason);
             finish(s, "denied", why);
+        } else if (trust_domain_refused(s, "", why, sizeof(why))) {
+            /* The trust domain or its check changed while the question was out (the sweep
+             * skips connections still in AUTHORIZE). */
+            finish(s, "bad_identity", why);
         } else {
             LOG_DEBUG("conn=%llu in authorized %s by the agent: %s", (unsigned long long)s->id,
                       s->caller, r->reason);
             start_connect_local(s);
+            /* The agent's allow contradicts the intentions here: ask again as for an open
+             * connection after a change, so that it ends once the agent agrees. */
+            if (r->disputed && s->state != S_DONE && s->host->ask != NULL) {
+                LOG_DEBUG("conn=%llu in the agent's allow for %s differs from the intentions "
+                          "here; re-checking it",
+                          (unsigned long long)s->id, s->caller);
+                STAT_ADD(s->host->stats->counters.reauthorized, 1);
+                post_question(s, 1);
+            }
         }
     }
     authq_req_free(r);
@@ -542,8 +570,7 @@ static void authorize(struct session *s)
     }
     set_caller(s, uri, (size_t)n, &id);
     const struct snapshot *now = s->host->snap;
-    if (now->cfg.verify_trust_domain && strcasecmp(id.trust_domain, now->trust_domain) != 0) {
-        snprintf(why, sizeof(why), "trust domain %s is not %s", id.trust_domain, now->trust_domain);
+    if (trust_domain_refused(s, "", why, sizeof(why))) {
         finish(s, "bad_identity", why);
         return;
     }
@@ -1127,6 +1154,13 @@ size_t session_reauthorize_all(struct session_host *h)
         next = s->next;
         if (!s->inbound || (s->state != S_CONNECT_LOCAL && s->state != S_RELAY))
             continue;
+        /* The trust domain is ours to check in both modes (the agent is not asked about it). */
+        if (trust_domain_refused(s, "re-authorization: ", why, sizeof(why))) {
+            STAT_ADD(h->stats->counters.reauthorized, 1);
+            finish(s, "bad_identity", why);
+            closed++;
+            continue;
+        }
         if (h->snap->cfg.authorize_with_agent) {
             /* The agent decides again; its answer arrives later (session_authorize_answer). */
             if (s->question == NULL && h->ask != NULL) {
@@ -1136,14 +1170,6 @@ size_t session_reauthorize_all(struct session_host *h)
             continue;
         }
         STAT_ADD(h->stats->counters.reauthorized, 1);
-        if (h->snap->cfg.verify_trust_domain &&
-            strcasecmp(s->caller_trust_domain, h->snap->trust_domain) != 0) {
-            snprintf(why, sizeof(why), "re-authorization: trust domain is now %s",
-                     h->snap->trust_domain);
-            finish(s, "bad_identity", why);
-            closed++;
-            continue;
-        }
         struct intent_decision d =
             intent_eval(h->snap->intents, s->caller_partition, s->caller_ns, s->caller_service);
         if (d.allow)

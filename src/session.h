@@ -147,10 +147,12 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
                             const char *upstream_key);
 
 /*
- * Re-evaluates every authorized inbound session against the host's current intention table
- * and trust domain, and ends the ones now denied. Returns how many were closed. In authorize
- * mode it asks the agent again instead (one question per session, none while one is out); a
- * "no" that comes back ends the session then.
+ * Re-evaluates every authorized inbound session against the host's current trust domain
+ * settings and intention table, and ends the ones now refused. Returns how many were closed.
+ * In authorize mode the trust domain is still checked here, and the agent is asked again
+ * instead of the table (one question per session, none while one is out); a "no" that comes
+ * back ends the session then. The worker calls it whenever snapshot_inbound_change() names a
+ * difference, and periodically when configured.
  */
 size_t session_reauthorize_all(struct session_host *h);
 

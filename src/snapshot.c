@@ -7,6 +7,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 struct endpoint_set *endpoint_set_new(struct dec_endpoint *v, size_t n)
 {
@@ -108,5 +109,21 @@ const struct snap_upstream *snapshot_upstream(const struct snapshot *s, const ch
     for (size_t i = 0; i < s->cfg.n_upstreams; i++)
         if (strcmp(s->cfg.upstreams[i].key, key) == 0)
             return &s->upstreams[i];
+    return NULL;
+}
+
+const char *snapshot_inbound_change(const struct snapshot *prev, const struct snapshot *next)
+{
+    if (prev->intents != next->intents && !intent_table_equal(prev->intents, next->intents))
+        return "intentions";
+    /* Compared as authorize() compares a caller's: trust domains ignore case. */
+    if (strcasecmp(prev->trust_domain, next->trust_domain) != 0)
+        return "trust domain";
+    if (prev->cfg.verify_trust_domain != next->cfg.verify_trust_domain)
+        return "verify_trust_domain";
+    if (prev->cfg.authorize_with_agent != next->cfg.authorize_with_agent)
+        return "authorization";
+    if (strcmp(prev->cfg.service, next->cfg.service) != 0)
+        return "service";
     return NULL;
 }

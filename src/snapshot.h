@@ -82,6 +82,15 @@ struct snapshot *snapshot_ref(struct snapshot *s);
 /* Safe from any thread; the last reference frees everything. */
 void snapshot_unref(struct snapshot *s);
 
+/*
+ * What differs between <prev> and <next> that can change the decision about an inbound caller
+ * already admitted: "intentions" (rules or default policy), "trust domain" (of the roots),
+ * "verify_trust_domain", "authorization" (intention table or agent) or "service" (the
+ * destination). Returns the first such difference as a static name, or NULL when an open
+ * connection would be decided the same way under <next>.
+ */
+const char *snapshot_inbound_change(const struct snapshot *prev, const struct snapshot *next);
+
 /* The upstream whose key is <key>, or NULL. */
 const struct snap_upstream *snapshot_upstream(const struct snapshot *s, const char *key);
 

@@ -256,6 +256,67 @@ static int on_new_session(SSL *ssl, SSL_SESSION *sess)
     return 0; /* OpenSSL keeps and frees its own reference */
 }
 
+/* ---- server sessions ----------------------------------------------------------------------- */
+
+/* Seconds since the epoch of <t>, or -1 when it cannot be read. */
+static time_t asn1_time_to_epoch(const ASN1_TIME *t)
+{
+    struct tm tm;
+    if (t == NULL || !ASN1_TIME_to_tm(t, &tm))
+        return -1;
+    return timegm(&tm);
+}
+
+/*
+ * A resumed handshake verifies no certificate: the peer's is the one kept in the session. A
+ * session is therefore good only while that certificate is itself valid; past its notAfter
+ * (or before its notBefore) the caller must run a full handshake, which then fails.
+ */
+static int peer_valid_now(const X509 *peer)
+{
+    time_t now = time(NULL);
+    return peer != NULL && X509_cmp_time(X509_get0_notBefore(peer), &now) < 0 &&
+           X509_cmp_time(X509_get0_notAfter(peer), &now) >= 0;
+}
+
+/*
+ * Caps the lifetime of a session the server issues at the validity left to the peer's
+ * certificate, so the cache forgets it when the certificate expires instead of after
+ * OpenSSL's default timeout (refreshed by every resumption). A session without a peer is
+ * left alone (the server requires one, so none is cached).
+ */
+static void cap_session_timeout(SSL_SESSION *sess)
+{
+    const X509 *peer = SSL_SESSION_get0_peer(sess);
+    if (peer == NULL)
+        return;
+    time_t not_after = asn1_time_to_epoch(X509_get0_notAfter(peer));
+    long born = SSL_SESSION_get_time(sess);
+    long left = not_after < 0 ? 0 : (long)(not_after - (time_t)born);
+    if (left < 0)
+        left = 0;
+    if (left < SSL_SESSION_get_timeout(sess))
+        SSL_SESSION_set_timeout(sess, left);
+}
+
+/* TLS 1.3: runs before the ticket is written, so its lifetime tells the client the same. */
+static int on_server_ticket(SSL *ssl, void *arg)
+{
+    (void)arg;
+    SSL_SESSION *sess = SSL_get_session(ssl);
+    if (sess != NULL)
+        cap_session_timeout(sess);
+    return 1;
+}
+
+/* Every session that enters the server cache (TLS 1.2 session ids too). */
+static int on_server_session(SSL *ssl, SSL_SESSION *sess)
+{
+    (void)ssl;
+    cap_session_timeout(sess);
+    return 0; /* OpenSSL keeps and frees its own reference */
+}
+
 /* ---- contexts ------------------------------------------------------------------------------ */
 
 /* Never prompt for a passphrase: an encrypted key is simply a key we cannot use. */
@@ -542,6 +603,12 @@ int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *ro
     SSL_CTX_set_session_cache_mode(server, SSL_SESS_CACHE_SERVER);
     SSL_CTX_sess_set_cache_size(server, TLS_SESSION_CACHE_SIZE);
     SSL_CTX_set_num_tickets(server, 1);
+    /* No session outlives the certificate of the peer it vouches for (cap_session_timeout). */
+    SSL_CTX_sess_set_new_cb(server, on_server_session);
+    if (!SSL_CTX_set_session_ticket_cb(server, on_server_ticket, NULL, NULL)) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "cannot set the session ticket callback");
+        goto out;
+    }
     if (!SSL_CTX_set_session_id_context(server, session_id_context,
                                         sizeof(session_id_context) - 1)) {
         rc = ctx_fail(err, errlen, ERR_BAD_CERT, "cannot set session id context");
@@ -743,6 +810,17 @@ int tls_handshake(struct tls_conn *c)
         return 0;
     before_io(c);
     if (SSL_do_handshake(c->ssl) == 1) {
+        /* The cache forgets a session when its peer certificate expires (cap_session_timeout);
+         * this covers a clock stepped back or forth meanwhile: a resumed session whose
+         * certificate is not valid now is refused, and removed so it is not offered again. */
+        if (SSL_is_server(c->ssl) && SSL_session_reused(c->ssl) == 1 &&
+            !peer_valid_now(SSL_SESSION_get0_peer(SSL_get0_session(c->ssl)))) {
+            SSL_CTX_remove_session(SSL_get_SSL_CTX(c->ssl), SSL_get0_session(c->ssl));
+            c->fatal = 1;
+            conn_fail(c, "handshake",
+                      "resumed session: the peer certificate is expired or not yet valid");
+            return ERR_TLS;
+        }
         /* A TLS 1.2 server issues nothing new on resumption, and the session was taken out
          * when offered: put it back, or only every other connection would resume. */
         if (c->resume_key != NULL && SSL_session_reused(c->ssl) == 1 &&

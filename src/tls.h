@@ -53,7 +53,9 @@ long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx);
  * With a <resume_key> (the peer: endpoint and SNI) a client offers a session an earlier
  * connection to that key received, when the context holds one, and keeps the sessions it
  * receives under that key; NULL runs full handshakes only. Resumed or not, the peer
- * certificate is the one verified under this context's roots.
+ * certificate is the one verified under this context's roots. A server keeps the sessions it
+ * issues in this context's cache (a new context starts with none) no longer than the peer's
+ * certificate is valid, and refuses a resumed handshake whose peer certificate is not valid now.
  * Returns NULL only when OpenSSL cannot allocate.
  */
 struct tls_conn *tls_conn_new_server(struct tls_ctx *ctx, int fd);

@@ -274,12 +274,15 @@ static void apply_snapshot(struct worker *w, struct snapshot *s)
         if (w->reauthorize_ms != 0)
             loop_timer_start(w->loop, &w->reauthorize, w->reauthorize_ms);
     }
-    if (prev != NULL && prev->intents != s->intents &&
-        !intent_table_equal(prev->intents, s->intents)) {
+    /* Whatever an inbound decision depends on, not the intentions alone: a connection admitted
+     * under the old inputs is decided again under the new ones. */
+    const char *changed = prev != NULL ? snapshot_inbound_change(prev, s) : NULL;
+    if (changed != NULL) {
         size_t n = session_reauthorize_all(&w->host);
+        LOG_DEBUG("worker %u: %s changed; open inbound connections re-checked", w->index, changed);
         if (n > 0)
-            LOG_INFO("worker %u: intentions changed; closed %zu connection(s) now denied", w->index,
-                     n);
+            LOG_INFO("worker %u: %s changed; closed %zu connection(s) now denied", w->index,
+                     changed, n);
     }
     snapshot_unref(prev);
 }

@@ -865,17 +865,22 @@ def make_ca(common_name, trust_domain):
     return Ca(cert, key)
 
 
-def make_leaf(ca, uri, dirpath, prefix):
+def make_leaf(ca, uri, dirpath, prefix, not_before=None, not_after=None):
     """A leaf signed by `ca` with URI SAN `uri`, shaped like Consul's (digitalSignature +
-    keyAgreement, serverAuth + clientAuth). Writes <prefix>.crt/.key; returns their paths."""
+    keyAgreement, serverAuth + clientAuth). Writes <prefix>.crt/.key; returns their paths.
+    not_before/not_after (aware datetimes) default to 5 minutes ago and 3 days ahead."""
+    if not_before is None:
+        not_before = _now() - datetime.timedelta(minutes=5)
+    if not_after is None:
+        not_after = _now() + datetime.timedelta(days=3)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(ca.cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - datetime.timedelta(minutes=5))
-        .not_valid_after(_now() + datetime.timedelta(days=3))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                      key_encipherment=False, data_encipherment=False,

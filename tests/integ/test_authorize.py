@@ -166,3 +166,37 @@ def test_recheck_without_an_answer_keeps_the_connection(hop, mesh):
         closed, _ = closed_without_data(s, timeout=15)
         assert closed, "a real no did not end the connection"
     db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: denied now")
+
+
+def test_admitted_allow_the_intentions_refuse_is_rechecked(hop, mesh):
+    """Regression (issue 7): an allow of the agent that the intentions here refuse admitted its
+    connection for good: the answer was not cached, but the intention-change sweep had skipped
+    the connection while it waited for the answer, and periodic re-authorization is off by
+    default, so nothing asked again. Such a connection now goes the re-check path of open
+    connections at once and is closed when the agent agrees with the deny."""
+    m = mesh
+    db, web = add_pair(m, authorize_cache_ms=60000)
+    m.intend("db", {"web": "deny"})
+    hop.authorize_answer = {"Authorized": True, "Reason": "stale copy: web allowed"}
+    start_behind(m, hop, db)
+    db.proxy.wait_log(r"intentions for \S+: 1 rule\(s\)")
+
+    def admitted():
+        s = socket.create_connection((LOOPBACK, web.up["db"]), timeout=10)
+        try:
+            if echo_roundtrip(s, b"admitted?\n") == b"admitted?\n":
+                return s
+        except OSError:
+            pass
+        s.close()
+        return None
+
+    s = wait_until(admitted, 30, "web admitted on the agent's (stale) word")
+    with s:
+        # The agent catches up with the deny: the re-check closes the connection.
+        hop.authorize_answer = None
+        closed, _ = closed_without_data(s, timeout=15)
+        assert closed, "the connection admitted on a disputed allow was never re-checked"
+    db.proxy.wait_log(r"allow for \S+/svc/" + web.name + r" differs from the intentions here; "
+                      r"re-checking it")
+    db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: [^\"]*DENY")

@@ -689,6 +689,126 @@ static void test_session_resumption(void **state)
 }
 
 /*
+ * One connection of a raw client to a connectd server, offering <*sess> when set. On a
+ * completed handshake the server writes a byte (so a TLS 1.3 ticket reaches the client), the
+ * client's session replaces <*sess>, and both ends close cleanly (a server connection freed
+ * without close_notify loses its session). Returns the server's handshake result; <resumed>
+ * says whether the client resumed.
+ */
+static int raw_round(SSL_CTX *raw, struct tls_ctx *srv, SSL_SESSION **sess, int *resumed)
+{
+    struct duo d;
+    memset(&d, 0, sizeof(d));
+    pair(d.fds);
+    d.cli.fd = d.fds[0];
+    d.srv.fd = d.fds[1];
+    d.cli.raw = SSL_new(raw);
+    assert_true(SSL_set_fd(d.cli.raw, d.cli.fd));
+    SSL_set_connect_state(d.cli.raw);
+    if (*sess != NULL)
+        assert_true(SSL_set_session(d.cli.raw, *sess));
+    d.srv.tc = tls_conn_new_server(srv, d.srv.fd);
+    handshake_both(&d.cli, &d.srv);
+    *resumed = SSL_session_reused(d.cli.raw) == 1;
+    int rc = d.srv.rc;
+    if (rc == 0) {
+        assert_peer_uri(d.srv.tc, URI_WEB);
+        write_all(d.srv.tc, d.srv.fd, "x", 1);
+        char c;
+        size_t got = 0;
+        for (;;) {
+            ERR_clear_error();
+            int r = SSL_read_ex(d.cli.raw, &c, 1, &got);
+            if (r == 1)
+                break;
+            assert_int_equal(SSL_get_error(d.cli.raw, r), SSL_ERROR_WANT_READ);
+            wait_fd(d.cli.fd, LOOP_READ);
+        }
+        SSL_SESSION_free(*sess);
+        *sess = SSL_get1_session(d.cli.raw);
+        assert_non_null(*sess);
+        assert_int_equal(tls_shutdown(d.srv.tc), 0);
+        assert_true(SSL_shutdown(d.cli.raw) >= 0);
+    }
+    ERR_clear_error();
+    duo_close(&d);
+    return rc;
+}
+
+/*
+ * Regression (issue 7, defect 1): the server's session cache kept a caller's session for
+ * OpenSSL's default 7200 s, so a caller whose leaf had expired (and could no longer be renewed)
+ * still resumed, and the identity was read from the cached certificate. A session now lives no
+ * longer than the peer certificate it carries: after expiry the caller is refused, resumed or
+ * not. The ticket's lifetime says so to the client too.
+ */
+static void server_resumption_not_past_peer_expiry(int max_version)
+{
+    time_t not_after = time(NULL) + 3;
+    struct cert short_web;
+    make_cert(&short_web, &pki.ca1, 0, "web", URI_WEB, not_after);
+    const char *roots[] = {pki.ca1.cert_pem};
+    struct tls_ctx *db = ctx_roots(&pki.db, NULL, roots, 1, 0, max_version);
+    SSL_CTX *raw = raw_ctx(0, &short_web, &pki.ca1);
+    SSL_SESSION *sess = NULL;
+    int resumed = -1;
+    assert_int_equal(raw_round(raw, db, &sess, &resumed), 0);
+    assert_int_equal(resumed, 0);
+    unsigned long hint = SSL_SESSION_get_ticket_lifetime_hint(sess); /* 0 without a ticket */
+    assert_int_equal(raw_round(raw, db, &sess, &resumed), 0);
+    assert_int_equal(resumed, 1);
+    while (time(NULL) <= not_after + 1)
+        usleep(100 * 1000);
+    /* A client may offer the session all the same (an age of 0 makes OpenSSL's client send
+     * it whatever lifetime the ticket named): the server must not take it. */
+    SSL_SESSION_set_time(sess, (long)time(NULL));
+    int rc = raw_round(raw, db, &sess, &resumed);
+    if (rc == 0)
+        fail_msg("TLS max %d: a caller whose certificate expired was admitted (resumed %d)",
+                 max_version, resumed);
+    if (hint > 3)
+        fail_msg("the ticket's lifetime (%lu s) outlives the caller's certificate (3 s)", hint);
+    SSL_SESSION_free(sess);
+    SSL_CTX_free(raw);
+    tls_ctx_unref(db);
+    free_cert(&short_web);
+}
+
+static void test_server_resumption_not_past_peer_expiry(void **state)
+{
+    (void)state;
+    server_resumption_not_past_peer_expiry(0);
+}
+
+static void test_server_resumption_not_past_peer_expiry_tls12(void **state)
+{
+    (void)state;
+    server_resumption_not_past_peer_expiry(12);
+}
+
+/* The server cache belongs to one generation of leaf and roots: a context with other roots
+ * resumes none of the sessions an earlier one issued (a full handshake runs instead). */
+static void test_server_cache_per_roots(void **state)
+{
+    (void)state;
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    const char *roots[] = {pki.ca1.cert_pem, pki.ca2.cert_pem};
+    struct tls_ctx *db_rotated = ctx_roots(&pki.db, NULL, roots, 2, 0, 0);
+    SSL_CTX *raw = raw_ctx(0, &pki.web, &pki.ca1);
+    SSL_SESSION *sess = NULL;
+    int resumed = -1;
+    assert_int_equal(raw_round(raw, db, &sess, &resumed), 0);
+    assert_int_equal(raw_round(raw, db, &sess, &resumed), 0);
+    assert_int_equal(resumed, 1);
+    assert_int_equal(raw_round(raw, db_rotated, &sess, &resumed), 0);
+    assert_int_equal(resumed, 0);
+    SSL_SESSION_free(sess);
+    SSL_CTX_free(raw);
+    tls_ctx_unref(db);
+    tls_ctx_unref(db_rotated);
+}
+
+/*
  * Resumption between two connectd ends: the client keeps the session the server issued under
  * its resume key and offers it on the next connection to the same key, once (a stateful TLS
  * 1.3 ticket is single-use, and each handshake brings a new one). Both ends still know the
@@ -1192,6 +1312,9 @@ int main(void)
         cmocka_unit_test(test_peer_without_uri),
         cmocka_unit_test(test_sni),
         cmocka_unit_test(test_session_resumption),
+        cmocka_unit_test(test_server_resumption_not_past_peer_expiry),
+        cmocka_unit_test(test_server_resumption_not_past_peer_expiry_tls12),
+        cmocka_unit_test(test_server_cache_per_roots),
         cmocka_unit_test(test_client_resumption),
         cmocka_unit_test(test_client_resumption_tls12),
         cmocka_unit_test(test_client_resumption_not_past_peer_expiry),

@@ -1,0 +1,112 @@
+/*
+ * test_snapshot: which differences between two snapshots re-check open inbound connections.
+ *
+ * Regression (issue 7, defect 6): workers re-evaluated their open inbound sessions only when
+ * the intention table changed, so a new trust domain of the roots, switching
+ * verify_trust_domain on, or switching the authorization mode left connections open that a new
+ * caller would be refused under. snapshot_inbound_change() names every such input; the
+ * snapshots here are built on the stack with only the fields it reads.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <string.h>
+
+#include "decode.h"
+#include "intent.h"
+#include "snapshot.h"
+#include "util.h"
+
+#define TD "11111111-2222-3333-4444-555555555555.consul"
+
+static struct dec_intention ix(const char *src, const char *action)
+{
+    struct dec_intention d = {
+        .id = "",
+        .description = "",
+        .source_peer = "",
+        .source_sameness_group = "",
+        .source_partition = "",
+        .source_ns = "default",
+        .source_name = (char *)src,
+        .destination_ns = "default",
+        .destination_name = "db",
+        .action = (char *)action,
+        .has_permissions = 0,
+        .precedence = 9,
+    };
+    return d;
+}
+
+/* A snapshot of service db in trust domain TD, verifying it, with <intents> (not owned). */
+static struct snapshot base(struct intent_table *intents)
+{
+    struct snapshot s;
+    memset(&s, 0, sizeof(s));
+    s.trust_domain = TD;
+    s.cfg.service = "db";
+    s.cfg.verify_trust_domain = 1;
+    s.intents = intents;
+    return s;
+}
+
+static void test_nothing_that_decides_changed(void **state)
+{
+    (void)state;
+    struct dec_intention v[] = {ix("web", "allow")};
+    struct intent_table *a = intent_table_new(v, 1, 0);
+    struct intent_table *b = intent_table_new(v, 1, 0); /* equal, not the same object */
+    struct snapshot prev = base(a), next = base(b);
+    next.generation = 7;
+    next.cfg.idle_timeout_ms = 1000; /* no bearing on who may stay connected */
+    assert_null(snapshot_inbound_change(&prev, &next));
+    next.trust_domain = "11111111-2222-3333-4444-555555555555.CONSUL"; /* case is no change */
+    assert_null(snapshot_inbound_change(&prev, &next));
+    intent_table_unref(a);
+    intent_table_unref(b);
+}
+
+static void test_each_input_that_decides(void **state)
+{
+    (void)state;
+    struct dec_intention allow[] = {ix("web", "allow")};
+    struct dec_intention deny[] = {ix("web", "deny")};
+    struct intent_table *t = intent_table_new(allow, 1, 0);
+    struct intent_table *t_deny = intent_table_new(deny, 1, 0);
+    struct intent_table *t_default_allow = intent_table_new(allow, 1, 1);
+    struct snapshot prev = base(t), next;
+
+    next = base(t_deny);
+    assert_string_equal(snapshot_inbound_change(&prev, &next), "intentions");
+    /* The default policy (the agent's default intention policy or ACL default) decides every
+     * caller no rule matches. */
+    next = base(t_default_allow);
+    assert_string_equal(snapshot_inbound_change(&prev, &next), "intentions");
+    next = base(t);
+    next.trust_domain = "99999999-0000-0000-0000-000000000000.consul";
+    assert_string_equal(snapshot_inbound_change(&prev, &next), "trust domain");
+    next = base(t);
+    prev.cfg.verify_trust_domain = 0; /* switched on */
+    assert_string_equal(snapshot_inbound_change(&prev, &next), "verify_trust_domain");
+    prev = base(t);
+    next.cfg.authorize_with_agent = 1;
+    assert_string_equal(snapshot_inbound_change(&prev, &next), "authorization");
+    next = base(t);
+    next.cfg.service = "api";
+    assert_string_equal(snapshot_inbound_change(&prev, &next), "service");
+    intent_table_unref(t);
+    intent_table_unref(t_deny);
+    intent_table_unref(t_default_allow);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_nothing_that_decides_changed),
+        cmocka_unit_test(test_each_input_that_decides),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
