@@ -113,32 +113,56 @@ static uint64_t slot_count(uint64_t word)
     return word & SOURCE_COUNT_MASK;
 }
 
+/* Adds one to slot <i> when it counts the address with hash <h>: 1 when done, 0 when the slot
+ * is not that address's, -2 when the address is at <max> (0 = no maximum). */
+static int slot_add(struct limit_state *l, size_t i, uint64_t h, uint64_t max)
+{
+    uint64_t old = atomic_load_explicit(&l->sources[i], memory_order_relaxed);
+    for (;;) {
+        if (slot_count(old) == 0 || slot_hash(old) != h)
+            return 0;
+        if (max != 0 && slot_count(old) >= max)
+            return -2;
+        if (atomic_compare_exchange_weak_explicit(&l->sources[i], &old, old + 1,
+                                                  memory_order_relaxed, memory_order_relaxed))
+            return 1;
+    }
+}
+
 /*
  * Counts one more handshake from the address with hash <h>: in the slot that already counts
  * it, else in the first free slot of its probe window. Returns the slot, -1 when the window
- * holds only other addresses, or -2 when the address is at <max> (0 = no maximum). Two
- * workers may both claim a free slot for the same new address at once; it is then counted in
- * two slots, which lets it exceed <max> by at most the number of workers, once.
+ * holds only other addresses, or -2 when the address is at <max> (0 = no maximum).
  */
 static int source_take(struct limit_state *l, uint64_t h, uint64_t max)
 {
     size_t home = (size_t)(h % LIMIT_SOURCE_SLOTS);
-    for (int pass = 0; pass < 2; pass++) {
-        for (size_t k = 0; k < LIMIT_SOURCE_PROBE; k++) {
-            size_t i = (home + k) % LIMIT_SOURCE_SLOTS;
-            uint64_t old = atomic_load_explicit(&l->sources[i], memory_order_relaxed);
-            for (;;) {
-                int mine = slot_count(old) != 0 && slot_hash(old) == h;
-                /* The first pass looks for the address's own slot, the second for a free one. */
-                if (pass == 0 ? !mine : slot_count(old) != 0)
-                    break;
-                if (mine && max != 0 && slot_count(old) >= max)
-                    return -2;
-                uint64_t next = mine ? old + 1 : (h << SOURCE_COUNT_BITS) | 1;
-                if (atomic_compare_exchange_weak_explicit(
-                        &l->sources[i], &old, next, memory_order_relaxed, memory_order_relaxed))
-                    return (int)i;
+    for (size_t k = 0; k < LIMIT_SOURCE_PROBE; k++) {
+        size_t i = (home + k) % LIMIT_SOURCE_SLOTS;
+        int rc = slot_add(l, i, h, max);
+        if (rc != 0)
+            return rc == 1 ? (int)i : -2;
+    }
+    for (size_t k = 0; k < LIMIT_SOURCE_PROBE; k++) {
+        size_t i = (home + k) % LIMIT_SOURCE_SLOTS;
+        uint64_t old = atomic_load_explicit(&l->sources[i], memory_order_relaxed);
+        while (slot_count(old) == 0) {
+            if (!atomic_compare_exchange_weak_explicit(&l->sources[i], &old,
+                                                       (h << SOURCE_COUNT_BITS) | 1,
+                                                       memory_order_relaxed, memory_order_relaxed))
+                continue;
+            /* Another worker may have claimed a slot for the same new address at the same
+             * time: the claim nearest the home slot keeps counting it, the other moves there,
+             * so the address is not counted in two slots (short of a slot freed mid-race). */
+            for (size_t j = 0; j < k; j++) {
+                size_t o = (home + j) % LIMIT_SOURCE_SLOTS;
+                int rc = slot_add(l, o, h, max);
+                if (rc == 0)
+                    continue;
+                atomic_fetch_sub_explicit(&l->sources[i], 1, memory_order_relaxed);
+                return rc == 1 ? (int)o : -2;
             }
+            return (int)i;
         }
     }
     return -1;
