@@ -1586,7 +1586,7 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
     size_t nl = 0, ns = 0;
     uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}};
     uint64_t refused_max = 0, refused_rate = 0, idle = 0, lifetime = 0, reauth = 0,
-             reauth_closed = 0;
+             reauth_closed = 0, refused_pending = 0, refused_pending_source = 0, refused_fds = 0;
     for (int i = 0; i < ctl->n_workers; i++) {
         const struct session_stats *st = worker_stats(ctl->workers[i]);
         size_t n = atomic_load_explicit(&st->n_listeners, memory_order_acquire);
@@ -1606,6 +1606,9 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
                 tls_hs[d][r] += load(&st->tls_handshakes[d][r]);
         refused_max += load(&st->counters.refused_max_connections);
         refused_rate += load(&st->counters.refused_rate);
+        refused_pending += load(&st->counters.refused_pending);
+        refused_pending_source += load(&st->counters.refused_pending_source);
+        refused_fds += load(&st->counters.refused_descriptors);
         idle += load(&st->counters.closed_idle);
         lifetime += load(&st->counters.closed_lifetime);
         reauth += load(&st->counters.reauthorized);
@@ -1677,6 +1680,13 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
                 "Connections refused at accept by a listener's limits, by limit.");
     sample(b, "limit_refusals_total", "limit", "max_connections", refused_max);
     sample(b, "limit_refusals_total", "limit", "rate", refused_rate);
+    sample(b, "limit_refusals_total", "limit", "pending_handshakes", refused_pending);
+    sample(b, "limit_refusals_total", "limit", "pending_handshakes_per_source",
+           refused_pending_source);
+    sample(b, "limit_refusals_total", "limit", "descriptor_reserve", refused_fds);
+    metric_head(b, "pending_handshakes", "gauge",
+                "Inbound connections in the TLS handshake now, over all workers.");
+    sample(b, "pending_handshakes", NULL, NULL, (uint64_t)limit_pending_count(ctl->inbound_limit));
     metric_head(b, "timeout_closes_total", "counter",
                 "Sessions ended by the idle timeout or the lifetime bound, by kind.");
     sample(b, "timeout_closes_total", "kind", "idle", idle);

@@ -9,9 +9,11 @@
 #include "config.h"
 #include "control.h"
 #include "decode.h"
+#include "limit.h"
 #include "log.h"
 #include "proxycfg.h"
 #include "tls.h"
+#include "util.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -86,6 +88,30 @@ static void write_man(void)
            ".BR consul (1),\n.BR systemd.service (5),\n.BR sd_notify (3)\n");
 }
 
+/*
+ * Raises the soft open-files limit to the hard one: the usual soft default (1024) is far below
+ * what a proxy holding two descriptors per connection needs, and the whole table is shared by
+ * inbound peers, outbound dials and the agent's connections. Then sizes the descriptor reserve
+ * and the default pending-handshake caps from the limit in force.
+ */
+static void raise_open_files(void)
+{
+    long before, after;
+    int rc = limit_fds_raise(&before, &after);
+    if (rc != 0)
+        LOG_WARN("cannot raise the open-files limit (RLIMIT_NOFILE) from %ld: %s", before,
+                 util_strerror(rc));
+    else if (after != before)
+        LOG_INFO("raised open-files limit from %ld to %ld", before, after);
+    limit_fds_set(after);
+    struct limit_cfg defaults = {0};
+    LOG_INFO("open-files limit %ld: %ld descriptors kept from inbound accepts for outbound "
+             "connections and the agent; max_pending_handshakes defaults to %lu, "
+             "max_pending_handshakes_per_source to %lu",
+             limit_fds_max(), limit_fds_reserve(), (unsigned long)limit_pending_max(&defaults),
+             (unsigned long)limit_pending_per_source_max(&defaults));
+}
+
 static const char *env(const char *name)
 {
     return getenv(name);
@@ -143,6 +169,7 @@ int main(int argc, char **argv)
         return 2;
     }
 
+    raise_open_files();
     signal(SIGPIPE, SIG_IGN);
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);

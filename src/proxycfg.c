@@ -85,6 +85,17 @@ static const struct key_def keys[] = {
      "closed at once after accept and counted."},
     {"max_new_connections_burst", SCOPE_PROXY, KEY_COUNT, "max_new_connections_per_second", 0,
      1000000, "Size of the inbound token bucket: how many new connections may arrive at once."},
+    {"max_pending_handshakes", SCOPE_PROXY, KEY_COUNT,
+     "half of the open-files limit left after the descriptor reserve", 0, 10000000,
+     "Most concurrent inbound connections still in the TLS handshake, over all workers; "
+     "newer ones are closed at once after accept and counted. 0 = the default, sized from the "
+     "open-files limit (which connectd raises to its hard limit at start; the reserve is "
+     "max(32, limit/8) descriptors kept for outbound dials, local-application connections and "
+     "the agent, and inbound accepts that would eat into it are refused too)."},
+    {"max_pending_handshakes_per_source", SCOPE_PROXY, KEY_COUNT,
+     "max_pending_handshakes / 16, at least 8", 0, 10000000,
+     "Most concurrent inbound connections in the TLS handshake from one source address; "
+     "newer ones are closed at once after accept and counted. 0 = the default."},
     {"local_idle_timeout_ms", SCOPE_PROXY, KEY_MS, "0 (off)", 0, 86400000,
      "Closes an inbound connection after this long without a byte in either direction."},
     {"max_connection_lifetime_ms", SCOPE_PROXY, KEY_MS, "0 (off)", 0, 604800000,
@@ -234,6 +245,10 @@ static int apply_kvs(struct proxy_cfg *c, enum key_scope scope, const char *wher
                 proxy->limits.new_per_second = (uint32_t)v;
             } else if (strcmp(def->name, "max_new_connections_burst") == 0) {
                 proxy->limits.new_burst = (uint32_t)v;
+            } else if (strcmp(def->name, "max_pending_handshakes") == 0) {
+                proxy->limits.max_pending = (uint32_t)v;
+            } else if (strcmp(def->name, "max_pending_handshakes_per_source") == 0) {
+                proxy->limits.max_pending_per_source = (uint32_t)v;
             } else if (strcmp(def->name, "local_idle_timeout_ms") == 0) {
                 proxy->idle_timeout_ms = (uint32_t)v;
             } else if (strcmp(def->name, "max_connection_lifetime_ms") == 0) {

@@ -92,6 +92,7 @@ struct session {
     uint64_t start_ms;
     uint64_t last_io_ms;          /* RELAY: when a direction last made progress */
     struct limit_state *admitted; /* released by finish(); inside snap */
+    struct limit_pending pending; /* inbound: a handshake slot of <admitted> until it ends */
     struct loop_timer timer;      /* the state's timeout; the idle timer in RELAY */
     struct loop_timer lifetime;
     struct loop_defer reap;
@@ -274,8 +275,10 @@ static void finish(struct session *s, const char *result, const char *reason)
         s->question = NULL;
     }
     loop_timer_stop(h->loop, &s->lifetime);
-    if (s->admitted != NULL)
+    if (s->admitted != NULL) {
+        limit_pending_release(s->admitted, &s->pending);
         limit_release(s->admitted);
+    }
     for (int i = 0; i < 2; i++)
         if (s->end[i].fd >= 0)
             loop_io_want(h->loop, &s->end[i].io, 0);
@@ -926,6 +929,8 @@ static void advance(struct session *s)
             }
             STAT_ADD(s->host->stats->tls_handshakes[0][tls_conn_resumed(s->end[0].tls)], 1);
             loop_timer_stop(s->host->loop, &s->timer);
+            /* The caller proved who it is: it no longer counts against the handshake caps. */
+            limit_pending_release(s->admitted, &s->pending);
             authorize(s);
         } else if (rc != 0) {
             char why[600];
@@ -1033,13 +1038,34 @@ static void on_refusal_summary(struct loop_timer *t)
     struct session_host *h = t->data;
     if (h->refused_since_summary == 0)
         return; /* a quiet second: the next refusal logs at once again */
+    const struct session_counters *c = &h->stats->counters;
     LOG_WARN("worker %u: refused %llu more connection(s) over limits in the last %d ms "
-             "(totals: %llu over a connection limit, %llu over a rate limit)",
+             "(totals: %llu over a connection limit, %llu over a rate limit, %llu over the "
+             "pending-handshake limit, %llu over the per-source one, %llu at the descriptor "
+             "reserve)",
              h->index, (unsigned long long)h->refused_since_summary, REFUSAL_SUMMARY_MS,
-             (unsigned long long)h->stats->counters.refused_max_connections,
-             (unsigned long long)h->stats->counters.refused_rate);
+             (unsigned long long)c->refused_max_connections, (unsigned long long)c->refused_rate,
+             (unsigned long long)c->refused_pending, (unsigned long long)c->refused_pending_source,
+             (unsigned long long)c->refused_descriptors);
     h->refused_since_summary = 0;
     loop_timer_start(h->loop, t, REFUSAL_SUMMARY_MS);
+}
+
+/* Closes the refused connection <fd> at once and logs why (already counted by the caller). */
+static void refuse(struct session_host *h, int fd, const char *peer, const char *listener,
+                   const char *why)
+{
+    close(fd);
+    LOG_DEBUG("worker %u: refused connection from %s on %s: %s", h->index, peer, listener, why);
+    if (!loop_timer_armed(&h->refusal_summary)) {
+        /* The first refusal after a quiet second is logged at once; the rest are summed. */
+        LOG_WARN("worker %u: refusing connections on %s: %s (further refusals summarized every "
+                 "%d ms)",
+                 h->index, listener, why, REFUSAL_SUMMARY_MS);
+        loop_timer_start(h->loop, &h->refusal_summary, REFUSAL_SUMMARY_MS);
+    } else {
+        h->refused_since_summary++;
+    }
 }
 
 /*
@@ -1052,7 +1078,6 @@ static int admit(struct session_host *h, int fd, const char *peer, const char *l
     enum limit_verdict v = limit_admit(l, cfg, limit_now_us());
     if (v == LIMIT_OK)
         return 0;
-    close(fd);
     char why[200];
     if (v == LIMIT_MAX_CONNECTIONS) {
         STAT_ADD(h->stats->counters.refused_max_connections, 1);
@@ -1063,16 +1088,59 @@ static int admit(struct session_host *h, int fd, const char *peer, const char *l
                  (unsigned long)cfg->new_per_second,
                  (unsigned long)(cfg->new_burst != 0 ? cfg->new_burst : cfg->new_per_second));
     }
-    LOG_DEBUG("worker %u: refused connection from %s on %s: %s", h->index, peer, listener, why);
-    if (!loop_timer_armed(&h->refusal_summary)) {
-        /* The first refusal after a quiet second is logged at once; the rest are summed. */
-        LOG_WARN("worker %u: refusing connections on %s: %s (further refusals summarized every "
-                 "%d ms)",
-                 h->index, listener, why, REFUSAL_SUMMARY_MS);
-        loop_timer_start(h->loop, &h->refusal_summary, REFUSAL_SUMMARY_MS);
-    } else {
-        h->refused_since_summary++;
+    refuse(h, fd, peer, listener, why);
+    return -1;
+}
+
+/* The address part of a peer name from sock_accept() ("ip:port" or "[ip6]:port"), or "" for
+ * a peer without one (a unix socket's). */
+static void peer_source(const char *peer, char *out, size_t len)
+{
+    const char *colon = strrchr(peer, ':');
+    const char *start = peer;
+    size_t n = colon != NULL ? (size_t)(colon - peer) : 0;
+    if (n >= 2 && peer[0] == '[' && peer[n - 1] == ']') {
+        start++;
+        n -= 2;
     }
+    snprintf(out, len, "%.*s", (int)n, start);
+}
+
+/*
+ * The admission checks that only the public listener has, after admit(): the descriptor
+ * reserve (unauthenticated peers must never take the descriptors outbound dials, local
+ * application connections and the agent need) and the pending-handshake caps (a silent peer
+ * holds its descriptor until handshake_timeout_ms). Returns 0 with *<p> held, or -1 after
+ * giving back what admit() took, closing <fd>, counting and logging.
+ */
+static int admit_handshake(struct session_host *h, int fd, const char *peer, struct limit_state *l,
+                           const struct limit_cfg *cfg, struct limit_pending *p)
+{
+    char why[200], source[64];
+    enum limit_verdict v = LIMIT_DESCRIPTORS;
+    if (!limit_fds_over_reserve(fd)) {
+        peer_source(peer, source, sizeof(source));
+        v = limit_pending_admit(l, cfg, source, p);
+        if (v == LIMIT_OK)
+            return 0;
+    }
+    limit_release(l);
+    if (v == LIMIT_DESCRIPTORS) {
+        STAT_ADD(h->stats->counters.refused_descriptors, 1);
+        snprintf(why, sizeof(why),
+                 "descriptor %d is in the reserve of %ld kept for outbound connections and the "
+                 "agent (open-files limit %ld)",
+                 fd, limit_fds_reserve(), limit_fds_max());
+    } else if (v == LIMIT_PENDING) {
+        STAT_ADD(h->stats->counters.refused_pending, 1);
+        snprintf(why, sizeof(why), "max_pending_handshakes %lu reached",
+                 (unsigned long)limit_pending_max(cfg));
+    } else {
+        STAT_ADD(h->stats->counters.refused_pending_source, 1);
+        snprintf(why, sizeof(why), "max_pending_handshakes_per_source %lu reached for %s",
+                 (unsigned long)limit_pending_per_source_max(cfg), source);
+    }
+    refuse(h, fd, peer, "the public listener", why);
     return -1;
 }
 
@@ -1105,10 +1173,13 @@ void session_host_free_buffers(struct session_host *h)
 void session_start_inbound(struct session_host *h, int fd, const char *peer)
 {
     struct limit_state *l = h->snap->inbound_limit;
+    struct limit_pending p;
     if (admit(h, fd, peer, "the public listener", l, &h->snap->cfg.limits,
-              "max_inbound_connections") != 0)
+              "max_inbound_connections") != 0 ||
+        admit_handshake(h, fd, peer, l, &h->snap->cfg.limits, &p) != 0)
         return;
     struct session *s = session_new(h, fd, peer, 1, l, "public");
+    s->pending = p;
     s->end[0].tls = tls_conn_new_server(s->snap->tls, fd);
     if (s->end[0].tls == NULL) {
         finish(s, "error", "cannot allocate a TLS connection");

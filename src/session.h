@@ -27,6 +27,9 @@ struct session;
 struct session_counters {
     atomic_uint_fast64_t refused_max_connections; /* over a listener's max connections */
     atomic_uint_fast64_t refused_rate;            /* over max_new_connections_per_second */
+    atomic_uint_fast64_t refused_pending;         /* over max_pending_handshakes */
+    atomic_uint_fast64_t refused_pending_source;  /* over max_pending_handshakes_per_source */
+    atomic_uint_fast64_t refused_descriptors;     /* would eat into the descriptor reserve */
     atomic_uint_fast64_t closed_idle;             /* idle timeout */
     atomic_uint_fast64_t closed_lifetime;         /* max_connection_lifetime_ms */
     atomic_uint_fast64_t reauthorized;            /* sessions re-evaluated (periodic or change) */
@@ -135,9 +138,11 @@ void session_host_free_buffers(struct session_host *h);
 /*
  * Starts an inbound session on the accepted socket <fd> (ownership moves to the session),
  * with the host's current snapshot. The public listener's limits are checked first: a
- * connection over max_inbound_connections or the new-connection rate is closed at once,
- * counted and logged, and no session is created. Never fails: problems end the session
- * through its finish.
+ * connection whose descriptor number reaches into the descriptor reserve (limit.h), or over
+ * max_inbound_connections, the new-connection rate, max_pending_handshakes or
+ * max_pending_handshakes_per_source (for the address in <peer>), is closed at once, counted
+ * and logged, and no session is created. Never fails: problems end the session through its
+ * finish.
  */
 void session_start_inbound(struct session_host *h, int fd, const char *peer);
 

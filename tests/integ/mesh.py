@@ -1187,19 +1187,27 @@ class Mesh:
         svc.up[logical_upstream] = new_port
         self.register(svc)
 
-    def start_connectd(self, label, args, env=None):
+    def start_connectd(self, label, args, env=None, nofile=None):
+        """nofile=(soft, hard): connectd starts with RLIMIT_NOFILE lowered to that (through a
+        shell's ulimit that then execs it, so the pid is connectd's)."""
         log_path = os.path.join(self.workdir, f"connectd-{label}.log")
-        p = Connectd(self.binary, args, log_path, f"connectd[{label}]", env)
+        binary = self.binary
+        if nofile is not None:
+            args = ["-c", 'ulimit -S -n %d && ulimit -H -n %d && exec "$0" "$@"' % nofile,
+                    binary, *args]
+            binary = "/bin/sh"
+        p = Connectd(binary, args, log_path, f"connectd[{label}]", env)
         self.procs.append(p)
         self.on_log(p.label, log_path)
         return p.start()
 
-    def start(self, svc, extra_args=(), use_proxy_id=False):
-        """Starts connectd for svc and waits until its public and upstream ports accept."""
+    def start(self, svc, extra_args=(), use_proxy_id=False, nofile=None):
+        """Starts connectd for svc and waits until its public and upstream ports accept.
+        nofile: see start_connectd."""
         sel = ["-proxy-id", svc.sidecar_id] if use_proxy_id else ["-sidecar-for", svc.id]
         args = sel + ["-http-addr", self.agent.http_addr, "-log-level", "debug",
                       "-workers", "2", *extra_args]
-        svc.proxy = self.start_connectd(svc.name, args)
+        svc.proxy = self.start_connectd(svc.name, args, nofile=nofile)
         for port in [svc.public_port, *svc.up.values()]:
             if port is not None:
                 svc.proxy.wait_port(port)

@@ -9,6 +9,8 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <stdio.h>
+#include <sys/resource.h>
 
 #include "limit.h"
 
@@ -138,6 +140,168 @@ static void test_admit_holds_across_threads(void **state)
     limit_state_unref(l);
 }
 
+static void test_pending_total_and_per_source(void **state)
+{
+    /* Issue 7: silent peers in the handshake are capped overall and per source address. */
+    struct limit_state *l = limit_state_new();
+    struct limit_cfg cfg = {.max_pending = 5, .max_pending_per_source = 2};
+    struct limit_pending p[8];
+    (void)state;
+    assert_int_equal(limit_pending_admit(l, &cfg, "10.0.0.1", &p[0]), LIMIT_OK);
+    assert_int_equal(limit_pending_admit(l, &cfg, "10.0.0.1", &p[1]), LIMIT_OK);
+    assert_int_equal(limit_pending_admit(l, &cfg, "10.0.0.1", &p[2]), LIMIT_PENDING_PER_SOURCE);
+    assert_int_equal(p[2].held, 0);
+    assert_int_equal(limit_pending_source_count(l, "10.0.0.1"), 2);
+    assert_int_equal(limit_pending_admit(l, &cfg, "10.0.0.2", &p[2]), LIMIT_OK);
+    assert_int_equal(limit_pending_admit(l, &cfg, "::1", &p[3]), LIMIT_OK);
+    /* No address (a unix socket peer): counted in the total only. */
+    assert_int_equal(limit_pending_admit(l, &cfg, "", &p[4]), LIMIT_OK);
+    assert_int_equal(p[4].slot, -1);
+    assert_int_equal(limit_pending_count(l), 5);
+    assert_int_equal(limit_pending_admit(l, &cfg, "10.0.0.3", &p[5]), LIMIT_PENDING);
+    assert_int_equal(limit_pending_count(l), 5);
+    assert_int_equal(limit_pending_source_count(l, "10.0.0.3"), 0);
+    /* A finished handshake frees its slots; releasing twice is harmless. */
+    limit_pending_release(l, &p[0]);
+    limit_pending_release(l, &p[0]);
+    assert_int_equal(limit_pending_source_count(l, "10.0.0.1"), 1);
+    assert_int_equal(limit_pending_admit(l, &cfg, "10.0.0.1", &p[0]), LIMIT_OK);
+    for (int i = 0; i < 5; i++)
+        limit_pending_release(l, &p[i]);
+    assert_int_equal(limit_pending_count(l), 0);
+    assert_int_equal(limit_pending_source_count(l, "10.0.0.1"), 0);
+    limit_state_unref(l);
+}
+
+static void test_pending_source_table_is_bounded(void **state)
+{
+    /* A million distinct sources never grow the table: once a probe window is full of other
+     * addresses a connection is counted in the total only, and freed slots are reused. */
+    struct limit_state *l = limit_state_new();
+    struct limit_cfg cfg = {.max_pending = 10000000, .max_pending_per_source = 1};
+    struct limit_pending p;
+    char src[32];
+    int untracked = 0;
+    (void)state;
+    for (int i = 0; i < 20000; i++) {
+        snprintf(src, sizeof(src), "10.%d.%d.%d", i >> 16, (i >> 8) & 255, i & 255);
+        assert_int_equal(limit_pending_admit(l, &cfg, src, &p), LIMIT_OK);
+        untracked += p.slot == -1;
+    }
+    assert_true(untracked >= 20000 - LIMIT_SOURCE_SLOTS);
+    assert_int_equal(limit_pending_count(l), 20000);
+    limit_state_unref(l);
+    l = limit_state_new();
+    for (int i = 0; i < 1000000; i++) {
+        snprintf(src, sizeof(src), "10.%d.%d.%d", i >> 16, (i >> 8) & 255, i & 255);
+        assert_int_equal(limit_pending_admit(l, &cfg, src, &p), LIMIT_OK);
+        assert_true(p.slot >= 0);
+        limit_pending_release(l, &p);
+    }
+    assert_int_equal(limit_pending_count(l), 0);
+    limit_state_unref(l);
+}
+
+struct pending_race {
+    struct limit_state *l;
+    struct limit_cfg cfg;
+    struct limit_pending held[2000];
+    int n;
+};
+
+static void *pending_many(void *arg)
+{
+    struct pending_race *r = arg;
+    for (int i = 0; i < 2000; i++)
+        if (limit_pending_admit(r->l, &r->cfg, i % 2 ? "192.0.2.7" : "192.0.2.8", &r->held[r->n]) ==
+            LIMIT_OK)
+            r->n++;
+    return NULL;
+}
+
+static void test_pending_holds_across_threads(void **state)
+{
+    /* Four workers race from two addresses against a total of 300 and 100 per source: each
+     * source gets exactly its 100 and the total never passes 300. */
+    struct limit_state *l = limit_state_new();
+    static struct pending_race r[4];
+    pthread_t t[4];
+    int total = 0;
+    (void)state;
+    for (int i = 0; i < 4; i++) {
+        r[i].l = l;
+        r[i].cfg = (struct limit_cfg){.max_pending = 300, .max_pending_per_source = 100};
+        r[i].n = 0;
+        assert_int_equal(pthread_create(&t[i], NULL, pending_many, &r[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(t[i], NULL);
+        total += r[i].n;
+    }
+    assert_int_equal(total, 200);
+    assert_int_equal(limit_pending_count(l), total);
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < r[i].n; j++)
+            limit_pending_release(l, &r[i].held[j]);
+    assert_int_equal(limit_pending_count(l), 0);
+    assert_int_equal(limit_pending_source_count(l, "192.0.2.7"), 0);
+    limit_state_unref(l);
+}
+
+static void test_fds_budget(void **state)
+{
+    struct limit_cfg cfg = {0};
+    (void)state;
+    /* Unknown budget: no reserve and no default cap. */
+    limit_fds_set(0);
+    assert_int_equal(limit_fds_over_reserve(1000000), 0);
+    assert_int_equal(limit_pending_max(&cfg), 0);
+    assert_int_equal(limit_pending_per_source_max(&cfg), 0);
+    /* 128 descriptors: a reserve of 32 (the minimum), 48 pending, 8 per source. */
+    limit_fds_set(128);
+    assert_int_equal(limit_fds_reserve(), 32);
+    assert_int_equal(limit_fds_over_reserve(95), 0);
+    assert_int_equal(limit_fds_over_reserve(96), 1);
+    assert_int_equal(limit_pending_max(&cfg), 48);
+    assert_int_equal(limit_pending_per_source_max(&cfg), 8);
+    /* 20000: an eighth is kept. */
+    limit_fds_set(20000);
+    assert_int_equal(limit_fds_reserve(), 2500);
+    assert_int_equal(limit_pending_max(&cfg), 8750);
+    assert_int_equal(limit_pending_per_source_max(&cfg), 546);
+    /* Configured values win; a per-source cap never exceeds the total. */
+    cfg.max_pending = 4;
+    assert_int_equal(limit_pending_max(&cfg), 4);
+    assert_int_equal(limit_pending_per_source_max(&cfg), 4);
+    cfg.max_pending_per_source = 3;
+    assert_int_equal(limit_pending_per_source_max(&cfg), 3);
+    limit_fds_set(0);
+}
+
+static void test_fds_raise_to_hard_limit(void **state)
+{
+    struct rlimit saved, rl;
+    long before, after;
+    (void)state;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &saved), 0);
+    if (saved.rlim_max != RLIM_INFINITY && saved.rlim_max < 64)
+        skip();
+    rl = saved;
+    rl.rlim_cur = 32;
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &rl), 0);
+    assert_int_equal(limit_fds_raise(&before, &after), 0);
+    assert_int_equal(before, 32);
+    assert_true(after > 32);
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
+    assert_int_equal((long)rl.rlim_cur, after);
+    if (saved.rlim_max != RLIM_INFINITY)
+        assert_int_equal(after, (long)saved.rlim_max);
+    /* Already at the hard limit: nothing to do. */
+    assert_int_equal(limit_fds_raise(&before, &after), 0);
+    assert_int_equal(before, after);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &saved), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -148,6 +312,11 @@ int main(void)
         cmocka_unit_test(test_admit_max_connections),
         cmocka_unit_test(test_admit_rate),
         cmocka_unit_test(test_admit_holds_across_threads),
+        cmocka_unit_test(test_pending_total_and_per_source),
+        cmocka_unit_test(test_pending_source_table_is_bounded),
+        cmocka_unit_test(test_pending_holds_across_threads),
+        cmocka_unit_test(test_fds_budget),
+        cmocka_unit_test(test_fds_raise_to_hard_limit),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
