@@ -24,7 +24,7 @@ struct upstream_cfg {
     char *bind_address;
     int bind_port;          /* 0 when the listener is a unix socket */
     char *bind_socket_path; /* LocalBindSocketPath; "" for a TCP listener */
-    int bind_socket_mode;   /* LocalBindSocketMode (octal text), -1 = leave the umask's */
+    int bind_socket_mode;   /* LocalBindSocketMode (octal text), -1 = 0600 (sock.h) */
     uint32_t connect_timeout_ms;
     int connect_timeout_set;   /* connect_timeout_ms was given: it overrides the chain's */
     uint32_t poll_interval_ms; /* prepared queries: how often the query is executed */
