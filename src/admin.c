@@ -10,6 +10,11 @@
  * After the answer is written the write side is shut down and the rest of the request is read
  * and dropped until EOF or the deadline, so a client still sending does not get a reset that
  * would destroy the answer.
+ *
+ * READING has a shorter deadline of its own (the head deadline), and a READING or lingering
+ * connection is the one evicted when a new connection finds the slots full: both only wait on
+ * their client. A connection being handled or written is never evicted, since its owner or
+ * its answer is in flight.
  */
 #include "admin.h"
 #include "log.h"
@@ -271,6 +276,8 @@ struct admin_conn {
     struct admin *srv;
     int fd;
     enum conn_state state;
+    char peer[64];        /* "ip:port", "[v6]:port" or "unix", from accept */
+    uint64_t accepted_ms; /* loop clock at accept: the whole-life deadline counts from here */
     struct loop_io io;
     struct loop_timer deadline;
     struct loop_defer reap;
@@ -403,7 +410,11 @@ static void conn_handle(struct admin_conn *c)
     int rc = admin_parse_request(c->in, c->in_len, &c->req);
     if (rc == -EAGAIN)
         return;
-    loop_io_want(c->srv->loop, &c->io, 0);
+    struct loop *loop = c->srv->loop;
+    loop_io_want(loop, &c->io, 0);
+    /* The head is in: from here the whole-life deadline applies instead of the head's. */
+    uint64_t end_ms = c->accepted_ms + ADMIN_DEADLINE_MS, now_ms = loop_now_ms(loop);
+    loop_timer_start(loop, &c->deadline, end_ms > now_ms ? end_ms - now_ms : 0);
     switch (rc) {
     case -EBADMSG:
         reply_error(c, 400, "malformed request");
@@ -476,6 +487,55 @@ static void on_deadline(struct loop_timer *t)
     conn_close(c);
 }
 
+/* Whether peer names <x> and <y> ("ip:port", "[v6]:port", "unix") are of one address. */
+static int same_peer(const char *x, const char *y)
+{
+    const char *xc = strrchr(x, ':'), *yc = strrchr(y, ':');
+    size_t xn = xc != NULL ? (size_t)(xc - x) : strlen(x);
+    size_t yn = yc != NULL ? (size_t)(yc - y) : strlen(y);
+    return xn == yn && memcmp(x, y, xn) == 0;
+}
+
+/*
+ * Makes room for a new connection from <peer>: returns 0 when there is a free slot, or after
+ * closing the oldest connection that only waits on its client (of <peer> itself when <peer>
+ * holds its share); -EBUSY when every candidate is being handled or written.
+ */
+static int make_room(struct admin *a, const char *peer)
+{
+    size_t from_peer = 0;
+    struct admin_conn *oldest = NULL, *oldest_of_peer = NULL;
+    /* The list is newest first, so the last match is the oldest. At most ADMIN_MAX_CONNS. */
+    for (struct admin_conn *c = a->conns; c != NULL; c = c->next) {
+        int mine = same_peer(c->peer, peer);
+        from_peer += (size_t)mine;
+        if (c->state != C_READING && c->state != C_LINGER)
+            continue;
+        oldest = c;
+        if (mine)
+            oldest_of_peer = c;
+    }
+    struct admin_conn *victim;
+    if (from_peer >= ADMIN_MAX_CONNS_PER_PEER)
+        victim = oldest_of_peer;
+    else if (a->n_conns >= ADMIN_MAX_CONNS)
+        victim = oldest;
+    else
+        return 0;
+    if (victim == NULL)
+        return -EBUSY;
+    LOG_DEBUG("admin: %s evicts the oldest waiting connection (%s)", peer, victim->peer);
+    if (victim->state == C_READING) {
+        /* Best effort, as at the deadline: one non-blocking send, then the cut. */
+        static const char msg[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                  "Connection: close\r\n\r\n";
+        ssize_t n = send(victim->fd, msg, sizeof(msg) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+        (void)n;
+    }
+    conn_close(victim);
+    return 0;
+}
+
 static void on_accept(struct loop_io *io, unsigned events)
 {
     struct admin *a = io->data;
@@ -485,8 +545,9 @@ static void on_accept(struct loop_io *io, unsigned events)
         int fd = sock_accept(a->fd, peer, sizeof(peer));
         if (fd < 0)
             return;
-        if (a->n_conns >= ADMIN_MAX_CONNS) {
-            LOG_DEBUG("admin: refusing %s: %d connections open", peer, ADMIN_MAX_CONNS);
+        if (make_room(a, peer) != 0) {
+            LOG_DEBUG("admin: refusing %s: %zu connections open, none waiting on its client", peer,
+                      a->n_conns);
             close(fd);
             continue;
         }
@@ -494,6 +555,8 @@ static void on_accept(struct loop_io *io, unsigned events)
         c->srv = a;
         c->fd = fd;
         c->state = C_READING;
+        snprintf(c->peer, sizeof(c->peer), "%s", peer);
+        c->accepted_ms = loop_now_ms(a->loop);
         loop_io_init(&c->io, fd, on_conn_io, c);
         loop_timer_init(&c->deadline, on_deadline, c);
         c->next = a->conns;
@@ -501,7 +564,7 @@ static void on_accept(struct loop_io *io, unsigned events)
             a->conns->prev = c;
         a->conns = c;
         a->n_conns++;
-        loop_timer_start(a->loop, &c->deadline, ADMIN_DEADLINE_MS);
+        loop_timer_start(a->loop, &c->deadline, ADMIN_HEAD_DEADLINE_MS);
         if (loop_io_want(a->loop, &c->io, LOOP_READ) != 0)
             conn_close(c);
     }

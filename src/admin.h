@@ -2,10 +2,15 @@
  * admin: the admin endpoint's small HTTP/1.1 server, run on the control thread's loop.
  *
  * GET only, one request per connection (every answer carries Connection: close). The request
- * head (request line and headers) is capped at ADMIN_REQUEST_MAX bytes, each connection has
- * one deadline for reading, handling and writing, and at most ADMIN_MAX_CONNS connections are
- * open at once (further ones are closed at accept). Nothing here touches the data path: the
- * server only reads what its owner renders into a reply.
+ * head (request line and headers) is capped at ADMIN_REQUEST_MAX bytes and must arrive within
+ * ADMIN_HEAD_DEADLINE_MS; each connection has one deadline for its whole life. At most
+ * ADMIN_MAX_CONNS connections are open at once, and at most ADMIN_MAX_CONNS_PER_PEER from one
+ * peer address (every client of a unix socket is one peer). A connection past either bound
+ * evicts the oldest connection that is only waiting on its client (its head not complete yet,
+ * or its answer already sent), of the same peer when that peer is at its bound; it is refused
+ * only when none is waiting. So silent clients cannot keep a probe's GET /ready from being
+ * answered. Nothing here touches the data path: the server only reads what its owner renders
+ * into a reply.
  *
  * The request parser is pure (buffer in, request or "need more" or "bad" out) and fuzzed.
  */
@@ -17,10 +22,12 @@
 
 #include "loop.h"
 
-#define ADMIN_REQUEST_MAX 8192 /* request line + headers */
-#define ADMIN_TARGET_MAX  2048 /* request target (path + query) */
-#define ADMIN_MAX_CONNS   16
-#define ADMIN_DEADLINE_MS 5000 /* a connection's whole life: read, handle, write */
+#define ADMIN_REQUEST_MAX        8192 /* request line + headers */
+#define ADMIN_TARGET_MAX         2048 /* request target (path + query) */
+#define ADMIN_MAX_CONNS          16
+#define ADMIN_MAX_CONNS_PER_PEER 8
+#define ADMIN_HEAD_DEADLINE_MS   2000 /* from accept to a complete request head */
+#define ADMIN_DEADLINE_MS        5000 /* a connection's whole life: read, handle, write */
 
 struct admin_request {
     char method[16];

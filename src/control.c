@@ -143,8 +143,7 @@ struct control {
     struct snapshot *current;
     struct loop_defer rebuild;
 
-    char **warned; /* warnings already logged once */
-    size_t n_warned;
+    struct proxycfg_warned warned; /* warnings already logged once (bounded) */
 
     /* -register: the body, and the state of our own registration */
     char *reg_body;
@@ -200,12 +199,9 @@ static char *url_escape(const char *s)
 
 static void warn_once(struct control *ctl, const char *msg)
 {
-    for (size_t i = 0; i < ctl->n_warned; i++)
-        if (strcmp(ctl->warned[i], msg) == 0)
-            return;
-    LOG_WARN("%s", msg);
-    ctl->warned = xrealloc(ctl->warned, (ctl->n_warned + 1) * sizeof(*ctl->warned));
-    ctl->warned[ctl->n_warned++] = xstrdup(msg);
+    const char *line = proxycfg_warn_once(&ctl->warned, msg);
+    if (line != NULL)
+        LOG_WARN("%s", line);
 }
 
 /* ---- TLS: leaf + roots -> context ---- */
@@ -2227,9 +2223,6 @@ out:
         dec_roots_dispose(&ctl.roots);
     if (ctl.have_cfg)
         proxycfg_dispose(&ctl.cfg);
-    for (size_t i = 0; i < ctl.n_warned; i++)
-        free(ctl.warned[i]);
-    free(ctl.warned);
     free(ctl.service);
     free(ctl.scope);
     free(ctl.proxy_id);

@@ -144,6 +144,50 @@ static void warn(struct proxy_cfg *c, char *msg)
     c->warnings[c->n_warnings++] = msg;
 }
 
+/*
+ * A registration can carry any number of unknown keys (the agent's body cap allows about a
+ * million): past the bound they are only counted, never formatted or kept.
+ */
+static void warn_unknown(struct proxy_cfg *c, const char *where, const char *key)
+{
+    if (c->n_warnings < PROXYCFG_MAX_WARNINGS)
+        warn(c, xasprintf("%s: unknown key \"%s\" ignored", where, key));
+    else
+        c->n_unwarned++;
+}
+
+/* FNV-1a, with 0 kept for "empty". */
+static uint64_t warned_hash(const char *s)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (; *s != '\0'; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h != 0 ? h : 1;
+}
+
+const char *proxycfg_warn_once(struct proxycfg_warned *w, const char *msg)
+{
+    size_t mask = ARRAY_SIZE(w->slots) - 1;
+    uint64_t h = warned_hash(msg);
+    size_t i = (size_t)h & mask;
+    /* The table is at most half full, so the probe ends at an empty slot. */
+    while (w->slots[i] != 0) {
+        if (w->slots[i] == h)
+            return NULL;
+        i = (i + 1) & mask;
+    }
+    if (w->n >= PROXYCFG_WARNED_MAX) {
+        if (w->full_said)
+            return NULL;
+        w->full_said = 1;
+        return "more distinct configuration warnings than are remembered; further ones are not "
+               "logged";
+    }
+    w->slots[i] = h;
+    w->n++;
+    return msg;
+}
+
 /* Reads an integer key given as a JSON number or as a decimal string. */
 static int kv_int(const struct dec_kv *kv, const struct key_def *def, long *out)
 {
@@ -164,7 +208,7 @@ static int apply_kvs(struct proxy_cfg *c, enum key_scope scope, const char *wher
         const struct key_def *def = find_key(scope, kv[i].key);
         long v = 0;
         if (def == NULL) {
-            warn(c, xasprintf("%s: unknown key \"%s\" ignored", where, kv[i].key));
+            warn_unknown(c, where, kv[i].key);
             continue;
         }
         if (def->type == KEY_IGNORED)
@@ -428,6 +472,9 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         }
     }
 out:
+    if (rc == 0 && out->n_unwarned > 0)
+        warn(out, xasprintf("%zu more unknown keys ignored (only the first %d are named)",
+                            out->n_unwarned, PROXYCFG_MAX_WARNINGS));
     if (rc != 0)
         proxycfg_dispose(out);
     return rc;
@@ -576,6 +623,7 @@ void proxycfg_copy(struct proxy_cfg *dst, const struct proxy_cfg *src)
     /* Warnings are for the control thread's logs only. */
     dst->warnings = NULL;
     dst->n_warnings = 0;
+    dst->n_unwarned = 0;
 }
 
 static const char *const scope_names[] = {"", "Proxy.Config", "Upstreams[].Config"};

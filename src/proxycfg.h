@@ -24,7 +24,7 @@ struct upstream_cfg {
     char *bind_address;
     int bind_port;          /* 0 when the listener is a unix socket */
     char *bind_socket_path; /* LocalBindSocketPath; "" for a TCP listener */
-    int bind_socket_mode;   /* LocalBindSocketMode (octal text), -1 = leave the umask's */
+    int bind_socket_mode;   /* LocalBindSocketMode (octal text), -1 = 0600 (sock.h) */
     uint32_t connect_timeout_ms;
     int connect_timeout_set;   /* connect_timeout_ms was given: it overrides the chain's */
     uint32_t poll_interval_ms; /* prepared queries: how often the query is executed */
@@ -64,10 +64,15 @@ struct proxy_cfg {
     struct limit_cfg limits;          /* of the public listener */
     struct upstream_cfg *upstreams;
     size_t n_upstreams;
-    /* Things to warn about once: keys no table knows, upstreams skipped as unsupported. */
+    /* Things to warn about once: keys no table knows. At most PROXYCFG_MAX_WARNINGS of them,
+     * then one more line that counts the rest. */
     char **warnings;
     size_t n_warnings;
+    size_t n_unwarned; /* unknown keys past the bound, counted while building */
 };
+
+/* How many warnings one build keeps (plus one counting the rest). */
+#define PROXYCFG_MAX_WARNINGS 32
 
 /*
  * Builds <out> from a decoded registration. Fails with ERR_BAD_CONFIG and a message naming
@@ -95,6 +100,24 @@ struct proxycfg_flags {
  */
 int proxycfg_from_flags(const struct proxycfg_flags *f, struct proxy_cfg *out, char *err,
                         size_t errlen);
+
+/*
+ * The warnings already logged, so that each is logged once however often the registration
+ * changes. Bounded: at most PROXYCFG_WARNED_MAX distinct messages, remembered by a 64-bit hash
+ * in a fixed open-addressing table (no allocation); a lookup costs O(1). Zero-initialise it.
+ */
+#define PROXYCFG_WARNED_MAX 256
+struct proxycfg_warned {
+    uint64_t slots[2 * PROXYCFG_WARNED_MAX]; /* 0 = empty */
+    size_t n;
+    int full_said;
+};
+
+/*
+ * Returns the line to log for warning <msg> now: <msg> itself the first time it is seen; once
+ * the set is full, a notice saying that further warnings are not logged (once), else NULL.
+ */
+const char *proxycfg_warn_once(struct proxycfg_warned *w, const char *msg);
 
 /* Deep copy of <src> into <dst>, without the warnings. */
 void proxycfg_copy(struct proxy_cfg *dst, const struct proxy_cfg *src);

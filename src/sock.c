@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -96,37 +97,173 @@ static int fill_unix(const char *path, struct sockaddr_un *un)
     return 0;
 }
 
+/*
+ * Frees <path> for a new listener. Nothing there: fine. A socket nobody accepts on (connect
+ * is refused: a stale file from an earlier run): removed. Anything else is left alone and is
+ * an error: a regular file, a directory or a symbolic link (-EEXIST), a socket in use
+ * (-EADDRINUSE; a registration naming another program's socket must not take it over), or a
+ * socket whose state cannot be told (the connect's -errno).
+ */
+static int clear_path(const char *path, const struct sockaddr_un *un, char *err, size_t errlen)
+{
+    struct stat st;
+    if (lstat(path, &st) == -1) {
+        if (errno == ENOENT)
+            return 0;
+        int rc = -errno;
+        snprintf(err, errlen, "listen unix %s: %s", path, strerror(-rc));
+        return rc;
+    }
+    if (!S_ISSOCK(st.st_mode)) {
+        snprintf(err, errlen, "listen unix %s: the path exists and is not a socket (left as it is)",
+                 path);
+        return -EEXIST;
+    }
+    /* Non-blocking, so a live listener with a full backlog answers EAGAIN instead of a wait. */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd == -1) {
+        int rc = -errno;
+        snprintf(err, errlen, "listen unix %s: %s", path, strerror(-rc));
+        return rc;
+    }
+    int rc = connect(fd, (const struct sockaddr *)un, sizeof(*un)) == 0 ? 0 : -errno;
+    close(fd);
+    if (rc == -ECONNREFUSED) {
+        if (unlink(path) == -1 && errno != ENOENT) {
+            rc = -errno;
+            snprintf(err, errlen, "listen unix %s: removing the stale socket: %s", path,
+                     strerror(-rc));
+            return rc;
+        }
+        return 0;
+    }
+    if (rc == 0 || rc == -EAGAIN || rc == -EINPROGRESS) {
+        snprintf(err, errlen,
+                 "listen unix %s: a socket there is in use (something accepts on it); not "
+                 "replaced",
+                 path);
+        return -EADDRINUSE;
+    }
+    snprintf(err, errlen,
+             "listen unix %s: cannot tell whether the socket there is in use (%s); "
+             "not replaced",
+             path, strerror(-rc));
+    return rc;
+}
+
+/*
+ * Binds <fd> to <path> with exactly <mode>, never through a symbolic link and never with a
+ * mode decided by the umask: the socket is bound in a fresh private directory (0700) beside
+ * <path>, its mode set there where no one else can swap the file, and then hard-linked to
+ * <path> (link() never replaces: a file that appeared meanwhile is an error). The umask is
+ * process-wide and other threads create files, so it is not touched. Returns 0 or -errno.
+ */
+static int bind_private(int fd, const char *path, mode_t mode, char *err, size_t errlen)
+{
+    struct sockaddr_un un;
+    char dir[sizeof(un.sun_path)];
+    const char *slash = strrchr(path, '/');
+    int n = slash == NULL
+                ? snprintf(dir, sizeof(dir), ".connectd-XXXXXX")
+                : snprintf(dir, sizeof(dir), "%.*s/.connectd-XXXXXX", (int)(slash - path), path);
+    int rc;
+    /* The temporary name is longer than <path> when its last component is short. */
+    if (n < 0 || (size_t)n + 3 > sizeof(un.sun_path))
+        return -ENAMETOOLONG;
+    if (mkdtemp(dir) == NULL) {
+        rc = -errno;
+        snprintf(err, errlen, "listen unix %s: creating a private directory beside it: %s", path,
+                 strerror(-rc));
+        return rc;
+    }
+    memset(&un, 0, sizeof(un));
+    un.sun_family = AF_UNIX;
+    memcpy(un.sun_path, dir, (size_t)n);
+    memcpy(un.sun_path + n, "/s", 3);
+    if (bind(fd, (struct sockaddr *)&un, sizeof(un)) == -1 || chmod(un.sun_path, mode) == -1) {
+        rc = -errno;
+        snprintf(err, errlen, "listen unix %s: %s", path, strerror(-rc));
+    } else if (link(un.sun_path, path) == -1) {
+        rc = -errno;
+        if (rc == -EEXIST)
+            snprintf(err, errlen, "listen unix %s: the path was created meanwhile; not replaced",
+                     path);
+        else
+            snprintf(err, errlen, "listen unix %s: %s", path, strerror(-rc));
+    } else {
+        rc = 0;
+    }
+    unlink(un.sun_path);
+    rmdir(dir);
+    return rc;
+}
+
+/*
+ * No room for bind_private's name beside <un>'s path: binds at the path itself, where the
+ * fchmod before bind is all there is, and refuses a mode the umask narrowed rather than run
+ * with a wrong one. Returns 0 or -errno (with <err> filled for a wrong mode).
+ */
+static int bind_in_place(int fd, const struct sockaddr_un *un, mode_t mode, char *err,
+                         size_t errlen)
+{
+    struct stat st;
+    int rc = 0;
+    if (bind(fd, (const struct sockaddr *)un, sizeof(*un)) == -1)
+        return -errno;
+    if (lstat(un->sun_path, &st) == -1) {
+        rc = -errno;
+    } else if ((st.st_mode & 07777) != mode) {
+        snprintf(err, errlen,
+                 "listen unix %s: the umask narrowed its mode to %04o instead of %04o (a shorter "
+                 "path lets connectd set the mode exactly)",
+                 un->sun_path, (unsigned)(st.st_mode & 07777), (unsigned)mode);
+        rc = -EPERM;
+    }
+    if (rc != 0)
+        unlink(un->sun_path);
+    return rc;
+}
+
 int sock_listen_unix(const char *path, int mode, unsigned long *ino, char *err, size_t errlen)
 {
     struct sockaddr_un un;
     struct stat st;
-    int fd = -1, rc = fill_unix(path, &un);
-    if (rc != 0)
+    mode_t m = mode >= 0 ? (mode_t)mode : SOCK_UNIX_DEFAULT_MODE;
+    int fd = -1, bound = 0, rc = fill_unix(path, &un);
+    err[0] = '\0';
+    if (rc != 0 || (rc = clear_path(path, &un, err, errlen)) != 0)
         goto fail;
-    if (lstat(path, &st) == 0) {
-        if (!S_ISSOCK(st.st_mode)) {
-            rc = -EEXIST;
-            goto fail;
-        }
-        unlink(path); /* a stale socket from an earlier run */
-    }
+    /*
+     * Linux creates the file with the socket's own mode less the umask, so after this fchmod
+     * the file is never more open than <m>, not even for an instant; bind_private then makes
+     * it exactly <m>.
+     */
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd == -1) {
+    if (fd == -1 || fchmod(fd, m) == -1) {
         rc = -errno;
         goto fail;
     }
-    if (bind(fd, (struct sockaddr *)&un, sizeof(un)) == -1 ||
-        (mode >= 0 && chmod(path, (mode_t)mode) == -1) || listen(fd, 1024) == -1 ||
-        stat(path, &st) == -1) {
+    rc = bind_private(fd, path, m, err, errlen);
+    if (rc == -ENAMETOOLONG) {
+        err[0] = '\0';
+        rc = bind_in_place(fd, &un, m, err, errlen);
+    }
+    if (rc != 0)
+        goto fail;
+    bound = 1;
+    if (listen(fd, 1024) == -1 || lstat(path, &st) == -1) {
         rc = -errno;
         goto fail;
     }
     *ino = (unsigned long)st.st_ino;
     return fd;
 fail:
+    if (bound)
+        unlink(path);
     if (fd != -1)
         close(fd);
-    snprintf(err, errlen, "listen unix %s: %s", path, strerror(-rc));
+    if (err[0] == '\0')
+        snprintf(err, errlen, "listen unix %s: %s", path, strerror(-rc));
     return rc;
 }
 

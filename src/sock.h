@@ -22,11 +22,18 @@ int sock_listen(const char *addr, int port, int reuseport, char *err, size_t err
  */
 int sock_connect(const char *addr, int port);
 
+/* The mode of a unix listener's file when none is configured: the owner's only. */
+#define SOCK_UNIX_DEFAULT_MODE 0600
+
 /*
- * Opens a non-blocking listening unix stream socket at <path>: a stale socket file there is
- * removed first (anything else at <path> is an error), and the new file gets permissions
- * <mode> when <mode> >= 0. *ino receives the file's inode so the owner can later remove the
- * file only if it is still its own (sock_unlink_unix). Returns the fd or -errno.
+ * Opens a non-blocking listening unix stream socket at <path> whose file has exactly the
+ * permissions <mode>, or SOCK_UNIX_DEFAULT_MODE when <mode> < 0, whatever the umask; the mode
+ * is never applied through a symbolic link. What is already at <path> is replaced only when
+ * it is a stale socket (connecting to it is refused); a socket in use gives -EADDRINUSE, a
+ * regular file, directory or symbolic link -EEXIST, and they are left untouched. *ino
+ * receives the file's inode so the owner can later remove the file only if it is still its
+ * own (sock_unlink_unix). Thread-safe (the umask is not changed). Returns the fd, or -errno
+ * with <err> naming the path and the reason.
  */
 int sock_listen_unix(const char *path, int mode, unsigned long *ino, char *err, size_t errlen);
 

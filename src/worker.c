@@ -34,7 +34,7 @@ struct listener {
     char *key;         /* "public" or the upstream key */
     char *addr;        /* IP address, or the socket path of a unix listener */
     int port;          /* -1 for a unix listener */
-    int mode;          /* unix listener: file mode, -1 = the umask's */
+    int mode;          /* unix listener: file mode, -1 = SOCK_UNIX_DEFAULT_MODE */
     unsigned long ino; /* unix listener: the socket file we created */
     int inbound;
     int fd;
@@ -172,11 +172,30 @@ static struct listener *take_listener(struct listener **list, const char *key, c
     return NULL;
 }
 
+/*
+ * Closes the old listener of ours on the unix socket <path>, if any: a listener that changes
+ * (mode, or the upstream it serves) reuses the path, and would otherwise find it in use, since
+ * a socket in use is never replaced.
+ */
+static void release_path(struct worker *w, struct listener **list, const char *path)
+{
+    for (struct listener **p = list; *p != NULL; p = &(*p)->next) {
+        struct listener *l = *p;
+        if (l->port == -1 && strcmp(l->addr, path) == 0) {
+            *p = l->next;
+            listener_free(w, l);
+            return;
+        }
+    }
+}
+
 /* Returns 0, or -1 when the listener could not be opened. */
 static int add_listener(struct worker *w, struct listener **old, struct listener **fresh,
                         const char *key, const char *addr, int port, int mode, int inbound)
 {
     struct listener *l = take_listener(old, key, addr, port, mode);
+    if (l == NULL && port == -1)
+        release_path(w, old, addr);
     if (l == NULL)
         l = listener_open(w, key, addr, port, mode, inbound);
     if (l == NULL)

@@ -210,6 +210,72 @@ def test_unix_socket_upstream_listener(mesh, tmp_path):
     assert not os.path.exists(path)
 
 
+
+def echo_unix(path, data=b"over a unix socket\n"):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(path)
+            return echo_roundtrip(s, data, 5) == data
+    except OSError:
+        return False
+
+
+def test_unix_upstream_listener_mode_defaults_to_0600(mesh, tmp_path):
+    """Issue 7 defect 7: without LocalBindSocketMode the socket's mode came from the umask,
+    0777 under umask 000, so anyone on the host could call the upstream as this service. The
+    default is 0600 whatever the umask connectd runs under."""
+    m = mesh
+    echo = m.app(EchoApp)
+    db = m.add("db", app_port=echo.port)
+    m.wait_passing(db)
+    m.intend("db", {"web": "allow"})
+    path = str(tmp_path / "db.sock")
+    old = os.umask(0)
+    try:
+        web = m.add("web", upstreams=[{"name": "db", "fields": {
+            "LocalBindSocketPath": path, "LocalBindAddress": None, "LocalBindPort": None}}])
+    finally:
+        os.umask(old)
+    web.proxy.wait_log(r"listening on unix " + path)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert oct(stat.S_IMODE(os.lstat(path).st_mode)) == oct(0o600)
+    wait_until(lambda: echo_unix(path), 30, "an echo through the unix upstream listener",
+               interval=0.2)
+
+    # A new mode reopens the listener on the same path: connectd's own old socket there must
+    # not count as "in use by someone else".
+    web.upstreams["db"]["fields"]["LocalBindSocketMode"] = "0660"
+    m.register(web)
+    wait_until(lambda: os.path.exists(path) and stat.S_IMODE(os.lstat(path).st_mode) == 0o660,
+               30, "the listener to be reopened with mode 0660")
+    wait_until(lambda: echo_unix(path), 30, "an echo through the reopened listener",
+               interval=0.2)
+    assert "a socket there is in use" not in web.proxy.log()
+
+
+def test_unix_upstream_listener_does_not_take_over_a_live_socket(mesh, tmp_path):
+    """Issue 7 defect 7: any socket at LocalBindSocketPath was unlinked, so a registration
+    naming another program's socket (/run/docker.sock, say) took it over. Now connectd stops
+    with a configuration error naming the path, and the other program keeps serving."""
+    m = mesh
+    path = str(tmp_path / "someone-else.sock")
+    other = UnixEchoApp(path)
+    m.apps.append(other)
+    web = m.add("web", upstreams=[{"name": "db", "fields": {
+        "LocalBindSocketPath": path, "LocalBindAddress": None, "LocalBindPort": None}}],
+        start=False)
+    proxy = m.start_connectd(web.name, ["-sidecar-for", web.id, "-http-addr",
+                                        m.agent.http_addr, "-workers", "2"])
+    code = proxy.proc.wait(timeout=30)
+    m.procs.remove(proxy)
+    log = proxy.log()
+    assert code == 1, f"exit status {code}:\n{log}"
+    assert f"listen unix {path}: a socket there is in use" in log, log
+    assert os.path.exists(path)
+    assert echo_unix(path, b"still mine\n"), "the other program's socket stopped serving"
+
+
 class UnixEchoApp:
     """An echo server on a unix socket."""
 
