@@ -1639,8 +1639,9 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
     }
 
     metric_head(b, "handshake_failures_total", "counter",
-                "Inbound TLS handshakes that failed, and outbound peers that proved the wrong "
-                "identity, by reason.");
+                "Inbound TLS handshakes that failed or whose caller certificate carried no "
+                "acceptable identity, and outbound peers that proved the wrong identity, by "
+                "reason.");
     for (int r = 0; r < SESSION_HS_COUNT; r++)
         sample(b, "handshake_failures_total", "reason", session_handshake_reason_name(r), hs[r]);
 

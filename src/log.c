@@ -159,17 +159,141 @@ void log_buf_time(struct log_buf *b, uint64_t unix_ms)
                    tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (unsigned)(unix_ms % 1000));
 }
 
+const char *log_esc(char *buf, size_t size, const char *s)
+{
+    if (size == 0)
+        return "";
+    struct log_buf b = {buf, 0, size, 0};
+    buf[0] = '\0';
+    if (s == NULL)
+        log_buf_raw(&b, "-", 1);
+    else
+        log_buf_logfmt_val(&b, s);
+    if (b.full) {
+        /* Only a buffer under LOG_ESC_BYTES gets here: keep what fits, still one value. */
+        b.full = 0;
+        b.len = b.len < size - 1 ? b.len : size - 1;
+        buf[b.len] = '\0';
+    }
+    return buf;
+}
+
+/* ---- rate limit ---- */
+
+void log_limit_init(struct log_limit *l, uint32_t window_ms)
+{
+    memset(l, 0, sizeof(*l));
+    l->window_ms = window_ms != 0 ? window_ms : 1;
+    snprintf(l->other.key, sizeof(l->other.key), "other");
+}
+
+/* Opens <e>'s window at <now_ms>: its line is written; returns 1 for log_limit_pass. */
+static int open_window(struct log_limit_slot *e, uint64_t now_ms, uint64_t *before)
+{
+    if (before != NULL)
+        *before = e->suppressed;
+    e->since_ms = now_ms;
+    e->suppressed = 0;
+    return 1;
+}
+
+int log_limit_pass(struct log_limit *l, const char *key, uint64_t now_ms, uint64_t *before)
+{
+    char k[LOG_LIMIT_KEY_MAX];
+    snprintf(k, sizeof(k), "%s", key);
+    if (before != NULL)
+        *before = 0;
+    struct log_limit_slot *e = NULL;
+    for (size_t i = 0; i < l->n && e == NULL; i++)
+        if (strcmp(l->slot[i].key, k) == 0)
+            e = &l->slot[i];
+    if (e == NULL && l->n < LOG_LIMIT_KEYS) {
+        e = &l->slot[l->n++];
+        memcpy(e->key, k, sizeof(k));
+        e->suppressed = 0;
+        return open_window(e, now_ms, before);
+    }
+    if (e == NULL) {
+        e = &l->other;
+        if (e->since_ms == 0)
+            return open_window(e, now_ms, before);
+    }
+    if (now_ms - e->since_ms >= l->window_ms)
+        return open_window(e, now_ms, before);
+    e->suppressed++;
+    return 0;
+}
+
+uint64_t log_limit_flush(struct log_limit *l, uint64_t now_ms,
+                         void (*report)(void *arg, const char *key, uint64_t suppressed,
+                                        uint64_t open_ms),
+                         void *arg)
+{
+    uint64_t next = 0;
+    for (size_t i = 0; i <= l->n;) {
+        int other = i == l->n;
+        struct log_limit_slot *e = other ? &l->other : &l->slot[i];
+        if (other && e->since_ms == 0)
+            break;
+        uint64_t open_ms = now_ms - e->since_ms;
+        if (open_ms < l->window_ms) {
+            uint64_t left = l->window_ms - open_ms;
+            next = next == 0 || left < next ? left : next;
+            i++;
+            continue;
+        }
+        if (e->suppressed != 0 && report != NULL)
+            report(arg, e->key, e->suppressed, open_ms);
+        e->suppressed = 0;
+        if (other) {
+            e->since_ms = 0;
+            break;
+        }
+        /* Forget the key: the last slot takes its place (and is looked at next). */
+        l->slot[i] = l->slot[--l->n];
+    }
+    return next;
+}
+
 /* ---- lines ---- */
 
-/* The number after <key> at the start of <msg> or after a space, or -1. */
+/*
+ * The number after <key> at the start of <msg> or after a space, or -1. Matches inside a
+ * quoted value (LOG_ESC) do not count: a peer's string must not name the connection.
+ */
 static long long number_after(const char *msg, const char *key)
 {
     size_t kl = strlen(key);
-    for (const char *p = msg; (p = strstr(p, key)) != NULL; p += kl) {
-        if ((p == msg || p[-1] == ' ') && p[kl] >= '0' && p[kl] <= '9')
+    int quoted = 0;
+    for (const char *p = msg; *p != '\0'; p++) {
+        if (quoted && *p == '\\' && p[1] != '\0') {
+            p++;
+        } else if (*p == '"') {
+            quoted = !quoted;
+        } else if (!quoted && (p == msg || p[-1] == ' ') && strncmp(p, key, kl) == 0 &&
+                   p[kl] >= '0' && p[kl] <= '9') {
             return strtoll(p + kl, NULL, 10);
+        }
     }
     return -1;
+}
+
+/*
+ * Appends <n> bytes of a text-form message with every control character and byte outside
+ * ASCII as \xNN, so no argument can end the line early or smuggle terminal escapes.
+ */
+static void text_msg(struct log_buf *b, const char *msg, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < n && !b->full; i++) {
+        unsigned char c = (unsigned char)msg[i];
+        if (c >= 0x20 && c < 0x7f) {
+            log_buf_raw(b, (const char *)&msg[i], 1);
+        } else {
+            char e[4] = {'\\', 'x', hex[c >> 4], hex[c & 15]};
+            log_buf_raw(b, e, sizeof(e));
+        }
+    }
 }
 
 void log_write(enum log_level level, const char *fmt, ...)
@@ -224,10 +348,8 @@ void log_write(enum log_level level, const char *fmt, ...)
     } else {
         log_buf_time(&b, now_ms);
         log_buf_printf(&b, " [%s] ", level_names[level]);
-        size_t n = strlen(msg);
-        if (b.len + n > b.cap - 1)
-            n = b.cap - 1 - b.len;
-        log_buf_raw(&b, msg, n);
+        /* Escaping grows a byte to at most 4, so the whole message always fits. */
+        text_msg(&b, msg, strlen(msg));
     }
     line[b.len++] = '\n';
     ssize_t w = write(STDERR_FILENO, line, b.len);

@@ -48,6 +48,7 @@
 #define RELAY_BUF_BYTES    16384
 #define MAX_ENDPOINT_TRIES 5
 #define REFUSAL_SUMMARY_MS 1000
+#define HANDSHAKE_WARN_MS  1000
 
 enum session_state {
     S_ACCEPTED = 0,
@@ -103,6 +104,9 @@ struct session {
     char *caller;
     const char *caller_partition, *caller_ns, *caller_service, *caller_trust_domain;
     struct authq_req *question; /* out with the control thread (authorize mode); not owned */
+    /* Set when the handshake or the caller's identity failed: how finish() counts it. */
+    int hs_failed;
+    enum session_handshake_reason hs_reason;
     /* outbound */
     char *upstream_key;
     const struct snap_upstream *up; /* inside snap */
@@ -225,6 +229,50 @@ static void access_log(struct session *s, const char *result, const char *reason
     alog_write(&r);
 }
 
+/* The key failed handshakes are limited by: the peer's address without its port. */
+static void source_key(const struct session *s, char *key, size_t len)
+{
+    snprintf(key, len, "%s", s->peer);
+    char *colon = strrchr(key, ':');
+    if (colon != NULL && colon != key)
+        *colon = '\0';
+}
+
+static void on_handshake_summary(struct loop_timer *t);
+static void finish(struct session *s, const char *result, const char *reason);
+
+/*
+ * The level of a failed handshake's WARN line: WARN for the first from its source in a
+ * second, DEBUG for the rest, which the summary timer adds up. When an earlier window of the
+ * source ended with lines held back, <note> says how many, on the line written now.
+ */
+static enum log_level handshake_warn_level(struct session *s, char *note, size_t len)
+{
+    struct session_host *h = s->host;
+    char key[LOG_LIMIT_KEY_MAX];
+    uint64_t before = 0;
+    source_key(s, key, sizeof(key));
+    int pass = log_limit_pass(&h->handshake_warns, key, loop_now_ms(h->loop), &before);
+    if (!loop_timer_armed(&h->handshake_summary))
+        loop_timer_start(h->loop, &h->handshake_summary, HANDSHAKE_WARN_MS);
+    if (before != 0)
+        snprintf(note, len, " (suppressed %llu earlier failed handshake line(s) from %s)",
+                 (unsigned long long)before, key);
+    return pass ? LOG_LEVEL_WARN : LOG_LEVEL_DEBUG;
+}
+
+/*
+ * Ends an inbound session whose TLS handshake failed or whose caller's certificate carries no
+ * acceptable identity, counted under <r> in connectd_handshake_failures_total.
+ */
+static void fail_inbound(struct session *s, enum session_handshake_reason r, const char *result,
+                         const char *why)
+{
+    s->hs_failed = 1;
+    s->hs_reason = r;
+    finish(s, result, why);
+}
+
 /*
  * The one way out: records the result, logs the session's line, stops all I/O and queues the
  * memory to be freed after the current dispatch round.
@@ -235,8 +283,6 @@ static void finish(struct session *s, const char *result, const char *reason)
         return;
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
-    const char *src = s->inbound ? (s->caller != NULL ? s->caller : "-") : s->peer;
-    const char *dst = s->inbound ? s->snap->cfg.service : s->ep_name[0] ? s->ep_name : "-";
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
     /* With an access log the line for a session that ended well is DEBUG: the access log
      * already has it. Failures stay WARN. */
@@ -244,25 +290,32 @@ static void finish(struct session *s, const char *result, const char *reason)
                              ? (alog_enabled() ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO)
                          : strcmp(result, "probe") == 0 ? LOG_LEVEL_DEBUG
                                                         : LOG_LEVEL_WARN;
-    LOG_AT(lvl,
-           "conn=%llu %s peer=%s src=%s dst=%s%s%s result=%s reason=\"%s\" bytes_in=%llu "
-           "bytes_out=%llu duration_ms=%llu worker=%u",
-           (unsigned long long)s->id, s->inbound ? "in" : "out", s->peer, src, dst,
-           s->inbound ? "" : " upstream=",
-           s->inbound ? ""
-           : upstream ? upstream
-                      : "-",
-           result, reason, (unsigned long long)s->bytes[0], (unsigned long long)s->bytes[1],
-           (unsigned long long)dur, h->index);
-    if (s->inbound && strcmp(result, "probe") != 0 &&
-        (s->state == S_TLS_HANDSHAKE || strcmp(result, "bad_identity") == 0)) {
-        enum session_handshake_reason r = strcmp(result, "tls_error") == 0 ? SESSION_HS_TLS_ERROR
-                                          : strcmp(result, "timeout") == 0 ? SESSION_HS_TIMEOUT
-                                          : strcmp(result, "bad_identity") == 0
-                                              ? SESSION_HS_BAD_IDENTITY
-                                              : SESSION_HS_OTHER;
-        STAT_ADD(h->stats->handshake_failures[r], 1);
+    /* An inbound session that ends inside the handshake failed it (a timeout, or anything not
+     * classified where it happened); a probe never started one. */
+    if (s->inbound && !s->hs_failed && s->state == S_TLS_HANDSHAKE &&
+        strcmp(result, "probe") != 0) {
+        s->hs_failed = 1;
+        s->hs_reason = strcmp(result, "timeout") == 0 ? SESSION_HS_TIMEOUT : SESSION_HS_OTHER;
     }
+    char note[192] = "";
+    if (s->hs_failed) {
+        STAT_ADD(h->stats->handshake_failures[s->hs_reason], 1);
+        if (lvl == LOG_LEVEL_WARN)
+            lvl = handshake_warn_level(s, note, sizeof(note));
+    }
+    /* Every value a peer or the agent chose is escaped (log.h): a certificate URI with a
+     * newline must not write a line of its own. */
+    LOG_AT(lvl,
+           "conn=%llu %s peer=%s src=%s dst=%s%s%s result=%s reason=%s bytes_in=%llu "
+           "bytes_out=%llu duration_ms=%llu worker=%u%s",
+           (unsigned long long)s->id, s->inbound ? "in" : "out", s->peer,
+           s->inbound ? LOG_ESC(s->caller) : s->peer,
+           LOG_ESC(s->inbound      ? s->snap->cfg.service
+                   : s->ep_name[0] ? s->ep_name
+                                   : NULL),
+           s->inbound ? "" : " upstream=", s->inbound ? "" : LOG_ESC(upstream), result,
+           LOG_ESC(reason), (unsigned long long)s->bytes[0], (unsigned long long)s->bytes[1],
+           (unsigned long long)dur, h->index, note);
     STAT_SUB(s->lstat->active, 1);
     if (alog_enabled())
         access_log(s, result, reason, upstream, dur);
@@ -505,10 +558,10 @@ void session_authorize_answer(struct authq_req *r)
         } else if (trust_domain_refused(s, "", why, sizeof(why))) {
             /* The trust domain or its check changed while the question was out (the sweep
              * skips connections still in AUTHORIZE). */
-            finish(s, "bad_identity", why);
+            fail_inbound(s, SESSION_HS_TRUST_DOMAIN, "bad_identity", why);
         } else {
             LOG_DEBUG("conn=%llu in authorized %s by the agent: %s", (unsigned long long)s->id,
-                      s->caller, r->reason);
+                      LOG_ESC(s->caller), r->reason);
             start_connect_local(s);
             /* The agent's allow contradicts the intentions here: ask again as for an open
              * connection after a change, so that it ends once the agent agrees. */
@@ -563,18 +616,30 @@ static void authorize(struct session *s)
     set_state(s, S_AUTHORIZE);
     int n = tls_conn_peer_uri(s->end[0].tls, uri, sizeof(uri));
     if (n < 0) {
-        finish(s, "bad_identity", util_strerror(n));
+        fail_inbound(s, n == ERR_NO_URI ? SESSION_HS_NO_URI : SESSION_HS_BAD_IDENTITY,
+                     "bad_identity", util_strerror(n));
         return;
     }
-    if (spiffe_parse(uri, (size_t)n, &id) != 0 || id.kind != SPIFFE_SERVICE) {
+    int uris = tls_conn_peer_uri_count(s->end[0].tls);
+    if (uris > 1) {
+        /* The first decides for Consul, any one for Envoy's RBAC: refuse the ambiguity, as
+         * SPIFFE's X.509-SVID rules ask. */
         set_caller(s, uri, (size_t)n, NULL);
-        finish(s, "bad_identity", "peer URI is not a SPIFFE service identity");
+        snprintf(why, sizeof(why), "peer certificate has %d URI SANs, not one", uris);
+        fail_inbound(s, SESSION_HS_SEVERAL_URIS, "bad_identity", why);
+        return;
+    }
+    int parsed = spiffe_parse(uri, (size_t)n, &id);
+    if (parsed != 0 || id.kind != SPIFFE_SERVICE) {
+        set_caller(s, uri, (size_t)n, NULL);
+        fail_inbound(s, parsed != 0 ? SESSION_HS_BAD_IDENTITY : SESSION_HS_NOT_A_SERVICE,
+                     "bad_identity", "peer URI is not a SPIFFE service identity");
         return;
     }
     set_caller(s, uri, (size_t)n, &id);
     const struct snapshot *now = s->host->snap;
     if (trust_domain_refused(s, "", why, sizeof(why))) {
-        finish(s, "bad_identity", why);
+        fail_inbound(s, SESSION_HS_TRUST_DOMAIN, "bad_identity", why);
         return;
     }
     if (now->cfg.authorize_with_agent) {
@@ -588,7 +653,7 @@ static void authorize(struct session *s)
         finish(s, "denied", intent_describe(&d, why, sizeof(why)));
         return;
     }
-    LOG_DEBUG("conn=%llu in authorized %s: %s", (unsigned long long)s->id, s->caller,
+    LOG_DEBUG("conn=%llu in authorized %s: %s", (unsigned long long)s->id, LOG_ESC(s->caller),
               intent_describe(&d, why, sizeof(why)));
     start_connect_local(s);
 }
@@ -688,7 +753,7 @@ static void start_handshake_out(struct session *s)
 static void verify_peer(struct session *s)
 {
     struct spiffe_id want_id, got;
-    char uri[SPIFFE_NAME_MAX * 2], why[SPIFFE_NAME_MAX * 4 + 64];
+    char uri[SPIFFE_NAME_MAX * 2], why[LOG_ESC_BYTES + SPIFFE_NAME_MAX * 2 + 64];
     set_state(s, S_VERIFY_PEER);
     expected_identity(s, s->tgt, s->ep, &want_id);
     int n = tls_conn_peer_uri(s->end[1].tls, uri, sizeof(uri));
@@ -696,11 +761,16 @@ static void verify_peer(struct session *s)
         try_next_endpoint(s, "server certificate has no URI SAN");
         return;
     }
+    if (tls_conn_peer_uri_count(s->end[1].tls) > 1) {
+        try_next_endpoint(s, "server certificate has several URI SANs");
+        return;
+    }
     if (spiffe_parse(uri, (size_t)n, &got) != 0 ||
         !spiffe_same_service(&want_id, &got, s->snap->cfg.verify_trust_domain)) {
         char expect[SPIFFE_NAME_MAX * 2];
         spiffe_format(expect, sizeof(expect), &want_id);
-        snprintf(why, sizeof(why), "server identity %s is not %s", uri, expect);
+        /* The URI is the peer's choice and goes into a log line: escaped (log.h). */
+        snprintf(why, sizeof(why), "server identity %s is not %s", LOG_ESC(uri), expect);
         try_next_endpoint(s, why);
         return;
     }
@@ -756,11 +826,11 @@ static void pick_endpoint(struct session *s)
                            : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
             LOG_WARN("conn=%llu out endpoint %s: connect: %s", (unsigned long long)s->id,
-                     s->ep_name, util_strerror(fd));
+                     LOG_ESC(s->ep_name), util_strerror(fd));
             continue;
         }
-        LOG_DEBUG("conn=%llu out target %s endpoint %s", (unsigned long long)s->id, t->id,
-                  s->ep_name);
+        LOG_DEBUG("conn=%llu out target %s endpoint %s", (unsigned long long)s->id, LOG_ESC(t->id),
+                  LOG_ESC(s->ep_name));
         s->end[1].fd = fd;
         loop_io_init(&s->end[1].io, fd, on_io, s);
         set_state(s, S_CONNECT);
@@ -774,7 +844,8 @@ static void pick_endpoint(struct session *s)
 
 static void try_next_endpoint(struct session *s, const char *why)
 {
-    LOG_WARN("conn=%llu out endpoint %s failed: %s", (unsigned long long)s->id, s->ep_name, why);
+    LOG_WARN("conn=%llu out endpoint %s failed: %s", (unsigned long long)s->id, LOG_ESC(s->ep_name),
+             why);
     STAT_ADD(s->lstat->connect_errors, 1);
     if (s->state == S_VERIFY_PEER)
         STAT_ADD(s->host->stats->handshake_failures[SESSION_HS_WRONG_PEER], 1);
@@ -908,6 +979,29 @@ static void relay(struct session *s)
 
 /* ---- dispatch ---- */
 
+/* The metrics reason of a failed inbound handshake. */
+static enum session_handshake_reason handshake_reason(enum tls_failure f)
+{
+    switch (f) {
+    case TLS_FAIL_NOT_TLS:
+        return SESSION_HS_NOT_TLS;
+    case TLS_FAIL_PROTOCOL_VERSION:
+        return SESSION_HS_PROTOCOL_VERSION;
+    case TLS_FAIL_NO_PEER_CERT:
+        return SESSION_HS_NO_CLIENT_CERT;
+    case TLS_FAIL_UNKNOWN_CA:
+        return SESSION_HS_UNKNOWN_CA;
+    case TLS_FAIL_CERT_EXPIRED:
+        return SESSION_HS_EXPIRED;
+    case TLS_FAIL_CERT_NOT_YET_VALID:
+        return SESSION_HS_NOT_YET_VALID;
+    case TLS_FAIL_BAD_CERT:
+        return SESSION_HS_BAD_CERTIFICATE;
+    default:
+        return SESSION_HS_TLS_ERROR;
+    }
+}
+
 /* Moves the session forward as far as it can go without waiting. */
 static void advance(struct session *s)
 {
@@ -924,7 +1018,8 @@ static void advance(struct session *s)
                 return;
             }
             if (rc != 0) {
-                finish(s, "tls_error", tls_conn_error(s->end[0].tls));
+                fail_inbound(s, handshake_reason(tls_conn_failure(s->end[0].tls)), "tls_error",
+                             tls_conn_error(s->end[0].tls));
                 return;
             }
             STAT_ADD(s->host->stats->tls_handshakes[0][tls_conn_resumed(s->end[0].tls)], 1);
@@ -1068,6 +1163,25 @@ static void refuse(struct session_host *h, int fd, const char *peer, const char 
     }
 }
 
+static void report_handshake_warns(void *arg, const char *key, uint64_t suppressed,
+                                   uint64_t open_ms)
+{
+    const struct session_host *h = arg;
+    LOG_WARN("worker %u: suppressed %llu more failed handshake line(s) from %s in the last %llu "
+             "ms (all are counted in connectd_handshake_failures_total)",
+             h->index, (unsigned long long)suppressed, key, (unsigned long long)open_ms);
+}
+
+/* Reports the sources whose second of failed handshakes is over; runs while any is tracked. */
+static void on_handshake_summary(struct loop_timer *t)
+{
+    struct session_host *h = t->data;
+    uint64_t next =
+        log_limit_flush(&h->handshake_warns, loop_now_ms(h->loop), report_handshake_warns, h);
+    if (next != 0)
+        loop_timer_start(h->loop, t, next);
+}
+
 /*
  * Checks the listener's limits for a new connection. Returns 0 when admitted (the caller's
  * session then owns one unit of <l>), or -1 after closing <fd>, counting and logging.
@@ -1150,6 +1264,8 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
     h->loop = loop;
     h->index = index;
     loop_timer_init(&h->refusal_summary, on_refusal_summary, h);
+    log_limit_init(&h->handshake_warns, HANDSHAKE_WARN_MS);
+    loop_timer_init(&h->handshake_summary, on_handshake_summary, h);
     h->stats = xcalloc(1, sizeof(*h->stats));
     snprintf(h->stats->other_listener.name, sizeof(h->stats->other_listener.name), "other");
     snprintf(h->stats->other_source.name, sizeof(h->stats->other_source.name), "other");
@@ -1158,6 +1274,7 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
 void session_host_dispose(struct session_host *h)
 {
     loop_timer_stop(h->loop, &h->refusal_summary);
+    loop_timer_stop(h->loop, &h->handshake_summary);
     free(h->stats);
     h->stats = NULL;
 }

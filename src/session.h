@@ -12,6 +12,7 @@
 
 #include <stdatomic.h>
 
+#include "log.h"
 #include "loop.h"
 #include "spiffe.h"
 #include "authq.h"
@@ -36,12 +37,27 @@ struct session_counters {
     atomic_uint_fast64_t reauthorize_closed;      /* sessions a re-evaluation ended */
 };
 
-/* Why an inbound TLS handshake (or an outbound peer check) failed. */
+/*
+ * Why an inbound TLS handshake failed, or the caller's verified certificate did not carry an
+ * acceptable identity (the handshake as the mesh sees it), or an outbound peer proved the
+ * wrong one. Labels of connectd_handshake_failures_total{reason}.
+ */
 #define SESSION_HANDSHAKE_REASONS(X)                                                               \
-    X(TLS_ERROR, "tls_error")                                                                      \
-    X(TIMEOUT, "timeout")                                                                          \
-    X(BAD_IDENTITY, "bad_identity")                                                                \
-    X(WRONG_PEER, "wrong_peer")                                                                    \
+    X(NOT_TLS, "not_tls")                   /* first bytes are not a TLS handshake record */       \
+    X(PROTOCOL_VERSION, "protocol_version") /* e.g. a TLS 1.0 or 1.1 ClientHello */                \
+    X(NO_CLIENT_CERT, "no_client_cert")     /* the caller sent no certificate */                   \
+    X(UNKNOWN_CA, "unknown_ca")             /* its chain leads to no trusted root */               \
+    X(EXPIRED, "expired")                   /* a certificate past its notAfter */                  \
+    X(NOT_YET_VALID, "not_yet_valid")       /* a certificate before its notBefore */               \
+    X(BAD_CERTIFICATE, "bad_certificate")   /* any other chain verification failure */             \
+    X(TLS_ERROR, "tls_error")               /* any other TLS failure */                            \
+    X(TIMEOUT, "timeout")                   /* handshake_timeout_ms passed */                      \
+    X(NO_URI, "no_uri")                     /* verified leaf without a URI SAN */                  \
+    X(SEVERAL_URIS, "several_uris")         /* more than one URI SAN: ambiguous identity */        \
+    X(BAD_IDENTITY, "bad_identity")         /* the URI is not a SPIFFE ID */                       \
+    X(NOT_A_SERVICE, "not_a_service")       /* a SPIFFE ID of an agent, gateway, server, ... */    \
+    X(TRUST_DOMAIN, "trust_domain")         /* a service of another trust domain */                \
+    X(WRONG_PEER, "wrong_peer")             /* outbound: the server is not the expected one */     \
     X(OTHER, "other")
 
 enum session_handshake_reason {
@@ -122,6 +138,10 @@ struct session_host {
     /* Refusals are logged one per line at DEBUG and summarized at WARN at most once a second. */
     struct loop_timer refusal_summary;
     uint64_t refused_since_summary;
+    /* Failed inbound handshakes: one WARN per source address a second, the rest at DEBUG and
+     * summed up when the second is over (its timer runs while a source is tracked). */
+    struct log_limit handshake_warns;
+    struct loop_timer handshake_summary;
     /* relay buffers not in use: a connection waiting for data holds none */
     char *buf_pool[SESSION_BUF_POOL];
     size_t n_buf_pool;

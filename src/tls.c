@@ -83,6 +83,7 @@ struct tls_conn {
     int shutdown_sent;   /* close_notify is out (or queued inside OpenSSL) */
     int fatal;           /* SSL_ERROR_SSL/SYSCALL seen: SSL_shutdown() must not be called */
     const char *preset;  /* a failure found before any I/O, reported by tls_handshake() */
+    enum tls_failure failure; /* the class of the last failure (conn_fail) */
     char err[512];
 };
 
@@ -124,16 +125,65 @@ static void drain_errors(char *buf, size_t size)
     }
 }
 
+/*
+ * The class of a failure from the chain verification result <v> and the first queued error
+ * <e>. Verification comes first: OpenSSL queues a generic "certificate verify failed" for
+ * every kind. "Not TLS" is a first record OpenSSL could not take for TLS at all, before any
+ * handshake message was read (<before_hello>): garbage, plain HTTP, an HTTP proxy request.
+ */
+static enum tls_failure classify(long v, unsigned long e, int before_hello)
+{
+    switch (v) {
+    case X509_V_OK:
+        break;
+    case X509_V_ERR_CERT_HAS_EXPIRED:
+        return TLS_FAIL_CERT_EXPIRED;
+    case X509_V_ERR_CERT_NOT_YET_VALID:
+        return TLS_FAIL_CERT_NOT_YET_VALID;
+    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+    case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+    case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
+    case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
+        return TLS_FAIL_UNKNOWN_CA;
+    default:
+        return TLS_FAIL_BAD_CERT;
+    }
+    if (e == 0 || ERR_GET_LIB(e) != ERR_LIB_SSL)
+        return TLS_FAIL_OTHER;
+    switch (ERR_GET_REASON(e)) {
+    case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE:
+        return TLS_FAIL_NO_PEER_CERT;
+    case SSL_R_UNSUPPORTED_PROTOCOL:
+    case SSL_R_VERSION_TOO_LOW:
+    case SSL_R_WRONG_SSL_VERSION:
+    case SSL_R_NO_PROTOCOLS_AVAILABLE:
+    case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION:
+        return TLS_FAIL_PROTOCOL_VERSION;
+    case SSL_R_WRONG_VERSION_NUMBER:
+    case SSL_R_HTTP_REQUEST:
+    case SSL_R_HTTPS_PROXY_REQUEST:
+    case SSL_R_PACKET_LENGTH_TOO_LONG:
+    case SSL_R_UNKNOWN_PROTOCOL:
+    case SSL_R_UNEXPECTED_RECORD:
+    case SSL_R_RECORD_LENGTH_MISMATCH:
+        return before_hello ? TLS_FAIL_NOT_TLS : TLS_FAIL_OTHER;
+    default:
+        return TLS_FAIL_OTHER;
+    }
+}
+
 /* Records "<what>[: <detail>]; <queue>; verify: <reason>" as the connection's failure. */
 static void conn_fail(struct tls_conn *c, const char *what, const char *detail)
 {
+    long v = SSL_get_verify_result(c->ssl);
+    c->failure = classify(v, ERR_peek_error(), SSL_get_state(c->ssl) == TLS_ST_BEFORE);
     snprintf(c->err, sizeof(c->err), "%s", what);
     if (detail != NULL) {
         append(c->err, sizeof(c->err), ": ");
         append(c->err, sizeof(c->err), detail);
     }
     drain_errors(c->err, sizeof(c->err));
-    long v = SSL_get_verify_result(c->ssl);
     if (v != X509_V_OK) {
         append(c->err, sizeof(c->err), "; verify: ");
         append(c->err, sizeof(c->err), X509_verify_cert_error_string(v));
@@ -804,6 +854,7 @@ int tls_handshake(struct tls_conn *c)
 {
     if (c->preset != NULL) {
         snprintf(c->err, sizeof(c->err), "handshake: %s", c->preset);
+        c->failure = TLS_FAIL_OTHER;
         return ERR_TLS;
     }
     if (SSL_is_init_finished(c->ssl))
@@ -892,6 +943,11 @@ const char *tls_conn_error(const struct tls_conn *c)
     return c->err;
 }
 
+enum tls_failure tls_conn_failure(const struct tls_conn *c)
+{
+    return c->failure;
+}
+
 unsigned long long tls_conn_bytes_received(const struct tls_conn *c)
 {
     return (unsigned long long)BIO_number_read(SSL_get_rbio(c->ssl));
@@ -939,6 +995,20 @@ int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len)
     GENERAL_NAMES_free(names);
     ERR_clear_error(); /* a missing extension may leave decoder noise behind */
     return rc;
+}
+
+int tls_conn_peer_uri_count(const struct tls_conn *c)
+{
+    X509 *peer = verified_peer(c);
+    if (peer == NULL)
+        return 0;
+    GENERAL_NAMES *names = X509_get_ext_d2i(peer, NID_subject_alt_name, NULL, NULL);
+    int n = 0;
+    for (int i = 0; names != NULL && i < sk_GENERAL_NAME_num(names); i++)
+        n += sk_GENERAL_NAME_value(names, i)->type == GEN_URI;
+    GENERAL_NAMES_free(names);
+    ERR_clear_error();
+    return n;
 }
 
 int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len)

@@ -84,6 +84,22 @@ size_t tls_conn_pending(const struct tls_conn *c);
 /* One line describing the last failure ("" when none). Valid until the next call on c. */
 const char *tls_conn_error(const struct tls_conn *c);
 
+/* Why a handshake failed, in the classes the metrics tell apart. */
+enum tls_failure {
+    TLS_FAIL_NONE = 0,
+    TLS_FAIL_NOT_TLS,            /* the peer's first bytes are not a TLS handshake record */
+    TLS_FAIL_PROTOCOL_VERSION,   /* no protocol version in common (a TLS 1.0 or 1.1 hello) */
+    TLS_FAIL_NO_PEER_CERT,       /* the peer presented no certificate */
+    TLS_FAIL_UNKNOWN_CA,         /* the peer's chain leads to none of the trusted roots */
+    TLS_FAIL_CERT_EXPIRED,       /* a certificate of the chain is past its notAfter */
+    TLS_FAIL_CERT_NOT_YET_VALID, /* a certificate of the chain is before its notBefore */
+    TLS_FAIL_BAD_CERT,           /* any other verification failure of the peer's chain */
+    TLS_FAIL_OTHER,              /* anything else: alerts, a peer that went away, ... */
+};
+
+/* After tls_handshake() failed: which class the failure belongs to (TLS_FAIL_NONE before). */
+enum tls_failure tls_conn_failure(const struct tls_conn *c);
+
 /*
  * Raw bytes read from the socket so far. 0 after a failed handshake means the peer never
  * spoke TLS at all (a plain TCP connect-and-close, such as Consul's sidecar health check).
@@ -95,6 +111,12 @@ unsigned long long tls_conn_bytes_received(const struct tls_conn *c);
  * ERR_NO_URI when the peer sent no certificate or the certificate has no URI SAN, or -ENOSPC.
  */
 int tls_conn_peer_uri(const struct tls_conn *c, char *buf, size_t len);
+/*
+ * The number of URI SANs in the peer's (verified) leaf, 0 without a verified peer. A SPIFFE
+ * certificate carries exactly one; with several, verifiers that read different ones would
+ * see different callers.
+ */
+int tls_conn_peer_uri_count(const struct tls_conn *c);
 /*
  * Writes the serial of the peer's leaf as colon-separated lower-case hex bytes ("3a:0f:..."),
  * the form Consul uses. Returns the length, ERR_NO_URI without a verified peer, or -ENOSPC.

@@ -161,6 +161,15 @@ def log_tail(path, lines=60):
     return "\n".join(text.splitlines()[-lines:])
 
 
+def process_rss_bytes(pid):
+    """The resident set size of process <pid> (VmRSS of /proc/<pid>/status), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
 def stop_process(proc, term_timeout=10.0):
     """SIGTERM, wait, then SIGKILL. Returns (returncode, killed)."""
     if proc.poll() is not None:
@@ -866,21 +875,20 @@ def make_ca(common_name, trust_domain):
 
 
 def make_leaf(ca, uri, dirpath, prefix, not_before=None, not_after=None):
-    """A leaf signed by `ca` with URI SAN `uri`, shaped like Consul's (digitalSignature +
-    keyAgreement, serverAuth + clientAuth). Writes <prefix>.crt/.key; returns their paths.
-    not_before/not_after (aware datetimes) default to 5 minutes ago and 3 days ahead."""
-    if not_before is None:
-        not_before = _now() - datetime.timedelta(minutes=5)
-    if not_after is None:
-        not_after = _now() + datetime.timedelta(days=3)
+    """A leaf signed by `ca` with URI SAN `uri` (a list for several, in that order), shaped
+    like Consul's (digitalSignature + keyAgreement, serverAuth + clientAuth), valid from five
+    minutes ago for three days unless not_before / not_after (datetimes) say otherwise. The
+    URIs are written as given, control characters included. Writes <prefix>.crt/.key; returns
+    their paths."""
+    uris = [uri] if isinstance(uri, str) else list(uri)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(ca.cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_before(not_before or _now() - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after or _now() + datetime.timedelta(days=3))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                      key_encipherment=False, data_encipherment=False,
@@ -893,8 +901,8 @@ def make_leaf(ca, uri, dirpath, prefix, not_before=None, not_after=None):
                        critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
                        critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
-                       critical=True)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(u) for u in uris]), critical=True)
         .sign(ca.key, hashes.SHA256())
     )
     crt = write_text(os.path.join(dirpath, prefix + ".crt"), cert_pem(cert))
@@ -1201,13 +1209,13 @@ class Mesh:
         self.on_log(p.label, log_path)
         return p.start()
 
-    def start(self, svc, extra_args=(), use_proxy_id=False, nofile=None):
-        """Starts connectd for svc and waits until its public and upstream ports accept.
-        nofile: see start_connectd."""
+    def start(self, svc, extra_args=(), use_proxy_id=False, env=None, nofile=None):
+        """Starts connectd for svc (with more environment variables <env>; nofile: see
+        start_connectd) and waits until its public and upstream ports accept."""
         sel = ["-proxy-id", svc.sidecar_id] if use_proxy_id else ["-sidecar-for", svc.id]
         args = sel + ["-http-addr", self.agent.http_addr, "-log-level", "debug",
                       "-workers", "2", *extra_args]
-        svc.proxy = self.start_connectd(svc.name, args, nofile=nofile)
+        svc.proxy = self.start_connectd(svc.name, args, env, nofile=nofile)
         for port in [svc.public_port, *svc.up.values()]:
             if port is not None:
                 svc.proxy.wait_port(port)
