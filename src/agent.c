@@ -595,6 +595,18 @@ struct loop *agent_loop(const struct agent *a)
     return a->loop;
 }
 
+char *agent_scope_query(const char *ns, const char *partition)
+{
+    int send_ns = ns[0] != '\0' && strcmp(ns, "default") != 0;
+    int send_part = partition[0] != '\0' && strcmp(partition, "default") != 0;
+    char *ens = util_url_escape(ns), *epart = util_url_escape(partition);
+    char *q = xasprintf("%s%s%s%s", send_ns ? "&ns=" : "", send_ns ? ens : "",
+                        send_part ? "&partition=" : "", send_part ? epart : "");
+    free(ens);
+    free(epart);
+    return q;
+}
+
 static void add_header(struct agent_req *r, const char *h)
 {
     struct curl_slist *l = curl_slist_append(r->headers, h);

@@ -85,4 +85,12 @@ const char *agent_addr(const struct agent *a);
 /* The loop the transport runs on (for users that need timers of their own). */
 struct loop *agent_loop(const struct agent *a);
 
+/*
+ * The "&ns=<ns>&partition=<partition>" suffix (escaped, fresh allocation) of a query about a
+ * service in <ns> and <partition>. CE agents refuse a non-empty ns/partition other than
+ * default, and Enterprise agents take a missing one as default, so only what differs is sent:
+ * "" for the defaults.
+ */
+char *agent_scope_query(const char *ns, const char *partition);
+
 #endif

@@ -38,8 +38,6 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
-#define LOOKUP_RETRY_MIN_MS        200
-#define LOOKUP_RETRY_MAX_MS        10000
 #define HEARTBEAT_MS               10000 /* -register: TTL check pass, well inside its 30 s TTL */
 #define CHECK_TTL                  "30s"
 #define DEREGISTER_MS              5000
@@ -174,28 +172,6 @@ struct control {
 
 static void schedule_rebuild(struct control *ctl);
 static void connections_poll(struct control *ctl, int force);
-
-/* ---- helpers ---- */
-
-/* Percent-encodes everything but RFC 3986 unreserved characters. */
-static char *url_escape(const char *s)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    char *out = xmalloc(strlen(s) * 3 + 1), *p = out;
-    for (; *s != '\0'; s++) {
-        unsigned char c = (unsigned char)*s;
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-            c == '-' || c == '.' || c == '_' || c == '~') {
-            *p++ = (char)c;
-        } else {
-            *p++ = '%';
-            *p++ = hex[c >> 4];
-            *p++ = hex[c & 15];
-        }
-    }
-    *p = '\0';
-    return out;
-}
 
 static void warn_once(struct control *ctl, const char *msg)
 {
@@ -376,18 +352,6 @@ static int on_intentions(void *data, const struct agent_response *resp)
     return 0;
 }
 
-/*
- * Re-arms <t> for the next try of a one-shot agent request that has failed <failures> times
- * before: exponential from LOOKUP_RETRY_MIN_MS to LOOKUP_RETRY_MAX_MS, jittered over the
- * upper half so sidecars started together do not retry in step.
- */
-static void retry_later(struct control *ctl, struct loop_timer *t, unsigned failures)
-{
-    uint64_t delay =
-        MIN((uint64_t)LOOKUP_RETRY_MIN_MS << MIN(failures, 6u), (uint64_t)LOOKUP_RETRY_MAX_MS);
-    loop_timer_start(ctl->loop, t, delay / 2 + util_rand() % (delay / 2));
-}
-
 /* One look at the agent's own configuration for its default policies; retried only while the
  * agent cannot answer (a 403 without agent:read leaves what the answers' headers say). */
 static void self_start(struct control *ctl);
@@ -405,7 +369,7 @@ static void on_self(void *data, const struct agent_response *resp)
     ctl->self_req = NULL;
     watch_reach_note(ctl->reach, resp);
     if (resp->status == 0 || resp->status >= 500) {
-        retry_later(ctl, &ctl->self_retry, ctl->self_failures++);
+        watch_retry_later(ctl->loop, &ctl->self_retry, ctl->self_failures++);
         return;
     }
     if (resp->status != 200) {
@@ -500,29 +464,12 @@ static int on_target_health(void *data, const struct agent_response *resp)
     return 0;
 }
 
-/*
- * The "&ns=<ns>&partition=<partition>" suffix of a query about a service in <ns> and
- * <partition>. CE agents refuse a non-empty ns/partition other than default, and Enterprise
- * agents take a missing one as default, so only what differs is sent.
- */
-static char *scope_query(const char *ns, const char *partition)
-{
-    int send_ns = ns[0] != '\0' && strcmp(ns, "default") != 0;
-    int send_part = partition[0] != '\0' && strcmp(partition, "default") != 0;
-    char *ens = url_escape(ns), *epart = url_escape(partition);
-    char *q = xasprintf("%s%s%s%s", send_ns ? "&ns=" : "", send_ns ? ens : "",
-                        send_part ? "&partition=" : "", send_part ? epart : "");
-    free(ens);
-    free(epart);
-    return q;
-}
-
 /* The health query of one chain target (consul-api.md 2.8, "Mapping targets"). */
 static char *target_query(const struct dec_chain_target *ct)
 {
-    char *name = url_escape(ct->service), *dc = url_escape(ct->datacenter);
-    char *filter = url_escape(ct->filter), *scope = scope_query(ct->ns, ct->partition);
-    char *peer = url_escape(ct->peer);
+    char *name = util_url_escape(ct->service), *dc = util_url_escape(ct->datacenter);
+    char *filter = util_url_escape(ct->filter), *scope = agent_scope_query(ct->ns, ct->partition);
+    char *peer = util_url_escape(ct->peer);
     char *path =
         xasprintf("/v1/health/connect/%s?cached%s%s%s%s%s%s%s", name, dc[0] ? "&dc=" : "", dc,
                   filter[0] ? "&filter=" : "", filter, scope, peer[0] ? "&peer=" : "", peer);
@@ -648,7 +595,7 @@ static int on_query(void *data, const struct agent_response *resp)
  */
 static char *upstream_request(const struct upstream_cfg *c, struct watch_spec *spec)
 {
-    char *name = url_escape(c->destination_name);
+    char *name = util_url_escape(c->destination_name);
     memset(spec, 0, sizeof(*spec));
     if (strcmp(c->destination_type, "prepared_query") == 0) {
         spec->method = "GET";
@@ -657,7 +604,7 @@ static char *upstream_request(const struct upstream_cfg *c, struct watch_spec *s
         spec->path = xasprintf("/v1/query/%s/execute?connect=true%s%s", name,
                                c->datacenter[0] ? "&dc=" : "", c->datacenter);
     } else {
-        char *dc = url_escape(c->datacenter), *ns = url_escape(c->ns);
+        char *dc = util_url_escape(c->datacenter), *ns = util_url_escape(c->ns);
         spec->method = "POST";
         spec->block = WATCH_BY_INDEX;
         spec->path = xasprintf("/v1/discovery-chain/%s?cached%s%s%s%s", name,
@@ -768,7 +715,7 @@ static void reconcile_upstreams(struct control *ctl, const struct proxy_cfg *cfg
  */
 static void start_service_watches(struct control *ctl, const char *service)
 {
-    char *esc = url_escape(service);
+    char *esc = util_url_escape(service);
     char *path = xasprintf("/v1/agent/connect/ca/leaf/%s%s%s", esc, ctl->scope[0] ? "?" : "",
                            ctl->scope[0] ? ctl->scope + 1 : "");
     char *name = xasprintf("leaf %s", service);
@@ -831,7 +778,7 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
     for (size_t i = 0; i < cfg.n_warnings; i++)
         warn_once(ctl, cfg.warnings[i]);
 
-    char *scope = scope_query(cfg.ns, cfg.partition);
+    char *scope = agent_scope_query(cfg.ns, cfg.partition);
     if (ctl->service == NULL || strcmp(ctl->service, cfg.service) != 0 ||
         strcmp(ctl->scope, scope) != 0) {
         /* A new identity: the leaf and intentions of the old one no longer apply. */
@@ -874,7 +821,7 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
 
 static void start_registration_watch(struct control *ctl)
 {
-    char *esc = url_escape(ctl->proxy_id);
+    char *esc = util_url_escape(ctl->proxy_id);
     char *path = xasprintf("/v1/agent/service/%s", esc);
     char *name = xasprintf("registration %s", ctl->proxy_id);
     struct watch_spec spec = {
@@ -914,7 +861,7 @@ static void on_lookup(void *data, const struct agent_response *resp)
                      "retrying",
                      ctl->conf->sidecar_for, agent_addr(ctl->agent), what);
         }
-        retry_later(ctl, &ctl->lookup_retry, ctl->lookup_failures++);
+        watch_retry_later(ctl->loop, &ctl->lookup_retry, ctl->lookup_failures++);
         return;
     }
     int rc = decode_sidecar_for(resp->body, resp->body_len, ctl->conf->sidecar_for, &ctl->proxy_id,
@@ -1044,7 +991,7 @@ static void on_heartbeat(struct loop_timer *t)
         register_start(ctl);
         return;
     }
-    char *esc = url_escape(ctl->check_id);
+    char *esc = util_url_escape(ctl->check_id);
     char *path = xasprintf("/v1/agent/check/pass/%s", esc);
     ctl->reg_req = agent_request(ctl->agent, "PUT", path, NULL, 30000, on_pass, ctl);
     free(path);
@@ -1422,7 +1369,7 @@ static void on_signal(struct loop_io *io, unsigned events)
             loop_timer_stop(ctl->loop, &ctl->heartbeat);
             if (ctl->reg_req != NULL)
                 agent_cancel(ctl->reg_req);
-            char *esc = url_escape(ctl->proxy_id);
+            char *esc = util_url_escape(ctl->proxy_id);
             char *path = xasprintf("/v1/agent/service/deregister/%s", esc);
             ctl->reg_req =
                 agent_request(ctl->agent, "PUT", path, NULL, DEREGISTER_MS, on_deregister, ctl);

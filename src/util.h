@@ -78,6 +78,9 @@ int util_split_hostport(const char *s, char *host, size_t host_len, int *port);
 /* The value of hexadecimal digit <c>, or -1. */
 int util_hexval(char c);
 
+/* Percent-encodes everything in <s> but RFC 3986 unreserved characters (fresh allocation). */
+char *util_url_escape(const char *s);
+
 /* Returns a random 64-bit value (not for cryptography: jitter and balancing only). */
 uint64_t util_rand(void);
 

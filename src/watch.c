@@ -37,6 +37,8 @@
 #define POLL_TIMEOUT_MS      30000L
 #define REPEAT_LOG_MS        60000u
 #define REASON_MAX           256
+#define RETRY_MIN_MS         200   /* one-shot requests (watch_retry_later): first delay */
+#define RETRY_MAX_MS         10000 /* ...and the cap */
 
 enum watch_state {
     WATCH_IN_FLIGHT = 1, /* <req> is outstanding */
@@ -400,6 +402,12 @@ int watch_has_data(const struct watch *w)
 unsigned watch_failures(const struct watch *w)
 {
     return w->failures;
+}
+
+void watch_retry_later(struct loop *loop, struct loop_timer *t, unsigned failures)
+{
+    uint64_t delay = MIN((uint64_t)RETRY_MIN_MS << MIN(failures, 6u), (uint64_t)RETRY_MAX_MS);
+    loop_timer_start(loop, t, delay / 2 + util_rand() % (delay / 2));
 }
 
 struct watch_reach *watch_reach_new(const char *addr)

@@ -59,6 +59,16 @@ uint64_t watch_last_ok_ms(const struct watch *w);
 /* Consecutive failures since the last success (0 when healthy). */
 unsigned watch_failures(const struct watch *w);
 
+/* Visits one watch of a module that owns several, with its name (for /metrics). */
+typedef void (*watch_visit_cb)(void *data, const char *name, const struct watch *w);
+
+/*
+ * Re-arms <t> on <loop> for the next try of a one-shot agent request (not a watch) that has
+ * failed <failures> times before: exponential from 200 ms to 10 s, jittered over the upper
+ * half so sidecars started together do not retry in step.
+ */
+void watch_retry_later(struct loop *loop, struct loop_timer *t, unsigned failures);
+
 /*
  * Reachability of one agent, shared by every watch (and one-off request) that talks to it, so
  * an outage is logged once rather than once per watch and retry: "agent <addr> unreachable"
