@@ -1,7 +1,9 @@
 /*
- * control: the control thread. It finds the proxy's registration, keeps one blocking watch per
- * input (registration, roots, leaf, intentions, one health query per upstream), turns each
- * answer into state, and publishes a new snapshot to every worker when the state changed.
+ * control: the control thread's life. It finds the proxy's registration and watches it, hands
+ * the configuration to its parts (inputs: roots, leaf and intentions; upstreams: chains and
+ * health; register: -register), answers the workers' wake-ups (authorize: questions; views:
+ * /connections), rebuilds and publishes a new snapshot to every worker when any part's state
+ * changed, and drains and stops on signals.
  *
  * Inputs fail independently: a malformed or refused answer is logged and the last good state
  * stays in force (the watch backs off and retries). Nothing is served before the registration,
@@ -38,34 +40,732 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
-#define HEARTBEAT_MS               10000 /* -register: TTL check pass, well inside its 30 s TTL */
-#define CHECK_TTL                  "30s"
-#define DEREGISTER_MS              5000
-#define AUTHORIZE_HTTP_MS          10000
-#define RECHECK_RETRY_MS           500  /* a re-check the agent answered stale: ask again after */
-#define RECHECK_ASKS               10   /* ...at most this many times in all */
-#define AUTHZ_CACHE_MAX            1024 /* callers remembered at once; the oldest make room */
-#define DRAIN_POLL_MS              20
-#define CONNECTIONS_WAIT_MS        2000 /* how long /connections waits for the workers */
-#define CONNECTIONS_MAX_PER_WORKER 1000
+/*
+ * inputs: the answers about the proxy's own identity, turned into state. The CA roots and the
+ * leaf certificate become one TLS context; the intentions for the destination service and
+ * the agent's default policy become one intention table.
+ *
+ * Each answer is decoded and checked; a bad one is logged and the last good state stays in
+ * force (its watch backs off and retries). Control thread only: the callbacks run on the
+ * agent's loop, never before the call that started the request returns.
+ */
+struct inputs;
 
-/* authorize mode: one remembered answer of the agent for one caller. */
-struct authz_entry {
-    char *target, *uri;
-    int allowed;
-    char reason[256];
-    uint64_t expires_ms;
+enum inputs_event {
+    INPUTS_INTENTIONS_CHANGING, /* a new intention table is about to replace the current one */
+    INPUTS_CHANGED,             /* the TLS context or the intention table changed: rebuild */
+};
+typedef void (*inputs_cb)(void *data, enum inputs_event ev);
+
+/*
+ * Creates the state, empty; nothing is asked yet. <a> and <reach> are borrowed and must
+ * outlive it. <cb> is called with <data> on every event above.
+ */
+struct inputs *inputs_new(struct agent *a, struct watch_reach *reach, inputs_cb cb, void *data);
+/* Stops every watch and request and frees all state; NULL is fine. */
+void inputs_free(struct inputs *in);
+
+/* Starts the roots watch and the one look at the agent's own configuration (/v1/agent/self). */
+void inputs_start(struct inputs *in);
+
+/*
+ * Makes <service> in <ns> and <partition> the destination service. When that differs from
+ * the current one (or there was none), the leaf and intentions of the old identity are
+ * dropped and their watches start again for the new one; otherwise nothing happens.
+ */
+void inputs_set_service(struct inputs *in, const char *service, const char *ns,
+                        const char *partition);
+
+/*
+ * The TLS settings of the configuration in force (<cipher_suites> copied; NULL for the
+ * defaults). Until they first arrive the defaults apply; when they differ from the previous
+ * ones the contexts are rebuilt (if any setting is not a default or contexts exist).
+ */
+void inputs_set_tls(struct inputs *in, int min_version, int max_version, const char *cipher_suites);
+
+/* The destination service, or NULL before inputs_set_service(). */
+const char *inputs_service(const struct inputs *in);
+/* Its "&ns=..&partition=.." query suffix ("" for the defaults, or before it is set). */
+const char *inputs_scope(const struct inputs *in);
+/* The current TLS context (borrowed), or NULL before a leaf and the roots both arrived. */
+struct tls_ctx *inputs_tls(const struct inputs *in);
+/* The current leaf (borrowed), or NULL. */
+const struct dec_leaf *inputs_leaf(const struct inputs *in);
+/* The roots' trust domain, or NULL before the roots arrived. */
+const char *inputs_trust_domain(const struct inputs *in);
+/* The current intention table (borrowed), or NULL before the intentions arrived. */
+struct intent_table *inputs_intents(const struct inputs *in);
+/* Counts the changes of the intention table, for answers asked under an older one. */
+uint64_t inputs_intents_gen(const struct inputs *in);
+/* "waiting for ..." naming the first input that has not arrived, or NULL when all have. */
+const char *inputs_waiting_for(const struct inputs *in);
+/* Calls <fn> for the roots, leaf and intentions watches (those that run), in that order. */
+void inputs_each_watch(const struct inputs *in, watch_visit_cb fn, void *data);
+
+/*
+ * upstreams: where each upstream's endpoints come from. A service upstream watches its
+ * discovery chain and, per chain target, that target's health; a prepared-query upstream polls
+ * its query. The watches follow the configuration (upstreams_reconcile) and the chain
+ * (targets added and removed), keeping whatever did not change.
+ *
+ * Control thread only; a bad answer is logged and the last good endpoints stay in force.
+ */
+struct upstreams;
+
+/*
+ * Creates the set, with no upstream. <a> and <reach> are borrowed and must outlive it;
+ * <changed> is called with <data> whenever the endpoints or targets of an upstream change.
+ */
+struct upstreams *upstreams_new(struct agent *a, struct watch_reach *reach,
+                                void (*changed)(void *data), void *data);
+/* Stops every watch and frees everything; NULL is fine. */
+void upstreams_free(struct upstreams *ups);
+
+/*
+ * Makes the upstream watches match <cfg>: watches of unchanged upstreams keep running (and
+ * their endpoints), new upstreams get a watch, removed ones lose theirs. Afterwards the
+ * upstreams are those of cfg->upstreams, in the same order.
+ */
+void upstreams_reconcile(struct upstreams *ups, const struct proxy_cfg *cfg);
+
+/*
+ * What snapshot_new() takes for the first <n> upstreams: per upstream its targets (borrowed
+ * strings and endpoint sets, valid until the next callback of the set) and its listener's
+ * admission state. Free with upstreams_parts_dispose().
+ */
+struct upstreams_parts {
+    struct snap_target **targets;
+    size_t *n_targets;
+    struct limit_state **limits;
+    size_t n;
+};
+void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_parts *out);
+void upstreams_parts_dispose(struct upstreams_parts *p);
+
+/* Calls <fn> for each upstream's watch ("upstream:<key>") and its targets' ("health:<id>"). */
+void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data);
+
+/*
+ * authorize: the control thread's side of authorize mode (consul-api.md 2.3). Workers post
+ * their questions (authq.h) to the control thread, which hands each to authorize_submit();
+ * the answer goes back to the asking worker's box, from the cache (per target and caller URI,
+ * for the question's cache_ms, kept only when the intentions here agree), shared with the same
+ * question already asked, or from the agent. An agent error is a deny for a new connection; a
+ * re-check of an open one that the agent answers unlike the intentions here, or not at all,
+ * is asked again every 500 ms, up to 10 times, and only a real "no" ends the connection.
+ *
+ * Control thread only.
+ */
+struct authorize;
+
+/* <a>, <reach> and <in> (whose intentions the answers are compared with) are borrowed. */
+struct authorize *authorize_new(struct agent *a, struct watch_reach *reach,
+                                const struct inputs *in);
+/*
+ * Cancels the questions in flight and frees them with those waiting to be asked again, and
+ * the cache; NULL is fine. Only after the workers are gone: nobody waits for those answers.
+ */
+void authorize_free(struct authorize *az);
+/* Takes <r> and answers it (now or later) by posting it to r->reply. */
+void authorize_submit(struct authorize *az, struct authq_req *r);
+/* Forgets every cached answer (the intentions changed: the agent's answers may differ). */
+void authorize_cache_clear(struct authorize *az);
+
+/*
+ * register: -register, the flags mode's own connect-proxy registration. It registers at once,
+ * passes a TTL check every 10 s (registering again when the agent has forgotten the proxy,
+ * as a restarted dev agent has) and deregisters when the proxy stops.
+ *
+ * Control thread only.
+ */
+struct register_ctx;
+
+/*
+ * Registers <proxy_id> as a connect-proxy for the flags configuration <cfg> (read now, not
+ * kept) and starts its heartbeat. <a> and <reach> are borrowed. <done> is called with <data>
+ * when the deregistration asked by register_leave() has been answered. Never fails: errors are
+ * logged and retried.
+ */
+struct register_ctx *register_start(struct agent *a, struct watch_reach *reach,
+                                    const struct proxy_cfg *cfg, const char *proxy_id,
+                                    void (*done)(void *data), void *data);
+/* Stops the heartbeat and deregisters (a request in flight is cancelled). */
+void register_leave(struct register_ctx *r);
+/* 1 while a request to the agent is in flight (e.g. the deregistration). NULL gives 0. */
+int register_busy(const struct register_ctx *r);
+/* Cancels what is in flight and frees <r>; NULL is fine. */
+void register_free(struct register_ctx *r);
+
+/*
+ * views: the admin endpoint's answers, rendered from the control thread's state: /ready,
+ * /metrics (Prometheus text, the workers' counters summed), /config (the current snapshot,
+ * never key material or tokens), /authz (the current intention table's decision for one
+ * source) and /connections (each worker lists its own sessions on its own thread). The HTTP
+ * server itself is admin.c; JSON is written by hand through its escaping buffer.
+ *
+ * Control thread only.
+ */
+struct views;
+
+/* What the control loop knows at the time of one request (borrowed for the call). */
+struct views_state {
+    const char *not_ready;            /* why /ready answers 503, or NULL when ready */
+    const struct snapshot *current;   /* the snapshot last published, or NULL */
+    const struct watch *registration; /* the registration watch, or NULL */
 };
 
-/* authorize mode: a question the agent is answering now. */
-struct authz_pending {
-    struct authz_pending *next, *prev;
-    struct control *ctl;
-    struct authq_req *req;
-    struct authq_req *waiters; /* the same question, asked again before the answer came */
-    struct agent_req *areq;
-    uint64_t asked_under; /* ctl->intents_gen when the question left */
+/*
+ * Creates the renderer for <n_workers> <workers>, the state in <in> and <ups>, and the public
+ * listener's <inbound_limit>, all borrowed: they must outlive it.
+ */
+struct views *views_new(struct loop *loop, struct worker *const *workers, int n_workers,
+                        const struct inputs *in, const struct upstreams *ups,
+                        const struct limit_state *inbound_limit);
+/* Frees <v> and a /connections listing still held; only after the workers are joined. */
+void views_free(struct views *v);
+/*
+ * Answers <req> into <reply> and sends it, at once or (for /connections) once every worker
+ * has answered or 2 s have passed.
+ */
+void views_answer(struct views *v, const struct views_state *st, const struct admin_request *req,
+                  struct admin_reply *reply);
+/* The control loop's wake-up: sends a /connections answer whose workers have all answered. */
+void views_poll(struct views *v);
+
+#define DRAIN_POLL_MS 20
+
+struct control {
+    const struct config *conf;
+    struct loop *loop;
+    struct agent *agent;
+    struct watch_reach *reach; /* shared by every watch: one "agent unreachable" per outage */
+    struct worker **workers;
+    int n_workers;
+    int exit_code;
+    struct limit_state *inbound_limit; /* the public listener's, across snapshots */
+    int draining;
+    int drain_done; /* the drain finished or timed out (or there was none to do) */
+    uint64_t drain_deadline_ms;
+    struct loop_timer drain_poll;
+    int stopping; /* a stop signal arrived; deregistering before the loop ends */
+
+    /* finding the registration */
+    char *proxy_id;
+    struct agent_req *lookup;
+    struct loop_timer lookup_retry;
+    unsigned lookup_failures;
+    struct watch *svc_watch;
+
+    struct proxy_cfg cfg;
+    int have_cfg;
+    struct proxycfg_warned warned; /* warnings already logged once (bounded) */
+
+    /* the parts, each with its own state */
+    struct inputs *in;        /* roots, leaf, intentions: TLS context and intention table */
+    struct upstreams *ups;    /* one per cfg.upstreams entry, same order */
+    struct authorize *authz;  /* authorize mode: the workers' questions */
+    struct register_ctx *reg; /* -register, or NULL */
+    struct views *views;      /* the admin endpoint's answers */
+    struct authq_box *ask;    /* the workers' questions arrive here */
+    struct admin *admin;      /* -admin-bind */
+
+    uint64_t generation;
+    struct snapshot *current;
+    struct loop_defer rebuild;
+
+    int sigfd;
+    struct loop_io sig_io;
 };
+
+static void schedule_rebuild(struct control *ctl);
+
+static void warn_once(struct control *ctl, const char *msg)
+{
+    const char *line = proxycfg_warn_once(&ctl->warned, msg);
+    if (line != NULL)
+        LOG_WARN("%s", line);
+}
+
+static void on_inputs(void *data, enum inputs_event ev)
+{
+    struct control *ctl = data;
+    if (ev == INPUTS_INTENTIONS_CHANGING)
+        authorize_cache_clear(ctl->authz);
+    else
+        schedule_rebuild(ctl);
+}
+
+static void on_upstreams(void *data)
+{
+    schedule_rebuild(data);
+}
+
+/*
+ * inputs: the roots, leaf and intentions watches and the agent's default policy, turned into a
+ * TLS context and an intention table for the control thread's snapshots.
+ *
+ * The leaf and the intentions are those of the destination service in the proxy's own
+ * namespace and partition; a new identity (inputs_set_service) drops both and watches again.
+ */
+
+struct inputs {
+    struct agent *agent;
+    struct loop *loop;
+    struct watch_reach *reach;
+    inputs_cb cb;
+    void *cb_data;
+
+    struct watch *roots_watch, *leaf_watch, *intent_watch;
+    char *service; /* the destination service the leaf and intentions watches are for */
+    char *scope;   /* its "&ns=..&partition=.." query suffix ("" for the defaults) */
+
+    /* the TLS settings of the configuration in force, once it arrived */
+    int have_tls_opts;
+    int tls_min_version, tls_max_version;
+    char *tls_cipher_suites;
+
+    struct dec_roots roots;
+    int have_roots;
+    struct dec_leaf leaf;
+    int have_leaf;
+    struct tls_ctx *tls;
+    struct intent_table *intents;
+    uint64_t intents_gen; /* counts changes of <intents>, for answers asked under an older one */
+    struct dec_intention *rules; /* the last good match answer, kept to re-derive the table */
+    size_t n_rules;
+    int have_rules;
+    /* What the agent said of its default policy, "" while it has not (see default_allow()): */
+    char acl_header_policy[8];        /* X-Consul-Default-ACL-Policy of the intentions answer */
+    char default_intention_policy[8]; /* agent config default_intention_policy */
+    char self_acl_policy[8];          /* agent config acl.default_policy, from /v1/agent/self */
+    int self_acls_enabled;            /* from /v1/agent/self: 1, 0, or -1 when unknown */
+    struct agent_req *self_req;
+    struct loop_timer self_retry;
+    unsigned self_failures;
+};
+
+static void tell(struct inputs *in, enum inputs_event ev)
+{
+    in->cb(in->cb_data, ev);
+}
+
+/* ---- TLS: leaf + roots -> context ---- */
+
+/*
+ * Builds and installs the TLS contexts for <leaf> and <roots> (either may be NULL while it has
+ * not arrived: then nothing happens). On failure the previous contexts stay in force.
+ */
+static int install_tls(struct inputs *in, const struct dec_leaf *leaf,
+                       const struct dec_roots *roots)
+{
+    char err[512];
+    struct tls_ctx *ctx;
+    if (leaf == NULL || roots == NULL)
+        return 0;
+    const char **pems = xcalloc(roots->n_roots, sizeof(*pems));
+    for (size_t i = 0; i < roots->n_roots; i++)
+        pems[i] = roots->roots[i].root_cert_pem;
+    /* Until the configuration arrives the defaults apply; inputs_set_tls() rebuilds if it
+     * differs. */
+    struct tls_ctx_opts opts = {0};
+    if (in->have_tls_opts) {
+        opts.min_version = in->tls_min_version;
+        opts.max_version = in->tls_max_version;
+        opts.cipher_suites = in->tls_cipher_suites;
+    }
+    int rc = tls_ctx_new(leaf->cert_pem, leaf->key_pem, pems, roots->n_roots, &opts, &ctx, err,
+                         sizeof(err));
+    free(pems);
+    if (rc != 0) {
+        LOG_ERROR("cannot build TLS contexts from leaf %s and %zu root(s): %s; keeping the "
+                  "previous ones",
+                  leaf->serial, roots->n_roots, err);
+        return rc;
+    }
+    tls_ctx_unref(in->tls);
+    in->tls = ctx;
+    LOG_INFO("TLS: leaf %s for %s, %zu trusted root(s), trust domain %s", leaf->serial,
+             leaf->service, roots->n_roots, roots->trust_domain);
+    tell(in, INPUTS_CHANGED);
+    return 0;
+}
+
+static int on_roots(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_roots roots;
+    int rc = decode_roots(resp->body, resp->body_len, &roots, err, sizeof(err));
+    if (rc == 0 && (rc = install_tls(in, in->have_leaf ? &in->leaf : NULL, &roots)) != 0)
+        dec_roots_dispose(&roots);
+    if (rc != 0) {
+        LOG_ERROR("roots: %s; keeping the previous roots", err[0] ? err : util_strerror(rc));
+        return rc;
+    }
+    if (in->have_roots)
+        dec_roots_dispose(&in->roots);
+    in->roots = roots;
+    in->have_roots = 1;
+    return 0;
+}
+
+static int on_leaf(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_leaf leaf;
+    int rc = decode_leaf(resp->body, resp->body_len, &leaf, err, sizeof(err));
+    if (rc == 0 && (rc = install_tls(in, &leaf, in->have_roots ? &in->roots : NULL)) != 0)
+        dec_leaf_dispose(&leaf);
+    if (rc != 0) {
+        LOG_ERROR("leaf certificate: %s; keeping the previous one",
+                  err[0] ? err : util_strerror(rc));
+        return rc;
+    }
+    if (in->have_leaf)
+        dec_leaf_dispose(&in->leaf);
+    in->leaf = leaf;
+    in->have_leaf = 1;
+    return 0;
+}
+
+static int same_tls_settings(const struct inputs *in, int min_version, int max_version,
+                             const char *cipher_suites)
+{
+    const char *ca = in->tls_cipher_suites ? in->tls_cipher_suites : "";
+    const char *cb = cipher_suites ? cipher_suites : "";
+    return in->tls_min_version == min_version && in->tls_max_version == max_version &&
+           strcmp(ca, cb) == 0;
+}
+
+void inputs_set_tls(struct inputs *in, int min_version, int max_version, const char *cipher_suites)
+{
+    int tls_changed =
+        !in->have_tls_opts || !same_tls_settings(in, min_version, max_version, cipher_suites);
+    free(in->tls_cipher_suites);
+    in->tls_min_version = min_version;
+    in->tls_max_version = max_version;
+    in->tls_cipher_suites = cipher_suites ? xstrdup(cipher_suites) : NULL;
+    in->have_tls_opts = 1;
+    if (tls_changed && (min_version || max_version || cipher_suites || in->tls != NULL))
+        install_tls(in, in->have_leaf ? &in->leaf : NULL, in->have_roots ? &in->roots : NULL);
+}
+
+/* ---- intentions ---- */
+
+/*
+ * The decision when no intention matches (consul-api.md 2.4.5), and where it comes from: the
+ * agent's default_intention_policy when it is set (newer agents; /authorize uses it too), else
+ * the ACL default policy the agent reports on every answer, as Envoy does, else the one
+ * /v1/agent/self reports. An agent that says neither (an old agent, or a hop that strips the
+ * header, and no agent:read) gets "allow" only when it says its ACLs are off; otherwise no
+ * match denies: a sidecar that cannot learn the policy must not guess the open one.
+ */
+static int default_allow(const struct inputs *in, const char **why)
+{
+    const char *p = NULL;
+    if (in->default_intention_policy[0] != '\0') {
+        p = in->default_intention_policy;
+        *why = "agent default_intention_policy";
+    } else if (in->acl_header_policy[0] != '\0') {
+        p = in->acl_header_policy;
+        *why = "agent ACL default policy";
+    } else if (in->self_acl_policy[0] != '\0') {
+        p = in->self_acl_policy;
+        *why = "agent ACL default policy, from agent self";
+    } else if (in->self_acls_enabled == 0) {
+        *why = "agent ACLs disabled";
+        return 1;
+    } else {
+        *why = "the agent did not say its default policy: failing closed";
+        return 0;
+    }
+    return strcmp(p, "deny") != 0;
+}
+
+/* Keeps "allow" or "deny" (any case) from <v> in <dst>, or "" for anything else. */
+static void keep_policy(char dst[8], const char *v)
+{
+    const char *p = v == NULL                     ? ""
+                    : strcasecmp(v, "allow") == 0 ? "allow"
+                    : strcasecmp(v, "deny") == 0  ? "deny"
+                                                  : "";
+    snprintf(dst, 8, "%s", p);
+}
+
+static void apply_intentions(struct inputs *in)
+{
+    if (!in->have_rules)
+        return;
+    const char *why;
+    struct intent_table *t = intent_table_new(in->rules, in->n_rules, default_allow(in, &why));
+    if (in->intents != NULL && intent_table_equal(in->intents, t)) {
+        intent_table_unref(t);
+        return;
+    }
+    tell(in, INPUTS_INTENTIONS_CHANGING); /* the agent's answers may differ now */
+    LOG_INFO("intentions for %s: %zu rule(s), default %s (%s)", in->service, intent_table_len(t),
+             intent_table_default_allow(t) ? "allow" : "deny", why);
+    intent_table_unref(in->intents);
+    in->intents = t;
+    in->intents_gen++;
+    tell(in, INPUTS_CHANGED);
+}
+
+static void forget_rules(struct inputs *in)
+{
+    if (in->have_rules)
+        dec_intentions_free(in->rules, in->n_rules);
+    in->rules = NULL;
+    in->n_rules = 0;
+    in->have_rules = 0;
+}
+
+static int on_intentions(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_intention *v;
+    size_t n;
+    int rc =
+        decode_intentions_match(resp->body, resp->body_len, in->service, &v, &n, err, sizeof(err));
+    if (rc != 0) {
+        LOG_ERROR("intentions: %s; keeping the previous table", err);
+        return rc;
+    }
+    forget_rules(in);
+    in->rules = v;
+    in->n_rules = n;
+    in->have_rules = 1;
+    keep_policy(in->acl_header_policy, resp->default_acl_policy);
+    apply_intentions(in);
+    return 0;
+}
+
+/* One look at the agent's own configuration for its default policies; retried only while the
+ * agent cannot answer (a 403 without agent:read leaves what the answers' headers say). */
+static void self_start(struct inputs *in);
+
+static void on_self_retry(struct loop_timer *t)
+{
+    self_start(t->data);
+}
+
+static void on_self(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_agent_self self;
+    in->self_req = NULL;
+    watch_reach_note(in->reach, resp);
+    if (resp->status == 0 || resp->status >= 500) {
+        watch_retry_later(in->loop, &in->self_retry, in->self_failures++);
+        return;
+    }
+    if (resp->status != 200) {
+        LOG_INFO("agent self answered status %ld; the default intention decision follows the "
+                 "agent's X-Consul-Default-ACL-Policy header (deny without it)",
+                 resp->status);
+        return;
+    }
+    if (decode_agent_self(resp->body, resp->body_len, &self, err, sizeof(err)) != 0) {
+        LOG_WARN("agent self: %s; the default intention decision follows the ACL default policy",
+                 err);
+        return;
+    }
+    const char *p = self.default_intention_policy;
+    if (strcmp(p, "allow") == 0 || strcmp(p, "deny") == 0) {
+        snprintf(in->default_intention_policy, sizeof(in->default_intention_policy), "%s", p);
+        LOG_INFO("agent default_intention_policy is %s", p);
+    } else if (p[0] != '\0') {
+        LOG_WARN("agent default_intention_policy \"%s\" is not allow or deny; ignored", p);
+    }
+    keep_policy(in->self_acl_policy, self.acl_default_policy);
+    in->self_acls_enabled = self.acls_enabled;
+    dec_agent_self_dispose(&self);
+    apply_intentions(in);
+}
+
+static void self_start(struct inputs *in)
+{
+    in->self_req = agent_request(in->agent, "GET", "/v1/agent/self", NULL, 30000, on_self, in);
+}
+
+/* ---- the destination service ---- */
+
+/*
+ * The leaf and the intentions are those of the destination service in the proxy's own
+ * namespace and partition (an Enterprise proxy registered outside the defaults must not
+ * present, nor be governed as, the same-named service of the default namespace).
+ */
+static void start_service_watches(struct inputs *in, const char *service)
+{
+    char *esc = util_url_escape(service);
+    char *path = xasprintf("/v1/agent/connect/ca/leaf/%s%s%s", esc, in->scope[0] ? "?" : "",
+                           in->scope[0] ? in->scope + 1 : "");
+    char *name = xasprintf("leaf %s", service);
+    struct watch_spec spec = {
+        .name = name, .method = "GET", .path = path, .block = WATCH_BY_INDEX, .reach = in->reach};
+    if (in->leaf_watch != NULL)
+        watch_stop(in->leaf_watch);
+    in->leaf_watch = watch_start(in->agent, &spec, on_leaf, in);
+    free(path);
+    free(name);
+
+    path =
+        xasprintf("/v1/connect/intentions/match?by=destination&name=%s&cached%s", esc, in->scope);
+    name = xasprintf("intentions %s", service);
+    spec.name = name;
+    spec.path = path;
+    if (in->intent_watch != NULL)
+        watch_stop(in->intent_watch);
+    in->intent_watch = watch_start(in->agent, &spec, on_intentions, in);
+    free(path);
+    free(name);
+    free(esc);
+}
+
+void inputs_set_service(struct inputs *in, const char *service, const char *ns,
+                        const char *partition)
+{
+    char *scope = agent_scope_query(ns, partition);
+    if (in->service == NULL || strcmp(in->service, service) != 0 || strcmp(in->scope, scope) != 0) {
+        /* A new identity: the leaf and intentions of the old one no longer apply. */
+        if (in->service != NULL)
+            LOG_WARN("destination service changed from %s%s to %s%s", in->service, in->scope,
+                     service, scope);
+        free(in->service);
+        in->service = xstrdup(service);
+        free(in->scope);
+        in->scope = scope;
+        scope = NULL;
+        if (in->have_leaf)
+            dec_leaf_dispose(&in->leaf);
+        in->have_leaf = 0;
+        intent_table_unref(in->intents);
+        in->intents = NULL;
+        in->intents_gen++;
+        forget_rules(in);
+        start_service_watches(in, service);
+    }
+    free(scope);
+}
+
+/* ---- life ---- */
+
+struct inputs *inputs_new(struct agent *a, struct watch_reach *reach, inputs_cb cb, void *data)
+{
+    struct inputs *in = xcalloc(1, sizeof(*in));
+    in->agent = a;
+    in->loop = agent_loop(a);
+    in->reach = reach;
+    in->cb = cb;
+    in->cb_data = data;
+    in->self_acls_enabled = -1;
+    loop_timer_init(&in->self_retry, on_self_retry, in);
+    return in;
+}
+
+void inputs_start(struct inputs *in)
+{
+    struct watch_spec roots_spec = {.name = "roots",
+                                    .method = "GET",
+                                    .path = "/v1/agent/connect/ca/roots",
+                                    .block = WATCH_BY_INDEX,
+                                    .reach = in->reach};
+    in->roots_watch = watch_start(in->agent, &roots_spec, on_roots, in);
+    self_start(in);
+}
+
+void inputs_free(struct inputs *in)
+{
+    if (in == NULL)
+        return;
+    if (in->self_req != NULL)
+        agent_cancel(in->self_req);
+    loop_timer_stop(in->loop, &in->self_retry);
+    if (in->leaf_watch != NULL)
+        watch_stop(in->leaf_watch);
+    if (in->intent_watch != NULL)
+        watch_stop(in->intent_watch);
+    if (in->roots_watch != NULL)
+        watch_stop(in->roots_watch);
+    forget_rules(in);
+    tls_ctx_unref(in->tls);
+    intent_table_unref(in->intents);
+    if (in->have_leaf)
+        dec_leaf_dispose(&in->leaf);
+    if (in->have_roots)
+        dec_roots_dispose(&in->roots);
+    free(in->tls_cipher_suites);
+    free(in->service);
+    free(in->scope);
+    free(in);
+}
+
+/* ---- what the others read ---- */
+
+const char *inputs_service(const struct inputs *in)
+{
+    return in->service;
+}
+
+const char *inputs_scope(const struct inputs *in)
+{
+    return in->scope != NULL ? in->scope : "";
+}
+
+struct tls_ctx *inputs_tls(const struct inputs *in)
+{
+    return in->tls;
+}
+
+const struct dec_leaf *inputs_leaf(const struct inputs *in)
+{
+    return in->have_leaf ? &in->leaf : NULL;
+}
+
+const char *inputs_trust_domain(const struct inputs *in)
+{
+    return in->have_roots ? in->roots.trust_domain : NULL;
+}
+
+struct intent_table *inputs_intents(const struct inputs *in)
+{
+    return in->intents;
+}
+
+uint64_t inputs_intents_gen(const struct inputs *in)
+{
+    return in->intents_gen;
+}
+
+const char *inputs_waiting_for(const struct inputs *in)
+{
+    if (!in->have_roots)
+        return "waiting for the CA roots";
+    if (!in->have_leaf || in->tls == NULL)
+        return "waiting for the leaf certificate";
+    if (in->intents == NULL)
+        return "waiting for the intentions";
+    return NULL;
+}
+
+void inputs_each_watch(const struct inputs *in, watch_visit_cb fn, void *data)
+{
+    if (in->roots_watch != NULL)
+        fn(data, "roots", in->roots_watch);
+    if (in->leaf_watch != NULL)
+        fn(data, "leaf", in->leaf_watch);
+    if (in->intent_watch != NULL)
+        fn(data, "intentions", in->intent_watch);
+}
+
+/*
+ * upstreams: per upstream, the discovery chain (or the polled prepared query) and one health
+ * watch per chain target, reconciled with the configuration and with each new chain, and
+ * turned into the targets and endpoint sets a snapshot carries.
+ */
 
 struct up_watch;
 
@@ -87,321 +787,22 @@ struct up_watch {
     struct tgt_watch **tgts; /* primary first, then failovers in order */
     size_t n_tgts;
     struct limit_state *limit; /* admission state of its listener, across snapshots */
-    struct control *ctl;
+    struct upstreams *ups;
 };
 
-struct control {
-    const struct config *conf;
-    struct loop *loop;
+struct upstreams {
     struct agent *agent;
-    struct watch_reach *reach; /* shared by every watch: one "agent unreachable" per outage */
-    struct worker **workers;
-    int n_workers;
-    int exit_code;
-    struct limit_state *inbound_limit; /* the public listener's, across snapshots */
-    int draining;
-    int drain_done; /* the drain finished or timed out (or there was none to do) */
-    uint64_t drain_deadline_ms;
-    struct loop_timer drain_poll;
-
-    /* finding the registration */
-    char *proxy_id;
-    struct agent_req *lookup;
-    struct loop_timer lookup_retry;
-    unsigned lookup_failures;
-
-    struct watch *svc_watch, *roots_watch, *leaf_watch, *intent_watch;
-    char *service; /* the destination service the leaf and intentions watches are for */
-    char *scope;   /* its "&ns=..&partition=.." query suffix ("" for the defaults) */
-
-    struct proxy_cfg cfg;
-    int have_cfg;
-    struct dec_roots roots;
-    int have_roots;
-    struct dec_leaf leaf;
-    int have_leaf;
-    struct tls_ctx *tls;
-    struct intent_table *intents;
-    uint64_t intents_gen; /* counts changes of <intents>, for answers asked under an older one */
-    struct dec_intention *rules; /* the last good match answer, kept to re-derive the table */
-    size_t n_rules;
-    int have_rules;
-    /* What the agent said of its default policy, "" while it has not (see default_allow()): */
-    char acl_header_policy[8];        /* X-Consul-Default-ACL-Policy of the intentions answer */
-    char default_intention_policy[8]; /* agent config default_intention_policy */
-    char self_acl_policy[8];          /* agent config acl.default_policy, from /v1/agent/self */
-    int self_acls_enabled;            /* from /v1/agent/self: 1, 0, or -1 when unknown */
-    struct agent_req *self_req;
-    struct loop_timer self_retry;
-    unsigned self_failures;
-    struct up_watch **ups; /* one per cfg.upstreams entry, same order */
-    size_t n_ups;
-
-    uint64_t generation;
-    struct snapshot *current;
-    struct loop_defer rebuild;
-
-    struct proxycfg_warned warned; /* warnings already logged once (bounded) */
-
-    /* -register: the body, and the state of our own registration */
-    char *reg_body;
-    char *check_id;
-    int registered;
-    int stopping; /* a stop signal arrived; deregistering before the loop ends */
-    struct agent_req *reg_req;
-    struct loop_timer heartbeat;
-
-    /* authorize mode: the workers' questions, answers being fetched, and the cache */
-    struct authq_box *ask;
-    struct authz_pending *asking;
-    /* re-checks of open connections whose answer disagreed with the intentions here: asked
-     * again a little later, when the agent's copy has had time to catch up */
-    struct authq_req *recheck_later;
-    struct loop_timer recheck_timer;
-    struct authz_entry *cache;
-    size_t n_cache;
-
-    int sigfd;
-    struct loop_io sig_io;
-
-    /* -admin-bind: the admin endpoint, and the /connections listing being collected */
-    struct admin *admin;
-    struct conn_job *conn_job;
-    struct loop_timer conn_wait;
+    struct watch_reach *reach;
+    void (*changed)(void *data);
+    void *data;
+    struct up_watch **v; /* one per cfg.upstreams entry, same order */
+    size_t n;
 };
 
-static void schedule_rebuild(struct control *ctl);
-static void connections_poll(struct control *ctl, int force);
-
-static void warn_once(struct control *ctl, const char *msg)
+static void changed(struct upstreams *ups)
 {
-    const char *line = proxycfg_warn_once(&ctl->warned, msg);
-    if (line != NULL)
-        LOG_WARN("%s", line);
+    ups->changed(ups->data);
 }
-
-/* ---- TLS: leaf + roots -> context ---- */
-
-/*
- * Builds and installs the TLS contexts for <leaf> and <roots> (either may be NULL while it has
- * not arrived: then nothing happens). On failure the previous contexts stay in force.
- */
-static int install_tls(struct control *ctl, const struct dec_leaf *leaf,
-                       const struct dec_roots *roots)
-{
-    char err[512];
-    struct tls_ctx *ctx;
-    if (leaf == NULL || roots == NULL)
-        return 0;
-    const char **pems = xcalloc(roots->n_roots, sizeof(*pems));
-    for (size_t i = 0; i < roots->n_roots; i++)
-        pems[i] = roots->roots[i].root_cert_pem;
-    /* Until the configuration arrives the defaults apply; apply_cfg() rebuilds if it differs. */
-    struct tls_ctx_opts opts = {0};
-    if (ctl->have_cfg) {
-        opts.min_version = ctl->cfg.tls_min_version;
-        opts.max_version = ctl->cfg.tls_max_version;
-        opts.cipher_suites = ctl->cfg.tls_cipher_suites;
-    }
-    int rc = tls_ctx_new(leaf->cert_pem, leaf->key_pem, pems, roots->n_roots, &opts, &ctx, err,
-                         sizeof(err));
-    free(pems);
-    if (rc != 0) {
-        LOG_ERROR("cannot build TLS contexts from leaf %s and %zu root(s): %s; keeping the "
-                  "previous ones",
-                  leaf->serial, roots->n_roots, err);
-        return rc;
-    }
-    tls_ctx_unref(ctl->tls);
-    ctl->tls = ctx;
-    LOG_INFO("TLS: leaf %s for %s, %zu trusted root(s), trust domain %s", leaf->serial,
-             leaf->service, roots->n_roots, roots->trust_domain);
-    schedule_rebuild(ctl);
-    return 0;
-}
-
-static int on_roots(void *data, const struct agent_response *resp)
-{
-    struct control *ctl = data;
-    char err[256];
-    struct dec_roots roots;
-    int rc = decode_roots(resp->body, resp->body_len, &roots, err, sizeof(err));
-    if (rc == 0 && (rc = install_tls(ctl, ctl->have_leaf ? &ctl->leaf : NULL, &roots)) != 0)
-        dec_roots_dispose(&roots);
-    if (rc != 0) {
-        LOG_ERROR("roots: %s; keeping the previous roots", err[0] ? err : util_strerror(rc));
-        return rc;
-    }
-    if (ctl->have_roots)
-        dec_roots_dispose(&ctl->roots);
-    ctl->roots = roots;
-    ctl->have_roots = 1;
-    return 0;
-}
-
-static int on_leaf(void *data, const struct agent_response *resp)
-{
-    struct control *ctl = data;
-    char err[256];
-    struct dec_leaf leaf;
-    int rc = decode_leaf(resp->body, resp->body_len, &leaf, err, sizeof(err));
-    if (rc == 0 && (rc = install_tls(ctl, &leaf, ctl->have_roots ? &ctl->roots : NULL)) != 0)
-        dec_leaf_dispose(&leaf);
-    if (rc != 0) {
-        LOG_ERROR("leaf certificate: %s; keeping the previous one",
-                  err[0] ? err : util_strerror(rc));
-        return rc;
-    }
-    if (ctl->have_leaf)
-        dec_leaf_dispose(&ctl->leaf);
-    ctl->leaf = leaf;
-    ctl->have_leaf = 1;
-    return 0;
-}
-
-/* ---- intentions ---- */
-
-/*
- * The decision when no intention matches (consul-api.md 2.4.5), and where it comes from: the
- * agent's default_intention_policy when it is set (newer agents; /authorize uses it too), else
- * the ACL default policy the agent reports on every answer, as Envoy does, else the one
- * /v1/agent/self reports. An agent that says neither (an old agent, or a hop that strips the
- * header, and no agent:read) gets "allow" only when it says its ACLs are off; otherwise no
- * match denies: a sidecar that cannot learn the policy must not guess the open one.
- */
-static int default_allow(const struct control *ctl, const char **why)
-{
-    const char *p = NULL;
-    if (ctl->default_intention_policy[0] != '\0') {
-        p = ctl->default_intention_policy;
-        *why = "agent default_intention_policy";
-    } else if (ctl->acl_header_policy[0] != '\0') {
-        p = ctl->acl_header_policy;
-        *why = "agent ACL default policy";
-    } else if (ctl->self_acl_policy[0] != '\0') {
-        p = ctl->self_acl_policy;
-        *why = "agent ACL default policy, from agent self";
-    } else if (ctl->self_acls_enabled == 0) {
-        *why = "agent ACLs disabled";
-        return 1;
-    } else {
-        *why = "the agent did not say its default policy: failing closed";
-        return 0;
-    }
-    return strcmp(p, "deny") != 0;
-}
-
-/* Keeps "allow" or "deny" (any case) from <v> in <dst>, or "" for anything else. */
-static void keep_policy(char dst[8], const char *v)
-{
-    const char *p = v == NULL                     ? ""
-                    : strcasecmp(v, "allow") == 0 ? "allow"
-                    : strcasecmp(v, "deny") == 0  ? "deny"
-                                                  : "";
-    snprintf(dst, 8, "%s", p);
-}
-
-static void authz_cache_clear(struct control *ctl);
-
-static void apply_intentions(struct control *ctl)
-{
-    if (!ctl->have_rules)
-        return;
-    const char *why;
-    struct intent_table *t = intent_table_new(ctl->rules, ctl->n_rules, default_allow(ctl, &why));
-    if (ctl->intents != NULL && intent_table_equal(ctl->intents, t)) {
-        intent_table_unref(t);
-        return;
-    }
-    authz_cache_clear(ctl); /* the agent's answers may differ now */
-    LOG_INFO("intentions for %s: %zu rule(s), default %s (%s)", ctl->service, intent_table_len(t),
-             intent_table_default_allow(t) ? "allow" : "deny", why);
-    intent_table_unref(ctl->intents);
-    ctl->intents = t;
-    ctl->intents_gen++;
-    schedule_rebuild(ctl);
-}
-
-static void forget_rules(struct control *ctl)
-{
-    if (ctl->have_rules)
-        dec_intentions_free(ctl->rules, ctl->n_rules);
-    ctl->rules = NULL;
-    ctl->n_rules = 0;
-    ctl->have_rules = 0;
-}
-
-static int on_intentions(void *data, const struct agent_response *resp)
-{
-    struct control *ctl = data;
-    char err[256];
-    struct dec_intention *v;
-    size_t n;
-    int rc =
-        decode_intentions_match(resp->body, resp->body_len, ctl->service, &v, &n, err, sizeof(err));
-    if (rc != 0) {
-        LOG_ERROR("intentions: %s; keeping the previous table", err);
-        return rc;
-    }
-    forget_rules(ctl);
-    ctl->rules = v;
-    ctl->n_rules = n;
-    ctl->have_rules = 1;
-    keep_policy(ctl->acl_header_policy, resp->default_acl_policy);
-    apply_intentions(ctl);
-    return 0;
-}
-
-/* One look at the agent's own configuration for its default policies; retried only while the
- * agent cannot answer (a 403 without agent:read leaves what the answers' headers say). */
-static void self_start(struct control *ctl);
-
-static void on_self_retry(struct loop_timer *t)
-{
-    self_start(t->data);
-}
-
-static void on_self(void *data, const struct agent_response *resp)
-{
-    struct control *ctl = data;
-    char err[256];
-    struct dec_agent_self self;
-    ctl->self_req = NULL;
-    watch_reach_note(ctl->reach, resp);
-    if (resp->status == 0 || resp->status >= 500) {
-        watch_retry_later(ctl->loop, &ctl->self_retry, ctl->self_failures++);
-        return;
-    }
-    if (resp->status != 200) {
-        LOG_INFO("agent self answered status %ld; the default intention decision follows the "
-                 "agent's X-Consul-Default-ACL-Policy header (deny without it)",
-                 resp->status);
-        return;
-    }
-    if (decode_agent_self(resp->body, resp->body_len, &self, err, sizeof(err)) != 0) {
-        LOG_WARN("agent self: %s; the default intention decision follows the ACL default policy",
-                 err);
-        return;
-    }
-    const char *p = self.default_intention_policy;
-    if (strcmp(p, "allow") == 0 || strcmp(p, "deny") == 0) {
-        snprintf(ctl->default_intention_policy, sizeof(ctl->default_intention_policy), "%s", p);
-        LOG_INFO("agent default_intention_policy is %s", p);
-    } else if (p[0] != '\0') {
-        LOG_WARN("agent default_intention_policy \"%s\" is not allow or deny; ignored", p);
-    }
-    keep_policy(ctl->self_acl_policy, self.acl_default_policy);
-    ctl->self_acls_enabled = self.acls_enabled;
-    dec_agent_self_dispose(&self);
-    apply_intentions(ctl);
-}
-
-static void self_start(struct control *ctl)
-{
-    ctl->self_req = agent_request(ctl->agent, "GET", "/v1/agent/self", NULL, 30000, on_self, ctl);
-}
-
-/* ---- upstream endpoints ---- */
 
 /*
  * A service upstream resolves through its discovery chain (one blocking POST watch); each
@@ -460,7 +861,7 @@ static int on_target_health(void *data, const struct agent_response *resp)
     LOG_INFO("upstream %s target %s: %zu healthy endpoint(s) of %zu", t->up->key, t->id, set->n, n);
     endpoint_set_unref(t->endpoints);
     t->endpoints = set;
-    schedule_rebuild(t->up->ctl);
+    changed(t->up->ups);
     return 0;
 }
 
@@ -541,9 +942,9 @@ static int on_chain(void *data, const struct agent_response *resp)
                                       .method = "GET",
                                       .path = query,
                                       .block = WATCH_BY_INDEX,
-                                      .reach = u->ctl->reach};
+                                      .reach = u->ups->reach};
             tgt_set_info(t, ct, chain.connect_timeout_ms);
-            t->watch = watch_start(u->ctl->agent, &spec, on_target_health, t);
+            t->watch = watch_start(u->ups->agent, &spec, on_target_health, t);
             fresh[i] = t;
             free(wname);
             LOG_DEBUG("upstream %s: watching target %s: %s", u->key, ct->id, query);
@@ -562,7 +963,7 @@ static int on_chain(void *data, const struct agent_response *resp)
              u->key, chain.service_name, chain.n_targets, chain.targets[0].id,
              (unsigned)chain.connect_timeout_ms);
     dec_chain_dispose(&chain);
-    schedule_rebuild(u->ctl);
+    changed(u->ups);
     return 0;
 }
 
@@ -585,7 +986,7 @@ static int on_query(void *data, const struct agent_response *resp)
     dec_query_dispose(&q);
     endpoint_set_unref(t->endpoints);
     t->endpoints = set;
-    schedule_rebuild(u->ctl);
+    changed(u->ups);
     return 0;
 }
 
@@ -639,19 +1040,19 @@ static void up_watch_free(struct up_watch *u)
     free(u);
 }
 
-static struct up_watch *up_watch_new(struct control *ctl, const struct upstream_cfg *c)
+static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstream_cfg *c)
 {
     struct watch_spec spec;
     struct up_watch *u = xcalloc(1, sizeof(*u));
     u->key = xstrdup(c->key);
-    u->ctl = ctl;
+    u->ups = ups;
     u->limit = limit_state_new();
     u->request = upstream_request(c, &spec);
     char *wname =
         xasprintf("%s %s", spec.block == WATCH_POLL ? "prepared query" : "discovery chain",
                   c->destination_name);
     spec.name = wname;
-    spec.reach = ctl->reach;
+    spec.reach = ups->reach;
     if (spec.block == WATCH_POLL) {
         /* The query's one target: identity and datacenter come from each entry. */
         struct dec_chain_target ct = {.id = c->destination_name,
@@ -664,9 +1065,9 @@ static struct up_watch *up_watch_new(struct control *ctl, const struct upstream_
         u->tgts[0] = tgt_new(u, "");
         tgt_set_info(u->tgts[0], &ct, 0);
         u->n_tgts = 1;
-        u->watch = watch_start(ctl->agent, &spec, on_query, u);
+        u->watch = watch_start(ups->agent, &spec, on_query, u);
     } else {
-        u->watch = watch_start(ctl->agent, &spec, on_chain, u);
+        u->watch = watch_start(ups->agent, &spec, on_chain, u);
     }
     free(wname);
     free((char *)spec.path);
@@ -674,12 +1075,8 @@ static struct up_watch *up_watch_new(struct control *ctl, const struct upstream_
     return u;
 }
 
-/*
- * Makes the upstream watches match <cfg>: watches of unchanged upstreams keep running (and
- * their endpoints), new upstreams get a watch, removed ones lose theirs. Each up_watch is its
- * own allocation because its running watch holds a pointer to it.
- */
-static void reconcile_upstreams(struct control *ctl, const struct proxy_cfg *cfg)
+/* Each up_watch is its own allocation because its running watch holds a pointer to it. */
+void upstreams_reconcile(struct upstreams *ups, const struct proxy_cfg *cfg)
 {
     struct up_watch **fresh = xcalloc(cfg->n_upstreams, sizeof(*fresh));
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
@@ -688,67 +1085,100 @@ static void reconcile_upstreams(struct control *ctl, const struct proxy_cfg *cfg
         char *request = upstream_request(c, &spec);
         free((char *)spec.path);
         free((char *)spec.body);
-        for (size_t j = 0; j < ctl->n_ups && fresh[i] == NULL; j++) {
-            if (ctl->ups[j] != NULL && strcmp(ctl->ups[j]->key, c->key) == 0 &&
-                strcmp(ctl->ups[j]->request, request) == 0) {
-                fresh[i] = ctl->ups[j];
-                ctl->ups[j] = NULL;
+        for (size_t j = 0; j < ups->n && fresh[i] == NULL; j++) {
+            if (ups->v[j] != NULL && strcmp(ups->v[j]->key, c->key) == 0 &&
+                strcmp(ups->v[j]->request, request) == 0) {
+                fresh[i] = ups->v[j];
+                ups->v[j] = NULL;
             }
         }
         free(request);
         if (fresh[i] == NULL)
-            fresh[i] = up_watch_new(ctl, c);
+            fresh[i] = up_watch_new(ups, c);
     }
-    for (size_t j = 0; j < ctl->n_ups; j++)
-        up_watch_free(ctl->ups[j]);
-    free(ctl->ups);
-    ctl->ups = fresh;
-    ctl->n_ups = cfg->n_upstreams;
+    for (size_t j = 0; j < ups->n; j++)
+        up_watch_free(ups->v[j]);
+    free(ups->v);
+    ups->v = fresh;
+    ups->n = cfg->n_upstreams;
+}
+
+struct upstreams *upstreams_new(struct agent *a, struct watch_reach *reach,
+                                void (*on_change)(void *data), void *data)
+{
+    struct upstreams *ups = xcalloc(1, sizeof(*ups));
+    ups->agent = a;
+    ups->reach = reach;
+    ups->changed = on_change;
+    ups->data = data;
+    return ups;
+}
+
+void upstreams_free(struct upstreams *ups)
+{
+    if (ups == NULL)
+        return;
+    for (size_t i = 0; i < ups->n; i++)
+        up_watch_free(ups->v[i]);
+    free(ups->v);
+    free(ups);
+}
+
+void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_parts *out)
+{
+    out->n = n;
+    out->targets = xcalloc(n, sizeof(*out->targets));
+    out->n_targets = xcalloc(n, sizeof(*out->n_targets));
+    out->limits = xcalloc(n, sizeof(*out->limits));
+    for (size_t i = 0; i < n && i < ups->n; i++) {
+        const struct up_watch *u = ups->v[i];
+        out->limits[i] = u->limit;
+        out->targets[i] = xcalloc(u->n_tgts, sizeof(**out->targets));
+        out->n_targets[i] = u->n_tgts;
+        for (size_t j = 0; j < u->n_tgts; j++) {
+            const struct tgt_watch *t = u->tgts[j];
+            out->targets[i][j] = (struct snap_target){
+                .id = t->id,
+                .service = t->service,
+                .ns = t->ns,
+                .partition = t->partition,
+                .datacenter = t->datacenter,
+                .sni = t->sni,
+                .connect_timeout_ms = t->connect_timeout_ms,
+                .endpoints = t->endpoints,
+            };
+        }
+    }
+}
+
+void upstreams_parts_dispose(struct upstreams_parts *p)
+{
+    for (size_t i = 0; i < p->n; i++)
+        free(p->targets[i]);
+    free(p->targets);
+    free(p->n_targets);
+    free(p->limits);
+}
+
+void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data)
+{
+    for (size_t i = 0; i < ups->n; i++) {
+        const struct up_watch *u = ups->v[i];
+        char name[600];
+        snprintf(name, sizeof(name), "upstream:%s", u->key);
+        if (u->watch != NULL)
+            fn(data, name, u->watch);
+        for (size_t j = 0; j < u->n_tgts; j++) {
+            snprintf(name, sizeof(name), "health:%s", u->tgts[j]->id);
+            if (u->tgts[j]->watch != NULL)
+                fn(data, name, u->tgts[j]->watch);
+        }
+    }
 }
 
 /* ---- the registration ---- */
 
-/*
- * The leaf and the intentions are those of the destination service in the proxy's own
- * namespace and partition (an Enterprise proxy registered outside the defaults must not
- * present, nor be governed as, the same-named service of the default namespace).
- */
-static void start_service_watches(struct control *ctl, const char *service)
-{
-    char *esc = util_url_escape(service);
-    char *path = xasprintf("/v1/agent/connect/ca/leaf/%s%s%s", esc, ctl->scope[0] ? "?" : "",
-                           ctl->scope[0] ? ctl->scope + 1 : "");
-    char *name = xasprintf("leaf %s", service);
-    struct watch_spec spec = {
-        .name = name, .method = "GET", .path = path, .block = WATCH_BY_INDEX, .reach = ctl->reach};
-    if (ctl->leaf_watch != NULL)
-        watch_stop(ctl->leaf_watch);
-    ctl->leaf_watch = watch_start(ctl->agent, &spec, on_leaf, ctl);
-    free(path);
-    free(name);
-
-    path =
-        xasprintf("/v1/connect/intentions/match?by=destination&name=%s&cached%s", esc, ctl->scope);
-    name = xasprintf("intentions %s", service);
-    spec.name = name;
-    spec.path = path;
-    if (ctl->intent_watch != NULL)
-        watch_stop(ctl->intent_watch);
-    ctl->intent_watch = watch_start(ctl->agent, &spec, on_intentions, ctl);
-    free(path);
-    free(name);
-    free(esc);
-}
-
 static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char *source);
-
-static int same_tls_settings(const struct proxy_cfg *a, const struct proxy_cfg *b)
-{
-    const char *ca = a->tls_cipher_suites ? a->tls_cipher_suites : "";
-    const char *cb = b->tls_cipher_suites ? b->tls_cipher_suites : "";
-    return a->tls_min_version == b->tls_min_version && a->tls_max_version == b->tls_max_version &&
-           strcmp(ca, cb) == 0;
-}
 
 static int on_service(void *data, const struct agent_response *resp)
 {
@@ -778,37 +1208,13 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
     for (size_t i = 0; i < cfg.n_warnings; i++)
         warn_once(ctl, cfg.warnings[i]);
 
-    char *scope = agent_scope_query(cfg.ns, cfg.partition);
-    if (ctl->service == NULL || strcmp(ctl->service, cfg.service) != 0 ||
-        strcmp(ctl->scope, scope) != 0) {
-        /* A new identity: the leaf and intentions of the old one no longer apply. */
-        if (ctl->service != NULL)
-            LOG_WARN("destination service changed from %s%s to %s%s", ctl->service, ctl->scope,
-                     cfg.service, scope);
-        free(ctl->service);
-        ctl->service = xstrdup(cfg.service);
-        free(ctl->scope);
-        ctl->scope = scope;
-        scope = NULL;
-        if (ctl->have_leaf)
-            dec_leaf_dispose(&ctl->leaf);
-        ctl->have_leaf = 0;
-        intent_table_unref(ctl->intents);
-        ctl->intents = NULL;
-        ctl->intents_gen++;
-        forget_rules(ctl);
-        start_service_watches(ctl, cfg.service);
-    }
-    free(scope);
-    reconcile_upstreams(ctl, &cfg);
-    int tls_changed = !ctl->have_cfg || !same_tls_settings(&ctl->cfg, &cfg);
+    inputs_set_service(ctl->in, cfg.service, cfg.ns, cfg.partition);
+    upstreams_reconcile(ctl->ups, &cfg);
     if (ctl->have_cfg)
         proxycfg_dispose(&ctl->cfg);
     ctl->cfg = cfg;
     ctl->have_cfg = 1;
-    if (tls_changed &&
-        (cfg.tls_min_version || cfg.tls_max_version || cfg.tls_cipher_suites || ctl->tls != NULL))
-        install_tls(ctl, ctl->have_leaf ? &ctl->leaf : NULL, ctl->have_roots ? &ctl->roots : NULL);
+    inputs_set_tls(ctl->in, cfg.tls_min_version, cfg.tls_max_version, cfg.tls_cipher_suites);
     char pub[300];
     if (cfg.bind_port == 0 && cfg.bind_socket_path[0] != '\0')
         snprintf(pub, sizeof(pub), "unix:%s", cfg.bind_socket_path);
@@ -894,39 +1300,17 @@ static void lookup_start(struct control *ctl)
 static void do_rebuild(struct loop_defer *d)
 {
     struct control *ctl = (struct control *)((char *)d - offsetof(struct control, rebuild));
-    if (!ctl->have_cfg || ctl->tls == NULL || ctl->intents == NULL || !ctl->have_roots)
+    struct tls_ctx *tls = inputs_tls(ctl->in);
+    struct intent_table *intents = inputs_intents(ctl->in);
+    const char *trust_domain = inputs_trust_domain(ctl->in);
+    if (!ctl->have_cfg || tls == NULL || intents == NULL || trust_domain == NULL)
         return;
-    size_t nu = ctl->cfg.n_upstreams;
-    struct snap_target **targets = xcalloc(nu, sizeof(*targets));
-    size_t *n_targets = xcalloc(nu, sizeof(*n_targets));
-    struct limit_state **limits = xcalloc(nu, sizeof(*limits));
-    for (size_t i = 0; i < nu && i < ctl->n_ups; i++) {
-        const struct up_watch *u = ctl->ups[i];
-        limits[i] = u->limit;
-        targets[i] = xcalloc(u->n_tgts, sizeof(**targets));
-        n_targets[i] = u->n_tgts;
-        for (size_t j = 0; j < u->n_tgts; j++) {
-            const struct tgt_watch *t = u->tgts[j];
-            targets[i][j] = (struct snap_target){
-                .id = t->id,
-                .service = t->service,
-                .ns = t->ns,
-                .partition = t->partition,
-                .datacenter = t->datacenter,
-                .sni = t->sni,
-                .connect_timeout_ms = t->connect_timeout_ms,
-                .endpoints = t->endpoints,
-            };
-        }
-    }
-    struct snapshot *s = snapshot_new(
-        ++ctl->generation, &ctl->cfg, ctl->roots.trust_domain, ctl->tls, ctl->intents,
-        (const struct snap_target *const *)targets, n_targets, ctl->inbound_limit, limits);
-    for (size_t i = 0; i < nu; i++)
-        free(targets[i]);
-    free(targets);
-    free(n_targets);
-    free(limits);
+    struct upstreams_parts parts;
+    upstreams_parts(ctl->ups, ctl->cfg.n_upstreams, &parts);
+    struct snapshot *s = snapshot_new(++ctl->generation, &ctl->cfg, trust_domain, tls, intents,
+                                      (const struct snap_target *const *)parts.targets,
+                                      parts.n_targets, ctl->inbound_limit, parts.limits);
+    upstreams_parts_dispose(&parts);
     if (ctl->current == NULL)
         LOG_INFO("ready: serving %s as %s", ctl->cfg.service, ctl->proxy_id);
     LOG_DEBUG("publishing snapshot %llu", (unsigned long long)s->generation);
@@ -941,108 +1325,241 @@ static void schedule_rebuild(struct control *ctl)
     loop_defer(ctl->loop, &ctl->rebuild, do_rebuild);
 }
 
-/* ---- -register: our own connect-proxy registration, its TTL check, and deregistration ---- */
+/* ---- wake-ups from the workers ---- */
 
-static void on_register(void *data, const struct agent_response *resp)
+/* After a stop signal: ends the loop once the drain and any deregistration are both over. */
+static void stop_when_done(struct control *ctl)
+{
+    if (ctl->stopping && ctl->drain_done && !register_busy(ctl->reg))
+        loop_stop(ctl->loop);
+}
+
+static void on_deregistered(void *data)
+{
+    stop_when_done(data);
+}
+
+static void on_ask(struct loop *loop, void *data)
 {
     struct control *ctl = data;
-    ctl->reg_req = NULL;
-    watch_reach_note(ctl->reach, resp);
-    if (resp->status == 200) {
-        ctl->registered = 1;
-        LOG_INFO("registered %s with the agent", ctl->proxy_id);
-    } else {
-        LOG_ERROR("registering %s: PUT /v1/agent/service/register answered %s%ld%s%.200s; "
-                  "retrying in %d s",
-                  ctl->proxy_id, resp->status ? "HTTP " : "", resp->status,
-                  resp->status ? ": " : " ", resp->status ? resp->body : resp->error,
-                  HEARTBEAT_MS / 1000);
+    (void)loop;
+    for (int i = 0; i < ctl->n_workers; i++) {
+        if (worker_startup_failed(ctl->workers[i]) && !ctl->stopping) {
+            LOG_ERROR("worker %d could not open every listener at start-up (see above); exiting",
+                      i);
+            ctl->exit_code = 1;
+            ctl->stopping = 1;
+            loop_stop(ctl->loop);
+            return;
+        }
+    }
+    views_poll(ctl->views);
+    struct authq_req *r = authq_box_take(ctl->ask);
+    while (r != NULL) {
+        struct authq_req *next = r->next;
+        authorize_submit(ctl->authz, r);
+        r = next;
     }
 }
 
-static void register_start(struct control *ctl)
+/*
+ * register: -register. The proxy registers itself as an unmanaged connect-proxy with a TTL
+ * check, passes the check every HEARTBEAT_MS (registering again when the agent answers 404)
+ * and deregisters when asked to leave.
+ */
+
+#define HEARTBEAT_MS  10000 /* TTL check pass, well inside its 30 s TTL */
+#define CHECK_TTL     "30s"
+#define DEREGISTER_MS 5000
+
+struct register_ctx {
+    struct agent *agent;
+    struct loop *loop;
+    struct watch_reach *reach;
+    char *proxy_id;
+    char *reg_body;
+    char *check_id;
+    int registered;
+    struct agent_req *reg_req;
+    struct loop_timer heartbeat;
+    void (*done)(void *data);
+    void *done_data;
+};
+
+static void on_register(void *data, const struct agent_response *resp)
 {
-    ctl->reg_req = agent_request(ctl->agent, "PUT", "/v1/agent/service/register", ctl->reg_body,
-                                 30000, on_register, ctl);
+    struct register_ctx *r = data;
+    r->reg_req = NULL;
+    watch_reach_note(r->reach, resp);
+    if (resp->status == 200) {
+        r->registered = 1;
+        LOG_INFO("registered %s with the agent", r->proxy_id);
+    } else {
+        LOG_ERROR("registering %s: PUT /v1/agent/service/register answered %s%ld%s%.200s; "
+                  "retrying in %d s",
+                  r->proxy_id, resp->status ? "HTTP " : "", resp->status, resp->status ? ": " : " ",
+                  resp->status ? resp->body : resp->error, HEARTBEAT_MS / 1000);
+    }
+}
+
+static void put_registration(struct register_ctx *r)
+{
+    r->reg_req = agent_request(r->agent, "PUT", "/v1/agent/service/register", r->reg_body, 30000,
+                               on_register, r);
 }
 
 static void on_pass(void *data, const struct agent_response *resp)
 {
-    struct control *ctl = data;
-    ctl->reg_req = NULL;
-    watch_reach_note(ctl->reach, resp);
+    struct register_ctx *r = data;
+    r->reg_req = NULL;
+    watch_reach_note(r->reach, resp);
     if (resp->status == 404) {
         /* The agent lost us (a restart of a dev agent, a deregistration): register again. */
-        LOG_WARN("the agent no longer knows %s; registering it again", ctl->proxy_id);
-        ctl->registered = 0;
-        register_start(ctl);
+        LOG_WARN("the agent no longer knows %s; registering it again", r->proxy_id);
+        r->registered = 0;
+        put_registration(r);
     } else if (resp->status != 200) {
-        LOG_DEBUG("heartbeat of %s answered %ld", ctl->check_id, resp->status);
+        LOG_DEBUG("heartbeat of %s answered %ld", r->check_id, resp->status);
     }
 }
 
 static void on_heartbeat(struct loop_timer *t)
 {
-    struct control *ctl = t->data;
-    loop_timer_start(ctl->loop, &ctl->heartbeat, HEARTBEAT_MS);
-    if (ctl->reg_req != NULL)
+    struct register_ctx *r = t->data;
+    loop_timer_start(r->loop, &r->heartbeat, HEARTBEAT_MS);
+    if (r->reg_req != NULL)
         return;
-    if (!ctl->registered) {
-        register_start(ctl);
+    if (!r->registered) {
+        put_registration(r);
         return;
     }
-    char *esc = util_url_escape(ctl->check_id);
+    char *esc = util_url_escape(r->check_id);
     char *path = xasprintf("/v1/agent/check/pass/%s", esc);
-    ctl->reg_req = agent_request(ctl->agent, "PUT", path, NULL, 30000, on_pass, ctl);
+    r->reg_req = agent_request(r->agent, "PUT", path, NULL, 30000, on_pass, r);
     free(path);
     free(esc);
 }
 
-/* After a stop signal: ends the loop once the drain and any deregistration are both over. */
-static void stop_when_done(struct control *ctl)
-{
-    if (ctl->stopping && ctl->drain_done && ctl->reg_req == NULL)
-        loop_stop(ctl->loop);
-}
-
 static void on_deregister(void *data, const struct agent_response *resp)
 {
-    struct control *ctl = data;
-    ctl->reg_req = NULL;
+    struct register_ctx *r = data;
+    r->reg_req = NULL;
     if (resp->status == 200)
-        LOG_INFO("deregistered %s", ctl->proxy_id);
+        LOG_INFO("deregistered %s", r->proxy_id);
     else
-        LOG_WARN("deregistering %s answered %s%ld%s", ctl->proxy_id,
+        LOG_WARN("deregistering %s answered %s%ld%s", r->proxy_id,
                  resp->status ? "HTTP " : "transport error ", resp->status,
                  resp->status ? "" : resp->error);
-    stop_when_done(ctl);
+    r->done(r->done_data);
 }
 
-/* Prepares the body (from the flags configuration in force) and registers at once. */
-static void self_register(struct control *ctl)
+struct register_ctx *register_start(struct agent *a, struct watch_reach *reach,
+                                    const struct proxy_cfg *c, const char *proxy_id,
+                                    void (*done)(void *data), void *data)
 {
-    const struct proxy_cfg *c = &ctl->cfg;
+    struct register_ctx *r = xcalloc(1, sizeof(*r));
+    r->agent = a;
+    r->loop = agent_loop(a);
+    r->reach = reach;
+    r->done = done;
+    r->done_data = data;
+    r->proxy_id = xstrdup(proxy_id);
+    loop_timer_init(&r->heartbeat, on_heartbeat, r);
     char *name = xasprintf("%s-proxy", c->service);
-    ctl->check_id = xasprintf("%s-ttl", ctl->proxy_id);
-    struct dec_proxy_registration r = {
-        .id = ctl->proxy_id,
+    r->check_id = xasprintf("%s-ttl", r->proxy_id);
+    struct dec_proxy_registration reg = {
+        .id = r->proxy_id,
         .name = name,
         .address = c->bind_address,
         .port = c->bind_port,
         .destination_service_name = c->service,
         .local_service_address = c->local_address,
         .local_service_port = c->local_port,
-        .check_id = ctl->check_id,
+        .check_id = r->check_id,
         .check_name = "proxy heartbeat",
         .check_ttl = CHECK_TTL,
     };
-    ctl->reg_body = decode_proxy_registration_json(&r);
+    r->reg_body = decode_proxy_registration_json(&reg);
     free(name);
-    loop_timer_start(ctl->loop, &ctl->heartbeat, HEARTBEAT_MS);
-    register_start(ctl);
+    loop_timer_start(r->loop, &r->heartbeat, HEARTBEAT_MS);
+    put_registration(r);
+    return r;
 }
 
-/* ---- authorize mode: the workers' questions, answered from the cache or by the agent ---- */
+void register_leave(struct register_ctx *r)
+{
+    /* Deregister while the drain runs (a second signal does not wait). */
+    loop_timer_stop(r->loop, &r->heartbeat);
+    if (r->reg_req != NULL)
+        agent_cancel(r->reg_req);
+    char *esc = util_url_escape(r->proxy_id);
+    char *path = xasprintf("/v1/agent/service/deregister/%s", esc);
+    r->reg_req = agent_request(r->agent, "PUT", path, NULL, DEREGISTER_MS, on_deregister, r);
+    free(path);
+    free(esc);
+}
+
+int register_busy(const struct register_ctx *r)
+{
+    return r != NULL && r->reg_req != NULL;
+}
+
+void register_free(struct register_ctx *r)
+{
+    if (r == NULL)
+        return;
+    if (r->reg_req != NULL)
+        agent_cancel(r->reg_req);
+    loop_timer_stop(r->loop, &r->heartbeat);
+    free(r->proxy_id);
+    free(r->reg_body);
+    free(r->check_id);
+    free(r);
+}
+
+/*
+ * authorize: authorize mode (Proxy.Config authorization = "authorize"). The workers' questions
+ * are answered from a short cache, joined to the same question already on its way, or asked
+ * of the agent with POST /v1/agent/connect/authorize; re-checks of open connections whose
+ * answer disagrees with the intentions here are asked again a little later.
+ */
+
+#define AUTHORIZE_HTTP_MS 10000
+#define RECHECK_RETRY_MS  500  /* a re-check the agent answered stale: ask again after */
+#define RECHECK_ASKS      10   /* ...at most this many times in all */
+#define AUTHZ_CACHE_MAX   1024 /* callers remembered at once; the oldest make room */
+
+/* One remembered answer of the agent for one caller. */
+struct authz_entry {
+    char *target, *uri;
+    int allowed;
+    char reason[256];
+    uint64_t expires_ms;
+};
+
+/* A question the agent is answering now. */
+struct authz_pending {
+    struct authz_pending *next, *prev;
+    struct authorize *az;
+    struct authq_req *req;
+    struct authq_req *waiters; /* the same question, asked again before the answer came */
+    struct agent_req *areq;
+    uint64_t asked_under; /* inputs_intents_gen() when the question left */
+};
+
+struct authorize {
+    struct agent *agent;
+    struct loop *loop;
+    struct watch_reach *reach;
+    const struct inputs *in;
+    struct authz_pending *asking;
+    /* re-checks of open connections whose answer disagreed with the intentions here: asked
+     * again a little later, when the agent's copy has had time to catch up */
+    struct authq_req *recheck_later;
+    struct loop_timer recheck_timer;
+    struct authz_entry *cache;
+    size_t n_cache;
+};
 
 static void authz_entry_dispose(struct authz_entry *e)
 {
@@ -1050,22 +1567,22 @@ static void authz_entry_dispose(struct authz_entry *e)
     free(e->uri);
 }
 
-static void authz_cache_clear(struct control *ctl)
+void authorize_cache_clear(struct authorize *az)
 {
-    if (ctl->n_cache > 0)
-        LOG_DEBUG("authorize cache: %zu answer(s) dropped", ctl->n_cache);
-    for (size_t i = 0; i < ctl->n_cache; i++)
-        authz_entry_dispose(&ctl->cache[i]);
-    free(ctl->cache);
-    ctl->cache = NULL;
-    ctl->n_cache = 0;
+    if (az->n_cache > 0)
+        LOG_DEBUG("authorize cache: %zu answer(s) dropped", az->n_cache);
+    for (size_t i = 0; i < az->n_cache; i++)
+        authz_entry_dispose(&az->cache[i]);
+    free(az->cache);
+    az->cache = NULL;
+    az->n_cache = 0;
 }
 
-static struct authz_entry *authz_cache_find(struct control *ctl, const struct authq_req *r)
+static struct authz_entry *authz_cache_find(struct authorize *az, const struct authq_req *r)
 {
     uint64_t now = util_now_ms();
-    for (size_t i = 0; i < ctl->n_cache; i++) {
-        struct authz_entry *e = &ctl->cache[i];
+    for (size_t i = 0; i < az->n_cache; i++) {
+        struct authz_entry *e = &az->cache[i];
         if (e->expires_ms > now && strcmp(e->uri, r->client_uri) == 0 &&
             strcmp(e->target, r->target) == 0)
             return e;
@@ -1073,26 +1590,26 @@ static struct authz_entry *authz_cache_find(struct control *ctl, const struct au
     return NULL;
 }
 
-static void authz_cache_put(struct control *ctl, const struct authq_req *r)
+static void authz_cache_put(struct authorize *az, const struct authq_req *r)
 {
     uint64_t now = util_now_ms();
     size_t keep = 0;
-    for (size_t i = 0; i < ctl->n_cache; i++) { /* drop expired entries and this caller's */
-        struct authz_entry *e = &ctl->cache[i];
+    for (size_t i = 0; i < az->n_cache; i++) { /* drop expired entries and this caller's */
+        struct authz_entry *e = &az->cache[i];
         if (e->expires_ms <= now ||
             (strcmp(e->uri, r->client_uri) == 0 && strcmp(e->target, r->target) == 0))
             authz_entry_dispose(e);
         else
-            ctl->cache[keep++] = *e;
+            az->cache[keep++] = *e;
     }
-    ctl->n_cache = keep;
-    if (ctl->n_cache == AUTHZ_CACHE_MAX) { /* full of live entries: the oldest goes */
-        authz_entry_dispose(&ctl->cache[0]);
-        memmove(&ctl->cache[0], &ctl->cache[1], (ctl->n_cache - 1) * sizeof(ctl->cache[0]));
-        ctl->n_cache--;
+    az->n_cache = keep;
+    if (az->n_cache == AUTHZ_CACHE_MAX) { /* full of live entries: the oldest goes */
+        authz_entry_dispose(&az->cache[0]);
+        memmove(&az->cache[0], &az->cache[1], (az->n_cache - 1) * sizeof(az->cache[0]));
+        az->n_cache--;
     }
-    ctl->cache = xrealloc(ctl->cache, (ctl->n_cache + 1) * sizeof(*ctl->cache));
-    struct authz_entry *e = &ctl->cache[ctl->n_cache++];
+    az->cache = xrealloc(az->cache, (az->n_cache + 1) * sizeof(*az->cache));
+    struct authz_entry *e = &az->cache[az->n_cache++];
     e->target = xstrdup(r->target);
     e->uri = xstrdup(r->client_uri);
     e->allowed = r->allowed;
@@ -1109,17 +1626,16 @@ static void authz_cache_put(struct control *ctl, const struct authq_req *r)
  * that replaced it. An answer that is not kept still decides its own connection, as the
  * agent's word; the next caller asks again.
  */
-static int authz_agrees(const struct control *ctl, const struct authq_req *r)
+static int authz_agrees(const struct authorize *az, const struct authq_req *r)
 {
     struct spiffe_id id;
-    if (ctl->intents == NULL || spiffe_parse(r->client_uri, strlen(r->client_uri), &id) != 0 ||
+    const struct intent_table *intents = inputs_intents(az->in);
+    if (intents == NULL || spiffe_parse(r->client_uri, strlen(r->client_uri), &id) != 0 ||
         id.kind != SPIFFE_SERVICE)
         return -1;
-    struct intent_decision d = intent_eval(ctl->intents, id.partition, id.ns, id.service);
+    struct intent_decision d = intent_eval(intents, id.partition, id.ns, id.service);
     return d.allow == (r->allowed != 0);
 }
-
-static void authz_submit(struct control *ctl, struct authq_req *r);
 
 /*
  * A re-check of an open connection that the agent answered differently from the intentions
@@ -1129,39 +1645,40 @@ static void authz_submit(struct control *ctl, struct authq_req *r);
  */
 static void on_recheck_timer(struct loop_timer *t)
 {
-    struct control *ctl = t->data;
-    struct authq_req *r = ctl->recheck_later;
-    ctl->recheck_later = NULL;
+    struct authorize *az = t->data;
+    struct authq_req *r = az->recheck_later;
+    az->recheck_later = NULL;
     while (r != NULL) {
         struct authq_req *next = r->next;
-        authz_submit(ctl, r);
+        authorize_submit(az, r);
         r = next;
     }
 }
 
-static void recheck_later(struct control *ctl, struct authq_req *r)
+static void recheck_later(struct authorize *az, struct authq_req *r)
 {
-    r->next = ctl->recheck_later;
-    ctl->recheck_later = r;
-    if (!loop_timer_armed(&ctl->recheck_timer))
-        loop_timer_start(ctl->loop, &ctl->recheck_timer, RECHECK_RETRY_MS);
+    r->next = az->recheck_later;
+    az->recheck_later = r;
+    if (!loop_timer_armed(&az->recheck_timer))
+        loop_timer_start(az->loop, &az->recheck_timer, RECHECK_RETRY_MS);
 }
 
 /* A re-check and the re-checks that joined it (<waiters>) wait together to be asked again. */
-static void recheck_group_later(struct control *ctl, struct authq_req *r, struct authq_req *waiters)
+static void recheck_group_later(struct authorize *az, struct authq_req *r,
+                                struct authq_req *waiters)
 {
     while (waiters != NULL) {
         struct authq_req *w = waiters;
         waiters = w->next;
-        recheck_later(ctl, w);
+        recheck_later(az, w);
     }
-    recheck_later(ctl, r);
+    recheck_later(az, r);
 }
 
 static void on_authorized(void *data, const struct agent_response *resp)
 {
     struct authz_pending *p = data;
-    struct control *ctl = p->ctl;
+    struct authorize *az = p->az;
     struct authq_req *r = p->req;
     uint64_t asked_under = p->asked_under;
     struct authq_req *waiters = p->waiters;
@@ -1169,20 +1686,20 @@ static void on_authorized(void *data, const struct agent_response *resp)
     if (p->prev != NULL)
         p->prev->next = p->next;
     else
-        ctl->asking = p->next;
+        az->asking = p->next;
     if (p->next != NULL)
         p->next->prev = p->prev;
     free(p);
-    watch_reach_note(ctl->reach, resp);
+    watch_reach_note(az->reach, resp);
 
     if (resp->status == 200 && decode_authorize(resp->body, resp->body_len, &r->allowed, r->reason,
                                                 sizeof(r->reason), err, sizeof(err)) == 0) {
-        int agrees = authz_agrees(ctl, r);
+        int agrees = authz_agrees(az, r);
         if (r->recheck && agrees == 0 && r->asks < RECHECK_ASKS) {
             LOG_DEBUG("authorize: the agent's answer for %s (re-check) differs from the "
                       "intentions here; asking again in %d ms",
                       r->client_uri, RECHECK_RETRY_MS);
-            recheck_group_later(ctl, r, waiters);
+            recheck_group_later(az, r, waiters);
             return;
         }
         if (agrees == 0 && r->recheck)
@@ -1193,8 +1710,8 @@ static void on_authorized(void *data, const struct agent_response *resp)
             LOG_DEBUG("authorize: the agent's answer for %s differs from the intentions here; "
                       "not cached",
                       r->client_uri);
-        if (r->cache_ms > 0 && asked_under == ctl->intents_gen && agrees == 1)
-            authz_cache_put(ctl, r);
+        if (r->cache_ms > 0 && asked_under == inputs_intents_gen(az->in) && agrees == 1)
+            authz_cache_put(az, r);
         /* An allow the intentions here refuse admits its connection, but only until the two
          * views agree: the worker re-checks it at once, and the intention-change sweep, which
          * skipped it while it waited, never comes back for it. */
@@ -1212,7 +1729,7 @@ static void on_authorized(void *data, const struct agent_response *resp)
             snprintf(r->reason, sizeof(r->reason),
                      "POST /v1/agent/connect/authorize: transport error: %s", resp->error);
         if (r->recheck && r->asks < RECHECK_ASKS) {
-            recheck_group_later(ctl, r, waiters);
+            recheck_group_later(az, r, waiters);
             return;
         }
         if (r->recheck) {
@@ -1244,10 +1761,10 @@ static void on_authorized(void *data, const struct agent_response *resp)
  * connections from one caller (or the same caller on many connections at once) makes one
  * request, not one each. NULL when there is none.
  */
-static struct authz_pending *authz_asking(const struct control *ctl, const struct authq_req *r)
+static struct authz_pending *authz_asking(const struct authorize *az, const struct authq_req *r)
 {
-    for (struct authz_pending *p = ctl->asking; p != NULL; p = p->next)
-        if (p->asked_under == ctl->intents_gen && p->req->recheck == r->recheck &&
+    for (struct authz_pending *p = az->asking; p != NULL; p = p->next)
+        if (p->asked_under == inputs_intents_gen(az->in) && p->req->recheck == r->recheck &&
             strcmp(p->req->client_uri, r->client_uri) == 0 &&
             strcmp(p->req->target, r->target) == 0 &&
             strcmp(p->req->client_serial, r->client_serial) == 0)
@@ -1255,34 +1772,11 @@ static struct authz_pending *authz_asking(const struct control *ctl, const struc
     return NULL;
 }
 
-static void on_ask(struct loop *loop, void *data)
-{
-    struct control *ctl = data;
-    (void)loop;
-    for (int i = 0; i < ctl->n_workers; i++) {
-        if (worker_startup_failed(ctl->workers[i]) && !ctl->stopping) {
-            LOG_ERROR("worker %d could not open every listener at start-up (see above); exiting",
-                      i);
-            ctl->exit_code = 1;
-            ctl->stopping = 1;
-            loop_stop(ctl->loop);
-            return;
-        }
-    }
-    connections_poll(ctl, 0);
-    struct authq_req *r = authq_box_take(ctl->ask);
-    while (r != NULL) {
-        struct authq_req *next = r->next;
-        authz_submit(ctl, r);
-        r = next;
-    }
-}
-
 /* Answers <r> from the cache, joins it to the same question on its way, or asks the agent. */
-static void authz_submit(struct control *ctl, struct authq_req *r)
+void authorize_submit(struct authorize *az, struct authq_req *r)
 {
-    const struct authz_entry *e = r->cache_ms > 0 ? authz_cache_find(ctl, r) : NULL;
-    struct authz_pending *same = e == NULL ? authz_asking(ctl, r) : NULL;
+    const struct authz_entry *e = r->cache_ms > 0 ? authz_cache_find(az, r) : NULL;
+    struct authz_pending *same = e == NULL ? authz_asking(az, r) : NULL;
     if (e != NULL) {
         r->allowed = e->allowed;
         snprintf(r->reason, sizeof(r->reason), "%.200s (cached)", e->reason);
@@ -1294,21 +1788,58 @@ static void authz_submit(struct control *ctl, struct authq_req *r)
         struct authz_pending *p = xcalloc(1, sizeof(*p));
         char *body = decode_authorize_request_json(r->target, r->client_uri, r->client_serial);
         r->asks++;
-        p->ctl = ctl;
+        p->az = az;
         p->req = r;
-        p->asked_under = ctl->intents_gen;
-        p->next = ctl->asking;
+        p->asked_under = inputs_intents_gen(az->in);
+        p->next = az->asking;
         if (p->next != NULL)
             p->next->prev = p;
-        ctl->asking = p;
+        az->asking = p;
         /* The target is in the proxy's namespace and partition, as the intentions watch. */
-        char *path = xasprintf("/v1/agent/connect/authorize%s%s", ctl->scope[0] ? "?" : "",
-                               ctl->scope[0] ? ctl->scope + 1 : "");
-        p->areq =
-            agent_request(ctl->agent, "POST", path, body, AUTHORIZE_HTTP_MS, on_authorized, p);
+        const char *scope = inputs_scope(az->in);
+        char *path = xasprintf("/v1/agent/connect/authorize%s%s", scope[0] ? "?" : "",
+                               scope[0] ? scope + 1 : "");
+        p->areq = agent_request(az->agent, "POST", path, body, AUTHORIZE_HTTP_MS, on_authorized, p);
         free(path);
         free(body);
     }
+}
+
+struct authorize *authorize_new(struct agent *a, struct watch_reach *reach, const struct inputs *in)
+{
+    struct authorize *az = xcalloc(1, sizeof(*az));
+    az->agent = a;
+    az->loop = agent_loop(a);
+    az->reach = reach;
+    az->in = in;
+    loop_timer_init(&az->recheck_timer, on_recheck_timer, az);
+    return az;
+}
+
+void authorize_free(struct authorize *az)
+{
+    if (az == NULL)
+        return;
+    while (az->asking != NULL) { /* the workers are gone: nobody waits for these answers */
+        struct authz_pending *p = az->asking;
+        az->asking = p->next;
+        agent_cancel(p->areq);
+        authq_req_free(p->req);
+        while (p->waiters != NULL) {
+            struct authq_req *w = p->waiters;
+            p->waiters = w->next;
+            authq_req_free(w);
+        }
+        free(p);
+    }
+    loop_timer_stop(az->loop, &az->recheck_timer);
+    while (az->recheck_later != NULL) {
+        struct authq_req *r = az->recheck_later;
+        az->recheck_later = r->next;
+        authq_req_free(r);
+    }
+    authorize_cache_clear(az);
+    free(az);
 }
 
 /* ---- signals ---- */
@@ -1364,18 +1895,8 @@ static void on_signal(struct loop_io *io, unsigned events)
                 worker_drain(ctl->workers[i]);
             loop_timer_start(ctl->loop, &ctl->drain_poll, DRAIN_POLL_MS);
         }
-        if (ctl->reg_body != NULL) {
-            /* -register: deregister while the drain runs (a second signal does not wait). */
-            loop_timer_stop(ctl->loop, &ctl->heartbeat);
-            if (ctl->reg_req != NULL)
-                agent_cancel(ctl->reg_req);
-            char *esc = util_url_escape(ctl->proxy_id);
-            char *path = xasprintf("/v1/agent/service/deregister/%s", esc);
-            ctl->reg_req =
-                agent_request(ctl->agent, "PUT", path, NULL, DEREGISTER_MS, on_deregister, ctl);
-            free(path);
-            free(esc);
-        }
+        if (ctl->reg != NULL)
+            register_leave(ctl->reg); /* while the drain runs (a second signal does not wait) */
         stop_when_done(ctl);
     }
 }
@@ -1389,12 +1910,9 @@ static const char *not_ready_reason(const struct control *ctl)
         return "draining: connectd is stopping";
     if (!ctl->have_cfg)
         return "waiting for the proxy registration";
-    if (!ctl->have_roots)
-        return "waiting for the CA roots";
-    if (!ctl->have_leaf || ctl->tls == NULL)
-        return "waiting for the leaf certificate";
-    if (ctl->intents == NULL)
-        return "waiting for the intentions";
+    const char *waiting = inputs_waiting_for(ctl->in);
+    if (waiting != NULL)
+        return waiting;
     if (ctl->current == NULL)
         return "no configuration published to the workers yet";
     for (int i = 0; i < ctl->n_workers; i++)
@@ -1402,6 +1920,30 @@ static const char *not_ready_reason(const struct control *ctl)
             return "listeners are not all open";
     return NULL;
 }
+
+/*
+ * views: what the admin endpoint answers. /metrics sums the workers' session_stats blocks
+ * (written by each worker with relaxed atomic adds, read here racily but atomically) and shows
+ * every watch's health; /connections posts a worker_listing to each worker and answers when
+ * all have filled theirs or CONNECTIONS_WAIT_MS has passed.
+ */
+
+#define CONNECTIONS_WAIT_MS        2000 /* how long /connections waits for the workers */
+#define CONNECTIONS_MAX_PER_WORKER 1000
+
+struct conn_job;
+
+struct views {
+    struct loop *loop;
+    struct worker *const *workers;
+    int n_workers;
+    const struct inputs *in;
+    const struct upstreams *ups;
+    const struct limit_state *inbound_limit;
+    /* the /connections listing being collected */
+    struct conn_job *conn_job;
+    struct loop_timer conn_wait;
+};
 
 static uint64_t load(const atomic_uint_fast64_t *v)
 {
@@ -1499,30 +2041,31 @@ static void watch_metrics(struct admin_buf *b, const char *name, const struct wa
         admin_buf_printf(b, "} %.3f\n", (double)(now - MIN(ok, now)) / 1000.0);
 }
 
-static void render_watches(const struct control *ctl, struct admin_buf *b)
+struct watch_visit {
+    struct admin_buf *b;
+    uint64_t now;
+};
+
+static void visit_watch(void *data, const char *name, const struct watch *w)
 {
-    uint64_t now = util_now_ms();
+    struct watch_visit *v = data;
+    watch_metrics(v->b, name, w, v->now);
+}
+
+static void render_watches(const struct views *v, const struct views_state *st, struct admin_buf *b)
+{
+    struct watch_visit visit = {.b = b, .now = util_now_ms()};
     metric_head(b, "watch_up", "gauge",
                 "1 when the watch has an answer and its last attempt succeeded, else 0.");
     metric_head(b, "watch_last_success_age_seconds", "gauge",
                 "Seconds since the watch last got a good answer (NaN before the first).");
-    watch_metrics(b, "registration", ctl->svc_watch, now);
-    watch_metrics(b, "roots", ctl->roots_watch, now);
-    watch_metrics(b, "leaf", ctl->leaf_watch, now);
-    watch_metrics(b, "intentions", ctl->intent_watch, now);
-    for (size_t i = 0; i < ctl->n_ups; i++) {
-        const struct up_watch *u = ctl->ups[i];
-        char name[600];
-        snprintf(name, sizeof(name), "upstream:%s", u->key);
-        watch_metrics(b, name, u->watch, now);
-        for (size_t j = 0; j < u->n_tgts; j++) {
-            snprintf(name, sizeof(name), "health:%s", u->tgts[j]->id);
-            watch_metrics(b, name, u->tgts[j]->watch, now);
-        }
-    }
+    watch_metrics(b, "registration", st->registration, visit.now);
+    inputs_each_watch(v->in, visit_watch, &visit);
+    upstreams_each_watch(v->ups, visit_watch, &visit);
 }
 
-static void render_metrics(const struct control *ctl, struct admin_buf *b)
+static void render_metrics(const struct views *vw, const struct views_state *vs,
+                           struct admin_buf *b)
 {
     struct listener_sum *ls = NULL;
     struct source_sum *ss = NULL;
@@ -1530,8 +2073,8 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
     uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}};
     uint64_t refused_max = 0, refused_rate = 0, idle = 0, lifetime = 0, reauth = 0,
              reauth_closed = 0, refused_pending = 0, refused_pending_source = 0, refused_fds = 0;
-    for (int i = 0; i < ctl->n_workers; i++) {
-        const struct session_stats *st = worker_stats(ctl->workers[i]);
+    for (int i = 0; i < vw->n_workers; i++) {
+        const struct session_stats *st = worker_stats(vw->workers[i]);
         size_t n = atomic_load_explicit(&st->n_listeners, memory_order_acquire);
         for (size_t j = 0; j < n; j++)
             sum_listener(&ls, &nl, &st->listeners[j]);
@@ -1630,24 +2173,24 @@ static void render_metrics(const struct control *ctl, struct admin_buf *b)
     sample(b, "limit_refusals_total", "limit", "descriptor_reserve", refused_fds);
     metric_head(b, "pending_handshakes", "gauge",
                 "Inbound connections in the TLS handshake now, over all workers.");
-    sample(b, "pending_handshakes", NULL, NULL, (uint64_t)limit_pending_count(ctl->inbound_limit));
+    sample(b, "pending_handshakes", NULL, NULL, (uint64_t)limit_pending_count(vw->inbound_limit));
     metric_head(b, "timeout_closes_total", "counter",
                 "Sessions ended by the idle timeout or the lifetime bound, by kind.");
     sample(b, "timeout_closes_total", "kind", "idle", idle);
     sample(b, "timeout_closes_total", "kind", "lifetime", lifetime);
 
-    render_watches(ctl, b);
+    render_watches(vw, vs, b);
 
     metric_head(b, "leaf_not_after_seconds", "gauge",
                 "Unix time at which the current leaf certificate expires.");
-    if (ctl->tls != NULL)
-        admin_buf_printf(b, "connectd_leaf_not_after_seconds %lld\n",
-                         tls_ctx_leaf_not_after(ctl->tls));
+    const struct tls_ctx *tls = inputs_tls(vw->in);
+    if (tls != NULL)
+        admin_buf_printf(b, "connectd_leaf_not_after_seconds %lld\n", tls_ctx_leaf_not_after(tls));
     metric_head(b, "snapshot_generation", "gauge",
                 "Generation of the configuration snapshot last published to the workers.");
-    sample(b, "snapshot_generation", NULL, NULL, ctl->current ? ctl->current->generation : 0);
+    sample(b, "snapshot_generation", NULL, NULL, vs->current ? vs->current->generation : 0);
     metric_head(b, "ready", "gauge", "1 when /ready answers 200.");
-    sample(b, "ready", NULL, NULL, not_ready_reason(ctl) == NULL);
+    sample(b, "ready", NULL, NULL, vs->not_ready == NULL);
     free(ls);
     free(ss);
 }
@@ -1667,8 +2210,8 @@ static void json_kv_num(struct admin_buf *b, const char *key, long long v, int c
     admin_buf_printf(b, ":%lld%s", v, comma ? "," : "");
 }
 
-static void render_authz(const struct control *ctl, const struct admin_request *req,
-                         struct admin_reply *reply)
+static void render_authz(const struct views *v, const struct views_state *st,
+                         const struct admin_request *req, struct admin_reply *reply)
 {
     char source[SPIFFE_NAME_MAX], ns[SPIFFE_NAME_MAX], partition[SPIFFE_NAME_MAX];
     struct admin_buf *b = &reply->body;
@@ -1681,22 +2224,23 @@ static void render_authz(const struct control *ctl, const struct admin_request *
         snprintf(ns, sizeof(ns), "default");
     if (admin_query_param(req->query, "partition", partition, sizeof(partition)) < 0)
         snprintf(partition, sizeof(partition), "default");
-    if (ctl->intents == NULL) {
+    const struct intent_table *intents = inputs_intents(v->in);
+    if (intents == NULL) {
         reply->status = 503;
         admin_buf_printf(b, "the intentions have not arrived yet\n");
         return;
     }
-    struct intent_decision d = intent_eval(ctl->intents, partition, ns, source);
+    struct intent_decision d = intent_eval(intents, partition, ns, source);
     char why[600];
     reply->content_type = "application/json";
     admin_buf_add(b, "{", 1);
     json_kv_str(b, "source", source, 1);
     json_kv_str(b, "namespace", ns, 1);
     json_kv_str(b, "partition", partition, 1);
-    json_kv_str(b, "destination", ctl->service, 1);
+    json_kv_str(b, "destination", inputs_service(v->in), 1);
     json_kv_str(b, "decision", d.allow ? "allow" : "deny", 1);
     json_kv_str(b, "reason", intent_describe(&d, why, sizeof(why)), 1);
-    if (ctl->current != NULL && ctl->current->cfg.authorize_with_agent)
+    if (st->current != NULL && st->current->cfg.authorize_with_agent)
         json_kv_str(b, "note",
                     "authorize mode: connections are decided by the agent; this is the local "
                     "intention table's answer",
@@ -1745,13 +2289,14 @@ static void json_limits(struct admin_buf *b, const struct limit_cfg *l)
 }
 
 /* The current snapshot's configuration: never key material or tokens. */
-static void render_config(const struct control *ctl, struct admin_reply *reply)
+static void render_config(const struct views *v, const struct views_state *st,
+                          struct admin_reply *reply)
 {
     struct admin_buf *b = &reply->body;
-    const struct snapshot *s = ctl->current;
+    const struct snapshot *s = st->current;
     if (s == NULL) {
         reply->status = 503;
-        admin_buf_printf(b, "no configuration yet: %s\n", not_ready_reason(ctl));
+        admin_buf_printf(b, "no configuration yet: %s\n", st->not_ready);
         return;
     }
     const struct proxy_cfg *c = &s->cfg;
@@ -1796,8 +2341,9 @@ static void render_config(const struct control *ctl, struct admin_reply *reply)
     json_kv_str(b, "cipher_suites", c->tls_cipher_suites, 1);
     json_kv_num(b, "verify_trust_domain", c->verify_trust_domain, 1);
     json_kv_num(b, "tls_resumption", c->tls_resumption, 1);
-    json_kv_str(b, "leaf_serial", ctl->have_leaf ? ctl->leaf.serial : NULL, 1);
-    json_kv_str(b, "leaf_valid_before", ctl->have_leaf ? ctl->leaf.valid_before : NULL, 1);
+    const struct dec_leaf *leaf = inputs_leaf(v->in);
+    json_kv_str(b, "leaf_serial", leaf ? leaf->serial : NULL, 1);
+    json_kv_str(b, "leaf_valid_before", leaf ? leaf->valid_before : NULL, 1);
     json_kv_num(b, "leaf_not_after", tls_ctx_leaf_not_after(s->tls), 0);
     admin_buf_add(b, "},\"authorization\":{", 19);
     json_kv_str(b, "mode", c->authorize_with_agent ? "agent" : "intentions", 1);
@@ -1857,7 +2403,7 @@ static void conn_job_free(struct conn_job *j)
     free(j);
 }
 
-static void render_connections(const struct control *ctl, const struct conn_job *j,
+static void render_connections(const struct views *v, const struct conn_job *j,
                                struct admin_reply *reply)
 {
     struct admin_buf *b = &reply->body;
@@ -1882,7 +2428,7 @@ static void render_connections(const struct control *ctl, const struct conn_job 
             json_kv_str(b, "state", s->state, 1);
             json_kv_str(b, "peer_address", s->peer_addr, 1);
             json_kv_str(b, "peer_identity", s->identity[0] ? s->identity : NULL, 1);
-            json_kv_str(b, "local_service", s->inbound ? ctl->service : NULL, 1);
+            json_kv_str(b, "local_service", s->inbound ? inputs_service(v->in) : NULL, 1);
             json_kv_str(b, "upstream", s->inbound ? NULL : s->upstream, 1);
             json_kv_str(b, "endpoint", s->endpoint[0] ? s->endpoint : NULL, 1);
             json_kv_num(b, "age_ms", (long long)s->age_ms, 1);
@@ -1899,9 +2445,9 @@ static void render_connections(const struct control *ctl, const struct conn_job 
 
 /* Answers the pending /connections request when it is complete (or <force>d), and frees a
  * job every worker has answered. */
-static void connections_poll(struct control *ctl, int force)
+static void connections_poll(struct views *v, int force)
 {
-    struct conn_job *j = ctl->conn_job;
+    struct conn_job *j = v->conn_job;
     if (j == NULL)
         return;
     int done = 0;
@@ -1910,13 +2456,13 @@ static void connections_poll(struct control *ctl, int force)
     if (j->reply != NULL && (done == j->n || force)) {
         struct admin_reply *r = j->reply;
         j->reply = NULL;
-        loop_timer_stop(ctl->loop, &ctl->conn_wait);
-        render_connections(ctl, j, r);
+        loop_timer_stop(v->loop, &v->conn_wait);
+        render_connections(v, j, r);
         admin_reply_send(r);
     }
     if (done == j->n && j->reply == NULL) {
         conn_job_free(j);
-        ctl->conn_job = NULL;
+        v->conn_job = NULL;
     }
 }
 
@@ -1927,54 +2473,54 @@ static void on_conn_wait(struct loop_timer *t)
 
 static void on_conn_cancel(void *data)
 {
-    struct control *ctl = data;
-    ctl->conn_job->reply = NULL;
-    loop_timer_stop(ctl->loop, &ctl->conn_wait);
-    connections_poll(ctl, 0);
+    struct views *v = data;
+    v->conn_job->reply = NULL;
+    loop_timer_stop(v->loop, &v->conn_wait);
+    connections_poll(v, 0);
 }
 
-static void connections_start(struct control *ctl, struct admin_reply *reply)
+static void connections_start(struct views *v, struct admin_reply *reply)
 {
-    if (ctl->conn_job != NULL) {
+    if (v->conn_job != NULL) {
         reply->status = 503;
         admin_buf_printf(&reply->body, "a /connections listing is still being collected\n");
         admin_reply_send(reply);
         return;
     }
     struct conn_job *j = xcalloc(1, sizeof(*j));
-    j->n = ctl->n_workers;
+    j->n = v->n_workers;
     j->listings = xcalloc((size_t)j->n, sizeof(*j->listings));
     j->reply = reply;
     reply->cancel = on_conn_cancel;
-    reply->cancel_data = ctl;
-    ctl->conn_job = j;
+    reply->cancel_data = v;
+    v->conn_job = j;
     for (int i = 0; i < j->n; i++) {
         struct worker_listing *l = &j->listings[i];
         l->max = CONNECTIONS_MAX_PER_WORKER;
         l->v = xcalloc(l->max, sizeof(*l->v));
-        l->notify = ctl->loop;
-        worker_list_sessions(ctl->workers[i], l);
+        l->notify = v->loop;
+        worker_list_sessions(v->workers[i], l);
     }
-    loop_timer_start(ctl->loop, &ctl->conn_wait, CONNECTIONS_WAIT_MS);
+    loop_timer_start(v->loop, &v->conn_wait, CONNECTIONS_WAIT_MS);
 }
 
-static void on_admin(void *data, const struct admin_request *req, struct admin_reply *reply)
+void views_answer(struct views *v, const struct views_state *st, const struct admin_request *req,
+                  struct admin_reply *reply)
 {
-    struct control *ctl = data;
     struct admin_buf *b = &reply->body;
     if (strcmp(req->path, "/ready") == 0) {
-        const char *why = not_ready_reason(ctl);
+        const char *why = st->not_ready;
         reply->status = why == NULL ? 200 : 503;
         admin_buf_printf(b, "%s\n", why == NULL ? "ready" : why);
     } else if (strcmp(req->path, "/metrics") == 0) {
         reply->content_type = "text/plain; version=0.0.4; charset=utf-8";
-        render_metrics(ctl, b);
+        render_metrics(v, st, b);
     } else if (strcmp(req->path, "/authz") == 0) {
-        render_authz(ctl, req, reply);
+        render_authz(v, st, req, reply);
     } else if (strcmp(req->path, "/config") == 0) {
-        render_config(ctl, reply);
+        render_config(v, st, reply);
     } else if (strcmp(req->path, "/connections") == 0) {
-        connections_start(ctl, reply);
+        connections_start(v, reply);
         return;
     } else {
         reply->status = 404;
@@ -1983,6 +2529,47 @@ static void on_admin(void *data, const struct admin_request *req, struct admin_r
                          "or /config\n");
     }
     admin_reply_send(reply);
+}
+
+struct views *views_new(struct loop *loop, struct worker *const *workers, int n_workers,
+                        const struct inputs *in, const struct upstreams *ups,
+                        const struct limit_state *inbound_limit)
+{
+    struct views *v = xcalloc(1, sizeof(*v));
+    v->loop = loop;
+    v->workers = workers;
+    v->n_workers = n_workers;
+    v->in = in;
+    v->ups = ups;
+    v->inbound_limit = inbound_limit;
+    loop_timer_init(&v->conn_wait, on_conn_wait, v);
+    return v;
+}
+
+void views_free(struct views *v)
+{
+    if (v == NULL)
+        return;
+    loop_timer_stop(v->loop, &v->conn_wait);
+    conn_job_free(v->conn_job); /* no worker can write into it now */
+    free(v);
+}
+
+void views_poll(struct views *v)
+{
+    if (v != NULL)
+        connections_poll(v, 0);
+}
+
+static void on_admin(void *data, const struct admin_request *req, struct admin_reply *reply)
+{
+    struct control *ctl = data;
+    struct views_state st = {
+        .not_ready = not_ready_reason(ctl),
+        .current = ctl->current,
+        .registration = ctl->svc_watch,
+    };
+    views_answer(ctl->views, &st, req, reply);
 }
 
 /* ---- entry ---- */
@@ -2008,11 +2595,7 @@ int control_run(const struct config *conf)
     }
     /* Timers first: the clean-up at out: stops them all. */
     loop_timer_init(&ctl.lookup_retry, on_lookup_retry, &ctl);
-    loop_timer_init(&ctl.self_retry, on_self_retry, &ctl);
-    loop_timer_init(&ctl.heartbeat, on_heartbeat, &ctl);
-    loop_timer_init(&ctl.recheck_timer, on_recheck_timer, &ctl);
     loop_timer_init(&ctl.drain_poll, on_drain_poll, &ctl);
-    loop_timer_init(&ctl.conn_wait, on_conn_wait, &ctl);
     ctl.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     if (ctl.sigfd == -1) {
         LOG_ERROR("signalfd: %s", util_strerror(-errno));
@@ -2021,7 +2604,6 @@ int control_run(const struct config *conf)
     loop_io_init(&ctl.sig_io, ctl.sigfd, on_signal, &ctl);
     loop_io_want(ctl.loop, &ctl.sig_io, LOOP_READ);
     ctl.inbound_limit = limit_state_new();
-    ctl.self_acls_enabled = -1;
 
     struct agent_opts aopts = {
         .addr = conf->http_addr,
@@ -2040,6 +2622,9 @@ int control_run(const struct config *conf)
         goto out;
     }
     ctl.reach = watch_reach_new(agent_addr(ctl.agent));
+    ctl.in = inputs_new(ctl.agent, ctl.reach, on_inputs, &ctl);
+    ctl.ups = upstreams_new(ctl.agent, ctl.reach, on_upstreams, &ctl);
+    ctl.authz = authorize_new(ctl.agent, ctl.reach, ctl.in);
     ctl.ask = authq_box_new(ctl.loop);
     loop_set_wakeup(ctl.loop, on_ask, &ctl);
 
@@ -2058,6 +2643,7 @@ int control_run(const struct config *conf)
         }
     }
 
+    ctl.views = views_new(ctl.loop, ctl.workers, ctl.n_workers, ctl.in, ctl.ups, ctl.inbound_limit);
     if (conf->admin_bind != NULL && conf->admin_bind[0] != '\0') {
         ctl.admin = admin_start(ctl.loop, conf->admin_bind, on_admin, &ctl, err, sizeof(err));
         if (ctl.admin == NULL) {
@@ -2067,13 +2653,7 @@ int control_run(const struct config *conf)
         }
     }
     LOG_INFO("connectd starting: agent %s, %d worker(s)", agent_addr(ctl.agent), ctl.n_workers);
-    struct watch_spec roots_spec = {.name = "roots",
-                                    .method = "GET",
-                                    .path = "/v1/agent/connect/ca/roots",
-                                    .block = WATCH_BY_INDEX,
-                                    .reach = ctl.reach};
-    ctl.roots_watch = watch_start(ctl.agent, &roots_spec, on_roots, &ctl);
-    self_start(&ctl);
+    inputs_start(ctl.in);
     if (conf->service != NULL) {
         /* Flags mode: a static configuration, no registration to watch. */
         struct proxy_cfg cfg;
@@ -2095,7 +2675,8 @@ int control_run(const struct config *conf)
         }
         apply_cfg(&ctl, &cfg, "flags");
         if (conf->register_self)
-            self_register(&ctl);
+            ctl.reg =
+                register_start(ctl.agent, ctl.reach, &ctl.cfg, ctl.proxy_id, on_deregistered, &ctl);
     } else if (conf->proxy_id != NULL) {
         ctl.proxy_id = xstrdup(conf->proxy_id);
         start_registration_watch(&ctl);
@@ -2112,70 +2693,28 @@ out:
         worker_stop(ctl.workers[i]);
     for (int i = 0; i < ctl.n_workers; i++)
         worker_join_free(ctl.workers[i]);
-    conn_job_free(ctl.conn_job); /* no worker can write into it now */
+    views_free(ctl.views); /* no worker can write into a listing now */
     free(ctl.workers);
     if (ctl.lookup != NULL)
         agent_cancel(ctl.lookup);
-    if (ctl.self_req != NULL)
-        agent_cancel(ctl.self_req);
-    if (ctl.reg_req != NULL)
-        agent_cancel(ctl.reg_req);
-    while (ctl.asking != NULL) { /* the workers are gone: nobody waits for these answers */
-        struct authz_pending *p = ctl.asking;
-        ctl.asking = p->next;
-        agent_cancel(p->areq);
-        authq_req_free(p->req);
-        while (p->waiters != NULL) {
-            struct authq_req *w = p->waiters;
-            p->waiters = w->next;
-            authq_req_free(w);
-        }
-        free(p);
-    }
-    loop_timer_stop(ctl.loop, &ctl.recheck_timer);
-    while (ctl.recheck_later != NULL) {
-        struct authq_req *r = ctl.recheck_later;
-        ctl.recheck_later = r->next;
-        authq_req_free(r);
-    }
+    register_free(ctl.reg);
+    authorize_free(ctl.authz); /* the workers are gone: nobody waits for its answers */
     authq_box_free(ctl.ask);
-    authz_cache_clear(&ctl);
     if (ctl.svc_watch != NULL)
         watch_stop(ctl.svc_watch);
-    if (ctl.leaf_watch != NULL)
-        watch_stop(ctl.leaf_watch);
-    if (ctl.intent_watch != NULL)
-        watch_stop(ctl.intent_watch);
-    if (ctl.roots_watch != NULL)
-        watch_stop(ctl.roots_watch);
-    for (size_t i = 0; i < ctl.n_ups; i++)
-        up_watch_free(ctl.ups[i]);
-    free(ctl.ups);
+    upstreams_free(ctl.ups);
+    inputs_free(ctl.in);
     if (ctl.loop != NULL) {
         loop_timer_stop(ctl.loop, &ctl.lookup_retry);
-        loop_timer_stop(ctl.loop, &ctl.self_retry);
-        loop_timer_stop(ctl.loop, &ctl.heartbeat);
         loop_timer_stop(ctl.loop, &ctl.drain_poll);
-        loop_timer_stop(ctl.loop, &ctl.conn_wait);
     }
     limit_state_unref(ctl.inbound_limit);
-    forget_rules(&ctl);
     watch_reach_free(ctl.reach);
     agent_free(ctl.agent);
     snapshot_unref(ctl.current);
-    tls_ctx_unref(ctl.tls);
-    intent_table_unref(ctl.intents);
-    if (ctl.have_leaf)
-        dec_leaf_dispose(&ctl.leaf);
-    if (ctl.have_roots)
-        dec_roots_dispose(&ctl.roots);
     if (ctl.have_cfg)
         proxycfg_dispose(&ctl.cfg);
-    free(ctl.service);
-    free(ctl.scope);
     free(ctl.proxy_id);
-    free(ctl.reg_body);
-    free(ctl.check_id);
     if (ctl.sigfd != -1)
         close(ctl.sigfd);
     loop_free(ctl.loop);
