@@ -1,0 +1,467 @@
+/*
+ * inputs: the roots, leaf and intentions watches and the agent's default policy, turned into a
+ * TLS context and an intention table for the control thread's snapshots.
+ *
+ * The leaf and the intentions are those of the destination service in the proxy's own
+ * namespace and partition; a new identity (inputs_set_service) drops both and watches again.
+ */
+#include "inputs.h"
+#include "log.h"
+#include "util.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+struct inputs {
+    struct agent *agent;
+    struct loop *loop;
+    struct watch_reach *reach;
+    inputs_cb cb;
+    void *cb_data;
+
+    struct watch *roots_watch, *leaf_watch, *intent_watch;
+    char *service; /* the destination service the leaf and intentions watches are for */
+    char *scope;   /* its "&ns=..&partition=.." query suffix ("" for the defaults) */
+
+    /* the TLS settings of the configuration in force, once it arrived */
+    int have_tls_opts;
+    int tls_min_version, tls_max_version;
+    char *tls_cipher_suites;
+
+    struct dec_roots roots;
+    int have_roots;
+    struct dec_leaf leaf;
+    int have_leaf;
+    struct tls_ctx *tls;
+    struct intent_table *intents;
+    uint64_t intents_gen; /* counts changes of <intents>, for answers asked under an older one */
+    struct dec_intention *rules; /* the last good match answer, kept to re-derive the table */
+    size_t n_rules;
+    int have_rules;
+    /* What the agent said of its default policy, "" while it has not (see default_allow()): */
+    char acl_header_policy[8];        /* X-Consul-Default-ACL-Policy of the intentions answer */
+    char default_intention_policy[8]; /* agent config default_intention_policy */
+    char self_acl_policy[8];          /* agent config acl.default_policy, from /v1/agent/self */
+    int self_acls_enabled;            /* from /v1/agent/self: 1, 0, or -1 when unknown */
+    struct agent_req *self_req;
+    struct loop_timer self_retry;
+    unsigned self_failures;
+};
+
+static void tell(struct inputs *in, enum inputs_event ev)
+{
+    in->cb(in->cb_data, ev);
+}
+
+/* ---- TLS: leaf + roots -> context ---- */
+
+/*
+ * Builds and installs the TLS contexts for <leaf> and <roots> (either may be NULL while it has
+ * not arrived: then nothing happens). On failure the previous contexts stay in force.
+ */
+static int install_tls(struct inputs *in, const struct dec_leaf *leaf,
+                       const struct dec_roots *roots)
+{
+    char err[512];
+    struct tls_ctx *ctx;
+    if (leaf == NULL || roots == NULL)
+        return 0;
+    const char **pems = xcalloc(roots->n_roots, sizeof(*pems));
+    for (size_t i = 0; i < roots->n_roots; i++)
+        pems[i] = roots->roots[i].root_cert_pem;
+    /* Until the configuration arrives the defaults apply; inputs_set_tls() rebuilds if it
+     * differs. */
+    struct tls_ctx_opts opts = {0};
+    if (in->have_tls_opts) {
+        opts.min_version = in->tls_min_version;
+        opts.max_version = in->tls_max_version;
+        opts.cipher_suites = in->tls_cipher_suites;
+    }
+    int rc = tls_ctx_new(leaf->cert_pem, leaf->key_pem, pems, roots->n_roots, &opts, &ctx, err,
+                         sizeof(err));
+    free(pems);
+    if (rc != 0) {
+        LOG_ERROR("cannot build TLS contexts from leaf %s and %zu root(s): %s; keeping the "
+                  "previous ones",
+                  leaf->serial, roots->n_roots, err);
+        return rc;
+    }
+    tls_ctx_unref(in->tls);
+    in->tls = ctx;
+    LOG_INFO("TLS: leaf %s for %s, %zu trusted root(s), trust domain %s", leaf->serial,
+             leaf->service, roots->n_roots, roots->trust_domain);
+    tell(in, INPUTS_CHANGED);
+    return 0;
+}
+
+static int on_roots(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_roots roots;
+    int rc = decode_roots(resp->body, resp->body_len, &roots, err, sizeof(err));
+    if (rc == 0 && (rc = install_tls(in, in->have_leaf ? &in->leaf : NULL, &roots)) != 0)
+        dec_roots_dispose(&roots);
+    if (rc != 0) {
+        LOG_ERROR("roots: %s; keeping the previous roots", err[0] ? err : util_strerror(rc));
+        return rc;
+    }
+    if (in->have_roots)
+        dec_roots_dispose(&in->roots);
+    in->roots = roots;
+    in->have_roots = 1;
+    return 0;
+}
+
+static int on_leaf(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_leaf leaf;
+    int rc = decode_leaf(resp->body, resp->body_len, &leaf, err, sizeof(err));
+    if (rc == 0 && (rc = install_tls(in, &leaf, in->have_roots ? &in->roots : NULL)) != 0)
+        dec_leaf_dispose(&leaf);
+    if (rc != 0) {
+        LOG_ERROR("leaf certificate: %s; keeping the previous one",
+                  err[0] ? err : util_strerror(rc));
+        return rc;
+    }
+    if (in->have_leaf)
+        dec_leaf_dispose(&in->leaf);
+    in->leaf = leaf;
+    in->have_leaf = 1;
+    return 0;
+}
+
+static int same_tls_settings(const struct inputs *in, int min_version, int max_version,
+                             const char *cipher_suites)
+{
+    const char *ca = in->tls_cipher_suites ? in->tls_cipher_suites : "";
+    const char *cb = cipher_suites ? cipher_suites : "";
+    return in->tls_min_version == min_version && in->tls_max_version == max_version &&
+           strcmp(ca, cb) == 0;
+}
+
+void inputs_set_tls(struct inputs *in, int min_version, int max_version, const char *cipher_suites)
+{
+    int tls_changed =
+        !in->have_tls_opts || !same_tls_settings(in, min_version, max_version, cipher_suites);
+    free(in->tls_cipher_suites);
+    in->tls_min_version = min_version;
+    in->tls_max_version = max_version;
+    in->tls_cipher_suites = cipher_suites ? xstrdup(cipher_suites) : NULL;
+    in->have_tls_opts = 1;
+    if (tls_changed && (min_version || max_version || cipher_suites || in->tls != NULL))
+        install_tls(in, in->have_leaf ? &in->leaf : NULL, in->have_roots ? &in->roots : NULL);
+}
+
+/* ---- intentions ---- */
+
+/*
+ * The decision when no intention matches (consul-api.md 2.4.5), and where it comes from: the
+ * agent's default_intention_policy when it is set (newer agents; /authorize uses it too), else
+ * the ACL default policy the agent reports on every answer, as Envoy does, else the one
+ * /v1/agent/self reports. An agent that says neither (an old agent, or a hop that strips the
+ * header, and no agent:read) gets "allow" only when it says its ACLs are off; otherwise no
+ * match denies: a sidecar that cannot learn the policy must not guess the open one.
+ */
+static int default_allow(const struct inputs *in, const char **why)
+{
+    const char *p = NULL;
+    if (in->default_intention_policy[0] != '\0') {
+        p = in->default_intention_policy;
+        *why = "agent default_intention_policy";
+    } else if (in->acl_header_policy[0] != '\0') {
+        p = in->acl_header_policy;
+        *why = "agent ACL default policy";
+    } else if (in->self_acl_policy[0] != '\0') {
+        p = in->self_acl_policy;
+        *why = "agent ACL default policy, from agent self";
+    } else if (in->self_acls_enabled == 0) {
+        *why = "agent ACLs disabled";
+        return 1;
+    } else {
+        *why = "the agent did not say its default policy: failing closed";
+        return 0;
+    }
+    return strcmp(p, "deny") != 0;
+}
+
+/* Keeps "allow" or "deny" (any case) from <v> in <dst>, or "" for anything else. */
+static void keep_policy(char dst[8], const char *v)
+{
+    const char *p = v == NULL                     ? ""
+                    : strcasecmp(v, "allow") == 0 ? "allow"
+                    : strcasecmp(v, "deny") == 0  ? "deny"
+                                                  : "";
+    snprintf(dst, 8, "%s", p);
+}
+
+static void apply_intentions(struct inputs *in)
+{
+    if (!in->have_rules)
+        return;
+    const char *why;
+    struct intent_table *t = intent_table_new(in->rules, in->n_rules, default_allow(in, &why));
+    if (in->intents != NULL && intent_table_equal(in->intents, t)) {
+        intent_table_unref(t);
+        return;
+    }
+    tell(in, INPUTS_INTENTIONS_CHANGING); /* the agent's answers may differ now */
+    LOG_INFO("intentions for %s: %zu rule(s), default %s (%s)", in->service, intent_table_len(t),
+             intent_table_default_allow(t) ? "allow" : "deny", why);
+    intent_table_unref(in->intents);
+    in->intents = t;
+    in->intents_gen++;
+    tell(in, INPUTS_CHANGED);
+}
+
+static void forget_rules(struct inputs *in)
+{
+    if (in->have_rules)
+        dec_intentions_free(in->rules, in->n_rules);
+    in->rules = NULL;
+    in->n_rules = 0;
+    in->have_rules = 0;
+}
+
+static int on_intentions(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_intention *v;
+    size_t n;
+    int rc =
+        decode_intentions_match(resp->body, resp->body_len, in->service, &v, &n, err, sizeof(err));
+    if (rc != 0) {
+        LOG_ERROR("intentions: %s; keeping the previous table", err);
+        return rc;
+    }
+    forget_rules(in);
+    in->rules = v;
+    in->n_rules = n;
+    in->have_rules = 1;
+    keep_policy(in->acl_header_policy, resp->default_acl_policy);
+    apply_intentions(in);
+    return 0;
+}
+
+/* One look at the agent's own configuration for its default policies; retried only while the
+ * agent cannot answer (a 403 without agent:read leaves what the answers' headers say). */
+static void self_start(struct inputs *in);
+
+static void on_self_retry(struct loop_timer *t)
+{
+    self_start(t->data);
+}
+
+static void on_self(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[256];
+    struct dec_agent_self self;
+    in->self_req = NULL;
+    watch_reach_note(in->reach, resp);
+    if (resp->status == 0 || resp->status >= 500) {
+        watch_retry_later(in->loop, &in->self_retry, in->self_failures++);
+        return;
+    }
+    if (resp->status != 200) {
+        LOG_INFO("agent self answered status %ld; the default intention decision follows the "
+                 "agent's X-Consul-Default-ACL-Policy header (deny without it)",
+                 resp->status);
+        return;
+    }
+    if (decode_agent_self(resp->body, resp->body_len, &self, err, sizeof(err)) != 0) {
+        LOG_WARN("agent self: %s; the default intention decision follows the ACL default policy",
+                 err);
+        return;
+    }
+    const char *p = self.default_intention_policy;
+    if (strcmp(p, "allow") == 0 || strcmp(p, "deny") == 0) {
+        snprintf(in->default_intention_policy, sizeof(in->default_intention_policy), "%s", p);
+        LOG_INFO("agent default_intention_policy is %s", p);
+    } else if (p[0] != '\0') {
+        LOG_WARN("agent default_intention_policy \"%s\" is not allow or deny; ignored", p);
+    }
+    keep_policy(in->self_acl_policy, self.acl_default_policy);
+    in->self_acls_enabled = self.acls_enabled;
+    dec_agent_self_dispose(&self);
+    apply_intentions(in);
+}
+
+static void self_start(struct inputs *in)
+{
+    in->self_req = agent_request(in->agent, "GET", "/v1/agent/self", NULL, 30000, on_self, in);
+}
+
+/* ---- the destination service ---- */
+
+/*
+ * The leaf and the intentions are those of the destination service in the proxy's own
+ * namespace and partition (an Enterprise proxy registered outside the defaults must not
+ * present, nor be governed as, the same-named service of the default namespace).
+ */
+static void start_service_watches(struct inputs *in, const char *service)
+{
+    char *esc = util_url_escape(service);
+    char *path = xasprintf("/v1/agent/connect/ca/leaf/%s%s%s", esc, in->scope[0] ? "?" : "",
+                           in->scope[0] ? in->scope + 1 : "");
+    char *name = xasprintf("leaf %s", service);
+    struct watch_spec spec = {
+        .name = name, .method = "GET", .path = path, .block = WATCH_BY_INDEX, .reach = in->reach};
+    if (in->leaf_watch != NULL)
+        watch_stop(in->leaf_watch);
+    in->leaf_watch = watch_start(in->agent, &spec, on_leaf, in);
+    free(path);
+    free(name);
+
+    path =
+        xasprintf("/v1/connect/intentions/match?by=destination&name=%s&cached%s", esc, in->scope);
+    name = xasprintf("intentions %s", service);
+    spec.name = name;
+    spec.path = path;
+    if (in->intent_watch != NULL)
+        watch_stop(in->intent_watch);
+    in->intent_watch = watch_start(in->agent, &spec, on_intentions, in);
+    free(path);
+    free(name);
+    free(esc);
+}
+
+void inputs_set_service(struct inputs *in, const char *service, const char *ns,
+                        const char *partition)
+{
+    char *scope = agent_scope_query(ns, partition);
+    if (in->service == NULL || strcmp(in->service, service) != 0 || strcmp(in->scope, scope) != 0) {
+        /* A new identity: the leaf and intentions of the old one no longer apply. */
+        if (in->service != NULL)
+            LOG_WARN("destination service changed from %s%s to %s%s", in->service, in->scope,
+                     service, scope);
+        free(in->service);
+        in->service = xstrdup(service);
+        free(in->scope);
+        in->scope = scope;
+        scope = NULL;
+        if (in->have_leaf)
+            dec_leaf_dispose(&in->leaf);
+        in->have_leaf = 0;
+        intent_table_unref(in->intents);
+        in->intents = NULL;
+        in->intents_gen++;
+        forget_rules(in);
+        start_service_watches(in, service);
+    }
+    free(scope);
+}
+
+/* ---- life ---- */
+
+struct inputs *inputs_new(struct agent *a, struct watch_reach *reach, inputs_cb cb, void *data)
+{
+    struct inputs *in = xcalloc(1, sizeof(*in));
+    in->agent = a;
+    in->loop = agent_loop(a);
+    in->reach = reach;
+    in->cb = cb;
+    in->cb_data = data;
+    in->self_acls_enabled = -1;
+    loop_timer_init(&in->self_retry, on_self_retry, in);
+    return in;
+}
+
+void inputs_start(struct inputs *in)
+{
+    struct watch_spec roots_spec = {.name = "roots",
+                                    .method = "GET",
+                                    .path = "/v1/agent/connect/ca/roots",
+                                    .block = WATCH_BY_INDEX,
+                                    .reach = in->reach};
+    in->roots_watch = watch_start(in->agent, &roots_spec, on_roots, in);
+    self_start(in);
+}
+
+void inputs_free(struct inputs *in)
+{
+    if (in == NULL)
+        return;
+    if (in->self_req != NULL)
+        agent_cancel(in->self_req);
+    loop_timer_stop(in->loop, &in->self_retry);
+    if (in->leaf_watch != NULL)
+        watch_stop(in->leaf_watch);
+    if (in->intent_watch != NULL)
+        watch_stop(in->intent_watch);
+    if (in->roots_watch != NULL)
+        watch_stop(in->roots_watch);
+    forget_rules(in);
+    tls_ctx_unref(in->tls);
+    intent_table_unref(in->intents);
+    if (in->have_leaf)
+        dec_leaf_dispose(&in->leaf);
+    if (in->have_roots)
+        dec_roots_dispose(&in->roots);
+    free(in->tls_cipher_suites);
+    free(in->service);
+    free(in->scope);
+    free(in);
+}
+
+/* ---- what the others read ---- */
+
+const char *inputs_service(const struct inputs *in)
+{
+    return in->service;
+}
+
+const char *inputs_scope(const struct inputs *in)
+{
+    return in->scope != NULL ? in->scope : "";
+}
+
+struct tls_ctx *inputs_tls(const struct inputs *in)
+{
+    return in->tls;
+}
+
+const struct dec_leaf *inputs_leaf(const struct inputs *in)
+{
+    return in->have_leaf ? &in->leaf : NULL;
+}
+
+const char *inputs_trust_domain(const struct inputs *in)
+{
+    return in->have_roots ? in->roots.trust_domain : NULL;
+}
+
+struct intent_table *inputs_intents(const struct inputs *in)
+{
+    return in->intents;
+}
+
+uint64_t inputs_intents_gen(const struct inputs *in)
+{
+    return in->intents_gen;
+}
+
+const char *inputs_waiting_for(const struct inputs *in)
+{
+    if (!in->have_roots)
+        return "waiting for the CA roots";
+    if (!in->have_leaf || in->tls == NULL)
+        return "waiting for the leaf certificate";
+    if (in->intents == NULL)
+        return "waiting for the intentions";
+    return NULL;
+}
+
+void inputs_each_watch(const struct inputs *in, watch_visit_cb fn, void *data)
+{
+    if (in->roots_watch != NULL)
+        fn(data, "roots", in->roots_watch);
+    if (in->leaf_watch != NULL)
+        fn(data, "leaf", in->leaf_watch);
+    if (in->intent_watch != NULL)
+        fn(data, "intentions", in->intent_watch);
+}
