@@ -1,0 +1,421 @@
+/*
+ * upstreams: per upstream, the discovery chain (or the polled prepared query) and one health
+ * watch per chain target, reconciled with the configuration and with each new chain, and
+ * turned into the targets and endpoint sets a snapshot carries.
+ */
+#include "upstreams.h"
+#include "decode.h"
+#include "log.h"
+#include "util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct up_watch;
+
+/* One target of an upstream and the health watch that feeds it. */
+struct tgt_watch {
+    char *wkey; /* the health query (and OnlyPassing): equal keys keep their watch */
+    char *id, *service, *ns, *partition, *datacenter, *sni;
+    int only_passing;
+    uint32_t connect_timeout_ms;
+    struct watch *watch;            /* NULL for a prepared query's target */
+    struct endpoint_set *endpoints; /* healthy ones; NULL until the first answer */
+    struct up_watch *up;
+};
+
+struct up_watch {
+    char *key;
+    char *request;           /* what feeds it (method, path, body): a change restarts it */
+    struct watch *watch;     /* the discovery chain, or the polled prepared query */
+    struct tgt_watch **tgts; /* primary first, then failovers in order */
+    size_t n_tgts;
+    struct limit_state *limit; /* admission state of its listener, across snapshots */
+    struct upstreams *ups;
+};
+
+struct upstreams {
+    struct agent *agent;
+    struct watch_reach *reach;
+    void (*changed)(void *data);
+    void *data;
+    struct up_watch **v; /* one per cfg.upstreams entry, same order */
+    size_t n;
+};
+
+static void changed(struct upstreams *ups)
+{
+    ups->changed(ups->data);
+}
+
+/*
+ * A service upstream resolves through its discovery chain (one blocking POST watch); each
+ * chain target has its own health watch. A prepared-query upstream has one polled query and
+ * one target without a watch of its own.
+ */
+static void tgt_free(struct tgt_watch *t)
+{
+    if (t == NULL)
+        return;
+    if (t->watch != NULL)
+        watch_stop(t->watch);
+    endpoint_set_unref(t->endpoints);
+    free(t->wkey);
+    free(t->id);
+    free(t->service);
+    free(t->ns);
+    free(t->partition);
+    free(t->datacenter);
+    free(t->sni);
+    free(t);
+}
+
+/*
+ * Keeps the endpoints Envoy would call healthy (consul-api.md 2.7): no critical check, and
+ * with the subset's OnlyPassing no check other than passing. Takes ownership of <v>.
+ */
+static struct endpoint_set *healthy_set(struct dec_endpoint *v, size_t n, int only_passing)
+{
+    struct dec_endpoint *ok = xcalloc(n, sizeof(*ok)), *bad = xcalloc(n, sizeof(*bad));
+    size_t n_ok = 0, n_bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!v[i].critical && (!only_passing || v[i].passing))
+            ok[n_ok++] = v[i];
+        else
+            bad[n_bad++] = v[i];
+    }
+    free(v);
+    dec_endpoints_free(bad, n_bad);
+    return endpoint_set_new(ok, n_ok);
+}
+
+static int on_target_health(void *data, const struct agent_response *resp)
+{
+    struct tgt_watch *t = data;
+    char err[256];
+    struct dec_endpoint *v;
+    size_t n;
+    int rc = decode_health_connect(resp->body, resp->body_len, &v, &n, err, sizeof(err));
+    if (rc != 0) {
+        LOG_ERROR("upstream %s target %s: %s; keeping the previous endpoints", t->up->key, t->id,
+                  err);
+        return rc;
+    }
+    struct endpoint_set *set = healthy_set(v, n, t->only_passing);
+    LOG_INFO("upstream %s target %s: %zu healthy endpoint(s) of %zu", t->up->key, t->id, set->n, n);
+    endpoint_set_unref(t->endpoints);
+    t->endpoints = set;
+    changed(t->up->ups);
+    return 0;
+}
+
+/* The health query of one chain target (consul-api.md 2.8, "Mapping targets"). */
+static char *target_query(const struct dec_chain_target *ct)
+{
+    char *name = util_url_escape(ct->service), *dc = util_url_escape(ct->datacenter);
+    char *filter = util_url_escape(ct->filter), *scope = agent_scope_query(ct->ns, ct->partition);
+    char *peer = util_url_escape(ct->peer);
+    char *path =
+        xasprintf("/v1/health/connect/%s?cached%s%s%s%s%s%s%s", name, dc[0] ? "&dc=" : "", dc,
+                  filter[0] ? "&filter=" : "", filter, scope, peer[0] ? "&peer=" : "", peer);
+    free(name);
+    free(dc);
+    free(filter);
+    free(scope);
+    free(peer);
+    return path;
+}
+
+static struct tgt_watch *tgt_new(struct up_watch *u, const char *wkey)
+{
+    struct tgt_watch *t = xcalloc(1, sizeof(*t));
+    t->up = u;
+    t->wkey = xstrdup(wkey);
+    return t;
+}
+
+static void tgt_set_info(struct tgt_watch *t, const struct dec_chain_target *ct,
+                         uint32_t chain_timeout_ms)
+{
+    free(t->id);
+    free(t->service);
+    free(t->ns);
+    free(t->partition);
+    free(t->datacenter);
+    free(t->sni);
+    t->id = xstrdup(ct->id);
+    t->service = xstrdup(ct->service);
+    t->ns = xstrdup(ct->ns);
+    t->partition = xstrdup(ct->partition);
+    t->datacenter = xstrdup(ct->datacenter);
+    t->sni = xstrdup(ct->sni);
+    t->only_passing = ct->only_passing;
+    t->connect_timeout_ms = ct->connect_timeout_ms ? ct->connect_timeout_ms : chain_timeout_ms;
+}
+
+/*
+ * Makes the upstream's targets match a new chain: a target whose health query is unchanged
+ * keeps its watch and endpoints (only its SNI, timeout and order are refreshed); new ones get
+ * a watch; the others stop.
+ */
+static int on_chain(void *data, const struct agent_response *resp)
+{
+    struct up_watch *u = data;
+    char err[512];
+    struct dec_chain chain;
+    int rc = decode_discovery_chain(resp->body, resp->body_len, &chain, err, sizeof(err));
+    if (rc != 0) {
+        LOG_ERROR("upstream %s: discovery chain: %s; keeping the previous targets", u->key, err);
+        return rc;
+    }
+    struct tgt_watch **fresh = xcalloc(chain.n_targets, sizeof(*fresh));
+    for (size_t i = 0; i < chain.n_targets; i++) {
+        const struct dec_chain_target *ct = &chain.targets[i];
+        char *query = target_query(ct);
+        char *wkey = xasprintf("%s%s", query, ct->only_passing ? " only-passing" : "");
+        for (size_t j = 0; j < u->n_tgts && fresh[i] == NULL; j++) {
+            if (u->tgts[j] != NULL && strcmp(u->tgts[j]->wkey, wkey) == 0) {
+                fresh[i] = u->tgts[j];
+                u->tgts[j] = NULL;
+            }
+        }
+        if (fresh[i] == NULL) {
+            struct tgt_watch *t = tgt_new(u, wkey);
+            char *wname = xasprintf("endpoints %s", ct->id);
+            struct watch_spec spec = {.name = wname,
+                                      .method = "GET",
+                                      .path = query,
+                                      .block = WATCH_BY_INDEX,
+                                      .reach = u->ups->reach};
+            tgt_set_info(t, ct, chain.connect_timeout_ms);
+            t->watch = watch_start(u->ups->agent, &spec, on_target_health, t);
+            fresh[i] = t;
+            free(wname);
+            LOG_DEBUG("upstream %s: watching target %s: %s", u->key, ct->id, query);
+        } else {
+            tgt_set_info(fresh[i], ct, chain.connect_timeout_ms);
+        }
+        free(query);
+        free(wkey);
+    }
+    for (size_t j = 0; j < u->n_tgts; j++)
+        tgt_free(u->tgts[j]);
+    free(u->tgts);
+    u->tgts = fresh;
+    u->n_tgts = chain.n_targets;
+    LOG_INFO("upstream %s: discovery chain %s: %zu target(s), primary %s, connect timeout %u ms",
+             u->key, chain.service_name, chain.n_targets, chain.targets[0].id,
+             (unsigned)chain.connect_timeout_ms);
+    dec_chain_dispose(&chain);
+    changed(u->ups);
+    return 0;
+}
+
+static int on_query(void *data, const struct agent_response *resp)
+{
+    struct up_watch *u = data;
+    char err[256];
+    struct dec_query q;
+    int rc = decode_prepared_query(resp->body, resp->body_len, &q, err, sizeof(err));
+    if (rc != 0) {
+        LOG_ERROR("upstream %s: prepared query: %s; keeping the previous endpoints", u->key, err);
+        return rc;
+    }
+    struct tgt_watch *t = u->tgts[0];
+    struct endpoint_set *set = healthy_set(q.nodes, q.n_nodes, 0);
+    q.nodes = NULL;
+    q.n_nodes = 0;
+    LOG_INFO("upstream %s: prepared query answered %zu endpoint(s) of %s in %s", u->key, set->n,
+             q.service, q.datacenter);
+    dec_query_dispose(&q);
+    endpoint_set_unref(t->endpoints);
+    t->endpoints = set;
+    changed(u->ups);
+    return 0;
+}
+
+/*
+ * The request that feeds an upstream, as a string: upstreams whose key and request are
+ * unchanged keep their watches when the registration changes.
+ */
+static char *upstream_request(const struct upstream_cfg *c, struct watch_spec *spec)
+{
+    char *name = util_url_escape(c->destination_name);
+    memset(spec, 0, sizeof(*spec));
+    if (strcmp(c->destination_type, "prepared_query") == 0) {
+        spec->method = "GET";
+        spec->block = WATCH_POLL;
+        spec->poll_ms = c->poll_interval_ms;
+        spec->path = xasprintf("/v1/query/%s/execute?connect=true%s%s", name,
+                               c->datacenter[0] ? "&dc=" : "", c->datacenter);
+    } else {
+        char *dc = util_url_escape(c->datacenter), *ns = util_url_escape(c->ns);
+        spec->method = "POST";
+        spec->block = WATCH_BY_INDEX;
+        spec->path = xasprintf("/v1/discovery-chain/%s?cached%s%s%s%s", name,
+                               dc[0] ? "&compile-dc=" : "", dc, ns[0] ? "&ns=" : "", ns);
+        /* An L4 proxy asks for a tcp chain: one resolver, no routers or splitters. */
+        if (c->connect_timeout_set)
+            spec->body = xasprintf("{\"OverrideProtocol\":\"tcp\","
+                                   "\"OverrideConnectTimeout\":\"%ums\"}",
+                                   (unsigned)c->connect_timeout_ms);
+        else
+            spec->body = xasprintf("{\"OverrideProtocol\":\"tcp\"}");
+        free(dc);
+        free(ns);
+    }
+    free(name);
+    return xasprintf("%s %s %u %s", spec->method, spec->path, (unsigned)spec->poll_ms,
+                     spec->body ? spec->body : "");
+}
+
+static void up_watch_free(struct up_watch *u)
+{
+    if (u == NULL)
+        return;
+    if (u->watch != NULL)
+        watch_stop(u->watch);
+    for (size_t i = 0; i < u->n_tgts; i++)
+        tgt_free(u->tgts[i]);
+    free(u->tgts);
+    free(u->request);
+    limit_state_unref(u->limit);
+    free(u->key);
+    free(u);
+}
+
+static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstream_cfg *c)
+{
+    struct watch_spec spec;
+    struct up_watch *u = xcalloc(1, sizeof(*u));
+    u->key = xstrdup(c->key);
+    u->ups = ups;
+    u->limit = limit_state_new();
+    u->request = upstream_request(c, &spec);
+    char *wname =
+        xasprintf("%s %s", spec.block == WATCH_POLL ? "prepared query" : "discovery chain",
+                  c->destination_name);
+    spec.name = wname;
+    spec.reach = ups->reach;
+    if (spec.block == WATCH_POLL) {
+        /* The query's one target: identity and datacenter come from each entry. */
+        struct dec_chain_target ct = {.id = c->destination_name,
+                                      .service = "",
+                                      .ns = "",
+                                      .partition = "",
+                                      .datacenter = "",
+                                      .sni = ""};
+        u->tgts = xcalloc(1, sizeof(*u->tgts));
+        u->tgts[0] = tgt_new(u, "");
+        tgt_set_info(u->tgts[0], &ct, 0);
+        u->n_tgts = 1;
+        u->watch = watch_start(ups->agent, &spec, on_query, u);
+    } else {
+        u->watch = watch_start(ups->agent, &spec, on_chain, u);
+    }
+    free(wname);
+    free((char *)spec.path);
+    free((char *)spec.body);
+    return u;
+}
+
+/* Each up_watch is its own allocation because its running watch holds a pointer to it. */
+void upstreams_reconcile(struct upstreams *ups, const struct proxy_cfg *cfg)
+{
+    struct up_watch **fresh = xcalloc(cfg->n_upstreams, sizeof(*fresh));
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const struct upstream_cfg *c = &cfg->upstreams[i];
+        struct watch_spec spec;
+        char *request = upstream_request(c, &spec);
+        free((char *)spec.path);
+        free((char *)spec.body);
+        for (size_t j = 0; j < ups->n && fresh[i] == NULL; j++) {
+            if (ups->v[j] != NULL && strcmp(ups->v[j]->key, c->key) == 0 &&
+                strcmp(ups->v[j]->request, request) == 0) {
+                fresh[i] = ups->v[j];
+                ups->v[j] = NULL;
+            }
+        }
+        free(request);
+        if (fresh[i] == NULL)
+            fresh[i] = up_watch_new(ups, c);
+    }
+    for (size_t j = 0; j < ups->n; j++)
+        up_watch_free(ups->v[j]);
+    free(ups->v);
+    ups->v = fresh;
+    ups->n = cfg->n_upstreams;
+}
+
+struct upstreams *upstreams_new(struct agent *a, struct watch_reach *reach,
+                                void (*on_change)(void *data), void *data)
+{
+    struct upstreams *ups = xcalloc(1, sizeof(*ups));
+    ups->agent = a;
+    ups->reach = reach;
+    ups->changed = on_change;
+    ups->data = data;
+    return ups;
+}
+
+void upstreams_free(struct upstreams *ups)
+{
+    if (ups == NULL)
+        return;
+    for (size_t i = 0; i < ups->n; i++)
+        up_watch_free(ups->v[i]);
+    free(ups->v);
+    free(ups);
+}
+
+void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_parts *out)
+{
+    out->n = n;
+    out->targets = xcalloc(n, sizeof(*out->targets));
+    out->n_targets = xcalloc(n, sizeof(*out->n_targets));
+    out->limits = xcalloc(n, sizeof(*out->limits));
+    for (size_t i = 0; i < n && i < ups->n; i++) {
+        const struct up_watch *u = ups->v[i];
+        out->limits[i] = u->limit;
+        out->targets[i] = xcalloc(u->n_tgts, sizeof(**out->targets));
+        out->n_targets[i] = u->n_tgts;
+        for (size_t j = 0; j < u->n_tgts; j++) {
+            const struct tgt_watch *t = u->tgts[j];
+            out->targets[i][j] = (struct snap_target){
+                .id = t->id,
+                .service = t->service,
+                .ns = t->ns,
+                .partition = t->partition,
+                .datacenter = t->datacenter,
+                .sni = t->sni,
+                .connect_timeout_ms = t->connect_timeout_ms,
+                .endpoints = t->endpoints,
+            };
+        }
+    }
+}
+
+void upstreams_parts_dispose(struct upstreams_parts *p)
+{
+    for (size_t i = 0; i < p->n; i++)
+        free(p->targets[i]);
+    free(p->targets);
+    free(p->n_targets);
+    free(p->limits);
+}
+
+void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data)
+{
+    for (size_t i = 0; i < ups->n; i++) {
+        const struct up_watch *u = ups->v[i];
+        char name[600];
+        snprintf(name, sizeof(name), "upstream:%s", u->key);
+        if (u->watch != NULL)
+            fn(data, name, u->watch);
+        for (size_t j = 0; j < u->n_tgts; j++) {
+            snprintf(name, sizeof(name), "health:%s", u->tgts[j]->id);
+            if (u->tgts[j]->watch != NULL)
+                fn(data, name, u->tgts[j]->watch);
+        }
+    }
+}

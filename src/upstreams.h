@@ -1,0 +1,55 @@
+/*
+ * upstreams: where each upstream's endpoints come from. A service upstream watches its
+ * discovery chain and, per chain target, that target's health; a prepared-query upstream polls
+ * its query. The watches follow the configuration (upstreams_reconcile) and the chain
+ * (targets added and removed), keeping whatever did not change.
+ *
+ * Control thread only; a bad answer is logged and the last good endpoints stay in force.
+ */
+#ifndef CONNECTD_UPSTREAMS_H
+#define CONNECTD_UPSTREAMS_H
+
+#include <stddef.h>
+
+#include "agent.h"
+#include "limit.h"
+#include "proxycfg.h"
+#include "snapshot.h"
+#include "watch.h"
+
+struct upstreams;
+
+/*
+ * Creates the set, with no upstream. <a> and <reach> are borrowed and must outlive it;
+ * <changed> is called with <data> whenever the endpoints or targets of an upstream change.
+ */
+struct upstreams *upstreams_new(struct agent *a, struct watch_reach *reach,
+                                void (*changed)(void *data), void *data);
+/* Stops every watch and frees everything; NULL is fine. */
+void upstreams_free(struct upstreams *ups);
+
+/*
+ * Makes the upstream watches match <cfg>: watches of unchanged upstreams keep running (and
+ * their endpoints), new upstreams get a watch, removed ones lose theirs. Afterwards the
+ * upstreams are those of cfg->upstreams, in the same order.
+ */
+void upstreams_reconcile(struct upstreams *ups, const struct proxy_cfg *cfg);
+
+/*
+ * What snapshot_new() takes for the first <n> upstreams: per upstream its targets (borrowed
+ * strings and endpoint sets, valid until the next callback of the set) and its listener's
+ * admission state. Free with upstreams_parts_dispose().
+ */
+struct upstreams_parts {
+    struct snap_target **targets;
+    size_t *n_targets;
+    struct limit_state **limits;
+    size_t n;
+};
+void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_parts *out);
+void upstreams_parts_dispose(struct upstreams_parts *p);
+
+/* Calls <fn> for each upstream's watch ("upstream:<key>") and its targets' ("health:<id>"). */
+void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data);
+
+#endif
