@@ -1,0 +1,645 @@
+/*
+ * views: what the admin endpoint answers. /metrics sums the workers' session_stats blocks
+ * (written by each worker with relaxed atomic adds, read here racily but atomically) and shows
+ * every watch's health; /connections posts a worker_listing to each worker and answers when
+ * all have filled theirs or CONNECTIONS_WAIT_MS has passed.
+ */
+#include "views.h"
+#include "intent.h"
+#include "util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define CONNECTIONS_WAIT_MS        2000 /* how long /connections waits for the workers */
+#define CONNECTIONS_MAX_PER_WORKER 1000
+
+struct conn_job;
+
+struct views {
+    struct loop *loop;
+    struct worker *const *workers;
+    int n_workers;
+    const struct inputs *in;
+    const struct upstreams *ups;
+    const struct limit_state *inbound_limit;
+    /* the /connections listing being collected */
+    struct conn_job *conn_job;
+    struct loop_timer conn_wait;
+};
+
+static uint64_t load(const atomic_uint_fast64_t *v)
+{
+    return atomic_load_explicit(v, memory_order_relaxed);
+}
+
+/* One listener's numbers summed over the workers. */
+struct listener_sum {
+    const char *name;
+    int inbound;
+    uint64_t active, total, bytes_in, bytes_out, connect_errors;
+};
+
+static void sum_listener(struct listener_sum **v, size_t *n, const struct session_listener_stats *l)
+{
+    struct listener_sum *s = NULL;
+    for (size_t i = 0; i < *n && s == NULL; i++)
+        if ((*v)[i].inbound == l->inbound && strcmp((*v)[i].name, l->name) == 0)
+            s = &(*v)[i];
+    if (s == NULL) {
+        *v = xrealloc(*v, (*n + 1) * sizeof(**v));
+        s = &(*v)[(*n)++];
+        *s = (struct listener_sum){.name = l->name, .inbound = l->inbound};
+    }
+    s->active += load(&l->active);
+    s->total += load(&l->total);
+    s->bytes_in += load(&l->bytes_in);
+    s->bytes_out += load(&l->bytes_out);
+    s->connect_errors += load(&l->connect_errors);
+}
+
+struct source_sum {
+    const char *name;
+    uint64_t allow, deny;
+};
+
+static void sum_source(struct source_sum **v, size_t *n, const struct session_source_stats *src)
+{
+    struct source_sum *s = NULL;
+    for (size_t i = 0; i < *n && s == NULL; i++)
+        if (strcmp((*v)[i].name, src->name) == 0)
+            s = &(*v)[i];
+    if (s == NULL) {
+        *v = xrealloc(*v, (*n + 1) * sizeof(**v));
+        s = &(*v)[(*n)++];
+        *s = (struct source_sum){.name = src->name};
+    }
+    s->allow += load(&src->allow);
+    s->deny += load(&src->deny);
+}
+
+static void metric_head(struct admin_buf *b, const char *name, const char *type, const char *help)
+{
+    admin_buf_printf(b, "# HELP connectd_%s %s\n# TYPE connectd_%s %s\n", name, help, name, type);
+}
+
+/* One sample line: connectd_<name>{<label>="<value>"} <v>; no label when <label> is NULL. */
+static void sample(struct admin_buf *b, const char *name, const char *label, const char *value,
+                   uint64_t v)
+{
+    admin_buf_printf(b, "connectd_%s", name);
+    if (label != NULL && value != NULL) {
+        admin_buf_printf(b, "{%s=", label);
+        admin_buf_label(b, value);
+        admin_buf_add(b, "}", 1);
+    }
+    admin_buf_printf(b, " %llu\n", (unsigned long long)v);
+}
+
+static void listener_label(struct admin_buf *b, const char *name, const struct listener_sum *l)
+{
+    admin_buf_printf(b, "connectd_%s{listener=", name);
+    admin_buf_label(b, l->inbound ? "public" : "upstream");
+    if (!l->inbound) {
+        admin_buf_add(b, ",upstream=", 10);
+        admin_buf_label(b, l->name);
+    }
+    admin_buf_add(b, "}", 1);
+}
+
+static void watch_metrics(struct admin_buf *b, const char *name, const struct watch *w,
+                          uint64_t now)
+{
+    if (w == NULL)
+        return;
+    admin_buf_add(b, "connectd_watch_up{watch=", 24);
+    admin_buf_label(b, name);
+    admin_buf_printf(b, "} %d\n", watch_has_data(w) && watch_failures(w) == 0);
+    uint64_t ok = watch_last_ok_ms(w);
+    admin_buf_add(b, "connectd_watch_last_success_age_seconds{watch=", 46);
+    admin_buf_label(b, name);
+    if (ok == 0)
+        admin_buf_add(b, "} NaN\n", 6);
+    else
+        admin_buf_printf(b, "} %.3f\n", (double)(now - MIN(ok, now)) / 1000.0);
+}
+
+struct watch_visit {
+    struct admin_buf *b;
+    uint64_t now;
+};
+
+static void visit_watch(void *data, const char *name, const struct watch *w)
+{
+    struct watch_visit *v = data;
+    watch_metrics(v->b, name, w, v->now);
+}
+
+static void render_watches(const struct views *v, const struct views_state *st, struct admin_buf *b)
+{
+    struct watch_visit visit = {.b = b, .now = util_now_ms()};
+    metric_head(b, "watch_up", "gauge",
+                "1 when the watch has an answer and its last attempt succeeded, else 0.");
+    metric_head(b, "watch_last_success_age_seconds", "gauge",
+                "Seconds since the watch last got a good answer (NaN before the first).");
+    watch_metrics(b, "registration", st->registration, visit.now);
+    inputs_each_watch(v->in, visit_watch, &visit);
+    upstreams_each_watch(v->ups, visit_watch, &visit);
+}
+
+static void render_metrics(const struct views *vw, const struct views_state *vs,
+                           struct admin_buf *b)
+{
+    struct listener_sum *ls = NULL;
+    struct source_sum *ss = NULL;
+    size_t nl = 0, ns = 0;
+    uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}};
+    uint64_t refused_max = 0, refused_rate = 0, idle = 0, lifetime = 0, reauth = 0,
+             reauth_closed = 0, refused_pending = 0, refused_pending_source = 0, refused_fds = 0;
+    for (int i = 0; i < vw->n_workers; i++) {
+        const struct session_stats *st = worker_stats(vw->workers[i]);
+        size_t n = atomic_load_explicit(&st->n_listeners, memory_order_acquire);
+        for (size_t j = 0; j < n; j++)
+            sum_listener(&ls, &nl, &st->listeners[j]);
+        if (load(&st->other_listener.total) != 0)
+            sum_listener(&ls, &nl, &st->other_listener);
+        n = atomic_load_explicit(&st->n_sources, memory_order_acquire);
+        for (size_t j = 0; j < n; j++)
+            sum_source(&ss, &ns, &st->sources[j]);
+        if (load(&st->other_source.allow) + load(&st->other_source.deny) != 0)
+            sum_source(&ss, &ns, &st->other_source);
+        for (int r = 0; r < SESSION_HS_COUNT; r++)
+            hs[r] += load(&st->handshake_failures[r]);
+        for (int d = 0; d < 2; d++)
+            for (int r = 0; r < 2; r++)
+                tls_hs[d][r] += load(&st->tls_handshakes[d][r]);
+        refused_max += load(&st->counters.refused_max_connections);
+        refused_rate += load(&st->counters.refused_rate);
+        refused_pending += load(&st->counters.refused_pending);
+        refused_pending_source += load(&st->counters.refused_pending_source);
+        refused_fds += load(&st->counters.refused_descriptors);
+        idle += load(&st->counters.closed_idle);
+        lifetime += load(&st->counters.closed_lifetime);
+        reauth += load(&st->counters.reauthorized);
+        reauth_closed += load(&st->counters.reauthorize_closed);
+    }
+
+    static const struct {
+        const char *name, *type, *help;
+        size_t off;
+    } per_listener[] = {
+        {"connections_active", "gauge", "Open connections.", offsetof(struct listener_sum, active)},
+        {"connections_total", "counter", "Connections accepted (after admission).",
+         offsetof(struct listener_sum, total)},
+        {"bytes_in_total", "counter", "Bytes received from connecting clients.",
+         offsetof(struct listener_sum, bytes_in)},
+        {"bytes_out_total", "counter", "Bytes sent back to connecting clients.",
+         offsetof(struct listener_sum, bytes_out)},
+        {"upstream_connect_errors_total", "counter",
+         "Upstream endpoints that could not be connected to or verified.",
+         offsetof(struct listener_sum, connect_errors)},
+    };
+    for (size_t m = 0; m < ARRAY_SIZE(per_listener); m++) {
+        metric_head(b, per_listener[m].name, per_listener[m].type, per_listener[m].help);
+        for (size_t i = 0; i < nl; i++) {
+            if (m == ARRAY_SIZE(per_listener) - 1 && ls[i].inbound)
+                continue;
+            listener_label(b, per_listener[m].name, &ls[i]);
+            uint64_t v;
+            memcpy(&v, (const char *)&ls[i] + per_listener[m].off, sizeof(v));
+            admin_buf_printf(b, " %llu\n", (unsigned long long)v);
+        }
+    }
+
+    metric_head(b, "handshake_failures_total", "counter",
+                "Inbound TLS handshakes that failed or whose caller certificate carried no "
+                "acceptable identity, and outbound peers that proved the wrong identity, by "
+                "reason.");
+    for (int r = 0; r < SESSION_HS_COUNT; r++)
+        sample(b, "handshake_failures_total", "reason", session_handshake_reason_name(r), hs[r]);
+
+    metric_head(b, "tls_handshakes_total", "counter",
+                "Completed TLS handshakes by direction, and whether they resumed a session.");
+    for (int d = 0; d < 2; d++)
+        for (int r = 0; r < 2; r++)
+            admin_buf_printf(b,
+                             "connectd_tls_handshakes_total{direction=\"%s\",resumed=\"%s\"} "
+                             "%llu\n",
+                             d == 0 ? "inbound" : "outbound", r ? "true" : "false",
+                             (unsigned long long)tls_hs[d][r]);
+
+    metric_head(b, "authorization_decisions_total", "counter",
+                "Inbound authorization decisions by source service and result (at most 256 "
+                "sources per worker, then \"other\").");
+    for (size_t i = 0; i < ns; i++) {
+        for (int allow = 1; allow >= 0; allow--) {
+            admin_buf_add(b, "connectd_authorization_decisions_total{source=", 46);
+            admin_buf_label(b, ss[i].name);
+            admin_buf_printf(b, ",result=\"%s\"} %llu\n", allow ? "allow" : "deny",
+                             (unsigned long long)(allow ? ss[i].allow : ss[i].deny));
+        }
+    }
+
+    metric_head(b, "reauthorizations_total", "counter",
+                "Open inbound sessions re-evaluated against the intentions.");
+    sample(b, "reauthorizations_total", NULL, NULL, reauth);
+    metric_head(b, "reauthorization_closes_total", "counter",
+                "Open inbound sessions ended because a re-evaluation denied them.");
+    sample(b, "reauthorization_closes_total", NULL, NULL, reauth_closed);
+    metric_head(b, "limit_refusals_total", "counter",
+                "Connections refused at accept by a listener's limits, by limit.");
+    sample(b, "limit_refusals_total", "limit", "max_connections", refused_max);
+    sample(b, "limit_refusals_total", "limit", "rate", refused_rate);
+    sample(b, "limit_refusals_total", "limit", "pending_handshakes", refused_pending);
+    sample(b, "limit_refusals_total", "limit", "pending_handshakes_per_source",
+           refused_pending_source);
+    sample(b, "limit_refusals_total", "limit", "descriptor_reserve", refused_fds);
+    metric_head(b, "pending_handshakes", "gauge",
+                "Inbound connections in the TLS handshake now, over all workers.");
+    sample(b, "pending_handshakes", NULL, NULL, (uint64_t)limit_pending_count(vw->inbound_limit));
+    metric_head(b, "timeout_closes_total", "counter",
+                "Sessions ended by the idle timeout or the lifetime bound, by kind.");
+    sample(b, "timeout_closes_total", "kind", "idle", idle);
+    sample(b, "timeout_closes_total", "kind", "lifetime", lifetime);
+
+    render_watches(vw, vs, b);
+
+    metric_head(b, "leaf_not_after_seconds", "gauge",
+                "Unix time at which the current leaf certificate expires.");
+    const struct tls_ctx *tls = inputs_tls(vw->in);
+    if (tls != NULL)
+        admin_buf_printf(b, "connectd_leaf_not_after_seconds %lld\n", tls_ctx_leaf_not_after(tls));
+    metric_head(b, "snapshot_generation", "gauge",
+                "Generation of the configuration snapshot last published to the workers.");
+    sample(b, "snapshot_generation", NULL, NULL, vs->current ? vs->current->generation : 0);
+    metric_head(b, "ready", "gauge", "1 when /ready answers 200.");
+    sample(b, "ready", NULL, NULL, vs->not_ready == NULL);
+    free(ls);
+    free(ss);
+}
+
+static void json_kv_str(struct admin_buf *b, const char *key, const char *v, int comma)
+{
+    admin_buf_json_str(b, key);
+    admin_buf_add(b, ":", 1);
+    admin_buf_json_str(b, v);
+    if (comma)
+        admin_buf_add(b, ",", 1);
+}
+
+static void json_kv_num(struct admin_buf *b, const char *key, long long v, int comma)
+{
+    admin_buf_json_str(b, key);
+    admin_buf_printf(b, ":%lld%s", v, comma ? "," : "");
+}
+
+static void render_authz(const struct views *v, const struct views_state *st,
+                         const struct admin_request *req, struct admin_reply *reply)
+{
+    char source[SPIFFE_NAME_MAX], ns[SPIFFE_NAME_MAX], partition[SPIFFE_NAME_MAX];
+    struct admin_buf *b = &reply->body;
+    if (admin_query_param(req->query, "source", source, sizeof(source)) <= 0) {
+        reply->status = 400;
+        admin_buf_printf(b, "the source query parameter is required: /authz?source=<service>\n");
+        return;
+    }
+    if (admin_query_param(req->query, "namespace", ns, sizeof(ns)) < 0)
+        snprintf(ns, sizeof(ns), "default");
+    if (admin_query_param(req->query, "partition", partition, sizeof(partition)) < 0)
+        snprintf(partition, sizeof(partition), "default");
+    const struct intent_table *intents = inputs_intents(v->in);
+    if (intents == NULL) {
+        reply->status = 503;
+        admin_buf_printf(b, "the intentions have not arrived yet\n");
+        return;
+    }
+    struct intent_decision d = intent_eval(intents, partition, ns, source);
+    char why[600];
+    reply->content_type = "application/json";
+    admin_buf_add(b, "{", 1);
+    json_kv_str(b, "source", source, 1);
+    json_kv_str(b, "namespace", ns, 1);
+    json_kv_str(b, "partition", partition, 1);
+    json_kv_str(b, "destination", inputs_service(v->in), 1);
+    json_kv_str(b, "decision", d.allow ? "allow" : "deny", 1);
+    json_kv_str(b, "reason", intent_describe(&d, why, sizeof(why)), 1);
+    if (st->current != NULL && st->current->cfg.authorize_with_agent)
+        json_kv_str(b, "note",
+                    "authorize mode: connections are decided by the agent; this is the local "
+                    "intention table's answer",
+                    1);
+    admin_buf_json_str(b, "intention");
+    admin_buf_add(b, ":", 1);
+    if (d.rule == NULL) {
+        admin_buf_add(b, "null,", 5);
+        json_kv_str(b, "decided_by", "default policy", 0);
+    } else {
+        const struct intent_rule *r = d.rule;
+        admin_buf_add(b, "{", 1);
+        json_kv_str(b, "source_partition", r->src_partition, 1);
+        json_kv_str(b, "source_namespace", r->src_ns, 1);
+        json_kv_str(b, "source", r->src_name, 1);
+        if (r->src_sameness[0] != '\0')
+            json_kv_str(b, "source_sameness_group", r->src_sameness, 1);
+        json_kv_str(b, "destination_namespace", r->dst_ns, 1);
+        json_kv_str(b, "destination", r->dst_name, 1);
+        json_kv_str(b, "action",
+                    r->has_permissions ? "l7-permissions"
+                    : r->allow         ? "allow"
+                                       : "deny",
+                    1);
+        json_kv_num(b, "precedence", r->precedence, 1);
+        json_kv_str(b, "id", r->id, 1);
+        json_kv_str(b, "description", r->description, 0);
+        admin_buf_add(b, "},", 2);
+        json_kv_str(b, "decided_by", "intention", 0);
+    }
+    admin_buf_add(b, "}\n", 2);
+}
+
+static const char *tls_version_name(int v)
+{
+    return v == 12 ? "TLSv1_2" : v == 13 ? "TLSv1_3" : "TLS_AUTO";
+}
+
+static void json_limits(struct admin_buf *b, const struct limit_cfg *l)
+{
+    admin_buf_add(b, "{", 1);
+    json_kv_num(b, "max_connections", l->max_connections, 1);
+    json_kv_num(b, "max_new_connections_per_second", l->new_per_second, 1);
+    json_kv_num(b, "new_connections_burst", l->new_burst, 0);
+    admin_buf_add(b, "}", 1);
+}
+
+/* The current snapshot's configuration: never key material or tokens. */
+static void render_config(const struct views *v, const struct views_state *st,
+                          struct admin_reply *reply)
+{
+    struct admin_buf *b = &reply->body;
+    const struct snapshot *s = st->current;
+    if (s == NULL) {
+        reply->status = 503;
+        admin_buf_printf(b, "no configuration yet: %s\n", st->not_ready);
+        return;
+    }
+    const struct proxy_cfg *c = &s->cfg;
+    reply->content_type = "application/json";
+    admin_buf_add(b, "{", 1);
+    json_kv_num(b, "generation", (long long)s->generation, 1);
+    json_kv_str(b, "proxy_id", c->proxy_id, 1);
+    json_kv_str(b, "service", c->service, 1);
+    json_kv_str(b, "datacenter", c->datacenter, 1);
+    json_kv_str(b, "namespace", c->ns, 1);
+    json_kv_str(b, "partition", c->partition, 1);
+    json_kv_str(b, "trust_domain", s->trust_domain, 1);
+    admin_buf_add(b, "\"public_listener\":", 18);
+    if (c->bind_port == 0 && c->bind_socket_path[0] == '\0') {
+        admin_buf_add(b, "null,", 5);
+    } else {
+        admin_buf_add(b, "{", 1);
+        if (c->bind_port != 0) {
+            json_kv_str(b, "address", c->bind_address, 1);
+            json_kv_num(b, "port", c->bind_port, 1);
+        } else {
+            json_kv_str(b, "socket_path", c->bind_socket_path, 1);
+        }
+        admin_buf_add(b, "\"limits\":", 9);
+        json_limits(b, &c->limits);
+        admin_buf_add(b, "},", 2);
+    }
+    admin_buf_add(b, "\"local_app\":{", 13);
+    json_kv_str(b, "address", c->local_address, 1);
+    json_kv_num(b, "port", c->local_port, 1);
+    json_kv_str(b, "socket_path", c->local_socket_path, 0);
+    admin_buf_add(b, "},\"timeouts_ms\":{", 17);
+    json_kv_num(b, "local_connect", c->local_connect_timeout_ms, 1);
+    json_kv_num(b, "handshake", c->handshake_timeout_ms, 1);
+    json_kv_num(b, "idle", c->idle_timeout_ms, 1);
+    json_kv_num(b, "max_lifetime", c->max_lifetime_ms, 1);
+    json_kv_num(b, "reauthorize_interval", c->reauthorize_interval_ms, 1);
+    json_kv_num(b, "authorize", c->authorize_timeout_ms, 0);
+    admin_buf_add(b, "},\"tls\":{", 9);
+    json_kv_str(b, "min_version", tls_version_name(c->tls_min_version), 1);
+    json_kv_str(b, "max_version", tls_version_name(c->tls_max_version), 1);
+    json_kv_str(b, "cipher_suites", c->tls_cipher_suites, 1);
+    json_kv_num(b, "verify_trust_domain", c->verify_trust_domain, 1);
+    json_kv_num(b, "tls_resumption", c->tls_resumption, 1);
+    const struct dec_leaf *leaf = inputs_leaf(v->in);
+    json_kv_str(b, "leaf_serial", leaf ? leaf->serial : NULL, 1);
+    json_kv_str(b, "leaf_valid_before", leaf ? leaf->valid_before : NULL, 1);
+    json_kv_num(b, "leaf_not_after", tls_ctx_leaf_not_after(s->tls), 0);
+    admin_buf_add(b, "},\"authorization\":{", 19);
+    json_kv_str(b, "mode", c->authorize_with_agent ? "agent" : "intentions", 1);
+    json_kv_num(b, "intentions", (long long)intent_table_len(s->intents), 1);
+    json_kv_str(b, "default", intent_table_default_allow(s->intents) ? "allow" : "deny", 0);
+    admin_buf_add(b, "},\"upstreams\":[", 15);
+    for (size_t i = 0; i < c->n_upstreams; i++) {
+        const struct upstream_cfg *u = &c->upstreams[i];
+        const struct snap_upstream *su = &s->upstreams[i];
+        admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
+        json_kv_str(b, "key", u->key, 1);
+        json_kv_str(b, "destination_type", u->destination_type, 1);
+        json_kv_str(b, "destination_name", u->destination_name, 1);
+        json_kv_str(b, "namespace", u->ns, 1);
+        json_kv_str(b, "partition", u->partition, 1);
+        json_kv_str(b, "datacenter", u->datacenter, 1);
+        json_kv_str(b, "bind_address", u->bind_address, 1);
+        json_kv_num(b, "bind_port", u->bind_port, 1);
+        json_kv_str(b, "bind_socket_path", u->bind_socket_path, 1);
+        json_kv_num(b, "connect_timeout_ms", u->connect_timeout_ms, 1);
+        json_kv_num(b, "idle_timeout_ms", u->idle_timeout_ms, 1);
+        admin_buf_add(b, "\"limits\":", 9);
+        json_limits(b, &u->limits);
+        admin_buf_add(b, ",\"targets\":[", 12);
+        for (size_t j = 0; j < su->n_targets; j++) {
+            const struct snap_target *t = &su->targets[j];
+            admin_buf_add(b, j ? ",{" : "{", j ? 2 : 1);
+            json_kv_str(b, "id", t->id, 1);
+            json_kv_str(b, "service", t->service, 1);
+            json_kv_num(b, "healthy_endpoints", (long long)t->endpoints->n, 0);
+            admin_buf_add(b, "}", 1);
+        }
+        admin_buf_add(b, "]}", 2);
+    }
+    admin_buf_add(b, "]}\n", 3);
+}
+
+/*
+ * /connections: each worker lists its own sessions on its own thread (worker_list_sessions);
+ * the answer goes out when every worker has answered or CONNECTIONS_WAIT_MS has passed. A job
+ * whose answer went out early stays until its last worker answers (or the workers are gone),
+ * because the workers may still write into it; meanwhile further requests get a 503.
+ */
+struct conn_job {
+    struct worker_listing *listings; /* one per worker */
+    int n;
+    struct admin_reply *reply; /* NULL once answered or cancelled */
+};
+
+static void conn_job_free(struct conn_job *j)
+{
+    if (j == NULL)
+        return;
+    for (int i = 0; i < j->n; i++)
+        free(j->listings[i].v);
+    free(j->listings);
+    free(j);
+}
+
+static void render_connections(const struct views *v, const struct conn_job *j,
+                               struct admin_reply *reply)
+{
+    struct admin_buf *b = &reply->body;
+    uint64_t total = 0;
+    int missing = 0, first = 1;
+    reply->content_type = "application/json";
+    admin_buf_add(b, "{\"connections\":[", 16);
+    for (int w = 0; w < j->n; w++) {
+        struct worker_listing *l = &j->listings[w];
+        if (!atomic_load_explicit(&l->done, memory_order_acquire)) {
+            missing++;
+            continue;
+        }
+        total += l->n;
+        for (size_t k = 0; k < MIN(l->n, l->max); k++) {
+            const struct session_info *s = &l->v[k];
+            admin_buf_add(b, first ? "{" : ",{", first ? 1 : 2);
+            first = 0;
+            json_kv_num(b, "id", (long long)s->id, 1);
+            json_kv_num(b, "worker", w, 1);
+            json_kv_str(b, "direction", s->inbound ? "inbound" : "outbound", 1);
+            json_kv_str(b, "state", s->state, 1);
+            json_kv_str(b, "peer_address", s->peer_addr, 1);
+            json_kv_str(b, "peer_identity", s->identity[0] ? s->identity : NULL, 1);
+            json_kv_str(b, "local_service", s->inbound ? inputs_service(v->in) : NULL, 1);
+            json_kv_str(b, "upstream", s->inbound ? NULL : s->upstream, 1);
+            json_kv_str(b, "endpoint", s->endpoint[0] ? s->endpoint : NULL, 1);
+            json_kv_num(b, "age_ms", (long long)s->age_ms, 1);
+            json_kv_num(b, "bytes_in", (long long)s->bytes_in, 1);
+            json_kv_num(b, "bytes_out", (long long)s->bytes_out, 0);
+            admin_buf_add(b, "}", 1);
+        }
+    }
+    admin_buf_add(b, "],", 2);
+    json_kv_num(b, "total", (long long)total, 1);
+    json_kv_num(b, "workers_not_answering", missing, 0);
+    admin_buf_add(b, "}\n", 2);
+}
+
+/* Answers the pending /connections request when it is complete (or <force>d), and frees a
+ * job every worker has answered. */
+static void connections_poll(struct views *v, int force)
+{
+    struct conn_job *j = v->conn_job;
+    if (j == NULL)
+        return;
+    int done = 0;
+    for (int i = 0; i < j->n; i++)
+        done += atomic_load_explicit(&j->listings[i].done, memory_order_acquire);
+    if (j->reply != NULL && (done == j->n || force)) {
+        struct admin_reply *r = j->reply;
+        j->reply = NULL;
+        loop_timer_stop(v->loop, &v->conn_wait);
+        render_connections(v, j, r);
+        admin_reply_send(r);
+    }
+    if (done == j->n && j->reply == NULL) {
+        conn_job_free(j);
+        v->conn_job = NULL;
+    }
+}
+
+static void on_conn_wait(struct loop_timer *t)
+{
+    connections_poll(t->data, 1);
+}
+
+static void on_conn_cancel(void *data)
+{
+    struct views *v = data;
+    v->conn_job->reply = NULL;
+    loop_timer_stop(v->loop, &v->conn_wait);
+    connections_poll(v, 0);
+}
+
+static void connections_start(struct views *v, struct admin_reply *reply)
+{
+    if (v->conn_job != NULL) {
+        reply->status = 503;
+        admin_buf_printf(&reply->body, "a /connections listing is still being collected\n");
+        admin_reply_send(reply);
+        return;
+    }
+    struct conn_job *j = xcalloc(1, sizeof(*j));
+    j->n = v->n_workers;
+    j->listings = xcalloc((size_t)j->n, sizeof(*j->listings));
+    j->reply = reply;
+    reply->cancel = on_conn_cancel;
+    reply->cancel_data = v;
+    v->conn_job = j;
+    for (int i = 0; i < j->n; i++) {
+        struct worker_listing *l = &j->listings[i];
+        l->max = CONNECTIONS_MAX_PER_WORKER;
+        l->v = xcalloc(l->max, sizeof(*l->v));
+        l->notify = v->loop;
+        worker_list_sessions(v->workers[i], l);
+    }
+    loop_timer_start(v->loop, &v->conn_wait, CONNECTIONS_WAIT_MS);
+}
+
+void views_answer(struct views *v, const struct views_state *st, const struct admin_request *req,
+                  struct admin_reply *reply)
+{
+    struct admin_buf *b = &reply->body;
+    if (strcmp(req->path, "/ready") == 0) {
+        const char *why = st->not_ready;
+        reply->status = why == NULL ? 200 : 503;
+        admin_buf_printf(b, "%s\n", why == NULL ? "ready" : why);
+    } else if (strcmp(req->path, "/metrics") == 0) {
+        reply->content_type = "text/plain; version=0.0.4; charset=utf-8";
+        render_metrics(v, st, b);
+    } else if (strcmp(req->path, "/authz") == 0) {
+        render_authz(v, st, req, reply);
+    } else if (strcmp(req->path, "/config") == 0) {
+        render_config(v, st, reply);
+    } else if (strcmp(req->path, "/connections") == 0) {
+        connections_start(v, reply);
+        return;
+    } else {
+        reply->status = 404;
+        admin_buf_printf(b,
+                         "not found; try /ready, /metrics, /connections, /authz?source=<service> "
+                         "or /config\n");
+    }
+    admin_reply_send(reply);
+}
+
+struct views *views_new(struct loop *loop, struct worker *const *workers, int n_workers,
+                        const struct inputs *in, const struct upstreams *ups,
+                        const struct limit_state *inbound_limit)
+{
+    struct views *v = xcalloc(1, sizeof(*v));
+    v->loop = loop;
+    v->workers = workers;
+    v->n_workers = n_workers;
+    v->in = in;
+    v->ups = ups;
+    v->inbound_limit = inbound_limit;
+    loop_timer_init(&v->conn_wait, on_conn_wait, v);
+    return v;
+}
+
+void views_free(struct views *v)
+{
+    if (v == NULL)
+        return;
+    loop_timer_stop(v->loop, &v->conn_wait);
+    conn_job_free(v->conn_job); /* no worker can write into it now */
+    free(v);
+}
+
+void views_poll(struct views *v)
+{
+    if (v != NULL)
+        connections_poll(v, 0);
+}
