@@ -30,7 +30,6 @@
 #define DEFAULT_ADDR       "127.0.0.1:8500"
 #define DEFAULT_MAX_BODY   (16u * 1024 * 1024)
 #define CONNECT_TIMEOUT_MS 10000L
-#define HEADER_VALUE_MAX   256
 #define BODY_TOO_LARGE     "response body too large"
 
 struct sock {
@@ -50,9 +49,7 @@ struct agent_req {
     char *body;
     size_t body_len, body_cap;
     int too_big;
-    uint64_t index;
-    char content_hash[HEADER_VALUE_MAX];
-    char acl_policy[HEADER_VALUE_MAX];
+    struct agent_headers hdr;
     CURLcode result;
     long status;
     char errbuf[CURL_ERROR_SIZE];
@@ -159,9 +156,9 @@ static void run_done(struct agent *a)
         }
         resp.body = r->body != NULL && !r->too_big ? r->body : "";
         resp.body_len = r->too_big ? 0 : r->body_len;
-        resp.index = r->index;
-        resp.content_hash = r->content_hash;
-        resp.default_acl_policy = r->acl_policy;
+        resp.index = r->hdr.index;
+        resp.content_hash = r->hdr.content_hash;
+        resp.default_acl_policy = r->hdr.acl_policy;
 
         a->dispatching = r;
         r->cb(r->data, &resp);
@@ -340,29 +337,34 @@ static int header_is(const char *line, size_t len, const char *name, const char 
     return 1;
 }
 
-static size_t on_header(char *line, size_t size, size_t nmemb, void *userp)
+void agent_parse_header(const char *line, size_t len, struct agent_headers *h)
 {
-    struct agent_req *r = userp;
-    size_t len = size * nmemb;
     const char *v;
     size_t vlen;
     if (len >= 5 && memcmp(line, "HTTP/", 5) == 0) {
         /* A new response (after 100 Continue, say): forget the previous one's headers. */
-        r->index = 0;
-        r->content_hash[0] = '\0';
-        r->acl_policy[0] = '\0';
+        h->index = 0;
+        h->content_hash[0] = '\0';
+        h->acl_policy[0] = '\0';
     } else if (header_is(line, len, "X-Consul-Index", &v, &vlen)) {
         char buf[32];
         copy_value(buf, sizeof(buf), v, vlen);
         char *end;
         errno = 0;
         unsigned long long idx = strtoull(buf, &end, 10);
-        r->index = buf[0] >= '0' && buf[0] <= '9' && *end == '\0' && errno == 0 ? idx : 0;
+        h->index = buf[0] >= '0' && buf[0] <= '9' && *end == '\0' && errno == 0 ? idx : 0;
     } else if (header_is(line, len, "X-Consul-ContentHash", &v, &vlen)) {
-        copy_value(r->content_hash, sizeof(r->content_hash), v, vlen);
+        copy_value(h->content_hash, sizeof(h->content_hash), v, vlen);
     } else if (header_is(line, len, "X-Consul-Default-ACL-Policy", &v, &vlen)) {
-        copy_value(r->acl_policy, sizeof(r->acl_policy), v, vlen);
+        copy_value(h->acl_policy, sizeof(h->acl_policy), v, vlen);
     }
+}
+
+static size_t on_header(char *line, size_t size, size_t nmemb, void *userp)
+{
+    struct agent_req *r = userp;
+    size_t len = size * nmemb;
+    agent_parse_header(line, len, &r->hdr);
     return len;
 }
 
