@@ -14,6 +14,14 @@
  *
  * Connections stay in the multi handle's cache between requests, so a watch that re-issues
  * its blocking query reuses the same connection.
+ *
+ * Secrets: answers carry the leaf's private key and requests carry the ACL token, so nothing
+ * that held them goes back to the heap unwiped. Bodies grow by allocate, copy and wipe (never
+ * realloc), and are wiped when freed. libcurl's own buffers (the request it builds, what it
+ * receives, zlib's window when the agent compresses) come from allocation callbacks that wipe
+ * every block on free (curl_global_init_mem). The token lives in one header list that every
+ * request without a body shares; a request with a body copies it into its own list, wiped when
+ * the request is freed.
  */
 #include "agent.h"
 #include "log.h"
@@ -71,7 +79,7 @@ struct agent {
     char *addr;                    /* as given, for logs */
     char *base_url;                /* scheme://host[:port][/prefix], no trailing '/' */
     char *unix_path;
-    char *token_header;
+    struct curl_slist *token_list; /* one "X-Consul-Token: ..." node, or NULL */
     char *ca_file, *ca_path, *client_cert, *client_key;
     struct curl_slist *connect_to;
     int https;
@@ -84,9 +92,31 @@ struct agent {
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static CURLcode global_rc;
 
+/* libcurl's allocator: the heap's, except that every block is wiped before it is freed. */
+static void *curl_malloc_wiping(size_t n)
+{
+    return malloc(n);
+}
+
+static void *curl_realloc_wiping(void *p, size_t n)
+{
+    return util_wipe_realloc(p, n);
+}
+
+static char *curl_strdup_wiping(const char *s)
+{
+    return strdup(s);
+}
+
+static void *curl_calloc_wiping(size_t nmemb, size_t size)
+{
+    return calloc(nmemb, size);
+}
+
 static void global_init_once(void)
 {
-    global_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+    global_rc = curl_global_init_mem(CURL_GLOBAL_DEFAULT, curl_malloc_wiping, util_wipe_free_block,
+                                     curl_realloc_wiping, curl_strdup_wiping, curl_calloc_wiping);
 }
 
 int agent_global_init(void)
@@ -126,12 +156,20 @@ static void list_unlink(struct req_list *l, struct agent_req *r)
     r->prev = r->next = NULL;
 }
 
+/* Frees a header list after wiping its strings (one may carry the token). */
+static void slist_wipe_free(struct curl_slist *l)
+{
+    for (struct curl_slist *n = l; n != NULL; n = n->next)
+        util_wipe(n->data, strlen(n->data));
+    curl_slist_free_all(l);
+}
+
 static void req_free(struct agent_req *r)
 {
     if (r->easy != NULL)
         curl_easy_cleanup(r->easy);
-    curl_slist_free_all(r->headers);
-    free(r->body);
+    slist_wipe_free(r->headers);
+    util_wipe_free(r->body, r->body_cap);
     free(r);
 }
 
@@ -301,7 +339,7 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp)
         size_t cap = r->body_cap ? r->body_cap : 4096;
         while (cap < r->body_len + n + 1)
             cap *= 2;
-        r->body = xrealloc(r->body, cap);
+        r->body = util_wipe_realloc(r->body, cap); /* the old block is wiped, not left behind */
         r->body_cap = cap;
     }
     memcpy(r->body + r->body_len, ptr, n);
@@ -522,7 +560,11 @@ struct agent *agent_new(struct loop *loop, const struct agent_opts *opts, char *
             snprintf(err, errlen, "token: contains control characters");
             goto fail;
         }
-        a->token_header = xasprintf("X-Consul-Token: %s", opts->token);
+        char *h = xasprintf("X-Consul-Token: %s", opts->token);
+        a->token_list = curl_slist_append(NULL, h);
+        util_wipe_free(h, strlen(h));
+        if (a->token_list == NULL)
+            abort(); /* out of memory */
     }
     a->ca_file = dup_opt(opts->ca_file);
     a->ca_path = dup_opt(opts->ca_path);
@@ -579,7 +621,7 @@ void agent_free(struct agent *a)
     free(a->addr);
     free(a->base_url);
     free(a->unix_path);
-    free(a->token_header);
+    slist_wipe_free(a->token_list);
     free(a->ca_file);
     free(a->ca_path);
     free(a->client_cert);
@@ -645,8 +687,8 @@ static void setup_easy(struct agent *a, struct agent_req *r, const char *method,
         curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, a->ssl_verify ? 2L : 0L);
     }
 
-    if (a->token_header != NULL)
-        add_header(r, a->token_header);
+    if (body != NULL && a->token_list != NULL)
+        add_header(r, a->token_list->data);
     if (strcmp(method, "GET") == 0 && body == NULL) {
         curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
     } else {
@@ -662,8 +704,11 @@ static void setup_easy(struct agent *a, struct agent_req *r, const char *method,
         if (strcmp(method, "POST") != 0)
             curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
     }
+    /* Requests without a body need no header but the token: they share the agent's list. */
     if (r->headers != NULL)
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
+    else if (a->token_list != NULL)
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, a->token_list);
 }
 
 /* Finishes <r> with a transport error from the loop, never from inside agent_request(). */
