@@ -89,6 +89,10 @@ static const struct flag_def flags[] = {
      "On SIGTERM or SIGINT, how long open connections may run on after the listeners close: "
      "a duration such as 500ms, 10s or 1m, or milliseconds (default 5s; 0 stops at once). A "
      "second signal stops at once."},
+    {"allow-core-dumps", FLAG_BOOL, NULL, F(allow_core_dumps),
+     "Leave the process dumpable. By default connectd marks itself non-dumpable at start-up "
+     "(no core dump, no ptrace or /proc/<pid>/mem by other unprivileged processes of the same "
+     "user), because its memory holds the leaf's private key and the ACL token."},
     {"admin-bind", FLAG_STRING, NULL, F(admin_bind),
      "Serve the admin endpoint (/ready, /metrics, /connections, /authz, /config) on this "
      "address: host:port (keep it on loopback, e.g. 127.0.0.1:19100) or unix:///path (mode "
