@@ -348,7 +348,10 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
-/* Copies a header value without surrounding blanks; values that do not fit are dropped. */
+/*
+ * Copies a header value without surrounding blanks. Values that do not fit, and values with a
+ * control byte inside (a NUL would cut the text short and leave a CR before it), are dropped.
+ */
 static void copy_value(char *dst, size_t dst_len, const char *v, size_t len)
 {
     while (len > 0 && (*v == ' ' || *v == '\t')) {
@@ -360,6 +363,11 @@ static void copy_value(char *dst, size_t dst_len, const char *v, size_t len)
         len--;
     if (len >= dst_len)
         len = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)v[i];
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            len = 0;
+    }
     memcpy(dst, v, len);
     dst[len] = '\0';
 }
