@@ -25,6 +25,7 @@
  */
 #include "agent.h"
 #include "log.h"
+#include "tls.h"
 #include "util.h"
 
 #include <curl/curl.h>
@@ -326,6 +327,15 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 }
 
 /* ---- per-transfer data callbacks ---- */
+
+/* An https:// agent's SSL_CTX, before its first handshake. */
+static CURLcode on_ssl_ctx(CURL *easy, void *ssl_ctx, void *userp)
+{
+    (void)easy;
+    (void)userp;
+    tls_agent_ctx_setup(ssl_ctx);
+    return CURLE_OK;
+}
 
 static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp)
 {
@@ -691,6 +701,14 @@ static void setup_easy(struct agent *a, struct agent_req *r, const char *method,
             curl_easy_setopt(e, CURLOPT_SSLCERT, a->client_cert);
             curl_easy_setopt(e, CURLOPT_SSLKEY, a->client_key);
         }
+        /*
+         * HTTP/1.1 even where ALPN offers h2: nghttp2 keeps every header it sent or received,
+         * the token among them, in its HPACK tables and buffers, allocated and freed out of our
+         * reach (and the agent is local: multiplexing saves little).
+         */
+        curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+        /* Not built in unless libcurl uses OpenSSL, which is then ours too. */
+        curl_easy_setopt(e, CURLOPT_SSL_CTX_FUNCTION, on_ssl_ctx);
         curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, a->ssl_verify ? 1L : 0L);
         curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, a->ssl_verify ? 2L : 0L);
     }

@@ -93,8 +93,8 @@ struct agent_headers {
  * Reads one raw header line as libcurl hands it over (<len> bytes, "Name: value\r\n", not
  * NUL-terminated, from the agent) into <h>: a status line ("HTTP/...") starts a new response
  * and clears <h>; a value with blanks around it is trimmed, one too long for its field or with
- * a control byte inside is dropped, an index that is not a plain decimal number is 0. Pure; for the transport itself,
- * its tests and the fuzzer.
+ * a control byte inside is dropped, an index that is not a plain decimal number is 0. Pure;
+ * for the transport itself, its tests and the fuzzer.
  */
 void agent_parse_header(const char *line, size_t len, struct agent_headers *h);
 

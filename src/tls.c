@@ -963,6 +963,15 @@ void tls_global_init(void)
     OPENSSL_init_ssl(OPENSSL_INIT_LOAD_SSL_STRINGS | OPENSSL_INIT_LOAD_CRYPTO_STRINGS, NULL);
 }
 
+void tls_agent_ctx_setup(void *ssl_ctx)
+{
+#ifdef SSL_OP_CLEANSE_PLAINTEXT
+    SSL_CTX_set_options(ssl_ctx, SSL_OP_CLEANSE_PLAINTEXT);
+#else
+    (void)ssl_ctx;
+#endif
+}
+
 const char *tls_lib_version(void)
 {
     return OpenSSL_version(OPENSSL_VERSION);

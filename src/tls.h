@@ -122,6 +122,12 @@ const char *tls_conn_cipher(const struct tls_conn *c);
 
 /* Process-wide set-up (call once before threads start). */
 void tls_global_init(void);
+/*
+ * For the agent transport's libcurl, which hands over each SSL_CTX it creates for an https://
+ * agent (<ssl_ctx> is an SSL_CTX *): what OpenSSL decrypts is wiped once libcurl has read it
+ * (SSL_OP_CLEANSE_PLAINTEXT), since the leaf's answer carries the private key.
+ */
+void tls_agent_ctx_setup(void *ssl_ctx);
 /* The OpenSSL version in use, e.g. "OpenSSL 3.0.13 30 Jan 2024" (static). */
 const char *tls_lib_version(void);
 

@@ -24,8 +24,9 @@ import subprocess
 
 import pytest
 
-from mesh import (REPO, AgentApi, Connectd, EchoApp, admin_args, admin_get, make_ca,
-                  stop_process, wait_until)
+from mesh import (REPO, AgentApi, ConsulAgent, Connectd, EchoApp, Mesh, admin_args, admin_get,
+                  make_ca, stop_process, wait_until)
+from test_agent_transport import SERVER_NAME, tls_files  # noqa: F401 (a fixture)
 
 RELEASE_BIN = (os.environ.get("CONNECTD_RELEASE_BIN")
                or os.path.join(REPO, "build", "release", "connectd"))
@@ -90,7 +91,7 @@ def admin_config(port):
     return json.loads(body)
 
 
-def start_with_token(m, release_bin, tmp_path):
+def start_with_token(m, release_bin, tmp_path, agent_args=None):
     """web with its sidecar's connectd (release build) reading a fresh token from a file; a dev
     agent without ACLs accepts any token. Returns (service, process, token, admin port)."""
     app = m.app(EchoApp)
@@ -100,8 +101,8 @@ def start_with_token(m, release_bin, tmp_path):
     token_file.write_text(token + "\n")
     admin, port = admin_args()
     proc = start_release(m, release_bin, web.name,
-                         ["-sidecar-for", web.id, "-http-addr", m.agent.http_addr,
-                          "-workers", "2", "-token-file", str(token_file), *admin])
+                         ["-sidecar-for", web.id, "-workers", "2", "-token-file", str(token_file),
+                          *(agent_args or ["-http-addr", m.agent.http_addr]), *admin])
 
     def ready():
         assert proc.alive(), proc.log()
@@ -127,7 +128,25 @@ def leaf_in_use(m, token, port, service):
     return holder["leaf"]
 
 
-def assert_clean(pid, key_pems, token, cert_pem):
+REQUEST_HEAD = re.compile(rb"GET (/v1/[^? ]*)[^ ]* HTTP/1\.1\r\n(?:[^\r\n]*\r\n)*?X-Consul-Token: $")
+
+
+def request_head_path(pid, addr):
+    """The path of the HTTP request head whose X-Consul-Token header holds the token found at
+    <addr>, or None when the token there is not in such a head."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        mem.seek(addr - 1024)
+        before = mem.read(1024)
+    m = REQUEST_HEAD.search(before)
+    return m.group(1) if m else None
+
+
+def assert_clean(pid, key_pems, token, cert_pem, request_heads_in_flight=False):
+    """No line of any key's PEM, and the token only where it is kept on purpose. With
+    <request_heads_in_flight> (an https:// agent) the token may also be in the head of each
+    request in flight, at most one per path: libcurl copies the head of an HTTPS request into
+    the transfer's upload buffer, which lives (out of our reach) until the transfer ends and
+    is wiped as libcurl frees it."""
     needles = [ln.encode() for pem in key_pems for ln in key_lines(pem)]
     assert len(needles) >= 3, "the leaf key has too few base64 lines to look for"
     # The scan's own check: connectd keeps the leaf certificate's PEM, so it must see that.
@@ -139,6 +158,13 @@ def assert_clean(pid, key_pems, token, cert_pem):
     if key_hits:
         problems.append(f"the private key's PEM text is still in connectd's memory: {key_hits}")
     token_hits = found[token.encode()]
+    if request_heads_in_flight:
+        paths = [request_head_path(pid, int(addr, 16)) for _, addr in token_hits]
+        heads = [p for p in paths if p is not None]
+        if len(heads) != len(set(heads)):
+            problems.append(f"the token is in more than one request head per path: {heads}")
+        # Our own header list also reads "X-Consul-Token: ..." but has no request line.
+        token_hits = [h for h, p in zip(token_hits, paths) if p is None]
     if len(token_hits) > TOKEN_HOLDERS:
         problems.append(f"the token is in connectd's memory {len(token_hits)} times (expected "
                         f"at most {TOKEN_HOLDERS}): {token_hits}")
@@ -226,3 +252,30 @@ def test_allow_core_dumps_keeps_it_dumpable(mesh, release_bin):
     finally:
         rc, killed = stop_process(proc)
     assert not killed and rc == 0, open(log_path).read()
+
+
+def test_https_agent_leaves_no_key_pem(consul_bin, release_bin, tmp_path, tls_files):
+    """Over HTTPS the answers are decrypted in OpenSSL's record buffer before libcurl sees
+    them (and with HTTP/2 nghttp2 would keep every header): those copies must not stay
+    either."""
+    hcl = (f'tls {{ defaults {{ ca_file = "{tls_files["ca"]}" cert_file = "{tls_files["srv"]}" '
+           f'key_file = "{tls_files["srv_key"]}" }} https {{ verify_incoming = true }} }}')
+    agent = ConsulAgent(consul_bin, str(tmp_path / "agent"), [hcl], https=True).start()
+    workdir = tmp_path / "mesh"
+    workdir.mkdir()
+    m = Mesh(agent, str(workdir), release_bin, lambda label, path: None)
+    try:
+        args = ["-http-addr", f"https://127.0.0.1:{agent.ports['https']}",
+                "-ca-file", tls_files["ca"], "-client-cert", tls_files["cli"],
+                "-client-key", tls_files["cli_key"], "-tls-server-name", SERVER_NAME]
+        web, proc, token, port = start_with_token(m, release_bin, tmp_path, args)
+        leaf = leaf_in_use(m, token, port, web.name)
+        for _ in range(3):
+            m.register(web)
+        wait_until(lambda: admin_get(port, "/ready")[0] == 200, 10, "connectd to stay ready")
+        assert_clean(proc.pid, [leaf["PrivateKeyPEM"]], token, leaf["CertPEM"],
+                     request_heads_in_flight=True)
+    finally:
+        problems = m.close()
+        agent.stop()
+    assert problems == []
