@@ -57,7 +57,7 @@ int fuzz_agent_one(const uint8_t *data, size_t size)
         if (len >= 5 && memcmp(line, "HTTP/", 5) == 0)
             FUZZ_CHECK(h.index == 0 && h.content_hash[0] == '\0' && h.acl_policy[0] == '\0');
         else if (h.index != before)
-            FUZZ_CHECK(len > 15 && strncasecmp(line, "X-Consul-Index:", 15) == 0);
+            FUZZ_CHECK(len >= 15 && strncasecmp(line, "X-Consul-Index:", 15) == 0);
         free(line);
         agt_check_field(h.content_hash);
         agt_check_field(h.acl_policy);
