@@ -120,7 +120,8 @@ struct control {
     int have_cfg;
     struct dec_roots roots;
     int have_roots;
-    struct dec_leaf leaf;
+    struct dec_leaf leaf; /* its key_pem is always NULL: the key is <leaf_key> */
+    struct tls_key *leaf_key;
     int have_leaf;
     struct tls_ctx *tls;
     struct intent_table *intents;
@@ -207,10 +208,11 @@ static void warn_once(struct control *ctl, const char *msg)
 /* ---- TLS: leaf + roots -> context ---- */
 
 /*
- * Builds and installs the TLS contexts for <leaf> and <roots> (either may be NULL while it has
- * not arrived: then nothing happens). On failure the previous contexts stay in force.
+ * Builds and installs the TLS contexts for <leaf> with its <key>, and <roots> (the leaf or the
+ * roots may be NULL while they have not arrived: then nothing happens). On failure the previous
+ * contexts stay in force.
  */
-static int install_tls(struct control *ctl, const struct dec_leaf *leaf,
+static int install_tls(struct control *ctl, const struct dec_leaf *leaf, const struct tls_key *key,
                        const struct dec_roots *roots)
 {
     char err[512];
@@ -227,8 +229,8 @@ static int install_tls(struct control *ctl, const struct dec_leaf *leaf,
         opts.max_version = ctl->cfg.tls_max_version;
         opts.cipher_suites = ctl->cfg.tls_cipher_suites;
     }
-    int rc = tls_ctx_new(leaf->cert_pem, leaf->key_pem, pems, roots->n_roots, &opts, &ctx, err,
-                         sizeof(err));
+    int rc = tls_ctx_new_with_key(leaf->cert_pem, key, pems, roots->n_roots, &opts, &ctx, err,
+                                  sizeof(err));
     free(pems);
     if (rc != 0) {
         LOG_ERROR("cannot build TLS contexts from leaf %s and %zu root(s): %s; keeping the "
@@ -250,7 +252,8 @@ static int on_roots(void *data, const struct agent_response *resp)
     char err[256];
     struct dec_roots roots;
     int rc = decode_roots(resp->body, resp->body_len, &roots, err, sizeof(err));
-    if (rc == 0 && (rc = install_tls(ctl, ctl->have_leaf ? &ctl->leaf : NULL, &roots)) != 0)
+    if (rc == 0 &&
+        (rc = install_tls(ctl, ctl->have_leaf ? &ctl->leaf : NULL, ctl->leaf_key, &roots)) != 0)
         dec_roots_dispose(&roots);
     if (rc != 0) {
         LOG_ERROR("roots: %s; keeping the previous roots", err[0] ? err : util_strerror(rc));
@@ -268,9 +271,21 @@ static int on_leaf(void *data, const struct agent_response *resp)
     struct control *ctl = data;
     char err[256];
     struct dec_leaf leaf;
+    struct tls_key *key = NULL;
     int rc = decode_leaf(resp->body, resp->body_len, &leaf, err, sizeof(err));
-    if (rc == 0 && (rc = install_tls(ctl, &leaf, ctl->have_roots ? &ctl->roots : NULL)) != 0)
-        dec_leaf_dispose(&leaf);
+    if (rc == 0) {
+        /* The PEM text goes at once: from here on the key lives only in OpenSSL's form, the one
+         * copy the contexts share, even across rebuilds for new roots or settings. */
+        rc = tls_key_new(leaf.key_pem, &key, err, sizeof(err));
+        util_wipe_free(leaf.key_pem, strlen(leaf.key_pem));
+        leaf.key_pem = NULL;
+        if (rc == 0)
+            rc = install_tls(ctl, &leaf, key, ctl->have_roots ? &ctl->roots : NULL);
+        if (rc != 0) {
+            dec_leaf_dispose(&leaf);
+            tls_key_free(key);
+        }
+    }
     if (rc != 0) {
         LOG_ERROR("leaf certificate: %s; keeping the previous one",
                   err[0] ? err : util_strerror(rc));
@@ -278,7 +293,9 @@ static int on_leaf(void *data, const struct agent_response *resp)
     }
     if (ctl->have_leaf)
         dec_leaf_dispose(&ctl->leaf);
+    tls_key_free(ctl->leaf_key);
     ctl->leaf = leaf;
+    ctl->leaf_key = key;
     ctl->have_leaf = 1;
     return 0;
 }
@@ -845,6 +862,8 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
         scope = NULL;
         if (ctl->have_leaf)
             dec_leaf_dispose(&ctl->leaf);
+        tls_key_free(ctl->leaf_key);
+        ctl->leaf_key = NULL;
         ctl->have_leaf = 0;
         intent_table_unref(ctl->intents);
         ctl->intents = NULL;
@@ -861,7 +880,8 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
     ctl->have_cfg = 1;
     if (tls_changed &&
         (cfg.tls_min_version || cfg.tls_max_version || cfg.tls_cipher_suites || ctl->tls != NULL))
-        install_tls(ctl, ctl->have_leaf ? &ctl->leaf : NULL, ctl->have_roots ? &ctl->roots : NULL);
+        install_tls(ctl, ctl->have_leaf ? &ctl->leaf : NULL, ctl->leaf_key,
+                    ctl->have_roots ? &ctl->roots : NULL);
     char pub[300];
     if (cfg.bind_port == 0 && cfg.bind_socket_path[0] != '\0')
         snprintf(pub, sizeof(pub), "unix:%s", cfg.bind_socket_path);
@@ -2220,6 +2240,7 @@ out:
     intent_table_unref(ctl.intents);
     if (ctl.have_leaf)
         dec_leaf_dispose(&ctl.leaf);
+    tls_key_free(ctl.leaf_key);
     if (ctl.have_roots)
         dec_roots_dispose(&ctl.roots);
     if (ctl.have_cfg)
