@@ -1,6 +1,7 @@
 # connectd: one GNU Makefile. Variants build into build/<variant>/:
 #   release  -O2, fortify, PIE           (make, make release)
 #   asan     ASan + UBSan, used by tests (make asan)
+#   fuzz     clang, libFuzzer + ASan + UBSan (make fuzz)
 # make check runs unit tests, then the integration suite against a real Consul agent.
 
 PKGS      := openssl libcurl jansson
@@ -24,6 +25,11 @@ V_LDFLAGS := -pie -Wl,-z,relro,-z,now
 else ifeq ($(VARIANT),asan)
 V_CFLAGS  := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=undefined,float-cast-overflow
 V_LDFLAGS := -fsanitize=address,undefined,float-cast-overflow
+else ifeq ($(VARIANT),fuzz)
+CC        := clang
+V_CFLAGS  := -O1 -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,address,undefined \
+             -fno-sanitize-recover=undefined
+V_LDFLAGS := -fsanitize=fuzzer,address,undefined
 else
 $(error unknown VARIANT $(VARIANT))
 endif
@@ -36,7 +42,7 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(B)/tests/%)
 
 .PHONY: all release asan unit check integ deps lint format demo clean install consul doc doc-check \
-	bench bench-tools
+	bench bench-tools fuzz fuzz-build fuzz-run
 
 all: $(B)/connectd
 
@@ -64,6 +70,34 @@ unit:
 	@$(MAKE) --no-print-directory VARIANT=asan unit-run
 unit-run: $(UNIT_BINS)
 	@rc=0; for t in $(UNIT_BINS); do echo "== $$t"; $$t || rc=1; done; exit $$rc
+
+# libFuzzer targets (tests/fuzz/fuzz_*.c), built with clang into build/fuzz/. make fuzz runs
+# each for FUZZ_SECONDS (default 60) on a scratch copy of its committed corpus, so new inputs
+# land in build/fuzz/corpus/ and crashes in build/fuzz/artifacts/; add a crash's input to
+# tests/fuzz/corpus/<target>/ once it is fixed. Needs clang and its libFuzzer runtime
+# (scripts/deps fuzz installs them).
+FUZZ_SECONDS ?= 60
+FUZZ_SRCS := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_BINS := $(FUZZ_SRCS:tests/fuzz/%.c=$(B)/%)
+
+$(B)/fuzz_%: tests/fuzz/fuzz_%.c $(LIBOBJS)
+	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) -Isrc -o $@ $< $(LIBOBJS) $(BASE_LDFLAGS) $(V_LDFLAGS) \
+		$(PKG_LIBS)
+
+fuzz:
+	@scripts/deps fuzz-check
+	@$(MAKE) --no-print-directory VARIANT=fuzz fuzz-run
+fuzz-build: $(FUZZ_BINS)
+fuzz-run: fuzz-build
+	@rc=0; for t in $(FUZZ_BINS); do n=$${t##*/fuzz_}; \
+		mkdir -p $(B)/corpus/$$n $(B)/artifacts; \
+		echo "== fuzz_$$n: $(FUZZ_SECONDS) s"; \
+		$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+			-print_final_stats=1 -artifact_prefix=$(B)/artifacts/$$n- \
+			$(B)/corpus/$$n tests/fuzz/corpus/$$n >$(B)/$$n.log 2>&1; st=$$?; \
+		grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|Done)' $(B)/$$n.log; \
+		if [ $$st -ne 0 ]; then echo "FAILED fuzz_$$n (exit $$st; see $(B)/$$n.log)"; rc=1; fi; \
+		done; exit $$rc
 
 # Integration tests against a real Consul agent (pytest).
 integ:
@@ -107,7 +141,7 @@ bench:
 	bench/run
 
 lint:
-	clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c
+	clang-format --dry-run --Werror src/*.c src/*.h tests/unit/*.c tests/fuzz/*.c
 	clang-tidy --quiet src/*.c -- -std=c11 -D_GNU_SOURCE $(PKG_CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
 		--suppress=missingIncludeSystem -D_GNU_SOURCE src
@@ -115,7 +149,7 @@ lint:
 		{ echo "banned function used"; exit 1; }
 
 format:
-	clang-format -i src/*.c src/*.h tests/unit/*.c
+	clang-format -i src/*.c src/*.h tests/unit/*.c tests/fuzz/*.c
 
 # make install [PREFIX=/usr/local] [DESTDIR=staging]: the binary, the man page and the example
 # systemd unit (its ExecStart names $(PREFIX)/bin/connectd).

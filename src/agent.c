@@ -14,9 +14,18 @@
  *
  * Connections stay in the multi handle's cache between requests, so a watch that re-issues
  * its blocking query reuses the same connection.
+ *
+ * Secrets: answers carry the leaf's private key and requests carry the ACL token, so nothing
+ * that held them goes back to the heap unwiped. Bodies grow by allocate, copy and wipe (never
+ * realloc), and are wiped when freed. libcurl's own buffers (the request it builds, what it
+ * receives, zlib's window when the agent compresses) come from allocation callbacks that wipe
+ * every block on free (curl_global_init_mem). The token lives in one header list that every
+ * request without a body shares; a request with a body copies it into its own list, wiped when
+ * the request is freed.
  */
 #include "agent.h"
 #include "log.h"
+#include "tls.h"
 #include "util.h"
 
 #include <curl/curl.h>
@@ -30,7 +39,6 @@
 #define DEFAULT_ADDR       "127.0.0.1:8500"
 #define DEFAULT_MAX_BODY   (16u * 1024 * 1024)
 #define CONNECT_TIMEOUT_MS 10000L
-#define HEADER_VALUE_MAX   256
 #define BODY_TOO_LARGE     "response body too large"
 
 struct sock {
@@ -50,9 +58,7 @@ struct agent_req {
     char *body;
     size_t body_len, body_cap;
     int too_big;
-    uint64_t index;
-    char content_hash[HEADER_VALUE_MAX];
-    char acl_policy[HEADER_VALUE_MAX];
+    struct agent_headers hdr;
     CURLcode result;
     long status;
     char errbuf[CURL_ERROR_SIZE];
@@ -74,7 +80,7 @@ struct agent {
     char *addr;                    /* as given, for logs */
     char *base_url;                /* scheme://host[:port][/prefix], no trailing '/' */
     char *unix_path;
-    char *token_header;
+    struct curl_slist *token_list; /* one "X-Consul-Token: ..." node, or NULL */
     char *ca_file, *ca_path, *client_cert, *client_key;
     struct curl_slist *connect_to;
     int https;
@@ -87,9 +93,31 @@ struct agent {
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static CURLcode global_rc;
 
+/* libcurl's allocator: the heap's, except that every block is wiped before it is freed. */
+static void *curl_malloc_wiping(size_t n)
+{
+    return malloc(n);
+}
+
+static void *curl_realloc_wiping(void *p, size_t n)
+{
+    return util_wipe_realloc(p, n);
+}
+
+static char *curl_strdup_wiping(const char *s)
+{
+    return strdup(s);
+}
+
+static void *curl_calloc_wiping(size_t nmemb, size_t size)
+{
+    return calloc(nmemb, size);
+}
+
 static void global_init_once(void)
 {
-    global_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+    global_rc = curl_global_init_mem(CURL_GLOBAL_DEFAULT, curl_malloc_wiping, util_wipe_free_block,
+                                     curl_realloc_wiping, curl_strdup_wiping, curl_calloc_wiping);
 }
 
 int agent_global_init(void)
@@ -129,12 +157,20 @@ static void list_unlink(struct req_list *l, struct agent_req *r)
     r->prev = r->next = NULL;
 }
 
+/* Frees a header list after wiping its strings (one may carry the token). */
+static void slist_wipe_free(struct curl_slist *l)
+{
+    for (struct curl_slist *n = l; n != NULL; n = n->next)
+        util_wipe(n->data, strlen(n->data));
+    curl_slist_free_all(l);
+}
+
 static void req_free(struct agent_req *r)
 {
     if (r->easy != NULL)
         curl_easy_cleanup(r->easy);
-    curl_slist_free_all(r->headers);
-    free(r->body);
+    slist_wipe_free(r->headers);
+    util_wipe_free(r->body, r->body_cap);
     free(r);
 }
 
@@ -159,9 +195,9 @@ static void run_done(struct agent *a)
         }
         resp.body = r->body != NULL && !r->too_big ? r->body : "";
         resp.body_len = r->too_big ? 0 : r->body_len;
-        resp.index = r->index;
-        resp.content_hash = r->content_hash;
-        resp.default_acl_policy = r->acl_policy;
+        resp.index = r->hdr.index;
+        resp.content_hash = r->hdr.content_hash;
+        resp.default_acl_policy = r->hdr.acl_policy;
 
         a->dispatching = r;
         r->cb(r->data, &resp);
@@ -292,6 +328,15 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 
 /* ---- per-transfer data callbacks ---- */
 
+/* An https:// agent's SSL_CTX, before its first handshake. */
+static CURLcode on_ssl_ctx(CURL *easy, void *ssl_ctx, void *userp)
+{
+    (void)easy;
+    (void)userp;
+    tls_agent_ctx_setup(ssl_ctx);
+    return CURLE_OK;
+}
+
 static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp)
 {
     struct agent_req *r = userp;
@@ -304,7 +349,7 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp)
         size_t cap = r->body_cap ? r->body_cap : 4096;
         while (cap < r->body_len + n + 1)
             cap *= 2;
-        r->body = xrealloc(r->body, cap);
+        r->body = util_wipe_realloc(r->body, cap); /* the old block is wiped, not left behind */
         r->body_cap = cap;
     }
     memcpy(r->body + r->body_len, ptr, n);
@@ -313,7 +358,10 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
-/* Copies a header value without surrounding blanks; values that do not fit are dropped. */
+/*
+ * Copies a header value without surrounding blanks. Values that do not fit, and values with a
+ * control byte inside (a NUL would cut the text short and leave a CR before it), are dropped.
+ */
 static void copy_value(char *dst, size_t dst_len, const char *v, size_t len)
 {
     while (len > 0 && (*v == ' ' || *v == '\t')) {
@@ -325,6 +373,11 @@ static void copy_value(char *dst, size_t dst_len, const char *v, size_t len)
         len--;
     if (len >= dst_len)
         len = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)v[i];
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            len = 0;
+    }
     memcpy(dst, v, len);
     dst[len] = '\0';
 }
@@ -340,29 +393,34 @@ static int header_is(const char *line, size_t len, const char *name, const char 
     return 1;
 }
 
-static size_t on_header(char *line, size_t size, size_t nmemb, void *userp)
+void agent_parse_header(const char *line, size_t len, struct agent_headers *h)
 {
-    struct agent_req *r = userp;
-    size_t len = size * nmemb;
     const char *v;
     size_t vlen;
     if (len >= 5 && memcmp(line, "HTTP/", 5) == 0) {
         /* A new response (after 100 Continue, say): forget the previous one's headers. */
-        r->index = 0;
-        r->content_hash[0] = '\0';
-        r->acl_policy[0] = '\0';
+        h->index = 0;
+        h->content_hash[0] = '\0';
+        h->acl_policy[0] = '\0';
     } else if (header_is(line, len, "X-Consul-Index", &v, &vlen)) {
         char buf[32];
         copy_value(buf, sizeof(buf), v, vlen);
         char *end;
         errno = 0;
         unsigned long long idx = strtoull(buf, &end, 10);
-        r->index = buf[0] >= '0' && buf[0] <= '9' && *end == '\0' && errno == 0 ? idx : 0;
+        h->index = buf[0] >= '0' && buf[0] <= '9' && *end == '\0' && errno == 0 ? idx : 0;
     } else if (header_is(line, len, "X-Consul-ContentHash", &v, &vlen)) {
-        copy_value(r->content_hash, sizeof(r->content_hash), v, vlen);
+        copy_value(h->content_hash, sizeof(h->content_hash), v, vlen);
     } else if (header_is(line, len, "X-Consul-Default-ACL-Policy", &v, &vlen)) {
-        copy_value(r->acl_policy, sizeof(r->acl_policy), v, vlen);
+        copy_value(h->acl_policy, sizeof(h->acl_policy), v, vlen);
     }
+}
+
+static size_t on_header(char *line, size_t size, size_t nmemb, void *userp)
+{
+    struct agent_req *r = userp;
+    size_t len = size * nmemb;
+    agent_parse_header(line, len, &r->hdr);
     return len;
 }
 
@@ -520,7 +578,11 @@ struct agent *agent_new(struct loop *loop, const struct agent_opts *opts, char *
             snprintf(err, errlen, "token: contains control characters");
             goto fail;
         }
-        a->token_header = xasprintf("X-Consul-Token: %s", opts->token);
+        char *h = xasprintf("X-Consul-Token: %s", opts->token);
+        a->token_list = curl_slist_append(NULL, h);
+        util_wipe_free(h, strlen(h));
+        if (a->token_list == NULL)
+            abort(); /* out of memory */
     }
     a->ca_file = dup_opt(opts->ca_file);
     a->ca_path = dup_opt(opts->ca_path);
@@ -577,7 +639,7 @@ void agent_free(struct agent *a)
     free(a->addr);
     free(a->base_url);
     free(a->unix_path);
-    free(a->token_header);
+    slist_wipe_free(a->token_list);
     free(a->ca_file);
     free(a->ca_path);
     free(a->client_cert);
@@ -651,12 +713,20 @@ static void setup_easy(struct agent *a, struct agent_req *r, const char *method,
             curl_easy_setopt(e, CURLOPT_SSLCERT, a->client_cert);
             curl_easy_setopt(e, CURLOPT_SSLKEY, a->client_key);
         }
+        /*
+         * HTTP/1.1 even where ALPN offers h2: nghttp2 keeps every header it sent or received,
+         * the token among them, in its HPACK tables and buffers, allocated and freed out of our
+         * reach (and the agent is local: multiplexing saves little).
+         */
+        curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+        /* Not built in unless libcurl uses OpenSSL, which is then ours too. */
+        curl_easy_setopt(e, CURLOPT_SSL_CTX_FUNCTION, on_ssl_ctx);
         curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, a->ssl_verify ? 1L : 0L);
         curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, a->ssl_verify ? 2L : 0L);
     }
 
-    if (a->token_header != NULL)
-        add_header(r, a->token_header);
+    if (body != NULL && a->token_list != NULL)
+        add_header(r, a->token_list->data);
     if (strcmp(method, "GET") == 0 && body == NULL) {
         curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
     } else {
@@ -672,8 +742,11 @@ static void setup_easy(struct agent *a, struct agent_req *r, const char *method,
         if (strcmp(method, "POST") != 0)
             curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
     }
+    /* Requests without a body need no header but the token: they share the agent's list. */
     if (r->headers != NULL)
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
+    else if (a->token_list != NULL)
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, a->token_list);
 }
 
 /* Finishes <r> with a transport error from the loop, never from inside agent_request(). */

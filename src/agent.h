@@ -80,6 +80,24 @@ struct agent_req *agent_request(struct agent *a, const char *method, const char 
  */
 void agent_cancel(struct agent_req *r);
 
+#define AGENT_HEADER_VALUE_MAX 256
+
+/* The response headers the transport keeps (what struct agent_response reports). */
+struct agent_headers {
+    uint64_t index;                            /* X-Consul-Index; 0 when absent or unparsable */
+    char content_hash[AGENT_HEADER_VALUE_MAX]; /* X-Consul-ContentHash; "" when absent */
+    char acl_policy[AGENT_HEADER_VALUE_MAX];   /* X-Consul-Default-ACL-Policy; "" when absent */
+};
+
+/*
+ * Reads one raw header line as libcurl hands it over (<len> bytes, "Name: value\r\n", not
+ * NUL-terminated, from the agent) into <h>: a status line ("HTTP/...") starts a new response
+ * and clears <h>; a value with blanks around it is trimmed, one too long for its field or with
+ * a control byte inside is dropped, an index that is not a plain decimal number is 0. Pure;
+ * for the transport itself, its tests and the fuzzer.
+ */
+void agent_parse_header(const char *line, size_t len, struct agent_headers *h);
+
 /* The address as given, for logs (no token). */
 const char *agent_addr(const struct agent *a);
 /* The loop the transport runs on (for users that need timers of their own). */

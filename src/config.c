@@ -6,6 +6,7 @@
 #include "util.h"
 
 #include <ctype.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -88,6 +89,10 @@ static const struct flag_def flags[] = {
      "On SIGTERM or SIGINT, how long open connections may run on after the listeners close: "
      "a duration such as 500ms, 10s or 1m, or milliseconds (default 5s; 0 stops at once). A "
      "second signal stops at once."},
+    {"allow-core-dumps", FLAG_BOOL, NULL, F(allow_core_dumps),
+     "Leave the process dumpable. By default connectd marks itself non-dumpable at start-up "
+     "(no core dump, no ptrace or /proc/<pid>/mem by other unprivileged processes of the same "
+     "user), because its memory holds the leaf's private key and the ACL token."},
     {"admin-bind", FLAG_STRING, NULL, F(admin_bind),
      "Serve the admin endpoint (/ready, /metrics, /connections, /authz, /config) on this "
      "address: host:port (keep it on loopback, e.g. 127.0.0.1:19100) or unix:///path (mode "
@@ -165,19 +170,37 @@ static int parse_duration_ms(const char *s, uint32_t *out)
     return 0;
 }
 
+/*
+ * Reads the token with read(2) into a stack buffer that is wiped before returning: stdio would
+ * leave a copy in a FILE buffer freed unwiped.
+ */
 static int read_token_file(const char *path, char **out, char *err, size_t errlen, const char *what)
 {
-    FILE *f = fopen(path, "r");
-    if (f == NULL) {
+    int rc = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
         snprintf(err, errlen, "%s: cannot open %s: %s", what, path, strerror(errno));
         return -EINVAL;
     }
     char buf[TOKEN_FILE_MAX + 1];
-    size_t n = fread(buf, 1, sizeof(buf), f);
-    fclose(f);
+    size_t n = 0;
+    while (n < sizeof(buf)) {
+        ssize_t got = read(fd, buf + n, sizeof(buf) - n);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0) {
+            snprintf(err, errlen, "%s: cannot read %s: %s", what, path, strerror(errno));
+            rc = -EINVAL;
+            goto out;
+        }
+        if (got == 0)
+            break;
+        n += (size_t)got;
+    }
     if (n > TOKEN_FILE_MAX) {
         snprintf(err, errlen, "%s: %s is larger than %d bytes", what, path, TOKEN_FILE_MAX);
-        return -EINVAL;
+        rc = -EINVAL;
+        goto out;
     }
     size_t a = 0, b = n;
     while (a < b && isspace((unsigned char)buf[a]))
@@ -185,7 +208,10 @@ static int read_token_file(const char *path, char **out, char *err, size_t errle
     while (b > a && isspace((unsigned char)buf[b - 1]))
         b--;
     *out = xstrndup(buf + a, b - a);
-    return 0;
+out:
+    close(fd);
+    util_wipe(buf, n);
+    return rc;
 }
 
 int config_parse(struct config *c, int argc, char **argv, const char *(*getenv_fn)(const char *),

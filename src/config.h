@@ -44,6 +44,7 @@ struct config {
     int register_self;            /* -register */
     char *drain_timeout;          /* -drain-timeout */
     char *admin_bind;             /* -admin-bind: host:port or unix:///path; NULL = off */
+    int allow_core_dumps;         /* -allow-core-dumps: stay dumpable (PR_SET_DUMPABLE) */
     int help;
     int version;
     int config_doc;

@@ -10,10 +10,16 @@
  * Validation is strict about types (a string where a number belongs is an error naming the
  * field) and lenient about presence: null and absent mean the same thing, because Go renders
  * empty maps and slices either way depending on omitempty (consul-api.md 1.6).
+ *
+ * jansson allocates through malloc but frees through util_wipe_free_block(): the leaf's body
+ * puts the private key in the parser's buffers and in the tree's strings, and jansson's free
+ * carries no size, so each freed block is wiped over its whole usable size. The allocator is
+ * process-wide and set once, before this file's first call into jansson.
  */
 #include "decode.h"
 
 #include <jansson.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -68,10 +74,24 @@ static void ctx_init(struct dctx *c, char *err, size_t errlen)
         err[0] = '\0';
 }
 
+static pthread_once_t alloc_once = PTHREAD_ONCE_INIT;
+
+static void set_alloc(void)
+{
+    json_set_alloc_funcs(malloc, util_wipe_free_block);
+}
+
+/* Called before anything that makes jansson allocate. */
+static void use_wiping_alloc(void)
+{
+    pthread_once(&alloc_once, set_alloc);
+}
+
 static int load(struct dctx *c, const char *buf, size_t len, json_t **root)
 {
     json_error_t je;
     *root = NULL;
+    use_wiping_alloc();
     if (buf == NULL)
         return fail(c, ERR_BAD_JSON, "no response body");
     /*
@@ -441,13 +461,7 @@ int decode_leaf(const char *buf, size_t len, struct dec_leaf *out, char *err, si
         rc = fail(&c, ERR_BAD_FIELD, "leaf: the body must be a JSON object");
     else
         rc = get_strs(&c, root, "", leaf_fields, ARRAY_SIZE(leaf_fields), out);
-    /*
-     * The tree holds a copy of the private key that jansson frees without wiping. Wiping the
-     * parser's internal buffers is out of reach; the value we can reach is wiped here.
-     */
-    json_t *k = json_object_get(root, "PrivateKeyPEM");
-    if (json_is_string(k))
-        explicit_bzero((char *)json_string_value(k), json_string_length(k));
+    /* The tree's copy of the private key, like the parser's, is wiped as jansson frees it. */
     json_decref(root);
     if (rc != 0)
         dec_leaf_dispose(out);
@@ -1154,6 +1168,7 @@ void dec_agent_self_dispose(struct dec_agent_self *s)
 
 char *decode_proxy_registration_json(const struct dec_proxy_registration *r)
 {
+    use_wiping_alloc();
     json_t *proxy = json_pack("{s:s}", "DestinationServiceName", r->destination_service_name);
     if (r->local_service_address != NULL && r->local_service_address[0] != '\0') {
         json_object_set_new(proxy, "LocalServiceAddress", json_string(r->local_service_address));
@@ -1168,19 +1183,20 @@ char *decode_proxy_registration_json(const struct dec_proxy_registration *r)
     json_decref(root);
     if (text == NULL) /* jansson fails here only when out of memory */
         abort();
-    return text; /* malloc'ed: this project never replaces jansson's allocator */
+    return text; /* from malloc: jansson's allocator here is malloc itself */
 }
 
 char *decode_authorize_request_json(const char *target, const char *client_uri,
                                     const char *client_serial)
 {
+    use_wiping_alloc();
     json_t *root = json_pack("{s:s, s:s, s:s}", "Target", target, "ClientCertURI", client_uri,
                              "ClientCertSerial", client_serial);
     char *text = root != NULL ? json_dumps(root, JSON_COMPACT) : NULL;
     json_decref(root);
     if (text == NULL) /* jansson fails here only when out of memory */
         abort();
-    return text; /* malloc'ed: this project never replaces jansson's allocator */
+    return text; /* from malloc: jansson's allocator here is malloc itself */
 }
 
 int decode_authorize(const char *buf, size_t len, int *allowed, char *reason, size_t reason_len,

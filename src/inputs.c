@@ -31,7 +31,8 @@ struct inputs {
 
     struct dec_roots roots;
     int have_roots;
-    struct dec_leaf leaf;
+    struct dec_leaf leaf; /* its key_pem is always NULL: the key is <leaf_key> */
+    struct tls_key *leaf_key;
     int have_leaf;
     struct tls_ctx *tls;
     struct intent_table *intents;
@@ -57,10 +58,11 @@ static void tell(struct inputs *in, enum inputs_event ev)
 /* ---- TLS: leaf + roots -> context ---- */
 
 /*
- * Builds and installs the TLS contexts for <leaf> and <roots> (either may be NULL while it has
- * not arrived: then nothing happens). On failure the previous contexts stay in force.
+ * Builds and installs the TLS contexts for <leaf> with its <key>, and <roots> (the leaf or the
+ * roots may be NULL while they have not arrived: then nothing happens). On failure the previous
+ * contexts stay in force.
  */
-static int install_tls(struct inputs *in, const struct dec_leaf *leaf,
+static int install_tls(struct inputs *in, const struct dec_leaf *leaf, const struct tls_key *key,
                        const struct dec_roots *roots)
 {
     char err[512];
@@ -78,8 +80,8 @@ static int install_tls(struct inputs *in, const struct dec_leaf *leaf,
         opts.max_version = in->tls_max_version;
         opts.cipher_suites = in->tls_cipher_suites;
     }
-    int rc = tls_ctx_new(leaf->cert_pem, leaf->key_pem, pems, roots->n_roots, &opts, &ctx, err,
-                         sizeof(err));
+    int rc = tls_ctx_new_with_key(leaf->cert_pem, key, pems, roots->n_roots, &opts, &ctx, err,
+                                  sizeof(err));
     free(pems);
     if (rc != 0) {
         LOG_ERROR("cannot build TLS contexts from leaf %s and %zu root(s): %s; keeping the "
@@ -101,7 +103,8 @@ static int on_roots(void *data, const struct agent_response *resp)
     char err[256];
     struct dec_roots roots;
     int rc = decode_roots(resp->body, resp->body_len, &roots, err, sizeof(err));
-    if (rc == 0 && (rc = install_tls(in, in->have_leaf ? &in->leaf : NULL, &roots)) != 0)
+    if (rc == 0 &&
+        (rc = install_tls(in, in->have_leaf ? &in->leaf : NULL, in->leaf_key, &roots)) != 0)
         dec_roots_dispose(&roots);
     if (rc != 0) {
         LOG_ERROR("roots: %s; keeping the previous roots", err[0] ? err : util_strerror(rc));
@@ -119,9 +122,21 @@ static int on_leaf(void *data, const struct agent_response *resp)
     struct inputs *in = data;
     char err[256];
     struct dec_leaf leaf;
+    struct tls_key *key = NULL;
     int rc = decode_leaf(resp->body, resp->body_len, &leaf, err, sizeof(err));
-    if (rc == 0 && (rc = install_tls(in, &leaf, in->have_roots ? &in->roots : NULL)) != 0)
-        dec_leaf_dispose(&leaf);
+    if (rc == 0) {
+        /* The PEM text goes at once: from here on the key lives only in OpenSSL's form, the one
+         * copy the contexts share, even across rebuilds for new roots or settings. */
+        rc = tls_key_new(leaf.key_pem, &key, err, sizeof(err));
+        util_wipe_free(leaf.key_pem, strlen(leaf.key_pem));
+        leaf.key_pem = NULL;
+        if (rc == 0)
+            rc = install_tls(in, &leaf, key, in->have_roots ? &in->roots : NULL);
+        if (rc != 0) {
+            dec_leaf_dispose(&leaf);
+            tls_key_free(key);
+        }
+    }
     if (rc != 0) {
         LOG_ERROR("leaf certificate: %s; keeping the previous one",
                   err[0] ? err : util_strerror(rc));
@@ -129,7 +144,9 @@ static int on_leaf(void *data, const struct agent_response *resp)
     }
     if (in->have_leaf)
         dec_leaf_dispose(&in->leaf);
+    tls_key_free(in->leaf_key);
     in->leaf = leaf;
+    in->leaf_key = key;
     in->have_leaf = 1;
     return 0;
 }
@@ -153,7 +170,8 @@ void inputs_set_tls(struct inputs *in, int min_version, int max_version, const c
     in->tls_cipher_suites = cipher_suites ? xstrdup(cipher_suites) : NULL;
     in->have_tls_opts = 1;
     if (tls_changed && (min_version || max_version || cipher_suites || in->tls != NULL))
-        install_tls(in, in->have_leaf ? &in->leaf : NULL, in->have_roots ? &in->roots : NULL);
+        install_tls(in, in->have_leaf ? &in->leaf : NULL, in->leaf_key,
+                    in->have_roots ? &in->roots : NULL);
 }
 
 /* ---- intentions ---- */
@@ -346,6 +364,8 @@ void inputs_set_service(struct inputs *in, const char *service, const char *ns,
         scope = NULL;
         if (in->have_leaf)
             dec_leaf_dispose(&in->leaf);
+        tls_key_free(in->leaf_key);
+        in->leaf_key = NULL;
         in->have_leaf = 0;
         intent_table_unref(in->intents);
         in->intents = NULL;
@@ -400,6 +420,7 @@ void inputs_free(struct inputs *in)
     intent_table_unref(in->intents);
     if (in->have_leaf)
         dec_leaf_dispose(&in->leaf);
+    tls_key_free(in->leaf_key);
     if (in->have_roots)
         dec_roots_dispose(&in->roots);
     free(in->tls_cipher_suites);

@@ -15,9 +15,12 @@
 #include "tls.h"
 #include "util.h"
 
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #ifndef CONNECTD_VERSION
@@ -162,6 +165,13 @@ int main(int argc, char **argv)
     }
     log_min_level = conf.level;
     log_json = conf.log_json;
+    /*
+     * Memory will hold the leaf's private key and the ACL token: no core dump, and no ptrace
+     * or /proc/<pid>/mem for other processes of our user, unless the operator asks for dumps.
+     * Before any thread starts, so every one inherits it.
+     */
+    if (!conf.allow_core_dumps && prctl(PR_SET_DUMPABLE, 0L, 0L, 0L, 0L) != 0)
+        LOG_WARN("cannot mark the process non-dumpable: %s", strerror(errno));
     if (conf.access_log != NULL &&
         alog_open(conf.access_log, conf.alog_format, err, sizeof(err)) != 0) {
         fprintf(stderr, "connectd: %s\n", err);

@@ -557,9 +557,46 @@ static int setup_common(SSL_CTX *sc, X509 *leaf, STACK_OF(X509) * chain, EVP_PKE
     return 0;
 }
 
-int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *root_pems,
-                size_t n_roots, const struct tls_ctx_opts *opts, struct tls_ctx **out, char *err,
-                size_t errlen)
+struct tls_key {
+    EVP_PKEY *pkey;
+};
+
+/* Parses an unencrypted PEM private key; NULL with OpenSSL's reason on its error queue. */
+static EVP_PKEY *read_key(const char *key_pem)
+{
+    BIO *bio;
+    EVP_PKEY *key = NULL;
+    if (key_pem != NULL && (bio = BIO_new_mem_buf(key_pem, -1)) != NULL) {
+        key = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
+        BIO_free(bio);
+    }
+    return key;
+}
+
+int tls_key_new(const char *key_pem, struct tls_key **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    ERR_clear_error();
+    EVP_PKEY *key = read_key(key_pem);
+    if (key == NULL)
+        return ctx_fail(err, errlen, ERR_BAD_CERT, "private key: no valid unencrypted PEM key");
+    *out = xcalloc(1, sizeof(**out));
+    (*out)->pkey = key;
+    return 0;
+}
+
+void tls_key_free(struct tls_key *k)
+{
+    if (k == NULL)
+        return;
+    EVP_PKEY_free(k->pkey);
+    free(k);
+}
+
+/* tls_ctx_new() and tls_ctx_new_with_key(): exactly one of <key_pem> and <pkey> is set. */
+static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
+                   const char *const *root_pems, size_t n_roots, const struct tls_ctx_opts *opts,
+                   struct tls_ctx **out, char *err, size_t errlen)
 {
     char what[128];
     int rc = ERR_BAD_CERT;
@@ -568,7 +605,6 @@ int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *ro
     X509 *leaf = NULL;
     EVP_PKEY *key = NULL;
     X509_STORE *store = NULL;
-    BIO *bio = NULL;
     SSL_CTX *server = NULL;
     SSL_CTX *client = NULL;
     struct tls_ctx *ctx;
@@ -602,8 +638,11 @@ int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *ro
     }
     leaf = sk_X509_shift(certs); /* the rest of <certs> is the chain we send */
 
-    if (key_pem == NULL || (bio = BIO_new_mem_buf(key_pem, -1)) == NULL ||
-        (key = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL)) == NULL) {
+    if (pkey != NULL && EVP_PKEY_up_ref(pkey))
+        key = pkey;
+    else if (pkey == NULL)
+        key = read_key(key_pem);
+    if (key == NULL) {
         rc = ctx_fail(err, errlen, ERR_BAD_CERT, "private key: no valid unencrypted PEM key");
         goto out;
     }
@@ -689,13 +728,31 @@ int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *ro
 out:
     SSL_CTX_free(server);
     SSL_CTX_free(client);
-    BIO_free(bio);
     EVP_PKEY_free(key);
     X509_free(leaf);
     sk_X509_pop_free(certs, X509_free);
     sk_X509_pop_free(roots, X509_free);
     X509_STORE_free(store);
     return rc;
+}
+
+int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *root_pems,
+                size_t n_roots, const struct tls_ctx_opts *opts, struct tls_ctx **out, char *err,
+                size_t errlen)
+{
+    return ctx_new(cert_pem, key_pem, NULL, root_pems, n_roots, opts, out, err, errlen);
+}
+
+int tls_ctx_new_with_key(const char *cert_pem, const struct tls_key *key,
+                         const char *const *root_pems, size_t n_roots,
+                         const struct tls_ctx_opts *opts, struct tls_ctx **out, char *err,
+                         size_t errlen)
+{
+    if (key == NULL) {
+        *out = NULL;
+        return ctx_fail(err, errlen, ERR_BAD_CERT, "private key: none");
+    }
+    return ctx_new(cert_pem, NULL, key->pkey, root_pems, n_roots, opts, out, err, errlen);
 }
 
 struct tls_ctx *tls_ctx_ref(struct tls_ctx *ctx)
@@ -1052,6 +1109,15 @@ const char *tls_conn_cipher(const struct tls_conn *c)
 void tls_global_init(void)
 {
     OPENSSL_init_ssl(OPENSSL_INIT_LOAD_SSL_STRINGS | OPENSSL_INIT_LOAD_CRYPTO_STRINGS, NULL);
+}
+
+void tls_agent_ctx_setup(void *ssl_ctx)
+{
+#ifdef SSL_OP_CLEANSE_PLAINTEXT
+    SSL_CTX_set_options(ssl_ctx, SSL_OP_CLEANSE_PLAINTEXT);
+#else
+    (void)ssl_ctx;
+#endif
 }
 
 const char *tls_lib_version(void)

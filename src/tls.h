@@ -39,6 +39,22 @@ struct tls_ctx_opts {
 int tls_ctx_new(const char *cert_pem, const char *key_pem, const char *const *root_pems,
                 size_t n_roots, const struct tls_ctx_opts *opts, struct tls_ctx **out, char *err,
                 size_t errlen);
+
+/*
+ * A private key parsed once and kept only in OpenSSL's binary form, so a caller that must
+ * rebuild contexts (new roots, new TLS settings) need not keep the PEM text: parse it, wipe it,
+ * and keep this. tls_key_new() returns 0 and a key, or ERR_BAD_CERT with a message in <err>
+ * (never containing key material); <key_pem> is not kept and stays the caller's to wipe.
+ * tls_key_free() accepts NULL; contexts built from a key keep their own reference to it.
+ */
+struct tls_key;
+int tls_key_new(const char *key_pem, struct tls_key **out, char *err, size_t errlen);
+void tls_key_free(struct tls_key *key);
+/* tls_ctx_new() with a parsed key (not taken; NULL is ERR_BAD_CERT). */
+int tls_ctx_new_with_key(const char *cert_pem, const struct tls_key *key,
+                         const char *const *root_pems, size_t n_roots,
+                         const struct tls_ctx_opts *opts, struct tls_ctx **out, char *err,
+                         size_t errlen);
 struct tls_ctx *tls_ctx_ref(struct tls_ctx *ctx);
 /* Safe from any thread; the last unref frees. */
 void tls_ctx_unref(struct tls_ctx *ctx);
@@ -130,6 +146,12 @@ const char *tls_conn_cipher(const struct tls_conn *c);
 
 /* Process-wide set-up (call once before threads start). */
 void tls_global_init(void);
+/*
+ * For the agent transport's libcurl, which hands over each SSL_CTX it creates for an https://
+ * agent (<ssl_ctx> is an SSL_CTX *): what OpenSSL decrypts is wiped once libcurl has read it
+ * (SSL_OP_CLEANSE_PLAINTEXT), since the leaf's answer carries the private key.
+ */
+void tls_agent_ctx_setup(void *ssl_ctx);
 /* The OpenSSL version in use, e.g. "OpenSSL 3.0.13 30 Jan 2024" (static). */
 const char *tls_lib_version(void);
 

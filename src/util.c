@@ -3,6 +3,8 @@
  */
 #include "util.h"
 
+#include <malloc.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +55,130 @@ void *xrealloc(void *p, size_t n)
     if (p == NULL)
         oom(n);
     return p;
+}
+
+void util_wipe(void *p, size_t n)
+{
+    if (p != NULL && n > 0)
+        explicit_bzero(p, n);
+}
+
+void util_wipe_free(void *p, size_t n)
+{
+    util_wipe(p, n);
+    free(p);
+}
+
+void util_wipe_free_block(void *p)
+{
+    if (p == NULL)
+        return;
+    /* The usable size covers at least what was asked for; under ASan it is exactly that. */
+    explicit_bzero(p, malloc_usable_size(p));
+    free(p);
+}
+
+void *util_wipe_realloc(void *p, size_t n)
+{
+    if (n == 0) {
+        util_wipe_free_block(p);
+        return NULL;
+    }
+    void *q = xmalloc(n);
+    if (p != NULL) {
+        size_t old = malloc_usable_size(p);
+        memcpy(q, p, MIN(old, n));
+        util_wipe_free_block(p);
+    }
+    return q;
+}
+
+/* ---- SipHash-2-4 with 128-bit output (Aumasson and Bernstein's reference, outlen 16) ---- */
+
+#define ROTL64(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+
+static uint64_t load64_le(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static void store64_le(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void sip_rounds(uint64_t v[4], int n)
+{
+    for (int i = 0; i < n; i++) {
+        v[0] += v[1];
+        v[1] = ROTL64(v[1], 13);
+        v[1] ^= v[0];
+        v[0] = ROTL64(v[0], 32);
+        v[2] += v[3];
+        v[3] = ROTL64(v[3], 16);
+        v[3] ^= v[2];
+        v[0] += v[3];
+        v[3] = ROTL64(v[3], 21);
+        v[3] ^= v[0];
+        v[2] += v[1];
+        v[1] = ROTL64(v[1], 17);
+        v[1] ^= v[2];
+        v[2] = ROTL64(v[2], 32);
+    }
+}
+
+void util_siphash128(const uint8_t key[16], const void *p, size_t n, uint8_t out[16])
+{
+    const uint8_t *in = p;
+    uint64_t k0 = load64_le(key), k1 = load64_le(key + 8);
+    uint64_t v[4] = {0x736f6d6570736575ull ^ k0, 0x646f72616e646f6dull ^ k1,
+                     0x6c7967656e657261ull ^ k0, 0x7465646279746573ull ^ k1};
+    v[1] ^= 0xee;
+    size_t full = n - n % 8;
+    for (size_t i = 0; i < full; i += 8) {
+        uint64_t m = load64_le(in + i);
+        v[3] ^= m;
+        sip_rounds(v, 2);
+        v[0] ^= m;
+    }
+    uint64_t b = (uint64_t)n << 56;
+    for (size_t i = 0; i < n % 8; i++)
+        b |= (uint64_t)in[full + i] << (8 * i);
+    v[3] ^= b;
+    sip_rounds(v, 2);
+    v[0] ^= b;
+    v[2] ^= 0xee;
+    sip_rounds(v, 4);
+    store64_le(out, v[0] ^ v[1] ^ v[2] ^ v[3]);
+    v[1] ^= 0xdd;
+    sip_rounds(v, 4);
+    store64_le(out + 8, v[0] ^ v[1] ^ v[2] ^ v[3]);
+}
+
+static pthread_once_t digest_once = PTHREAD_ONCE_INIT;
+static uint8_t digest_key[16];
+
+static void digest_key_init(void)
+{
+    if (getrandom(digest_key, sizeof(digest_key), 0) != (ssize_t)sizeof(digest_key)) {
+        /* No entropy yet: a weaker key still tells accidental changes apart. */
+        uint64_t a = util_rand(), b = util_rand();
+        store64_le(digest_key, a);
+        store64_le(digest_key + 8, b);
+    }
+}
+
+void util_digest(const void *p, size_t n, struct util_digest *out)
+{
+    uint8_t d[16];
+    pthread_once(&digest_once, digest_key_init);
+    util_siphash128(digest_key, p, n, d);
+    out->h[0] = load64_le(d);
+    out->h[1] = load64_le(d + 8);
 }
 
 char *xstrdup(const char *s)

@@ -56,6 +56,33 @@ void *xcalloc(size_t nmemb, size_t size);
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
+/*
+ * Wiping: memory that held key or token bytes is overwritten before it goes back to the heap,
+ * so neither a later read of the process's memory nor a core dump finds stale copies.
+ * util_wipe() is explicit_bzero (never optimised away). util_wipe_free() wipes <n> bytes of <p>
+ * (may be NULL) and frees it. util_wipe_free_block() wipes the whole usable size of a block
+ * from malloc (NULL is a no-op): it is the free function given to libraries (libcurl, jansson)
+ * whose frees carry no size. util_wipe_realloc() grows or shrinks <p> by allocate, copy, wipe
+ * and free, never by realloc(), which can leave a stale copy behind when it moves a block; it
+ * never returns NULL for n > 0 (OOM aborts), and returns NULL after freeing <p> for n == 0.
+ */
+void util_wipe(void *p, size_t n);
+void util_wipe_free(void *p, size_t n);
+void util_wipe_free_block(void *p);
+void *util_wipe_realloc(void *p, size_t n);
+
+/*
+ * A 128-bit keyed digest (SipHash-2-4-128) under a key drawn once per process from getrandom:
+ * for telling whether two byte strings differ without keeping either (a collision, even one an
+ * adversary aims for, is out of reach without the key). Thread-safe. util_siphash128() is the
+ * same with a caller's key, for tests against the reference vectors.
+ */
+struct util_digest {
+    uint64_t h[2];
+};
+void util_digest(const void *p, size_t n, struct util_digest *out);
+void util_siphash128(const uint8_t key[16], const void *p, size_t n, uint8_t out[16]);
+
 /* printf into a fresh allocation (never NULL). */
 char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -60,9 +60,12 @@ struct watch {
     struct agent_req *req;
     struct loop_timer timer;
 
-    uint64_t index;  /* last accepted X-Consul-Index (WATCH_BY_INDEX) */
-    char *hash;      /* last accepted X-Consul-ContentHash (WATCH_BY_HASH), "" at first */
-    char *last_body; /* last accepted body, to spot changes under an unchanged index */
+    uint64_t index; /* last accepted X-Consul-Index (WATCH_BY_INDEX) */
+    char *hash;     /* last accepted X-Consul-ContentHash (WATCH_BY_HASH), "" at first */
+    /* The last accepted body's length and keyed digest, to spot changes under an unchanged
+     * index. Never the body itself: the leaf's carries the private key, which would otherwise
+     * stay in memory as long as the watch. */
+    struct util_digest last_digest;
     size_t last_body_len;
     int has_data;
     /* After a transport error the agent may be a restarted one whose indexes began again:
@@ -126,7 +129,6 @@ static void destroy(struct watch *w)
     free(w->path);
     free(w->body);
     free(w->hash);
-    free(w->last_body);
     free(w);
 }
 
@@ -268,8 +270,11 @@ static void healthy(struct watch *w)
 
 static int body_differs(const struct watch *w, const struct agent_response *resp)
 {
-    return !w->has_data || resp->body_len != w->last_body_len ||
-           memcmp(resp->body, w->last_body, resp->body_len) != 0;
+    if (!w->has_data || resp->body_len != w->last_body_len)
+        return 1;
+    struct util_digest d;
+    util_digest(resp->body, resp->body_len, &d);
+    return memcmp(&d, &w->last_digest, sizeof(d)) != 0;
 }
 
 static void accept_response(struct watch *w, const struct agent_response *resp)
@@ -279,8 +284,7 @@ static void accept_response(struct watch *w, const struct agent_response *resp)
         free(w->hash);
         w->hash = xstrdup(resp->content_hash);
     }
-    free(w->last_body);
-    w->last_body = xstrndup(resp->body, resp->body_len);
+    util_digest(resp->body, resp->body_len, &w->last_digest);
     w->last_body_len = resp->body_len;
     w->has_data = 1;
 }

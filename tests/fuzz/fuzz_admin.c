@@ -5,9 +5,7 @@
  * within the input and the cap; every shorter prefix of a complete head is "need more"; a head
  * refused as malformed stays refused when more bytes follow.
  *
- *   clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Isrc \
- *       tests/fuzz/fuzz_admin.c src/admin.c src/sock.c src/loop.c src/util.c src/log.c \
- *       -o build/fuzz/fuzz_admin
+ *   make fuzz FUZZ_SECONDS=60           (every target; this one is build/fuzz/fuzz_admin)
  *   build/fuzz/fuzz_admin -max_len=16384 tests/fuzz/corpus/admin
  *
  * tests/unit/test_admin.c includes this file to replay the committed corpus with gcc.
@@ -51,7 +49,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             FUZZ_CHECK(admin_parse_request(buf, (size_t)n, &part) == -EAGAIN);
         char v[256];
         int q = admin_query_param(req.query, "source", v, sizeof(v));
-        FUZZ_CHECK(q == -ENOENT || q == -EINVAL || q == -ENOSPC || (q >= 0 && (size_t)q < sizeof(v)));
+        FUZZ_CHECK(q == -ENOENT || q == -EINVAL || q == -ENOSPC ||
+                   (q >= 0 && (size_t)q < sizeof(v)));
     } else if (rc == -EAGAIN) {
         FUZZ_CHECK(size < ADMIN_REQUEST_MAX);
     }

@@ -220,6 +220,42 @@ static void test_token_precedence(void **state)
     free(file);
 }
 
+/* -allow-core-dumps is off unless given; a token file that cannot be read is an error. */
+static void test_core_dumps_and_unreadable_token_file(void **state)
+{
+    struct config c;
+    char err[256] = "";
+    (void)state;
+    env_set("CONNECT_PROXY_ID", "p");
+    assert_int_equal(parse(&c, err, sizeof(err), 1), 0);
+    assert_int_equal(c.allow_core_dumps, 0);
+    config_dispose(&c);
+    assert_int_equal(parse(&c, err, sizeof(err), 2, "-allow-core-dumps"), 0);
+    assert_int_equal(c.allow_core_dumps, 1);
+    config_dispose(&c);
+    /* A directory opens but does not read. */
+    assert_int_equal(parse(&c, err, sizeof(err), 3, "-token-file", "/"), -EINVAL);
+    assert_non_null(strstr(err, "cannot read /"));
+    /* Exactly at the cap is fine, one byte over is not. */
+    char *big = xmalloc(4097 + 1);
+    memset(big, 'a', 4097);
+    big[4096] = '\0';
+    char *file = write_temp(big);
+    assert_int_equal(parse(&c, err, sizeof(err), 3, "-token-file", file), 0);
+    assert_int_equal(strlen(c.token), 4096);
+    config_dispose(&c);
+    unlink(file);
+    free(file);
+    big[4096] = 'a';
+    big[4097] = '\0';
+    file = write_temp(big);
+    assert_int_equal(parse(&c, err, sizeof(err), 3, "-token-file", file), -EINVAL);
+    assert_non_null(strstr(err, "larger than 4096"));
+    unlink(file);
+    free(file);
+    free(big);
+}
+
 static void test_flag_errors(void **state)
 {
     struct config c;
@@ -607,6 +643,7 @@ int main(void)
         cmocka_unit_test_setup(test_flags_mode, env_reset),
         cmocka_unit_test_setup(test_env_fallbacks, env_reset),
         cmocka_unit_test_setup(test_token_precedence, env_reset),
+        cmocka_unit_test_setup(test_core_dumps_and_unreadable_token_file, env_reset),
         cmocka_unit_test_setup(test_flag_errors, env_reset),
         cmocka_unit_test_setup(test_flag_defaults_and_durations, env_reset),
         cmocka_unit_test(test_proxycfg_defaults),

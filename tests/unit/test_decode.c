@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "decode.h"
 #include "util.h"
 
@@ -810,6 +812,25 @@ static void test_leaf_truncated(void **state)
 {
     (void)state;
     check_truncations(LEAF, LEAF_JSON);
+}
+
+/*
+ * Issue 7: parsing the leaf put the private key into jansson's lexer buffers and the tree's
+ * strings, which jansson freed unwiped. After the first decode, jansson frees through the
+ * wiping free (and allocates with plain malloc, so anything it returns is free()-able).
+ */
+static void test_jansson_frees_wiping(void **state)
+{
+    (void)state;
+    struct dec_leaf l;
+    char err[256];
+    assert_int_equal(decode_leaf(LEAF_JSON, strlen(LEAF_JSON), &l, err, sizeof(err)), 0);
+    dec_leaf_dispose(&l);
+    json_malloc_t m = NULL;
+    json_free_t f = NULL;
+    json_get_alloc_funcs(&m, &f);
+    assert_ptr_equal(f, util_wipe_free_block);
+    assert_ptr_equal(m, malloc);
 }
 
 /* ---- agent service ---- */
@@ -1775,6 +1796,7 @@ int main(void)
         cmocka_unit_test(test_roots_truncated),
         cmocka_unit_test(test_leaf_good),
         cmocka_unit_test(test_leaf_truncated),
+        cmocka_unit_test(test_jansson_frees_wiping),
         cmocka_unit_test(test_service_good),
         cmocka_unit_test(test_service_without_proxy),
         cmocka_unit_test(test_service_null_maps),

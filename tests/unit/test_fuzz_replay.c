@@ -1,6 +1,7 @@
 /*
- * Replays the committed decode corpus (tests/fuzz/corpus/decode/) through the fuzz target, so
- * the normal test run covers it without clang or libFuzzer. Run from the repository root.
+ * Replays the committed corpora (tests/fuzz/corpus/<target>/) through their fuzz targets, so
+ * the normal test run covers them without clang or libFuzzer. Run from the repository root.
+ * The admin corpus is replayed by test_admin.c.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -18,21 +19,51 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* The target itself, so the replay runs exactly what the fuzzer runs. */
+/* The targets themselves, so the replay runs exactly what the fuzzers run; FUZZ_REPLAY leaves
+ * out each one's LLVMFuzzerTestOneInput, which would collide. */
+#define FUZZ_REPLAY
+#include "../fuzz/fuzz_agent.c"
+#include "../fuzz/fuzz_config.c"
 #include "../fuzz/fuzz_decode.c"
-
-#define CORPUS_DIR "tests/fuzz/corpus/decode"
+#include "../fuzz/fuzz_proxycfg.c"
+#include "../fuzz/fuzz_spiffe.c"
 
 static void test_replay_decode_corpus(void **state)
 {
     (void)state;
-    corpus_replay(CORPUS_DIR, LLVMFuzzerTestOneInput);
+    corpus_replay("tests/fuzz/corpus/decode", fuzz_decode_one);
+}
+
+static void test_replay_spiffe_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/spiffe", fuzz_spiffe_one);
+}
+
+static void test_replay_proxycfg_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/proxycfg", fuzz_proxycfg_one);
+}
+
+static void test_replay_agent_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/agent", fuzz_agent_one);
+}
+
+static void test_replay_config_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/config", fuzz_config_one);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_replay_decode_corpus),
+        cmocka_unit_test(test_replay_decode_corpus),   cmocka_unit_test(test_replay_spiffe_corpus),
+        cmocka_unit_test(test_replay_proxycfg_corpus), cmocka_unit_test(test_replay_agent_corpus),
+        cmocka_unit_test(test_replay_config_corpus),
     };
     return cmocka_run_group_tests_name("fuzz_replay", tests, NULL, NULL);
 }

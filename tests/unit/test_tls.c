@@ -420,6 +420,71 @@ static void test_mutual_handshake(void **state)
     tls_ctx_unref(db);
 }
 
+static void assert_no_key_material(const char *err, const char *key_pem);
+
+/*
+ * The control thread parses the leaf's key once and wipes the PEM (issue 7: the PEM copy it
+ * kept for rebuilds was one of four copies of the key in memory). Contexts built from the
+ * parsed key, even after the PEM is gone and the key object is freed, still handshake.
+ */
+static void test_parsed_key(void **state)
+{
+    (void)state;
+    char err[512] = "";
+    const char *roots[] = {pki.ca1.cert_pem};
+    char *pem = xstrdup(pki.web.key_pem);
+    struct tls_key *key = NULL;
+    assert_int_equal(tls_key_new(pem, &key, err, sizeof(err)), 0);
+    assert_non_null(key);
+    util_wipe(pem, strlen(pem));
+    struct tls_ctx *web = NULL, *again = NULL;
+    assert_int_equal(
+        tls_ctx_new_with_key(pki.web.cert_pem, key, roots, 1, NULL, &web, err, sizeof(err)), 0);
+    /* A rebuild (new roots, say) from the same key object. */
+    const char *two_roots[] = {pki.ca1.cert_pem, pki.ca2.cert_pem};
+    assert_int_equal(
+        tls_ctx_new_with_key(pki.web.cert_pem, key, two_roots, 2, NULL, &again, err, sizeof(err)),
+        0);
+    tls_key_free(key); /* the contexts hold their own references */
+    free(pem);
+
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    struct duo d;
+    duo_open(&d, again, db, SNI_DB);
+    assert_int_equal(d.cli.rc, 0);
+    assert_int_equal(d.srv.rc, 0);
+    assert_peer_uri(d.srv.tc, URI_WEB);
+    duo_close(&d);
+
+    /* Bad keys are refused without key material in the message; no key is no context. */
+    assert_int_equal(tls_key_new("garbage", &key, err, sizeof(err)), ERR_BAD_CERT);
+    assert_null(key);
+    assert_non_null(strstr(err, "private key"));
+    char *broken = xstrndup(pki.web.key_pem, strlen(pki.web.key_pem) - 40);
+    assert_int_equal(tls_key_new(broken, &key, err, sizeof(err)), ERR_BAD_CERT);
+    assert_no_key_material(err, pki.web.key_pem);
+    free(broken);
+    assert_int_equal(tls_key_new(NULL, &key, err, sizeof(err)), ERR_BAD_CERT);
+    struct tls_ctx *ctx = NULL;
+    assert_int_equal(
+        tls_ctx_new_with_key(pki.web.cert_pem, NULL, roots, 1, NULL, &ctx, err, sizeof(err)),
+        ERR_BAD_CERT);
+    assert_null(ctx);
+    /* Another leaf's key, well formed but not this certificate's. */
+    assert_int_equal(tls_key_new(pki.db.key_pem, &key, err, sizeof(err)), 0);
+    assert_int_equal(
+        tls_ctx_new_with_key(pki.web.cert_pem, key, roots, 1, NULL, &ctx, err, sizeof(err)),
+        ERR_BAD_CERT);
+    assert_non_null(strstr(err, "does not match"));
+    tls_key_free(key);
+    tls_key_free(NULL);
+    assert_int_equal(ERR_peek_error(), 0);
+
+    tls_ctx_unref(web);
+    tls_ctx_unref(again);
+    tls_ctx_unref(db);
+}
+
 static void test_tls12(void **state)
 {
     (void)state;
@@ -1305,6 +1370,7 @@ int main(void)
     tls_global_init();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mutual_handshake),
+        cmocka_unit_test(test_parsed_key),
         cmocka_unit_test(test_tls12),
         cmocka_unit_test(test_client_without_cert_refused),
         cmocka_unit_test(test_leaf_from_other_ca_refused),

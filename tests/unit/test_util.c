@@ -1,0 +1,98 @@
+/*
+ * util: the wiping helpers and the keyed digest (issue 7: key and token bytes must not outlive
+ * their buffers, and the watch keeps a digest of the last body instead of the body).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <malloc.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+
+static void test_wipe_realloc_keeps_content(void **state)
+{
+    (void)state;
+    char *p = util_wipe_realloc(NULL, 16);
+    memcpy(p, "0123456789abcdef", 16);
+    p = util_wipe_realloc(p, 4096); /* grows: the first 16 bytes come along */
+    assert_memory_equal(p, "0123456789abcdef", 16);
+    memset(p + 16, 'x', 4096 - 16);
+    p = util_wipe_realloc(p, 8); /* shrinks */
+    assert_memory_equal(p, "01234567", 8);
+    assert_null(util_wipe_realloc(p, 0)); /* frees */
+    util_wipe_free_block(NULL);
+    util_wipe_free(NULL, 0);
+}
+
+static void test_wipe(void **state)
+{
+    (void)state;
+    char buf[32];
+    memset(buf, 'k', sizeof(buf));
+    util_wipe(buf + 8, 16);
+    for (size_t i = 0; i < sizeof(buf); i++)
+        assert_int_equal(buf[i], i >= 8 && i < 24 ? 0 : 'k');
+    util_wipe(NULL, 5);
+    util_wipe(buf, 0);
+}
+
+/* SipHash-2-4-128 reference vectors: key 00..0f, message 00..(n-1). */
+static void test_siphash128_vectors(void **state)
+{
+    (void)state;
+    static const struct {
+        size_t n;
+        const char *hex;
+    } v[] = {
+        {0, "a3817f04ba25a8e66df67214c7550293"},  {1, "da87c1d86b99af44347659119b22fc45"},
+        {2, "8177228da4a45dc7fca38bdef60affe4"},  {3, "9c70b60c5267a94e5f33b6b02985ed51"},
+        {15, "5493e99933b0a8117e08ec0f97cfc3d9"},
+    };
+    uint8_t key[16], msg[64], out[16];
+    for (int i = 0; i < 16; i++)
+        key[i] = (uint8_t)i;
+    for (int i = 0; i < 64; i++)
+        msg[i] = (uint8_t)i;
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+        char hex[33];
+        util_siphash128(key, msg, v[i].n, out);
+        for (int j = 0; j < 16; j++)
+            snprintf(hex + 2 * j, 3, "%02x", out[j]);
+        assert_string_equal(hex, v[i].hex);
+    }
+}
+
+static void test_digest(void **state)
+{
+    (void)state;
+    struct util_digest a, b, c;
+    const char body[] = "{\"PrivateKeyPEM\":\"-----BEGIN EC PRIVATE KEY-----\"}";
+    util_digest(body, sizeof(body) - 1, &a);
+    util_digest(body, sizeof(body) - 1, &b);
+    assert_memory_equal(&a, &b, sizeof(a));
+    char other[sizeof(body)];
+    memcpy(other, body, sizeof(body));
+    other[5] ^= 1; /* one bit */
+    util_digest(other, sizeof(other) - 1, &c);
+    assert_memory_not_equal(&a, &c, sizeof(a));
+    util_digest(body, sizeof(body) - 2, &c); /* a prefix */
+    assert_memory_not_equal(&a, &c, sizeof(a));
+    util_digest("", 0, &c);
+    assert_memory_not_equal(&a, &c, sizeof(a));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_wipe_realloc_keeps_content),
+        cmocka_unit_test(test_wipe),
+        cmocka_unit_test(test_siphash128_vectors),
+        cmocka_unit_test(test_digest),
+    };
+    return cmocka_run_group_tests_name("util", tests, NULL, NULL);
+}
