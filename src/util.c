@@ -280,22 +280,30 @@ int util_hexval(char c)
     return -1;
 }
 
-char *util_url_escape(const char *s)
+size_t util_url_escape_buf(char *buf, size_t len, const char *s)
 {
     static const char hex[] = "0123456789ABCDEF";
-    char *out = xmalloc(strlen(s) * 3 + 1), *p = out;
-    for (; *s != '\0'; s++) {
+    size_t n = 0;
+    for (; *s != '\0' && n + 4 < len; s++) {
         unsigned char c = (unsigned char)*s;
         if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
             c == '-' || c == '.' || c == '_' || c == '~') {
-            *p++ = (char)c;
+            buf[n++] = (char)c;
         } else {
-            *p++ = '%';
-            *p++ = hex[c >> 4];
-            *p++ = hex[c & 15];
+            buf[n++] = '%';
+            buf[n++] = hex[c >> 4];
+            buf[n++] = hex[c & 15];
         }
     }
-    *p = '\0';
+    buf[n] = '\0';
+    return n;
+}
+
+char *util_url_escape(const char *s)
+{
+    size_t len = strlen(s) * 3 + 4; /* every byte escaped, and the bound's slack */
+    char *out = xmalloc(len);
+    util_url_escape_buf(out, len, s);
     return out;
 }
 

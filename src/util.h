@@ -107,6 +107,11 @@ int util_hexval(char c);
 
 /* Percent-encodes everything in <s> but RFC 3986 unreserved characters (fresh allocation). */
 char *util_url_escape(const char *s);
+/*
+ * The same into <buf> (<len> > 0 bytes, always NUL-terminated): stops before the character
+ * that might not fit with its terminator. Returns the length written.
+ */
+size_t util_url_escape_buf(char *buf, size_t len, const char *s);
 
 /* Returns a random 64-bit value (not for cryptography: jitter and balancing only). */
 uint64_t util_rand(void);

@@ -153,26 +153,6 @@ static void schedule(struct watch *w, uint64_t delay_ms)
     loop_timer_start(w->loop, &w->timer, at - now);
 }
 
-/* Appends <s> to <buf> with everything but RFC 3986 unreserved characters percent-encoded. */
-static size_t url_escape(char *buf, size_t len, const char *s)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    size_t n = 0;
-    for (; *s != '\0' && n + 4 < len; s++) {
-        unsigned char c = (unsigned char)*s;
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-            c == '-' || c == '.' || c == '_' || c == '~') {
-            buf[n++] = (char)c;
-        } else {
-            buf[n++] = '%';
-            buf[n++] = hex[c >> 4];
-            buf[n++] = hex[c & 15];
-        }
-    }
-    buf[n] = '\0';
-    return n;
-}
-
 static void on_response(void *data, const struct agent_response *resp);
 
 static void start_request(struct watch *w)
@@ -188,7 +168,7 @@ static void start_request(struct watch *w)
             snprintf(pos, sizeof(pos), "index=%" PRIu64 "&", w->index);
         } else if (w->block == WATCH_BY_HASH && w->hash[0] != '\0') {
             memcpy(pos, "hash=", 5);
-            size_t n = 5 + url_escape(pos + 5, sizeof(pos) - 6, w->hash);
+            size_t n = 5 + util_url_escape_buf(pos + 5, sizeof(pos) - 6, w->hash);
             pos[n++] = '&';
             pos[n] = '\0';
         }

@@ -86,6 +86,28 @@ static void test_digest(void **state)
     assert_memory_not_equal(&a, &c, sizeof(a));
 }
 
+/* The one percent-encoder of the tree: the allocating form (every query the control thread
+ * builds) and the bounded one (the watch's hash) must agree, and the bounded one must never
+ * cut an escape in half. */
+static void test_url_escape(void **state)
+{
+    (void)state;
+    char *e = util_url_escape("web a/b?c=d&e~f.g_h-i%\xff");
+    assert_string_equal(e, "web%20a%2Fb%3Fc%3Dd%26e~f.g_h-i%25%FF");
+    free(e);
+    e = util_url_escape("");
+    assert_string_equal(e, "");
+    free(e);
+    char buf[8];
+    assert_int_equal(util_url_escape_buf(buf, sizeof(buf), "abc"), 3);
+    assert_string_equal(buf, "abc");
+    /* In 6 bytes, after "ab" only 4 are left: not enough for "%2F" and a spare, so it stops. */
+    assert_int_equal(util_url_escape_buf(buf, 6, "ab/c"), 2);
+    assert_string_equal(buf, "ab");
+    assert_int_equal(util_url_escape_buf(buf, sizeof(buf), "//"), 6);
+    assert_string_equal(buf, "%2F%2F");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -93,6 +115,7 @@ int main(void)
         cmocka_unit_test(test_wipe),
         cmocka_unit_test(test_siphash128_vectors),
         cmocka_unit_test(test_digest),
+        cmocka_unit_test(test_url_escape),
     };
     return cmocka_run_group_tests_name("util", tests, NULL, NULL);
 }
