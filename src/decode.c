@@ -237,6 +237,13 @@ static int get_strs(struct dctx *c, json_t *obj, const char *where, const struct
     return 0;
 }
 
+/* Frees the strings <f> names in <base>: the other half of get_strs, so a field is listed once. */
+static void free_strs(const struct str_field *f, size_t n, void *base)
+{
+    for (size_t i = 0; i < n; i++)
+        free(*(char **)(void *)((char *)base + f[i].off));
+}
+
 /* ---- config maps ---- */
 
 struct kv_vec {
@@ -425,13 +432,9 @@ out:
 
 void dec_roots_dispose(struct dec_roots *r)
 {
-    free(r->active_root_id);
-    free(r->trust_domain);
-    for (size_t i = 0; i < r->n_roots; i++) {
-        free(r->roots[i].id);
-        free(r->roots[i].name);
-        free(r->roots[i].root_cert_pem);
-    }
+    free_strs(roots_fields, ARRAY_SIZE(roots_fields), r);
+    for (size_t i = 0; i < r->n_roots; i++)
+        free_strs(root_fields, ARRAY_SIZE(root_fields), &r->roots[i]);
     free(r->roots);
     memset(r, 0, sizeof(*r));
 }
@@ -472,13 +475,7 @@ void dec_leaf_dispose(struct dec_leaf *l)
 {
     if (l->key_pem != NULL)
         explicit_bzero(l->key_pem, strlen(l->key_pem));
-    free(l->serial);
-    free(l->cert_pem);
-    free(l->key_pem);
-    free(l->service);
-    free(l->service_uri);
-    free(l->valid_after);
-    free(l->valid_before);
+    free_strs(leaf_fields, ARRAY_SIZE(leaf_fields), l);
     memset(l, 0, sizeof(*l));
 }
 
@@ -578,24 +575,14 @@ out:
 
 static void upstream_dispose(struct dec_upstream *u)
 {
-    free(u->destination_type);
-    free(u->destination_name);
-    free(u->destination_namespace);
-    free(u->destination_partition);
-    free(u->destination_peer);
-    free(u->datacenter);
-    free(u->local_bind_address);
-    free(u->local_bind_socket_path);
-    free(u->local_bind_socket_mode);
+    free_strs(upstream_fields, ARRAY_SIZE(upstream_fields), u);
     dec_kv_free(u->config, u->n_config);
 }
 
 void dec_service_dispose(struct dec_service *s)
 {
-    for (size_t i = 0; i < ARRAY_SIZE(service_fields); i++)
-        free(*(char **)(void *)((char *)s + service_fields[i].off));
-    for (size_t i = 0; i < ARRAY_SIZE(proxy_fields); i++)
-        free(*(char **)(void *)((char *)s + proxy_fields[i].off));
+    free_strs(service_fields, ARRAY_SIZE(service_fields), s);
+    free_strs(proxy_fields, ARRAY_SIZE(proxy_fields), s);
     dec_kv_free(s->config, s->n_config);
     for (size_t i = 0; i < s->n_upstreams; i++)
         upstream_dispose(&s->upstreams[i]);
@@ -758,8 +745,7 @@ out:
 void dec_intentions_free(struct dec_intention *v, size_t n)
 {
     for (size_t i = 0; i < n; i++)
-        for (size_t f = 0; f < ARRAY_SIZE(intention_fields); f++)
-            free(*(char **)(void *)((char *)&v[i] + intention_fields[f].off));
+        free_strs(intention_fields, ARRAY_SIZE(intention_fields), &v[i]);
     free(v);
 }
 
@@ -877,14 +863,11 @@ out:
 void dec_endpoints_free(struct dec_endpoint *v, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
-        free(v[i].node);
-        free(v[i].node_datacenter);
+        free_strs(node_fields, ARRAY_SIZE(node_fields), &v[i]);
+        free_strs(endpoint_service_fields, ARRAY_SIZE(endpoint_service_fields), &v[i]);
+        /* the two strings decode_entry() derives rather than reads through a table */
         free(v[i].address);
-        free(v[i].socket_path);
-        free(v[i].service_id);
         free(v[i].identity_service);
-        free(v[i].ns);
-        free(v[i].partition);
     }
     free(v);
 }
@@ -1071,8 +1054,7 @@ void dec_chain_dispose(struct dec_chain *c)
 {
     for (size_t i = 0; i < c->n_targets; i++) {
         struct dec_chain_target *t = &c->targets[i];
-        for (size_t f = 0; f < ARRAY_SIZE(target_fields); f++)
-            free(*(char **)(void *)((char *)t + target_fields[f].off));
+        free_strs(target_fields, ARRAY_SIZE(target_fields), t);
         free(t->filter);
     }
     free(c->targets);
