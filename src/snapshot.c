@@ -32,6 +32,31 @@ void endpoint_set_unref(struct endpoint_set *s)
     free(s);
 }
 
+void snap_target_copy(struct snap_target *dst, const struct snap_target *src)
+{
+    *dst = *src;
+    dst->id = xstrdup(src->id);
+    dst->service = xstrdup(src->service);
+    dst->ns = xstrdup(src->ns);
+    dst->partition = xstrdup(src->partition);
+    dst->datacenter = xstrdup(src->datacenter);
+    dst->sni = xstrdup(src->sni);
+    dst->endpoints =
+        src->endpoints != NULL ? endpoint_set_ref(src->endpoints) : endpoint_set_new(NULL, 0);
+}
+
+void snap_target_dispose(struct snap_target *t)
+{
+    free(t->id);
+    free(t->service);
+    free(t->ns);
+    free(t->partition);
+    free(t->datacenter);
+    free(t->sni);
+    endpoint_set_unref(t->endpoints);
+    memset(t, 0, sizeof(*t));
+}
+
 struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
                               const char *trust_domain, struct tls_ctx *tls,
                               struct intent_table *intents,
@@ -51,19 +76,8 @@ struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
         u->cfg = &s->cfg.upstreams[i];
         u->n_targets = n_targets[i];
         u->targets = xcalloc(u->n_targets, sizeof(*u->targets));
-        for (size_t j = 0; j < u->n_targets; j++) {
-            const struct snap_target *src = &targets[i][j];
-            struct snap_target *t = &u->targets[j];
-            *t = *src;
-            t->id = xstrdup(src->id);
-            t->service = xstrdup(src->service);
-            t->ns = xstrdup(src->ns);
-            t->partition = xstrdup(src->partition);
-            t->datacenter = xstrdup(src->datacenter);
-            t->sni = xstrdup(src->sni);
-            t->endpoints = src->endpoints != NULL ? endpoint_set_ref(src->endpoints)
-                                                  : endpoint_set_new(NULL, 0);
-        }
+        for (size_t j = 0; j < u->n_targets; j++)
+            snap_target_copy(&u->targets[j], &targets[i][j]);
         u->limit = limits[i] != NULL ? limit_state_ref(limits[i]) : limit_state_new();
     }
     s->inbound_limit = inbound_limit != NULL ? limit_state_ref(inbound_limit) : limit_state_new();
@@ -82,16 +96,8 @@ void snapshot_unref(struct snapshot *s)
         return;
     for (size_t i = 0; i < s->cfg.n_upstreams; i++) {
         struct snap_upstream *u = &s->upstreams[i];
-        for (size_t j = 0; j < u->n_targets; j++) {
-            struct snap_target *t = &u->targets[j];
-            free(t->id);
-            free(t->service);
-            free(t->ns);
-            free(t->partition);
-            free(t->datacenter);
-            free(t->sni);
-            endpoint_set_unref(t->endpoints);
-        }
+        for (size_t j = 0; j < u->n_targets; j++)
+            snap_target_dispose(&u->targets[j]);
         free(u->targets);
         limit_state_unref(u->limit);
     }

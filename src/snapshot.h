@@ -47,6 +47,14 @@ struct snap_target {
     struct endpoint_set *endpoints; /* the healthy endpoints; never NULL in a snapshot */
 };
 
+/*
+ * Makes <dst> a deep copy of <src>: its own strings and a new reference to the endpoint set
+ * (an empty set when <src> has none yet).
+ */
+void snap_target_copy(struct snap_target *dst, const struct snap_target *src);
+/* Frees <t>'s strings and drops its endpoint set's reference (NULL members are fine). */
+void snap_target_dispose(struct snap_target *t);
+
 struct snap_upstream {
     const struct upstream_cfg *cfg; /* points into snapshot->cfg */
     struct snap_target *targets;    /* primary first, then failovers in order */

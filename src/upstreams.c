@@ -16,11 +16,11 @@ struct up_watch;
 /* One target of an upstream and the health watch that feeds it. */
 struct tgt_watch {
     char *wkey; /* the health query (and OnlyPassing): equal keys keep their watch */
-    char *id, *service, *ns, *partition, *datacenter, *sni;
+    /* what a snapshot carries of it; its endpoints are the healthy ones, NULL until the first
+     * answer */
+    struct snap_target info;
     int only_passing;
-    uint32_t connect_timeout_ms;
-    struct watch *watch;            /* NULL for a prepared query's target */
-    struct endpoint_set *endpoints; /* healthy ones; NULL until the first answer */
+    struct watch *watch; /* NULL for a prepared query's target */
     struct up_watch *up;
 };
 
@@ -59,14 +59,8 @@ static void tgt_free(struct tgt_watch *t)
         return;
     if (t->watch != NULL)
         watch_stop(t->watch);
-    endpoint_set_unref(t->endpoints);
+    snap_target_dispose(&t->info);
     free(t->wkey);
-    free(t->id);
-    free(t->service);
-    free(t->ns);
-    free(t->partition);
-    free(t->datacenter);
-    free(t->sni);
     free(t);
 }
 
@@ -97,14 +91,15 @@ static int on_target_health(void *data, const struct agent_response *resp)
     size_t n;
     int rc = decode_health_connect(resp->body, resp->body_len, &v, &n, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("upstream %s target %s: %s; keeping the previous endpoints", t->up->key, t->id,
-                  err);
+        LOG_ERROR("upstream %s target %s: %s; keeping the previous endpoints", t->up->key,
+                  t->info.id, err);
         return rc;
     }
     struct endpoint_set *set = healthy_set(v, n, t->only_passing);
-    LOG_INFO("upstream %s target %s: %zu healthy endpoint(s) of %zu", t->up->key, t->id, set->n, n);
-    endpoint_set_unref(t->endpoints);
-    t->endpoints = set;
+    LOG_INFO("upstream %s target %s: %zu healthy endpoint(s) of %zu", t->up->key, t->info.id,
+             set->n, n);
+    endpoint_set_unref(t->info.endpoints);
+    t->info.endpoints = set;
     changed(t->up->ups);
     return 0;
 }
@@ -137,20 +132,20 @@ static struct tgt_watch *tgt_new(struct up_watch *u, const char *wkey)
 static void tgt_set_info(struct tgt_watch *t, const struct dec_chain_target *ct,
                          uint32_t chain_timeout_ms)
 {
-    free(t->id);
-    free(t->service);
-    free(t->ns);
-    free(t->partition);
-    free(t->datacenter);
-    free(t->sni);
-    t->id = xstrdup(ct->id);
-    t->service = xstrdup(ct->service);
-    t->ns = xstrdup(ct->ns);
-    t->partition = xstrdup(ct->partition);
-    t->datacenter = xstrdup(ct->datacenter);
-    t->sni = xstrdup(ct->sni);
+    struct endpoint_set *endpoints = t->info.endpoints; /* kept: the health query is the same */
+    t->info.endpoints = NULL;
+    snap_target_dispose(&t->info);
+    t->info = (struct snap_target){
+        .id = xstrdup(ct->id),
+        .service = xstrdup(ct->service),
+        .ns = xstrdup(ct->ns),
+        .partition = xstrdup(ct->partition),
+        .datacenter = xstrdup(ct->datacenter),
+        .sni = xstrdup(ct->sni),
+        .connect_timeout_ms = ct->connect_timeout_ms ? ct->connect_timeout_ms : chain_timeout_ms,
+        .endpoints = endpoints,
+    };
     t->only_passing = ct->only_passing;
-    t->connect_timeout_ms = ct->connect_timeout_ms ? ct->connect_timeout_ms : chain_timeout_ms;
 }
 
 /*
@@ -228,8 +223,8 @@ static int on_query(void *data, const struct agent_response *resp)
     LOG_INFO("upstream %s: prepared query answered %zu endpoint(s) of %s in %s", u->key, set->n,
              q.service, q.datacenter);
     dec_query_dispose(&q);
-    endpoint_set_unref(t->endpoints);
-    t->endpoints = set;
+    endpoint_set_unref(t->info.endpoints);
+    t->info.endpoints = set;
     changed(u->ups);
     return 0;
 }
@@ -379,19 +374,8 @@ void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_par
         out->limits[i] = u->limit;
         out->targets[i] = xcalloc(u->n_tgts, sizeof(**out->targets));
         out->n_targets[i] = u->n_tgts;
-        for (size_t j = 0; j < u->n_tgts; j++) {
-            const struct tgt_watch *t = u->tgts[j];
-            out->targets[i][j] = (struct snap_target){
-                .id = t->id,
-                .service = t->service,
-                .ns = t->ns,
-                .partition = t->partition,
-                .datacenter = t->datacenter,
-                .sni = t->sni,
-                .connect_timeout_ms = t->connect_timeout_ms,
-                .endpoints = t->endpoints,
-            };
-        }
+        for (size_t j = 0; j < u->n_tgts; j++)
+            out->targets[i][j] = u->tgts[j]->info; /* borrowed: snapshot_new copies */
     }
 }
 
@@ -413,7 +397,7 @@ void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *
         if (u->watch != NULL)
             fn(data, name, u->watch);
         for (size_t j = 0; j < u->n_tgts; j++) {
-            snprintf(name, sizeof(name), "health:%s", u->tgts[j]->id);
+            snprintf(name, sizeof(name), "health:%s", u->tgts[j]->info.id);
             if (u->tgts[j]->watch != NULL)
                 fn(data, name, u->tgts[j]->watch);
         }

@@ -102,11 +102,46 @@ static void test_each_input_that_decides(void **state)
     intent_table_unref(t_default_allow);
 }
 
+/* The control thread's upstream targets and a snapshot's share one copy and one dispose:
+ * the copy owns its strings, shares the endpoint set, and has one even before the first
+ * health answer. */
+static void test_target_copy_and_dispose(void **state)
+{
+    (void)state;
+    struct endpoint_set *eps = endpoint_set_new(NULL, 0);
+    struct snap_target src = {.id = "db",
+                              .service = "db",
+                              .ns = "",
+                              .partition = "",
+                              .datacenter = "dc1",
+                              .sni = "db.default.dc1.internal.example.consul",
+                              .connect_timeout_ms = 250,
+                              .endpoints = eps};
+    struct snap_target a, b;
+    snap_target_copy(&a, &src);
+    assert_ptr_not_equal(a.id, src.id);
+    assert_string_equal(a.sni, src.sni);
+    assert_int_equal(a.connect_timeout_ms, 250);
+    assert_ptr_equal(a.endpoints, eps);
+    assert_int_equal(atomic_load(&eps->refs), 2);
+    src.endpoints = NULL;
+    snap_target_copy(&b, &src);
+    assert_non_null(b.endpoints);
+    assert_int_equal(b.endpoints->n, 0);
+    snap_target_dispose(&a);
+    assert_null(a.id);
+    assert_int_equal(atomic_load(&eps->refs), 1);
+    snap_target_dispose(&b);
+    snap_target_dispose(&a); /* a disposed target may be disposed again */
+    endpoint_set_unref(eps);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nothing_that_decides_changed),
         cmocka_unit_test(test_each_input_that_decides),
+        cmocka_unit_test(test_target_copy_and_dispose),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
