@@ -147,6 +147,7 @@ lint:
 		--suppress=missingIncludeSystem -D_GNU_SOURCE src
 	@! grep -nE '\b(strcpy|strcat|sprintf|strtok|atoi|atol|strncpy|gets)\s*\(' src/*.c || \
 		{ echo "banned function used"; exit 1; }
+	scripts/layers
 
 format:
 	clang-format -i src/*.c src/*.h tests/unit/*.c tests/fuzz/*.c
