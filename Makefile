@@ -132,7 +132,7 @@ demo:
 # Side-by-side benchmarks (bench/README.md): connectd against consul, haproxy and nginx pairs.
 # Always the release build; writes bench/report.md. BENCH_QUICK=1 runs a ~1 minute subset.
 bench-tools: $(B)/benchd $(B)/openloop
-$(B)/benchd $(B)/openloop: $(B)/%: bench/%.c
+$(B)/benchd $(B)/openloop: $(B)/%: bench/%.c bench/bench.h
 	@mkdir -p $(dir $@)
 	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) $(BASE_LDFLAGS) $(V_LDFLAGS) -o $@ $<
 

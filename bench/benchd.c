@@ -22,6 +22,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 #define BUF_BYTES 16384
 
 struct conn {
@@ -39,14 +41,6 @@ static char body_1k[1025];
 static int echo_mode;
 static int ep;
 
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n, size);
-    if (p == NULL)
-        abort();
-    return p;
-}
-
 static void conn_close(struct conn *c)
 {
     close(c->fd);
@@ -63,17 +57,10 @@ static void set_events(struct conn *c, unsigned events)
  * an error. */
 static int flush_out(struct conn *c)
 {
-    while (c->out_off < c->out_len) {
-        ssize_t n = write(c->fd, c->out + c->out_off, c->out_len - c->out_off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno == EAGAIN ? 1 : -1;
-        }
-        c->out_off += (size_t)n;
-    }
-    c->out_off = c->out_len = 0;
-    return 0;
+    int r = write_pending(c->fd, c->out, &c->out_off, c->out_len);
+    if (r == 0)
+        c->out_off = c->out_len = 0;
+    return r;
 }
 
 static int has_close(const char *req, size_t len)

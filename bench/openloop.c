@@ -28,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 #define REQ_BYTES 1024
 #define IN_BYTES 65536
 #define OUT_BYTES (256 * 1024)
@@ -58,14 +60,6 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n, size);
-    if (p == NULL)
-        abort();
-    return p;
-}
-
 static void kill_conn(struct conn *c)
 {
     if (c->dead)
@@ -78,18 +72,11 @@ static void kill_conn(struct conn *c)
 
 static void flush_out(struct conn *c)
 {
-    while (c->out_off < c->out_len) {
-        ssize_t n = write(c->fd, c->out + c->out_off, c->out_len - c->out_off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN)
-                kill_conn(c);
-            return;
-        }
-        c->out_off += (size_t)n;
-    }
-    c->out_off = c->out_len = 0;
+    int r = write_pending(c->fd, c->out, &c->out_off, c->out_len);
+    if (r < 0)
+        kill_conn(c);
+    else if (r == 0)
+        c->out_off = c->out_len = 0;
 }
 
 /* Consumes every complete answer in c->in. */
