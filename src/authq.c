@@ -11,7 +11,9 @@
 struct authq_box {
     pthread_mutex_t lock;
     struct authq_req *head, *tail;
-    struct loop *loop;
+    struct loop_receiver arrived;
+    void (*on_post)(void *data);
+    void *data;
 };
 
 struct authq_req *authq_req_new(const char *target, const char *client_uri,
@@ -34,11 +36,19 @@ void authq_req_free(struct authq_req *r)
     free(r);
 }
 
-struct authq_box *authq_box_new(struct loop *loop)
+static void on_arrived(struct loop_receiver *rcv)
+{
+    struct authq_box *b = rcv->data;
+    b->on_post(b->data);
+}
+
+struct authq_box *authq_box_new(struct loop *loop, void (*on_post)(void *data), void *data)
 {
     struct authq_box *b = xcalloc(1, sizeof(*b));
     pthread_mutex_init(&b->lock, NULL);
-    b->loop = loop;
+    b->on_post = on_post;
+    b->data = data;
+    loop_receiver_register(loop, &b->arrived, on_arrived, b);
     return b;
 }
 
@@ -46,6 +56,7 @@ void authq_box_free(struct authq_box *b)
 {
     if (b == NULL)
         return;
+    loop_receiver_unregister(&b->arrived);
     struct authq_req *r = b->head;
     while (r != NULL) {
         struct authq_req *next = r->next;
@@ -54,11 +65,6 @@ void authq_box_free(struct authq_box *b)
     }
     pthread_mutex_destroy(&b->lock);
     free(b);
-}
-
-void authq_box_wake(struct authq_box *b)
-{
-    loop_wakeup(b->loop);
 }
 
 void authq_box_post(struct authq_box *b, struct authq_req *r)
@@ -71,7 +77,7 @@ void authq_box_post(struct authq_box *b, struct authq_req *r)
         b->head = r;
     b->tail = r;
     pthread_mutex_unlock(&b->lock);
-    loop_wakeup(b->loop);
+    loop_receiver_notify(&b->arrived);
 }
 
 struct authq_req *authq_box_take(struct authq_box *b)

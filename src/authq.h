@@ -42,14 +42,17 @@ struct authq_req *authq_req_new(const char *target, const char *client_uri,
                                 const char *client_serial);
 void authq_req_free(struct authq_req *r);
 
-/* A box whose arrivals wake <loop> (loop_wakeup: the loop's owner drains it from there). */
-struct authq_box *authq_box_new(struct loop *loop);
-/* Frees the box and every request still inside it. No thread may post to it any more. */
+/*
+ * A box whose arrivals wake <loop>: <on_post> then runs with <data> on the loop's thread (its
+ * own loop_receiver) and takes what arrived. Create it on the loop's thread or before the
+ * loop runs.
+ */
+struct authq_box *authq_box_new(struct loop *loop, void (*on_post)(void *data), void *data);
+/* Frees the box and every request still inside it. No thread may post to it any more, and its
+ * loop must not be running (or this is its thread). */
 void authq_box_free(struct authq_box *b);
 /* Any thread: appends <r> (ownership moves with it) and wakes the box's loop. */
 void authq_box_post(struct authq_box *b, struct authq_req *r);
-/* Wakes the box's loop without posting anything (its owner then re-checks its inputs). */
-void authq_box_wake(struct authq_box *b);
 /* The box's loop thread: takes everything posted so far, oldest first (a NULL-ended list). */
 struct authq_req *authq_box_take(struct authq_box *b);
 

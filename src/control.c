@@ -77,7 +77,8 @@ struct control {
     struct register_ctx *reg; /* -register, or NULL */
     struct views *views;      /* the admin endpoint's answers */
     struct authq_box *ask;    /* the workers' questions arrive here */
-    struct admin *admin;      /* -admin-bind */
+    struct loop_receiver startup_failed; /* a worker could not open its listeners */
+    struct admin *admin;                 /* -admin-bind */
 
     uint64_t generation;
     struct snapshot *current;
@@ -273,10 +274,11 @@ static void on_deregistered(void *data)
     stop_when_done(data);
 }
 
-static void on_ask(struct loop *loop, void *data)
+/* Typed receivers (loop.h), one per kind of message from the workers. */
+
+static void on_startup_failed(struct loop_receiver *rcv)
 {
-    struct control *ctl = data;
-    (void)loop;
+    struct control *ctl = rcv->data;
     for (int i = 0; i < ctl->n_workers; i++) {
         if (worker_startup_failed(ctl->workers[i]) && !ctl->stopping) {
             LOG_ERROR("worker %d could not open every listener at start-up (see above); exiting",
@@ -287,7 +289,11 @@ static void on_ask(struct loop *loop, void *data)
             return;
         }
     }
-    views_poll(ctl->views);
+}
+
+static void on_questions(void *data)
+{
+    struct control *ctl = data;
     struct authq_req *r = authq_box_take(ctl->ask);
     while (r != NULL) {
         struct authq_req *next = r->next;
@@ -439,12 +445,12 @@ int control_run(const struct config *conf)
     ctl.in = inputs_new(ctl.agent, ctl.reach, on_inputs, &ctl);
     ctl.ups = upstreams_new(ctl.agent, ctl.reach, on_upstreams, &ctl);
     ctl.authz = authorize_new(ctl.agent, ctl.reach, ctl.in);
-    ctl.ask = authq_box_new(ctl.loop);
-    loop_set_wakeup(ctl.loop, on_ask, &ctl);
+    ctl.ask = authq_box_new(ctl.loop, on_questions, &ctl);
+    loop_receiver_register(ctl.loop, &ctl.startup_failed, on_startup_failed, &ctl);
 
     ctl.workers = xcalloc((size_t)conf->n_workers, sizeof(*ctl.workers));
     for (int i = 0; i < conf->n_workers; i++) {
-        ctl.workers[i] = worker_new((unsigned)i, ctl.ask, err, sizeof(err));
+        ctl.workers[i] = worker_new((unsigned)i, ctl.ask, &ctl.startup_failed, err, sizeof(err));
         if (ctl.workers[i] == NULL) {
             LOG_ERROR("%s", err);
             goto out;

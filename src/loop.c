@@ -30,6 +30,7 @@ struct loop {
     struct loop_io wake_io;
     void (*wake_cb)(struct loop *loop, void *data);
     void *wake_data;
+    struct loop_receiver *receivers;
 };
 
 static void on_wake(struct loop_io *io, unsigned events)
@@ -39,6 +40,13 @@ static void on_wake(struct loop_io *io, unsigned events)
     (void)events;
     while (read(io->fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
         ;
+    /* The flag is cleared before the callback looks: a notification that comes while it runs
+     * writes the eventfd again and is seen on the next round. */
+    for (struct loop_receiver *r = loop->receivers, *next; r != NULL; r = next) {
+        next = r->next;
+        if (atomic_exchange(&r->pending, 0))
+            r->cb(r);
+    }
     if (loop->wake_cb != NULL)
         loop->wake_cb(loop, loop->wake_data);
 }
@@ -250,6 +258,38 @@ void loop_wakeup(struct loop *loop)
     uint64_t one = 1;
     ssize_t n = write(loop->wake_io.fd, &one, sizeof(one));
     (void)n; /* EAGAIN means the counter is already non-zero: a wake-up is pending. */
+}
+
+void loop_receiver_register(struct loop *loop, struct loop_receiver *r, loop_receiver_cb cb,
+                            void *data)
+{
+    r->loop = loop;
+    r->cb = cb;
+    r->data = data;
+    atomic_init(&r->pending, 0);
+    struct loop_receiver **p = &loop->receivers; /* appended: callbacks run in this order */
+    while (*p != NULL)
+        p = &(*p)->next;
+    r->next = NULL;
+    *p = r;
+}
+
+void loop_receiver_unregister(struct loop_receiver *r)
+{
+    if (r->loop == NULL)
+        return;
+    for (struct loop_receiver **p = &r->loop->receivers; *p != NULL; p = &(*p)->next) {
+        if (*p == r) {
+            *p = r->next;
+            break;
+        }
+    }
+}
+
+void loop_receiver_notify(struct loop_receiver *r)
+{
+    atomic_store(&r->pending, 1);
+    loop_wakeup(r->loop);
 }
 
 int loop_run(struct loop *loop)

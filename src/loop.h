@@ -9,6 +9,7 @@
 #ifndef CONNECTD_LOOP_H
 #define CONNECTD_LOOP_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stddef.h>
 
@@ -89,5 +90,36 @@ void loop_defer(struct loop *loop, struct loop_defer *d, loop_defer_cb cb);
  */
 void loop_set_wakeup(struct loop *loop, void (*cb)(struct loop *loop, void *data), void *data);
 void loop_wakeup(struct loop *loop);
+
+/*
+ * Typed cross-thread receivers (as h2o's h2o_multithread_receiver_t): one per kind of message
+ * a loop gets from other threads, each with its own callback, so a wake-up runs only the
+ * receivers that were notified and a new kind of message does not grow one catch-all
+ * callback. They share the loop's eventfd; the messages themselves travel in their owners'
+ * structures (a mailbox, an atomic slot), the receiver only says "look".
+ */
+struct loop_receiver;
+typedef void (*loop_receiver_cb)(struct loop_receiver *r);
+struct loop_receiver {
+    struct loop_receiver *next; /* the loop's list; loop thread only */
+    struct loop *loop;
+    atomic_int pending;
+    loop_receiver_cb cb;
+    void *data;
+};
+/*
+ * Adds <r> to <loop>: from then on loop_receiver_notify(r) makes <cb> run on the loop's
+ * thread. On the loop's thread, or before its loop runs.
+ */
+void loop_receiver_register(struct loop *loop, struct loop_receiver *r, loop_receiver_cb cb,
+                            void *data);
+/*
+ * Removes <r> (a zeroed, never registered one is fine); on the loop's thread or after its loop
+ * ended, not from a receiver callback. A notification after this wakes the loop and runs
+ * nothing; none may come once the loop is freed.
+ */
+void loop_receiver_unregister(struct loop_receiver *r);
+/* Any thread: <r>'s callback runs once soon after (notifications before it run coalesce). */
+void loop_receiver_notify(struct loop_receiver *r);
 
 #endif

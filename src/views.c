@@ -26,6 +26,7 @@ struct views {
     /* the /connections listing being collected */
     struct conn_job *conn_job;
     struct loop_timer conn_wait;
+    struct loop_receiver listed; /* a worker has filled its listing */
 };
 
 static uint64_t load(const atomic_uint_fast64_t *v)
@@ -554,6 +555,11 @@ static void on_conn_wait(struct loop_timer *t)
     connections_poll(t->data, 1);
 }
 
+static void on_listed(struct loop_receiver *r)
+{
+    connections_poll(r->data, 0);
+}
+
 static void on_conn_cancel(void *data)
 {
     struct views *v = data;
@@ -581,7 +587,7 @@ static void connections_start(struct views *v, struct admin_reply *reply)
         struct worker_listing *l = &j->listings[i];
         l->max = CONNECTIONS_MAX_PER_WORKER;
         l->v = xcalloc(l->max, sizeof(*l->v));
-        l->notify = v->loop;
+        l->notify = &v->listed;
         worker_list_sessions(v->workers[i], l);
     }
     loop_timer_start(v->loop, &v->conn_wait, CONNECTIONS_WAIT_MS);
@@ -626,6 +632,7 @@ struct views *views_new(struct loop *loop, struct worker *const *workers, int n_
     v->ups = ups;
     v->inbound_limit = inbound_limit;
     loop_timer_init(&v->conn_wait, on_conn_wait, v);
+    loop_receiver_register(loop, &v->listed, on_listed, v);
     return v;
 }
 
@@ -634,12 +641,7 @@ void views_free(struct views *v)
     if (v == NULL)
         return;
     loop_timer_stop(v->loop, &v->conn_wait);
+    loop_receiver_unregister(&v->listed);
     conn_job_free(v->conn_job); /* no worker can write into it now */
     free(v);
-}
-
-void views_poll(struct views *v)
-{
-    if (v != NULL)
-        connections_poll(v, 0);
 }

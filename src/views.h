@@ -35,7 +35,10 @@ struct views_state {
 struct views *views_new(struct loop *loop, struct worker *const *workers, int n_workers,
                         const struct inputs *in, const struct upstreams *ups,
                         const struct limit_state *inbound_limit);
-/* Frees <v> and a /connections listing still held; only after the workers are joined. */
+/*
+ * Frees <v> and a /connections listing still held; only after the workers are joined. The
+ * workers tell it of their listings through a receiver of its own on <loop>.
+ */
 void views_free(struct views *v);
 /*
  * Answers <req> into <reply> and sends it, at once or (for /connections) once every worker
@@ -43,7 +46,5 @@ void views_free(struct views *v);
  */
 void views_answer(struct views *v, const struct views_state *st, const struct admin_request *req,
                   struct admin_reply *reply);
-/* The control loop's wake-up: sends a /connections answer whose workers have all answered. */
-void views_poll(struct views *v);
 
 #endif

@@ -63,6 +63,7 @@ struct worker {
     int notified;                  /* worker 0: READY=1 sent */
     int first_applied;             /* the first snapshot has been applied */
     atomic_int startup_failed;     /* a listener of the first snapshot could not be opened */
+    struct loop_receiver *failed;  /* told of startup_failed (the control loop's); or NULL */
 };
 
 static void listener_reap(struct loop_defer *d)
@@ -275,8 +276,8 @@ static void apply_snapshot(struct worker *w, struct snapshot *s)
             /* A listener that cannot be opened at start-up is a configuration error the
              * operator must see as an exit status, not a log line of a running process. */
             atomic_store(&w->startup_failed, 1);
-            if (w->host.ask != NULL)
-                authq_box_wake(w->host.ask);
+            if (w->failed != NULL)
+                loop_receiver_notify(w->failed);
         }
     }
     if (w->index == 0 && !w->notified && !w->draining && !atomic_load(&w->startup_failed)) {
@@ -338,18 +339,23 @@ static void on_wakeup(struct loop *loop, void *data)
     struct snapshot *s = atomic_exchange(&w->pending, NULL);
     if (s != NULL)
         apply_snapshot(w, s);
-    deliver_answers(w);
     struct worker_listing *l = atomic_exchange(&w->listing, NULL);
     if (l != NULL) {
         /* Once <done> is set the asker may free <l>: read what we need first. */
-        struct loop *notify = l->notify;
+        struct loop_receiver *notify = l->notify;
         l->n = session_host_list(&w->host, l->v, l->max);
         atomic_store_explicit(&l->done, 1, memory_order_release);
-        loop_wakeup(notify);
+        loop_receiver_notify(notify);
     }
 }
 
-struct worker *worker_new(unsigned index, struct authq_box *ask, char *err, size_t errlen)
+static void on_answers(void *data)
+{
+    deliver_answers(data);
+}
+
+struct worker *worker_new(unsigned index, struct authq_box *ask, struct loop_receiver *failed,
+                          char *err, size_t errlen)
 {
     struct worker *w = xcalloc(1, sizeof(*w));
     w->index = index;
@@ -362,7 +368,8 @@ struct worker *worker_new(unsigned index, struct authq_box *ask, char *err, size
     }
     session_host_init(&w->host, w->loop, index);
     w->host.ask = ask;
-    w->host.answers = authq_box_new(w->loop);
+    w->host.answers = authq_box_new(w->loop, on_answers, w);
+    w->failed = failed;
     atomic_init(&w->pending, NULL);
     atomic_init(&w->stop, 0);
     atomic_init(&w->drain, 0);
@@ -428,9 +435,9 @@ void worker_join_free(struct worker *w)
     /* Sessions freed by deferred calls have run before loop_run returned. */
     snapshot_unref(atomic_exchange(&w->pending, NULL));
     snapshot_unref(w->host.snap);
+    authq_box_free(w->host.answers); /* answers that arrived after the last wake-up */
     loop_free(w->loop); /* runs deferred calls still queued, which may give buffers back */
     session_host_free_buffers(&w->host);
-    authq_box_free(w->host.answers); /* answers that arrived after the last wake-up */
     free(w);
 }
 

@@ -21,9 +21,11 @@ struct worker;
 /*
  * Creates worker number <index> (not yet running). <ask> is the control thread's box for
  * authorization questions (authorize mode; not owned, must outlive the worker's loop), or
- * NULL. NULL with <err> filled on failure.
+ * NULL. <failed> (or NULL) is notified when a listener of the first snapshot cannot be
+ * opened (worker_startup_failed()). NULL with <err> filled on failure.
  */
-struct worker *worker_new(unsigned index, struct authq_box *ask, char *err, size_t errlen);
+struct worker *worker_new(unsigned index, struct authq_box *ask, struct loop_receiver *failed,
+                          char *err, size_t errlen);
 /* Starts the thread. 0 or -errno. */
 int worker_start(struct worker *w);
 /*
@@ -38,8 +40,8 @@ void worker_publish(struct worker *w, struct snapshot *s);
 void worker_drain(struct worker *w);
 /* Whether a draining worker has no session left. Any thread. */
 int worker_drained(struct worker *w);
-/* 1 when a listener of the first snapshot could not be opened (the worker then wakes the
- * control loop through its authorization box). Any thread. */
+/* 1 when a listener of the first snapshot could not be opened (the worker then notifies the
+ * <failed> receiver it was created with). Any thread. */
 int worker_startup_failed(struct worker *w);
 /* Asks the worker to close its listeners and sessions and leave its loop. Any thread. */
 void worker_stop(struct worker *w);
@@ -54,14 +56,14 @@ int worker_listening(struct worker *w);
 struct worker_listing {
     struct session_info *v; /* asker-owned array of <max> entries */
     size_t max;
-    size_t n;            /* written by the worker: how many sessions it has (may exceed max) */
-    atomic_int done;     /* set by the worker (release) once <v> and <n> are written */
-    struct loop *notify; /* woken with loop_wakeup() once done */
+    size_t n;        /* written by the worker: how many sessions it has (may exceed max) */
+    atomic_int done; /* set by the worker (release) once <v> and <n> are written */
+    struct loop_receiver *notify; /* notified once done */
 };
 
 /*
  * Posts <l> to the worker, which fills it on its own thread (no other thread touches its
- * sessions), sets done and wakes l->notify. <l> must stay valid until done is set or the
+ * sessions), sets done and notifies l->notify. <l> must stay valid until done is set or the
  * worker has been joined; post one listing per worker at a time. Any thread.
  */
 void worker_list_sessions(struct worker *w, struct worker_listing *l);
