@@ -30,7 +30,7 @@ struct alog_rec {
     uint64_t bytes_in;       /* from the accepted connection's peer */
     uint64_t bytes_out;      /* to the accepted connection's peer */
     uint64_t duration_ms;
-    const char *result; /* "ok", "denied", ... */
+    const char *result; /* "ok", "denied", ... (session_result_name()) */
     const char *reason;
     uint64_t conn;
     unsigned worker;

@@ -193,7 +193,7 @@ static void expected_identity(const struct session *s, const struct snap_target 
                               const struct dec_endpoint *ep, struct spiffe_id *id);
 
 /* Writes the session's access-log line (alog.h). */
-static void access_log(struct session *s, const char *result, const char *reason,
+static void access_log(struct session *s, enum session_result result, const char *reason,
                        const char *upstream, uint64_t dur_ms)
 {
     char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
@@ -221,7 +221,7 @@ static void access_log(struct session *s, const char *result, const char *reason
         .bytes_in = s->bytes[0],
         .bytes_out = s->bytes[1],
         .duration_ms = dur_ms,
-        .result = result,
+        .result = session_result_name(result),
         .reason = reason,
         .conn = s->id,
         .worker = s->host->index,
@@ -239,7 +239,7 @@ static void source_key(const struct session *s, char *key, size_t len)
 }
 
 static void on_handshake_summary(struct loop_timer *t);
-static void finish(struct session *s, const char *result, const char *reason);
+static void finish(struct session *s, enum session_result result, const char *reason);
 
 /*
  * The level of a failed handshake's WARN line: WARN for the first from its source in a
@@ -265,37 +265,59 @@ static enum log_level handshake_warn_level(struct session *s, char *note, size_t
  * Ends an inbound session whose TLS handshake failed or whose caller's certificate carries no
  * acceptable identity, counted under <r> in connectd_handshake_failures_total.
  */
-static void fail_inbound(struct session *s, enum session_handshake_reason r, const char *result,
-                         const char *why)
+static void fail_inbound(struct session *s, enum session_handshake_reason r,
+                         enum session_result result, const char *why)
 {
     s->hs_failed = 1;
     s->hs_reason = r;
     finish(s, result, why);
 }
 
+/* The result table (session.h) as data, indexed by enum session_result. */
+#define COUNTER(member) offsetof(struct session_counters, member)
+#define NO_COUNTER      SIZE_MAX
+static const struct {
+    const char *label;
+    enum log_level level;
+    size_t counter; /* offset in struct session_counters; NO_COUNTER: none */
+} results[SESSION_RES_COUNT] = {
+#define X(name, label, level, counter, http_status)                                                \
+    [SESSION_RES_##name] = {label, LOG_LEVEL_##level, counter},
+    SESSION_RESULTS(X)
+#undef X
+};
+
+const char *session_result_name(enum session_result r)
+{
+    return (unsigned)r < ARRAY_SIZE(results) ? results[r].label : "error";
+}
+
 /*
  * The one way out: records the result, logs the session's line, stops all I/O and queues the
  * memory to be freed after the current dispatch round.
  */
-static void finish(struct session *s, const char *result, const char *reason)
+static void finish(struct session *s, enum session_result result, const char *reason)
 {
     if (s->state == S_DONE)
         return;
+    if ((unsigned)result >= ARRAY_SIZE(results))
+        result = SESSION_RES_ERROR;
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
     /* With an access log the line for a session that ended well is DEBUG: the access log
      * already has it. Failures stay WARN. */
-    enum log_level lvl = strcmp(result, "ok") == 0
-                             ? (alog_enabled() ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO)
-                         : strcmp(result, "probe") == 0 ? LOG_LEVEL_DEBUG
-                                                        : LOG_LEVEL_WARN;
+    enum log_level lvl = results[result].level;
+    if (lvl == LOG_LEVEL_INFO && alog_enabled())
+        lvl = LOG_LEVEL_DEBUG;
+    if (results[result].counter != NO_COUNTER)
+        STAT_ADD(*(atomic_uint_fast64_t *)((char *)&h->stats->counters + results[result].counter),
+                 1);
     /* An inbound session that ends inside the handshake failed it (a timeout, or anything not
      * classified where it happened); a probe never started one. */
-    if (s->inbound && !s->hs_failed && s->state == S_TLS_HANDSHAKE &&
-        strcmp(result, "probe") != 0) {
+    if (s->inbound && !s->hs_failed && s->state == S_TLS_HANDSHAKE && result != SESSION_RES_PROBE) {
         s->hs_failed = 1;
-        s->hs_reason = strcmp(result, "timeout") == 0 ? SESSION_HS_TIMEOUT : SESSION_HS_OTHER;
+        s->hs_reason = result == SESSION_RES_TIMEOUT ? SESSION_HS_TIMEOUT : SESSION_HS_OTHER;
     }
     char note[192] = "";
     if (s->hs_failed) {
@@ -313,9 +335,9 @@ static void finish(struct session *s, const char *result, const char *reason)
            LOG_ESC(s->inbound      ? s->snap->cfg.service
                    : s->ep_name[0] ? s->ep_name
                                    : NULL),
-           s->inbound ? "" : " upstream=", s->inbound ? "" : LOG_ESC(upstream), result,
-           LOG_ESC(reason), (unsigned long long)s->bytes[0], (unsigned long long)s->bytes[1],
-           (unsigned long long)dur, h->index, note);
+           s->inbound ? "" : " upstream=", s->inbound ? "" : LOG_ESC(upstream),
+           results[result].label, LOG_ESC(reason), (unsigned long long)s->bytes[0],
+           (unsigned long long)s->bytes[1], (unsigned long long)dur, h->index, note);
     STAT_SUB(s->lstat->active, 1);
     if (alog_enabled())
         access_log(s, result, reason, upstream, dur);
@@ -433,7 +455,7 @@ static int want(struct session *s, int i, unsigned mask)
         return ERR_SHUTDOWN;
     int rc = loop_io_want(s->host->loop, &s->end[i].io, mask);
     if (rc != 0) {
-        finish(s, "error", util_strerror(rc));
+        finish(s, SESSION_RES_ERROR, util_strerror(rc));
         return rc;
     }
     return 0;
@@ -476,7 +498,7 @@ static void start_connect_local(struct session *s)
         else
             snprintf(why, sizeof(why), "connect %s:%d: %s", c->local_address, c->local_port,
                      util_strerror(fd));
-        finish(s, "local_connect_error", why);
+        finish(s, SESSION_RES_LOCAL_CONNECT_ERROR, why);
         return;
     }
     if (unix_sock)
@@ -527,7 +549,7 @@ static void ask_agent(struct session *s)
 {
     struct session_host *h = s->host;
     if (h->ask == NULL) {
-        finish(s, "error", "authorize mode, but no control thread to ask");
+        finish(s, SESSION_RES_ERROR, "authorize mode, but no control thread to ask");
         return;
     }
     loop_io_want(h->loop, &s->end[0].io, 0);
@@ -544,7 +566,7 @@ void session_authorize_answer(struct authq_req *r)
         if (!r->allowed) {
             char why[300];
             snprintf(why, sizeof(why), "re-authorization: agent authorize: %s", r->reason);
-            finish(s, "denied", why);
+            finish(s, SESSION_RES_DENIED, why);
             STAT_ADD(s->host->stats->counters.reauthorize_closed, 1);
         }
     } else if (s != NULL) {
@@ -554,11 +576,11 @@ void session_authorize_answer(struct authq_req *r)
         char why[600];
         if (!r->allowed) {
             snprintf(why, sizeof(why), "agent authorize: %s", r->reason);
-            finish(s, "denied", why);
+            finish(s, SESSION_RES_DENIED, why);
         } else if (trust_domain_refused(s, "", why, sizeof(why))) {
             /* The trust domain or its check changed while the question was out (the sweep
              * skips connections still in AUTHORIZE). */
-            fail_inbound(s, SESSION_HS_TRUST_DOMAIN, "bad_identity", why);
+            fail_inbound(s, SESSION_HS_TRUST_DOMAIN, SESSION_RES_BAD_IDENTITY, why);
         } else {
             LOG_DEBUG("conn=%llu in authorized %s by the agent: %s", (unsigned long long)s->id,
                       LOG_ESC(s->caller), r->reason);
@@ -617,7 +639,7 @@ static void authorize(struct session *s)
     int n = tls_conn_peer_uri(s->end[0].tls, uri, sizeof(uri));
     if (n < 0) {
         fail_inbound(s, n == ERR_NO_URI ? SESSION_HS_NO_URI : SESSION_HS_BAD_IDENTITY,
-                     "bad_identity", util_strerror(n));
+                     SESSION_RES_BAD_IDENTITY, util_strerror(n));
         return;
     }
     int uris = tls_conn_peer_uri_count(s->end[0].tls);
@@ -626,20 +648,20 @@ static void authorize(struct session *s)
          * SPIFFE's X.509-SVID rules ask. */
         set_caller(s, uri, (size_t)n, NULL);
         snprintf(why, sizeof(why), "peer certificate has %d URI SANs, not one", uris);
-        fail_inbound(s, SESSION_HS_SEVERAL_URIS, "bad_identity", why);
+        fail_inbound(s, SESSION_HS_SEVERAL_URIS, SESSION_RES_BAD_IDENTITY, why);
         return;
     }
     int parsed = spiffe_parse(uri, (size_t)n, &id);
     if (parsed != 0 || id.kind != SPIFFE_SERVICE) {
         set_caller(s, uri, (size_t)n, NULL);
         fail_inbound(s, parsed != 0 ? SESSION_HS_BAD_IDENTITY : SESSION_HS_NOT_A_SERVICE,
-                     "bad_identity", "peer URI is not a SPIFFE service identity");
+                     SESSION_RES_BAD_IDENTITY, "peer URI is not a SPIFFE service identity");
         return;
     }
     set_caller(s, uri, (size_t)n, &id);
     const struct snapshot *now = s->host->snap;
     if (trust_domain_refused(s, "", why, sizeof(why))) {
-        fail_inbound(s, SESSION_HS_TRUST_DOMAIN, "bad_identity", why);
+        fail_inbound(s, SESSION_HS_TRUST_DOMAIN, SESSION_RES_BAD_IDENTITY, why);
         return;
     }
     if (now->cfg.authorize_with_agent) {
@@ -650,7 +672,7 @@ static void authorize(struct session *s)
         intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
     count_decision(s->host, s->caller_service, d.allow);
     if (!d.allow) {
-        finish(s, "denied", intent_describe(&d, why, sizeof(why)));
+        finish(s, SESSION_RES_DENIED, intent_describe(&d, why, sizeof(why)));
         return;
     }
     LOG_DEBUG("conn=%llu in authorized %s: %s", (unsigned long long)s->id, LOG_ESC(s->caller),
@@ -741,7 +763,7 @@ static void start_handshake_out(struct session *s)
     s->end[1].tls = tls_conn_new_client(s->snap->tls, s->end[1].fd, sni,
                                         s->snap->cfg.tls_resumption ? key : NULL);
     if (s->end[1].tls == NULL) {
-        finish(s, "error", "cannot allocate a TLS connection");
+        finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
         return;
     }
     set_state(s, S_TLS_HANDSHAKE);
@@ -804,7 +826,7 @@ static void pick_endpoint(struct session *s)
                 base += eps->n;
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
-            finish(s, "no_endpoint",
+            finish(s, SESSION_RES_NO_ENDPOINT,
                    total == 0 ? "no healthy endpoint" : "every endpoint tried failed");
             return;
         }
@@ -935,7 +957,7 @@ static void relay(struct session *s)
                     wants[d] |= end_wants(src, LOOP_READ);
                     buf_give_back(s->host, b);
                 } else {
-                    finish(s, "error", end_error(src, (int)n));
+                    finish(s, SESSION_RES_ERROR, end_error(src, (int)n));
                     return;
                 }
             }
@@ -948,7 +970,7 @@ static void relay(struct session *s)
                 } else if (n == -EAGAIN) {
                     wants[1 - d] |= end_wants(dst, LOOP_WRITE);
                 } else {
-                    finish(s, "error", end_error(dst, (int)n));
+                    finish(s, SESSION_RES_ERROR, end_error(dst, (int)n));
                     return;
                 }
             }
@@ -960,13 +982,13 @@ static void relay(struct session *s)
                 } else if (rc == -EAGAIN) {
                     wants[1 - d] |= end_wants(dst, LOOP_WRITE);
                 } else {
-                    finish(s, "error", end_error(dst, rc));
+                    finish(s, SESSION_RES_ERROR, end_error(dst, rc));
                     return;
                 }
             }
         }
         if (s->end[0].wr_shut && s->end[1].wr_shut) {
-            finish(s, "ok", "closed");
+            finish(s, SESSION_RES_OK, "closed");
             return;
         }
         if (!progress)
@@ -1014,12 +1036,12 @@ static void advance(struct session *s)
         if (s->inbound) {
             if (rc != 0 && tls_conn_bytes_received(s->end[0].tls) == 0) {
                 /* Connect and close without a byte: a TCP health check, not an attack. */
-                finish(s, "probe", "closed before the TLS handshake began");
+                finish(s, SESSION_RES_PROBE, "closed before the TLS handshake began");
                 return;
             }
             if (rc != 0) {
-                fail_inbound(s, handshake_reason(tls_conn_failure(s->end[0].tls)), "tls_error",
-                             tls_conn_error(s->end[0].tls));
+                fail_inbound(s, handshake_reason(tls_conn_failure(s->end[0].tls)),
+                             SESSION_RES_TLS_ERROR, tls_conn_error(s->end[0].tls));
                 return;
             }
             STAT_ADD(s->host->stats->tls_handshakes[0][tls_conn_resumed(s->end[0].tls)], 1);
@@ -1051,7 +1073,7 @@ static void advance(struct session *s)
                 else
                     snprintf(why, sizeof(why), "connect %s:%d: %s", s->snap->cfg.local_address,
                              s->snap->cfg.local_port, util_strerror(rc));
-                finish(s, "local_connect_error", why);
+                finish(s, SESSION_RES_LOCAL_CONNECT_ERROR, why);
             }
             return;
         }
@@ -1084,7 +1106,7 @@ static void on_timer(struct loop_timer *t)
     switch (s->state) {
     case S_TLS_HANDSHAKE:
         if (s->inbound)
-            finish(s, "timeout", "TLS handshake timed out");
+            finish(s, SESSION_RES_TIMEOUT, "TLS handshake timed out");
         else
             try_next_endpoint(s, "TLS handshake timed out");
         return;
@@ -1092,10 +1114,10 @@ static void on_timer(struct loop_timer *t)
         try_next_endpoint(s, "connect timed out");
         return;
     case S_CONNECT_LOCAL:
-        finish(s, "timeout", "connect to the local application timed out");
+        finish(s, SESSION_RES_TIMEOUT, "connect to the local application timed out");
         return;
     case S_AUTHORIZE:
-        finish(s, "timeout", "no answer from the agent's authorize endpoint in time");
+        finish(s, SESSION_RES_TIMEOUT, "no answer from the agent's authorize endpoint in time");
         return;
     case S_RELAY: {
         uint64_t idle = loop_now_ms(s->host->loop) - s->last_io_ms, limit = idle_timeout_ms(s);
@@ -1107,8 +1129,7 @@ static void on_timer(struct loop_timer *t)
         snprintf(why, sizeof(why), "idle for %llu ms (%s %llu)", (unsigned long long)idle,
                  s->inbound ? "local_idle_timeout_ms" : "idle_timeout_ms",
                  (unsigned long long)limit);
-        STAT_ADD(s->host->stats->counters.closed_idle, 1);
-        finish(s, "idle_timeout", why);
+        finish(s, SESSION_RES_IDLE_TIMEOUT, why);
         return;
     }
     default:
@@ -1122,8 +1143,7 @@ static void on_lifetime(struct loop_timer *t)
     char why[100];
     snprintf(why, sizeof(why), "max_connection_lifetime_ms %lu reached",
              (unsigned long)s->snap->cfg.max_lifetime_ms);
-    STAT_ADD(s->host->stats->counters.closed_lifetime, 1);
-    finish(s, "lifetime", why);
+    finish(s, SESSION_RES_LIFETIME, why);
 }
 
 /* ---- admission ---- */
@@ -1299,7 +1319,7 @@ void session_start_inbound(struct session_host *h, int fd, const char *peer)
     s->pending = p;
     s->end[0].tls = tls_conn_new_server(s->snap->tls, fd);
     if (s->end[0].tls == NULL) {
-        finish(s, "error", "cannot allocate a TLS connection");
+        finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
         return;
     }
     set_state(s, S_TLS_HANDSHAKE);
@@ -1323,7 +1343,7 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     s->upstream_key = xstrdup(upstream_key);
     s->up = up;
     if (s->up == NULL) {
-        finish(s, "no_endpoint", "upstream no longer configured");
+        finish(s, SESSION_RES_NO_ENDPOINT, "upstream no longer configured");
         return;
     }
     size_t total = 0;
@@ -1345,7 +1365,7 @@ size_t session_reauthorize_all(struct session_host *h)
         /* The trust domain is ours to check in both modes (the agent is not asked about it). */
         if (trust_domain_refused(s, "re-authorization: ", why, sizeof(why))) {
             STAT_ADD(h->stats->counters.reauthorized, 1);
-            finish(s, "bad_identity", why);
+            finish(s, SESSION_RES_BAD_IDENTITY, why);
             closed++;
             continue;
         }
@@ -1363,7 +1383,7 @@ size_t session_reauthorize_all(struct session_host *h)
         if (d.allow)
             continue;
         snprintf(why, sizeof(why), "re-authorization: %s", intent_describe(&d, desc, sizeof(desc)));
-        finish(s, "denied", why);
+        finish(s, SESSION_RES_DENIED, why);
         closed++;
     }
     STAT_ADD(h->stats->counters.reauthorize_closed, closed);
@@ -1373,7 +1393,7 @@ size_t session_reauthorize_all(struct session_host *h)
 void session_close_all(struct session_host *h)
 {
     while (h->sessions != NULL)
-        finish(h->sessions, "shutdown", "connectd is stopping");
+        finish(h->sessions, SESSION_RES_SHUTDOWN, "connectd is stopping");
 }
 
 size_t session_host_list(const struct session_host *h, struct session_info *out, size_t max)

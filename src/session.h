@@ -38,6 +38,37 @@ struct session_counters {
 };
 
 /*
+ * How a session ended, the one argument of its finish. Columns: the name (SESSION_RES_<name>);
+ * the label written as result= on the session's log line and in the access log; the level of
+ * that line (an INFO line drops to DEBUG when the access log already has the session); the
+ * struct session_counters member it bumps, as COUNTER(member) or NO_COUNTER; and the HTTP
+ * status a stream ending so will answer with once L7 exists (0: not an HTTP outcome yet).
+ */
+#define SESSION_RESULTS(X)                                                                         \
+    X(OK, "ok", INFO, NO_COUNTER, 0)                     /* the relay closed normally */           \
+    X(PROBE, "probe", DEBUG, NO_COUNTER, 0)              /* closed before a TLS byte */            \
+    X(DENIED, "denied", WARN, NO_COUNTER, 0)             /* intentions or the agent said no */     \
+    X(BAD_IDENTITY, "bad_identity", WARN, NO_COUNTER, 0) /* the peer's identity is refused */      \
+    X(TLS_ERROR, "tls_error", WARN, NO_COUNTER, 0)       /* the inbound TLS handshake failed */    \
+    X(TIMEOUT, "timeout", WARN, NO_COUNTER, 0)           /* handshake, connect or ask timer */     \
+    X(LOCAL_CONNECT_ERROR, "local_connect_error", WARN, NO_COUNTER, 0) /* local app refused */     \
+    X(NO_ENDPOINT, "no_endpoint", WARN, NO_COUNTER, 0) /* no upstream endpoint left to try */      \
+    X(IDLE_TIMEOUT, "idle_timeout", WARN, COUNTER(closed_idle), 0) /* no bytes for too long */     \
+    X(LIFETIME, "lifetime", WARN, COUNTER(closed_lifetime), 0)     /* max_connection_lifetime */   \
+    X(SHUTDOWN, "shutdown", WARN, NO_COUNTER, 0)                   /* connectd is stopping */      \
+    X(ERROR, "error", WARN, NO_COUNTER, 0) /* an I/O or allocation failure */
+
+enum session_result {
+#define X(name, label, level, counter, http_status) SESSION_RES_##name,
+    SESSION_RESULTS(X)
+#undef X
+        SESSION_RES_COUNT
+};
+
+/* Label of a session result ("ok", "denied", ...); "error" for a value outside the table. */
+const char *session_result_name(enum session_result r);
+
+/*
  * Why an inbound TLS handshake failed, or the caller's verified certificate did not carry an
  * acceptable identity (the handshake as the mesh sees it), or an outbound peer proved the
  * wrong one. Labels of connectd_handshake_failures_total{reason}.
@@ -194,7 +225,7 @@ void session_authorize_answer(struct authq_req *r);
  */
 size_t session_host_list(const struct session_host *h, struct session_info *out, size_t max);
 
-/* Ends every session at once with result "shutdown". */
+/* Ends every session at once with result SESSION_RES_SHUTDOWN. */
 void session_close_all(struct session_host *h);
 
 #endif
