@@ -2,13 +2,16 @@
  * proxycfg: registration -> typed settings.
  *
  * Every key connectd understands is a row of one table below: its scope (the proxy's Config
- * or an upstream's Config), type, default, bounds and meaning. Parsing, validation, the
- * unknown-key warnings and doc/config.md all read the same rows, so they cannot drift apart.
+ * or an upstream's Config), type, where its value goes (an offset and a typed setter), its
+ * default, bounds and meaning. Parsing, validation, the defaults, the unknown-key warnings and
+ * doc/config.md all read the same rows, so they cannot drift apart.
  * Key names follow what Consul documents for its built-in proxy and for Envoy.
  */
 #include "proxycfg.h"
 #include "util.h"
 
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,6 +20,7 @@ enum key_scope {
     SCOPE_UPSTREAM,
 };
 
+/* How a value is read (and the type column of the docs). */
 enum key_type {
     KEY_STRING = 1,
     KEY_PORT,
@@ -27,101 +31,405 @@ enum key_type {
     KEY_IGNORED, /* known, accepted, no effect here (e.g. set by central config for Envoy) */
 };
 
+/* One accepted name of an enumerated key and the value it stands for. */
+struct key_name {
+    const char *name;
+    long value;
+};
+
+struct key_def;
+
+/*
+ * Stores the value of a key into its field, at <def>->off in <base> (a struct proxy_cfg or a
+ * struct upstream_cfg, by scope). <kv> is the configured value, already checked against the
+ * key's type and read into <v> (numbers, booleans, names); NULL when the table's default is
+ * being applied, with <v> = <def>->def. Returns 0 or ERR_BAD_CONFIG with <err> naming the key.
+ */
+typedef int key_setter(const struct key_def *def, void *base, const struct dec_kv *kv, long v,
+                       const char *where, char *err, size_t errlen);
+
+/*
+ * A key, after nginx's ngx_command_t: where it is valid, how its value is read, where it goes
+ * (offset and setter), its default and its documentation. The default is typed: <def> is
+ * stored by the setter before the registration's keys are applied and is written in the docs
+ * (a number, true/false, or the name that stands for it) followed by <def_note>. A key whose
+ * default is not a constant (taken from the registration, or worked out later) has
+ * <def_text> instead: the docs say that, and the table stores nothing.
+ */
 struct key_def {
     const char *name;
     enum key_scope scope;
     enum key_type type;
-    const char *def; /* default, as text for the docs */
-    long min, max;
+    key_setter *set; /* NULL: accepted and ignored */
+    size_t off;      /* of the field in struct proxy_cfg / struct upstream_cfg */
+    long def;
+    const char *def_note;         /* after the default in the docs, e.g. "(off)"; or NULL */
+    const char *def_text;         /* the whole default in the docs when it is not a constant */
+    long min, max;                /* integer keys */
+    const struct key_name *names; /* enumerated keys: the accepted names, NULL-terminated */
     const char *doc;
 };
 
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return ERR_BAD_CONFIG;
+}
+
+static void *field(const struct key_def *def, void *base)
+{
+    return (char *)base + def->off;
+}
+
+static int set_int(const struct key_def *def, void *base, const struct dec_kv *kv, long v,
+                   const char *where, char *err, size_t errlen)
+{
+    (void)kv, (void)where, (void)err, (void)errlen;
+    *(int *)field(def, base) = (int)v;
+    return 0;
+}
+
+static int set_u32(const struct key_def *def, void *base, const struct dec_kv *kv, long v,
+                   const char *where, char *err, size_t errlen)
+{
+    (void)kv, (void)where, (void)err, (void)errlen;
+    *(uint32_t *)field(def, base) = (uint32_t)v;
+    return 0;
+}
+
+static int set_string(const struct key_def *def, void *base, const struct dec_kv *kv, long v,
+                      const char *where, char *err, size_t errlen)
+{
+    (void)v, (void)where, (void)err, (void)errlen;
+    char **f = field(def, base);
+    free(*f);
+    *f = xstrdup(kv->str);
+    return 0;
+}
+
+/* A string where "" means "not set" (NULL). */
+static int set_string_or_null(const struct key_def *def, void *base, const struct dec_kv *kv,
+                              long v, const char *where, char *err, size_t errlen)
+{
+    (void)v, (void)where, (void)err, (void)errlen;
+    char **f = field(def, base);
+    free(*f);
+    *f = kv->str[0] != '\0' ? xstrdup(kv->str) : NULL;
+    return 0;
+}
+
+/* local_service_address: host:port, used only when the registration names no local port. */
+static int set_local_service_address(const struct key_def *def, void *base, const struct dec_kv *kv,
+                                     long v, const char *where, char *err, size_t errlen)
+{
+    (void)def, (void)v;
+    struct proxy_cfg *proxy = base;
+    char host[256];
+    int port;
+    if (util_split_hostport(kv->str, host, sizeof(host), &port) != 0 || port == 0)
+        return fail(err, errlen, "%s: key \"%s\" must be host:port", where, kv->key);
+    if (proxy->local_port == 0) {
+        free(proxy->local_address);
+        proxy->local_address = xstrdup(host);
+        proxy->local_port = port;
+    }
+    return 0;
+}
+
+/* An upstream's connect_timeout_ms, which when given also overrides the chain's timeout. */
+static int set_connect_timeout(const struct key_def *def, void *base, const struct dec_kv *kv,
+                               long v, const char *where, char *err, size_t errlen)
+{
+    struct upstream_cfg *up = base;
+    if (kv != NULL)
+        up->connect_timeout_set = 1;
+    return set_u32(def, base, kv, v, where, err, errlen);
+}
+
+static const struct key_name tls_versions[] = {
+    {"TLS_AUTO", 0}, {"TLSv1_2", 12}, {"TLSv1_3", 13}, {"", 0} /* as TLS_AUTO */, {NULL, 0}};
+static const struct key_name authorization_modes[] = {
+    {"intentions", 0}, {"authorize", 1}, {NULL, 0}};
+
+#define PROXY(member)    offsetof(struct proxy_cfg, member)
+#define UPSTREAM(member) offsetof(struct upstream_cfg, member)
+
 static const struct key_def keys[] = {
-    {"bind_address", SCOPE_PROXY, KEY_STRING, "registration Address, else 0.0.0.0", 0, 0,
-     "Address of the public (inbound mTLS) listener."},
-    {"bind_port", SCOPE_PROXY, KEY_PORT, "registration Port", 0, 65535,
-     "Port of the public listener; 0 disables it."},
-    {"local_service_address", SCOPE_PROXY, KEY_STRING, "Proxy.LocalServiceAddress:LocalServicePort",
-     0, 0, "host:port of the local application, when the registration does not name it."},
-    {"local_connect_timeout_ms", SCOPE_PROXY, KEY_MS, "1000", 1, 600000,
-     "Timeout for connecting to the local application."},
-    {"handshake_timeout_ms", SCOPE_PROXY, KEY_MS, "10000", 1, 600000,
-     "Timeout for a TLS handshake, inbound and outbound."},
-    {"tls_min_version", SCOPE_PROXY, KEY_TLS_VERSION, "TLS_AUTO (TLSv1_2)", 0, 0,
-     "Lowest TLS version of mesh connections, in and out: TLS_AUTO, TLSv1_2 or TLSv1_3 "
-     "(TLSv1_0 and TLSv1_1 are refused)."},
-    {"tls_max_version", SCOPE_PROXY, KEY_TLS_VERSION, "TLS_AUTO (none)", 0, 0,
-     "Highest TLS version of mesh connections: TLS_AUTO, TLSv1_2 or TLSv1_3."},
-    {"tls_cipher_suites", SCOPE_PROXY, KEY_STRING, "ECDHE with AES-GCM or ChaCha20", 0, 0,
-     "Comma-separated TLS 1.2 cipher suites by IANA name, e.g. "
-     "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (TLS 1.3 suites are not configurable, as in "
-     "Consul)."},
-    {"verify_trust_domain", SCOPE_PROXY, KEY_BOOL, "true", 0, 0,
-     "Require peers' SPIFFE IDs to be of the roots' trust domain; false accepts any trust "
-     "domain whose certificate chains to a trusted root (CA migrations, providers without "
-     "one)."},
-    {"tls_resumption", SCOPE_PROXY, KEY_BOOL, "true", 0, 0,
-     "Outbound: offer the session an earlier connection to the same endpoint received (TLS "
-     "session resumption, cheaper than a full mutual handshake; the peer's identity is still "
-     "checked). false runs a full handshake every time. Inbound resumption is always on."},
-    {"authorization", SCOPE_PROXY, KEY_STRING, "intentions", 0, 0,
-     "How inbound callers are authorized: intentions (the intention table the proxy watches) "
-     "or authorize (POST /v1/agent/connect/authorize per new connection, from the control "
-     "thread; the connection waits in AUTHORIZE)."},
-    {"authorize_cache_ms", SCOPE_PROXY, KEY_MS, "5000", 0, 600000,
-     "authorize mode: how long an answer is reused for the same caller; 0 keeps none "
-     "(connections that arrive while a question about their caller is out share its answer). "
-     "Cleared when the intentions change; an answer that disagrees with the intentions seen "
-     "here (one of the two views is stale) is not kept."},
-    {"authorize_timeout_ms", SCOPE_PROXY, KEY_MS, "5000", 1, 600000,
-     "authorize mode: how long a connection waits for the agent's answer before it is closed."},
-    {"protocol", SCOPE_PROXY, KEY_IGNORED, "tcp", 0, 0,
-     "Service protocol. connectd relays every protocol at L4 (tcp)."},
-    {"max_inbound_connections", SCOPE_PROXY, KEY_COUNT, "0 (no limit)", 0, 10000000,
-     "Most concurrent inbound connections over all workers; more are closed at once after "
-     "accept and counted."},
-    {"max_new_connections_per_second", SCOPE_PROXY, KEY_COUNT, "0 (no limit)", 0, 1000000,
-     "New inbound connections accepted per second (token bucket over all workers); more are "
-     "closed at once after accept and counted."},
-    {"max_new_connections_burst", SCOPE_PROXY, KEY_COUNT, "max_new_connections_per_second", 0,
-     1000000, "Size of the inbound token bucket: how many new connections may arrive at once."},
-    {"max_pending_handshakes", SCOPE_PROXY, KEY_COUNT,
-     "half of the open-files limit left after the descriptor reserve", 0, 10000000,
-     "Most concurrent inbound connections still in the TLS handshake, over all workers; "
-     "newer ones are closed at once after accept and counted. 0 = the default, sized from the "
-     "open-files limit (which connectd raises to its hard limit at start; the reserve is "
-     "max(32, limit/8) descriptors kept for outbound dials, local-application connections and "
-     "the agent, and inbound accepts that would eat into it are refused too)."},
-    {"max_pending_handshakes_per_source", SCOPE_PROXY, KEY_COUNT,
-     "max_pending_handshakes / 16, at least 8", 0, 10000000,
-     "Most concurrent inbound connections in the TLS handshake from one source address; "
-     "newer ones are closed at once after accept and counted. 0 = the default."},
-    {"local_idle_timeout_ms", SCOPE_PROXY, KEY_MS, "0 (off)", 0, 86400000,
-     "Closes an inbound connection after this long without a byte in either direction."},
-    {"max_connection_lifetime_ms", SCOPE_PROXY, KEY_MS, "0 (off)", 0, 604800000,
-     "Closes any connection, inbound or outbound, this long after it was accepted."},
-    {"reauthorize_interval_ms", SCOPE_PROXY, KEY_MS, "0 (off)", 0, 86400000,
-     "Re-evaluates every authorized inbound connection against the current intentions this "
-     "often (they are always re-evaluated when the intentions change); in authorize mode the "
-     "agent is asked again."},
-    {"connect_timeout_ms", SCOPE_UPSTREAM, KEY_MS, "5000", 1, 600000,
-     "Timeout for connecting to one upstream endpoint (TCP connect). Sent to the discovery "
-     "chain as OverrideConnectTimeout, as Envoy does, so it overrides a service-resolver's "
-     "ConnectTimeout; when absent the resolver's applies (Consul's default is 5000)."},
-    {"prepared_query_poll_interval_ms", SCOPE_UPSTREAM, KEY_MS, "10000", 100, 3600000,
-     "Prepared-query upstreams: how often the query is executed (queries cannot block)."},
-    {"protocol", SCOPE_UPSTREAM, KEY_IGNORED, "tcp", 0, 0,
-     "Upstream protocol. connectd relays every protocol at L4 (tcp)."},
-    {"limits.max_connections", SCOPE_UPSTREAM, KEY_COUNT, "0 (no limit)", 0, 10000000,
-     "Most concurrent connections to this upstream over all workers (Consul's "
-     "`limits { max_connections }`); more are closed at once after accept and counted."},
-    {"max_new_connections_per_second", SCOPE_UPSTREAM, KEY_COUNT, "0 (no limit)", 0, 1000000,
-     "New connections accepted per second on this upstream's listener (token bucket over all "
-     "workers); more are closed at once after accept and counted."},
-    {"max_new_connections_burst", SCOPE_UPSTREAM, KEY_COUNT, "max_new_connections_per_second", 0,
-     1000000, "Size of this upstream's token bucket: how many new connections may arrive at once."},
-    {"idle_timeout_ms", SCOPE_UPSTREAM, KEY_MS, "0 (off)", 0, 86400000,
-     "Closes a connection to this upstream after this long without a byte in either direction."},
+    {.name = "bind_address",
+     .scope = SCOPE_PROXY,
+     .type = KEY_STRING,
+     .set = set_string,
+     .off = PROXY(bind_address),
+     .def_text = "registration Address, else 0.0.0.0",
+     .doc = "Address of the public (inbound mTLS) listener."},
+    {.name = "bind_port",
+     .scope = SCOPE_PROXY,
+     .type = KEY_PORT,
+     .set = set_int,
+     .off = PROXY(bind_port),
+     .def_text = "registration Port",
+     .max = 65535,
+     .doc = "Port of the public listener; 0 disables it."},
+    {.name = "local_service_address",
+     .scope = SCOPE_PROXY,
+     .type = KEY_STRING,
+     .set = set_local_service_address,
+     .def_text = "Proxy.LocalServiceAddress:LocalServicePort",
+     .doc = "host:port of the local application, when the registration does not name it."},
+    {.name = "local_connect_timeout_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(local_connect_timeout_ms),
+     .def = 1000,
+     .min = 1,
+     .max = 600000,
+     .doc = "Timeout for connecting to the local application."},
+    {.name = "handshake_timeout_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(handshake_timeout_ms),
+     .def = 10000,
+     .min = 1,
+     .max = 600000,
+     .doc = "Timeout for a TLS handshake, inbound and outbound."},
+    {.name = "tls_min_version",
+     .scope = SCOPE_PROXY,
+     .type = KEY_TLS_VERSION,
+     .set = set_int,
+     .off = PROXY(tls_min_version),
+     .def = 0,
+     .def_note = "(TLSv1_2)",
+     .names = tls_versions,
+     .doc = "Lowest TLS version of mesh connections, in and out: TLS_AUTO, TLSv1_2 or TLSv1_3 "
+            "(TLSv1_0 and TLSv1_1 are refused)."},
+    {.name = "tls_max_version",
+     .scope = SCOPE_PROXY,
+     .type = KEY_TLS_VERSION,
+     .set = set_int,
+     .off = PROXY(tls_max_version),
+     .def = 0,
+     .def_note = "(none)",
+     .names = tls_versions,
+     .doc = "Highest TLS version of mesh connections: TLS_AUTO, TLSv1_2 or TLSv1_3."},
+    {.name = "tls_cipher_suites",
+     .scope = SCOPE_PROXY,
+     .type = KEY_STRING,
+     .set = set_string_or_null,
+     .off = PROXY(tls_cipher_suites),
+     .def_text = "ECDHE with AES-GCM or ChaCha20",
+     .doc = "Comma-separated TLS 1.2 cipher suites by IANA name, e.g. "
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (TLS 1.3 suites are not configurable, as "
+            "in Consul)."},
+    {.name = "verify_trust_domain",
+     .scope = SCOPE_PROXY,
+     .type = KEY_BOOL,
+     .set = set_int,
+     .off = PROXY(verify_trust_domain),
+     .def = 1,
+     .doc = "Require peers' SPIFFE IDs to be of the roots' trust domain; false accepts any "
+            "trust domain whose certificate chains to a trusted root (CA migrations, providers "
+            "without one)."},
+    {.name = "tls_resumption",
+     .scope = SCOPE_PROXY,
+     .type = KEY_BOOL,
+     .set = set_int,
+     .off = PROXY(tls_resumption),
+     .def = 1,
+     .doc = "Outbound: offer the session an earlier connection to the same endpoint received "
+            "(TLS session resumption, cheaper than a full mutual handshake; the peer's identity "
+            "is still checked). false runs a full handshake every time. Inbound resumption is "
+            "always on."},
+    {.name = "authorization",
+     .scope = SCOPE_PROXY,
+     .type = KEY_STRING,
+     .set = set_int,
+     .off = PROXY(authorize_with_agent),
+     .def = 0,
+     .names = authorization_modes,
+     .doc = "How inbound callers are authorized: intentions (the intention table the proxy "
+            "watches) or authorize (POST /v1/agent/connect/authorize per new connection, from "
+            "the control thread; the connection waits in AUTHORIZE)."},
+    {.name = "authorize_cache_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(authorize_cache_ms),
+     .def = 5000,
+     .min = 0,
+     .max = 600000,
+     .doc = "authorize mode: how long an answer is reused for the same caller; 0 keeps none "
+            "(connections that arrive while a question about their caller is out share its "
+            "answer). Cleared when the intentions change; an answer that disagrees with the "
+            "intentions seen here (one of the two views is stale) is not kept."},
+    {.name = "authorize_timeout_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(authorize_timeout_ms),
+     .def = 5000,
+     .min = 1,
+     .max = 600000,
+     .doc = "authorize mode: how long a connection waits for the agent's answer before it is "
+            "closed."},
+    {.name = "protocol",
+     .scope = SCOPE_PROXY,
+     .type = KEY_IGNORED,
+     .def_text = "tcp",
+     .doc = "Service protocol. connectd relays every protocol at L4 (tcp)."},
+    {.name = "max_inbound_connections",
+     .scope = SCOPE_PROXY,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = PROXY(limits.max_connections),
+     .def = 0,
+     .def_note = "(no limit)",
+     .max = 10000000,
+     .doc = "Most concurrent inbound connections over all workers; more are closed at once "
+            "after accept and counted."},
+    {.name = "max_new_connections_per_second",
+     .scope = SCOPE_PROXY,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = PROXY(limits.new_per_second),
+     .def = 0,
+     .def_note = "(no limit)",
+     .max = 1000000,
+     .doc = "New inbound connections accepted per second (token bucket over all workers); more "
+            "are closed at once after accept and counted."},
+    {.name = "max_new_connections_burst",
+     .scope = SCOPE_PROXY,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = PROXY(limits.new_burst),
+     .def_text = "max_new_connections_per_second",
+     .max = 1000000,
+     .doc = "Size of the inbound token bucket: how many new connections may arrive at once."},
+    {.name = "max_pending_handshakes",
+     .scope = SCOPE_PROXY,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = PROXY(limits.max_pending),
+     .def_text = "half of the open-files limit left after the descriptor reserve",
+     .max = 10000000,
+     .doc = "Most concurrent inbound connections still in the TLS handshake, over all workers; "
+            "newer ones are closed at once after accept and counted. 0 = the default, sized "
+            "from the open-files limit (which connectd raises to its hard limit at start; the "
+            "reserve is max(32, limit/8) descriptors kept for outbound dials, "
+            "local-application connections and the agent, and inbound accepts that would eat "
+            "into it are refused too)."},
+    {.name = "max_pending_handshakes_per_source",
+     .scope = SCOPE_PROXY,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = PROXY(limits.max_pending_per_source),
+     .def_text = "max_pending_handshakes / 16, at least 8",
+     .max = 10000000,
+     .doc = "Most concurrent inbound connections in the TLS handshake from one source address; "
+            "newer ones are closed at once after accept and counted. 0 = the default."},
+    {.name = "local_idle_timeout_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(idle_timeout_ms),
+     .def = 0,
+     .def_note = "(off)",
+     .max = 86400000,
+     .doc = "Closes an inbound connection after this long without a byte in either "
+            "direction."},
+    {.name = "max_connection_lifetime_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(max_lifetime_ms),
+     .def = 0,
+     .def_note = "(off)",
+     .max = 604800000,
+     .doc = "Closes any connection, inbound or outbound, this long after it was accepted."},
+    {.name = "reauthorize_interval_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(reauthorize_interval_ms),
+     .def = 0,
+     .def_note = "(off)",
+     .max = 86400000,
+     .doc = "Re-evaluates every authorized inbound connection against the current intentions "
+            "this often (they are always re-evaluated when the intentions change); in "
+            "authorize mode the agent is asked again."},
+    {.name = "connect_timeout_ms",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_MS,
+     .set = set_connect_timeout,
+     .off = UPSTREAM(connect_timeout_ms),
+     .def = 5000,
+     .min = 1,
+     .max = 600000,
+     .doc = "Timeout for connecting to one upstream endpoint (TCP connect). Sent to the "
+            "discovery chain as OverrideConnectTimeout, as Envoy does, so it overrides a "
+            "service-resolver's ConnectTimeout; when absent the resolver's applies (Consul's "
+            "default is 5000)."},
+    {.name = "prepared_query_poll_interval_ms",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = UPSTREAM(poll_interval_ms),
+     .def = 10000,
+     .min = 100,
+     .max = 3600000,
+     .doc = "Prepared-query upstreams: how often the query is executed (queries cannot "
+            "block)."},
+    {.name = "protocol",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_IGNORED,
+     .def_text = "tcp",
+     .doc = "Upstream protocol. connectd relays every protocol at L4 (tcp)."},
+    {.name = "limits.max_connections",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(limits.max_connections),
+     .def = 0,
+     .def_note = "(no limit)",
+     .max = 10000000,
+     .doc = "Most concurrent connections to this upstream over all workers (Consul's "
+            "`limits { max_connections }`); more are closed at once after accept and counted."},
+    {.name = "max_new_connections_per_second",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(limits.new_per_second),
+     .def = 0,
+     .def_note = "(no limit)",
+     .max = 1000000,
+     .doc = "New connections accepted per second on this upstream's listener (token bucket "
+            "over all workers); more are closed at once after accept and counted."},
+    {.name = "max_new_connections_burst",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(limits.new_burst),
+     .def_text = "max_new_connections_per_second",
+     .max = 1000000,
+     .doc = "Size of this upstream's token bucket: how many new connections may arrive at "
+            "once."},
+    {.name = "idle_timeout_ms",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = UPSTREAM(idle_timeout_ms),
+     .def = 0,
+     .def_note = "(off)",
+     .max = 86400000,
+     .doc = "Closes a connection to this upstream after this long without a byte in either "
+            "direction."},
 };
 
 static const struct key_def *find_key(enum key_scope scope, const char *name)
@@ -132,10 +440,38 @@ static const struct key_def *find_key(enum key_scope scope, const char *name)
     return NULL;
 }
 
-static int fail(char *err, size_t errlen, const char *fmt, const char *a, const char *b)
+/* Stores the table's default of every key of <scope> that has a constant one into <base>. */
+static void apply_defaults(enum key_scope scope, void *base)
 {
-    snprintf(err, errlen, fmt, a, b);
-    return ERR_BAD_CONFIG;
+    for (size_t i = 0; i < ARRAY_SIZE(keys); i++) {
+        const struct key_def *d = &keys[i];
+        if (d->scope == scope && d->set != NULL && d->def_text == NULL)
+            (void)d->set(d, base, NULL, d->def, "", NULL, 0);
+    }
+}
+
+/* The name that stands for <v> in <names> (the first, so TLS_AUTO rather than ""). */
+static const char *name_of(const struct key_name *names, long v)
+{
+    for (; names->name != NULL; names++)
+        if (names->value == v)
+            return names->name;
+    return "?";
+}
+
+/* The default as the docs write it. */
+static const char *default_text(const struct key_def *d, char *buf, size_t len)
+{
+    if (d->def_text != NULL)
+        return d->def_text;
+    const char *note = d->def_note != NULL ? d->def_note : "", *sep = note[0] ? " " : "";
+    if (d->names != NULL)
+        snprintf(buf, len, "%s%s%s", name_of(d->names, d->def), sep, note);
+    else if (d->type == KEY_BOOL)
+        snprintf(buf, len, "%s%s%s", d->def ? "true" : "false", sep, note);
+    else
+        snprintf(buf, len, "%ld%s%s", d->def, sep, note);
+    return buf;
 }
 
 static void warn(struct proxy_cfg *c, char *msg)
@@ -196,13 +532,76 @@ static int kv_int(const struct dec_kv *kv, const struct key_def *def, long *out)
     return util_parse_int(kv->str, def->min, def->max, out);
 }
 
+/* "must be A, B or C" for an enumerated key (the "" alias is not named). */
+static int fail_names(const struct key_def *def, const char *where, const char *key, char *err,
+                      size_t errlen)
+{
+    char list[200] = "";
+    size_t n = 0, len = 0;
+    for (const struct key_name *k = def->names; k->name != NULL; k++)
+        n += k->name[0] != '\0';
+    for (const struct key_name *k = def->names; k->name != NULL; k++) {
+        if (k->name[0] == '\0' || len >= sizeof(list))
+            continue;
+        n--;
+        len += (size_t)snprintf(list + len, sizeof(list) - len, "%s%s", k->name,
+                                n > 1    ? ", "
+                                : n == 1 ? " or "
+                                         : "");
+    }
+    return fail(err, errlen, "%s: key \"%s\" must be %s", where, key, list);
+}
+
 /*
- * Applies the map <kv> to the settings of one scope. <port>, <ms_a>/<ms_b> are the
- * destinations by key name; returns 0 or ERR_BAD_CONFIG naming the key.
+ * Reads the value of <kv> as the type of <def> wants it: a number, a boolean or an enumerated
+ * name into <v>; a string is left in <kv>. Returns 0 or ERR_BAD_CONFIG naming the key.
+ */
+static int read_value(const struct key_def *def, const struct dec_kv *kv, const char *where,
+                      long *v, char *err, size_t errlen)
+{
+    if (def->names != NULL) {
+        /* A string key that takes names says so first; other types name the choices. */
+        if (def->type == KEY_STRING && kv->type != DEC_KV_STRING)
+            return fail(err, errlen, "%s: key \"%s\" must be a string", where, kv->key);
+        const char *t = kv->type == DEC_KV_STRING ? kv->str : "?";
+        for (const struct key_name *k = def->names; k->name != NULL; k++) {
+            if (strcmp(k->name, t) == 0) {
+                *v = k->value;
+                return 0;
+            }
+        }
+        return fail_names(def, where, kv->key, err, errlen);
+    }
+    switch (def->type) {
+    case KEY_STRING:
+        if (kv->type != DEC_KV_STRING)
+            return fail(err, errlen, "%s: key \"%s\" must be a string", where, kv->key);
+        return 0;
+    case KEY_BOOL:
+        if (kv->type == DEC_KV_BOOL)
+            *v = kv->boolean;
+        else if (kv->type == DEC_KV_STRING && strcmp(kv->str, "true") == 0)
+            *v = 1;
+        else if (kv->type == DEC_KV_STRING && strcmp(kv->str, "false") == 0)
+            *v = 0;
+        else
+            return fail(err, errlen, "%s: key \"%s\" must be true or false", where, kv->key);
+        return 0;
+    default:
+        if (kv_int(kv, def, v) != 0)
+            return fail(err, errlen, "%s: key \"%s\" must be an integer in [%ld, %ld]", where,
+                        kv->key, def->min, def->max);
+        return 0;
+    }
+}
+
+/*
+ * Applies the map <kv> to <base>, the settings of one scope (a struct proxy_cfg or a struct
+ * upstream_cfg); unknown keys become warnings in <c>. Returns 0 or ERR_BAD_CONFIG naming the
+ * key.
  */
 static int apply_kvs(struct proxy_cfg *c, enum key_scope scope, const char *where,
-                     const struct dec_kv *kv, size_t n, struct proxy_cfg *proxy,
-                     struct upstream_cfg *up, char *err, size_t errlen)
+                     const struct dec_kv *kv, size_t n, void *base, char *err, size_t errlen)
 {
     for (size_t i = 0; i < n; i++) {
         const struct key_def *def = find_key(scope, kv[i].key);
@@ -211,109 +610,13 @@ static int apply_kvs(struct proxy_cfg *c, enum key_scope scope, const char *wher
             warn_unknown(c, where, kv[i].key);
             continue;
         }
-        if (def->type == KEY_IGNORED)
+        if (def->set == NULL)
             continue;
-        if (def->type == KEY_STRING) {
-            if (kv[i].type != DEC_KV_STRING)
-                return fail(err, errlen, "%s: key \"%s\" must be a string", where, kv[i].key);
-        } else if (def->type == KEY_BOOL) {
-            if (kv[i].type == DEC_KV_BOOL)
-                v = kv[i].boolean;
-            else if (kv[i].type == DEC_KV_STRING && strcmp(kv[i].str, "true") == 0)
-                v = 1;
-            else if (kv[i].type != DEC_KV_STRING || strcmp(kv[i].str, "false") != 0)
-                return fail(err, errlen, "%s: key \"%s\" must be true or false", where, kv[i].key);
-        } else if (def->type == KEY_TLS_VERSION) {
-            const char *t = kv[i].type == DEC_KV_STRING ? kv[i].str : "?";
-            if (strcmp(t, "TLS_AUTO") == 0 || strcmp(t, "") == 0)
-                v = 0;
-            else if (strcmp(t, "TLSv1_2") == 0)
-                v = 12;
-            else if (strcmp(t, "TLSv1_3") == 0)
-                v = 13;
-            else
-                return fail(err, errlen, "%s: key \"%s\" must be TLS_AUTO, TLSv1_2 or TLSv1_3",
-                            where, kv[i].key);
-        } else if (kv_int(&kv[i], def, &v) != 0) {
-            char range[64];
-            snprintf(range, sizeof(range), "an integer in [%ld, %ld]", def->min, def->max);
-            snprintf(err, errlen, "%s: key \"%s\" must be %s", where, kv[i].key, range);
-            return ERR_BAD_CONFIG;
-        }
-        if (scope == SCOPE_PROXY) {
-            if (strcmp(def->name, "bind_address") == 0) {
-                free(proxy->bind_address);
-                proxy->bind_address = xstrdup(kv[i].str);
-            } else if (strcmp(def->name, "bind_port") == 0) {
-                proxy->bind_port = (int)v;
-            } else if (strcmp(def->name, "local_service_address") == 0) {
-                char host[256];
-                int port;
-                if (util_split_hostport(kv[i].str, host, sizeof(host), &port) != 0 || port == 0)
-                    return fail(err, errlen, "%s: key \"%s\" must be host:port", where, kv[i].key);
-                if (proxy->local_port == 0) {
-                    free(proxy->local_address);
-                    proxy->local_address = xstrdup(host);
-                    proxy->local_port = port;
-                }
-            } else if (strcmp(def->name, "local_connect_timeout_ms") == 0) {
-                proxy->local_connect_timeout_ms = (uint32_t)v;
-            } else if (strcmp(def->name, "handshake_timeout_ms") == 0) {
-                proxy->handshake_timeout_ms = (uint32_t)v;
-            } else if (strcmp(def->name, "tls_min_version") == 0) {
-                proxy->tls_min_version = (int)v;
-            } else if (strcmp(def->name, "tls_max_version") == 0) {
-                proxy->tls_max_version = (int)v;
-            } else if (strcmp(def->name, "tls_cipher_suites") == 0) {
-                free(proxy->tls_cipher_suites);
-                proxy->tls_cipher_suites = kv[i].str[0] ? xstrdup(kv[i].str) : NULL;
-            } else if (strcmp(def->name, "verify_trust_domain") == 0) {
-                proxy->verify_trust_domain = (int)v;
-            } else if (strcmp(def->name, "tls_resumption") == 0) {
-                proxy->tls_resumption = (int)v;
-            } else if (strcmp(def->name, "authorization") == 0) {
-                if (strcmp(kv[i].str, "intentions") == 0)
-                    proxy->authorize_with_agent = 0;
-                else if (strcmp(kv[i].str, "authorize") == 0)
-                    proxy->authorize_with_agent = 1;
-                else
-                    return fail(err, errlen, "%s: key \"%s\" must be intentions or authorize",
-                                where, kv[i].key);
-            } else if (strcmp(def->name, "authorize_cache_ms") == 0) {
-                proxy->authorize_cache_ms = (uint32_t)v;
-            } else if (strcmp(def->name, "authorize_timeout_ms") == 0) {
-                proxy->authorize_timeout_ms = (uint32_t)v;
-            } else if (strcmp(def->name, "max_inbound_connections") == 0) {
-                proxy->limits.max_connections = (uint32_t)v;
-            } else if (strcmp(def->name, "max_new_connections_per_second") == 0) {
-                proxy->limits.new_per_second = (uint32_t)v;
-            } else if (strcmp(def->name, "max_new_connections_burst") == 0) {
-                proxy->limits.new_burst = (uint32_t)v;
-            } else if (strcmp(def->name, "max_pending_handshakes") == 0) {
-                proxy->limits.max_pending = (uint32_t)v;
-            } else if (strcmp(def->name, "max_pending_handshakes_per_source") == 0) {
-                proxy->limits.max_pending_per_source = (uint32_t)v;
-            } else if (strcmp(def->name, "local_idle_timeout_ms") == 0) {
-                proxy->idle_timeout_ms = (uint32_t)v;
-            } else if (strcmp(def->name, "max_connection_lifetime_ms") == 0) {
-                proxy->max_lifetime_ms = (uint32_t)v;
-            } else if (strcmp(def->name, "reauthorize_interval_ms") == 0) {
-                proxy->reauthorize_interval_ms = (uint32_t)v;
-            }
-        } else if (strcmp(def->name, "connect_timeout_ms") == 0) {
-            up->connect_timeout_ms = (uint32_t)v;
-            up->connect_timeout_set = 1;
-        } else if (strcmp(def->name, "prepared_query_poll_interval_ms") == 0) {
-            up->poll_interval_ms = (uint32_t)v;
-        } else if (strcmp(def->name, "limits.max_connections") == 0) {
-            up->limits.max_connections = (uint32_t)v;
-        } else if (strcmp(def->name, "max_new_connections_per_second") == 0) {
-            up->limits.new_per_second = (uint32_t)v;
-        } else if (strcmp(def->name, "max_new_connections_burst") == 0) {
-            up->limits.new_burst = (uint32_t)v;
-        } else if (strcmp(def->name, "idle_timeout_ms") == 0) {
-            up->idle_timeout_ms = (uint32_t)v;
-        }
+        int rc = read_value(def, &kv[i], where, &v, err, errlen);
+        if (rc == 0)
+            rc = def->set(def, base, &kv[i], v, where, err, errlen);
+        if (rc != 0)
+            return rc;
     }
     return 0;
 }
@@ -329,7 +632,7 @@ static int build_upstream(struct proxy_cfg *c, const struct dec_upstream *u,
     char where[320];
     snprintf(where, sizeof(where), "upstream \"%s\"", u->destination_name);
     if (u->destination_name[0] == '\0')
-        return fail(err, errlen, "%s: DestinationName is empty%s", "upstream", "");
+        return fail(err, errlen, "upstream: DestinationName is empty");
     const char *type = or_default(u->destination_type, "service");
     if (strcmp(type, "service") != 0 && strcmp(type, "prepared_query") != 0)
         return fail(err, errlen, "%s: unknown DestinationType \"%s\"", where, type);
@@ -343,8 +646,7 @@ static int build_upstream(struct proxy_cfg *c, const struct dec_upstream *u,
     out->bind_port = u->local_bind_port;
     out->bind_socket_path = xstrdup(u->local_bind_socket_path);
     out->bind_socket_mode = -1;
-    out->connect_timeout_ms = 5000;
-    out->poll_interval_ms = 10000;
+    apply_defaults(SCOPE_UPSTREAM, out);
     out->key = xasprintf("%s:%s/%s/%s/%s", type, out->ns, out->partition, out->datacenter,
                          out->destination_name);
     if (u->local_bind_socket_mode[0] != '\0') {
@@ -354,7 +656,7 @@ static int build_upstream(struct proxy_cfg *c, const struct dec_upstream *u,
                         u->local_bind_socket_mode);
         out->bind_socket_mode = (int)mode;
     }
-    return apply_kvs(c, SCOPE_UPSTREAM, where, u->config, u->n_config, NULL, out, err, errlen);
+    return apply_kvs(c, SCOPE_UPSTREAM, where, u->config, u->n_config, out, err, errlen);
 }
 
 static void upstream_dispose(struct upstream_cfg *u)
@@ -379,8 +681,7 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         goto out;
     }
     if (svc->destination_service_name[0] == '\0') {
-        rc = fail(err, errlen, "service \"%s\": Proxy.DestinationServiceName is empty%s", svc->id,
-                  "");
+        rc = fail(err, errlen, "service \"%s\": Proxy.DestinationServiceName is empty", svc->id);
         goto out;
     }
     out->proxy_id = xstrdup(svc->id);
@@ -393,32 +694,25 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
     out->bind_port = svc->port;
     out->local_address = xstrdup(or_default(svc->local_service_address, "127.0.0.1"));
     out->local_port = svc->local_service_port;
-    out->local_connect_timeout_ms = 1000;
-    out->handshake_timeout_ms = 10000;
-    out->verify_trust_domain = 1;
-    out->tls_resumption = 1;
-    out->authorize_cache_ms = 5000;
-    out->authorize_timeout_ms = 5000;
-    rc = apply_kvs(out, SCOPE_PROXY, "Proxy.Config", svc->config, svc->n_config, out, NULL, err,
-                   errlen);
+    apply_defaults(SCOPE_PROXY, out);
+    rc = apply_kvs(out, SCOPE_PROXY, "Proxy.Config", svc->config, svc->n_config, out, err, errlen);
     if (rc != 0)
         goto out;
     if (out->tls_max_version != 0 && out->tls_max_version < out->tls_min_version) {
-        rc =
-            fail(err, errlen, "Proxy.Config: tls_max_version is below tls_min_version%s%s", "", "");
+        rc = fail(err, errlen, "Proxy.Config: tls_max_version is below tls_min_version");
         goto out;
     }
     out->local_socket_path = xstrdup(out->local_port == 0 ? svc->local_service_socket_path : "");
     out->bind_socket_path = xstrdup(out->bind_port == 0 ? svc->socket_path : "");
     if (out->bind_socket_path[0] != '\0' &&
         strcmp(out->bind_socket_path, out->local_socket_path) == 0) {
-        rc = fail(err, errlen, "SocketPath %s is also Proxy.LocalServiceSocketPath%s",
-                  out->bind_socket_path, "");
+        rc = fail(err, errlen, "SocketPath %s is also Proxy.LocalServiceSocketPath",
+                  out->bind_socket_path);
         goto out;
     }
     if ((out->bind_port != 0 || out->bind_socket_path[0] != '\0') && out->local_port == 0 &&
         out->local_socket_path[0] == '\0') {
-        rc = fail(err, errlen, "service \"%s\": Proxy.LocalServicePort is not set%s", svc->id, "");
+        rc = fail(err, errlen, "service \"%s\": Proxy.LocalServicePort is not set", svc->id);
         goto out;
     }
     out->upstreams = xcalloc(svc->n_upstreams, sizeof(*out->upstreams));
@@ -427,8 +721,8 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         if (u->local_bind_port == 0 && u->local_bind_socket_path[0] == '\0') {
             rc = fail(err, errlen,
                       "upstream \"%s\": neither LocalBindPort nor "
-                      "LocalBindSocketPath is set%s",
-                      u->destination_name, "");
+                      "LocalBindSocketPath is set",
+                      u->destination_name);
             goto out;
         }
         struct upstream_cfg *nu = &out->upstreams[out->n_upstreams];
@@ -442,31 +736,27 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         if (nu->bind_socket_path[0] != '\0' &&
             (strcmp(nu->bind_socket_path, out->bind_socket_path) == 0 ||
              strcmp(nu->bind_socket_path, out->local_socket_path) == 0)) {
-            snprintf(err, errlen, "upstream \"%s\" binds %s, the proxy's own socket",
-                     nu->destination_name, nu->bind_socket_path);
-            rc = ERR_BAD_CONFIG;
+            rc = fail(err, errlen, "upstream \"%s\" binds %s, the proxy's own socket",
+                      nu->destination_name, nu->bind_socket_path);
             goto out;
         }
         for (size_t j = 0; j + 1 < out->n_upstreams; j++) {
             const struct upstream_cfg *o = &out->upstreams[j];
             if (nu->bind_socket_path[0] != '\0' &&
                 strcmp(o->bind_socket_path, nu->bind_socket_path) == 0) {
-                snprintf(err, errlen, "upstreams \"%s\" and \"%s\" both bind %s",
-                         o->destination_name, nu->destination_name, nu->bind_socket_path);
-                rc = ERR_BAD_CONFIG;
+                rc = fail(err, errlen, "upstreams \"%s\" and \"%s\" both bind %s",
+                          o->destination_name, nu->destination_name, nu->bind_socket_path);
                 goto out;
             }
             if (nu->bind_socket_path[0] == '\0' && o->bind_socket_path[0] == '\0' &&
                 o->bind_port == nu->bind_port && strcmp(o->bind_address, nu->bind_address) == 0) {
-                snprintf(err, errlen, "upstreams \"%s\" and \"%s\" both bind %s:%d",
-                         o->destination_name, nu->destination_name, nu->bind_address,
-                         nu->bind_port);
-                rc = ERR_BAD_CONFIG;
+                rc = fail(err, errlen, "upstreams \"%s\" and \"%s\" both bind %s:%d",
+                          o->destination_name, nu->destination_name, nu->bind_address,
+                          nu->bind_port);
                 goto out;
             }
             if (strcmp(o->key, nu->key) == 0) {
-                rc = fail(err, errlen, "upstream \"%s\" is listed twice%s", nu->destination_name,
-                          "");
+                rc = fail(err, errlen, "upstream \"%s\" is listed twice", nu->destination_name);
                 goto out;
             }
         }
@@ -486,8 +776,7 @@ static int parse_upstream_flag(char *buf, struct dec_upstream *u, char *err, siz
     char *colon = strrchr(buf, ':');
     long port;
     if (colon == NULL || util_parse_int(colon + 1, 1, 65535, &port) != 0)
-        return fail(err, errlen, "flag -upstream \"%s\": expected name[.type]:[addr:]port%s", buf,
-                    "");
+        return fail(err, errlen, "flag -upstream \"%s\": expected name[.type]:[addr:]port", buf);
     *colon = '\0';
     u->local_bind_port = (int)port;
     char *addr = strchr(buf, ':');
@@ -504,7 +793,7 @@ static int parse_upstream_flag(char *buf, struct dec_upstream *u, char *err, siz
     }
     u->destination_name = buf;
     if (buf[0] == '\0' || (addr != NULL && addr[0] == '\0'))
-        return fail(err, errlen, "flag -upstream: empty name or address in \"%s\"%s", buf, "");
+        return fail(err, errlen, "flag -upstream: empty name or address in \"%s\"", buf);
     return 0;
 }
 
@@ -524,14 +813,13 @@ int proxycfg_from_flags(const struct proxycfg_flags *f, struct proxy_cfg *out, c
 
     if (f->listen != NULL &&
         (util_split_hostport(f->listen, host, sizeof(host), &port) != 0 || port == 0)) {
-        rc = fail(err, errlen, "flag -listen \"%s\": expected host:port%s", f->listen, "");
+        rc = fail(err, errlen, "flag -listen \"%s\": expected host:port", f->listen);
         goto out;
     }
     if (f->service_addr != NULL &&
         (util_split_hostport(f->service_addr, local_host, sizeof(local_host), &local_port) != 0 ||
          local_port == 0)) {
-        rc = fail(err, errlen, "flag -service-addr \"%s\": expected host:port%s", f->service_addr,
-                  "");
+        rc = fail(err, errlen, "flag -service-addr \"%s\": expected host:port", f->service_addr);
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
@@ -632,11 +920,12 @@ static const char *const type_names[] = {"",        "string",      "port",  "mil
 
 void proxycfg_write_man(FILE *f)
 {
+    char def[64];
     for (size_t i = 0; i < ARRAY_SIZE(keys); i++) {
         fprintf(f, ".TP\n.B ");
         util_fput_troff(f, keys[i].name);
         fprintf(f, "\n(%s, %s; default: ", scope_names[keys[i].scope], type_names[keys[i].type]);
-        util_fput_troff(f, keys[i].def);
+        util_fput_troff(f, default_text(&keys[i], def, sizeof(def)));
         fprintf(f, ")\n");
         util_fput_troff(f, keys[i].doc);
         fputc('\n', f);
@@ -645,8 +934,9 @@ void proxycfg_write_man(FILE *f)
 
 void proxycfg_write_doc(FILE *f)
 {
+    char def[64];
     fprintf(f, "| key | where | type | default | meaning |\n|---|---|---|---|---|\n");
     for (size_t i = 0; i < ARRAY_SIZE(keys); i++)
         fprintf(f, "| `%s` | %s | %s | %s | %s |\n", keys[i].name, scope_names[keys[i].scope],
-                type_names[keys[i].type], keys[i].def, keys[i].doc);
+                type_names[keys[i].type], default_text(&keys[i], def, sizeof(def)), keys[i].doc);
 }

@@ -1,6 +1,7 @@
 /*
- * Unit tests for proxycfg's unknown-key warnings and the bounded set that logs each warning
- * once (the rest of proxycfg is tested in test_config.c).
+ * Unit tests for proxycfg's key table (defaults stored and documented from one typed value,
+ * enumerated keys), its unknown-key warnings and the bounded set that logs each warning once
+ * (the rest of proxycfg is tested in test_config.c).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -56,6 +57,108 @@ static size_t warnings_naming(const struct proxy_cfg *c, const char *key)
     for (size_t i = 0; i < c->n_warnings; i++)
         n += strstr(c->warnings[i], quoted) != NULL;
     return n;
+}
+
+/* The "| `key` | scope | type | default |" start of <key>'s row in doc/config.md. */
+static void assert_doc_default(const char *doc, const char *key, const char *scope,
+                               const char *type, const char *def)
+{
+    char row[256];
+    snprintf(row, sizeof(row), "| `%s` | %s | %s | %s |", key, scope, type, def);
+    if (strstr(doc, row) == NULL)
+        fail_msg("no row %s in the key table", row);
+}
+
+/*
+ * Each key's default is one typed value in the table: what a bare registration gets and what
+ * the docs write. Before, the code literal and the doc text were written apart and could
+ * disagree; this pins both sides for the keys with a constant default.
+ */
+static void test_defaults_are_stored_and_documented_from_the_table(void **state)
+{
+    (void)state;
+    struct dec_service s = base_service();
+    struct dec_upstream up = {.destination_type = "",
+                              .destination_name = "db",
+                              .destination_namespace = "",
+                              .destination_partition = "",
+                              .destination_peer = "",
+                              .datacenter = "",
+                              .local_bind_address = "",
+                              .local_bind_port = 9191,
+                              .local_bind_socket_path = "",
+                              .local_bind_socket_mode = ""};
+    s.upstreams = &up;
+    s.n_upstreams = 1;
+    struct proxy_cfg c;
+    char err[256];
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.local_connect_timeout_ms, 1000);
+    assert_int_equal(c.handshake_timeout_ms, 10000);
+    assert_int_equal(c.tls_min_version, 0);
+    assert_int_equal(c.tls_max_version, 0);
+    assert_int_equal(c.verify_trust_domain, 1);
+    assert_int_equal(c.tls_resumption, 1);
+    assert_int_equal(c.authorize_with_agent, 0);
+    assert_int_equal(c.authorize_cache_ms, 5000);
+    assert_int_equal(c.authorize_timeout_ms, 5000);
+    assert_int_equal(c.idle_timeout_ms, 0);
+    assert_null(c.tls_cipher_suites);
+    assert_int_equal(c.n_upstreams, 1);
+    assert_int_equal(c.upstreams[0].connect_timeout_ms, 5000);
+    assert_int_equal(c.upstreams[0].connect_timeout_set, 0); /* a default is not "given" */
+    assert_int_equal(c.upstreams[0].poll_interval_ms, 10000);
+    proxycfg_dispose(&c);
+
+    char *doc = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&doc, &len);
+    assert_non_null(f);
+    proxycfg_write_doc(f);
+    fclose(f);
+    assert_doc_default(doc, "local_connect_timeout_ms", "Proxy.Config", "milliseconds", "1000");
+    assert_doc_default(doc, "handshake_timeout_ms", "Proxy.Config", "milliseconds", "10000");
+    assert_doc_default(doc, "tls_min_version", "Proxy.Config", "TLS version", "TLS_AUTO (TLSv1_2)");
+    assert_doc_default(doc, "verify_trust_domain", "Proxy.Config", "boolean", "true");
+    assert_doc_default(doc, "authorization", "Proxy.Config", "string", "intentions");
+    assert_doc_default(doc, "local_idle_timeout_ms", "Proxy.Config", "milliseconds", "0 (off)");
+    assert_doc_default(doc, "connect_timeout_ms", "Upstreams[].Config", "milliseconds", "5000");
+    assert_doc_default(doc, "prepared_query_poll_interval_ms", "Upstreams[].Config", "milliseconds",
+                       "10000");
+    free(doc);
+}
+
+/* Enumerated keys: names map to values, "" is TLS_AUTO, and a bad one names the choices. */
+static void test_enumerated_keys(void **state)
+{
+    (void)state;
+    struct dec_service s = base_service();
+    struct dec_kv kvs[] = {
+        {.key = "tls_min_version", .type = DEC_KV_STRING, .str = "TLSv1_3"},
+        {.key = "tls_max_version", .type = DEC_KV_STRING, .str = ""},
+        {.key = "authorization", .type = DEC_KV_STRING, .str = "authorize"},
+    };
+    s.config = kvs;
+    s.n_config = 3;
+    struct proxy_cfg c;
+    char err[256];
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.tls_min_version, 13);
+    assert_int_equal(c.tls_max_version, 0);
+    assert_int_equal(c.authorize_with_agent, 1);
+    proxycfg_dispose(&c);
+
+    kvs[0].str = "TLSv1_1";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_string_equal(
+        err, "Proxy.Config: key \"tls_min_version\" must be TLS_AUTO, TLSv1_2 or TLSv1_3");
+    kvs[0].str = "TLS_AUTO";
+    kvs[2].str = "both";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_string_equal(err, "Proxy.Config: key \"authorization\" must be intentions or authorize");
+    kvs[2] = (struct dec_kv){.key = "authorization", .type = DEC_KV_BOOL, .str = "", .boolean = 1};
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_string_equal(err, "Proxy.Config: key \"authorization\" must be a string");
 }
 
 /*
@@ -157,6 +260,8 @@ static void test_warned_set_is_bounded(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_defaults_are_stored_and_documented_from_the_table),
+        cmocka_unit_test(test_enumerated_keys),
         cmocka_unit_test(test_many_unknown_keys_are_bounded_and_fast),
         cmocka_unit_test(test_warned_set_is_bounded),
     };
