@@ -274,15 +274,13 @@ static void fail_inbound(struct session *s, enum session_handshake_reason r,
 }
 
 /* The result table (session.h) as data, indexed by enum session_result. */
-#define COUNTER(member) offsetof(struct session_counters, member)
-#define NO_COUNTER      SIZE_MAX
 static const struct {
     const char *label;
     enum log_level level;
-    size_t counter; /* offset in struct session_counters; NO_COUNTER: none */
+    const char *close_kind;
 } results[SESSION_RES_COUNT] = {
-#define X(name, label, level, counter, http_status)                                                \
-    [SESSION_RES_##name] = {label, LOG_LEVEL_##level, counter},
+#define X(name, label, level, close_kind, http_status)                                             \
+    [SESSION_RES_##name] = {label, LOG_LEVEL_##level, close_kind},
     SESSION_RESULTS(X)
 #undef X
 };
@@ -290,6 +288,11 @@ static const struct {
 const char *session_result_name(enum session_result r)
 {
     return (unsigned)r < ARRAY_SIZE(results) ? results[r].label : "error";
+}
+
+const char *session_result_close_kind(enum session_result r)
+{
+    return (unsigned)r < ARRAY_SIZE(results) ? results[r].close_kind : NULL;
 }
 
 /*
@@ -310,9 +313,7 @@ static void finish(struct session *s, enum session_result result, const char *re
     enum log_level lvl = results[result].level;
     if (lvl == LOG_LEVEL_INFO && alog_enabled())
         lvl = LOG_LEVEL_DEBUG;
-    if (results[result].counter != NO_COUNTER)
-        STAT_ADD(*(atomic_uint_fast64_t *)((char *)&h->stats->counters + results[result].counter),
-                 1);
+    STAT_ADD(h->stats->results[result], 1);
     /* An inbound session that ends inside the handshake failed it (a timeout, or anything not
      * classified where it happened); a probe never started one. */
     if (s->inbound && !s->hs_failed && s->state == S_TLS_HANDSHAKE && result != SESSION_RES_PROBE) {

@@ -31,8 +31,6 @@ struct session_counters {
     atomic_uint_fast64_t refused_pending;         /* over max_pending_handshakes */
     atomic_uint_fast64_t refused_pending_source;  /* over max_pending_handshakes_per_source */
     atomic_uint_fast64_t refused_descriptors;     /* would eat into the descriptor reserve */
-    atomic_uint_fast64_t closed_idle;             /* idle timeout */
-    atomic_uint_fast64_t closed_lifetime;         /* max_connection_lifetime_ms */
     atomic_uint_fast64_t reauthorized;            /* sessions re-evaluated (periodic or change) */
     atomic_uint_fast64_t reauthorize_closed;      /* sessions a re-evaluation ended */
 };
@@ -41,25 +39,26 @@ struct session_counters {
  * How a session ended, the one argument of its finish. Columns: the name (SESSION_RES_<name>);
  * the label written as result= on the session's log line and in the access log; the level of
  * that line (an INFO line drops to DEBUG when the access log already has the session); the
- * struct session_counters member it bumps, as COUNTER(member) or NO_COUNTER; and the HTTP
- * status a stream ending so will answer with once L7 exists (0: not an HTTP outcome yet).
+ * kind label under which /metrics shows its count in connectd_timeout_closes_total (NULL: not
+ * shown there); and the HTTP status a stream ending so will answer with once L7 exists (0: not
+ * an HTTP outcome yet). Every result is counted in session_stats.results.
  */
 #define SESSION_RESULTS(X)                                                                         \
-    X(OK, "ok", INFO, NO_COUNTER, 0)                     /* the relay closed normally */           \
-    X(PROBE, "probe", DEBUG, NO_COUNTER, 0)              /* closed before a TLS byte */            \
-    X(DENIED, "denied", WARN, NO_COUNTER, 0)             /* intentions or the agent said no */     \
-    X(BAD_IDENTITY, "bad_identity", WARN, NO_COUNTER, 0) /* the peer's identity is refused */      \
-    X(TLS_ERROR, "tls_error", WARN, NO_COUNTER, 0)       /* the inbound TLS handshake failed */    \
-    X(TIMEOUT, "timeout", WARN, NO_COUNTER, 0)           /* handshake, connect or ask timer */     \
-    X(LOCAL_CONNECT_ERROR, "local_connect_error", WARN, NO_COUNTER, 0) /* local app refused */     \
-    X(NO_ENDPOINT, "no_endpoint", WARN, NO_COUNTER, 0) /* no upstream endpoint left to try */      \
-    X(IDLE_TIMEOUT, "idle_timeout", WARN, COUNTER(closed_idle), 0) /* no bytes for too long */     \
-    X(LIFETIME, "lifetime", WARN, COUNTER(closed_lifetime), 0)     /* max_connection_lifetime */   \
-    X(SHUTDOWN, "shutdown", WARN, NO_COUNTER, 0)                   /* connectd is stopping */      \
-    X(ERROR, "error", WARN, NO_COUNTER, 0) /* an I/O or allocation failure */
+    X(OK, "ok", INFO, NULL, 0)                     /* the relay closed normally */                 \
+    X(PROBE, "probe", DEBUG, NULL, 0)              /* closed before a TLS byte */                  \
+    X(DENIED, "denied", WARN, NULL, 0)             /* intentions or agent said no */               \
+    X(BAD_IDENTITY, "bad_identity", WARN, NULL, 0) /* the peer's identity refused */               \
+    X(TLS_ERROR, "tls_error", WARN, NULL, 0)       /* inbound TLS handshake failed */              \
+    X(TIMEOUT, "timeout", WARN, NULL, 0)           /* handshake/connect/ask timer */               \
+    X(LOCAL_CONNECT_ERROR, "local_connect_error", WARN, NULL, 0) /* local application refused */   \
+    X(NO_ENDPOINT, "no_endpoint", WARN, NULL, 0)                 /* no upstream endpoint left */   \
+    X(IDLE_TIMEOUT, "idle_timeout", WARN, "idle", 0)             /* no bytes for too long */       \
+    X(LIFETIME, "lifetime", WARN, "lifetime", 0)                 /* max_connection_lifetime_ms */  \
+    X(SHUTDOWN, "shutdown", WARN, NULL, 0)                       /* connectd is stopping */        \
+    X(ERROR, "error", WARN, NULL, 0)                             /* I/O or allocation failure */
 
 enum session_result {
-#define X(name, label, level, counter, http_status) SESSION_RES_##name,
+#define X(name, label, level, close_kind, http_status) SESSION_RES_##name,
     SESSION_RESULTS(X)
 #undef X
         SESSION_RES_COUNT
@@ -67,6 +66,12 @@ enum session_result {
 
 /* Label of a session result ("ok", "denied", ...); "error" for a value outside the table. */
 const char *session_result_name(enum session_result r);
+
+/*
+ * The kind label of connectd_timeout_closes_total under which result <r> is shown ("idle",
+ * "lifetime"), or NULL when it is not a timeout close.
+ */
+const char *session_result_close_kind(enum session_result r);
 
 /*
  * Why an inbound TLS handshake failed, or the caller's verified certificate did not carry an
@@ -126,6 +131,7 @@ struct session_source_stats {
 
 struct session_stats {
     struct session_counters counters;
+    atomic_uint_fast64_t results[SESSION_RES_COUNT]; /* sessions ended, by result */
     atomic_uint_fast64_t handshake_failures[SESSION_HS_COUNT];
     atomic_uint_fast64_t tls_handshakes[2][2]; /* [0 inbound, 1 outbound][1 resumed] */
     atomic_size_t n_listeners;

@@ -154,9 +154,9 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     struct listener_sum *ls = NULL;
     struct source_sum *ss = NULL;
     size_t nl = 0, ns = 0;
-    uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}};
-    uint64_t refused_max = 0, refused_rate = 0, idle = 0, lifetime = 0, reauth = 0,
-             reauth_closed = 0, refused_pending = 0, refused_pending_source = 0, refused_fds = 0;
+    uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}}, ended[SESSION_RES_COUNT] = {0};
+    uint64_t refused_max = 0, refused_rate = 0, reauth = 0, reauth_closed = 0, refused_pending = 0,
+             refused_pending_source = 0, refused_fds = 0;
     for (int i = 0; i < vw->n_workers; i++) {
         const struct session_stats *st = worker_stats(vw->workers[i]);
         size_t n = atomic_load_explicit(&st->n_listeners, memory_order_acquire);
@@ -179,8 +179,8 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         refused_pending += load(&st->counters.refused_pending);
         refused_pending_source += load(&st->counters.refused_pending_source);
         refused_fds += load(&st->counters.refused_descriptors);
-        idle += load(&st->counters.closed_idle);
-        lifetime += load(&st->counters.closed_lifetime);
+        for (int r = 0; r < SESSION_RES_COUNT; r++)
+            ended[r] += load(&st->results[r]);
         reauth += load(&st->counters.reauthorized);
         reauth_closed += load(&st->counters.reauthorize_closed);
     }
@@ -260,8 +260,9 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     sample(b, "pending_handshakes", NULL, NULL, (uint64_t)limit_pending_count(vw->inbound_limit));
     metric_head(b, "timeout_closes_total", "counter",
                 "Sessions ended by the idle timeout or the lifetime bound, by kind.");
-    sample(b, "timeout_closes_total", "kind", "idle", idle);
-    sample(b, "timeout_closes_total", "kind", "lifetime", lifetime);
+    for (int r = 0; r < SESSION_RES_COUNT; r++)
+        if (session_result_close_kind(r) != NULL)
+            sample(b, "timeout_closes_total", "kind", session_result_close_kind(r), ended[r]);
 
     render_watches(vw, vs, b);
 

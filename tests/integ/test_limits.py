@@ -17,8 +17,9 @@ import time
 
 import pytest
 
-from mesh import (LOOPBACK, EchoApp, SANITIZER_MARKERS, assert_refused, closed_without_data,
-                  echo_roundtrip, port_refuses, recv_all, try_echo, wait_until)
+from mesh import (LOOPBACK, EchoApp, SANITIZER_MARKERS, admin_args, admin_get, assert_refused,
+                  closed_without_data, echo_roundtrip, port_refuses, recv_all, try_echo,
+                  wait_until)
 
 
 def connect(port, timeout=10):
@@ -205,7 +206,8 @@ def test_inbound_idle_timeout(mesh):
     """local_idle_timeout_ms = 600 on db: a connection that keeps talking outlives it, one
     that falls silent is closed by db about 600 ms later and logged as idle."""
     m = mesh
-    _, db, web = pair(m, db_config={"local_idle_timeout_ms": 600})
+    args, admin_port = admin_args()
+    _, db, web = pair(m, db_config={"local_idle_timeout_ms": 600}, db_args=args)
     with open_echo(web.up["db"], "idle") as s:
         keep_busy(s, 1.5)
         closed, data, took = wait_closed(s, 5)
@@ -213,6 +215,14 @@ def test_inbound_idle_timeout(mesh):
     assert took >= 0.4, f"closed {took:.2f}s after the last byte, before the idle timeout"
     db.proxy.wait_log(r"conn=\d+ in .*result=idle_timeout reason=\"idle for \d+ ms "
                       r"\(local_idle_timeout_ms 600\)\"")
+    # The close is counted under its kind (the session result table says which results are
+    # timeout closes and under which label).
+    status, body = admin_get(admin_port, "/metrics")
+    assert status == 200, body
+    assert ("# HELP connectd_timeout_closes_total Sessions ended by the idle timeout or the "
+            "lifetime bound, by kind.\n# TYPE connectd_timeout_closes_total counter\n"
+            "connectd_timeout_closes_total{kind=\"idle\"} 1\n"
+            "connectd_timeout_closes_total{kind=\"lifetime\"} 0\n") in body, body
 
 
 def test_upstream_idle_timeout(mesh):
