@@ -166,6 +166,7 @@ struct fields {
     int minor_version;
     int has_cl, has_te;
     uint64_t cl;
+    struct http_slice cl_value;
     size_t nhost;
     struct http_slice host, upgrade;
     unsigned flags;
@@ -247,12 +248,14 @@ static int read_fields(struct http_header *h, size_t n, int is_request, struct f
             uint64_t x;
             if (parse_length(v, &x) != 0)
                 FAIL("bad Content-Length");
-            if (f->has_cl && x != f->cl)
+            /* Duplicates must be byte-identical: "3" and "03" are refused, not folded. */
+            if (f->has_cl && (v.len != f->cl_value.len || memcmp(v.p, f->cl_value.p, v.len) != 0))
                 FAIL("differing Content-Lengths");
             if (f->has_cl)
                 h[i].flags |= HTTP_HDR_DUP;
             f->has_cl = 1;
             f->cl = x;
+            f->cl_value = v;
         } else if (h1_slice_eq(nm, "transfer-encoding")) {
             if (f->has_te || !h1_slice_eq(v, "chunked"))
                 FAIL("Transfer-Encoding other than one chunked");

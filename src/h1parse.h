@@ -14,8 +14,9 @@
  * control character outside HTAB in a field; a field name or method that is not a token; a
  * target with bytes outside VCHAR or of the wrong form for the method; a version other than
  * HTTP/1.0 and HTTP/1.1; an HTTP/1.1 request without exactly one Host; more than one Host;
- * empty lines before the request line. Identical duplicate Content-Length headers are folded
- * (RFC 9110 section 8.6): the first is kept, the others are flagged HTTP_HDR_DUP.
+ * empty lines before the request line. Byte-identical duplicate Content-Length fields are
+ * folded (RFC 9110 section 8.6): the first is kept, the others are flagged HTTP_HDR_DUP;
+ * "3" and "03" differ.
  */
 #ifndef CONNECTD_H1PARSE_H
 #define CONNECTD_H1PARSE_H

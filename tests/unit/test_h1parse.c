@@ -187,6 +187,9 @@ static void test_content_length_and_transfer_encoding(void **state)
     assert_bad("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
                -EBADMSG);
     assert_bad("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 3\r\n\r\n", -EBADMSG);
+    /* Same number, different bytes: refused, since only identical duplicates fold. */
+    assert_bad("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 03\r\n\r\n",
+               -EBADMSG);
     assert_bad("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", -EBADMSG);
     assert_bad("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x3\r\n\r\n", -EBADMSG);
     assert_bad("POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\r\n\r\n", -EBADMSG);
