@@ -7,6 +7,7 @@
 #include "h1parse.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 
 #define FAIL(reason)                                                                               \
@@ -298,6 +299,10 @@ static int read_fields(struct http_header *h, size_t n, int is_request, struct f
         f->flags |= HTTP_F_KEEP_ALIVE;
     if (!(f->flags & HTTP_F_UPGRADE) || f->upgrade.p == NULL || f->minor_version == 0)
         f->flags &= ~HTTP_F_UPGRADE;
+    /* An HTTP/1.0 client cannot know 100 Continue: it sends the body anyway (RFC 9110
+     * section 10.1.1 says to ignore the expectation). */
+    if (f->minor_version == 0)
+        f->flags &= ~(HTTP_F_EXPECT_CONTINUE | HTTP_F_EXPECT_OTHER);
     return 0;
 }
 
@@ -447,6 +452,8 @@ int h1_parse_request(const char *buf, size_t len, size_t head_max, struct http_r
     memset(req, 0, sizeof(*req));
     req->headers = headers;
     req->headers_cap = cap;
+    if (head_max > INT_MAX)
+        head_max = INT_MAX; /* the length must fit the return value */
     return parse_request(buf, len, head_max, req, why != NULL ? why : &ignored);
 }
 
@@ -522,6 +529,8 @@ int h1_parse_response(const char *buf, size_t len, size_t head_max, enum http_me
     memset(res, 0, sizeof(*res));
     res->headers = headers;
     res->headers_cap = cap;
+    if (head_max > INT_MAX)
+        head_max = INT_MAX;
     return parse_response(buf, len, head_max, req_method, res, why != NULL ? why : &ignored);
 }
 

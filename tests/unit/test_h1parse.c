@@ -354,6 +354,10 @@ static void test_expect_and_upgrade(void **state)
     assert_true(parse_req("PUT / HTTP/1.1\r\nHost: h\r\nExpect: teapot\r\n\r\n", &req) > 0);
     assert_false(req.flags & HTTP_F_EXPECT_CONTINUE);
     assert_true(req.flags & HTTP_F_EXPECT_OTHER);
+    /* HTTP/1.0 expectations are ignored. */
+    assert_true(
+        parse_req("PUT / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n", &req) > 0);
+    assert_false(req.flags & (HTTP_F_EXPECT_CONTINUE | HTTP_F_EXPECT_OTHER));
 
     assert_true(parse_req("GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
                           "Upgrade: websocket\r\n\r\n",
