@@ -102,11 +102,6 @@ def theirs(data):
             conn.start_next_cycle()
 
 
-def heads(data):
-    """The request heads in <data>, roughly: each up to its blank line (for the predicates)."""
-    return data
-
-
 def has_bare_lf(d):
     return re.search(rb"(?<!\r)\n", d) is not None
 
@@ -204,8 +199,10 @@ def stricter_reason(dump_bin, data):
     in_body = bool(a[0]) and a[0][-1]["body"] is None
     if not in_body and b"\r\n\r\n" in seg:
         seg = seg[:seg.index(b"\r\n\r\n") + 4]
-    if verdict(a)[0] != verdict(b)[0][:len(a[0])] and not (
-            a[0] and a[0][-1]["body"] is None):
+    va, vb = verdict(a)[0], verdict(b)[0][:len(a[0])]
+    if in_body:  # the refused body's message agrees up to its body
+        va, vb = va[:-1] + [va[-1][:4]], vb[:-1] + [vb[-1][:4]]
+    if va != vb:
         return None
     for name, _, pred in STRICTER:
         if (not in_body or name in BODY_RULES) and pred(seg):
