@@ -40,6 +40,8 @@ LIBOBJS  := $(filter-out $(B)/obj/main.o,$(OBJS))
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(B)/tests/%)
 
+
+.PHONY: test-tools
 .PHONY: all release asan unit check integ deps lint format demo clean install consul doc doc-check \
 	bench bench-tools fuzz fuzz-build fuzz-run
 
@@ -63,6 +65,10 @@ $(B)/tests/%: tests/unit/%.c $(LIBOBJS)
 		$(PKG_LIBS) $(CMOCKA_LIBS)
 
 -include $(OBJS:.o=.d)
+
+# Test programs that are not cmocka suites: h1parse_dump feeds tests/integ/test_h1parse_diff.py.
+TEST_TOOLS := $(B)/tests/h1parse_dump
+test-tools: $(TEST_TOOLS)
 
 # Unit tests (cmocka), under the sanitizers.
 unit:

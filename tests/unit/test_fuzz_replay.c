@@ -25,6 +25,7 @@
 #include "../fuzz/fuzz_agent.c"
 #include "../fuzz/fuzz_config.c"
 #include "../fuzz/fuzz_decode.c"
+#include "../fuzz/fuzz_h1parse.c"
 #include "../fuzz/fuzz_proxycfg.c"
 #include "../fuzz/fuzz_spiffe.c"
 
@@ -52,6 +53,12 @@ static void test_replay_agent_corpus(void **state)
     corpus_replay("tests/fuzz/corpus/agent", fuzz_agent_one);
 }
 
+static void test_replay_h1parse_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/h1parse", fuzz_h1parse_one);
+}
+
 static void test_replay_config_corpus(void **state)
 {
     (void)state;
@@ -63,7 +70,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_replay_decode_corpus),   cmocka_unit_test(test_replay_spiffe_corpus),
         cmocka_unit_test(test_replay_proxycfg_corpus), cmocka_unit_test(test_replay_agent_corpus),
-        cmocka_unit_test(test_replay_config_corpus),
+        cmocka_unit_test(test_replay_config_corpus),   cmocka_unit_test(test_replay_h1parse_corpus),
     };
     return cmocka_run_group_tests_name("fuzz_replay", tests, NULL, NULL);
 }
