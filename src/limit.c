@@ -93,12 +93,10 @@ long limit_open(const struct limit_state *l)
     return atomic_load_explicit(&l->open, memory_order_relaxed);
 }
 
-/* 64-bit FNV-1a folded to SOURCE_HASH_BITS, never 0 (a slot word of 0 reads as free). */
+/* The address's hash folded to SOURCE_HASH_BITS, never 0 (a slot word of 0 reads as free). */
 static uint64_t source_hash(const char *source)
 {
-    uint64_t h = UINT64_C(0xcbf29ce484222325);
-    for (const unsigned char *p = (const unsigned char *)source; *p != '\0'; p++)
-        h = (h ^ *p) * UINT64_C(0x100000001b3);
+    uint64_t h = util_hash_str(source);
     h = (h ^ (h >> SOURCE_HASH_BITS)) & ((UINT64_C(1) << SOURCE_HASH_BITS) - 1);
     return h != 0 ? h : 1;
 }

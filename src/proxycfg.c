@@ -492,19 +492,10 @@ static void warn_unknown(struct proxy_cfg *c, const char *where, const char *key
         c->n_unwarned++;
 }
 
-/* FNV-1a, with 0 kept for "empty". */
-static uint64_t warned_hash(const char *s)
-{
-    uint64_t h = 14695981039346656037ULL;
-    for (; *s != '\0'; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return h != 0 ? h : 1;
-}
-
 const char *proxycfg_warn_once(struct proxycfg_warned *w, const char *msg)
 {
     size_t mask = ARRAY_SIZE(w->slots) - 1;
-    uint64_t h = warned_hash(msg);
+    uint64_t h = util_hash_str(msg);
     size_t i = (size_t)h & mask;
     /* The table is at most half full, so the probe ends at an empty slot. */
     while (w->slots[i] != 0) {

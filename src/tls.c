@@ -204,14 +204,6 @@ static int ctx_fail(char *err, size_t errlen, int code, const char *what)
 
 /* ---- client sessions ----------------------------------------------------------------------- */
 
-static uint64_t key_hash(const char *key)
-{
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (const unsigned char *p = (const unsigned char *)key; *p != '\0'; p++)
-        h = (h ^ *p) * 1099511628211ULL;
-    return h != 0 ? h : 1;
-}
-
 static void slot_clear(struct client_session *e)
 {
     SSL_SESSION_free(e->sess);
@@ -222,7 +214,7 @@ static void slot_clear(struct client_session *e)
 /* Keeps <sess> (ownership moves here) for <key>, the newest of at most a few per peer. */
 static void session_put(struct tls_ctx *ctx, const char *key, SSL_SESSION *sess)
 {
-    uint64_t h = key_hash(key);
+    uint64_t h = util_hash_str(key);
     pthread_mutex_lock(&ctx->sess_lock);
     if (ctx->sessions == NULL)
         ctx->sessions = xcalloc(TLS_CLIENT_SESSIONS, sizeof(*ctx->sessions));
@@ -258,7 +250,7 @@ static void session_put(struct tls_ctx *ctx, const char *key, SSL_SESSION *sess)
 /* Takes the newest unexpired session kept for <key> (the caller owns it), or NULL. */
 static SSL_SESSION *session_take(struct tls_ctx *ctx, const char *key)
 {
-    uint64_t h = key_hash(key);
+    uint64_t h = util_hash_str(key);
     time_t now = time(NULL);
     SSL_SESSION *sess = NULL;
     pthread_mutex_lock(&ctx->sess_lock);

@@ -172,6 +172,14 @@ static void digest_key_init(void)
     }
 }
 
+uint64_t util_hash_str(const char *s)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+    for (const unsigned char *p = (const unsigned char *)s; *p != '\0'; p++)
+        h = (h ^ *p) * UINT64_C(1099511628211);
+    return h != 0 ? h : 1;
+}
+
 void util_digest(const void *p, size_t n, struct util_digest *out)
 {
     uint8_t d[16];

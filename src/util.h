@@ -83,6 +83,13 @@ struct util_digest {
 void util_digest(const void *p, size_t n, struct util_digest *out);
 void util_siphash128(const uint8_t key[16], const void *p, size_t n, uint8_t out[16]);
 
+/*
+ * FNV-1a (64-bit) of the NUL-terminated <s>, never 0 (so 0 can mark a free slot): a cheap,
+ * unkeyed hash for bounded in-memory tables, not for anything an adversary's collisions could
+ * make unbounded.
+ */
+uint64_t util_hash_str(const char *s);
+
 /* printf into a fresh allocation (never NULL). */
 char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -89,6 +89,15 @@ static void test_digest(void **state)
 /* The one percent-encoder of the tree: the allocating form (every query the control thread
  * builds) and the bounded one (the watch's hash) must agree, and the bounded one must never
  * cut an escape in half. */
+/* util_hash_str is FNV-1a 64 (the published test values), never 0. */
+static void test_hash_str(void **state)
+{
+    (void)state;
+    assert_true(util_hash_str("") == UINT64_C(0xcbf29ce484222325));
+    assert_true(util_hash_str("a") == UINT64_C(0xaf63dc4c8601ec8c));
+    assert_true(util_hash_str("foobar") == UINT64_C(0x85944171f73967e8));
+}
+
 static void test_url_escape(void **state)
 {
     (void)state;
@@ -115,6 +124,7 @@ int main(void)
         cmocka_unit_test(test_wipe),
         cmocka_unit_test(test_siphash128_vectors),
         cmocka_unit_test(test_digest),
+        cmocka_unit_test(test_hash_str),
         cmocka_unit_test(test_url_escape),
     };
     return cmocka_run_group_tests_name("util", tests, NULL, NULL);
