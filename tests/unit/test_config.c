@@ -14,6 +14,7 @@
 
 #include "config.h"
 #include "proxycfg.h"
+#include "registration.h"
 #include "util.h"
 
 /* ---- a fake environment ---- */
@@ -294,28 +295,6 @@ static struct dec_kv kv(const char *key, enum dec_kv_type type, const char *str)
     if (type == DEC_KV_NUMBER)
         k.num = strtod(str, NULL);
     return k;
-}
-
-static struct dec_service base_service(void)
-{
-    struct dec_service s = {0};
-    s.kind = "connect-proxy";
-    s.id = "web-sidecar-proxy";
-    s.service = "web-sidecar-proxy";
-    s.address = "";
-    s.port = 21000;
-    s.socket_path = "";
-    s.datacenter = "dc1";
-    s.ns = "";
-    s.partition = "";
-    s.content_hash = "abc";
-    s.destination_service_name = "web";
-    s.destination_service_id = "web";
-    s.local_service_address = "127.0.0.1";
-    s.local_service_port = 8080;
-    s.local_service_socket_path = "";
-    s.mode = "";
-    return s;
 }
 
 static struct dec_upstream base_upstream(const char *name, int port)
