@@ -600,7 +600,6 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
     SSL_CTX *server = NULL;
     SSL_CTX *client = NULL;
     struct tls_ctx *ctx;
-    struct tm tm;
     int min_v, max_v;
     char cipher_list[CIPHER_LIST_MAX] = TLS12_CIPHERS;
 
@@ -702,7 +701,8 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
                                    SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
     SSL_CTX_sess_set_new_cb(client, on_new_session);
 
-    if (!ASN1_TIME_to_tm(X509_get0_notAfter(leaf), &tm)) {
+    time_t leaf_not_after = asn1_time_to_epoch(X509_get0_notAfter(leaf));
+    if (leaf_not_after == -1) {
         rc = ctx_fail(err, errlen, ERR_BAD_CERT, "certificate: unreadable notAfter");
         goto out;
     }
@@ -711,7 +711,7 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
     atomic_init(&ctx->refs, 1);
     ctx->server = server;
     ctx->client = client;
-    ctx->leaf_not_after = (long long)timegm(&tm);
+    ctx->leaf_not_after = (long long)leaf_not_after;
     pthread_mutex_init(&ctx->sess_lock, NULL);
     server = client = NULL;
     *out = ctx;
