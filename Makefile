@@ -4,7 +4,7 @@
 #   fuzz     clang, libFuzzer + ASan + UBSan (make fuzz)
 # make check runs unit tests, then the integration suite against a real Consul agent.
 
-PKGS      := openssl libcurl jansson
+PKGS      := openssl libcurl jansson libnghttp2 libpcre2-8
 CC        ?= cc
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
