@@ -137,9 +137,11 @@ demo:
 # Side-by-side benchmarks (bench/README.md): connectd against consul, haproxy and nginx pairs.
 # Always the release build; writes bench/report.md. BENCH_QUICK=1 runs a ~1 minute subset.
 bench-tools: $(B)/benchd $(B)/openloop
+# benchd answers h2c too (the L7 scenarios), through libnghttp2.
+$(B)/benchd: BENCH_LIBS := -lnghttp2
 $(B)/benchd $(B)/openloop: $(B)/%: bench/%.c bench/bench.h
 	@mkdir -p $(dir $@)
-	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) $(BASE_LDFLAGS) $(V_LDFLAGS) -o $@ $<
+	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) $(BASE_LDFLAGS) $(V_LDFLAGS) -o $@ $< $(BENCH_LIBS)
 
 bench:
 	@$(MAKE) --no-print-directory VARIANT=release all bench-tools
