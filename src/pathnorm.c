@@ -255,7 +255,7 @@ ssize_t pathnorm_path(const struct mesh_http_cfg *cfg, const char *path, size_t 
     int found = 0;
     *redirect = 0;
     /* A fragment never belongs in a request target; a NUL ends a path in too many places. */
-    if (memchr(path, '#', len) != NULL || memchr(path, '\0', len) != NULL)
+    if (len > 0 && (memchr(path, '#', len) != NULL || memchr(path, '\0', len) != NULL))
         return -EBADMSG;
     for (size_t i = 0; i + 3 <= len && !found; i++)
         found = escaped_slash_at(path, len, i) != 0;
@@ -280,7 +280,8 @@ ssize_t pathnorm_path(const struct mesh_http_cfg *cfg, const char *path, size_t 
 
 int pathnorm_header(const struct mesh_http_cfg *cfg, struct http_slice name)
 {
-    if (cfg->underscore == PATHNORM_UNDERSCORE_ALLOW || memchr(name.p, '_', name.len) == NULL)
+    if (cfg->underscore == PATHNORM_UNDERSCORE_ALLOW || name.len == 0 ||
+        memchr(name.p, '_', name.len) == NULL)
         return 0;
     return cfg->underscore == PATHNORM_UNDERSCORE_DROP ? 1 : -EBADMSG;
 }

@@ -250,6 +250,12 @@ static void test_headers_with_underscores(void **state)
     assert_int_equal(pathnorm_header(&allow, name("x_poison")), 0);
     assert_int_equal(pathnorm_header(&drop, name("x_poison")), 1);
     assert_int_equal(pathnorm_header(&drop, name("host")), 0);
+    /* An absent name (a NULL slice) is no underscore; a NULL empty path is the root. */
+    assert_int_equal(pathnorm_header(&reject, (struct http_slice){NULL, 0}), 0);
+    char out[4];
+    int redirect;
+    assert_int_equal(pathnorm_path(&reject, NULL, 0, out, sizeof(out), &redirect), 1);
+    assert_int_equal(out[0], '/');
     /* The name is a slice: an '_' just past its end is not part of it. */
     assert_int_equal(pathnorm_header(&reject, (struct http_slice){"x-a_b", 3}), 0);
 }
