@@ -147,7 +147,12 @@ static struct stream *stream_get(const struct h2_session *s, int32_t id)
     return nghttp2_session_get_stream_user_data(s->ng, id);
 }
 
-/* A stream we opened as a client but nghttp2 has not created yet (HEADERS still queued). */
+/*
+ * A stream we opened as a client but nghttp2 has not created yet (its HEADERS wait in the
+ * queue, say under the peer's concurrency limit). nghttp2 creates it, with our struct as its
+ * user data, when it takes the HEADERS from the queue, and if they cannot be sent then (a
+ * GOAWAY came, or h2_submit_rst() cancelled them) closes it at once, so on_close still comes.
+ */
 static struct stream *stream_find(const struct h2_session *s, int32_t id)
 {
     for (struct stream *st = s->streams; st != NULL; st = st->next)
@@ -607,22 +612,6 @@ static int cb_frame_send(nghttp2_session *ng, const nghttp2_frame *f, void *u)
     return 0;
 }
 
-static int cb_frame_not_send(nghttp2_session *ng, const nghttp2_frame *f, int lib_error, void *u)
-{
-    struct h2_session *s = u;
-    (void)lib_error;
-    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
-        return 0;
-    /* A request that never left (GOAWAY came first): nghttp2 opened no stream for it, so no
-     * stream-close callback will come; close ours as refused, which is safe to retry. */
-    if (nghttp2_session_get_stream_user_data(ng, f->hd.stream_id) != NULL)
-        return 0;
-    struct stream *st = stream_find(s, f->hd.stream_id);
-    if (st != NULL)
-        close_stream(s, st, H2_REFUSED_STREAM);
-    return 0;
-}
-
 static int cb_invalid_frame(nghttp2_session *ng, const nghttp2_frame *f, int lib_error, void *u)
 {
     struct h2_session *s = u;
@@ -698,7 +687,6 @@ struct h2_session *h2_session_new(enum h2_role role, const struct h2_limits *lim
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, cb_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_stream_close);
     nghttp2_session_callbacks_set_on_frame_send_callback(cbs, cb_frame_send);
-    nghttp2_session_callbacks_set_on_frame_not_send_callback(cbs, cb_frame_not_send);
     nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, cb_invalid_frame);
 
     nghttp2_option *opt;
@@ -824,7 +812,8 @@ int h2_wants_write(const struct h2_session *s)
 
 int h2_wants_read(const struct h2_session *s)
 {
-    return !s->failed && nghttp2_session_want_read(s->ng);
+    /* A reason is only recorded when the session ends: read nothing more after it. */
+    return !s->failed && s->why[0] == '\0' && nghttp2_session_want_read(s->ng);
 }
 
 const char *h2_error(const struct h2_session *s)
@@ -1003,10 +992,10 @@ int h2_resume(struct h2_session *s, int32_t stream_id)
 
 int h2_submit_rst(struct h2_session *s, int32_t stream_id, uint32_t code)
 {
-    struct stream *st = stream_get(s, stream_id);
-    if (st == NULL)
-        st = stream_find(s, stream_id); /* a client request still queued */
-    if (st == NULL)
+    /* A client request still queued (its HEADERS not sent yet) has no nghttp2 stream yet: its
+     * HEADERS are cancelled and, when nghttp2 would have sent them, the stream is opened and
+     * closed with <code> (on_close). */
+    if (stream_get(s, stream_id) == NULL && stream_find(s, stream_id) == NULL)
         return -EINVAL;
     return nghttp2_submit_rst_stream(s->ng, NGHTTP2_FLAG_NONE, stream_id, code) == 0 ? 0 : -EINVAL;
 }

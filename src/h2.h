@@ -187,9 +187,13 @@ void h2_session_free(struct h2_session *s);
  * Feeds <len> bytes read from the peer (a server expects the client preface first). Returns
  * <len> when the bytes were taken (callbacks fired meanwhile), or -EPROTO when the peer broke
  * the protocol or flooded us: the session is over, GOAWAY (when one can still be sent) is
- * queued, so write what h2_output() gives and then close; h2_error() says why. A connection
- * error found in a frame also makes h2_wants_read() false, so a caller that only checks the
- * wants functions does the right thing too. Request heads: RFC 9113 section 8 is checked by
+ * queued, so write what h2_output() gives and then close; h2_error() says why, and
+ * h2_wants_read() is false from then on. A connection error that nghttp2 finds inside a frame
+ * (a bad frame size, HPACK garbage, a flow-control violation) is handled by nghttp2 itself:
+ * h2_feed() returns <len>, the rest of the input is ignored and GOAWAY is queued; once
+ * h2_output() has given it out, h2_error() names it and h2_wants_read() and h2_wants_write()
+ * are both false. So a caller that writes the output and closes when neither wants anything
+ * handles every case the same way. Request heads: RFC 9113 section 8 is checked by
  * nghttp2 (pseudo-fields, connection-specific fields, field characters, content-length against
  * the DATA received); the codec adds the :authority/Host rule: without :authority the Host
  * field is the authority; with both, they must name the same host and port after
@@ -211,7 +215,7 @@ int h2_wants_write(const struct h2_session *s);
 /* 1 while the peer may still send something we want; when neither wants, close. */
 int h2_wants_read(const struct h2_session *s);
 
-/* Why the session ended (a short static string), or NULL while it has not. */
+/* Why the session ended (a short string owned by the session), or NULL while it has not. */
 const char *h2_error(const struct h2_session *s);
 const struct h2_stats *h2_get_stats(const struct h2_session *s);
 

@@ -575,6 +575,48 @@ static void test_rst_stream(void **state)
     int32_t id2 = h2_submit_request(c->s, &h, 0, NULL);
     pump(c, v);
     assert_int_equal(v->st[id2].heads, 1);
+    /* A request reset before it left never reaches the server and closes with our code. */
+    int32_t id3 = h2_submit_request(c->s, &h, 0, NULL);
+    assert_int_equal(h2_submit_rst(c->s, id3, H2_CANCEL), 0);
+    pump(c, v);
+    assert_int_equal(c->st[id3].closes, 1);
+    assert_int_equal(c->st[id3].close_code, H2_CANCEL);
+    assert_int_equal(v->st[id3].heads, 0);
+    assert_int_equal(h2_open_streams(c->s), 1); /* id2, still waiting for its response */
+    side_free(c);
+    side_free(v);
+}
+
+/*
+ * A stream closed with bytes the caller never consumed gives them back to the connection
+ * window: a client that fills the window on one stream and resets it cannot starve the
+ * connection's other streams.
+ */
+static void test_reset_returns_connection_window(void **state)
+{
+    (void)state;
+    struct h2_limits lim = {.stream_window_bytes = 65535, .conn_window_bytes = 65535};
+    struct side *c = side_new(H2_CLIENT, NULL), *v = side_new(H2_SERVER, &lim);
+    v->auto_consume = 0;
+    static uint8_t body[100000];
+    struct h2_out_head h = get_head("/");
+    h.method = (struct http_slice){"POST", 4};
+    int32_t id = h2_submit_request(c->s, &h, 1, NULL);
+    c->st[id].body = body;
+    c->st[id].body_len = c->st[id].body_avail = sizeof(body);
+    pump(c, v);
+    assert_int_equal(v->st[id].got, 65535);
+    assert_int_equal(h2_send_window(c->s, 0), 0); /* the connection is spent */
+    assert_int_equal(h2_submit_rst(c->s, id, H2_CANCEL), 0);
+    pump(c, v);
+    assert_int_equal(v->st[id].closes, 1);
+
+    int32_t id2 = h2_submit_request(c->s, &h, 1, NULL);
+    c->st[id2].body = body;
+    c->st[id2].body_len = c->st[id2].body_avail = 1000;
+    pump(c, v);
+    assert_int_equal(v->st[id2].got, 1000);
+    assert_int_equal(v->st[id2].ends, 1);
     side_free(c);
     side_free(v);
 }
@@ -650,6 +692,8 @@ static void test_rapid_reset_flood(void **state)
     }
     assert_int_equal(h2_feed(v->s, r.p, r.len), -EPROTO);
     assert_non_null(strstr(h2_error(v->s), "rapid reset"));
+    assert_false(h2_wants_read(v->s));
+    assert_true(h2_wants_write(v->s)); /* the GOAWAY */
     assert_true(v->heads <= 11);
     assert_int_equal(h2_get_stats(v->s)->resets_received, 11);
     struct answer a;
@@ -883,9 +927,9 @@ static void test_malformed_requests(void **state)
 }
 
 /* Feeds <r> to a fresh server: must not crash; must end the session with a reason. */
-static void expect_conn_error(const struct raw *r, uint32_t code)
+static void expect_conn_error_lim(const struct raw *r, const struct h2_limits *lim, uint32_t code)
 {
-    struct side *v = side_new(H2_SERVER, NULL);
+    struct side *v = side_new(H2_SERVER, lim);
     ssize_t n = h2_feed(v->s, r->p, r->len);
     assert_true(n == (ssize_t)r->len || n == -EPROTO);
     struct answer a;
@@ -899,6 +943,11 @@ static void expect_conn_error(const struct raw *r, uint32_t code)
     assert_false(h2_wants_write(v->s));
     assert_int_equal(h2_feed(v->s, r->p, r->len), -EPROTO);
     side_free(v);
+}
+
+static void expect_conn_error(const struct raw *r, uint32_t code)
+{
+    expect_conn_error_lim(r, NULL, code);
 }
 
 /* Invalid input from raw bytes: connection errors with the right code, never a crash. */
@@ -986,12 +1035,13 @@ static void test_ack_and_settings_floods(void **state)
     r.len = 0;
     raw_preface(&r);
     struct raw entries = {0};
-    for (int i = 0; i < 40; i++) {
+    for (int i = 0; i < 10; i++) {
         static const uint8_t e[] = {0, 3, 0, 0, 0, 100}; /* MAX_CONCURRENT_STREAMS */
         raw_put(&entries, e, sizeof(e));
     }
     raw_frame(&r, F_SETTINGS, 0, 0, entries.p, entries.len);
-    expect_conn_error(&r, H2_ENHANCE_YOUR_CALM);
+    struct h2_limits few = {.max_settings = 8};
+    expect_conn_error_lim(&r, &few, H2_ENHANCE_YOUR_CALM);
     free(entries.p);
     free(r.p);
 }
@@ -1021,6 +1071,29 @@ static void test_goaway(void **state)
     assert_int_equal(c->st[id].status, 200);
     assert_false(h2_wants_read(v->s));
     assert_false(h2_wants_write(v->s));
+    side_free(c);
+    side_free(v);
+
+    /* A request still queued under the server's concurrency limit when the GOAWAY comes never
+     * leaves; it closes as REFUSED_STREAM once the slot frees up (safe to retry elsewhere). */
+    struct h2_limits one = {.max_concurrent_streams = 1};
+    c = side_new(H2_CLIENT, NULL);
+    v = side_new(H2_SERVER, &one);
+    pump(c, v);
+    id = h2_submit_request(c->s, &h, 0, NULL);
+    int32_t queued = h2_submit_request(c->s, &h, 0, NULL);
+    pump(c, v);
+    assert_int_equal(v->heads, 1);
+    assert_int_equal(h2_shutdown(v->s), 0);
+    pump(c, v);
+    assert_int_equal(c->st[queued].closes, 0);
+    assert_int_equal(h2_submit_response(v->s, id, &resp, 0), 0);
+    pump(c, v);
+    assert_int_equal(c->st[id].status, 200);
+    assert_int_equal(c->st[queued].closes, 1);
+    assert_int_equal(c->st[queued].close_code, H2_REFUSED_STREAM);
+    assert_int_equal(v->st[queued].heads, 0);
+    assert_int_equal(h2_open_streams(c->s), 0);
     side_free(c);
     side_free(v);
 }
@@ -1060,6 +1133,7 @@ int main(void)
         cmocka_unit_test(test_post_backpressure),
         cmocka_unit_test(test_grpc_trailers),
         cmocka_unit_test(test_rst_stream),
+        cmocka_unit_test(test_reset_returns_connection_window),
         cmocka_unit_test(test_concurrent_streams_refused),
         cmocka_unit_test(test_rapid_reset_flood),
         cmocka_unit_test(test_continuation_flood),
