@@ -739,11 +739,28 @@ void h2_session_free(struct h2_session *s)
     free(s);
 }
 
+/*
+ * nghttp2 bounds the PING and SETTINGS acks a peer that does not read can pile up, but not the
+ * RST_STREAM frames it queues for refused or malformed streams, nor WINDOW_UPDATEs: a client
+ * sending small bad HEADERS without ever reading would grow the queue without end. A server's
+ * legitimate queue holds acks (their own bound) and a few frames per open stream (1xx and
+ * final heads, trailers, a reset, a window update); past that, the peer is flooding.
+ */
+static size_t outbound_queue_max(const struct h2_session *s)
+{
+    return (size_t)s->lim.max_outbound_ack + 5 * (size_t)s->lim.max_concurrent_streams;
+}
+
 ssize_t h2_feed(struct h2_session *s, const uint8_t *buf, size_t len)
 {
     if (s->failed)
         return -EPROTO;
     ssize_t r = nghttp2_session_mem_recv(s->ng, buf, len);
+    if (r >= 0 && s->why[0] == '\0' && s->role == H2_SERVER &&
+        nghttp2_session_get_outbound_queue_size(s->ng) > outbound_queue_max(s)) {
+        terminate(s, H2_ENHANCE_YOUR_CALM, "outbound frame flood (peer does not read)");
+        return -EPROTO;
+    }
     if (r >= 0 && s->why[0] == '\0')
         return r;
     if (r >= 0) {

@@ -25,11 +25,12 @@
  * field count, answered 431 on a server and with RST_STREAM on a client; the compressed
  * header block (HEADERS + CONTINUATION payloads) and the number of CONTINUATION frames
  * bounded (CVE-2024-27316); peer RST_STREAM frames counted in a token bucket, a flood answered
- * with GOAWAY(ENHANCE_YOUR_CALM) (rapid reset, CVE-2023-44487); SETTINGS entries per frame
- * and queued PING/SETTINGS acknowledgements bounded (an ack flood ends the session); windows
- * bounded. A zero-window stall is not timed here (the codec has no clock for it): the caller
- * runs its own per-stream and per-connection idle timers and can read the send windows with
- * h2_send_window() to tell a stalled peer from an idle one.
+ * with GOAWAY(ENHANCE_YOUR_CALM) (rapid reset, CVE-2023-44487); SETTINGS entries per frame,
+ * queued PING/SETTINGS acknowledgements and, on a server, all queued frames bounded (a peer
+ * that makes us queue frames it never reads ends the session); windows bounded. A zero-window stall
+ * is not timed here (the codec has no clock for it): the caller runs its own per-stream and
+ * per-connection idle timers and can read the send windows with h2_send_window() to tell a stalled
+ * peer from an idle one.
  */
 #ifndef CONNECTD_H2_H
 #define CONNECTD_H2_H
@@ -88,7 +89,10 @@ struct h2_limits {
     uint32_t max_continuations;      /* CONTINUATION frames after one HEADERS */
     uint32_t reset_burst;            /* peer RST_STREAM frames allowed at once ... */
     uint32_t reset_rate_per_s;       /* ... and refilled per second; past it: GOAWAY */
-    uint32_t max_outbound_ack;       /* queued PING/SETTINGS acks before the session ends */
+    uint32_t max_outbound_ack;       /* queued PING/SETTINGS acks before the session ends;
+                                        a server also ends it when more than this plus 5 per
+                                        allowed stream frames wait for a peer that does not
+                                        read (resets of refused streams, say) */
     uint32_t max_settings;           /* entries in one SETTINGS frame */
 };
 

@@ -1046,6 +1046,47 @@ static void test_ack_and_settings_floods(void **state)
     free(r.p);
 }
 
+/*
+ * A client that makes the server queue frames and never reads them: each malformed request
+ * costs it a few bytes and us a queued RST_STREAM, which nghttp2 does not bound. The server
+ * ends the session once the queue is past its bound instead of growing it without end.
+ */
+static void test_outbound_queue_flood(void **state)
+{
+    (void)state;
+    struct h2_limits lim = {.max_outbound_ack = 50, .max_concurrent_streams = 10};
+    struct side *v = side_new(H2_SERVER, &lim);
+    struct raw r = {0};
+    raw_preface(&r);
+    ssize_t rc = h2_feed(v->s, r.p, r.len);
+    assert_int_equal(rc, (ssize_t)r.len);
+    uint32_t sid = 1;
+    int feeds = 0;
+    /* Small feeds, as a socket would deliver them; the output is never read. */
+    while (rc >= 0 && feeds < 1000) {
+        r.len = 0;
+        for (int i = 0; i < 10; i++, sid += 2) {
+            struct raw blk = {0};
+            hp_get(&blk, "svc");
+            hp_field(&blk, "connection", "x"); /* malformed: reset with PROTOCOL_ERROR */
+            raw_frame(&r, F_HEADERS, FL_END_HEADERS | FL_END_STREAM, sid, blk.p, blk.len);
+            free(blk.p);
+        }
+        rc = h2_feed(v->s, r.p, r.len);
+        feeds++;
+    }
+    assert_int_equal(rc, -EPROTO);
+    assert_true(feeds <= 11); /* 50 + 5 * 10 queued resets, 10 per feed */
+    assert_non_null(strstr(h2_error(v->s), "outbound frame flood"));
+    assert_int_equal(v->heads, 0);
+    struct answer a;
+    drain(v->s, &a);
+    assert_int_equal(a.goaway, 1);
+    assert_int_equal(a.goaway_code, H2_ENHANCE_YOUR_CALM);
+    free(r.p);
+    side_free(v);
+}
+
 /* A GOAWAY from the server: the client is told, queued requests close as REFUSED_STREAM, and
  * new ones are refused with -ESHUTDOWN. */
 static void test_goaway(void **state)
@@ -1142,6 +1183,7 @@ int main(void)
         cmocka_unit_test(test_malformed_requests),
         cmocka_unit_test(test_invalid_frames),
         cmocka_unit_test(test_ack_and_settings_floods),
+        cmocka_unit_test(test_outbound_queue_flood),
         cmocka_unit_test(test_goaway),
         cmocka_unit_test(test_submit_validation),
     };
