@@ -528,7 +528,9 @@ static int cb_frame_recv(nghttp2_session *ng, const nghttp2_frame *f, void *u)
         break;
     case NGHTTP2_RST_STREAM:
         s->stats.resets_received++;
-        if (rst_flood(s))
+        /* A server's resets of our requests are its business (REFUSED_STREAM under load is
+         * normal); the attack is a client's. */
+        if (s->role == H2_SERVER && rst_flood(s))
             terminate(s, H2_ENHANCE_YOUR_CALM, "stream reset flood (rapid reset)");
         return 0;
     case NGHTTP2_GOAWAY:

@@ -24,9 +24,9 @@
  * (RFC 9113 section 6.5.2 size: names + values + 32 per field, pseudo-fields included) and a
  * field count, answered 431 on a server and with RST_STREAM on a client; the compressed
  * header block (HEADERS + CONTINUATION payloads) and the number of CONTINUATION frames
- * bounded (CVE-2024-27316); peer RST_STREAM frames counted in a token bucket, a flood answered
- * with GOAWAY(ENHANCE_YOUR_CALM) (rapid reset, CVE-2023-44487); SETTINGS entries per frame,
- * queued PING/SETTINGS acknowledgements and, on a server, all queued frames bounded (a peer
+ * bounded (CVE-2024-27316); a client's RST_STREAM frames counted in a token bucket, a flood
+ * answered with GOAWAY(ENHANCE_YOUR_CALM) (rapid reset, CVE-2023-44487); SETTINGS entries per
+ * frame, queued PING/SETTINGS acknowledgements and, on a server, all queued frames bounded (a peer
  * that makes us queue frames it never reads ends the session); windows bounded. A zero-window stall
  * is not timed here (the codec has no clock for it): the caller runs its own per-stream and
  * per-connection idle timers and can read the send windows with h2_send_window() to tell a stalled
@@ -87,7 +87,7 @@ struct h2_limits {
     uint32_t stream_window_bytes;    /* SETTINGS_INITIAL_WINDOW_SIZE (receive, per stream) */
     uint32_t conn_window_bytes;      /* the connection's receive window */
     uint32_t max_continuations;      /* CONTINUATION frames after one HEADERS */
-    uint32_t reset_burst;            /* peer RST_STREAM frames allowed at once ... */
+    uint32_t reset_burst;            /* server: RST_STREAM frames allowed at once ... */
     uint32_t reset_rate_per_s;       /* ... and refilled per second; past it: GOAWAY */
     uint32_t max_outbound_ack;       /* queued PING/SETTINGS acks before the session ends;
                                         a server also ends it when more than this plus 5 per

@@ -723,6 +723,23 @@ static void test_rapid_reset_flood(void **state)
     assert_null(h2_error(v->s));
     free(r.p);
     side_free(v);
+
+    /* A client takes any number of resets from its server (REFUSED_STREAM under load). */
+    struct side *c = side_new(H2_CLIENT, &lim);
+    v = side_new(H2_SERVER, NULL);
+    struct h2_out_head h = get_head("/");
+    for (int i = 0; i < 30; i++) {
+        int32_t id = h2_submit_request(c->s, &h, 0, NULL);
+        pump(c, v);
+        assert_int_equal(h2_submit_rst(v->s, id, H2_REFUSED_STREAM), 0);
+        pump(c, v);
+        assert_int_equal(c->st[id].close_code, H2_REFUSED_STREAM);
+    }
+    assert_int_equal(h2_get_stats(c->s)->resets_received, 30);
+    assert_null(h2_error(c->s));
+    assert_true(h2_wants_read(c->s));
+    side_free(c);
+    side_free(v);
 }
 
 /* HEADERS without END_HEADERS, then <n> CONTINUATION frames of one small field each. */
@@ -906,19 +923,25 @@ static void test_malformed_requests(void **state)
     hp_field(&blk, "content-length", "5"); /* then 3 bytes of DATA */
     raw_frame(&r, F_HEADERS, FL_END_HEADERS, 9, blk.p, blk.len);
     raw_frame(&r, F_DATA, FL_END_STREAM, 9, "abc", 3);
-    raw_get(&r, 11, "svc", NULL); /* a good one after all that */
+    blk.len = 0;
+    hp_get(&blk, NULL);
+    hp_field(&blk, "host", "a.example"); /* two Hosts */
+    hp_field(&blk, "host", "b.example");
+    raw_frame(&r, F_HEADERS, FL_END_HEADERS | FL_END_STREAM, 11, blk.p, blk.len);
+    raw_get(&r, 13, "svc", NULL); /* a good one after all that */
     assert_int_equal(h2_feed(v->s, r.p, r.len), (ssize_t)r.len);
     for (int sid = 1; sid <= 7; sid += 2)
         assert_int_equal(v->st[sid].heads, 0);
     assert_int_equal(v->st[9].heads, 1); /* the head was fine; the body was not */
     assert_int_equal(v->st[9].ends, 0);
-    assert_int_equal(v->st[11].heads, 1);
+    assert_int_equal(v->st[11].heads, 0);
+    assert_int_equal(v->st[13].heads, 1);
     struct answer a;
     drain(v->s, &a);
     assert_int_equal(v->st[9].closes, 1); /* once its RST_STREAM is out */
     assert_int_equal(v->st[9].close_code, H2_PROTOCOL_ERROR);
-    assert_int_equal(a.rst, 5);
-    for (int i = 0; i < 5; i++)
+    assert_int_equal(a.rst, 6);
+    for (int i = 0; i < 6; i++)
         assert_int_equal(a.rst_code[i], H2_PROTOCOL_ERROR);
     assert_int_equal(a.goaway, 0);
     free(blk.p);
