@@ -66,8 +66,9 @@ $(B)/tests/%: tests/unit/%.c $(LIBOBJS)
 
 -include $(OBJS:.o=.d)
 
-# Test programs that are not cmocka suites: h1parse_dump feeds tests/integ/test_h1parse_diff.py.
-TEST_TOOLS := $(B)/tests/h1parse_dump
+# Test programs that are not cmocka suites: h1parse_dump feeds tests/integ/test_h1parse_diff.py,
+# h2_peer (the HTTP/2 codec on a socket) tests/integ/test_h2_interop.py.
+TEST_TOOLS := $(B)/tests/h1parse_dump $(B)/tests/h2_peer
 test-tools: $(TEST_TOOLS)
 
 # Unit tests (cmocka), under the sanitizers.
