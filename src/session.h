@@ -160,8 +160,18 @@ struct session_info {
 
 #define SESSION_BUF_POOL 32 /* idle relay buffers a worker keeps for reuse */
 
+struct session_mux;
+
+/* The carriers a worker hands its sessions (session_int.h): the L4 relay and the HTTP/1.1
+ * codec. Set after session_host_init(); a NULL http1 serves protocol http at L4. */
+struct session_muxes {
+    const struct session_mux *relay;
+    const struct session_mux *http1;
+};
+
 /* What a worker lends its sessions. */
 struct session_host {
+    struct session_muxes muxes;
     struct loop *loop;
     struct snapshot *snap;    /* the worker's current snapshot (its own reference) */
     struct session *sessions; /* every live session (list head) */

@@ -13,6 +13,7 @@
 #include "log.h"
 #include "loop.h"
 #include "notify.h"
+#include "relay.h"
 #include "session.h"
 #include "sock.h"
 #include "util.h"
@@ -367,6 +368,7 @@ struct worker *worker_new(unsigned index, struct authq_box *ask, struct loop_rec
         return NULL;
     }
     session_host_init(&w->host, w->loop, index);
+    w->host.muxes.relay = &relay_mux;
     w->host.ask = ask;
     w->host.answers = authq_box_new(w->loop, on_answers, w);
     w->failed = failed;
