@@ -319,8 +319,8 @@ static struct session_listener_stats *listener_stats(struct session_host *h, con
     return &st->listeners[n];
 }
 
-/* Counts an authorization decision for source service <name> (same publication as above). */
-static void count_decision(struct session_host *h, const char *name, int allow)
+/* The stats slot of source service <name>, claimed on first use (same publication as above). */
+static struct session_source_stats *source_stats(struct session_host *h, const char *name)
 {
     struct session_stats *st = h->stats;
     struct session_source_stats *src = NULL;
@@ -335,10 +335,26 @@ static void count_decision(struct session_host *h, const char *name, int allow)
         snprintf(src->name, sizeof(src->name), "%s", name);
         atomic_store_explicit(&st->n_sources, n + 1, memory_order_release);
     }
+    return src;
+}
+
+/* Counts a connection's authorization decision for source service <name>. */
+static void count_decision(struct session_host *h, const char *name, int allow)
+{
+    struct session_source_stats *src = source_stats(h, name);
     if (allow)
         STAT_ADD(src->allow, 1);
     else
         STAT_ADD(src->deny, 1);
+}
+
+void session_count_request_decision(struct session *s, int allow)
+{
+    struct session_source_stats *src = source_stats(s->host, s->caller_service);
+    if (allow)
+        STAT_ADD(src->req_allow, 1);
+    else
+        STAT_ADD(src->req_deny, 1);
 }
 
 static struct session *session_new(struct session_host *h, int fd, const char *peer, int inbound,
@@ -450,6 +466,16 @@ static int trust_domain_refused(const struct session *s, const char *prefix, cha
     return 1;
 }
 
+/*
+ * Whether the session is served per request (protocol http in the snapshot it started with,
+ * and a worker that lends the HTTP/1.1 codec): its caller is then authorized per request and
+ * an L4 deny becomes a 403 on each request rather than a closed connection.
+ */
+static int serves_http(const struct session *s)
+{
+    return s->inbound && s->snap->cfg.protocol == PROTO_HTTP && s->host->muxes.http1 != NULL;
+}
+
 /* Posts a question about the session's caller to the control thread. */
 static void post_question(struct session *s, int recheck)
 {
@@ -482,7 +508,11 @@ static void ask_agent(struct session *s)
 void session_authorize_answer(struct authq_req *r)
 {
     struct session *s = r->owner;
-    if (s != NULL && r->recheck) {
+    if (s != NULL && r->recheck && s->state == S_HTTP) {
+        /* L7: the answer decides the connection's next requests, not the connection. */
+        s->question = NULL;
+        s->agent_allowed = r->allowed;
+    } else if (s != NULL && r->recheck) {
         /* a re-check of an open connection: it goes on unless the agent now says no */
         s->question = NULL;
         if (!r->allowed) {
@@ -494,8 +524,18 @@ void session_authorize_answer(struct authq_req *r)
     } else if (s != NULL) {
         s->question = NULL;
         loop_timer_stop(s->host->loop, &s->timer);
-        count_decision(s->host, s->caller_service, r->allowed);
         char why[600];
+        if (serves_http(s)) {
+            /* Each request obeys the answer (stream_authorize), counted per request. */
+            s->agent_allowed = r->allowed;
+            if (trust_domain_refused(s, "", why, sizeof(why)))
+                fail_inbound(s, SESSION_HS_TRUST_DOMAIN, SESSION_RES_BAD_IDENTITY, why);
+            else
+                s->host->muxes.http1->start(s);
+            authq_req_free(r);
+            return;
+        }
+        count_decision(s->host, s->caller_service, r->allowed);
         if (!r->allowed) {
             snprintf(why, sizeof(why), "agent authorize: %s", r->reason);
             session_finish(s, SESSION_RES_DENIED, why);
@@ -588,6 +628,12 @@ static void authorize(struct session *s)
     }
     if (now->cfg.authorize_with_agent) {
         ask_agent(s);
+        return;
+    }
+    if (serves_http(s)) {
+        LOG_DEBUG("conn=%llu in %s: HTTP, authorized per request", (unsigned long long)s->id,
+                  LOG_ESC(s->caller));
+        s->host->muxes.http1->start(s);
         return;
     }
     struct intent_decision d =
@@ -1143,7 +1189,8 @@ size_t session_reauthorize_all(struct session_host *h)
     struct session *s = h->sessions, *next;
     for (; s != NULL; s = next) {
         next = s->next;
-        if (!s->inbound || (s->state != S_CONNECT_LOCAL && s->state != S_RELAY))
+        if (!s->inbound ||
+            (s->state != S_CONNECT_LOCAL && s->state != S_RELAY && s->state != S_HTTP))
             continue;
         /* The trust domain is ours to check in both modes (the agent is not asked about it). */
         if (trust_domain_refused(s, "re-authorization: ", why, sizeof(why))) {
@@ -1160,6 +1207,8 @@ size_t session_reauthorize_all(struct session_host *h)
             }
             continue;
         }
+        if (s->state == S_HTTP)
+            continue; /* authorized per request: the next one sees the change */
         STAT_ADD(h->stats->counters.reauthorized, 1);
         struct intent_decision d =
             intent_eval(h->snap->intents, s->caller_partition, s->caller_ns, s->caller_service);

@@ -112,6 +112,9 @@ const char *session_handshake_reason_name(enum session_handshake_reason r);
  * so a reader that loads n_listeners with acquire sees complete names.
  */
 #define SESSION_STATS_MAX_LISTENERS 64
+/* Upper bounds of the request duration histogram's buckets, in milliseconds. */
+#define SESSION_DURATION_BUCKETS_MS {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
+#define SESSION_DURATION_BUCKETS    11
 #define SESSION_STATS_NAME_MAX      256
 struct session_listener_stats {
     char name[SESSION_STATS_NAME_MAX];
@@ -120,13 +123,20 @@ struct session_listener_stats {
     atomic_uint_fast64_t bytes_in;       /* read from the connecting client */
     atomic_uint_fast64_t bytes_out;      /* written back to the connecting client */
     atomic_uint_fast64_t connect_errors; /* upstreams: endpoints that failed to connect/verify */
+    /* protocol http: requests by the class of the status answered ([0]: none was answered,
+     * [1] 1xx ... [5] 5xx), and their durations (head received to response sent) in the
+     * buckets of SESSION_DURATION_BUCKETS_MS (plus +Inf) with their sum. */
+    atomic_uint_fast64_t requests[6];
+    atomic_uint_fast64_t duration_buckets[SESSION_DURATION_BUCKETS + 1];
+    atomic_uint_fast64_t duration_sum_ms;
 };
 
 /* Authorization decisions per source service; past the cap they go to <other_source>. */
 #define SESSION_STATS_MAX_SOURCES 256
 struct session_source_stats {
     char name[SESSION_STATS_NAME_MAX];
-    atomic_uint_fast64_t allow, deny;
+    atomic_uint_fast64_t allow, deny;         /* per connection (tcp) */
+    atomic_uint_fast64_t req_allow, req_deny; /* per request (protocol http) */
 };
 
 struct session_stats {
