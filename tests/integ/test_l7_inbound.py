@@ -283,6 +283,11 @@ def echo(body):
     return json.loads(body)
 
 
+def via_l7(seen):
+    """Whether the request went through the L7 codec (which adds XFCC) rather than a relay."""
+    return "x-forwarded-client-cert" in seen["headers"]
+
+
 # --- tests ------------------------------------------------------------------------------------
 
 
@@ -392,6 +397,7 @@ def test_pipelined_requests_answered_in_order(mesh):
             status, _, body, _ = response(r)
             assert status == 200
             assert echo(body)["target"] == f"/p{i}"
+            assert via_l7(echo(body))
         assert echo(body)["method"] == "GET"
 
 
@@ -407,7 +413,7 @@ def test_chunked_request_and_response_bodies(mesh):
                   b"0\r\nX-Trailer: t\r\n\r\n")
         status, _, body, _ = response(r)
         seen = echo(body)
-        assert status == 200
+        assert status == 200 and via_l7(seen)
         assert seen["headers"]["transfer-encoding"] == ["chunked"]
         assert seen["body_len"] == len(payload)
         assert seen["body_sha256"] == hashlib.sha256(payload).hexdigest()
@@ -434,7 +440,7 @@ def test_large_bodies_stream_both_ways(mesh):
             s.sendall(block)
             h.update(block)
         seen = echo(response(r)[2])
-        assert seen["body_len"] == n and seen["body_sha256"] == h.hexdigest()
+        assert seen["body_len"] == n and seen["body_sha256"] == h.hexdigest() and via_l7(seen)
         s.sendall(get(f"/big?n={n}"))
         head = r.head()
         assert head[0].startswith("HTTP/1.1 200") and head[1]["content-length"] == [str(n)]
@@ -507,7 +513,7 @@ def test_expect_100_continue(mesh):
         assert h[0].startswith("HTTP/1.1 100"), h
         s.sendall(b"data")
         status, _, body, _ = response(r)
-        assert status == 200 and echo(body)["body_len"] == 4
+        assert status == 200 and echo(body)["body_len"] == 4 and via_l7(echo(body))
 
 
 def test_websocket_style_upgrade_becomes_tunnel(mesh):
