@@ -113,9 +113,12 @@ const char *session_handshake_reason_name(enum session_handshake_reason r);
  */
 #define SESSION_STATS_MAX_LISTENERS 64
 /* Upper bounds of the request duration histogram's buckets, in milliseconds. */
-#define SESSION_DURATION_BUCKETS_MS {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
-#define SESSION_DURATION_BUCKETS    11
-#define SESSION_STATS_NAME_MAX      256
+#define SESSION_DURATION_BUCKETS_MS                                                                \
+    {                                                                                              \
+        5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000                                      \
+    }
+#define SESSION_DURATION_BUCKETS 11
+#define SESSION_STATS_NAME_MAX   256
 struct session_listener_stats {
     char name[SESSION_STATS_NAME_MAX];
     int inbound;

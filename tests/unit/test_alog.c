@@ -203,8 +203,7 @@ int main(void)
         cmocka_unit_test(test_values_are_bounded), cmocka_unit_test(test_buffer_never_overflows),
         cmocka_unit_test(test_time_rfc3339_ms),    cmocka_unit_test(test_line_json),
         cmocka_unit_test(test_line_logfmt),        cmocka_unit_test(test_line_worst_case_fits),
-        cmocka_unit_test(test_parse_format),
-        cmocka_unit_test(test_request_record),
+        cmocka_unit_test(test_parse_format),       cmocka_unit_test(test_request_record),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
