@@ -492,6 +492,14 @@ static void post_question(struct session *s, int recheck)
     authq_box_post(h->ask, r);
 }
 
+void session_ask_again(struct session *s)
+{
+    if (s->question != NULL || s->host->ask == NULL)
+        return;
+    STAT_ADD(s->host->stats->counters.reauthorized, 1);
+    post_question(s, 1);
+}
+
 /* authorize mode: posts the question and waits (no I/O interest) for the answer or the timer. */
 static void ask_agent(struct session *s)
 {

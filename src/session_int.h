@@ -117,6 +117,9 @@ void session_buf_take(struct session_host *h, struct relay_buf *b);
 void session_buf_give_back(struct session_host *h, struct relay_buf *b);
 /* The I/O callback of both ends (on_io in session.c), for an end a codec dials itself. */
 void session_on_io(struct loop_io *io, unsigned events);
+/* authorize mode: asks the agent about the caller again (a re-check), unless a question is
+ * already out or there is no control thread; the answer updates agent_allowed (L7). */
+void session_ask_again(struct session *s);
 /* Counts a per-request authorization decision for the caller's service (L7). */
 void session_count_request_decision(struct session *s, int allow);
 

@@ -84,14 +84,19 @@ int stream_authorize(struct session *s, const struct http_request *req, char *wh
 {
     const struct snapshot *now = s->host->snap;
     (void)req;
+    struct intent_decision d =
+        intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
     if (now->cfg.authorize_with_agent) {
         /* The agent answers per caller, not per request: its latest answer about this
-         * connection's caller (refreshed whenever the intentions change) decides. */
+         * connection's caller (asked again whenever the intentions change) decides. While it
+         * disagrees with the intentions here one of the two views is stale (the agent's own
+         * copy can lag, and the control thread takes its answer after a few re-asks), so it
+         * is asked again, one question at a time, until they agree. */
+        if (d.allow != s->agent_allowed)
+            session_ask_again(s);
         snprintf(why, len, "agent authorize: %s", s->agent_allowed ? "allowed" : "denied");
         return s->agent_allowed;
     }
-    struct intent_decision d =
-        intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
     intent_describe(&d, why, len);
     return d.allow;
 }
