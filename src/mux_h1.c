@@ -1122,9 +1122,19 @@ static void mux_start(struct session *s)
     pump(s);
 }
 
+/* The session ends for any reason (shutdown, lifetime, re-authorization, an error): the
+ * stream in progress, if any, gets its record. */
+static void mux_on_finish(struct session *s, const char *reason)
+{
+    struct mux_h1 *m = s->mux;
+    if (m != NULL && m->phase != P_HEAD && m->phase != P_CLOSING)
+        stream_finish(s, &m->st, STREAM_RES_ABORTED, reason);
+}
+
 const struct session_mux mux_h1_mux = {
     .name = "http1",
     .start = mux_start,
     .advance = mux_advance,
     .on_timer = mux_on_timer,
+    .on_finish = mux_on_finish,
 };

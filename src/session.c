@@ -226,6 +226,10 @@ void session_finish(struct session *s, enum session_result result, const char *r
         return;
     if ((unsigned)result >= ARRAY_SIZE(results))
         result = SESSION_RES_ERROR;
+    /* A codec ends the stream it is in the middle of (its record comes before the
+     * connection's). */
+    if ((s->state == S_RELAY || s->state == S_HTTP) && s->carrier->on_finish != NULL)
+        s->carrier->on_finish(s, reason);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;

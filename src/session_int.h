@@ -55,6 +55,9 @@ struct session_mux {
     void (*advance)(struct session *s);
     /* The session's state timer fired. */
     void (*on_timer)(struct session *s);
+    /* The session is finishing (any cause, <reason> as given to session_finish); NULL when
+     * the carrier has nothing to close. It must not finish the session itself. */
+    void (*on_finish)(struct session *s, const char *reason);
 };
 
 struct session {
