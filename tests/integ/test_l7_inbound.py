@@ -754,3 +754,27 @@ def test_garbage_and_cut_requests_never_take_the_sidecar_down(mesh):
             pass
     assert db.proxy.alive()
     assert try_get(web.up["db"], "/still") == 200
+
+
+def test_stream_cut_by_connection_end_is_logged(mesh, tmp_path):
+    """A request in flight when its connection ends for another cause (here
+    max_connection_lifetime_ms) still gets its access-log record, as aborted."""
+    m = mesh
+    alog = tmp_path / "access.log"
+    app, db, web = l7_pair(m, proxy_config={"max_connection_lifetime_ms": 1500},
+                           db_args=("-access-log", str(alog)))
+    with connect(web.up["db"]) as s:
+        s.sendall(get("/slow?ms=5000"))
+        assert closed(s, timeout=10)
+
+    def cut():
+        for line in alog.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("path") == "/slow?ms=5000":
+                return rec
+        return None
+
+    wait_until(cut, 10, "the cut request's record")
+    rec = cut()
+    assert rec["result"] == "aborted" and rec["status"] == 0, rec
+    assert "max_connection_lifetime_ms" in rec["reason"], rec
