@@ -778,3 +778,43 @@ def test_stream_cut_by_connection_end_is_logged(mesh, tmp_path):
     rec = cut()
     assert rec["result"] == "aborted" and rec["status"] == 0, rec
     assert "max_connection_lifetime_ms" in rec["reason"], rec
+
+
+@pytest.fixture
+def hop(agent):
+    """An interposer in front of the agent; requested before mesh, so it outlives the
+    connectd processes that talk through it."""
+    from mesh import AgentInterposer
+    h = AgentInterposer(agent.http_addr)
+    yield h
+    h.stop()
+
+
+def test_authorize_mode_stale_agent_deny_is_asked_again(hop, mesh):
+    """authorize mode, L7: the agent's answer about a caller is kept for the connection's
+    requests. When the agent's (stale) deny disagrees with the intentions here, each request
+    asks again (one question at a time) until the views agree, so the connection recovers
+    once the agent catches up, without any intention change to trigger a re-check."""
+    m = mesh
+    app = m.app(HttpApp)
+    db = m.add("db", app_port=app.port, start=False,
+               proxy_config={"protocol": "http", "authorization": "authorize",
+                             "authorize_cache_ms": 0})
+    web = m.add("web", upstreams=("db",))
+    m.intend("db", {"web": "allow"})
+    hop.authorize_answer = {"Authorized": False, "Reason": "stale copy: web denied"}
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr", hop.http_addr,
+                                          "-log-level", "debug"])
+    db.proxy.wait_port(db.public_port)
+    m.wait_passing(db)
+    wait_until(lambda: try_get(web.up["db"]) == 403, 30, "the agent's stale deny")
+    with connect(web.up["db"]) as s:
+        r = Reader(s)
+
+        def status_now():
+            s.sendall(get("/a"))
+            return response(r)[0]
+
+        assert status_now() == 403
+        hop.authorize_answer = None  # the agent catches up
+        wait_until(lambda: status_now() == 200, 20, "the same connection to recover")
