@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from mesh import LOOPBACK, admin_args, admin_get, free_port, wait_until
+from mesh import LOOPBACK, admin_args, admin_get, wait_until
 
 # --- the application -------------------------------------------------------------------------
 
