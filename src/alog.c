@@ -63,13 +63,22 @@ size_t alog_format_line(char *buf, size_t cap, enum alog_format fmt, const struc
     field_u64(&b, fmt, "bytes_in", r->bytes_in);
     field_u64(&b, fmt, "bytes_out", r->bytes_out);
     field_u64(&b, fmt, "duration_ms", r->duration_ms);
+    if (r->method != NULL) {
+        field_str(&b, fmt, "protocol", r->protocol);
+        field_str(&b, fmt, "method", r->method);
+        field_str(&b, fmt, "authority", r->authority);
+        field_str(&b, fmt, "path", r->path);
+        field_u64(&b, fmt, "status", (uint64_t)(r->status > 0 ? r->status : 0));
+        field_str(&b, fmt, "request_id", r->request_id);
+        field_u64(&b, fmt, "stream", r->stream);
+    }
     field_str(&b, fmt, "result", r->result);
     field_str(&b, fmt, "reason", r->reason);
     field_u64(&b, fmt, "conn", r->conn);
     field_u64(&b, fmt, "worker", r->worker);
     if (fmt == ALOG_JSON)
         log_buf_raw(&b, "}", 1);
-    /* Ten values of at most 6 * LOG_VALUE_MAX + 2 bytes and the keys fit ALOG_LINE_MAX, so
+    /* Fourteen values of at most 6 * LOG_VALUE_MAX + 2 bytes and the keys fit ALOG_LINE_MAX, so
      * <full> cannot happen with a big enough buffer; a small one gets a cut line. */
     buf[b.len++] = '\n';
     buf[b.len] = '\0';

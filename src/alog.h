@@ -1,5 +1,6 @@
 /*
- * alog: the access log, one line per finished session, in JSON or logfmt.
+ * alog: the access log, one line per finished session, in JSON or logfmt, and with protocol
+ * http one more line per request (a record whose <method> is set).
  *
  * Each line is formatted into a bounded stack buffer and written with one write(2) to a
  * descriptor opened with O_APPEND, so lines from several worker threads never interleave
@@ -34,10 +35,18 @@ struct alog_rec {
     const char *reason;
     uint64_t conn;
     unsigned worker;
+    /* A request record (L7): <method> set; the fields below are written only then. */
+    const char *protocol;   /* "HTTP/1.1", "HTTP/1.0" */
+    const char *method;     /* as sent */
+    const char *authority;  /* Host */
+    const char *path;       /* the request target as sent (escaped and cut like every value) */
+    const char *request_id; /* X-Request-Id as forwarded */
+    int status;             /* the status answered; 0 when none was */
+    uint64_t stream;        /* the request's number on its connection, from 1 */
 };
 
 /* Longest line alog_format_line writes, newline included. */
-#define ALOG_LINE_MAX 32768
+#define ALOG_LINE_MAX 65536
 
 /* Parses "json" or "logfmt". 0 or -EINVAL. */
 int alog_parse_format(const char *s, enum alog_format *out);

@@ -154,6 +154,9 @@ static int set_connect_timeout(const struct key_def *def, void *base, const stru
 
 static const struct key_name tls_versions[] = {
     {"TLS_AUTO", 0}, {"TLSv1_2", 12}, {"TLSv1_3", 13}, {"", 0} /* as TLS_AUTO */, {NULL, 0}};
+static const struct key_name protocols[] = {{"tcp", PROTO_TCP},           {"http", PROTO_HTTP},
+                                            {"http2", PROTO_HTTP2},       {"grpc", PROTO_GRPC},
+                                            {"", PROTO_TCP} /* as tcp */, {NULL, 0}};
 static const struct key_name authorization_modes[] = {
     {"intentions", 0}, {"authorize", 1}, {NULL, 0}};
 
@@ -281,9 +284,48 @@ static const struct key_def keys[] = {
             "closed."},
     {.name = "protocol",
      .scope = SCOPE_PROXY,
-     .type = KEY_IGNORED,
-     .def_text = "tcp",
-     .doc = "Service protocol. connectd relays every protocol at L4 (tcp)."},
+     .type = KEY_STRING,
+     .set = set_int,
+     .off = PROXY(protocol),
+     .def = PROTO_TCP,
+     .names = protocols,
+     .doc = "Service protocol (the agent merges service-defaults and proxy-defaults into it): "
+            "tcp relays bytes and authorizes each connection; http parses every inbound "
+            "request (HTTP/1.1 over the mesh's mTLS) and authorizes each request, answering 403 "
+            "on a deny; http2 and grpc are relayed at L4 for now (a warning says so). A change "
+            "applies to new connections."},
+    {.name = "max_request_headers_kb",
+     .scope = SCOPE_PROXY,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = PROXY(max_request_headers_kb),
+     .def = 60,
+     .min = 1,
+     .max = 8192,
+     .doc = "protocol http: the largest request head in KiB (Envoy's key); a bigger one, or one "
+            "with more than 100 fields, is answered 431 and the connection closed."},
+    {.name = "request_headers_timeout_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(request_headers_timeout_ms),
+     .def = 10000,
+     .min = 1,
+     .max = 600000,
+     .doc = "protocol http: how long a request head may take from its first byte (Envoy's "
+            "request_headers_timeout); past it the connection is answered 408 and closed."},
+    {.name = "local_request_timeout_ms",
+     .scope = SCOPE_PROXY,
+     .type = KEY_MS,
+     .set = set_u32,
+     .off = PROXY(local_request_timeout_ms),
+     .def = 15000,
+     .def_note = "(0 = off)",
+     .min = 0,
+     .max = 86400000,
+     .doc = "protocol http: how long the local application may take to answer a request, from "
+            "the end of the request to the end of the response (Consul's key); 504 when no "
+            "response head came in time."},
     {.name = "max_inbound_connections",
      .scope = SCOPE_PROXY,
      .type = KEY_COUNT,
@@ -693,6 +735,10 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         rc = fail(err, errlen, "Proxy.Config: tls_max_version is below tls_min_version");
         goto out;
     }
+    if (out->protocol == PROTO_HTTP2 || out->protocol == PROTO_GRPC)
+        warn(out, xasprintf("Proxy.Config: protocol \"%s\" is relayed at L4 (tcp) until the "
+                            "HTTP/2 codec is wired into sessions; intentions apply per connection",
+                            out->protocol == PROTO_GRPC ? "grpc" : "http2"));
     out->local_socket_path = xstrdup(out->local_port == 0 ? svc->local_service_socket_path : "");
     out->bind_socket_path = xstrdup(out->bind_port == 0 ? svc->socket_path : "");
     if (out->bind_socket_path[0] != '\0' &&

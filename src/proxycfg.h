@@ -14,6 +14,18 @@
 #include "decode.h"
 #include "limit.h"
 
+/*
+ * Proxy.Config.protocol: how inbound connections are served. PROTO_TCP relays bytes (L4);
+ * PROTO_HTTP parses each request (L7, HTTP/1.1). PROTO_HTTP2 and PROTO_GRPC are accepted but
+ * relayed at L4 until the HTTP/2 codec is wired into sessions (a warning says so).
+ */
+enum proxycfg_protocol {
+    PROTO_TCP = 0,
+    PROTO_HTTP,
+    PROTO_HTTP2,
+    PROTO_GRPC,
+};
+
 struct upstream_cfg {
     char *key;              /* unique and stable: "<type>:<ns>/<partition>/<dc>/<name>" */
     char *destination_type; /* "service" or "prepared_query" */
@@ -62,6 +74,12 @@ struct proxy_cfg {
     uint32_t max_lifetime_ms;         /* every session; 0 = off */
     uint32_t reauthorize_interval_ms; /* periodic re-authorization; 0 = off */
     struct limit_cfg limits;          /* of the public listener */
+    int protocol;                     /* enum proxycfg_protocol */
+    /* L7 inbound (protocol http): request head bound (431 past it), how long a started request
+     * head may take, and how long the local application may take to answer (504; 0 = off). */
+    uint32_t max_request_headers_kb;
+    uint32_t request_headers_timeout_ms;
+    uint32_t local_request_timeout_ms;
     struct upstream_cfg *upstreams;
     size_t n_upstreams;
     /* Things to warn about once: keys no table knows. At most PROXYCFG_MAX_WARNINGS of them,

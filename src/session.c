@@ -2,10 +2,12 @@
  * session: the inbound and outbound state machines and the relay between their two legs.
  *
  *   inbound:  ACCEPTED -> TLS_HANDSHAKE -> AUTHORIZE -> CONNECT_LOCAL -> RELAY -> DONE
- *                                          (waits here for the agent in authorize mode)
+ *                                          |  (waits here for the agent in authorize mode)
+ *                                          '--- protocol http ---> HTTP (mux_h1) -> DONE
  *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
  *                             ^------- next endpoint on connect/handshake/identity failure ---'
- *   any state -> DONE on error, timeout, deny or shutdown (through finish(), the one door out)
+ *   any state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door
+ * out)
  *
  * A session has two ends: end[0] is the accepted connection, end[1] the one we dial (the local
  * application inbound, the upstream endpoint outbound). Exactly one end speaks TLS. AUTHORIZE
@@ -13,14 +15,12 @@
  * through inside one call. In authorize mode AUTHORIZE waits, with no I/O interest and a
  * timer, for the control thread's answer to a question posted to it (authq.h).
  *
- * Relay: buf[d] carries bytes read from end[d] to end[1 - d]. A direction reads only when its
- * buffer is empty (back-pressure: a slow reader stops the writer's side), writes what it holds,
- * and once its source reached EOF and the buffer drained, shuts down the write side of its
- * destination (TLS close_notify, or shutdown(SHUT_WR) on plain TCP): half-close is carried
- * both ways and the other direction keeps flowing. The session is done when both directions
- * have shut down. The pump runs both directions until neither makes progress, then registers
- * exactly the events each end is blocked on; TLS may need the opposite event of the operation
- * (a read that wants a write), which tls_conn_wants() reports.
+ * Once both legs are up the session hands its ends to what carries the bytes: relay.c (the
+ * L4 byte relay, drawn there) for tcp and for every outbound session; for an inbound session
+ * whose snapshot says protocol http, mux_h1.c (the HTTP/1.1 codec, drawn there) right after
+ * the caller's identity is verified: authorization then happens per request, and the codec
+ * dials the local application itself. Ends are xprt.h's: the same read/write/shutdown for
+ * the plain and the TLS end.
  *
  * Limits and timeouts: admission (open-connection count and new-connection rate, shared by all
  * workers through the snapshot's limit_state) is checked before a session exists, so a refused
@@ -30,6 +30,7 @@
  * the whole life of the session (max_connection_lifetime_ms).
  */
 #include "session.h"
+#include "session_int.h"
 #include "alog.h"
 #include "limit.h"
 #include "log.h"
@@ -45,85 +46,17 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define RELAY_BUF_BYTES    16384
 #define MAX_ENDPOINT_TRIES 5
 #define REFUSAL_SUMMARY_MS 1000
 #define HANDSHAKE_WARN_MS  1000
 
-enum session_state {
-    S_ACCEPTED = 0,
-    S_TLS_HANDSHAKE,
-    S_AUTHORIZE,
-    S_CONNECT_LOCAL,
-    S_PICK_ENDPOINT,
-    S_CONNECT,
-    S_VERIFY_PEER,
-    S_RELAY,
-    S_DONE,
-};
-
 static const char *const state_names[] = {
     "ACCEPTED", "TLS_HANDSHAKE", "AUTHORIZE", "CONNECT_LOCAL", "PICK_ENDPOINT",
-    "CONNECT",  "VERIFY_PEER",   "RELAY",     "DONE",
+    "CONNECT",  "VERIFY_PEER",   "RELAY",     "HTTP",          "DONE",
 };
-
-struct end {
-    int fd;
-    struct loop_io io;
-    struct tls_conn *tls; /* NULL on the plain end */
-    int rd_eof;           /* read side reached end of stream */
-    int wr_shut;          /* our write side is shut down (close_notify or SHUT_WR sent) */
-};
-
-struct relay_buf {
-    char *data;
-    size_t off, len;
-};
-
-struct session {
-    struct session *next, *prev;
-    struct session_host *host;
-    struct snapshot *snap; /* the snapshot this session started with */
-    uint64_t id;
-    int inbound;
-    enum session_state state;
-    struct end end[2];
-    struct relay_buf buf[2];
-    uint64_t bytes[2]; /* bytes[d]: read from end[d], written to end[1 - d] */
-    uint64_t start_ms;
-    uint64_t last_io_ms;          /* RELAY: when a direction last made progress */
-    struct limit_state *admitted; /* released by finish(); inside snap */
-    struct limit_pending pending; /* inbound: a handshake slot of <admitted> until it ends */
-    struct loop_timer timer;      /* the state's timeout; the idle timer in RELAY */
-    struct loop_timer lifetime;
-    struct loop_defer reap;
-    char peer[64]; /* address of end[0]'s peer */
-    /* inbound */
-    /* The caller's SPIFFE ID as sent (NULL until read) and its parts; one allocation, owned by
-     * <caller>: a connection carries these for its whole life, so they take only their size. */
-    char *caller;
-    const char *caller_partition, *caller_ns, *caller_service, *caller_trust_domain;
-    struct authq_req *question; /* out with the control thread (authorize mode); not owned */
-    /* Set when the handshake or the caller's identity failed: how finish() counts it. */
-    int hs_failed;
-    enum session_handshake_reason hs_reason;
-    /* outbound */
-    char *upstream_key;
-    const struct snap_upstream *up; /* inside snap */
-    unsigned char *tried;           /* one flag per endpoint of every target, in order */
-    unsigned tries;
-    const struct snap_target *tgt; /* the target of the endpoint being dialled */
-    const struct dec_endpoint *ep; /* the endpoint being dialled */
-    char ep_name[300];
-    struct session_listener_stats *lstat; /* in host->stats; never NULL */
-};
-
-#define STAT_ADD(field, n) atomic_fetch_add_explicit(&(field), (n), memory_order_relaxed)
-#define STAT_SUB(field, n) atomic_fetch_sub_explicit(&(field), (n), memory_order_relaxed)
 
 static atomic_uint_fast64_t next_session_id = 1;
 
-static void on_io(struct loop_io *io, unsigned events);
 static void on_timer(struct loop_timer *t);
 static void on_lifetime(struct loop_timer *t);
 static void advance(struct session *s);
@@ -131,25 +64,11 @@ static void try_next_endpoint(struct session *s, const char *why);
 
 /* ---- lifecycle ---- */
 
-static void set_state(struct session *s, enum session_state st)
+void session_set_state(struct session *s, enum session_state st)
 {
     LOG_TRACE("conn=%llu %s -> %s", (unsigned long long)s->id, state_names[s->state],
               state_names[st]);
     s->state = st;
-}
-
-static void end_close(struct session *s, struct end *e)
-{
-    if (e->fd < 0)
-        return;
-    loop_io_want(s->host->loop, &e->io, 0);
-    if (e->tls != NULL) {
-        tls_conn_free(e->tls);
-        e->tls = NULL;
-    }
-    close(e->fd);
-    e->fd = -1;
-    e->rd_eof = e->wr_shut = 0;
 }
 
 /*
@@ -157,13 +76,14 @@ static void end_close(struct session *s, struct end *e)
  * its source has nothing to read, so an idle connection holds no buffer (OpenSSL releases its
  * own then too: SSL_MODE_RELEASE_BUFFERS) and a busy worker cycles through a few.
  */
-static void buf_take(struct session_host *h, struct relay_buf *b)
+void session_buf_take(struct session_host *h, struct relay_buf *b)
 {
     if (b->data == NULL)
-        b->data = h->n_buf_pool > 0 ? h->buf_pool[--h->n_buf_pool] : xmalloc(RELAY_BUF_BYTES);
+        b->data =
+            h->n_buf_pool > 0 ? h->buf_pool[--h->n_buf_pool] : xmalloc(SESSION_RELAY_BUF_BYTES);
 }
 
-static void buf_give_back(struct session_host *h, struct relay_buf *b)
+void session_buf_give_back(struct session_host *h, struct relay_buf *b)
 {
     if (b->data == NULL || b->len != 0)
         return;
@@ -178,10 +98,12 @@ static void reap(struct loop_defer *d)
 {
     struct session *s = (struct session *)((char *)d - offsetof(struct session, reap));
     for (int i = 0; i < 2; i++) {
-        end_close(s, &s->end[i]);
+        xprt_close(s->host->loop, &s->end[i]);
         s->buf[i].len = 0;
-        buf_give_back(s->host, &s->buf[i]);
+        session_buf_give_back(s->host, &s->buf[i]);
     }
+    if (s->mux != NULL)
+        s->mux_free(s->mux);
     free(s->caller);
     snapshot_unref(s->snap);
     free(s->upstream_key);
@@ -239,7 +161,6 @@ static void source_key(const struct session *s, char *key, size_t len)
 }
 
 static void on_handshake_summary(struct loop_timer *t);
-static void finish(struct session *s, enum session_result result, const char *reason);
 
 /*
  * The level of a failed handshake's WARN line: WARN for the first from its source in a
@@ -270,7 +191,7 @@ static void fail_inbound(struct session *s, enum session_handshake_reason r,
 {
     s->hs_failed = 1;
     s->hs_reason = r;
-    finish(s, result, why);
+    session_finish(s, result, why);
 }
 
 /* The result table (session.h) as data, indexed by enum session_result. */
@@ -299,12 +220,16 @@ const char *session_result_close_kind(enum session_result r)
  * The one way out: records the result, logs the session's line, stops all I/O and queues the
  * memory to be freed after the current dispatch round.
  */
-static void finish(struct session *s, enum session_result result, const char *reason)
+void session_finish(struct session *s, enum session_result result, const char *reason)
 {
     if (s->state == S_DONE)
         return;
     if ((unsigned)result >= ARRAY_SIZE(results))
         result = SESSION_RES_ERROR;
+    /* A codec ends the stream it is in the middle of (its record comes before the
+     * connection's). */
+    if ((s->state == S_RELAY || s->state == S_HTTP) && s->carrier->on_finish != NULL)
+        s->carrier->on_finish(s, reason);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
@@ -342,7 +267,7 @@ static void finish(struct session *s, enum session_result result, const char *re
     STAT_SUB(s->lstat->active, 1);
     if (alog_enabled())
         access_log(s, result, reason, upstream, dur);
-    set_state(s, S_DONE);
+    session_set_state(s, S_DONE);
     loop_timer_stop(h->loop, &s->timer);
     if (s->question != NULL) {
         /* The control thread still holds it and never reads <owner>: mark it orphaned; the
@@ -398,8 +323,8 @@ static struct session_listener_stats *listener_stats(struct session_host *h, con
     return &st->listeners[n];
 }
 
-/* Counts an authorization decision for source service <name> (same publication as above). */
-static void count_decision(struct session_host *h, const char *name, int allow)
+/* The stats slot of source service <name>, claimed on first use (same publication as above). */
+static struct session_source_stats *source_stats(struct session_host *h, const char *name)
 {
     struct session_stats *st = h->stats;
     struct session_source_stats *src = NULL;
@@ -414,10 +339,26 @@ static void count_decision(struct session_host *h, const char *name, int allow)
         snprintf(src->name, sizeof(src->name), "%s", name);
         atomic_store_explicit(&st->n_sources, n + 1, memory_order_release);
     }
+    return src;
+}
+
+/* Counts a connection's authorization decision for source service <name>. */
+static void count_decision(struct session_host *h, const char *name, int allow)
+{
+    struct session_source_stats *src = source_stats(h, name);
     if (allow)
         STAT_ADD(src->allow, 1);
     else
         STAT_ADD(src->deny, 1);
+}
+
+void session_count_request_decision(struct session *s, int allow)
+{
+    struct session_source_stats *src = source_stats(s->host, s->caller_service);
+    if (allow)
+        STAT_ADD(src->req_allow, 1);
+    else
+        STAT_ADD(src->req_deny, 1);
 }
 
 static struct session *session_new(struct session_host *h, int fd, const char *peer, int inbound,
@@ -436,7 +377,7 @@ static struct session *session_new(struct session_host *h, int fd, const char *p
     snprintf(s->peer, sizeof(s->peer), "%s", peer);
     s->end[0].fd = fd;
     s->end[1].fd = -1;
-    loop_io_init(&s->end[0].io, fd, on_io, s);
+    loop_io_init(&s->end[0].io, fd, session_on_io, s);
     loop_timer_init(&s->timer, on_timer, s);
     loop_timer_init(&s->lifetime, on_lifetime, s);
     if (s->snap->cfg.max_lifetime_ms != 0)
@@ -450,13 +391,13 @@ static struct session *session_new(struct session_host *h, int fd, const char *p
 }
 
 /* Registers <want> for end <i>; a failure to do so ends the session. */
-static int want(struct session *s, int i, unsigned mask)
+int session_want(struct session *s, int i, unsigned mask)
 {
     if (s->state == S_DONE)
         return ERR_SHUTDOWN;
     int rc = loop_io_want(s->host->loop, &s->end[i].io, mask);
     if (rc != 0) {
-        finish(s, SESSION_RES_ERROR, util_strerror(rc));
+        session_finish(s, SESSION_RES_ERROR, util_strerror(rc));
         return rc;
     }
     return 0;
@@ -476,7 +417,7 @@ static int step_handshake(struct session *s)
     int i = tls_end(s);
     int rc = tls_handshake(s->end[i].tls);
     if (rc == -EAGAIN) {
-        if (want(s, i, tls_conn_wants(s->end[i].tls)) != 0)
+        if (session_want(s, i, tls_conn_wants(s->end[i].tls)) != 0)
             return ERR_SHUTDOWN;
         return -EAGAIN;
     }
@@ -499,7 +440,7 @@ static void start_connect_local(struct session *s)
         else
             snprintf(why, sizeof(why), "connect %s:%d: %s", c->local_address, c->local_port,
                      util_strerror(fd));
-        finish(s, SESSION_RES_LOCAL_CONNECT_ERROR, why);
+        session_finish(s, SESSION_RES_LOCAL_CONNECT_ERROR, why);
         return;
     }
     if (unix_sock)
@@ -507,11 +448,11 @@ static void start_connect_local(struct session *s)
     else
         snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
     s->end[1].fd = fd;
-    loop_io_init(&s->end[1].io, fd, on_io, s);
-    set_state(s, S_CONNECT_LOCAL);
+    loop_io_init(&s->end[1].io, fd, session_on_io, s);
+    session_set_state(s, S_CONNECT_LOCAL);
     loop_timer_start(s->host->loop, &s->timer, c->local_connect_timeout_ms);
-    want(s, 0, 0);
-    want(s, 1, LOOP_WRITE);
+    session_want(s, 0, 0);
+    session_want(s, 1, LOOP_WRITE);
 }
 
 /*
@@ -527,6 +468,16 @@ static int trust_domain_refused(const struct session *s, const char *prefix, cha
     snprintf(why, len, "%strust domain %s is not %s", prefix, s->caller_trust_domain,
              now->trust_domain);
     return 1;
+}
+
+/*
+ * Whether the session is served per request (protocol http in the snapshot it started with,
+ * and a worker that lends the HTTP/1.1 codec): its caller is then authorized per request and
+ * an L4 deny becomes a 403 on each request rather than a closed connection.
+ */
+static int serves_http(const struct session *s)
+{
+    return s->inbound && s->snap->cfg.protocol == PROTO_HTTP && s->host->muxes.http1 != NULL;
 }
 
 /* Posts a question about the session's caller to the control thread. */
@@ -545,12 +496,20 @@ static void post_question(struct session *s, int recheck)
     authq_box_post(h->ask, r);
 }
 
+void session_ask_again(struct session *s)
+{
+    if (s->question != NULL || s->host->ask == NULL)
+        return;
+    STAT_ADD(s->host->stats->counters.reauthorized, 1);
+    post_question(s, 1);
+}
+
 /* authorize mode: posts the question and waits (no I/O interest) for the answer or the timer. */
 static void ask_agent(struct session *s)
 {
     struct session_host *h = s->host;
     if (h->ask == NULL) {
-        finish(s, SESSION_RES_ERROR, "authorize mode, but no control thread to ask");
+        session_finish(s, SESSION_RES_ERROR, "authorize mode, but no control thread to ask");
         return;
     }
     loop_io_want(h->loop, &s->end[0].io, 0);
@@ -561,23 +520,37 @@ static void ask_agent(struct session *s)
 void session_authorize_answer(struct authq_req *r)
 {
     struct session *s = r->owner;
-    if (s != NULL && r->recheck) {
+    if (s != NULL && r->recheck && s->state == S_HTTP) {
+        /* L7: the answer decides the connection's next requests, not the connection. */
+        s->question = NULL;
+        s->agent_allowed = r->allowed;
+    } else if (s != NULL && r->recheck) {
         /* a re-check of an open connection: it goes on unless the agent now says no */
         s->question = NULL;
         if (!r->allowed) {
             char why[300];
             snprintf(why, sizeof(why), "re-authorization: agent authorize: %s", r->reason);
-            finish(s, SESSION_RES_DENIED, why);
+            session_finish(s, SESSION_RES_DENIED, why);
             STAT_ADD(s->host->stats->counters.reauthorize_closed, 1);
         }
     } else if (s != NULL) {
         s->question = NULL;
         loop_timer_stop(s->host->loop, &s->timer);
-        count_decision(s->host, s->caller_service, r->allowed);
         char why[600];
+        if (serves_http(s)) {
+            /* Each request obeys the answer (stream_authorize), counted per request. */
+            s->agent_allowed = r->allowed;
+            if (trust_domain_refused(s, "", why, sizeof(why)))
+                fail_inbound(s, SESSION_HS_TRUST_DOMAIN, SESSION_RES_BAD_IDENTITY, why);
+            else
+                s->host->muxes.http1->start(s);
+            authq_req_free(r);
+            return;
+        }
+        count_decision(s->host, s->caller_service, r->allowed);
         if (!r->allowed) {
             snprintf(why, sizeof(why), "agent authorize: %s", r->reason);
-            finish(s, SESSION_RES_DENIED, why);
+            session_finish(s, SESSION_RES_DENIED, why);
         } else if (trust_domain_refused(s, "", why, sizeof(why))) {
             /* The trust domain or its check changed while the question was out (the sweep
              * skips connections still in AUTHORIZE). */
@@ -636,7 +609,7 @@ static void authorize(struct session *s)
 {
     struct spiffe_id id;
     char why[600], uri[SPIFFE_NAME_MAX * 2];
-    set_state(s, S_AUTHORIZE);
+    session_set_state(s, S_AUTHORIZE);
     int n = tls_conn_peer_uri(s->end[0].tls, uri, sizeof(uri));
     if (n < 0) {
         fail_inbound(s, n == ERR_NO_URI ? SESSION_HS_NO_URI : SESSION_HS_BAD_IDENTITY,
@@ -669,11 +642,17 @@ static void authorize(struct session *s)
         ask_agent(s);
         return;
     }
+    if (serves_http(s)) {
+        LOG_DEBUG("conn=%llu in %s: HTTP, authorized per request", (unsigned long long)s->id,
+                  LOG_ESC(s->caller));
+        s->host->muxes.http1->start(s);
+        return;
+    }
     struct intent_decision d =
         intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
     count_decision(s->host, s->caller_service, d.allow);
     if (!d.allow) {
-        finish(s, SESSION_RES_DENIED, intent_describe(&d, why, sizeof(why)));
+        session_finish(s, SESSION_RES_DENIED, intent_describe(&d, why, sizeof(why)));
         return;
     }
     LOG_DEBUG("conn=%llu in authorized %s: %s", (unsigned long long)s->id, LOG_ESC(s->caller),
@@ -683,18 +662,9 @@ static void authorize(struct session *s)
 
 /* ---- relay entry and the idle timer ---- */
 
-static uint32_t idle_timeout_ms(const struct session *s)
+uint32_t session_idle_timeout_ms(const struct session *s)
 {
     return s->inbound ? s->snap->cfg.idle_timeout_ms : s->up->cfg->idle_timeout_ms;
-}
-
-/* Both legs are up: from here the state timer measures idleness (when configured). */
-static void enter_relay(struct session *s)
-{
-    set_state(s, S_RELAY);
-    s->last_io_ms = loop_now_ms(s->host->loop);
-    if (idle_timeout_ms(s) != 0)
-        loop_timer_start(s->host->loop, &s->timer, idle_timeout_ms(s));
 }
 
 /* ---- outbound ---- */
@@ -764,10 +734,10 @@ static void start_handshake_out(struct session *s)
     s->end[1].tls = tls_conn_new_client(s->snap->tls, s->end[1].fd, sni,
                                         s->snap->cfg.tls_resumption ? key : NULL);
     if (s->end[1].tls == NULL) {
-        finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
+        session_finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
         return;
     }
-    set_state(s, S_TLS_HANDSHAKE);
+    session_set_state(s, S_TLS_HANDSHAKE);
     loop_timer_start(s->host->loop, &s->timer, s->snap->cfg.handshake_timeout_ms);
     advance(s);
 }
@@ -777,7 +747,7 @@ static void verify_peer(struct session *s)
 {
     struct spiffe_id want_id, got;
     char uri[SPIFFE_NAME_MAX * 2], why[LOG_ESC_BYTES + SPIFFE_NAME_MAX * 2 + 64];
-    set_state(s, S_VERIFY_PEER);
+    session_set_state(s, S_VERIFY_PEER);
     expected_identity(s, s->tgt, s->ep, &want_id);
     int n = tls_conn_peer_uri(s->end[1].tls, uri, sizeof(uri));
     if (n < 0) {
@@ -798,8 +768,7 @@ static void verify_peer(struct session *s)
         return;
     }
     loop_timer_stop(s->host->loop, &s->timer);
-    enter_relay(s);
-    advance(s);
+    s->host->muxes.relay->start(s);
 }
 
 /*
@@ -810,7 +779,7 @@ static void verify_peer(struct session *s)
  */
 static void pick_endpoint(struct session *s)
 {
-    set_state(s, S_PICK_ENDPOINT);
+    session_set_state(s, S_PICK_ENDPOINT);
     for (;;) {
         const struct snap_target *t = NULL;
         size_t base = 0, left = 0, total = 0;
@@ -827,8 +796,8 @@ static void pick_endpoint(struct session *s)
                 base += eps->n;
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
-            finish(s, SESSION_RES_NO_ENDPOINT,
-                   total == 0 ? "no healthy endpoint" : "every endpoint tried failed");
+            session_finish(s, SESSION_RES_NO_ENDPOINT,
+                           total == 0 ? "no healthy endpoint" : "every endpoint tried failed");
             return;
         }
         size_t k = (size_t)(util_rand() % left), i = 0;
@@ -855,12 +824,12 @@ static void pick_endpoint(struct session *s)
         LOG_DEBUG("conn=%llu out target %s endpoint %s", (unsigned long long)s->id, LOG_ESC(t->id),
                   LOG_ESC(s->ep_name));
         s->end[1].fd = fd;
-        loop_io_init(&s->end[1].io, fd, on_io, s);
-        set_state(s, S_CONNECT);
+        loop_io_init(&s->end[1].io, fd, session_on_io, s);
+        session_set_state(s, S_CONNECT);
         loop_timer_start(s->host->loop, &s->timer,
                          t->connect_timeout_ms ? t->connect_timeout_ms
                                                : s->up->cfg->connect_timeout_ms);
-        want(s, 1, LOOP_WRITE);
+        session_want(s, 1, LOOP_WRITE);
         return;
     }
 }
@@ -873,131 +842,8 @@ static void try_next_endpoint(struct session *s, const char *why)
     if (s->state == S_VERIFY_PEER)
         STAT_ADD(s->host->stats->handshake_failures[SESSION_HS_WRONG_PEER], 1);
     loop_timer_stop(s->host->loop, &s->timer);
-    end_close(s, &s->end[1]);
+    xprt_close(s->host->loop, &s->end[1]);
     pick_endpoint(s);
-}
-
-/* ---- relay ---- */
-
-static ssize_t end_read(struct end *e, void *buf, size_t len)
-{
-    if (e->tls != NULL)
-        return tls_read(e->tls, buf, len);
-    for (;;) {
-        ssize_t n = recv(e->fd, buf, len, 0);
-        if (n >= 0)
-            return n;
-        if (errno == EINTR)
-            continue;
-        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
-    }
-}
-
-static ssize_t end_write(struct end *e, const void *buf, size_t len)
-{
-    if (e->tls != NULL)
-        return tls_write(e->tls, buf, len);
-    for (;;) {
-        ssize_t n = send(e->fd, buf, len, MSG_NOSIGNAL);
-        if (n >= 0)
-            return n;
-        if (errno == EINTR)
-            continue;
-        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
-    }
-}
-
-static int end_shutdown(struct end *e)
-{
-    if (e->tls != NULL)
-        return tls_shutdown(e->tls);
-    return shutdown(e->fd, SHUT_WR) == -1 ? -errno : 0;
-}
-
-/* The events end <e> waits for after -EAGAIN from an operation that, on plain TCP, needs
- * <plain>. */
-static unsigned end_wants(const struct end *e, unsigned plain)
-{
-    return e->tls != NULL ? tls_conn_wants(e->tls) : plain;
-}
-
-static const char *end_error(const struct end *e, int rc)
-{
-    if (e->tls != NULL && tls_conn_error(e->tls)[0] != '\0')
-        return tls_conn_error(e->tls);
-    return util_strerror(rc);
-}
-
-static void relay(struct session *s)
-{
-    unsigned wants[2];
-    for (;;) {
-        int progress = 0;
-        wants[0] = wants[1] = 0;
-        for (int d = 0; d < 2; d++) {
-            struct end *src = &s->end[d], *dst = &s->end[1 - d];
-            struct relay_buf *b = &s->buf[d];
-            ssize_t n;
-            if (b->len == 0 && !src->rd_eof) {
-                buf_take(s->host, b);
-                n = end_read(src, b->data, RELAY_BUF_BYTES);
-                if (n > 0) {
-                    b->off = 0;
-                    b->len = (size_t)n;
-                    s->bytes[d] += (uint64_t)n;
-                    if (d == 0)
-                        STAT_ADD(s->lstat->bytes_in, (uint64_t)n);
-                    else
-                        STAT_ADD(s->lstat->bytes_out, (uint64_t)n);
-                    progress = 1;
-                } else if (n == 0) {
-                    src->rd_eof = 1;
-                    progress = 1;
-                    buf_give_back(s->host, b);
-                } else if (n == -EAGAIN) {
-                    wants[d] |= end_wants(src, LOOP_READ);
-                    buf_give_back(s->host, b);
-                } else {
-                    finish(s, SESSION_RES_ERROR, end_error(src, (int)n));
-                    return;
-                }
-            }
-            if (b->len > 0) {
-                n = end_write(dst, b->data + b->off, b->len);
-                if (n > 0) {
-                    b->off += (size_t)n;
-                    b->len -= (size_t)n;
-                    progress = 1;
-                } else if (n == -EAGAIN) {
-                    wants[1 - d] |= end_wants(dst, LOOP_WRITE);
-                } else {
-                    finish(s, SESSION_RES_ERROR, end_error(dst, (int)n));
-                    return;
-                }
-            }
-            if (b->len == 0 && src->rd_eof && !dst->wr_shut) {
-                int rc = end_shutdown(dst);
-                if (rc == 0) {
-                    dst->wr_shut = 1;
-                    progress = 1;
-                } else if (rc == -EAGAIN) {
-                    wants[1 - d] |= end_wants(dst, LOOP_WRITE);
-                } else {
-                    finish(s, SESSION_RES_ERROR, end_error(dst, rc));
-                    return;
-                }
-            }
-        }
-        if (s->end[0].wr_shut && s->end[1].wr_shut) {
-            finish(s, SESSION_RES_OK, "closed");
-            return;
-        }
-        if (!progress)
-            break;
-        s->last_io_ms = loop_now_ms(s->host->loop);
-    }
-    if (want(s, 0, wants[0]) == 0)
-        want(s, 1, wants[1]);
 }
 
 /* ---- dispatch ---- */
@@ -1037,7 +883,7 @@ static void advance(struct session *s)
         if (s->inbound) {
             if (rc != 0 && tls_conn_bytes_received(s->end[0].tls) == 0) {
                 /* Connect and close without a byte: a TCP health check, not an attack. */
-                finish(s, SESSION_RES_PROBE, "closed before the TLS handshake began");
+                session_finish(s, SESSION_RES_PROBE, "closed before the TLS handshake began");
                 return;
             }
             if (rc != 0) {
@@ -1074,7 +920,7 @@ static void advance(struct session *s)
                 else
                     snprintf(why, sizeof(why), "connect %s:%d: %s", s->snap->cfg.local_address,
                              s->snap->cfg.local_port, util_strerror(rc));
-                finish(s, SESSION_RES_LOCAL_CONNECT_ERROR, why);
+                session_finish(s, SESSION_RES_LOCAL_CONNECT_ERROR, why);
             }
             return;
         }
@@ -1083,18 +929,19 @@ static void advance(struct session *s)
             start_handshake_out(s);
             return;
         }
-        enter_relay(s);
-        relay(s);
+        s->host->muxes.relay->start(s);
         return;
     case S_RELAY:
-        relay(s);
+    case S_HTTP:
+        s->carrier->advance(s);
         return;
+
     default:
         return;
     }
 }
 
-static void on_io(struct loop_io *io, unsigned events)
+void session_on_io(struct loop_io *io, unsigned events)
 {
     struct session *s = io->data;
     (void)events;
@@ -1107,7 +954,7 @@ static void on_timer(struct loop_timer *t)
     switch (s->state) {
     case S_TLS_HANDSHAKE:
         if (s->inbound)
-            finish(s, SESSION_RES_TIMEOUT, "TLS handshake timed out");
+            session_finish(s, SESSION_RES_TIMEOUT, "TLS handshake timed out");
         else
             try_next_endpoint(s, "TLS handshake timed out");
         return;
@@ -1115,24 +962,17 @@ static void on_timer(struct loop_timer *t)
         try_next_endpoint(s, "connect timed out");
         return;
     case S_CONNECT_LOCAL:
-        finish(s, SESSION_RES_TIMEOUT, "connect to the local application timed out");
+        session_finish(s, SESSION_RES_TIMEOUT, "connect to the local application timed out");
         return;
     case S_AUTHORIZE:
-        finish(s, SESSION_RES_TIMEOUT, "no answer from the agent's authorize endpoint in time");
+        session_finish(s, SESSION_RES_TIMEOUT,
+                       "no answer from the agent's authorize endpoint in time");
         return;
-    case S_RELAY: {
-        uint64_t idle = loop_now_ms(s->host->loop) - s->last_io_ms, limit = idle_timeout_ms(s);
-        if (idle < limit) {
-            loop_timer_start(s->host->loop, &s->timer, limit - idle);
-            return;
-        }
-        char why[100];
-        snprintf(why, sizeof(why), "idle for %llu ms (%s %llu)", (unsigned long long)idle,
-                 s->inbound ? "local_idle_timeout_ms" : "idle_timeout_ms",
-                 (unsigned long long)limit);
-        finish(s, SESSION_RES_IDLE_TIMEOUT, why);
+    case S_RELAY:
+    case S_HTTP:
+        s->carrier->on_timer(s);
         return;
-    }
+
     default:
         return;
     }
@@ -1144,7 +984,7 @@ static void on_lifetime(struct loop_timer *t)
     char why[100];
     snprintf(why, sizeof(why), "max_connection_lifetime_ms %lu reached",
              (unsigned long)s->snap->cfg.max_lifetime_ms);
-    finish(s, SESSION_RES_LIFETIME, why);
+    session_finish(s, SESSION_RES_LIFETIME, why);
 }
 
 /* ---- admission ---- */
@@ -1320,10 +1160,10 @@ void session_start_inbound(struct session_host *h, int fd, const char *peer)
     s->pending = p;
     s->end[0].tls = tls_conn_new_server(s->snap->tls, fd);
     if (s->end[0].tls == NULL) {
-        finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
+        session_finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
         return;
     }
-    set_state(s, S_TLS_HANDSHAKE);
+    session_set_state(s, S_TLS_HANDSHAKE);
     loop_timer_start(h->loop, &s->timer, s->snap->cfg.handshake_timeout_ms);
     advance(s);
 }
@@ -1344,7 +1184,7 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     s->upstream_key = xstrdup(upstream_key);
     s->up = up;
     if (s->up == NULL) {
-        finish(s, SESSION_RES_NO_ENDPOINT, "upstream no longer configured");
+        session_finish(s, SESSION_RES_NO_ENDPOINT, "upstream no longer configured");
         return;
     }
     size_t total = 0;
@@ -1361,12 +1201,13 @@ size_t session_reauthorize_all(struct session_host *h)
     struct session *s = h->sessions, *next;
     for (; s != NULL; s = next) {
         next = s->next;
-        if (!s->inbound || (s->state != S_CONNECT_LOCAL && s->state != S_RELAY))
+        if (!s->inbound ||
+            (s->state != S_CONNECT_LOCAL && s->state != S_RELAY && s->state != S_HTTP))
             continue;
         /* The trust domain is ours to check in both modes (the agent is not asked about it). */
         if (trust_domain_refused(s, "re-authorization: ", why, sizeof(why))) {
             STAT_ADD(h->stats->counters.reauthorized, 1);
-            finish(s, SESSION_RES_BAD_IDENTITY, why);
+            session_finish(s, SESSION_RES_BAD_IDENTITY, why);
             closed++;
             continue;
         }
@@ -1378,13 +1219,15 @@ size_t session_reauthorize_all(struct session_host *h)
             }
             continue;
         }
+        if (s->state == S_HTTP)
+            continue; /* authorized per request: the next one sees the change */
         STAT_ADD(h->stats->counters.reauthorized, 1);
         struct intent_decision d =
             intent_eval(h->snap->intents, s->caller_partition, s->caller_ns, s->caller_service);
         if (d.allow)
             continue;
         snprintf(why, sizeof(why), "re-authorization: %s", intent_describe(&d, desc, sizeof(desc)));
-        finish(s, SESSION_RES_DENIED, why);
+        session_finish(s, SESSION_RES_DENIED, why);
         closed++;
     }
     STAT_ADD(h->stats->counters.reauthorize_closed, closed);
@@ -1394,7 +1237,7 @@ size_t session_reauthorize_all(struct session_host *h)
 void session_close_all(struct session_host *h)
 {
     while (h->sessions != NULL)
-        finish(h->sessions, SESSION_RES_SHUTDOWN, "connectd is stopping");
+        session_finish(h->sessions, SESSION_RES_SHUTDOWN, "connectd is stopping");
 }
 
 size_t session_host_list(const struct session_host *h, struct session_info *out, size_t max)

@@ -112,7 +112,13 @@ const char *session_handshake_reason_name(enum session_handshake_reason r);
  * so a reader that loads n_listeners with acquire sees complete names.
  */
 #define SESSION_STATS_MAX_LISTENERS 64
-#define SESSION_STATS_NAME_MAX      256
+/* Upper bounds of the request duration histogram's buckets, in milliseconds. */
+#define SESSION_DURATION_BUCKETS_MS                                                                \
+    {                                                                                              \
+        5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000                                      \
+    }
+#define SESSION_DURATION_BUCKETS 11
+#define SESSION_STATS_NAME_MAX   256
 struct session_listener_stats {
     char name[SESSION_STATS_NAME_MAX];
     int inbound;
@@ -120,13 +126,20 @@ struct session_listener_stats {
     atomic_uint_fast64_t bytes_in;       /* read from the connecting client */
     atomic_uint_fast64_t bytes_out;      /* written back to the connecting client */
     atomic_uint_fast64_t connect_errors; /* upstreams: endpoints that failed to connect/verify */
+    /* protocol http: requests by the class of the status answered ([0]: none was answered,
+     * [1] 1xx ... [5] 5xx), and their durations (head received to response sent) in the
+     * buckets of SESSION_DURATION_BUCKETS_MS (plus +Inf) with their sum. */
+    atomic_uint_fast64_t requests[6];
+    atomic_uint_fast64_t duration_buckets[SESSION_DURATION_BUCKETS + 1];
+    atomic_uint_fast64_t duration_sum_ms;
 };
 
 /* Authorization decisions per source service; past the cap they go to <other_source>. */
 #define SESSION_STATS_MAX_SOURCES 256
 struct session_source_stats {
     char name[SESSION_STATS_NAME_MAX];
-    atomic_uint_fast64_t allow, deny;
+    atomic_uint_fast64_t allow, deny;         /* per connection (tcp) */
+    atomic_uint_fast64_t req_allow, req_deny; /* per request (protocol http) */
 };
 
 struct session_stats {
@@ -160,8 +173,18 @@ struct session_info {
 
 #define SESSION_BUF_POOL 32 /* idle relay buffers a worker keeps for reuse */
 
+struct session_mux;
+
+/* The carriers a worker hands its sessions (session_int.h): the L4 relay and the HTTP/1.1
+ * codec. Set after session_host_init(); a NULL http1 serves protocol http at L4. */
+struct session_muxes {
+    const struct session_mux *relay;
+    const struct session_mux *http1;
+};
+
 /* What a worker lends its sessions. */
 struct session_host {
+    struct session_muxes muxes;
     struct loop *loop;
     struct snapshot *snap;    /* the worker's current snapshot (its own reference) */
     struct session *sessions; /* every live session (list head) */

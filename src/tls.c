@@ -1082,6 +1082,27 @@ int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len)
     return (int)at;
 }
 
+int tls_conn_peer_cert_sha256_hex(const struct tls_conn *c, char *buf, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    const X509 *peer = verified_peer(c);
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    if (peer == NULL)
+        return ERR_NO_URI;
+    if (len < 65)
+        return -ENOSPC;
+    /* X509_digest hashes the DER encoding: what Envoy's XFCC Hash is made of. */
+    if (X509_digest(peer, EVP_sha256(), md, &n) != 1 || n != 32)
+        return ERR_TLS;
+    for (unsigned int i = 0; i < n; i++) {
+        buf[2 * i] = hex[md[i] >> 4];
+        buf[2 * i + 1] = hex[md[i] & 15];
+    }
+    buf[64] = '\0';
+    return 64;
+}
+
 int tls_conn_resumed(const struct tls_conn *c)
 {
     return SSL_session_reused(c->ssl) == 1;

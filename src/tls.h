@@ -138,6 +138,12 @@ int tls_conn_peer_uri_count(const struct tls_conn *c);
  * the form Consul uses. Returns the length, ERR_NO_URI without a verified peer, or -ENOSPC.
  */
 int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len);
+/*
+ * Writes the SHA-256 of the peer's (verified) leaf certificate in DER as 64 lower-case hex
+ * digits (the Hash of an X-Forwarded-Client-Cert). Returns 64, ERR_NO_URI without a verified
+ * peer, -ENOSPC when <len> is under 65, or ERR_TLS.
+ */
+int tls_conn_peer_cert_sha256_hex(const struct tls_conn *c, char *buf, size_t len);
 /* 1 when the completed handshake resumed an earlier session. */
 int tls_conn_resumed(const struct tls_conn *c);
 /* Negotiated protocol ("TLSv1.3") and cipher, for logs. */

@@ -40,6 +40,7 @@ struct listener_sum {
     const char *name;
     int inbound;
     uint64_t active, total, bytes_in, bytes_out, connect_errors;
+    uint64_t requests[6], duration[SESSION_DURATION_BUCKETS + 1], duration_sum_ms;
 };
 
 static void sum_listener(struct listener_sum **v, size_t *n, const struct session_listener_stats *l)
@@ -58,11 +59,16 @@ static void sum_listener(struct listener_sum **v, size_t *n, const struct sessio
     s->bytes_in += load(&l->bytes_in);
     s->bytes_out += load(&l->bytes_out);
     s->connect_errors += load(&l->connect_errors);
+    for (int c = 0; c < 6; c++)
+        s->requests[c] += load(&l->requests[c]);
+    for (int k = 0; k <= SESSION_DURATION_BUCKETS; k++)
+        s->duration[k] += load(&l->duration_buckets[k]);
+    s->duration_sum_ms += load(&l->duration_sum_ms);
 }
 
 struct source_sum {
     const char *name;
-    uint64_t allow, deny;
+    uint64_t allow, deny, req_allow, req_deny;
 };
 
 static void sum_source(struct source_sum **v, size_t *n, const struct session_source_stats *src)
@@ -78,6 +84,8 @@ static void sum_source(struct source_sum **v, size_t *n, const struct session_so
     }
     s->allow += load(&src->allow);
     s->deny += load(&src->deny);
+    s->req_allow += load(&src->req_allow);
+    s->req_deny += load(&src->req_deny);
 }
 
 static void metric_head(struct admin_buf *b, const char *name, const char *type, const char *help)
@@ -98,7 +106,8 @@ static void sample(struct admin_buf *b, const char *name, const char *label, con
     admin_buf_printf(b, " %llu\n", (unsigned long long)v);
 }
 
-static void listener_label(struct admin_buf *b, const char *name, const struct listener_sum *l)
+/* connectd_<name>{listener="..."[,upstream="..."] — the label set left open. */
+static void listener_label_open(struct admin_buf *b, const char *name, const struct listener_sum *l)
 {
     admin_buf_printf(b, "connectd_%s{listener=", name);
     admin_buf_label(b, l->inbound ? "public" : "upstream");
@@ -106,6 +115,11 @@ static void listener_label(struct admin_buf *b, const char *name, const struct l
         admin_buf_add(b, ",upstream=", 10);
         admin_buf_label(b, l->name);
     }
+}
+
+static void listener_label(struct admin_buf *b, const char *name, const struct listener_sum *l)
+{
+    listener_label_open(b, name, l);
     admin_buf_add(b, "}", 1);
 }
 
@@ -149,6 +163,48 @@ static void render_watches(const struct views *v, const struct views_state *st, 
     upstreams_each_watch(v->ups, visit_watch, &visit);
 }
 
+/* protocol http: requests by listener and status class, and their duration histogram. */
+static void render_http(struct admin_buf *b, const struct listener_sum *ls, size_t nl)
+{
+    static const char *const classes[6] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
+    static const uint64_t bounds[] = SESSION_DURATION_BUCKETS_MS;
+    metric_head(b, "http_requests_total", "counter",
+                "Inbound HTTP requests by listener and the class of the status answered "
+                "(none: the stream ended without one).");
+    for (size_t i = 0; i < nl; i++) {
+        for (int c = 0; c < 6; c++) {
+            if (ls[i].requests[c] == 0)
+                continue;
+            listener_label_open(b, "http_requests_total", &ls[i]);
+            admin_buf_printf(b, ",code_class=\"%s\"} %llu\n", classes[c],
+                             (unsigned long long)ls[i].requests[c]);
+        }
+    }
+    metric_head(b, "http_request_duration_seconds", "histogram",
+                "Inbound HTTP requests from their complete head to the end of their answer.");
+    for (size_t i = 0; i < nl; i++) {
+        uint64_t n = 0;
+        for (int c = 0; c < 6; c++)
+            n += ls[i].requests[c];
+        if (n == 0)
+            continue;
+        uint64_t cum = 0;
+        for (int k = 0; k <= SESSION_DURATION_BUCKETS; k++) {
+            cum += ls[i].duration[k];
+            listener_label_open(b, "http_request_duration_seconds_bucket", &ls[i]);
+            if (k < SESSION_DURATION_BUCKETS)
+                admin_buf_printf(b, ",le=\"%.3f\"} %llu\n", (double)bounds[k] / 1000.0,
+                                 (unsigned long long)cum);
+            else
+                admin_buf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+        }
+        listener_label(b, "http_request_duration_seconds_sum", &ls[i]);
+        admin_buf_printf(b, " %.3f\n", (double)ls[i].duration_sum_ms / 1000.0);
+        listener_label(b, "http_request_duration_seconds_count", &ls[i]);
+        admin_buf_printf(b, " %llu\n", (unsigned long long)cum);
+    }
+}
+
 static void render_metrics(const struct views *vw, const struct views_state *vs,
                            struct admin_buf *b)
 {
@@ -168,7 +224,9 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         n = atomic_load_explicit(&st->n_sources, memory_order_acquire);
         for (size_t j = 0; j < n; j++)
             sum_source(&ss, &ns, &st->sources[j]);
-        if (load(&st->other_source.allow) + load(&st->other_source.deny) != 0)
+        if (load(&st->other_source.allow) + load(&st->other_source.deny) +
+                load(&st->other_source.req_allow) + load(&st->other_source.req_deny) !=
+            0)
             sum_source(&ss, &ns, &st->other_source);
         for (int r = 0; r < SESSION_HS_COUNT; r++)
             hs[r] += load(&st->handshake_failures[r]);
@@ -241,6 +299,21 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
                              (unsigned long long)(allow ? ss[i].allow : ss[i].deny));
         }
     }
+
+    metric_head(b, "http_authorization_decisions_total", "counter",
+                "Per-request authorization decisions (protocol http) by source service and "
+                "result.");
+    for (size_t i = 0; i < ns; i++) {
+        if (ss[i].req_allow + ss[i].req_deny == 0)
+            continue;
+        for (int allow = 1; allow >= 0; allow--) {
+            admin_buf_add(b, "connectd_http_authorization_decisions_total{source=", 51);
+            admin_buf_label(b, ss[i].name);
+            admin_buf_printf(b, ",result=\"%s\"} %llu\n", allow ? "allow" : "deny",
+                             (unsigned long long)(allow ? ss[i].req_allow : ss[i].req_deny));
+        }
+    }
+    render_http(b, ls, nl);
 
     metric_head(b, "reauthorizations_total", "counter",
                 "Open inbound sessions re-evaluated against the intentions.");

@@ -12,7 +12,9 @@
 #include "worker.h"
 #include "log.h"
 #include "loop.h"
+#include "mux_h1.h"
 #include "notify.h"
+#include "relay.h"
 #include "session.h"
 #include "sock.h"
 #include "util.h"
@@ -367,6 +369,8 @@ struct worker *worker_new(unsigned index, struct authq_box *ask, struct loop_rec
         return NULL;
     }
     session_host_init(&w->host, w->loop, index);
+    w->host.muxes.relay = &relay_mux;
+    w->host.muxes.http1 = &mux_h1_mux;
     w->host.ask = ask;
     w->host.answers = authq_box_new(w->loop, on_answers, w);
     w->failed = failed;

@@ -151,12 +151,38 @@ static void test_line_worst_case_fits(void **state)
                          .local_addr = big,
                          .remote_addr = big,
                          .result = big,
-                         .reason = big};
+                         .reason = big,
+                         .protocol = big,
+                         .method = big,
+                         .authority = big,
+                         .path = big,
+                         .request_id = big};
     size_t n = alog_format_line(buf, sizeof(buf), ALOG_JSON, &r);
     assert_true(n < sizeof(buf));
     assert_int_equal(buf[n - 1], '\n');
     assert_int_equal(buf[n - 2], '}');
     assert_null(memchr(buf, '\n', n - 1));
+}
+
+/* Issue 9: a request record carries method, authority, path, status and request id; a
+ * connection record (no method) is written as before. */
+static void test_request_record(void **state)
+{
+    (void)state;
+    static char buf[ALOG_LINE_MAX];
+    struct alog_rec r = rec;
+    r.protocol = "HTTP/1.1";
+    r.method = "GET";
+    r.authority = "db";
+    r.path = "/a b\"c";
+    r.status = 403;
+    r.request_id = "id-1";
+    r.stream = 2;
+    alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &r);
+    assert_non_null(strstr(buf, " protocol=HTTP/1.1 method=GET authority=db path=\"/a b\\\"c\" "
+                                "status=403 request_id=id-1 stream=2 result="));
+    alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &rec);
+    assert_null(strstr(buf, "method="));
 }
 
 static void test_parse_format(void **state)
@@ -177,7 +203,7 @@ int main(void)
         cmocka_unit_test(test_values_are_bounded), cmocka_unit_test(test_buffer_never_overflows),
         cmocka_unit_test(test_time_rfc3339_ms),    cmocka_unit_test(test_line_json),
         cmocka_unit_test(test_line_logfmt),        cmocka_unit_test(test_line_worst_case_fits),
-        cmocka_unit_test(test_parse_format),
+        cmocka_unit_test(test_parse_format),       cmocka_unit_test(test_request_record),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -141,6 +141,52 @@ static void test_enumerated_keys(void **state)
 }
 
 /*
+ * Issue 9: Proxy.Config.protocol selects the inbound mode. tcp (or absent, or "") is L4, http
+ * is L7; http2 and grpc are accepted but relayed at L4 for now, with a warning saying so; any
+ * other value is an error naming the key and the choices. The L7 limits have their defaults.
+ */
+static void test_protocol_key(void **state)
+{
+    (void)state;
+    struct dec_service s = base_service();
+    struct dec_kv kvs[] = {
+        {.key = "protocol", .type = DEC_KV_STRING, .str = "http"},
+        {.key = "max_request_headers_kb", .type = DEC_KV_NUMBER, .str = "8"},
+    };
+    struct proxy_cfg c;
+    char err[256];
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.protocol, PROTO_TCP);
+    assert_int_equal(c.max_request_headers_kb, 60);
+    assert_int_equal(c.request_headers_timeout_ms, 10000);
+    assert_int_equal(c.local_request_timeout_ms, 15000);
+    proxycfg_dispose(&c);
+
+    s.config = kvs;
+    s.n_config = 2;
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.protocol, PROTO_HTTP);
+    assert_int_equal(c.max_request_headers_kb, 8);
+    assert_int_equal(c.n_warnings, 0);
+    proxycfg_dispose(&c);
+
+    kvs[0].str = "grpc";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.protocol, PROTO_GRPC);
+    assert_int_equal(c.n_warnings, 1);
+    assert_non_null(strstr(c.warnings[0], "protocol \"grpc\" is relayed at L4"));
+    proxycfg_dispose(&c);
+
+    kvs[0].str = "http3";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_string_equal(err, "Proxy.Config: key \"protocol\" must be tcp, http, http2 or grpc");
+    kvs[0].str = "http";
+    kvs[1].str = "0";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_non_null(strstr(err, "max_request_headers_kb"));
+}
+
+/*
  * Issue 7 defect 9: every unknown Config key became a warning, and the control thread checked
  * each against every warning logged before (a linear list that only grew): a registration
  * with 100k unknown keys took minutes of the control thread and 100k log lines. Now one build
@@ -240,6 +286,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_are_stored_and_documented_from_the_table),
+        cmocka_unit_test(test_protocol_key),
         cmocka_unit_test(test_enumerated_keys),
         cmocka_unit_test(test_many_unknown_keys_are_bounded_and_fast),
         cmocka_unit_test(test_warned_set_is_bounded),

@@ -420,6 +420,38 @@ static void test_mutual_handshake(void **state)
     tls_ctx_unref(db);
 }
 
+/*
+ * Issue 9: the XFCC Hash an L7 inbound sidecar sends is the SHA-256 of the caller's leaf in
+ * DER, as lower-case hex: computed here independently from the certificate object.
+ */
+static void test_peer_cert_sha256(void **state)
+{
+    (void)state;
+    struct tls_ctx *web = ctx_for(&pki.web, &pki.ca1);
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    struct duo d;
+    unsigned char md[32];
+    unsigned int mdlen = 0;
+    char want[65], got[80];
+    assert_int_equal(X509_digest(pki.web.x, EVP_sha256(), md, &mdlen), 1);
+    for (unsigned i = 0; i < 32; i++)
+        snprintf(want + 2 * i, 3, "%02x", md[i]);
+    int fds[2];
+    pair(fds);
+    struct tls_conn *fresh = tls_conn_new_server(db, fds[1]);
+    assert_int_equal(tls_conn_peer_cert_sha256_hex(fresh, got, sizeof(got)), ERR_NO_URI);
+    tls_conn_free(fresh);
+    close(fds[0]);
+    close(fds[1]);
+    duo_open(&d, web, db, SNI_DB);
+    assert_int_equal(tls_conn_peer_cert_sha256_hex(d.srv.tc, got, sizeof(got)), 64);
+    assert_string_equal(got, want);
+    assert_int_equal(tls_conn_peer_cert_sha256_hex(d.srv.tc, got, 64), -ENOSPC);
+    duo_close(&d);
+    tls_ctx_unref(web);
+    tls_ctx_unref(db);
+}
+
 static void assert_no_key_material(const char *err, const char *key_pem);
 
 /*
@@ -1370,6 +1402,7 @@ int main(void)
     tls_global_init();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mutual_handshake),
+        cmocka_unit_test(test_peer_cert_sha256),
         cmocka_unit_test(test_parsed_key),
         cmocka_unit_test(test_tls12),
         cmocka_unit_test(test_client_without_cert_refused),

@@ -1,0 +1,1140 @@
+/*
+ * mux_h1: the inbound HTTP/1.1 codec. One connection from a caller (the TLS end, end[0]) and
+ * at most one plain HTTP/1.1 connection to the local application (end[1]), dialled on the
+ * first allowed request and kept alive while both sides allow it. Requests are served one at
+ * a time, in order: the next head is read only once the current response is complete, so
+ * pipelined requests wait in the caller's buffer (or its socket) and are answered in order.
+ *
+ *        .------------------------------------------------------------------.
+ *        v                                                                  |
+ *   HEAD --head--> authorize --allow--> (CONNECT) --> EXCHANGE --response done, keep-alive
+ *    |                |                    |             |  \--101 / 2xx to CONNECT--> relay.c
+ *    |                '--deny--> LOCAL 403 '--fail--> LOCAL 503         (a raw tunnel)
+ *    |                           (request body read and dropped)  |
+ *    |   EXCHANGE --bad answer / timeout--> LOCAL 502 / 504       |
+ *    |   LOCAL --written--> HEAD (keep-alive) or CLOSING          |
+ *    '--malformed 400 / too large 431 / slow 408 / bad Expect 417--> LOCAL --> CLOSING
+ *   CLOSING: the answer written, close_notify sent, the caller's bytes read and dropped
+ *   (at most LINGER_BYTES for LINGER_MS, so the answer is not lost to a reset) --> DONE
+ *   the caller closing between requests, or an error mid-stream --> DONE
+ *
+ * Framing (RFC 9112): heads are parsed with h1parse (strict: smuggling-prone heads are 400).
+ * Bodies are passed through with their framing: Content-Length bodies byte for byte, chunked
+ * bodies as sent but run through h1_chunked_decode(), which validates them and finds their
+ * end (the serializer drops Transfer-Encoding as hop-by-hop, so "chunked" is added back). A
+ * chunked response to an HTTP/1.0 caller is decoded and sent until close instead. A response
+ * without framing runs until the application closes, then the caller's connection closes.
+ *
+ * Back-pressure: a side is read only while the buffer its bytes go to holds less than
+ * IO_CHUNK; heads may grow a buffer up to their limit (max_request_headers_kb for requests,
+ * H1_HEAD_MAX for responses). Buffers are freed whenever the connection waits for a head with
+ * nothing buffered, so an idle keep-alive connection holds none.
+ *
+ * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
+ * interim response. A request refused locally (403, 503) that expects 100-continue and has a
+ * body closes the connection after the answer, since the caller may or may not send the body.
+ *
+ * Timers (the session's one state timer): request_headers_timeout_ms from a head's first byte
+ * (408), local_connect_timeout_ms (503), local_request_timeout_ms from the end of the request
+ * to the end of the response (504 before its head, else the connection is cut), and the idle
+ * timeout (local_idle_timeout_ms) otherwise. The timer is started for the earliest deadline
+ * and, when it fires early, re-armed for the rest, so moving bytes does not touch the heap.
+ */
+#include "mux_h1.h"
+#include "h1parse.h"
+#include "log.h"
+#include "relay.h"
+#include "session_int.h"
+#include "sock.h"
+#include "spiffe.h"
+#include "stream.h"
+#include "tls.h"
+#include "util.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define IO_CHUNK     16384
+#define MAX_HEADERS  100 /* Envoy's max_headers_count default; one more is 431 */
+#define LINGER_MS    1000
+#define LINGER_BYTES (256u * 1024u)
+#define XFCC_MAX     (SPIFFE_NAME_MAX * 4 + 128)
+
+struct buf {
+    char *p;
+    size_t len, cap;
+};
+
+enum phase {
+    P_HEAD,
+    P_CONNECT,
+    P_EXCHANGE,
+    P_LOCAL,
+    P_CLOSING,
+};
+
+enum deadline {
+    DL_NONE,
+    DL_IDLE,
+    DL_HEAD,
+    DL_CONNECT,
+    DL_RESPONSE,
+    DL_LINGER,
+};
+
+/* One message body being carried (or dropped). */
+struct body {
+    enum http_framing framing;
+    uint64_t remaining; /* HTTP_BODY_LENGTH */
+    struct h1_chunked ch;
+    int dechunk; /* forward only the chunks' data */
+    int done;
+};
+
+struct mux_h1 {
+    enum phase phase;
+    struct buf cin;  /* read from the caller, not consumed yet */
+    struct buf cout; /* to write to the caller */
+    struct buf ain;  /* read from the application */
+    struct buf aout; /* to write to the application */
+    size_t head_max;
+    struct stream st;
+    uint64_t nstreams;
+    uint64_t head_start_ms;    /* first byte of the head being read; 0 when none */
+    uint64_t connect_start_ms; /* CONNECT */
+    uint64_t req_sent_ms;      /* the whole request written to the application; 0 until */
+    uint64_t linger_start_ms;
+    size_t lingered;
+    size_t scanned; /* cin bytes already searched for a blank line */
+    /* The request being served (its head's slices are valid only until it is forwarded). */
+    struct http_request rq;
+    size_t rq_len;
+    struct http_header rq_h[MAX_HEADERS];
+    struct http_response rs;
+    struct http_header rs_h[MAX_HEADERS];
+    enum http_method method;
+    int minor;         /* the request's HTTP/1.<minor> */
+    int req_keep;      /* the caller allows another request after this one */
+    int upgrade;       /* the request offers an Upgrade */
+    int expect;        /* the request expects 100-continue */
+    struct body req;   /* the request body: to the application, or dropped */
+    struct body res;   /* the response body */
+    int res_head_done; /* the final response head was written to cout */
+    int app_keep;      /* the application allows another request on its connection */
+    int app_wr_dead;   /* writing to the application failed: the rest is dropped */
+    int app_writable;  /* end[1] reported writable (CONNECT) */
+    int close_after;   /* close the caller's connection once the current answer is out */
+    enum stream_result local_result;
+    char why[256];       /* the reason of the current local answer / close */
+    uint64_t armed_at;   /* the deadline the timer is armed for; 0 when not armed */
+    char xfcc[XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
+};
+
+/* ---- buffers ---- */
+
+static void buf_reserve(struct buf *b, size_t need)
+{
+    if (b->cap >= need)
+        return;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < need)
+        cap *= 2;
+    b->p = xrealloc(b->p, cap);
+    b->cap = cap;
+}
+
+static void buf_consume(struct buf *b, size_t n)
+{
+    if (n >= b->len) {
+        b->len = 0;
+        return;
+    }
+    memmove(b->p, b->p + n, b->len - n);
+    b->len -= n;
+}
+
+static void buf_add(struct buf *b, const void *p, size_t n)
+{
+    buf_reserve(b, b->len + n);
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+}
+
+static void buf_release(struct buf *b)
+{
+    if (b->len != 0)
+        return;
+    free(b->p);
+    b->p = NULL;
+    b->cap = 0;
+}
+
+static void mux_free(struct mux_h1 *m)
+{
+    if (m == NULL)
+        return;
+    free(m->cin.p);
+    free(m->cout.p);
+    free(m->ain.p);
+    free(m->aout.p);
+    free(m);
+}
+
+/* ---- bodies ---- */
+
+static void body_init(struct body *b, enum http_framing f, uint64_t length)
+{
+    memset(b, 0, sizeof(*b));
+    b->framing = f;
+    b->remaining = length;
+    h1_chunked_init(&b->ch);
+    b->done = f == HTTP_BODY_NONE || (f == HTTP_BODY_LENGTH && length == 0);
+}
+
+/*
+ * Moves body bytes from <in> to <out> (NULL drops them), at most what keeps <out> under
+ * IO_CHUNK. Returns the bytes consumed from <in>, or -EBADMSG / -EMSGSIZE from the chunked
+ * decoder (*<why> set). An until-close body takes everything; its end is the peer's EOF.
+ */
+static ssize_t body_move(struct body *b, struct buf *in, struct buf *out, const char **why)
+{
+    size_t room = out == NULL ? in->len : out->len < IO_CHUNK ? IO_CHUNK - out->len : 0;
+    size_t avail = in->len < room ? in->len : room, used = 0;
+    if (b->done || avail == 0)
+        return 0;
+    if (b->framing == HTTP_BODY_LENGTH || b->framing == HTTP_BODY_UNTIL_CLOSE) {
+        size_t n = avail;
+        if (b->framing == HTTP_BODY_LENGTH && b->remaining < n)
+            n = (size_t)b->remaining;
+        if (out != NULL)
+            buf_add(out, in->p, n);
+        if (b->framing == HTTP_BODY_LENGTH) {
+            b->remaining -= n;
+            b->done = b->remaining == 0;
+        }
+        buf_consume(in, n);
+        return (ssize_t)n;
+    }
+    /* Chunked: the decoder consumes raw bytes and points at the data among them. */
+    while (used < avail && !b->done) {
+        struct http_slice data = {0};
+        ssize_t n = h1_chunked_decode(&b->ch, in->p + used, avail - used, &data, why);
+        if (n < 0)
+            return n;
+        if (n == 0)
+            break;
+        if (out != NULL && b->dechunk && data.len > 0)
+            buf_add(out, data.p, data.len);
+        else if (out != NULL && !b->dechunk)
+            buf_add(out, in->p + used, (size_t)n);
+        used += (size_t)n;
+        b->done = h1_chunked_done(&b->ch);
+    }
+    buf_consume(in, used);
+    return (ssize_t)used;
+}
+
+/*
+ * Whether a head's blank line may have arrived: a LF followed by LF or CRLF at or after
+ * <from>. The parser reads the whole buffer on each call, so it is called only when this is
+ * true or the buffer is over the limit: a head sent a byte at a time costs linear time.
+ */
+static int blank_line(const struct buf *b, size_t from)
+{
+    for (size_t i = from; i + 1 < b->len; i++) {
+        if (b->p[i] != '\n')
+            continue;
+        if (b->p[i + 1] == '\n' || (b->p[i + 1] == '\r' && i + 2 < b->len && b->p[i + 2] == '\n'))
+            return 1;
+    }
+    return 0;
+}
+
+/* ---- I/O helpers ---- */
+
+/*
+ * Reads from end <i> into <b>, at most <max> bytes in the buffer. Returns >0, 0 at EOF (the
+ * end's rd_eof is set), -EAGAIN (the events to wait for are added to *<wants>), or an error.
+ */
+static ssize_t read_into(struct session *s, int i, struct buf *b, size_t max, unsigned *wants)
+{
+    if (b->len >= max)
+        return -ENOBUFS;
+    size_t want = max - b->len < IO_CHUNK ? max - b->len : IO_CHUNK;
+    buf_reserve(b, b->len + want);
+    ssize_t n = xprt_read(&s->end[i], b->p + b->len, want);
+    if (n > 0) {
+        b->len += (size_t)n;
+        if (i == 0) {
+            s->bytes[0] += (uint64_t)n;
+            STAT_ADD(s->lstat->bytes_in, (uint64_t)n);
+        }
+    } else if (n == 0) {
+        s->end[i].rd_eof = 1;
+    } else if (n == -EAGAIN) {
+        *wants |= xprt_wants(&s->end[i], LOOP_READ);
+    }
+    return n;
+}
+
+/* Writes what <b> holds to end <i>. Returns >0, 0 when empty, -EAGAIN or an error. */
+static ssize_t write_from(struct session *s, int i, struct buf *b, unsigned *wants)
+{
+    if (b->len == 0)
+        return 0;
+    ssize_t n = xprt_write(&s->end[i], b->p, b->len);
+    if (n > 0) {
+        buf_consume(b, (size_t)n);
+        if (i == 0) {
+            s->bytes[1] += (uint64_t)n;
+            s->mux->st.bytes_out += (uint64_t)n;
+            STAT_ADD(s->lstat->bytes_out, (uint64_t)n);
+        }
+    } else if (n == -EAGAIN) {
+        *wants |= xprt_wants(&s->end[i], LOOP_WRITE);
+    }
+    return n;
+}
+
+static void close_app(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    xprt_close(s->host->loop, &s->end[1]);
+    m->ain.len = 0;
+    m->aout.len = 0;
+    m->app_writable = 0;
+    m->app_keep = 0;
+}
+
+/* ---- local answers ---- */
+
+static const char *reason_phrase(int status)
+{
+    switch (status) {
+    case 400:
+        return "Bad Request";
+    case 403:
+        return "Forbidden";
+    case 408:
+        return "Request Timeout";
+    case 417:
+        return "Expectation Failed";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    default:
+        return "Error";
+    }
+}
+
+/* The body of a local answer: Envoy's words where a client may look for them. */
+static const char *local_body(enum stream_result r)
+{
+    switch (r) {
+    case STREAM_RES_DENIED:
+        return "RBAC: access denied";
+    case STREAM_RES_LOCAL_CONNECT_ERROR:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "connection failure";
+    case STREAM_RES_LOCAL_RESET:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "connection termination";
+    case STREAM_RES_LOCAL_TIMEOUT:
+        return "upstream request timeout";
+    case STREAM_RES_BAD_RESPONSE:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "protocol error";
+    case STREAM_RES_HEADERS_TOO_LARGE:
+        return "request header fields too large";
+    case STREAM_RES_HEADERS_TIMEOUT:
+        return "request timeout";
+    case STREAM_RES_EXPECTATION_FAILED:
+        return "expectation failed";
+    default:
+        return "bad request";
+    }
+}
+
+/*
+ * Queues connectd's own answer <r> to the current stream and enters LOCAL. <close>: the
+ * caller's connection closes after it (else the rest of the request body, m->req, is read and
+ * dropped first). The stream finishes once the answer is written.
+ */
+static void local_answer(struct session *s, enum stream_result r, int close, const char *why)
+{
+    struct mux_h1 *m = s->mux;
+    int status = stream_result_status(r);
+    const char *body = local_body(r);
+    /* 1xx already sent for this stream are fine; a final head is not (callers check). */
+    if (!m->req_keep)
+        close = 1;
+    char head[256];
+    int n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 %d %s\r\ncontent-length: %zu\r\ncontent-type: text/plain\r\n%s\r\n",
+                     status, reason_phrase(status), strlen(body),
+                     close           ? "connection: close\r\n"
+                     : m->minor == 0 ? "connection: keep-alive\r\n"
+                                     : "");
+    buf_add(&m->cout, head, (size_t)n);
+    buf_add(&m->cout, body, strlen(body));
+    m->st.status = status;
+    m->local_result = r;
+    m->close_after = m->close_after || close;
+    m->res_head_done = 1;
+    snprintf(m->why, sizeof(m->why), "%s", why != NULL ? why : "");
+    m->phase = P_LOCAL;
+}
+
+/* ---- the request head ---- */
+
+/* Starts the next stream: buffers are let go when nothing is held. */
+static void next_stream(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    m->phase = P_HEAD;
+    m->scanned = 0;
+    m->head_start_ms = m->cin.len > 0 ? loop_now_ms(s->host->loop) : 0;
+    m->req_sent_ms = 0;
+    m->res_head_done = 0;
+    m->app_wr_dead = 0;
+    m->close_after = 0;
+    m->upgrade = m->expect = 0;
+    m->why[0] = '\0';
+    memset(&m->rq, 0, sizeof(m->rq));
+    buf_release(&m->cin);
+    buf_release(&m->cout);
+    buf_release(&m->ain);
+    buf_release(&m->aout);
+}
+
+static void app_on_io(struct loop_io *io, unsigned events);
+
+static int connect_app(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    const struct proxy_cfg *c = &s->snap->cfg;
+    int unix_sock = c->local_socket_path[0] != '\0';
+    int fd = unix_sock ? sock_connect_unix(c->local_socket_path)
+                       : sock_connect(c->local_address, c->local_port);
+    if (unix_sock)
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+    else
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+    if (fd < 0)
+        return fd;
+    memset(&s->end[1], 0, sizeof(s->end[1]));
+    s->end[1].fd = fd;
+    loop_io_init(&s->end[1].io, fd, app_on_io, s);
+    m->app_writable = 0;
+    m->app_keep = 1;
+    m->connect_start_ms = loop_now_ms(s->host->loop);
+    m->phase = P_CONNECT;
+    return 0;
+}
+
+/*
+ * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
+ * Proto and X-Request-Id, consumes its head from cin and enters EXCHANGE.
+ */
+static void forward_head(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_request *rq = &m->rq;
+    struct http_header extra[8];
+    size_t nx = 0;
+    int have_id = 0;
+    for (size_t i = 0; i < rq->nheaders; i++) {
+        struct http_header *h = &rq->headers[i];
+        /* The application must be able to trust these: what the caller sent is replaced.
+         * Flagged hop-by-hop, the serializer leaves them out. */
+        if (h1_slice_eq(h->name, "x-forwarded-client-cert") ||
+            h1_slice_eq(h->name, "x-forwarded-proto"))
+            h->flags |= HTTP_HDR_HOP;
+        else if (h1_slice_eq(h->name, "x-request-id") && h->value.len > 0 && !have_id)
+            have_id = 1;
+        else if (h1_slice_eq(h->name, "x-request-id"))
+            h->flags |= HTTP_HDR_HOP; /* empty or repeated: one id only */
+    }
+#define EXTRA(n, v)                                                                                \
+    extra[nx++] = (struct http_header)                                                             \
+    {                                                                                              \
+        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
+    }
+    EXTRA("X-Forwarded-Client-Cert", m->xfcc);
+    EXTRA("X-Forwarded-Proto", "https");
+    if (!have_id) {
+        stream_new_request_id(&m->st);
+        EXTRA("X-Request-Id", m->st.request_id);
+    }
+    if (rq->framing == HTTP_BODY_CHUNKED)
+        EXTRA("Transfer-Encoding", "chunked");
+    if (m->upgrade) {
+        EXTRA("Connection", "upgrade");
+        extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rq->upgrade};
+    }
+#undef EXTRA
+    size_t need = m->rq_len + 1024 + strlen(m->xfcc);
+    int n;
+    for (;;) {
+        buf_reserve(&m->aout, m->aout.len + need);
+        n = h1_write_request_head(m->aout.p + m->aout.len, m->aout.cap - m->aout.len, rq, extra,
+                                  nx);
+        if (n != -ENOSPC)
+            break;
+        need *= 2;
+    }
+    if (n < 0) {
+        local_answer(s, STREAM_RES_BAD_REQUEST, 1, "the request head cannot be forwarded");
+        return;
+    }
+    m->aout.len += (size_t)n;
+    buf_consume(&m->cin, m->rq_len);
+    memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
+    m->res_head_done = 0;
+    m->phase = P_EXCHANGE;
+}
+
+/* A complete request head of <n> bytes is at the start of cin. */
+static void on_head(struct session *s, size_t n)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_request *rq = &m->rq;
+    char why[600];
+    stream_begin(&m->st, ++m->nstreams, loop_now_ms(s->host->loop), rq);
+    m->st.bytes_in = n;
+    m->rq_len = n;
+    m->head_start_ms = 0;
+    m->method = rq->method;
+    m->minor = rq->minor_version;
+    m->req_keep = (rq->flags & HTTP_F_KEEP_ALIVE) != 0;
+    m->upgrade = (rq->flags & HTTP_F_UPGRADE) != 0;
+    m->expect = (rq->flags & HTTP_F_EXPECT_CONTINUE) != 0;
+    body_init(&m->req, rq->framing, rq->content_length);
+    if (rq->flags & HTTP_F_EXPECT_OTHER) {
+        local_answer(s, STREAM_RES_EXPECTATION_FAILED, 1, "unsupported Expect");
+        return;
+    }
+    int allow = stream_authorize(s, rq, why, sizeof(why));
+    session_count_request_decision(s, allow);
+    if (!allow) {
+        /* The body is read and dropped so the connection can carry the next request, unless
+         * the caller waits for a 100 before sending it. */
+        int close = m->expect && !m->req.done;
+        buf_consume(&m->cin, m->rq_len);
+        memset(rq, 0, sizeof(*rq));
+        local_answer(s, STREAM_RES_DENIED, close, why);
+        return;
+    }
+    if (s->end[1].fd < 0) {
+        int rc = connect_app(s);
+        if (rc < 0) {
+            char msg[400];
+            snprintf(msg, sizeof(msg), "connect %s: %s", s->ep_name, util_strerror(rc));
+            buf_consume(&m->cin, m->rq_len);
+            memset(rq, 0, sizeof(*rq));
+            local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
+        }
+        return;
+    }
+    forward_head(s);
+}
+
+/* ---- the response head ---- */
+
+/* A complete response head of <n> bytes is at the start of ain. Returns 0, or -1 after
+ * answering 502. */
+static int on_response_head(struct session *s, size_t n)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_response *rs = &m->rs;
+    struct http_header extra[4];
+    size_t nx = 0;
+    int tunnel = rs->framing == HTTP_BODY_TUNNEL;
+    if (rs->status >= 100 && rs->status < 200 && rs->status != 101) {
+        /* Interim (100 Continue, 103 Early Hints): passed on to an HTTP/1.1 caller. */
+        if (m->minor == 1) {
+            buf_reserve(&m->cout, m->cout.len + n + 64);
+            int w = h1_write_response_head(m->cout.p + m->cout.len, m->cout.cap - m->cout.len, rs,
+                                           NULL, 0);
+            if (w > 0)
+                m->cout.len += (size_t)w;
+        }
+        buf_consume(&m->ain, n);
+        return 0;
+    }
+    if (tunnel && !(rs->status == 101 ? m->upgrade : m->method == HTTP_METHOD_CONNECT)) {
+        close_app(s);
+        local_answer(s, STREAM_RES_BAD_RESPONSE, !m->req.done, "101 without an Upgrade offer");
+        return -1;
+    }
+    body_init(&m->res, rs->framing, rs->content_length);
+    m->res.dechunk = rs->framing == HTTP_BODY_CHUNKED && m->minor == 0;
+    m->app_keep = m->app_keep && (rs->flags & HTTP_F_KEEP_ALIVE) &&
+                  rs->framing != HTTP_BODY_UNTIL_CLOSE && !tunnel;
+    int keep = m->req_keep && !m->close_after && rs->framing != HTTP_BODY_UNTIL_CLOSE &&
+               !m->res.dechunk && !tunnel;
+    m->close_after = !keep && !tunnel;
+#define EXTRA(n, v)                                                                                \
+    extra[nx++] = (struct http_header)                                                             \
+    {                                                                                              \
+        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
+    }
+    if (rs->framing == HTTP_BODY_CHUNKED && !m->res.dechunk)
+        EXTRA("Transfer-Encoding", "chunked");
+    if (tunnel && rs->status == 101) {
+        EXTRA("Connection", "upgrade");
+        extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rs->upgrade};
+    } else if (!keep) {
+        EXTRA("Connection", "close");
+    } else if (m->minor == 0) {
+        EXTRA("Connection", "keep-alive");
+    }
+#undef EXTRA
+    size_t need = n + 256;
+    int w;
+    for (;;) {
+        buf_reserve(&m->cout, m->cout.len + need);
+        w = h1_write_response_head(m->cout.p + m->cout.len, m->cout.cap - m->cout.len, rs, extra,
+                                   nx);
+        if (w != -ENOSPC)
+            break;
+        need *= 2;
+    }
+    if (w < 0) {
+        close_app(s);
+        local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "the response head cannot be forwarded");
+        return -1;
+    }
+    m->cout.len += (size_t)w;
+    m->st.status = rs->status;
+    m->res_head_done = 1;
+    buf_consume(&m->ain, n);
+    return 0;
+}
+
+/* ---- the tunnel ---- */
+
+/* 101 (or 2xx to CONNECT) written: the connection becomes a byte tunnel run by relay.c. */
+static void become_tunnel(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    char why[64];
+    if (m->cin.len > SESSION_RELAY_BUF_BYTES || m->ain.len > SESSION_RELAY_BUF_BYTES) {
+        stream_finish(s, &m->st, STREAM_RES_ABORTED, "too many bytes before the tunnel");
+        session_finish(s, SESSION_RES_ERROR, "too many bytes buffered before the tunnel");
+        return;
+    }
+    snprintf(why, sizeof(why), "%d: tunnel", m->st.status);
+    stream_finish(s, &m->st, STREAM_RES_UPGRADED, why);
+    /* What each side sent after its head goes first: buf[d] carries bytes read from end[d]. */
+    struct buf *left[2] = {&m->cin, &m->ain};
+    for (int d = 0; d < 2; d++) {
+        s->buf[d].off = 0;
+        s->buf[d].len = 0;
+        if (left[d]->len > 0) {
+            session_buf_take(s->host, &s->buf[d]);
+            memcpy(s->buf[d].data, left[d]->p, left[d]->len);
+            s->buf[d].len = left[d]->len;
+        }
+    }
+    s->end[1].io.cb = session_on_io;
+    loop_timer_stop(s->host->loop, &s->timer);
+    mux_free(m);
+    s->mux = NULL;
+    relay_start(s);
+}
+
+/* ---- timers ---- */
+
+/* The earliest deadline of the current phase (absolute ms, 0 for none) and its kind. */
+static uint64_t deadline(const struct session *s, enum deadline *kind)
+{
+    const struct mux_h1 *m = s->mux;
+    const struct proxy_cfg *c = &s->snap->cfg;
+    uint32_t idle = session_idle_timeout_ms(s);
+    *kind = DL_NONE;
+    switch (m->phase) {
+    case P_HEAD:
+        if (m->head_start_ms != 0) {
+            *kind = DL_HEAD;
+            return m->head_start_ms + c->request_headers_timeout_ms;
+        }
+        break;
+    case P_CONNECT:
+        *kind = DL_CONNECT;
+        return m->connect_start_ms + c->local_connect_timeout_ms;
+    case P_EXCHANGE:
+        if (m->req_sent_ms != 0 && !m->res.done && c->local_request_timeout_ms != 0) {
+            *kind = DL_RESPONSE;
+            return m->req_sent_ms + c->local_request_timeout_ms;
+        }
+        break;
+    case P_CLOSING:
+        *kind = DL_LINGER;
+        return m->linger_start_ms + LINGER_MS;
+    default:
+        break;
+    }
+    if (idle == 0)
+        return 0;
+    *kind = DL_IDLE;
+    return s->last_io_ms + idle;
+}
+
+static void arm(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    enum deadline kind;
+    uint64_t d = deadline(s, &kind), now = loop_now_ms(s->host->loop);
+    if (d == 0) {
+        loop_timer_stop(s->host->loop, &s->timer);
+        m->armed_at = 0;
+        return;
+    }
+    /* A later deadline than the armed one is checked when the timer fires. */
+    if (loop_timer_armed(&s->timer) && m->armed_at != 0 && m->armed_at <= d)
+        return;
+    m->armed_at = d;
+    loop_timer_start(s->host->loop, &s->timer, d > now ? d - now : 0);
+}
+
+/* ---- the pump ---- */
+
+/* Ends the connection in the middle of a stream. */
+static void abort_conn(struct session *s, enum session_result r, const char *why)
+{
+    struct mux_h1 *m = s->mux;
+    if (m->phase != P_HEAD && m->phase != P_CLOSING)
+        stream_finish(s, &m->st, STREAM_RES_ABORTED, why);
+    session_finish(s, r, why);
+}
+
+/* The current stream is answered in full: the next one, or closing. */
+static void stream_done(struct session *s, enum stream_result r, const char *why)
+{
+    struct mux_h1 *m = s->mux;
+    stream_finish(s, &m->st, r, why);
+    if (!m->req.done) {
+        /* Where the next request starts is unknown, and the application got part of a body. */
+        m->close_after = 1;
+        m->app_keep = 0;
+    }
+    if (m->ain.len > 0)
+        m->app_keep = 0; /* bytes after a complete answer: the application is out of step */
+    if (m->close_after) {
+        m->phase = P_CLOSING;
+        m->linger_start_ms = loop_now_ms(s->host->loop);
+        m->lingered = 0;
+        if (m->why[0] == '\0')
+            snprintf(m->why, sizeof(m->why), "closed after stream %llu",
+                     (unsigned long long)m->st.seq);
+        if (s->end[1].fd >= 0 && !m->app_keep)
+            close_app(s);
+        return;
+    }
+    if (s->end[1].fd >= 0 && !m->app_keep)
+        close_app(s);
+    next_stream(s);
+}
+
+/*
+ * Runs the codec until nothing moves, then registers the events each end waits for. Every
+ * path that ends the session or hands it to the relay returns at once.
+ */
+static void pump(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    const char *why = NULL;
+    char msg[400];
+    for (;;) {
+        unsigned wants[2] = {0, 0};
+        int progress = 0;
+        ssize_t n;
+        /* Out to the caller first: answers are small and free the way for the next. */
+        n = write_from(s, 0, &m->cout, &wants[0]);
+        if (n > 0) {
+            progress = 1;
+        } else if (n < 0 && n != -EAGAIN) {
+            abort_conn(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
+            return;
+        }
+        if (s->end[1].fd >= 0 && m->phase != P_CONNECT && !m->app_wr_dead) {
+            n = write_from(s, 1, &m->aout, &wants[1]);
+            if (n > 0) {
+                progress = 1;
+            } else if (n < 0 && n != -EAGAIN) {
+                /* The application stopped reading (it may still answer): the rest of the
+                 * request is dropped, and the caller's connection closes after the answer. */
+                m->app_wr_dead = 1;
+                m->aout.len = 0;
+                m->close_after = 1;
+                m->app_keep = 0;
+            }
+        }
+        switch (m->phase) {
+        case P_HEAD: {
+            if (s->end[1].fd >= 0) {
+                /* An idle application connection: bytes or EOF mean it is no longer usable. */
+                char junk[256];
+                n = xprt_read(&s->end[1], junk, sizeof(junk));
+                if (n == -EAGAIN)
+                    wants[1] |= LOOP_READ;
+                else
+                    close_app(s);
+            }
+            int look = m->cin.len > m->head_max ||
+                       blank_line(&m->cin, m->scanned > 2 ? m->scanned - 2 : 0);
+            m->scanned = m->cin.len;
+            if (look) {
+                m->rq.headers = m->rq_h;
+                m->rq.headers_cap = MAX_HEADERS;
+                int rc = h1_parse_request(m->cin.p, m->cin.len, m->head_max, &m->rq, &why);
+                if (rc > 0) {
+                    on_head(s, (size_t)rc);
+                    progress = 1;
+                    break;
+                }
+                if (rc == -EBADMSG || rc == -EMSGSIZE) {
+                    stream_begin(&m->st, ++m->nstreams, loop_now_ms(s->host->loop), NULL);
+                    m->minor = 1;
+                    m->req_keep = 0;
+                    body_init(&m->req, HTTP_BODY_NONE, 0);
+                    m->cin.len = 0;
+                    local_answer(
+                        s, rc == -EBADMSG ? STREAM_RES_BAD_REQUEST : STREAM_RES_HEADERS_TOO_LARGE,
+                        1, why);
+                    progress = 1;
+                    break;
+                }
+            }
+            n = read_into(s, 0, &m->cin, m->head_max + IO_CHUNK, &wants[0]);
+            if (n > 0) {
+                if (m->head_start_ms == 0)
+                    m->head_start_ms = loop_now_ms(s->host->loop);
+                progress = 1;
+            } else if (n == 0) {
+                session_finish(s, SESSION_RES_OK,
+                               m->cin.len == 0 ? "closed"
+                                               : "closed in the middle of a request head");
+                return;
+            } else if (n != -EAGAIN) {
+                session_finish(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
+                return;
+            }
+            break;
+        }
+        case P_CONNECT: {
+            if (!m->app_writable) {
+                wants[1] |= LOOP_WRITE;
+                break;
+            }
+            int rc = sock_connect_result(s->end[1].fd);
+            if (rc != 0) {
+                snprintf(msg, sizeof(msg), "connect %s: %s", s->ep_name, util_strerror(rc));
+                close_app(s);
+                buf_consume(&m->cin, m->rq_len);
+                memset(&m->rq, 0, sizeof(m->rq));
+                local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
+            } else {
+                forward_head(s);
+            }
+            progress = 1;
+            break;
+        }
+        case P_EXCHANGE: {
+            /* The request body: caller -> application (or dropped). */
+            if (!m->req.done) {
+                ssize_t k = body_move(&m->req, &m->cin, m->app_wr_dead ? NULL : &m->aout, &why);
+                if (k < 0) {
+                    if (m->res_head_done) {
+                        abort_conn(s, SESSION_RES_ERROR, why);
+                        return;
+                    }
+                    close_app(s);
+                    local_answer(s, STREAM_RES_BAD_REQUEST, 1, why);
+                    progress = 1;
+                    break;
+                }
+                if (k > 0) {
+                    m->st.bytes_in += (uint64_t)k;
+                    progress = 1;
+                }
+                if (!m->req.done && m->cin.len < IO_CHUNK) {
+                    n = read_into(s, 0, &m->cin, IO_CHUNK, &wants[0]);
+                    if (n > 0) {
+                        progress = 1;
+                    } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
+                        abort_conn(s, SESSION_RES_OK,
+                                   "the caller closed in the middle of a request");
+                        return;
+                    }
+                }
+            }
+            if (m->req.done && m->aout.len == 0 && m->req_sent_ms == 0)
+                m->req_sent_ms = loop_now_ms(s->host->loop);
+            /* The response: application -> caller. */
+            if (!m->res_head_done && m->ain.len > 0) {
+                m->rs.headers = m->rs_h;
+                m->rs.headers_cap = MAX_HEADERS;
+                int rc =
+                    h1_parse_response(m->ain.p, m->ain.len, H1_HEAD_MAX, m->method, &m->rs, &why);
+                if (rc > 0) {
+                    if (on_response_head(s, (size_t)rc) != 0) {
+                        progress = 1;
+                        break;
+                    }
+                    progress = 1;
+                } else if (rc != -EAGAIN) {
+                    snprintf(msg, sizeof(msg), "bad response from the application: %s", why);
+                    close_app(s);
+                    local_answer(s, STREAM_RES_BAD_RESPONSE, !m->req.done, msg);
+                    progress = 1;
+                    break;
+                }
+            }
+            if (m->res_head_done && !m->res.done && m->res.framing != HTTP_BODY_TUNNEL) {
+                ssize_t k = body_move(&m->res, &m->ain, &m->cout, &why);
+                if (k < 0) {
+                    snprintf(msg, sizeof(msg), "bad response body from the application: %s", why);
+                    abort_conn(s, SESSION_RES_ERROR, msg);
+                    return;
+                }
+                if (k > 0)
+                    progress = 1;
+            }
+            size_t ain_max = m->res_head_done ? IO_CHUNK : H1_HEAD_MAX + IO_CHUNK;
+            if (!m->res.done || !m->res_head_done) {
+                if (m->res.framing == HTTP_BODY_TUNNEL && m->res_head_done) {
+                    /* The tunnel starts once the 101 and the request are out. */
+                } else if (m->ain.len < ain_max) {
+                    n = read_into(s, 1, &m->ain, ain_max, &wants[1]);
+                    if (n > 0) {
+                        progress = 1;
+                    } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
+                        const char *what = n == 0 ? "closed" : xprt_error(&s->end[1], (int)n);
+                        if (m->res_head_done && m->res.framing == HTTP_BODY_UNTIL_CLOSE && n == 0) {
+                            m->res.done = 1;
+                            m->app_keep = 0;
+                            progress = 1;
+                        } else if (!m->res_head_done) {
+                            snprintf(msg, sizeof(msg), "the application %s before its answer",
+                                     what);
+                            close_app(s);
+                            /* As Envoy: a reset before the response head is 503, a broken
+                             * head 502. */
+                            local_answer(s, STREAM_RES_LOCAL_RESET, !m->req.done, msg);
+                            progress = 1;
+                            break;
+                        } else {
+                            snprintf(msg, sizeof(msg),
+                                     "the application %s in the middle of its answer", what);
+                            abort_conn(s, SESSION_RES_ERROR, msg);
+                            return;
+                        }
+                    }
+                }
+            }
+            if (m->res_head_done && m->res.framing == HTTP_BODY_TUNNEL && m->cout.len == 0 &&
+                m->req.done && m->aout.len == 0) {
+                become_tunnel(s);
+                return;
+            }
+            if (m->res_head_done && m->res.done && m->cout.len == 0) {
+                stream_done(s, STREAM_RES_OK, NULL);
+                progress = 1;
+            }
+            break;
+        }
+        case P_LOCAL: {
+            /* The answer is queued; the rest of the request body is read and dropped. */
+            if (!m->close_after && !m->req.done) {
+                ssize_t k = body_move(&m->req, &m->cin, NULL, &why);
+                if (k < 0) {
+                    m->close_after = 1;
+                } else if (k > 0) {
+                    m->st.bytes_in += (uint64_t)k;
+                    progress = 1;
+                }
+                if (!m->req.done && !m->close_after) {
+                    n = read_into(s, 0, &m->cin, IO_CHUNK, &wants[0]);
+                    if (n > 0) {
+                        progress = 1;
+                    } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
+                        abort_conn(s, SESSION_RES_OK,
+                                   "the caller closed in the middle of a request");
+                        return;
+                    }
+                }
+            }
+            if (m->cout.len == 0 && (m->req.done || m->close_after)) {
+                stream_done(s, m->local_result, m->why);
+                progress = 1;
+            }
+            break;
+        }
+        case P_CLOSING: {
+            if (m->cout.len > 0)
+                break;
+            if (!s->end[0].wr_shut) {
+                int rc = xprt_shutdown(&s->end[0]);
+                if (rc == 0) {
+                    s->end[0].wr_shut = 1;
+                    progress = 1;
+                } else if (rc == -EAGAIN) {
+                    wants[0] |= xprt_wants(&s->end[0], LOOP_WRITE);
+                    break;
+                } else {
+                    session_finish(s, SESSION_RES_OK, m->why);
+                    return;
+                }
+            }
+            /* Lingering: what the caller still sends is read and dropped, so closing does not
+             * reset the connection before it read the answer. */
+            char junk[4096];
+            n = xprt_read(&s->end[0], junk, sizeof(junk));
+            if (n > 0) {
+                m->lingered += (size_t)n;
+                progress = 1;
+            }
+            if (n == 0 || (n < 0 && n != -EAGAIN) || m->lingered > LINGER_BYTES) {
+                session_finish(s, SESSION_RES_OK, m->why);
+                return;
+            }
+            if (n == -EAGAIN)
+                wants[0] |= xprt_wants(&s->end[0], LOOP_READ);
+            break;
+        }
+        }
+        if (s->state == S_DONE)
+            return;
+        if (progress) {
+            s->last_io_ms = loop_now_ms(s->host->loop);
+            continue;
+        }
+        arm(s);
+        if (session_want(s, 0, wants[0]) == 0 && s->end[1].fd >= 0)
+            session_want(s, 1, wants[1]);
+        return;
+    }
+}
+
+/* ---- the carrier ---- */
+
+static void app_on_io(struct loop_io *io, unsigned events)
+{
+    struct session *s = io->data;
+    if (s->mux != NULL && (events & (LOOP_WRITE | LOOP_ERROR)))
+        s->mux->app_writable = 1;
+    session_on_io(io, events);
+}
+
+static void mux_advance(struct session *s)
+{
+    pump(s);
+}
+
+static void mux_on_timer(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    enum deadline kind;
+    uint64_t d = deadline(s, &kind), now = loop_now_ms(s->host->loop);
+    m->armed_at = 0;
+    if (d == 0)
+        return;
+    if (now < d) {
+        m->armed_at = d;
+        loop_timer_start(s->host->loop, &s->timer, d - now);
+        return;
+    }
+    char why[512];
+    switch (kind) {
+    case DL_HEAD:
+        stream_begin(&m->st, ++m->nstreams, m->head_start_ms, NULL);
+        m->minor = 1;
+        m->req_keep = 0;
+        body_init(&m->req, HTTP_BODY_NONE, 0);
+        m->cin.len = 0;
+        snprintf(why, sizeof(why),
+                 "no complete request head in %lu ms (request_headers_timeout_ms)",
+                 (unsigned long)s->snap->cfg.request_headers_timeout_ms);
+        local_answer(s, STREAM_RES_HEADERS_TIMEOUT, 1, why);
+        break;
+    case DL_CONNECT:
+        snprintf(why, sizeof(why), "connect %s timed out (local_connect_timeout_ms %lu)",
+                 s->ep_name, (unsigned long)s->snap->cfg.local_connect_timeout_ms);
+        close_app(s);
+        buf_consume(&m->cin, m->rq_len);
+        memset(&m->rq, 0, sizeof(m->rq));
+        local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, why);
+        break;
+    case DL_RESPONSE:
+        snprintf(why, sizeof(why), "no complete answer in %lu ms (local_request_timeout_ms)",
+                 (unsigned long)s->snap->cfg.local_request_timeout_ms);
+        close_app(s);
+        if (m->res_head_done) {
+            abort_conn(s, SESSION_RES_TIMEOUT, why);
+            return;
+        }
+        local_answer(s, STREAM_RES_LOCAL_TIMEOUT, 0, why);
+        break;
+    case DL_LINGER:
+        session_finish(s, SESSION_RES_OK, m->why);
+        return;
+    case DL_IDLE:
+        snprintf(why, sizeof(why), "idle for %llu ms (local_idle_timeout_ms)",
+                 (unsigned long long)(now - s->last_io_ms));
+        abort_conn(s, SESSION_RES_IDLE_TIMEOUT, why);
+        return;
+    default:
+        return;
+    }
+    pump(s);
+}
+
+static void mux_start(struct session *s)
+{
+    struct mux_h1 *m = xcalloc(1, sizeof(*m));
+    const struct proxy_cfg *c = &s->snap->cfg;
+    char ours[SPIFFE_NAME_MAX * 2] = "", hash[80] = "";
+    s->mux = m;
+    s->mux_free = mux_free;
+    s->carrier = &mux_h1_mux;
+    session_set_state(s, S_HTTP);
+    loop_timer_stop(s->host->loop, &s->timer);
+    m->head_max = (size_t)c->max_request_headers_kb * 1024u;
+    if (spiffe_format_service(ours, sizeof(ours), s->snap->trust_domain, c->partition, c->ns,
+                              c->datacenter, c->service) < 0)
+        ours[0] = '\0';
+    if (tls_conn_peer_cert_sha256_hex(s->end[0].tls, hash, sizeof(hash)) < 0)
+        hash[0] = '\0';
+    /* Envoy's SANITIZE_SET with the fields Consul asks for: By (us), Hash and URI (the
+     * caller). A URI carries no ';', ',' or '"' (spiffe_parse accepted it). */
+    snprintf(m->xfcc, sizeof(m->xfcc), "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
+    s->last_io_ms = loop_now_ms(s->host->loop);
+    next_stream(s);
+    pump(s);
+}
+
+/* The session ends for any reason (shutdown, lifetime, re-authorization, an error): the
+ * stream in progress, if any, gets its record. */
+static void mux_on_finish(struct session *s, const char *reason)
+{
+    struct mux_h1 *m = s->mux;
+    if (m != NULL && m->phase != P_HEAD && m->phase != P_CLOSING)
+        stream_finish(s, &m->st, STREAM_RES_ABORTED, reason);
+}
+
+const struct session_mux mux_h1_mux = {
+    .name = "http1",
+    .start = mux_start,
+    .advance = mux_advance,
+    .on_timer = mux_on_timer,
+    .on_finish = mux_on_finish,
+};

@@ -1,0 +1,129 @@
+/*
+ * session_int: what a session lends the code that carries its bytes once both legs are up:
+ * the L4 byte relay (relay.c) and the HTTP/1.1 codec (mux_h1.c). Nothing else includes it;
+ * the worker sees sessions only through session.h.
+ *
+ * A session has two ends: end[0] is the accepted connection, end[1] the one we dial (the local
+ * application inbound, the upstream endpoint outbound). Exactly one end speaks TLS. Its state
+ * machine is drawn at the top of session.c; relay.c and mux_h1.c each draw their own.
+ */
+#ifndef CONNECTD_SESSION_INT_H
+#define CONNECTD_SESSION_INT_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "limit.h"
+#include "loop.h"
+#include "session.h"
+#include "xprt.h"
+
+enum session_state {
+    S_ACCEPTED = 0,
+    S_TLS_HANDSHAKE,
+    S_AUTHORIZE,
+    S_CONNECT_LOCAL,
+    S_PICK_ENDPOINT,
+    S_CONNECT,
+    S_VERIFY_PEER,
+    S_RELAY,
+    S_HTTP, /* inbound L7: mux_h1 owns both ends */
+    S_DONE,
+};
+
+#define SESSION_RELAY_BUF_BYTES 16384
+
+struct relay_buf {
+    char *data;
+    size_t off, len;
+};
+
+struct mux_h1;
+
+/*
+ * What carries a session's bytes once its legs are up, as HAProxy's muxes: relay.c (L4) and
+ * mux_h1.c (HTTP/1.1). The worker hands the session code one of each (session_host.muxes), so
+ * the session picks one by protocol without including them (they include this header).
+ */
+struct session_mux {
+    const char *name;
+    /* Takes over the session: relay, both legs up; mux_h1, the TLS end verified (it dials the
+     * local application itself). May finish the session. */
+    void (*start)(struct session *s);
+    /* An end is ready (the session's I/O callback). */
+    void (*advance)(struct session *s);
+    /* The session's state timer fired. */
+    void (*on_timer)(struct session *s);
+    /* The session is finishing (any cause, <reason> as given to session_finish); NULL when
+     * the carrier has nothing to close. It must not finish the session itself. */
+    void (*on_finish)(struct session *s, const char *reason);
+};
+
+struct session {
+    struct session *next, *prev;
+    struct session_host *host;
+    struct snapshot *snap; /* the snapshot this session started with */
+    uint64_t id;
+    int inbound;
+    enum session_state state;
+    struct xprt end[2];
+    struct relay_buf buf[2];
+    uint64_t bytes[2]; /* bytes[d]: read from end[d], written to end[1 - d] */
+    uint64_t start_ms;
+    uint64_t last_io_ms;          /* RELAY, HTTP: when a direction last made progress */
+    struct limit_state *admitted; /* released by finish(); inside snap */
+    struct limit_pending pending; /* inbound: a handshake slot of <admitted> until it ends */
+    struct loop_timer timer;      /* the state's timeout; the idle timer in RELAY */
+    struct loop_timer lifetime;
+    struct loop_defer reap;
+    char peer[64]; /* address of end[0]'s peer */
+    /* inbound */
+    /* The caller's SPIFFE ID as sent (NULL until read) and its parts; one allocation, owned by
+     * <caller>: a connection carries these for its whole life, so they take only their size. */
+    char *caller;
+    const char *caller_partition, *caller_ns, *caller_service, *caller_trust_domain;
+    struct authq_req *question; /* out with the control thread (authorize mode); not owned */
+    /* authorize mode, L7: the agent's last answer about the caller, which each request obeys
+     * (the agent answers per connection, not per request). */
+    int agent_allowed;
+    const struct session_mux *carrier;  /* RELAY, HTTP: what runs the session now */
+    struct mux_h1 *mux;                 /* HTTP: the codec's state; owned, freed by its end */
+    void (*mux_free)(struct mux_h1 *m); /* how reap() frees <mux> */
+    /* Set when the handshake or the caller's identity failed: how finish() counts it. */
+    int hs_failed;
+    enum session_handshake_reason hs_reason;
+    /* outbound */
+    char *upstream_key;
+    const struct snap_upstream *up; /* inside snap */
+    unsigned char *tried;           /* one flag per endpoint of every target, in order */
+    unsigned tries;
+    const struct snap_target *tgt; /* the target of the endpoint being dialled */
+    const struct dec_endpoint *ep; /* the endpoint being dialled */
+    char ep_name[300];
+    struct session_listener_stats *lstat; /* in host->stats; never NULL */
+};
+
+#define STAT_ADD(field, n) atomic_fetch_add_explicit(&(field), (n), memory_order_relaxed)
+#define STAT_SUB(field, n) atomic_fetch_sub_explicit(&(field), (n), memory_order_relaxed)
+
+/* The one way out (session.c): records <result>, logs, stops all I/O, frees later. */
+void session_finish(struct session *s, enum session_result result, const char *reason);
+/* Registers <mask> for end <i>; 0, or an error after which the session has finished. */
+int session_want(struct session *s, int i, unsigned mask);
+/* Moves to state <st> (traced). */
+void session_set_state(struct session *s, enum session_state st);
+/* The idle timeout of the session's side (local_idle_timeout_ms or the upstream's; 0 = off). */
+uint32_t session_idle_timeout_ms(const struct session *s);
+/* Relay buffers from the worker's pool: taken when a direction reads, given back when empty. */
+void session_buf_take(struct session_host *h, struct relay_buf *b);
+void session_buf_give_back(struct session_host *h, struct relay_buf *b);
+/* The I/O callback of both ends (on_io in session.c), for an end a codec dials itself. */
+void session_on_io(struct loop_io *io, unsigned events);
+/* authorize mode: asks the agent about the caller again (a re-check), unless a question is
+ * already out or there is no control thread; the answer updates agent_allowed (L7). */
+void session_ask_again(struct session *s);
+/* Counts a per-request authorization decision for the caller's service (L7). */
+void session_count_request_decision(struct session *s, int allow);
+
+#endif

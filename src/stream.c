@@ -1,0 +1,164 @@
+/*
+ * stream: one request on an inbound L7 connection.
+ *
+ *   HEAD -> AUTHORIZE -+-> allow -> (CONNECT) -> EXCHANGE -> DONE (the application's status)
+ *                      |                           '-> 502 / 504 / aborted -> DONE
+ *                      '-> deny -> LOCAL (403 "RBAC: access denied") -> DONE
+ *   HEAD -> 400 / 408 / 417 / 431 -> LOCAL -> DONE (and the connection closes)
+ *   any -> DONE through stream_finish(), the one door out
+ *
+ * The phases are driven by mux_h1.c, which owns the connection and its buffers and runs one
+ * stream at a time; this file keeps what a stream is (its identity for the log), how it is
+ * authorized, and how it ends.
+ */
+#include "stream.h"
+#include "alog.h"
+#include "h1parse.h"
+#include "intent.h"
+#include "log.h"
+#include "session_int.h"
+#include "sock.h"
+#include "spiffe.h"
+#include "util.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static const struct {
+    const char *label;
+    int status;
+} results[STREAM_RES_COUNT] = {
+#define X(name, label, status) [STREAM_RES_##name] = {label, status},
+    STREAM_RESULTS(X)
+#undef X
+};
+
+const char *stream_result_name(enum stream_result r)
+{
+    return (unsigned)r < ARRAY_SIZE(results) ? results[r].label : "aborted";
+}
+
+int stream_result_status(enum stream_result r)
+{
+    return (unsigned)r < ARRAY_SIZE(results) ? results[r].status : 0;
+}
+
+/* Copies slice <v> into <out> (<cap> bytes), cut to fit and NUL-terminated. */
+static void copy_slice(char *out, size_t cap, struct http_slice v)
+{
+    size_t n = v.len < cap - 1 ? v.len : cap - 1;
+    if (n > 0)
+        memcpy(out, v.p, n);
+    out[n] = '\0';
+}
+
+void stream_begin(struct stream *st, uint64_t seq, uint64_t now_ms, const struct http_request *req)
+{
+    memset(st, 0, sizeof(*st));
+    st->seq = seq;
+    st->start_ms = now_ms;
+    st->minor_version = 1;
+    if (req == NULL)
+        return;
+    st->minor_version = req->minor_version;
+    copy_slice(st->method, sizeof(st->method), req->method_name);
+    copy_slice(st->authority, sizeof(st->authority), req->host);
+    copy_slice(st->path, sizeof(st->path), req->target);
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (h1_slice_eq(req->headers[i].name, "x-request-id") && req->headers[i].value.len)
+            copy_slice(st->request_id, sizeof(st->request_id), req->headers[i].value);
+}
+
+void stream_new_request_id(struct stream *st)
+{
+    uint64_t a = util_rand(), b = util_rand();
+    /* Version 4 (random) and the RFC 9562 variant bits. */
+    a = (a & ~0xf000ull) | 0x4000ull;
+    b = (b & ~(3ull << 62)) | (2ull << 62);
+    snprintf(st->request_id, sizeof(st->request_id), "%08x-%04x-%04x-%04x-%012llx",
+             (unsigned)(a >> 32), (unsigned)((a >> 16) & 0xffff), (unsigned)(a & 0xffff),
+             (unsigned)(b >> 48), (unsigned long long)(b & 0xffffffffffffull));
+}
+
+int stream_authorize(struct session *s, const struct http_request *req, char *why, size_t len)
+{
+    const struct snapshot *now = s->host->snap;
+    (void)req;
+    struct intent_decision d =
+        intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
+    if (now->cfg.authorize_with_agent) {
+        /* The agent answers per caller, not per request: its latest answer about this
+         * connection's caller (asked again whenever the intentions change) decides. While it
+         * disagrees with the intentions here one of the two views is stale (the agent's own
+         * copy can lag, and the control thread takes its answer after a few re-asks), so it
+         * is asked again, one question at a time, until they agree. */
+        if (d.allow != s->agent_allowed)
+            session_ask_again(s);
+        snprintf(why, len, "agent authorize: %s", s->agent_allowed ? "allowed" : "denied");
+        return s->agent_allowed;
+    }
+    intent_describe(&d, why, len);
+    return d.allow;
+}
+
+static void count(struct session *s, const struct stream *st, uint64_t dur_ms)
+{
+    static const uint64_t bounds[] = SESSION_DURATION_BUCKETS_MS;
+    struct session_listener_stats *l = s->lstat;
+    int cls = st->status >= 100 && st->status <= 599 ? st->status / 100 : 0;
+    STAT_ADD(l->requests[cls], 1);
+    size_t b = 0;
+    while (b < ARRAY_SIZE(bounds) && dur_ms > bounds[b])
+        b++;
+    STAT_ADD(l->duration_buckets[b], 1);
+    STAT_ADD(l->duration_sum_ms, dur_ms);
+}
+
+void stream_finish(struct session *s, struct stream *st, enum stream_result r, const char *why)
+{
+    if (st->done)
+        return;
+    st->done = 1;
+    uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
+    count(s, st, dur);
+    const char *proto = st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
+    LOG_DEBUG("conn=%llu stream=%llu in src=%s %s %s %s status=%d result=%s reason=%s "
+              "bytes_in=%llu bytes_out=%llu duration_ms=%llu request_id=%s",
+              (unsigned long long)s->id, (unsigned long long)st->seq, LOG_ESC(s->caller),
+              LOG_ESC(st->method), LOG_ESC(st->path), proto, st->status, stream_result_name(r),
+              LOG_ESC(why), (unsigned long long)st->bytes_in, (unsigned long long)st->bytes_out,
+              (unsigned long long)dur, LOG_ESC(st->request_id));
+    if (!alog_enabled())
+        return;
+    char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
+    const struct proxy_cfg *c = &s->snap->cfg;
+    if (s->end[0].fd >= 0)
+        sock_local_name(s->end[0].fd, local, sizeof(local));
+    int have_ident = s->snap->trust_domain != NULL && s->snap->trust_domain[0] != '\0' &&
+                     spiffe_format_service(ident, sizeof(ident), s->snap->trust_domain,
+                                           c->partition, c->ns, c->datacenter, c->service) >= 0;
+    struct alog_rec rec = {
+        .time_ms = util_wall_ms(),
+        .direction = "inbound",
+        .source = s->caller,
+        .destination = have_ident ? ident : NULL,
+        .endpoint = s->ep_name[0] ? s->ep_name : NULL,
+        .local_addr = local[0] ? local : NULL,
+        .remote_addr = s->peer,
+        .bytes_in = st->bytes_in,
+        .bytes_out = st->bytes_out,
+        .duration_ms = dur,
+        .result = stream_result_name(r),
+        .reason = why,
+        .conn = s->id,
+        .worker = s->host->index,
+        .protocol = proto,
+        .method = st->method,
+        .authority = st->authority[0] ? st->authority : NULL,
+        .path = st->path,
+        .request_id = st->request_id[0] ? st->request_id : NULL,
+        .status = st->status,
+        .stream = st->seq,
+    };
+    alog_write(&rec);
+}

@@ -1,0 +1,96 @@
+/*
+ * stream: one HTTP request and its response on an inbound L7 connection (mux_h1 runs them one
+ * at a time, in order): what is known about it, the one per-request authorization seam, and
+ * its one way out, stream_finish(), which writes the request's access-log record and counts it.
+ *
+ * Worker thread only. A stream lives inside its codec's state; it owns no memory.
+ */
+#ifndef CONNECTD_STREAM_H
+#define CONNECTD_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "http.h"
+
+struct session;
+
+/*
+ * How a stream ended. Columns: the name (STREAM_RES_<name>), the result label of its log line
+ * and access-log record, and the status connectd answers on its own for it (0: the status is
+ * the application's, or none could be sent).
+ */
+#define STREAM_RESULTS(X)                                                                          \
+    X(OK, "ok", 0)                                 /* the application's response went through */   \
+    X(UPGRADED, "upgraded", 0)                     /* 101: the connection became a tunnel */       \
+    X(DENIED, "denied", 403)                       /* intentions (or the agent) said no */         \
+    X(BAD_REQUEST, "bad_request", 400)             /* malformed or smuggling-prone head or body */ \
+    X(HEADERS_TOO_LARGE, "headers_too_large", 431) /* max_request_headers_kb, or 100 fields */     \
+    X(HEADERS_TIMEOUT, "headers_timeout", 408)     /* request_headers_timeout_ms */                \
+    X(EXPECTATION_FAILED, "expectation_failed", 417)   /* an Expect other than 100-continue */     \
+    X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
+    X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
+    X(LOCAL_TIMEOUT, "local_timeout", 504) /* local_request_timeout_ms */                          \
+    X(BAD_RESPONSE, "bad_response", 502)   /* the application's answer was broken */               \
+    X(ABORTED, "aborted", 0)               /* a side went away mid-stream */
+
+enum stream_result {
+#define X(name, label, status) STREAM_RES_##name,
+    STREAM_RESULTS(X)
+#undef X
+        STREAM_RES_COUNT
+};
+
+/* Label of a stream result; "aborted" outside the table. */
+const char *stream_result_name(enum stream_result r);
+/* The status connectd answers with for result <r>, or 0. */
+int stream_result_status(enum stream_result r);
+
+#define STREAM_METHOD_MAX     32
+#define STREAM_AUTHORITY_MAX  256
+#define STREAM_PATH_MAX       1024
+#define STREAM_REQUEST_ID_MAX 128
+
+struct stream {
+    uint64_t seq;      /* on its connection, from 1 */
+    uint64_t start_ms; /* when its head was complete (or the connection's error found) */
+    int minor_version; /* the request's HTTP/1.<minor> */
+    /* Copies of the head's values for the log (cut to fit; the forwarded head is whole). */
+    char method[STREAM_METHOD_MAX];
+    char authority[STREAM_AUTHORITY_MAX];
+    char path[STREAM_PATH_MAX];
+    char request_id[STREAM_REQUEST_ID_MAX];
+    int status;         /* the final status sent to the caller; 0 until then */
+    uint64_t bytes_in;  /* request bytes read from the caller (head and body) */
+    uint64_t bytes_out; /* response bytes written to the caller (head and body) */
+    int done;           /* stream_finish() ran */
+};
+
+/* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */
+void stream_begin(struct stream *st, uint64_t seq, uint64_t now_ms, const struct http_request *req);
+
+/* Sets st->request_id to a fresh random version-4 UUID (36 characters). */
+void stream_new_request_id(struct stream *st);
+
+/*
+ * THE per-request authorization seam: whether the caller of session <s> may make request
+ * <req>, decided on the worker's current snapshot (s->host->snap), so an intention change
+ * applies to the next request of an open connection. Returns 1 to allow, 0 to deny, with
+ * <why> (<len> bytes) naming the deciding intention or answer.
+ *
+ * Today: the L4 rule per request (intent_eval() on the caller's service; an intention with
+ * Permissions counts as a deny, as for tcp), or in authorize mode the agent's latest answer
+ * about the caller (asked per connection and again on every intention change, see
+ * session.c). The raw target is at hand in <req>; path normalization and intent_eval_http()
+ * replace the body of this one function.
+ */
+int stream_authorize(struct session *s, const struct http_request *req, char *why, size_t len);
+
+/*
+ * The one way out of a stream: logs it (DEBUG), writes its access-log record, and counts it
+ * in the listener's requests by status class and its duration histogram. <why> may be NULL.
+ * A second call does nothing.
+ */
+void stream_finish(struct session *s, struct stream *st, enum stream_result r, const char *why);
+
+#endif
