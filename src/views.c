@@ -8,8 +8,11 @@
 #include "intent.h"
 #include "util.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define CONNECTIONS_WAIT_MS        2000 /* how long /connections waits for the workers */
 #define CONNECTIONS_MAX_PER_WORKER 1000
@@ -295,6 +298,154 @@ static void json_kv_num(struct admin_buf *b, const char *key, long long v, int c
     admin_buf_printf(b, ":%lld%s", v, comma ? "," : "");
 }
 
+/* The most header= parameters one /authz question may carry. */
+#define AUTHZ_HEADERS_MAX 32
+
+/* A per-request /authz question: method, path and headers as given, in one buffer. */
+struct authz_request {
+    struct intent_http_req rq;
+    struct http_header headers[AUTHZ_HEADERS_MAX];
+    char method[64];
+    char path[ADMIN_TARGET_MAX];
+    char text[ADMIN_TARGET_MAX]; /* the header parameters, decoded, each NUL-terminated */
+};
+
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/*
+ * Reads method=, path= and every header=name:value of <query> into <ar>. Returns 1 for a
+ * per-request question, 0 when none of them is present (the per-connection question), or -1
+ * with a message in <why>. A header's name ends at its first ':' (after a leading one, for
+ * pseudo-headers such as :authority), so values may hold ':'. "host" and ":authority" set the
+ * authority as well.
+ */
+static int authz_read_request(const char *query, struct authz_request *ar, char *why, size_t whylen)
+{
+    int per_request = 0;
+    memset(&ar->rq, 0, sizeof(ar->rq));
+    int rc = admin_query_param(query, "method", ar->method, sizeof(ar->method));
+    if (rc == -ENOENT) {
+        snprintf(ar->method, sizeof(ar->method), "GET");
+    } else if (rc <= 0) {
+        snprintf(why, whylen, "method= must be a short, non-empty token");
+        return -1;
+    } else {
+        per_request = 1;
+    }
+    rc = admin_query_param(query, "path", ar->path, sizeof(ar->path));
+    if (rc == -ENOENT) {
+        snprintf(ar->path, sizeof(ar->path), "/");
+    } else if (rc < 0) {
+        snprintf(why, whylen, "path= is malformed");
+        return -1;
+    } else {
+        per_request = 1;
+    }
+    /* The request path is matched without its query or fragment. */
+    ar->path[strcspn(ar->path, "?#")] = '\0';
+    ar->rq.method = (struct http_slice){ar->method, strlen(ar->method)};
+    ar->rq.path = (struct http_slice){ar->path, strlen(ar->path)};
+    ar->rq.headers = ar->headers;
+
+    size_t used = 0;
+    const char *p = query;
+    while (*p != '\0') {
+        size_t seg = strcspn(p, "&");
+        char one[ADMIN_TARGET_MAX], hdr[ADMIN_TARGET_MAX];
+        snprintf(one, sizeof(one), "%.*s", (int)seg, p);
+        p += seg + (p[seg] == '&');
+        rc = admin_query_param(one, "header", hdr, sizeof(hdr));
+        if (rc == -ENOENT)
+            continue;
+        per_request = 1;
+        const char *colon = rc > 1 ? strchr(hdr + 1, ':') : NULL;
+        if (rc < 0 || colon == NULL) {
+            snprintf(why, whylen, "header= must be name:value");
+            return -1;
+        }
+        if (ar->rq.nheaders == AUTHZ_HEADERS_MAX) {
+            snprintf(why, whylen, "at most %d header= parameters", AUTHZ_HEADERS_MAX);
+            return -1;
+        }
+        size_t nlen = (size_t)(colon - hdr);
+        const char *v = colon + 1;
+        size_t vlen = strlen(v);
+        while (vlen > 0 && is_space(*v)) {
+            v++;
+            vlen--;
+        }
+        while (vlen > 0 && is_space(v[vlen - 1]))
+            vlen--;
+        /* They always fit (each came from a longer part of the query); checked all the same. */
+        if (used + nlen + vlen + 2 > sizeof(ar->text)) {
+            snprintf(why, whylen, "the header= parameters are too long");
+            return -1;
+        }
+        char *name = ar->text + used;
+        memcpy(name, hdr, nlen);
+        name[nlen] = '\0';
+        char *value = name + nlen + 1;
+        memcpy(value, v, vlen);
+        value[vlen] = '\0';
+        used += nlen + vlen + 2;
+        struct http_header *h = &ar->headers[ar->rq.nheaders++];
+        h->name = (struct http_slice){name, nlen};
+        h->value = (struct http_slice){value, vlen};
+        if (strcasecmp(name, "host") == 0 || strcasecmp(name, ":authority") == 0)
+            ar->rq.authority = h->value;
+    }
+    return per_request;
+}
+
+static void render_rule(struct admin_buf *b, const struct intent_rule *r)
+{
+    admin_buf_add(b, "{", 1);
+    json_kv_str(b, "source_partition", r->src_partition, 1);
+    json_kv_str(b, "source_namespace", r->src_ns, 1);
+    json_kv_str(b, "source", r->src_name, 1);
+    if (r->src_sameness[0] != '\0')
+        json_kv_str(b, "source_sameness_group", r->src_sameness, 1);
+    json_kv_str(b, "destination_namespace", r->dst_ns, 1);
+    json_kv_str(b, "destination", r->dst_name, 1);
+    json_kv_str(b, "action",
+                r->has_permissions ? "l7-permissions"
+                : r->allow         ? "allow"
+                                   : "deny",
+                1);
+    if (r->has_permissions)
+        json_kv_num(b, "permissions", (long long)r->n_perms, 1);
+    json_kv_num(b, "precedence", r->precedence, 1);
+    json_kv_str(b, "id", r->id, 1);
+    json_kv_str(b, "description", r->description, 0);
+    admin_buf_add(b, "}", 1);
+}
+
+static void render_http_request(struct admin_buf *b, const struct authz_request *ar)
+{
+    admin_buf_json_str(b, "request");
+    admin_buf_add(b, ":{", 2);
+    json_kv_str(b, "method", ar->method, 1);
+    json_kv_str(b, "path", ar->path, 1);
+    admin_buf_json_str(b, "headers");
+    admin_buf_add(b, ":[", 2);
+    for (size_t i = 0; i < ar->rq.nheaders; i++) {
+        admin_buf_add(b, i == 0 ? "{" : ",{", i == 0 ? 1 : 2);
+        json_kv_str(b, "name", ar->headers[i].name.p, 1);
+        json_kv_str(b, "value", ar->headers[i].value.p, 0);
+        admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, "]},", 3);
+}
+
+/*
+ * /authz?source=<service>[&namespace=&partition=] answers the per-connection (L4) decision;
+ * adding method=, path= or header=name:value (repeatable) answers for one HTTP request, with
+ * the permission that decided. The path is matched as given (without its query); the
+ * proxy's own request path normalizes it first.
+ */
 static void render_authz(const struct views *v, const struct views_state *st,
                          const struct admin_request *req, struct admin_reply *reply)
 {
@@ -302,61 +453,82 @@ static void render_authz(const struct views *v, const struct views_state *st,
     struct admin_buf *b = &reply->body;
     if (admin_query_param(req->query, "source", source, sizeof(source)) <= 0) {
         reply->status = 400;
-        admin_buf_printf(b, "the source query parameter is required: /authz?source=<service>\n");
+        admin_buf_printf(b, "the source query parameter is required: /authz?source=<service>"
+                            "[&method=GET&path=/p&header=name:value]\n");
         return;
     }
     if (admin_query_param(req->query, "namespace", ns, sizeof(ns)) < 0)
         snprintf(ns, sizeof(ns), "default");
     if (admin_query_param(req->query, "partition", partition, sizeof(partition)) < 0)
         snprintf(partition, sizeof(partition), "default");
+    struct authz_request *ar = xcalloc(1, sizeof(*ar));
+    char why[600];
+    int per_request = authz_read_request(req->query, ar, why, sizeof(why));
+    if (per_request < 0) {
+        reply->status = 400;
+        admin_buf_printf(b, "%s\n", why);
+        goto out;
+    }
     const struct intent_table *intents = inputs_intents(v->in);
     if (intents == NULL) {
         reply->status = 503;
         admin_buf_printf(b, "the intentions have not arrived yet\n");
-        return;
+        goto out;
     }
-    struct intent_decision d = intent_eval(intents, partition, ns, source);
-    char why[600];
+    struct intent_decision d = per_request
+                                   ? intent_eval_http(intents, partition, ns, source, &ar->rq)
+                                   : intent_eval(intents, partition, ns, source);
     reply->content_type = "application/json";
     admin_buf_add(b, "{", 1);
     json_kv_str(b, "source", source, 1);
     json_kv_str(b, "namespace", ns, 1);
     json_kv_str(b, "partition", partition, 1);
     json_kv_str(b, "destination", inputs_service(v->in), 1);
+    json_kv_str(b, "mode", per_request ? "request" : "connection", 1);
+    if (per_request)
+        render_http_request(b, ar);
     json_kv_str(b, "decision", d.allow ? "allow" : "deny", 1);
     json_kv_str(b, "reason", intent_describe(&d, why, sizeof(why)), 1);
+    if (per_request) {
+        admin_buf_json_str(b, "failed_closed");
+        admin_buf_printf(b, ":%s,", d.failed_closed ? "true" : "false");
+    }
     if (st->current != NULL && st->current->cfg.authorize_with_agent)
         json_kv_str(b, "note",
                     "authorize mode: connections are decided by the agent; this is the local "
                     "intention table's answer",
                     1);
+    /* The intention whose source matched: the one that decided, or, when none of an L7
+     * intention's permissions matched, the one that left it to the default policy. */
     admin_buf_json_str(b, "intention");
     admin_buf_add(b, ":", 1);
-    if (d.rule == NULL) {
-        admin_buf_add(b, "null,", 5);
-        json_kv_str(b, "decided_by", "default policy", 0);
-    } else {
-        const struct intent_rule *r = d.rule;
-        admin_buf_add(b, "{", 1);
-        json_kv_str(b, "source_partition", r->src_partition, 1);
-        json_kv_str(b, "source_namespace", r->src_ns, 1);
-        json_kv_str(b, "source", r->src_name, 1);
-        if (r->src_sameness[0] != '\0')
-            json_kv_str(b, "source_sameness_group", r->src_sameness, 1);
-        json_kv_str(b, "destination_namespace", r->dst_ns, 1);
-        json_kv_str(b, "destination", r->dst_name, 1);
-        json_kv_str(b, "action",
-                    r->has_permissions ? "l7-permissions"
-                    : r->allow         ? "allow"
-                                       : "deny",
-                    1);
-        json_kv_num(b, "precedence", r->precedence, 1);
-        json_kv_str(b, "id", r->id, 1);
-        json_kv_str(b, "description", r->description, 0);
-        admin_buf_add(b, "},", 2);
-        json_kv_str(b, "decided_by", "intention", 0);
+    if (d.matched == NULL)
+        admin_buf_add(b, "null", 4);
+    else
+        render_rule(b, d.matched);
+    admin_buf_add(b, ",", 1);
+    if (per_request) {
+        admin_buf_json_str(b, "permission");
+        admin_buf_add(b, ":", 1);
+        if (d.perm < 0) {
+            admin_buf_add(b, "null,", 5);
+        } else {
+            const struct intent_perm *p = &d.rule->perms[d.perm];
+            admin_buf_add(b, "{", 1);
+            json_kv_num(b, "index", d.perm, 1);
+            json_kv_str(b, "action", p->allow ? "allow" : "deny", 1);
+            json_kv_str(b, "description", intent_perm_describe(p, why, sizeof(why)), 0);
+            admin_buf_add(b, "},", 2);
+        }
     }
+    json_kv_str(b, "decided_by",
+                d.perm >= 0      ? "permission"
+                : d.rule != NULL ? "intention"
+                                 : "default policy",
+                0);
     admin_buf_add(b, "}\n", 2);
+out:
+    free(ar);
 }
 
 static const char *tls_version_name(int v)
