@@ -42,7 +42,6 @@
 struct rx {
     pcre2_code *code;
     pcre2_match_context *mctx;
-    int jit;
 };
 
 static int refuse(char *err, size_t errlen, size_t at, const char *what)
@@ -88,6 +87,29 @@ static size_t counted(const char *p, size_t n, size_t i, unsigned long *max)
         return 0;
     *max = a > b ? a : b;
     return j + 1;
+}
+
+static int name_start(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+}
+
+/*
+ * At p[j] == '[' and p[j + 1] == ':' inside a class: the index past a POSIX class name's
+ * ":]", or 0 when PCRE2 would not read one here. PCRE2's own rule: a ']' or another "[:"
+ * before the ":]" means the '[' is a literal, so the scan must not skip past that ']'.
+ */
+static size_t posix_end(const char *p, size_t n, size_t j)
+{
+    for (size_t k = j + 2; k < n; k++) {
+        if (p[k] == '\\' && k + 1 < n && (p[k + 1] == ']' || p[k + 1] == '\\'))
+            k++;
+        else if (p[k] == ']' || (p[k] == '[' && k + 1 < n && p[k + 1] == ':'))
+            return 0;
+        else if (p[k] == ':' && k + 1 < n && p[k + 1] == ']')
+            return k + 2;
+    }
+    return 0;
 }
 
 /* Where an escape's argument in braces (\x{41}, \p{Greek}) ends, else i + 2. */
@@ -142,13 +164,17 @@ static int check_group(const char *p, size_t n, size_t i, char *err, size_t errl
         return 0;
     case 'P':
         if (b == '<')
-            return 0;
+            return i + 4 < n && name_start(p[i + 4])
+                       ? 0
+                       : refuse(err, errlen, i, "a group name must start with a letter or '_'");
         if (b == '=')
             return refuse(err, errlen, i, "backreferences are not supported");
         return refuse(err, errlen, i, "recursion and subroutine calls are not supported");
     case '<':
-        if (b == '=' || b == '!')
+        if (b == '=' || b == '!' || b == '*')
             return refuse(err, errlen, i, "lookahead and lookbehind are not supported");
+        if (!name_start(b)) /* PCRE2 has more (?<... forms than names */
+            return refuse(err, errlen, i, "a group name must start with a letter or '_'");
         return 0; /* (?<name>...) */
     case '=':
     case '!':
@@ -213,9 +239,8 @@ static int check_re2(const char *p, size_t n, char *err, size_t errlen)
                     if (rc != 0)
                         return rc;
                     j = escape_end(p, n, j);
-                } else if (p[j] == '[' && j + 1 < n && p[j + 1] == ':') {
-                    const char *end = memmem(p + j + 2, n - j - 2, ":]", 2);
-                    j = end != NULL ? (size_t)(end - p) + 2 : j + 1;
+                } else if (p[j] == '[' && j + 1 < n && p[j + 1] == ':' && posix_end(p, n, j) != 0) {
+                    j = posix_end(p, n, j);
                 } else {
                     j++;
                 }
@@ -285,7 +310,8 @@ int rx_compile(const char *pattern, size_t len, struct rx **out, char *err, size
     }
     struct rx *rx = xcalloc(1, sizeof(*rx));
     rx->code = code;
-    rx->jit = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0;
+    /* Without JIT support (or memory for it) the interpreter gives the same answers. */
+    (void)pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
     rx->mctx = pcre2_match_context_create(NULL);
     if (rx->mctx == NULL)
         abort(); /* out of memory, as the x* allocators do */
@@ -321,9 +347,4 @@ void rx_free(struct rx *rx)
     pcre2_match_context_free(rx->mctx);
     pcre2_code_free(rx->code);
     free(rx);
-}
-
-int rx_is_jit(const struct rx *rx)
-{
-    return rx->jit;
 }

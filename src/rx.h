@@ -42,7 +42,4 @@ int rx_match(const struct rx *rx, const char *subject, size_t len);
 /* Frees <rx>; NULL is accepted. */
 void rx_free(struct rx *rx);
 
-/* 1 when the pattern runs JIT-compiled code, else 0 (interpreted, same answers). */
-int rx_is_jit(const struct rx *rx);
-
 #endif
