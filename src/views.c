@@ -277,6 +277,12 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     metric_head(b, "snapshot_generation", "gauge",
                 "Generation of the configuration snapshot last published to the workers.");
     sample(b, "snapshot_generation", NULL, NULL, vs->current ? vs->current->generation : 0);
+    metric_head(b, "intention_bad_regexes", "gauge",
+                "Regexes of the current intentions' permissions that did not compile; each "
+                "fails closed (see the log).");
+    const struct intent_table *intents = inputs_intents(vw->in);
+    sample(b, "intention_bad_regexes", NULL, NULL,
+           intents != NULL ? (uint64_t)intent_table_broken(intents) : 0);
     metric_head(b, "ready", "gauge", "1 when /ready answers 200.");
     sample(b, "ready", NULL, NULL, vs->not_ready == NULL);
     free(ls);

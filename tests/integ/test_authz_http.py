@@ -7,7 +7,7 @@ meaning: an L7 intention denies at L4."""
 import json
 import urllib.parse
 
-from mesh import EchoApp, admin_args, admin_get, wait_until
+from mesh import EchoApp, admin_args, admin_get, metric, parse_metrics, wait_until
 
 
 def start_db(m):
@@ -144,5 +144,7 @@ def test_authz_bad_regex_fails_closed(mesh):
         d = authz(port, web, "GET", "/public")
         assert d["decision"] == "deny" and d["permission"]["index"] == 0, d
         assert d["failed_closed"] is True and "[bad regex]" in d["permission"]["description"], d
+        status, body = admin_get(port, "/metrics")
+        assert status == 200 and metric(parse_metrics(body), "connectd_intention_bad_regexes") == 1
     finally:
         drop_entries(m, db)
