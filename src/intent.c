@@ -22,7 +22,6 @@
  */
 #include "intent.h"
 
-#include <errno.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -72,6 +71,7 @@ static char ascii_lower(char c)
     return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
 }
 
+/* A lower-cased copy of <len> bytes (xstrndup copies all of them, NUL bytes included). */
 static char *lower_dup(const char *s, size_t len)
 {
     char *out = xstrndup(s, len);

@@ -705,6 +705,20 @@ static void test_http_header_matchers(void **state)
         intent_table_unref(t);
         free(perms);
     }
+    /* A value with a NUL byte in it (the codecs refuse them, but slices carry lengths): the
+     * folded Contains copies all of it, and the bytes after the NUL still count. */
+    struct intent_table *c = l7_table("[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": "
+                                      "\"x\", \"Contains\": \"TAIL\", \"IgnoreCase\": true}]}}]",
+                                      NULL, 0);
+    static const char nul_value[] = "a\0b-tail";
+    struct test_req rn;
+    mkreq(&rn, "GET", "/", NULL, NULL);
+    rn.h[0].name = sl("x");
+    rn.h[0].value = (struct http_slice){nul_value, sizeof(nul_value) - 1};
+    rn.rq.nheaders = 1;
+    assert_int_equal(intent_eval_http(c, "", "", "web", &rn.rq).allow, 1);
+    intent_table_unref(c);
+
     /* Without an authority, a Host condition sees an absent header. */
     struct intent_table *t = l7_table("[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": "
                                       "\"host\", \"Present\": true, \"Invert\": true}]}}]",
