@@ -529,9 +529,19 @@ struct intent_decision intent_eval_http(const struct intent_table *t, const char
         d.rule = r;
         d.allow = r->allow;
     } else {
+        /*
+         * A sameness-group rule reaches this caller only because membership is unknown (see
+         * enum intent_reach): whether it applies is itself unknown. So its allow permissions
+         * never allow, and when none of its deny permissions decides, the answer is a deny
+         * rather than the default or the rules below, either of which a member or a
+         * non-member could have been refused by.
+         */
+        int unsure = r->reach == INTENT_REACH_ANY;
         int unknown = 0;
         for (size_t i = 0; i < r->n_perms; i++) {
             enum tri m = perm_matches(&r->perms[i], rq);
+            if (unsure && m == TRI_YES && r->perms[i].allow)
+                m = TRI_UNKNOWN;
             unknown |= m == TRI_UNKNOWN;
             /* Unknown decides for a deny permission and never for an allow one. */
             if (m == TRI_YES || (m == TRI_UNKNOWN && !r->perms[i].allow)) {
@@ -540,6 +550,11 @@ struct intent_decision intent_eval_http(const struct intent_table *t, const char
                 d.allow = r->perms[i].allow;
                 break;
             }
+        }
+        if (unsure && d.rule == NULL) {
+            d.rule = r;
+            d.allow = 0;
+            unknown = 1;
         }
         d.failed_closed = unknown && !d.allow;
     }

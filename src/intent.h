@@ -155,7 +155,9 @@ struct intent_http_req {
  * that hit the regex limit, a permission's JWT requirement, another pseudo-header) is
  * "unknown": a deny permission with an unknown condition (and no false one) denies, an allow
  * permission with one never allows. A rule-level JWT requirement turns the rule's allow into
- * a deny. Thread-safe on a shared table; may allocate briefly (joined header values).
+ * a deny. An L7 sameness-group rule (whose reach is itself unknown) allows nothing and denies
+ * when none of its deny permissions does. Thread-safe on a shared table; may allocate briefly
+ * (joined header values).
  */
 struct intent_decision intent_eval_http(const struct intent_table *t, const char *partition,
                                         const char *ns, const char *name,

@@ -994,6 +994,43 @@ static void test_http_unverifiable_conditions(void **state)
     intent_table_unref(t);
 }
 
+/*
+ * An L7 sameness-group rule matches callers of any partition only because membership is not
+ * known here. Per request it must not allow (a non-member may be refused by the rules below)
+ * and a miss must not fall to a default allow: its deny permissions deny, the rest is denied.
+ */
+static void test_http_sameness_group_l7_rule_fails_closed(void **state)
+{
+    (void)state;
+    static const char body[] =
+        "{\"db\": [{\"SourceName\": \"web\", \"DestinationName\": \"db\", \"Precedence\": 9,"
+        " \"SourceSamenessGroup\": \"g\", \"Permissions\": [{\"Action\": \"deny\", \"HTTP\":"
+        " {\"PathPrefix\": \"/admin\"}}, {\"Action\": \"allow\", \"HTTP\": {\"PathPrefix\": "
+        "\"/\"}}]},"
+        " {\"SourceName\": \"web\", \"DestinationName\": \"db\", \"Precedence\": 9,"
+        " \"Action\": \"deny\"}]}";
+    struct dec_intention *v;
+    size_t n;
+    char err[256];
+    assert_int_equal(decode_intentions_match(body, strlen(body), "db", &v, &n, err, sizeof(err)),
+                     0);
+    struct intent_table *t = intent_table_new(v, n, 1);
+    dec_intentions_free(v, n);
+    struct test_req r;
+    for (int part = 0; part <= 1; part++) {
+        const char *partition = part ? "other" : "";
+        struct intent_decision d =
+            intent_eval_http(t, partition, "", "web", mkreq(&r, "GET", "/admin/x", NULL, NULL));
+        assert_int_equal(d.allow, 0);
+        assert_int_equal(d.perm, 0);
+        d = intent_eval_http(t, partition, "", "web", mkreq(&r, "GET", "/public", NULL, NULL));
+        assert_int_equal(d.allow, 0);
+        assert_int_equal(d.failed_closed, 1);
+        assert_string_equal(d.rule->src_sameness, "g");
+    }
+    intent_table_unref(t);
+}
+
 static void test_http_equal(void **state)
 {
     (void)state;
@@ -1096,6 +1133,7 @@ int main(void)
         cmocka_unit_test(test_http_bad_regex_fails_closed),
         cmocka_unit_test(test_http_regex_match_limit),
         cmocka_unit_test(test_http_unverifiable_conditions),
+        cmocka_unit_test(test_http_sameness_group_l7_rule_fails_closed),
         cmocka_unit_test(test_http_equal),
         cmocka_unit_test(test_http_describe),
     };
