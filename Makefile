@@ -66,8 +66,9 @@ $(B)/tests/%: tests/unit/%.c $(LIBOBJS)
 
 -include $(OBJS:.o=.d)
 
-# Test programs that are not cmocka suites: h1parse_dump feeds tests/integ/test_h1parse_diff.py.
-TEST_TOOLS := $(B)/tests/h1parse_dump
+# Test programs that are not cmocka suites: h1parse_dump feeds tests/integ/test_h1parse_diff.py,
+# h2_peer (the HTTP/2 codec on a socket) tests/integ/test_h2_interop.py.
+TEST_TOOLS := $(B)/tests/h1parse_dump $(B)/tests/h2_peer
 test-tools: $(TEST_TOOLS)
 
 # Unit tests (cmocka), under the sanitizers.
@@ -137,9 +138,11 @@ demo:
 # Side-by-side benchmarks (bench/README.md): connectd against consul, haproxy and nginx pairs.
 # Always the release build; writes bench/report.md. BENCH_QUICK=1 runs a ~1 minute subset.
 bench-tools: $(B)/benchd $(B)/openloop
+# benchd answers h2c too (the L7 scenarios), through libnghttp2.
+$(B)/benchd: BENCH_LIBS := -lnghttp2
 $(B)/benchd $(B)/openloop: $(B)/%: bench/%.c bench/bench.h
 	@mkdir -p $(dir $@)
-	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) $(BASE_LDFLAGS) $(V_LDFLAGS) -o $@ $<
+	$(CC) $(BASE_CFLAGS) $(V_CFLAGS) $(BASE_LDFLAGS) $(V_LDFLAGS) -o $@ $< $(BENCH_LIBS)
 
 bench:
 	@$(MAKE) --no-print-directory VARIANT=release all bench-tools

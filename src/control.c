@@ -238,13 +238,15 @@ static void do_rebuild(struct loop_defer *d)
     struct tls_ctx *tls = inputs_tls(ctl->in);
     struct intent_table *intents = inputs_intents(ctl->in);
     const char *trust_domain = inputs_trust_domain(ctl->in);
-    if (!ctl->have_cfg || tls == NULL || intents == NULL || trust_domain == NULL)
+    const struct mesh_http_cfg *mesh_http = inputs_mesh_http(ctl->in);
+    if (!ctl->have_cfg || tls == NULL || intents == NULL || trust_domain == NULL ||
+        mesh_http == NULL)
         return;
     struct upstreams_parts parts;
     upstreams_parts(ctl->ups, ctl->cfg.n_upstreams, &parts);
     struct snapshot *s = snapshot_new(++ctl->generation, &ctl->cfg, trust_domain, tls, intents,
                                       (const struct snap_target *const *)parts.targets,
-                                      parts.n_targets, ctl->inbound_limit, parts.limits);
+                                      parts.n_targets, ctl->inbound_limit, parts.limits, mesh_http);
     upstreams_parts_dispose(&parts);
     if (ctl->current == NULL)
         LOG_INFO("ready: serving %s as %s", ctl->cfg.service, ctl->proxy_id);

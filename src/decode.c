@@ -1319,6 +1319,61 @@ void dec_agent_self_dispose(struct dec_agent_self *s)
     memset(s, 0, sizeof(*s));
 }
 
+/* ---- GET /v1/config/mesh/mesh ---- */
+
+int decode_mesh_http(const char *buf, size_t len, struct mesh_http_cfg *out, char *err,
+                     size_t errlen)
+{
+    static const char where[] = "HTTP.Incoming.RequestNormalization";
+    struct dctx c;
+    json_t *root, *http = NULL, *incoming = NULL, *rn = NULL;
+    const char *kind = "", *slash = "", *under = "";
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "mesh config entry: the body must be a JSON object");
+        goto out;
+    }
+    if ((rc = peek_str(&c, root, "Kind", 0, "", &kind)) != 0)
+        goto out;
+    if (kind[0] != '\0' && strcmp(kind, "mesh") != 0) {
+        rc = fail(&c, ERR_BAD_FIELD, "mesh config entry: Kind is \"%s\", not \"mesh\"", kind);
+        goto out;
+    }
+    if ((rc = get_obj(&c, root, "HTTP", 0, "", &http)) != 0 ||
+        (rc = get_obj(&c, http, "Incoming", 0, "HTTP", &incoming)) != 0 ||
+        (rc = get_obj(&c, incoming, "RequestNormalization", 0, "HTTP.Incoming", &rn)) != 0 ||
+        (rc = get_bool(&c, rn, "InsecureDisablePathNormalization", where,
+                       &out->disable_path_normalization)) != 0 ||
+        (rc = get_bool(&c, rn, "MergeSlashes", where, &out->merge_slashes)) != 0 ||
+        (rc = peek_str(&c, rn, "PathWithEscapedSlashesAction", 0, where, &slash)) != 0 ||
+        (rc = peek_str(&c, rn, "HeadersWithUnderscoresAction", 0, where, &under)) != 0)
+        goto out;
+    /* An action we do not know is an error, not a default: guessing could let through what the
+     * operator meant to refuse. */
+    if (pathnorm_escaped_slash_parse(slash, &out->escaped_slash) != 0) {
+        rc = fail(&c, ERR_BAD_FIELD,
+                  "%s.PathWithEscapedSlashesAction \"%.64s\" is not one of "
+                  "IMPLEMENTATION_SPECIFIC_DEFAULT, KEEP_UNCHANGED, REJECT_REQUEST, "
+                  "UNESCAPE_AND_FORWARD, UNESCAPE_AND_REDIRECT",
+                  where, slash);
+        goto out;
+    }
+    if (pathnorm_underscore_parse(under, &out->underscore) != 0)
+        rc = fail(&c, ERR_BAD_FIELD,
+                  "%s.HeadersWithUnderscoresAction \"%.64s\" is not one of ALLOW, REJECT_REQUEST, "
+                  "DROP_HEADER",
+                  where, under);
+out:
+    json_decref(root);
+    if (rc != 0)
+        memset(out, 0, sizeof(*out));
+    return rc;
+}
+
 char *decode_proxy_registration_json(const struct dec_proxy_registration *r)
 {
     use_wiping_alloc();

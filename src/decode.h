@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "pathnorm.h"
+
 /* ---- /v1/agent/connect/ca/roots ---- */
 
 struct dec_root {
@@ -287,6 +289,17 @@ struct dec_agent_self {
 int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, char *err,
                       size_t errlen);
 void dec_agent_self_dispose(struct dec_agent_self *s);
+
+/* ---- GET /v1/config/mesh/mesh ---- */
+
+/*
+ * Decodes the mesh config entry's HTTP.Incoming.RequestNormalization into <out> (every block
+ * optional: absent means Consul's defaults). An action that is not one Consul accepts is an
+ * error naming the field, never read as a default. (A 404, no entry, is the caller's: all
+ * defaults.)
+ */
+int decode_mesh_http(const char *buf, size_t len, struct mesh_http_cfg *out, char *err,
+                     size_t errlen);
 
 void dec_kv_free(struct dec_kv *v, size_t n);
 

@@ -1,14 +1,18 @@
 /*
- * inputs: the roots, leaf and intentions watches and the agent's default policy, turned into a
- * TLS context and an intention table for the control thread's snapshots.
+ * inputs: the roots, leaf, intentions and mesh config entry watches and the agent's default
+ * policy, turned into a TLS context, an intention table and the request normalization settings
+ * for the control thread's snapshots.
  *
  * The leaf and the intentions are those of the destination service in the proxy's own
  * namespace and partition; a new identity (inputs_set_service) drops both and watches again.
+ * The mesh config entry is the one of the proxy's partition.
  */
 #include "inputs.h"
 #include "log.h"
 #include "util.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -20,7 +24,7 @@ struct inputs {
     inputs_cb cb;
     void *cb_data;
 
-    struct watch *roots_watch, *leaf_watch, *intent_watch;
+    struct watch *roots_watch, *leaf_watch, *intent_watch, *mesh_watch;
     char *service; /* the destination service the leaf and intentions watches are for */
     char *scope;   /* its "&ns=..&partition=.." query suffix ("" for the defaults) */
 
@@ -45,6 +49,12 @@ struct inputs {
     char default_intention_policy[8]; /* agent config default_intention_policy */
     char self_acl_policy[8];          /* agent config acl.default_policy, from /v1/agent/self */
     int self_acls_enabled;            /* from /v1/agent/self: 1, 0, or -1 when unknown */
+    /* The mesh config entry's HTTP.Incoming.RequestNormalization: Consul's defaults until an
+     * entry arrives, and again when the agent says there is none (404). */
+    struct mesh_http_cfg mesh_http;
+    int have_mesh;    /* the agent has answered about the entry (an entry, none, or a 403) */
+    int mesh_refused; /* the last answer was a 403 (logged once) */
+    char *mesh_scope; /* the mesh watch's "&partition=.." ("" for the default partition) */
     struct agent_req *self_req;
     struct loop_timer self_retry;
     unsigned self_failures;
@@ -265,6 +275,98 @@ static int on_intentions(void *data, const struct agent_response *resp)
     return 0;
 }
 
+/* ---- the mesh config entry ---- */
+
+static void describe_mesh(const struct mesh_http_cfg *m, char *buf, size_t len)
+{
+    snprintf(buf, len,
+             "path normalization %s, merge slashes %s, escaped slashes %s, headers with "
+             "underscores %s",
+             m->disable_path_normalization ? "off" : "on", m->merge_slashes ? "on" : "off",
+             pathnorm_escaped_slash_name(m->escaped_slash),
+             pathnorm_underscore_name(m->underscore));
+}
+
+/* Makes <m> the settings in force; a rebuild only when they differ (or are the first). */
+static void install_mesh(struct inputs *in, const struct mesh_http_cfg *m, const char *source)
+{
+    char what[256];
+    int first = !in->have_mesh;
+    in->have_mesh = 1;
+    if (!first && memcmp(&in->mesh_http, m, sizeof(*m)) == 0)
+        return;
+    in->mesh_http = *m;
+    describe_mesh(m, what, sizeof(what));
+    LOG_INFO("request normalization (%s): %s", source, what);
+    tell(in, INPUTS_CHANGED);
+}
+
+static int on_mesh(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[512];
+    struct mesh_http_cfg m;
+    int first = !in->have_mesh;
+    if (resp->status == 403) {
+        /* Current agents let any token read the entry (its CanRead allows all), so a 403
+         * comes from elsewhere: a token the agent does not know, another agent version, a hop
+         * in front of it. Serving beats waiting forever: the settings in force (the defaults
+         * at first) stay, and the watch backs off and asks again. */
+        if (!in->mesh_refused)
+            LOG_WARN("mesh config entry: HTTP 403 (the ACL token may not read it); %s request "
+                     "normalization stays in force",
+                     first ? "the default" : "the last good");
+        in->mesh_refused = 1;
+        if (first) {
+            memset(&m, 0, sizeof(m));
+            install_mesh(in, &m, "defaults, the entry could not be read");
+        }
+        return -EACCES;
+    }
+    in->mesh_refused = 0;
+    if (resp->status == 404) {
+        memset(&m, 0, sizeof(m));
+        install_mesh(in, &m, "no mesh config entry, defaults");
+        return 0;
+    }
+    int rc = decode_mesh_http(resp->body, resp->body_len, &m, err, sizeof(err));
+    if (rc != 0) {
+        LOG_ERROR("mesh config entry: %s; keeping the %s request normalization", err,
+                  first ? "default" : "last good");
+        if (first) {
+            memset(&m, 0, sizeof(m));
+            install_mesh(in, &m, "defaults, the entry is not understood");
+        }
+        return rc;
+    }
+    install_mesh(in, &m, "mesh config entry");
+    return 0;
+}
+
+/* Watches the mesh config entry of <partition> unless that is the one watched already. */
+static void start_mesh_watch(struct inputs *in, const char *partition)
+{
+    char *scope = agent_scope_query("", partition);
+    if (in->mesh_watch != NULL && strcmp(in->mesh_scope, scope) == 0) {
+        free(scope);
+        return;
+    }
+    char *path =
+        xasprintf("/v1/config/mesh/mesh%s%s", scope[0] ? "?" : "", scope[0] ? scope + 1 : "");
+    struct watch_spec spec = {.name = "mesh",
+                              .method = "GET",
+                              .path = path,
+                              .block = WATCH_BY_INDEX,
+                              .reach = in->reach,
+                              .deliver_403_404 = 1};
+    if (in->mesh_watch != NULL)
+        watch_stop(in->mesh_watch);
+    in->mesh_watch = watch_start(in->agent, &spec, on_mesh, in);
+    free(in->mesh_scope);
+    in->mesh_scope = scope;
+    free(path);
+}
+
 /* One look at the agent's own configuration for its default policies; retried only while the
  * agent cannot answer (a 403 without agent:read leaves what the answers' headers say). */
 static void self_start(struct inputs *in);
@@ -374,6 +476,7 @@ void inputs_set_service(struct inputs *in, const char *service, const char *ns,
         start_service_watches(in, service);
     }
     free(scope);
+    start_mesh_watch(in, partition);
 }
 
 /* ---- life ---- */
@@ -415,6 +518,9 @@ void inputs_free(struct inputs *in)
         watch_stop(in->intent_watch);
     if (in->roots_watch != NULL)
         watch_stop(in->roots_watch);
+    if (in->mesh_watch != NULL)
+        watch_stop(in->mesh_watch);
+    free(in->mesh_scope);
     forget_rules(in);
     tls_ctx_unref(in->tls);
     intent_table_unref(in->intents);
@@ -461,6 +567,11 @@ struct intent_table *inputs_intents(const struct inputs *in)
     return in->intents;
 }
 
+const struct mesh_http_cfg *inputs_mesh_http(const struct inputs *in)
+{
+    return in->have_mesh ? &in->mesh_http : NULL;
+}
+
 uint64_t inputs_intents_gen(const struct inputs *in)
 {
     return in->intents_gen;
@@ -474,6 +585,8 @@ const char *inputs_waiting_for(const struct inputs *in)
         return "waiting for the leaf certificate";
     if (in->intents == NULL)
         return "waiting for the intentions";
+    if (!in->have_mesh)
+        return "waiting for the mesh config entry";
     return NULL;
 }
 
@@ -485,4 +598,6 @@ void inputs_each_watch(const struct inputs *in, watch_visit_cb fn, void *data)
         fn(data, "leaf", in->leaf_watch);
     if (in->intent_watch != NULL)
         fn(data, "intentions", in->intent_watch);
+    if (in->mesh_watch != NULL)
+        fn(data, "mesh", in->mesh_watch);
 }

@@ -1,7 +1,8 @@
 /*
  * inputs: the answers about the proxy's own identity, turned into state. The CA roots and the
  * leaf certificate become one TLS context; the intentions for the destination service and
- * the agent's default policy become one intention table.
+ * the agent's default policy become one intention table; the mesh config entry (of the
+ * proxy's partition) gives the request normalization settings.
  *
  * Each answer is decoded and checked; a bad one is logged and the last good state stays in
  * force (its watch backs off and retries). Control thread only: the callbacks run on the
@@ -15,6 +16,7 @@
 #include "agent.h"
 #include "decode.h"
 #include "intent.h"
+#include "pathnorm.h"
 #include "tls.h"
 #include "watch.h"
 
@@ -22,7 +24,7 @@ struct inputs;
 
 enum inputs_event {
     INPUTS_INTENTIONS_CHANGING, /* a new intention table is about to replace the current one */
-    INPUTS_CHANGED,             /* the TLS context or the intention table changed: rebuild */
+    INPUTS_CHANGED, /* the TLS context, the intention table or the mesh settings changed */
 };
 typedef void (*inputs_cb)(void *data, enum inputs_event ev);
 
@@ -40,7 +42,9 @@ void inputs_start(struct inputs *in);
 /*
  * Makes <service> in <ns> and <partition> the destination service. When that differs from
  * the current one (or there was none), the leaf and intentions of the old identity are
- * dropped and their watches start again for the new one; otherwise nothing happens.
+ * dropped and their watches start again for the new one; otherwise nothing happens. The mesh
+ * config entry is watched for <partition> (again only when that changed); the settings in
+ * force stay until the new answer.
  */
 void inputs_set_service(struct inputs *in, const char *service, const char *ns,
                         const char *partition);
@@ -64,11 +68,17 @@ const struct dec_leaf *inputs_leaf(const struct inputs *in);
 const char *inputs_trust_domain(const struct inputs *in);
 /* The current intention table (borrowed), or NULL before the intentions arrived. */
 struct intent_table *inputs_intents(const struct inputs *in);
+/*
+ * The request normalization settings (borrowed), or NULL before the agent has answered about
+ * the mesh config entry. A 404 (no entry) gives Consul's defaults; a 403 or an entry that
+ * cannot be decoded keeps the settings in force (the defaults at first) and is logged.
+ */
+const struct mesh_http_cfg *inputs_mesh_http(const struct inputs *in);
 /* Counts the changes of the intention table, for answers asked under an older one. */
 uint64_t inputs_intents_gen(const struct inputs *in);
 /* "waiting for ..." naming the first input that has not arrived, or NULL when all have. */
 const char *inputs_waiting_for(const struct inputs *in);
-/* Calls <fn> for the roots, leaf and intentions watches (those that run), in that order. */
+/* Calls <fn> for the roots, leaf, intentions and mesh watches (those that run), in order. */
 void inputs_each_watch(const struct inputs *in, watch_visit_cb fn, void *data);
 
 #endif

@@ -61,7 +61,8 @@ struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
                               const char *trust_domain, struct tls_ctx *tls,
                               struct intent_table *intents,
                               const struct snap_target *const *targets, const size_t *n_targets,
-                              struct limit_state *inbound_limit, struct limit_state *const *limits)
+                              struct limit_state *inbound_limit, struct limit_state *const *limits,
+                              const struct mesh_http_cfg *mesh_http)
 {
     struct snapshot *s = xcalloc(1, sizeof(*s));
     atomic_init(&s->refs, 1);
@@ -81,6 +82,8 @@ struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
         u->limit = limits[i] != NULL ? limit_state_ref(limits[i]) : limit_state_new();
     }
     s->inbound_limit = inbound_limit != NULL ? limit_state_ref(inbound_limit) : limit_state_new();
+    if (mesh_http != NULL)
+        s->mesh_http = *mesh_http;
     return s;
 }
 

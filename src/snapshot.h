@@ -17,6 +17,7 @@
 #include "decode.h"
 #include "intent.h"
 #include "limit.h"
+#include "pathnorm.h"
 #include "proxycfg.h"
 #include "tls.h"
 
@@ -71,6 +72,7 @@ struct snapshot {
     struct intent_table *intents;      /* one reference */
     struct snap_upstream *upstreams;   /* cfg.n_upstreams entries, same order */
     struct limit_state *inbound_limit; /* the public listener's; one reference */
+    struct mesh_http_cfg mesh_http;    /* inbound request normalization (the mesh entry) */
 };
 
 /*
@@ -79,13 +81,14 @@ struct snapshot {
  * their strings are copied and their endpoint sets referenced (NULL: an empty set is used).
  * <inbound_limit> and <limits[i]> are the admission states of the public and upstream
  * listeners; the snapshot takes new references (a NULL one gets a fresh state of its own).
- * Never fails.
+ * <mesh_http> is copied (NULL: Consul's defaults). Never fails.
  */
 struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
                               const char *trust_domain, struct tls_ctx *tls,
                               struct intent_table *intents,
                               const struct snap_target *const *targets, const size_t *n_targets,
-                              struct limit_state *inbound_limit, struct limit_state *const *limits);
+                              struct limit_state *inbound_limit, struct limit_state *const *limits,
+                              const struct mesh_http_cfg *mesh_http);
 struct snapshot *snapshot_ref(struct snapshot *s);
 /* Safe from any thread; the last reference frees everything. */
 void snapshot_unref(struct snapshot *s);

@@ -6,6 +6,7 @@
  */
 #include "views.h"
 #include "intent.h"
+#include "pathnorm.h"
 #include "util.h"
 
 #include <errno.h>
@@ -612,6 +613,15 @@ static void render_config(const struct views *v, const struct views_state *st,
     json_kv_str(b, "mode", c->authorize_with_agent ? "agent" : "intentions", 1);
     json_kv_num(b, "intentions", (long long)intent_table_len(s->intents), 1);
     json_kv_str(b, "default", intent_table_default_allow(s->intents) ? "allow" : "deny", 0);
+    /* The mesh config entry's HTTP.Incoming.RequestNormalization, in its own spelling. */
+    admin_buf_add(b, "},\"request_normalization\":{", 27);
+    json_kv_num(b, "insecure_disable_path_normalization", s->mesh_http.disable_path_normalization,
+                1);
+    json_kv_num(b, "merge_slashes", s->mesh_http.merge_slashes, 1);
+    json_kv_str(b, "path_with_escaped_slashes_action",
+                pathnorm_escaped_slash_name(s->mesh_http.escaped_slash), 1);
+    json_kv_str(b, "headers_with_underscores_action",
+                pathnorm_underscore_name(s->mesh_http.underscore), 0);
     admin_buf_add(b, "},\"upstreams\":[", 15);
     for (size_t i = 0; i < c->n_upstreams; i++) {
         const struct upstream_cfg *u = &c->upstreams[i];

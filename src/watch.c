@@ -53,6 +53,7 @@ struct watch {
     char *name, *method, *path, *body;
     enum watch_block block;
     uint32_t wait_ms, poll_ms;
+    int deliver_403_404;
     watch_cb cb;
     void *data;
 
@@ -273,7 +274,9 @@ static void on_response(void *data, const struct agent_response *resp)
 {
     struct watch *w = data;
     w->req = NULL;
-    if (resp->status != 200) {
+    int answer =
+        resp->status == 200 || (w->deliver_403_404 && (resp->status == 403 || resp->status == 404));
+    if (!answer) {
         char reason[REASON_MAX];
         describe(resp, reason, sizeof(reason));
         watch_reach_note(w->reach, resp);
@@ -284,7 +287,13 @@ static void on_response(void *data, const struct agent_response *resp)
     int news;
     uint64_t next_ms = 0;
     watch_reach_note(w->reach, resp);
-    switch (w->block) {
+    switch (resp->status == 403 ? 0 : (int)w->block) {
+    case 0:
+        /* A refusal has no index or hash to block on (nor to go back from): always the
+         * owner's to judge. */
+        news = 1;
+        next_ms = NO_BLOCK_INTERVAL_MS;
+        break;
     case WATCH_BY_INDEX:
         if (w->resync) {
             news = body_differs(w, resp);
@@ -345,6 +354,7 @@ struct watch *watch_start(struct agent *a, const struct watch_spec *spec, watch_
     w->path = xstrdup(spec->path);
     w->body = spec->body != NULL ? xstrdup(spec->body) : NULL;
     w->block = spec->block;
+    w->deliver_403_404 = spec->deliver_403_404;
     w->wait_ms = spec->wait_ms ? spec->wait_ms : DEFAULT_WAIT_MS;
     w->poll_ms = MAX(spec->poll_ms ? spec->poll_ms : DEFAULT_POLL_MS, MIN_INTERVAL_MS);
     w->cb = cb;

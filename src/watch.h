@@ -35,13 +35,18 @@ struct watch_spec {
     uint32_t poll_ms; /* WATCH_POLL interval */
     /* NULL, or the reachability tracker this watch reports to (see below); not owned. */
     struct watch_reach *reach;
+    /* Also hand 403 and 404 answers to the callback, as news like a 200 (a config entry that
+     * may not exist, or may not be readable with the token): its owner decides what they
+     * mean. Other non-200 answers never reach the callback. */
+    int deliver_403_404;
 };
 
 /*
- * Called with each 200 response that may carry news. Return 0 to accept it (the watch then
- * advances its index/hash), or a negative code when the body is unusable: the watch then keeps
- * its previous position, counts a failure and backs off (the caller keeps its last good
- * state). Non-200 answers never reach the callback.
+ * Called with each 200 response that may carry news (and 403 and 404 ones with
+ * deliver_403_404). Return 0 to accept it (the watch then advances its index/hash), or a
+ * negative code when the body is unusable: the watch then keeps its previous position, counts
+ * a failure and backs off (the caller keeps its last good state). Other non-200 answers never
+ * reach the callback.
  */
 typedef int (*watch_cb)(void *data, const struct agent_response *resp);
 

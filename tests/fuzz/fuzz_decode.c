@@ -272,6 +272,21 @@ static void fuzz_authorize(const char *buf, size_t len)
     }
 }
 
+static void fuzz_mesh(const char *buf, size_t len)
+{
+    struct mesh_http_cfg m;
+    char err[256] = "";
+    int rc = decode_mesh_http(buf, len, &m, err, sizeof(err));
+    if (rc == 0) {
+        FUZZ_CHECK(m.disable_path_normalization == 0 || m.disable_path_normalization == 1);
+        FUZZ_CHECK(m.merge_slashes == 0 || m.merge_slashes == 1);
+        FUZZ_CHECK(m.escaped_slash <= PATHNORM_SLASH_UNESCAPE_REDIRECT);
+        FUZZ_CHECK(m.underscore <= PATHNORM_UNDERSCORE_DROP);
+    } else {
+        FUZZ_CHECK(all_zero(&m, sizeof(m)) && err[0] != '\0');
+    }
+}
+
 int fuzz_decode_one(const uint8_t *data, size_t size)
 {
     const char *buf = (const char *)data;
@@ -284,6 +299,7 @@ int fuzz_decode_one(const uint8_t *data, size_t size)
     fuzz_chain(buf, size);
     fuzz_query(buf, size);
     fuzz_authorize(buf, size);
+    fuzz_mesh(buf, size);
     return 0;
 }
 

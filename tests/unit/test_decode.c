@@ -2031,6 +2031,106 @@ static void test_agent_self(void **state)
     }
 }
 
+/* The mesh config entry of case-l7-intentions-request-normalization, as the agent renders it. */
+static const char MESH_JSON[] =
+    "{\"Kind\":\"mesh\",\"TransparentProxy\":{\"MeshDestinationsOnly\":false},"
+    "\"HTTP\":{\"SanitizeXForwardedClientCert\":false,\"Incoming\":{\"RequestNormalization\":{"
+    "\"InsecureDisablePathNormalization\":false,\"MergeSlashes\":true,"
+    "\"PathWithEscapedSlashesAction\":\"UNESCAPE_AND_FORWARD\","
+    "\"HeadersWithUnderscoresAction\":\"REJECT_REQUEST\"}}},"
+    "\"Hash\":18446744073709551615,\"CreateIndex\":20,\"ModifyIndex\":21}";
+
+static int mesh(const char *body, struct mesh_http_cfg *m, char *err, size_t errlen)
+{
+    /* A poisoned output shows that every field is written, on success and on failure. */
+    memset(m, 0xa5, sizeof(*m));
+    return decode_mesh_http(body, strlen(body), m, err, errlen);
+}
+
+static void test_mesh_http(void **state)
+{
+    struct mesh_http_cfg m;
+    const struct mesh_http_cfg zero = {0};
+    char err[512];
+    (void)state;
+    assert_int_equal(mesh(MESH_JSON, &m, err, sizeof(err)), 0);
+    assert_int_equal(m.disable_path_normalization, 0);
+    assert_int_equal(m.merge_slashes, 1);
+    assert_int_equal(m.escaped_slash, PATHNORM_SLASH_UNESCAPE_FORWARD);
+    assert_int_equal(m.underscore, PATHNORM_UNDERSCORE_REJECT);
+
+    /* The -disabled case: "" is the default for both actions. */
+    static const char disabled[] =
+        "{\"Kind\":\"mesh\",\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{"
+        "\"InsecureDisablePathNormalization\":true,\"PathWithEscapedSlashesAction\":\"\","
+        "\"HeadersWithUnderscoresAction\":\"\"}}}}";
+    assert_int_equal(mesh(disabled, &m, err, sizeof(err)), 0);
+    assert_int_equal(m.disable_path_normalization, 1);
+    assert_int_equal(m.merge_slashes, 0);
+    assert_int_equal(m.escaped_slash, PATHNORM_SLASH_KEEP);
+    assert_int_equal(m.underscore, PATHNORM_UNDERSCORE_ALLOW);
+
+    /* Every block is optional (or null): Consul's defaults. */
+    static const char *const empty[] = {
+        "{}",
+        "{\"Kind\":\"mesh\",\"HTTP\":null}",
+        "{\"HTTP\":{\"SanitizeXForwardedClientCert\":true}}",
+        "{\"HTTP\":{\"Incoming\":{}}}",
+        "{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":null}}}",
+        "{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{\"PathWithEscapedSlashesAction\":"
+        "\"IMPLEMENTATION_SPECIFIC_DEFAULT\"}}}}",
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(empty); i++) {
+        if (mesh(empty[i], &m, err, sizeof(err)) != 0 || memcmp(&m, &zero, sizeof(m)) != 0)
+            fail_msg("%s: %s", empty[i], err);
+    }
+
+    /* An action Consul does not know (or spelt otherwise) is an error naming the field, and
+     * the output is all defaults: the caller keeps its last good settings. */
+    static const struct {
+        const char *body, *err_has;
+    } bad[] = {
+        {"{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{\"PathWithEscapedSlashesAction\":"
+         "\"UNESCAPE_AND_FROBNICATE\"}}}}",
+         "HTTP.Incoming.RequestNormalization.PathWithEscapedSlashesAction \"UNESCAPE_AND_"},
+        {"{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{\"PathWithEscapedSlashesAction\":"
+         "\"reject_request\"}}}}",
+         "PathWithEscapedSlashesAction \"reject_request\" is not one of"},
+        {"{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{\"HeadersWithUnderscoresAction\":"
+         "\"DROP\"}}}}",
+         "HeadersWithUnderscoresAction \"DROP\" is not one of ALLOW, REJECT_REQUEST, DROP_HEADER"},
+        {"{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{\"MergeSlashes\":\"true\"}}}}",
+         "HTTP.Incoming.RequestNormalization.MergeSlashes must be true or false"},
+        {"{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{\"InsecureDisablePathNormalization\":"
+         "1}}}}",
+         "InsecureDisablePathNormalization must be true or false"},
+        {"{\"HTTP\":{\"Incoming\":{\"RequestNormalization\":{\"HeadersWithUnderscoresAction\":"
+         "7}}}}",
+         "HeadersWithUnderscoresAction must be a string"},
+        {"{\"HTTP\":{\"Incoming\":[]}}", "HTTP.Incoming must be an object"},
+        {"{\"HTTP\":\"x\"}", "HTTP must be an object"},
+        {"{\"Kind\":\"service-defaults\"}", "not \"mesh\""},
+        {"[]", "must be a JSON object"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        int rc = mesh(bad[i].body, &m, err, sizeof(err));
+        if (rc != ERR_BAD_FIELD || strstr(err, bad[i].err_has) == NULL ||
+            memcmp(&m, &zero, sizeof(m)) != 0)
+            fail_msg("%s: rc %d, err \"%s\" (want \"%s\")", bad[i].body, rc, err, bad[i].err_has);
+    }
+
+    /* Every truncation fails cleanly. */
+    size_t n = strlen(MESH_JSON);
+    for (size_t i = 0; i + 1 < n; i++) {
+        char *copy = malloc(i + 1);
+        assert_non_null(copy);
+        memcpy(copy, MESH_JSON, i);
+        assert_int_equal(decode_mesh_http(copy, i, &m, err, sizeof(err)), ERR_BAD_JSON);
+        assert_memory_equal(&m, &zero, sizeof(m));
+        free(copy);
+    }
+}
+
 static void test_malformed(void **state)
 {
     (void)state;
@@ -2079,6 +2179,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_agent_self),
+        cmocka_unit_test(test_mesh_http),
         cmocka_unit_test(test_uint64_fields),
         cmocka_unit_test(test_roots_good),
         cmocka_unit_test(test_roots_minimal),

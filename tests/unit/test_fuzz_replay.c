@@ -27,6 +27,8 @@
 #include "../fuzz/fuzz_decode.c"
 #include "../fuzz/fuzz_h1parse.c"
 #include "../fuzz/fuzz_intent.c"
+#include "../fuzz/fuzz_pathnorm.c"
+#include "../fuzz/fuzz_h2.c"
 #include "../fuzz/fuzz_proxycfg.c"
 #include "../fuzz/fuzz_spiffe.c"
 
@@ -66,6 +68,18 @@ static void test_replay_intent_corpus(void **state)
     corpus_replay("tests/fuzz/corpus/intent", fuzz_intent_one);
 }
 
+static void test_replay_pathnorm_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/pathnorm", fuzz_pathnorm_one);
+}
+
+static void test_replay_h2_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/h2", fuzz_h2_one);
+}
+
 static void test_replay_config_corpus(void **state)
 {
     (void)state;
@@ -78,6 +92,7 @@ int main(void)
         cmocka_unit_test(test_replay_decode_corpus),   cmocka_unit_test(test_replay_spiffe_corpus),
         cmocka_unit_test(test_replay_proxycfg_corpus), cmocka_unit_test(test_replay_agent_corpus),
         cmocka_unit_test(test_replay_config_corpus),   cmocka_unit_test(test_replay_h1parse_corpus),
+        cmocka_unit_test(test_replay_pathnorm_corpus), cmocka_unit_test(test_replay_h2_corpus),
         cmocka_unit_test(test_replay_intent_corpus),
     };
     return cmocka_run_group_tests_name("fuzz_replay", tests, NULL, NULL);

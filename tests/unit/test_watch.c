@@ -51,6 +51,8 @@ struct harness {
     uint64_t indexes[8];
     char hashes[8][32];
     unsigned failures_seen[8];
+    long statuses[8];
+    int any_status; /* the watch delivers 403 and 404 too */
     struct watch *w;
     const char *reject_prefix; /* the watch callback rejects bodies starting with this */
     int stop_in_cb;
@@ -131,9 +133,11 @@ static void teardown(struct harness *h)
 static int on_watch(void *data, const struct agent_response *resp)
 {
     struct harness *h = data;
-    assert_int_equal(resp->status, 200);
+    if (!h->any_status)
+        assert_int_equal(resp->status, 200);
     assert_true(h->ndeliv < 8);
     int i = h->ndeliv++;
+    h->statuses[i] = resp->status;
     snprintf(h->bodies[i], sizeof(h->bodies[i]), "%s", resp->body);
     h->indexes[i] = resp->index;
     snprintf(h->hashes[i], sizeof(h->hashes[i]), "%s", resp->content_hash);
@@ -317,6 +321,51 @@ static void test_rejected_body_keeps_index(void **state)
     assert_req_line(&h.srv, 2, "GET /v1/agent/connect/ca/leaf/web?index=5&wait=1000ms HTTP/1.1");
     assert_req_line(&h.srv, 3, "GET /v1/agent/connect/ca/leaf/web?index=6&wait=1000ms HTTP/1.1");
     assert_int_equal(watch_failures(h.w), 0);
+    teardown(&h);
+}
+
+/* The mesh config entry's watch: a 404 (no entry) is an answer that blocks on its index like a
+ * 200; a 403 reaches the owner too, whose refusal backs off from the same position; any other
+ * error never reaches it. */
+static void test_deliver_403_404(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {404, "X-Consul-Index: 4\r\n", "Config entry not found for \"mesh\" / \"mesh\"", 0},
+        {200, "X-Consul-Index: 9\r\n", "{\"Kind\":\"mesh\"}", 0},
+        {404, "X-Consul-Index: 12\r\n", "Config entry not found for \"mesh\" / \"mesh\"", 0},
+        {403, NULL, "Permission denied", 0},
+        {500, NULL, "boom", 0},
+    };
+    watch_set_backoff_ms_for_testing(100, 100);
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    h.any_status = 1;
+    h.reject_prefix = "Permission";
+    struct watch_spec spec = {.name = "mesh",
+                              .path = "/v1/config/mesh/mesh",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000,
+                              .deliver_403_404 = 1};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 6;
+    run(&h, 3000);
+    watch_set_backoff_ms_for_testing(0, 0);
+
+    assert_int_equal(h.ndeliv, 4);
+    assert_int_equal(h.statuses[0], 404);
+    assert_int_equal(h.indexes[0], 4);
+    assert_int_equal(h.statuses[1], 200);
+    assert_int_equal(h.statuses[2], 404);
+    assert_int_equal(h.statuses[3], 403);
+    assert_req_line(&h.srv, 0, "GET /v1/config/mesh/mesh?wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 1, "GET /v1/config/mesh/mesh?index=4&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 2, "GET /v1/config/mesh/mesh?index=9&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 3, "GET /v1/config/mesh/mesh?index=12&wait=1000ms HTTP/1.1");
+    /* The refused 403 and the 500 kept the position and counted as failures. */
+    assert_req_line(&h.srv, 4, "GET /v1/config/mesh/mesh?index=12&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 5, "GET /v1/config/mesh/mesh?index=12&wait=1000ms HTTP/1.1");
+    assert_int_equal(watch_failures(h.w), 2);
     teardown(&h);
 }
 
@@ -648,6 +697,7 @@ int main(void)
         cmocka_unit_test(test_hash_blocking),
         cmocka_unit_test(test_errors_back_off_then_recover),
         cmocka_unit_test(test_rejected_body_keeps_index),
+        cmocka_unit_test(test_deliver_403_404),
         cmocka_unit_test(test_stop_inside_callback),
         cmocka_unit_test(test_poll_mode),
         cmocka_unit_test(test_unix_socket),
