@@ -310,11 +310,15 @@ static void json_kv_num(struct admin_buf *b, const char *key, long long v, int c
 
 /* A per-request /authz question: method, path and headers as given, in one buffer. */
 struct authz_request {
-    struct intent_http_req rq;
-    struct http_header headers[AUTHZ_HEADERS_MAX];
+    struct intent_http_req rq; /* what is evaluated: normalized path, kept headers */
+    struct http_header headers[AUTHZ_HEADERS_MAX]; /* as given */
+    struct http_header kept[AUTHZ_HEADERS_MAX];    /* without those the mesh entry drops */
+    int dropped[AUTHZ_HEADERS_MAX];
+    size_t nheaders;
     char method[64];
     char path[ADMIN_TARGET_MAX];
     char text[ADMIN_TARGET_MAX]; /* the header parameters, decoded, each NUL-terminated */
+    char normalized[PATHNORM_OUT_MAX(ADMIN_TARGET_MAX) + 1];
 };
 
 static int is_space(char c)
@@ -351,11 +355,10 @@ static int authz_read_request(const char *query, struct authz_request *ar, char 
     } else {
         per_request = 1;
     }
-    /* The request path is matched without its query or fragment. */
-    ar->path[strcspn(ar->path, "?#")] = '\0';
+    /* The query is neither normalized nor matched (a '#' is left for pathnorm to refuse). */
+    ar->path[strcspn(ar->path, "?")] = '\0';
     ar->rq.method = (struct http_slice){ar->method, strlen(ar->method)};
-    ar->rq.path = (struct http_slice){ar->path, strlen(ar->path)};
-    ar->rq.headers = ar->headers;
+    /* rq.path and rq.headers are set by authz_normalize(). */
 
     size_t used = 0;
     const char *p = query;
@@ -373,7 +376,7 @@ static int authz_read_request(const char *query, struct authz_request *ar, char 
             snprintf(why, whylen, "header= must be name:value");
             return -1;
         }
-        if (ar->rq.nheaders == AUTHZ_HEADERS_MAX) {
+        if (ar->nheaders == AUTHZ_HEADERS_MAX) {
             snprintf(why, whylen, "at most %d header= parameters", AUTHZ_HEADERS_MAX);
             return -1;
         }
@@ -398,13 +401,45 @@ static int authz_read_request(const char *query, struct authz_request *ar, char 
         memcpy(value, v, vlen);
         value[vlen] = '\0';
         used += nlen + vlen + 2;
-        struct http_header *h = &ar->headers[ar->rq.nheaders++];
+        struct http_header *h = &ar->headers[ar->nheaders++];
         h->name = (struct http_slice){name, nlen};
         h->value = (struct http_slice){value, vlen};
         if (strcasecmp(name, "host") == 0 || strcasecmp(name, ":authority") == 0)
             ar->rq.authority = h->value;
     }
     return per_request;
+}
+
+/*
+ * Applies the mesh config entry's request normalization as the inbound request path does:
+ * the path through pathnorm_path(), header names with '_' dropped or refused. Returns 0 with
+ * ar->rq ready, or -1 with why the proxy would answer 400 instead.
+ */
+static int authz_normalize(struct authz_request *ar, const struct mesh_http_cfg *mh, char *why,
+                           size_t whylen)
+{
+    int redirect = 0;
+    ssize_t n = pathnorm_path(mh, ar->path, strlen(ar->path), ar->normalized,
+                              sizeof(ar->normalized) - 1, &redirect);
+    if (n < 0) {
+        snprintf(why, whylen, "the path is refused by request normalization (400)");
+        return -1;
+    }
+    ar->normalized[n] = '\0';
+    ar->rq.path = (struct http_slice){ar->normalized, (size_t)n};
+    ar->rq.headers = ar->kept;
+    for (size_t i = 0; i < ar->nheaders; i++) {
+        int rc = pathnorm_header(mh, ar->headers[i].name);
+        if (rc < 0) {
+            snprintf(why, whylen, "header %.64s is refused by request normalization (400)",
+                     ar->headers[i].name.p);
+            return -1;
+        }
+        ar->dropped[i] = rc == 1;
+        if (rc == 0)
+            ar->kept[ar->rq.nheaders++] = ar->headers[i];
+    }
+    return 0;
 }
 
 static void render_rule(struct admin_buf *b, const struct intent_rule *r)
@@ -436,10 +471,14 @@ static void render_http_request(struct admin_buf *b, const struct authz_request 
     admin_buf_add(b, ":{", 2);
     json_kv_str(b, "method", ar->method, 1);
     json_kv_str(b, "path", ar->path, 1);
+    if (ar->rq.path.p != NULL)
+        json_kv_str(b, "normalized_path", ar->normalized, 1);
     admin_buf_json_str(b, "headers");
     admin_buf_add(b, ":[", 2);
-    for (size_t i = 0; i < ar->rq.nheaders; i++) {
+    for (size_t i = 0; i < ar->nheaders; i++) {
         admin_buf_add(b, i == 0 ? "{" : ",{", i == 0 ? 1 : 2);
+        if (ar->dropped[i])
+            admin_buf_printf(b, "\"dropped\":true,");
         json_kv_str(b, "name", ar->headers[i].name.p, 1);
         json_kv_str(b, "value", ar->headers[i].value.p, 0);
         admin_buf_add(b, "}", 1);
@@ -450,8 +489,9 @@ static void render_http_request(struct admin_buf *b, const struct authz_request 
 /*
  * /authz?source=<service>[&namespace=&partition=] answers the per-connection (L4) decision;
  * adding method=, path= or header=name:value (repeatable) answers for one HTTP request, with
- * the permission that decided. The path is matched as given (without its query); the
- * proxy's own request path normalizes it first.
+ * the permission that decided. The request is first normalized as the mesh config entry says
+ * (path without its query, header names with '_'); one that normalization refuses gets the
+ * decision "reject" (the proxy answers 400 before authorization).
  */
 static void render_authz(const struct views *v, const struct views_state *st,
                          const struct admin_request *req, struct admin_reply *reply)
@@ -482,9 +522,8 @@ static void render_authz(const struct views *v, const struct views_state *st,
         admin_buf_printf(b, "the intentions have not arrived yet\n");
         goto out;
     }
-    struct intent_decision d = per_request
-                                   ? intent_eval_http(intents, partition, ns, source, &ar->rq)
-                                   : intent_eval(intents, partition, ns, source);
+    static const struct mesh_http_cfg consul_defaults;
+    const struct mesh_http_cfg *mh = inputs_mesh_http(v->in);
     reply->content_type = "application/json";
     admin_buf_add(b, "{", 1);
     json_kv_str(b, "source", source, 1);
@@ -492,6 +531,19 @@ static void render_authz(const struct views *v, const struct views_state *st,
     json_kv_str(b, "partition", partition, 1);
     json_kv_str(b, "destination", inputs_service(v->in), 1);
     json_kv_str(b, "mode", per_request ? "request" : "connection", 1);
+    if (per_request &&
+        authz_normalize(ar, mh != NULL ? mh : &consul_defaults, why, sizeof(why)) != 0) {
+        render_http_request(b, ar);
+        json_kv_str(b, "decision", "reject", 1);
+        json_kv_str(b, "reason", why, 1);
+        admin_buf_printf(b, "\"failed_closed\":false,\"intention\":null,\"permission\":null,");
+        json_kv_str(b, "decided_by", "request normalization", 0);
+        admin_buf_add(b, "}\n", 2);
+        goto out;
+    }
+    struct intent_decision d = per_request
+                                   ? intent_eval_http(intents, partition, ns, source, &ar->rq)
+                                   : intent_eval(intents, partition, ns, source);
     if (per_request)
         render_http_request(b, ar);
     json_kv_str(b, "decision", d.allow ? "allow" : "deny", 1);

@@ -74,7 +74,8 @@ def test_authz_answers_per_request_with_the_deciding_permission(mesh):
         assert a["permission"]["index"] == 2 and a["permission"]["action"] == "allow", a
         assert "PathExact" in a["permission"]["description"], a
         assert a["intention"]["source"] == web and a["intention"]["action"] == "l7-permissions", a
-        assert a["request"] == {"method": "GET", "path": "/health", "headers": []}, a
+        assert a["request"] == {"method": "GET", "path": "/health", "normalized_path": "/health",
+                                "headers": []}, a
         # A query string is not part of the path that is matched.
         assert authz(port, web, "HEAD", "/health?x=1")["permission"]["index"] == 2
         # A method near miss: no permission matches, so the default policy decides (the dev
@@ -109,6 +110,19 @@ def test_authz_answers_per_request_with_the_deciding_permission(mesh):
         assert "PathRegex" in d["permission"]["description"], d
         # The regex is a full match: /admin is not /admin/.*, so the header allow decides.
         assert authz(port, web, "DELETE", "/admin", good)["permission"]["index"] == 1
+
+        # The path is normalized as the proxy's request path does it (the mesh entry's
+        # defaults here): dot segments and encoded unreserved characters cannot dodge a rule.
+        a = authz(port, web, "GET", "/admin/../%68ealth")
+        assert a["decision"] == "allow" and a["permission"]["index"] == 2, a
+        assert a["request"]["path"] == "/admin/../%68ealth", a
+        assert a["request"]["normalized_path"] == "/health", a
+        d = authz(port, web, "GET", "/public/./../admin/x")
+        assert d["decision"] == "deny" and d["permission"]["index"] == 3, d
+        # What normalization refuses never reaches authorization.
+        r = authz(port, web, "GET", "/a%zz")
+        assert r["decision"] == "reject" and r["decided_by"] == "request normalization", r
+        assert "400" in r["reason"] and "normalized_path" not in r["request"], r
 
         # Per connection, the same intention is a deny (as the agent's /authorize says).
         c = authz(port, web)
@@ -148,3 +162,43 @@ def test_authz_bad_regex_fails_closed(mesh):
         assert status == 200 and metric(parse_metrics(body), "connectd_intention_bad_regexes") == 1
     finally:
         drop_entries(m, db)
+
+
+def test_authz_applies_the_mesh_entry_normalization(fresh_mesh):
+    """On an agent of its own (the mesh config entry is global): header names with '_' are
+    dropped before matching, or refused, as HeadersWithUnderscoresAction says, and
+    MergeSlashes folds '//' before the path is matched."""
+    m = fresh_mesh
+    db, port = start_db(m)
+    web = m.name("web")
+
+    def mesh_entry(underscores):
+        assert m.api.put("/v1/config", {"Kind": "mesh", "HTTP": {"Incoming": {
+            "RequestNormalization": {"MergeSlashes": True,
+                                     "HeadersWithUnderscoresAction": underscores}}}}) is True
+    try:
+        put_intentions(m, db, [
+            {"Name": web, "Permissions": [
+                {"Action": "deny", "HTTP": {"PathPrefix": "/admin/", "Header": [
+                    {"Name": "x_internal", "Present": True, "Invert": True}]}},
+                {"Action": "allow", "HTTP": {"PathPrefix": "/"}},
+            ]},
+        ])
+        mesh_entry("DROP_HEADER")
+        ask = (web, "GET", "//admin//x", ["x_internal:1"])
+        wait_until(lambda: authz(port, *ask)["request"]["headers"][0].get("dropped"), 20,
+                   "the mesh entry to reach connectd")
+        # The header that would have exempted the caller is dropped: the deny applies.
+        d = authz(port, *ask)
+        assert d["request"]["normalized_path"] == "/admin/x", d
+        assert d["decision"] == "deny" and d["permission"]["index"] == 0, d
+        mesh_entry("REJECT_REQUEST")
+        wait_until(lambda: authz(port, *ask)["decision"] == "reject", 20,
+                   "the REJECT_REQUEST action to reach connectd")
+        r = authz(port, *ask)
+        assert "x_internal" in r["reason"] and r["decided_by"] == "request normalization", r
+        # Without an underscore header the request is authorized as usual.
+        assert authz(port, web, "GET", "/public")["decision"] == "allow"
+    finally:
+        drop_entries(m, db)
+        m.api.delete("/v1/config/mesh/mesh")
