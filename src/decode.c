@@ -690,6 +690,162 @@ static const struct str_field intention_fields[] = {
     SF(struct dec_intention, "Action", action, 0),
 };
 
+/*
+ * A bounded string of a permission: a string of at most DEC_PERM_STR_MAX bytes without NUL
+ * (a C string could not carry it, and a condition that silently lost its tail would match
+ * more than was written). *dst is a fresh copy, "" when absent.
+ */
+static int get_perm_str(struct dctx *c, json_t *obj, const char *key, const char *where, char **dst)
+{
+    json_t *v = member(obj, key);
+    *dst = NULL;
+    if (v == NULL) {
+        *dst = xstrdup("");
+        return 0;
+    }
+    if (!json_is_string(v))
+        return bad_field(c, where, key, "must be a string");
+    size_t len = json_string_length(v);
+    if (len > DEC_PERM_STR_MAX)
+        return bad_field(c, where, key, "is too long");
+    if (memchr(json_string_value(v), '\0', len) != NULL)
+        return bad_field(c, where, key, "must not hold a NUL byte");
+    *dst = xstrdup(json_string_value(v));
+    return 0;
+}
+
+/* A header condition's match kinds, in Consul's order; Present is a boolean, the rest strings
+ * of which an empty one counts as unset (Go's omitempty). */
+static const char *const header_kinds[] = {"Present", "Exact",    "Prefix",
+                                           "Suffix",  "Contains", "Regex"};
+static const enum dec_header_match header_kind_values[] = {
+    DEC_HDR_PRESENT, DEC_HDR_EXACT, DEC_HDR_PREFIX, DEC_HDR_SUFFIX, DEC_HDR_CONTAINS, DEC_HDR_REGEX,
+};
+
+static int decode_perm_header(struct dctx *c, json_t *o, const char *where,
+                              struct dec_perm_header *h)
+{
+    if (!json_is_object(o))
+        return bad_field(c, where, "", "must be an object");
+    int rc = get_perm_str(c, o, "Name", where, &h->name);
+    if (rc == 0 && (h->name == NULL || h->name[0] == '\0'))
+        rc = bad_field(c, where, "Name", "is missing");
+    int present = 0;
+    if (rc == 0)
+        rc = get_bool(c, o, "Present", where, &present);
+    if (rc == 0)
+        rc = get_bool(c, o, "Invert", where, &h->invert);
+    if (rc == 0)
+        rc = get_bool(c, o, "IgnoreCase", where, &h->ignore_case);
+    int kinds = present;
+    if (present)
+        h->match = DEC_HDR_PRESENT;
+    /* Every value kind is read (and type-checked); exactly one kind may be set. */
+    for (size_t k = 1; k < ARRAY_SIZE(header_kinds) && rc == 0; k++) {
+        char *v = NULL;
+        rc = get_perm_str(c, o, header_kinds[k], where, &v);
+        if (rc != 0 || v == NULL)
+            break;
+        if (v[0] != '\0') {
+            kinds++;
+            free(h->value);
+            h->value = v;
+            h->match = header_kind_values[k];
+        } else {
+            free(v);
+        }
+    }
+    if (rc == 0 && kinds != 1)
+        rc = bad_field(c, where, "",
+                       "must set exactly one of Present, Exact, Prefix, Suffix, Contains or Regex");
+    if (rc == 0 && h->value == NULL)
+        h->value = xstrdup("");
+    return rc;
+}
+
+static int decode_permission(struct dctx *c, json_t *o, const char *where, struct dec_permission *p)
+{
+    char sub[200];
+    json_t *http, *hdrs, *methods;
+    const char *action;
+    if (!json_is_object(o))
+        return bad_field(c, where, "", "must be an object");
+    int rc = peek_str(c, o, "Action", 1, where, &action);
+    if (rc != 0)
+        return rc;
+    if (strcmp(action, "allow") != 0 && strcmp(action, "deny") != 0)
+        return bad_field(c, where, "Action", "must be \"allow\" or \"deny\"");
+    p->allow = strcmp(action, "allow") == 0;
+    p->has_jwt = member(o, "JWT") != NULL;
+    if ((rc = get_obj(c, o, "HTTP", 0, where, &http)) != 0)
+        return rc;
+    snprintf(sub, sizeof(sub), "%.150s.HTTP", where);
+    static const char *const path_keys[] = {"PathExact", "PathPrefix", "PathRegex"};
+    static const enum dec_path_match path_values[] = {DEC_PATH_EXACT, DEC_PATH_PREFIX,
+                                                      DEC_PATH_REGEX};
+    for (size_t k = 0; k < ARRAY_SIZE(path_keys); k++) {
+        char *v = NULL;
+        if ((rc = get_perm_str(c, http, path_keys[k], sub, &v)) != 0 || v == NULL)
+            return rc;
+        if (v[0] == '\0') {
+            free(v);
+        } else if (p->path != NULL) {
+            free(v);
+            return bad_field(c, sub, "",
+                             "must set at most one of PathExact, PathPrefix or PathRegex");
+        } else {
+            p->path = v;
+            p->path_match = path_values[k];
+        }
+    }
+    if (p->path == NULL)
+        p->path = xstrdup("");
+    if ((rc = get_arr(c, http, "Header", 0, sub, &hdrs)) != 0)
+        return rc;
+    if (hdrs != NULL && json_array_size(hdrs) > DEC_PERM_HEADERS_MAX)
+        return bad_field(c, sub, "Header", "has too many entries");
+    p->n_headers = hdrs != NULL ? json_array_size(hdrs) : 0;
+    p->headers = p->n_headers > 0 ? xcalloc(p->n_headers, sizeof(*p->headers)) : NULL;
+    for (size_t i = 0; i < p->n_headers && rc == 0; i++) {
+        char hw[240];
+        snprintf(hw, sizeof(hw), "%.200s.Header[%zu]", sub, i);
+        rc = decode_perm_header(c, json_array_get(hdrs, i), hw, &p->headers[i]);
+    }
+    if (rc == 0)
+        rc = get_arr(c, http, "Methods", 0, sub, &methods);
+    if (rc != 0)
+        return rc;
+    if (methods != NULL && json_array_size(methods) > DEC_PERM_METHODS_MAX)
+        return bad_field(c, sub, "Methods", "has too many entries");
+    p->n_methods = methods != NULL ? json_array_size(methods) : 0;
+    p->methods = p->n_methods > 0 ? xcalloc(p->n_methods, sizeof(*p->methods)) : NULL;
+    for (size_t i = 0; i < p->n_methods; i++) {
+        json_t *m = json_array_get(methods, i);
+        if (!json_is_string(m) || json_string_length(m) == 0 ||
+            json_string_length(m) > DEC_PERM_STR_MAX ||
+            strlen(json_string_value(m)) != json_string_length(m))
+            return bad_field(c, sub, "Methods", "must hold non-empty strings");
+        p->methods[i] = xstrdup(json_string_value(m));
+    }
+    return 0;
+}
+
+static void permissions_free(struct dec_permission *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < v[i].n_headers; j++) {
+            free(v[i].headers[j].name);
+            free(v[i].headers[j].value);
+        }
+        free(v[i].headers);
+        for (size_t j = 0; j < v[i].n_methods; j++)
+            free(v[i].methods[j]);
+        free(v[i].methods);
+        free(v[i].path);
+    }
+    free(v);
+}
+
 static int decode_intention(struct dctx *c, json_t *o, const char *where, struct dec_intention *out)
 {
     json_t *perms;
@@ -700,8 +856,21 @@ static int decode_intention(struct dctx *c, json_t *o, const char *where, struct
         rc = get_int(c, o, "Precedence", 1, INT32_MIN, INT32_MAX, where, &out->precedence);
     if (rc == 0)
         rc = get_arr(c, o, "Permissions", 0, where, &perms);
-    if (rc == 0)
-        out->has_permissions = perms != NULL && json_array_size(perms) > 0;
+    if (rc != 0)
+        return rc;
+    out->has_jwt = member(o, "JWT") != NULL;
+    if (perms == NULL || json_array_size(perms) == 0)
+        return 0;
+    if (json_array_size(perms) > DEC_PERMISSIONS_MAX)
+        return bad_field(c, where, "Permissions", "has too many entries");
+    out->n_permissions = json_array_size(perms);
+    out->permissions = xcalloc(out->n_permissions, sizeof(*out->permissions));
+    out->has_permissions = 1;
+    for (size_t i = 0; i < out->n_permissions && rc == 0; i++) {
+        char pw[160];
+        snprintf(pw, sizeof(pw), "%.100s.Permissions[%zu]", where, i);
+        rc = decode_permission(c, json_array_get(perms, i), pw, &out->permissions[i]);
+    }
     return rc;
 }
 
@@ -744,8 +913,10 @@ out:
 
 void dec_intentions_free(struct dec_intention *v, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         free_strs(intention_fields, ARRAY_SIZE(intention_fields), &v[i]);
+        permissions_free(v[i].permissions, v[i].n_permissions);
+    }
     free(v);
 }
 

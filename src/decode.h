@@ -129,6 +129,50 @@ int decode_sidecar_for(const char *buf, size_t len, const char *target_id, char 
 
 /* ---- /v1/connect/intentions/match?by=destination&name=<key> ---- */
 
+/* Bounds on one intention's Permissions; more is refused as malformed. */
+#define DEC_PERMISSIONS_MAX  128  /* permissions per intention */
+#define DEC_PERM_HEADERS_MAX 32   /* header conditions per permission */
+#define DEC_PERM_METHODS_MAX 16   /* methods per permission */
+#define DEC_PERM_STR_MAX     4096 /* bytes in a path, header name or value, or method */
+
+enum dec_path_match {
+    DEC_PATH_ANY = 0, /* no path condition */
+    DEC_PATH_EXACT,
+    DEC_PATH_PREFIX,
+    DEC_PATH_REGEX,
+};
+
+enum dec_header_match {
+    DEC_HDR_PRESENT = 1,
+    DEC_HDR_EXACT,
+    DEC_HDR_PREFIX,
+    DEC_HDR_SUFFIX,
+    DEC_HDR_CONTAINS,
+    DEC_HDR_REGEX,
+};
+
+/* Permissions[].HTTP.Header[]: exactly one match kind (as Consul validates). */
+struct dec_perm_header {
+    char *name; /* non-empty, as sent */
+    enum dec_header_match match;
+    char *value; /* "" for DEC_HDR_PRESENT */
+    int invert;
+    int ignore_case; /* as sent; meaningful for Exact, Prefix, Suffix and Contains only */
+};
+
+/* One of an intention's Permissions[]. An absent or empty HTTP block matches every request,
+ * as in Consul's own RBAC generator. */
+struct dec_permission {
+    int allow; /* Action: 1 "allow", 0 "deny" (anything else is refused) */
+    enum dec_path_match path_match;
+    char *path; /* "" for DEC_PATH_ANY */
+    struct dec_perm_header *headers;
+    size_t n_headers;
+    char **methods; /* non-empty strings, compared exactly */
+    size_t n_methods;
+    int has_jwt; /* a JWT block: a requirement connectd cannot check */
+};
+
 struct dec_intention {
     char *id;
     char *description;
@@ -139,14 +183,19 @@ struct dec_intention {
     char *source_name;
     char *destination_ns;
     char *destination_name;
-    char *action;        /* "allow", "deny", or "" when permissions is set */
-    int has_permissions; /* a non-empty Permissions array */
+    char *action;                       /* "allow", "deny", or "" when permissions is set */
+    int has_permissions;                /* a non-empty Permissions array */
+    struct dec_permission *permissions; /* in the agent's order; NULL when none */
+    size_t n_permissions;
+    int has_jwt; /* a JWT block on the intention itself */
     int precedence;
 };
 
 /*
  * Decodes the array under <key> in the match response, keeping the agent's order (highest
- * precedence first). A missing key or null is an empty list.
+ * precedence first). A missing key or null is an empty list. Permissions are decoded in full
+ * and checked for shape (types, one path kind, one match kind per header, the bounds above);
+ * their regexes are compiled later, by the intention table.
  */
 int decode_intentions_match(const char *buf, size_t len, const char *key,
                             struct dec_intention **out, size_t *n, char *err, size_t errlen);

@@ -5,14 +5,31 @@
  * rules in precedence order and let the first whose source matches decide, with no
  * fall-through. The table is built once on the control thread and then only read; its
  * reference count is the one mutable field, hence atomic.
+ *
+ * Per request, an L7 rule's Permissions decide in order, which is what Consul's RBAC
+ * generator (agent/xds/rbac.go) builds for Envoy once its precedence rewriting is undone:
+ * there each lower-precedence, more wildcarded source is ANDed with NOT of the higher one, and
+ * each later permission with NOT of the earlier ones, so a caller's first matching rule and
+ * that rule's first matching permission decide, and nothing matching means the default.
+ *
+ * Regexes that do not compile cannot make the table fail (the agent accepts any string as a
+ * regex, and refusing the whole answer would freeze every other rule's change too). Instead
+ * each such condition is "unknown" at evaluation, and unknown resolves to the safe side at
+ * the permission that holds it: a deny permission denies, an allow permission does not allow
+ * (evaluation goes on to the next permission, as if it had not matched). Whatever the regex
+ * would have said, the outcome is never more permissive than Consul's. Envoy instead refuses
+ * the whole listener update and keeps the previous rules.
  */
 #include "intent.h"
 
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "log.h"
+#include "rx.h"
 #include "util.h"
 
 struct intent_table {
@@ -20,6 +37,7 @@ struct intent_table {
     int default_allow;
     size_t n;
     struct intent_rule *rules;
+    size_t broken; /* regexes that did not compile */
 };
 
 #define WILDCARD "*"
@@ -48,7 +66,87 @@ static int order_cmp(const void *pa, const void *pb)
     return a->index < b->index ? -1 : a->index > b->index;
 }
 
-static void rule_init(struct intent_rule *r, const struct dec_intention *d)
+static char ascii_lower(char c)
+{
+    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
+}
+
+/* A lower-cased copy of <len> bytes (xstrndup copies all of them, NUL bytes included). */
+static char *lower_dup(const char *s, size_t len)
+{
+    char *out = xstrndup(s, len);
+    for (size_t i = 0; i < len; i++)
+        out[i] = ascii_lower(out[i]);
+    return out;
+}
+
+/*
+ * Compiles one regex of a rule. A pattern that does not compile leaves *rx NULL, counts as
+ * broken and is logged once here, naming where it sits; the condition then fails closed.
+ */
+static void compile_rx(struct intent_table *t, const struct intent_rule *r, size_t perm_index,
+                       const char *what, const char *pattern, struct rx **rx, int *broken)
+{
+    char err[200];
+    if (rx_compile(pattern, strlen(pattern), rx, err, sizeof(err)) == 0)
+        return;
+    *broken = 1;
+    t->broken++;
+    LOG_WARN("intention %s => %s: Permissions[%zu] %s %s is not usable: %s; the permission "
+             "fails closed (a deny permission denies, an allow permission never allows)",
+             LOG_ESC(r->src_name), LOG_ESC(r->dst_name), perm_index, what, LOG_ESC(pattern), err);
+}
+
+static void perm_init(struct intent_table *t, const struct intent_rule *r, size_t index,
+                      struct intent_perm *p, const struct dec_permission *d)
+{
+    p->allow = d->allow != 0;
+    p->path_match = d->path_match;
+    p->path = xstrdup(or_empty(d->path));
+    p->path_len = strlen(p->path);
+    p->has_jwt = d->has_jwt != 0;
+    if (p->path_match == DEC_PATH_REGEX)
+        compile_rx(t, r, index, "PathRegex", p->path, &p->path_rx, &p->broken);
+    p->n_headers = d->n_headers;
+    p->headers = xcalloc(d->n_headers, sizeof(*p->headers));
+    for (size_t i = 0; i < d->n_headers; i++) {
+        const struct dec_perm_header *dh = &d->headers[i];
+        struct intent_header_cond *h = &p->headers[i];
+        h->name = xstrdup(or_empty(dh->name));
+        h->name_len = strlen(h->name);
+        h->match = dh->match;
+        h->invert = dh->invert != 0;
+        /* Consul passes IgnoreCase on for the four plain string kinds only. */
+        h->ignore_case =
+            dh->ignore_case != 0 && dh->match != DEC_HDR_PRESENT && dh->match != DEC_HDR_REGEX;
+        const char *v = or_empty(dh->value);
+        h->value_len = strlen(v);
+        h->value = h->ignore_case ? lower_dup(v, h->value_len) : xstrdup(v);
+        if (h->match == DEC_HDR_REGEX)
+            compile_rx(t, r, index, "Header Regex", h->value, &h->rx, &p->broken);
+    }
+    p->n_methods = d->n_methods;
+    p->methods = xcalloc(d->n_methods, sizeof(*p->methods));
+    for (size_t i = 0; i < d->n_methods; i++)
+        p->methods[i] = xstrdup(or_empty(d->methods[i]));
+}
+
+static void perm_dispose(struct intent_perm *p)
+{
+    free(p->path);
+    rx_free(p->path_rx);
+    for (size_t i = 0; i < p->n_headers; i++) {
+        free(p->headers[i].name);
+        free(p->headers[i].value);
+        rx_free(p->headers[i].rx);
+    }
+    free(p->headers);
+    for (size_t i = 0; i < p->n_methods; i++)
+        free(p->methods[i]);
+    free(p->methods);
+}
+
+static void rule_init(struct intent_table *t, struct intent_rule *r, const struct dec_intention *d)
 {
     int has_permissions = d->has_permissions != 0;
     r->id = xstrdup(or_empty(d->id));
@@ -69,6 +167,11 @@ static void rule_init(struct intent_rule *r, const struct dec_intention *d)
         r->reach = r->allow ? INTENT_REACH_NONE : INTENT_REACH_ANY;
     else
         r->reach = INTENT_REACH_PARTITION;
+    r->has_jwt = d->has_jwt != 0;
+    r->n_perms = d->n_permissions;
+    r->perms = xcalloc(d->n_permissions, sizeof(*r->perms));
+    for (size_t i = 0; i < d->n_permissions; i++)
+        perm_init(t, r, i, &r->perms[i], &d->permissions[i]);
 }
 
 static void rule_dispose(struct intent_rule *r)
@@ -81,6 +184,9 @@ static void rule_dispose(struct intent_rule *r)
     free(r->src_sameness);
     free(r->dst_ns);
     free(r->dst_name);
+    for (size_t i = 0; i < r->n_perms; i++)
+        perm_dispose(&r->perms[i]);
+    free(r->perms);
 }
 
 struct intent_table *intent_table_new(const struct dec_intention *v, size_t n, int default_allow)
@@ -96,7 +202,7 @@ struct intent_table *intent_table_new(const struct dec_intention *v, size_t n, i
     if (n > 1)
         qsort(ord, n, sizeof(*ord), order_cmp);
     for (size_t i = 0; i < n; i++)
-        rule_init(&t->rules[i], &v[ord[i].index]);
+        rule_init(t, &t->rules[i], &v[ord[i].index]);
     free(ord);
     return t;
 }
@@ -126,11 +232,39 @@ static size_t next_local(const struct intent_table *t, size_t i)
     return i;
 }
 
+static int same_header(const struct intent_header_cond *a, const struct intent_header_cond *b)
+{
+    return a->match == b->match && a->invert == b->invert && a->ignore_case == b->ignore_case &&
+           strcmp(a->name, b->name) == 0 && strcmp(a->value, b->value) == 0;
+}
+
+/* Everything that decides; a broken regex follows from its pattern, so it needs no check. */
+static int same_perm(const struct intent_perm *a, const struct intent_perm *b)
+{
+    if (a->allow != b->allow || a->path_match != b->path_match || a->has_jwt != b->has_jwt ||
+        strcmp(a->path, b->path) != 0 || a->n_headers != b->n_headers ||
+        a->n_methods != b->n_methods)
+        return 0;
+    for (size_t i = 0; i < a->n_headers; i++)
+        if (!same_header(&a->headers[i], &b->headers[i]))
+            return 0;
+    for (size_t i = 0; i < a->n_methods; i++)
+        if (strcmp(a->methods[i], b->methods[i]) != 0)
+            return 0;
+    return 1;
+}
+
 static int same_decision(const struct intent_rule *a, const struct intent_rule *b)
 {
-    return a->allow == b->allow && a->reach == b->reach &&
-           strcmp(a->src_partition, b->src_partition) == 0 && strcmp(a->src_ns, b->src_ns) == 0 &&
-           strcmp(a->src_name, b->src_name) == 0;
+    if (a->allow != b->allow || a->reach != b->reach || a->has_permissions != b->has_permissions ||
+        a->has_jwt != b->has_jwt || a->n_perms != b->n_perms ||
+        strcmp(a->src_partition, b->src_partition) != 0 || strcmp(a->src_ns, b->src_ns) != 0 ||
+        strcmp(a->src_name, b->src_name) != 0)
+        return 0;
+    for (size_t i = 0; i < a->n_perms; i++)
+        if (!same_perm(&a->perms[i], &b->perms[i]))
+            return 0;
+    return 1;
 }
 
 /*
@@ -164,15 +298,20 @@ int intent_table_default_allow(const struct intent_table *t)
     return t->default_allow;
 }
 
+size_t intent_table_broken(const struct intent_table *t)
+{
+    return t->broken;
+}
+
 static int name_matches(const char *pattern, const char *name)
 {
     return strcmp(pattern, WILDCARD) == 0 || strcmp(pattern, name) == 0;
 }
 
-struct intent_decision intent_eval(const struct intent_table *t, const char *partition,
-                                   const char *ns, const char *name)
+/* The first rule whose source matches the caller, or NULL. */
+static const struct intent_rule *first_match(const struct intent_table *t, const char *partition,
+                                             const char *ns, const char *name)
 {
-    struct intent_decision d = {t->default_allow, NULL};
     partition = or_default(partition);
     ns = or_default(ns);
     name = or_empty(name);
@@ -183,9 +322,246 @@ struct intent_decision intent_eval(const struct intent_table *t, const char *par
             (r->reach == INTENT_REACH_PARTITION && strcmp(r->src_partition, partition) != 0) ||
             !name_matches(r->src_ns, ns) || !name_matches(r->src_name, name))
             continue;
+        return r;
+    }
+    return NULL;
+}
+
+struct intent_decision intent_eval(const struct intent_table *t, const char *partition,
+                                   const char *ns, const char *name)
+{
+    struct intent_decision d = {.allow = t->default_allow, .perm = -1};
+    const struct intent_rule *r = first_match(t, partition, ns, name);
+    if (r != NULL) {
         d.allow = r->allow;
         d.rule = r;
+        d.matched = r;
+    }
+    return d;
+}
+
+/* ---- per request ---- */
+
+/* A condition's outcome: three values, so a condition that cannot be evaluated fails closed
+ * at the permission (see intent_eval_http). */
+enum tri { TRI_NO = 0, TRI_YES, TRI_UNKNOWN };
+
+static enum tri tri_and(enum tri a, enum tri b)
+{
+    if (a == TRI_NO || b == TRI_NO)
+        return TRI_NO;
+    return a == TRI_UNKNOWN || b == TRI_UNKNOWN ? TRI_UNKNOWN : TRI_YES;
+}
+
+static enum tri tri_rx(const struct rx *rx, const char *s, size_t len)
+{
+    if (rx == NULL) /* did not compile */
+        return TRI_UNKNOWN;
+    int rc = rx_match(rx, s, len);
+    return rc == 1 ? TRI_YES : rc == 0 ? TRI_NO : TRI_UNKNOWN;
+}
+
+static int slice_is(struct http_slice s, const char *lit)
+{
+    size_t n = strlen(lit);
+    if (s.len != n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (ascii_lower(s.p[i]) != lit[i])
+            return 0;
+    return 1;
+}
+
+static int name_is(const struct intent_header_cond *h, struct http_slice name)
+{
+    if (name.len != h->name_len)
+        return 0;
+    for (size_t i = 0; i < name.len; i++)
+        if (ascii_lower(name.p[i]) != ascii_lower(h->name[i]))
+            return 0;
+    return 1;
+}
+
+/* Equal bytes; <b> is already lower-cased when <fold>. */
+static int bytes_eq(const char *a, const char *b, size_t n, int fold)
+{
+    if (!fold)
+        return memcmp(a, b, n) == 0;
+    for (size_t i = 0; i < n; i++)
+        if (ascii_lower(a[i]) != b[i])
+            return 0;
+    return 1;
+}
+
+static int value_matches(const struct intent_header_cond *h, const char *v, size_t len)
+{
+    int fold = h->ignore_case;
+    switch (h->match) {
+    case DEC_HDR_EXACT:
+        return len == h->value_len && bytes_eq(v, h->value, len, fold);
+    case DEC_HDR_PREFIX:
+        return len >= h->value_len && bytes_eq(v, h->value, h->value_len, fold);
+    case DEC_HDR_SUFFIX:
+        return len >= h->value_len &&
+               bytes_eq(v + len - h->value_len, h->value, h->value_len, fold);
+    case DEC_HDR_CONTAINS: {
+        if (!fold)
+            return memmem(v, len, h->value, h->value_len) != NULL;
+        /* memmem is linear; a folded copy keeps it so whatever the caller sends. */
+        char *low = lower_dup(v, len);
+        int found = memmem(low, len, h->value, h->value_len) != NULL;
+        free(low);
+        return found;
+    }
+    default:
+        return 0;
+    }
+}
+
+/*
+ * Evaluates one header condition. The value is the authority for "Host" and ":authority",
+ * the method for ":method", else every header of that name joined with ",".
+ */
+static enum tri header_matches(const struct intent_header_cond *h, const struct intent_http_req *rq)
+{
+    struct http_slice name = {h->name, h->name_len};
+    struct http_slice v = {NULL, 0};
+    char *joined = NULL;
+    int present = 0;
+    if (slice_is(name, "host") || slice_is(name, ":authority")) {
+        present = rq->authority.p != NULL;
+        v = rq->authority;
+    } else if (slice_is(name, ":method")) {
+        present = rq->method.p != NULL;
+        v = rq->method;
+    } else if (h->name_len > 0 && h->name[0] == ':') {
+        return TRI_UNKNOWN; /* :path with its query, :scheme: not carried here */
+    } else {
+        size_t count = 0, total = 0;
+        for (size_t i = 0; i < rq->nheaders; i++) {
+            const struct http_header *x = &rq->headers[i];
+            if ((x->flags & HTTP_HDR_DUP) != 0 || !name_is(h, x->name))
+                continue;
+            if (count++ == 0)
+                v = x->value;
+            total += x->value.len + 1;
+        }
+        present = count > 0;
+        if (count > 1) {
+            joined = xmalloc(total);
+            size_t o = 0;
+            for (size_t i = 0; i < rq->nheaders; i++) {
+                const struct http_header *x = &rq->headers[i];
+                if ((x->flags & HTTP_HDR_DUP) != 0 || !name_is(h, x->name))
+                    continue;
+                if (o > 0)
+                    joined[o++] = ',';
+                if (x->value.len > 0)
+                    memcpy(joined + o, x->value.p, x->value.len);
+                o += x->value.len;
+            }
+            v = (struct http_slice){joined, o};
+        }
+    }
+    enum tri r;
+    if (!present) {
+        /* Envoy: a missing header matches only an inverted presence test. */
+        r = h->match == DEC_HDR_PRESENT && h->invert ? TRI_YES : TRI_NO;
+    } else {
+        const char *p = v.p != NULL ? v.p : "";
+        if (h->match == DEC_HDR_PRESENT)
+            r = TRI_YES;
+        else if (h->match == DEC_HDR_REGEX)
+            r = tri_rx(h->rx, p, v.len);
+        else
+            r = value_matches(h, p, v.len) ? TRI_YES : TRI_NO;
+        if (h->invert && r != TRI_UNKNOWN)
+            r = r == TRI_YES ? TRI_NO : TRI_YES;
+    }
+    free(joined);
+    return r;
+}
+
+static enum tri perm_matches(const struct intent_perm *p, const struct intent_http_req *rq)
+{
+    if (p->n_methods > 0) {
+        int any = 0;
+        for (size_t i = 0; i < p->n_methods && !any; i++)
+            any = rq->method.len == strlen(p->methods[i]) &&
+                  (rq->method.len == 0 || memcmp(rq->method.p, p->methods[i], rq->method.len) == 0);
+        if (!any)
+            return TRI_NO;
+    }
+    const char *path = rq->path.p != NULL ? rq->path.p : "";
+    enum tri r = TRI_YES;
+    switch (p->path_match) {
+    case DEC_PATH_EXACT:
+        r = rq->path.len == p->path_len && memcmp(path, p->path, p->path_len) == 0 ? TRI_YES
+                                                                                   : TRI_NO;
         break;
+    case DEC_PATH_PREFIX:
+        r = rq->path.len >= p->path_len && memcmp(path, p->path, p->path_len) == 0 ? TRI_YES
+                                                                                   : TRI_NO;
+        break;
+    case DEC_PATH_REGEX:
+        r = tri_rx(p->path_rx, path, rq->path.len);
+        break;
+    case DEC_PATH_ANY:
+        break;
+    }
+    for (size_t i = 0; i < p->n_headers && r != TRI_NO; i++)
+        r = tri_and(r, header_matches(&p->headers[i], rq));
+    if (p->has_jwt)
+        r = tri_and(r, TRI_UNKNOWN);
+    return r;
+}
+
+struct intent_decision intent_eval_http(const struct intent_table *t, const char *partition,
+                                        const char *ns, const char *name,
+                                        const struct intent_http_req *rq)
+{
+    struct intent_decision d = {.allow = t->default_allow, .perm = -1};
+    const struct intent_rule *r = first_match(t, partition, ns, name);
+    d.matched = r;
+    if (r == NULL)
+        return d;
+    if (!r->has_permissions) {
+        d.rule = r;
+        d.allow = r->allow;
+    } else {
+        /*
+         * A sameness-group rule reaches this caller only because membership is unknown (see
+         * enum intent_reach): whether it applies is itself unknown. So its allow permissions
+         * never allow, and when none of its deny permissions decides, the answer is a deny
+         * rather than the default or the rules below, either of which a member or a
+         * non-member could have been refused by.
+         */
+        int unsure = r->reach == INTENT_REACH_ANY;
+        int unknown = 0;
+        for (size_t i = 0; i < r->n_perms; i++) {
+            enum tri m = perm_matches(&r->perms[i], rq);
+            if (unsure && m == TRI_YES && r->perms[i].allow)
+                m = TRI_UNKNOWN;
+            unknown |= m == TRI_UNKNOWN;
+            /* Unknown decides for a deny permission and never for an allow one. */
+            if (m == TRI_YES || (m == TRI_UNKNOWN && !r->perms[i].allow)) {
+                d.rule = r;
+                d.perm = (int)i;
+                d.allow = r->perms[i].allow;
+                break;
+            }
+        }
+        if (unsure && d.rule == NULL) {
+            d.rule = r;
+            d.allow = 0;
+            unknown = 1;
+        }
+        d.failed_closed = unknown && !d.allow;
+    }
+    /* The rule applies only to callers with a valid JWT, which is not checked here. */
+    if (d.rule != NULL && r->has_jwt && d.allow) {
+        d.allow = 0;
+        d.failed_closed = 1;
     }
     return d;
 }
@@ -202,24 +578,87 @@ static void describe_name(char *buf, size_t len, const char *partition, const ch
         snprintf(buf, len, "%s", name);
 }
 
+static void describe_rule(const struct intent_rule *r, char *src, size_t srclen, char *dst,
+                          size_t dstlen)
+{
+    if (r->src_sameness[0] != '\0')
+        describe_name(src, srclen, r->src_sameness, r->src_ns, r->src_name);
+    else
+        describe_name(src, srclen, r->src_partition, r->src_ns, r->src_name);
+    describe_name(dst, dstlen, NULL, r->dst_ns, r->dst_name);
+}
+
 const char *intent_describe(const struct intent_decision *d, char *buf, size_t len)
 {
     if (len == 0)
         return buf;
     const char *verdict = d->allow ? "allow" : "deny";
+    const char *closed = d->failed_closed ? ", failed closed" : "";
     const struct intent_rule *r = d->rule;
+    char src[200], dst[200];
+    if (r == NULL && d->matched != NULL) {
+        describe_rule(d->matched, src, sizeof(src), dst, sizeof(dst));
+        snprintf(buf, len,
+                 "default policy %s (intention %s => %s matched, none of its %zu "
+                 "permission(s) did%s)",
+                 verdict, src, dst, d->matched->n_perms, closed);
+        return buf;
+    }
     if (r == NULL) {
         snprintf(buf, len, "default policy %s", verdict);
         return buf;
     }
-    char src[200], dst[200];
-    if (r->src_sameness[0] != '\0')
-        describe_name(src, sizeof(src), r->src_sameness, r->src_ns, r->src_name);
-    else
-        describe_name(src, sizeof(src), r->src_partition, r->src_ns, r->src_name);
-    describe_name(dst, sizeof(dst), NULL, r->dst_ns, r->dst_name);
-    snprintf(buf, len, "intention %s => %s %s (%s%sprecedence %d)", src, dst, verdict,
-             r->src_sameness[0] != '\0' ? "sameness group, " : "",
-             r->has_permissions ? "L7 permissions, " : "", r->precedence);
+    describe_rule(r, src, sizeof(src), dst, sizeof(dst));
+    char perm[32] = "L7 permissions, ";
+    if (d->perm >= 0)
+        snprintf(perm, sizeof(perm), "permission %d, ", d->perm);
+    else if (!r->has_permissions)
+        perm[0] = '\0';
+    snprintf(buf, len, "intention %s => %s %s (%s%s%sprecedence %d)", src, dst, verdict,
+             r->src_sameness[0] != '\0' ? "sameness group, " : "", perm,
+             d->failed_closed ? "failed closed, " : "", r->precedence);
+    return buf;
+}
+
+/* Appends to buf at *off, keeping it terminated; stops quietly once full. */
+static void append(char *buf, size_t len, size_t *off, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void append(char *buf, size_t len, size_t *off, const char *fmt, ...)
+{
+    if (*off >= len)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf + *off, len - *off, fmt, ap);
+    va_end(ap);
+    *off = n < 0 ? len : *off + (size_t)n;
+}
+
+const char *intent_perm_describe(const struct intent_perm *p, char *buf, size_t len)
+{
+    static const char *const path_kinds[] = {"", "PathExact", "PathPrefix", "PathRegex"};
+    static const char *const header_kinds[] = {"",       "Present",  "Exact", "Prefix",
+                                               "Suffix", "Contains", "Regex"};
+    size_t off = 0;
+    if (len == 0)
+        return buf;
+    buf[0] = '\0';
+    append(buf, len, &off, "%s", p->allow ? "allow" : "deny");
+    if (p->path_match != DEC_PATH_ANY && (size_t)p->path_match < ARRAY_SIZE(path_kinds))
+        append(buf, len, &off, " %s \"%.128s\"", path_kinds[p->path_match], p->path);
+    for (size_t i = 0; i < p->n_headers; i++) {
+        const struct intent_header_cond *h = &p->headers[i];
+        const char *kind =
+            (size_t)h->match < ARRAY_SIZE(header_kinds) ? header_kinds[h->match] : "?";
+        append(buf, len, &off, " Header %.64s %s%s", h->name, h->invert ? "not " : "", kind);
+        if (h->match != DEC_HDR_PRESENT)
+            append(buf, len, &off, " \"%.64s\"%s", h->value, h->ignore_case ? " (any case)" : "");
+    }
+    for (size_t i = 0; i < p->n_methods; i++)
+        append(buf, len, &off, "%s%.16s", i == 0 ? " Methods " : ",", p->methods[i]);
+    if (p->has_jwt)
+        append(buf, len, &off, " JWT (not checked)");
+    if (p->broken)
+        append(buf, len, &off, " [bad regex]");
     return buf;
 }

@@ -9,8 +9,11 @@
 #include "pathnorm.h"
 #include "util.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define CONNECTIONS_WAIT_MS        2000 /* how long /connections waits for the workers */
 #define CONNECTIONS_MAX_PER_WORKER 1000
@@ -348,6 +351,12 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     metric_head(b, "snapshot_generation", "gauge",
                 "Generation of the configuration snapshot last published to the workers.");
     sample(b, "snapshot_generation", NULL, NULL, vs->current ? vs->current->generation : 0);
+    metric_head(b, "intention_bad_regexes", "gauge",
+                "Regexes of the current intentions' permissions that did not compile; each "
+                "fails closed (see the log).");
+    const struct intent_table *intents = inputs_intents(vw->in);
+    sample(b, "intention_bad_regexes", NULL, NULL,
+           intents != NULL ? (uint64_t)intent_table_broken(intents) : 0);
     metric_head(b, "ready", "gauge", "1 when /ready answers 200.");
     sample(b, "ready", NULL, NULL, vs->not_ready == NULL);
     free(ls);
@@ -369,6 +378,194 @@ static void json_kv_num(struct admin_buf *b, const char *key, long long v, int c
     admin_buf_printf(b, ":%lld%s", v, comma ? "," : "");
 }
 
+/* The most header= parameters one /authz question may carry. */
+#define AUTHZ_HEADERS_MAX 32
+
+/* A per-request /authz question: method, path and headers as given, in one buffer. */
+struct authz_request {
+    struct intent_http_req rq; /* what is evaluated: normalized path, kept headers */
+    struct http_header headers[AUTHZ_HEADERS_MAX]; /* as given */
+    struct http_header kept[AUTHZ_HEADERS_MAX];    /* without those the mesh entry drops */
+    int dropped[AUTHZ_HEADERS_MAX];
+    size_t nheaders;
+    char method[64];
+    char path[ADMIN_TARGET_MAX];
+    char text[ADMIN_TARGET_MAX]; /* the header parameters, decoded, each NUL-terminated */
+    char normalized[PATHNORM_OUT_MAX(ADMIN_TARGET_MAX) + 1];
+};
+
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/*
+ * Reads method=, path= and every header=name:value of <query> into <ar>. Returns 1 for a
+ * per-request question, 0 when none of them is present (the per-connection question), or -1
+ * with a message in <why>. A header's name ends at its first ':' (after a leading one, for
+ * pseudo-headers such as :authority), so values may hold ':'. "host" and ":authority" set the
+ * authority as well.
+ */
+static int authz_read_request(const char *query, struct authz_request *ar, char *why, size_t whylen)
+{
+    int per_request = 0;
+    memset(&ar->rq, 0, sizeof(ar->rq));
+    int rc = admin_query_param(query, "method", ar->method, sizeof(ar->method));
+    if (rc == -ENOENT) {
+        snprintf(ar->method, sizeof(ar->method), "GET");
+    } else if (rc <= 0) {
+        snprintf(why, whylen, "method= must be a short, non-empty token");
+        return -1;
+    } else {
+        per_request = 1;
+    }
+    rc = admin_query_param(query, "path", ar->path, sizeof(ar->path));
+    if (rc == -ENOENT) {
+        snprintf(ar->path, sizeof(ar->path), "/");
+    } else if (rc < 0) {
+        snprintf(why, whylen, "path= is malformed");
+        return -1;
+    } else {
+        per_request = 1;
+    }
+    /* The query is neither normalized nor matched (a '#' is left for pathnorm to refuse). */
+    ar->path[strcspn(ar->path, "?")] = '\0';
+    ar->rq.method = (struct http_slice){ar->method, strlen(ar->method)};
+    /* rq.path and rq.headers are set by authz_normalize(). */
+
+    size_t used = 0;
+    const char *p = query;
+    while (*p != '\0') {
+        size_t seg = strcspn(p, "&");
+        char one[ADMIN_TARGET_MAX], hdr[ADMIN_TARGET_MAX];
+        snprintf(one, sizeof(one), "%.*s", (int)seg, p);
+        p += seg + (p[seg] == '&');
+        rc = admin_query_param(one, "header", hdr, sizeof(hdr));
+        if (rc == -ENOENT)
+            continue;
+        per_request = 1;
+        const char *colon = rc > 1 ? strchr(hdr + 1, ':') : NULL;
+        if (rc < 0 || colon == NULL) {
+            snprintf(why, whylen, "header= must be name:value");
+            return -1;
+        }
+        if (ar->nheaders == AUTHZ_HEADERS_MAX) {
+            snprintf(why, whylen, "at most %d header= parameters", AUTHZ_HEADERS_MAX);
+            return -1;
+        }
+        size_t nlen = (size_t)(colon - hdr);
+        const char *v = colon + 1;
+        size_t vlen = strlen(v);
+        while (vlen > 0 && is_space(*v)) {
+            v++;
+            vlen--;
+        }
+        while (vlen > 0 && is_space(v[vlen - 1]))
+            vlen--;
+        /* They always fit (each came from a longer part of the query); checked all the same. */
+        if (used + nlen + vlen + 2 > sizeof(ar->text)) {
+            snprintf(why, whylen, "the header= parameters are too long");
+            return -1;
+        }
+        char *name = ar->text + used;
+        memcpy(name, hdr, nlen);
+        name[nlen] = '\0';
+        char *value = name + nlen + 1;
+        memcpy(value, v, vlen);
+        value[vlen] = '\0';
+        used += nlen + vlen + 2;
+        struct http_header *h = &ar->headers[ar->nheaders++];
+        h->name = (struct http_slice){name, nlen};
+        h->value = (struct http_slice){value, vlen};
+        if (strcasecmp(name, "host") == 0 || strcasecmp(name, ":authority") == 0)
+            ar->rq.authority = h->value;
+    }
+    return per_request;
+}
+
+/*
+ * Applies the mesh config entry's request normalization as the inbound request path does:
+ * the path through pathnorm_path(), header names with '_' dropped or refused. Returns 0 with
+ * ar->rq ready, or -1 with why the proxy would answer 400 instead.
+ */
+static int authz_normalize(struct authz_request *ar, const struct mesh_http_cfg *mh, char *why,
+                           size_t whylen)
+{
+    int redirect = 0;
+    ssize_t n = pathnorm_path(mh, ar->path, strlen(ar->path), ar->normalized,
+                              sizeof(ar->normalized) - 1, &redirect);
+    if (n < 0) {
+        snprintf(why, whylen, "the path is refused by request normalization (400)");
+        return -1;
+    }
+    ar->normalized[n] = '\0';
+    ar->rq.path = (struct http_slice){ar->normalized, (size_t)n};
+    ar->rq.headers = ar->kept;
+    for (size_t i = 0; i < ar->nheaders; i++) {
+        int rc = pathnorm_header(mh, ar->headers[i].name);
+        if (rc < 0) {
+            snprintf(why, whylen, "header %.64s is refused by request normalization (400)",
+                     ar->headers[i].name.p);
+            return -1;
+        }
+        ar->dropped[i] = rc == 1;
+        if (rc == 0)
+            ar->kept[ar->rq.nheaders++] = ar->headers[i];
+    }
+    return 0;
+}
+
+static void render_rule(struct admin_buf *b, const struct intent_rule *r)
+{
+    admin_buf_add(b, "{", 1);
+    json_kv_str(b, "source_partition", r->src_partition, 1);
+    json_kv_str(b, "source_namespace", r->src_ns, 1);
+    json_kv_str(b, "source", r->src_name, 1);
+    if (r->src_sameness[0] != '\0')
+        json_kv_str(b, "source_sameness_group", r->src_sameness, 1);
+    json_kv_str(b, "destination_namespace", r->dst_ns, 1);
+    json_kv_str(b, "destination", r->dst_name, 1);
+    json_kv_str(b, "action",
+                r->has_permissions ? "l7-permissions"
+                : r->allow         ? "allow"
+                                   : "deny",
+                1);
+    if (r->has_permissions)
+        json_kv_num(b, "permissions", (long long)r->n_perms, 1);
+    json_kv_num(b, "precedence", r->precedence, 1);
+    json_kv_str(b, "id", r->id, 1);
+    json_kv_str(b, "description", r->description, 0);
+    admin_buf_add(b, "}", 1);
+}
+
+static void render_http_request(struct admin_buf *b, const struct authz_request *ar)
+{
+    admin_buf_json_str(b, "request");
+    admin_buf_add(b, ":{", 2);
+    json_kv_str(b, "method", ar->method, 1);
+    json_kv_str(b, "path", ar->path, 1);
+    if (ar->rq.path.p != NULL)
+        json_kv_str(b, "normalized_path", ar->normalized, 1);
+    admin_buf_json_str(b, "headers");
+    admin_buf_add(b, ":[", 2);
+    for (size_t i = 0; i < ar->nheaders; i++) {
+        admin_buf_add(b, i == 0 ? "{" : ",{", i == 0 ? 1 : 2);
+        if (ar->dropped[i])
+            admin_buf_printf(b, "\"dropped\":true,");
+        json_kv_str(b, "name", ar->headers[i].name.p, 1);
+        json_kv_str(b, "value", ar->headers[i].value.p, 0);
+        admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, "]},", 3);
+}
+
+/*
+ * /authz?source=<service>[&namespace=&partition=] answers the per-connection (L4) decision;
+ * adding method=, path= or header=name:value (repeatable) answers for one HTTP request, with
+ * the permission that decided. The request is first normalized as the mesh config entry says
+ * (path without its query, header names with '_'); one that normalization refuses gets the
+ * decision "reject" (the proxy answers 400 before authorization).
+ */
 static void render_authz(const struct views *v, const struct views_state *st,
                          const struct admin_request *req, struct admin_reply *reply)
 {
@@ -376,61 +573,94 @@ static void render_authz(const struct views *v, const struct views_state *st,
     struct admin_buf *b = &reply->body;
     if (admin_query_param(req->query, "source", source, sizeof(source)) <= 0) {
         reply->status = 400;
-        admin_buf_printf(b, "the source query parameter is required: /authz?source=<service>\n");
+        admin_buf_printf(b, "the source query parameter is required: /authz?source=<service>"
+                            "[&method=GET&path=/p&header=name:value]\n");
         return;
     }
     if (admin_query_param(req->query, "namespace", ns, sizeof(ns)) < 0)
         snprintf(ns, sizeof(ns), "default");
     if (admin_query_param(req->query, "partition", partition, sizeof(partition)) < 0)
         snprintf(partition, sizeof(partition), "default");
+    struct authz_request *ar = xcalloc(1, sizeof(*ar));
+    char why[600];
+    int per_request = authz_read_request(req->query, ar, why, sizeof(why));
+    if (per_request < 0) {
+        reply->status = 400;
+        admin_buf_printf(b, "%s\n", why);
+        goto out;
+    }
     const struct intent_table *intents = inputs_intents(v->in);
     if (intents == NULL) {
         reply->status = 503;
         admin_buf_printf(b, "the intentions have not arrived yet\n");
-        return;
+        goto out;
     }
-    struct intent_decision d = intent_eval(intents, partition, ns, source);
-    char why[600];
+    static const struct mesh_http_cfg consul_defaults;
+    const struct mesh_http_cfg *mh = inputs_mesh_http(v->in);
     reply->content_type = "application/json";
     admin_buf_add(b, "{", 1);
     json_kv_str(b, "source", source, 1);
     json_kv_str(b, "namespace", ns, 1);
     json_kv_str(b, "partition", partition, 1);
     json_kv_str(b, "destination", inputs_service(v->in), 1);
+    json_kv_str(b, "mode", per_request ? "request" : "connection", 1);
+    if (per_request &&
+        authz_normalize(ar, mh != NULL ? mh : &consul_defaults, why, sizeof(why)) != 0) {
+        render_http_request(b, ar);
+        json_kv_str(b, "decision", "reject", 1);
+        json_kv_str(b, "reason", why, 1);
+        admin_buf_printf(b, "\"failed_closed\":false,\"intention\":null,\"permission\":null,");
+        json_kv_str(b, "decided_by", "request normalization", 0);
+        admin_buf_add(b, "}\n", 2);
+        goto out;
+    }
+    struct intent_decision d = per_request
+                                   ? intent_eval_http(intents, partition, ns, source, &ar->rq)
+                                   : intent_eval(intents, partition, ns, source);
+    if (per_request)
+        render_http_request(b, ar);
     json_kv_str(b, "decision", d.allow ? "allow" : "deny", 1);
     json_kv_str(b, "reason", intent_describe(&d, why, sizeof(why)), 1);
+    if (per_request) {
+        admin_buf_json_str(b, "failed_closed");
+        admin_buf_printf(b, ":%s,", d.failed_closed ? "true" : "false");
+    }
     if (st->current != NULL && st->current->cfg.authorize_with_agent)
         json_kv_str(b, "note",
                     "authorize mode: connections are decided by the agent; this is the local "
                     "intention table's answer",
                     1);
+    /* The intention whose source matched: the one that decided, or, when none of an L7
+     * intention's permissions matched, the one that left it to the default policy. */
     admin_buf_json_str(b, "intention");
     admin_buf_add(b, ":", 1);
-    if (d.rule == NULL) {
-        admin_buf_add(b, "null,", 5);
-        json_kv_str(b, "decided_by", "default policy", 0);
-    } else {
-        const struct intent_rule *r = d.rule;
-        admin_buf_add(b, "{", 1);
-        json_kv_str(b, "source_partition", r->src_partition, 1);
-        json_kv_str(b, "source_namespace", r->src_ns, 1);
-        json_kv_str(b, "source", r->src_name, 1);
-        if (r->src_sameness[0] != '\0')
-            json_kv_str(b, "source_sameness_group", r->src_sameness, 1);
-        json_kv_str(b, "destination_namespace", r->dst_ns, 1);
-        json_kv_str(b, "destination", r->dst_name, 1);
-        json_kv_str(b, "action",
-                    r->has_permissions ? "l7-permissions"
-                    : r->allow         ? "allow"
-                                       : "deny",
-                    1);
-        json_kv_num(b, "precedence", r->precedence, 1);
-        json_kv_str(b, "id", r->id, 1);
-        json_kv_str(b, "description", r->description, 0);
-        admin_buf_add(b, "},", 2);
-        json_kv_str(b, "decided_by", "intention", 0);
+    if (d.matched == NULL)
+        admin_buf_add(b, "null", 4);
+    else
+        render_rule(b, d.matched);
+    admin_buf_add(b, ",", 1);
+    if (per_request) {
+        admin_buf_json_str(b, "permission");
+        admin_buf_add(b, ":", 1);
+        if (d.perm < 0) {
+            admin_buf_add(b, "null,", 5);
+        } else {
+            const struct intent_perm *p = &d.rule->perms[d.perm];
+            admin_buf_add(b, "{", 1);
+            json_kv_num(b, "index", d.perm, 1);
+            json_kv_str(b, "action", p->allow ? "allow" : "deny", 1);
+            json_kv_str(b, "description", intent_perm_describe(p, why, sizeof(why)), 0);
+            admin_buf_add(b, "},", 2);
+        }
     }
+    json_kv_str(b, "decided_by",
+                d.perm >= 0      ? "permission"
+                : d.rule != NULL ? "intention"
+                                 : "default policy",
+                0);
     admin_buf_add(b, "}\n", 2);
+out:
+    free(ar);
 }
 
 static const char *tls_version_name(int v)

@@ -2,8 +2,9 @@
  * views: the admin endpoint's answers, rendered from the control thread's state: /ready,
  * /metrics (Prometheus text, the workers' counters summed), /config (the current snapshot,
  * never key material or tokens), /authz (the current intention table's decision for one
- * source) and /connections (each worker lists its own sessions on its own thread). The HTTP
- * server itself is admin.c; JSON is written by hand through its escaping buffer.
+ * source, per connection or, given method=, path= or header=name:value, per HTTP request) and
+ * /connections (each worker lists its own sessions on its own thread). The HTTP server itself is
+ * admin.c; JSON is written by hand through its escaping buffer.
  *
  * Control thread only.
  */

@@ -1235,6 +1235,295 @@ static void test_intentions_truncated(void **state)
     check_truncations(INTENTIONS, INTENTIONS_JSON);
 }
 
+/* What a Consul 1.22 dev agent answered on /v1/connect/intentions/match for a
+ * service-intentions entry with Permissions (written through PUT /v1/config): "Action" is left
+ * out when Permissions are set, and every kind of condition comes back as written. */
+static const char L7_INTENTIONS_JSON[] =
+    "{\n"
+    "    \"db\": [\n"
+    "        {\n"
+    "            \"SourceNS\": \"default\",\n"
+    "            \"SourceName\": \"web\",\n"
+    "            \"DestinationNS\": \"default\",\n"
+    "            \"DestinationName\": \"db\",\n"
+    "            \"SourceType\": \"consul\",\n"
+    "            \"Permissions\": [\n"
+    "                {\n"
+    "                    \"Action\": \"allow\",\n"
+    "                    \"HTTP\": {\n"
+    "                        \"PathPrefix\": \"/api\",\n"
+    "                        \"Header\": [\n"
+    "                            {\"Name\": \"x-role\", \"Exact\": \"ops\", \"IgnoreCase\": "
+    "true},\n"
+    "                            {\"Name\": \"x-debug\", \"Present\": true, \"Invert\": true},\n"
+    "                            {\"Name\": \"x-c\", \"Contains\": \"abc\"}\n"
+    "                        ],\n"
+    "                        \"Methods\": [\"GET\", \"PUT\"]\n"
+    "                    }\n"
+    "                },\n"
+    "                {\"Action\": \"deny\", \"HTTP\": {\"PathRegex\": \"/adm.*\"}},\n"
+    "                {\n"
+    "                    \"Action\": \"allow\",\n"
+    "                    \"HTTP\": {\n"
+    "                        \"PathExact\": \"/x\",\n"
+    "                        \"Header\": [\n"
+    "                            {\"Name\": \"x-re\", \"Regex\": \"a+b\"},\n"
+    "                            {\"Name\": \"x-s\", \"Suffix\": \"z\"},\n"
+    "                            {\"Name\": \"x-p\", \"Prefix\": \"q\"}\n"
+    "                        ]\n"
+    "                    }\n"
+    "                }\n"
+    "            ],\n"
+    "            \"Precedence\": 9,\n"
+    "            \"CreateIndex\": 19,\n"
+    "            \"ModifyIndex\": 19\n"
+    "        },\n"
+    "        {\n"
+    "            \"SourceNS\": \"default\",\n"
+    "            \"SourceName\": \"*\",\n"
+    "            \"DestinationNS\": \"default\",\n"
+    "            \"DestinationName\": \"db\",\n"
+    "            \"SourceType\": \"consul\",\n"
+    "            \"Action\": \"deny\",\n"
+    "            \"Precedence\": 8,\n"
+    "            \"CreateIndex\": 19,\n"
+    "            \"ModifyIndex\": 19\n"
+    "        }\n"
+    "    ]\n"
+    "}\n";
+
+static void test_intentions_permissions(void **state)
+{
+    (void)state;
+    struct dec_intention *v;
+    size_t n;
+    char err[256];
+    assert_int_equal(decode_intentions_match(L7_INTENTIONS_JSON, strlen(L7_INTENTIONS_JSON), "db",
+                                             &v, &n, err, sizeof(err)),
+                     0);
+    assert_int_equal(n, 2);
+    assert_string_equal(v[0].action, "");
+    assert_int_equal(v[0].has_permissions, 1);
+    assert_int_equal(v[0].n_permissions, 3);
+    assert_int_equal(v[0].has_jwt, 0);
+
+    const struct dec_permission *p = &v[0].permissions[0];
+    assert_int_equal(p->allow, 1);
+    assert_int_equal(p->path_match, DEC_PATH_PREFIX);
+    assert_string_equal(p->path, "/api");
+    assert_int_equal(p->n_headers, 3);
+    assert_string_equal(p->headers[0].name, "x-role");
+    assert_int_equal(p->headers[0].match, DEC_HDR_EXACT);
+    assert_string_equal(p->headers[0].value, "ops");
+    assert_int_equal(p->headers[0].ignore_case, 1);
+    assert_int_equal(p->headers[0].invert, 0);
+    assert_int_equal(p->headers[1].match, DEC_HDR_PRESENT);
+    assert_string_equal(p->headers[1].value, "");
+    assert_int_equal(p->headers[1].invert, 1);
+    assert_int_equal(p->headers[2].match, DEC_HDR_CONTAINS);
+    assert_string_equal(p->headers[2].value, "abc");
+    assert_int_equal(p->n_methods, 2);
+    assert_string_equal(p->methods[0], "GET");
+    assert_string_equal(p->methods[1], "PUT");
+    assert_int_equal(p->has_jwt, 0);
+
+    p = &v[0].permissions[1];
+    assert_int_equal(p->allow, 0);
+    assert_int_equal(p->path_match, DEC_PATH_REGEX);
+    assert_string_equal(p->path, "/adm.*");
+    assert_int_equal(p->n_headers, 0);
+    assert_null(p->headers);
+    assert_int_equal(p->n_methods, 0);
+
+    p = &v[0].permissions[2];
+    assert_int_equal(p->path_match, DEC_PATH_EXACT);
+    assert_string_equal(p->path, "/x");
+    assert_int_equal(p->headers[0].match, DEC_HDR_REGEX);
+    assert_string_equal(p->headers[0].value, "a+b");
+    assert_int_equal(p->headers[1].match, DEC_HDR_SUFFIX);
+    assert_int_equal(p->headers[2].match, DEC_HDR_PREFIX);
+    assert_string_equal(p->headers[2].value, "q");
+
+    assert_int_equal(v[1].n_permissions, 0);
+    assert_null(v[1].permissions);
+    assert_string_equal(v[1].action, "deny");
+    dec_intentions_free(v, n);
+    check_truncations(INTENTIONS, L7_INTENTIONS_JSON);
+}
+
+/* An absent or empty HTTP block matches everything (Consul's generator), and JWT blocks are
+ * noted so the evaluator can fail closed on them. */
+static void test_intentions_permissions_any_and_jwt(void **state)
+{
+    (void)state;
+    static const char body[] =
+        "{\"db\": [{\"SourceName\": \"web\", \"DestinationName\": \"db\", \"Precedence\": 9,"
+        " \"JWT\": {\"Providers\": [{\"Name\": \"okta\"}]},"
+        " \"Permissions\": [{\"Action\": \"deny\"}, {\"Action\": \"allow\", \"HTTP\": {},"
+        " \"JWT\": {\"Providers\": [{\"Name\": \"okta\"}]}},"
+        " {\"Action\": \"allow\", \"HTTP\": {\"PathExact\": \"\", \"PathPrefix\": \"/p\","
+        " \"Header\": null, \"Methods\": null}}]}]}";
+    struct dec_intention *v;
+    size_t n;
+    char err[256];
+    assert_int_equal(decode_intentions_match(body, strlen(body), "db", &v, &n, err, sizeof(err)),
+                     0);
+    assert_int_equal(v[0].has_jwt, 1);
+    assert_int_equal(v[0].n_permissions, 3);
+    assert_int_equal(v[0].permissions[0].path_match, DEC_PATH_ANY);
+    assert_string_equal(v[0].permissions[0].path, "");
+    assert_int_equal(v[0].permissions[0].has_jwt, 0);
+    assert_int_equal(v[0].permissions[1].path_match, DEC_PATH_ANY);
+    assert_int_equal(v[0].permissions[1].has_jwt, 1);
+    /* An empty string is an unset kind (Go's omitempty), so one path kind is set here. */
+    assert_int_equal(v[0].permissions[2].path_match, DEC_PATH_PREFIX);
+    assert_string_equal(v[0].permissions[2].path, "/p");
+    dec_intentions_free(v, n);
+}
+
+/* Wraps one permission (or the whole Permissions value) in an otherwise good answer. */
+static char *with_permissions(const char *perms)
+{
+    return xasprintf("{\"db\": [{\"SourceName\": \"web\", \"DestinationName\": \"db\","
+                     " \"Precedence\": 9, \"Permissions\": %s}]}",
+                     perms);
+}
+
+static char *repeat_join(const char *item, size_t n)
+{
+    size_t len = strlen(item);
+    char *out = xmalloc(n * (len + 1) + 1);
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0)
+            out[o++] = ',';
+        memcpy(out + o, item, len);
+        o += len;
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static void test_intentions_permissions_malformed(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *perms;
+        const char *want; /* in the message */
+    } bad[] = {
+        {"{}", "Permissions must be an array"},
+        {"[1]", "Permissions[0] must be an object"},
+        {"[{\"HTTP\": {}}]", "Permissions[0].Action is missing"},
+        {"[{\"Action\": \"ALLOW\"}]", "Permissions[0].Action must be \"allow\" or \"deny\""},
+        {"[{\"Action\": \"\"}]", "Permissions[0].Action"},
+        {"[{\"Action\": 1}]", "Permissions[0].Action must be a string"},
+        {"[{\"Action\": \"allow\", \"HTTP\": []}]", "Permissions[0].HTTP must be an object"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"PathExact\": \"/a\", \"PathPrefix\": \"/b\"}}]",
+         "at most one of PathExact, PathPrefix or PathRegex"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"PathRegex\": 5}}]",
+         "HTTP.PathRegex must be a string"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": {}}}]", "HTTP.Header must be an array"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [\"x\"]}}]",
+         "Header[0] must be an object"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Exact\": \"a\"}]}}]",
+         "Header[0].Name is missing"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": \"x\"}]}}]",
+         "exactly one of Present, Exact"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": \"x\", \"Invert\": true}]}}]",
+         "exactly one of Present, Exact"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": \"x\", \"Exact\": \"a\","
+         " \"Regex\": \"b\"}]}}]",
+         "exactly one of"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": \"x\", \"Present\": true,"
+         " \"Suffix\": \"b\"}]}}]",
+         "exactly one of"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": \"x\", \"Present\": "
+         "\"yes\"}]}}]",
+         "Header[0].Present must be true or false"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": \"x\", \"Present\": true,"
+         " \"Invert\": 1}]}}]",
+         "Header[0].Invert must be true or false"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": \"x\", \"Exact\": \"a\","
+         " \"IgnoreCase\": \"y\"}]}}]",
+         "IgnoreCase must be true or false"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": 3, \"Exact\": \"a\"}]}}]",
+         "Header[0].Name must be a string"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Methods\": \"GET\"}}]",
+         "HTTP.Methods must be an array"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Methods\": [\"GET\", 1]}}]", "Methods must hold"},
+        {"[{\"Action\": \"allow\", \"HTTP\": {\"Methods\": [\"\"]}}]", "Methods must hold"},
+        {"[{\"Action\": \"allow\"}, {\"Action\": \"deny\", \"HTTP\": {\"PathExact\": 1}}]",
+         "Permissions[1].HTTP.PathExact"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        char *body = with_permissions(bad[i].perms);
+        char err[256] = "";
+        int rc = run(INTENTIONS, body, strlen(body), err, sizeof(err));
+        if (rc != ERR_BAD_FIELD)
+            fail_msg("%s: rc %d (%s), want ERR_BAD_FIELD", bad[i].perms, rc, err);
+        if (strstr(err, bad[i].want) == NULL)
+            fail_msg("%s: message \"%s\" does not say \"%s\"", bad[i].perms, err, bad[i].want);
+        assert_non_null(strstr(err, "db[0]"));
+        free(body);
+    }
+}
+
+static void test_intentions_permissions_bounds(void **state)
+{
+    (void)state;
+    char err[256];
+    /* Exactly at each bound decodes; one more is refused. */
+    static const struct {
+        const char *item;
+        const char *key; /* the HTTP key that holds the list; NULL: Permissions itself */
+        size_t max;
+        const char *want;
+    } lists[] = {
+        {"{\"Action\": \"deny\"}", NULL, DEC_PERMISSIONS_MAX, "Permissions has too many"},
+        {"{\"Name\": \"x\", \"Present\": true}", "Header", DEC_PERM_HEADERS_MAX,
+         "Header has too many"},
+        {"\"GET\"", "Methods", DEC_PERM_METHODS_MAX, "Methods has too many"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(lists); i++) {
+        for (size_t extra = 0; extra <= 1; extra++) {
+            char *items = repeat_join(lists[i].item, lists[i].max + extra);
+            char *list = xasprintf("[%s]", items);
+            char *one = xasprintf("{\"Action\": \"deny\", \"HTTP\": {\"%s\": %s}}",
+                                  lists[i].key != NULL ? lists[i].key : "", list);
+            char *perms = lists[i].key == NULL ? xstrdup(list) : xasprintf("[%s]", one);
+            char *body = with_permissions(perms);
+            int rc = run(INTENTIONS, body, strlen(body), err, sizeof(err));
+            if (extra == 0 && rc != 0)
+                fail_msg("%zu at the bound refused: %s", i, err);
+            if (extra == 1 && (rc != ERR_BAD_FIELD || strstr(err, lists[i].want) == NULL))
+                fail_msg("%zu past the bound: rc %d, %s", i, rc, err);
+            free(items);
+            free(list);
+            free(one);
+            free(perms);
+            free(body);
+        }
+    }
+    /* Strings: DEC_PERM_STR_MAX bytes decode, one more does not. */
+    for (size_t extra = 0; extra <= 1; extra++) {
+        char *path = xmalloc(DEC_PERM_STR_MAX + 2);
+        memset(path, 'a', DEC_PERM_STR_MAX + extra);
+        path[0] = '/';
+        path[DEC_PERM_STR_MAX + extra] = '\0';
+        char *perms = xasprintf("[{\"Action\": \"allow\", \"HTTP\": {\"Header\": [{\"Name\": "
+                                "\"x\", \"Contains\": \"%s\"}]}}]",
+                                path);
+        char *body = with_permissions(perms);
+        int rc = run(INTENTIONS, body, strlen(body), err, sizeof(err));
+        assert_int_equal(rc, extra == 0 ? 0 : ERR_BAD_FIELD);
+        if (extra == 1)
+            assert_non_null(strstr(err, "Contains is too long"));
+        free(path);
+        free(perms);
+        free(body);
+    }
+}
+
 /* ---- health ---- */
 
 static void test_health_good(void **state)
@@ -1913,6 +2202,10 @@ int main(void)
         cmocka_unit_test(test_intentions_good),
         cmocka_unit_test(test_intentions_empty),
         cmocka_unit_test(test_intentions_truncated),
+        cmocka_unit_test(test_intentions_permissions),
+        cmocka_unit_test(test_intentions_permissions_any_and_jwt),
+        cmocka_unit_test(test_intentions_permissions_malformed),
+        cmocka_unit_test(test_intentions_permissions_bounds),
         cmocka_unit_test(test_health_good),
         cmocka_unit_test(test_health_checks),
         cmocka_unit_test(test_health_empty_and_socket),

@@ -26,6 +26,7 @@
 #include "../fuzz/fuzz_config.c"
 #include "../fuzz/fuzz_decode.c"
 #include "../fuzz/fuzz_h1parse.c"
+#include "../fuzz/fuzz_intent.c"
 #include "../fuzz/fuzz_pathnorm.c"
 #include "../fuzz/fuzz_h2.c"
 #include "../fuzz/fuzz_proxycfg.c"
@@ -61,6 +62,12 @@ static void test_replay_h1parse_corpus(void **state)
     corpus_replay("tests/fuzz/corpus/h1parse", fuzz_h1parse_one);
 }
 
+static void test_replay_intent_corpus(void **state)
+{
+    (void)state;
+    corpus_replay("tests/fuzz/corpus/intent", fuzz_intent_one);
+}
+
 static void test_replay_pathnorm_corpus(void **state)
 {
     (void)state;
@@ -86,6 +93,7 @@ int main(void)
         cmocka_unit_test(test_replay_proxycfg_corpus), cmocka_unit_test(test_replay_agent_corpus),
         cmocka_unit_test(test_replay_config_corpus),   cmocka_unit_test(test_replay_h1parse_corpus),
         cmocka_unit_test(test_replay_pathnorm_corpus), cmocka_unit_test(test_replay_h2_corpus),
+        cmocka_unit_test(test_replay_intent_corpus),
     };
     return cmocka_run_group_tests_name("fuzz_replay", tests, NULL, NULL);
 }
