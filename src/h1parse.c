@@ -759,7 +759,7 @@ static int put_fields(struct out *o, const struct http_header *h, size_t n,
                       const struct http_header *extra, size_t nextra)
 {
     for (size_t i = 0; i < n; i++) {
-        if (h[i].flags & (HTTP_HDR_HOP | HTTP_HDR_DUP))
+        if (h[i].flags & (HTTP_HDR_HOP | HTTP_HDR_DUP | HTTP_HDR_DROP))
             continue;
         put(o, h[i].name.p, h[i].name.len);
         put(o, ": ", 2);

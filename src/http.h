@@ -25,6 +25,9 @@ struct http_slice {
 #define HTTP_HDR_HOP 0x1u
 /* A duplicate of an earlier identical Content-Length, folded into it; not forwarded. */
 #define HTTP_HDR_DUP 0x2u
+/* Left out by request normalization (a name with '_' under DROP_HEADER): neither matched by
+ * intentions nor forwarded. */
+#define HTTP_HDR_DROP 0x4u
 
 struct http_header {
     struct http_slice name;  /* a token, as sent (compare case-insensitively) */

@@ -440,7 +440,7 @@ static enum tri header_matches(const struct intent_header_cond *h, const struct 
         size_t count = 0, total = 0;
         for (size_t i = 0; i < rq->nheaders; i++) {
             const struct http_header *x = &rq->headers[i];
-            if ((x->flags & HTTP_HDR_DUP) != 0 || !name_is(h, x->name))
+            if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 || !name_is(h, x->name))
                 continue;
             if (count++ == 0)
                 v = x->value;
@@ -452,7 +452,7 @@ static enum tri header_matches(const struct intent_header_cond *h, const struct 
             size_t o = 0;
             for (size_t i = 0; i < rq->nheaders; i++) {
                 const struct http_header *x = &rq->headers[i];
-                if ((x->flags & HTTP_HDR_DUP) != 0 || !name_is(h, x->name))
+                if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 || !name_is(h, x->name))
                     continue;
                 if (o > 0)
                     joined[o++] = ',';

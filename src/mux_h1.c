@@ -43,6 +43,7 @@
 #include "mux_h1.h"
 #include "h1parse.h"
 #include "log.h"
+#include "pathnorm.h"
 #include "relay.h"
 #include "session_int.h"
 #include "sock.h"
@@ -130,6 +131,7 @@ struct mux_h1 {
     char why[256];       /* the reason of the current local answer / close */
     uint64_t armed_at;   /* the deadline the timer is armed for; 0 when not armed */
     char xfcc[XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
+    struct buf target;   /* the request's normalized target (forwarded, or a redirect's) */
 };
 
 /* ---- buffers ---- */
@@ -179,6 +181,7 @@ static void mux_free(struct mux_h1 *m)
     free(m->cout.p);
     free(m->ain.p);
     free(m->aout.p);
+    free(m->target.p);
     free(m);
 }
 
@@ -313,6 +316,8 @@ static void close_app(struct session *s)
 static const char *reason_phrase(int status)
 {
     switch (status) {
+    case 307:
+        return "Temporary Redirect";
     case 400:
         return "Bad Request";
     case 403:
@@ -357,6 +362,8 @@ static const char *local_body(enum stream_result r)
         return "request timeout";
     case STREAM_RES_EXPECTATION_FAILED:
         return "expectation failed";
+    case STREAM_RES_REDIRECT:
+        return "";
     default:
         return "bad request";
     }
@@ -376,12 +383,19 @@ static void local_answer(struct session *s, enum stream_result r, int close, con
     if (!m->req_keep)
         close = 1;
     char head[256];
-    int n = snprintf(head, sizeof(head),
-                     "HTTP/1.1 %d %s\r\ncontent-length: %zu\r\ncontent-type: text/plain\r\n%s\r\n",
-                     status, reason_phrase(status), strlen(body),
-                     close           ? "connection: close\r\n"
-                     : m->minor == 0 ? "connection: keep-alive\r\n"
-                                     : "");
+    int n = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\ncontent-length: %zu\r\n", status,
+                     reason_phrase(status), strlen(body));
+    buf_add(&m->cout, head, (size_t)n);
+    if (r == STREAM_RES_REDIRECT) {
+        /* The normalized target: a path and query of visible characters only. */
+        buf_add(&m->cout, "location: ", 10);
+        buf_add(&m->cout, m->target.p, m->target.len);
+        buf_add(&m->cout, "\r\n", 2);
+    }
+    n = snprintf(head, sizeof(head), "content-type: text/plain\r\n%s\r\n",
+                 close           ? "connection: close\r\n"
+                 : m->minor == 0 ? "connection: keep-alive\r\n"
+                                 : "");
     buf_add(&m->cout, head, (size_t)n);
     buf_add(&m->cout, body, strlen(body));
     m->st.status = status;
@@ -412,6 +426,8 @@ static void next_stream(struct session *s)
     buf_release(&m->cout);
     buf_release(&m->ain);
     buf_release(&m->aout);
+    m->target.len = 0;
+    buf_release(&m->target);
 }
 
 static void app_on_io(struct loop_io *io, unsigned events);
@@ -501,6 +517,21 @@ static void forward_head(struct session *s)
     m->phase = P_EXCHANGE;
 }
 
+/* The path and query of an absolute-form target ("http://host/p?q" -> "/p?q"; none -> "/"). */
+static struct http_slice absolute_path(struct http_slice t)
+{
+    const char *end = t.p + t.len;
+    const char *p = t.len > 3 ? memchr(t.p, ':', t.len) : NULL;
+    if (p != NULL && end - p >= 3 && p[1] == '/' && p[2] == '/') {
+        for (p += 3; p < end; p++)
+            if (*p == '/' || *p == '?')
+                break;
+        if (p < end && *p == '/')
+            return (struct http_slice){p, (size_t)(end - p)};
+    }
+    return (struct http_slice){"/", 1};
+}
+
 /* A complete request head of <n> bytes is at the start of cin. */
 static void on_head(struct session *s, size_t n)
 {
@@ -521,17 +552,38 @@ static void on_head(struct session *s, size_t n)
         local_answer(s, STREAM_RES_EXPECTATION_FAILED, 1, "unsupported Expect");
         return;
     }
-    int allow = stream_authorize(s, rq, why, sizeof(why));
-    session_count_request_decision(s, allow);
-    if (!allow) {
+    struct stream_req sr = {
+        .method = rq->method_name,
+        .target = rq->target,
+        .origin = rq->target_form == HTTP_TARGET_ORIGIN || rq->target_form == HTTP_TARGET_ABSOLUTE,
+        .authority = rq->host,
+        .headers = rq->headers,
+        .nheaders = rq->nheaders,
+    };
+    if (rq->target_form == HTTP_TARGET_ABSOLUTE)
+        sr.target = absolute_path(rq->target);
+    buf_reserve(&m->target, PATHNORM_OUT_MAX(sr.target.len));
+    size_t tlen = 0;
+    enum stream_verdict v =
+        stream_authorize(s, &m->st, &sr, m->target.p, m->target.cap, &tlen, why, sizeof(why));
+    session_count_request_decision(s, v == STREAM_ALLOW);
+    if (v != STREAM_ALLOW) {
         /* The body is read and dropped so the connection can carry the next request, unless
-         * the caller waits for a 100 before sending it. */
-        int close = m->expect && !m->req.done;
+         * the caller waits for a 100 before sending it, or the request was malformed. */
+        int close = (m->expect && !m->req.done) || v == STREAM_REFUSE;
         buf_consume(&m->cin, m->rq_len);
         memset(rq, 0, sizeof(*rq));
-        local_answer(s, STREAM_RES_DENIED, close, why);
+        m->target.len = v == STREAM_REDIRECT ? tlen : 0;
+        local_answer(s,
+                     v == STREAM_DENY       ? STREAM_RES_DENIED
+                     : v == STREAM_REDIRECT ? STREAM_RES_REDIRECT
+                                            : STREAM_RES_BAD_REQUEST,
+                     close, why);
         return;
     }
+    /* The application is given the normalized target, in origin form. */
+    rq->target = (struct http_slice){m->target.p, tlen};
+    rq->target_form = sr.origin ? HTTP_TARGET_ORIGIN : rq->target_form;
     if (s->end[1].fd < 0) {
         int rc = connect_app(s);
         if (rc < 0) {

@@ -340,3 +340,38 @@ int pathnorm_underscore_parse(const char *s, enum pathnorm_underscore *out)
     }
     return -EINVAL;
 }
+
+ssize_t pathnorm_request(const struct mesh_http_cfg *cfg, struct http_slice target,
+                         struct http_header *h, size_t n, char *out, size_t cap, size_t *path_len,
+                         int *redirect, const char **why)
+{
+    *redirect = 0;
+    for (size_t i = 0; i < n; i++) {
+        int rc = pathnorm_header(cfg, h[i].name);
+        if (rc < 0) {
+            *why = "a header name with an underscore";
+            return -EBADMSG;
+        }
+        if (rc == 1)
+            h[i].flags |= HTTP_HDR_DROP;
+    }
+    const char *t = target.p != NULL ? target.p : "";
+    const char *q = memchr(t, '?', target.len);
+    size_t plen = q != NULL ? (size_t)(q - t) : target.len;
+    if (cap < PATHNORM_OUT_MAX(target.len)) {
+        *why = "no room for the normalized path";
+        return -EBADMSG;
+    }
+    ssize_t w = pathnorm_path(cfg, t, plen, out, cap, redirect);
+    if (w < 0) {
+        *why = "a path request normalization refuses";
+        return -EBADMSG;
+    }
+    *path_len = (size_t)w;
+    if (q != NULL) {
+        size_t qlen = target.len - plen; /* with the '?' */
+        memcpy(out + w, q, qlen);
+        w += (ssize_t)qlen;
+    }
+    return w;
+}

@@ -79,6 +79,19 @@ ssize_t pathnorm_path(const struct mesh_http_cfg *cfg, const char *path, size_t 
  * -EBADMSG refuse the request (400). Only names with an '_' are dropped or refused. */
 int pathnorm_header(const struct mesh_http_cfg *cfg, struct http_slice name);
 
+/*
+ * The whole of the entry's request normalization for one request, as authorization sees it
+ * and as it is forwarded: the path part of <target> (up to its first '?') through
+ * pathnorm_path() into <out>, then the query unchanged; and each of the <n> header names
+ * through pathnorm_header(), those to drop flagged HTTP_HDR_DROP. <cap> must be at least
+ * PATHNORM_OUT_MAX(target.len). Returns the length written to <out> (the target to forward),
+ * with *<path_len> the length of its path part; -EBADMSG (400) with *<why> a static reason.
+ * *<redirect> as for pathnorm_path().
+ */
+ssize_t pathnorm_request(const struct mesh_http_cfg *cfg, struct http_slice target,
+                         struct http_header *h, size_t n, char *out, size_t cap, size_t *path_len,
+                         int *redirect, const char **why);
+
 /* The mesh config entry's spelling of each action ("KEEP_UNCHANGED", "ALLOW", ...); static. */
 const char *pathnorm_escaped_slash_name(enum pathnorm_escaped_slash a);
 const char *pathnorm_underscore_name(enum pathnorm_underscore a);

@@ -16,6 +16,7 @@
 #include "h1parse.h"
 #include "intent.h"
 #include "log.h"
+#include "pathnorm.h"
 #include "session_int.h"
 #include "sock.h"
 #include "spiffe.h"
@@ -80,25 +81,58 @@ void stream_new_request_id(struct stream *st)
              (unsigned)(b >> 48), (unsigned long long)(b & 0xffffffffffffull));
 }
 
-int stream_authorize(struct session *s, const struct http_request *req, char *why, size_t len)
+enum stream_verdict stream_authorize(struct session *s, struct stream *st, struct stream_req *rq,
+                                     char *out, size_t cap, size_t *out_len, char *why, size_t len)
 {
     const struct snapshot *now = s->host->snap;
-    (void)req;
+    struct http_slice path = rq->target;
+    int redirect = 0;
+    if (rq->origin) {
+        const char *reason = NULL;
+        size_t plen = 0;
+        ssize_t n = pathnorm_request(&now->mesh_http, rq->target, rq->headers, rq->nheaders, out,
+                                     cap, &plen, &redirect, &reason);
+        if (n < 0) {
+            snprintf(why, len, "request normalization: %s", reason);
+            return STREAM_REFUSE;
+        }
+        *out_len = (size_t)n;
+        path = (struct http_slice){out, plen};
+    } else {
+        size_t n = rq->target.len < cap ? rq->target.len : cap;
+        if (n > 0)
+            memcpy(out, rq->target.p, n);
+        *out_len = n;
+    }
+    copy_slice(st->path, sizeof(st->path), (struct http_slice){out, *out_len});
+    if (redirect) {
+        snprintf(why, len, "escaped slashes: redirected to the unescaped path");
+        return STREAM_REDIRECT;
+    }
+    struct intent_http_req hr = {
+        .method = rq->method,
+        .path = path,
+        .authority = rq->authority,
+        .headers = rq->headers,
+        .nheaders = rq->nheaders,
+    };
     struct intent_decision d =
-        intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
+        intent_eval_http(now->intents, s->caller_partition, s->caller_ns, s->caller_service, &hr);
     if (now->cfg.authorize_with_agent) {
         /* The agent answers per caller, not per request: its latest answer about this
          * connection's caller (asked again whenever the intentions change) decides. While it
-         * disagrees with the intentions here one of the two views is stale (the agent's own
-         * copy can lag, and the control thread takes its answer after a few re-asks), so it
-         * is asked again, one question at a time, until they agree. */
-        if (d.allow != s->agent_allowed)
+         * disagrees with the L4 reading of the intentions here one of the two views is stale
+         * (the agent's own copy can lag, and the control thread takes its answer after a few
+         * re-asks), so it is asked again, one question at a time, until they agree. */
+        struct intent_decision l4 =
+            intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
+        if (l4.allow != s->agent_allowed)
             session_ask_again(s);
         snprintf(why, len, "agent authorize: %s", s->agent_allowed ? "allowed" : "denied");
-        return s->agent_allowed;
+        return s->agent_allowed ? STREAM_ALLOW : STREAM_DENY;
     }
     intent_describe(&d, why, len);
-    return d.allow;
+    return d.allow ? STREAM_ALLOW : STREAM_DENY;
 }
 
 static void count(struct session *s, const struct stream *st, uint64_t dur_ms)

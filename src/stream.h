@@ -27,7 +27,8 @@ struct session;
     X(BAD_REQUEST, "bad_request", 400)             /* malformed or smuggling-prone head or body */ \
     X(HEADERS_TOO_LARGE, "headers_too_large", 431) /* max_request_headers_kb, or 100 fields */     \
     X(HEADERS_TIMEOUT, "headers_timeout", 408)     /* request_headers_timeout_ms */                \
-    X(EXPECTATION_FAILED, "expectation_failed", 417)   /* an Expect other than 100-continue */     \
+    X(EXPECTATION_FAILED, "expectation_failed", 417) /* an Expect other than 100-continue */       \
+    X(REDIRECT, "redirect", 307) /* UNESCAPE_AND_REDIRECT: to the unescaped path */                \
     X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
     X(LOCAL_TIMEOUT, "local_timeout", 504) /* local_request_timeout_ms */                          \
@@ -72,19 +73,41 @@ void stream_begin(struct stream *st, uint64_t seq, uint64_t now_ms, const struct
 /* Sets st->request_id to a fresh random version-4 UUID (36 characters). */
 void stream_new_request_id(struct stream *st);
 
+/* A request as the per-request authorization sees it, whatever codec carried it. */
+struct stream_req {
+    struct http_slice method;
+    /* The target: a path with its query when <origin>; else "*" (OPTIONS) or an authority
+     * (CONNECT), matched as it is and never normalized. */
+    struct http_slice target;
+    int origin;
+    struct http_slice authority; /* Host / :authority; absent: p == NULL */
+    struct http_header *headers; /* normalization may flag some HTTP_HDR_DROP */
+    size_t nheaders;
+};
+
+enum stream_verdict {
+    STREAM_ALLOW,    /* forward it, with the normalized target */
+    STREAM_DENY,     /* 403 RBAC: access denied */
+    STREAM_REFUSE,   /* 400: request normalization refuses it */
+    STREAM_REDIRECT, /* 307 to the normalized target (PathWithEscapedSlashesAction) */
+};
+
 /*
- * THE per-request authorization seam: whether the caller of session <s> may make request
- * <req>, decided on the worker's current snapshot (s->host->snap), so an intention change
- * applies to the next request of an open connection. Returns 1 to allow, 0 to deny, with
- * <why> (<len> bytes) naming the deciding intention or answer.
+ * THE per-request authorization: what the caller of session <s> may do with request <rq>,
+ * decided on the worker's current snapshot (s->host->snap), so an intention or mesh entry
+ * change applies to the next request of an open connection. First the mesh entry's request
+ * normalization (pathnorm_request(): the path, then header names with '_'), then the
+ * intentions with their Permissions (intent_eval_http()) on the normalized path. <out>
+ * (<cap> >= PATHNORM_OUT_MAX(rq->target.len) bytes) receives the target to forward (or to
+ * redirect to), *<out_len> its length; st->path becomes the normalized path for the log.
+ * <why> (<len> bytes) names the deciding intention and permission, or the refusal.
  *
- * Today: the L4 rule per request (intent_eval() on the caller's service; an intention with
- * Permissions counts as a deny, as for tcp), or in authorize mode the agent's latest answer
- * about the caller (asked per connection and again on every intention change, see
- * session.c). The raw target is at hand in <req>; path normalization and intent_eval_http()
- * replace the body of this one function.
+ * In authorize mode the agent answers per caller, not per request: its latest answer about
+ * the caller (asked per connection and again on every intention change, see session.c)
+ * decides every request, after normalization.
  */
-int stream_authorize(struct session *s, const struct http_request *req, char *why, size_t len);
+enum stream_verdict stream_authorize(struct session *s, struct stream *st, struct stream_req *rq,
+                                     char *out, size_t cap, size_t *out_len, char *why, size_t len);
 
 /*
  * The one way out of a stream: logs it (DEBUG), writes its access-log record, and counts it

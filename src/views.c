@@ -383,10 +383,8 @@ static void json_kv_num(struct admin_buf *b, const char *key, long long v, int c
 
 /* A per-request /authz question: method, path and headers as given, in one buffer. */
 struct authz_request {
-    struct intent_http_req rq; /* what is evaluated: normalized path, kept headers */
+    struct intent_http_req rq;                     /* what is evaluated: normalized path, headers */
     struct http_header headers[AUTHZ_HEADERS_MAX]; /* as given */
-    struct http_header kept[AUTHZ_HEADERS_MAX];    /* without those the mesh entry drops */
-    int dropped[AUTHZ_HEADERS_MAX];
     size_t nheaders;
     char method[64];
     char path[ADMIN_TARGET_MAX];
@@ -484,34 +482,33 @@ static int authz_read_request(const char *query, struct authz_request *ar, char 
 }
 
 /*
- * Applies the mesh config entry's request normalization as the inbound request path does:
- * the path through pathnorm_path(), header names with '_' dropped or refused. Returns 0 with
- * ar->rq ready, or -1 with why the proxy would answer 400 instead.
+ * Applies the mesh config entry's request normalization as the inbound request path does
+ * (pathnorm_request()): the path normalized, header names with '_' dropped or refused. Returns
+ * 0 with ar->rq ready, or -1 with why the proxy would answer 400 instead.
  */
 static int authz_normalize(struct authz_request *ar, const struct mesh_http_cfg *mh, char *why,
                            size_t whylen)
 {
     int redirect = 0;
-    ssize_t n = pathnorm_path(mh, ar->path, strlen(ar->path), ar->normalized,
-                              sizeof(ar->normalized) - 1, &redirect);
+    size_t plen = 0;
+    const char *reason = "";
+    ssize_t n = pathnorm_request(mh, (struct http_slice){ar->path, strlen(ar->path)}, ar->headers,
+                                 ar->nheaders, ar->normalized, sizeof(ar->normalized) - 1, &plen,
+                                 &redirect, &reason);
     if (n < 0) {
-        snprintf(why, whylen, "the path is refused by request normalization (400)");
+        for (size_t i = 0; i < ar->nheaders; i++)
+            if (pathnorm_header(mh, ar->headers[i].name) < 0) {
+                snprintf(why, whylen, "header %.64s is refused by request normalization (400)",
+                         ar->headers[i].name.p);
+                return -1;
+            }
+        snprintf(why, whylen, "request normalization refuses %s (400)", reason);
         return -1;
     }
-    ar->normalized[n] = '\0';
-    ar->rq.path = (struct http_slice){ar->normalized, (size_t)n};
-    ar->rq.headers = ar->kept;
-    for (size_t i = 0; i < ar->nheaders; i++) {
-        int rc = pathnorm_header(mh, ar->headers[i].name);
-        if (rc < 0) {
-            snprintf(why, whylen, "header %.64s is refused by request normalization (400)",
-                     ar->headers[i].name.p);
-            return -1;
-        }
-        ar->dropped[i] = rc == 1;
-        if (rc == 0)
-            ar->kept[ar->rq.nheaders++] = ar->headers[i];
-    }
+    ar->normalized[plen] = '\0';
+    ar->rq.path = (struct http_slice){ar->normalized, plen};
+    ar->rq.headers = ar->headers;
+    ar->rq.nheaders = ar->nheaders;
     return 0;
 }
 
@@ -550,7 +547,7 @@ static void render_http_request(struct admin_buf *b, const struct authz_request 
     admin_buf_add(b, ":[", 2);
     for (size_t i = 0; i < ar->nheaders; i++) {
         admin_buf_add(b, i == 0 ? "{" : ",{", i == 0 ? 1 : 2);
-        if (ar->dropped[i])
+        if (ar->headers[i].flags & HTTP_HDR_DROP)
             admin_buf_printf(b, "\"dropped\":true,");
         json_kv_str(b, "name", ar->headers[i].name.p, 1);
         json_kv_str(b, "value", ar->headers[i].value.p, 0);
