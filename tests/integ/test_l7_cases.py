@@ -91,8 +91,8 @@ L7_PERMISSIONS = [
                                             {"Name": "x-other", "Present": True}]}},
     {"Action": "deny", "HTTP": {"PathPrefix": "/prec/deny"}},                           # 19
     {"Action": "allow", "HTTP": {"PathPrefix": "/prec"}},                               # 20
-    {"Action": "allow", "HTTP": {"PathExact": "/prec2/allow"}},                         # 21
-    {"Action": "deny", "HTTP": {"PathPrefix": "/prec2"}},                               # 22
+    {"Action": "allow", "HTTP": {"PathExact": "/second/allow"}},                        # 21
+    {"Action": "deny", "HTTP": {"PathPrefix": "/second"}},                              # 22
     {"Action": "allow", "HTTP": {"PathRegex": "/anch[0-9]"}},                           # 23
 ]
 
@@ -493,8 +493,8 @@ def test_l7_first_matching_permission_decides(t):
     expect(t, "l7", "/prec/deny", 403)       # deny 19 before allow 20
     expect(t, "l7", "/prec/deny/x", 403)
     expect(t, "l7", "/prec/ok", 200)         # allow 20
-    expect(t, "l7", "/prec2/allow", 200)     # allow 21 before deny 22
-    expect(t, "l7", "/prec2/other", 403)     # deny 22
+    expect(t, "l7", "/second/allow", 200)    # allow 21 before deny 22
+    expect(t, "l7", "/second/other", 403)    # deny 22
 
 
 def test_l7_unmatched_request_falls_to_default_deny_not_the_wildcard(t):
