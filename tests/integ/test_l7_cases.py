@@ -508,18 +508,36 @@ def test_l7_unmatched_request_falls_to_default_deny_not_the_wildcard(t):
 
 
 def test_l7_authz_names_the_deciding_permission(t):
+    """/authz?source=..&method=..&path=..&header=name:value answers for one request and names
+    the permission that decided (its index in the intention's Permissions)."""
     web = t.m.name("web")
-    a = t.authz("l7", source=web, method="GET", path="/exact")
-    assert a["decision"] == "allow" and a.get("permission") == 0, a
-    a = t.authz("l7", source=web, method="GET", path="/hdr-exact", header="x-test-debug:exact")
-    assert a["decision"] == "allow" and a.get("permission") == 4, a
-    a = t.authz("l7", source=web, method="GET", path="/prec/deny/x")
-    assert a["decision"] == "deny" and a.get("permission") == 19, a
-    a = t.authz("l7", source=web, method="POST", path="/method-match")
-    assert a["decision"] == "deny" and a.get("permission") in (None, -1), a
-    assert a["decided_by"] == "default policy", a
-    a = t.authz("l7", source=t.m.name("other"), method="GET", path="/x")
-    assert a["decision"] == "allow" and a["intention"]["source"] == "*", a
+
+    def ask(**q):
+        a = t.authz("l7", **q)
+        assert a["mode"] == "request", a
+        return a
+
+    a = ask(source=web, method="GET", path="/exact")
+    assert (a["decision"], a["decided_by"]) == ("allow", "permission"), a
+    assert (a["permission"]["index"], a["permission"]["action"]) == (0, "allow"), a
+    assert a["intention"]["description"] == "l7-v1", a
+    a = ask(source=web, method="GET", path="/hdr-exact", header="x-test-debug:exact")
+    assert (a["decision"], a["permission"]["index"]) == ("allow", 4), a
+    a = ask(source=web, method="GET", path="/hdr-exact", header="x-test-debug:exact-nope")
+    assert (a["decision"], a["permission"], a["decided_by"]) == ("deny", None,
+                                                                 "default policy"), a
+    a = ask(source=web, method="GET", path="/prec/deny/x")
+    assert (a["decision"], a["decided_by"]) == ("deny", "permission"), a
+    assert (a["permission"]["index"], a["permission"]["action"]) == (19, "deny"), a
+    # No permission matches: the default policy decides, after web's L7 intention.
+    a = ask(source=web, method="POST", path="/method-match")
+    assert (a["decision"], a["permission"], a["decided_by"]) == ("deny", None,
+                                                                 "default policy"), a
+    assert a["intention"]["description"] == "l7-v1", a
+    # A caller without an intention of its own: the wildcard's plain allow.
+    a = ask(source=t.m.name("other"), method="GET", path="/x")
+    assert (a["decision"], a["decided_by"], a["permission"]) == ("allow", "intention", None), a
+    assert a["intention"]["source"] == "*", a
 
 
 # ---------------------------------------------------------------------------------------------
