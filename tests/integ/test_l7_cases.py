@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import pytest
 
 from mesh import (ConsulAgent, HttpConn, HttpEchoApp, Mesh, admin_args, admin_get,
-                  build_request, cert_der_sha256, header_values, http_raw, http_request,
-                  try_http, wait_http, wait_until)
+                  build_request, cert_der_sha256, header_values, http_raw, http_request, metric,
+                  parse_metrics, try_http, wait_http, wait_until)
 
 try:
     from conftest import LOGS
@@ -926,3 +926,39 @@ def test_access_log_has_one_record_per_request(t):
     # The two requests of one connection: the same conn, streams 1 and 2.
     one, two = by_id[rid + "-1"], by_id[rid + "-2"]
     assert one["conn"] == two["conn"] and (one["stream"], two["stream"]) == (1, 2), (one, two)
+
+
+def test_metrics_count_requests_and_per_request_decisions(t):
+    """db's /metrics: per-request decisions by source and result, requests by status class
+    on the public listener; exactly what this test sent (nothing else talks to db now)."""
+    def scrape():
+        status, body = admin_get(t.admin["db"], "/metrics")
+        assert status == 200, body
+        return parse_metrics(body)
+
+    web, other = t.m.name("web"), t.m.name("other")
+    dec = "connectd_http_authorization_decisions_total"
+    req = "connectd_http_requests_total"
+    before = scrape()
+    with HttpConn(t.up("web", "db")) as c:
+        for p in ("/m/1", "/m/2"):
+            assert_passed(c.request("GET", p), p)
+    assert_denied(t.get("db", "/m/3", caller="other"), "/m/3")
+
+    def delta(after, name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    def deltas():
+        a = scrape()
+        return (delta(a, dec, source=web, result="allow"), delta(a, dec, source=web, result="deny"),
+                delta(a, dec, source=other, result="deny"),
+                delta(a, req, listener="public", code_class="2xx"),
+                delta(a, req, listener="public", code_class="4xx"))
+
+    want, last = (2, 0, 1, 2, 1), []
+    try:
+        wait_until(lambda: last.append(deltas()) or last[-1] == want, 10,
+                   "the request counters to move")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: deltas (web allow, web deny, other deny, 2xx, 4xx) "
+                             f"{last[-1]}, expected {want}") from None
