@@ -839,7 +839,8 @@ class HttpEchoApp(TcpApp):
     """An HTTP/1.1 server that answers every request with 200 and a JSON description of what
     it received: {"method", "target" (the raw request-target), "path" (target before "?"),
     "version", "headers" ([[name, value]] in order, names as received), "body" (latin-1)}.
-    Keeps connections alive as HTTP/1.1 allows. `requests` lists every request it got (the
+    Keeps connections alive as HTTP/1.1 allows, and answers "Expect: 100-continue" with a
+    100 before it reads the body. `requests` lists every request it got (the
     same dicts), so a test can tell that a refused request never reached the app."""
 
     HEAD_LIMIT = 1 << 20
@@ -858,6 +859,8 @@ class HttpEchoApp(TcpApp):
                 line, *rest = head.split(b"\r\n")
                 method, target, version = line.decode("latin-1").split(" ")
                 headers = _split_fields(rest)
+                if "100-continue" in ",".join(header_values(headers, "expect")).lower():
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 te = ",".join(header_values(headers, "transfer-encoding")).lower()
                 if "chunked" in te:
                     body = _read_chunked(conn, buf)
@@ -952,10 +955,11 @@ class HttpConn:
     def send(self, data):
         self.sock.sendall(data)
 
-    def response(self, method="GET", timeout=None):
-        """Reads the next final response (skipping 1xx other than 101) to a request made with
-        <method>. Returns None when the connection ends before a response starts; raises
-        ValueError for a malformed or cut response."""
+    def response(self, method="GET", timeout=None, interim=False):
+        """Reads the next final response (skipping 1xx other than 101, unless <interim>: then
+        a 1xx is returned too) to a request made with <method>. Returns None when the
+        connection ends before a response starts; raises ValueError for a malformed or cut
+        response."""
         self.sock.settimeout(timeout or self.timeout)
         while True:
             try:
@@ -974,6 +978,8 @@ class HttpConn:
             status = int(status)
             headers = _split_fields(rest)
             if 100 <= status < 200 and status != 101:
+                if interim:
+                    return HttpResponse(status, reason[0] if reason else "", headers, b"")
                 continue
             break
         te = ",".join(header_values(headers, "transfer-encoding")).lower()

@@ -480,6 +480,7 @@ def test_l7_methods(t):
     expect(t, "l7", "/method-match", 403, method="POST")
     expect(t, "l7", "/method-match", 403, method="HEAD")
     expect(t, "l7", "/method-match", 403, method="DELETE")
+    expect(t, "l7", "/method-match", 403, method="get")  # compared exactly
 
 
 def test_l7_conditions_of_one_permission_all_apply(t):
@@ -507,6 +508,38 @@ def test_l7_unmatched_request_falls_to_default_deny_not_the_wildcard(t):
     expect(t, "l7", "/", 403)
     got = expect(t, "l7", "/matches-no-permission", 200, caller="other")
     assert got["path"] == "/matches-no-permission"
+
+
+def test_l7_denied_request_body_is_dropped_and_the_connection_serves_the_next(t):
+    """A denied request's body is read and dropped, not taken for the next request; the
+    connection then carries an allowed request, also when both were pipelined."""
+    inner = build_request("GET", "/exact", [("x-marker", "smuggled-in-body")])
+    body = inner + os.urandom(100_000).hex().encode()
+    with HttpConn(t.up("web", "l7")) as c:
+        assert_denied(c.request("POST", "/nope", body=body), "POST /nope with a body")
+        got = assert_passed(c.request("GET", "/exact"), "GET /exact after the denied POST")
+        assert got["path"] == "/exact"
+        c.send(build_request("POST", "/nope", body=body) + build_request("GET", "/prefix/1"))
+        assert_denied(c.response(), "pipelined POST /nope")
+        assert assert_passed(c.response(), "pipelined GET /prefix/1")["path"] == "/prefix/1"
+    assert not t.apps["l7"].seen_marker("smuggled-in-body")
+
+
+def test_l7_expect_100_continue(t):
+    """Allowed: a 100 Continue comes before the body is sent, then the app's answer. Denied:
+    the 403 comes at once, without a 100, and without the body being sent."""
+    with HttpConn(t.up("web", "l7")) as c:
+        c.send(b"POST /prefix/expect HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\n"
+               b"Content-Length: 5\r\n\r\n")
+        r = c.response(interim=True)
+        assert r is not None and r.status == 100, f"expected 100 Continue first, got {r}"
+        c.send(b"hello")
+        got = assert_passed(c.response("POST"), "POST /prefix/expect")
+        assert (got["path"], got["body"]) == ("/prefix/expect", "hello")
+    with HttpConn(t.up("web", "l7")) as c:
+        c.send(b"POST /nope HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\n"
+               b"Content-Length: 5\r\n\r\n")
+        assert_denied(c.response(interim=True, timeout=5), "denied POST with Expect")
 
 
 def test_l7_authz_names_the_deciding_permission(t):
@@ -662,6 +695,29 @@ def test_normalization_consul_case_tricky_paths_do_not_pass_a_deny(t):
             expect(t, "norm", p, 403)
     for p in ("/foo", "/value/foo", "/foo/supersecret", "/value/supersecrets"):
         assert expect(t, "norm", p, 200)["target"] == p
+
+
+def test_normalization_absolute_form_target_does_not_pass_a_deny(t):
+    """An absolute-form request target (a proxy request) names the same path: it is refused
+    (400) or judged on its path (403), never passed for not starting with '/'."""
+    set_normalization(t, CONSUL_NORMALIZATION)
+    for target in ("http://app/value/supersecret", "http://app/value//supersecret",
+                   "https://app:443/value%2Fsupersecret?x=1", "http://app/value/./supersecret"):
+        mk = marker()
+        r = http_raw(t.up("web", "norm"),
+                     build_request("GET", target, [("x-marker", mk)]))
+        assert r is not None and r.status in (400, 403), f"{target}: {r}"
+        if r.status == 403:
+            assert r.body == DENIED, r
+        assert not t.apps["norm"].seen_marker(mk), f"{target} reached the app"
+
+
+def test_normalization_decodes_once_and_refuses_encoded_nul(t):
+    set_normalization(t, CONSUL_NORMALIZATION)
+    # %25 is '%': decoded once it is not an escaped slash, and stays as sent.
+    for p in ("/value%252Fsupersecret", "/value/%2573upersecret"):
+        assert expect(t, "norm", p, 200)["target"] == p
+    expect(t, "norm", "/value/%00/supersecret", 400)
 
 
 def test_normalization_consul_case_app_receives_normalized_path(t):
