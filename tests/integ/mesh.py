@@ -840,7 +840,8 @@ class HttpEchoApp(TcpApp):
     it received: {"method", "target" (the raw request-target), "path" (target before "?"),
     "version", "headers" ([[name, value]] in order, names as received), "body" (latin-1)}.
     Keeps connections alive as HTTP/1.1 allows, and answers "Expect: 100-continue" with a
-    100 before it reads the body. `requests` lists every request it got (the
+    100 before it reads the body. A request with Upgrade (and Connection: upgrade) gets a
+    101 and the connection becomes a byte echo. `requests` lists every request it got (the
     same dicts), so a test can tell that a refused request never reached the app."""
 
     HEAD_LIMIT = 1 << 20
@@ -877,6 +878,19 @@ class HttpEchoApp(TcpApp):
                    "body": body.decode("latin-1")}
             with self._lock:
                 self.requests.append(rec)
+            upgrade = header_values(headers, "upgrade")
+            if upgrade and "upgrade" in ",".join(header_values(headers, "connection")).lower():
+                # A tunnel: 101, then every byte is echoed back until the caller's EOF.
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: " + upgrade[0].encode("latin-1") + b"\r\n\r\n"
+                             + bytes(buf))
+                while True:
+                    b = conn.recv(65536)
+                    if not b:
+                        break
+                    conn.sendall(b)
+                conn.shutdown(socket.SHUT_WR)
+                return
             data = json.dumps(rec).encode()
             conn_hdr = ",".join(header_values(headers, "connection")).lower()
             close = "close" in conn_hdr or (version == "HTTP/1.0" and "keep-alive" not in

@@ -1018,3 +1018,49 @@ def test_metrics_count_requests_and_per_request_decisions(t):
     except AssertionError as e:
         raise AssertionError(f"{e}: deltas (web allow, web deny, other deny, 2xx, 4xx) "
                              f"{last[-1]}, expected {want}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/1.0, Connection: close and Upgrade tunnels (L7 §2)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_http10_and_connection_close(t):
+    # HTTP/1.0 without keep-alive: one answer, then the connection ends.
+    with HttpConn(t.up("web", "db")) as c:
+        c.send(b"GET /ten HTTP/1.0\r\n\r\n")
+        got = assert_passed(c.response(), "HTTP/1.0 GET")
+        assert (got["path"], got["method"]) == ("/ten", "GET")
+        assert c.closed(), "an HTTP/1.0 connection without keep-alive stayed open"
+    # HTTP/1.0 with keep-alive: two answers on one connection.
+    with HttpConn(t.up("web", "db")) as c:
+        for p in ("/ten/1", "/ten/2"):
+            c.send(b"GET " + p.encode() + b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            assert assert_passed(c.response(), p)["path"] == p
+    # HTTP/1.1 with Connection: close.
+    with HttpConn(t.up("web", "db")) as c:
+        r = c.request("GET", "/close", [("Connection", "close")])
+        assert assert_passed(r, "GET /close")["path"] == "/close"
+        assert c.closed(), "a Connection: close request left the connection open"
+
+
+def test_upgrade_is_carried_as_a_tunnel_after_101(t):
+    with HttpConn(t.up("web", "db")) as c:
+        r = c.request("GET", "/ws", [("Connection", "Upgrade"), ("Upgrade", "websocket")])
+        assert r is not None and r.status == 101, r
+        assert (r.header("Upgrade") or "").lower() == "websocket", r.headers
+        payload = os.urandom(200_000)
+        c.send(payload)
+        got = bytearray(c.buf)
+        c.buf.clear()
+        c.sock.settimeout(10)
+        while len(got) < len(payload):
+            b = c.sock.recv(65536)
+            assert b, f"the tunnel ended after {len(got)} of {len(payload)} bytes"
+            got += b
+        assert bytes(got) == payload
+    # A denied caller gets its 403, not a tunnel.
+    with HttpConn(t.up("other", "db")) as c:
+        assert_denied(c.request("GET", "/ws", [("Connection", "Upgrade"),
+                                               ("Upgrade", "websocket")]), "denied upgrade")
+
