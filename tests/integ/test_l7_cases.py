@@ -16,7 +16,10 @@ that answers with a JSON description of the request it got:
 * norm  (service-defaults http): the normalization cases; intentions {web: Consul's deny
         permissions, then allow "/"}; the agent-wide mesh entry changes per test;
 * flip  (service-defaults http): an intention changed under an open keep-alive connection;
-* big   (Proxy.Config protocol http, max_request_headers_kb 96): case-max-request-headers.
+* big   (Proxy.Config protocol http, max_request_headers_kb 96): case-max-request-headers;
+* tcp   (service-defaults http, which the agent needs to accept an L7 intention, but its
+        registration's own Proxy.Config.protocol tcp, which wins): an L7 intention is a deny;
+* proto (tcp until a test makes it http): a protocol change under an open connection.
 
 Callers: web (upstreams to all five), other (db, l7) and anon (db). The outbound side is an
 L4 relay, so a request goes client -> web's connectd (L4, mTLS) -> the destination's connectd
@@ -121,7 +124,7 @@ CONSUL_NORMALIZATION_DISABLED = {"InsecureDisablePathNormalization": True, "Merg
                                  "PathWithEscapedSlashesAction": "",
                                  "HeadersWithUnderscoresAction": ""}
 
-SERVERS = ("db", "l7", "norm", "flip", "big")
+SERVERS = ("db", "l7", "norm", "flip", "big", "tcp", "proto")
 
 
 @dataclass
@@ -184,7 +187,7 @@ def l7_mesh(consul_bin, connectd_bin, tmp_path_factory):
         m = Mesh(agent, str(work / "mesh"), connectd_bin,
                  lambda label, path: logs.append((label, path)))
         api = agent.api
-        for s in ("db", "l7", "norm", "flip"):
+        for s in ("db", "l7", "norm", "flip", "tcp"):
             m.service_defaults(s, "http")
         # The intentions come first, so the first request already meets them.
         m.intend_l7("db", {"web": "allow", "other": "deny"}, description="db-v1")
@@ -192,11 +195,15 @@ def l7_mesh(consul_bin, connectd_bin, tmp_path_factory):
         m.intend_l7("norm", {"web": NORM_PERMISSIONS}, description="norm-v1")
         m.intend_l7("flip", {"web": "allow"}, description="flip-v1")
         m.intend_l7("big", {"web": "allow"}, description="big-v1")
+        m.intend_l7("tcp", {"web": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]},
+                    description="tcp-v1")
+        m.intend_l7("proto", {"web": "allow"}, description="proto-v1")
         apps = {s: m.app(HttpEchoApp) for s in SERVERS}
         admin, svc = {}, {}
         access_log = str(work / "db-access.log")
         for s in SERVERS:
-            cfg = {"protocol": "http", "max_request_headers_kb": 96} if s == "big" else None
+            cfg = {"big": {"protocol": "http", "max_request_headers_kb": 96},
+                   "tcp": {"protocol": "tcp"}}.get(s)
             extra = ["-access-log", access_log, "-access-log-format", "json"] if s == "db" else []
             svc[s] = _start(m, s, apps[s], admin, cfg, extra)
         svc["web"] = m.add("web", upstreams=SERVERS)
@@ -207,7 +214,7 @@ def l7_mesh(consul_bin, connectd_bin, tmp_path_factory):
             m.wait_passing(svc[s])
             t.wait_intentions(s, f"{s}-v1")
         # Where web's intention is a plain allow, a request goes through end to end.
-        for s in ("db", "flip", "big"):
+        for s in ("db", "flip", "big", "proto"):
             wait_http(svc["web"].up[s], "GET", "/ready", 200, timeout=30,
                       what=f"web -> {s} to answer 200")
         yield t
@@ -1063,4 +1070,47 @@ def test_upgrade_is_carried_as_a_tunnel_after_101(t):
     with HttpConn(t.up("other", "db")) as c:
         assert_denied(c.request("GET", "/ws", [("Connection", "Upgrade"),
                                                ("Upgrade", "websocket")]), "denied upgrade")
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol selection
+# ---------------------------------------------------------------------------------------------
+
+
+def test_l7_intention_on_a_tcp_service_is_a_deny(t):
+    """tcp's sidecar registration says protocol tcp (the agent keeps a registration's own
+    key over service-defaults): its connectd relays bytes, and web's intention there, having
+    Permissions, refuses web's connections (an L7 intention denies at L4)."""
+    cfg = t.api.service(t.svc["tcp"].sidecar_id)["Proxy"]["Config"]
+    assert cfg.get("protocol") == "tcp", cfg
+    mk = marker()
+    r = try_http(t.up("web", "tcp"), "GET", "/", [("x-marker", mk)])
+    assert r is None, f"an L4 service with an L7 intention answered {r}"
+    assert not t.apps["tcp"].seen_marker(mk)
+
+
+def test_protocol_change_applies_to_new_connections_only(t):
+    """proto starts as tcp (bytes relayed: the app sees no XFCC). service-defaults makes it
+    http: new connections are L7 (XFCC added); one opened before keeps its L4 relay."""
+    m, api = t.m, t.api
+    sidecar = t.svc["proto"].sidecar_id
+    assert api.service(sidecar)["Proxy"].get("Config", {}).get("protocol") in (None, "tcp")
+    with HttpConn(t.up("web", "proto")) as old:
+        got = assert_passed(old.request("GET", "/before"), "GET /before, L4")
+        assert header_values(got["headers"], "x-forwarded-client-cert") == [], got["headers"]
+        m.service_defaults("proto", "http")
+        wait_until(lambda: (api.service(sidecar)["Proxy"].get("Config") or {})
+                   .get("protocol") == "http", 20,
+                   "the agent to merge protocol http into proto's sidecar registration")
+
+        def l7_now():
+            r = try_http(t.up("web", "proto"), "GET", "/after")
+            return r is not None and r.status == 200 and bool(
+                header_values(r.json()["headers"], "x-forwarded-client-cert"))
+
+        wait_until(l7_now, 20, "new connections to proto to be served at L7 (XFCC added)",
+                   interval=0.1)
+        got = assert_passed(old.request("GET", "/old-connection"), "GET on the L4 connection")
+        assert header_values(got["headers"], "x-forwarded-client-cert") == [], (
+            "the connection opened at L4 changed mode", got["headers"])
 
