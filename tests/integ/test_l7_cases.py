@@ -21,7 +21,11 @@ that answers with a JSON description of the request it got:
         registration's own Proxy.Config.protocol tcp, which wins): an L7 intention is a deny;
 * proto (tcp until a test makes it http): a protocol change under an open connection.
 
-Callers: web (upstreams to all five), other (db, l7) and anon (db). The outbound side is an
+The mesh entry is agent-wide: each normalization test writes the one it needs and waits until
+norm's connectd behaves by it; the other tests use plain paths and header names that every
+setting leaves alone.
+
+Callers: web (upstreams to every destination), other (db, l7) and anon (db). The outbound side is an
 L4 relay, so a request goes client -> web's connectd (L4, mTLS) -> the destination's connectd
 (parses HTTP, decides per request) -> the app: every L7 decision is the inbound side's.
 """
