@@ -255,6 +255,14 @@ def assert_passed(r, what=""):
     return r.json()
 
 
+def assert_via_l7(got, what=""):
+    """The request reached the app through connectd's HTTP codec (which adds exactly one
+    X-Forwarded-Client-Cert), not through a byte relay (which adds nothing)."""
+    xfcc = header_values(got["headers"], "x-forwarded-client-cert")
+    assert len(xfcc) == 1, f"{what}: not carried at L7 (XFCC {xfcc})"
+    return got
+
+
 def expect(t, server, target, status, headers=(), method="GET", caller="web", host="app"):
     """One request; checks the status (and the body of a 403) exactly; on a 200 returns what
     the app got, on a refusal checks that the app never saw the request."""
@@ -319,16 +327,16 @@ def test_harness_config_entries_are_accepted_and_read_back(t):
 
 
 def test_http_get_and_post_reach_the_app(t):
-    got = expect(t, "db", "/hello?x=1", 200)
+    got = assert_via_l7(expect(t, "db", "/hello?x=1", 200), "GET /hello")
     assert (got["method"], got["target"]) == ("GET", "/hello?x=1"), got
     body = os.urandom(30000).hex().encode()
     r = t.get("db", "/upload", [("Content-Type", "text/plain")], method="POST", body=body)
-    got = assert_passed(r, "POST /upload")
+    got = assert_via_l7(assert_passed(r, "POST /upload"), "POST /upload")
     assert (got["method"], got["path"], got["body"].encode()) == ("POST", "/upload", body)
     # Two requests on one keep-alive connection.
     with HttpConn(t.up("web", "db")) as c:
         for p in ("/one", "/two"):
-            got = assert_passed(c.request("GET", p), p)
+            got = assert_via_l7(assert_passed(c.request("GET", p), p), p)
             assert got["path"] == p
 
 
@@ -932,7 +940,7 @@ def test_chunked_request_body_reaches_the_app(t):
     r = http_raw(t.up("web", "db"),
                  b"POST /chunked HTTP/1.1\r\nHost: a\r\nX-Marker: " + mk.encode()
                  + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
-    got = assert_passed(r, "chunked POST")
+    got = assert_via_l7(assert_passed(r, "chunked POST"), "chunked POST")
     assert got["body"] == "hello world"
 
 
@@ -950,7 +958,8 @@ def test_pipelined_requests_are_answered_in_order(t):
     with HttpConn(t.up("web", "db")) as c:
         c.send(b"".join(build_request("GET", f"/pipe/{i}") for i in range(4)))
         for i in range(4):
-            got = assert_passed(c.response(), f"pipelined request {i}")
+            got = assert_via_l7(assert_passed(c.response(), f"pipelined request {i}"),
+                                f"pipelined request {i}")
             assert got["path"] == f"/pipe/{i}", got
 
 
@@ -1040,7 +1049,7 @@ def test_http10_and_connection_close(t):
     # HTTP/1.0 without keep-alive: one answer, then the connection ends.
     with HttpConn(t.up("web", "db")) as c:
         c.send(b"GET /ten HTTP/1.0\r\n\r\n")
-        got = assert_passed(c.response(), "HTTP/1.0 GET")
+        got = assert_via_l7(assert_passed(c.response(), "HTTP/1.0 GET"), "HTTP/1.0 GET")
         assert (got["path"], got["method"]) == ("/ten", "GET")
         assert c.closed(), "an HTTP/1.0 connection without keep-alive stayed open"
     # HTTP/1.0 with keep-alive: two answers on one connection.
