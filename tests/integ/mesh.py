@@ -762,7 +762,7 @@ def is_refused(port, payload=b"may I?\n", timeout=5):
 _HEAD_END = b"\r\n\r\n"
 
 
-def _read_head(sock, buf, limit, timeout=None):
+def _read_head(sock, buf, limit):
     """Reads from sock into buf (a bytearray holding what was read before) until it holds a
     whole head; returns the head's bytes (without the blank line) and leaves the rest in buf.
     None on EOF before a whole head; raises ValueError past <limit> bytes."""
