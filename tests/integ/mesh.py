@@ -841,8 +841,10 @@ class HttpEchoApp(TcpApp):
     "version", "headers" ([[name, value]] in order, names as received), "body" (latin-1)}.
     Keeps connections alive as HTTP/1.1 allows, and answers "Expect: 100-continue" with a
     100 before it reads the body. A request with Upgrade (and Connection: upgrade) gets a
-    101 and the connection becomes a byte echo. `requests` lists every request it got (the
-    same dicts), so a test can tell that a refused request never reached the app."""
+    101 and the connection becomes a byte echo. Target /__reset...: the connection is closed
+    without an answer; /__sleep/<ms>...: the answer comes that much later. `requests` lists
+    every request it got (the same dicts), so a test can tell that a refused request never
+    reached the app."""
 
     HEAD_LIMIT = 1 << 20
 
@@ -878,6 +880,11 @@ class HttpEchoApp(TcpApp):
                    "body": body.decode("latin-1")}
             with self._lock:
                 self.requests.append(rec)
+            if target.startswith("/__reset"):
+                return  # closes without an answer
+            m = re.match(r"/__sleep/(\d+)", target)
+            if m:
+                time.sleep(int(m.group(1)) / 1000)
             upgrade = header_values(headers, "upgrade")
             if upgrade and "upgrade" in ",".join(header_values(headers, "connection")).lower():
                 # A tunnel: 101, then every byte is echoed back until the caller's EOF.

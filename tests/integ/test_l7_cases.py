@@ -16,7 +16,8 @@ that answers with a JSON description of the request it got:
 * norm  (service-defaults http): the normalization cases; intentions {web: Consul's deny
         permissions, then allow "/"}; the agent-wide mesh entry changes per test;
 * flip  (service-defaults http): an intention changed under an open keep-alive connection;
-* big   (Proxy.Config protocol http, max_request_headers_kb 96): case-max-request-headers;
+* big   (Proxy.Config protocol http, max_request_headers_kb 96, local_request_timeout_ms
+        and request_headers_timeout_ms 1000): case-max-request-headers, the timeouts;
 * tcp   (service-defaults http, which the agent needs to accept an L7 intention, but its
         registration's own Proxy.Config.protocol tcp, which wins): an L7 intention is a deny;
 * proto (tcp until a test makes it http): a protocol change under an open connection.
@@ -33,6 +34,7 @@ L4 relay, so a request goes client -> web's connectd (L4, mTLS) -> the destinati
 import json
 import os
 import re
+import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -206,7 +208,9 @@ def l7_mesh(consul_bin, connectd_bin, tmp_path_factory):
         admin, svc = {}, {}
         access_log = str(work / "db-access.log")
         for s in SERVERS:
-            cfg = {"big": {"protocol": "http", "max_request_headers_kb": 96},
+            cfg = {"big": {"protocol": "http", "max_request_headers_kb": 96,
+                           "local_request_timeout_ms": 1000,
+                           "request_headers_timeout_ms": 1000},
                    "tcp": {"protocol": "tcp"}}.get(s)
             extra = ["-access-log", access_log, "-access-log-format", "json"] if s == "db" else []
             svc[s] = _start(m, s, apps[s], admin, cfg, extra)
@@ -890,6 +894,54 @@ def test_max_request_header_count_100(t):
         r = http_raw(t.up("web", "db"), build_request("GET", "/count", fields))
         assert r is not None and r.status == status, f"{n} fields: expected {status}, got {r}"
         assert bool(t.apps["db"].seen_marker(mk)) == (status == 200)
+
+
+# ---------------------------------------------------------------------------------------------
+# The application's side: large bodies, a reset, a slow answer; a slow request head
+# ---------------------------------------------------------------------------------------------
+
+
+def test_large_bodies_stream_both_ways(t):
+    """4 MB up (Content-Length, then chunked) and the app's ~8 MB JSON answer down, intact."""
+    body = os.urandom(2 << 20).hex().encode()
+    got = assert_passed(t.get("db", "/large", method="POST", body=body), "POST 4 MB")
+    assert got["body"].encode() == body
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                      for i in range(0, len(body), 65536))
+    r = http_raw(t.up("web", "db"), b"POST /large-chunked HTTP/1.1\r\nHost: a\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n", timeout=30)
+    assert assert_passed(r, "chunked POST 4 MB")["body"].encode() == body
+
+
+def test_app_reset_before_answer_is_503_and_the_connection_goes_on(t):
+    with HttpConn(t.up("web", "db")) as c:
+        r = c.request("GET", "/__reset")
+        assert r is not None and r.status == 503, f"the app closed without answering: {r}"
+        got = assert_passed(c.request("GET", "/after-reset"), "the next request")
+        assert got["path"] == "/after-reset"
+
+
+def test_slow_app_answers_504_after_local_request_timeout(t):
+    """big: local_request_timeout_ms 1000; the app answers /__sleep/3000 after 3 s."""
+    start = time.monotonic()
+    r = t.get("big", "/__sleep/3000")
+    took = time.monotonic() - start
+    assert r.status == 504, r
+    assert 0.9 <= took < 2.9, f"504 after {took:.2f}s with a 1 s local_request_timeout_ms"
+    assert_passed(t.get("big", "/__sleep/100"), "a quick enough answer")
+
+
+def test_slow_request_head_answers_408(t):
+    """big: request_headers_timeout_ms 1000; a head that stops half-way gets 408 and the
+    connection ends."""
+    with HttpConn(t.up("web", "big")) as c:
+        start = time.monotonic()
+        c.send(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Half: ")
+        r = c.response(timeout=5)
+        took = time.monotonic() - start
+        assert r is not None and r.status == 408, r
+        assert 0.9 <= took < 4, f"408 after {took:.2f}s with a 1 s request_headers_timeout_ms"
+        assert c.closed()
 
 
 # ---------------------------------------------------------------------------------------------
