@@ -438,6 +438,8 @@ def test_l7_header_present(t):
 
 def test_l7_header_exact(t):
     expect(t, "l7", "/hdr-exact", 200, [("x-test-debug", "exact")])
+    expect(t, "l7", "/hdr-exact", 200, [("X-TEST-DEBUG", "exact")])  # names: any case
+    expect(t, "l7", "/hdr-exact", 200, [("x-test-debug", "  exact\t ")])  # OWS trimmed
     expect(t, "l7", "/hdr-exact", 403, [("x-test-debug", "exact-nope")])
     expect(t, "l7", "/hdr-exact", 403, [("x-test-debug", "Exact")])  # case-sensitive
     expect(t, "l7", "/hdr-exact", 403)
@@ -753,6 +755,15 @@ def test_normalization_consul_case_app_receives_normalized_path(t):
     # The query is not part of the path: it goes through untouched.
     got = expect(t, "norm", "/value//foo?q=%2F&r=a//b", 200)
     assert got["target"] == "/value/foo?q=%2F&r=a//b", got["target"]
+
+
+def test_normalization_long_path_passes_whole(t):
+    """A 40 KB path (the head limit is 60 KiB) is normalized and forwarded whole."""
+    set_normalization(t, CONSUL_NORMALIZATION)
+    long = "/value/" + "a" * 40000
+    assert expect(t, "norm", long.replace("/value/", "/value//") + "?q=1", 200)["target"] == (
+        long + "?q=1")
+    expect(t, "norm", "/value/x" + "/." * 15000 + "/../supersecret", 403)
 
 
 def test_normalization_consul_case_header_rules(t):
