@@ -26,9 +26,10 @@ The mesh entry is agent-wide: each normalization test writes the one it needs an
 norm's connectd behaves by it; the other tests use plain paths and header names that every
 setting leaves alone.
 
-Callers: web (upstreams to every destination), other (db, l7) and anon (db). The outbound side is an
-L4 relay, so a request goes client -> web's connectd (L4, mTLS) -> the destination's connectd
-(parses HTTP, decides per request) -> the app: every L7 decision is the inbound side's.
+Callers: web (upstreams to every destination), other (db, l7) and anon (db). The outbound
+side is an L4 relay, so a request goes client -> web's connectd (L4, mTLS) -> the
+destination's connectd (parses HTTP, decides per request) -> the app: every L7 decision is
+the inbound side's.
 """
 
 import json
