@@ -1315,6 +1315,11 @@ class AgentInterposer:
         self.drop_headers = set()
         self.rewrite = None
         self.paths = []
+        # The hop's own connections to the agent, most of them blocking queries: stop() cuts
+        # them, or they would stay open on the agent for the rest of their wait, long after
+        # the connectd that asked is gone, and a shared agent would refuse new clients (429).
+        self.live = set()
+        self.live_lock = threading.Lock()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -1343,6 +1348,8 @@ class AgentInterposer:
                     time.sleep(outer.authorize_delay)
                 host, port = outer.upstream.rsplit(":", 1)
                 c = http.client.HTTPConnection(host, int(port), timeout=700)
+                with outer.live_lock:
+                    outer.live.add(c)
                 try:
                     hdrs = {k: v for k, v in self.headers.items()
                             if k.lower() not in ("host", "connection", "content-length")}
@@ -1356,6 +1363,8 @@ class AgentInterposer:
                                                  "transfer-encoding") + tuple(outer.drop_headers)]
                     self._answer(r.status, keep, data)
                 finally:
+                    with outer.live_lock:
+                        outer.live.discard(c)
                     c.close()
 
             def _answer(self, status, headers, data):
@@ -1385,6 +1394,14 @@ class AgentInterposer:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+        with self.live_lock:
+            live = list(self.live)
+        for c in live:
+            try:
+                if c.sock is not None:
+                    c.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------
