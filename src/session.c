@@ -6,6 +6,8 @@
  *                                          '--- protocol http ---> HTTP (mux_h1) -> DONE
  *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
  *                             ^------- next endpoint on connect/handshake/identity failure ---'
+ *             '--- upstream protocol http ---> HTTP (mux_h1) --(per dial)--> PICK_ENDPOINT ...
+ *                  VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request)
  *   any state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door
  * out)
  *
@@ -19,8 +21,10 @@
  * L4 byte relay, drawn there) for tcp and for every outbound session; for an inbound session
  * whose snapshot says protocol http, mux_h1.c (the HTTP/1.1 codec, drawn there) right after
  * the caller's identity is verified: authorization then happens per request, and the codec
- * dials the local application itself. Ends are xprt.h's: the same read/write/shutdown for
- * the plain and the TLS end.
+ * dials the local application itself. An outbound session whose upstream's protocol is http
+ * goes to mux_h1 at once; it asks for the upstream connection when a request needs one
+ * (session_dial_upstream), and the states above run that dial with their endpoint retries. Ends are
+ * xprt.h's: the same read/write/shutdown for the plain and the TLS end.
  *
  * Limits and timeouts: admission (open-connection count and new-connection rate, shared by all
  * workers through the snapshot's limit_state) is checked before a session exists, so a refused
@@ -114,23 +118,30 @@ static void reap(struct loop_defer *d)
 static void expected_identity(const struct session *s, const struct snap_target *t,
                               const struct dec_endpoint *ep, struct spiffe_id *id);
 
+int session_destination(const struct session *s, char *out, size_t len)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    if (s->inbound && s->snap->trust_domain != NULL && s->snap->trust_domain[0] != '\0')
+        return spiffe_format_service(out, len, s->snap->trust_domain, c->partition, c->ns,
+                                     c->datacenter, c->service) >= 0
+                   ? 0
+                   : -ENOSPC;
+    if (!s->inbound && s->up != NULL && s->tgt != NULL && s->ep != NULL) {
+        struct spiffe_id want_id;
+        expected_identity(s, s->tgt, s->ep, &want_id);
+        return spiffe_format(out, len, &want_id) >= 0 ? 0 : -ENOSPC;
+    }
+    return -ENOENT;
+}
+
 /* Writes the session's access-log line (alog.h). */
 static void access_log(struct session *s, enum session_result result, const char *reason,
                        const char *upstream, uint64_t dur_ms)
 {
     char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
-    const struct proxy_cfg *c = &s->snap->cfg;
     if (s->end[0].fd >= 0)
         sock_local_name(s->end[0].fd, local, sizeof(local));
-    int have_ident = 0;
-    if (s->inbound && s->snap->trust_domain != NULL && s->snap->trust_domain[0] != '\0') {
-        have_ident = spiffe_format_service(ident, sizeof(ident), s->snap->trust_domain,
-                                           c->partition, c->ns, c->datacenter, c->service) >= 0;
-    } else if (!s->inbound && s->up != NULL && s->tgt != NULL && s->ep != NULL) {
-        struct spiffe_id want_id;
-        expected_identity(s, s->tgt, s->ep, &want_id);
-        have_ident = spiffe_format(ident, sizeof(ident), &want_id) >= 0;
-    }
+    int have_ident = session_destination(s, ident, sizeof(ident)) == 0;
     struct alog_rec r = {
         .time_ms = util_wall_ms(),
         .direction = s->inbound ? "inbound" : "outbound",
@@ -228,7 +239,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
         result = SESSION_RES_ERROR;
     /* A codec ends the stream it is in the middle of (its record comes before the
      * connection's). */
-    if ((s->state == S_RELAY || s->state == S_HTTP) && s->carrier->on_finish != NULL)
+    if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL) && s->carrier != NULL &&
+        s->carrier->on_finish != NULL)
         s->carrier->on_finish(s, reason);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
@@ -733,6 +745,13 @@ static void start_handshake_out(struct session *s)
     snprintf(key, sizeof(key), "%s|%s", s->ep_name, sni);
     s->end[1].tls = tls_conn_new_client(s->snap->tls, s->end[1].fd, sni,
                                         s->snap->cfg.tls_resumption ? key : NULL);
+    /* An L7 (http) session says what it will speak, as Envoy's outbound cluster does: the
+     * inbound sidecar may choose its codec by it. An L4 one offers nothing, as before. */
+    if (s->end[1].tls != NULL && s->mux != NULL &&
+        tls_conn_offer_alpn(s->end[1].tls, "http/1.1") != 0) {
+        tls_conn_free(s->end[1].tls);
+        s->end[1].tls = NULL;
+    }
     if (s->end[1].tls == NULL) {
         session_finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
         return;
@@ -768,6 +787,12 @@ static void verify_peer(struct session *s)
         return;
     }
     loop_timer_stop(s->host->loop, &s->timer);
+    if (s->mux != NULL) {
+        /* Outbound L7: the codec that asked for this connection takes it. */
+        session_set_state(s, S_HTTP);
+        s->carrier->dialled(s, NULL);
+        return;
+    }
     s->host->muxes.relay->start(s);
 }
 
@@ -796,8 +821,14 @@ static void pick_endpoint(struct session *s)
                 base += eps->n;
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
-            session_finish(s, SESSION_RES_NO_ENDPOINT,
-                           total == 0 ? "no healthy endpoint" : "every endpoint tried failed");
+            const char *why = total == 0 ? "no healthy endpoint" : "every endpoint tried failed";
+            if (s->mux != NULL) {
+                /* Outbound L7: the request gets a 503; the application's connection stays. */
+                session_set_state(s, S_HTTP);
+                s->carrier->dialled(s, why);
+                return;
+            }
+            session_finish(s, SESSION_RES_NO_ENDPOINT, why);
             return;
         }
         size_t k = (size_t)(util_rand() % left), i = 0;
@@ -832,6 +863,19 @@ static void pick_endpoint(struct session *s)
         session_want(s, 1, LOOP_WRITE);
         return;
     }
+}
+
+void session_dial_upstream(struct session *s)
+{
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    memset(s->tried, 0, total);
+    s->tries = 0;
+    s->tgt = NULL;
+    s->ep = NULL;
+    s->ep_name[0] = '\0';
+    pick_endpoint(s);
 }
 
 static void try_next_endpoint(struct session *s, const char *why)
@@ -1191,6 +1235,11 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     for (size_t j = 0; j < s->up->n_targets; j++)
         total += s->up->targets[j].endpoints->n;
     s->tried = xcalloc(total ? total : 1, 1);
+    if (s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) {
+        /* L7: the codec reads the first request, then dials (session_dial_upstream). */
+        s->host->muxes.http1->start(s);
+        return;
+    }
     pick_endpoint(s);
 }
 
