@@ -96,7 +96,6 @@ def test_upstream_config_protocol_http(mesh, tmp_path):
     m = mesh
     app, db, web, alog = l7_pair(m, tmp_path, up_config={"protocol": "http"},
                                  db_config={"protocol": "http"})
-    web.proxy.wait_log(r"discovery chain .*protocol http")
     before = app.connections
     with connect(web.up["db"]) as s:
         r = Reader(s)
@@ -112,6 +111,8 @@ def test_upstream_config_protocol_http(mesh, tmp_path):
         s.sendall(BAD_HEAD)
         status, headers, _, _ = response(r)
         assert status == 400 and headers.get("connection") == ["close"], (status, headers)
+    # It was web's sidecar that answered: db's (L7 too) never saw a bad request.
+    assert "result=bad_request" not in db.proxy.log()
     # One mesh connection carried the three requests, so db dialled its app once.
     assert app.connections == before + 1
     wait_until(lambda: len([x for x in outbound_requests(alog)
@@ -125,17 +126,19 @@ def test_upstream_config_protocol_http(mesh, tmp_path):
     wait_until(lambda: any(x["status"] == 400 for x in outbound_requests(alog)), 10, "the 400")
     bad = [x for x in outbound_requests(alog) if x["status"] == 400][-1]
     assert bad["result"] == "bad_request", bad
-    # db's sidecar never saw a bad request: none of its streams was answered 400.
-    assert "result=bad_request" not in db.proxy.log()
+    web.proxy.wait_log(r"discovery chain .*protocol http")
 
 
 def test_chain_protocol_from_service_defaults_and_its_change(mesh, tmp_path):
-    """No Config.protocol: the discovery chain's Protocol decides. Without a service-defaults
-    entry the chain is tcp and bytes are relayed (the malformed head reaches the app: 200);
-    once service-defaults says http, new connections are parsed (400 from web's sidecar, and
-    outbound per-request records), while a connection opened before stays L4."""
+    """No Config.protocol in web's registration: the destination's service-defaults decides
+    (the agent also merges its Protocol into the upstream's Config.protocol, and the chain is
+    compiled for it). Without an entry the upstream is tcp and bytes are relayed (the
+    malformed head reaches the app: 200); once service-defaults says http, new connections
+    are parsed (400 from web's sidecar, and outbound per-request records), while a connection
+    opened before stays L4. db's own sidecar is pinned to tcp in its registration, so a 400
+    can only come from web's."""
     m = mesh
-    app, db, web, alog = l7_pair(m, tmp_path)
+    app, db, web, alog = l7_pair(m, tmp_path, db_config={"protocol": "tcp"})
     assert send_bad(web.up["db"]) == 200  # relayed at L4
     old = connect(web.up["db"])
     try:
@@ -174,7 +177,7 @@ def test_dead_endpoint_retried_and_none_left_is_503(mesh, tmp_path):
     # Only the dead one left: db's live sidecar goes away (deregistered).
     m.api.deregister(db.id)
     wait_until(lambda: len(m.api.health_connect(db.name)) == 1, 30, "one (dead) endpoint")
-    web.proxy.wait_log(r"target .*: 1 healthy endpoint\(s\)")
+    wait_until(lambda: try_status(web.up["db"], "/gone") == 503, 30, "a 503")
     with connect(web.up["db"]) as s:
         r = Reader(s)
         for _ in range(2):
