@@ -16,13 +16,11 @@ at a build of main, which relays every upstream at L4) each of them fails.
 
 import json
 import os
-import socket
 import ssl
 import tempfile
-import threading
 import urllib.parse
 
-from mesh import LOOPBACK, free_port, sidecar_registration, wait_until
+from mesh import LOOPBACK, TcpApp, free_port, sidecar_registration, wait_until
 from test_l7_inbound import HttpApp, Reader, connect, echo, get, response
 
 # A head h1parse refuses (whitespace before the colon), which the HttpApp below accepts: a 400
@@ -188,9 +186,10 @@ def test_dead_endpoint_retried_and_none_left_is_503(mesh, tmp_path):
                            for x in outbound_requests(alog)), 10, "a 503 record")
 
 
-class AlpnServer:
+class AlpnServer(TcpApp):
     """A TLS server acting as a sidecar endpoint of <service>: it presents the agent's leaf
-    for it, records the ALPN protocols each client offered, and answers one HTTP request."""
+    for it, records per connection the ALPN protocol chosen (None when the client offered
+    none; it accepts http/1.1 only), and answers one HTTP request."""
 
     def __init__(self, api, service, workdir):
         leaf = api.leaf(service)
@@ -204,45 +203,25 @@ class AlpnServer:
         self.ctx.load_cert_chain(cert, key)
         self.ctx.load_verify_locations(cadata=api.roots_pem())
         self.ctx.verify_mode = ssl.CERT_OPTIONAL
-        self.offers = []  # per connection: the protocol chosen, None when none was offered
         self.ctx.set_alpn_protocols(["http/1.1"])
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((LOOPBACK, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.offers = []
+        super().__init__()
 
-    def _accept(self):
-        while not self.stopped:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c):
+    def handle(self, conn):
+        conn.settimeout(10)
         try:
-            c.settimeout(10)
-            t = self.ctx.wrap_socket(c, server_side=True)
-            self.offers.append(t.selected_alpn_protocol())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                d = t.recv(4096)
-                if not d:
-                    return
-                data += d
-            t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            t.close()
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            c.close()
-
-    def stop(self):
-        self.stopped = True
-        self.sock.close()
+            t = self.ctx.wrap_socket(conn, server_side=True)
+        except ssl.SSLError:
+            return
+        self.offers.append(t.selected_alpn_protocol())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            d = t.recv(4096)
+            if not d:
+                return
+            data += d
+        t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        t.close()
 
 
 def test_alpn_http11_offered_for_http_upstreams_only(mesh):

@@ -38,6 +38,21 @@ static size_t warnings_naming(const struct proxy_cfg *c, const char *key)
     return n;
 }
 
+/* An upstream "db" on port 9191 with every string field empty and no Config. */
+static struct dec_upstream db_upstream(void)
+{
+    return (struct dec_upstream){.destination_type = "",
+                                 .destination_name = "db",
+                                 .destination_namespace = "",
+                                 .destination_partition = "",
+                                 .destination_peer = "",
+                                 .datacenter = "",
+                                 .local_bind_address = "",
+                                 .local_bind_port = 9191,
+                                 .local_bind_socket_path = "",
+                                 .local_bind_socket_mode = ""};
+}
+
 /* The "| `key` | scope | type | default |" start of <key>'s row in doc/config.md. */
 static void assert_doc_default(const char *doc, const char *key, const char *scope,
                                const char *type, const char *def)
@@ -57,16 +72,7 @@ static void test_defaults_are_stored_and_documented_from_the_table(void **state)
 {
     (void)state;
     struct dec_service s = base_service();
-    struct dec_upstream up = {.destination_type = "",
-                              .destination_name = "db",
-                              .destination_namespace = "",
-                              .destination_partition = "",
-                              .destination_peer = "",
-                              .datacenter = "",
-                              .local_bind_address = "",
-                              .local_bind_port = 9191,
-                              .local_bind_socket_path = "",
-                              .local_bind_socket_mode = ""};
+    struct dec_upstream up = db_upstream();
     s.upstreams = &up;
     s.n_upstreams = 1;
     struct proxy_cfg c;
@@ -196,16 +202,7 @@ static void test_upstream_protocol_key(void **state)
     (void)state;
     struct dec_service s = base_service();
     struct dec_kv kv = {.key = "protocol", .type = DEC_KV_STRING, .str = "http"};
-    struct dec_upstream up = {.destination_type = "",
-                              .destination_name = "db",
-                              .destination_namespace = "",
-                              .destination_partition = "",
-                              .destination_peer = "",
-                              .datacenter = "",
-                              .local_bind_address = "",
-                              .local_bind_port = 9191,
-                              .local_bind_socket_path = "",
-                              .local_bind_socket_mode = ""};
+    struct dec_upstream up = db_upstream();
     s.upstreams = &up;
     s.n_upstreams = 1;
     struct proxy_cfg c;
