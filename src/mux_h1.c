@@ -1253,6 +1253,11 @@ static void mux_on_finish(struct session *s, const char *reason)
     struct mux_h1 *m = s->mux;
     if (m != NULL && m->phase != P_HEAD && m->phase != P_CLOSING)
         stream_finish(s, &m->st, STREAM_RES_ABORTED, reason);
+    /* Outbound, between requests: a kept-alive upstream connection serves the application's
+     * next connection (session_pool_put decides whether it may). */
+    if (m != NULL && m->outbound && m->phase == P_HEAD && s->state == S_HTTP && m->app_keep &&
+        s->end[1].fd >= 0 && m->ain.len == 0 && m->aout.len == 0 && !s->end[1].rd_eof)
+        session_pool_put(s);
 }
 
 const struct session_mux mux_h1_mux = {

@@ -171,7 +171,10 @@ struct session_info {
     uint64_t bytes_in, bytes_out;
 };
 
-#define SESSION_BUF_POOL 32 /* idle relay buffers a worker keeps for reuse */
+#define SESSION_BUF_POOL           32 /* idle relay buffers a worker keeps for reuse */
+#define SESSION_UPOOL_MAX          64
+#define SESSION_UPOOL_PER_ENDPOINT 8
+#define SESSION_UPOOL_IDLE_MS      30000
 
 struct session_mux;
 
@@ -205,6 +208,13 @@ struct session_host {
     /* relay buffers not in use: a connection waiting for data holds none */
     char *buf_pool[SESSION_BUF_POOL];
     size_t n_buf_pool;
+    /* Outbound L7: idle upstream connections (verified, kept alive) that the next dial to the
+     * same endpoint and identity takes instead of connecting; at most SESSION_UPOOL_MAX, and
+     * SESSION_UPOOL_PER_ENDPOINT per endpoint, each for at most SESSION_UPOOL_IDLE_MS. */
+    struct upool_conn *upool;
+    size_t n_upool;
+    struct loop_timer upool_sweep;
+    int stopping; /* session_close_all ran: nothing more is pooled */
 };
 
 /* Initialises <h> for worker <index> on <loop> (no sessions, no snapshot, zeroed stats). */

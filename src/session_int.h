@@ -139,5 +139,12 @@ int session_destination(const struct session *s, char *out, size_t len);
  * carrier->dialled(s, why) when no endpoint is left; either may come before this returns.
  */
 void session_dial_upstream(struct session *s);
+/*
+ * Outbound L7, the session finishing: end[1], an idle verified upstream connection with
+ * nothing in flight, goes to the worker's pool (or is closed when the pool is full, the worker
+ * stopping or the snapshot changed its TLS context); end[1] is closed on return either way.
+ * The next session_dial_upstream() to the same endpoint and identity takes it.
+ */
+void session_pool_put(struct session *s);
 
 #endif
