@@ -815,6 +815,7 @@ static void upool_drop(struct session_host *h, struct upool_conn *c)
         pp = &(*pp)->next;
     *pp = c->next;
     h->n_upool--;
+    STAT_SUB(h->stats->upool_idle, 1);
     xprt_close(h->loop, &c->x);
     tls_ctx_unref(c->tls);
     free(c->upstream_key);
@@ -899,6 +900,7 @@ void session_pool_put(struct session *s)
     c->next = h->upool;
     h->upool = c;
     h->n_upool++;
+    STAT_ADD(h->stats->upool_idle, 1);
     loop_io_want(h->loop, &c->x.io, xprt_wants(&c->x, LOOP_READ));
     if (!loop_timer_armed(&h->upool_sweep))
         loop_timer_start(h->loop, &h->upool_sweep, 1000);
@@ -931,6 +933,7 @@ static int upool_take(struct session *s)
                 c->x = (struct xprt){.fd = -1};
                 loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
                 upool_drop(h, c);
+                STAT_ADD(h->stats->upool_reused, 1);
                 return 1;
             }
         }

@@ -147,6 +147,8 @@ struct session_stats {
     atomic_uint_fast64_t results[SESSION_RES_COUNT]; /* sessions ended, by result */
     atomic_uint_fast64_t handshake_failures[SESSION_HS_COUNT];
     atomic_uint_fast64_t tls_handshakes[2][2]; /* [0 inbound, 1 outbound][1 resumed] */
+    atomic_uint_fast64_t upool_idle;           /* upstream connections in the pool now */
+    atomic_uint_fast64_t upool_reused;         /* dials served from the pool */
     atomic_size_t n_listeners;
     struct session_listener_stats listeners[SESSION_STATS_MAX_LISTENERS];
     struct session_listener_stats other_listener; /* when the table is full */

@@ -16,11 +16,13 @@ at a build of main, which relays every upstream at L4) each of them fails.
 
 import json
 import os
+import re
 import ssl
 import tempfile
 import urllib.parse
 
-from mesh import LOOPBACK, TcpApp, free_port, sidecar_registration, wait_until
+from mesh import (LOOPBACK, TcpApp, admin_args, admin_get, free_port, sidecar_registration,
+                  wait_until)
 from test_l7_inbound import HttpApp, Reader, connect, echo, get, response
 
 # A head h1parse refuses (whitespace before the colon), which the HttpApp below accepts: a 400
@@ -132,15 +134,29 @@ def test_upstream_connections_pooled_across_application_connections(mesh, tmp_pa
     """An idle upstream connection left by one application connection serves the next one
     (one worker, so every connection meets the same pool): five application connections in a
     row, one request each, ride one mesh connection, so db's sidecar dials its app once; web
-    logs the reuse. Without the pool each would make a mesh connection and db an app one."""
+    logs and counts the reuse. Without the pool each would make a mesh connection and db an
+    app one. When the snapshot changes the upstream away (here to tcp) the idle connection is
+    closed."""
     m = mesh
+    args, admin = admin_args()
     app, db, web, alog = l7_pair(m, tmp_path, up_config={"protocol": "http"},
-                                 db_config={"protocol": "http"}, web_args=("-workers", "1"))
+                                 db_config={"protocol": "http"},
+                                 web_args=("-workers", "1", *args))
     before = app.connections
     for i in range(5):
         assert try_status(web.up["db"], f"/pool{i}") == 200
     assert app.connections == before
     assert web.proxy.log().count("reusing a pooled connection") >= 5
+    _, text = admin_get(admin, "/metrics")
+    assert re.search(r"^connectd_upstream_pool_reused_total ([5-9]|\d\d+)$", text, re.M), text
+    wait_until(lambda: "connectd_upstream_pool_idle_connections 1\n"
+               in admin_get(admin, "/metrics")[1], 10, "one idle pooled connection")
+    # The upstream becomes tcp: the pooled connection no longer fits the snapshot and is
+    # closed by the sweep (the pool serves http upstreams only).
+    web.upstreams["db"]["config"] = {"protocol": "tcp"}
+    m.register(web)
+    wait_until(lambda: "connectd_upstream_pool_idle_connections 0\n"
+               in admin_get(admin, "/metrics")[1], 10, "the pooled connection closed")
 
 
 def test_chain_protocol_from_service_defaults_and_its_change(mesh, tmp_path):
