@@ -497,10 +497,15 @@ static void forward_head(struct session *s)
         EXTRA("X-Forwarded-Client-Cert", m->xfcc);
         EXTRA("X-Forwarded-Proto", "https");
     }
-    if (!have_id) {
+    /* Outbound, the upstream's sidecar generates a missing id (adding one here could take
+     * a head of 100 fields over its limit), and an HTTP/1.0 request without Host gets the
+     * upstream's name, which the next hop (HTTP/1.1) requires. */
+    if (!have_id && !m->outbound) {
         stream_new_request_id(&m->st);
         EXTRA("X-Request-Id", m->st.request_id);
     }
+    if (m->outbound && rq->host.p == NULL)
+        EXTRA("Host", s->up->cfg->destination_name);
     if (rq->framing == HTTP_BODY_CHUNKED)
         EXTRA("Transfer-Encoding", "chunked");
     if (m->upgrade) {
@@ -1040,7 +1045,12 @@ static void pump_run(struct session *s)
                 become_tunnel(s);
                 return;
             }
-            if (m->res_head_done && m->res.done && m->cout.len == 0) {
+            /* Outbound, an answer before the whole request (the upstream's sidecar denied it
+             * and drops the rest): the body is still carried, so the application's connection
+             * knows where the next request starts and both connections stay. The upstream's
+             * sidecar reads it; one that stops reading ends it (app_wr_dead). */
+            int req_pending = m->outbound && !m->req.done && !m->app_wr_dead;
+            if (m->res_head_done && m->res.done && m->cout.len == 0 && !req_pending) {
                 stream_done(s, STREAM_RES_OK, NULL);
                 progress = 1;
             }
