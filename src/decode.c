@@ -1153,12 +1153,121 @@ static int add_target(struct dctx *c, json_t *targets, const char *id, struct de
     return decode_target(c, targets, id, t);
 }
 
+#define CHAIN_MAX_DEPTH 16
+
+/* The chain's nodes as the walk sees them: each visited once (a chain is a DAG, but a
+ * hostile or broken one might not be). */
+struct chain_walk {
+    json_t *nodes, *targets;
+    const char **seen;
+    size_t n_seen, cap;
+    int have_resolver;
+};
+
+/* Adds a resolver node's Target, then its Failover.Targets in order. */
+static int walk_resolver(struct dctx *c, struct chain_walk *w, json_t *node, const char *where,
+                         struct dec_chain *out)
+{
+    json_t *resolver, *failover = NULL, *fo_targets = NULL;
+    const char *primary;
+    uint32_t timeout_ms = 0;
+    char rwhere[360];
+    int rc;
+    if ((rc = get_obj(c, node, "Resolver", 1, where, &resolver)) != 0)
+        return rc;
+    snprintf(rwhere, sizeof(rwhere), "%s.Resolver", where);
+    if ((rc = peek_str(c, resolver, "Target", 1, rwhere, &primary)) != 0 ||
+        (rc = get_timeout_ms(c, resolver, "ConnectTimeout", rwhere, &timeout_ms)) != 0 ||
+        (rc = get_obj(c, resolver, "Failover", 0, rwhere, &failover)) != 0 ||
+        (rc = get_arr(c, failover, "Targets", 0, rwhere, &fo_targets)) != 0)
+        return rc;
+    if (!w->have_resolver)
+        out->connect_timeout_ms = timeout_ms != 0 ? timeout_ms : 5000;
+    w->have_resolver = 1;
+    if ((rc = add_target(c, w->targets, primary, out)) != 0)
+        return rc;
+    for (size_t i = 0; i < json_array_size(fo_targets); i++) {
+        json_t *id = json_array_get(fo_targets, i);
+        if (!json_is_string(id) || json_string_value(id)[0] == '\0')
+            return fail(c, ERR_BAD_FIELD, "%s.Failover.Targets[%zu] must be a target ID", rwhere,
+                        i);
+        if ((rc = add_target(c, w->targets, json_string_value(id), out)) != 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int walk_node(struct dctx *c, struct chain_walk *w, const char *name, struct dec_chain *out,
+                     unsigned depth);
+
+/* The NextNode of every element of <node>'s <list> (Routes of a router, Splits of a
+ * splitter); a router's last route (the compiler's catch-all, to the service itself) first. */
+static int walk_next(struct dctx *c, struct chain_walk *w, json_t *node, const char *obj,
+                     const char *list, const char *where, struct dec_chain *out, unsigned depth)
+{
+    json_t *arr;
+    char lwhere[360];
+    int rc;
+    if (strcmp(list, "Splits") == 0)
+        rc = get_arr(c, node, list, 1, where, &arr);
+    else if ((rc = get_obj(c, node, obj, 1, where, &arr)) == 0)
+        rc = get_arr(c, arr, list, 1, where, &arr);
+    if (rc != 0)
+        return rc;
+    size_t n = json_array_size(arr);
+    for (size_t k = 0; k < n; k++) {
+        size_t i = strcmp(list, "Routes") == 0 ? (k == 0 ? n - 1 : k - 1) : k;
+        const char *next;
+        json_t *el = json_array_get(arr, i);
+        snprintf(lwhere, sizeof(lwhere), "%s.%s[%zu]", where, list, i);
+        if (!json_is_object(el))
+            return fail(c, ERR_BAD_FIELD, "%s must be an object", lwhere);
+        if ((rc = peek_str(c, el, "NextNode", 1, lwhere, &next)) != 0 ||
+            (rc = walk_node(c, w, next, out, depth + 1)) != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Visits node <name>: a resolver adds its targets; a router or splitter visits its next
+ * nodes. A compiled chain is at most router -> splitter -> resolver deep: the depth is
+ * bounded so a hostile one cannot exhaust the stack. */
+static int walk_node(struct dctx *c, struct chain_walk *w, const char *name, struct dec_chain *out,
+                     unsigned depth)
+{
+    const char *type;
+    char where[320];
+    json_t *node = member(w->nodes, name);
+    for (size_t i = 0; i < w->n_seen; i++)
+        if (strcmp(w->seen[i], name) == 0)
+            return 0;
+    if (node == NULL || !json_is_object(node))
+        return fail(c, ERR_BAD_FIELD, "Chain node \"%s\" is not an object in Chain.Nodes", name);
+    if (depth > CHAIN_MAX_DEPTH || w->n_seen == w->cap)
+        return fail(c, ERR_BAD_FIELD, "Chain node \"%s\" is more than %d nodes deep", name,
+                    CHAIN_MAX_DEPTH);
+    w->seen[w->n_seen++] = name;
+    snprintf(where, sizeof(where), "Chain.Nodes[\"%s\"]", name);
+    int rc = peek_str(c, node, "Type", 1, where, &type);
+    if (rc != 0)
+        return rc;
+    if (strcmp(type, "resolver") == 0)
+        return walk_resolver(c, w, node, where, out);
+    if (strcmp(type, "router") == 0)
+        return walk_next(c, w, node, "Router", "Routes", where, out, depth);
+    if (strcmp(type, "splitter") == 0)
+        return walk_next(c, w, node, "Splitter", "Splits", where, out, depth);
+    return fail(c, ERR_BAD_FIELD, "%s.Type \"%s\" is not resolver, router or splitter", where,
+                type);
+}
+
 int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, char *err,
                            size_t errlen)
 {
     struct dctx c;
-    json_t *root, *chain, *nodes, *targets, *node, *resolver, *failover = NULL, *fo_targets = NULL;
-    const char *start, *type, *primary;
+    json_t *root, *chain, *nodes, *targets;
+    const char *start;
+    struct chain_walk w = {0};
     ctx_init(&c, err, errlen);
     memset(out, 0, sizeof(*out));
     int rc = load(&c, buf, len, &root);
@@ -1175,46 +1284,25 @@ int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, c
         (rc = get_obj(&c, chain, "Nodes", 1, "Chain", &nodes)) != 0 ||
         (rc = get_obj(&c, chain, "Targets", 1, "Chain", &targets)) != 0)
         goto out;
-    node = member(nodes, start);
-    if (node == NULL || !json_is_object(node)) {
+    if (member(nodes, start) == NULL || !json_is_object(member(nodes, start))) {
         rc = fail(&c, ERR_BAD_FIELD, "Chain.StartNode \"%s\" is not an object in Chain.Nodes",
                   start);
         goto out;
     }
-    char where[320];
-    snprintf(where, sizeof(where), "Chain.Nodes[\"%s\"]", start);
-    if ((rc = peek_str(&c, node, "Type", 1, where, &type)) != 0)
+    /* Routing is not done yet: every target any resolver reachable from the start node names
+     * is served, the chain's own service's first (a router's catch-all route). The array is
+     * sized for every target the chain lists; add_target refuses a name it does not list. */
+    w.nodes = nodes;
+    w.targets = targets;
+    w.cap = json_object_size(nodes);
+    w.seen = xcalloc(w.cap ? w.cap : 1, sizeof(*w.seen));
+    out->targets = xcalloc(json_object_size(targets) + 1, sizeof(*out->targets));
+    if ((rc = walk_node(&c, &w, start, out, 0)) != 0)
         goto out;
-    if (strcmp(type, "resolver") != 0) {
-        /* An L4 proxy asks for OverrideProtocol tcp, which compiles to one resolver. */
-        rc = fail(&c, ERR_BAD_FIELD, "%s.Type is \"%s\"; only a resolver can be served at L4",
-                  where, type);
-        goto out;
-    }
-    if ((rc = get_obj(&c, node, "Resolver", 1, where, &resolver)) != 0)
-        goto out;
-    snprintf(where + strlen(where), sizeof(where) - strlen(where), ".Resolver");
-    if ((rc = peek_str(&c, resolver, "Target", 1, where, &primary)) != 0 ||
-        (rc = get_timeout_ms(&c, resolver, "ConnectTimeout", where, &out->connect_timeout_ms)) !=
-            0 ||
-        (rc = get_obj(&c, resolver, "Failover", 0, where, &failover)) != 0 ||
-        (rc = get_arr(&c, failover, "Targets", 0, where, &fo_targets)) != 0)
-        goto out;
-    if (out->connect_timeout_ms == 0)
-        out->connect_timeout_ms = 5000;
-    out->targets = xcalloc(1 + json_array_size(fo_targets), sizeof(*out->targets));
-    if ((rc = add_target(&c, targets, primary, out)) != 0)
-        goto out;
-    for (size_t i = 0; i < json_array_size(fo_targets); i++) {
-        json_t *id = json_array_get(fo_targets, i);
-        if (!json_is_string(id) || json_string_value(id)[0] == '\0') {
-            rc = fail(&c, ERR_BAD_FIELD, "%s.Failover.Targets[%zu] must be a target ID", where, i);
-            goto out;
-        }
-        if ((rc = add_target(&c, targets, json_string_value(id), out)) != 0)
-            goto out;
-    }
+    if (out->n_targets == 0)
+        rc = fail(&c, ERR_BAD_FIELD, "Chain: no resolver reachable from StartNode \"%s\"", start);
 out:
+    free(w.seen);
     json_decref(root);
     if (rc != 0)
         dec_chain_dispose(out);

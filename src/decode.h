@@ -241,9 +241,12 @@ struct dec_chain_target {
 };
 
 /*
- * A compiled discovery chain walked as an L4 proxy walks it (consul-api.md 2.8): the start
- * node must be a resolver; targets[0] is its Target, then its Failover.Targets in order
- * (duplicates dropped). Every named target must exist in the chain's Targets map.
+ * A compiled discovery chain (consul-api.md 2.8), walked from its start node: every resolver
+ * reachable through routers (their last route, the compiler's catch-all, first) and splitters
+ * adds its Target, then its Failover.Targets in order (duplicates dropped); a chain that
+ * starts at a resolver gives its target first, as an L4 proxy walks it. Routing itself is not
+ * decided here. Every named target must exist in the chain's Targets map. <protocol> is the
+ * chain's Protocol ("" when absent); <connect_timeout_ms> the first resolver's.
  */
 struct dec_chain {
     char *service_name;

@@ -71,6 +71,7 @@ struct buf {
 enum phase {
     P_HEAD,
     P_CONNECT,
+    P_DIAL, /* outbound: session_dial_upstream() owns end[1] and the timer */
     P_EXCHANGE,
     P_LOCAL,
     P_CLOSING,
@@ -96,6 +97,8 @@ struct body {
 
 struct mux_h1 {
     enum phase phase;
+    int outbound;    /* the application is end[0] (plain) and the upstream end[1] (mTLS) */
+    int in_pump;     /* pump() is running: a dial result inside it must not run it again */
     struct buf cin;  /* read from the caller, not consumed yet */
     struct buf cout; /* to write to the caller */
     struct buf ain;  /* read from the application */
@@ -301,6 +304,12 @@ static ssize_t write_from(struct session *s, int i, struct buf *b, unsigned *wan
     return n;
 }
 
+/* Who answers the requests, for messages. */
+static const char *far_side(const struct mux_h1 *m)
+{
+    return m->outbound ? "the upstream" : "the application";
+}
+
 static void close_app(struct session *s)
 {
     struct mux_h1 *m = s->mux;
@@ -346,6 +355,7 @@ static const char *local_body(enum stream_result r)
     case STREAM_RES_DENIED:
         return "RBAC: access denied";
     case STREAM_RES_LOCAL_CONNECT_ERROR:
+    case STREAM_RES_UPSTREAM_CONNECT_ERROR:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "connection failure";
     case STREAM_RES_LOCAL_RESET:
@@ -470,8 +480,8 @@ static void forward_head(struct session *s)
         struct http_header *h = &rq->headers[i];
         /* The application must be able to trust these: what the caller sent is replaced.
          * Flagged hop-by-hop, the serializer leaves them out. */
-        if (h1_slice_eq(h->name, "x-forwarded-client-cert") ||
-            h1_slice_eq(h->name, "x-forwarded-proto"))
+        if (!m->outbound && (h1_slice_eq(h->name, "x-forwarded-client-cert") ||
+                             h1_slice_eq(h->name, "x-forwarded-proto")))
             h->flags |= HTTP_HDR_HOP;
         else if (h1_slice_eq(h->name, "x-request-id") && h->value.len > 0 && !have_id)
             have_id = 1;
@@ -483,12 +493,19 @@ static void forward_head(struct session *s)
     {                                                                                              \
         .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
     }
-    EXTRA("X-Forwarded-Client-Cert", m->xfcc);
-    EXTRA("X-Forwarded-Proto", "https");
-    if (!have_id) {
+    if (!m->outbound) {
+        EXTRA("X-Forwarded-Client-Cert", m->xfcc);
+        EXTRA("X-Forwarded-Proto", "https");
+    }
+    /* Outbound, the upstream's sidecar generates a missing id (adding one here could take
+     * a head of 100 fields over its limit), and an HTTP/1.0 request without Host gets the
+     * upstream's name, which the next hop (HTTP/1.1) requires. */
+    if (!have_id && !m->outbound) {
         stream_new_request_id(&m->st);
         EXTRA("X-Request-Id", m->st.request_id);
     }
+    if (m->outbound && rq->host.p == NULL)
+        EXTRA("Host", s->up->cfg->destination_name);
     if (rq->framing == HTTP_BODY_CHUNKED)
         EXTRA("Transfer-Encoding", "chunked");
     if (m->upgrade) {
@@ -550,6 +567,17 @@ static void on_head(struct session *s, size_t n)
     body_init(&m->req, rq->framing, rq->content_length);
     if (rq->flags & HTTP_F_EXPECT_OTHER) {
         local_answer(s, STREAM_RES_EXPECTATION_FAILED, 1, "unsupported Expect");
+        return;
+    }
+    if (m->outbound) {
+        /* Outbound: the application's own request, forwarded as sent (the upstream's
+         * sidecar normalizes and authorizes it). */
+        if (s->end[1].fd < 0) {
+            m->phase = P_DIAL;
+            session_dial_upstream(s);
+            return;
+        }
+        forward_head(s);
         return;
     }
     struct stream_req sr = {
@@ -800,12 +828,29 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
  * Runs the codec until nothing moves, then registers the events each end waits for. Every
  * path that ends the session or hands it to the relay returns at once.
  */
+static void pump_run(struct session *s);
+
 static void pump(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    m->in_pump = 1;
+    pump_run(s);
+    /* The session may have finished (its memory is freed later) or become a tunnel. */
+    if (s->mux == m)
+        m->in_pump = 0;
+}
+
+static void pump_run(struct session *s)
 {
     struct mux_h1 *m = s->mux;
     const char *why = NULL;
     char msg[400];
     for (;;) {
+        if (m->phase == P_DIAL) {
+            /* The dial owns end[1] and the timer; the caller is not read meanwhile. */
+            session_want(s, 0, 0);
+            return;
+        }
         unsigned wants[2] = {0, 0};
         int progress = 0;
         ssize_t n;
@@ -837,7 +882,7 @@ static void pump(struct session *s)
                 char junk[256];
                 n = xprt_read(&s->end[1], junk, sizeof(junk));
                 if (n == -EAGAIN)
-                    wants[1] |= LOOP_READ;
+                    wants[1] |= xprt_wants(&s->end[1], LOOP_READ);
                 else
                     close_app(s);
             }
@@ -900,6 +945,8 @@ static void pump(struct session *s)
             progress = 1;
             break;
         }
+        case P_DIAL:
+            break; /* returned above */
         case P_EXCHANGE: {
             /* The request body: caller -> application (or dropped). */
             if (!m->req.done) {
@@ -944,7 +991,7 @@ static void pump(struct session *s)
                     }
                     progress = 1;
                 } else if (rc != -EAGAIN) {
-                    snprintf(msg, sizeof(msg), "bad response from the application: %s", why);
+                    snprintf(msg, sizeof(msg), "bad response from %s: %s", far_side(m), why);
                     close_app(s);
                     local_answer(s, STREAM_RES_BAD_RESPONSE, !m->req.done, msg);
                     progress = 1;
@@ -954,7 +1001,7 @@ static void pump(struct session *s)
             if (m->res_head_done && !m->res.done && m->res.framing != HTTP_BODY_TUNNEL) {
                 ssize_t k = body_move(&m->res, &m->ain, &m->cout, &why);
                 if (k < 0) {
-                    snprintf(msg, sizeof(msg), "bad response body from the application: %s", why);
+                    snprintf(msg, sizeof(msg), "bad response body from %s: %s", far_side(m), why);
                     abort_conn(s, SESSION_RES_ERROR, msg);
                     return;
                 }
@@ -976,7 +1023,7 @@ static void pump(struct session *s)
                             m->app_keep = 0;
                             progress = 1;
                         } else if (!m->res_head_done) {
-                            snprintf(msg, sizeof(msg), "the application %s before its answer",
+                            snprintf(msg, sizeof(msg), "%s %s before its answer", far_side(m),
                                      what);
                             close_app(s);
                             /* As Envoy: a reset before the response head is 503, a broken
@@ -985,8 +1032,8 @@ static void pump(struct session *s)
                             progress = 1;
                             break;
                         } else {
-                            snprintf(msg, sizeof(msg),
-                                     "the application %s in the middle of its answer", what);
+                            snprintf(msg, sizeof(msg), "%s %s in the middle of its answer",
+                                     far_side(m), what);
                             abort_conn(s, SESSION_RES_ERROR, msg);
                             return;
                         }
@@ -998,7 +1045,12 @@ static void pump(struct session *s)
                 become_tunnel(s);
                 return;
             }
-            if (m->res_head_done && m->res.done && m->cout.len == 0) {
+            /* Outbound, an answer before the whole request (the upstream's sidecar denied it
+             * and drops the rest): the body is still carried, so the application's connection
+             * knows where the next request starts and both connections stay. The upstream's
+             * sidecar reads it; one that stops reading ends it (app_wr_dead). */
+            int req_pending = m->outbound && !m->req.done && !m->app_wr_dead;
+            if (m->res_head_done && m->res.done && m->cout.len == 0 && !req_pending) {
                 stream_done(s, STREAM_RES_OK, NULL);
                 progress = 1;
             }
@@ -1161,6 +1213,14 @@ static void mux_start(struct session *s)
     session_set_state(s, S_HTTP);
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
+    m->outbound = !s->inbound;
+    if (m->outbound) {
+        /* No XFCC: the upstream's sidecar writes it from our certificate. */
+        s->last_io_ms = loop_now_ms(s->host->loop);
+        next_stream(s);
+        pump(s);
+        return;
+    }
     if (spiffe_format_service(ours, sizeof(ours), s->snap->trust_domain, c->partition, c->ns,
                               c->datacenter, c->service) < 0)
         ours[0] = '\0';
@@ -1174,6 +1234,28 @@ static void mux_start(struct session *s)
     pump(s);
 }
 
+/*
+ * Outbound: the dial asked for by on_head() ended (session.c), end[1] verified or <why> it
+ * failed: the request goes out, or gets a 503 and the application's connection stays.
+ */
+static void mux_dialled(struct session *s, const char *why)
+{
+    struct mux_h1 *m = s->mux;
+    if (why != NULL) {
+        char msg[400];
+        snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
+        buf_consume(&m->cin, m->rq_len);
+        memset(&m->rq, 0, sizeof(m->rq));
+        local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
+    } else {
+        m->app_keep = 1;
+        forward_head(s);
+    }
+    s->last_io_ms = loop_now_ms(s->host->loop);
+    if (!m->in_pump)
+        pump(s);
+}
+
 /* The session ends for any reason (shutdown, lifetime, re-authorization, an error): the
  * stream in progress, if any, gets its record. */
 static void mux_on_finish(struct session *s, const char *reason)
@@ -1181,6 +1263,11 @@ static void mux_on_finish(struct session *s, const char *reason)
     struct mux_h1 *m = s->mux;
     if (m != NULL && m->phase != P_HEAD && m->phase != P_CLOSING)
         stream_finish(s, &m->st, STREAM_RES_ABORTED, reason);
+    /* Outbound, between requests: a kept-alive upstream connection serves the application's
+     * next connection (session_pool_put decides whether it may). */
+    if (m != NULL && m->outbound && m->phase == P_HEAD && s->state == S_HTTP && m->app_keep &&
+        s->end[1].fd >= 0 && m->ain.len == 0 && m->aout.len == 0 && !s->end[1].rd_eof)
+        session_pool_put(s);
 }
 
 const struct session_mux mux_h1_mux = {
@@ -1189,4 +1276,5 @@ const struct session_mux mux_h1_mux = {
     .advance = mux_advance,
     .on_timer = mux_on_timer,
     .on_finish = mux_on_finish,
+    .dialled = mux_dialled,
 };

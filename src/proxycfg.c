@@ -142,6 +142,15 @@ static int set_local_service_address(const struct key_def *def, void *base, cons
     return 0;
 }
 
+/* An upstream's protocol: "" is "not set" (the discovery chain's protocol decides). */
+static int set_upstream_protocol(const struct key_def *def, void *base, const struct dec_kv *kv,
+                                 long v, const char *where, char *err, size_t errlen)
+{
+    struct upstream_cfg *up = base;
+    up->protocol_set = kv != NULL && kv->str[0] != '\0';
+    return set_int(def, base, kv, v, where, err, errlen);
+}
+
 /* An upstream's connect_timeout_ms, which when given also overrides the chain's timeout. */
 static int set_connect_timeout(const struct key_def *def, void *base, const struct dec_kv *kv,
                                long v, const char *where, char *err, size_t errlen)
@@ -430,9 +439,16 @@ static const struct key_def keys[] = {
             "block)."},
     {.name = "protocol",
      .scope = SCOPE_UPSTREAM,
-     .type = KEY_IGNORED,
-     .def_text = "tcp",
-     .doc = "Upstream protocol. connectd relays every protocol at L4 (tcp)."},
+     .type = KEY_STRING,
+     .set = set_upstream_protocol,
+     .off = UPSTREAM(protocol),
+     .def_text = "the discovery chain's Protocol",
+     .names = protocols,
+     .doc = "Upstream protocol; when set the discovery chain is compiled for it "
+            "(OverrideProtocol), else the chain's own Protocol (service-defaults) decides. "
+            "http parses every request from the application and forwards it to the upstream "
+            "over mTLS with ALPN http/1.1, keeping both connections alive; tcp, http2 and grpc "
+            "are relayed at L4. A change applies to new connections."},
     {.name = "limits.max_connections",
      .scope = SCOPE_UPSTREAM,
      .type = KEY_COUNT,
@@ -532,6 +548,20 @@ static void warn_unknown(struct proxy_cfg *c, const char *where, const char *key
         warn(c, xasprintf("%s: unknown key \"%s\" ignored", where, key));
     else
         c->n_unwarned++;
+}
+
+int proxycfg_protocol_from_name(const char *name)
+{
+    for (const struct key_name *k = protocols; k->name != NULL; k++)
+        if (strcmp(k->name, name) == 0)
+            return (int)k->value;
+    return -EINVAL;
+}
+
+const char *proxycfg_protocol_name(int protocol)
+{
+    const char *n = name_of(protocols, protocol);
+    return strcmp(n, "?") == 0 ? "tcp" : n;
 }
 
 const char *proxycfg_warn_once(struct proxycfg_warned *w, const char *msg)

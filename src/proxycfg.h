@@ -26,6 +26,11 @@ enum proxycfg_protocol {
     PROTO_GRPC,
 };
 
+/* The protocol a name stands for ("tcp", "http", "http2", "grpc"; "" is tcp), or -EINVAL. */
+int proxycfg_protocol_from_name(const char *name);
+/* The name of <protocol> ("tcp" for anything unknown). */
+const char *proxycfg_protocol_name(int protocol);
+
 struct upstream_cfg {
     char *key;              /* unique and stable: "<type>:<ns>/<partition>/<dc>/<name>" */
     char *destination_type; /* "service" or "prepared_query" */
@@ -42,6 +47,8 @@ struct upstream_cfg {
     uint32_t poll_interval_ms; /* prepared queries: how often the query is executed */
     uint32_t idle_timeout_ms;  /* 0 = off */
     struct limit_cfg limits;   /* of the upstream's listener */
+    int protocol;              /* enum proxycfg_protocol; meaningful when protocol_set */
+    int protocol_set;          /* Config.protocol was given (not ""): it overrides the chain's */
 };
 
 struct proxy_cfg {

@@ -6,6 +6,8 @@
  *                                          '--- protocol http ---> HTTP (mux_h1) -> DONE
  *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
  *                             ^------- next endpoint on connect/handshake/identity failure ---'
+ *             '--- upstream protocol http ---> HTTP (mux_h1) --(per dial)--> PICK_ENDPOINT ...
+ *                  VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request)
  *   any state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door
  * out)
  *
@@ -19,8 +21,10 @@
  * L4 byte relay, drawn there) for tcp and for every outbound session; for an inbound session
  * whose snapshot says protocol http, mux_h1.c (the HTTP/1.1 codec, drawn there) right after
  * the caller's identity is verified: authorization then happens per request, and the codec
- * dials the local application itself. Ends are xprt.h's: the same read/write/shutdown for
- * the plain and the TLS end.
+ * dials the local application itself. An outbound session whose upstream's protocol is http
+ * goes to mux_h1 at once; it asks for the upstream connection when a request needs one
+ * (session_dial_upstream), and the states above run that dial with their endpoint retries. Ends are
+ * xprt.h's: the same read/write/shutdown for the plain and the TLS end.
  *
  * Limits and timeouts: admission (open-connection count and new-connection rate, shared by all
  * workers through the snapshot's limit_state) is checked before a session exists, so a refused
@@ -114,23 +118,30 @@ static void reap(struct loop_defer *d)
 static void expected_identity(const struct session *s, const struct snap_target *t,
                               const struct dec_endpoint *ep, struct spiffe_id *id);
 
+int session_destination(const struct session *s, char *out, size_t len)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    if (s->inbound && s->snap->trust_domain != NULL && s->snap->trust_domain[0] != '\0')
+        return spiffe_format_service(out, len, s->snap->trust_domain, c->partition, c->ns,
+                                     c->datacenter, c->service) >= 0
+                   ? 0
+                   : -ENOSPC;
+    if (!s->inbound && s->up != NULL && s->tgt != NULL && s->ep != NULL) {
+        struct spiffe_id want_id;
+        expected_identity(s, s->tgt, s->ep, &want_id);
+        return spiffe_format(out, len, &want_id) >= 0 ? 0 : -ENOSPC;
+    }
+    return -ENOENT;
+}
+
 /* Writes the session's access-log line (alog.h). */
 static void access_log(struct session *s, enum session_result result, const char *reason,
                        const char *upstream, uint64_t dur_ms)
 {
     char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
-    const struct proxy_cfg *c = &s->snap->cfg;
     if (s->end[0].fd >= 0)
         sock_local_name(s->end[0].fd, local, sizeof(local));
-    int have_ident = 0;
-    if (s->inbound && s->snap->trust_domain != NULL && s->snap->trust_domain[0] != '\0') {
-        have_ident = spiffe_format_service(ident, sizeof(ident), s->snap->trust_domain,
-                                           c->partition, c->ns, c->datacenter, c->service) >= 0;
-    } else if (!s->inbound && s->up != NULL && s->tgt != NULL && s->ep != NULL) {
-        struct spiffe_id want_id;
-        expected_identity(s, s->tgt, s->ep, &want_id);
-        have_ident = spiffe_format(ident, sizeof(ident), &want_id) >= 0;
-    }
+    int have_ident = session_destination(s, ident, sizeof(ident)) == 0;
     struct alog_rec r = {
         .time_ms = util_wall_ms(),
         .direction = s->inbound ? "inbound" : "outbound",
@@ -228,7 +239,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
         result = SESSION_RES_ERROR;
     /* A codec ends the stream it is in the middle of (its record comes before the
      * connection's). */
-    if ((s->state == S_RELAY || s->state == S_HTTP) && s->carrier->on_finish != NULL)
+    if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL) && s->carrier != NULL &&
+        s->carrier->on_finish != NULL)
         s->carrier->on_finish(s, reason);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
@@ -733,6 +745,13 @@ static void start_handshake_out(struct session *s)
     snprintf(key, sizeof(key), "%s|%s", s->ep_name, sni);
     s->end[1].tls = tls_conn_new_client(s->snap->tls, s->end[1].fd, sni,
                                         s->snap->cfg.tls_resumption ? key : NULL);
+    /* An L7 (http) session says what it will speak, as Envoy's outbound cluster does: the
+     * inbound sidecar may choose its codec by it. An L4 one offers nothing, as before. */
+    if (s->end[1].tls != NULL && s->mux != NULL &&
+        tls_conn_offer_alpn(s->end[1].tls, "http/1.1") != 0) {
+        tls_conn_free(s->end[1].tls);
+        s->end[1].tls = NULL;
+    }
     if (s->end[1].tls == NULL) {
         session_finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
         return;
@@ -740,6 +759,189 @@ static void start_handshake_out(struct session *s)
     session_set_state(s, S_TLS_HANDSHAKE);
     loop_timer_start(s->host->loop, &s->timer, s->snap->cfg.handshake_timeout_ms);
     advance(s);
+}
+
+/* ---- the upstream connection pool (outbound L7) ---- */
+
+/*
+ * An idle upstream connection: verified at its handshake as <key>'s identity, kept alive, with
+ * nothing in flight. It lives in its host's list until taken, closed by its peer, or swept
+ * (idle too long, or the worker's snapshot no longer has its TLS context or endpoint); it is
+ * freed by a deferred call, since an event for it may still be due in the current round.
+ */
+struct upool_conn {
+    struct upool_conn *next;
+    struct session_host *h;
+    struct xprt x;
+    struct tls_ctx *tls; /* one reference: the context it was verified under */
+    char *upstream_key;
+    char ep_name[300];
+    char key[1600]; /* endpoint | SNI | expected identity */
+    uint64_t since_ms;
+    struct loop_defer reap;
+};
+
+static void endpoint_name(const struct dec_endpoint *ep, char *out, size_t len)
+{
+    /* Service.SocketPath, when set, replaces address:port (consul-api.md 3.3). */
+    if (ep->socket_path[0] != '\0')
+        snprintf(out, len, "unix:%s", ep->socket_path);
+    else
+        snprintf(out, len, "%s:%d", ep->address, ep->port);
+}
+
+/* What a pooled connection must match to serve session <s>'s current endpoint. */
+static void upool_key(const struct session *s, char *key, size_t len)
+{
+    struct spiffe_id id;
+    char sni[1024], uri[SPIFFE_NAME_MAX * 2];
+    expected_identity(s, s->tgt, s->ep, &id);
+    target_sni(s, &id, sni, sizeof(sni));
+    if (spiffe_format(uri, sizeof(uri), &id) < 0)
+        uri[0] = '\0';
+    snprintf(key, len, "%s|%s|%s", s->ep_name, sni, uri);
+}
+
+static void upool_reap(struct loop_defer *d)
+{
+    struct upool_conn *c = (struct upool_conn *)((char *)d - offsetof(struct upool_conn, reap));
+    free(c);
+}
+
+static void upool_drop(struct session_host *h, struct upool_conn *c)
+{
+    struct upool_conn **pp = &h->upool;
+    while (*pp != c)
+        pp = &(*pp)->next;
+    *pp = c->next;
+    h->n_upool--;
+    STAT_SUB(h->stats->upool_idle, 1);
+    xprt_close(h->loop, &c->x);
+    tls_ctx_unref(c->tls);
+    free(c->upstream_key);
+    loop_defer(h->loop, &c->reap, upool_reap);
+}
+
+static void upool_on_io(struct loop_io *io, unsigned events)
+{
+    struct upool_conn *c = io->data;
+    char junk[256];
+    (void)events;
+    ssize_t n = xprt_read(&c->x, junk, sizeof(junk));
+    if (n == -EAGAIN) {
+        loop_io_want(c->h->loop, &c->x.io, xprt_wants(&c->x, LOOP_READ));
+        return;
+    }
+    /* Bytes nobody asked for, or the end: the connection is out of step or gone. */
+    LOG_DEBUG("worker %u: pooled upstream connection to %s closed", c->h->index,
+              LOG_ESC(c->ep_name));
+    upool_drop(c->h, c);
+}
+
+/* Whether the worker's snapshot still has <c>'s TLS context and endpoint, at L7. */
+static int upool_current(const struct session_host *h, const struct upool_conn *c)
+{
+    char name[sizeof(c->ep_name)];
+    if (h->snap == NULL || c->tls != h->snap->tls)
+        return 0;
+    const struct snap_upstream *up = snapshot_upstream(h->snap, c->upstream_key);
+    if (up == NULL || up->protocol != PROTO_HTTP)
+        return 0;
+    for (size_t j = 0; j < up->n_targets; j++) {
+        const struct endpoint_set *eps = up->targets[j].endpoints;
+        for (size_t i = 0; i < eps->n; i++) {
+            endpoint_name(&eps->v[i], name, sizeof(name));
+            if (strcmp(name, c->ep_name) == 0)
+                return 1;
+        }
+    }
+    return 0;
+}
+
+static void upool_on_sweep(struct loop_timer *t)
+{
+    struct session_host *h = t->data;
+    uint64_t now = loop_now_ms(h->loop);
+    for (struct upool_conn *c = h->upool, *next; c != NULL; c = next) {
+        next = c->next;
+        if (now - c->since_ms >= SESSION_UPOOL_IDLE_MS || !upool_current(h, c))
+            upool_drop(h, c);
+    }
+    if (h->upool != NULL)
+        loop_timer_start(h->loop, &h->upool_sweep, 1000);
+}
+
+void session_pool_put(struct session *s)
+{
+    struct session_host *h = s->host;
+    char key[sizeof(((struct upool_conn *)0)->key)];
+    size_t same = 0;
+    if (h->stopping || s->inbound || s->end[1].fd < 0 || s->end[1].tls == NULL || s->tgt == NULL ||
+        s->ep == NULL || h->snap == NULL || s->snap->tls != h->snap->tls ||
+        h->n_upool >= SESSION_UPOOL_MAX)
+        goto out;
+    upool_key(s, key, sizeof(key));
+    for (const struct upool_conn *c = h->upool; c != NULL; c = c->next)
+        same += strcmp(c->key, key) == 0;
+    if (same >= SESSION_UPOOL_PER_ENDPOINT)
+        goto out;
+    struct upool_conn *c = xcalloc(1, sizeof(*c));
+    c->h = h;
+    /* Out of epoll before the end moves: the registration points at its old place. */
+    loop_io_want(h->loop, &s->end[1].io, 0);
+    c->x = s->end[1];
+    s->end[1] = (struct xprt){.fd = -1};
+    loop_io_init(&c->x.io, c->x.fd, upool_on_io, c);
+    c->tls = tls_ctx_ref(s->snap->tls);
+    c->upstream_key = xstrdup(s->upstream_key);
+    snprintf(c->ep_name, sizeof(c->ep_name), "%s", s->ep_name);
+    snprintf(c->key, sizeof(c->key), "%s", key);
+    c->since_ms = loop_now_ms(h->loop);
+    c->next = h->upool;
+    h->upool = c;
+    h->n_upool++;
+    STAT_ADD(h->stats->upool_idle, 1);
+    loop_io_want(h->loop, &c->x.io, xprt_wants(&c->x, LOOP_READ));
+    if (!loop_timer_armed(&h->upool_sweep))
+        loop_timer_start(h->loop, &h->upool_sweep, 1000);
+    LOG_DEBUG("conn=%llu out upstream connection to %s pooled", (unsigned long long)s->id,
+              LOG_ESC(s->ep_name));
+out:
+    xprt_close(h->loop, &s->end[1]);
+}
+
+/*
+ * Gives session <s> a pooled connection to one of its upstream's endpoints (primary target
+ * first) made under its TLS context: 1 when end[1] is now that connection, else 0.
+ */
+static int upool_take(struct session *s)
+{
+    struct session_host *h = s->host;
+    char key[sizeof(((struct upool_conn *)0)->key)];
+    for (size_t j = 0; j < s->up->n_targets && h->upool != NULL; j++) {
+        const struct endpoint_set *eps = s->up->targets[j].endpoints;
+        for (size_t i = 0; i < eps->n; i++) {
+            s->tgt = &s->up->targets[j];
+            s->ep = &eps->v[i];
+            endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
+            upool_key(s, key, sizeof(key));
+            for (struct upool_conn *c = h->upool; c != NULL; c = c->next) {
+                if (c->tls != s->snap->tls || strcmp(c->key, key) != 0)
+                    continue;
+                loop_io_want(h->loop, &c->x.io, 0);
+                s->end[1] = c->x;
+                c->x = (struct xprt){.fd = -1};
+                loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
+                upool_drop(h, c);
+                STAT_ADD(h->stats->upool_reused, 1);
+                return 1;
+            }
+        }
+    }
+    s->tgt = NULL;
+    s->ep = NULL;
+    s->ep_name[0] = '\0';
+    return 0;
 }
 
 /* VERIFY_PEER: the server's first URI SAN must name the service we meant to reach. */
@@ -768,6 +970,12 @@ static void verify_peer(struct session *s)
         return;
     }
     loop_timer_stop(s->host->loop, &s->timer);
+    if (s->mux != NULL) {
+        /* Outbound L7: the codec that asked for this connection takes it. */
+        session_set_state(s, S_HTTP);
+        s->carrier->dialled(s, NULL);
+        return;
+    }
     s->host->muxes.relay->start(s);
 }
 
@@ -796,8 +1004,14 @@ static void pick_endpoint(struct session *s)
                 base += eps->n;
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
-            session_finish(s, SESSION_RES_NO_ENDPOINT,
-                           total == 0 ? "no healthy endpoint" : "every endpoint tried failed");
+            const char *why = total == 0 ? "no healthy endpoint" : "every endpoint tried failed";
+            if (s->mux != NULL) {
+                /* Outbound L7: the request gets a 503; the application's connection stays. */
+                session_set_state(s, S_HTTP);
+                s->carrier->dialled(s, why);
+                return;
+            }
+            session_finish(s, SESSION_RES_NO_ENDPOINT, why);
             return;
         }
         size_t k = (size_t)(util_rand() % left), i = 0;
@@ -808,12 +1022,8 @@ static void pick_endpoint(struct session *s)
         s->tries++;
         s->tgt = t;
         s->ep = &t->endpoints->v[i];
-        /* Service.SocketPath, when set, replaces address:port (consul-api.md 3.3). */
         int unix_sock = s->ep->socket_path[0] != '\0';
-        if (unix_sock)
-            snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", s->ep->socket_path);
-        else
-            snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", s->ep->address, s->ep->port);
+        endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
         int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
                            : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
@@ -832,6 +1042,26 @@ static void pick_endpoint(struct session *s)
         session_want(s, 1, LOOP_WRITE);
         return;
     }
+}
+
+void session_dial_upstream(struct session *s)
+{
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    memset(s->tried, 0, total);
+    s->tries = 0;
+    s->tgt = NULL;
+    s->ep = NULL;
+    s->ep_name[0] = '\0';
+    if (upool_take(s)) {
+        LOG_DEBUG("conn=%llu out reusing a pooled connection to %s", (unsigned long long)s->id,
+                  LOG_ESC(s->ep_name));
+        session_set_state(s, S_HTTP);
+        s->carrier->dialled(s, NULL);
+        return;
+    }
+    pick_endpoint(s);
 }
 
 static void try_next_endpoint(struct session *s, const char *why)
@@ -1127,6 +1357,7 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
     loop_timer_init(&h->refusal_summary, on_refusal_summary, h);
     log_limit_init(&h->handshake_warns, HANDSHAKE_WARN_MS);
     loop_timer_init(&h->handshake_summary, on_handshake_summary, h);
+    loop_timer_init(&h->upool_sweep, upool_on_sweep, h);
     h->stats = xcalloc(1, sizeof(*h->stats));
     snprintf(h->stats->other_listener.name, sizeof(h->stats->other_listener.name), "other");
     snprintf(h->stats->other_source.name, sizeof(h->stats->other_source.name), "other");
@@ -1136,6 +1367,9 @@ void session_host_dispose(struct session_host *h)
 {
     loop_timer_stop(h->loop, &h->refusal_summary);
     loop_timer_stop(h->loop, &h->handshake_summary);
+    loop_timer_stop(h->loop, &h->upool_sweep);
+    while (h->upool != NULL)
+        upool_drop(h, h->upool);
     free(h->stats);
     h->stats = NULL;
 }
@@ -1191,6 +1425,11 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     for (size_t j = 0; j < s->up->n_targets; j++)
         total += s->up->targets[j].endpoints->n;
     s->tried = xcalloc(total ? total : 1, 1);
+    if (s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) {
+        /* L7: the codec reads the first request, then dials (session_dial_upstream). */
+        s->host->muxes.http1->start(s);
+        return;
+    }
     pick_endpoint(s);
 }
 
@@ -1236,6 +1475,7 @@ size_t session_reauthorize_all(struct session_host *h)
 
 void session_close_all(struct session_host *h)
 {
+    h->stopping = 1;
     while (h->sessions != NULL)
         session_finish(h->sessions, SESSION_RES_SHUTDOWN, "connectd is stopping");
 }

@@ -147,6 +147,8 @@ struct session_stats {
     atomic_uint_fast64_t results[SESSION_RES_COUNT]; /* sessions ended, by result */
     atomic_uint_fast64_t handshake_failures[SESSION_HS_COUNT];
     atomic_uint_fast64_t tls_handshakes[2][2]; /* [0 inbound, 1 outbound][1 resumed] */
+    atomic_uint_fast64_t upool_idle;           /* upstream connections in the pool now */
+    atomic_uint_fast64_t upool_reused;         /* dials served from the pool */
     atomic_size_t n_listeners;
     struct session_listener_stats listeners[SESSION_STATS_MAX_LISTENERS];
     struct session_listener_stats other_listener; /* when the table is full */
@@ -171,7 +173,10 @@ struct session_info {
     uint64_t bytes_in, bytes_out;
 };
 
-#define SESSION_BUF_POOL 32 /* idle relay buffers a worker keeps for reuse */
+#define SESSION_BUF_POOL           32 /* idle relay buffers a worker keeps for reuse */
+#define SESSION_UPOOL_MAX          64
+#define SESSION_UPOOL_PER_ENDPOINT 8
+#define SESSION_UPOOL_IDLE_MS      30000
 
 struct session_mux;
 
@@ -205,6 +210,13 @@ struct session_host {
     /* relay buffers not in use: a connection waiting for data holds none */
     char *buf_pool[SESSION_BUF_POOL];
     size_t n_buf_pool;
+    /* Outbound L7: idle upstream connections (verified, kept alive) that the next dial to the
+     * same endpoint and identity takes instead of connecting; at most SESSION_UPOOL_MAX, and
+     * SESSION_UPOOL_PER_ENDPOINT per endpoint, each for at most SESSION_UPOOL_IDLE_MS. */
+    struct upool_conn *upool;
+    size_t n_upool;
+    struct loop_timer upool_sweep;
+    int stopping; /* session_close_all ran: nothing more is pooled */
 };
 
 /* Initialises <h> for worker <index> on <loop> (no sessions, no snapshot, zeroed stats). */

@@ -28,7 +28,7 @@ enum session_state {
     S_CONNECT,
     S_VERIFY_PEER,
     S_RELAY,
-    S_HTTP, /* inbound L7: mux_h1 owns both ends */
+    S_HTTP, /* L7: mux_h1 owns both ends (outbound: but for a dial, PICK_ENDPOINT..) */
     S_DONE,
 };
 
@@ -58,6 +58,8 @@ struct session_mux {
     /* The session is finishing (any cause, <reason> as given to session_finish); NULL when
      * the carrier has nothing to close. It must not finish the session itself. */
     void (*on_finish)(struct session *s, const char *reason);
+    /* Outbound L7: the end of session_dial_upstream(); <why> NULL on success. */
+    void (*dialled)(struct session *s, const char *why);
 };
 
 struct session {
@@ -125,5 +127,24 @@ void session_on_io(struct loop_io *io, unsigned events);
 void session_ask_again(struct session *s);
 /* Counts a per-request authorization decision for the caller's service (L7). */
 void session_count_request_decision(struct session *s, int allow);
+/* The SPIFFE ID on the far side of the mesh hop: ours inbound, the expected identity of the
+ * endpoint being (or last) dialled outbound. 0, -ENOENT when none is known, or -ENOSPC. */
+int session_destination(const struct session *s, char *out, size_t len);
+/*
+ * Outbound L7: dials the upstream for the codec that owns the session (end[1] closed):
+ * PICK_ENDPOINT, CONNECT, TLS_HANDSHAKE (ALPN http/1.1) and VERIFY_PEER, with the next
+ * endpoint on each failure, as an L4 session does. Meanwhile the session's state timer and
+ * end[1] belong to the dial, and the codec must not touch them or want events on end[0]. It
+ * ends with carrier->dialled(s, NULL) once end[1] is verified (state HTTP), or
+ * carrier->dialled(s, why) when no endpoint is left; either may come before this returns.
+ */
+void session_dial_upstream(struct session *s);
+/*
+ * Outbound L7, the session finishing: end[1], an idle verified upstream connection with
+ * nothing in flight, goes to the worker's pool (or is closed when the pool is full, the worker
+ * stopping or the snapshot changed its TLS context); end[1] is closed on return either way.
+ * The next session_dial_upstream() to the same endpoint and identity takes it.
+ */
+void session_pool_put(struct session *s);
 
 #endif

@@ -75,6 +75,7 @@ struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         struct snap_upstream *u = &s->upstreams[i];
         u->cfg = &s->cfg.upstreams[i];
+        u->protocol = u->cfg->protocol_set ? u->cfg->protocol : PROTO_TCP;
         u->n_targets = n_targets[i];
         u->targets = xcalloc(u->n_targets, sizeof(*u->targets));
         for (size_t j = 0; j < u->n_targets; j++)

@@ -61,6 +61,9 @@ struct snap_upstream {
     struct snap_target *targets;    /* primary first, then failovers in order */
     size_t n_targets;
     struct limit_state *limit; /* one reference; shared with later snapshots */
+    /* enum proxycfg_protocol: the upstream's Config.protocol when set, else its discovery
+     * chain's; new connections to the upstream are served by it (http: L7, else L4). */
+    int protocol;
 };
 
 struct snapshot {

@@ -156,26 +156,26 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
     const char *proto = st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
-    LOG_DEBUG("conn=%llu stream=%llu in src=%s %s %s %s status=%d result=%s reason=%s "
+    const char *upstream = s->inbound || s->up == NULL ? NULL : s->up->cfg->destination_name;
+    LOG_DEBUG("conn=%llu stream=%llu %s src=%s %s %s %s status=%d result=%s reason=%s "
               "bytes_in=%llu bytes_out=%llu duration_ms=%llu request_id=%s",
-              (unsigned long long)s->id, (unsigned long long)st->seq, LOG_ESC(s->caller),
-              LOG_ESC(st->method), LOG_ESC(st->path), proto, st->status, stream_result_name(r),
-              LOG_ESC(why), (unsigned long long)st->bytes_in, (unsigned long long)st->bytes_out,
+              (unsigned long long)s->id, (unsigned long long)st->seq, s->inbound ? "in" : "out",
+              LOG_ESC(s->inbound ? s->caller : s->peer), LOG_ESC(st->method), LOG_ESC(st->path),
+              proto, st->status, stream_result_name(r), LOG_ESC(why),
+              (unsigned long long)st->bytes_in, (unsigned long long)st->bytes_out,
               (unsigned long long)dur, LOG_ESC(st->request_id));
     if (!alog_enabled())
         return;
     char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
-    const struct proxy_cfg *c = &s->snap->cfg;
     if (s->end[0].fd >= 0)
         sock_local_name(s->end[0].fd, local, sizeof(local));
-    int have_ident = s->snap->trust_domain != NULL && s->snap->trust_domain[0] != '\0' &&
-                     spiffe_format_service(ident, sizeof(ident), s->snap->trust_domain,
-                                           c->partition, c->ns, c->datacenter, c->service) >= 0;
+    int have_ident = session_destination(s, ident, sizeof(ident)) == 0;
     struct alog_rec rec = {
         .time_ms = util_wall_ms(),
-        .direction = "inbound",
-        .source = s->caller,
+        .direction = s->inbound ? "inbound" : "outbound",
+        .source = s->inbound ? s->caller : s->peer,
         .destination = have_ident ? ident : NULL,
+        .upstream = upstream,
         .endpoint = s->ep_name[0] ? s->ep_name : NULL,
         .local_addr = local[0] ? local : NULL,
         .remote_addr = s->peer,

@@ -30,6 +30,7 @@ struct session;
     X(EXPECTATION_FAILED, "expectation_failed", 417) /* an Expect other than 100-continue */       \
     X(REDIRECT, "redirect", 307) /* UNESCAPE_AND_REDIRECT: to the unescaped path */                \
     X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
+    X(UPSTREAM_CONNECT_ERROR, "upstream_connect_error", 503) /* outbound: no endpoint answered */  \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
     X(LOCAL_TIMEOUT, "local_timeout", 504) /* local_request_timeout_ms */                          \
     X(BAD_RESPONSE, "bad_response", 502)   /* the application's answer was broken */               \

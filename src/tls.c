@@ -830,6 +830,22 @@ struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sn
     return c;
 }
 
+int tls_conn_offer_alpn(struct tls_conn *c, const char *proto)
+{
+    size_t n = strlen(proto);
+    unsigned char wire[256];
+    if (n == 0 || n > 255)
+        return -EINVAL;
+    wire[0] = (unsigned char)n;
+    memcpy(wire + 1, proto, n);
+    /* SSL_set_alpn_protos returns 0 on success, unlike most of OpenSSL. */
+    if (SSL_set_alpn_protos(c->ssl, wire, (unsigned)(n + 1)) != 0) {
+        ERR_clear_error();
+        return -ENOMEM;
+    }
+    return 0;
+}
+
 void tls_conn_free(struct tls_conn *c)
 {
     if (c == NULL)

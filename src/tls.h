@@ -78,6 +78,12 @@ struct tls_conn *tls_conn_new_server(struct tls_ctx *ctx, int fd);
 struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sni,
                                      const char *resume_key);
 void tls_conn_free(struct tls_conn *c);
+/*
+ * Client side, before the handshake: offers the one ALPN protocol <proto> ("http/1.1"), as
+ * Envoy's outbound cluster does for an http upstream. Returns 0, or -EINVAL (an empty or
+ * over-long name) or -ENOMEM.
+ */
+int tls_conn_offer_alpn(struct tls_conn *c, const char *proto);
 
 /* Drives the handshake: 0 when complete, -EAGAIN to wait, or an error (ERR_TLS). */
 int tls_handshake(struct tls_conn *c);

@@ -31,6 +31,8 @@ struct up_watch {
     struct tgt_watch **tgts; /* primary first, then failovers in order */
     size_t n_tgts;
     struct limit_state *limit; /* admission state of its listener, across snapshots */
+    int protocol_set;          /* Config.protocol given: the chain was compiled for it */
+    int protocol;              /* effective: Config.protocol, else the chain's Protocol */
     struct upstreams *ups;
 };
 
@@ -198,9 +200,17 @@ static int on_chain(void *data, const struct agent_response *resp)
     free(u->tgts);
     u->tgts = fresh;
     u->n_tgts = chain.n_targets;
-    LOG_INFO("upstream %s: discovery chain %s: %zu target(s), primary %s, connect timeout %u ms",
+    if (!u->protocol_set) {
+        int p = proxycfg_protocol_from_name(chain.protocol != NULL ? chain.protocol : "");
+        if (p < 0)
+            LOG_WARN("upstream %s: discovery chain protocol \"%s\" is unknown; served as tcp",
+                     u->key, LOG_ESC(chain.protocol));
+        u->protocol = p < 0 ? PROTO_TCP : p;
+    }
+    LOG_INFO("upstream %s: discovery chain %s: %zu target(s), primary %s, connect timeout %u ms, "
+             "protocol %s",
              u->key, chain.service_name, chain.n_targets, chain.targets[0].id,
-             (unsigned)chain.connect_timeout_ms);
+             (unsigned)chain.connect_timeout_ms, proxycfg_protocol_name(u->protocol));
     dec_chain_dispose(&chain);
     changed(u->ups);
     return 0;
@@ -249,13 +259,17 @@ static char *upstream_request(const struct upstream_cfg *c, struct watch_spec *s
         spec->block = WATCH_BY_INDEX;
         spec->path = xasprintf("/v1/discovery-chain/%s?cached%s%s%s%s", name,
                                dc[0] ? "&compile-dc=" : "", dc, ns[0] ? "&ns=" : "", ns);
-        /* An L4 proxy asks for a tcp chain: one resolver, no routers or splitters. */
+        /* The upstream's Config.protocol, when set, compiles the chain for that protocol (as
+         * Envoy's proxycfg does); else the chain's own protocol (service-defaults) is asked
+         * for, and decides whether connections are served at L4 or L7. */
+        char proto[64] = "", timeout[64] = "";
+        if (c->protocol_set)
+            snprintf(proto, sizeof(proto), "\"OverrideProtocol\":\"%s\"",
+                     proxycfg_protocol_name(c->protocol));
         if (c->connect_timeout_set)
-            spec->body = xasprintf("{\"OverrideProtocol\":\"tcp\","
-                                   "\"OverrideConnectTimeout\":\"%ums\"}",
-                                   (unsigned)c->connect_timeout_ms);
-        else
-            spec->body = xasprintf("{\"OverrideProtocol\":\"tcp\"}");
+            snprintf(timeout, sizeof(timeout), "\"OverrideConnectTimeout\":\"%ums\"",
+                     (unsigned)c->connect_timeout_ms);
+        spec->body = xasprintf("{%s%s%s}", proto, proto[0] && timeout[0] ? "," : "", timeout);
         free(dc);
         free(ns);
     }
@@ -279,13 +293,22 @@ static void up_watch_free(struct up_watch *u)
     free(u);
 }
 
-static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstream_cfg *c)
+/*
+ * A new watch for upstream <c>. <old>, the same upstream's watch under another request (its
+ * protocol or connect timeout changed), hands over its targets, their watches and endpoints,
+ * and its listener's admission state: until the new chain answers, connections are served
+ * from the endpoints known (a fresh start would have none, and answer 503 or refuse).
+ */
+static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstream_cfg *c,
+                                     struct up_watch *old)
 {
     struct watch_spec spec;
     struct up_watch *u = xcalloc(1, sizeof(*u));
     u->key = xstrdup(c->key);
     u->ups = ups;
-    u->limit = limit_state_new();
+    u->limit = old != NULL ? limit_state_ref(old->limit) : limit_state_new();
+    u->protocol_set = c->protocol_set;
+    u->protocol = c->protocol_set ? c->protocol : PROTO_TCP;
     u->request = upstream_request(c, &spec);
     char *wname =
         xasprintf("%s %s", spec.block == WATCH_POLL ? "prepared query" : "discovery chain",
@@ -304,8 +327,21 @@ static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstrea
         u->tgts[0] = tgt_new(u, "");
         tgt_set_info(u->tgts[0], &ct, 0);
         u->n_tgts = 1;
+        if (old != NULL && old->n_tgts == 1) {
+            u->tgts[0]->info.endpoints = old->tgts[0]->info.endpoints;
+            old->tgts[0]->info.endpoints = NULL;
+        }
         u->watch = watch_start(ups->agent, &spec, on_query, u);
     } else {
+        if (old != NULL) {
+            /* Their health watches keep running; on_chain keeps those still named. */
+            u->tgts = old->tgts;
+            u->n_tgts = old->n_tgts;
+            for (size_t i = 0; i < u->n_tgts; i++)
+                u->tgts[i]->up = u;
+            old->tgts = NULL;
+            old->n_tgts = 0;
+        }
         u->watch = watch_start(ups->agent, &spec, on_chain, u);
     }
     free(wname);
@@ -332,8 +368,15 @@ void upstreams_reconcile(struct upstreams *ups, const struct proxy_cfg *cfg)
             }
         }
         free(request);
+        for (size_t j = 0; j < ups->n && fresh[i] == NULL; j++) {
+            if (ups->v[j] != NULL && strcmp(ups->v[j]->key, c->key) == 0) {
+                fresh[i] = up_watch_new(ups, c, ups->v[j]);
+                up_watch_free(ups->v[j]);
+                ups->v[j] = NULL;
+            }
+        }
         if (fresh[i] == NULL)
-            fresh[i] = up_watch_new(ups, c);
+            fresh[i] = up_watch_new(ups, c, NULL);
     }
     for (size_t j = 0; j < ups->n; j++)
         up_watch_free(ups->v[j]);
@@ -369,9 +412,11 @@ void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_par
     out->targets = xcalloc(n, sizeof(*out->targets));
     out->n_targets = xcalloc(n, sizeof(*out->n_targets));
     out->limits = xcalloc(n, sizeof(*out->limits));
+    out->protocols = xcalloc(n, sizeof(*out->protocols));
     for (size_t i = 0; i < n && i < ups->n; i++) {
         const struct up_watch *u = ups->v[i];
         out->limits[i] = u->limit;
+        out->protocols[i] = u->protocol;
         out->targets[i] = xcalloc(u->n_tgts, sizeof(**out->targets));
         out->n_targets[i] = u->n_tgts;
         for (size_t j = 0; j < u->n_tgts; j++)
@@ -386,6 +431,7 @@ void upstreams_parts_dispose(struct upstreams_parts *p)
     free(p->targets);
     free(p->n_targets);
     free(p->limits);
+    free(p->protocols);
 }
 
 void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data)

@@ -216,7 +216,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     size_t nl = 0, ns = 0;
     uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}}, ended[SESSION_RES_COUNT] = {0};
     uint64_t refused_max = 0, refused_rate = 0, reauth = 0, reauth_closed = 0, refused_pending = 0,
-             refused_pending_source = 0, refused_fds = 0;
+             refused_pending_source = 0, refused_fds = 0, upool_idle = 0, upool_reused = 0;
     for (int i = 0; i < vw->n_workers; i++) {
         const struct session_stats *st = worker_stats(vw->workers[i]);
         size_t n = atomic_load_explicit(&st->n_listeners, memory_order_acquire);
@@ -245,6 +245,8 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
             ended[r] += load(&st->results[r]);
         reauth += load(&st->counters.reauthorized);
         reauth_closed += load(&st->counters.reauthorize_closed);
+        upool_idle += load(&st->upool_idle);
+        upool_reused += load(&st->upool_reused);
     }
 
     static const struct {
@@ -290,6 +292,15 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
                              "%llu\n",
                              d == 0 ? "inbound" : "outbound", r ? "true" : "false",
                              (unsigned long long)tls_hs[d][r]);
+
+    metric_head(b, "upstream_pool_idle_connections", "gauge",
+                "Idle upstream connections (http upstreams) kept for the next request.");
+    admin_buf_printf(b, "connectd_upstream_pool_idle_connections %llu\n",
+                     (unsigned long long)upool_idle);
+    metric_head(b, "upstream_pool_reused_total", "counter",
+                "Upstream connections taken from the pool instead of dialled.");
+    admin_buf_printf(b, "connectd_upstream_pool_reused_total %llu\n",
+                     (unsigned long long)upool_reused);
 
     metric_head(b, "authorization_decisions_total", "counter",
                 "Inbound authorization decisions by source service and result (at most 256 "

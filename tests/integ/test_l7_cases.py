@@ -1091,9 +1091,10 @@ def test_access_log_has_one_record_per_request(t):
                                                  ("GET", "/log/3", 403)), 1):
         r = by_id[f"{rid}-{i}"]
         assert (r["method"], r["path"], r["status"]) == (method, path, status), r
-    # The two requests of one connection: the same conn, streams 1 and 2.
+    # The two requests of one connection: the same conn, consecutive streams.
     one, two = by_id[rid + "-1"], by_id[rid + "-2"]
-    assert one["conn"] == two["conn"] and (one["stream"], two["stream"]) == (1, 2), (one, two)
+    # (web's outbound sidecar pools its mesh connections: the first may be a later one.)
+    assert one["conn"] == two["conn"] and two["stream"] == one["stream"] + 1, (one, two)
 
 
 def test_metrics_count_requests_and_per_request_decisions(t):
@@ -1190,7 +1191,9 @@ def test_l7_intention_on_a_tcp_service_is_a_deny(t):
     assert cfg.get("protocol") == "tcp", cfg
     mk = marker()
     r = try_http(t.up("web", "tcp"), "GET", "/", [("x-marker", mk)])
-    assert r is None, f"an L4 service with an L7 intention answered {r}"
+    # web's sidecar sees the chain's protocol (http): it answers the refused connection with
+    # a 503 of its own, as Envoy does; at L4 the connection just closes.
+    assert r is None or r.status == 503, f"an L4 service with an L7 intention answered {r}"
     assert not t.apps["tcp"].seen_marker(mk)
 
 

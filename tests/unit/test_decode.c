@@ -1675,6 +1675,41 @@ static void test_chain_shapes(void **state)
     dec_chain_dispose(&c);
 }
 
+/*
+ * Issue 9 point 5: an L7 upstream asks for its chain without OverrideProtocol tcp, so the chain
+ * may start at a router or a splitter. Every resolver reachable gives its targets (the
+ * router's catch-all first, then the other routes, a splitter's splits in order, each node
+ * once) and the chain's Protocol is read; before, anything but a resolver was an error.
+ */
+static void test_chain_router_splitter(void **state)
+{
+    (void)state;
+    struct dec_chain c;
+    char err[256];
+    const char *body =
+        "{\"Chain\": {\"ServiceName\": \"web\", \"Protocol\": \"http\", "
+        "\"StartNode\": \"router:web\", \"Nodes\": {"
+        "\"router:web\": {\"Type\": \"router\", \"Router\": {\"Routes\": ["
+        "  {\"Definition\": {}, \"NextNode\": \"splitter:admin\"},"
+        "  {\"Definition\": {}, \"NextNode\": \"resolver:web\"}]}},"
+        "\"splitter:admin\": {\"Type\": \"splitter\", \"Splits\": ["
+        "  {\"Weight\": 50, \"NextNode\": \"resolver:a\"},"
+        "  {\"Weight\": 50, \"NextNode\": \"resolver:web\"}]},"
+        "\"resolver:web\": {\"Type\": \"resolver\", \"Resolver\": {\"Target\": \"web\", "
+        "  \"ConnectTimeout\": \"2s\", \"Failover\": {\"Targets\": [\"b\"]}}},"
+        "\"resolver:a\": {\"Type\": \"resolver\", \"Resolver\": {\"Target\": \"a\", "
+        "  \"ConnectTimeout\": \"9s\"}}}, "
+        "\"Targets\": {" TGT("web", "") "," TGT("a", "") "," TGT("b", "") "}}}";
+    assert_int_equal(decode_discovery_chain(body, strlen(body), &c, err, sizeof(err)), 0);
+    assert_string_equal(c.protocol, "http");
+    assert_int_equal(c.connect_timeout_ms, 2000);
+    assert_int_equal(c.n_targets, 3);
+    assert_string_equal(c.targets[0].id, "web");
+    assert_string_equal(c.targets[1].id, "b");
+    assert_string_equal(c.targets[2].id, "a");
+    dec_chain_dispose(&c);
+}
+
 static void test_chain_truncated(void **state)
 {
     (void)state;
@@ -1913,7 +1948,17 @@ static const struct bad_case bad_cases[] = {
     {CHAIN,
      "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"r\", \"Nodes\": {\"r\": "
      "{\"Type\": \"router\"}}, \"Targets\": {}}}",
-     ERR_BAD_FIELD, "only a resolver can be served at L4"},
+     ERR_BAD_FIELD, "Chain.Nodes[\"r\"].Router is missing"},
+    {CHAIN,
+     "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"r\", \"Nodes\": {\"r\": "
+     "{\"Type\": \"gateway\"}}, \"Targets\": {}}}",
+     ERR_BAD_FIELD, "is not resolver, router or splitter"},
+    /* A router whose route loops back to itself: visited once, no resolver. */
+    {CHAIN,
+     "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"r\", \"Nodes\": {\"r\": "
+     "{\"Type\": \"router\", \"Router\": {\"Routes\": [{\"NextNode\": \"r\"}]}}}, "
+     "\"Targets\": {}}}",
+     ERR_BAD_FIELD, "no resolver reachable"},
     {CHAIN, CH("", TGT("a", "")), ERR_BAD_FIELD, ".Resolver.Target is missing"},
     {CHAIN, CH("\"Target\": \"b\"", TGT("a", "")), ERR_BAD_FIELD,
      "Chain.Targets[\"b\"] is missing"},
@@ -2212,6 +2257,7 @@ int main(void)
         cmocka_unit_test(test_health_truncated),
         cmocka_unit_test(test_chain_good),
         cmocka_unit_test(test_chain_shapes),
+        cmocka_unit_test(test_chain_router_splitter),
         cmocka_unit_test(test_chain_truncated),
         cmocka_unit_test(test_durations),
         cmocka_unit_test(test_query_good),

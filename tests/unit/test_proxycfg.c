@@ -38,6 +38,21 @@ static size_t warnings_naming(const struct proxy_cfg *c, const char *key)
     return n;
 }
 
+/* An upstream "db" on port 9191 with every string field empty and no Config. */
+static struct dec_upstream db_upstream(void)
+{
+    return (struct dec_upstream){.destination_type = "",
+                                 .destination_name = "db",
+                                 .destination_namespace = "",
+                                 .destination_partition = "",
+                                 .destination_peer = "",
+                                 .datacenter = "",
+                                 .local_bind_address = "",
+                                 .local_bind_port = 9191,
+                                 .local_bind_socket_path = "",
+                                 .local_bind_socket_mode = ""};
+}
+
 /* The "| `key` | scope | type | default |" start of <key>'s row in doc/config.md. */
 static void assert_doc_default(const char *doc, const char *key, const char *scope,
                                const char *type, const char *def)
@@ -57,16 +72,7 @@ static void test_defaults_are_stored_and_documented_from_the_table(void **state)
 {
     (void)state;
     struct dec_service s = base_service();
-    struct dec_upstream up = {.destination_type = "",
-                              .destination_name = "db",
-                              .destination_namespace = "",
-                              .destination_partition = "",
-                              .destination_peer = "",
-                              .datacenter = "",
-                              .local_bind_address = "",
-                              .local_bind_port = 9191,
-                              .local_bind_socket_path = "",
-                              .local_bind_socket_mode = ""};
+    struct dec_upstream up = db_upstream();
     s.upstreams = &up;
     s.n_upstreams = 1;
     struct proxy_cfg c;
@@ -187,6 +193,50 @@ static void test_protocol_key(void **state)
 }
 
 /*
+ * Issue 9 point 5: an upstream's Config.protocol is read (it was ignored): given, it overrides
+ * the discovery chain's protocol (protocol_set); absent or "" leaves the chain to decide; any
+ * other value is an error naming the upstream and the key.
+ */
+static void test_upstream_protocol_key(void **state)
+{
+    (void)state;
+    struct dec_service s = base_service();
+    struct dec_kv kv = {.key = "protocol", .type = DEC_KV_STRING, .str = "http"};
+    struct dec_upstream up = db_upstream();
+    s.upstreams = &up;
+    s.n_upstreams = 1;
+    struct proxy_cfg c;
+    char err[256];
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.upstreams[0].protocol_set, 0);
+    assert_int_equal(c.upstreams[0].protocol, PROTO_TCP);
+    proxycfg_dispose(&c);
+
+    up.config = &kv;
+    up.n_config = 1;
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.upstreams[0].protocol_set, 1);
+    assert_int_equal(c.upstreams[0].protocol, PROTO_HTTP);
+    assert_int_equal(c.n_warnings, 0);
+    proxycfg_dispose(&c);
+
+    kv.str = "tcp";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.upstreams[0].protocol_set, 1);
+    assert_int_equal(c.upstreams[0].protocol, PROTO_TCP);
+    proxycfg_dispose(&c);
+
+    kv.str = "";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.upstreams[0].protocol_set, 0);
+    proxycfg_dispose(&c);
+
+    kv.str = "websocket";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_string_equal(err, "upstream \"db\": key \"protocol\" must be tcp, http, http2 or grpc");
+}
+
+/*
  * Issue 7 defect 9: every unknown Config key became a warning, and the control thread checked
  * each against every warning logged before (a linear list that only grew): a registration
  * with 100k unknown keys took minutes of the control thread and 100k log lines. Now one build
@@ -287,6 +337,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_are_stored_and_documented_from_the_table),
         cmocka_unit_test(test_protocol_key),
+        cmocka_unit_test(test_upstream_protocol_key),
         cmocka_unit_test(test_enumerated_keys),
         cmocka_unit_test(test_many_unknown_keys_are_bounded_and_fast),
         cmocka_unit_test(test_warned_set_is_bounded),
