@@ -176,6 +176,28 @@ static void buf_release(struct buf *b)
     b->cap = 0;
 }
 
+/*
+ * Appends the serialized head of <rq> (or, when it is NULL, of <rs>) with <nx> <extra> fields
+ * to <b>, starting with <need> bytes of room and doubling until it fits. Returns the
+ * serializer's length, or its error (-EINVAL: an extra field would inject one).
+ */
+static int append_head(struct buf *b, size_t need, const struct http_request *rq,
+                       const struct http_response *rs, const struct http_header *extra, size_t nx)
+{
+    int n;
+    for (;;) {
+        buf_reserve(b, b->len + need);
+        n = rq != NULL ? h1_write_request_head(b->p + b->len, b->cap - b->len, rq, extra, nx)
+                       : h1_write_response_head(b->p + b->len, b->cap - b->len, rs, extra, nx);
+        if (n != -ENOSPC)
+            break;
+        need *= 2;
+    }
+    if (n > 0)
+        b->len += (size_t)n;
+    return n;
+}
+
 static void mux_free(struct mux_h1 *m)
 {
     if (m == NULL)
@@ -513,21 +535,10 @@ static void forward_head(struct session *s)
         extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rq->upgrade};
     }
 #undef EXTRA
-    size_t need = m->rq_len + 1024 + strlen(m->xfcc);
-    int n;
-    for (;;) {
-        buf_reserve(&m->aout, m->aout.len + need);
-        n = h1_write_request_head(m->aout.p + m->aout.len, m->aout.cap - m->aout.len, rq, extra,
-                                  nx);
-        if (n != -ENOSPC)
-            break;
-        need *= 2;
-    }
-    if (n < 0) {
+    if (append_head(&m->aout, m->rq_len + 1024 + strlen(m->xfcc), rq, NULL, extra, nx) < 0) {
         local_answer(s, STREAM_RES_BAD_REQUEST, 1, "the request head cannot be forwarded");
         return;
     }
-    m->aout.len += (size_t)n;
     buf_consume(&m->cin, m->rq_len);
     memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
     m->res_head_done = 0;
@@ -639,13 +650,8 @@ static int on_response_head(struct session *s, size_t n)
     int tunnel = rs->framing == HTTP_BODY_TUNNEL;
     if (rs->status >= 100 && rs->status < 200 && rs->status != 101) {
         /* Interim (100 Continue, 103 Early Hints): passed on to an HTTP/1.1 caller. */
-        if (m->minor == 1) {
-            buf_reserve(&m->cout, m->cout.len + n + 64);
-            int w = h1_write_response_head(m->cout.p + m->cout.len, m->cout.cap - m->cout.len, rs,
-                                           NULL, 0);
-            if (w > 0)
-                m->cout.len += (size_t)w;
-        }
+        if (m->minor == 1)
+            (void)append_head(&m->cout, n + 64, NULL, rs, NULL, 0);
         buf_consume(&m->ain, n);
         return 0;
     }
@@ -677,22 +683,11 @@ static int on_response_head(struct session *s, size_t n)
         EXTRA("Connection", "keep-alive");
     }
 #undef EXTRA
-    size_t need = n + 256;
-    int w;
-    for (;;) {
-        buf_reserve(&m->cout, m->cout.len + need);
-        w = h1_write_response_head(m->cout.p + m->cout.len, m->cout.cap - m->cout.len, rs, extra,
-                                   nx);
-        if (w != -ENOSPC)
-            break;
-        need *= 2;
-    }
-    if (w < 0) {
+    if (append_head(&m->cout, n + 256, NULL, rs, extra, nx) < 0) {
         close_app(s);
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "the response head cannot be forwarded");
         return -1;
     }
-    m->cout.len += (size_t)w;
     m->st.status = rs->status;
     m->res_head_done = 1;
     buf_consume(&m->ain, n);
