@@ -14,7 +14,9 @@ server with generic handlers on raw bytes (no protoc). Clients: the `h2` library
 import json
 import socket
 import ssl
+import re
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -23,7 +25,8 @@ import h2.connection
 import h2.events
 import pytest
 
-from mesh import LOOPBACK, tls_client_context, wait_until, write_leaf_files
+from mesh import (LOOPBACK, admin_args, admin_get, metric, parse_metrics, tls_client_context,
+                  wait_until, write_leaf_files)
 
 # --- an h2c application ------------------------------------------------------------------------
 
@@ -32,6 +35,7 @@ class H2App:
     """An HTTP/2 prior-knowledge server (the `h2` library, one thread per connection). Each
     request is answered 200 with JSON {method, path, headers (name -> list), body_len}, except:
       /reset   the stream is reset (RST_STREAM CANCEL) before any response head
+      /hold    never answered (self.held counts them, self.resets the streams reset)
       /status?n=N  answers with status N."""
 
     def __init__(self):
@@ -41,6 +45,8 @@ class H2App:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.connections = 0
+        self.resets = 0
+        self.held = 0
         self.conns = []
         self.lock = threading.Lock()
         self.stopped = False
@@ -88,6 +94,9 @@ class H2App:
                         for k, v in ev.headers:
                             hs.setdefault(k, []).append(v)
                         reqs[ev.stream_id] = {"headers": hs, "body_len": 0}
+                        if hs[":path"][0] == "/hold":
+                            with self.lock:
+                                self.held += 1
                         if hs[":path"][0] == "/reset":
                             conn.reset_stream(ev.stream_id, 8)
                             reqs.pop(ev.stream_id)
@@ -95,7 +104,12 @@ class H2App:
                         conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                         if ev.stream_id in reqs:
                             reqs[ev.stream_id]["body_len"] += len(ev.data)
-                    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in reqs:
+                    elif isinstance(ev, h2.events.StreamReset):
+                        with self.lock:
+                            self.resets += 1
+                        reqs.pop(ev.stream_id, None)
+                    elif (isinstance(ev, h2.events.StreamEnded) and ev.stream_id in reqs
+                          and reqs[ev.stream_id]["headers"][":path"][0] != "/hold"):
                         r = reqs.pop(ev.stream_id)
                         hs = r["headers"]
                         path = hs[":path"][0]
@@ -211,10 +225,15 @@ def grpc_server():
     def fail(req, ctx):
         ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
 
+    def slow(req, ctx):
+        time.sleep(3)
+        return b"late"
+
     handler = grpc.method_handlers_generic_handler("test.Echo", {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
     })
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     srv.add_generic_rpc_handlers((handler,))
@@ -240,14 +259,15 @@ def grpc_code(port, method="Unary"):
 # --- the mesh -----------------------------------------------------------------------------------
 
 
-def l7_pair(m, protocol, app_port):
+def l7_pair(m, protocol, app_port, proxy_config=None, db_args=()):
     """db (protocol <protocol>, service-defaults too) and web (upstream db, L4)."""
     db_name = m.name("db")
     assert m.api.put("/v1/config", {"Kind": "service-defaults", "Name": db_name,
                                     "Protocol": protocol}) is True
     m.config_entries = getattr(m, "config_entries", []) + [db_name]
-    db = m.add("db", app_port=app_port, proxy_config={"protocol": protocol}, start=False)
-    m.start(db)
+    db = m.add("db", app_port=app_port, proxy_config={"protocol": protocol, **(proxy_config or {})},
+               start=False)
+    m.start(db, extra_args=db_args)
     web = m.add("web", upstreams=("db",))
     m.wait_passing(db)
     return db, web
@@ -440,4 +460,106 @@ def test_grpc_app_down_is_unavailable(mesh):
         assert "connection failure" in e.value.details(), e.value.details()
     finally:
         srv.stop(0)
+        drop_defaults(m)
+
+
+def test_grpc_request_timeout_and_access_log(mesh, tmp_path):
+    """local_request_timeout_ms: a call the app answers too late gets UNAVAILABLE (14, what
+    Envoy's local reply gives a 504) "upstream request timeout" from connectd; each stream has
+    an access-log record with protocol HTTP/2 and its grpc-status."""
+    m = mesh
+    srv, port = grpc_server()
+    alog = tmp_path / "access.log"
+    try:
+        db, web = l7_pair(m, "grpc", port, proxy_config={"local_request_timeout_ms": 500},
+                          db_args=("-access-log", str(alog)))
+        wait_until(lambda: grpc_code(web.up["db"]) == grpc.StatusCode.OK, 30,
+                   "a gRPC call through the mesh")
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            grpc_unary(web.up["db"], method="Slow")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.value.details() == "upstream request timeout"
+        assert time.monotonic() - t0 < 2.5
+
+        def records():
+            return [json.loads(x) for x in alog.read_text().splitlines() if x.strip()]
+
+        wait_until(lambda: any(r.get("path") == "/test.Echo/Slow" for r in records()), 10,
+                   "the timed-out call's record")
+        slow = [r for r in records() if r.get("path") == "/test.Echo/Slow"][-1]
+        assert slow["protocol"] == "HTTP/2" and slow["grpc_status"] == "14", slow
+        assert slow["result"] == "local_timeout" and slow["method"] == "POST", slow
+        ok = [r for r in records() if r.get("path") == "/test.Echo/Unary"][-1]
+        assert ok["protocol"] == "HTTP/2" and ok["grpc_status"] == "0", ok
+        assert ok["status"] == 200 and ok["result"] == "ok", ok
+    finally:
+        srv.stop(0)
+        drop_defaults(m)
+
+
+def test_http2_caller_reset_reaches_app_and_rapid_reset_ends_connection(mesh):
+    """A caller's RST_STREAM resets the app's stream; a caller that opens and resets streams
+    in a flood (CVE-2023-44487) gets GOAWAY(ENHANCE_YOUR_CALM), its connection ends, the
+    metric counts it, and the sidecar serves the next connection."""
+    m = mesh
+    app = m.app(H2App)
+    args, admin = admin_args()
+    try:
+        db, web = l7_pair(m, "http2", app.port, db_args=args)
+        wait_until(lambda: try_h2(web.up["db"]) == 200, 30, "an h2c request through the mesh")
+        with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
+            c = H2Client(s)
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, [(":method", "GET"), (":scheme", "https"),
+                                      (":authority", "db"), (":path", "/hold")], end_stream=True)
+            s.sendall(c.conn.data_to_send())
+            wait_until(lambda: app.held >= 1, 10, "the stream to reach the app")
+            c.conn.reset_stream(sid, 8)
+            s.sendall(c.conn.data_to_send())
+            wait_until(lambda: app.resets >= 1, 10, "the app's stream to be reset")
+
+        with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            for _ in range(1000):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, [(":method", "GET"), (":scheme", "https"),
+                                        (":authority", "db"), (":path", "/hold")])
+                conn.reset_stream(sid, 8)
+            goaway = None
+            try:
+                s.sendall(conn.data_to_send())
+                while goaway is None:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    for ev in conn.receive_data(data):
+                        if isinstance(ev, h2.events.ConnectionTerminated):
+                            goaway = ev.error_code
+            except (OSError, h2.exceptions.ProtocolError):
+                pass
+            assert goaway == 11, goaway  # ENHANCE_YOUR_CALM
+        wait_until(lambda: metric(parse_metrics(admin_get(admin, "/metrics")[1]),
+                                  "connectd_http2_protocol_closes_total") >= 1, 10,
+                   "the flood to be counted")
+        assert db.proxy.alive()
+        assert try_h2(web.up["db"]) == 200
+    finally:
+        drop_defaults(m)
+
+
+def test_http2_to_http_service_is_502_until_translated(mesh):
+    """An http service's app speaks HTTP/1.1 and HTTP/2 streams are not translated to it yet:
+    connectd answers such a stream 502 itself (documented as left) while HTTP/1.1 callers of
+    the same service are served. Before mux_h2 the h2c bytes went to the HTTP/1.1 codec,
+    which answered in HTTP/1.1, so no HTTP/2 answer came back at all."""
+    m = mesh
+    app = m.app(H2App)
+    try:
+        db, web = l7_pair(m, "http", app.port)
+        wait_until(lambda: try_h2(web.up["db"]) is not None, 30, "an answer through the mesh")
+        status, _, body, _ = h2_get(web.up["db"], "/x")
+        assert status == 502 and b"protocol error" in body, (status, body)
+    finally:
         drop_defaults(m)
