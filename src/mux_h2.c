@@ -1012,6 +1012,9 @@ static void pump(struct session *s)
         }
         if (m->cout.len == 0 &&
             (m->down_failed || (!h2_wants_read(m->down) && !h2_wants_write(m->down)))) {
+            /* A connection error nghttp2 found inside a frame ends here, its GOAWAY sent. */
+            if (!m->down_failed && h2_error(m->down) != NULL)
+                caller_failed(s);
             const char *e = h2_error(m->down);
             session_finish(s, m->down_failed ? SESSION_RES_ERROR : SESSION_RES_OK,
                            e != NULL ? e : "HTTP/2 session done");

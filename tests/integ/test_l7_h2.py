@@ -550,6 +550,22 @@ def test_http2_caller_reset_reaches_app_and_rapid_reset_ends_connection(mesh):
         wait_until(lambda: metric(parse_metrics(admin_get(admin, "/metrics")[1]),
                                   "connectd_http2_protocol_closes_total") >= 1, 10,
                    "the flood to be counted")
+        # A protocol error inside a frame (a SETTINGS frame of 5 bytes): GOAWAY
+        # FRAME_SIZE_ERROR, the connection closes, and it is counted too.
+        with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                      + b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"\x00" * 5)
+            got = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                got += data
+            # GOAWAY (type 7) with FRAME_SIZE_ERROR (6) somewhere in what came back.
+            assert re.search(rb"\x07\x00\x00\x00\x00\x00.{4}\x00\x00\x00\x06", got, re.S), got
+        wait_until(lambda: metric(parse_metrics(admin_get(admin, "/metrics")[1]),
+                                  "connectd_http2_protocol_closes_total") >= 2, 10,
+                   "the protocol error to be counted")
         assert db.proxy.alive()
         assert try_h2(web.up["db"]) == 200
     finally:
