@@ -9,6 +9,7 @@
  * never past the first.
  */
 #include "pathnorm.h"
+#include "util.h"
 
 #include <errno.h>
 #include <string.h>
@@ -46,17 +47,6 @@ static enum raw_class raw_class(unsigned char c)
     default:
         return RAW_COPY;
     }
-}
-
-static int hexval(unsigned char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
 }
 
 static const char HEX[] = "0123456789ABCDEF";
@@ -205,8 +195,8 @@ static int normalize(const struct in *in, struct out *o)
         if (c == '/' || c == '\\') {
             put(o, '/');
         } else if (c == '%') {
-            int hi = i < in->n ? hexval((unsigned char)in->p[i]) : -1;
-            int lo = i + 1 < in->n ? hexval((unsigned char)in->p[i + 1]) : -1;
+            int hi = i < in->n ? util_hexval(in->p[i]) : -1;
+            int lo = i + 1 < in->n ? util_hexval(in->p[i + 1]) : -1;
             if (hi < 0 || lo < 0)
                 return -EBADMSG; /* not a percent-encoding: refused rather than guessed at */
             unsigned char v = (unsigned char)(hi << 4 | lo);

@@ -312,6 +312,47 @@ class AgentApi:
         q = urllib.parse.urlencode({"source": source, "destination": destination})
         return self.get("/v1/connect/intentions/check?" + q)["Allowed"]
 
+    # --- config entries (L7) ---
+
+    def set_config_entry(self, body):
+        """PUT /v1/config; fails unless the agent answers true."""
+        if self.put("/v1/config", body) is not True:
+            raise AssertionError(f"config write of {body.get('Kind')}/{body.get('Name')} "
+                                 f"returned false")
+
+    def config_entry(self, kind, name):
+        """The stored entry, or None when there is none (404)."""
+        try:
+            return self.get(f"/v1/config/{kind}/" + urllib.parse.quote(name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def delete_config_entry(self, kind, name):
+        self.delete(f"/v1/config/{kind}/" + urllib.parse.quote(name))
+
+    def set_service_defaults(self, name, protocol, **fields):
+        """service-defaults for <name> with Protocol (and more top-level fields)."""
+        self.set_config_entry({"Kind": "service-defaults", "Name": name, "Protocol": protocol,
+                               **fields})
+
+    def set_l7_intentions(self, destination, sources):
+        """Writes the service-intentions entry for <destination> from a list of source dicts
+        as the config entry has them ({"Name", "Action"} or {"Name", "Permissions"}, and
+        optionally "Description"), replacing whatever the entry held."""
+        self.set_config_entry({"Kind": "service-intentions", "Name": destination,
+                               "Sources": list(sources)})
+
+    def set_mesh(self, request_normalization=None, **http):
+        """Writes the mesh config entry with HTTP.Incoming.RequestNormalization (a dict of its
+        JSON fields) and more HTTP fields. The entry has no Name field (the agent refuses
+        one); it is read and deleted as mesh/mesh."""
+        h = dict(http)
+        if request_normalization is not None:
+            h["Incoming"] = {"RequestNormalization": request_normalization}
+        self.set_config_entry({"Kind": "mesh", "HTTP": h})
+
 
 def sidecar_registration(name, app_port, sidecar_port, upstreams=(), proxy_config=None,
                          service_id=None):
@@ -712,6 +753,335 @@ def is_refused(port, payload=b"may I?\n", timeout=5):
         return True
     except AssertionError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/1.1: an echo app and a raw client (the L7 tests)
+# ---------------------------------------------------------------------------------------------
+
+_HEAD_END = b"\r\n\r\n"
+
+
+def _read_head(sock, buf, limit):
+    """Reads from sock into buf (a bytearray holding what was read before) until it holds a
+    whole head; returns the head's bytes (without the blank line) and leaves the rest in buf.
+    None on EOF before a whole head; raises ValueError past <limit> bytes."""
+    while True:
+        i = buf.find(_HEAD_END)
+        if i >= 0:
+            head = bytes(buf[:i])
+            del buf[:i + 4]
+            return head
+        if len(buf) > limit:
+            raise ValueError("head too long")
+        b = sock.recv(256 * 1024)
+        if not b:
+            return None
+        buf += b
+
+
+def _read_n(sock, buf, n):
+    while len(buf) < n:
+        b = sock.recv(max(65536, n - len(buf)))
+        if not b:
+            raise ValueError(f"EOF after {len(buf)} of {n} body bytes")
+        buf += b
+    out = bytes(buf[:n])
+    del buf[:n]
+    return out
+
+
+def _read_line(sock, buf):
+    while True:
+        i = buf.find(b"\r\n")
+        if i >= 0:
+            line = bytes(buf[:i])
+            del buf[:i + 2]
+            return line
+        b = sock.recv(65536)
+        if not b:
+            raise ValueError("EOF in chunked framing")
+        buf += b
+
+
+def _read_chunked(sock, buf):
+    """A chunked body (trailers read and dropped)."""
+    body = bytearray()
+    while True:
+        size = int(_read_line(sock, buf).split(b";")[0].strip(), 16)
+        if size == 0:
+            while _read_line(sock, buf):
+                pass
+            return bytes(body)
+        body += _read_n(sock, buf, size)
+        if _read_n(sock, buf, 2) != b"\r\n":
+            raise ValueError("chunk data not followed by CRLF")
+
+
+def _split_fields(lines):
+    """[(name, value)] of header lines, names as sent, values trimmed."""
+    out = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ValueError(f"header line without a colon: {line[:60]!r}")
+        out.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+    return out
+
+
+def header_values(headers, name):
+    """The values of every field called <name> (any case) in [(name, value)], in order."""
+    name = name.lower()
+    return [v for k, v in headers if k.lower() == name]
+
+
+class HttpEchoApp(TcpApp):
+    """An HTTP/1.1 server that answers every request with 200 and a JSON description of what
+    it received: {"method", "target" (the raw request-target), "path" (target before "?"),
+    "version", "headers" ([[name, value]] in order, names as received), "body" (latin-1)}.
+    Keeps connections alive as HTTP/1.1 allows, and answers "Expect: 100-continue" with a
+    100 before it reads the body. A request with Upgrade (and Connection: upgrade) gets a
+    101 and the connection becomes a byte echo. Target /__reset...: the connection is closed
+    without an answer; /__sleep/<ms>...: the answer comes that much later. `requests` lists
+    every request it got (the same dicts), so a test can tell that a refused request never
+    reached the app."""
+
+    HEAD_LIMIT = 1 << 20
+
+    def __init__(self, port=0):
+        self.requests = []
+        super().__init__(port)
+
+    def handle(self, conn):
+        buf = bytearray()
+        while True:
+            try:
+                head = _read_head(conn, buf, self.HEAD_LIMIT)
+                if head is None:
+                    return
+                line, *rest = head.split(b"\r\n")
+                method, target, version = line.decode("latin-1").split(" ")
+                headers = _split_fields(rest)
+                if "100-continue" in ",".join(header_values(headers, "expect")).lower():
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                te = ",".join(header_values(headers, "transfer-encoding")).lower()
+                if "chunked" in te:
+                    body = _read_chunked(conn, buf)
+                else:
+                    body = _read_n(conn, buf, int((header_values(headers, "content-length")
+                                                   or ["0"])[0]))
+            except ValueError as e:
+                msg = f"echo app: bad request: {e}".encode()
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(msg), msg))
+                return
+            rec = {"method": method, "target": target, "path": target.split("?", 1)[0],
+                   "version": version, "headers": [list(h) for h in headers],
+                   "body": body.decode("latin-1")}
+            with self._lock:
+                self.requests.append(rec)
+            if target.startswith("/__reset"):
+                return  # closes without an answer
+            m = re.match(r"/__sleep/(\d+)", target)
+            if m:
+                time.sleep(int(m.group(1)) / 1000)
+            upgrade = header_values(headers, "upgrade")
+            if upgrade and "upgrade" in ",".join(header_values(headers, "connection")).lower():
+                # A tunnel: 101, then every byte is echoed back until the caller's EOF.
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: " + upgrade[0].encode("latin-1") + b"\r\n\r\n"
+                             + bytes(buf))
+                while True:
+                    b = conn.recv(65536)
+                    if not b:
+                        break
+                    conn.sendall(b)
+                conn.shutdown(socket.SHUT_WR)
+                return
+            data = json.dumps(rec).encode()
+            conn_hdr = ",".join(header_values(headers, "connection")).lower()
+            close = "close" in conn_hdr or (version == "HTTP/1.0" and "keep-alive" not in
+                                            conn_hdr)
+            out = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n" % len(data))
+            if method == "HEAD":
+                data = b""
+            conn.sendall(out + (b"Connection: close\r\n" if close else b"") + b"\r\n" + data)
+            if close:
+                conn.shutdown(socket.SHUT_WR)
+                return
+
+    def seen(self, pred):
+        """The requests the app got for which pred(request) is true."""
+        with self._lock:
+            return [r for r in self.requests if pred(r)]
+
+    def seen_marker(self, marker):
+        """The requests that carried <marker> in their target or in a header value."""
+        return self.seen(lambda r: marker in r["target"]
+                         or any(marker in v for _, v in r["headers"]))
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    reason: str
+    headers: list  # [(name, value)]
+    body: bytes
+
+    def header(self, name):
+        """The one value of field <name>, or None; fails when the field repeats."""
+        vs = header_values(self.headers, name)
+        assert len(vs) <= 1, f"{name} repeated in the response: {vs}"
+        return vs[0] if vs else None
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __str__(self):
+        return f"HTTP {self.status} {self.reason} {self.body[:300]!r}"
+
+
+def build_request(method, target, headers=(), body=None, host="app"):
+    """The bytes of an HTTP/1.1 request: request line, Host (unless host is None), <headers>
+    ([(name, value)] sent as given), Content-Length when there is a body, blank line, body."""
+    out = [f"{method} {target} HTTP/1.1".encode("latin-1")]
+    if host is not None:
+        out.append(b"Host: " + host.encode("latin-1"))
+    for k, v in headers:
+        out.append(f"{k}: {v}".encode("latin-1"))
+    if body is not None:
+        out.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(out) + b"\r\n\r\n" + (body or b"")
+
+
+class HttpConn:
+    """One client connection that sends raw bytes and reads HTTP/1.1 responses from them,
+    keeping whatever follows a response for the next one (keep-alive, pipelining)."""
+
+    def __init__(self, port, timeout=10):
+        self.sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        self.timeout = timeout
+        self.buf = bytearray()
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def response(self, method="GET", timeout=None, interim=False):
+        """Reads the next final response (skipping 1xx other than 101, unless <interim>: then
+        a 1xx is returned too) to a request made with <method>. Returns None when the
+        connection ends before a response starts; raises ValueError for a malformed or cut
+        response."""
+        self.sock.settimeout(timeout or self.timeout)
+        while True:
+            try:
+                head = _read_head(self.sock, self.buf, 1 << 20)
+            except ConnectionResetError:
+                head = None
+            if head is None:
+                if self.buf:
+                    raise ValueError(f"connection ended inside a response head: "
+                                     f"{bytes(self.buf[:200])!r}")
+                return None
+            line, *rest = head.split(b"\r\n")
+            version, status, *reason = line.decode("latin-1").split(" ", 2)
+            if not version.startswith("HTTP/1."):
+                raise ValueError(f"not an HTTP/1 status line: {line[:100]!r}")
+            status = int(status)
+            headers = _split_fields(rest)
+            if 100 <= status < 200 and status != 101:
+                if interim:
+                    return HttpResponse(status, reason[0] if reason else "", headers, b"")
+                continue
+            break
+        te = ",".join(header_values(headers, "transfer-encoding")).lower()
+        cl = header_values(headers, "content-length")
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            body = b""
+        elif "chunked" in te:
+            body = _read_chunked(self.sock, self.buf)
+        elif cl:
+            body = _read_n(self.sock, self.buf, int(cl[0]))
+        else:  # delimited by the end of the connection
+            while True:
+                b = self.sock.recv(65536)
+                if not b:
+                    break
+                self.buf += b
+            body = bytes(self.buf)
+            self.buf.clear()
+        return HttpResponse(status, reason[0] if reason else "", headers, body)
+
+    def request(self, method, target, headers=(), body=None, host="app", timeout=None):
+        """Sends one request (build_request) and returns its response (None: closed)."""
+        self.send(build_request(method, target, headers, body, host))
+        return self.response(method, timeout)
+
+    def closed(self, timeout=5):
+        """True when the peer ends the connection (EOF or reset) within <timeout> seconds
+        without sending anything more."""
+        closed, data = closed_without_data(self.sock, timeout)
+        self.buf += data
+        return closed and not data
+
+
+def http_request(port, method, target, headers=(), body=None, host="app", timeout=10):
+    """One request on a fresh connection; its response (None when the connection ended
+    without one)."""
+    with HttpConn(port, timeout) as c:
+        return c.request(method, target, headers, body, host)
+
+
+def http_raw(port, data, method="GET", timeout=10):
+    """Sends raw bytes on a fresh connection and returns the first response to them (None
+    when the connection ended without one)."""
+    with HttpConn(port, timeout) as c:
+        try:
+            c.send(data)
+        except OSError:
+            pass
+        return c.response(method)
+
+
+def try_http(port, method, target, headers=(), body=None, host="app", timeout=5):
+    """Like http_request, but None for any connection-level failure (for wait loops)."""
+    try:
+        return http_request(port, method, target, headers, body, host, timeout)
+    except (OSError, ValueError):
+        return None
+
+
+def wait_http(port, method, target, status, headers=(), timeout=20, what=None):
+    """Repeats a request on fresh connections until it answers <status>; returns that
+    response. The failure names the last answer."""
+    last = []
+
+    def ok():
+        r = try_http(port, method, target, headers)
+        last[:] = [r]
+        return r if r is not None and r.status == status else None
+
+    try:
+        return wait_until(ok, timeout, what or f"{method} {target} to answer {status}",
+                          interval=0.1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last answer: {last[0] if last else None}") from None
+
+
+def cert_der_sha256(pem):
+    """The hex SHA-256 of the DER of the first certificate in <pem> (what Envoy puts in the
+    Hash element of X-Forwarded-Client-Cert)."""
+    cert = x509.load_pem_x509_certificate(split_pem(pem)[0].encode())
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1147,6 +1517,7 @@ class Mesh:
         self.procs = []
         self.registered = []
         self.intentions = set()
+        self.config_entries = set()  # (kind, name) this mesh wrote besides intentions
 
     # --- names, apps ---
 
@@ -1235,6 +1606,36 @@ class Mesh:
         self.api.set_intentions(dst, {self.name(s): a for s, a in sources.items()})
         self.intentions.add(dst)
 
+    def intend_l7(self, dst_logical, sources, description=None):
+        """Writes <dst_logical>'s service-intentions entry; sources: {logical source (or
+        "*"): "allow" | "deny" | [permissions]}, each source carrying <description> when
+        given (what /authz shows as the deciding intention's description, so a test can
+        tell when its sidecar has this version)."""
+        dst = self.name(dst_logical)
+        out = []
+        for src, rule in sources.items():
+            e = {"Name": src if src == "*" else self.name(src)}
+            if isinstance(rule, str):
+                e["Action"] = rule
+            else:
+                e["Permissions"] = list(rule)
+            if description is not None:
+                e["Description"] = description
+            out.append(e)
+        self.api.set_l7_intentions(dst, out)
+        self.intentions.add(dst)
+
+    def service_defaults(self, logical, protocol, **fields):
+        """service-defaults for <logical> (write it before registering the service: the agent
+        merges it into the sidecar's Proxy.Config.protocol at registration)."""
+        self.api.set_service_defaults(self.name(logical), protocol, **fields)
+        self.config_entries.add(("service-defaults", self.name(logical)))
+
+    def set_mesh(self, request_normalization=None, **http):
+        """The agent-wide mesh config entry (removed again at close)."""
+        self.api.set_mesh(request_normalization, **http)
+        self.config_entries.add(("mesh", "mesh"))
+
     # --- teardown ---
 
     def close(self):
@@ -1249,6 +1650,11 @@ class Mesh:
             for dst in self.intentions:
                 try:
                     self.api.delete_intentions(dst)
+                except (OSError, ApiError):
+                    pass
+            for kind, name in self.config_entries:
+                try:
+                    self.api.delete_config_entry(kind, name)
                 except (OSError, ApiError):
                     pass
             for sid in self.registered:
