@@ -28,8 +28,13 @@
  * local replies use for the HTTP status (Grpc::Utility::httpToGrpcStatus): 403 -> 7
  * PERMISSION_DENIED, 503 and 504 -> 14 UNAVAILABLE, 400 -> 13 INTERNAL.
  *
- * An http service's application speaks HTTP/1.1: translating HTTP/2 streams to it is not done
- * yet, so such a stream is answered 502 (the caller may use HTTP/1.1, ALPN "http/1.1").
+ * An http service's application speaks HTTP/1.1: each HTTP/2 stream becomes an HTTP/1.1
+ * exchange on a connection of its own (struct h1leg; closed after the answer, so at most one
+ * per open stream, bounded by SETTINGS_MAX_CONCURRENT_STREAMS): the head is written from the
+ * pseudo-fields (Host from :authority) and the forwarded fields, a body without content-length
+ * is chunk-encoded, the answer is parsed with h1parse (interim answers skipped, chunked bodies
+ * decoded into DATA, Upgrade refused with 502) and its body read only while the caller's side
+ * of the stream holds under a window. CONNECT is not translated (502); trailers are dropped.
  *
  * Timers (the session's one state timer, set to the earliest deadline): local_connect_timeout_ms
  * while the application's connection is being set up (every stream on it: 503),
@@ -38,6 +43,7 @@
  * (local_idle_timeout_ms) since anything last moved.
  */
 #include "mux_h2.h"
+#include "h1parse.h"
 #include "h2.h"
 #include "log.h"
 #include "pathnorm.h"
@@ -75,21 +81,46 @@ enum app_state {
     APP_DEAD, /* failed or lost: new streams are answered 503 */
 };
 
+/*
+ * protocol http: one stream's HTTP/1.1 exchange with the application, on a connection of its
+ * own (closed after the answer; at most one per open stream, so bounded by the caller's
+ * concurrency limit).
+ */
+struct h1leg {
+    struct xprt x;
+    int writable; /* end reported writable (connect done) */
+    int connected;
+    uint64_t connect_start_ms;
+    struct buf out; /* the request: head, then body (chunk-encoded when <chunked>) */
+    struct buf in;  /* the answer as read */
+    int chunked;    /* the request body is chunk-encoded (no content-length) */
+    int req_done;   /* the whole request is in <out> */
+    int head_done;  /* the final response head went to the caller */
+    int eof;        /* the application closed */
+    enum http_method method;
+    struct body_state {
+        enum http_framing framing;
+        uint64_t remaining;
+        struct h1_chunked ch;
+    } body;
+};
+
 /* One caller stream and its application stream. */
 struct h2s {
     struct h2s *next, *prev;
-    int32_t cid;     /* on the caller's session */
-    int32_t aid;     /* on the application's session; 0 when none was opened */
-    int app_open;    /* the application's stream exists and points at this one */
-    int grpc;        /* content-type application/grpc... */
-    int local;       /* connectd answered it (403, 503, ...) */
-    int res_head;    /* a final response head was submitted to the caller */
-    int req_eof;     /* the caller's side ended */
-    int res_eof;     /* the response body in <resb> is complete */
-    int req_defer;   /* the application's session waits for request bytes (h2_resume) */
-    int res_defer;   /* the caller's session waits for response bytes */
-    struct buf reqb; /* request body bytes for the application */
-    struct buf resb; /* response body bytes for the caller */
+    int32_t cid;      /* on the caller's session */
+    int32_t aid;      /* on the application's session; 0 when none was opened */
+    int app_open;     /* the application's stream exists and points at this one */
+    struct h1leg *h1; /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
+    int grpc;         /* content-type application/grpc... */
+    int local;        /* connectd answered it (403, 503, ...) */
+    int res_head;     /* a final response head was submitted to the caller */
+    int req_eof;      /* the caller's side ended */
+    int res_eof;      /* the response body in <resb> is complete */
+    int req_defer;    /* the application's session waits for request bytes (h2_resume) */
+    int res_defer;    /* the caller's session waits for response bytes */
+    struct buf reqb;  /* request body bytes for the application */
+    struct buf resb;  /* response body bytes for the caller */
     struct fields req_tr, res_tr;
     uint64_t req_end_ms; /* when the caller's side ended; 0 until */
     enum stream_result result;
@@ -237,12 +268,28 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
 }
 
 /* Detaches the application's stream (reset with <code> unless 0 and closed already). */
+static void leg_close(struct session *s, struct h2s *x)
+{
+    struct h1leg *l = x->h1;
+    if (l == NULL)
+        return;
+    xprt_close(s->host->loop, &l->x);
+    buf_free(&l->out);
+    buf_free(&l->in);
+    free(l);
+    x->h1 = NULL;
+}
+
 static void app_stream_drop(struct session *s, struct h2s *x, uint32_t code)
 {
     struct mux_h2 *m = s->mux2;
     if (!x->app_open)
         return;
     x->app_open = 0;
+    if (x->h1 != NULL) {
+        leg_close(s, x);
+        return;
+    }
     if (m->up != NULL) {
         h2_submit_rst(m->up, x->aid, code);
         h2_stream_set_user(m->up, x->aid, NULL);
@@ -346,6 +393,302 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
         h2_submit_rst(m->down, x->cid, H2_INTERNAL_ERROR);
 }
 
+/* ---- protocol http: HTTP/2 streams as HTTP/1.1 exchanges ---- */
+
+static void resume_down(struct mux_h2 *m, struct h2s *x);
+
+static void leg_on_io(struct loop_io *io, unsigned events)
+{
+    struct h1leg *l = (struct h1leg *)((char *)io - offsetof(struct h1leg, x.io));
+    if (events & (LOOP_WRITE | LOOP_ERROR))
+        l->writable = 1;
+    session_on_io(io, events);
+}
+
+static int connection_specific(struct http_slice n)
+{
+    return name_is(n, "connection") || name_is(n, "keep-alive") || name_is(n, "proxy-connection") ||
+           name_is(n, "transfer-encoding") || name_is(n, "upgrade") || name_is(n, "te") ||
+           name_is(n, "host");
+}
+
+static enum http_method method_of(struct http_slice m)
+{
+    static const struct {
+        const char *name;
+        enum http_method m;
+    } t[] = {{"GET", HTTP_METHOD_GET},       {"HEAD", HTTP_METHOD_HEAD},
+             {"POST", HTTP_METHOD_POST},     {"PUT", HTTP_METHOD_PUT},
+             {"DELETE", HTTP_METHOD_DELETE}, {"OPTIONS", HTTP_METHOD_OPTIONS},
+             {"TRACE", HTTP_METHOD_TRACE},   {"PATCH", HTTP_METHOD_PATCH}};
+    for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++)
+        if (m.len == strlen(t[i].name) && memcmp(m.p, t[i].name, m.len) == 0)
+            return t[i].m;
+    return HTTP_METHOD_OTHER;
+}
+
+/*
+ * Opens the HTTP/1.1 exchange of stream <x> with the application: dials a connection of its
+ * own and queues the request head (<target>: the normalized path; <f>: the fields with the
+ * forwarded extras, the flagged ones left out). A body without content-length is sent chunked.
+ */
+static void leg_open(struct session *s, struct h2s *x, const struct h2_head *hd,
+                     struct http_slice target, const struct http_header *f, size_t nf)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    int unix_sock = c->local_socket_path[0] != '\0';
+    int fd = unix_sock ? sock_connect_unix(c->local_socket_path)
+                       : sock_connect(c->local_address, c->local_port);
+    if (unix_sock)
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+    else
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+    if (fd < 0) {
+        char why[400];
+        snprintf(why, sizeof(why), "connect %s: %s", s->ep_name, util_strerror(fd));
+        local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why, (struct http_slice){0});
+        return;
+    }
+    struct h1leg *l = xcalloc(1, sizeof(*l));
+    l->x.fd = fd;
+    loop_io_init(&l->x.io, fd, leg_on_io, s);
+    l->connect_start_ms = loop_now_ms(s->host->loop);
+    l->method = method_of(hd->method);
+    struct buf *o = &l->out;
+    buf_add(o, hd->method.p, hd->method.len);
+    buf_add(o, " ", 1);
+    buf_add(o, target.p, target.len);
+    buf_add(o, " HTTP/1.1\r\nhost: ", 17);
+    buf_add(o, hd->authority.p, hd->authority.len);
+    buf_add(o, "\r\n", 2);
+    for (size_t i = 0; i < nf; i++) {
+        if ((f[i].flags & (HTTP_HDR_HOP | HTTP_HDR_DROP)) || connection_specific(f[i].name))
+            continue;
+        buf_add(o, f[i].name.p, f[i].name.len);
+        buf_add(o, ": ", 2);
+        buf_add(o, f[i].value.p, f[i].value.len);
+        buf_add(o, "\r\n", 2);
+    }
+    l->chunked = !hd->end_stream && hd->content_length < 0;
+    if (l->chunked)
+        buf_add(o, "transfer-encoding: chunked\r\n", 28);
+    buf_add(o, "\r\n", 2);
+    l->req_done = hd->end_stream;
+    x->h1 = l;
+    x->app_open = 1;
+}
+
+/* The stream's exchange failed: 503 before the response head, else the caller's stream is
+ * reset. */
+static void leg_fail(struct session *s, struct h2s *x, enum stream_result r, const char *why)
+{
+    struct mux_h2 *m = s->mux2;
+    if (!x->res_head) {
+        local_answer(s, x, r, why, (struct http_slice){0});
+        return;
+    }
+    set_why(x, why);
+    x->local = 1;
+    x->result = STREAM_RES_ABORTED;
+    leg_close(s, x);
+    x->app_open = 0;
+    h2_submit_rst(m->down, x->cid, H2_INTERNAL_ERROR);
+}
+
+/* Moves response body bytes from the leg's input to the stream's <resb>. 0, or -1 after
+ * failing the stream. */
+static int leg_body(struct session *s, struct h2s *x)
+{
+    struct h1leg *l = x->h1;
+    struct body_state *b = &l->body;
+    const char *why = NULL;
+    size_t used = 0;
+    if (b->framing == HTTP_BODY_LENGTH || b->framing == HTTP_BODY_UNTIL_CLOSE) {
+        size_t n = l->in.len;
+        if (b->framing == HTTP_BODY_LENGTH && b->remaining < n)
+            n = (size_t)b->remaining;
+        buf_add(&x->resb, l->in.p, n);
+        if (b->framing == HTTP_BODY_LENGTH)
+            b->remaining -= n;
+        used = n;
+        x->res_eof = b->framing == HTTP_BODY_LENGTH ? b->remaining == 0 : l->eof && l->in.len == n;
+    } else if (b->framing == HTTP_BODY_CHUNKED) {
+        while (used < l->in.len && !h1_chunked_done(&b->ch)) {
+            struct http_slice d = {0};
+            ssize_t n = h1_chunked_decode(&b->ch, l->in.p + used, l->in.len - used, &d, &why);
+            if (n < 0) {
+                leg_fail(s, x, STREAM_RES_BAD_RESPONSE, "bad chunked body from the application");
+                return -1;
+            }
+            if (n == 0)
+                break;
+            buf_add(&x->resb, d.p, d.len);
+            used += (size_t)n;
+        }
+        x->res_eof = h1_chunked_done(&b->ch);
+    } else {
+        x->res_eof = 1;
+    }
+    buf_consume(&l->in, used);
+    if (l->eof && !x->res_eof && l->in.len == 0) {
+        leg_fail(s, x, STREAM_RES_ABORTED, "the application closed in the middle of its answer");
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses the response head in the leg's input; 1 when one went to the caller, 0 when more is
+ * needed, -1 after failing the stream. */
+static int leg_head(struct session *s, struct h2s *x)
+{
+    struct mux_h2 *m = s->mux2;
+    struct h1leg *l = x->h1;
+    struct http_header h[H2_DEFAULT_MAX_HEADERS];
+    struct http_response rs = {.headers = h, .headers_cap = H2_DEFAULT_MAX_HEADERS};
+    const char *why = NULL;
+    char msg[300];
+    for (;;) {
+        int rc = h1_parse_response(l->in.p, l->in.len, H1_HEAD_MAX, l->method, &rs, &why);
+        if (rc == -EAGAIN) {
+            if (l->eof) {
+                leg_fail(s, x, STREAM_RES_LOCAL_RESET, "the application closed before its answer");
+                return -1;
+            }
+            return 0;
+        }
+        if (rc < 0 || rs.status == 101 || rs.framing == HTTP_BODY_TUNNEL) {
+            snprintf(msg, sizeof(msg), "bad response from the application: %s",
+                     why != NULL ? why : "an upgrade");
+            leg_fail(s, x, STREAM_RES_BAD_RESPONSE, msg);
+            return -1;
+        }
+        if (rs.status < 200) {
+            buf_consume(&l->in, (size_t)rc);
+            continue;
+        }
+        int has_body = !(rs.framing == HTTP_BODY_NONE ||
+                         (rs.framing == HTTP_BODY_LENGTH && rs.content_length == 0));
+        struct h2_out_head oh = {.status = rs.status, .headers = h, .nheaders = rs.nheaders};
+        x->st.status = rs.status;
+        x->res_head = 1;
+        l->head_done = 1;
+        l->body.framing = has_body ? rs.framing : HTTP_BODY_NONE;
+        l->body.remaining = rs.content_length;
+        h1_chunked_init(&l->body.ch);
+        if (h2_submit_response(m->down, x->cid, &oh, has_body) != 0) {
+            leg_fail(s, x, STREAM_RES_BAD_RESPONSE, "the response head cannot be forwarded");
+            return -1;
+        }
+        buf_consume(&l->in, (size_t)rc);
+        return 1;
+    }
+}
+
+/* Runs every stream's HTTP/1.1 exchange once. Returns whether anything moved. */
+static int legs_pump(struct session *s)
+{
+    struct mux_h2 *m = s->mux2;
+    int progress = 0;
+    char why[400];
+    for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+        struct h1leg *l = x->h1;
+        unsigned wants = 0;
+        if (l == NULL)
+            continue;
+        if (!l->connected) {
+            if (!l->writable) {
+                loop_io_want(s->host->loop, &l->x.io, LOOP_WRITE);
+                continue;
+            }
+            int rc = sock_connect_result(l->x.fd);
+            if (rc != 0) {
+                snprintf(why, sizeof(why), "connect %s: %s", s->ep_name, util_strerror(rc));
+                leg_fail(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why);
+                progress = 1;
+                continue;
+            }
+            l->connected = 1;
+            progress = 1;
+        }
+        /* The request body: the caller's DATA, given back to its window once queued here. */
+        while (!l->req_done && x->reqb.len > 0 && l->out.len < OUT_MAX) {
+            size_t n = x->reqb.len < IO_CHUNK ? x->reqb.len : IO_CHUNK;
+            if (l->chunked) {
+                char hex[24];
+                int k = snprintf(hex, sizeof(hex), "%zx\r\n", n);
+                buf_add(&l->out, hex, (size_t)k);
+            }
+            buf_add(&l->out, x->reqb.p, n);
+            if (l->chunked)
+                buf_add(&l->out, "\r\n", 2);
+            buf_consume(&x->reqb, n);
+            h2_consume(m->down, x->cid, n);
+            progress = 1;
+        }
+        if (!l->req_done && x->reqb.len == 0 && x->req_eof) {
+            if (l->chunked)
+                buf_add(&l->out, "0\r\n\r\n", 5);
+            l->req_done = 1;
+        }
+        if (l->out.len > 0) {
+            ssize_t n = xprt_write(&l->x, l->out.p, l->out.len);
+            if (n > 0) {
+                buf_consume(&l->out, (size_t)n);
+                progress = 1;
+            } else if (n == -EAGAIN) {
+                wants |= LOOP_WRITE;
+            } else if (!l->head_done) {
+                /* It may still answer (a 413, say): the rest of the request is dropped. */
+                l->out.len = 0;
+                l->req_done = 1;
+            }
+        }
+        /* The answer: read while the caller's side has room for it. */
+        size_t cap = l->head_done ? IO_CHUNK : H1_HEAD_MAX + IO_CHUNK;
+        if (!l->eof && l->in.len < cap && x->resb.len < H2_DEFAULT_STREAM_WINDOW_BYTES) {
+            buf_reserve(&l->in, l->in.len + IO_CHUNK);
+            size_t room = cap - l->in.len < IO_CHUNK ? cap - l->in.len : IO_CHUNK;
+            ssize_t n = xprt_read(&l->x, l->in.p + l->in.len, room);
+            if (n > 0) {
+                l->in.len += (size_t)n;
+                progress = 1;
+            } else if (n == -EAGAIN) {
+                wants |= LOOP_READ;
+            } else {
+                l->eof = 1;
+                progress = 1;
+            }
+        }
+        if (!l->head_done) {
+            int h = leg_head(s, x);
+            if (h < 0)
+                continue;
+            if (h == 0) {
+                if (l->in.len >= cap) {
+                    leg_fail(s, x, STREAM_RES_BAD_RESPONSE, "response head too large");
+                    continue;
+                }
+                loop_io_want(s->host->loop, &l->x.io, wants);
+                continue;
+            }
+            progress = 1;
+        }
+        size_t before = x->resb.len;
+        if (!x->res_eof && leg_body(s, x) < 0)
+            continue;
+        if (x->resb.len != before || x->res_eof)
+            resume_down(m, x);
+        if (x->res_eof) {
+            /* The answer is complete: the connection is not reused. */
+            leg_close(s, x);
+            x->app_open = 0;
+            continue;
+        }
+        loop_io_want(s->host->loop, &l->x.io, wants);
+    }
+    return progress;
+}
+
 /* ---- the caller's session (server) ---- */
 
 static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const struct h2_head *hd,
@@ -404,14 +747,12 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         goto out;
     }
     set_why(x, why);
-    if (s->snap->cfg.protocol == PROTO_HTTP) {
+    if (s->snap->cfg.protocol == PROTO_HTTP && connect) {
         local_answer(s, x, STREAM_RES_BAD_RESPONSE,
-                     "HTTP/2 to an http service: its HTTP/1.1 application is not reached over "
-                     "HTTP/2 (not translated yet)",
-                     t);
+                     "CONNECT over HTTP/2 to an http service is not translated to HTTP/1.1", t);
         goto out;
     }
-    if (m->app == APP_DEAD || m->up == NULL) {
+    if (s->snap->cfg.protocol != PROTO_HTTP && (m->app == APP_DEAD || m->up == NULL)) {
         local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, m->app_why, t);
         goto out;
     }
@@ -435,6 +776,10 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         stream_new_request_id(&x->st);
         f[nf++] = (struct http_header){.name = {"x-request-id", 12},
                                        .value = {x->st.request_id, strlen(x->st.request_id)}};
+    }
+    if (s->snap->cfg.protocol == PROTO_HTTP) {
+        leg_open(s, x, hd, t, f, nf);
+        goto out;
     }
     struct h2_out_head oh = {
         .method = hd->method,
@@ -553,7 +898,7 @@ static ssize_t down_read_body(struct h2_session *hs, int32_t cid, void *su, uint
         memcpy(buf, x->resb.p, n);
         buf_consume(&x->resb, n);
         x->st.bytes_out += n;
-        if (x->app_open && m->up != NULL)
+        if (x->app_open && x->h1 == NULL && m->up != NULL)
             h2_consume(m->up, x->aid, n);
     }
     if (x->resb.len == 0 && x->res_eof) {
@@ -773,7 +1118,7 @@ static void app_fail(struct session *s, enum stream_result r, const char *why)
     struct h2_session *up = m->up;
     m->up = NULL; /* app_stream_drop() and local_answer() leave it alone now */
     for (struct h2s *x = m->streams; x != NULL; x = x->next) {
-        if (!x->app_open)
+        if (!x->app_open || x->h1 != NULL)
             continue;
         x->app_open = 0;
         h2_consume(m->down, x->cid, x->reqb.len);
@@ -843,6 +1188,9 @@ static uint64_t deadline(const struct session *s, enum deadline *kind)
     } while (0)
     if (m->app == APP_CONNECTING)
         CONSIDER(m->connect_start_ms + c->local_connect_timeout_ms, DL_CONNECT);
+    for (const struct h2s *x = m->streams; x != NULL; x = x->next)
+        if (x->h1 != NULL && !x->h1->connected)
+            CONSIDER(x->h1->connect_start_ms + c->local_connect_timeout_ms, DL_CONNECT);
     if (c->local_request_timeout_ms != 0)
         for (const struct h2s *x = m->streams; x != NULL; x = x->next)
             if (x->app_open && x->req_end_ms != 0 && !x->res_eof)
@@ -987,6 +1335,10 @@ static void pump(struct session *s)
                 progress = 1;
             }
         }
+        if (legs_pump(s))
+            progress = 1;
+        if (s->state == S_DONE)
+            return;
         int f = fill(m->down, &m->cout);
         if (f < 0)
             caller_failed(s);
@@ -1071,7 +1423,12 @@ static void mux_on_timer(struct session *s)
     case DL_CONNECT:
         snprintf(why, sizeof(why), "connect %s timed out (local_connect_timeout_ms %lu)",
                  s->ep_name, (unsigned long)c->local_connect_timeout_ms);
-        app_fail(s, STREAM_RES_LOCAL_CONNECT_ERROR, why);
+        if (m->app == APP_CONNECTING && m->connect_start_ms + c->local_connect_timeout_ms <= now)
+            app_fail(s, STREAM_RES_LOCAL_CONNECT_ERROR, why);
+        for (struct h2s *x = m->streams; x != NULL; x = x->next)
+            if (x->h1 != NULL && !x->h1->connected &&
+                x->h1->connect_start_ms + c->local_connect_timeout_ms <= now)
+                leg_fail(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why);
         break;
     case DL_REQUEST:
         snprintf(why, sizeof(why), "no complete answer in %lu ms (local_request_timeout_ms)",
@@ -1110,9 +1467,13 @@ static void mux_start(struct session *s)
     snprintf(m->xfcc, sizeof(m->xfcc), "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
     struct h2_limits lim = {.max_header_list_bytes = c->max_request_headers_kb * 1024u};
     m->down = h2_session_new(H2_SERVER, &lim, &down_cb, s);
-    m->up = h2_session_new(H2_CLIENT, NULL, &up_cb, s);
+    if (c->protocol != PROTO_HTTP)
+        m->up = h2_session_new(H2_CLIENT, NULL, &up_cb, s);
     s->last_io_ms = loop_now_ms(s->host->loop);
-    connect_app(s);
+    if (c->protocol == PROTO_HTTP)
+        m->app = APP_DEAD; /* each stream dials its own HTTP/1.1 connection (leg_open) */
+    else
+        connect_app(s);
     /* The preface read to tell HTTP/2 from HTTP/1 (session.c's sniffing) goes first. */
     if (s->buf[0].len > 0 &&
         h2_feed(m->down, (const uint8_t *)s->buf[0].data + s->buf[0].off, s->buf[0].len) < 0)
@@ -1129,6 +1490,8 @@ static void mux_on_finish(struct session *s, const char *reason)
     struct mux_h2 *m = s->mux2;
     if (m == NULL)
         return;
+    for (struct h2s *x = m->streams; x != NULL; x = x->next)
+        leg_close(s, x);
     for (struct h2s *x = m->streams; x != NULL; x = x->next)
         stream_finish(s, &x->st,
                       x->local && x->res_eof && x->resb.len == 0 ? x->result : STREAM_RES_ABORTED,

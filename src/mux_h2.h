@@ -4,7 +4,7 @@
  * inbound session once the caller's identity is verified, serves the caller's streams with an
  * HTTP/2 server session (h2.h), authorizes each request (stream.h), and forwards allowed ones
  * over one HTTP/2 prior-knowledge (h2c) connection to the local application, streams mapped
- * one to one.
+ * one to one (http2, grpc), or as HTTP/1.1 exchanges, one connection each (http).
  *
  * Worker thread only.
  */

@@ -271,7 +271,6 @@ def l7_pair(m, protocol, app_port, proxy_config=None, db_args=()):
     db_name = m.name("db")
     assert m.api.put("/v1/config", {"Kind": "service-defaults", "Name": db_name,
                                     "Protocol": protocol}) is True
-    m.config_entries = getattr(m, "config_entries", []) + [db_name]
     db = m.add("db", app_port=app_port, proxy_config={"protocol": protocol, **(proxy_config or {})},
                start=False)
     m.start(db, extra_args=db_args)
@@ -572,18 +571,39 @@ def test_http2_caller_reset_reaches_app_and_rapid_reset_ends_connection(mesh):
         drop_defaults(m)
 
 
-def test_http2_to_http_service_is_502_until_translated(mesh):
-    """An http service's app speaks HTTP/1.1 and HTTP/2 streams are not translated to it yet:
-    connectd answers such a stream 502 itself (documented as left) while HTTP/1.1 callers of
-    the same service are served. Before mux_h2 the h2c bytes went to the HTTP/1.1 codec,
-    which answered in HTTP/1.1, so no HTTP/2 answer came back at all."""
-    m = mesh
-    app = m.app(H2App)
+def test_http2_to_http_service_is_translated_to_http11(mesh):
+    """An http service's app speaks HTTP/1.1: an HTTP/2 caller's streams are translated, each
+    to an HTTP/1.1 exchange of its own: the app sees an HTTP/1.1 request with Host from
+    :authority and XFCC; a body without content-length goes chunked; a chunked answer is
+    decoded into DATA; a 3 MB answer moves under back-pressure; an HTTP/1.1 caller of the same
+    service is served as before. (Before mux_h2 the h2c bytes reached the HTTP/1.1 codec,
+    which answered in HTTP/1.1: no HTTP/2 answer at all.)"""
+    from test_l7_inbound import HttpApp, try_get
+    m, api = mesh, mesh.api
+    app = m.app(HttpApp)
     try:
         db, web = l7_pair(m, "http", app.port)
-        wait_until(lambda: try_h2(web.up["db"]) is not None, 30, "an answer through the mesh")
-        status, _, body, _ = h2_get(web.up["db"], "/x")
-        assert status == 502 and b"protocol error" in body, (status, body)
+        wait_until(lambda: try_h2(web.up["db"]) == 200, 30, "an h2c request through the mesh")
+        with socket.create_connection((LOOPBACK, web.up["db"]), timeout=30) as s:
+            c = H2Client(s)
+            status, rh, body, _ = c.request("/hello?x=1", headers=[("x-request-id", "r-1")])
+            assert status == 200, body
+            seen = json.loads(body)
+            h = seen["headers"]
+            assert seen["version"] == "HTTP/1.1" and seen["target"] == "/hello?x=1", seen
+            assert h["host"] == ["db"] and h["x-request-id"] == ["r-1"], h
+            assert h["x-forwarded-client-cert"] == [xfcc_of(api, db, web)], h
+            status, _, body, _ = c.request("/post", method="POST", body=b"z" * 100000)
+            seen = json.loads(body)
+            assert status == 200 and seen["body_len"] == 100000, seen
+            assert seen["headers"]["transfer-encoding"] == ["chunked"], seen
+            status, _, body, _ = c.request("/chunked?n=50000")
+            assert status == 200 and body == bytes(i % 251 for i in range(50000))
+            status, _, body, _ = c.request("/big?n=3000000")
+            assert status == 200 and len(body) == 3000000
+            status, _, body, _ = c.request("/after")
+            assert status == 200
+        assert try_get(web.up["db"]) == 200
     finally:
         drop_defaults(m)
 
