@@ -88,7 +88,8 @@ enum app_state {
  */
 struct h1leg {
     struct xprt x;
-    int writable; /* end reported writable (connect done) */
+    struct loop_defer reap; /* freed after the loop's round: its io may be in the batch */
+    int writable;           /* end reported writable (connect done) */
     int connected;
     uint64_t connect_start_ms;
     struct buf out; /* the request: head, then body (chunk-encoded when <chunked>) */
@@ -268,6 +269,13 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
 }
 
 /* Detaches the application's stream (reset with <code> unless 0 and closed already). */
+static void leg_free(struct loop_defer *d)
+{
+    free((char *)d - offsetof(struct h1leg, reap));
+}
+
+/* Closes the stream's HTTP/1.1 connection; the leg's memory goes after the loop's current
+ * round, since an event for its descriptor may still be in the batch being dispatched. */
 static void leg_close(struct session *s, struct h2s *x)
 {
     struct h1leg *l = x->h1;
@@ -276,8 +284,8 @@ static void leg_close(struct session *s, struct h2s *x)
     xprt_close(s->host->loop, &l->x);
     buf_free(&l->out);
     buf_free(&l->in);
-    free(l);
     x->h1 = NULL;
+    loop_defer(s->host->loop, &l->reap, leg_free);
 }
 
 static void app_stream_drop(struct session *s, struct h2s *x, uint32_t code)
