@@ -630,7 +630,7 @@ def test_http2_large_bodies_and_many_concurrent_streams(mesh):
         drop_defaults(m)
 
 
-def test_grpc_large_streamed_response_with_slow_reader(mesh):
+def test_grpc_large_streamed_response(mesh):
     """200 messages of 64 KiB (12.5 MiB, ~50 stream windows) streamed by the app reach the
     client whole and in order: the response moves only as far as the caller's window lets
     connectd pass it on and give the app's window back (h2_consume on the other leg)."""
