@@ -69,6 +69,8 @@ size_t alog_format_line(char *buf, size_t cap, enum alog_format fmt, const struc
         field_str(&b, fmt, "authority", r->authority);
         field_str(&b, fmt, "path", r->path);
         field_u64(&b, fmt, "status", (uint64_t)(r->status > 0 ? r->status : 0));
+        if (r->grpc_status != NULL)
+            field_str(&b, fmt, "grpc_status", r->grpc_status);
         field_str(&b, fmt, "request_id", r->request_id);
         field_u64(&b, fmt, "stream", r->stream);
     }

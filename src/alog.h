@@ -36,13 +36,14 @@ struct alog_rec {
     uint64_t conn;
     unsigned worker;
     /* A request record (L7): <method> set; the fields below are written only then. */
-    const char *protocol;   /* "HTTP/1.1", "HTTP/1.0" */
-    const char *method;     /* as sent */
-    const char *authority;  /* Host */
-    const char *path;       /* the request target as sent (escaped and cut like every value) */
-    const char *request_id; /* X-Request-Id as forwarded */
-    int status;             /* the status answered; 0 when none was */
-    uint64_t stream;        /* the request's number on its connection, from 1 */
+    const char *protocol;    /* "HTTP/1.1", "HTTP/1.0" */
+    const char *method;      /* as sent */
+    const char *authority;   /* Host */
+    const char *path;        /* the request target as sent (escaped and cut like every value) */
+    const char *request_id;  /* X-Request-Id as forwarded */
+    int status;              /* the status answered; 0 when none was */
+    const char *grpc_status; /* gRPC: the grpc-status answered; NULL when none was */
+    uint64_t stream;         /* the request's number on its connection, from 1 */
 };
 
 /* Longest line alog_format_line writes, newline included. */

@@ -1066,3 +1066,14 @@ size_t h2_open_streams(const struct h2_session *s)
 {
     return s->nstreams;
 }
+
+int h2_preface_check(const void *p, size_t n)
+{
+    static const char preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    size_t k = n < H2_PREFACE_LEN ? n : H2_PREFACE_LEN;
+    if (k == 0)
+        return 0;
+    if (memcmp(p, preface, k) != 0)
+        return -1;
+    return n >= H2_PREFACE_LEN ? 1 : 0;
+}

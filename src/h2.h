@@ -284,4 +284,13 @@ int64_t h2_send_window(const struct h2_session *s, int32_t stream_id);
 /* Streams open on the session now. */
 size_t h2_open_streams(const struct h2_session *s);
 
+/* The client connection preface's length ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"). */
+#define H2_PREFACE_LEN 24u
+/*
+ * Whether the first <n> bytes a client sent on a connection start HTTP/2 (prior knowledge):
+ * 1 when they hold the whole preface, 0 when they are a proper prefix of it (more bytes are
+ * needed to tell), -1 when they are not (HTTP/1.x, say). Used to pick a codec without ALPN.
+ */
+int h2_preface_check(const void *p, size_t n);
+
 #endif

@@ -1226,6 +1226,13 @@ static void mux_start(struct session *s)
     snprintf(m->xfcc, sizeof(m->xfcc), "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
     s->last_io_ms = loop_now_ms(s->host->loop);
     next_stream(s);
+    /* The bytes read to tell HTTP/1 from HTTP/2 (session.c's sniffing) start the first head. */
+    if (s->buf[0].len > 0) {
+        buf_add(&m->cin, s->buf[0].data + s->buf[0].off, s->buf[0].len);
+        m->head_start_ms = s->last_io_ms;
+        s->buf[0].len = 0;
+    }
+    session_buf_give_back(s->host, &s->buf[0]);
     pump(s);
 }
 

@@ -299,9 +299,10 @@ static const struct key_def keys[] = {
      .def = PROTO_TCP,
      .names = protocols,
      .doc = "Service protocol (the agent merges service-defaults and proxy-defaults into it): "
-            "tcp relays bytes and authorizes each connection; http parses every inbound "
-            "request (HTTP/1.1 over the mesh's mTLS) and authorizes each request, answering 403 "
-            "on a deny; http2 and grpc are relayed at L4 for now (a warning says so). A change "
+            "tcp relays bytes and authorizes each connection; http, http2 and grpc parse every "
+            "inbound request (HTTP/1.1 or HTTP/2 over the mesh's mTLS, by ALPN or the first "
+            "bytes) and authorize each request, answering 403 on a deny (gRPC: grpc-status 7); "
+            "the application is spoken to in HTTP/1.1 (http) or h2c (http2, grpc). A change "
             "applies to new connections."},
     {.name = "max_request_headers_kb",
      .scope = SCOPE_PROXY,
@@ -765,10 +766,6 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
         rc = fail(err, errlen, "Proxy.Config: tls_max_version is below tls_min_version");
         goto out;
     }
-    if (out->protocol == PROTO_HTTP2 || out->protocol == PROTO_GRPC)
-        warn(out, xasprintf("Proxy.Config: protocol \"%s\" is relayed at L4 (tcp) until the "
-                            "HTTP/2 codec is wired into sessions; intentions apply per connection",
-                            out->protocol == PROTO_GRPC ? "grpc" : "http2"));
     out->local_socket_path = xstrdup(out->local_port == 0 ? svc->local_service_socket_path : "");
     out->bind_socket_path = xstrdup(out->bind_port == 0 ? svc->socket_path : "");
     if (out->bind_socket_path[0] != '\0' &&

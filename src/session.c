@@ -36,6 +36,7 @@
 #include "session.h"
 #include "session_int.h"
 #include "alog.h"
+#include "h2.h"
 #include "limit.h"
 #include "log.h"
 #include "sock.h"
@@ -108,6 +109,8 @@ static void reap(struct loop_defer *d)
     }
     if (s->mux != NULL)
         s->mux_free(s->mux);
+    if (s->mux2 != NULL)
+        s->mux2_free(s->mux2);
     free(s->caller);
     snapshot_unref(s->snap);
     free(s->upstream_key);
@@ -489,7 +492,86 @@ static int trust_domain_refused(const struct session *s, const char *prefix, cha
  */
 static int serves_http(const struct session *s)
 {
-    return s->inbound && s->snap->cfg.protocol == PROTO_HTTP && s->host->muxes.http1 != NULL;
+    return s->inbound && s->snap->cfg.protocol != PROTO_TCP && s->host->muxes.http1 != NULL;
+}
+
+/*
+ * Protocol sniffing for an L7 session whose handshake negotiated no ALPN (a caller such as an
+ * L4 sidecar relaying its application's bytes): the first bytes decide, HTTP/2's connection
+ * preface for mux_h2, anything else for mux_h1. At most H2_PREFACE_LEN bytes are read, into
+ * buf[0], where the chosen codec takes them from. A caller that sends nothing within
+ * request_headers_timeout_ms is handed to mux_h1, which answers 408 or times out idle.
+ */
+static void sniff_done(struct session *s, int h2)
+{
+    loop_timer_stop(s->host->loop, &s->timer);
+    const struct session_mux *m = h2 ? s->host->muxes.http2 : s->host->muxes.http1;
+    LOG_DEBUG("conn=%llu in: %s by its first bytes", (unsigned long long)s->id, m->name);
+    m->start(s);
+}
+
+static void sniff_advance(struct session *s)
+{
+    struct relay_buf *b = &s->buf[0];
+    if (b->data == NULL)
+        session_buf_take(s->host, b);
+    for (;;) {
+        int v = h2_preface_check(b->data, b->len);
+        if (v != 0) {
+            sniff_done(s, v > 0);
+            return;
+        }
+        ssize_t n = xprt_read(&s->end[0], b->data + b->len, H2_PREFACE_LEN - b->len);
+        if (n > 0) {
+            b->len += (size_t)n;
+            s->bytes[0] += (uint64_t)n;
+            STAT_ADD(s->lstat->bytes_in, (uint64_t)n);
+            s->last_io_ms = loop_now_ms(s->host->loop);
+        } else if (n == 0) {
+            session_finish(s, SESSION_RES_OK, "closed before its first request");
+            return;
+        } else if (n == -EAGAIN) {
+            session_want(s, 0, xprt_wants(&s->end[0], LOOP_READ));
+            return;
+        } else {
+            session_finish(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
+            return;
+        }
+    }
+}
+
+static void sniff_on_timer(struct session *s)
+{
+    sniff_done(s, 0);
+}
+
+static const struct session_mux sniff_mux = {
+    .name = "sniff",
+    .start = sniff_advance,
+    .advance = sniff_advance,
+    .on_timer = sniff_on_timer,
+};
+
+/*
+ * Hands an L7 session to its codec: by the ALPN protocol its handshake selected ("h2":
+ * mux_h2, "http/1.1": mux_h1), else by its first bytes (sniff_mux). Any L7 protocol may get
+ * either: an http service may be called over HTTP/2 and a grpc one over HTTP/1.1.
+ */
+static void start_l7(struct session *s)
+{
+    char alpn[32];
+    int n = tls_conn_alpn(s->end[0].tls, alpn, sizeof(alpn));
+    if (s->host->muxes.http2 == NULL || (n > 0 && strcmp(alpn, "h2") != 0)) {
+        s->host->muxes.http1->start(s);
+    } else if (n > 0) {
+        s->host->muxes.http2->start(s);
+    } else {
+        s->carrier = &sniff_mux;
+        session_set_state(s, S_HTTP);
+        s->last_io_ms = loop_now_ms(s->host->loop);
+        loop_timer_start(s->host->loop, &s->timer, s->snap->cfg.request_headers_timeout_ms);
+        sniff_advance(s);
+    }
 }
 
 /* Posts a question about the session's caller to the control thread. */
@@ -555,7 +637,7 @@ void session_authorize_answer(struct authq_req *r)
             if (trust_domain_refused(s, "", why, sizeof(why)))
                 fail_inbound(s, SESSION_HS_TRUST_DOMAIN, SESSION_RES_BAD_IDENTITY, why);
             else
-                s->host->muxes.http1->start(s);
+                start_l7(s);
             authq_req_free(r);
             return;
         }
@@ -657,7 +739,7 @@ static void authorize(struct session *s)
     if (serves_http(s)) {
         LOG_DEBUG("conn=%llu in %s: HTTP, authorized per request", (unsigned long long)s->id,
                   LOG_ESC(s->caller));
-        s->host->muxes.http1->start(s);
+        start_l7(s);
         return;
     }
     struct intent_decision d =
@@ -1397,6 +1479,7 @@ void session_start_inbound(struct session_host *h, int fd, const char *peer)
         session_finish(s, SESSION_RES_ERROR, "cannot allocate a TLS connection");
         return;
     }
+    tls_conn_set_alpn_l7(s->end[0].tls, serves_http(s));
     session_set_state(s, S_TLS_HANDSHAKE);
     loop_timer_start(h->loop, &s->timer, s->snap->cfg.handshake_timeout_ms);
     advance(s);

@@ -33,6 +33,8 @@ struct session_counters {
     atomic_uint_fast64_t refused_descriptors;     /* would eat into the descriptor reserve */
     atomic_uint_fast64_t reauthorized;            /* sessions re-evaluated (periodic or change) */
     atomic_uint_fast64_t reauthorize_closed;      /* sessions a re-evaluation ended */
+    atomic_uint_fast64_t h2_protocol_closed;      /* HTTP/2 callers ended for a protocol
+                                                     error or a flood (rapid reset, ...) */
 };
 
 /*
@@ -185,6 +187,7 @@ struct session_mux;
 struct session_muxes {
     const struct session_mux *relay;
     const struct session_mux *http1;
+    const struct session_mux *http2; /* NULL: HTTP/2 callers are not told apart (mux_h1) */
 };
 
 /* What a worker lends its sessions. */

@@ -40,6 +40,7 @@ struct relay_buf {
 };
 
 struct mux_h1;
+struct mux_h2;
 
 /*
  * What carries a session's bytes once its legs are up, as HAProxy's muxes: relay.c (L4) and
@@ -89,9 +90,11 @@ struct session {
     /* authorize mode, L7: the agent's last answer about the caller, which each request obeys
      * (the agent answers per connection, not per request). */
     int agent_allowed;
-    const struct session_mux *carrier;  /* RELAY, HTTP: what runs the session now */
-    struct mux_h1 *mux;                 /* HTTP: the codec's state; owned, freed by its end */
-    void (*mux_free)(struct mux_h1 *m); /* how reap() frees <mux> */
+    const struct session_mux *carrier;   /* RELAY, HTTP: what runs the session now */
+    struct mux_h1 *mux;                  /* HTTP: the codec's state; owned, freed by its end */
+    void (*mux_free)(struct mux_h1 *m);  /* how reap() frees <mux> */
+    struct mux_h2 *mux2;                 /* HTTP over HTTP/2: mux_h2's state; owned */
+    void (*mux2_free)(struct mux_h2 *m); /* how reap() frees <mux2> */
     /* Set when the handshake or the caller's identity failed: how finish() counts it. */
     int hs_failed;
     enum session_handshake_reason hs_reason;

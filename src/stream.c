@@ -155,7 +155,7 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     st->done = 1;
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
-    const char *proto = st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
+    const char *proto = st->h2 ? "HTTP/2" : st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
     const char *upstream = s->inbound || s->up == NULL ? NULL : s->up->cfg->destination_name;
     LOG_DEBUG("conn=%llu stream=%llu %s src=%s %s %s %s status=%d result=%s reason=%s "
               "bytes_in=%llu bytes_out=%llu duration_ms=%llu request_id=%s",
@@ -192,6 +192,7 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
         .path = st->path,
         .request_id = st->request_id[0] ? st->request_id : NULL,
         .status = st->status,
+        .grpc_status = st->grpc_status[0] ? st->grpc_status : NULL,
         .stream = st->seq,
     };
     alog_write(&rec);

@@ -62,10 +62,12 @@ struct stream {
     char authority[STREAM_AUTHORITY_MAX];
     char path[STREAM_PATH_MAX];
     char request_id[STREAM_REQUEST_ID_MAX];
-    int status;         /* the final status sent to the caller; 0 until then */
-    uint64_t bytes_in;  /* request bytes read from the caller (head and body) */
-    uint64_t bytes_out; /* response bytes written to the caller (head and body) */
-    int done;           /* stream_finish() ran */
+    int status;          /* the final status sent to the caller; 0 until then */
+    uint64_t bytes_in;   /* request bytes read from the caller (head and body) */
+    uint64_t bytes_out;  /* response bytes written to the caller (head and body) */
+    int done;            /* stream_finish() ran */
+    int h2;              /* carried over HTTP/2 (mux_h2) */
+    char grpc_status[8]; /* gRPC: the grpc-status answered; "" when none was */
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

@@ -84,6 +84,7 @@ struct tls_conn {
     int fatal;           /* SSL_ERROR_SSL/SYSCALL seen: SSL_shutdown() must not be called */
     const char *preset;  /* a failure found before any I/O, reported by tls_handshake() */
     enum tls_failure failure; /* the class of the last failure (conn_fail) */
+    int alpn_l7;              /* server: select "h2" or "http/1.1" when the client offers them */
     char err[512];
 };
 
@@ -284,6 +285,29 @@ static SSL_SESSION *session_take(struct tls_ctx *ctx, const char *key)
  * kept: OpenSSL marks the connection's own object unusable when the connection ends without
  * close_notify, which must not cost the next connection its resumption.
  */
+/*
+ * Server ALPN: an L7 service (tls_conn_set_alpn_l7) selects "h2" before "http/1.1" among what
+ * the client offers, as Envoy's inbound listener does; a tcp service, or a client offering
+ * neither, negotiates nothing (no alert: ALPN stays optional on the mesh hop).
+ */
+static int on_alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                          const unsigned char *in, unsigned inlen, void *arg)
+{
+    static const unsigned char ours[] = "\x02h2\x08http/1.1";
+    const struct tls_conn *c = SSL_get_app_data(ssl);
+    unsigned char *sel = NULL;
+    unsigned char sel_len = 0;
+    (void)arg;
+    if (c == NULL || !c->alpn_l7)
+        return SSL_TLSEXT_ERR_NOACK;
+    if (SSL_select_next_proto(&sel, &sel_len, ours, sizeof(ours) - 1, in, inlen) !=
+        OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK;
+    *out = sel;
+    *outlen = sel_len;
+    return SSL_TLSEXT_ERR_OK;
+}
+
 static int on_new_session(SSL *ssl, SSL_SESSION *sess)
 {
     const struct tls_conn *c = SSL_get_app_data(ssl);
@@ -680,6 +704,7 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
      * verified them. The session id context is required once client certificates are verified.
      */
     SSL_CTX_set_options(server, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_TICKET);
+    SSL_CTX_set_alpn_select_cb(server, on_alpn_select, NULL);
     SSL_CTX_set_session_cache_mode(server, SSL_SESS_CACHE_SERVER);
     SSL_CTX_sess_set_cache_size(server, TLS_SESSION_CACHE_SIZE);
     SSL_CTX_set_num_tickets(server, 1);
@@ -1117,6 +1142,25 @@ int tls_conn_peer_cert_sha256_hex(const struct tls_conn *c, char *buf, size_t le
     }
     buf[64] = '\0';
     return 64;
+}
+
+void tls_conn_set_alpn_l7(struct tls_conn *c, int on)
+{
+    c->alpn_l7 = on != 0;
+}
+
+int tls_conn_alpn(const struct tls_conn *c, char *buf, size_t len)
+{
+    const unsigned char *p = NULL;
+    unsigned n = 0;
+    SSL_get0_alpn_selected(c->ssl, &p, &n);
+    if (p == NULL || n == 0)
+        return 0;
+    if (n >= len)
+        return -ENOSPC;
+    memcpy(buf, p, n);
+    buf[n] = '\0';
+    return (int)n;
 }
 
 int tls_conn_resumed(const struct tls_conn *c)

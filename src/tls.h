@@ -150,6 +150,15 @@ int tls_conn_peer_serial(const struct tls_conn *c, char *buf, size_t len);
  * peer, -ENOSPC when <len> is under 65, or ERR_TLS.
  */
 int tls_conn_peer_cert_sha256_hex(const struct tls_conn *c, char *buf, size_t len);
+/*
+ * Server: whether the handshake selects an HTTP protocol by ALPN ("h2", else "http/1.1", when
+ * the client offers one): on for an L7 service, off (the default) for tcp. Before the
+ * handshake.
+ */
+void tls_conn_set_alpn_l7(struct tls_conn *c, int on);
+/* Copies the protocol ALPN selected into <buf> (NUL-terminated). Returns its length, 0 when
+ * none was, or -ENOSPC. */
+int tls_conn_alpn(const struct tls_conn *c, char *buf, size_t len);
 /* 1 when the completed handshake resumed an earlier session. */
 int tls_conn_resumed(const struct tls_conn *c);
 /* Negotiated protocol ("TLSv1.3") and cipher, for logs. */

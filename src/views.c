@@ -215,6 +215,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     struct source_sum *ss = NULL;
     size_t nl = 0, ns = 0;
     uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}}, ended[SESSION_RES_COUNT] = {0};
+    uint64_t h2_closed = 0;
     uint64_t refused_max = 0, refused_rate = 0, reauth = 0, reauth_closed = 0, refused_pending = 0,
              refused_pending_source = 0, refused_fds = 0, upool_idle = 0, upool_reused = 0;
     for (int i = 0; i < vw->n_workers; i++) {
@@ -247,6 +248,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         reauth_closed += load(&st->counters.reauthorize_closed);
         upool_idle += load(&st->upool_idle);
         upool_reused += load(&st->upool_reused);
+        h2_closed += load(&st->counters.h2_protocol_closed);
     }
 
     static const struct {
@@ -335,6 +337,10 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     metric_head(b, "reauthorization_closes_total", "counter",
                 "Open inbound sessions ended because a re-evaluation denied them.");
     sample(b, "reauthorization_closes_total", NULL, NULL, reauth_closed);
+    metric_head(b, "http2_protocol_closes_total", "counter",
+                "Inbound HTTP/2 connections ended for a protocol error or a flood (rapid reset, "
+                "CONTINUATION, PING/SETTINGS floods).");
+    sample(b, "http2_protocol_closes_total", NULL, NULL, h2_closed);
     metric_head(b, "limit_refusals_total", "counter",
                 "Connections refused at accept by a listener's limits, by limit.");
     sample(b, "limit_refusals_total", "limit", "max_connections", refused_max);

@@ -13,6 +13,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mux_h1.h"
+#include "mux_h2.h"
 #include "notify.h"
 #include "relay.h"
 #include "session.h"
@@ -371,6 +372,7 @@ struct worker *worker_new(unsigned index, struct authq_box *ask, struct loop_rec
     session_host_init(&w->host, w->loop, index);
     w->host.muxes.relay = &relay_mux;
     w->host.muxes.http1 = &mux_h1_mux;
+    w->host.muxes.http2 = &mux_h2_mux;
     w->host.ask = ask;
     w->host.answers = authq_box_new(w->loop, on_answers, w);
     w->failed = failed;

@@ -1190,6 +1190,24 @@ static void test_submit_validation(void **state)
     side_free(v);
 }
 
+/* The codec choice without ALPN: the preface decides, a prefix of it waits, anything else
+ * (an HTTP/1.1 request line, even "PRI" as a method of another request) is HTTP/1. */
+static void test_preface_check(void **state)
+{
+    (void)state;
+    const char *pf = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    assert_int_equal(h2_preface_check(pf, 24), 1);
+    assert_int_equal(h2_preface_check("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04", 28), 1);
+    assert_int_equal(h2_preface_check(pf, 0), 0);
+    assert_int_equal(h2_preface_check(pf, 1), 0);
+    assert_int_equal(h2_preface_check(pf, 23), 0);
+    assert_int_equal(h2_preface_check("GET / HTTP/1.1\r\n", 16), -1);
+    assert_int_equal(h2_preface_check("PRI / HTTP/1.1\r\n", 16), -1);
+    assert_int_equal(h2_preface_check("PRI * HTTP/2.0\r\n\r\nSX", 20), -1);
+    assert_int_equal(h2_preface_check("P", 1), 0);
+    assert_int_equal(h2_preface_check("Q", 1), -1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1209,6 +1227,7 @@ int main(void)
         cmocka_unit_test(test_outbound_queue_flood),
         cmocka_unit_test(test_goaway),
         cmocka_unit_test(test_submit_validation),
+        cmocka_unit_test(test_preface_check),
     };
     return cmocka_run_group_tests_name("h2", tests, NULL, NULL);
 }

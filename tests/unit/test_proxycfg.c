@@ -148,7 +148,7 @@ static void test_enumerated_keys(void **state)
 
 /*
  * Issue 9: Proxy.Config.protocol selects the inbound mode. tcp (or absent, or "") is L4, http
- * is L7; http2 and grpc are accepted but relayed at L4 for now, with a warning saying so; any
+ * http2 and grpc are L7 (mux_h1 or mux_h2 by what the caller speaks), with no warning; any
  * other value is an error naming the key and the choices. The L7 limits have their defaults.
  */
 static void test_protocol_key(void **state)
@@ -179,8 +179,7 @@ static void test_protocol_key(void **state)
     kvs[0].str = "grpc";
     assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
     assert_int_equal(c.protocol, PROTO_GRPC);
-    assert_int_equal(c.n_warnings, 1);
-    assert_non_null(strstr(c.warnings[0], "protocol \"grpc\" is relayed at L4"));
+    assert_int_equal(c.n_warnings, 0);
     proxycfg_dispose(&c);
 
     kvs[0].str = "http3";

@@ -573,6 +573,58 @@ static void test_client_without_cert_refused(void **state)
     tls_ctx_unref(srv);
 }
 
+/*
+ * Server ALPN (issue 9): an L7 service's handshake selects "h2" before "http/1.1" among what
+ * the client offers; a tcp service (the default) or a client offering neither negotiates
+ * nothing, and the handshake succeeds either way (ALPN stays optional on the mesh hop).
+ */
+static void test_alpn_select(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *offer; /* wire format; NULL: no ALPN extension */
+        unsigned offer_len;
+        int l7;
+        const char *want; /* "" for none */
+    } cases[] = {
+        {"\x08http/1.1\x02h2", 12, 1, "h2"},
+        {"\x08http/1.1", 9, 1, "http/1.1"},
+        {"\x02h2", 3, 0, ""},
+        {"\x06spdy/3", 7, 1, ""},
+        {NULL, 0, 1, ""},
+    };
+    struct tls_ctx *srv = ctx_for(&pki.db, &pki.ca1);
+    SSL_CTX *raw = raw_ctx(0, &pki.web, &pki.ca1);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct duo d;
+        char got[32] = "x";
+        memset(&d, 0, sizeof(d));
+        pair(d.fds);
+        d.cli.fd = d.fds[0];
+        d.srv.fd = d.fds[1];
+        d.cli.raw = SSL_new(raw);
+        assert_true(SSL_set_fd(d.cli.raw, d.cli.fd));
+        SSL_set_connect_state(d.cli.raw);
+        if (cases[i].offer != NULL)
+            assert_int_equal(SSL_set_alpn_protos(d.cli.raw, (const unsigned char *)cases[i].offer,
+                                                 cases[i].offer_len),
+                             0);
+        d.srv.tc = tls_conn_new_server(srv, d.srv.fd);
+        tls_conn_set_alpn_l7(d.srv.tc, cases[i].l7);
+        handshake_both(&d.cli, &d.srv);
+        assert_int_equal(d.srv.rc, 0);
+        assert_int_equal(d.cli.rc, 0);
+        int n = tls_conn_alpn(d.srv.tc, got, sizeof(got));
+        assert_int_equal(n, (int)strlen(cases[i].want));
+        if (n > 0)
+            assert_string_equal(got, cases[i].want);
+        assert_int_equal(tls_conn_alpn(d.srv.tc, got, 2), n > 1 ? -ENOSPC : n);
+        duo_close(&d);
+    }
+    SSL_CTX_free(raw);
+    tls_ctx_unref(srv);
+}
+
 static void test_leaf_from_other_ca_refused(void **state)
 {
     (void)state;
@@ -1406,6 +1458,7 @@ int main(void)
         cmocka_unit_test(test_parsed_key),
         cmocka_unit_test(test_tls12),
         cmocka_unit_test(test_client_without_cert_refused),
+        cmocka_unit_test(test_alpn_select),
         cmocka_unit_test(test_leaf_from_other_ca_refused),
         cmocka_unit_test(test_intermediate_chain),
         cmocka_unit_test(test_peer_without_uri),
