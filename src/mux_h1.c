@@ -1209,24 +1209,21 @@ static void mux_start(struct session *s)
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
     m->outbound = !s->inbound;
-    if (m->outbound) {
-        /* No XFCC: the upstream's sidecar writes it from our certificate. */
-        s->last_io_ms = loop_now_ms(s->host->loop);
-        next_stream(s);
-        pump(s);
-        return;
+    /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
+    if (!m->outbound) {
+        if (spiffe_format_service(ours, sizeof(ours), s->snap->trust_domain, c->partition, c->ns,
+                                  c->datacenter, c->service) < 0)
+            ours[0] = '\0';
+        if (tls_conn_peer_cert_sha256_hex(s->end[0].tls, hash, sizeof(hash)) < 0)
+            hash[0] = '\0';
+        /* Envoy's SANITIZE_SET with the fields Consul asks for: By (us), Hash and URI (the
+         * caller). A URI carries no ';', ',' or '"' (spiffe_parse accepted it). */
+        snprintf(m->xfcc, sizeof(m->xfcc), "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
     }
-    if (spiffe_format_service(ours, sizeof(ours), s->snap->trust_domain, c->partition, c->ns,
-                              c->datacenter, c->service) < 0)
-        ours[0] = '\0';
-    if (tls_conn_peer_cert_sha256_hex(s->end[0].tls, hash, sizeof(hash)) < 0)
-        hash[0] = '\0';
-    /* Envoy's SANITIZE_SET with the fields Consul asks for: By (us), Hash and URI (the
-     * caller). A URI carries no ';', ',' or '"' (spiffe_parse accepted it). */
-    snprintf(m->xfcc, sizeof(m->xfcc), "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
     s->last_io_ms = loop_now_ms(s->host->loop);
     next_stream(s);
-    /* The bytes read to tell HTTP/1 from HTTP/2 (session.c's sniffing) start the first head. */
+    /* The bytes read to tell HTTP/1 from HTTP/2 (session.c's sniffing) start the first head;
+     * a session's buf[0] is empty when it was not sniffed. */
     if (s->buf[0].len > 0) {
         buf_add(&m->cin, s->buf[0].data + s->buf[0].off, s->buf[0].len);
         m->head_start_ms = s->last_io_ms;

@@ -497,16 +497,28 @@ static int serves_http(const struct session *s)
 
 /*
  * Protocol sniffing for an L7 session whose handshake negotiated no ALPN (a caller such as an
- * L4 sidecar relaying its application's bytes): the first bytes decide, HTTP/2's connection
- * preface for mux_h2, anything else for mux_h1. At most H2_PREFACE_LEN bytes are read, into
+ * L4 sidecar relaying its application's bytes), and for an outbound http session (the local
+ * application, plain): the first bytes decide, HTTP/2's connection preface for mux_h2 (or the
+ * L4 relay outbound), anything else for mux_h1. At most H2_PREFACE_LEN bytes are read, into
  * buf[0], where the chosen codec takes them from. A caller that sends nothing within
  * request_headers_timeout_ms is handed to mux_h1, which answers 408 or times out idle.
  */
+static void pick_endpoint(struct session *s);
+
 static void sniff_done(struct session *s, int h2)
 {
     loop_timer_stop(s->host->loop, &s->timer);
+    if (!s->inbound && h2) {
+        /* There is no outbound HTTP/2 codec yet: the application's h2c goes to the upstream
+         * as bytes, offering no ALPN, and its sidecar tells HTTP/2 by the same preface. */
+        LOG_DEBUG("conn=%llu out: HTTP/2 prior knowledge, relayed at L4",
+                  (unsigned long long)s->id);
+        pick_endpoint(s); /* the relay becomes the carrier once the upstream is verified */
+        return;
+    }
     const struct session_mux *m = h2 ? s->host->muxes.http2 : s->host->muxes.http1;
-    LOG_DEBUG("conn=%llu in: %s by its first bytes", (unsigned long long)s->id, m->name);
+    LOG_DEBUG("conn=%llu %s: %s by its first bytes", (unsigned long long)s->id,
+              s->inbound ? "in" : "out", m->name);
     m->start(s);
 }
 
@@ -552,6 +564,15 @@ static const struct session_mux sniff_mux = {
     .on_timer = sniff_on_timer,
 };
 
+static void start_sniff(struct session *s)
+{
+    s->carrier = &sniff_mux;
+    session_set_state(s, S_HTTP);
+    s->last_io_ms = loop_now_ms(s->host->loop);
+    loop_timer_start(s->host->loop, &s->timer, s->snap->cfg.request_headers_timeout_ms);
+    sniff_advance(s);
+}
+
 /*
  * Hands an L7 session to its codec: by the ALPN protocol its handshake selected ("h2":
  * mux_h2, "http/1.1": mux_h1), else by its first bytes (sniff_mux). Any L7 protocol may get
@@ -566,11 +587,7 @@ static void start_l7(struct session *s)
     } else if (n > 0) {
         s->host->muxes.http2->start(s);
     } else {
-        s->carrier = &sniff_mux;
-        session_set_state(s, S_HTTP);
-        s->last_io_ms = loop_now_ms(s->host->loop);
-        loop_timer_start(s->host->loop, &s->timer, s->snap->cfg.request_headers_timeout_ms);
-        sniff_advance(s);
+        start_sniff(s);
     }
 }
 
@@ -1509,8 +1526,10 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
         total += s->up->targets[j].endpoints->n;
     s->tried = xcalloc(total ? total : 1, 1);
     if (s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) {
-        /* L7: the codec reads the first request, then dials (session_dial_upstream). */
-        s->host->muxes.http1->start(s);
+        /* L7: the application's first bytes choose (HTTP/1.1, or HTTP/2 prior knowledge,
+         * which is relayed); the HTTP/1.1 codec reads the first request, then dials
+         * (session_dial_upstream). */
+        start_sniff(s);
         return;
     }
     pick_endpoint(s);
