@@ -137,31 +137,39 @@ int session_destination(const struct session *s, char *out, size_t len)
     return -ENOENT;
 }
 
+void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog_text *t)
+{
+    t->local[0] = '\0';
+    if (s->end[0].fd >= 0)
+        sock_local_name(s->end[0].fd, t->local, sizeof(t->local));
+    int have_ident = session_destination(s, t->ident, sizeof(t->ident)) == 0;
+    *r = (struct alog_rec){
+        .time_ms = util_wall_ms(),
+        .direction = s->inbound ? "inbound" : "outbound",
+        .source = s->inbound ? s->caller : s->peer,
+        .destination = have_ident ? t->ident : NULL,
+        .upstream = s->inbound || s->up == NULL ? NULL : s->up->cfg->destination_name,
+        .endpoint = s->ep_name[0] ? s->ep_name : NULL,
+        .local_addr = t->local[0] ? t->local : NULL,
+        .remote_addr = s->peer,
+        .conn = s->id,
+        .worker = s->host->index,
+    };
+}
+
 /* Writes the session's access-log line (alog.h). */
 static void access_log(struct session *s, enum session_result result, const char *reason,
                        const char *upstream, uint64_t dur_ms)
 {
-    char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
-    if (s->end[0].fd >= 0)
-        sock_local_name(s->end[0].fd, local, sizeof(local));
-    int have_ident = session_destination(s, ident, sizeof(ident)) == 0;
-    struct alog_rec r = {
-        .time_ms = util_wall_ms(),
-        .direction = s->inbound ? "inbound" : "outbound",
-        .source = s->inbound ? s->caller : s->peer,
-        .destination = have_ident ? ident : NULL,
-        .upstream = upstream,
-        .endpoint = s->ep_name[0] ? s->ep_name : NULL,
-        .local_addr = local[0] ? local : NULL,
-        .remote_addr = s->peer,
-        .bytes_in = s->bytes[0],
-        .bytes_out = s->bytes[1],
-        .duration_ms = dur_ms,
-        .result = session_result_name(result),
-        .reason = reason,
-        .conn = s->id,
-        .worker = s->host->index,
-    };
+    struct session_alog_text t;
+    struct alog_rec r;
+    session_alog_rec(s, &r, &t);
+    r.upstream = upstream;
+    r.bytes_in = s->bytes[0];
+    r.bytes_out = s->bytes[1];
+    r.duration_ms = dur_ms;
+    r.result = session_result_name(result);
+    r.reason = reason;
     alog_write(&r);
 }
 

@@ -16,6 +16,7 @@
 
 #include "limit.h"
 #include "loop.h"
+#include "alog.h"
 #include "session.h"
 #include "xprt.h"
 
@@ -133,6 +134,17 @@ void session_count_request_decision(struct session *s, int allow);
 /* The SPIFFE ID on the far side of the mesh hop: ours inbound, the expected identity of the
  * endpoint being (or last) dialled outbound. 0, -ENOENT when none is known, or -ENOSPC. */
 int session_destination(const struct session *s, char *out, size_t len);
+/* Room for what session_alog_rec() writes outside the record. */
+struct session_alog_text {
+    char local[64];
+    char ident[SPIFFE_NAME_MAX * 2];
+};
+/*
+ * Fills the fields an access-log record of session <s> shares with its streams' records:
+ * time, direction, source, destination (into <t>), upstream, endpoint, addresses, conn and
+ * worker. The caller sets the rest (bytes, duration, result, reason, the request's fields).
+ */
+void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog_text *t);
 /*
  * Outbound L7: dials the upstream for the codec that owns the session (end[1] closed):
  * PICK_ENDPOINT, CONNECT, TLS_HANDSHAKE (ALPN http/1.1) and VERIFY_PEER, with the next

@@ -18,8 +18,6 @@
 #include "log.h"
 #include "pathnorm.h"
 #include "session_int.h"
-#include "sock.h"
-#include "spiffe.h"
 #include "util.h"
 
 #include <stdio.h>
@@ -156,7 +154,6 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
     const char *proto = st->h2 ? "HTTP/2" : st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
-    const char *upstream = s->inbound || s->up == NULL ? NULL : s->up->cfg->destination_name;
     LOG_DEBUG("conn=%llu stream=%llu %s src=%s %s %s %s status=%d result=%s reason=%s "
               "bytes_in=%llu bytes_out=%llu duration_ms=%llu request_id=%s",
               (unsigned long long)s->id, (unsigned long long)st->seq, s->inbound ? "in" : "out",
@@ -166,34 +163,21 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
               (unsigned long long)dur, LOG_ESC(st->request_id));
     if (!alog_enabled())
         return;
-    char local[64] = "", ident[SPIFFE_NAME_MAX * 2] = "";
-    if (s->end[0].fd >= 0)
-        sock_local_name(s->end[0].fd, local, sizeof(local));
-    int have_ident = session_destination(s, ident, sizeof(ident)) == 0;
-    struct alog_rec rec = {
-        .time_ms = util_wall_ms(),
-        .direction = s->inbound ? "inbound" : "outbound",
-        .source = s->inbound ? s->caller : s->peer,
-        .destination = have_ident ? ident : NULL,
-        .upstream = upstream,
-        .endpoint = s->ep_name[0] ? s->ep_name : NULL,
-        .local_addr = local[0] ? local : NULL,
-        .remote_addr = s->peer,
-        .bytes_in = st->bytes_in,
-        .bytes_out = st->bytes_out,
-        .duration_ms = dur,
-        .result = stream_result_name(r),
-        .reason = why,
-        .conn = s->id,
-        .worker = s->host->index,
-        .protocol = proto,
-        .method = st->method,
-        .authority = st->authority[0] ? st->authority : NULL,
-        .path = st->path,
-        .request_id = st->request_id[0] ? st->request_id : NULL,
-        .status = st->status,
-        .grpc_status = st->grpc_status[0] ? st->grpc_status : NULL,
-        .stream = st->seq,
-    };
+    struct session_alog_text t;
+    struct alog_rec rec;
+    session_alog_rec(s, &rec, &t);
+    rec.bytes_in = st->bytes_in;
+    rec.bytes_out = st->bytes_out;
+    rec.duration_ms = dur;
+    rec.result = stream_result_name(r);
+    rec.reason = why;
+    rec.protocol = proto;
+    rec.method = st->method;
+    rec.authority = st->authority[0] ? st->authority : NULL;
+    rec.path = st->path;
+    rec.request_id = st->request_id[0] ? st->request_id : NULL;
+    rec.status = st->status;
+    rec.grpc_status = st->grpc_status[0] ? st->grpc_status : NULL;
+    rec.stream = st->seq;
     alog_write(&rec);
 }
