@@ -54,8 +54,13 @@ def connectd_bin():
 
 @pytest.fixture(scope="session")
 def agent(consul_bin, tmp_path_factory):
-    """One dev agent shared by the tests that do not change cluster-wide state (the CA)."""
-    a = ConsulAgent(consul_bin, str(tmp_path_factory.mktemp("agent"))).start()
+    """One dev agent shared by the tests that do not change cluster-wide state (the CA).
+
+    Every sidecar and client of the whole run reaches it from 127.0.0.1, where a real node's
+    agent serves a few sidecars, so its per-client connection limit (200 by default) is
+    raised: two full runs on a loaded machine were answered 429 near their end."""
+    a = ConsulAgent(consul_bin, str(tmp_path_factory.mktemp("agent")),
+                    ["limits { http_max_conns_per_client = 1000 }"]).start()
     yield a
     a.stop()
 
