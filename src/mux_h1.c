@@ -61,7 +61,6 @@
 #define MAX_HEADERS  100 /* Envoy's max_headers_count default; one more is 431 */
 #define LINGER_MS    1000
 #define LINGER_BYTES (256u * 1024u)
-#define XFCC_MAX     (SPIFFE_NAME_MAX * 4 + 128)
 
 struct buf {
     char *p;
@@ -131,10 +130,10 @@ struct mux_h1 {
     int app_writable;  /* end[1] reported writable (CONNECT) */
     int close_after;   /* close the caller's connection once the current answer is out */
     enum stream_result local_result;
-    char why[256];       /* the reason of the current local answer / close */
-    uint64_t armed_at;   /* the deadline the timer is armed for; 0 when not armed */
-    char xfcc[XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
-    struct buf target;   /* the request's normalized target (forwarded, or a redirect's) */
+    char why[256];              /* the reason of the current local answer / close */
+    uint64_t armed_at;          /* the deadline the timer is armed for; 0 when not armed */
+    char xfcc[STREAM_XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
+    struct buf target;          /* the request's normalized target (forwarded, or a redirect's) */
 };
 
 /* ---- buffers ---- */
@@ -1201,7 +1200,6 @@ static void mux_start(struct session *s)
 {
     struct mux_h1 *m = xcalloc(1, sizeof(*m));
     const struct proxy_cfg *c = &s->snap->cfg;
-    char ours[SPIFFE_NAME_MAX * 2] = "", hash[80] = "";
     s->mux = m;
     s->mux_free = mux_free;
     s->carrier = &mux_h1_mux;
@@ -1210,16 +1208,8 @@ static void mux_start(struct session *s)
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
     m->outbound = !s->inbound;
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
-    if (!m->outbound) {
-        if (spiffe_format_service(ours, sizeof(ours), s->snap->trust_domain, c->partition, c->ns,
-                                  c->datacenter, c->service) < 0)
-            ours[0] = '\0';
-        if (tls_conn_peer_cert_sha256_hex(s->end[0].tls, hash, sizeof(hash)) < 0)
-            hash[0] = '\0';
-        /* Envoy's SANITIZE_SET with the fields Consul asks for: By (us), Hash and URI (the
-         * caller). A URI carries no ';', ',' or '"' (spiffe_parse accepted it). */
-        snprintf(m->xfcc, sizeof(m->xfcc), "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
-    }
+    if (!m->outbound)
+        stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
     s->last_io_ms = loop_now_ms(s->host->loop);
     next_stream(s);
     /* The bytes read to tell HTTP/1 from HTTP/2 (session.c's sniffing) start the first head;

@@ -61,7 +61,6 @@
 
 #define IO_CHUNK   16384
 #define OUT_MAX    (64u * 1024u) /* frames queued for one end before its session is asked for more */
-#define XFCC_MAX   (SPIFFE_NAME_MAX * 4 + 128)
 #define MAX_FIELDS (H2_DEFAULT_MAX_HEADERS + 8)
 
 struct buf {
@@ -140,7 +139,7 @@ struct mux_h2 {
     struct h2s *streams;
     uint64_t nstreams;
     uint64_t connect_start_ms;
-    char xfcc[XFCC_MAX];
+    char xfcc[STREAM_XFCC_MAX];
     uint8_t rbuf[IO_CHUNK];
 };
 
@@ -1461,18 +1460,12 @@ static void mux_start(struct session *s)
 {
     struct mux_h2 *m = xcalloc(1, sizeof(*m));
     const struct proxy_cfg *c = &s->snap->cfg;
-    char ours[SPIFFE_NAME_MAX * 2] = "", hash[80] = "";
     s->mux2 = m;
     s->mux2_free = mux_free;
     s->carrier = &mux_h2_mux;
     session_set_state(s, S_HTTP);
     loop_timer_stop(s->host->loop, &s->timer);
-    if (spiffe_format_service(ours, sizeof(ours), s->snap->trust_domain, c->partition, c->ns,
-                              c->datacenter, c->service) < 0)
-        ours[0] = '\0';
-    if (tls_conn_peer_cert_sha256_hex(s->end[0].tls, hash, sizeof(hash)) < 0)
-        hash[0] = '\0';
-    snprintf(m->xfcc, sizeof(m->xfcc), "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
+    stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
     struct h2_limits lim = {.max_header_list_bytes = c->max_request_headers_kb * 1024u};
     m->down = h2_session_new(H2_SERVER, &lim, &down_cb, s);
     if (c->protocol != PROTO_HTTP)

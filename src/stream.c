@@ -18,6 +18,8 @@
 #include "log.h"
 #include "pathnorm.h"
 #include "session_int.h"
+#include "spiffe.h"
+#include "tls.h"
 #include "util.h"
 
 #include <stdio.h>
@@ -180,4 +182,16 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     rec.grpc_status = st->grpc_status[0] ? st->grpc_status : NULL;
     rec.stream = st->seq;
     alog_write(&rec);
+}
+
+void stream_xfcc(struct session *s, char *out, size_t len)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    char ours[SPIFFE_NAME_MAX * 2] = "", hash[80] = "";
+    if (spiffe_format_service(ours, sizeof(ours), s->snap->trust_domain, c->partition, c->ns,
+                              c->datacenter, c->service) < 0)
+        ours[0] = '\0';
+    if (tls_conn_peer_cert_sha256_hex(s->end[0].tls, hash, sizeof(hash)) < 0)
+        hash[0] = '\0';
+    snprintf(out, len, "By=%s;Hash=%s;URI=%s", ours, hash, s->caller);
 }

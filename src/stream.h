@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "http.h"
+#include "spiffe.h"
 
 struct session;
 
@@ -111,6 +112,17 @@ enum stream_verdict {
  */
 enum stream_verdict stream_authorize(struct session *s, struct stream *st, struct stream_req *rq,
                                      char *out, size_t cap, size_t *out_len, char *why, size_t len);
+
+/* Room for stream_xfcc()'s value. */
+#define STREAM_XFCC_MAX (SPIFFE_NAME_MAX * 4 + 128)
+
+/*
+ * Writes the X-Forwarded-Client-Cert value for every request of inbound session <s> into
+ * <out>: Envoy's SANITIZE_SET with the fields Consul asks for, By (our SPIFFE ID), Hash (the
+ * hex SHA-256 of the caller's leaf) and URI (the caller's SPIFFE ID). A URI carries no ';',
+ * ',' or '"' (spiffe_parse accepted it).
+ */
+void stream_xfcc(struct session *s, char *out, size_t len);
 
 /*
  * The one way out of a stream: logs it (DEBUG), writes its access-log record, and counts it
