@@ -266,6 +266,8 @@ static char *upstream_request(const struct upstream_cfg *c, struct watch_spec *s
         char *dc = util_url_escape(c->datacenter), *ns = util_url_escape(c->ns);
         spec->method = "POST";
         spec->block = WATCH_BY_INDEX;
+        /* A refused chain is cured only by a new one; ?cached would keep answering it. */
+        spec->block_on_rejected = 1;
         spec->path = xasprintf("/v1/discovery-chain/%s?cached%s%s%s%s", name,
                                dc[0] ? "&compile-dc=" : "", dc, ns[0] ? "&ns=" : "", ns);
         /* The upstream's Config.protocol, when set, compiles the chain for that protocol (as

@@ -13,6 +13,8 @@ import json
 import urllib.parse
 
 from mesh import admin_args, admin_get, wait_until
+from test_l7_inbound import HttpApp
+from test_l7_outbound import try_status
 
 
 def db_entries(m):
@@ -217,10 +219,38 @@ def test_malformed_chain_keeps_the_last_good_table(mesh):
         assert "x-injected" not in json.dumps(u)
         assert {t["id"] for t in u["targets"]} == {f"{db}.default.default.dc1",
                                                    f"{db2}.default.default.dc1"}
-        # A good router again: taken.
+        # A good router again: taken. (This failed before the chain's watch blocked on the
+        # refused answer's index: asked from the last good index, the agent's cache (?cached)
+        # kept answering the refused chain for ever.)
         m.api.set_config_entry(router_entry(m, [
             {"Match": {"HTTP": {"PathPrefix": "/again"}}, "Destination": {"Service": db2}}]))
         wait_table(admin, db, lambda u: u["routes"][0]["match"].get("path_prefix") == "/again",
-                   "the next good table")
+                   "the next good table", timeout=30)
+    finally:
+        delete_entries(m)
+
+
+def test_http_upstream_behind_a_router_reaches_its_service(mesh):
+    """Regression: the agent renders a router node's Routes on the node itself, and connectd
+    looked for a "Router" object no agent sends, so it refused every chain with a router
+    ("Router is missing"): a sidecar started after a service-router was written had no
+    target at all and answered 503 to every request. Now the chain is taken, its targets
+    watched, and requests reach the service (still in target order: routing comes later)."""
+    m = mesh
+    m.service_defaults("db", "http")
+    app = m.app(HttpApp)
+    db = m.add("db", app_port=app.port, proxy_config={"protocol": "http"})
+    try:
+        m.api.set_config_entry(router_entry(m, [
+            {"Match": {"HTTP": {"PathPrefix": "/admin"}},
+             "Destination": {"Service": m.name("db"), "PrefixRewrite": "/"}}]))
+        web = m.add("web", upstreams=["db"], start=False)
+        args, admin = admin_args()
+        m.start(web, extra_args=args)
+        m.wait_passing(db)
+        wait_until(lambda: try_status(web.up["db"]) == 200, 30, "a request through the mesh")
+        u = upstream_config(admin, m.name("db"))
+        assert [r["match"].get("path_prefix") for r in u["routes"]] == ["/admin", "/"], u
+        assert "Router is missing" not in web.proxy.log()
     finally:
         delete_entries(m)
