@@ -1135,6 +1135,10 @@ static int decode_target(struct dctx *c, json_t *targets, const char *id,
         (rc = get_bool(c, subset, "OnlyPassing", where, &t->only_passing)) != 0 ||
         (rc = get_timeout_ms(c, o, "ConnectTimeout", where, &t->connect_timeout_ms)) != 0)
         return rc;
+    /* Targets are told apart by their key: an ID naming another target would defeat the
+     * de-duplication that sizes the target array (Consul's are always equal). */
+    if (t->id[0] != '\0' && strcmp(t->id, id) != 0)
+        return bad_field(c, where, "ID", "must equal the target's key");
     if (t->id[0] == '\0') {
         free(t->id);
         t->id = xstrdup(id);

@@ -2481,6 +2481,12 @@ static const struct bad_case bad_cases[] = {
     {CHAIN, CH("\"Target\": \"a\"", "\"a\": {\"Service\": \"\"}"), ERR_BAD_FIELD,
      "Service must not be empty"},
     {CHAIN, CH("\"Target\": \"a\"", "\"a\": []"), ERR_BAD_FIELD, "must be an object"},
+    /* Regression (found by fuzz_decode): an ID other than its key let one target be added
+     * again and again past the array sized for the map (a heap overflow under ASan). */
+    {CHAIN,
+     CH("\"Target\": \"a\", \"Failover\": {\"Targets\": [\"b\", \"b\"]}",
+        "\"a\": {\"Service\": \"a\"}, \"b\": {\"ID\": \"c\", \"Service\": \"b\"}"),
+     ERR_BAD_FIELD, "Chain.Targets[\"b\"].ID must equal the target's key"},
     {CHAIN, CH("\"Target\": \"a\"", TGT("a", ", \"Subset\": {\"Filter\": 3}")), ERR_BAD_FIELD,
      "Filter must be a string"},
     {CHAIN, CH("\"Target\": \"a\"", TGT("a", ", \"Subset\": {\"OnlyPassing\": 1}")), ERR_BAD_FIELD,
