@@ -29,6 +29,7 @@
 #include "notify.h"
 #include "proxycfg.h"
 #include "register.h"
+#include "route.h"
 #include "snapshot.h"
 #include "upstreams.h"
 #include "util.h"
@@ -248,8 +249,10 @@ static void do_rebuild(struct loop_defer *d)
                                       (const struct snap_target *const *)parts.targets,
                                       parts.n_targets, ctl->inbound_limit, parts.limits, mesh_http);
     /* Not published yet: the upstreams' protocols (some come from their chains) are set. */
-    for (size_t i = 0; i < parts.n; i++)
+    for (size_t i = 0; i < parts.n; i++) {
         s->upstreams[i].protocol = parts.protocols[i];
+        s->upstreams[i].routes = parts.routes[i] ? route_table_ref(parts.routes[i]) : NULL;
+    }
     upstreams_parts_dispose(&parts);
     if (ctl->current == NULL)
         LOG_INFO("ready: serving %s as %s", ctl->cfg.service, ctl->proxy_id);

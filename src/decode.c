@@ -1135,6 +1135,10 @@ static int decode_target(struct dctx *c, json_t *targets, const char *id,
         (rc = get_bool(c, subset, "OnlyPassing", where, &t->only_passing)) != 0 ||
         (rc = get_timeout_ms(c, o, "ConnectTimeout", where, &t->connect_timeout_ms)) != 0)
         return rc;
+    /* Targets are told apart by their key: an ID naming another target would defeat the
+     * de-duplication that sizes the target array (Consul's are always equal). */
+    if (t->id[0] != '\0' && strcmp(t->id, id) != 0)
+        return bad_field(c, where, "ID", "must equal the target's key");
     if (t->id[0] == '\0') {
         free(t->id);
         t->id = xstrdup(id);
@@ -1201,17 +1205,14 @@ static int walk_node(struct dctx *c, struct chain_walk *w, const char *name, str
                      unsigned depth);
 
 /* The NextNode of every element of <node>'s <list> (Routes of a router, Splits of a
- * splitter); a router's last route (the compiler's catch-all, to the service itself) first. */
-static int walk_next(struct dctx *c, struct chain_walk *w, json_t *node, const char *obj,
-                     const char *list, const char *where, struct dec_chain *out, unsigned depth)
+ * splitter, both members of the node itself as Consul's DiscoveryGraphNode renders them); a
+ * router's last route (the compiler's catch-all, to the service itself) first. */
+static int walk_next(struct dctx *c, struct chain_walk *w, json_t *node, const char *list,
+                     const char *where, struct dec_chain *out, unsigned depth)
 {
     json_t *arr;
     char lwhere[360];
-    int rc;
-    if (strcmp(list, "Splits") == 0)
-        rc = get_arr(c, node, list, 1, where, &arr);
-    else if ((rc = get_obj(c, node, obj, 1, where, &arr)) == 0)
-        rc = get_arr(c, arr, list, 1, where, &arr);
+    int rc = get_arr(c, node, list, 1, where, &arr);
     if (rc != 0)
         return rc;
     size_t n = json_array_size(arr);
@@ -1254,11 +1255,624 @@ static int walk_node(struct dctx *c, struct chain_walk *w, const char *name, str
     if (strcmp(type, "resolver") == 0)
         return walk_resolver(c, w, node, where, out);
     if (strcmp(type, "router") == 0)
-        return walk_next(c, w, node, "Router", "Routes", where, out, depth);
+        return walk_next(c, w, node, "Routes", where, out, depth);
     if (strcmp(type, "splitter") == 0)
-        return walk_next(c, w, node, "Splitter", "Splits", where, out, depth);
+        return walk_next(c, w, node, "Splits", where, out, depth);
     return fail(c, ERR_BAD_FIELD, "%s.Type \"%s\" is not resolver, router or splitter", where,
                 type);
+}
+
+/* ---- the chain's routing: routes -> splits -> resolvers ---- */
+
+const char *dec_retry_on_name(unsigned index)
+{
+    static const char *const names[] = {
+#define X(name, text) text,
+        DEC_RETRY_ON_NAMES(X)
+#undef X
+    };
+    return index < ARRAY_SIZE(names) ? names[index] : NULL;
+}
+
+static const char *const lb_policy_names[] = {"",          "random", "round_robin", "least_request",
+                                              "ring_hash", "maglev"};
+
+const char *dec_lb_policy_name(enum dec_lb_policy p)
+{
+    return (size_t)p < ARRAY_SIZE(lb_policy_names) ? lb_policy_names[p] : "";
+}
+
+static const char *const hash_field_names[] = {"", "header", "cookie", "query_parameter"};
+
+const char *dec_hash_field_name(enum dec_hash_field f)
+{
+    return (size_t)f < ARRAY_SIZE(hash_field_names) ? hash_field_names[f] : "";
+}
+
+/* RFC 9110 tchar: what a header name may hold. */
+static int is_token(const char *s)
+{
+    static const char extra[] = "!#$%&'*+-.^_`|~";
+    if (s[0] == '\0')
+        return 0;
+    for (; *s != '\0'; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+              strchr(extra, ch) != NULL))
+            return 0;
+    }
+    return 1;
+}
+
+/* A value that goes into a request or response head: no CR or LF (NUL is refused already). */
+static int is_field_value(const char *s)
+{
+    return s != NULL && strpbrk(s, "\r\n") == NULL;
+}
+
+/* A bounded string array member (Remove[], Methods[], RetryOn[]): fresh copies in *out. */
+static int get_str_list(struct dctx *c, json_t *obj, const char *key, const char *where, size_t max,
+                        char ***out, size_t *n)
+{
+    json_t *arr;
+    *out = NULL;
+    *n = 0;
+    int rc = get_arr(c, obj, key, 0, where, &arr);
+    if (rc != 0 || arr == NULL || json_array_size(arr) == 0)
+        return rc;
+    if (json_array_size(arr) > max)
+        return bad_field(c, where, key, "has too many entries");
+    *out = xcalloc(json_array_size(arr), sizeof(**out));
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        json_t *v = json_array_get(arr, i);
+        if (!json_is_string(v) || json_string_length(v) == 0 ||
+            json_string_length(v) > DEC_CHAIN_STR_MAX ||
+            strlen(json_string_value(v)) != json_string_length(v))
+            return bad_field(c, where, key, "must hold non-empty strings");
+        (*out)[(*n)++] = xstrdup(json_string_value(v));
+    }
+    return 0;
+}
+
+static void str_list_free(char **v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(v[i]);
+    free(v);
+}
+
+/* Add or Set: an object of header name -> value. */
+static int get_header_kvs(struct dctx *c, json_t *obj, const char *key, const char *where,
+                          struct dec_header_kv **out, size_t *n)
+{
+    json_t *map, *v;
+    const char *name;
+    *out = NULL;
+    *n = 0;
+    int rc = get_obj(c, obj, key, 0, where, &map);
+    if (rc != 0 || map == NULL || json_object_size(map) == 0)
+        return rc;
+    if (json_object_size(map) > DEC_HEADER_MODS_MAX)
+        return bad_field(c, where, key, "has too many entries");
+    *out = xcalloc(json_object_size(map), sizeof(**out));
+    json_object_foreach(map, name, v)
+    {
+        if (strlen(name) > DEC_CHAIN_STR_MAX || !is_token(name))
+            return fail(c, ERR_BAD_FIELD, "%s.%s: \"%.64s\" is not a header name", where, key,
+                        name);
+        if (!json_is_string(v) || json_string_length(v) > DEC_CHAIN_STR_MAX ||
+            strlen(json_string_value(v)) != json_string_length(v) ||
+            !is_field_value(json_string_value(v)))
+            return fail(c, ERR_BAD_FIELD, "%s.%s[\"%.64s\"] must be a header value", where, key,
+                        name);
+        struct dec_header_kv *kv = &(*out)[(*n)++];
+        kv->name = xstrdup(name);
+        kv->value = xstrdup(json_string_value(v));
+    }
+    return 0;
+}
+
+static void header_kvs_free(struct dec_header_kv *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(v[i].name);
+        free(v[i].value);
+    }
+    free(v);
+}
+
+static int decode_header_mods(struct dctx *c, json_t *obj, const char *key, const char *where,
+                              struct dec_header_mods *m)
+{
+    json_t *o;
+    char sub[320];
+    int rc = get_obj(c, obj, key, 0, where, &o);
+    if (rc != 0 || o == NULL)
+        return rc;
+    snprintf(sub, sizeof(sub), "%.280s.%s", where, key);
+    if ((rc = get_header_kvs(c, o, "Add", sub, &m->add, &m->n_add)) != 0 ||
+        (rc = get_header_kvs(c, o, "Set", sub, &m->set, &m->n_set)) != 0 ||
+        (rc = get_str_list(c, o, "Remove", sub, DEC_HEADER_MODS_MAX, &m->remove, &m->n_remove)) !=
+            0)
+        return rc;
+    for (size_t i = 0; i < m->n_remove; i++)
+        if (!is_token(m->remove[i]))
+            return fail(c, ERR_BAD_FIELD, "%s.Remove[%zu] is not a header name", sub, i);
+    return 0;
+}
+
+static void header_mods_dispose(struct dec_header_mods *m)
+{
+    header_kvs_free(m->add, m->n_add);
+    header_kvs_free(m->set, m->n_set);
+    str_list_free(m->remove, m->n_remove);
+    memset(m, 0, sizeof(*m));
+}
+
+static int decode_query_param(struct dctx *c, json_t *o, const char *where,
+                              struct dec_query_param *q)
+{
+    static const char *const kinds[] = {"Exact", "Regex"};
+    static const enum dec_query_match values[] = {DEC_QUERY_EXACT, DEC_QUERY_REGEX};
+    int present = 0;
+    if (!json_is_object(o))
+        return bad_field(c, where, "", "must be an object");
+    int rc = get_perm_str(c, o, "Name", where, &q->name);
+    if (rc == 0 && (q->name == NULL || q->name[0] == '\0'))
+        rc = bad_field(c, where, "Name", "is missing");
+    if (rc == 0)
+        rc = get_bool(c, o, "Present", where, &present);
+    int set = present;
+    if (present)
+        q->match = DEC_QUERY_PRESENT;
+    for (size_t k = 0; k < ARRAY_SIZE(kinds) && rc == 0; k++) {
+        char *v = NULL;
+        if ((rc = get_perm_str(c, o, kinds[k], where, &v)) != 0 || v == NULL)
+            break;
+        if (v[0] != '\0') {
+            set++;
+            free(q->value);
+            q->value = v;
+            q->match = values[k];
+        } else {
+            free(v);
+        }
+    }
+    if (rc == 0 && set != 1)
+        rc = bad_field(c, where, "", "must set exactly one of Present, Exact or Regex");
+    if (rc == 0 && q->value == NULL)
+        q->value = xstrdup("");
+    return rc;
+}
+
+/* Definition.Match.HTTP of a route; absent means every request. */
+static int decode_route_match(struct dctx *c, json_t *http, const char *where,
+                              struct dec_chain_route *r)
+{
+    static const char *const path_keys[] = {"PathExact", "PathPrefix", "PathRegex"};
+    static const enum dec_path_match path_values[] = {DEC_PATH_EXACT, DEC_PATH_PREFIX,
+                                                      DEC_PATH_REGEX};
+    json_t *hdrs, *query;
+    int rc = 0;
+    for (size_t k = 0; k < ARRAY_SIZE(path_keys); k++) {
+        char *v = NULL;
+        if ((rc = get_perm_str(c, http, path_keys[k], where, &v)) != 0 || v == NULL)
+            return rc;
+        if (v[0] == '\0') {
+            free(v);
+        } else if (r->path != NULL) {
+            free(v);
+            return bad_field(c, where, "",
+                             "must set at most one of PathExact, PathPrefix or PathRegex");
+        } else {
+            r->path = v;
+            r->path_match = path_values[k];
+            if (k < 2 && v[0] != '/')
+                return bad_field(c, where, path_keys[k], "must begin with \"/\"");
+        }
+    }
+    if (r->path == NULL)
+        r->path = xstrdup("");
+    if ((rc = get_bool(c, http, "CaseInsensitive", where, &r->case_insensitive)) != 0 ||
+        (rc = get_arr(c, http, "Header", 0, where, &hdrs)) != 0)
+        return rc;
+    if (hdrs != NULL && json_array_size(hdrs) > DEC_PERM_HEADERS_MAX)
+        return bad_field(c, where, "Header", "has too many entries");
+    r->n_headers = hdrs != NULL ? json_array_size(hdrs) : 0;
+    r->headers = r->n_headers > 0 ? xcalloc(r->n_headers, sizeof(*r->headers)) : NULL;
+    for (size_t i = 0; i < r->n_headers && rc == 0; i++) {
+        char hw[360];
+        snprintf(hw, sizeof(hw), "%.320s.Header[%zu]", where, i);
+        rc = decode_perm_header(c, json_array_get(hdrs, i), hw, &r->headers[i]);
+    }
+    if (rc == 0)
+        rc = get_arr(c, http, "QueryParam", 0, where, &query);
+    if (rc != 0)
+        return rc;
+    if (query != NULL && json_array_size(query) > DEC_ROUTE_QUERY_MAX)
+        return bad_field(c, where, "QueryParam", "has too many entries");
+    r->n_query = query != NULL ? json_array_size(query) : 0;
+    r->query = r->n_query > 0 ? xcalloc(r->n_query, sizeof(*r->query)) : NULL;
+    for (size_t i = 0; i < r->n_query && rc == 0; i++) {
+        char qw[360];
+        snprintf(qw, sizeof(qw), "%.320s.QueryParam[%zu]", where, i);
+        rc = decode_query_param(c, json_array_get(query, i), qw, &r->query[i]);
+    }
+    if (rc == 0)
+        rc = get_str_list(c, http, "Methods", where, DEC_PERM_METHODS_MAX, &r->methods,
+                          &r->n_methods);
+    return rc;
+}
+
+/* Definition.Destination of a route (Service, ServiceSubset, ... are compiled into NextNode). */
+static int decode_destination(struct dctx *c, json_t *d, const char *where,
+                              struct dec_chain_route *r)
+{
+    json_t *codes;
+    char **retry_on = NULL;
+    size_t n_retry_on = 0;
+    int n = 0;
+    int rc = get_perm_str(c, d, "PrefixRewrite", where, &r->prefix_rewrite);
+    if (rc == 0 && !is_field_value(r->prefix_rewrite))
+        rc = bad_field(c, where, "PrefixRewrite", "must not hold CR or LF");
+    if (rc != 0 ||
+        (rc = get_timeout_ms(c, d, "RequestTimeout", where, &r->request_timeout_ms)) != 0 ||
+        (rc = get_timeout_ms(c, d, "IdleTimeout", where, &r->idle_timeout_ms)) != 0 ||
+        (rc = get_int(c, d, "NumRetries", 0, 0, INT32_MAX, where, &n)) != 0 ||
+        (rc = get_bool(c, d, "RetryOnConnectFailure", where, &r->retry_on_connect_failure)) != 0 ||
+        (rc = get_str_list(c, d, "RetryOn", where, DEC_RETRY_ON_MAX, &retry_on, &n_retry_on)) != 0)
+        goto out;
+    r->num_retries = (uint32_t)n;
+    for (size_t i = 0; i < n_retry_on; i++) {
+        unsigned k = 0;
+        while (dec_retry_on_name(k) != NULL && strcmp(dec_retry_on_name(k), retry_on[i]) != 0)
+            k++;
+        if (dec_retry_on_name(k) == NULL) {
+            rc = fail(c, ERR_BAD_FIELD, "%s.RetryOn[%zu] \"%.64s\" is not a value Consul accepts",
+                      where, i, retry_on[i]);
+            goto out;
+        }
+        r->retry_on |= 1u << k;
+    }
+    if ((rc = get_arr(c, d, "RetryOnStatusCodes", 0, where, &codes)) != 0)
+        goto out;
+    if (codes != NULL && json_array_size(codes) > DEC_RETRY_CODES_MAX) {
+        rc = bad_field(c, where, "RetryOnStatusCodes", "has too many entries");
+        goto out;
+    }
+    r->n_retry_status_codes = codes != NULL ? json_array_size(codes) : 0;
+    r->retry_status_codes = r->n_retry_status_codes > 0
+                                ? xcalloc(r->n_retry_status_codes, sizeof(*r->retry_status_codes))
+                                : NULL;
+    for (size_t i = 0; i < r->n_retry_status_codes; i++) {
+        json_t *v = json_array_get(codes, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 100 || json_integer_value(v) > 999) {
+            rc = fail(c, ERR_BAD_FIELD, "%s.RetryOnStatusCodes[%zu] must be an HTTP status", where,
+                      i);
+            goto out;
+        }
+        r->retry_status_codes[i] = (uint16_t)json_integer_value(v);
+    }
+    if ((rc = decode_header_mods(c, d, "RequestHeaders", where, &r->request_headers)) == 0)
+        rc = decode_header_mods(c, d, "ResponseHeaders", where, &r->response_headers);
+out:
+    str_list_free(retry_on, n_retry_on);
+    return rc;
+}
+
+static int decode_hash_policy(struct dctx *c, json_t *o, const char *where,
+                              struct dec_hash_policy *h)
+{
+    const char *field;
+    json_t *cookie;
+    if (!json_is_object(o))
+        return bad_field(c, where, "", "must be an object");
+    int rc;
+    if ((rc = peek_str(c, o, "Field", 0, where, &field)) != 0 ||
+        (rc = get_perm_str(c, o, "FieldValue", where, &h->field_value)) != 0 ||
+        (rc = get_bool(c, o, "SourceIP", where, &h->source_ip)) != 0 ||
+        (rc = get_bool(c, o, "Terminal", where, &h->terminal)) != 0 ||
+        (rc = get_obj(c, o, "CookieConfig", 0, where, &cookie)) != 0 ||
+        (rc = get_bool(c, cookie, "Session", where, &h->cookie_session)) != 0 ||
+        (rc = get_timeout_ms(c, cookie, "TTL", where, &h->cookie_ttl_ms)) != 0 ||
+        (rc = get_perm_str(c, cookie, "Path", where, &h->cookie_path)) != 0)
+        return rc;
+    size_t k = 1;
+    while (k < ARRAY_SIZE(hash_field_names) && strcmp(hash_field_names[k], field) != 0)
+        k++;
+    if (field[0] != '\0' && k == ARRAY_SIZE(hash_field_names))
+        return bad_field(c, where, "Field", "must be header, cookie or query_parameter");
+    h->field = field[0] != '\0' ? (enum dec_hash_field)k : DEC_HASH_NONE;
+    /* Consul's validation: a field with its value, or SourceIP alone. */
+    if (h->source_ip ? h->field != DEC_HASH_NONE || h->field_value[0] != '\0'
+                     : h->field == DEC_HASH_NONE || h->field_value[0] == '\0')
+        return bad_field(c, where, "", "must set Field with FieldValue, or SourceIP alone");
+    if (h->field == DEC_HASH_HEADER && !is_token(h->field_value))
+        return bad_field(c, where, "FieldValue", "is not a header name");
+    if (!is_field_value(h->cookie_path))
+        return bad_field(c, where, "CookieConfig.Path", "must not hold CR or LF");
+    return 0;
+}
+
+static void hash_policies_free(struct dec_hash_policy *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(v[i].field_value);
+        free(v[i].cookie_path);
+    }
+    free(v);
+}
+
+/* A node's LoadBalancer (absent: the default policy). */
+static int decode_lb(struct dctx *c, json_t *node, const char *where, struct dec_load_balancer *lb)
+{
+    json_t *o, *least, *ring, *hash;
+    const char *policy;
+    char sub[360];
+    int rc = get_obj(c, node, "LoadBalancer", 0, where, &o);
+    if (rc != 0 || o == NULL)
+        return rc;
+    snprintf(sub, sizeof(sub), "%.320s.LoadBalancer", where);
+    int choice = 0, rmin = 0, rmax = 0;
+    if ((rc = peek_str(c, o, "Policy", 0, sub, &policy)) != 0 ||
+        (rc = get_obj(c, o, "LeastRequestConfig", 0, sub, &least)) != 0 ||
+        (rc = get_int(c, least, "ChoiceCount", 0, 0, INT32_MAX, sub, &choice)) != 0 ||
+        (rc = get_obj(c, o, "RingHashConfig", 0, sub, &ring)) != 0 ||
+        (rc = get_int(c, ring, "MinimumRingSize", 0, 0, INT32_MAX, sub, &rmin)) != 0 ||
+        (rc = get_int(c, ring, "MaximumRingSize", 0, 0, INT32_MAX, sub, &rmax)) != 0 ||
+        (rc = get_arr(c, o, "HashPolicies", 0, sub, &hash)) != 0)
+        return rc;
+    size_t k = 0;
+    while (k < ARRAY_SIZE(lb_policy_names) && strcmp(lb_policy_names[k], policy) != 0)
+        k++;
+    if (k == ARRAY_SIZE(lb_policy_names))
+        return bad_field(c, sub, "Policy",
+                         "must be random, round_robin, least_request, ring_hash or maglev");
+    lb->policy = (enum dec_lb_policy)k;
+    lb->choice_count = (uint32_t)choice;
+    lb->ring_min = (uint32_t)rmin;
+    lb->ring_max = (uint32_t)rmax;
+    if (hash != NULL && json_array_size(hash) > DEC_HASH_POLICIES_MAX)
+        return bad_field(c, sub, "HashPolicies", "has too many entries");
+    lb->n_hash = hash != NULL ? json_array_size(hash) : 0;
+    lb->hash = lb->n_hash > 0 ? xcalloc(lb->n_hash, sizeof(*lb->hash)) : NULL;
+    for (size_t i = 0; i < lb->n_hash && rc == 0; i++) {
+        char hw[400];
+        snprintf(hw, sizeof(hw), "%.360s.HashPolicies[%zu]", sub, i);
+        rc = decode_hash_policy(c, json_array_get(hash, i), hw, &lb->hash[i]);
+    }
+    return rc;
+}
+
+/* What the routing pass shares: the tree and the result being filled. */
+struct route_build {
+    json_t *nodes;
+    struct dec_chain *out;
+    size_t cap_resolvers;
+};
+
+static int find_target(struct dctx *c, const struct dec_chain *out, const char *id,
+                       const char *where, size_t *index)
+{
+    *index = 0;
+    for (size_t i = 0; i < out->n_targets; i++) {
+        if (strcmp(out->targets[i].id, id) == 0) {
+            *index = i;
+            return 0;
+        }
+    }
+    return fail(c, ERR_BAD_FIELD, "%s: target \"%.200s\" is not in Chain.Targets", where, id);
+}
+
+/* The node <name>, which must be an object of type <type>. */
+static int typed_node(struct dctx *c, json_t *nodes, const char *name, const char *from,
+                      json_t **node, const char **type)
+{
+    *type = "";
+    *node = member(nodes, name);
+    if (*node == NULL || !json_is_object(*node))
+        return fail(c, ERR_BAD_FIELD, "%s: node \"%.200s\" is not an object in Chain.Nodes", from,
+                    name);
+    return peek_str(c, *node, "Type", 1, from, type);
+}
+
+/* The index of resolver node <name> in out->resolvers, decoding it on first sight. */
+static int resolver_index(struct dctx *c, struct route_build *b, const char *name, const char *from,
+                          size_t *index)
+{
+    struct dec_chain *out = b->out;
+    json_t *node, *resolver, *failover, *fo;
+    const char *type, *target;
+    char where[320];
+    for (size_t i = 0; i < out->n_resolvers; i++) {
+        if (strcmp(out->resolvers[i].name, name) == 0) {
+            *index = i;
+            return 0;
+        }
+    }
+    int rc = typed_node(c, b->nodes, name, from, &node, &type);
+    if (rc != 0)
+        return rc;
+    if (strcmp(type, "resolver") != 0)
+        return fail(c, ERR_BAD_FIELD, "%s leads to \"%.200s\", a %.32s: a resolver belongs there",
+                    from, name, type);
+    if (out->n_resolvers == b->cap_resolvers)
+        return fail(c, ERR_BAD_FIELD, "%s: too many resolvers", from);
+    struct dec_chain_resolver *r = &out->resolvers[out->n_resolvers++];
+    r->name = xstrdup(name);
+    snprintf(where, sizeof(where), "Chain.Nodes[\"%.200s\"]", name);
+    if ((rc = get_obj(c, node, "Resolver", 1, where, &resolver)) != 0 ||
+        (rc = peek_str(c, resolver, "Target", 1, where, &target)) != 0 ||
+        (rc = get_timeout_ms(c, resolver, "ConnectTimeout", where, &r->connect_timeout_ms)) != 0 ||
+        (rc = get_timeout_ms(c, resolver, "RequestTimeout", where, &r->request_timeout_ms)) != 0 ||
+        (rc = get_obj(c, resolver, "Failover", 0, where, &failover)) != 0 ||
+        (rc = get_arr(c, failover, "Targets", 0, where, &fo)) != 0 ||
+        (rc = decode_lb(c, node, where, &r->lb)) != 0)
+        return rc;
+    /* The walk checked the failover IDs and listed every one, duplicates dropped. */
+    r->targets = xcalloc(1 + json_array_size(fo), sizeof(*r->targets));
+    if ((rc = find_target(c, out, target, where, &r->targets[r->n_targets++])) != 0)
+        return rc;
+    for (size_t i = 0; i < json_array_size(fo); i++) {
+        size_t t = 0;
+        if ((rc = find_target(c, out, json_string_value(json_array_get(fo, i)), where, &t)) != 0)
+            return rc;
+        size_t j = 0;
+        while (j < r->n_targets && r->targets[j] != t)
+            j++;
+        if (j == r->n_targets)
+            r->targets[r->n_targets++] = t;
+    }
+    *index = out->n_resolvers - 1;
+    return 0;
+}
+
+/* A route's next node: a splitter's splits, or one split of weight 100 to a resolver. */
+static int route_splits(struct dctx *c, struct route_build *b, const char *name, const char *from,
+                        struct dec_chain_route *r)
+{
+    json_t *node, *splits;
+    const char *type;
+    char where[320];
+    int rc = typed_node(c, b->nodes, name, from, &node, &type);
+    if (rc != 0)
+        return rc;
+    if (strcmp(type, "resolver") == 0) {
+        r->splits = xcalloc(1, sizeof(*r->splits));
+        r->n_splits = 1;
+        r->splits[0].weight = 100;
+        return resolver_index(c, b, name, from, &r->splits[0].resolver);
+    }
+    if (strcmp(type, "splitter") != 0)
+        return fail(c, ERR_BAD_FIELD,
+                    "%s leads to \"%.200s\", a %.32s: a splitter or resolver belongs there", from,
+                    name, type);
+    snprintf(where, sizeof(where), "Chain.Nodes[\"%.200s\"]", name);
+    if ((rc = get_arr(c, node, "Splits", 1, where, &splits)) != 0)
+        return rc;
+    if (json_array_size(splits) == 0)
+        return bad_field(c, where, "Splits", "must not be empty");
+    if (json_array_size(splits) > DEC_CHAIN_SPLITS_MAX)
+        return bad_field(c, where, "Splits", "has too many entries");
+    r->splits = xcalloc(json_array_size(splits), sizeof(*r->splits));
+    for (size_t i = 0; i < json_array_size(splits); i++) {
+        struct dec_chain_split *sp = &r->splits[r->n_splits++];
+        json_t *el = json_array_get(splits, i), *w, *def;
+        const char *next;
+        char sw[360];
+        snprintf(sw, sizeof(sw), "%.300s.Splits[%zu]", where, i);
+        if (!json_is_object(el))
+            return bad_field(c, sw, "", "must be an object");
+        w = member(el, "Weight");
+        if (w == NULL || !json_is_number(w) || json_number_value(w) < 0 ||
+            json_number_value(w) > 100)
+            return bad_field(c, sw, "Weight", "must be a number in [0, 100]");
+        sp->weight = json_number_value(w);
+        if ((rc = get_obj(c, el, "Definition", 0, sw, &def)) != 0 ||
+            (rc = decode_header_mods(c, def, "RequestHeaders", sw, &sp->request_headers)) != 0 ||
+            (rc = decode_header_mods(c, def, "ResponseHeaders", sw, &sp->response_headers)) != 0 ||
+            (rc = peek_str(c, el, "NextNode", 1, sw, &next)) != 0 ||
+            (rc = resolver_index(c, b, next, sw, &sp->resolver)) != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Fills out->routes and out->resolvers from the start node (the walk has listed targets). */
+static int decode_routing(struct dctx *c, json_t *nodes, const char *start, struct dec_chain *out)
+{
+    struct route_build b = {.nodes = nodes, .out = out, .cap_resolvers = json_object_size(nodes)};
+    json_t *node, *routes;
+    const char *type;
+    char where[320];
+    out->resolvers = xcalloc(b.cap_resolvers ? b.cap_resolvers : 1, sizeof(*out->resolvers));
+    int rc = typed_node(c, nodes, start, "Chain.StartNode", &node, &type);
+    if (rc != 0)
+        return rc;
+    if (strcmp(type, "router") != 0) {
+        out->routes = xcalloc(1, sizeof(*out->routes));
+        out->n_routes = 1;
+        struct dec_chain_route *r = &out->routes[0];
+        r->next_node = xstrdup("");
+        r->path = xstrdup("");
+        r->prefix_rewrite = xstrdup("");
+        return route_splits(c, &b, start, "Chain.StartNode", r);
+    }
+    snprintf(where, sizeof(where), "Chain.Nodes[\"%.200s\"]", start);
+    if ((rc = get_arr(c, node, "Routes", 1, where, &routes)) != 0)
+        return rc;
+    if (json_array_size(routes) == 0)
+        return bad_field(c, where, "Routes", "must not be empty");
+    if (json_array_size(routes) > DEC_CHAIN_ROUTES_MAX)
+        return bad_field(c, where, "Routes", "has too many entries");
+    out->routes = xcalloc(json_array_size(routes), sizeof(*out->routes));
+    for (size_t i = 0; i < json_array_size(routes); i++) {
+        struct dec_chain_route *r = &out->routes[out->n_routes++];
+        json_t *el = json_array_get(routes, i), *def, *match, *http, *dest;
+        const char *next;
+        char rw[360], mw[400];
+        snprintf(rw, sizeof(rw), "%.290s.Routes[%zu]", where, i);
+        if (!json_is_object(el))
+            return bad_field(c, rw, "", "must be an object");
+        snprintf(mw, sizeof(mw), "%s.Definition.Match.HTTP", rw);
+        if ((rc = peek_str(c, el, "NextNode", 1, rw, &next)) != 0)
+            return rc;
+        r->next_node = xstrdup(next);
+        if ((rc = get_obj(c, el, "Definition", 0, rw, &def)) != 0 ||
+            (rc = get_obj(c, def, "Match", 0, rw, &match)) != 0 ||
+            (rc = get_obj(c, match, "HTTP", 0, rw, &http)) != 0 ||
+            (rc = decode_route_match(c, http, mw, r)) != 0)
+            return rc;
+        snprintf(mw, sizeof(mw), "%s.Definition.Destination", rw);
+        if ((rc = get_obj(c, def, "Destination", 0, rw, &dest)) != 0 ||
+            (rc = decode_destination(c, dest, mw, r)) != 0 ||
+            (rc = route_splits(c, &b, next, rw, r)) != 0)
+            return rc;
+    }
+    return 0;
+}
+
+static void route_dispose(struct dec_chain_route *r)
+{
+    free(r->next_node);
+    free(r->path);
+    for (size_t j = 0; j < r->n_headers; j++) {
+        free(r->headers[j].name);
+        free(r->headers[j].value);
+    }
+    free(r->headers);
+    for (size_t j = 0; j < r->n_query; j++) {
+        free(r->query[j].name);
+        free(r->query[j].value);
+    }
+    free(r->query);
+    str_list_free(r->methods, r->n_methods);
+    free(r->prefix_rewrite);
+    free(r->retry_status_codes);
+    header_mods_dispose(&r->request_headers);
+    header_mods_dispose(&r->response_headers);
+    for (size_t j = 0; j < r->n_splits; j++) {
+        header_mods_dispose(&r->splits[j].request_headers);
+        header_mods_dispose(&r->splits[j].response_headers);
+    }
+    free(r->splits);
+}
+
+void dec_chain_routes_free(struct dec_chain_route *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        route_dispose(&v[i]);
+    free(v);
+}
+
+void dec_chain_resolvers_free(struct dec_chain_resolver *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(v[i].name);
+        free(v[i].targets);
+        hash_policies_free(v[i].lb.hash, v[i].lb.n_hash);
+    }
+    free(v);
 }
 
 int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, char *err,
@@ -1289,9 +1903,10 @@ int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, c
                   start);
         goto out;
     }
-    /* Routing is not done yet: every target any resolver reachable from the start node names
-     * is served, the chain's own service's first (a router's catch-all route). The array is
-     * sized for every target the chain lists; add_target refuses a name it does not list. */
+    /* Every target any resolver reachable from the start node names is listed, the chain's
+     * own service's first (a router's catch-all route), for the L4 relay and the health
+     * watches; the routing pass then points its resolvers at them. The array is sized for
+     * every target the chain lists; add_target refuses a name it does not list. */
     w.nodes = nodes;
     w.targets = targets;
     w.cap = json_object_size(nodes);
@@ -1299,8 +1914,11 @@ int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, c
     out->targets = xcalloc(json_object_size(targets) + 1, sizeof(*out->targets));
     if ((rc = walk_node(&c, &w, start, out, 0)) != 0)
         goto out;
-    if (out->n_targets == 0)
+    if (out->n_targets == 0) {
         rc = fail(&c, ERR_BAD_FIELD, "Chain: no resolver reachable from StartNode \"%s\"", start);
+        goto out;
+    }
+    rc = decode_routing(&c, nodes, start, out);
 out:
     free(w.seen);
     json_decref(root);
@@ -1317,6 +1935,8 @@ void dec_chain_dispose(struct dec_chain *c)
         free(t->filter);
     }
     free(c->targets);
+    dec_chain_routes_free(c->routes, c->n_routes);
+    dec_chain_resolvers_free(c->resolvers, c->n_resolvers);
     free(c->service_name);
     free(c->protocol);
     memset(c, 0, sizeof(*c));

@@ -241,12 +241,173 @@ struct dec_chain_target {
 };
 
 /*
+ * The routing half of a compiled chain (consul-api.md 9): its routers' routes, splitters'
+ * splits and resolvers, as the agent's JSON spells them (Go durations arrive as strings, such
+ * as a route's "RequestTimeout": "2s", or as integer nanoseconds, such as a resolver's
+ * RequestTimeout and a cookie's TTL; both are accepted everywhere). Bounded: more entries or
+ * longer strings than below make the whole chain malformed.
+ */
+#define DEC_CHAIN_ROUTES_MAX  1024 /* routes of a router (the compiler's catch-all included) */
+#define DEC_CHAIN_SPLITS_MAX  64   /* splits of a splitter */
+#define DEC_ROUTE_QUERY_MAX   32   /* QueryParam[] conditions of a route */
+#define DEC_HEADER_MODS_MAX   64   /* entries of one Add, Set or Remove */
+#define DEC_RETRY_ON_MAX      16   /* RetryOn[] values */
+#define DEC_RETRY_CODES_MAX   64   /* RetryOnStatusCodes[] values */
+#define DEC_HASH_POLICIES_MAX 16   /* LoadBalancer.HashPolicies[] */
+#define DEC_CHAIN_STR_MAX     4096 /* bytes of any routing string (path, name, value, rewrite) */
+
+/* RetryOn values Consul accepts (config_entry_discoverychain.go), as bits. */
+#define DEC_RETRY_ON_NAMES(X)                                                                      \
+    X(5XX, "5xx")                                                                                  \
+    X(GATEWAY_ERROR, "gateway-error")                                                              \
+    X(RESET, "reset")                                                                              \
+    X(CONNECT_FAILURE, "connect-failure")                                                          \
+    X(ENVOY_RATELIMITED, "envoy-ratelimited")                                                      \
+    X(RETRIABLE_4XX, "retriable-4xx")                                                              \
+    X(REFUSED_STREAM, "refused-stream")                                                            \
+    X(CANCELLED, "cancelled")                                                                      \
+    X(DEADLINE_EXCEEDED, "deadline-exceeded")                                                      \
+    X(INTERNAL, "internal")                                                                        \
+    X(RESOURCE_EXHAUSTED, "resource-exhausted")                                                    \
+    X(UNAVAILABLE, "unavailable")
+
+enum dec_retry_on_index {
+#define X(name, text) DEC_RETRY_ON_IDX_##name,
+    DEC_RETRY_ON_NAMES(X)
+#undef X
+        DEC_RETRY_ON_COUNT
+};
+/* The name of RetryOn bit <index> ("5xx"), or NULL past the last. */
+const char *dec_retry_on_name(unsigned index);
+
+/* One name/value of a header modifier's Add or Set. */
+struct dec_header_kv {
+    char *name;  /* a non-empty HTTP token */
+    char *value; /* no CR, LF or NUL */
+};
+
+/* RequestHeaders / ResponseHeaders {Add, Set, Remove} of a route or a split. */
+struct dec_header_mods {
+    struct dec_header_kv *add; /* appended to what is there */
+    size_t n_add;
+    struct dec_header_kv *set; /* replacing what is there */
+    size_t n_set;
+    char **remove; /* names */
+    size_t n_remove;
+};
+
+enum dec_query_match {
+    DEC_QUERY_PRESENT = 1,
+    DEC_QUERY_EXACT,
+    DEC_QUERY_REGEX,
+};
+
+/* Match.HTTP.QueryParam[]: exactly one of Present, Exact or Regex. */
+struct dec_query_param {
+    char *name; /* non-empty, compared exactly with the raw (undecoded) name */
+    enum dec_query_match match;
+    char *value; /* "" for DEC_QUERY_PRESENT */
+};
+
+/* One split of a route: a weight and the resolver it leads to. */
+struct dec_chain_split {
+    double weight;   /* percent, the compiled Weight (nested splitters flattened) */
+    size_t resolver; /* index into dec_chain.resolvers */
+    struct dec_header_mods request_headers, response_headers; /* Definition's */
+};
+
+/*
+ * One route, in the router's order. A chain that starts at a splitter or a resolver has one
+ * catch-all route (no conditions, no destination settings), as Envoy's route for it. The route
+ * leads to its splits: a splitter's, or one split of weight 100 straight to a resolver.
+ */
+struct dec_chain_route {
+    char *next_node; /* the node it leads to ("" for a chain without a router) */
+    /* Definition.Match.HTTP; every condition must hold. No condition: matches every request. */
+    enum dec_path_match path_match;
+    char *path;           /* "" for DEC_PATH_ANY */
+    int case_insensitive; /* CaseInsensitive: PathExact and PathPrefix ignore ASCII case */
+    struct dec_perm_header *headers; /* Header[]; Contains and IgnoreCase accepted too */
+    size_t n_headers;
+    struct dec_query_param *query; /* QueryParam[] */
+    size_t n_query;
+    char **methods; /* Methods[]; any one of them */
+    size_t n_methods;
+    /* Definition.Destination */
+    char *prefix_rewrite;        /* "" = none */
+    uint32_t request_timeout_ms; /* 0 = not set (the data path's default applies) */
+    uint32_t idle_timeout_ms;    /* 0 = not set */
+    uint32_t num_retries;
+    int retry_on_connect_failure;
+    unsigned retry_on; /* bits 1 << DEC_RETRY_ON_IDX_* */
+    uint16_t *retry_status_codes;
+    size_t n_retry_status_codes;
+    struct dec_header_mods request_headers, response_headers;
+    struct dec_chain_split *splits; /* at least one */
+    size_t n_splits;
+};
+
+enum dec_lb_policy {
+    DEC_LB_DEFAULT = 0, /* no LoadBalancer, or an empty Policy */
+    DEC_LB_RANDOM,
+    DEC_LB_ROUND_ROBIN,
+    DEC_LB_LEAST_REQUEST,
+    DEC_LB_RING_HASH,
+    DEC_LB_MAGLEV,
+};
+/* "random", ... ("" for DEC_LB_DEFAULT). */
+const char *dec_lb_policy_name(enum dec_lb_policy p);
+
+enum dec_hash_field {
+    DEC_HASH_NONE = 0, /* SourceIP policies */
+    DEC_HASH_HEADER,
+    DEC_HASH_COOKIE,
+    DEC_HASH_QUERY_PARAMETER,
+};
+/* "header", "cookie", "query_parameter" ("" for DEC_HASH_NONE). */
+const char *dec_hash_field_name(enum dec_hash_field f);
+
+/* LoadBalancer.HashPolicies[]: a Field with its FieldValue, or SourceIP. */
+struct dec_hash_policy {
+    enum dec_hash_field field;
+    char *field_value; /* header, cookie or parameter name; "" with SourceIP */
+    int source_ip;
+    int terminal;
+    /* CookieConfig */
+    int cookie_session;     /* Session: a session cookie */
+    uint32_t cookie_ttl_ms; /* TTL; 0 = none */
+    char *cookie_path;      /* "" = none */
+};
+
+struct dec_load_balancer {
+    enum dec_lb_policy policy;
+    uint32_t choice_count;        /* LeastRequestConfig.ChoiceCount; 0 = not set */
+    uint32_t ring_min, ring_max;  /* RingHashConfig Minimum/MaximumRingSize; 0 = not set */
+    struct dec_hash_policy *hash; /* HashPolicies[] in order */
+    size_t n_hash;
+};
+
+/* A resolver node reachable from the start node. */
+struct dec_chain_resolver {
+    char *name;      /* its node name, "resolver:<target>" */
+    size_t *targets; /* indices into dec_chain.targets: Target, then Failover.Targets */
+    size_t n_targets;
+    uint32_t connect_timeout_ms; /* ConnectTimeout; 0 = absent */
+    uint32_t request_timeout_ms; /* RequestTimeout; 0 = absent */
+    struct dec_load_balancer lb; /* the node's LoadBalancer */
+};
+
+/*
  * A compiled discovery chain (consul-api.md 2.8), walked from its start node: every resolver
  * reachable through routers (their last route, the compiler's catch-all, first) and splitters
  * adds its Target, then its Failover.Targets in order (duplicates dropped); a chain that
- * starts at a resolver gives its target first, as an L4 proxy walks it. Routing itself is not
- * decided here. Every named target must exist in the chain's Targets map. <protocol> is the
- * chain's Protocol ("" when absent); <connect_timeout_ms> the first resolver's.
+ * starts at a resolver gives its target first, as an L4 proxy walks it. Every named target
+ * must exist in the chain's Targets map. <protocol> is the chain's Protocol ("" when absent);
+ * <connect_timeout_ms> the first resolver's.
+ *
+ * The routing is decoded too (routes -> splits -> resolvers -> targets), every field checked
+ * for type and bounds; a route leads to a splitter or a resolver, a split to a resolver.
+ * Regexes are not compiled here (the route table does it, route.h).
  */
 struct dec_chain {
     char *service_name;
@@ -254,11 +415,18 @@ struct dec_chain {
     uint32_t connect_timeout_ms; /* the resolver's ConnectTimeout; 5000 when absent */
     struct dec_chain_target *targets;
     size_t n_targets; /* at least 1 */
+    struct dec_chain_route *routes;
+    size_t n_routes; /* at least 1 */
+    struct dec_chain_resolver *resolvers;
+    size_t n_resolvers; /* at least 1 */
 };
 
 int decode_discovery_chain(const char *buf, size_t len, struct dec_chain *out, char *err,
                            size_t errlen);
 void dec_chain_dispose(struct dec_chain *c);
+/* Free what a route table took from a chain (route.c); NULL with 0 is fine. */
+void dec_chain_routes_free(struct dec_chain_route *v, size_t n);
+void dec_chain_resolvers_free(struct dec_chain_resolver *v, size_t n);
 
 /*
  * Parses a Go duration as the agent renders it ("5s", "1m30s", "250ms", "1.5s") into

@@ -104,6 +104,7 @@ void snapshot_unref(struct snapshot *s)
             snap_target_dispose(&u->targets[j]);
         free(u->targets);
         limit_state_unref(u->limit);
+        route_table_unref(u->routes);
     }
     limit_state_unref(s->inbound_limit);
     free(s->upstreams);

@@ -19,6 +19,7 @@
 #include "limit.h"
 #include "pathnorm.h"
 #include "proxycfg.h"
+#include "route.h"
 #include "tls.h"
 
 /* The healthy endpoints of one upstream; immutable, shared by reference. */
@@ -64,6 +65,10 @@ struct snap_upstream {
     /* enum proxycfg_protocol: the upstream's Config.protocol when set, else its discovery
      * chain's; new connections to the upstream are served by it (http: L7, else L4). */
     int protocol;
+    /* The route table compiled from the upstream's discovery chain (one reference; NULL for a
+     * prepared query, or before the first chain). Its resolvers index <targets>, built from
+     * the same chain. Not used by the data path yet. */
+    struct route_table *routes;
 };
 
 struct snapshot {

@@ -6,6 +6,7 @@
 #include "upstreams.h"
 #include "decode.h"
 #include "log.h"
+#include "route.h"
 #include "util.h"
 
 #include <stdlib.h>
@@ -33,6 +34,9 @@ struct up_watch {
     struct limit_state *limit; /* admission state of its listener, across snapshots */
     int protocol_set;          /* Config.protocol given: the chain was compiled for it */
     int protocol;              /* effective: Config.protocol, else the chain's Protocol */
+    /* compiled from the same chain as <tgts>, whose order its resolvers index; NULL for a
+     * prepared query and until the first chain */
+    struct route_table *routes;
     struct upstreams *ups;
 };
 
@@ -200,6 +204,9 @@ static int on_chain(void *data, const struct agent_response *resp)
     free(u->tgts);
     u->tgts = fresh;
     u->n_tgts = chain.n_targets;
+    /* The targets and the table change together: the table's resolvers index <fresh>. */
+    route_table_unref(u->routes);
+    u->routes = route_table_new(&chain, u->key);
     if (!u->protocol_set) {
         int p = proxycfg_protocol_from_name(chain.protocol != NULL ? chain.protocol : "");
         if (p < 0)
@@ -208,9 +215,11 @@ static int on_chain(void *data, const struct agent_response *resp)
         u->protocol = p < 0 ? PROTO_TCP : p;
     }
     LOG_INFO("upstream %s: discovery chain %s: %zu target(s), primary %s, connect timeout %u ms, "
-             "protocol %s",
+             "protocol %s, %zu route(s)%s",
              u->key, chain.service_name, chain.n_targets, chain.targets[0].id,
-             (unsigned)chain.connect_timeout_ms, proxycfg_protocol_name(u->protocol));
+             (unsigned)chain.connect_timeout_ms, proxycfg_protocol_name(u->protocol),
+             route_table_len(u->routes),
+             route_table_broken(u->routes) > 0 ? " (some never match: see above)" : "");
     dec_chain_dispose(&chain);
     changed(u->ups);
     return 0;
@@ -257,6 +266,8 @@ static char *upstream_request(const struct upstream_cfg *c, struct watch_spec *s
         char *dc = util_url_escape(c->datacenter), *ns = util_url_escape(c->ns);
         spec->method = "POST";
         spec->block = WATCH_BY_INDEX;
+        /* A refused chain is cured only by a new one; ?cached would keep answering it. */
+        spec->block_on_rejected = 1;
         spec->path = xasprintf("/v1/discovery-chain/%s?cached%s%s%s%s", name,
                                dc[0] ? "&compile-dc=" : "", dc, ns[0] ? "&ns=" : "", ns);
         /* The upstream's Config.protocol, when set, compiles the chain for that protocol (as
@@ -287,6 +298,7 @@ static void up_watch_free(struct up_watch *u)
     for (size_t i = 0; i < u->n_tgts; i++)
         tgt_free(u->tgts[i]);
     free(u->tgts);
+    route_table_unref(u->routes);
     free(u->request);
     limit_state_unref(u->limit);
     free(u->key);
@@ -341,6 +353,8 @@ static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstrea
                 u->tgts[i]->up = u;
             old->tgts = NULL;
             old->n_tgts = 0;
+            u->routes = old->routes;
+            old->routes = NULL;
         }
         u->watch = watch_start(ups->agent, &spec, on_chain, u);
     }
@@ -413,10 +427,12 @@ void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_par
     out->n_targets = xcalloc(n, sizeof(*out->n_targets));
     out->limits = xcalloc(n, sizeof(*out->limits));
     out->protocols = xcalloc(n, sizeof(*out->protocols));
+    out->routes = xcalloc(n, sizeof(*out->routes));
     for (size_t i = 0; i < n && i < ups->n; i++) {
         const struct up_watch *u = ups->v[i];
         out->limits[i] = u->limit;
         out->protocols[i] = u->protocol;
+        out->routes[i] = u->routes;
         out->targets[i] = xcalloc(u->n_tgts, sizeof(**out->targets));
         out->n_targets[i] = u->n_tgts;
         for (size_t j = 0; j < u->n_tgts; j++)
@@ -432,6 +448,7 @@ void upstreams_parts_dispose(struct upstreams_parts *p)
     free(p->n_targets);
     free(p->limits);
     free(p->protocols);
+    free(p->routes);
 }
 
 void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data)

@@ -44,7 +44,8 @@ struct upstreams_parts {
     struct snap_target **targets;
     size_t *n_targets;
     struct limit_state **limits;
-    int *protocols; /* each upstream's effective protocol (snap_upstream.protocol) */
+    int *protocols;              /* each upstream's effective protocol (snap_upstream.protocol) */
+    struct route_table **routes; /* each upstream's route table (borrowed), or NULL */
     size_t n;
 };
 void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_parts *out);

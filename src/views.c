@@ -7,6 +7,7 @@
 #include "views.h"
 #include "intent.h"
 #include "pathnorm.h"
+#include "route.h"
 #include "util.h"
 
 #include <errno.h>
@@ -691,6 +692,200 @@ static void json_limits(struct admin_buf *b, const struct limit_cfg *l)
     admin_buf_add(b, "}", 1);
 }
 
+/* ---- an upstream's route table in /config ---- */
+
+static void json_kv_bool(struct admin_buf *b, const char *key, int v, int comma)
+{
+    admin_buf_json_str(b, key);
+    admin_buf_printf(b, ":%s%s", v ? "true" : "false", comma ? "," : "");
+}
+
+static void json_str_list(struct admin_buf *b, const char *key, char *const *v, size_t n, int comma)
+{
+    admin_buf_json_str(b, key);
+    admin_buf_add(b, ":[", 2);
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0)
+            admin_buf_add(b, ",", 1);
+        admin_buf_json_str(b, v[i]);
+    }
+    admin_buf_add(b, comma ? "]," : "]", comma ? 2 : 1);
+}
+
+static void json_header_kvs(struct admin_buf *b, const char *key, const struct dec_header_kv *v,
+                            size_t n)
+{
+    admin_buf_json_str(b, key);
+    admin_buf_add(b, ":{", 2);
+    for (size_t i = 0; i < n; i++)
+        json_kv_str(b, v[i].name, v[i].value, i + 1 < n);
+    admin_buf_add(b, "},", 2);
+}
+
+/* {"add":{...},"set":{...},"remove":[...]} */
+static void json_header_mods(struct admin_buf *b, const char *key, const struct dec_header_mods *m,
+                             int comma)
+{
+    admin_buf_json_str(b, key);
+    admin_buf_add(b, ":{", 2);
+    json_header_kvs(b, "add", m->add, m->n_add);
+    json_header_kvs(b, "set", m->set, m->n_set);
+    json_str_list(b, "remove", m->remove, m->n_remove, 0);
+    admin_buf_add(b, comma ? "}," : "}", comma ? 2 : 1);
+}
+
+static const char *const path_match_keys[] = {"", "path_exact", "path_prefix", "path_regex"};
+static const char *const header_match_keys[] = {"",       "present",  "exact", "prefix",
+                                                "suffix", "contains", "regex"};
+static const char *const query_match_keys[] = {"", "present", "exact", "regex"};
+
+static void json_route_match(struct admin_buf *b, const struct route *r)
+{
+    admin_buf_add(b, "\"match\":{", 9);
+    if (r->path_match != DEC_PATH_ANY && (size_t)r->path_match < ARRAY_SIZE(path_match_keys))
+        json_kv_str(b, path_match_keys[r->path_match], r->path, 1);
+    json_kv_bool(b, "case_insensitive", r->case_insensitive, 1);
+    admin_buf_add(b, "\"headers\":[", 11);
+    for (size_t i = 0; i < r->n_headers; i++) {
+        const struct route_header_cond *h = &r->headers[i];
+        admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
+        json_kv_str(b, "name", h->name, 1);
+        if ((size_t)h->match < ARRAY_SIZE(header_match_keys)) {
+            if (h->match == DEC_HDR_PRESENT)
+                json_kv_bool(b, "present", 1, 1);
+            else
+                json_kv_str(b, header_match_keys[h->match], h->value, 1);
+        }
+        json_kv_bool(b, "ignore_case", h->ignore_case, 1);
+        json_kv_bool(b, "invert", h->invert, 0);
+        admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, "],\"query_params\":[", 18);
+    for (size_t i = 0; i < r->n_query; i++) {
+        const struct route_query_cond *q = &r->query[i];
+        admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
+        json_kv_str(b, "name", q->name, (size_t)q->match < ARRAY_SIZE(query_match_keys));
+        if (q->match == DEC_QUERY_PRESENT)
+            json_kv_bool(b, "present", 1, 0);
+        else if ((size_t)q->match < ARRAY_SIZE(query_match_keys))
+            json_kv_str(b, query_match_keys[q->match], q->value, 0);
+        admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, "],", 2);
+    json_str_list(b, "methods", r->methods, r->n_methods, 0);
+    admin_buf_add(b, "},", 2);
+}
+
+static void json_route_destination(struct admin_buf *b, const struct dec_chain_route *d)
+{
+    admin_buf_add(b, "\"destination\":{", 15);
+    json_kv_str(b, "prefix_rewrite", d->prefix_rewrite, 1);
+    json_kv_num(b, "request_timeout_ms", d->request_timeout_ms, 1);
+    json_kv_num(b, "idle_timeout_ms", d->idle_timeout_ms, 1);
+    json_kv_num(b, "num_retries", d->num_retries, 1);
+    json_kv_bool(b, "retry_on_connect_failure", d->retry_on_connect_failure, 1);
+    admin_buf_add(b, "\"retry_on\":[", 12);
+    int first = 1;
+    for (unsigned k = 0; dec_retry_on_name(k) != NULL; k++) {
+        if ((d->retry_on & (1u << k)) == 0)
+            continue;
+        if (!first)
+            admin_buf_add(b, ",", 1);
+        admin_buf_json_str(b, dec_retry_on_name(k));
+        first = 0;
+    }
+    admin_buf_add(b, "],\"retry_on_status_codes\":[", 27);
+    for (size_t i = 0; i < d->n_retry_status_codes; i++)
+        admin_buf_printf(b, "%s%u", i ? "," : "", (unsigned)d->retry_status_codes[i]);
+    admin_buf_add(b, "],", 2);
+    json_header_mods(b, "request_headers", &d->request_headers, 1);
+    json_header_mods(b, "response_headers", &d->response_headers, 0);
+    admin_buf_add(b, "},", 2);
+}
+
+static void json_load_balancer(struct admin_buf *b, const struct dec_load_balancer *lb)
+{
+    admin_buf_add(b, "\"load_balancer\":{", 17);
+    json_kv_str(b, "policy",
+                lb->policy == DEC_LB_DEFAULT ? "default" : dec_lb_policy_name(lb->policy), 1);
+    json_kv_num(b, "least_request_choice_count", lb->choice_count, 1);
+    json_kv_num(b, "ring_hash_minimum_ring_size", lb->ring_min, 1);
+    json_kv_num(b, "ring_hash_maximum_ring_size", lb->ring_max, 1);
+    admin_buf_add(b, "\"hash_policies\":[", 17);
+    for (size_t i = 0; i < lb->n_hash; i++) {
+        const struct dec_hash_policy *h = &lb->hash[i];
+        admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
+        if (h->source_ip) {
+            json_kv_bool(b, "source_ip", 1, 1);
+        } else {
+            json_kv_str(b, "field", dec_hash_field_name(h->field), 1);
+            json_kv_str(b, "field_value", h->field_value, 1);
+        }
+        if (h->field == DEC_HASH_COOKIE) {
+            json_kv_num(b, "cookie_ttl_ms", h->cookie_ttl_ms, 1);
+            json_kv_str(b, "cookie_path", h->cookie_path, 1);
+            json_kv_bool(b, "cookie_session", h->cookie_session, 1);
+        }
+        json_kv_bool(b, "terminal", h->terminal, 0);
+        admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, "]}", 2);
+}
+
+/*
+ * "routes" and "resolvers" of one upstream: each route with its match, destination and
+ * splits (weights and the resolver each leads to, by name), each resolver with its targets
+ * (IDs) and load-balancing policy. Both empty for an upstream without a table.
+ */
+static void json_route_table(struct admin_buf *b, const struct snap_upstream *su)
+{
+    const struct route_table *t = su->routes;
+    size_t n_routes = t != NULL ? route_table_len(t) : 0;
+    size_t n_res = t != NULL ? route_table_resolvers(t) : 0;
+    admin_buf_add(b, "\"routes\":[", 10);
+    for (size_t i = 0; i < n_routes; i++) {
+        const struct route *r = route_table_route(t, i);
+        admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
+        json_kv_num(b, "index", (long long)r->index, 1);
+        json_kv_str(b, "next_node", r->next_node, 1);
+        json_kv_bool(b, "broken", r->broken, 1);
+        json_route_match(b, r);
+        json_route_destination(b, r->def);
+        admin_buf_add(b, "\"splits\":[", 10);
+        for (size_t j = 0; j < r->n_splits; j++) {
+            const struct route_split *s = &r->splits[j];
+            const struct route_resolver *res = route_table_resolver(t, s->resolver);
+            admin_buf_add(b, j ? ",{" : "{", j ? 2 : 1);
+            admin_buf_printf(b, "\"weight\":%.10g,", s->weight);
+            json_kv_str(b, "resolver", res != NULL ? res->name : "", 1);
+            json_header_mods(b, "request_headers", s->request_headers, 1);
+            json_header_mods(b, "response_headers", s->response_headers, 0);
+            admin_buf_add(b, "}", 1);
+        }
+        admin_buf_add(b, "]}", 2);
+    }
+    admin_buf_add(b, "],\"resolvers\":[", 15);
+    for (size_t i = 0; i < n_res; i++) {
+        const struct route_resolver *res = route_table_resolver(t, i);
+        admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
+        json_kv_str(b, "name", res->name, 1);
+        admin_buf_add(b, "\"targets\":[", 11);
+        for (size_t j = 0; j < res->n_targets; j++) {
+            if (j > 0)
+                admin_buf_add(b, ",", 1);
+            admin_buf_json_str(b, res->targets[j] < su->n_targets ? su->targets[res->targets[j]].id
+                                                                  : "");
+        }
+        admin_buf_add(b, "],", 2);
+        json_kv_num(b, "connect_timeout_ms", res->connect_timeout_ms, 1);
+        json_kv_num(b, "request_timeout_ms", res->request_timeout_ms, 1);
+        json_load_balancer(b, res->lb);
+        admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, "],", 2);
+    json_kv_num(b, "broken_regexes", t != NULL ? (long long)route_table_broken(t) : 0, 0);
+}
+
 /* The current snapshot's configuration: never key material or tokens. */
 static void render_config(const struct views *v, const struct views_state *st,
                           struct admin_reply *reply)
@@ -788,7 +983,10 @@ static void render_config(const struct views *v, const struct views_state *st,
             json_kv_num(b, "healthy_endpoints", (long long)t->endpoints->n, 0);
             admin_buf_add(b, "}", 1);
         }
-        admin_buf_add(b, "]}", 2);
+        admin_buf_add(b, "],", 2);
+        json_kv_str(b, "protocol", proxycfg_protocol_name(su->protocol), 1);
+        json_route_table(b, su);
+        admin_buf_add(b, "}", 1);
     }
     admin_buf_add(b, "]}\n", 3);
 }

@@ -54,6 +54,7 @@ struct watch {
     enum watch_block block;
     uint32_t wait_ms, poll_ms;
     int deliver_403_404;
+    int block_on_rejected; /* see watch_spec */
     watch_cb cb;
     void *data;
 
@@ -331,6 +332,11 @@ static void on_response(void *data, const struct agent_response *resp)
         }
         if (rc < 0) {
             char reason[REASON_MAX];
+            /* Only the position moves: changes are still judged against the last accepted
+             * body, so the same rejected body offered again is rejected again. */
+            if (w->block_on_rejected && w->block == WATCH_BY_INDEX && resp->status == 200 &&
+                resp->index > w->index)
+                w->index = resp->index;
             snprintf(reason, sizeof(reason), "response rejected: %s", util_strerror(rc));
             fail(w, reason, -1);
             return;
@@ -355,6 +361,7 @@ struct watch *watch_start(struct agent *a, const struct watch_spec *spec, watch_
     w->body = spec->body != NULL ? xstrdup(spec->body) : NULL;
     w->block = spec->block;
     w->deliver_403_404 = spec->deliver_403_404;
+    w->block_on_rejected = spec->block_on_rejected;
     w->wait_ms = spec->wait_ms ? spec->wait_ms : DEFAULT_WAIT_MS;
     w->poll_ms = MAX(spec->poll_ms ? spec->poll_ms : DEFAULT_POLL_MS, MIN_INTERVAL_MS);
     w->cb = cb;

@@ -39,14 +39,20 @@ struct watch_spec {
      * may not exist, or may not be readable with the token): its owner decides what they
      * mean. Other non-200 answers never reach the callback. */
     int deliver_403_404;
+    /* WATCH_BY_INDEX: after the callback rejects an answer, block on that answer's index
+     * rather than ask again from the last good one, so the next request returns only when the
+     * data changes. For data whose rejection only a change can cure (a discovery chain), read
+     * with ?cached: the agent's cache does not refresh an entry that no one blocks on past
+     * its index, so asking from the older index gets the rejected answer back for ever. */
+    int block_on_rejected;
 };
 
 /*
  * Called with each 200 response that may carry news (and 403 and 404 ones with
  * deliver_403_404). Return 0 to accept it (the watch then advances its index/hash), or a
- * negative code when the body is unusable: the watch then keeps its previous position, counts
- * a failure and backs off (the caller keeps its last good state). Other non-200 answers never
- * reach the callback.
+ * negative code when the body is unusable: the watch then keeps its previous position (or,
+ * with block_on_rejected, blocks on the rejected answer's index), counts a failure and backs
+ * off (the caller keeps its last good state). Other non-200 answers never reach the callback.
  */
 typedef int (*watch_cb)(void *data, const struct agent_response *resp);
 

@@ -1,6 +1,7 @@
 /*
  * fuzz_decode: a libFuzzer target that gives one input to every decoder, and compiles any
- * intention list it yields into a table and evaluates it.
+ * intention list it yields into a table and evaluates it, and any discovery chain into a
+ * route table that it walks.
  *
  * Beyond "no crash, no leak" it checks the decoders' contract: on success every string member
  * is non-NULL; on failure the output is zeroed and the message is set.
@@ -18,6 +19,7 @@
 
 #include "decode.h"
 #include "intent.h"
+#include "route.h"
 #include "util.h"
 
 int fuzz_decode_one(const uint8_t *data, size_t size);
@@ -231,7 +233,38 @@ static void fuzz_chain(const char *buf, size_t len)
         check_str(t->sni);
         check_str(t->filter);
     }
+    /* The routing: every index in range, every route with a split; then a walk. */
+    FUZZ_CHECK(ch.n_routes > 0 && ch.n_resolvers > 0);
+    for (size_t i = 0; i < ch.n_routes; i++) {
+        const struct dec_chain_route *r = &ch.routes[i];
+        check_str(r->next_node);
+        check_str(r->path);
+        check_str(r->prefix_rewrite);
+        FUZZ_CHECK(r->n_splits > 0);
+        for (size_t j = 0; j < r->n_splits; j++)
+            FUZZ_CHECK(r->splits[j].resolver < ch.n_resolvers && r->splits[j].weight >= 0 &&
+                       r->splits[j].weight <= 100);
+    }
+    for (size_t i = 0; i < ch.n_resolvers; i++) {
+        FUZZ_CHECK(ch.resolvers[i].n_targets > 0);
+        for (size_t j = 0; j < ch.resolvers[i].n_targets; j++)
+            FUZZ_CHECK(ch.resolvers[i].targets[j] < ch.n_targets);
+    }
+    struct route_table *rt = route_table_new(&ch, "fuzz");
     dec_chain_dispose(&ch);
+    static const struct http_header hdrs[] = {{{"x-d", 3}, {"regx", 4}, 0}};
+    const struct route_req rq = {.method = {"GET", 3},
+                                 .path = {"/api/regx", 9},
+                                 .query = {"q=1&r&s=abc", 11},
+                                 .authority = {"db", 2},
+                                 .headers = hdrs,
+                                 .nheaders = 1};
+    const struct route *r = route_match(rt, &rq);
+    if (r != NULL) {
+        const struct route_split *sp = route_split_pick(r, (uint64_t)len * 2654435761u);
+        FUZZ_CHECK(sp == NULL || sp->resolver < route_table_resolvers(rt));
+    }
+    route_table_unref(rt);
     uint64_t ms;
     char *dur = strndup(buf, len < 64 ? len : 64);
     FUZZ_CHECK(dur != NULL);

@@ -460,6 +460,324 @@ static const char HEALTH_JSON[] =
     "    }\n"
     "]\n";
 
+/* A real chain with a router, a splitter and resolvers with a LoadBalancer (Consul 1.22.7,
+ * answer to POST /v1/discovery-chain/db): route Destination durations as strings, the
+ * resolver's RequestTimeout and the cookie TTL as integer nanoseconds. */
+static const char ROUTER_CHAIN_JSON[] =
+    "{\n"
+    " \"Chain\": {\n"
+    "  \"ServiceName\": \"db\",\n"
+    "  \"Namespace\": \"default\",\n"
+    "  \"Partition\": \"default\",\n"
+    "  \"Datacenter\": \"dc1\",\n"
+    "  \"Protocol\": \"http\",\n"
+    "  \"StartNode\": \"router:db.default.default\",\n"
+    "  \"Nodes\": {\n"
+    "   \"resolver:db2.default.default.dc1\": {\n"
+    "    \"Type\": \"resolver\",\n"
+    "    \"Name\": \"db2.default.default.dc1\",\n"
+    "    \"Resolver\": {\n"
+    "     \"ConnectTimeout\": \"5s\",\n"
+    "     \"Default\": true,\n"
+    "     \"Target\": \"db2.default.default.dc1\"\n"
+    "    }\n"
+    "   },\n"
+    "   \"resolver:v1.db.default.default.dc1\": {\n"
+    "    \"Type\": \"resolver\",\n"
+    "    \"Name\": \"v1.db.default.default.dc1\",\n"
+    "    \"Resolver\": {\n"
+    "     \"ConnectTimeout\": \"3s\",\n"
+    "     \"RequestTimeout\": 7000000000,\n"
+    "     \"Target\": \"v1.db.default.default.dc1\",\n"
+    "     \"Failover\": {\n"
+    "      \"Targets\": [\n"
+    "       \"db2.default.default.dc1\"\n"
+    "      ]\n"
+    "     }\n"
+    "    },\n"
+    "    \"LoadBalancer\": {\n"
+    "     \"Policy\": \"ring_hash\",\n"
+    "     \"RingHashConfig\": {\n"
+    "      \"MinimumRingSize\": 1024,\n"
+    "      \"MaximumRingSize\": 8192\n"
+    "     },\n"
+    "     \"HashPolicies\": [\n"
+    "      {\n"
+    "       \"Field\": \"header\",\n"
+    "       \"FieldValue\": \"x-user\"\n"
+    "      },\n"
+    "      {\n"
+    "       \"Field\": \"cookie\",\n"
+    "       \"FieldValue\": \"sess\",\n"
+    "       \"CookieConfig\": {\n"
+    "        \"TTL\": 10000000000,\n"
+    "        \"Path\": \"/\"\n"
+    "       }\n"
+    "      },\n"
+    "      {\n"
+    "       \"SourceIP\": true,\n"
+    "       \"Terminal\": true\n"
+    "      }\n"
+    "     ]\n"
+    "    }\n"
+    "   },\n"
+    "   \"resolver:v2.db.default.default.dc1\": {\n"
+    "    \"Type\": \"resolver\",\n"
+    "    \"Name\": \"v2.db.default.default.dc1\",\n"
+    "    \"Resolver\": {\n"
+    "     \"ConnectTimeout\": \"3s\",\n"
+    "     \"RequestTimeout\": 7000000000,\n"
+    "     \"Target\": \"v2.db.default.default.dc1\",\n"
+    "     \"Failover\": {\n"
+    "      \"Targets\": [\n"
+    "       \"db2.default.default.dc1\"\n"
+    "      ]\n"
+    "     }\n"
+    "    },\n"
+    "    \"LoadBalancer\": {\n"
+    "     \"Policy\": \"ring_hash\",\n"
+    "     \"RingHashConfig\": {\n"
+    "      \"MinimumRingSize\": 1024,\n"
+    "      \"MaximumRingSize\": 8192\n"
+    "     },\n"
+    "     \"HashPolicies\": [\n"
+    "      {\n"
+    "       \"Field\": \"header\",\n"
+    "       \"FieldValue\": \"x-user\"\n"
+    "      },\n"
+    "      {\n"
+    "       \"Field\": \"cookie\",\n"
+    "       \"FieldValue\": \"sess\",\n"
+    "       \"CookieConfig\": {\n"
+    "        \"TTL\": 10000000000,\n"
+    "        \"Path\": \"/\"\n"
+    "       }\n"
+    "      },\n"
+    "      {\n"
+    "       \"SourceIP\": true,\n"
+    "       \"Terminal\": true\n"
+    "      }\n"
+    "     ]\n"
+    "    }\n"
+    "   },\n"
+    "   \"router:db.default.default\": {\n"
+    "    \"Type\": \"router\",\n"
+    "    \"Name\": \"db.default.default\",\n"
+    "    \"Routes\": [\n"
+    "     {\n"
+    "      \"Definition\": {\n"
+    "       \"Match\": {\n"
+    "        \"HTTP\": {\n"
+    "         \"PathPrefix\": \"/api\",\n"
+    "         \"CaseInsensitive\": true,\n"
+    "         \"Header\": [\n"
+    "          {\n"
+    "           \"Name\": \"x-a\",\n"
+    "           \"Exact\": \"b\",\n"
+    "           \"Invert\": true\n"
+    "          },\n"
+    "          {\n"
+    "           \"Name\": \"x-p\",\n"
+    "           \"Present\": true\n"
+    "          }\n"
+    "         ],\n"
+    "         \"QueryParam\": [\n"
+    "          {\n"
+    "           \"Name\": \"q\",\n"
+    "           \"Exact\": \"1\"\n"
+    "          },\n"
+    "          {\n"
+    "           \"Name\": \"r\",\n"
+    "           \"Present\": true\n"
+    "          },\n"
+    "          {\n"
+    "           \"Name\": \"s\",\n"
+    "           \"Regex\": \"a.*\"\n"
+    "          }\n"
+    "         ],\n"
+    "         \"Methods\": [\n"
+    "          \"GET\",\n"
+    "          \"PUT\"\n"
+    "         ]\n"
+    "        }\n"
+    "       },\n"
+    "       \"Destination\": {\n"
+    "        \"RequestTimeout\": \"2s\",\n"
+    "        \"IdleTimeout\": \"1.5s\",\n"
+    "        \"Service\": \"db\",\n"
+    "        \"ServiceSubset\": \"v2\",\n"
+    "        \"PrefixRewrite\": \"/\",\n"
+    "        \"NumRetries\": 3,\n"
+    "        \"RetryOnConnectFailure\": true,\n"
+    "        \"RetryOn\": [\n"
+    "         \"5xx\",\n"
+    "         \"reset\"\n"
+    "        ],\n"
+    "        \"RetryOnStatusCodes\": [\n"
+    "         503,\n"
+    "         429\n"
+    "        ],\n"
+    "        \"RequestHeaders\": {\n"
+    "         \"Add\": {\n"
+    "          \"x-add\": \"1\"\n"
+    "         },\n"
+    "         \"Set\": {\n"
+    "          \"x-set\": \"2\"\n"
+    "         },\n"
+    "         \"Remove\": [\n"
+    "          \"x-rm\"\n"
+    "         ]\n"
+    "        }\n"
+    "       }\n"
+    "      },\n"
+    "      \"NextNode\": \"resolver:v2.db.default.default.dc1\"\n"
+    "     },\n"
+    "     {\n"
+    "      \"Definition\": {\n"
+    "       \"Match\": {\n"
+    "        \"HTTP\": {\n"
+    "         \"PathRegex\": \"/re.*\"\n"
+    "        }\n"
+    "       },\n"
+    "       \"Destination\": {\n"
+    "        \"Service\": \"db2\"\n"
+    "       }\n"
+    "      },\n"
+    "      \"NextNode\": \"resolver:db2.default.default.dc1\"\n"
+    "     },\n"
+    "     {\n"
+    "      \"Definition\": {\n"
+    "       \"Match\": {\n"
+    "        \"HTTP\": {\n"
+    "         \"PathPrefix\": \"/\"\n"
+    "        }\n"
+    "       },\n"
+    "       \"Destination\": {\n"
+    "        \"Service\": \"db\",\n"
+    "        \"Namespace\": \"default\",\n"
+    "        \"Partition\": \"default\"\n"
+    "       }\n"
+    "      },\n"
+    "      \"NextNode\": \"splitter:db.default.default\"\n"
+    "     }\n"
+    "    ]\n"
+    "   },\n"
+    "   \"splitter:db.default.default\": {\n"
+    "    \"Type\": \"splitter\",\n"
+    "    \"Name\": \"db.default.default\",\n"
+    "    \"Splits\": [\n"
+    "     {\n"
+    "      \"Definition\": {\n"
+    "       \"Weight\": 90,\n"
+    "       \"ServiceSubset\": \"v1\",\n"
+    "       \"RequestHeaders\": {\n"
+    "        \"Set\": {\n"
+    "         \"x-split\": \"v1\"\n"
+    "        }\n"
+    "       }\n"
+    "      },\n"
+    "      \"Weight\": 90,\n"
+    "      \"NextNode\": \"resolver:v1.db.default.default.dc1\"\n"
+    "     },\n"
+    "     {\n"
+    "      \"Definition\": {\n"
+    "       \"Weight\": 10,\n"
+    "       \"ServiceSubset\": \"v2\",\n"
+    "       \"ResponseHeaders\": {\n"
+    "        \"Add\": {\n"
+    "         \"x-s\": \"2\"\n"
+    "        },\n"
+    "        \"Remove\": [\n"
+    "         \"x-r\"\n"
+    "        ]\n"
+    "       }\n"
+    "      },\n"
+    "      \"Weight\": 10,\n"
+    "      \"NextNode\": \"resolver:v2.db.default.default.dc1\"\n"
+    "     }\n"
+    "    ],\n"
+    "    \"LoadBalancer\": {\n"
+    "     \"Policy\": \"ring_hash\",\n"
+    "     \"RingHashConfig\": {\n"
+    "      \"MinimumRingSize\": 1024,\n"
+    "      \"MaximumRingSize\": 8192\n"
+    "     },\n"
+    "     \"HashPolicies\": [\n"
+    "      {\n"
+    "       \"Field\": \"header\",\n"
+    "       \"FieldValue\": \"x-user\"\n"
+    "      },\n"
+    "      {\n"
+    "       \"Field\": \"cookie\",\n"
+    "       \"FieldValue\": \"sess\",\n"
+    "       \"CookieConfig\": {\n"
+    "        \"TTL\": 10000000000,\n"
+    "        \"Path\": \"/\"\n"
+    "       }\n"
+    "      },\n"
+    "      {\n"
+    "       \"SourceIP\": true,\n"
+    "       \"Terminal\": true\n"
+    "      }\n"
+    "     ]\n"
+    "    }\n"
+    "   }\n"
+    "  },\n"
+    "  \"Targets\": {\n"
+    "   \"db2.default.default.dc1\": {\n"
+    "    \"ConnectTimeout\": \"5s\",\n"
+    "    \"ID\": \"db2.default.default.dc1\",\n"
+    "    \"Service\": \"db2\",\n"
+    "    \"Namespace\": \"default\",\n"
+    "    \"Partition\": \"default\",\n"
+    "    \"Datacenter\": \"dc1\",\n"
+    "    \"MeshGateway\": {},\n"
+    "    \"Subset\": {},\n"
+    "    \"TransparentProxy\": {},\n"
+    "    \"SNI\": \"db2.default.dc1.internal.8b1a4d52-fd0a-49ba-a5f2-2e829eefd780.consul\",\n"
+    "    \"Name\": \"db2.default.dc1.internal.8b1a4d52-fd0a-49ba-a5f2-2e829eefd780.consul\"\n"
+    "   },\n"
+    "   \"v1.db.default.default.dc1\": {\n"
+    "    \"ConnectTimeout\": \"3s\",\n"
+    "    \"ID\": \"v1.db.default.default.dc1\",\n"
+    "    \"Service\": \"db\",\n"
+    "    \"ServiceSubset\": \"v1\",\n"
+    "    \"Namespace\": \"default\",\n"
+    "    \"Partition\": \"default\",\n"
+    "    \"Datacenter\": \"dc1\",\n"
+    "    \"MeshGateway\": {},\n"
+    "    \"Subset\": {\n"
+    "     \"Filter\": \"Service.Meta.version == v1\"\n"
+    "    },\n"
+    "    \"TransparentProxy\": {},\n"
+    "    \"SNI\": \"v1.db.default.dc1.internal.8b1a4d52-fd0a-49ba-a5f2-2e829eefd780.consul\",\n"
+    "    \"Name\": \"v1.db.default.dc1.internal.8b1a4d52-fd0a-49ba-a5f2-2e829eefd780.consul\"\n"
+    "   },\n"
+    "   \"v2.db.default.default.dc1\": {\n"
+    "    \"ConnectTimeout\": \"3s\",\n"
+    "    \"ID\": \"v2.db.default.default.dc1\",\n"
+    "    \"Service\": \"db\",\n"
+    "    \"ServiceSubset\": \"v2\",\n"
+    "    \"Namespace\": \"default\",\n"
+    "    \"Partition\": \"default\",\n"
+    "    \"Datacenter\": \"dc1\",\n"
+    "    \"MeshGateway\": {},\n"
+    "    \"Subset\": {\n"
+    "     \"Filter\": \"Service.Meta.version == v2\",\n"
+    "     \"OnlyPassing\": true\n"
+    "    },\n"
+    "    \"TransparentProxy\": {},\n"
+    "    \"SNI\": \"v2.db.default.dc1.internal.8b1a4d52-fd0a-49ba-a5f2-2e829eefd780.consul\",\n"
+    "    \"Name\": \"v2.db.default.dc1.internal.8b1a4d52-fd0a-49ba-a5f2-2e829eefd780.consul\"\n"
+    "   }\n"
+    "  },\n"
+    "  \"AutoVirtualIPs\": [\n"
+    "   \"240.0.0.1\"\n"
+    "  ],\n"
+    "  \"ManualVirtualIPs\": []\n"
+    " }\n"
+    "}\n";
+
 /* A real chain (Consul 1.22): resolver with DefaultSubset v2 (OnlyPassing) and failover. */
 static const char CHAIN_JSON[] =
     "{\n"
@@ -1656,6 +1974,27 @@ static void test_chain_good(void **state)
     "\"Targets\": {" targets "}}}"
 #define TGT(id, extra) "\"" id "\": {\"Service\": \"" id "\"" extra "}"
 
+/* A chain that starts at a router: <routes>, then a catch-all to resolver:db; <more> nodes. */
+#define RCH(routes, more)                                                                          \
+    "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"router:db\", \"Nodes\": {"             \
+    "\"router:db\": {\"Type\": \"router\", \"Routes\": [" routes                                   \
+    "{\"NextNode\": \"resolver:db\"}]}, "                                                          \
+    "\"resolver:db\": {\"Type\": \"resolver\", \"Resolver\": {\"Target\": \"db\"}}" more "}, "     \
+    "\"Targets\": {" TGT("db", "") "}}}"
+/* A route to resolver:db with this Match.HTTP and Destination. */
+#define RT(match, dest)                                                                            \
+    "{\"Definition\": {\"Match\": {\"HTTP\": {" match "}}, \"Destination\": {" dest "}}, "         \
+    "\"NextNode\": \"resolver:db\"},"
+/* A route to the splitter "splitter:s" with these splits. */
+#define SPL(splits)                                                                                \
+    RCH("{\"NextNode\": \"splitter:s\"},",                                                         \
+        ", \"splitter:s\": {\"Type\": \"splitter\", \"Splits\": [" splits "]}")
+/* A chain whose resolver node carries this LoadBalancer. */
+#define LBC(lb)                                                                                    \
+    "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"resolver:db\", \"Nodes\": "            \
+    "{\"resolver:db\": {\"Type\": \"resolver\", \"Resolver\": {\"Target\": \"db\"}, "              \
+    "\"LoadBalancer\": " lb "}}, \"Targets\": {" TGT("db", "") "}}}"
+
 static void test_chain_shapes(void **state)
 {
     (void)state;
@@ -1689,9 +2028,9 @@ static void test_chain_router_splitter(void **state)
     const char *body =
         "{\"Chain\": {\"ServiceName\": \"web\", \"Protocol\": \"http\", "
         "\"StartNode\": \"router:web\", \"Nodes\": {"
-        "\"router:web\": {\"Type\": \"router\", \"Router\": {\"Routes\": ["
+        "\"router:web\": {\"Type\": \"router\", \"Routes\": ["
         "  {\"Definition\": {}, \"NextNode\": \"splitter:admin\"},"
-        "  {\"Definition\": {}, \"NextNode\": \"resolver:web\"}]}},"
+        "  {\"Definition\": {}, \"NextNode\": \"resolver:web\"}]},"
         "\"splitter:admin\": {\"Type\": \"splitter\", \"Splits\": ["
         "  {\"Weight\": 50, \"NextNode\": \"resolver:a\"},"
         "  {\"Weight\": 50, \"NextNode\": \"resolver:web\"}]},"
@@ -1708,6 +2047,175 @@ static void test_chain_router_splitter(void **state)
     assert_string_equal(c.targets[1].id, "b");
     assert_string_equal(c.targets[2].id, "a");
     dec_chain_dispose(&c);
+}
+
+/*
+ * Issue 10: the routing of a real router chain is decoded in full: routes in order with
+ * their matches and destinations, the compiler's catch-all last and leading to the splitter,
+ * splits with compiled weights and header modifiers, resolvers with failover and LoadBalancer.
+ */
+static void test_chain_routes_real(void **state)
+{
+    (void)state;
+    struct dec_chain c;
+    char err[256];
+    if (decode_discovery_chain(ROUTER_CHAIN_JSON, strlen(ROUTER_CHAIN_JSON), &c, err,
+                               sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(c.n_routes, 3);
+    const struct dec_chain_route *r = &c.routes[0];
+    assert_int_equal(r->path_match, DEC_PATH_PREFIX);
+    assert_string_equal(r->path, "/api");
+    assert_int_equal(r->case_insensitive, 1);
+    assert_int_equal(r->n_headers, 2);
+    assert_string_equal(r->headers[0].name, "x-a");
+    assert_int_equal(r->headers[0].match, DEC_HDR_EXACT);
+    assert_string_equal(r->headers[0].value, "b");
+    assert_int_equal(r->headers[0].invert, 1);
+    assert_int_equal(r->headers[1].match, DEC_HDR_PRESENT);
+    assert_int_equal(r->n_query, 3);
+    assert_int_equal(r->query[0].match, DEC_QUERY_EXACT);
+    assert_string_equal(r->query[0].value, "1");
+    assert_int_equal(r->query[1].match, DEC_QUERY_PRESENT);
+    assert_int_equal(r->query[2].match, DEC_QUERY_REGEX);
+    assert_string_equal(r->query[2].value, "a.*");
+    assert_int_equal(r->n_methods, 2);
+    assert_string_equal(r->methods[1], "PUT");
+    assert_string_equal(r->prefix_rewrite, "/");
+    assert_int_equal(r->request_timeout_ms, 2000);
+    assert_int_equal(r->idle_timeout_ms, 1500);
+    assert_int_equal(r->num_retries, 3);
+    assert_int_equal(r->retry_on_connect_failure, 1);
+    assert_int_equal(r->retry_on, (1u << DEC_RETRY_ON_IDX_5XX) | (1u << DEC_RETRY_ON_IDX_RESET));
+    assert_int_equal(r->n_retry_status_codes, 2);
+    assert_int_equal(r->request_headers.n_add, 1);
+    assert_int_equal(r->request_headers.n_set, 1);
+    assert_int_equal(r->request_headers.n_remove, 1);
+    assert_int_equal(r->n_splits, 1);
+    assert_string_equal(c.resolvers[r->splits[0].resolver].name,
+                        "resolver:v2.db.default.default.dc1");
+    assert_int_equal(c.routes[1].path_match, DEC_PATH_REGEX);
+    assert_string_equal(c.resolvers[c.routes[1].splits[0].resolver].name,
+                        "resolver:db2.default.default.dc1");
+    /* the catch-all */
+    const struct dec_chain_route *all = &c.routes[2];
+    assert_int_equal(all->path_match, DEC_PATH_PREFIX);
+    assert_string_equal(all->path, "/");
+    assert_string_equal(all->next_node, "splitter:db.default.default");
+    assert_int_equal(all->n_splits, 2);
+    assert_true(all->splits[0].weight == 90.0 && all->splits[1].weight == 10.0);
+    assert_string_equal(all->splits[0].request_headers.set[0].value, "v1");
+    assert_string_equal(all->splits[1].response_headers.remove[0], "x-r");
+    const struct dec_chain_resolver *v1 = &c.resolvers[all->splits[0].resolver];
+    assert_string_equal(v1->name, "resolver:v1.db.default.default.dc1");
+    assert_int_equal(v1->connect_timeout_ms, 3000);
+    assert_int_equal(v1->request_timeout_ms, 7000);
+    assert_int_equal(v1->n_targets, 2);
+    assert_string_equal(c.targets[v1->targets[0]].id, "v1.db.default.default.dc1");
+    assert_string_equal(c.targets[v1->targets[1]].id, "db2.default.default.dc1");
+    assert_int_equal(v1->lb.policy, DEC_LB_RING_HASH);
+    assert_int_equal(v1->lb.n_hash, 3);
+    assert_int_equal(v1->lb.hash[1].cookie_ttl_ms, 10000);
+    assert_int_equal(c.n_resolvers, 3);
+    dec_chain_dispose(&c);
+}
+
+static void test_chain_routes_truncated(void **state)
+{
+    (void)state;
+    check_truncations(CHAIN, ROUTER_CHAIN_JSON);
+}
+
+/* Counts and string sizes are bounded: one past a bound makes the chain malformed. */
+static void test_chain_routes_bounds(void **state)
+{
+    (void)state;
+    struct dec_chain c;
+    char err[256];
+    struct {
+        size_t n;
+        const char *el, *what;
+    } lists[] = {
+        {DEC_CHAIN_ROUTES_MAX, "{\"NextNode\": \"resolver:db\"}", "Routes has too many"},
+        {DEC_ROUTE_QUERY_MAX, "{\"Name\": \"q\", \"Present\": true}", "QueryParam has too many"},
+        {DEC_PERM_METHODS_MAX, "\"GET\"", "Methods has too many"},
+        {DEC_RETRY_CODES_MAX, "503", "RetryOnStatusCodes has too many"},
+        {DEC_CHAIN_SPLITS_MAX, "{\"Weight\": 1, \"NextNode\": \"resolver:db\"}",
+         "Splits has too many"},
+    };
+    for (size_t k = 0; k < ARRAY_SIZE(lists); k++) {
+        for (size_t n = lists[k].n; n <= lists[k].n + 1; n++) {
+            size_t cap = (n + 1) * (strlen(lists[k].el) + 1) + 1024;
+            char *items = xmalloc(cap), *body = xmalloc(cap + 1024);
+            size_t o = 0;
+            for (size_t i = 0; i < n; i++)
+                o += (size_t)snprintf(items + o, cap - o, "%s%s", i ? "," : "", lists[k].el);
+            items[o] = '\0';
+            const char *head =
+                "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"router:db\", "
+                "\"Nodes\": {\"resolver:db\": {\"Type\": \"resolver\", "
+                "\"Resolver\": {\"Target\": \"db\"}}, ";
+            const char *tail = "}, \"Targets\": {\"db\": {\"Service\": \"db\"}}}}";
+            if (k == 0)
+                snprintf(body, cap + 1024,
+                         "%s\"router:db\": {\"Type\": \"router\", \"Routes\": [%s]}%s", head, items,
+                         tail);
+            else if (k == 1 || k == 2)
+                snprintf(body, cap + 1024,
+                         "%s\"router:db\": {\"Type\": \"router\", \"Routes\": ["
+                         "{\"Definition\": {\"Match\": {\"HTTP\": {\"%s\": [%s]}}}, "
+                         "\"NextNode\": \"resolver:db\"}]}%s",
+                         head, k == 1 ? "QueryParam" : "Methods", items, tail);
+            else if (k == 3)
+                snprintf(body, cap + 1024,
+                         "%s\"router:db\": {\"Type\": \"router\", \"Routes\": ["
+                         "{\"Definition\": {\"Destination\": {\"RetryOnStatusCodes\": [%s]}}, "
+                         "\"NextNode\": \"resolver:db\"}]}%s",
+                         head, items, tail);
+            else
+                snprintf(body, cap + 1024,
+                         "%s\"router:db\": {\"Type\": \"router\", \"Routes\": ["
+                         "{\"NextNode\": \"s\"}]}, \"s\": {\"Type\": \"splitter\", "
+                         "\"Splits\": [%s]}%s",
+                         head, items, tail);
+            int rc = decode_discovery_chain(body, strlen(body), &c, err, sizeof(err));
+            if (n == lists[k].n) {
+                if (rc != 0)
+                    fail_msg("%zu entries (%s): %s", n, lists[k].what, err);
+                dec_chain_dispose(&c);
+            } else {
+                assert_int_equal(rc, ERR_BAD_FIELD);
+                if (strstr(err, lists[k].what) == NULL)
+                    fail_msg("%zu entries: \"%s\", want \"%s\"", n, err, lists[k].what);
+            }
+            free(items);
+            free(body);
+        }
+    }
+    /* A path of DEC_CHAIN_STR_MAX bytes is fine, one more is not. */
+    for (size_t len = DEC_CHAIN_STR_MAX; len <= DEC_CHAIN_STR_MAX + 1; len++) {
+        char *path = xmalloc(len + 1), *body = xmalloc(len + 1024);
+        memset(path, 'a', len);
+        path[0] = '/';
+        path[len] = '\0';
+        snprintf(body, len + 1024,
+                 "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"r\", \"Nodes\": {"
+                 "\"r\": {\"Type\": \"router\", \"Routes\": [{\"Definition\": "
+                 "{\"Match\": {\"HTTP\": {\"PathPrefix\": \"%s\"}}}, \"NextNode\": \"d\"}]}, "
+                 "\"d\": {\"Type\": \"resolver\", \"Resolver\": {\"Target\": \"db\"}}}, "
+                 "\"Targets\": {\"db\": {\"Service\": \"db\"}}}}",
+                 path);
+        int rc = decode_discovery_chain(body, strlen(body), &c, err, sizeof(err));
+        if (len == DEC_CHAIN_STR_MAX) {
+            assert_int_equal(rc, 0);
+            dec_chain_dispose(&c);
+        } else {
+            assert_int_equal(rc, ERR_BAD_FIELD);
+            assert_non_null(strstr(err, "PathPrefix is too long"));
+        }
+        free(path);
+        free(body);
+    }
 }
 
 static void test_chain_truncated(void **state)
@@ -1948,7 +2456,7 @@ static const struct bad_case bad_cases[] = {
     {CHAIN,
      "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"r\", \"Nodes\": {\"r\": "
      "{\"Type\": \"router\"}}, \"Targets\": {}}}",
-     ERR_BAD_FIELD, "Chain.Nodes[\"r\"].Router is missing"},
+     ERR_BAD_FIELD, "Chain.Nodes[\"r\"].Routes is missing"},
     {CHAIN,
      "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"r\", \"Nodes\": {\"r\": "
      "{\"Type\": \"gateway\"}}, \"Targets\": {}}}",
@@ -1956,7 +2464,7 @@ static const struct bad_case bad_cases[] = {
     /* A router whose route loops back to itself: visited once, no resolver. */
     {CHAIN,
      "{\"Chain\": {\"ServiceName\": \"db\", \"StartNode\": \"r\", \"Nodes\": {\"r\": "
-     "{\"Type\": \"router\", \"Router\": {\"Routes\": [{\"NextNode\": \"r\"}]}}}, "
+     "{\"Type\": \"router\", \"Routes\": [{\"NextNode\": \"r\"}]}}, "
      "\"Targets\": {}}}",
      ERR_BAD_FIELD, "no resolver reachable"},
     {CHAIN, CH("", TGT("a", "")), ERR_BAD_FIELD, ".Resolver.Target is missing"},
@@ -1973,10 +2481,101 @@ static const struct bad_case bad_cases[] = {
     {CHAIN, CH("\"Target\": \"a\"", "\"a\": {\"Service\": \"\"}"), ERR_BAD_FIELD,
      "Service must not be empty"},
     {CHAIN, CH("\"Target\": \"a\"", "\"a\": []"), ERR_BAD_FIELD, "must be an object"},
+    /* Regression (found by fuzz_decode): an ID other than its key let one target be added
+     * again and again past the array sized for the map (a heap overflow under ASan). */
+    {CHAIN,
+     CH("\"Target\": \"a\", \"Failover\": {\"Targets\": [\"b\", \"b\"]}",
+        "\"a\": {\"Service\": \"a\"}, \"b\": {\"ID\": \"c\", \"Service\": \"b\"}"),
+     ERR_BAD_FIELD, "Chain.Targets[\"b\"].ID must equal the target's key"},
     {CHAIN, CH("\"Target\": \"a\"", TGT("a", ", \"Subset\": {\"Filter\": 3}")), ERR_BAD_FIELD,
      "Filter must be a string"},
     {CHAIN, CH("\"Target\": \"a\"", TGT("a", ", \"Subset\": {\"OnlyPassing\": 1}")), ERR_BAD_FIELD,
      "OnlyPassing must be true or false"},
+
+    /* The chain's routing (issue 10): every field checked, bounded; one bad field fails the
+     * whole chain, so the last good route table stays. */
+    {CHAIN, RCH(RT("\"PathExact\": \"x\"", ""), ""), ERR_BAD_FIELD,
+     "PathExact must begin with \"/\""},
+    {CHAIN, RCH(RT("\"PathExact\": \"/x\", \"PathPrefix\": \"/\"", ""), ""), ERR_BAD_FIELD,
+     "must set at most one of PathExact, PathPrefix or PathRegex"},
+    {CHAIN, RCH(RT("\"PathRegex\": 7", ""), ""), ERR_BAD_FIELD, "PathRegex must be a string"},
+    {CHAIN, RCH(RT("\"CaseInsensitive\": \"yes\"", ""), ""), ERR_BAD_FIELD,
+     "CaseInsensitive must be true or false"},
+    {CHAIN, RCH(RT("\"Header\": [{\"Name\": \"x\", \"Exact\": \"a\", \"Prefix\": \"b\"}]", ""), ""),
+     ERR_BAD_FIELD, "Header[0] must set exactly one of"},
+    {CHAIN, RCH(RT("\"Header\": [{\"Exact\": \"a\"}]", ""), ""), ERR_BAD_FIELD,
+     "Header[0].Name is missing"},
+    {CHAIN,
+     RCH(RT("\"QueryParam\": [{\"Name\": \"q\", \"Present\": true, \"Exact\": \"1\"}]", ""), ""),
+     ERR_BAD_FIELD, "QueryParam[0] must set exactly one of Present, Exact or Regex"},
+    {CHAIN, RCH(RT("\"QueryParam\": [{\"Name\": \"q\"}]", ""), ""), ERR_BAD_FIELD,
+     "QueryParam[0] must set exactly one of Present, Exact or Regex"},
+    {CHAIN, RCH(RT("\"QueryParam\": [{\"Exact\": \"1\"}]", ""), ""), ERR_BAD_FIELD,
+     "QueryParam[0].Name is missing"},
+    {CHAIN, RCH(RT("\"QueryParam\": {}", ""), ""), ERR_BAD_FIELD, "QueryParam must be an array"},
+    {CHAIN, RCH(RT("\"Methods\": [1]", ""), ""), ERR_BAD_FIELD,
+     "Methods must hold non-empty strings"},
+    {CHAIN, RCH(RT("", "\"RetryOn\": [\"5xx\", \"sometimes\"]"), ""), ERR_BAD_FIELD,
+     "RetryOn[1] \"sometimes\" is not a value Consul accepts"},
+    {CHAIN, RCH(RT("", "\"RetryOnStatusCodes\": [\"503\"]"), ""), ERR_BAD_FIELD,
+     "RetryOnStatusCodes[0] must be an HTTP status"},
+    {CHAIN, RCH(RT("", "\"RetryOnStatusCodes\": [1000]"), ""), ERR_BAD_FIELD,
+     "RetryOnStatusCodes[0] must be an HTTP status"},
+    {CHAIN, RCH(RT("", "\"RequestTimeout\": \"soon\""), ""), ERR_BAD_FIELD,
+     "Destination.RequestTimeout must be a duration"},
+    {CHAIN, RCH(RT("", "\"IdleTimeout\": -5"), ""), ERR_BAD_FIELD,
+     "Destination.IdleTimeout must be a duration"},
+    {CHAIN, RCH(RT("", "\"NumRetries\": -1"), ""), ERR_BAD_FIELD, "NumRetries must be an integer"},
+    {CHAIN, RCH(RT("", "\"RetryOnConnectFailure\": 1"), ""), ERR_BAD_FIELD,
+     "RetryOnConnectFailure must be true or false"},
+    {CHAIN, RCH(RT("", "\"PrefixRewrite\": \"/a\\r\\nx: y\""), ""), ERR_BAD_FIELD,
+     "PrefixRewrite must not hold CR or LF"},
+    {CHAIN, RCH(RT("", "\"RequestHeaders\": {\"Set\": {\"x-a\": \"a\\r\\nx-b: b\"}}"), ""),
+     ERR_BAD_FIELD, "RequestHeaders.Set[\"x-a\"] must be a header value"},
+    {CHAIN, RCH(RT("", "\"ResponseHeaders\": {\"Add\": {\"bad name\": \"v\"}}"), ""), ERR_BAD_FIELD,
+     "ResponseHeaders.Add: \"bad name\" is not a header name"},
+    {CHAIN, RCH(RT("", "\"RequestHeaders\": {\"Remove\": [\"a:b\"]}"), ""), ERR_BAD_FIELD,
+     "RequestHeaders.Remove[0] is not a header name"},
+    {CHAIN, RCH(RT("", "\"RequestHeaders\": {\"Add\": {\"x\": 1}}"), ""), ERR_BAD_FIELD,
+     "must be a header value"},
+    {CHAIN, RCH(RT("", "\"RequestHeaders\": []"), ""), ERR_BAD_FIELD,
+     "RequestHeaders must be an object"},
+    {CHAIN, RCH("{\"NextNode\": \"router:db\"},", ""), ERR_BAD_FIELD,
+     "leads to \"router:db\", a router: a splitter or resolver belongs there"},
+    {CHAIN, RCH("{\"NextNode\": \"nowhere\"},", ""), ERR_BAD_FIELD,
+     "Chain node \"nowhere\" is not an object in Chain.Nodes"},
+    {CHAIN, SPL("{\"Weight\": 100, \"NextNode\": \"splitter:s\"}"), ERR_BAD_FIELD,
+     "leads to \"splitter:s\", a splitter: a resolver belongs there"},
+    {CHAIN, SPL("{\"Weight\": 100.5, \"NextNode\": \"resolver:db\"}"), ERR_BAD_FIELD,
+     "Splits[0].Weight must be a number in [0, 100]"},
+    {CHAIN, SPL("{\"Weight\": \"50\", \"NextNode\": \"resolver:db\"}"), ERR_BAD_FIELD,
+     "Splits[0].Weight must be a number in [0, 100]"},
+    {CHAIN, SPL("{\"NextNode\": \"resolver:db\"}"), ERR_BAD_FIELD,
+     "Splits[0].Weight must be a number in [0, 100]"},
+    {CHAIN, SPL(""), ERR_BAD_FIELD, "Splits must not be empty"},
+    {CHAIN,
+     SPL("{\"Weight\": 100, \"NextNode\": \"resolver:db\", \"Definition\": {\"RequestHeaders\": "
+         "{\"Set\": {\"x\": \"\\n\"}}}}"),
+     ERR_BAD_FIELD, "Splits[0].RequestHeaders.Set[\"x\"] must be a header value"},
+    {CHAIN, CH("\"Target\": \"a\", \"RequestTimeout\": \"x\"", TGT("a", "")), ERR_BAD_FIELD,
+     "RequestTimeout must be a duration"},
+    {CHAIN, LBC("{\"Policy\": \"fastest\"}"), ERR_BAD_FIELD,
+     "LoadBalancer.Policy must be random, round_robin, least_request, ring_hash or maglev"},
+    {CHAIN, LBC("{\"LeastRequestConfig\": {\"ChoiceCount\": -2}}"), ERR_BAD_FIELD,
+     "ChoiceCount must be an integer"},
+    {CHAIN, LBC("{\"HashPolicies\": [{\"Field\": \"header\"}]}"), ERR_BAD_FIELD,
+     "HashPolicies[0] must set Field with FieldValue, or SourceIP alone"},
+    {CHAIN,
+     LBC("{\"HashPolicies\": [{\"SourceIP\": true, \"Field\": \"cookie\", "
+         "\"FieldValue\": \"c\"}]}"),
+     ERR_BAD_FIELD, "HashPolicies[0] must set Field with FieldValue, or SourceIP alone"},
+    {CHAIN, LBC("{\"HashPolicies\": [{\"Field\": \"body\", \"FieldValue\": \"x\"}]}"),
+     ERR_BAD_FIELD, "HashPolicies[0].Field must be header, cookie or query_parameter"},
+    {CHAIN,
+     LBC("{\"HashPolicies\": [{\"Field\": \"cookie\", \"FieldValue\": \"c\", "
+         "\"CookieConfig\": {\"TTL\": \"forever\"}}]}"),
+     ERR_BAD_FIELD, "TTL must be a duration"},
+    {CHAIN, LBC("[]"), ERR_BAD_FIELD, "LoadBalancer must be an object"},
 
     /* Prepared queries. */
     {QUERY, "[]", ERR_BAD_FIELD, "must be a JSON object"},
@@ -2259,6 +2858,9 @@ int main(void)
         cmocka_unit_test(test_chain_shapes),
         cmocka_unit_test(test_chain_router_splitter),
         cmocka_unit_test(test_chain_truncated),
+        cmocka_unit_test(test_chain_routes_real),
+        cmocka_unit_test(test_chain_routes_truncated),
+        cmocka_unit_test(test_chain_routes_bounds),
         cmocka_unit_test(test_durations),
         cmocka_unit_test(test_query_good),
         cmocka_unit_test(test_query_truncated),

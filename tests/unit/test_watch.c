@@ -324,6 +324,50 @@ static void test_rejected_body_keeps_index(void **state)
     teardown(&h);
 }
 
+/*
+ * With block_on_rejected (the discovery chain's watch), the request after a rejected answer
+ * blocks on that answer's index. Asking from the last good index instead, as above, got the
+ * rejected chain back from the agent's cache for ever (?cached does not refresh an entry no
+ * one blocks on past its index): a router fixed after a refused one was never taken. The
+ * same rejected body offered again is still rejected; the next one is taken.
+ */
+static void test_rejected_body_blocks_on_its_index(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 5\r\n", "good1", 0},
+        {200, "X-Consul-Index: 6\r\n", "garbage", 0},
+        {200, "X-Consul-Index: 6\r\n", "garbage", 0},
+        {200, "X-Consul-Index: 7\r\n", "good2", 0},
+    };
+    watch_set_backoff_ms_for_testing(100, 100);
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    h.reject_prefix = "garbage";
+    struct watch_spec spec = {.name = "discovery chain db",
+                              .method = "POST",
+                              .path = "/v1/discovery-chain/db?cached",
+                              .body = "{}",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000,
+                              .block_on_rejected = 1};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 5;
+    run(&h, 3000);
+    watch_set_backoff_ms_for_testing(0, 0);
+
+    assert_int_equal(h.ndeliv, 4);
+    assert_string_equal(h.bodies[1], "garbage");
+    assert_string_equal(h.bodies[2], "garbage");
+    assert_string_equal(h.bodies[3], "good2");
+    assert_req_line(&h.srv, 1, "POST /v1/discovery-chain/db?cached&index=5&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 2, "POST /v1/discovery-chain/db?cached&index=6&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 3, "POST /v1/discovery-chain/db?cached&index=6&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 4, "POST /v1/discovery-chain/db?cached&index=7&wait=1000ms HTTP/1.1");
+    assert_int_equal(watch_failures(h.w), 0);
+    teardown(&h);
+}
+
 /* The mesh config entry's watch: a 404 (no entry) is an answer that blocks on its index like a
  * 200; a 403 reaches the owner too, whose refusal backs off from the same position; any other
  * error never reaches it. */
@@ -697,6 +741,7 @@ int main(void)
         cmocka_unit_test(test_hash_blocking),
         cmocka_unit_test(test_errors_back_off_then_recover),
         cmocka_unit_test(test_rejected_body_keeps_index),
+        cmocka_unit_test(test_rejected_body_blocks_on_its_index),
         cmocka_unit_test(test_deliver_403_404),
         cmocka_unit_test(test_stop_inside_callback),
         cmocka_unit_test(test_poll_mode),

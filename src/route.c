@@ -1,0 +1,426 @@
+/*
+ * route: the compiled route table and its walk.
+ *
+ * Matching is what Consul's generated Envoy routes amount to (agent/xds/routes.go,
+ * makeRouteMatchForDiscoveryRoute): first route in order whose path specifier, header
+ * matchers (Methods become a ":method" matcher), and query parameter matchers all hold. The
+ * splits are Envoy's weighted clusters: Consul scales each percent weight by 100 to an
+ * integer, and Envoy draws over the sum.
+ *
+ * A regex Consul accepted but connectd cannot use (RE2 syntax rx.h refuses) cannot make the
+ * table fail: refusing the chain would freeze every other routing change too. Its route is
+ * marked broken and never matches, so its requests fall to a later route (usually the
+ * catch-all) rather than to a wrong one that a broken condition would have chosen. A regex
+ * that hits its match limit makes its condition false for that request, likewise.
+ */
+#include "route.h"
+
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "rx.h"
+#include "util.h"
+
+struct route_table {
+    atomic_uint refs;
+    struct route *routes;
+    size_t n_routes;
+    struct route_resolver *resolvers;
+    size_t n_resolvers;
+    size_t broken;
+    /* What the table owns of its chain; the routes and resolvers above point into these. */
+    struct dec_chain_route *defs;
+    struct dec_chain_resolver *res_defs;
+};
+
+static char ascii_lower(char c)
+{
+    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
+}
+
+static char *lower_dup(const char *s, size_t len)
+{
+    char *out = xstrndup(s, len);
+    for (size_t i = 0; i < len; i++)
+        out[i] = ascii_lower(out[i]);
+    return out;
+}
+
+/* Compiles one pattern; one that does not compile leaves *rx NULL, marks the route broken and
+ * is logged once, naming the upstream, the route and the condition. */
+static void compile_rx(struct route_table *t, struct route *r, const char *what, const char *where,
+                       const char *pattern, struct rx **rx)
+{
+    char err[200];
+    if (rx_compile(pattern, strlen(pattern), rx, err, sizeof(err)) == 0)
+        return;
+    r->broken = 1;
+    t->broken++;
+    LOG_WARN("upstream %s: route %zu %s %s is not usable: %s; the route never matches",
+             LOG_ESC(what), r->index, where, LOG_ESC(pattern), err);
+}
+
+static void route_init(struct route_table *t, struct route *r, const struct dec_chain_route *d,
+                       const char *what)
+{
+    r->def = d;
+    r->next_node = d->next_node != NULL ? d->next_node : "";
+    r->path_match = d->path_match;
+    r->path = d->path != NULL ? d->path : "";
+    r->path_len = strlen(r->path);
+    r->case_insensitive = d->case_insensitive != 0;
+    if (r->path_match == DEC_PATH_REGEX)
+        compile_rx(t, r, what, "PathRegex", r->path, &r->path_rx);
+    r->n_headers = d->n_headers;
+    r->headers = xcalloc(d->n_headers ? d->n_headers : 1, sizeof(*r->headers));
+    for (size_t i = 0; i < d->n_headers; i++) {
+        const struct dec_perm_header *dh = &d->headers[i];
+        struct route_header_cond *h = &r->headers[i];
+        h->name = xstrdup(dh->name);
+        h->name_len = strlen(h->name);
+        h->match = dh->match;
+        h->invert = dh->invert != 0;
+        h->ignore_case =
+            dh->ignore_case != 0 && dh->match != DEC_HDR_PRESENT && dh->match != DEC_HDR_REGEX;
+        h->value_len = strlen(dh->value);
+        h->value = h->ignore_case ? lower_dup(dh->value, h->value_len) : xstrdup(dh->value);
+        if (h->match == DEC_HDR_REGEX)
+            compile_rx(t, r, what, "Header Regex", h->value, &h->rx);
+    }
+    r->n_query = d->n_query;
+    r->query = xcalloc(d->n_query ? d->n_query : 1, sizeof(*r->query));
+    for (size_t i = 0; i < d->n_query; i++) {
+        struct route_query_cond *q = &r->query[i];
+        q->name = d->query[i].name;
+        q->name_len = strlen(q->name);
+        q->match = d->query[i].match;
+        q->value = d->query[i].value;
+        q->value_len = strlen(q->value);
+        if (q->match == DEC_QUERY_REGEX)
+            compile_rx(t, r, what, "QueryParam Regex", q->value, &q->rx);
+    }
+    r->methods = d->methods;
+    r->n_methods = d->n_methods;
+    r->n_splits = d->n_splits;
+    r->splits = xcalloc(d->n_splits ? d->n_splits : 1, sizeof(*r->splits));
+    uint32_t cum = 0;
+    for (size_t i = 0; i < d->n_splits; i++) {
+        struct route_split *s = &r->splits[i];
+        s->weight = d->splits[i].weight;
+        /* Consul sends percents with up to two decimals; Envoy gets them times 100. The
+         * decoder bounds each to [0, 100], so the sum cannot overflow. */
+        cum += (uint32_t)(s->weight * 100.0 + 0.5);
+        s->cum = cum;
+        s->resolver = d->splits[i].resolver;
+        s->request_headers = &d->splits[i].request_headers;
+        s->response_headers = &d->splits[i].response_headers;
+    }
+    r->total_weight = cum;
+}
+
+struct route_table *route_table_new(struct dec_chain *chain, const char *what)
+{
+    struct route_table *t = xcalloc(1, sizeof(*t));
+    atomic_init(&t->refs, 1);
+    t->defs = chain->routes;
+    t->n_routes = chain->n_routes;
+    t->res_defs = chain->resolvers;
+    t->n_resolvers = chain->n_resolvers;
+    chain->routes = NULL;
+    chain->n_routes = 0;
+    chain->resolvers = NULL;
+    chain->n_resolvers = 0;
+    t->resolvers = xcalloc(t->n_resolvers ? t->n_resolvers : 1, sizeof(*t->resolvers));
+    for (size_t i = 0; i < t->n_resolvers; i++) {
+        const struct dec_chain_resolver *d = &t->res_defs[i];
+        t->resolvers[i] = (struct route_resolver){
+            .name = d->name,
+            .targets = d->targets,
+            .n_targets = d->n_targets,
+            .connect_timeout_ms = d->connect_timeout_ms,
+            .request_timeout_ms = d->request_timeout_ms,
+            .lb = &d->lb,
+        };
+    }
+    t->routes = xcalloc(t->n_routes ? t->n_routes : 1, sizeof(*t->routes));
+    for (size_t i = 0; i < t->n_routes; i++) {
+        t->routes[i].index = i;
+        route_init(t, &t->routes[i], &t->defs[i], what != NULL ? what : "");
+    }
+    return t;
+}
+
+struct route_table *route_table_ref(struct route_table *t)
+{
+    atomic_fetch_add_explicit(&t->refs, 1, memory_order_relaxed);
+    return t;
+}
+
+void route_table_unref(struct route_table *t)
+{
+    if (t == NULL || atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    for (size_t i = 0; i < t->n_routes; i++) {
+        struct route *r = &t->routes[i];
+        rx_free(r->path_rx);
+        for (size_t j = 0; j < r->n_headers; j++) {
+            free(r->headers[j].name);
+            free(r->headers[j].value);
+            rx_free(r->headers[j].rx);
+        }
+        free(r->headers);
+        for (size_t j = 0; j < r->n_query; j++)
+            rx_free(r->query[j].rx);
+        free(r->query);
+        free(r->splits);
+    }
+    free(t->routes);
+    free(t->resolvers);
+    dec_chain_routes_free(t->defs, t->n_routes);
+    dec_chain_resolvers_free(t->res_defs, t->n_resolvers);
+    free(t);
+}
+
+size_t route_table_len(const struct route_table *t)
+{
+    return t->n_routes;
+}
+
+const struct route *route_table_route(const struct route_table *t, size_t i)
+{
+    return i < t->n_routes ? &t->routes[i] : NULL;
+}
+
+size_t route_table_resolvers(const struct route_table *t)
+{
+    return t->n_resolvers;
+}
+
+const struct route_resolver *route_table_resolver(const struct route_table *t, size_t i)
+{
+    return i < t->n_resolvers ? &t->resolvers[i] : NULL;
+}
+
+size_t route_table_broken(const struct route_table *t)
+{
+    return t->broken;
+}
+
+/* ---- per request ---- */
+
+/* Equal bytes; with <fold>, ASCII case aside (<b> as written, both sides folded). */
+static int bytes_eq(const char *a, const char *b, size_t n, int fold)
+{
+    if (!fold)
+        return memcmp(a, b, n) == 0;
+    for (size_t i = 0; i < n; i++)
+        if (ascii_lower(a[i]) != ascii_lower(b[i]))
+            return 0;
+    return 1;
+}
+
+/* A full match; a regex that did not compile or hit its limit does not match. */
+static int rx_full(const struct rx *rx, const char *s, size_t len)
+{
+    return rx != NULL && rx_match(rx, s != NULL ? s : "", len) == 1;
+}
+
+static int path_matches(const struct route *r, struct http_slice path)
+{
+    const char *p = path.p != NULL ? path.p : "";
+    switch (r->path_match) {
+    case DEC_PATH_EXACT:
+        return path.len == r->path_len && bytes_eq(p, r->path, r->path_len, r->case_insensitive);
+    case DEC_PATH_PREFIX:
+        return path.len >= r->path_len && bytes_eq(p, r->path, r->path_len, r->case_insensitive);
+    case DEC_PATH_REGEX:
+        return rx_full(r->path_rx, p, path.len);
+    case DEC_PATH_ANY:
+        break;
+    }
+    return 1;
+}
+
+static int name_is(struct http_slice name, const char *want, size_t want_len)
+{
+    return name.len == want_len && bytes_eq(name.p, want, want_len, 1);
+}
+
+static int value_matches(const struct route_header_cond *h, const char *v, size_t len)
+{
+    int fold = h->ignore_case;
+    switch (h->match) {
+    case DEC_HDR_PRESENT:
+        return 1;
+    case DEC_HDR_EXACT:
+        return len == h->value_len && bytes_eq(v, h->value, len, fold);
+    case DEC_HDR_PREFIX:
+        return len >= h->value_len && bytes_eq(v, h->value, h->value_len, fold);
+    case DEC_HDR_SUFFIX:
+        return len >= h->value_len &&
+               bytes_eq(v + len - h->value_len, h->value, h->value_len, fold);
+    case DEC_HDR_CONTAINS:
+        for (size_t i = 0; i + h->value_len <= len; i++)
+            if (bytes_eq(v + i, h->value, h->value_len, fold))
+                return 1;
+        return 0;
+    case DEC_HDR_REGEX:
+        return rx_full(h->rx, v, len);
+    }
+    return 0;
+}
+
+/*
+ * One header condition. The value is the authority for "Host" and ":authority", the method
+ * for ":method", the path with its query for ":path", else every header of that name joined
+ * with ",". Another pseudo-header is absent.
+ */
+static int header_matches(const struct route_header_cond *h, const struct route_req *rq)
+{
+    struct http_slice name = {h->name, h->name_len};
+    struct http_slice v = {NULL, 0};
+    char *joined = NULL;
+    int present = 0;
+    if (name_is(name, "host", 4) || name_is(name, ":authority", 10)) {
+        present = rq->authority.p != NULL;
+        v = rq->authority;
+    } else if (name_is(name, ":method", 7)) {
+        present = rq->method.p != NULL;
+        v = rq->method;
+    } else if (name_is(name, ":path", 5)) {
+        present = rq->path.p != NULL;
+        v = rq->path;
+        if (present && rq->query.p != NULL) {
+            joined = xmalloc(rq->path.len + 1 + rq->query.len + 1);
+            memcpy(joined, rq->path.p, rq->path.len);
+            joined[rq->path.len] = '?';
+            memcpy(joined + rq->path.len + 1, rq->query.p, rq->query.len);
+            v = (struct http_slice){joined, rq->path.len + 1 + rq->query.len};
+        }
+    } else if (h->name_len == 0 || h->name[0] != ':') {
+        size_t count = 0, total = 0;
+        for (size_t i = 0; i < rq->nheaders; i++) {
+            const struct http_header *x = &rq->headers[i];
+            if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 ||
+                !name_is(x->name, h->name, h->name_len))
+                continue;
+            if (count++ == 0)
+                v = x->value;
+            total += x->value.len + 1;
+        }
+        present = count > 0;
+        if (count > 1) {
+            joined = xmalloc(total);
+            size_t o = 0;
+            for (size_t i = 0; i < rq->nheaders; i++) {
+                const struct http_header *x = &rq->headers[i];
+                if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 ||
+                    !name_is(x->name, h->name, h->name_len))
+                    continue;
+                if (o > 0)
+                    joined[o++] = ',';
+                if (x->value.len > 0)
+                    memcpy(joined + o, x->value.p, x->value.len);
+                o += x->value.len;
+            }
+            v = (struct http_slice){joined, o};
+        }
+    }
+    int r;
+    if (!present) {
+        /* Envoy: a missing header matches only an inverted presence test. */
+        r = h->match == DEC_HDR_PRESENT && h->invert;
+    } else if (h->match == DEC_HDR_REGEX && h->rx != NULL) {
+        /* The match limit is neither a match nor a miss: the condition fails either way. */
+        int m = rx_match(h->rx, v.p != NULL ? v.p : "", v.len);
+        r = m < 0 ? 0 : h->invert ? m == 0 : m == 1;
+    } else {
+        r = value_matches(h, v.p != NULL ? v.p : "", v.len);
+        r = h->invert ? !r : r;
+    }
+    free(joined);
+    return r;
+}
+
+/*
+ * The first parameter named <q> in <query> ("a=1&b&c=2"), raw: names and values are not
+ * percent-decoded (Envoy's parseQueryString). A parameter without '=' has the value "".
+ */
+static int query_find(struct http_slice query, const struct route_query_cond *q,
+                      struct http_slice *value)
+{
+    if (query.p == NULL)
+        return 0;
+    const char *p = query.p, *end = query.p + query.len;
+    while (p < end) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *stop = amp != NULL ? amp : end;
+        const char *eq = memchr(p, '=', (size_t)(stop - p));
+        const char *name_end = eq != NULL ? eq : stop;
+        if ((size_t)(name_end - p) == q->name_len && memcmp(p, q->name, q->name_len) == 0) {
+            *value = eq != NULL ? (struct http_slice){eq + 1, (size_t)(stop - eq - 1)}
+                                : (struct http_slice){stop, 0};
+            return 1;
+        }
+        p = stop + (amp != NULL);
+    }
+    return 0;
+}
+
+static int query_matches(const struct route_query_cond *q, struct http_slice query)
+{
+    struct http_slice v;
+    if (!query_find(query, q, &v))
+        return 0;
+    switch (q->match) {
+    case DEC_QUERY_PRESENT:
+        return 1;
+    case DEC_QUERY_EXACT:
+        return v.len == q->value_len && memcmp(v.p, q->value, v.len) == 0;
+    case DEC_QUERY_REGEX:
+        return rx_full(q->rx, v.p, v.len);
+    }
+    return 0;
+}
+
+static int route_matches(const struct route *r, const struct route_req *rq)
+{
+    if (r->broken || !path_matches(r, rq->path))
+        return 0;
+    if (r->n_methods > 0) {
+        int any = 0;
+        for (size_t i = 0; i < r->n_methods && !any; i++)
+            any = rq->method.len == strlen(r->methods[i]) && rq->method.p != NULL &&
+                  memcmp(rq->method.p, r->methods[i], rq->method.len) == 0;
+        if (!any)
+            return 0;
+    }
+    for (size_t i = 0; i < r->n_headers; i++)
+        if (!header_matches(&r->headers[i], rq))
+            return 0;
+    for (size_t i = 0; i < r->n_query; i++)
+        if (!query_matches(&r->query[i], rq->query))
+            return 0;
+    return 1;
+}
+
+const struct route *route_match(const struct route_table *t, const struct route_req *rq)
+{
+    for (size_t i = 0; i < t->n_routes; i++)
+        if (route_matches(&t->routes[i], rq))
+            return &t->routes[i];
+    return NULL;
+}
+
+const struct route_split *route_split_pick(const struct route *r, uint64_t rand)
+{
+    if (r->total_weight == 0)
+        return NULL;
+    uint32_t x = (uint32_t)(rand % r->total_weight);
+    for (size_t i = 0; i < r->n_splits; i++)
+        if (x < r->splits[i].cum)
+            return &r->splits[i];
+    return NULL; /* not reached: the last cumulative weight is the total */
+}

@@ -1,0 +1,142 @@
+/*
+ * route: an upstream's compiled route table, from its discovery chain (consul-api.md 9):
+ * routes -> splits -> resolvers -> the upstream's targets, and the pure functions that walk
+ * it for one request.
+ *
+ * A table is built once on the control thread (route_table_new), then only read: it is
+ * immutable and reference-counted, shared by consecutive snapshots and by every worker
+ * without locks, as intent.h's table. Its regexes are compiled once, at build (rx.h).
+ *
+ * A resolver names its targets by index into the target list its chain gave (primary first,
+ * then failovers): the same order as the upstream's snap_target array in the snapshot built
+ * from the same chain, so route_resolver()->targets[i] indexes snap_upstream.targets.
+ *
+ * Nothing routes traffic through a table yet: the muxes will call route_match() and
+ * route_split_pick() per request.
+ */
+#ifndef CONNECTD_ROUTE_H
+#define CONNECTD_ROUTE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "decode.h"
+#include "http.h"
+
+struct rx;
+
+/* One header condition of a route (Match.HTTP.Header[]), compiled. */
+struct route_header_cond {
+    char *name; /* compared case-insensitively; "Host"/":authority" name the authority */
+    size_t name_len;
+    enum dec_header_match match;
+    char *value; /* lower-cased when ignore_case */
+    size_t value_len;
+    int invert;
+    int ignore_case;
+    struct rx *rx; /* DEC_HDR_REGEX when the pattern compiled, else NULL */
+};
+
+/* One query parameter condition (Match.HTTP.QueryParam[]), compiled. */
+struct route_query_cond {
+    char *name; /* compared exactly with the raw name */
+    size_t name_len;
+    enum dec_query_match match;
+    char *value; /* DEC_QUERY_EXACT: compared exactly with the raw value */
+    size_t value_len;
+    struct rx *rx; /* DEC_QUERY_REGEX when the pattern compiled, else NULL */
+};
+
+/* One split of a route. */
+struct route_split {
+    double weight;   /* percent, as compiled by Consul */
+    uint32_t cum;    /* cumulative weight in 1/100 percent up to and including this split */
+    size_t resolver; /* index into the table's resolvers */
+    const struct dec_header_mods *request_headers, *response_headers; /* never NULL */
+};
+
+struct route {
+    size_t index;          /* position in the table */
+    const char *next_node; /* the chain node it leads to ("" without a router) */
+    enum dec_path_match path_match;
+    const char *path;
+    size_t path_len;
+    int case_insensitive; /* PathExact / PathPrefix ignore ASCII case (as Envoy, not PathRegex) */
+    struct rx *path_rx;   /* DEC_PATH_REGEX when the pattern compiled, else NULL */
+    struct route_header_cond *headers;
+    size_t n_headers;
+    struct route_query_cond *query;
+    size_t n_query;
+    char *const *methods; /* compared exactly */
+    size_t n_methods;
+    /* A regex of this route did not compile: the route never matches (fails closed). */
+    int broken;
+    /* The destination, as decoded (dec_chain_route): prefix rewrite, timeouts, retries,
+     * header modifiers. */
+    const struct dec_chain_route *def;
+    struct route_split *splits;
+    size_t n_splits;
+    uint32_t total_weight; /* sum of the splits' weights in 1/100 percent; 0: none to pick */
+};
+
+struct route_resolver {
+    const char *name;
+    const size_t *targets; /* indices into the upstream's targets: primary, then failovers */
+    size_t n_targets;
+    uint32_t connect_timeout_ms; /* 0 = absent */
+    uint32_t request_timeout_ms; /* 0 = absent */
+    const struct dec_load_balancer *lb;
+};
+
+struct route_table;
+
+/*
+ * Builds a table from <chain>, taking its routes and resolvers (they are NULL in <chain>
+ * afterwards; dispose the rest as usual). <what> names the table in logs (the upstream's
+ * key). Never fails (allocation aborts): a regex that does not compile is logged once,
+ * counted (route_table_broken) and makes its route never match.
+ */
+struct route_table *route_table_new(struct dec_chain *chain, const char *what);
+struct route_table *route_table_ref(struct route_table *t);
+/* Safe from any thread; NULL is fine. */
+void route_table_unref(struct route_table *t);
+
+size_t route_table_len(const struct route_table *t);
+const struct route *route_table_route(const struct route_table *t, size_t i);
+size_t route_table_resolvers(const struct route_table *t);
+const struct route_resolver *route_table_resolver(const struct route_table *t, size_t i);
+/* How many regexes of the table did not compile. */
+size_t route_table_broken(const struct route_table *t);
+
+/* One request as routing sees it; slices into the caller's buffers. */
+struct route_req {
+    struct http_slice method;          /* as sent, compared exactly */
+    struct http_slice path;            /* without query or fragment */
+    struct http_slice query;           /* after '?', without it (absent: p == NULL) */
+    struct http_slice authority;       /* Host / :authority (absent: p == NULL) */
+    const struct http_header *headers; /* as received (HTTP_HDR_DUP/DROP ones are skipped) */
+    size_t nheaders;
+};
+
+/*
+ * The first route of <t>, in order, all of whose conditions match <rq>, or NULL when none
+ * does (Envoy answers 404 then; a compiled chain ends with a catch-all, so only a broken
+ * catch-all leaves none). Conditions: the path (PathExact equal, PathPrefix a plain prefix,
+ * both ignoring ASCII case with CaseInsensitive; PathRegex a full RE2-style match); every
+ * header condition as Envoy's HeaderMatcher (names case-insensitive, several values joined
+ * with ",", an absent header matches only an inverted Present, Invert negates the rest);
+ * every query parameter condition on the first parameter of that name (raw, undecoded, as
+ * Envoy); the method equal to one of Methods. A regex that did not compile or hit its match
+ * limit makes its condition fail. Thread-safe on a shared table; may allocate briefly
+ * (joined header values).
+ */
+const struct route *route_match(const struct route_table *t, const struct route_req *rq);
+
+/*
+ * The split of <r> that the draw <rand> (uniform over uint64_t) picks, each split with a
+ * chance proportional to its weight (in 1/100 percent, as Envoy's weighted clusters); NULL
+ * when every weight is 0. Pure.
+ */
+const struct route_split *route_split_pick(const struct route *r, uint64_t rand);
+
+#endif
