@@ -30,6 +30,11 @@
  * H1_HEAD_MAX for responses). Buffers are freed whenever the connection waits for a head with
  * nothing buffered, so an idle keep-alive connection holds none.
  *
+ * Reuse: a request on a connection that carried an answer before is held (at most
+ * REPLAY_MAX) until its answer's first byte; if the connection ends before that byte (its peer
+ * closed it as idle while the request was on its way), the request is sent once more on a new
+ * connection (retry()).
+ *
  * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
  * interim response. A request refused locally (403, 503) that expects 100-continue and has a
  * body closes the connection after the answer, since the caller may or may not send the body.
@@ -61,6 +66,7 @@
 #define MAX_HEADERS  100 /* Envoy's max_headers_count default; one more is 431 */
 #define LINGER_MS    1000
 #define LINGER_BYTES (256u * 1024u)
+#define REPLAY_MAX   (64u * 1024u) /* a request held for a retry: head and body */
 
 struct buf {
     char *p;
@@ -134,6 +140,15 @@ struct mux_h1 {
     uint64_t armed_at;          /* the deadline the timer is armed for; 0 when not armed */
     char xfcc[STREAM_XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
     struct buf target;          /* the request's normalized target (forwarded, or a redirect's) */
+    /* The keep-alive race: a request sent on a reused connection (end[1] served an answer
+     * before, here or in the pool) that the peer closed at that moment is lost before any
+     * byte of its answer, and can be sent again on a new connection. */
+    uint64_t app_served; /* answers end[1] carried in full; 0 for a new connection */
+    struct buf replay;   /* every byte queued to end[1] for this request, while replay_ok */
+    int replay_ok;       /* replay holds the whole request so far (at most REPLAY_MAX) */
+    int app_heard;       /* a byte of this request's answer (even a 1xx) came from end[1] */
+    int retried;         /* this request was sent again once already */
+    int resend;          /* the connection being made sends replay, not the request head */
 };
 
 /* ---- buffers ---- */
@@ -197,6 +212,24 @@ static int append_head(struct buf *b, size_t need, const struct http_request *rq
     return n;
 }
 
+/*
+ * Keeps a copy of what was queued to the application (or upstream) since aout held <from>
+ * bytes, while the request may still be sent again; past REPLAY_MAX it no longer can be.
+ */
+static void hold(struct mux_h1 *m, size_t from)
+{
+    size_t n = m->aout.len - from;
+    if (!m->replay_ok || n == 0)
+        return;
+    if (m->replay.len + n > REPLAY_MAX) {
+        m->replay_ok = 0;
+        m->replay.len = 0;
+        buf_release(&m->replay);
+        return;
+    }
+    buf_add(&m->replay, m->aout.p + from, n);
+}
+
 static void mux_free(struct mux_h1 *m)
 {
     if (m == NULL)
@@ -206,6 +239,7 @@ static void mux_free(struct mux_h1 *m)
     free(m->ain.p);
     free(m->aout.p);
     free(m->target.p);
+    free(m->replay.p);
     free(m);
 }
 
@@ -339,6 +373,7 @@ static void close_app(struct session *s)
     m->aout.len = 0;
     m->app_writable = 0;
     m->app_keep = 0;
+    m->app_served = 0;
 }
 
 /* ---- local answers ---- */
@@ -459,6 +494,9 @@ static void next_stream(struct session *s)
     buf_release(&m->aout);
     m->target.len = 0;
     buf_release(&m->target);
+    m->replay.len = 0;
+    buf_release(&m->replay);
+    m->replay_ok = m->app_heard = m->retried = m->resend = 0;
 }
 
 static void app_on_io(struct loop_io *io, unsigned events);
@@ -481,6 +519,7 @@ static int connect_app(struct session *s)
     loop_io_init(&s->end[1].io, fd, app_on_io, s);
     m->app_writable = 0;
     m->app_keep = 1;
+    m->app_served = 0;
     m->connect_start_ms = loop_now_ms(s->host->loop);
     m->phase = P_CONNECT;
     return 0;
@@ -534,14 +573,79 @@ static void forward_head(struct session *s)
         extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rq->upgrade};
     }
 #undef EXTRA
+    size_t from = m->aout.len;
     if (append_head(&m->aout, m->rq_len + 1024 + strlen(m->xfcc), rq, NULL, extra, nx) < 0) {
         local_answer(s, STREAM_RES_BAD_REQUEST, 1, "the request head cannot be forwarded");
         return;
     }
+    /* Only a reused connection may have been closed by its peer while idle: a request on it
+     * is held until its answer starts, so that it can be sent again (see retry()). */
+    m->replay.len = 0;
+    m->replay_ok = m->app_served > 0 && !m->retried;
+    hold(m, from);
     buf_consume(&m->cin, m->rq_len);
+    m->rq_len = 0;              /* what a failure before the answer must still drop from cin */
     memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
     m->res_head_done = 0;
     m->phase = P_EXCHANGE;
+}
+
+/* The new connection of a retry is up: the held request goes out again, byte for byte. */
+static void resend(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct buf empty = m->aout; /* close_app() emptied it */
+    m->aout = m->replay;
+    m->replay = empty;
+    m->replay.len = 0;
+    m->replay_ok = 0;
+    m->resend = 0;
+    m->res_head_done = 0;
+    m->phase = P_EXCHANGE;
+}
+
+/* A connection for the current request is up: its head goes out, or a retry's bytes. */
+static void send_request(struct session *s)
+{
+    if (s->mux->resend)
+        resend(s);
+    else
+        forward_head(s);
+}
+
+/*
+ * The keep-alive race (RFC 9112 section 9.3.1): the request went out on a connection that had
+ * carried answers before, and that connection ended (<what>) before any byte of this one's:
+ * its peer most likely closed it as idle while the request was on its way, so nobody acted on
+ * the request. It is sent once more, as it was, on a new connection (outbound a fresh dial, not
+ * another pooled one, which may have idled as long), as Envoy does. Only a request held in
+ * full (replay_ok) is retried, and never twice: a new connection that fails the same way is a
+ * real failure, answered as before.
+ */
+static void retry(struct session *s, const char *what)
+{
+    struct mux_h1 *m = s->mux;
+    LOG_DEBUG("conn=%llu stream=%llu %s %s before any answer on a reused connection: sending "
+              "the request again on a new one",
+              (unsigned long long)s->id, (unsigned long long)m->st.seq, far_side(m), what);
+    m->retried = 1;
+    m->resend = 1;
+    /* Before any answer these were set only by a failed write to the lost connection. */
+    m->app_wr_dead = 0;
+    m->close_after = 0;
+    m->req_sent_ms = 0;
+    close_app(s);
+    if (m->outbound) {
+        m->phase = P_DIAL;
+        session_redial_upstream(s);
+        return;
+    }
+    int rc = connect_app(s);
+    if (rc < 0) {
+        char msg[400];
+        snprintf(msg, sizeof(msg), "connect %s: %s", s->ep_name, util_strerror(rc));
+        local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
+    }
 }
 
 /* The path and query of an absolute-form target ("http://host/p?q" -> "/p?q"; none -> "/"). */
@@ -802,6 +906,8 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
     }
     if (m->ain.len > 0)
         m->app_keep = 0; /* bytes after a complete answer: the application is out of step */
+    if (r == STREAM_RES_OK && m->app_keep && s->end[1].fd >= 0)
+        m->app_served++;
     if (m->close_after) {
         m->phase = P_CLOSING;
         m->linger_start_ms = loop_now_ms(s->host->loop);
@@ -934,7 +1040,7 @@ static void pump_run(struct session *s)
                 memset(&m->rq, 0, sizeof(m->rq));
                 local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
             } else {
-                forward_head(s);
+                send_request(s);
             }
             progress = 1;
             break;
@@ -942,8 +1048,10 @@ static void pump_run(struct session *s)
         case P_DIAL:
             break; /* returned above */
         case P_EXCHANGE: {
-            /* The request body: caller -> application (or dropped). */
-            if (!m->req.done) {
+            /* The request body: caller -> application (or dropped). While the request may
+             * be retried, a failed write stops it instead (the answer or the end decides). */
+            if (!m->req.done && !(m->app_wr_dead && m->replay_ok)) {
+                size_t from = m->aout.len;
                 ssize_t k = body_move(&m->req, &m->cin, m->app_wr_dead ? NULL : &m->aout, &why);
                 if (k < 0) {
                     if (m->res_head_done) {
@@ -957,6 +1065,7 @@ static void pump_run(struct session *s)
                 }
                 if (k > 0) {
                     m->st.bytes_in += (uint64_t)k;
+                    hold(m, from);
                     progress = 1;
                 }
                 if (!m->req.done && m->cin.len < IO_CHUNK) {
@@ -1009,6 +1118,13 @@ static void pump_run(struct session *s)
                 } else if (m->ain.len < ain_max) {
                     n = read_into(s, 1, &m->ain, ain_max, &wants[1]);
                     if (n > 0) {
+                        if (!m->app_heard) {
+                            /* It reached someone: it is not sent again. */
+                            m->app_heard = 1;
+                            m->replay_ok = 0;
+                            m->replay.len = 0;
+                            buf_release(&m->replay);
+                        }
                         progress = 1;
                     } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
                         const char *what = n == 0 ? "closed" : xprt_error(&s->end[1], (int)n);
@@ -1016,6 +1132,11 @@ static void pump_run(struct session *s)
                             m->res.done = 1;
                             m->app_keep = 0;
                             progress = 1;
+                        } else if (!m->res_head_done && !m->app_heard && m->replay_ok &&
+                                   !m->retried) {
+                            retry(s, what);
+                            progress = 1;
+                            break;
                         } else if (!m->res_head_done) {
                             snprintf(msg, sizeof(msg), "%s %s before its answer", far_side(m),
                                      what);
@@ -1238,7 +1359,8 @@ static void mux_dialled(struct session *s, const char *why)
         local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
     } else {
         m->app_keep = 1;
-        forward_head(s);
+        m->app_served = s->dial_pooled ? 1 : 0;
+        send_request(s);
     }
     s->last_io_ms = loop_now_ms(s->host->loop);
     if (!m->in_pump)

@@ -1151,7 +1151,7 @@ static void pick_endpoint(struct session *s)
     }
 }
 
-void session_dial_upstream(struct session *s)
+static void dial_upstream(struct session *s, int use_pool)
 {
     size_t total = 0;
     for (size_t j = 0; j < s->up->n_targets; j++)
@@ -1161,7 +1161,9 @@ void session_dial_upstream(struct session *s)
     s->tgt = NULL;
     s->ep = NULL;
     s->ep_name[0] = '\0';
-    if (upool_take(s)) {
+    s->dial_pooled = 0;
+    if (use_pool && upool_take(s)) {
+        s->dial_pooled = 1;
         LOG_DEBUG("conn=%llu out reusing a pooled connection to %s", (unsigned long long)s->id,
                   LOG_ESC(s->ep_name));
         session_set_state(s, S_HTTP);
@@ -1169,6 +1171,16 @@ void session_dial_upstream(struct session *s)
         return;
     }
     pick_endpoint(s);
+}
+
+void session_dial_upstream(struct session *s)
+{
+    dial_upstream(s, 1);
+}
+
+void session_redial_upstream(struct session *s)
+{
+    dial_upstream(s, 0);
 }
 
 static void try_next_endpoint(struct session *s, const char *why)

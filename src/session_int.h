@@ -104,6 +104,7 @@ struct session {
     const struct snap_upstream *up; /* inside snap */
     unsigned char *tried;           /* one flag per endpoint of every target, in order */
     unsigned tries;
+    int dial_pooled; /* the last session_dial_upstream() took a pooled (reused) connection */
     const struct snap_target *tgt; /* the target of the endpoint being dialled */
     const struct dec_endpoint *ep; /* the endpoint being dialled */
     char ep_name[300];
@@ -154,6 +155,12 @@ void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog
  * carrier->dialled(s, why) when no endpoint is left; either may come before this returns.
  */
 void session_dial_upstream(struct session *s);
+/*
+ * As session_dial_upstream(), but never with a pooled connection: the codec retries a request
+ * that a reused connection lost before any byte of its answer (the keep-alive race), and
+ * another connection idle as long may have been closed the same way.
+ */
+void session_redial_upstream(struct session *s);
 /*
  * Outbound L7, the session finishing: end[1], an idle verified upstream connection with
  * nothing in flight, goes to the worker's pool (or is closed when the pool is full, the worker
