@@ -42,6 +42,7 @@ struct relay_buf {
 
 struct mux_h1;
 struct mux_h2;
+struct h2up_conn;
 
 /*
  * What carries a session's bytes once its legs are up, as HAProxy's muxes: relay.c (L4) and
@@ -108,6 +109,10 @@ struct session {
     const struct snap_target *tgt; /* the target of the endpoint being dialled */
     const struct dec_endpoint *ep; /* the endpoint being dialled */
     char ep_name[300];
+    /* session_dial_h2(): the dial is for a shared HTTP/2 connection (ALPN h2), and its result,
+     * borrowed from the worker's h2up pool until the carrier returns to the loop. */
+    int dial_h2;
+    struct h2up_conn *h2c;
     struct session_listener_stats *lstat; /* in host->stats; never NULL */
 };
 
@@ -161,6 +166,22 @@ void session_dial_upstream(struct session *s);
  * another connection idle as long may have been closed the same way.
  */
 void session_redial_upstream(struct session *s);
+/*
+ * Outbound L7 over HTTP/2 (an http2 or grpc upstream): a shared connection to one of the
+ * upstream's endpoints. An endpoint is picked as session_dial_upstream() picks one (primary
+ * target first, random among its endpoints not tried yet); when the worker's h2up pool has a
+ * connection to it that takes a stream (key: the endpoint, SNI and identity, plus "|h2"), that
+ * one, else it is dialled like session_dial_upstream() does but offering ALPN h2, and the
+ * verified end is adopted into the pool (a peer that selects another protocol counts as a
+ * failed endpoint). The same rules for end[1], the state timer and end[0] apply meanwhile. Ends
+ * with carrier->dialled(s, NULL) and s->h2c set (borrowed: open the stream on it before
+ * returning to the loop), or carrier->dialled(s, why) when no endpoint is left; either may come
+ * before this returns.
+ */
+void session_dial_h2(struct session *s);
+/* The key of the worker's shared h2c connection to the local application ("app|<address>"),
+ * for the snapshot <s> started with. */
+void session_app_h2_key(const struct session *s, char *key, size_t len);
 /*
  * Outbound L7, the session finishing: end[1], an idle verified upstream connection with
  * nothing in flight, goes to the worker's pool (or is closed when the pool is full, the worker
