@@ -30,6 +30,12 @@
  * H1_HEAD_MAX for responses). Buffers are freed whenever the connection waits for a head with
  * nothing buffered, so an idle keep-alive connection holds none.
  *
+ * HTTP/2 far side (an http2 or grpc service or upstream): end[1] stays closed; each request is
+ * a stream on a shared h2up connection (h2c to the application inbound, session_dial_h2()
+ * outbound), its head translated by open_stream() and its bodies moved by exchange_h2() (the
+ * request's into aout, which the stream's read_body drains; the answer's DATA through ain,
+ * re-framed for the caller). The stream's callbacks only note what happened and kick the pump.
+ *
  * Reuse: a request on a connection that carried an answer before is held (at most
  * REPLAY_MAX) until its answer's first byte; if the connection ends before that byte (its peer
  * closed it as idle while the request was on its way), the request is sent once more on a new
@@ -47,6 +53,8 @@
  */
 #include "mux_h1.h"
 #include "h1parse.h"
+#include "h2.h"
+#include "h2up.h"
 #include "log.h"
 #include "pathnorm.h"
 #include "relay.h"
@@ -149,6 +157,23 @@ struct mux_h1 {
     int app_heard;       /* a byte of this request's answer (even a 1xx) came from end[1] */
     int retried;         /* this request was sent again once already */
     int resend;          /* the connection being made sends replay, not the request head */
+    /* The far side speaks HTTP/2 (an http2 or grpc service or upstream): each request is a
+     * stream on a connection the worker's sessions share (h2up), end[1] stays closed, aout
+     * holds the request body's data for read_body and ain the response's DATA. */
+    int h2;
+    struct session *sess;    /* the session this is the codec of */
+    struct h2up_stream *h2s; /* the current request's stream; NULL when none or gone */
+    struct loop_defer kick;  /* runs pump() after a stream callback changed something */
+    int h2_deferred;         /* read_body said H2_BODY_DEFER: resume when bytes come */
+    int h2_end;              /* the far side's END_STREAM */
+    int h2_closed;           /* on_close came: h2_code, h2_up and h2_why say how */
+    uint32_t h2_code;
+    int h2_up;           /* the stream's connection had heard from its peer */
+    char h2_why[160];    /* on_close's words */
+    int te_trailers;     /* the caller sent TE: trailers */
+    int res_chunked;     /* the answer to the caller is chunked by us */
+    struct buf trailers; /* the answer's trailers, serialized, for a chunked answer */
+    char res_len[24];    /* the Content-Length value we write */
 };
 
 /* ---- buffers ---- */
@@ -240,6 +265,7 @@ static void mux_free(struct mux_h1 *m)
     free(m->aout.p);
     free(m->target.p);
     free(m->replay.p);
+    free(m->trailers.p);
     free(m);
 }
 
@@ -368,6 +394,10 @@ static const char *far_side(const struct mux_h1 *m)
 static void close_app(struct session *s)
 {
     struct mux_h1 *m = s->mux;
+    if (m->h2s != NULL) {
+        h2up_cancel(m->h2s, H2_CANCEL);
+        m->h2s = NULL;
+    }
     xprt_close(s->host->loop, &s->end[1]);
     m->ain.len = 0;
     m->aout.len = 0;
@@ -497,6 +527,11 @@ static void next_stream(struct session *s)
     m->replay.len = 0;
     buf_release(&m->replay);
     m->replay_ok = m->app_heard = m->retried = m->resend = 0;
+    m->h2_deferred = m->h2_end = m->h2_closed = m->h2_up = 0;
+    m->h2_code = H2_NO_ERROR;
+    m->te_trailers = m->res_chunked = 0;
+    m->trailers.len = 0;
+    buf_release(&m->trailers);
 }
 
 static void app_on_io(struct loop_io *io, unsigned events);
@@ -526,14 +561,14 @@ static int connect_app(struct session *s)
 }
 
 /*
- * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
- * Proto and X-Request-Id, consumes its head from cin and enters EXCHANGE.
+ * The fields every forwarded request gets, whatever the far side speaks: inbound, XFCC and
+ * X-Forwarded-Proto replacing the caller's, and X-Request-Id kept or made. Fills <extra> (room
+ * for 4) and returns their count; the caller's fields they replace are flagged hop-by-hop.
  */
-static void forward_head(struct session *s)
+static size_t forwarded_fields(struct session *s, struct http_header *extra)
 {
     struct mux_h1 *m = s->mux;
     struct http_request *rq = &m->rq;
-    struct http_header extra[8];
     size_t nx = 0;
     int have_id = 0;
     for (size_t i = 0; i < rq->nheaders; i++) {
@@ -558,12 +593,32 @@ static void forward_head(struct session *s)
         EXTRA("X-Forwarded-Proto", "https");
     }
     /* Outbound, the upstream's sidecar generates a missing id (adding one here could take
-     * a head of 100 fields over its limit), and an HTTP/1.0 request without Host gets the
-     * upstream's name, which the next hop (HTTP/1.1) requires. */
+     * a head of 100 fields over its limit). */
     if (!have_id && !m->outbound) {
         stream_new_request_id(&m->st);
         EXTRA("X-Request-Id", m->st.request_id);
     }
+#undef EXTRA
+    return nx;
+}
+
+/*
+ * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
+ * Proto and X-Request-Id, consumes its head from cin and enters EXCHANGE.
+ */
+static void forward_head(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_request *rq = &m->rq;
+    struct http_header extra[8];
+    size_t nx = forwarded_fields(s, extra);
+#define EXTRA(n, v)                                                                                \
+    extra[nx++] = (struct http_header)                                                             \
+    {                                                                                              \
+        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
+    }
+    /* Outbound, an HTTP/1.0 request without Host gets the upstream's name, which the next
+     * hop (HTTP/1.1) requires. */
     if (m->outbound && rq->host.p == NULL)
         EXTRA("Host", s->up->cfg->destination_name);
     if (rq->framing == HTTP_BODY_CHUNKED)
@@ -663,6 +718,397 @@ static struct http_slice absolute_path(struct http_slice t)
     return (struct http_slice){"/", 1};
 }
 
+/* ---- the far side over HTTP/2 (h2up) ---- */
+
+static void pump(struct session *s);
+
+static void kick_run(struct loop_defer *d)
+{
+    struct mux_h1 *m = (struct mux_h1 *)((char *)d - offsetof(struct mux_h1, kick));
+    struct session *s = m->sess;
+    /* Queued before the session finished, it runs before the session's memory goes (the
+     * deferred calls run in order), and finds it done. */
+    if (s->state == S_DONE || s->mux != m || m->phase == P_DIAL)
+        return;
+    pump(s);
+}
+
+/*
+ * A stream callback changed what the pump works on. The pump runs after this dispatch round,
+ * not inside the callback: the stream's connection is in the middle of its own I/O then.
+ */
+static void kick(struct session *s)
+{
+    if (s->state != S_DONE)
+        loop_defer(s->host->loop, &s->mux->kick, kick_run);
+}
+
+/* The reason phrase written for a status that came without one (HTTP/2 has none). */
+static const char *status_reason(int status)
+{
+    switch (status) {
+    case 100:
+        return "Continue";
+    case 103:
+        return "Early Hints";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 206:
+        return "Partial Content";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 304:
+        return "Not Modified";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 500:
+        return "Internal Server Error";
+    default:
+        return status >= 400 ? reason_phrase(status) : "";
+    }
+}
+
+/* Whether a field value may go into an HTTP/1.1 head as it is (no CR, LF or NUL). */
+static int h1_value_ok(struct http_slice v)
+{
+    for (size_t i = 0; i < v.len; i++)
+        if (v.p[i] == '\r' || v.p[i] == '\n' || v.p[i] == '\0')
+            return 0;
+    return 1;
+}
+
+/* Notes a gRPC status for the stream's record (from the head of a trailers-only answer, or
+ * from the trailers). */
+static void note_grpc_status(struct mux_h1 *m, const struct http_header *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (h1_slice_eq(f[i].name, "grpc-status") && f[i].value.len < sizeof(m->st.grpc_status)) {
+            memcpy(m->st.grpc_status, f[i].value.p, f[i].value.len);
+            m->st.grpc_status[f[i].value.len] = '\0';
+        }
+}
+
+/* The far side's answer to a stream that is no longer being served, or cannot be translated:
+ * connectd answers 502 itself. */
+static void bad_h2_answer(struct session *s, const char *why)
+{
+    struct mux_h1 *m = s->mux;
+    close_app(s);
+    local_answer(s, STREAM_RES_BAD_RESPONSE, !m->req.done, why);
+    kick(s);
+}
+
+/*
+ * A response head from the far side: an interim one goes to an HTTP/1.1 caller as it is; the
+ * final one is written as an HTTP/1.1 head whose framing is ours: Content-Length when the far
+ * side gave one (or ended the stream with the head), else chunked for an HTTP/1.1 caller and
+ * until-close for an HTTP/1.0 one.
+ */
+static int h2_on_head(void *owner, const struct h2_head *hd)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    struct http_header extra[3];
+    size_t nx = 0;
+    if (m->phase != P_EXCHANGE || m->res_head_done)
+        return 0;
+    if (hd->nheaders > MAX_HEADERS) {
+        bad_h2_answer(s, "the answer has too many fields for HTTP/1.1");
+        return 0;
+    }
+    for (size_t i = 0; i < hd->nheaders; i++) {
+        m->rs_h[i] = hd->headers[i];
+        m->rs_h[i].flags = 0;
+        if (!h1_value_ok(m->rs_h[i].value)) {
+            bad_h2_answer(s, "an answer field cannot be written in HTTP/1.1");
+            return 0;
+        }
+        /* Our own framing replaces the far side's. */
+        if (h1_slice_eq(m->rs_h[i].name, "content-length"))
+            m->rs_h[i].flags |= HTTP_HDR_HOP;
+    }
+    memset(&m->rs, 0, sizeof(m->rs));
+    m->rs.headers = m->rs_h;
+    m->rs.headers_cap = MAX_HEADERS;
+    m->rs.nheaders = hd->nheaders;
+    m->rs.status = hd->status;
+    const char *reason = status_reason(hd->status);
+    m->rs.reason = (struct http_slice){reason, strlen(reason)};
+    if (hd->status < 200) {
+        /* 100 Continue, 103 Early Hints (HTTP/2 has no 101). */
+        if (m->minor == 1 && append_head(&m->cout, 1024, NULL, &m->rs, NULL, 0) < 0) {
+            bad_h2_answer(s, "the interim answer cannot be forwarded");
+            return 0;
+        }
+        kick(s);
+        return 0;
+    }
+#define EXTRA(n, v)                                                                                \
+    extra[nx++] = (struct http_header)                                                             \
+    {                                                                                              \
+        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
+    }
+    enum http_framing f;
+    int nobody = m->method == HTTP_METHOD_HEAD || hd->status == 204 || hd->status == 304;
+    memset(&m->res, 0, sizeof(m->res));
+    if (nobody) {
+        f = HTTP_BODY_NONE;
+        /* A HEAD's or a 304's Content-Length tells of the body a GET would get: kept. */
+        if (hd->content_length >= 0 && hd->status != 204) {
+            snprintf(m->res_len, sizeof(m->res_len), "%lld", (long long)hd->content_length);
+            EXTRA("Content-Length", m->res_len);
+        }
+    } else if (hd->end_stream || hd->content_length >= 0) {
+        f = HTTP_BODY_LENGTH;
+        snprintf(m->res_len, sizeof(m->res_len), "%lld",
+                 hd->end_stream ? 0LL : (long long)hd->content_length);
+        EXTRA("Content-Length", m->res_len);
+    } else if (m->minor == 1) {
+        f = HTTP_BODY_CHUNKED;
+        m->res_chunked = 1;
+        EXTRA("Transfer-Encoding", "chunked");
+    } else {
+        f = HTTP_BODY_UNTIL_CLOSE;
+    }
+    m->res.framing = f;
+    int keep = m->req_keep && !m->close_after && f != HTTP_BODY_UNTIL_CLOSE;
+    m->close_after = !keep;
+    if (!keep)
+        EXTRA("Connection", "close");
+    else if (m->minor == 0)
+        EXTRA("Connection", "keep-alive");
+#undef EXTRA
+    if (append_head(&m->cout, 4096, NULL, &m->rs, extra, nx) < 0) {
+        bad_h2_answer(s, "the response head cannot be forwarded");
+        return 0;
+    }
+    note_grpc_status(m, hd->headers, hd->nheaders);
+    m->st.status = hd->status;
+    m->res_head_done = 1;
+    kick(s);
+    return 0;
+}
+
+/* Answer DATA waits in ain until the caller's side has room (see exchange_h2()). */
+static int h2_on_data(void *owner, const uint8_t *p, size_t len)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    if (m->phase != P_EXCHANGE || !m->res_head_done) {
+        h2up_consume(m->h2s, len); /* no one takes it: the window must not close for others */
+        return 0;
+    }
+    buf_add(&m->ain, p, len);
+    kick(s);
+    return 0;
+}
+
+/*
+ * Trailers: an HTTP/1.1 caller gets them only in a chunked answer and only when it said
+ * "TE: trailers" (RFC 9110 section 6.5.1 lets a recipient drop them); gRPC's status among
+ * them is noted for the record either way.
+ */
+static int h2_on_trailers(void *owner, const struct http_header *f, size_t n)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    note_grpc_status(m, f, n);
+    if (!m->res_chunked || !m->te_trailers)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!h1_value_ok(f[i].value))
+            continue;
+        buf_add(&m->trailers, f[i].name.p, f[i].name.len);
+        buf_add(&m->trailers, ": ", 2);
+        buf_add(&m->trailers, f[i].value.p, f[i].value.len);
+        buf_add(&m->trailers, "\r\n", 2);
+    }
+    return 0;
+}
+
+static void h2_on_end(void *owner)
+{
+    struct session *s = owner;
+    s->mux->h2_end = 1;
+    kick(s);
+}
+
+static void h2_on_close(void *owner, uint32_t code, const char *why)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    m->h2_up = h2up_established(h2up_stream_conn(m->h2s));
+    m->h2s = NULL;
+    m->h2_closed = 1;
+    m->h2_code = code;
+    snprintf(m->h2_why, sizeof(m->h2_why), "%s", why != NULL ? why : "closed");
+    kick(s);
+}
+
+/* The request body for the stream: what exchange_h2() decoded into aout. */
+static ssize_t h2_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *flags)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    size_t n = m->aout.len < cap ? m->aout.len : cap;
+    if (n > 0) {
+        memcpy(buf, m->aout.p, n);
+        buf_consume(&m->aout, n);
+        kick(s); /* room for more of the caller's body */
+    }
+    if (m->req.done && m->aout.len == 0) {
+        *flags |= H2_BODY_EOF;
+    } else if (n == 0) {
+        m->h2_deferred = 1;
+        return H2_BODY_DEFER;
+    }
+    return (ssize_t)n;
+}
+
+static const struct h2up_stream_ops h2_ops = {
+    .on_head = h2_on_head,
+    .on_data = h2_on_data,
+    .on_trailers = h2_on_trailers,
+    .on_end = h2_on_end,
+    .on_close = h2_on_close,
+    .read_body = h2_read_body,
+};
+
+/*
+ * Opens the request being served as a stream on <c>: the request line and Host become the
+ * pseudo-fields (:authority from Host, else the service's or upstream's name), hop-by-hop
+ * fields stay behind but "TE: trailers" is kept, and inbound the forwarded fields are added.
+ * The head leaves cin and EXCHANGE follows. Returns 0, or -1 when <c> takes no stream.
+ */
+static int open_stream(struct session *s, struct h2up_conn *c)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_request *rq = &m->rq;
+    struct http_header f[MAX_HEADERS + 8], extra[4];
+    size_t n = 0, nx = forwarded_fields(s, extra);
+    for (size_t i = 0; i < rq->nheaders; i++)
+        if (!(rq->headers[i].flags & HTTP_HDR_DROP))
+            f[n++] = rq->headers[i];
+    for (size_t i = 0; i < nx; i++)
+        f[n++] = extra[i];
+    if (m->te_trailers)
+        f[n++] = (struct http_header){.name = {"te", 2}, .value = {"trailers", 8}};
+    const char *name = m->outbound ? s->up->cfg->destination_name : s->snap->cfg.service;
+    struct h2_out_head hd = {
+        .method = rq->method_name,
+        .scheme = m->outbound ? (struct http_slice){"http", 4} : (struct http_slice){"https", 5},
+        .authority = rq->host.len > 0 ? rq->host : (struct http_slice){name, strlen(name)},
+        .path = rq->target_form == HTTP_TARGET_ABSOLUTE ? absolute_path(rq->target) : rq->target,
+        .headers = f,
+        .nheaders = n,
+    };
+    m->h2s = h2up_open(c, &hd, !m->req.done, &h2_ops, s);
+    if (m->h2s == NULL)
+        return -1;
+    m->h2_deferred = m->h2_end = m->h2_closed = 0;
+    buf_consume(&m->cin, m->rq_len);
+    m->rq_len = 0;
+    memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
+    m->res_head_done = 0;
+    m->phase = P_EXCHANGE;
+    return 0;
+}
+
+/* The address of the local application, for logs and records. */
+static void app_name(struct session *s)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    if (c->local_socket_path[0] != '\0')
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+    else
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+}
+
+/*
+ * Inbound, an http2 or grpc service: the worker's shared h2c connection to the application
+ * ("app|<address>", as mux_h2 shares it), or unless <fresh> finds one, a new one whose
+ * connect is under way (the stream waits in it; a refused connect closes the stream). NULL
+ * when the connect failed at once (*<err> set).
+ */
+static struct h2up_conn *app_conn(struct session *s, int fresh, int *err)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    char key[sizeof(c->local_socket_path) + 64];
+    session_app_h2_key(s, key, sizeof(key));
+    app_name(s);
+    struct h2up_conn *hc = fresh ? NULL : h2up_find(s->host->h2up, key, NULL);
+    if (hc != NULL)
+        return hc;
+    int fd = c->local_socket_path[0] != '\0' ? sock_connect_unix(c->local_socket_path)
+                                             : sock_connect(c->local_address, c->local_port);
+    if (fd < 0) {
+        *err = fd;
+        return NULL;
+    }
+    struct xprt x = {.fd = fd};
+    loop_io_init(&x.io, fd, NULL, NULL);
+    hc = h2up_adopt(s->host->h2up, key, NULL, &x, s->ep_name);
+    h2up_set_connect_timeout(hc, c->local_connect_timeout_ms);
+    /* The sweep drains it once the snapshot names another application address. */
+    if (!loop_timer_armed(&s->host->upool_sweep))
+        loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
+    return hc;
+}
+
+/* Inbound: the allowed request goes to the application as a stream (503 when it cannot). */
+static void start_app_stream(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    int err = -ECONNREFUSED;
+    char msg[400];
+    /* A shared connection that takes no stream after all (its ids spent): a new one. */
+    for (int fresh = 0; fresh < 2; fresh++) {
+        struct h2up_conn *hc = app_conn(s, fresh, &err);
+        if (hc == NULL)
+            break;
+        if (open_stream(s, hc) == 0)
+            return;
+        err = -ESHUTDOWN;
+    }
+    snprintf(msg, sizeof(msg), "connect %s: %s", s->ep_name, util_strerror(err));
+    buf_consume(&m->cin, m->rq_len);
+    memset(&m->rq, 0, sizeof(m->rq));
+    local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
+}
+
+/* Whether a TE field of the request names "trailers" among its codings. */
+static int wants_trailers(const struct http_request *rq)
+{
+    for (size_t i = 0; i < rq->nheaders; i++) {
+        const struct http_header *h = &rq->headers[i];
+        if (!h1_slice_eq(h->name, "te"))
+            continue;
+        const char *p = h->value.p, *end = p + h->value.len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                p++;
+            const char *t = p;
+            while (p < end && *p != ',' && *p != ';' && *p != ' ' && *p != '\t')
+                p++;
+            if (h1_slice_eq((struct http_slice){t, (size_t)(p - t)}, "trailers"))
+                return 1;
+            while (p < end && *p != ',')
+                p++;
+        }
+    }
+    return 0;
+}
+
 /* A complete request head of <n> bytes is at the start of cin. */
 static void on_head(struct session *s, size_t n)
 {
@@ -679,8 +1125,26 @@ static void on_head(struct session *s, size_t n)
     m->upgrade = (rq->flags & HTTP_F_UPGRADE) != 0;
     m->expect = (rq->flags & HTTP_F_EXPECT_CONTINUE) != 0;
     body_init(&m->req, rq->framing, rq->content_length);
+    if (m->h2) {
+        /* HTTP/2 frames the body itself (DATA), and has no Upgrade. */
+        m->req.dechunk = 1;
+        m->upgrade = 0;
+        m->te_trailers = wants_trailers(rq);
+    }
     if (rq->flags & HTTP_F_EXPECT_OTHER) {
         local_answer(s, STREAM_RES_EXPECTATION_FAILED, 1, "unsupported Expect");
+        return;
+    }
+    if (m->h2 && rq->method == HTTP_METHOD_CONNECT && m->outbound) {
+        buf_consume(&m->cin, m->rq_len);
+        memset(rq, 0, sizeof(*rq));
+        local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
+        return;
+    }
+    if (m->outbound && m->h2) {
+        /* Each request a stream on a shared HTTP/2 connection (session_dial_h2). */
+        m->phase = P_DIAL;
+        session_dial_h2(s);
         return;
     }
     if (m->outbound) {
@@ -726,6 +1190,16 @@ static void on_head(struct session *s, size_t n)
     /* The application is given the normalized target, in origin form. */
     rq->target = (struct http_slice){m->target.p, tlen};
     rq->target_form = sr.origin ? HTTP_TARGET_ORIGIN : rq->target_form;
+    if (m->h2 && rq->method == HTTP_METHOD_CONNECT) {
+        buf_consume(&m->cin, m->rq_len);
+        memset(rq, 0, sizeof(*rq));
+        local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
+        return;
+    }
+    if (m->h2) {
+        start_app_stream(s);
+        return;
+    }
     if (s->end[1].fd < 0) {
         int rc = connect_app(s);
         if (rc < 0) {
@@ -899,6 +1373,12 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
 {
     struct mux_h1 *m = s->mux;
     stream_finish(s, &m->st, r, why);
+    if (m->h2s != NULL) {
+        /* The answer is complete but the stream is not (the far side did not read the whole
+         * request): it is reset, and the caller's connection closes (the body is unread). */
+        h2up_cancel(m->h2s, H2_CANCEL);
+        m->h2s = NULL;
+    }
     if (!m->req.done) {
         /* Where the next request starts is unknown, and the application got part of a body. */
         m->close_after = 1;
@@ -922,6 +1402,107 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
     if (s->end[1].fd >= 0 && !m->app_keep)
         close_app(s);
     next_stream(s);
+}
+
+/*
+ * EXCHANGE when the far side speaks HTTP/2: the request body goes from cin to aout (decoded
+ * from its chunks), where read_body takes it; the answer's DATA waits in ain and goes to cout
+ * in the caller's framing, each byte given back to the stream's window (h2up_consume) only as
+ * it goes, so the far side sends no more than the caller takes. Returns 1 when the session
+ * ended (the pump returns at once), else 0, with *<progress> set when something moved.
+ */
+static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
+{
+    struct mux_h1 *m = s->mux;
+    const char *why = NULL;
+    char msg[sizeof(s->ep_name) + sizeof(m->h2_why) + 64];
+    if (!m->req.done) {
+        size_t before = m->aout.len;
+        ssize_t k = body_move(&m->req, &m->cin, m->h2s != NULL ? &m->aout : NULL, &why);
+        if (k < 0) {
+            if (m->res_head_done) {
+                abort_conn(s, SESSION_RES_ERROR, why);
+                return 1;
+            }
+            close_app(s);
+            local_answer(s, STREAM_RES_BAD_REQUEST, 1, why);
+            *progress = 1;
+            return 0;
+        }
+        if (k > 0) {
+            m->st.bytes_in += (uint64_t)k;
+            *progress = 1;
+        }
+        if ((m->aout.len > before || m->req.done) && m->h2_deferred && m->h2s != NULL) {
+            m->h2_deferred = 0;
+            h2up_resume(m->h2s);
+        }
+        if (!m->req.done && m->cin.len < IO_CHUNK) {
+            ssize_t n = read_into(s, 0, &m->cin, IO_CHUNK, wants0);
+            if (n > 0) {
+                *progress = 1;
+            } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
+                abort_conn(s, SESSION_RES_OK, "the caller closed in the middle of a request");
+                return 1;
+            }
+        }
+    }
+    if (m->req.done && m->aout.len == 0 && m->req_sent_ms == 0)
+        m->req_sent_ms = loop_now_ms(s->host->loop);
+    if (m->res_head_done && !m->res.done) {
+        if (m->ain.len > 0 && m->cout.len < IO_CHUNK) {
+            size_t k = m->ain.len < IO_CHUNK ? m->ain.len : IO_CHUNK;
+            if (m->res.framing != HTTP_BODY_NONE) {
+                char size[24];
+                int hn = snprintf(size, sizeof(size), "%zx\r\n", k);
+                if (m->res_chunked)
+                    buf_add(&m->cout, size, (size_t)hn);
+                buf_add(&m->cout, m->ain.p, k);
+                if (m->res_chunked)
+                    buf_add(&m->cout, "\r\n", 2);
+            }
+            buf_consume(&m->ain, k);
+            if (m->h2s != NULL)
+                h2up_consume(m->h2s, k);
+            *progress = 1;
+        }
+        if (m->h2_end && m->ain.len == 0) {
+            if (m->res_chunked) {
+                buf_add(&m->cout, "0\r\n", 3);
+                if (m->trailers.len > 0)
+                    buf_add(&m->cout, m->trailers.p, m->trailers.len);
+                buf_add(&m->cout, "\r\n", 2);
+            }
+            m->res.done = 1;
+            *progress = 1;
+        }
+    }
+    /* The stream ended before its answer did. */
+    if (m->h2_closed && !m->h2_end) {
+        if (!m->res_head_done) {
+            int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
+            snprintf(msg, sizeof(msg), "%s %s: %s before its answer", far_side(m), s->ep_name,
+                     m->h2_why);
+            close_app(s);
+            /* As for HTTP/1.1: a failed connect or a reset before the head is 503. */
+            local_answer(s,
+                         !connect      ? STREAM_RES_LOCAL_RESET
+                         : m->outbound ? STREAM_RES_UPSTREAM_CONNECT_ERROR
+                                       : STREAM_RES_LOCAL_CONNECT_ERROR,
+                         m->expect && !m->req.done, msg);
+            *progress = 1;
+            return 0;
+        }
+        snprintf(msg, sizeof(msg), "%s %s: %s in the middle of its answer", far_side(m), s->ep_name,
+                 m->h2_why);
+        abort_conn(s, SESSION_RES_ERROR, msg);
+        return 1;
+    }
+    if (m->res_head_done && m->res.done && m->cout.len == 0) {
+        stream_done(s, STREAM_RES_OK, NULL);
+        *progress = 1;
+    }
+    return 0;
 }
 
 /*
@@ -1048,6 +1629,11 @@ static void pump_run(struct session *s)
         case P_DIAL:
             break; /* returned above */
         case P_EXCHANGE: {
+            if (m->h2) {
+                if (exchange_h2(s, &wants[0], &progress) != 0)
+                    return;
+                break;
+            }
             /* The request body: caller -> application (or dropped). While the request may
              * be retried, a failed write stops it instead (the answer or the end decides). */
             if (!m->req.done && !(m->app_wr_dead && m->replay_ok)) {
@@ -1328,6 +1914,11 @@ static void mux_start(struct session *s)
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
     m->outbound = !s->inbound;
+    m->sess = s;
+    /* The far side speaks HTTP/2 when the service (inbound) or the upstream is http2 or grpc:
+     * an h2c application, or an HTTP/2 mesh hop. */
+    int far = m->outbound ? s->up->protocol : c->protocol;
+    m->h2 = far == PROTO_HTTP2 || far == PROTO_GRPC;
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
@@ -1357,6 +1948,17 @@ static void mux_dialled(struct session *s, const char *why)
         buf_consume(&m->cin, m->rq_len);
         memset(&m->rq, 0, sizeof(m->rq));
         local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
+    } else if (m->h2) {
+        struct h2up_conn *c = s->h2c;
+        s->h2c = NULL;
+        if (c == NULL || open_stream(s, c) != 0) {
+            char msg[400];
+            snprintf(msg, sizeof(msg), "upstream %s: the HTTP/2 connection to %s takes no stream",
+                     s->up->cfg->destination_name, s->ep_name);
+            buf_consume(&m->cin, m->rq_len);
+            memset(&m->rq, 0, sizeof(m->rq));
+            local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
+        }
     } else {
         m->app_keep = 1;
         m->app_served = s->dial_pooled ? 1 : 0;
@@ -1374,6 +1976,10 @@ static void mux_on_finish(struct session *s, const char *reason)
     struct mux_h1 *m = s->mux;
     if (m != NULL && m->phase != P_HEAD && m->phase != P_CLOSING)
         stream_finish(s, &m->st, STREAM_RES_ABORTED, reason);
+    if (m != NULL && m->h2s != NULL) {
+        h2up_cancel(m->h2s, H2_CANCEL);
+        m->h2s = NULL;
+    }
     /* Outbound, between requests: a kept-alive upstream connection serves the application's
      * next connection (session_pool_put decides whether it may). */
     if (m != NULL && m->outbound && m->phase == P_HEAD && s->state == S_HTTP && m->app_keep &&

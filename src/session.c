@@ -6,10 +6,9 @@
  *                                          '--- protocol http ---> HTTP (mux_h1) -> DONE
  *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
  *                             ^------- next endpoint on connect/handshake/identity failure ---'
- *             '--- upstream protocol http ---> HTTP (mux_h1) --(per dial)--> PICK_ENDPOINT ...
- *                  VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request)
- *   any state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door
- * out)
+ *             '--- upstream protocol http/http2/grpc ---> HTTP (mux_h1) --(per dial)-->
+ * PICK_ENDPOINT ... VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request) any
+ * state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door out)
  *
  * A session has two ends: end[0] is the accepted connection, end[1] the one we dial (the local
  * application inbound, the upstream endpoint outbound). Exactly one end speaks TLS. AUTHORIZE
@@ -1656,10 +1655,11 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     for (size_t j = 0; j < s->up->n_targets; j++)
         total += s->up->targets[j].endpoints->n;
     s->tried = xcalloc(total ? total : 1, 1);
-    if (s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) {
+    if (s->up->protocol != PROTO_TCP && s->host->muxes.http1 != NULL) {
         /* L7: the application's first bytes choose (HTTP/1.1, or HTTP/2 prior knowledge,
          * which is relayed); the HTTP/1.1 codec reads the first request, then dials
-         * (session_dial_upstream). */
+         * (session_dial_upstream, or for an http2 or grpc upstream session_dial_h2: each
+         * request a stream on a shared HTTP/2 connection). */
         start_sniff(s);
         return;
     }

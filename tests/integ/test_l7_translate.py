@@ -1,5 +1,13 @@
-"""HTTP/1.1 where the two legs of a hop differ (issue 9), and the HTTP/1.1 connection reuse
-that translation leans on.
+"""HTTP/1.1 where the two legs of a hop differ (issue 9), and HTTP/1.1 connection reuse.
+
+Translation: an HTTP/1.1 client of an http2 or grpc service whose application speaks h2c
+only. Outbound, web's sidecar parses the client's HTTP/1.1 and sends each request as a stream
+on a shared HTTP/2 mesh connection (ALPN h2) to db's sidecar; inbound, db's sidecar serves an
+HTTP/1.1 caller (a raw mTLS client offering ALPN http/1.1) by opening a stream per request on
+the worker's shared h2c connection to the application. H2JsonApp (the `h2` library) answers
+with JSON of what it received and WITHOUT content-length (so the HTTP/1.1 side has to chunk),
+except /cl (with one) and /trailers (trailers after the body). Before the translation, both
+directions spoke HTTP/1.1 to the h2c-only application, which cannot answer it.
 
 The keep-alive race: a kept-alive HTTP/1.1 connection that its server closes as idle at the
 moment a request is sent on it loses that request before any byte of an answer. The request
@@ -11,14 +19,104 @@ and close the connection, without a byte of answer, on any later one.
 
 import json
 import os
+import re
 import socket
 import ssl
 import struct
 import tempfile
 import threading
 
-from mesh import LOOPBACK, TcpApp, sidecar_registration, wait_until
+import h2.config
+import h2.connection
+import h2.events
+
+from mesh import (LOOPBACK, TcpApp, admin_args, admin_get, sidecar_registration,
+                  tls_client_context, wait_until, write_leaf_files)
 from test_l7_inbound import Reader, connect, response
+
+# --- an h2c-only application -------------------------------------------------------------------
+
+
+class H2JsonApp(TcpApp):
+    """HTTP/2 with prior knowledge only (anything else ends the connection). Each request is
+    answered 200 with JSON {method, path, headers (name -> list), body_len}, without
+    content-length, except: /cl with content-length; /trailers adds trailers x-trailer: t1 and
+    grpc-status: 0 after the body; /status?n=N answers N; /big?n=N answers N bytes (i % 251)
+    as the windows allow; /hold is never answered. self.connections counts connections."""
+
+    def __init__(self):
+        self.connections = 0
+        super().__init__()
+
+    @staticmethod
+    def _send_pending(conn, pending):
+        """Sends what the flow-control windows allow of the /big answers in <pending>."""
+        for sid in list(pending):
+            data = pending[sid]
+            while data:
+                n = min(len(data), conn.local_flow_control_window(sid),
+                        conn.max_outbound_frame_size)
+                if n <= 0:
+                    break
+                conn.send_data(sid, data[:n], end_stream=n == len(data))
+                data = data[n:]
+            pending[sid] = data
+            if not data:
+                del pending[sid]
+
+    def handle(self, c):
+        self.connections += 1
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                    header_encoding="utf-8"))
+        conn.initiate_connection()
+        c.sendall(conn.data_to_send())
+        reqs, pending = {}, {}
+        try:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    return
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.StreamReset):
+                        pending.pop(ev.stream_id, None)
+                    if isinstance(ev, h2.events.RequestReceived):
+                        hs = {}
+                        for k, v in ev.headers:
+                            hs.setdefault(k, []).append(v)
+                        reqs[ev.stream_id] = {"headers": hs, "body_len": 0}
+                    elif isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        if ev.stream_id in reqs:
+                            reqs[ev.stream_id]["body_len"] += len(ev.data)
+                    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in reqs:
+                        self._answer(conn, ev.stream_id, reqs.pop(ev.stream_id), pending)
+                self._send_pending(conn, pending)
+                c.sendall(conn.data_to_send())
+        except Exception:  # noqa: BLE001 - a test app: any failure ends its connection
+            return
+
+    @staticmethod
+    def _answer(conn, sid, r, pending):
+        hs = r["headers"]
+        path = hs[":path"][0]
+        if path == "/hold":
+            return
+        if path.startswith("/big?n="):
+            n = int(path.split("=", 1)[1])
+            conn.send_headers(sid, [(":status", "200")])
+            pending[sid] = bytes(i % 251 for i in range(n))
+            return
+        status = int(path.split("=", 1)[1]) if path.startswith("/status?n=") else 200
+        body = json.dumps({"method": hs[":method"][0], "path": path, "headers": hs,
+                           "body_len": r["body_len"]}).encode()
+        head = [(":status", str(status)), ("content-type", "application/json")]
+        if path == "/cl":
+            head.append(("content-length", str(len(body))))
+        conn.send_headers(sid, head)
+        trailers = path == "/trailers"
+        conn.send_data(sid, body, end_stream=not trailers)
+        if trailers:
+            conn.send_headers(sid, [("x-trailer", "t1"), ("grpc-status", "0")], end_stream=True)
 
 # --- servers that close a reused connection ------------------------------------------------------
 
@@ -186,3 +284,240 @@ def test_kept_application_connection_lost_before_answer_is_retried(mesh):
         status, _, body, _ = response(r)
         assert status == 503, (status, body)
         assert app.attempts("/three") == [two["conn"]], app.seen
+
+
+# --- tests: HTTP/1.1 callers of HTTP/2 services --------------------------------------------------
+
+
+def h2_pair(m, protocol="http2", web_args=(), db_args=(), db_config=None):
+    """db (protocol <protocol>, service-defaults too, more Proxy.Config <db_config>) behind
+    which an H2JsonApp, and web with upstream db (Config.protocol <protocol>). Returns (app,
+    db, web)."""
+    app = H2JsonApp()
+    m.apps.append(app)
+    m.service_defaults("db", protocol)
+    db = m.add("db", app_port=app.port, proxy_config={"protocol": protocol, **(db_config or {})},
+               start=False)
+    m.start(db, extra_args=db_args)
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": protocol}}], start=False)
+    m.start(web, extra_args=web_args)
+    m.wait_passing(db)
+    return app, db, web
+
+
+class MtlsCaller:
+    """A caller that opens the mesh hop to <svc>'s sidecar itself with <source>'s leaf,
+    offering ALPN http/1.1 only."""
+
+    def __init__(self, api, workdir, source, svc):
+        paths = write_leaf_files(str(workdir), api.leaf(source), source)
+        ca = os.path.join(str(workdir), "ca.pem")
+        with open(ca, "w") as f:
+            f.write(api.roots_pem())
+        self.ctx = tls_client_context(paths["chain_all"], paths["key"], ca)
+        self.ctx.set_alpn_protocols(["http/1.1"])
+        self.port = svc.public_port
+
+    def connect(self):
+        s = self.ctx.wrap_socket(socket.create_connection((LOOPBACK, self.port), timeout=10))
+        assert s.selected_alpn_protocol() == "http/1.1"
+        return s
+
+    def status(self, path="/"):
+        try:
+            with self.connect() as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: db\r\n\r\n".encode())
+                return response(Reader(s))[0]
+        except (OSError, EOFError, AssertionError, ValueError):
+            return None
+
+
+def try_status(port, path="/"):
+    try:
+        return request(port, "GET", path)[0]
+    except (OSError, EOFError, AssertionError, ValueError):
+        return None
+
+
+def chunked(body, size=7000):
+    out = b""
+    for i in range(0, len(body), size):
+        part = body[i:i + size]
+        out += b"%x\r\n%s\r\n" % (len(part), part)
+    return out + b"0\r\n\r\n"
+
+
+def response_with_trailers(r):
+    """A chunked response: (status, headers, body, trailers {lower-case name: value})."""
+    line, headers = r.head()
+    assert headers.get("transfer-encoding") == ["chunked"], headers
+    body = bytearray()
+    while True:
+        size = int(r.line().split(b";")[0], 16)
+        if size == 0:
+            break
+        body += r.exact(size)
+        assert r.exact(2) == b"\r\n"
+    trailers = {}
+    while True:
+        t = r.line()
+        if t == b"":
+            break
+        k, v = t.decode().split(":", 1)
+        trailers[k.strip().lower()] = v.strip()
+    return int(line.split(" ")[1]), headers, bytes(body), trailers
+
+
+def exchange_suite(s, r):
+    """Requests on one HTTP/1.1 connection to an H2JsonApp behind the mesh: returns what the
+    app saw of the first. Checks bodies both ways (Content-Length and chunked requests), the
+    chunked answer made for a body without content-length, a Content-Length kept, trailers
+    only for a TE: trailers caller, and a status passed through."""
+    s.sendall(b"GET /hello?x=1 HTTP/1.1\r\nHost: db\r\nX-Request-Id: r-1\r\n"
+              b"X-Forwarded-Client-Cert: By=evil\r\nConnection: keep-alive, x-hop\r\n"
+              b"X-Hop: 1\r\n\r\n")
+    status, headers, body, _ = response(r)
+    assert status == 200, body
+    assert headers["transfer-encoding"] == ["chunked"], headers
+    first = json.loads(body)
+    assert first["method"] == "GET" and first["path"] == "/hello?x=1", first
+    assert first["headers"][":authority"] == ["db"], first
+    assert "x-hop" not in first["headers"] and "connection" not in first["headers"], first
+
+    s.sendall(b"POST /post HTTP/1.1\r\nHost: db\r\nContent-Length: 100000\r\n\r\n"
+              + b"p" * 100000)
+    status, _, body, _ = response(r)
+    assert status == 200 and json.loads(body)["body_len"] == 100000, body
+
+    s.sendall(b"POST /chunked HTTP/1.1\r\nHost: db\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + chunked(b"c" * 50000))
+    status, _, body, _ = response(r)
+    seen = json.loads(body)
+    assert status == 200 and seen["body_len"] == 50000, seen
+    assert "transfer-encoding" not in seen["headers"], seen
+
+    s.sendall(b"GET /cl HTTP/1.1\r\nHost: db\r\n\r\n")
+    status, headers, body, _ = response(r)
+    assert status == 200 and headers["content-length"] == [str(len(body))], headers
+
+    s.sendall(b"GET /trailers HTTP/1.1\r\nHost: db\r\nTE: trailers\r\n\r\n")
+    status, _, body, trailers = response_with_trailers(r)
+    assert status == 200 and json.loads(body)["headers"]["te"] == ["trailers"], body
+    assert trailers == {"x-trailer": "t1", "grpc-status": "0"}, trailers
+    s.sendall(b"GET /trailers HTTP/1.1\r\nHost: db\r\n\r\n")
+    status, _, body, trailers = response_with_trailers(r)
+    assert status == 200 and trailers == {}, trailers
+
+    s.sendall(b"GET /status?n=404 HTTP/1.1\r\nHost: db\r\n\r\n")
+    assert response(r)[0] == 404
+    return first
+
+
+def test_http11_client_to_http2_upstream_through_the_outbound_listener(mesh):
+    """web's upstream db is http2 and db's application speaks h2c only: an HTTP/1.1 client of
+    web's upstream listener is served, each request a stream on web's shared HTTP/2 mesh
+    connection (ALPN h2) to db's sidecar: bodies both ways, chunked and not, trailers for a
+    TE: trailers client, hop-by-hop fields left behind. Three more client connections in a
+    row, then twenty at once, ride the same mesh connection (one worker:
+    connectd_upstream_h2_connections 1). A deny
+    intention is a 403 "RBAC: access denied" from db's sidecar, translated. (Before: the
+    bytes were relayed at L4 and db's sidecar spoke HTTP/1.1 to the h2c-only application.)"""
+    m = mesh
+    args, admin = admin_args()
+    app, db, web = h2_pair(m, web_args=("-workers", "1", *args))
+    wait_until(lambda: try_status(web.up["db"]) == 200, 30, "a request through the mesh")
+    with connect(web.up["db"]) as s:
+        seen = exchange_suite(s, Reader(s))
+    h = seen["headers"]
+    assert h["x-request-id"] == ["r-1"], h
+    # db's sidecar replaced the XFCC: the request crossed the mesh at L7, as HTTP/2.
+    assert h["x-forwarded-client-cert"][0].startswith("By=spiffe://"), h
+    for i in range(3):
+        assert try_status(web.up["db"], f"/more{i}") == 200
+    # Twenty clients at once, each with a 200 kB answer: their streams share the one mesh
+    # connection.
+    results = []
+
+    def client(i):
+        results.append(try_status(web.up["db"], f"/big?n={200000 + i}"))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [200] * 20, results
+    metrics = admin_get(admin, "/metrics")[1]
+    assert re.search(r"^connectd_upstream_h2_connections 1$", metrics, re.M), metrics
+    streams = re.search(r"^connectd_upstream_h2_streams_total (\d+)$", metrics, re.M)
+    assert streams and int(streams.group(1)) >= 30, metrics
+
+    m.intend("db", {"web": "deny"})
+    wait_until(lambda: try_status(web.up["db"]) == 403, 20, "the deny to apply")
+    status, body = request(web.up["db"], "GET", "/denied")
+    assert status == 403 and body == b"RBAC: access denied", (status, body)
+
+
+def test_http11_mtls_caller_of_http2_service(mesh, tmp_path):
+    """A caller that opens the mesh hop itself offering ALPN http/1.1 only, to db (protocol
+    http2, an h2c-only application): db's sidecar serves HTTP/1.1 and opens each request as a
+    stream on the worker's shared h2c connection to the application, with XFCC (the spoofed
+    one replaced), X-Forwarded-Proto and X-Request-Id added: bodies both ways, chunked and
+    not, trailers for a TE: trailers caller, a 3 MB answer (twelve stream windows: it moves
+    only as the caller takes it), an HTTP/1.0 request answered until close. A second caller
+    connection shares the application connection (one worker). A deny is 403. (Before:
+    HTTP/1.1 to the h2c application, which closed the connection: 503.)"""
+    from test_l7_h2 import xfcc_of
+    m, api = mesh, mesh.api
+    app, db, web = h2_pair(m, db_args=("-workers", "1"))
+    caller = MtlsCaller(api, tmp_path, web.name, db)
+    wait_until(lambda: caller.status() == 200, 30, "an HTTP/1.1 request over mTLS")
+    before = app.connections
+    with caller.connect() as s:
+        r = Reader(s)
+        seen = exchange_suite(s, r)
+        s.sendall(b"GET /big?n=3000000 HTTP/1.1\r\nHost: db\r\n\r\n")
+        status, headers, body, _ = response(r)
+        assert status == 200 and headers["transfer-encoding"] == ["chunked"], headers
+        assert body == bytes(i % 251 for i in range(3000000))
+    h = seen["headers"]
+    assert h["x-forwarded-client-cert"] == [xfcc_of(api, db, web)], h
+    assert h["x-forwarded-proto"] == ["https"] and h["x-request-id"] == ["r-1"], h
+    with caller.connect() as s:
+        s.sendall(b"GET /old HTTP/1.0\r\nHost: db\r\n\r\n")
+        status, headers, body, _ = response(Reader(s))
+        assert status == 200 and json.loads(body)["path"] == "/old", body
+        assert "transfer-encoding" not in headers and headers["connection"] == ["close"]
+    assert caller.status("/second") == 200
+    assert app.connections == before, "the worker's sessions share one h2c connection"
+
+    m.intend("db", {"web": "deny"})
+    wait_until(lambda: caller.status() == 403, 20, "the deny to apply")
+
+
+def test_http11_caller_of_http2_service_timeout_and_app_down(mesh, tmp_path):
+    """local_request_timeout_ms: a request the h2c application never answers is 504
+    "upstream request timeout" (its stream reset), and the next request on the same caller
+    connection is served on the same application connection. With the application gone, a
+    request is 503 with Envoy's words for a connection failure."""
+    m = mesh
+    app, db, web = h2_pair(m, db_args=("-workers", "1"),
+                           db_config={"local_request_timeout_ms": 500})
+    caller = MtlsCaller(m.api, tmp_path, web.name, db)
+    wait_until(lambda: caller.status() == 200, 30, "an HTTP/1.1 request over mTLS")
+    before = app.connections
+    with caller.connect() as s:
+        r = Reader(s)
+        s.sendall(b"GET /hold HTTP/1.1\r\nHost: db\r\n\r\n")
+        status, _, body, _ = response(r)
+        assert status == 504 and body == b"upstream request timeout", (status, body)
+        s.sendall(b"GET /after HTTP/1.1\r\nHost: db\r\n\r\n")
+        status, _, body, _ = response(r)
+        assert status == 200 and json.loads(body)["path"] == "/after", body
+    assert app.connections == before
+    app.stop()
+    wait_until(lambda: caller.status() == 503, 10, "a 503 with the application gone")
+    with caller.connect() as s:
+        s.sendall(b"GET /gone HTTP/1.1\r\nHost: db\r\n\r\n")
+        status, _, body, _ = response(Reader(s))
+        assert status == 503 and b"connection failure" in body, (status, body)
