@@ -174,6 +174,14 @@ struct mux_h1 {
     int res_chunked;     /* the answer to the caller is chunked by us */
     struct buf trailers; /* the answer's trailers, serialized, for a chunked answer */
     char res_len[24];    /* the Content-Length value we write */
+    /* The stream's head as sent (h2hd: slices into h2held, fields in h2f), kept so that a
+     * stream the far side refused unprocessed can be opened again; replay then holds the
+     * body bytes read_body gave (replay_ok as for HTTP/1.1), sent again from replay_off. */
+    struct h2_out_head h2hd;
+    struct http_header h2f[MAX_HEADERS + 8];
+    struct buf h2held;
+    int h2_has_body;
+    size_t replay_off;
 };
 
 /* ---- buffers ---- */
@@ -266,6 +274,7 @@ static void mux_free(struct mux_h1 *m)
     free(m->target.p);
     free(m->replay.p);
     free(m->trailers.p);
+    free(m->h2held.p);
     free(m);
 }
 
@@ -532,6 +541,9 @@ static void next_stream(struct session *s)
     m->te_trailers = m->res_chunked = 0;
     m->trailers.len = 0;
     buf_release(&m->trailers);
+    m->h2held.len = 0;
+    buf_release(&m->h2held);
+    m->replay_off = 0;
 }
 
 static void app_on_io(struct loop_io *io, unsigned events);
@@ -822,6 +834,7 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     size_t nx = 0;
     if (m->phase != P_EXCHANGE || m->res_head_done)
         return 0;
+    m->app_heard = 1; /* processed: never opened again */
     if (hd->nheaders > MAX_HEADERS) {
         bad_h2_answer(s, "the answer has too many fields for HTTP/1.1");
         return 0;
@@ -960,10 +973,28 @@ static ssize_t h2_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *fla
 {
     struct session *s = owner;
     struct mux_h1 *m = s->mux;
-    size_t n = m->aout.len < cap ? m->aout.len : cap;
+    size_t n;
+    if (m->retried && m->replay_off < m->replay.len) {
+        /* A refused stream opened again: what the first one sent goes first. */
+        n = m->replay.len - m->replay_off < cap ? m->replay.len - m->replay_off : cap;
+        memcpy(buf, m->replay.p + m->replay_off, n);
+        m->replay_off += n;
+        if (m->replay_off == m->replay.len && m->req.done && m->aout.len == 0)
+            *flags |= H2_BODY_EOF;
+        return (ssize_t)n;
+    }
+    n = m->aout.len < cap ? m->aout.len : cap;
     if (n > 0) {
         memcpy(buf, m->aout.p, n);
         buf_consume(&m->aout, n);
+        if (m->replay_ok && !m->retried) {
+            /* Held until the far side answers, in case it refuses the stream unprocessed. */
+            m->replay_ok = m->replay.len + n <= REPLAY_MAX;
+            if (m->replay_ok)
+                buf_add(&m->replay, buf, n);
+            else
+                m->replay.len = 0;
+        }
         kick(s); /* room for more of the caller's body */
     }
     if (m->req.done && m->aout.len == 0) {
@@ -990,9 +1021,55 @@ static const struct h2up_stream_ops h2_ops = {
  * fields stay behind but "TE: trailers" is kept, and inbound the forwarded fields are added.
  * The head leaves cin and EXCHANGE follows. Returns 0, or -1 when <c> takes no stream.
  */
+static struct http_slice copy_slice(char **p, struct http_slice src)
+{
+    struct http_slice out = {*p, src.len};
+    if (src.len > 0)
+        memcpy(*p, src.p, src.len);
+    *p += src.len;
+    return out;
+}
+
+/* Copies head <hd> into the codec (h2hd, h2f, h2held): the stream can be opened again after
+ * the head left cin. */
+static void hold_head(struct mux_h1 *m, const struct h2_out_head *hd)
+{
+    size_t total = hd->method.len + hd->scheme.len + hd->authority.len + hd->path.len + 1;
+    for (size_t i = 0; i < hd->nheaders; i++)
+        total += hd->headers[i].name.len + hd->headers[i].value.len;
+    m->h2held.len = 0;
+    buf_reserve(&m->h2held, total);
+    char *p = m->h2held.p;
+    m->h2hd = (struct h2_out_head){
+        .method = copy_slice(&p, hd->method),
+        .scheme = copy_slice(&p, hd->scheme),
+        .authority = copy_slice(&p, hd->authority),
+        .path = copy_slice(&p, hd->path),
+        .headers = m->h2f,
+        .nheaders = hd->nheaders,
+    };
+    for (size_t i = 0; i < hd->nheaders; i++) {
+        m->h2f[i].name = copy_slice(&p, hd->headers[i].name);
+        m->h2f[i].value = copy_slice(&p, hd->headers[i].value);
+        m->h2f[i].flags = hd->headers[i].flags;
+    }
+    m->h2held.len = (size_t)(p - m->h2held.p);
+}
+
 static int open_stream(struct session *s, struct h2up_conn *c)
 {
     struct mux_h1 *m = s->mux;
+    if (m->retried) {
+        /* Again, as it was sent the first time (see retry_h2()). */
+        m->h2s = h2up_open(c, &m->h2hd, m->h2_has_body, &h2_ops, s);
+        if (m->h2s == NULL)
+            return -1;
+        m->h2_deferred = m->h2_end = m->h2_closed = 0;
+        m->replay_off = 0;
+        m->res_head_done = 0;
+        m->phase = P_EXCHANGE;
+        return 0;
+    }
     struct http_request *rq = &m->rq;
     struct http_header f[MAX_HEADERS + 8], extra[4];
     size_t n = 0, nx = forwarded_fields(s, extra);
@@ -1012,10 +1089,14 @@ static int open_stream(struct session *s, struct h2up_conn *c)
         .headers = f,
         .nheaders = n,
     };
-    m->h2s = h2up_open(c, &hd, !m->req.done, &h2_ops, s);
+    hold_head(m, &hd);
+    m->h2_has_body = !m->req.done;
+    m->h2s = h2up_open(c, &m->h2hd, m->h2_has_body, &h2_ops, s);
     if (m->h2s == NULL)
         return -1;
     m->h2_deferred = m->h2_end = m->h2_closed = 0;
+    m->replay.len = 0;
+    m->replay_ok = 1;
     buf_consume(&m->cin, m->rq_len);
     m->rq_len = 0;
     memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
@@ -1405,6 +1486,32 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
 }
 
 /*
+ * The far side refused the stream before processing it (REFUSED_STREAM, or above the last
+ * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried): it is
+ * opened once more, with the head and the body bytes held (at most REPLAY_MAX), on another
+ * connection when the refusing one drains (outbound a new dial, which may pick another
+ * endpoint).
+ */
+static void retry_h2(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    LOG_DEBUG("conn=%llu stream=%llu %s %s refused the stream unprocessed (%s): opening it "
+              "again",
+              (unsigned long long)s->id, (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+              m->h2_why);
+    m->retried = 1;
+    m->h2_closed = m->h2_end = m->h2_deferred = 0;
+    m->h2_code = H2_NO_ERROR;
+    m->req_sent_ms = 0;
+    if (m->outbound) {
+        m->phase = P_DIAL;
+        session_dial_h2(s);
+        return;
+    }
+    start_app_stream(s);
+}
+
+/*
  * EXCHANGE when the far side speaks HTTP/2: the request body goes from cin to aout (decoded
  * from its chunks), where read_body takes it; the answer's DATA waits in ain and goes to cout
  * in the caller's framing, each byte given back to the stream's window (h2up_consume) only as
@@ -1479,6 +1586,12 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
     }
     /* The stream ended before its answer did. */
     if (m->h2_closed && !m->h2_end) {
+        if (!m->res_head_done && m->h2_code == H2_REFUSED_STREAM && !m->app_heard && m->replay_ok &&
+            !m->retried) {
+            retry_h2(s);
+            *progress = 1;
+            return 0;
+        }
         if (!m->res_head_done) {
             int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
             snprintf(msg, sizeof(msg), "%s %s: %s before its answer", far_side(m), s->ep_name,

@@ -42,10 +42,13 @@ class H2JsonApp(TcpApp):
     answered 200 with JSON {method, path, headers (name -> list), body_len}, without
     content-length, except: /cl with content-length; /trailers adds trailers x-trailer: t1 and
     grpc-status: 0 after the body; /status?n=N answers N; /big?n=N answers N bytes (i % 251)
-    as the windows allow; /hold is never answered. self.connections counts connections."""
+    as the windows allow; /hold is never answered; a path starting /refuse is refused
+    (RST_STREAM REFUSED_STREAM, after the whole request came) the first time it is asked for.
+    self.connections counts connections, self.refused the refusals."""
 
     def __init__(self):
         self.connections = 0
+        self.refused = []
         super().__init__()
 
     @staticmethod
@@ -89,7 +92,13 @@ class H2JsonApp(TcpApp):
                         if ev.stream_id in reqs:
                             reqs[ev.stream_id]["body_len"] += len(ev.data)
                     elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in reqs:
-                        self._answer(conn, ev.stream_id, reqs.pop(ev.stream_id), pending)
+                        r = reqs.pop(ev.stream_id)
+                        path = r["headers"][":path"][0]
+                        if path.startswith("/refuse") and path not in self.refused:
+                            self.refused.append(path)
+                            conn.reset_stream(ev.stream_id, 7)  # REFUSED_STREAM
+                        else:
+                            self._answer(conn, ev.stream_id, r, pending)
                 self._send_pending(conn, pending)
                 c.sendall(conn.data_to_send())
         except Exception:  # noqa: BLE001 - a test app: any failure ends its connection
@@ -493,6 +502,28 @@ def test_http11_mtls_caller_of_http2_service(mesh, tmp_path):
 
     m.intend("db", {"web": "deny"})
     wait_until(lambda: caller.status() == 403, 20, "the deny to apply")
+
+
+def test_http11_caller_of_http2_service_refused_stream_is_opened_again(mesh, tmp_path):
+    """The h2c application refuses a stream unprocessed (RST_STREAM REFUSED_STREAM, which
+    RFC 9113 section 8.7 makes safe to retry): db's sidecar opens it again with the head and
+    the body it held, and the HTTP/1.1 caller gets the answer to its one request (before:
+    503)."""
+    m = mesh
+    app, db, web = h2_pair(m, db_args=("-workers", "1"))
+    caller = MtlsCaller(m.api, tmp_path, web.name, db)
+    wait_until(lambda: caller.status() == 200, 30, "an HTTP/1.1 request over mTLS")
+    with caller.connect() as s:
+        r = Reader(s)
+        s.sendall(b"POST /refuse-once HTTP/1.1\r\nHost: db\r\nContent-Length: 5000\r\n\r\n"
+                  + b"r" * 5000)
+        status, _, body, _ = response(r)
+        assert status == 200, (status, body)
+        seen = json.loads(body)
+        assert seen["path"] == "/refuse-once" and seen["body_len"] == 5000, seen
+        assert app.refused == ["/refuse-once"], app.refused
+        s.sendall(b"GET /refuse-again HTTP/1.1\r\nHost: db\r\n\r\n")
+        assert response(r)[0] == 200
 
 
 def test_http11_caller_of_http2_service_timeout_and_app_down(mesh, tmp_path):
