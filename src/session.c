@@ -937,6 +937,10 @@ static void h2_key(const struct session *s, char *key, size_t len)
 void session_app_h2_key(const struct session *s, char *key, size_t len)
 {
     const struct proxy_cfg *c = &s->snap->cfg;
+    /* The codec is about to use the shared connection under this key: the sweep that drains
+     * connections a new snapshot no longer fits must run. */
+    if (!loop_timer_armed(&s->host->upool_sweep))
+        loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
     if (c->local_socket_path[0] != '\0')
         snprintf(key, len, "app|unix:%s", c->local_socket_path);
     else

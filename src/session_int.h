@@ -178,7 +178,8 @@ void session_dial_upstream(struct session *s);
  */
 void session_dial_h2(struct session *s);
 /* The key of the worker's shared h2c connection to the local application ("app|<address>"),
- * for the snapshot <s> started with. */
+ * for the snapshot <s> started with; keeps the worker's pool sweep running, which drains such
+ * connections once the snapshot names another address. */
 void session_app_h2_key(const struct session *s, char *key, size_t len);
 /*
  * Outbound L7, the session finishing: end[1], an idle verified upstream connection with
