@@ -61,7 +61,8 @@ struct h2up_stream_ops {
     int (*on_trailers)(void *owner, const struct http_header *f, size_t n);
     /* The peer's END_STREAM, after the last on_data / on_trailers. */
     void (*on_end)(void *owner);
-    /* The stream is gone; the handle is dead after this call. <code>: H2_NO_ERROR when it
+    /* The stream is gone; the handle is dead after this call (during it, h2up_stream_conn()
+     * and h2up_established() on that conn may still be read). <code>: H2_NO_ERROR when it
      * completed, the reset's code, H2_REFUSED_STREAM when the conn refused or GOAWAYed it
      * before processing (safe to retry elsewhere), H2_CONNECT_ERROR when the conn failed
      * (connect, TLS, I/O, protocol); <why>: a short text. */

@@ -1140,9 +1140,6 @@ static struct h2up_conn *app_conn(struct session *s, int fresh, int *err)
     loop_io_init(&x.io, fd, NULL, NULL);
     hc = h2up_adopt(s->host->h2up, key, NULL, &x, s->ep_name);
     h2up_set_connect_timeout(hc, c->local_connect_timeout_ms);
-    /* The sweep drains it once the snapshot names another application address. */
-    if (!loop_timer_armed(&s->host->upool_sweep))
-        loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
     return hc;
 }
 

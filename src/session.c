@@ -143,6 +143,10 @@ void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog
     if (s->end[0].fd >= 0)
         sock_local_name(s->end[0].fd, t->local, sizeof(t->local));
     int have_ident = session_destination(s, t->ident, sizeof(t->ident)) == 0;
+    t->alpn[0] = '\0';
+    if (s->inbound && s->end[0].tls != NULL &&
+        tls_conn_alpn(s->end[0].tls, t->alpn, sizeof(t->alpn)) <= 0)
+        t->alpn[0] = '\0';
     *r = (struct alog_rec){
         .time_ms = util_wall_ms(),
         .direction = s->inbound ? "inbound" : "outbound",
@@ -152,6 +156,7 @@ void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog
         .endpoint = s->ep_name[0] ? s->ep_name : NULL,
         .local_addr = t->local[0] ? t->local : NULL,
         .remote_addr = s->peer,
+        .alpn = t->alpn[0] ? t->alpn : NULL,
         .conn = s->id,
         .worker = s->host->index,
     };
@@ -250,8 +255,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
         result = SESSION_RES_ERROR;
     /* A codec ends the stream it is in the middle of (its record comes before the
      * connection's). */
-    if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL) && s->carrier != NULL &&
-        s->carrier->on_finish != NULL)
+    if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL || s->mux2 != NULL) &&
+        s->carrier != NULL && s->carrier->on_finish != NULL)
         s->carrier->on_finish(s, reason);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
@@ -516,11 +521,29 @@ static void pick_endpoint(struct session *s);
 static void sniff_done(struct session *s, int h2)
 {
     loop_timer_stop(s->host->loop, &s->timer);
-    if (!s->inbound && h2) {
-        /* There is no outbound HTTP/2 codec yet: the application's h2c goes to the upstream
-         * as bytes, offering no ALPN, and its sidecar tells HTTP/2 by the same preface. */
-        LOG_DEBUG("conn=%llu out: HTTP/2 prior knowledge, relayed at L4",
+    int h2_upstream = !s->inbound && s->up->protocol != PROTO_HTTP;
+    if (h2_upstream && h2 && s->host->muxes.http2 != NULL) {
+        /* An http2/grpc upstream and the application's h2c: mux_h2 carries each stream over
+         * a shared HTTP/2 connection (session_dial_h2). */
+        LOG_DEBUG("conn=%llu out: HTTP/2 prior knowledge to an HTTP/2 upstream",
                   (unsigned long long)s->id);
+        s->host->muxes.http2->start(s);
+        return;
+    }
+    if (h2_upstream && !h2 && s->host->muxes.http1 != NULL) {
+        /* HTTP/1 to an http2/grpc upstream: mux_h1 translates, each request a stream on a
+         * shared HTTP/2 connection (session_dial_h2). */
+        LOG_DEBUG("conn=%llu out: HTTP/1 to an HTTP/2 upstream, translated",
+                  (unsigned long long)s->id);
+        s->host->muxes.http1->start(s);
+        return;
+    }
+    if (h2_upstream || (!s->inbound && h2)) {
+        /* The application's h2c to an http upstream: relayed at L4 as bytes, offering no
+         * ALPN (the upstream's sidecar tells the protocol by the first bytes, as here). */
+        LOG_DEBUG("conn=%llu out: %s to an %s upstream, relayed at L4", (unsigned long long)s->id,
+                  h2 ? "HTTP/2 prior knowledge" : "not HTTP/2",
+                  h2_upstream ? "http2/grpc" : "http");
         pick_endpoint(s); /* the relay becomes the carrier once the upstream is verified */
         return;
     }
@@ -920,6 +943,10 @@ static void h2_key(const struct session *s, char *key, size_t len)
 void session_app_h2_key(const struct session *s, char *key, size_t len)
 {
     const struct proxy_cfg *c = &s->snap->cfg;
+    /* The codec is about to use the shared connection under this key: the sweep that drains
+     * connections a new snapshot no longer fits must run. */
+    if (!loop_timer_armed(&s->host->upool_sweep))
+        loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
     if (c->local_socket_path[0] != '\0')
         snprintf(key, len, "app|unix:%s", c->local_socket_path);
     else
@@ -1655,11 +1682,14 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     for (size_t j = 0; j < s->up->n_targets; j++)
         total += s->up->targets[j].endpoints->n;
     s->tried = xcalloc(total ? total : 1, 1);
-    if (s->up->protocol != PROTO_TCP && s->host->muxes.http1 != NULL) {
-        /* L7: the application's first bytes choose (HTTP/1.1, or HTTP/2 prior knowledge,
-         * which is relayed); the HTTP/1.1 codec reads the first request, then dials
-         * (session_dial_upstream, or for an http2 or grpc upstream session_dial_h2: each
-         * request a stream on a shared HTTP/2 connection). */
+    if ((s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) ||
+        ((s->up->protocol == PROTO_HTTP2 || s->up->protocol == PROTO_GRPC) &&
+         (s->host->muxes.http2 != NULL || s->host->muxes.http1 != NULL))) {
+        /* L7: the application's first bytes choose (sniff_done): HTTP/1.1 goes to mux_h1,
+         * which reads each request, then dials (session_dial_upstream, or for an http2 or
+         * grpc upstream session_dial_h2: each request a stream on a shared HTTP/2
+         * connection); HTTP/2 prior knowledge to mux_h2 for an http2 or grpc upstream, and is
+         * relayed for an http one. */
         start_sniff(s);
         return;
     }
@@ -1704,6 +1734,26 @@ size_t session_reauthorize_all(struct session_host *h)
     }
     STAT_ADD(h->stats->counters.reauthorize_closed, closed);
     return closed;
+}
+
+static int always_stale(const char *key, const struct tls_ctx *tls, void *arg)
+{
+    (void)key;
+    (void)tls;
+    (void)arg;
+    return 1;
+}
+
+void session_drain_all(struct session_host *h)
+{
+    struct session *s = h->sessions, *next;
+    for (; s != NULL; s = next) {
+        next = s->next;
+        if (s->carrier != NULL && s->carrier->drain != NULL &&
+            (s->state == S_HTTP || s->mux2 != NULL))
+            s->carrier->drain(s);
+    }
+    h2up_sweep(h->h2up, always_stale, NULL);
 }
 
 void session_close_all(struct session_host *h)

@@ -276,6 +276,13 @@ void session_authorize_answer(struct authq_req *r);
  */
 size_t session_host_list(const struct session_host *h, struct session_info *out, size_t max);
 
+/*
+ * connectd drains: every session whose carrier can end gracefully is told to (an HTTP/2
+ * connection gets GOAWAY, its open streams finish, then it closes); the others run on. The
+ * shared HTTP/2 connections are drained too (GOAWAY, closed when their streams are done).
+ */
+void session_drain_all(struct session_host *h);
+
 /* Ends every session at once with result SESSION_RES_SHUTDOWN. */
 void session_close_all(struct session_host *h);
 

@@ -61,8 +61,12 @@ struct session_mux {
     /* The session is finishing (any cause, <reason> as given to session_finish); NULL when
      * the carrier has nothing to close. It must not finish the session itself. */
     void (*on_finish)(struct session *s, const char *reason);
-    /* Outbound L7: the end of session_dial_upstream(); <why> NULL on success. */
+    /* Outbound L7: the end of session_dial_upstream() or session_dial_h2(); <why> NULL on
+     * success. */
     void (*dialled)(struct session *s, const char *why);
+    /* connectd drains (optional): stop taking requests, let the open ones finish, then end
+     * the session (HTTP/2: GOAWAY). It may finish the session. */
+    void (*drain)(struct session *s);
 };
 
 struct session {
@@ -144,6 +148,7 @@ int session_destination(const struct session *s, char *out, size_t len);
 struct session_alog_text {
     char local[64];
     char ident[SPIFFE_NAME_MAX * 2];
+    char alpn[32];
 };
 /*
  * Fills the fields an access-log record of session <s> shares with its streams' records:
@@ -180,7 +185,8 @@ void session_redial_upstream(struct session *s);
  */
 void session_dial_h2(struct session *s);
 /* The key of the worker's shared h2c connection to the local application ("app|<address>"),
- * for the snapshot <s> started with. */
+ * for the snapshot <s> started with; keeps the worker's pool sweep running, which drains such
+ * connections once the snapshot names another address. */
 void session_app_h2_key(const struct session *s, char *key, size_t len);
 /*
  * Outbound L7, the session finishing: end[1], an idle verified upstream connection with

@@ -478,6 +478,30 @@ static void test_cancel_in_callback(void **state)
     assert_int_equal(a.closes, 0);
 }
 
+/* A stream queued behind the peer's concurrency limit and cancelled there: no callback, and it
+ * leaves the conn's count once the session gets to it (the conn can then idle and close). */
+static void test_cancel_queued(void **state)
+{
+    struct fx *f = *state;
+    struct h2up_conn *c = connect_one(f, 1);
+    struct own a = {.loop = f->loop, .stop_on_close = 1}, b = {.loop = f->loop};
+    f->srv[0].hold = 1;
+    a.st = h2up_open(c, &req, 0, &own_ops, &a);
+    run(f, 200);
+    b.st = h2up_open(c, &req, 0, &own_ops, &b); /* over the peer's limit of 1: queued */
+    assert_non_null(b.st);
+    run(f, 100);
+    assert_int_equal(f->srv[0].heads, 1);
+    h2up_cancel(b.st, H2_CANCEL);
+    srv_answer(&f->srv[0], f->srv[0].ids[0]);
+    srv_io(&f->srv[0].io, LOOP_WRITE);
+    run(f, 5000);
+    assert_int_equal(a.code, H2_NO_ERROR);
+    run(f, 200);
+    assert_int_equal(b.closes, 0);
+    assert_int_equal(h2up_conn_streams(c), 0);
+}
+
 static int always(const char *key, const struct tls_ctx *tls, void *arg)
 {
     (void)tls;
@@ -514,6 +538,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_goaway, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel_in_callback, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sweep, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cancel_queued, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
