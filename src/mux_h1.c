@@ -157,6 +157,7 @@ struct mux_h1 {
     int app_heard;       /* a byte of this request's answer (even a 1xx) came from end[1] */
     int retried;         /* this request was sent again once already */
     int resend;          /* the connection being made sends replay, not the request head */
+    int draining;        /* connectd drains: the current request is the last */
     /* The far side speaks HTTP/2 (an http2 or grpc service or upstream): each request is a
      * stream on a connection the worker's sessions share (h2up), end[1] stays closed, aout
      * holds the request body's data for read_body and ain the response's DATA. */
@@ -1199,7 +1200,7 @@ static void on_head(struct session *s, size_t n)
     m->head_start_ms = 0;
     m->method = rq->method;
     m->minor = rq->minor_version;
-    m->req_keep = (rq->flags & HTTP_F_KEEP_ALIVE) != 0;
+    m->req_keep = (rq->flags & HTTP_F_KEEP_ALIVE) != 0 && !m->draining;
     m->upgrade = (rq->flags & HTTP_F_UPGRADE) != 0;
     m->expect = (rq->flags & HTTP_F_EXPECT_CONTINUE) != 0;
     body_init(&m->req, rq->framing, rq->content_length);
@@ -2097,6 +2098,29 @@ static void mux_on_finish(struct session *s, const char *reason)
         session_pool_put(s);
 }
 
+/*
+ * connectd drains: a connection between requests with nothing buffered ends now; one in the
+ * middle of a request gets its answer (with "Connection: close" when its head is still to be
+ * written) and then closes, as Envoy's HTTP/1.1 codec does while draining, so that idle
+ * keep-alive connections do not hold connectd until -drain-timeout.
+ */
+static void mux_drain(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    if (m == NULL || m->draining)
+        return;
+    m->draining = 1;
+    if (m->phase == P_HEAD && m->cin.len == 0 && m->cout.len == 0) {
+        session_finish(s, SESSION_RES_OK, "drained: closed between requests");
+        return;
+    }
+    if (m->phase == P_HEAD || m->phase == P_CLOSING)
+        return; /* a head under way is the last (on_head); a closing connection closes */
+    m->req_keep = 0;
+    if (m->res_head_done)
+        m->close_after = 1;
+}
+
 const struct session_mux mux_h1_mux = {
     .name = "http1",
     .start = mux_start,
@@ -2104,4 +2128,5 @@ const struct session_mux mux_h1_mux = {
     .on_timer = mux_on_timer,
     .on_finish = mux_on_finish,
     .dialled = mux_dialled,
+    .drain = mux_drain,
 };

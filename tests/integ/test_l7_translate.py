@@ -552,3 +552,76 @@ def test_http11_caller_of_http2_service_timeout_and_app_down(mesh, tmp_path):
         s.sendall(b"GET /gone HTTP/1.1\r\nHost: db\r\n\r\n")
         status, _, body, _ = response(Reader(s))
         assert status == 503 and b"connection failure" in body, (status, body)
+
+
+# --- HTTP/1.1 and connectd's drain ---------------------------------------------------------------
+
+
+class SlowApp(TcpApp):
+    """HTTP/1.1, kept alive: every request is answered 200 "ok"; /slow only after
+    self.release is set (self.slow is set when /slow came)."""
+
+    def __init__(self):
+        self.slow = threading.Event()
+        self.release = threading.Event()
+        super().__init__()
+
+    def handle(self, conn):
+        r = Reader(conn)
+        while True:
+            try:
+                head = r.head()
+            except (OSError, EOFError):
+                return
+            if head is None:
+                return
+            r.body(head[1], request=True)
+            if head[0].split(" ")[1] == "/slow":
+                self.slow.set()
+                self.release.wait(10)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def test_sigterm_closes_idle_http11_connections_and_answers_in_flight_ones(mesh):
+    """SIGTERM to web's connectd (-drain-timeout 20s, an http upstream): a client connection
+    idle between requests is closed at once, one whose request is in flight gets its answer
+    with "Connection: close" and is then closed, and connectd exits within seconds. (Before:
+    the idle keep-alive connection held connectd until the drain timeout.)"""
+    import signal
+    import time
+
+    from test_l7_h2_outbound import stopped_by_test
+
+    m = mesh
+    app = SlowApp()
+    m.apps.append(app)
+    db = m.add("db", app_port=app.port, proxy_config={"protocol": "http"})
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": "http"}}], start=False)
+    m.start(web, extra_args=("-drain-timeout", "20s"))
+    m.wait_passing(db)
+    wait_until(lambda: try_status(web.up["db"]) == 200, 30, "a request through the mesh")
+    idle, busy = connect(web.up["db"]), connect(web.up["db"])
+    try:
+        ri, rb = Reader(idle), Reader(busy)
+        for s, r in ((idle, ri), (busy, rb)):
+            s.sendall(b"GET /first HTTP/1.1\r\nHost: db\r\n\r\n")
+            assert response(r)[0] == 200
+        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: db\r\n\r\n")
+        assert app.slow.wait(10), "the request reached the app"
+        sent_at = time.monotonic()
+        web.proxy.proc.send_signal(signal.SIGTERM)
+        web.proxy.wait_log(r"received Terminated; closing listeners and draining")
+        idle.settimeout(10)
+        assert idle.recv(1) == b"", "the idle connection is closed"
+        app.release.set()
+        status, headers, _, _ = response(rb)
+        assert status == 200 and headers.get("connection") == ["close"], headers
+        assert busy.recv(1) == b"", "the answered connection is closed"
+        rc = web.proxy.proc.wait(15)
+        took = time.monotonic() - sent_at
+        assert rc == 0 and took < 8, (rc, took)
+        stopped_by_test(m, web.proxy)
+    finally:
+        app.release.set()
+        idle.close()
+        busy.close()
