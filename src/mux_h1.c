@@ -179,7 +179,7 @@ struct mux_h1 {
      * stream the far side refused unprocessed can be opened again; replay then holds the
      * body bytes read_body gave (replay_ok as for HTTP/1.1), sent again from replay_off. */
     struct h2_out_head h2hd;
-    struct http_header h2f[MAX_HEADERS + 8];
+    struct http_header *h2f; /* MAX_HEADERS + 8 slots, taken by the first stream */
     struct buf h2held;
     int h2_has_body;
     size_t replay_off;
@@ -276,6 +276,7 @@ static void mux_free(struct mux_h1 *m)
     free(m->replay.p);
     free(m->trailers.p);
     free(m->h2held.p);
+    free(m->h2f);
     free(m);
 }
 
@@ -1040,6 +1041,8 @@ static void hold_head(struct mux_h1 *m, const struct h2_out_head *hd)
         total += hd->headers[i].name.len + hd->headers[i].value.len;
     m->h2held.len = 0;
     buf_reserve(&m->h2held, total);
+    if (m->h2f == NULL)
+        m->h2f = xcalloc(MAX_HEADERS + 8, sizeof(*m->h2f));
     char *p = m->h2held.p;
     m->h2hd = (struct h2_out_head){
         .method = copy_slice(&p, hd->method),
@@ -1521,6 +1524,34 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
     struct mux_h1 *m = s->mux;
     const char *why = NULL;
     char msg[sizeof(s->ep_name) + sizeof(m->h2_why) + 64];
+    /* The stream ended before its answer did (checked first: a retry needs every body
+     * byte, which the code below would drop once the stream is gone). */
+    if (m->h2_closed && !m->h2_end) {
+        if (!m->res_head_done && m->h2_code == H2_REFUSED_STREAM && !m->app_heard && m->replay_ok &&
+            !m->retried) {
+            retry_h2(s);
+            *progress = 1;
+            return 0;
+        }
+        if (!m->res_head_done) {
+            int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
+            snprintf(msg, sizeof(msg), "%s %s: %s before its answer", far_side(m), s->ep_name,
+                     m->h2_why);
+            close_app(s);
+            /* As for HTTP/1.1: a failed connect or a reset before the head is 503. */
+            local_answer(s,
+                         !connect      ? STREAM_RES_LOCAL_RESET
+                         : m->outbound ? STREAM_RES_UPSTREAM_CONNECT_ERROR
+                                       : STREAM_RES_LOCAL_CONNECT_ERROR,
+                         m->expect && !m->req.done, msg);
+            *progress = 1;
+            return 0;
+        }
+        snprintf(msg, sizeof(msg), "%s %s: %s in the middle of its answer", far_side(m), s->ep_name,
+                 m->h2_why);
+        abort_conn(s, SESSION_RES_ERROR, msg);
+        return 1;
+    }
     if (!m->req.done) {
         size_t before = m->aout.len;
         ssize_t k = body_move(&m->req, &m->cin, m->h2s != NULL ? &m->aout : NULL, &why);
@@ -1581,33 +1612,6 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
             m->res.done = 1;
             *progress = 1;
         }
-    }
-    /* The stream ended before its answer did. */
-    if (m->h2_closed && !m->h2_end) {
-        if (!m->res_head_done && m->h2_code == H2_REFUSED_STREAM && !m->app_heard && m->replay_ok &&
-            !m->retried) {
-            retry_h2(s);
-            *progress = 1;
-            return 0;
-        }
-        if (!m->res_head_done) {
-            int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
-            snprintf(msg, sizeof(msg), "%s %s: %s before its answer", far_side(m), s->ep_name,
-                     m->h2_why);
-            close_app(s);
-            /* As for HTTP/1.1: a failed connect or a reset before the head is 503. */
-            local_answer(s,
-                         !connect      ? STREAM_RES_LOCAL_RESET
-                         : m->outbound ? STREAM_RES_UPSTREAM_CONNECT_ERROR
-                                       : STREAM_RES_LOCAL_CONNECT_ERROR,
-                         m->expect && !m->req.done, msg);
-            *progress = 1;
-            return 0;
-        }
-        snprintf(msg, sizeof(msg), "%s %s: %s in the middle of its answer", far_side(m), s->ep_name,
-                 m->h2_why);
-        abort_conn(s, SESSION_RES_ERROR, msg);
-        return 1;
     }
     if (m->res_head_done && m->res.done && m->cout.len == 0) {
         stream_done(s, STREAM_RES_OK, NULL);

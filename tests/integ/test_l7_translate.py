@@ -43,7 +43,8 @@ class H2JsonApp(TcpApp):
     content-length, except: /cl with content-length; /trailers adds trailers x-trailer: t1 and
     grpc-status: 0 after the body; /status?n=N answers N; /big?n=N answers N bytes (i % 251)
     as the windows allow; /hold is never answered; a path starting /refuse is refused
-    (RST_STREAM REFUSED_STREAM, after the whole request came) the first time it is asked for.
+    (RST_STREAM REFUSED_STREAM) the first time it is asked for: after the whole request came,
+    or for /refuse-early as soon as its head did.
     self.connections counts connections, self.refused the refusals."""
 
     def __init__(self):
@@ -86,6 +87,11 @@ class H2JsonApp(TcpApp):
                         hs = {}
                         for k, v in ev.headers:
                             hs.setdefault(k, []).append(v)
+                        path = hs[":path"][0]
+                        if path == "/refuse-early" and path not in self.refused:
+                            self.refused.append(path)
+                            conn.reset_stream(ev.stream_id, 7)  # REFUSED_STREAM
+                            continue
                         reqs[ev.stream_id] = {"headers": hs, "body_len": 0}
                     elif isinstance(ev, h2.events.DataReceived):
                         conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -524,6 +530,13 @@ def test_http11_caller_of_http2_service_refused_stream_is_opened_again(mesh, tmp
         assert app.refused == ["/refuse-once"], app.refused
         s.sendall(b"GET /refuse-again HTTP/1.1\r\nHost: db\r\n\r\n")
         assert response(r)[0] == 200
+        # Refused while its body is still coming: every byte is sent on the new stream.
+        s.sendall(b"POST /refuse-early HTTP/1.1\r\nHost: db\r\nContent-Length: 60000\r\n\r\n")
+        for _ in range(10):
+            s.sendall(b"e" * 6000)
+        status, _, body, _ = response(r)
+        assert status == 200 and json.loads(body)["body_len"] == 60000, (status, body)
+        assert app.refused == ["/refuse-once", "/refuse-again", "/refuse-early"], app.refused
 
 
 def test_http11_caller_of_http2_service_timeout_and_app_down(mesh, tmp_path):
