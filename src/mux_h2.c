@@ -1281,7 +1281,7 @@ static uint64_t deadline(const struct session *s, enum deadline *kind)
             CONSIDER(x->h1->connect_start_ms + c->local_connect_timeout_ms, DL_CONNECT);
         if (c->local_request_timeout_ms != 0 && x->app_open && x->req_end_ms != 0 && !x->res_eof)
             CONSIDER(x->req_end_ms + c->local_request_timeout_ms, DL_REQUEST);
-        if (idle != 0 && !x->local && (x->app_open || x->waiting))
+        if (idle != 0)
             CONSIDER(x->last_ms + idle, DL_STREAM_IDLE);
     }
     if (idle != 0 && m->streams == NULL)
@@ -1499,9 +1499,20 @@ static void on_tmr(struct loop_timer *t)
         /* Envoy's stream_idle_timeout: one stalled stream ends, its siblings go on. */
         snprintf(why, sizeof(why), "stream idle for %lu ms (%s)", (unsigned long)idle,
                  s->inbound ? "local_idle_timeout_ms" : "the upstream's idle_timeout_ms");
-        for (struct h2s *x = m->streams; x != NULL; x = x->next)
-            if (!x->local && (x->app_open || x->waiting) && x->last_ms + idle <= now)
+        for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+            if (x->last_ms + idle > now)
+                continue;
+            if (!x->local && (x->app_open || x->waiting)) {
                 local_answer(s, x, STREAM_RES_LOCAL_TIMEOUT, why, (struct http_slice){0});
+            } else {
+                /* Answered, but the downstream peer does not take the rest. */
+                set_why(x, why);
+                x->local = 1;
+                x->result = STREAM_RES_ABORTED;
+                h2_submit_rst(m->down, x->cid, H2_CANCEL);
+            }
+            x->last_ms = now; /* the answer (or reset) gets its own period to go out */
+        }
         break;
     case DL_IDLE:
         snprintf(why, sizeof(why), "idle for %llu ms (local_idle_timeout_ms)",

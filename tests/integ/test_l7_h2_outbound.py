@@ -368,3 +368,59 @@ def test_stream_idle_timeout_ends_a_stalled_stream_not_its_sibling(mesh):
         srv.release()
         srv.stop(0)
         drop_defaults(m)
+
+
+def test_stream_idle_timeout_resets_a_stream_the_client_does_not_read(mesh):
+    """The upstream's idle_timeout_ms 1000 on web: a client that takes a response's head but
+    never opens its flow-control window (the rest waits in connectd) gets the stream reset
+    (CANCEL) about a second later, instead of it holding the connection forever."""
+    import socket
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    m = mesh
+    srv, port = grpc_server()
+    try:
+        grpc_defaults(m)
+        db = m.add("db", app_port=port, proxy_config={"protocol": "grpc"})
+        web = m.add("web", upstreams=({"name": "db", "config": {"idle_timeout_ms": 1000}},))
+        m.wait_passing(db)
+        wait_until(lambda: code_of(web.up["db"]) == grpc.StatusCode.OK, 30,
+                   "a gRPC call through web's outbound")
+        with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            c.initiate_connection()
+            c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16})
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                 (":authority", "db"), (":path", "/test.Echo/Who"),
+                                 ("content-type", "application/grpc"), ("te", "trailers")])
+            c.send_data(sid, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+            s.sendall(c.data_to_send())
+            t0 = time.monotonic()
+            head, got, reset = None, 0, None
+            while reset is None and time.monotonic() - t0 < 6:
+                s.settimeout(6)
+                try:
+                    data = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not data:
+                    break
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        head = dict(ev.headers)
+                    elif isinstance(ev, h2.events.DataReceived):
+                        got += len(ev.data)  # never acknowledged: the window stays shut
+                    elif isinstance(ev, h2.events.StreamReset):
+                        reset = (ev.error_code, time.monotonic() - t0)
+                s.sendall(c.data_to_send())
+            assert head is not None and head[b":status"] == b"200", head
+            assert got <= 16, got
+            assert reset is not None, "the stalled stream was never reset"
+            assert reset[0] == 8 and reset[1] < 4, reset  # CANCEL, about a second after
+    finally:
+        srv.stop(0)
+        drop_defaults(m)
