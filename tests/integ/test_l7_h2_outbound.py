@@ -424,3 +424,29 @@ def test_stream_idle_timeout_resets_a_stream_the_client_does_not_read(mesh):
     finally:
         srv.stop(0)
         drop_defaults(m)
+
+
+def test_outbound_request_timeout(mesh):
+    """local_request_timeout_ms on web's own Proxy.Config applies to its outbound streams as
+    to its HTTP/1.1 ones: a call the upstream answers too late gets UNAVAILABLE "upstream
+    request timeout" from web, and the next call on the same channel passes."""
+    m = mesh
+    srv, port = grpc_server()
+    try:
+        grpc_defaults(m)
+        db = m.add("db", app_port=port, proxy_config={"protocol": "grpc"})
+        web = m.add("web", upstreams=("db",), proxy_config={"local_request_timeout_ms": 500})
+        m.wait_passing(db)
+        wait_until(lambda: code_of(web.up["db"]) == grpc.StatusCode.OK, 30,
+                   "a gRPC call through web's outbound")
+        with grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}") as ch:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                call(ch, "Hold", b"3000")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+            assert e.value.details() == "upstream request timeout", e.value.details()
+            assert time.monotonic() - t0 < 2.5
+            assert json.loads(call(ch, "Who"))["who"] == "db"
+    finally:
+        srv.stop(0)
+        drop_defaults(m)
