@@ -122,6 +122,7 @@ struct h2s {
     struct fields pend;     /* outbound: the request head while it waits, pseudo-fields first */
     int pend_body;          /* ... and whether a body follows */
     uint64_t last_ms;       /* when something last moved on the stream (its idle timer) */
+    char *ep;               /* outbound: the endpoint its stream went to (its record's) */
     struct h1leg *h1;       /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
     int grpc;               /* content-type application/grpc... */
     int local;              /* connectd answered it (403, 503, ...) */
@@ -276,6 +277,7 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
         x->next->prev = x->prev;
     buf_free(&x->reqb);
     free(x->pend.h);
+    free(x->ep);
     buf_free(&x->resb);
     free(x->req_tr.h);
     free(x->res_tr.h);
@@ -972,6 +974,21 @@ static void down_on_end_stream(struct h2_session *hs, int32_t cid, void *su, voi
         resume_up(x);
 }
 
+/* stream_finish() with the record naming the endpoint this stream went to: outbound, streams
+ * of one session spread over the upstream's endpoints. */
+static void finish_stream(struct session *s, struct h2s *x, enum stream_result r, const char *why)
+{
+    char saved[sizeof(s->ep_name)];
+    if (x->ep == NULL) {
+        stream_finish(s, &x->st, r, why);
+        return;
+    }
+    memcpy(saved, s->ep_name, sizeof(saved));
+    copy_str_cut(s->ep_name, sizeof(s->ep_name), x->ep);
+    stream_finish(s, &x->st, r, why);
+    memcpy(s->ep_name, saved, sizeof(saved));
+}
+
 static void down_on_close(struct h2_session *hs, int32_t cid, void *su, uint32_t code, void *user)
 {
     struct session *s = user;
@@ -994,7 +1011,7 @@ static void down_on_close(struct h2_session *hs, int32_t cid, void *su, uint32_t
             reason = why;
         }
     }
-    stream_finish(s, &x->st, r, reason);
+    finish_stream(s, x, r, reason);
     stream_free(m, x);
 }
 
@@ -1244,6 +1261,8 @@ static void mux_dialled(struct session *s, const char *why)
             .nheaders = x->pend.n - 4,
         };
         up_open(s, x, c, &oh, x->pend_body);
+        free(x->ep);
+        x->ep = xstrdup(s->ep_name);
         free(x->pend.h);
         x->pend = (struct fields){0};
     }
@@ -1576,7 +1595,7 @@ static void mux_on_finish(struct session *s, const char *reason)
         }
     }
     for (struct h2s *x = m->streams; x != NULL; x = x->next)
-        stream_finish(s, &x->st,
+        finish_stream(s, x,
                       x->local && x->res_eof && x->resb.len == 0 ? x->result : STREAM_RES_ABORTED,
                       x->why[0] ? x->why : reason);
 }

@@ -33,7 +33,7 @@ from mesh import (LOOPBACK, SANITIZER_MARKERS, admin_args, admin_get, free_port,
 def grpc_server(name="db"):
     """A grpcio server (h2c on loopback) with service test.Echo:
     Who      answers <name> and the x-forwarded-client-cert it saw (JSON);
-    Hold     answers after the request's number of milliseconds;
+    Hold     answers "held-<name>" after the request's number of milliseconds;
     Tick     streams N messages (N = request), one every 250 ms;
     Stall    answers after 6 s (a stream that stalls)."""
     stop = threading.Event()
@@ -44,7 +44,7 @@ def grpc_server(name="db"):
 
     def hold(req, ctx):
         time.sleep(int(req.decode()) / 1000.0)
-        return b"held"
+        return b"held-" + name.encode()
 
     def tick(req, ctx):
         for i in range(int(req.decode())):
@@ -202,10 +202,10 @@ def test_concurrent_calls_from_many_channels_share_mesh_connections(mesh, tmp_pa
                    "a gRPC call through web's outbound")
         channels = [grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}") for _ in range(8)]
         for ch in channels:  # each channel's connection is up before the burst
-            assert call(ch, "Hold", b"1") == b"held"
+            assert call(ch, "Hold", b"1") == b"held-db"
         calls = [ch.unary_unary("/test.Echo/Hold").future(b"400", timeout=20)
                  for ch in channels for _ in range(6)]
-        assert [c.result() for c in calls] == [b"held"] * 48
+        assert [c.result() for c in calls] == [b"held-db"] * 48
 
         def held():
             return [r for r in records(db_log) if r.get("path") == "/test.Echo/Hold"]
@@ -262,6 +262,21 @@ def test_endpoint_killed_next_streams_elsewhere_then_unavailable(mesh, tmp_path)
         with grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}") as ch:
             seen = {json.loads(call(ch, "Who"))["who"] for _ in range(30)}
             assert seen == {"a", "b"}, f"30 calls reached only {seen}"
+            # Concurrent streams of one session on both endpoints: each record names the
+            # endpoint its stream went to.
+            n0 = len(records(web_log))
+            futs = [ch.unary_unary("/test.Echo/Hold").future(b"300", timeout=10)
+                    for _ in range(12)]
+            answered = sorted(f.result().decode()[len("held-"):] for f in futs)
+            assert set(answered) == {"a", "b"}, answered
+
+            def holds():
+                return [r for r in records(web_log)[n0:] if r.get("path") == "/test.Echo/Hold"]
+
+            wait_until(lambda: len(holds()) >= 12, 10, "web's records of the 12 calls")
+            names = {f"{LOOPBACK}:{pub_a}": "a", f"{LOOPBACK}:{pub_b}": "b"}
+            logged = sorted(names.get(r["endpoint"], r["endpoint"]) for r in holds())
+            assert logged == answered, (logged, answered)
             proc_a.proc.kill()
             proc_a.proc.wait(10)
             stopped_by_test(m, proc_a)
@@ -315,13 +330,13 @@ def test_sigterm_sends_goaway_and_in_flight_calls_finish(mesh):
         for proc in (db.proxy, web.proxy):
             ch = grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}")
             channels.append(ch)
-            assert call(ch, "Hold", b"1") == b"held"  # the channel's connection is up
+            assert call(ch, "Hold", b"1") == b"held-db"  # the channel's connection is up
             fut = ch.unary_unary("/test.Echo/Hold").future(b"1500", timeout=15)
             time.sleep(0.3)  # the call is in flight at the app
             sent_at = time.monotonic()
             proc.proc.send_signal(signal.SIGTERM)
             proc.wait_log(r"received Terminated; closing listeners and draining")
-            assert fut.result() == b"held"
+            assert fut.result() == b"held-db"
             rc = proc.proc.wait(15)
             took = time.monotonic() - sent_at
             assert rc == 0, f"{proc.label} exit status {rc}"
