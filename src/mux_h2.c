@@ -122,6 +122,7 @@ struct h2s {
     struct fields pend;     /* outbound: the request head while it waits, pseudo-fields first */
     int pend_body;          /* ... and whether a body follows */
     uint64_t last_ms;       /* when something last moved on the stream (its idle timer) */
+    char *ep;               /* outbound: the endpoint its stream went to (its record's) */
     struct h1leg *h1;       /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
     int grpc;               /* content-type application/grpc... */
     int local;              /* connectd answered it (403, 503, ...) */
@@ -276,6 +277,7 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
         x->next->prev = x->prev;
     buf_free(&x->reqb);
     free(x->pend.h);
+    free(x->ep);
     buf_free(&x->resb);
     free(x->req_tr.h);
     free(x->res_tr.h);
@@ -972,6 +974,21 @@ static void down_on_end_stream(struct h2_session *hs, int32_t cid, void *su, voi
         resume_up(x);
 }
 
+/* stream_finish() with the record naming the endpoint this stream went to: outbound, streams
+ * of one session spread over the upstream's endpoints. */
+static void finish_stream(struct session *s, struct h2s *x, enum stream_result r, const char *why)
+{
+    char saved[sizeof(s->ep_name)];
+    if (x->ep == NULL) {
+        stream_finish(s, &x->st, r, why);
+        return;
+    }
+    memcpy(saved, s->ep_name, sizeof(saved));
+    copy_str_cut(s->ep_name, sizeof(s->ep_name), x->ep);
+    stream_finish(s, &x->st, r, why);
+    memcpy(s->ep_name, saved, sizeof(saved));
+}
+
 static void down_on_close(struct h2_session *hs, int32_t cid, void *su, uint32_t code, void *user)
 {
     struct session *s = user;
@@ -994,7 +1011,7 @@ static void down_on_close(struct h2_session *hs, int32_t cid, void *su, uint32_t
             reason = why;
         }
     }
-    stream_finish(s, &x->st, r, reason);
+    finish_stream(s, x, r, reason);
     stream_free(m, x);
 }
 
@@ -1244,6 +1261,8 @@ static void mux_dialled(struct session *s, const char *why)
             .nheaders = x->pend.n - 4,
         };
         up_open(s, x, c, &oh, x->pend_body);
+        free(x->ep);
+        x->ep = xstrdup(s->ep_name);
         free(x->pend.h);
         x->pend = (struct fields){0};
     }
@@ -1281,7 +1300,7 @@ static uint64_t deadline(const struct session *s, enum deadline *kind)
             CONSIDER(x->h1->connect_start_ms + c->local_connect_timeout_ms, DL_CONNECT);
         if (c->local_request_timeout_ms != 0 && x->app_open && x->req_end_ms != 0 && !x->res_eof)
             CONSIDER(x->req_end_ms + c->local_request_timeout_ms, DL_REQUEST);
-        if (idle != 0 && !x->local && (x->app_open || x->waiting))
+        if (idle != 0)
             CONSIDER(x->last_ms + idle, DL_STREAM_IDLE);
     }
     if (idle != 0 && m->streams == NULL)
@@ -1499,9 +1518,20 @@ static void on_tmr(struct loop_timer *t)
         /* Envoy's stream_idle_timeout: one stalled stream ends, its siblings go on. */
         snprintf(why, sizeof(why), "stream idle for %lu ms (%s)", (unsigned long)idle,
                  s->inbound ? "local_idle_timeout_ms" : "the upstream's idle_timeout_ms");
-        for (struct h2s *x = m->streams; x != NULL; x = x->next)
-            if (!x->local && (x->app_open || x->waiting) && x->last_ms + idle <= now)
+        for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+            if (x->last_ms + idle > now)
+                continue;
+            if (!x->local && (x->app_open || x->waiting)) {
                 local_answer(s, x, STREAM_RES_LOCAL_TIMEOUT, why, (struct http_slice){0});
+            } else {
+                /* Answered, but the downstream peer does not take the rest. */
+                set_why(x, why);
+                x->local = 1;
+                x->result = STREAM_RES_ABORTED;
+                h2_submit_rst(m->down, x->cid, H2_CANCEL);
+            }
+            x->last_ms = now; /* the answer (or reset) gets its own period to go out */
+        }
         break;
     case DL_IDLE:
         snprintf(why, sizeof(why), "idle for %llu ms (local_idle_timeout_ms)",
@@ -1565,7 +1595,7 @@ static void mux_on_finish(struct session *s, const char *reason)
         }
     }
     for (struct h2s *x = m->streams; x != NULL; x = x->next)
-        stream_finish(s, &x->st,
+        finish_stream(s, x,
                       x->local && x->res_eof && x->resb.len == 0 ? x->result : STREAM_RES_ABORTED,
                       x->why[0] ? x->why : reason);
 }

@@ -33,7 +33,7 @@ from mesh import (LOOPBACK, SANITIZER_MARKERS, admin_args, admin_get, free_port,
 def grpc_server(name="db"):
     """A grpcio server (h2c on loopback) with service test.Echo:
     Who      answers <name> and the x-forwarded-client-cert it saw (JSON);
-    Hold     answers after the request's number of milliseconds;
+    Hold     answers "held-<name>" after the request's number of milliseconds;
     Tick     streams N messages (N = request), one every 250 ms;
     Stall    answers after 6 s (a stream that stalls)."""
     stop = threading.Event()
@@ -44,7 +44,7 @@ def grpc_server(name="db"):
 
     def hold(req, ctx):
         time.sleep(int(req.decode()) / 1000.0)
-        return b"held"
+        return b"held-" + name.encode()
 
     def tick(req, ctx):
         for i in range(int(req.decode())):
@@ -202,10 +202,10 @@ def test_concurrent_calls_from_many_channels_share_mesh_connections(mesh, tmp_pa
                    "a gRPC call through web's outbound")
         channels = [grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}") for _ in range(8)]
         for ch in channels:  # each channel's connection is up before the burst
-            assert call(ch, "Hold", b"1") == b"held"
+            assert call(ch, "Hold", b"1") == b"held-db"
         calls = [ch.unary_unary("/test.Echo/Hold").future(b"400", timeout=20)
                  for ch in channels for _ in range(6)]
-        assert [c.result() for c in calls] == [b"held"] * 48
+        assert [c.result() for c in calls] == [b"held-db"] * 48
 
         def held():
             return [r for r in records(db_log) if r.get("path") == "/test.Echo/Hold"]
@@ -262,6 +262,21 @@ def test_endpoint_killed_next_streams_elsewhere_then_unavailable(mesh, tmp_path)
         with grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}") as ch:
             seen = {json.loads(call(ch, "Who"))["who"] for _ in range(30)}
             assert seen == {"a", "b"}, f"30 calls reached only {seen}"
+            # Concurrent streams of one session on both endpoints: each record names the
+            # endpoint its stream went to.
+            n0 = len(records(web_log))
+            futs = [ch.unary_unary("/test.Echo/Hold").future(b"300", timeout=10)
+                    for _ in range(12)]
+            answered = sorted(f.result().decode()[len("held-"):] for f in futs)
+            assert set(answered) == {"a", "b"}, answered
+
+            def holds():
+                return [r for r in records(web_log)[n0:] if r.get("path") == "/test.Echo/Hold"]
+
+            wait_until(lambda: len(holds()) >= 12, 10, "web's records of the 12 calls")
+            names = {f"{LOOPBACK}:{pub_a}": "a", f"{LOOPBACK}:{pub_b}": "b"}
+            logged = sorted(names.get(r["endpoint"], r["endpoint"]) for r in holds())
+            assert logged == answered, (logged, answered)
             proc_a.proc.kill()
             proc_a.proc.wait(10)
             stopped_by_test(m, proc_a)
@@ -315,13 +330,13 @@ def test_sigterm_sends_goaway_and_in_flight_calls_finish(mesh):
         for proc in (db.proxy, web.proxy):
             ch = grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}")
             channels.append(ch)
-            assert call(ch, "Hold", b"1") == b"held"  # the channel's connection is up
+            assert call(ch, "Hold", b"1") == b"held-db"  # the channel's connection is up
             fut = ch.unary_unary("/test.Echo/Hold").future(b"1500", timeout=15)
             time.sleep(0.3)  # the call is in flight at the app
             sent_at = time.monotonic()
             proc.proc.send_signal(signal.SIGTERM)
             proc.wait_log(r"received Terminated; closing listeners and draining")
-            assert fut.result() == b"held"
+            assert fut.result() == b"held-db"
             rc = proc.proc.wait(15)
             took = time.monotonic() - sent_at
             assert rc == 0, f"{proc.label} exit status {rc}"
@@ -366,5 +381,87 @@ def test_stream_idle_timeout_ends_a_stalled_stream_not_its_sibling(mesh):
             assert got == [b"tick-%d" % i for i in range(12)]
     finally:
         srv.release()
+        srv.stop(0)
+        drop_defaults(m)
+
+
+def test_stream_idle_timeout_resets_a_stream_the_client_does_not_read(mesh):
+    """The upstream's idle_timeout_ms 1000 on web: a client that takes a response's head but
+    never opens its flow-control window (the rest waits in connectd) gets the stream reset
+    (CANCEL) about a second later, instead of it holding the connection forever."""
+    import socket
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    m = mesh
+    srv, port = grpc_server()
+    try:
+        grpc_defaults(m)
+        db = m.add("db", app_port=port, proxy_config={"protocol": "grpc"})
+        web = m.add("web", upstreams=({"name": "db", "config": {"idle_timeout_ms": 1000}},))
+        m.wait_passing(db)
+        wait_until(lambda: code_of(web.up["db"]) == grpc.StatusCode.OK, 30,
+                   "a gRPC call through web's outbound")
+        with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            c.initiate_connection()
+            c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16})
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                 (":authority", "db"), (":path", "/test.Echo/Who"),
+                                 ("content-type", "application/grpc"), ("te", "trailers")])
+            c.send_data(sid, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+            s.sendall(c.data_to_send())
+            t0 = time.monotonic()
+            head, got, reset = None, 0, None
+            while reset is None and time.monotonic() - t0 < 6:
+                s.settimeout(6)
+                try:
+                    data = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not data:
+                    break
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        head = dict(ev.headers)
+                    elif isinstance(ev, h2.events.DataReceived):
+                        got += len(ev.data)  # never acknowledged: the window stays shut
+                    elif isinstance(ev, h2.events.StreamReset):
+                        reset = (ev.error_code, time.monotonic() - t0)
+                s.sendall(c.data_to_send())
+            assert head is not None and head[b":status"] == b"200", head
+            assert got <= 16, got
+            assert reset is not None, "the stalled stream was never reset"
+            assert reset[0] == 8 and reset[1] < 4, reset  # CANCEL, about a second after
+    finally:
+        srv.stop(0)
+        drop_defaults(m)
+
+
+def test_outbound_request_timeout(mesh):
+    """local_request_timeout_ms on web's own Proxy.Config applies to its outbound streams as
+    to its HTTP/1.1 ones: a call the upstream answers too late gets UNAVAILABLE "upstream
+    request timeout" from web, and the next call on the same channel passes."""
+    m = mesh
+    srv, port = grpc_server()
+    try:
+        grpc_defaults(m)
+        db = m.add("db", app_port=port, proxy_config={"protocol": "grpc"})
+        web = m.add("web", upstreams=("db",), proxy_config={"local_request_timeout_ms": 500})
+        m.wait_passing(db)
+        wait_until(lambda: code_of(web.up["db"]) == grpc.StatusCode.OK, 30,
+                   "a gRPC call through web's outbound")
+        with grpc.insecure_channel(f"{LOOPBACK}:{web.up['db']}") as ch:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                call(ch, "Hold", b"3000")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+            assert e.value.details() == "upstream request timeout", e.value.details()
+            assert time.monotonic() - t0 < 2.5
+            assert json.loads(call(ch, "Who"))["who"] == "db"
+    finally:
         srv.stop(0)
         drop_defaults(m)
