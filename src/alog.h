@@ -28,6 +28,8 @@ struct alog_rec {
     const char *endpoint;    /* what we dialled: local application or upstream endpoint */
     const char *local_addr;  /* our address of the accepted connection */
     const char *remote_addr; /* peer address of the accepted connection */
+    const char *alpn;        /* inbound: the protocol the mesh hop's TLS selected by ALPN
+                                ("h2", "http/1.1"); NULL (not written) when none */
     uint64_t bytes_in;       /* from the accepted connection's peer */
     uint64_t bytes_out;      /* to the accepted connection's peer */
     uint64_t duration_ms;

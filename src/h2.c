@@ -1067,6 +1067,13 @@ size_t h2_open_streams(const struct h2_session *s)
     return s->nstreams;
 }
 
+uint32_t h2_peer_max_streams(const struct h2_session *s)
+{
+    uint32_t v =
+        nghttp2_session_get_remote_settings(s->ng, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+    return v > 1000u ? 1000u : v;
+}
+
 int h2_preface_check(const void *p, size_t n)
 {
     static const char preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -284,6 +284,11 @@ int64_t h2_send_window(const struct h2_session *s, int32_t stream_id);
 /* Streams open on the session now. */
 size_t h2_open_streams(const struct h2_session *s);
 
+/* The peer's SETTINGS_MAX_CONCURRENT_STREAMS: how many streams it lets us open at once (before
+ * its SETTINGS arrive, nghttp2's assumption of 100); capped at 1000 so a peer's "unlimited"
+ * does not make a connection take every stream. */
+uint32_t h2_peer_max_streams(const struct h2_session *s);
+
 /* The client connection preface's length ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"). */
 #define H2_PREFACE_LEN 24u
 /*

@@ -30,6 +30,17 @@
  * H1_HEAD_MAX for responses). Buffers are freed whenever the connection waits for a head with
  * nothing buffered, so an idle keep-alive connection holds none.
  *
+ * HTTP/2 far side (an http2 or grpc service or upstream): end[1] stays closed; each request is
+ * a stream on a shared h2up connection (h2c to the application inbound, session_dial_h2()
+ * outbound), its head translated by open_stream() and its bodies moved by exchange_h2() (the
+ * request's into aout, which the stream's read_body drains; the answer's DATA through ain,
+ * re-framed for the caller). The stream's callbacks only note what happened and kick the pump.
+ *
+ * Reuse: a request on a connection that carried an answer before is held (at most
+ * REPLAY_MAX) until its answer's first byte; if the connection ends before that byte (its peer
+ * closed it as idle while the request was on its way), the request is sent once more on a new
+ * connection (retry()).
+ *
  * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
  * interim response. A request refused locally (403, 503) that expects 100-continue and has a
  * body closes the connection after the answer, since the caller may or may not send the body.
@@ -42,6 +53,8 @@
  */
 #include "mux_h1.h"
 #include "h1parse.h"
+#include "h2.h"
+#include "h2up.h"
 #include "log.h"
 #include "pathnorm.h"
 #include "relay.h"
@@ -61,6 +74,7 @@
 #define MAX_HEADERS  100 /* Envoy's max_headers_count default; one more is 431 */
 #define LINGER_MS    1000
 #define LINGER_BYTES (256u * 1024u)
+#define REPLAY_MAX   (64u * 1024u) /* a request held for a retry: head and body */
 
 struct buf {
     char *p;
@@ -134,6 +148,41 @@ struct mux_h1 {
     uint64_t armed_at;          /* the deadline the timer is armed for; 0 when not armed */
     char xfcc[STREAM_XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
     struct buf target;          /* the request's normalized target (forwarded, or a redirect's) */
+    /* The keep-alive race: a request sent on a reused connection (end[1] served an answer
+     * before, here or in the pool) that the peer closed at that moment is lost before any
+     * byte of its answer, and can be sent again on a new connection. */
+    uint64_t app_served; /* answers end[1] carried in full; 0 for a new connection */
+    struct buf replay;   /* every byte queued to end[1] for this request, while replay_ok */
+    int replay_ok;       /* replay holds the whole request so far (at most REPLAY_MAX) */
+    int app_heard;       /* a byte of this request's answer (even a 1xx) came from end[1] */
+    int retried;         /* this request was sent again once already */
+    int resend;          /* the connection being made sends replay, not the request head */
+    int draining;        /* connectd drains: the current request is the last */
+    /* The far side speaks HTTP/2 (an http2 or grpc service or upstream): each request is a
+     * stream on a connection the worker's sessions share (h2up), end[1] stays closed, aout
+     * holds the request body's data for read_body and ain the response's DATA. */
+    int h2;
+    struct session *sess;    /* the session this is the codec of */
+    struct h2up_stream *h2s; /* the current request's stream; NULL when none or gone */
+    struct loop_defer kick;  /* runs pump() after a stream callback changed something */
+    int h2_deferred;         /* read_body said H2_BODY_DEFER: resume when bytes come */
+    int h2_end;              /* the far side's END_STREAM */
+    int h2_closed;           /* on_close came: h2_code, h2_up and h2_why say how */
+    uint32_t h2_code;
+    int h2_up;           /* the stream's connection had heard from its peer */
+    char h2_why[160];    /* on_close's words */
+    int te_trailers;     /* the caller sent TE: trailers */
+    int res_chunked;     /* the answer to the caller is chunked by us */
+    struct buf trailers; /* the answer's trailers, serialized, for a chunked answer */
+    char res_len[24];    /* the Content-Length value we write */
+    /* The stream's head as sent (h2hd: slices into h2held, fields in h2f), kept so that a
+     * stream the far side refused unprocessed can be opened again; replay then holds the
+     * body bytes read_body gave (replay_ok as for HTTP/1.1), sent again from replay_off. */
+    struct h2_out_head h2hd;
+    struct http_header *h2f; /* MAX_HEADERS + 8 slots, taken by the first stream */
+    struct buf h2held;
+    int h2_has_body;
+    size_t replay_off;
 };
 
 /* ---- buffers ---- */
@@ -197,6 +246,24 @@ static int append_head(struct buf *b, size_t need, const struct http_request *rq
     return n;
 }
 
+/*
+ * Keeps a copy of what was queued to the application (or upstream) since aout held <from>
+ * bytes, while the request may still be sent again; past REPLAY_MAX it no longer can be.
+ */
+static void hold(struct mux_h1 *m, size_t from)
+{
+    size_t n = m->aout.len - from;
+    if (!m->replay_ok || n == 0)
+        return;
+    if (m->replay.len + n > REPLAY_MAX) {
+        m->replay_ok = 0;
+        m->replay.len = 0;
+        buf_release(&m->replay);
+        return;
+    }
+    buf_add(&m->replay, m->aout.p + from, n);
+}
+
 static void mux_free(struct mux_h1 *m)
 {
     if (m == NULL)
@@ -206,6 +273,10 @@ static void mux_free(struct mux_h1 *m)
     free(m->ain.p);
     free(m->aout.p);
     free(m->target.p);
+    free(m->replay.p);
+    free(m->trailers.p);
+    free(m->h2held.p);
+    free(m->h2f);
     free(m);
 }
 
@@ -334,11 +405,16 @@ static const char *far_side(const struct mux_h1 *m)
 static void close_app(struct session *s)
 {
     struct mux_h1 *m = s->mux;
+    if (m->h2s != NULL) {
+        h2up_cancel(m->h2s, H2_CANCEL);
+        m->h2s = NULL;
+    }
     xprt_close(s->host->loop, &s->end[1]);
     m->ain.len = 0;
     m->aout.len = 0;
     m->app_writable = 0;
     m->app_keep = 0;
+    m->app_served = 0;
 }
 
 /* ---- local answers ---- */
@@ -459,6 +535,17 @@ static void next_stream(struct session *s)
     buf_release(&m->aout);
     m->target.len = 0;
     buf_release(&m->target);
+    m->replay.len = 0;
+    buf_release(&m->replay);
+    m->replay_ok = m->app_heard = m->retried = m->resend = 0;
+    m->h2_deferred = m->h2_end = m->h2_closed = m->h2_up = 0;
+    m->h2_code = H2_NO_ERROR;
+    m->te_trailers = m->res_chunked = 0;
+    m->trailers.len = 0;
+    buf_release(&m->trailers);
+    m->h2held.len = 0;
+    buf_release(&m->h2held);
+    m->replay_off = 0;
 }
 
 static void app_on_io(struct loop_io *io, unsigned events);
@@ -481,20 +568,21 @@ static int connect_app(struct session *s)
     loop_io_init(&s->end[1].io, fd, app_on_io, s);
     m->app_writable = 0;
     m->app_keep = 1;
+    m->app_served = 0;
     m->connect_start_ms = loop_now_ms(s->host->loop);
     m->phase = P_CONNECT;
     return 0;
 }
 
 /*
- * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
- * Proto and X-Request-Id, consumes its head from cin and enters EXCHANGE.
+ * The fields every forwarded request gets, whatever the far side speaks: inbound, XFCC and
+ * X-Forwarded-Proto replacing the caller's, and X-Request-Id kept or made. Fills <extra> (room
+ * for 4) and returns their count; the caller's fields they replace are flagged hop-by-hop.
  */
-static void forward_head(struct session *s)
+static size_t forwarded_fields(struct session *s, struct http_header *extra)
 {
     struct mux_h1 *m = s->mux;
     struct http_request *rq = &m->rq;
-    struct http_header extra[8];
     size_t nx = 0;
     int have_id = 0;
     for (size_t i = 0; i < rq->nheaders; i++) {
@@ -519,12 +607,32 @@ static void forward_head(struct session *s)
         EXTRA("X-Forwarded-Proto", "https");
     }
     /* Outbound, the upstream's sidecar generates a missing id (adding one here could take
-     * a head of 100 fields over its limit), and an HTTP/1.0 request without Host gets the
-     * upstream's name, which the next hop (HTTP/1.1) requires. */
+     * a head of 100 fields over its limit). */
     if (!have_id && !m->outbound) {
         stream_new_request_id(&m->st);
         EXTRA("X-Request-Id", m->st.request_id);
     }
+#undef EXTRA
+    return nx;
+}
+
+/*
+ * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
+ * Proto and X-Request-Id, consumes its head from cin and enters EXCHANGE.
+ */
+static void forward_head(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_request *rq = &m->rq;
+    struct http_header extra[8];
+    size_t nx = forwarded_fields(s, extra);
+#define EXTRA(n, v)                                                                                \
+    extra[nx++] = (struct http_header)                                                             \
+    {                                                                                              \
+        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
+    }
+    /* Outbound, an HTTP/1.0 request without Host gets the upstream's name, which the next
+     * hop (HTTP/1.1) requires. */
     if (m->outbound && rq->host.p == NULL)
         EXTRA("Host", s->up->cfg->destination_name);
     if (rq->framing == HTTP_BODY_CHUNKED)
@@ -534,14 +642,79 @@ static void forward_head(struct session *s)
         extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rq->upgrade};
     }
 #undef EXTRA
+    size_t from = m->aout.len;
     if (append_head(&m->aout, m->rq_len + 1024 + strlen(m->xfcc), rq, NULL, extra, nx) < 0) {
         local_answer(s, STREAM_RES_BAD_REQUEST, 1, "the request head cannot be forwarded");
         return;
     }
+    /* Only a reused connection may have been closed by its peer while idle: a request on it
+     * is held until its answer starts, so that it can be sent again (see retry()). */
+    m->replay.len = 0;
+    m->replay_ok = m->app_served > 0 && !m->retried;
+    hold(m, from);
     buf_consume(&m->cin, m->rq_len);
+    m->rq_len = 0;              /* what a failure before the answer must still drop from cin */
     memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
     m->res_head_done = 0;
     m->phase = P_EXCHANGE;
+}
+
+/* The new connection of a retry is up: the held request goes out again, byte for byte. */
+static void resend(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct buf empty = m->aout; /* close_app() emptied it */
+    m->aout = m->replay;
+    m->replay = empty;
+    m->replay.len = 0;
+    m->replay_ok = 0;
+    m->resend = 0;
+    m->res_head_done = 0;
+    m->phase = P_EXCHANGE;
+}
+
+/* A connection for the current request is up: its head goes out, or a retry's bytes. */
+static void send_request(struct session *s)
+{
+    if (s->mux->resend)
+        resend(s);
+    else
+        forward_head(s);
+}
+
+/*
+ * The keep-alive race (RFC 9112 section 9.3.1): the request went out on a connection that had
+ * carried answers before, and that connection ended (<what>) before any byte of this one's:
+ * its peer most likely closed it as idle while the request was on its way, so nobody acted on
+ * the request. It is sent once more, as it was, on a new connection (outbound a fresh dial, not
+ * another pooled one, which may have idled as long), as Envoy does. Only a request held in
+ * full (replay_ok) is retried, and never twice: a new connection that fails the same way is a
+ * real failure, answered as before.
+ */
+static void retry(struct session *s, const char *what)
+{
+    struct mux_h1 *m = s->mux;
+    LOG_DEBUG("conn=%llu stream=%llu %s %s before any answer on a reused connection: sending "
+              "the request again on a new one",
+              (unsigned long long)s->id, (unsigned long long)m->st.seq, far_side(m), what);
+    m->retried = 1;
+    m->resend = 1;
+    /* Before any answer these were set only by a failed write to the lost connection. */
+    m->app_wr_dead = 0;
+    m->close_after = 0;
+    m->req_sent_ms = 0;
+    close_app(s);
+    if (m->outbound) {
+        m->phase = P_DIAL;
+        session_redial_upstream(s);
+        return;
+    }
+    int rc = connect_app(s);
+    if (rc < 0) {
+        char msg[400];
+        snprintf(msg, sizeof(msg), "connect %s: %s", s->ep_name, util_strerror(rc));
+        local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
+    }
 }
 
 /* The path and query of an absolute-form target ("http://host/p?q" -> "/p?q"; none -> "/"). */
@@ -559,6 +732,465 @@ static struct http_slice absolute_path(struct http_slice t)
     return (struct http_slice){"/", 1};
 }
 
+/* ---- the far side over HTTP/2 (h2up) ---- */
+
+static void pump(struct session *s);
+
+static void kick_run(struct loop_defer *d)
+{
+    struct mux_h1 *m = (struct mux_h1 *)((char *)d - offsetof(struct mux_h1, kick));
+    struct session *s = m->sess;
+    /* Queued before the session finished, it runs before the session's memory goes (the
+     * deferred calls run in order), and finds it done. */
+    if (s->state == S_DONE || s->mux != m || m->phase == P_DIAL)
+        return;
+    pump(s);
+}
+
+/*
+ * A stream callback changed what the pump works on. The pump runs after this dispatch round,
+ * not inside the callback: the stream's connection is in the middle of its own I/O then.
+ */
+static void kick(struct session *s)
+{
+    if (s->state != S_DONE)
+        loop_defer(s->host->loop, &s->mux->kick, kick_run);
+}
+
+/* The reason phrase written for a status that came without one (HTTP/2 has none). */
+static const char *status_reason(int status)
+{
+    switch (status) {
+    case 100:
+        return "Continue";
+    case 103:
+        return "Early Hints";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 206:
+        return "Partial Content";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 304:
+        return "Not Modified";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 500:
+        return "Internal Server Error";
+    default:
+        return status >= 400 ? reason_phrase(status) : "";
+    }
+}
+
+/* Whether a field value may go into an HTTP/1.1 head as it is (no CR, LF or NUL). */
+static int h1_value_ok(struct http_slice v)
+{
+    for (size_t i = 0; i < v.len; i++)
+        if (v.p[i] == '\r' || v.p[i] == '\n' || v.p[i] == '\0')
+            return 0;
+    return 1;
+}
+
+/* Notes a gRPC status for the stream's record (from the head of a trailers-only answer, or
+ * from the trailers). */
+static void note_grpc_status(struct mux_h1 *m, const struct http_header *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (h1_slice_eq(f[i].name, "grpc-status") && f[i].value.len < sizeof(m->st.grpc_status)) {
+            memcpy(m->st.grpc_status, f[i].value.p, f[i].value.len);
+            m->st.grpc_status[f[i].value.len] = '\0';
+        }
+}
+
+/* The far side's answer to a stream that is no longer being served, or cannot be translated:
+ * connectd answers 502 itself. */
+static void bad_h2_answer(struct session *s, const char *why)
+{
+    struct mux_h1 *m = s->mux;
+    close_app(s);
+    local_answer(s, STREAM_RES_BAD_RESPONSE, !m->req.done, why);
+    kick(s);
+}
+
+/*
+ * A response head from the far side: an interim one goes to an HTTP/1.1 caller as it is; the
+ * final one is written as an HTTP/1.1 head whose framing is ours: Content-Length when the far
+ * side gave one (or ended the stream with the head), else chunked for an HTTP/1.1 caller and
+ * until-close for an HTTP/1.0 one.
+ */
+static int h2_on_head(void *owner, const struct h2_head *hd)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    struct http_header extra[3];
+    size_t nx = 0;
+    if (m->phase != P_EXCHANGE || m->res_head_done)
+        return 0;
+    m->app_heard = 1; /* processed: never opened again */
+    if (hd->nheaders > MAX_HEADERS) {
+        bad_h2_answer(s, "the answer has too many fields for HTTP/1.1");
+        return 0;
+    }
+    for (size_t i = 0; i < hd->nheaders; i++) {
+        m->rs_h[i] = hd->headers[i];
+        m->rs_h[i].flags = 0;
+        if (!h1_value_ok(m->rs_h[i].value)) {
+            bad_h2_answer(s, "an answer field cannot be written in HTTP/1.1");
+            return 0;
+        }
+        /* Our own framing replaces the far side's. */
+        if (h1_slice_eq(m->rs_h[i].name, "content-length"))
+            m->rs_h[i].flags |= HTTP_HDR_HOP;
+    }
+    memset(&m->rs, 0, sizeof(m->rs));
+    m->rs.headers = m->rs_h;
+    m->rs.headers_cap = MAX_HEADERS;
+    m->rs.nheaders = hd->nheaders;
+    m->rs.status = hd->status;
+    const char *reason = status_reason(hd->status);
+    m->rs.reason = (struct http_slice){reason, strlen(reason)};
+    if (hd->status < 200) {
+        /* 100 Continue, 103 Early Hints (HTTP/2 has no 101). */
+        if (m->minor == 1 && append_head(&m->cout, 1024, NULL, &m->rs, NULL, 0) < 0) {
+            bad_h2_answer(s, "the interim answer cannot be forwarded");
+            return 0;
+        }
+        kick(s);
+        return 0;
+    }
+#define EXTRA(n, v)                                                                                \
+    extra[nx++] = (struct http_header)                                                             \
+    {                                                                                              \
+        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
+    }
+    enum http_framing f;
+    int nobody = m->method == HTTP_METHOD_HEAD || hd->status == 204 || hd->status == 304;
+    memset(&m->res, 0, sizeof(m->res));
+    if (nobody) {
+        f = HTTP_BODY_NONE;
+        /* A HEAD's or a 304's Content-Length tells of the body a GET would get: kept. */
+        if (hd->content_length >= 0 && hd->status != 204) {
+            snprintf(m->res_len, sizeof(m->res_len), "%lld", (long long)hd->content_length);
+            EXTRA("Content-Length", m->res_len);
+        }
+    } else if (hd->end_stream || hd->content_length >= 0) {
+        f = HTTP_BODY_LENGTH;
+        snprintf(m->res_len, sizeof(m->res_len), "%lld",
+                 hd->end_stream ? 0LL : (long long)hd->content_length);
+        EXTRA("Content-Length", m->res_len);
+    } else if (m->minor == 1) {
+        f = HTTP_BODY_CHUNKED;
+        m->res_chunked = 1;
+        EXTRA("Transfer-Encoding", "chunked");
+    } else {
+        f = HTTP_BODY_UNTIL_CLOSE;
+    }
+    m->res.framing = f;
+    int keep = m->req_keep && !m->close_after && f != HTTP_BODY_UNTIL_CLOSE;
+    m->close_after = !keep;
+    if (!keep)
+        EXTRA("Connection", "close");
+    else if (m->minor == 0)
+        EXTRA("Connection", "keep-alive");
+#undef EXTRA
+    if (append_head(&m->cout, 4096, NULL, &m->rs, extra, nx) < 0) {
+        bad_h2_answer(s, "the response head cannot be forwarded");
+        return 0;
+    }
+    note_grpc_status(m, hd->headers, hd->nheaders);
+    m->st.status = hd->status;
+    m->res_head_done = 1;
+    kick(s);
+    return 0;
+}
+
+/* Answer DATA waits in ain until the caller's side has room (see exchange_h2()). */
+static int h2_on_data(void *owner, const uint8_t *p, size_t len)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    if (m->phase != P_EXCHANGE || !m->res_head_done) {
+        h2up_consume(m->h2s, len); /* no one takes it: the window must not close for others */
+        return 0;
+    }
+    buf_add(&m->ain, p, len);
+    kick(s);
+    return 0;
+}
+
+/*
+ * Trailers: an HTTP/1.1 caller gets them only in a chunked answer and only when it said
+ * "TE: trailers" (RFC 9110 section 6.5.1 lets a recipient drop them); gRPC's status among
+ * them is noted for the record either way.
+ */
+static int h2_on_trailers(void *owner, const struct http_header *f, size_t n)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    note_grpc_status(m, f, n);
+    if (!m->res_chunked || !m->te_trailers)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!h1_value_ok(f[i].value))
+            continue;
+        buf_add(&m->trailers, f[i].name.p, f[i].name.len);
+        buf_add(&m->trailers, ": ", 2);
+        buf_add(&m->trailers, f[i].value.p, f[i].value.len);
+        buf_add(&m->trailers, "\r\n", 2);
+    }
+    return 0;
+}
+
+static void h2_on_end(void *owner)
+{
+    struct session *s = owner;
+    s->mux->h2_end = 1;
+    kick(s);
+}
+
+static void h2_on_close(void *owner, uint32_t code, const char *why)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    m->h2_up = h2up_established(h2up_stream_conn(m->h2s));
+    m->h2s = NULL;
+    m->h2_closed = 1;
+    m->h2_code = code;
+    snprintf(m->h2_why, sizeof(m->h2_why), "%s", why != NULL ? why : "closed");
+    kick(s);
+}
+
+/* The request body for the stream: what exchange_h2() decoded into aout. */
+static ssize_t h2_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *flags)
+{
+    struct session *s = owner;
+    struct mux_h1 *m = s->mux;
+    size_t n;
+    if (m->retried && m->replay_off < m->replay.len) {
+        /* A refused stream opened again: what the first one sent goes first. */
+        n = m->replay.len - m->replay_off < cap ? m->replay.len - m->replay_off : cap;
+        memcpy(buf, m->replay.p + m->replay_off, n);
+        m->replay_off += n;
+        if (m->replay_off == m->replay.len && m->req.done && m->aout.len == 0)
+            *flags |= H2_BODY_EOF;
+        return (ssize_t)n;
+    }
+    n = m->aout.len < cap ? m->aout.len : cap;
+    if (n > 0) {
+        memcpy(buf, m->aout.p, n);
+        buf_consume(&m->aout, n);
+        if (m->replay_ok && !m->retried) {
+            /* Held until the far side answers, in case it refuses the stream unprocessed. */
+            m->replay_ok = m->replay.len + n <= REPLAY_MAX;
+            if (m->replay_ok)
+                buf_add(&m->replay, buf, n);
+            else
+                m->replay.len = 0;
+        }
+        kick(s); /* room for more of the caller's body */
+    }
+    if (m->req.done && m->aout.len == 0) {
+        *flags |= H2_BODY_EOF;
+    } else if (n == 0) {
+        m->h2_deferred = 1;
+        return H2_BODY_DEFER;
+    }
+    return (ssize_t)n;
+}
+
+static const struct h2up_stream_ops h2_ops = {
+    .on_head = h2_on_head,
+    .on_data = h2_on_data,
+    .on_trailers = h2_on_trailers,
+    .on_end = h2_on_end,
+    .on_close = h2_on_close,
+    .read_body = h2_read_body,
+};
+
+/*
+ * Opens the request being served as a stream on <c>: the request line and Host become the
+ * pseudo-fields (:authority from Host, else the service's or upstream's name), hop-by-hop
+ * fields stay behind but "TE: trailers" is kept, and inbound the forwarded fields are added.
+ * The head leaves cin and EXCHANGE follows. Returns 0, or -1 when <c> takes no stream.
+ */
+static struct http_slice copy_slice(char **p, struct http_slice src)
+{
+    struct http_slice out = {*p, src.len};
+    if (src.len > 0)
+        memcpy(*p, src.p, src.len);
+    *p += src.len;
+    return out;
+}
+
+/* Copies head <hd> into the codec (h2hd, h2f, h2held): the stream can be opened again after
+ * the head left cin. */
+static void hold_head(struct mux_h1 *m, const struct h2_out_head *hd)
+{
+    size_t total = hd->method.len + hd->scheme.len + hd->authority.len + hd->path.len + 1;
+    for (size_t i = 0; i < hd->nheaders; i++)
+        total += hd->headers[i].name.len + hd->headers[i].value.len;
+    m->h2held.len = 0;
+    buf_reserve(&m->h2held, total);
+    if (m->h2f == NULL)
+        m->h2f = xcalloc(MAX_HEADERS + 8, sizeof(*m->h2f));
+    char *p = m->h2held.p;
+    m->h2hd = (struct h2_out_head){
+        .method = copy_slice(&p, hd->method),
+        .scheme = copy_slice(&p, hd->scheme),
+        .authority = copy_slice(&p, hd->authority),
+        .path = copy_slice(&p, hd->path),
+        .headers = m->h2f,
+        .nheaders = hd->nheaders,
+    };
+    for (size_t i = 0; i < hd->nheaders; i++) {
+        m->h2f[i].name = copy_slice(&p, hd->headers[i].name);
+        m->h2f[i].value = copy_slice(&p, hd->headers[i].value);
+        m->h2f[i].flags = hd->headers[i].flags;
+    }
+    m->h2held.len = (size_t)(p - m->h2held.p);
+}
+
+static int open_stream(struct session *s, struct h2up_conn *c)
+{
+    struct mux_h1 *m = s->mux;
+    if (m->retried) {
+        /* Again, as it was sent the first time (see retry_h2()). */
+        m->h2s = h2up_open(c, &m->h2hd, m->h2_has_body, &h2_ops, s);
+        if (m->h2s == NULL)
+            return -1;
+        m->h2_deferred = m->h2_end = m->h2_closed = 0;
+        m->replay_off = 0;
+        m->res_head_done = 0;
+        m->phase = P_EXCHANGE;
+        return 0;
+    }
+    struct http_request *rq = &m->rq;
+    struct http_header f[MAX_HEADERS + 8], extra[4];
+    size_t n = 0, nx = forwarded_fields(s, extra);
+    for (size_t i = 0; i < rq->nheaders; i++)
+        if (!(rq->headers[i].flags & HTTP_HDR_DROP))
+            f[n++] = rq->headers[i];
+    for (size_t i = 0; i < nx; i++)
+        f[n++] = extra[i];
+    if (m->te_trailers)
+        f[n++] = (struct http_header){.name = {"te", 2}, .value = {"trailers", 8}};
+    const char *name = m->outbound ? s->up->cfg->destination_name : s->snap->cfg.service;
+    struct h2_out_head hd = {
+        .method = rq->method_name,
+        .scheme = m->outbound ? (struct http_slice){"http", 4} : (struct http_slice){"https", 5},
+        .authority = rq->host.len > 0 ? rq->host : (struct http_slice){name, strlen(name)},
+        .path = rq->target_form == HTTP_TARGET_ABSOLUTE ? absolute_path(rq->target) : rq->target,
+        .headers = f,
+        .nheaders = n,
+    };
+    hold_head(m, &hd);
+    m->h2_has_body = !m->req.done;
+    m->h2s = h2up_open(c, &m->h2hd, m->h2_has_body, &h2_ops, s);
+    if (m->h2s == NULL)
+        return -1;
+    m->h2_deferred = m->h2_end = m->h2_closed = 0;
+    m->replay.len = 0;
+    m->replay_ok = 1;
+    buf_consume(&m->cin, m->rq_len);
+    m->rq_len = 0;
+    memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
+    m->res_head_done = 0;
+    m->phase = P_EXCHANGE;
+    return 0;
+}
+
+/* The address of the local application, for logs and records. */
+static void app_name(struct session *s)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    if (c->local_socket_path[0] != '\0')
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+    else
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+}
+
+/*
+ * Inbound, an http2 or grpc service: the worker's shared h2c connection to the application
+ * ("app|<address>", as mux_h2 shares it), or unless <fresh> finds one, a new one whose
+ * connect is under way (the stream waits in it; a refused connect closes the stream). NULL
+ * when the connect failed at once (*<err> set).
+ */
+static struct h2up_conn *app_conn(struct session *s, int fresh, int *err)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    char key[sizeof(c->local_socket_path) + 64];
+    session_app_h2_key(s, key, sizeof(key));
+    app_name(s);
+    struct h2up_conn *hc = fresh ? NULL : h2up_find(s->host->h2up, key, NULL);
+    if (hc != NULL)
+        return hc;
+    int fd = c->local_socket_path[0] != '\0' ? sock_connect_unix(c->local_socket_path)
+                                             : sock_connect(c->local_address, c->local_port);
+    if (fd < 0) {
+        *err = fd;
+        return NULL;
+    }
+    struct xprt x = {.fd = fd};
+    loop_io_init(&x.io, fd, NULL, NULL);
+    hc = h2up_adopt(s->host->h2up, key, NULL, &x, s->ep_name);
+    h2up_set_connect_timeout(hc, c->local_connect_timeout_ms);
+    return hc;
+}
+
+/* Inbound: the allowed request goes to the application as a stream (503 when it cannot). */
+static void start_app_stream(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    int err = -ECONNREFUSED;
+    char msg[400];
+    /* A shared connection that takes no stream after all (its ids spent): a new one. */
+    for (int fresh = 0; fresh < 2; fresh++) {
+        struct h2up_conn *hc = app_conn(s, fresh, &err);
+        if (hc == NULL)
+            break;
+        if (open_stream(s, hc) == 0)
+            return;
+        err = -ESHUTDOWN;
+    }
+    snprintf(msg, sizeof(msg), "connect %s: %s", s->ep_name, util_strerror(err));
+    buf_consume(&m->cin, m->rq_len);
+    memset(&m->rq, 0, sizeof(m->rq));
+    local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
+}
+
+/* Whether a TE field of the request names "trailers" among its codings. */
+static int wants_trailers(const struct http_request *rq)
+{
+    for (size_t i = 0; i < rq->nheaders; i++) {
+        const struct http_header *h = &rq->headers[i];
+        if (!h1_slice_eq(h->name, "te"))
+            continue;
+        const char *p = h->value.p, *end = p + h->value.len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                p++;
+            const char *t = p;
+            while (p < end && *p != ',' && *p != ';' && *p != ' ' && *p != '\t')
+                p++;
+            if (h1_slice_eq((struct http_slice){t, (size_t)(p - t)}, "trailers"))
+                return 1;
+            while (p < end && *p != ',')
+                p++;
+        }
+    }
+    return 0;
+}
+
 /* A complete request head of <n> bytes is at the start of cin. */
 static void on_head(struct session *s, size_t n)
 {
@@ -571,12 +1203,30 @@ static void on_head(struct session *s, size_t n)
     m->head_start_ms = 0;
     m->method = rq->method;
     m->minor = rq->minor_version;
-    m->req_keep = (rq->flags & HTTP_F_KEEP_ALIVE) != 0;
+    m->req_keep = (rq->flags & HTTP_F_KEEP_ALIVE) != 0 && !m->draining;
     m->upgrade = (rq->flags & HTTP_F_UPGRADE) != 0;
     m->expect = (rq->flags & HTTP_F_EXPECT_CONTINUE) != 0;
     body_init(&m->req, rq->framing, rq->content_length);
+    if (m->h2) {
+        /* HTTP/2 frames the body itself (DATA), and has no Upgrade. */
+        m->req.dechunk = 1;
+        m->upgrade = 0;
+        m->te_trailers = wants_trailers(rq);
+    }
     if (rq->flags & HTTP_F_EXPECT_OTHER) {
         local_answer(s, STREAM_RES_EXPECTATION_FAILED, 1, "unsupported Expect");
+        return;
+    }
+    if (m->h2 && rq->method == HTTP_METHOD_CONNECT && m->outbound) {
+        buf_consume(&m->cin, m->rq_len);
+        memset(rq, 0, sizeof(*rq));
+        local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
+        return;
+    }
+    if (m->outbound && m->h2) {
+        /* Each request a stream on a shared HTTP/2 connection (session_dial_h2). */
+        m->phase = P_DIAL;
+        session_dial_h2(s);
         return;
     }
     if (m->outbound) {
@@ -622,6 +1272,16 @@ static void on_head(struct session *s, size_t n)
     /* The application is given the normalized target, in origin form. */
     rq->target = (struct http_slice){m->target.p, tlen};
     rq->target_form = sr.origin ? HTTP_TARGET_ORIGIN : rq->target_form;
+    if (m->h2 && rq->method == HTTP_METHOD_CONNECT) {
+        buf_consume(&m->cin, m->rq_len);
+        memset(rq, 0, sizeof(*rq));
+        local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
+        return;
+    }
+    if (m->h2) {
+        start_app_stream(s);
+        return;
+    }
     if (s->end[1].fd < 0) {
         int rc = connect_app(s);
         if (rc < 0) {
@@ -795,6 +1455,12 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
 {
     struct mux_h1 *m = s->mux;
     stream_finish(s, &m->st, r, why);
+    if (m->h2s != NULL) {
+        /* The answer is complete but the stream is not (the far side did not read the whole
+         * request): it is reset, and the caller's connection closes (the body is unread). */
+        h2up_cancel(m->h2s, H2_CANCEL);
+        m->h2s = NULL;
+    }
     if (!m->req.done) {
         /* Where the next request starts is unknown, and the application got part of a body. */
         m->close_after = 1;
@@ -802,6 +1468,8 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
     }
     if (m->ain.len > 0)
         m->app_keep = 0; /* bytes after a complete answer: the application is out of step */
+    if (r == STREAM_RES_OK && m->app_keep && s->end[1].fd >= 0)
+        m->app_served++;
     if (m->close_after) {
         m->phase = P_CLOSING;
         m->linger_start_ms = loop_now_ms(s->host->loop);
@@ -816,6 +1484,140 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
     if (s->end[1].fd >= 0 && !m->app_keep)
         close_app(s);
     next_stream(s);
+}
+
+/*
+ * The far side refused the stream before processing it (REFUSED_STREAM, or above the last
+ * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried): it is
+ * opened once more, with the head and the body bytes held (at most REPLAY_MAX), on another
+ * connection when the refusing one drains (outbound a new dial, which may pick another
+ * endpoint).
+ */
+static void retry_h2(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    LOG_DEBUG("conn=%llu stream=%llu %s %s refused the stream unprocessed (%s): opening it "
+              "again",
+              (unsigned long long)s->id, (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+              m->h2_why);
+    m->retried = 1;
+    m->h2_closed = m->h2_end = m->h2_deferred = 0;
+    m->h2_code = H2_NO_ERROR;
+    m->req_sent_ms = 0;
+    if (m->outbound) {
+        m->phase = P_DIAL;
+        session_dial_h2(s);
+        return;
+    }
+    start_app_stream(s);
+}
+
+/*
+ * EXCHANGE when the far side speaks HTTP/2: the request body goes from cin to aout (decoded
+ * from its chunks), where read_body takes it; the answer's DATA waits in ain and goes to cout
+ * in the caller's framing, each byte given back to the stream's window (h2up_consume) only as
+ * it goes, so the far side sends no more than the caller takes. Returns 1 when the session
+ * ended (the pump returns at once), else 0, with *<progress> set when something moved.
+ */
+static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
+{
+    struct mux_h1 *m = s->mux;
+    const char *why = NULL;
+    char msg[sizeof(s->ep_name) + sizeof(m->h2_why) + 64];
+    /* The stream ended before its answer did (checked first: a retry needs every body
+     * byte, which the code below would drop once the stream is gone). */
+    if (m->h2_closed && !m->h2_end) {
+        if (!m->res_head_done && m->h2_code == H2_REFUSED_STREAM && !m->app_heard && m->replay_ok &&
+            !m->retried) {
+            retry_h2(s);
+            *progress = 1;
+            return 0;
+        }
+        if (!m->res_head_done) {
+            int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
+            snprintf(msg, sizeof(msg), "%s %s: %s before its answer", far_side(m), s->ep_name,
+                     m->h2_why);
+            close_app(s);
+            /* As for HTTP/1.1: a failed connect or a reset before the head is 503. */
+            local_answer(s,
+                         !connect      ? STREAM_RES_LOCAL_RESET
+                         : m->outbound ? STREAM_RES_UPSTREAM_CONNECT_ERROR
+                                       : STREAM_RES_LOCAL_CONNECT_ERROR,
+                         m->expect && !m->req.done, msg);
+            *progress = 1;
+            return 0;
+        }
+        snprintf(msg, sizeof(msg), "%s %s: %s in the middle of its answer", far_side(m), s->ep_name,
+                 m->h2_why);
+        abort_conn(s, SESSION_RES_ERROR, msg);
+        return 1;
+    }
+    if (!m->req.done) {
+        size_t before = m->aout.len;
+        ssize_t k = body_move(&m->req, &m->cin, m->h2s != NULL ? &m->aout : NULL, &why);
+        if (k < 0) {
+            if (m->res_head_done) {
+                abort_conn(s, SESSION_RES_ERROR, why);
+                return 1;
+            }
+            close_app(s);
+            local_answer(s, STREAM_RES_BAD_REQUEST, 1, why);
+            *progress = 1;
+            return 0;
+        }
+        if (k > 0) {
+            m->st.bytes_in += (uint64_t)k;
+            *progress = 1;
+        }
+        if ((m->aout.len > before || m->req.done) && m->h2_deferred && m->h2s != NULL) {
+            m->h2_deferred = 0;
+            h2up_resume(m->h2s);
+        }
+        if (!m->req.done && m->cin.len < IO_CHUNK) {
+            ssize_t n = read_into(s, 0, &m->cin, IO_CHUNK, wants0);
+            if (n > 0) {
+                *progress = 1;
+            } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
+                abort_conn(s, SESSION_RES_OK, "the caller closed in the middle of a request");
+                return 1;
+            }
+        }
+    }
+    if (m->req.done && m->aout.len == 0 && m->req_sent_ms == 0)
+        m->req_sent_ms = loop_now_ms(s->host->loop);
+    if (m->res_head_done && !m->res.done) {
+        if (m->ain.len > 0 && m->cout.len < IO_CHUNK) {
+            size_t k = m->ain.len < IO_CHUNK ? m->ain.len : IO_CHUNK;
+            if (m->res.framing != HTTP_BODY_NONE) {
+                char size[24];
+                int hn = snprintf(size, sizeof(size), "%zx\r\n", k);
+                if (m->res_chunked)
+                    buf_add(&m->cout, size, (size_t)hn);
+                buf_add(&m->cout, m->ain.p, k);
+                if (m->res_chunked)
+                    buf_add(&m->cout, "\r\n", 2);
+            }
+            buf_consume(&m->ain, k);
+            if (m->h2s != NULL)
+                h2up_consume(m->h2s, k);
+            *progress = 1;
+        }
+        if (m->h2_end && m->ain.len == 0) {
+            if (m->res_chunked) {
+                buf_add(&m->cout, "0\r\n", 3);
+                if (m->trailers.len > 0)
+                    buf_add(&m->cout, m->trailers.p, m->trailers.len);
+                buf_add(&m->cout, "\r\n", 2);
+            }
+            m->res.done = 1;
+            *progress = 1;
+        }
+    }
+    if (m->res_head_done && m->res.done && m->cout.len == 0) {
+        stream_done(s, STREAM_RES_OK, NULL);
+        *progress = 1;
+    }
+    return 0;
 }
 
 /*
@@ -934,7 +1736,7 @@ static void pump_run(struct session *s)
                 memset(&m->rq, 0, sizeof(m->rq));
                 local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
             } else {
-                forward_head(s);
+                send_request(s);
             }
             progress = 1;
             break;
@@ -942,8 +1744,15 @@ static void pump_run(struct session *s)
         case P_DIAL:
             break; /* returned above */
         case P_EXCHANGE: {
-            /* The request body: caller -> application (or dropped). */
-            if (!m->req.done) {
+            if (m->h2) {
+                if (exchange_h2(s, &wants[0], &progress) != 0)
+                    return;
+                break;
+            }
+            /* The request body: caller -> application (or dropped). While the request may
+             * be retried, a failed write stops it instead (the answer or the end decides). */
+            if (!m->req.done && !(m->app_wr_dead && m->replay_ok)) {
+                size_t from = m->aout.len;
                 ssize_t k = body_move(&m->req, &m->cin, m->app_wr_dead ? NULL : &m->aout, &why);
                 if (k < 0) {
                     if (m->res_head_done) {
@@ -957,6 +1766,7 @@ static void pump_run(struct session *s)
                 }
                 if (k > 0) {
                     m->st.bytes_in += (uint64_t)k;
+                    hold(m, from);
                     progress = 1;
                 }
                 if (!m->req.done && m->cin.len < IO_CHUNK) {
@@ -1009,6 +1819,13 @@ static void pump_run(struct session *s)
                 } else if (m->ain.len < ain_max) {
                     n = read_into(s, 1, &m->ain, ain_max, &wants[1]);
                     if (n > 0) {
+                        if (!m->app_heard) {
+                            /* It reached someone: it is not sent again. */
+                            m->app_heard = 1;
+                            m->replay_ok = 0;
+                            m->replay.len = 0;
+                            buf_release(&m->replay);
+                        }
                         progress = 1;
                     } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
                         const char *what = n == 0 ? "closed" : xprt_error(&s->end[1], (int)n);
@@ -1016,6 +1833,11 @@ static void pump_run(struct session *s)
                             m->res.done = 1;
                             m->app_keep = 0;
                             progress = 1;
+                        } else if (!m->res_head_done && !m->app_heard && m->replay_ok &&
+                                   !m->retried) {
+                            retry(s, what);
+                            progress = 1;
+                            break;
                         } else if (!m->res_head_done) {
                             snprintf(msg, sizeof(msg), "%s %s before its answer", far_side(m),
                                      what);
@@ -1207,6 +2029,11 @@ static void mux_start(struct session *s)
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
     m->outbound = !s->inbound;
+    m->sess = s;
+    /* The far side speaks HTTP/2 when the service (inbound) or the upstream is http2 or grpc:
+     * an h2c application, or an HTTP/2 mesh hop. */
+    int far = m->outbound ? s->up->protocol : c->protocol;
+    m->h2 = far == PROTO_HTTP2 || far == PROTO_GRPC;
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
@@ -1236,9 +2063,21 @@ static void mux_dialled(struct session *s, const char *why)
         buf_consume(&m->cin, m->rq_len);
         memset(&m->rq, 0, sizeof(m->rq));
         local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
+    } else if (m->h2) {
+        struct h2up_conn *c = s->h2c;
+        s->h2c = NULL;
+        if (c == NULL || open_stream(s, c) != 0) {
+            char msg[400];
+            snprintf(msg, sizeof(msg), "upstream %s: the HTTP/2 connection to %s takes no stream",
+                     s->up->cfg->destination_name, s->ep_name);
+            buf_consume(&m->cin, m->rq_len);
+            memset(&m->rq, 0, sizeof(m->rq));
+            local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
+        }
     } else {
         m->app_keep = 1;
-        forward_head(s);
+        m->app_served = s->dial_pooled ? 1 : 0;
+        send_request(s);
     }
     s->last_io_ms = loop_now_ms(s->host->loop);
     if (!m->in_pump)
@@ -1252,11 +2091,38 @@ static void mux_on_finish(struct session *s, const char *reason)
     struct mux_h1 *m = s->mux;
     if (m != NULL && m->phase != P_HEAD && m->phase != P_CLOSING)
         stream_finish(s, &m->st, STREAM_RES_ABORTED, reason);
+    if (m != NULL && m->h2s != NULL) {
+        h2up_cancel(m->h2s, H2_CANCEL);
+        m->h2s = NULL;
+    }
     /* Outbound, between requests: a kept-alive upstream connection serves the application's
      * next connection (session_pool_put decides whether it may). */
     if (m != NULL && m->outbound && m->phase == P_HEAD && s->state == S_HTTP && m->app_keep &&
         s->end[1].fd >= 0 && m->ain.len == 0 && m->aout.len == 0 && !s->end[1].rd_eof)
         session_pool_put(s);
+}
+
+/*
+ * connectd drains: a connection between requests with nothing buffered ends now; one in the
+ * middle of a request gets its answer (with "Connection: close" when its head is still to be
+ * written) and then closes, as Envoy's HTTP/1.1 codec does while draining, so that idle
+ * keep-alive connections do not hold connectd until -drain-timeout.
+ */
+static void mux_drain(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    if (m == NULL || m->draining)
+        return;
+    m->draining = 1;
+    if (m->phase == P_HEAD && m->cin.len == 0 && m->cout.len == 0) {
+        session_finish(s, SESSION_RES_OK, "drained: closed between requests");
+        return;
+    }
+    if (m->phase == P_HEAD || m->phase == P_CLOSING)
+        return; /* a head under way is the last (on_head); a closing connection closes */
+    m->req_keep = 0;
+    if (m->res_head_done)
+        m->close_after = 1;
 }
 
 const struct session_mux mux_h1_mux = {
@@ -1266,4 +2132,5 @@ const struct session_mux mux_h1_mux = {
     .on_timer = mux_on_timer,
     .on_finish = mux_on_finish,
     .dialled = mux_dialled,
+    .drain = mux_drain,
 };

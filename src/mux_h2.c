@@ -1,27 +1,35 @@
 /*
- * mux_h2: the inbound HTTP/2 codec. Two HTTP/2 sessions (h2.h) joined stream by stream: a
- * server session on the caller's connection (the TLS end, end[0]) and a client session on one
- * prior-knowledge (h2c) connection to the local application (end[1]), dialled when the codec
- * starts. A caller's stream is authorized on its head and, when allowed, opened on the
- * application's connection at once (the client session queues it while the connect is under
- * way); stream ids differ per leg.
+ * mux_h2: the HTTP/2 codec, both roles. A server session (h2.h) on the connection that opens
+ * streams, end[0], joined stream by stream to streams on shared HTTP/2 client connections
+ * (h2up.h):
  *
- *   caller HEADERS --> authorize --allow--> app stream --> response head, DATA, trailers --> caller
- *                          |                    |  \--app RST / connection lost: 503 before the
- *                          |                    |     response head, else RST to the caller
- *                          |                    '--local_request_timeout_ms: 504 (or RST)
- *                          '--deny 403 / refuse 400 / redirect 307 (gRPC: trailers-only,
- *                             HTTP 200 with grpc-status)
- *   caller RST --> app stream reset (CANCEL); every stream ends in stream_finish()
- *   caller GOAWAY / EOF, a protocol error or a flood (h2.c's bounds) --> the connection ends
+ *   inbound: a caller (the TLS end) -> authorize -> an h2c stream to the application on the
+ *            worker's shared connection to it (key "app|<address>"), or, for an http service,
+ *            an HTTP/1.1 exchange of its own (struct h1leg);
+ *   outbound: the local application's h2c (prior knowledge, the plain end) -> no authorization
+ *            -> a stream on a shared mTLS connection (ALPN h2) to an endpoint of the upstream
+ *            (session_dial_h2(): pooled, else dialled; one dial at a time per session, the
+ *            streams that arrive meanwhile wait for it).
  *
- * Bodies stream both ways without being buffered whole: bytes one leg's session hands over
- * wait in the stream's buffer until the other leg's session pulls them (read_body), and only
- * then are they given back to the first leg's flow control (h2_consume), so a slow reader on
- * one side stops the writer on the other once the HTTP/2 windows are spent. A stream holds at
- * most one receive window (H2_DEFAULT_STREAM_WINDOW_BYTES) each way; frames waiting for a
- * socket are bounded by OUT_MAX per end, and the caller is read only while its output is under
- * that bound.
+ *   HEADERS --> authorize (inbound) --allow--> upstream stream --> head, DATA, trailers --> back
+ *                  |                              |  \--RST / connection lost: 503 before the
+ *                  |                              |     response head, else RST downstream
+ *                  |                              |--local_request_timeout_ms: 504 (or RST)
+ *                  |                              '--nothing moved on the stream for the idle
+ *                  |                                 timeout: 504 (or RST)
+ *                  '--deny 403 / refuse 400 / redirect 307 (gRPC: trailers-only, HTTP 200 with
+ *                     grpc-status); outbound, no endpoint: 503
+ *   downstream RST --> upstream stream reset (CANCEL); every stream ends in stream_finish()
+ *   downstream GOAWAY / EOF, a protocol error or a flood (h2.c's bounds) --> the connection ends
+ *   connectd drains --> GOAWAY downstream, open streams finish, then the connection closes
+ *
+ * Bodies stream both ways without being buffered whole: bytes one leg hands over wait in the
+ * stream's buffer until the other leg pulls them (read_body), and only then are they given
+ * back to the first leg's flow control (h2_consume / h2up_consume), so a slow reader on one
+ * side stops the writer on the other once the HTTP/2 windows are spent. A stream holds at most
+ * one receive window (H2_DEFAULT_STREAM_WINDOW_BYTES) each way; frames waiting for end[0] are
+ * bounded by OUT_MAX, and end[0] is read only while its output is under that bound. The shared
+ * connections bound their own output (h2up).
  *
  * gRPC (a request whose content-type starts with application/grpc): connectd's own answers
  * are trailers-only responses (HTTP 200, grpc-status and grpc-message), with the code Envoy's
@@ -36,15 +44,18 @@
  * decoded into DATA, Upgrade refused with 502) and its body read only while the caller's side
  * of the stream holds under a window. CONNECT is not translated (502); trailers are dropped.
  *
- * Timers (the session's one state timer, set to the earliest deadline): local_connect_timeout_ms
- * while the application's connection is being set up (every stream on it: 503),
- * local_request_timeout_ms from the end of a request to the end of its response (504 before the
- * response head, else both legs' streams are reset), and the idle timeout
- * (local_idle_timeout_ms) since anything last moved.
+ * Timers (the codec's own timer <tmr>, set to the earliest deadline; the session's state timer
+ * belongs to an outbound dial meanwhile): local_connect_timeout_ms for an HTTP/1.1 leg's and
+ * the shared application connection's connect (503), local_request_timeout_ms from the end of
+ * a request to the end of its response (504 before the response head, else both legs' streams
+ * are reset), the idle timeout (local_idle_timeout_ms inbound, the upstream's outbound) per
+ * stream since anything last moved on it (Envoy's stream_idle_timeout: 504 before the response
+ * head, else reset), and the same timeout for the connection while it has no stream.
  */
 #include "mux_h2.h"
 #include "h1parse.h"
 #include "h2.h"
+#include "h2up.h"
 #include "log.h"
 #include "pathnorm.h"
 #include "session_int.h"
@@ -74,12 +85,6 @@ struct fields {
     size_t n;
 };
 
-enum app_state {
-    APP_CONNECTING,
-    APP_UP,
-    APP_DEAD, /* failed or lost: new streams are answered 503 */
-};
-
 /*
  * protocol http: one stream's HTTP/1.1 exchange with the application, on a connection of its
  * own (closed after the answer; at most one per open stream, so bounded by the caller's
@@ -105,22 +110,29 @@ struct h1leg {
     } body;
 };
 
-/* One caller stream and its application stream. */
+/* One downstream stream and its upstream stream. */
 struct h2s {
     struct h2s *next, *prev;
-    int32_t cid;      /* on the caller's session */
-    int32_t aid;      /* on the application's session; 0 when none was opened */
-    int app_open;     /* the application's stream exists and points at this one */
-    struct h1leg *h1; /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
-    int grpc;         /* content-type application/grpc... */
-    int local;        /* connectd answered it (403, 503, ...) */
-    int res_head;     /* a final response head was submitted to the caller */
-    int req_eof;      /* the caller's side ended */
-    int res_eof;      /* the response body in <resb> is complete */
-    int req_defer;    /* the application's session waits for request bytes (h2_resume) */
-    int res_defer;    /* the caller's session waits for response bytes */
-    struct buf reqb;  /* request body bytes for the application */
-    struct buf resb;  /* response body bytes for the caller */
+    struct session *s;
+    int32_t cid;            /* on the downstream session */
+    struct h2up_stream *us; /* on a shared HTTP/2 connection; NULL when none */
+    int app_open;           /* the upstream stream (or HTTP/1.1 leg) exists for this one */
+    int conn_established;   /* <us>'s connection had heard from its peer (503 reason) */
+    int waiting;            /* outbound: waits for the session's dial (<pend> holds the head) */
+    struct fields pend;     /* outbound: the request head while it waits, pseudo-fields first */
+    int pend_body;          /* ... and whether a body follows */
+    uint64_t last_ms;       /* when something last moved on the stream (its idle timer) */
+    char *ep;               /* outbound: the endpoint its stream went to (its record's) */
+    struct h1leg *h1;       /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
+    int grpc;               /* content-type application/grpc... */
+    int local;              /* connectd answered it (403, 503, ...) */
+    int res_head;           /* a final response head was submitted to the caller */
+    int req_eof;            /* the caller's side ended */
+    int res_eof;            /* the response body in <resb> is complete */
+    int req_defer;          /* the application's session waits for request bytes (h2_resume) */
+    int res_defer;          /* the caller's session waits for response bytes */
+    struct buf reqb;        /* request body bytes for the application */
+    struct buf resb;        /* response body bytes for the caller */
     struct fields req_tr, res_tr;
     uint64_t req_end_ms; /* when the caller's side ended; 0 until */
     enum stream_result result;
@@ -129,16 +141,17 @@ struct h2s {
 };
 
 struct mux_h2 {
-    struct h2_session *down; /* the caller's connection (server) */
-    struct h2_session *up;   /* the application's connection (client); NULL once dead */
-    enum app_state app;
-    int app_writable; /* end[1] reported writable while connecting */
-    char app_why[300];
-    int down_failed; /* the caller's session ended in an error: flush and close */
-    struct buf cout, aout;
+    struct session *s;
+    struct h2_session *down; /* end[0]'s connection (server) */
+    int outbound;            /* end[0] is the local application; streams go to the upstream */
+    int dialling;            /* outbound: session_dial_h2() owns end[1] and the state timer */
+    int draining;            /* connectd drains: GOAWAY sent, closes when no stream is left */
+    int down_failed;         /* the downstream session ended in an error: flush and close */
+    struct buf cout;
     struct h2s *streams;
     uint64_t nstreams;
-    uint64_t connect_start_ms;
+    struct loop_timer tmr;  /* the earliest deadline */
+    struct loop_defer kick; /* a pump after the loop's round (from h2up callbacks) */
     char xfcc[STREAM_XFCC_MAX];
     uint8_t rbuf[IO_CHUNK];
 };
@@ -242,7 +255,9 @@ static struct h2s *stream_new(struct session *s, int32_t cid)
 {
     struct mux_h2 *m = s->mux2;
     struct h2s *x = xcalloc(1, sizeof(*x));
+    x->s = s;
     x->cid = cid;
+    x->last_ms = loop_now_ms(s->host->loop);
     x->next = m->streams;
     if (m->streams != NULL)
         m->streams->prev = x;
@@ -261,6 +276,8 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
     if (x->next != NULL)
         x->next->prev = x->prev;
     buf_free(&x->reqb);
+    free(x->pend.h);
+    free(x->ep);
     buf_free(&x->resb);
     free(x->req_tr.h);
     free(x->res_tr.h);
@@ -289,7 +306,7 @@ static void leg_close(struct session *s, struct h2s *x)
 
 static void app_stream_drop(struct session *s, struct h2s *x, uint32_t code)
 {
-    struct mux_h2 *m = s->mux2;
+    x->waiting = 0;
     if (!x->app_open)
         return;
     x->app_open = 0;
@@ -297,9 +314,9 @@ static void app_stream_drop(struct session *s, struct h2s *x, uint32_t code)
         leg_close(s, x);
         return;
     }
-    if (m->up != NULL) {
-        h2_submit_rst(m->up, x->aid, code);
-        h2_stream_set_user(m->up, x->aid, NULL);
+    if (x->us != NULL) {
+        h2up_cancel(x->us, code);
+        x->us = NULL;
     }
 }
 
@@ -331,6 +348,7 @@ static const char *local_text(enum stream_result r)
     case STREAM_RES_DENIED:
         return "RBAC: access denied";
     case STREAM_RES_LOCAL_CONNECT_ERROR:
+    case STREAM_RES_UPSTREAM_CONNECT_ERROR:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "connection failure";
     case STREAM_RES_LOCAL_RESET:
@@ -698,6 +716,80 @@ static int legs_pump(struct session *s)
 
 /* ---- the caller's session (server) ---- */
 
+static void kick(struct session *s);
+static void start_dial(struct session *s);
+static const struct h2up_stream_ops up_ops;
+
+/* How a stream that found no upstream is answered: the application (inbound) or no endpoint
+ * (outbound). */
+static enum stream_result connect_error(const struct mux_h2 *m)
+{
+    return m->outbound ? STREAM_RES_UPSTREAM_CONNECT_ERROR : STREAM_RES_LOCAL_CONNECT_ERROR;
+}
+
+/*
+ * Inbound: the worker's shared h2c connection to the application, dialled (non-blocking; the
+ * connect completes, or fails the streams, in h2up) when there is none that takes a stream.
+ * NULL with <why> when the connect failed at once.
+ */
+static struct h2up_conn *app_conn(struct session *s, char *why, size_t len)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    char key[sizeof(s->ep_name) + 8];
+    session_app_h2_key(s, key, sizeof(key));
+    copy_str_cut(s->ep_name, sizeof(s->ep_name), key + 4);
+    struct h2up_conn *hc = h2up_find(s->host->h2up, key, NULL);
+    if (hc != NULL)
+        return hc;
+    int fd = c->local_socket_path[0] != '\0' ? sock_connect_unix(c->local_socket_path)
+                                             : sock_connect(c->local_address, c->local_port);
+    if (fd < 0) {
+        snprintf(why, len, "connect %s: %s", s->ep_name, util_strerror(fd));
+        return NULL;
+    }
+    struct xprt x = {.fd = fd};
+    hc = h2up_adopt(s->host->h2up, key, NULL, &x, s->ep_name);
+    h2up_set_connect_timeout(hc, c->local_connect_timeout_ms);
+    return hc;
+}
+
+/* Opens stream <x>'s upstream stream with <oh> on <c>; on failure <x> is answered 503. */
+static void up_open(struct session *s, struct h2s *x, struct h2up_conn *c,
+                    const struct h2_out_head *oh, int has_body)
+{
+    x->us = h2up_open(c, oh, has_body, &up_ops, x);
+    if (x->us == NULL) {
+        local_answer(s, x, connect_error(s->mux2),
+                     "the shared HTTP/2 connection takes no new stream (GOAWAY)",
+                     (struct http_slice){0});
+        return;
+    }
+    x->app_open = 1;
+}
+
+/* Outbound: the request head a waiting stream keeps, pseudo-fields first. */
+static void pend_keep(struct h2s *x, const struct h2_head *hd)
+{
+    struct http_header f[MAX_FIELDS];
+    size_t nf = 0;
+    f[nf++] = (struct http_header){.name = {":method", 7}, .value = hd->method};
+    f[nf++] = (struct http_header){.name = {":scheme", 7}, .value = hd->scheme};
+    f[nf++] = (struct http_header){.name = {":authority", 10}, .value = hd->authority};
+    f[nf++] = (struct http_header){.name = {":path", 5}, .value = hd->path};
+    for (size_t i = 0; i < hd->nheaders && nf < MAX_FIELDS; i++)
+        f[nf++] = hd->headers[i];
+    fields_copy(&x->pend, f, nf);
+    x->pend_body = !hd->end_stream;
+}
+
+static struct http_slice pend_slice(const struct h2s *x, size_t i)
+{
+    struct http_slice v = x->pend.h[i].value;
+    return v.len > 0 ? v : (struct http_slice){NULL, 0};
+}
+
+/* ---- the downstream session (server) ---- */
+
 static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const struct h2_head *hd,
                         void *user)
 {
@@ -732,6 +824,22 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         }
         nf++;
     }
+    if (m->outbound) {
+        /* The application's own request, forwarded as sent (the upstream's sidecar
+         * normalizes and authorizes it) once the session's dial gives a connection. */
+        if (m->draining) {
+            h2_submit_rst(m->down, cid, H2_REFUSED_STREAM);
+            x->local = 1;
+            x->result = STREAM_RES_ABORTED;
+            set_why(x, "connectd is draining");
+            return 0;
+        }
+        pend_keep(x, hd);
+        x->waiting = 1;
+        if (!m->dialling)
+            start_dial(s);
+        return 0;
+    }
     struct stream_req sr = {
         .method = hd->method,
         .target = connect ? hd->authority : hd->path,
@@ -759,10 +867,6 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
                      "CONNECT over HTTP/2 to an http service is not translated to HTTP/1.1", t);
         goto out;
     }
-    if (s->snap->cfg.protocol != PROTO_HTTP && (m->app == APP_DEAD || m->up == NULL)) {
-        local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, m->app_why, t);
-        goto out;
-    }
     /* The application must be able to trust these: what the caller sent is replaced. */
     int kept_id = 0;
     for (size_t i = 0; i < nf; i++) {
@@ -788,6 +892,11 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         leg_open(s, x, hd, t, f, nf);
         goto out;
     }
+    struct h2up_conn *c = app_conn(s, why, sizeof(why));
+    if (c == NULL) {
+        local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why, t);
+        goto out;
+    }
     struct h2_out_head oh = {
         .method = hd->method,
         .scheme = connect ? (struct http_slice){NULL, 0} : (struct http_slice){"http", 4},
@@ -796,20 +905,24 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         .headers = f,
         .nheaders = nf,
     };
-    int32_t aid = h2_submit_request(m->up, &oh, !hd->end_stream, x);
-    if (aid < 0) {
-        local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR,
-                     aid == -ESHUTDOWN ? "the application's connection takes no new stream "
-                                         "(GOAWAY)"
-                                       : "the request cannot be forwarded over HTTP/2",
-                     t);
-        goto out;
-    }
-    x->aid = aid;
-    x->app_open = 1;
+    up_open(s, x, c, &oh, !hd->end_stream);
 out:
     free(target);
     return 0;
+}
+
+/* Whether request bytes of <x> are still wanted by an upstream (open, or waiting for one). */
+static int req_wanted(const struct h2s *x)
+{
+    return !x->local && (x->app_open || x->waiting);
+}
+
+static void resume_up(struct h2s *x)
+{
+    if (x->req_defer && x->us != NULL) {
+        x->req_defer = 0;
+        h2up_resume(x->us);
+    }
 }
 
 static int down_on_data(struct h2_session *hs, int32_t cid, void *su, const uint8_t *p, size_t len,
@@ -824,15 +937,13 @@ static int down_on_data(struct h2_session *hs, int32_t cid, void *su, const uint
         return 0;
     }
     x->st.bytes_in += len;
-    if (x->local || !x->app_open) {
+    x->last_ms = loop_now_ms(s->host->loop);
+    if (!req_wanted(x)) {
         h2_consume(m->down, cid, len); /* dropped */
         return 0;
     }
     buf_add(&x->reqb, p, len);
-    if (x->req_defer && m->up != NULL) {
-        x->req_defer = 0;
-        h2_resume(m->up, x->aid);
-    }
+    resume_up(x);
     return 0;
 }
 
@@ -843,7 +954,7 @@ static int down_on_trailers(struct h2_session *hs, int32_t cid, void *su,
     (void)hs;
     (void)cid;
     (void)user;
-    if (x != NULL && !x->local && x->app_open)
+    if (x != NULL && req_wanted(x))
         fields_copy(&x->req_tr, f, n);
     return 0;
 }
@@ -851,7 +962,6 @@ static int down_on_trailers(struct h2_session *hs, int32_t cid, void *su,
 static void down_on_end_stream(struct h2_session *hs, int32_t cid, void *su, void *user)
 {
     struct session *s = user;
-    struct mux_h2 *m = s->mux2;
     struct h2s *x = su;
     (void)hs;
     (void)cid;
@@ -859,10 +969,24 @@ static void down_on_end_stream(struct h2_session *hs, int32_t cid, void *su, voi
         return;
     x->req_eof = 1;
     x->req_end_ms = loop_now_ms(s->host->loop);
-    if (x->req_defer && x->app_open && m->up != NULL) {
-        x->req_defer = 0;
-        h2_resume(m->up, x->aid);
+    x->last_ms = x->req_end_ms;
+    if (x->app_open)
+        resume_up(x);
+}
+
+/* stream_finish() with the record naming the endpoint this stream went to: outbound, streams
+ * of one session spread over the upstream's endpoints. */
+static void finish_stream(struct session *s, struct h2s *x, enum stream_result r, const char *why)
+{
+    char saved[sizeof(s->ep_name)];
+    if (x->ep == NULL) {
+        stream_finish(s, &x->st, r, why);
+        return;
     }
+    memcpy(saved, s->ep_name, sizeof(saved));
+    copy_str_cut(s->ep_name, sizeof(s->ep_name), x->ep);
+    stream_finish(s, &x->st, r, why);
+    memcpy(s->ep_name, saved, sizeof(saved));
 }
 
 static void down_on_close(struct h2_session *hs, int32_t cid, void *su, uint32_t code, void *user)
@@ -887,7 +1011,7 @@ static void down_on_close(struct h2_session *hs, int32_t cid, void *su, uint32_t
             reason = why;
         }
     }
-    stream_finish(s, &x->st, r, reason);
+    finish_stream(s, x, r, reason);
     stream_free(m, x);
 }
 
@@ -905,8 +1029,9 @@ static ssize_t down_read_body(struct h2_session *hs, int32_t cid, void *su, uint
         memcpy(buf, x->resb.p, n);
         buf_consume(&x->resb, n);
         x->st.bytes_out += n;
-        if (x->app_open && x->h1 == NULL && m->up != NULL)
-            h2_consume(m->up, x->aid, n);
+        x->last_ms = loop_now_ms(s->host->loop);
+        if (x->us != NULL)
+            h2up_consume(x->us, n);
     }
     if (x->resb.len == 0 && x->res_eof) {
         *flags |= H2_BODY_EOF;
@@ -927,8 +1052,8 @@ static void down_on_goaway(struct h2_session *hs, int32_t last, uint32_t code, v
 {
     struct session *s = user;
     (void)hs;
-    LOG_DEBUG("conn=%llu in: the caller sent GOAWAY (last stream %d, code 0x%x)",
-              (unsigned long long)s->id, (int)last, code);
+    LOG_DEBUG("conn=%llu %s: the peer sent GOAWAY (last stream %d, code 0x%x)",
+              (unsigned long long)s->id, s->inbound ? "in" : "out", (int)last, code);
 }
 
 static const struct h2_callbacks down_cb = {
@@ -941,7 +1066,7 @@ static const struct h2_callbacks down_cb = {
     .read_body = down_read_body,
 };
 
-/* ---- the application's session (client) ---- */
+/* ---- the upstream stream (h2up: the application's h2c, or an upstream sidecar) ---- */
 
 static void resume_down(struct mux_h2 *m, struct h2s *x)
 {
@@ -951,15 +1076,20 @@ static void resume_down(struct mux_h2 *m, struct h2s *x)
     }
 }
 
-static int up_on_head(struct h2_session *hs, int32_t aid, void *su, const struct h2_head *hd,
-                      void *user)
+static const char *peer_word(const struct mux_h2 *m)
 {
-    struct session *s = user;
+    return m->outbound ? "the upstream" : "the application";
+}
+
+static int up_on_head(void *owner, const struct h2_head *hd)
+{
+    struct h2s *x = owner;
+    struct session *s = x->s;
     struct mux_h2 *m = s->mux2;
-    struct h2s *x = su;
-    (void)hs;
-    (void)aid;
-    if (x == NULL || x->local)
+    x->conn_established = 1;
+    x->last_ms = loop_now_ms(s->host->loop);
+    kick(s);
+    if (x->local)
         return -1;
     if (hd->status < 200)
         return 0; /* interim answers are not passed on */
@@ -972,7 +1102,7 @@ static int up_on_head(struct h2_session *hs, int32_t aid, void *su, const struct
     x->res_head = 1;
     x->res_eof = hd->end_stream;
     if (h2_submit_response(m->down, x->cid, &oh, !hd->end_stream) != 0) {
-        snprintf(x->why, sizeof(x->why), "the application's response head cannot be forwarded");
+        snprintf(x->why, sizeof(x->why), "%s's response head cannot be forwarded", peer_word(m));
         x->local = 1;
         x->result = STREAM_RES_BAD_RESPONSE;
         h2_submit_rst(m->down, x->cid, H2_INTERNAL_ERROR);
@@ -981,57 +1111,54 @@ static int up_on_head(struct h2_session *hs, int32_t aid, void *su, const struct
     return 0;
 }
 
-static int up_on_data(struct h2_session *hs, int32_t aid, void *su, const uint8_t *p, size_t len,
-                      void *user)
+static int up_on_data(void *owner, const uint8_t *p, size_t len)
 {
-    struct session *s = user;
-    struct mux_h2 *m = s->mux2;
-    struct h2s *x = su;
-    (void)hs;
-    if (x == NULL || x->local) {
-        h2_consume(m->up, aid, len);
+    struct h2s *x = owner;
+    struct session *s = x->s;
+    x->last_ms = loop_now_ms(s->host->loop);
+    if (x->local) {
+        h2up_consume(x->us, len);
         return 0;
     }
     buf_add(&x->resb, p, len);
-    resume_down(m, x);
+    resume_down(s->mux2, x);
+    kick(s);
     return 0;
 }
 
-static int up_on_trailers(struct h2_session *hs, int32_t aid, void *su, const struct http_header *f,
-                          size_t n, void *user)
+static int up_on_trailers(void *owner, const struct http_header *f, size_t n)
 {
-    struct h2s *x = su;
-    (void)hs;
-    (void)aid;
-    (void)user;
-    if (x != NULL && !x->local) {
+    struct h2s *x = owner;
+    x->last_ms = loop_now_ms(x->s->host->loop);
+    if (!x->local) {
         fields_copy(&x->res_tr, f, n);
         note_grpc_status(x, f, n);
     }
     return 0;
 }
 
-static void up_on_end_stream(struct h2_session *hs, int32_t aid, void *su, void *user)
+static void up_on_end(void *owner)
 {
-    struct session *s = user;
-    struct h2s *x = su;
-    (void)hs;
-    (void)aid;
-    if (x == NULL || x->local)
+    struct h2s *x = owner;
+    struct session *s = x->s;
+    if (x->local)
         return;
     x->res_eof = 1;
     resume_down(s->mux2, x);
+    kick(s);
 }
 
-static void up_on_close(struct h2_session *hs, int32_t aid, void *su, uint32_t code, void *user)
+static void up_on_close(void *owner, uint32_t code, const char *what)
 {
-    struct session *s = user;
+    struct h2s *x = owner;
+    struct session *s = x->s;
     struct mux_h2 *m = s->mux2;
-    struct h2s *x = su;
-    char why[200];
-    (void)hs;
-    (void)aid;
-    if (x == NULL || !x->app_open)
+    char why[400];
+    if (!x->conn_established && x->us != NULL)
+        x->conn_established = h2up_established(h2up_stream_conn(x->us));
+    x->us = NULL;
+    kick(s);
+    if (!x->app_open)
         return;
     x->app_open = 0;
     /* Request bytes no one will forward go back to the caller's window. */
@@ -1039,46 +1166,45 @@ static void up_on_close(struct h2_session *hs, int32_t aid, void *su, uint32_t c
     x->reqb.len = 0;
     if (x->local || (code == H2_NO_ERROR && x->res_eof))
         return;
-    snprintf(why, sizeof(why), "the application reset its stream (HTTP/2 error 0x%x)", code);
+    if (code == H2_CONNECT_ERROR)
+        snprintf(why, sizeof(why), "%s's connection failed: %s", peer_word(m), what);
+    else
+        snprintf(why, sizeof(why), "%s reset its stream (HTTP/2 error 0x%x)", peer_word(m), code);
     if (!x->res_head) {
-        local_answer(s, x, STREAM_RES_LOCAL_RESET, why, (struct http_slice){0});
+        enum stream_result r = STREAM_RES_LOCAL_RESET;
+        if (code == H2_CONNECT_ERROR && !x->conn_established)
+            r = connect_error(m);
+        local_answer(s, x, r, why, (struct http_slice){0});
         return;
     }
     /* Mid-response: the caller's stream is reset the same way. */
     set_why(x, why);
     x->local = 1;
     x->result = STREAM_RES_ABORTED;
-    h2_submit_rst(m->down, x->cid, code == H2_NO_ERROR ? H2_INTERNAL_ERROR : code);
+    h2_submit_rst(m->down, x->cid,
+                  code == H2_NO_ERROR || code == H2_CONNECT_ERROR ? H2_INTERNAL_ERROR : code);
 }
 
-static void up_on_goaway(struct h2_session *hs, int32_t last, uint32_t code, void *user)
+static ssize_t up_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *flags)
 {
-    struct session *s = user;
-    (void)hs;
-    LOG_DEBUG("conn=%llu in: the application sent GOAWAY (last stream %d, code 0x%x)",
-              (unsigned long long)s->id, (int)last, code);
-}
-
-static ssize_t up_read_body(struct h2_session *hs, int32_t aid, void *su, uint8_t *buf, size_t cap,
-                            unsigned *flags, void *user)
-{
-    struct session *s = user;
+    struct h2s *x = owner;
+    struct session *s = x->s;
     struct mux_h2 *m = s->mux2;
-    struct h2s *x = su;
-    (void)hs;
-    if (x == NULL || x->local)
+    if (x->local)
         return -EIO;
     size_t n = x->reqb.len < cap ? x->reqb.len : cap;
     if (n > 0) {
         memcpy(buf, x->reqb.p, n);
         buf_consume(&x->reqb, n);
         h2_consume(m->down, x->cid, n);
+        x->last_ms = loop_now_ms(s->host->loop);
+        kick(s);
     }
     if (x->reqb.len == 0 && x->req_eof) {
         *flags |= H2_BODY_EOF;
         if (x->req_tr.n > 0) {
             *flags |= H2_BODY_TRAILERS;
-            h2_submit_trailers(m->up, aid, x->req_tr.h, x->req_tr.n);
+            h2up_trailers(x->us, x->req_tr.h, x->req_tr.n);
         }
         return (ssize_t)n;
     }
@@ -1089,83 +1215,58 @@ static ssize_t up_read_body(struct h2_session *hs, int32_t aid, void *su, uint8_
     return (ssize_t)n;
 }
 
-static const struct h2_callbacks up_cb = {
+static const struct h2up_stream_ops up_ops = {
     .on_head = up_on_head,
     .on_data = up_on_data,
     .on_trailers = up_on_trailers,
-    .on_end_stream = up_on_end_stream,
+    .on_end = up_on_end,
     .on_close = up_on_close,
-    .on_goaway = up_on_goaway,
     .read_body = up_read_body,
 };
 
-/* ---- the application's connection ---- */
+/* ---- outbound: the dial ---- */
 
-static void app_on_io(struct loop_io *io, unsigned events)
-{
-    struct session *s = io->data;
-    if (s->mux2 != NULL && (events & (LOOP_WRITE | LOOP_ERROR)))
-        s->mux2->app_writable = 1;
-    session_on_io(io, events);
-}
-
-/*
- * The application's connection failed or was lost (<r>: how streams without a response head
- * are answered): every stream on it is answered or reset, and later streams get 503. Not from
- * an h2 callback of the application's session (it frees it).
- */
-static void app_fail(struct session *s, enum stream_result r, const char *why)
+/* Asks session.c for a shared connection to the upstream; the streams waiting meanwhile are
+ * opened on it in mux_dialled(), which may run before this returns. */
+static void start_dial(struct session *s)
 {
     struct mux_h2 *m = s->mux2;
-    if (m->app == APP_DEAD)
-        return;
-    m->app = APP_DEAD;
-    copy_str_cut(m->app_why, sizeof(m->app_why), why);
-    LOG_DEBUG("conn=%llu in: %s", (unsigned long long)s->id, why);
-    struct h2_session *up = m->up;
-    m->up = NULL; /* app_stream_drop() and local_answer() leave it alone now */
+    m->dialling = 1;
+    session_dial_h2(s);
+}
+
+static void mux_dialled(struct session *s, const char *why)
+{
+    struct mux_h2 *m = s->mux2;
+    struct h2up_conn *c = why == NULL ? s->h2c : NULL;
+    char msg[400];
+    m->dialling = 0;
+    s->h2c = NULL;
+    if (why != NULL)
+        snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
     for (struct h2s *x = m->streams; x != NULL; x = x->next) {
-        if (!x->app_open || x->h1 != NULL)
+        if (!x->waiting)
             continue;
-        x->app_open = 0;
-        h2_consume(m->down, x->cid, x->reqb.len);
-        x->reqb.len = 0;
-        if (!x->res_head) {
-            local_answer(s, x, r, why, (struct http_slice){0});
-        } else if (!x->res_eof) {
-            set_why(x, why);
-            x->local = 1;
-            x->result = STREAM_RES_ABORTED;
-            h2_submit_rst(m->down, x->cid, H2_INTERNAL_ERROR);
+        x->waiting = 0;
+        if (c == NULL) {
+            local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
+            continue;
         }
+        struct h2_out_head oh = {
+            .method = pend_slice(x, 0),
+            .scheme = pend_slice(x, 1),
+            .authority = pend_slice(x, 2),
+            .path = pend_slice(x, 3),
+            .headers = x->pend.h + 4,
+            .nheaders = x->pend.n - 4,
+        };
+        up_open(s, x, c, &oh, x->pend_body);
+        free(x->ep);
+        x->ep = xstrdup(s->ep_name);
+        free(x->pend.h);
+        x->pend = (struct fields){0};
     }
-    h2_session_free(up);
-    xprt_close(s->host->loop, &s->end[1]);
-    m->aout.len = 0;
-}
-
-static void connect_app(struct session *s)
-{
-    struct mux_h2 *m = s->mux2;
-    const struct proxy_cfg *c = &s->snap->cfg;
-    int unix_sock = c->local_socket_path[0] != '\0';
-    int fd = unix_sock ? sock_connect_unix(c->local_socket_path)
-                       : sock_connect(c->local_address, c->local_port);
-    if (unix_sock)
-        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
-    else
-        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
-    m->connect_start_ms = loop_now_ms(s->host->loop);
-    if (fd < 0) {
-        char why[400];
-        snprintf(why, sizeof(why), "connect %s: %s", s->ep_name, util_strerror(fd));
-        app_fail(s, STREAM_RES_LOCAL_CONNECT_ERROR, why);
-        return;
-    }
-    memset(&s->end[1], 0, sizeof(s->end[1]));
-    s->end[1].fd = fd;
-    loop_io_init(&s->end[1].io, fd, app_on_io, s);
-    m->app = APP_CONNECTING;
+    kick(s);
 }
 
 /* ---- timers ---- */
@@ -1174,6 +1275,7 @@ enum deadline {
     DL_NONE,
     DL_CONNECT,
     DL_REQUEST,
+    DL_STREAM_IDLE,
     DL_IDLE,
 };
 
@@ -1193,16 +1295,15 @@ static uint64_t deadline(const struct session *s, enum deadline *kind)
             *kind = (k);                                                                           \
         }                                                                                          \
     } while (0)
-    if (m->app == APP_CONNECTING)
-        CONSIDER(m->connect_start_ms + c->local_connect_timeout_ms, DL_CONNECT);
-    for (const struct h2s *x = m->streams; x != NULL; x = x->next)
+    for (const struct h2s *x = m->streams; x != NULL; x = x->next) {
         if (x->h1 != NULL && !x->h1->connected)
             CONSIDER(x->h1->connect_start_ms + c->local_connect_timeout_ms, DL_CONNECT);
-    if (c->local_request_timeout_ms != 0)
-        for (const struct h2s *x = m->streams; x != NULL; x = x->next)
-            if (x->app_open && x->req_end_ms != 0 && !x->res_eof)
-                CONSIDER(x->req_end_ms + c->local_request_timeout_ms, DL_REQUEST);
-    if (idle != 0)
+        if (c->local_request_timeout_ms != 0 && x->app_open && x->req_end_ms != 0 && !x->res_eof)
+            CONSIDER(x->req_end_ms + c->local_request_timeout_ms, DL_REQUEST);
+        if (idle != 0)
+            CONSIDER(x->last_ms + idle, DL_STREAM_IDLE);
+    }
+    if (idle != 0 && m->streams == NULL)
         CONSIDER(s->last_io_ms + idle, DL_IDLE);
 #undef CONSIDER
     return best;
@@ -1210,13 +1311,14 @@ static uint64_t deadline(const struct session *s, enum deadline *kind)
 
 static void arm(struct session *s)
 {
+    struct mux_h2 *m = s->mux2;
     enum deadline kind;
     uint64_t d = deadline(s, &kind), now = loop_now_ms(s->host->loop);
     if (d == 0) {
-        loop_timer_stop(s->host->loop, &s->timer);
+        loop_timer_stop(s->host->loop, &m->tmr);
         return;
     }
-    loop_timer_start(s->host->loop, &s->timer, d > now ? d - now : 0);
+    loop_timer_start(s->host->loop, &m->tmr, d > now ? d - now : 0);
 }
 
 /* ---- the pump ---- */
@@ -1239,24 +1341,6 @@ static int fill(struct h2_session *h, struct buf *b)
     return moved;
 }
 
-/* Writes what <b> holds to end <i>. Returns >0, 0 when empty, -EAGAIN or an error. */
-static ssize_t write_from(struct session *s, int i, struct buf *b, unsigned *wants)
-{
-    if (b->len == 0)
-        return 0;
-    ssize_t n = xprt_write(&s->end[i], b->p, b->len);
-    if (n > 0) {
-        buf_consume(b, (size_t)n);
-        if (i == 0) {
-            s->bytes[1] += (uint64_t)n;
-            STAT_ADD(s->lstat->bytes_out, (uint64_t)n);
-        }
-    } else if (n == -EAGAIN) {
-        *wants |= xprt_wants(&s->end[i], LOOP_WRITE);
-    }
-    return n;
-}
-
 static void caller_failed(struct session *s)
 {
     struct mux_h2 *m = s->mux2;
@@ -1265,9 +1349,10 @@ static void caller_failed(struct session *s)
     m->down_failed = 1;
     const char *e = h2_error(m->down);
     const struct h2_stats *st = h2_get_stats(m->down);
-    LOG_WARN("conn=%llu in src=%s: HTTP/2 connection ended: %s (streams %llu, resets received "
+    LOG_WARN("conn=%llu %s src=%s: HTTP/2 connection ended: %s (streams %llu, resets received "
              "%llu, refused %llu)",
-             (unsigned long long)s->id, LOG_ESC(s->caller), LOG_ESC(e != NULL ? e : "error"),
+             (unsigned long long)s->id, s->inbound ? "in" : "out",
+             LOG_ESC(s->inbound ? s->caller : s->peer), LOG_ESC(e != NULL ? e : "error"),
              (unsigned long long)st->streams_opened, (unsigned long long)st->resets_received,
              (unsigned long long)st->streams_refused);
     STAT_ADD(s->host->stats->counters.h2_protocol_closed, 1);
@@ -1276,22 +1361,11 @@ static void caller_failed(struct session *s)
 static void pump(struct session *s)
 {
     struct mux_h2 *m = s->mux2;
-    char why[400];
     for (;;) {
         int progress = 0;
-        unsigned wants[2] = {0, 0};
+        unsigned wants = 0;
         ssize_t n;
-        if (m->app == APP_CONNECTING && m->app_writable) {
-            int rc = sock_connect_result(s->end[1].fd);
-            if (rc != 0) {
-                snprintf(why, sizeof(why), "connect %s: %s", s->ep_name, util_strerror(rc));
-                app_fail(s, STREAM_RES_LOCAL_CONNECT_ERROR, why);
-            } else {
-                m->app = APP_UP;
-            }
-            progress = 1;
-        }
-        /* The caller: read while what we owe it is under the bound. */
+        /* Downstream: read while what we owe it is under the bound. */
         if (!m->down_failed && m->cout.len < OUT_MAX && h2_wants_read(m->down)) {
             n = xprt_read(&s->end[0], m->rbuf, sizeof(m->rbuf));
             if (n > 0) {
@@ -1304,42 +1378,10 @@ static void pump(struct session *s)
                 session_finish(s, SESSION_RES_OK, "closed");
                 return;
             } else if (n == -EAGAIN) {
-                wants[0] |= xprt_wants(&s->end[0], LOOP_READ);
+                wants |= xprt_wants(&s->end[0], LOOP_READ);
             } else {
                 session_finish(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
                 return;
-            }
-        }
-        /* The application. */
-        if (m->app == APP_UP && m->up != NULL && h2_wants_read(m->up)) {
-            n = xprt_read(&s->end[1], m->rbuf, sizeof(m->rbuf));
-            if (n > 0) {
-                if (h2_feed(m->up, m->rbuf, (size_t)n) < 0) {
-                    const char *e = h2_error(m->up);
-                    snprintf(why, sizeof(why), "the application broke HTTP/2: %s",
-                             e != NULL ? e : "error");
-                    app_fail(s, STREAM_RES_BAD_RESPONSE, why);
-                }
-                progress = 1;
-            } else if (n == 0 || n != -EAGAIN) {
-                snprintf(why, sizeof(why), "the application %s",
-                         n == 0 ? "closed its connection" : xprt_error(&s->end[1], (int)n));
-                app_fail(s, STREAM_RES_LOCAL_RESET, why);
-                progress = 1;
-            } else {
-                wants[1] |= LOOP_READ;
-            }
-        }
-        if (m->up != NULL) {
-            int f = fill(m->up, &m->aout);
-            if (f < 0) {
-                const char *e = h2_error(m->up);
-                snprintf(why, sizeof(why), "the application's HTTP/2 session failed: %s",
-                         e != NULL ? e : "error");
-                app_fail(s, STREAM_RES_BAD_RESPONSE, why);
-                progress = 1;
-            } else if (f > 0) {
-                progress = 1;
             }
         }
         if (legs_pump(s))
@@ -1351,22 +1393,18 @@ static void pump(struct session *s)
             caller_failed(s);
         else if (f > 0)
             progress = 1;
-        n = write_from(s, 0, &m->cout, &wants[0]);
-        if (n > 0) {
-            progress = 1;
-        } else if (n < 0 && n != -EAGAIN) {
-            session_finish(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
-            return;
-        }
-        if (m->app == APP_UP && m->aout.len > 0) {
-            n = write_from(s, 1, &m->aout, &wants[1]);
+        if (m->cout.len > 0) {
+            n = xprt_write(&s->end[0], m->cout.p, m->cout.len);
             if (n > 0) {
+                buf_consume(&m->cout, (size_t)n);
+                s->bytes[1] += (uint64_t)n;
+                STAT_ADD(s->lstat->bytes_out, (uint64_t)n);
                 progress = 1;
-            } else if (n < 0 && n != -EAGAIN) {
-                snprintf(why, sizeof(why), "writing to the application: %s",
-                         xprt_error(&s->end[1], (int)n));
-                app_fail(s, STREAM_RES_LOCAL_RESET, why);
-                progress = 1;
+            } else if (n == -EAGAIN) {
+                wants |= xprt_wants(&s->end[0], LOOP_WRITE);
+            } else {
+                session_finish(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
+                return;
             }
         }
         if (m->cout.len == 0 &&
@@ -1379,19 +1417,49 @@ static void pump(struct session *s)
                            e != NULL ? e : "HTTP/2 session done");
             return;
         }
+        if (m->draining && m->streams == NULL && m->cout.len == 0 && !h2_wants_write(m->down)) {
+            session_finish(s, SESSION_RES_OK, "drained: GOAWAY sent, every stream finished");
+            return;
+        }
         if (s->state == S_DONE)
             return;
         if (progress) {
             s->last_io_ms = loop_now_ms(s->host->loop);
             continue;
         }
-        if (m->app == APP_CONNECTING)
-            wants[1] = LOOP_WRITE;
         arm(s);
-        if (session_want(s, 0, wants[0]) == 0 && s->end[1].fd >= 0)
-            session_want(s, 1, wants[1]);
+        session_want(s, 0, wants);
         return;
     }
+}
+
+static void on_kick(struct loop_defer *d)
+{
+    struct mux_h2 *m = (struct mux_h2 *)((char *)d - offsetof(struct mux_h2, kick));
+    if (m->s->state != S_DONE)
+        pump(m->s);
+}
+
+/*
+ * Runs the pump after the loop's current round: h2up calls the stream's owner from the shared
+ * connection's I/O handler, maybe many times in one read, and one pump serves them all. The
+ * session's reap is queued behind (loop_defer is first in, first out) when it finishes
+ * meanwhile, so the mux outlives this call.
+ */
+static void kick(struct session *s)
+{
+    if (s->state != S_DONE)
+        loop_defer(s->host->loop, &s->mux2->kick, on_kick);
+}
+
+/* end[0]'s events: the codec's own callback, since during an outbound dial the session's
+ * state belongs to the dial. */
+static void down_io(struct loop_io *io, unsigned events)
+{
+    struct session *s = io->data;
+    (void)events;
+    if (s->state != S_DONE)
+        pump(s);
 }
 
 /* ---- the carrier ---- */
@@ -1400,12 +1468,11 @@ static void mux_free(struct mux_h2 *m)
 {
     if (m == NULL)
         return;
+    loop_timer_stop(m->s->host->loop, &m->tmr);
     while (m->streams != NULL)
         stream_free(m, m->streams);
     h2_session_free(m->down);
-    h2_session_free(m->up);
     buf_free(&m->cout);
-    buf_free(&m->aout);
     free(m);
 }
 
@@ -1414,13 +1481,17 @@ static void mux_advance(struct session *s)
     pump(s);
 }
 
-static void mux_on_timer(struct session *s)
+static void on_tmr(struct loop_timer *t)
 {
+    struct session *s = t->data;
     struct mux_h2 *m = s->mux2;
     enum deadline kind;
     uint64_t now = loop_now_ms(s->host->loop);
     uint64_t d = deadline(s, &kind);
+    uint32_t idle = session_idle_timeout_ms(s);
     char why[400];
+    if (s->state == S_DONE)
+        return;
     if (d == 0 || d > now) {
         arm(s);
         return;
@@ -1430,8 +1501,6 @@ static void mux_on_timer(struct session *s)
     case DL_CONNECT:
         snprintf(why, sizeof(why), "connect %s timed out (local_connect_timeout_ms %lu)",
                  s->ep_name, (unsigned long)c->local_connect_timeout_ms);
-        if (m->app == APP_CONNECTING && m->connect_start_ms + c->local_connect_timeout_ms <= now)
-            app_fail(s, STREAM_RES_LOCAL_CONNECT_ERROR, why);
         for (struct h2s *x = m->streams; x != NULL; x = x->next)
             if (x->h1 != NULL && !x->h1->connected &&
                 x->h1->connect_start_ms + c->local_connect_timeout_ms <= now)
@@ -1445,6 +1514,25 @@ static void mux_on_timer(struct session *s)
                 x->req_end_ms + c->local_request_timeout_ms <= now)
                 local_answer(s, x, STREAM_RES_LOCAL_TIMEOUT, why, (struct http_slice){0});
         break;
+    case DL_STREAM_IDLE:
+        /* Envoy's stream_idle_timeout: one stalled stream ends, its siblings go on. */
+        snprintf(why, sizeof(why), "stream idle for %lu ms (%s)", (unsigned long)idle,
+                 s->inbound ? "local_idle_timeout_ms" : "the upstream's idle_timeout_ms");
+        for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+            if (x->last_ms + idle > now)
+                continue;
+            if (!x->local && (x->app_open || x->waiting)) {
+                local_answer(s, x, STREAM_RES_LOCAL_TIMEOUT, why, (struct http_slice){0});
+            } else {
+                /* Answered, but the downstream peer does not take the rest. */
+                set_why(x, why);
+                x->local = 1;
+                x->result = STREAM_RES_ABORTED;
+                h2_submit_rst(m->down, x->cid, H2_CANCEL);
+            }
+            x->last_ms = now; /* the answer (or reset) gets its own period to go out */
+        }
+        break;
     case DL_IDLE:
         snprintf(why, sizeof(why), "idle for %llu ms (local_idle_timeout_ms)",
                  (unsigned long long)(now - s->last_io_ms));
@@ -1456,25 +1544,31 @@ static void mux_on_timer(struct session *s)
     pump(s);
 }
 
+static void mux_on_timer(struct session *s)
+{
+    on_tmr(&s->mux2->tmr);
+}
+
 static void mux_start(struct session *s)
 {
     struct mux_h2 *m = xcalloc(1, sizeof(*m));
     const struct proxy_cfg *c = &s->snap->cfg;
+    m->s = s;
+    m->outbound = !s->inbound;
     s->mux2 = m;
     s->mux2_free = mux_free;
     s->carrier = &mux_h2_mux;
     session_set_state(s, S_HTTP);
     loop_timer_stop(s->host->loop, &s->timer);
-    stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
+    loop_timer_init(&m->tmr, on_tmr, s);
+    /* end[0] gets the codec's own callback (see down_io). */
+    loop_io_want(s->host->loop, &s->end[0].io, 0);
+    loop_io_init(&s->end[0].io, s->end[0].fd, down_io, s);
+    if (!m->outbound)
+        stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
     struct h2_limits lim = {.max_header_list_bytes = c->max_request_headers_kb * 1024u};
     m->down = h2_session_new(H2_SERVER, &lim, &down_cb, s);
-    if (c->protocol != PROTO_HTTP)
-        m->up = h2_session_new(H2_CLIENT, NULL, &up_cb, s);
     s->last_io_ms = loop_now_ms(s->host->loop);
-    if (c->protocol == PROTO_HTTP)
-        m->app = APP_DEAD; /* each stream dials its own HTTP/1.1 connection (leg_open) */
-    else
-        connect_app(s);
     /* The preface read to tell HTTP/2 from HTTP/1 (session.c's sniffing) goes first. */
     if (s->buf[0].len > 0 &&
         h2_feed(m->down, (const uint8_t *)s->buf[0].data + s->buf[0].off, s->buf[0].len) < 0)
@@ -1485,18 +1579,37 @@ static void mux_start(struct session *s)
     pump(s);
 }
 
-/* The session ends for any reason: each open stream gets its record. */
+/* The session ends for any reason: each open stream gets its record, and its upstream stream
+ * is cancelled (no callback reaches this session after). */
 static void mux_on_finish(struct session *s, const char *reason)
 {
     struct mux_h2 *m = s->mux2;
     if (m == NULL)
         return;
-    for (struct h2s *x = m->streams; x != NULL; x = x->next)
+    loop_timer_stop(s->host->loop, &m->tmr);
+    for (struct h2s *x = m->streams; x != NULL; x = x->next) {
         leg_close(s, x);
+        if (x->us != NULL) {
+            h2up_cancel(x->us, H2_CANCEL);
+            x->us = NULL;
+        }
+    }
     for (struct h2s *x = m->streams; x != NULL; x = x->next)
-        stream_finish(s, &x->st,
+        finish_stream(s, x,
                       x->local && x->res_eof && x->resb.len == 0 ? x->result : STREAM_RES_ABORTED,
                       x->why[0] ? x->why : reason);
+}
+
+/* connectd drains: GOAWAY to the peer (it opens no more streams), the open ones finish, then
+ * the connection closes (pump). */
+static void mux_drain(struct session *s)
+{
+    struct mux_h2 *m = s->mux2;
+    if (m == NULL || m->draining)
+        return;
+    m->draining = 1;
+    h2_shutdown(m->down);
+    pump(s);
 }
 
 const struct session_mux mux_h2_mux = {
@@ -1505,4 +1618,6 @@ const struct session_mux mux_h2_mux = {
     .advance = mux_advance,
     .on_timer = mux_on_timer,
     .on_finish = mux_on_finish,
+    .dialled = mux_dialled,
+    .drain = mux_drain,
 };

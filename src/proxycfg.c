@@ -395,7 +395,8 @@ static const struct key_def keys[] = {
      .def_note = "(off)",
      .max = 86400000,
      .doc = "Closes an inbound connection after this long without a byte in either "
-            "direction."},
+            "direction. Over HTTP/2 it applies to each stream (a stalled one is answered 504, "
+            "or reset, while the others go on) and to the connection while it has none."},
     {.name = "max_connection_lifetime_ms",
      .scope = SCOPE_PROXY,
      .type = KEY_MS,
@@ -488,7 +489,8 @@ static const struct key_def keys[] = {
      .def_note = "(off)",
      .max = 86400000,
      .doc = "Closes a connection to this upstream after this long without a byte in either "
-            "direction."},
+            "direction. Over HTTP/2 it applies to each stream (a stalled one is answered 504, "
+            "or reset, while the others go on) and to the connection while it has none."},
 };
 
 static const struct key_def *find_key(enum key_scope scope, const char *name)

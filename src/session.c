@@ -6,10 +6,9 @@
  *                                          '--- protocol http ---> HTTP (mux_h1) -> DONE
  *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
  *                             ^------- next endpoint on connect/handshake/identity failure ---'
- *             '--- upstream protocol http ---> HTTP (mux_h1) --(per dial)--> PICK_ENDPOINT ...
- *                  VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request)
- *   any state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door
- * out)
+ *             '--- upstream protocol http/http2/grpc ---> HTTP (mux_h1) --(per dial)-->
+ * PICK_ENDPOINT ... VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request) any
+ * state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door out)
  *
  * A session has two ends: end[0] is the accepted connection, end[1] the one we dial (the local
  * application inbound, the upstream endpoint outbound). Exactly one end speaks TLS. AUTHORIZE
@@ -37,6 +36,7 @@
 #include "session_int.h"
 #include "alog.h"
 #include "h2.h"
+#include "h2up.h"
 #include "limit.h"
 #include "log.h"
 #include "sock.h"
@@ -143,6 +143,10 @@ void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog
     if (s->end[0].fd >= 0)
         sock_local_name(s->end[0].fd, t->local, sizeof(t->local));
     int have_ident = session_destination(s, t->ident, sizeof(t->ident)) == 0;
+    t->alpn[0] = '\0';
+    if (s->inbound && s->end[0].tls != NULL &&
+        tls_conn_alpn(s->end[0].tls, t->alpn, sizeof(t->alpn)) <= 0)
+        t->alpn[0] = '\0';
     *r = (struct alog_rec){
         .time_ms = util_wall_ms(),
         .direction = s->inbound ? "inbound" : "outbound",
@@ -152,6 +156,7 @@ void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog
         .endpoint = s->ep_name[0] ? s->ep_name : NULL,
         .local_addr = t->local[0] ? t->local : NULL,
         .remote_addr = s->peer,
+        .alpn = t->alpn[0] ? t->alpn : NULL,
         .conn = s->id,
         .worker = s->host->index,
     };
@@ -250,8 +255,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
         result = SESSION_RES_ERROR;
     /* A codec ends the stream it is in the middle of (its record comes before the
      * connection's). */
-    if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL) && s->carrier != NULL &&
-        s->carrier->on_finish != NULL)
+    if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL || s->mux2 != NULL) &&
+        s->carrier != NULL && s->carrier->on_finish != NULL)
         s->carrier->on_finish(s, reason);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
@@ -516,11 +521,29 @@ static void pick_endpoint(struct session *s);
 static void sniff_done(struct session *s, int h2)
 {
     loop_timer_stop(s->host->loop, &s->timer);
-    if (!s->inbound && h2) {
-        /* There is no outbound HTTP/2 codec yet: the application's h2c goes to the upstream
-         * as bytes, offering no ALPN, and its sidecar tells HTTP/2 by the same preface. */
-        LOG_DEBUG("conn=%llu out: HTTP/2 prior knowledge, relayed at L4",
+    int h2_upstream = !s->inbound && s->up->protocol != PROTO_HTTP;
+    if (h2_upstream && h2 && s->host->muxes.http2 != NULL) {
+        /* An http2/grpc upstream and the application's h2c: mux_h2 carries each stream over
+         * a shared HTTP/2 connection (session_dial_h2). */
+        LOG_DEBUG("conn=%llu out: HTTP/2 prior knowledge to an HTTP/2 upstream",
                   (unsigned long long)s->id);
+        s->host->muxes.http2->start(s);
+        return;
+    }
+    if (h2_upstream && !h2 && s->host->muxes.http1 != NULL) {
+        /* HTTP/1 to an http2/grpc upstream: mux_h1 translates, each request a stream on a
+         * shared HTTP/2 connection (session_dial_h2). */
+        LOG_DEBUG("conn=%llu out: HTTP/1 to an HTTP/2 upstream, translated",
+                  (unsigned long long)s->id);
+        s->host->muxes.http1->start(s);
+        return;
+    }
+    if (h2_upstream || (!s->inbound && h2)) {
+        /* The application's h2c to an http upstream: relayed at L4 as bytes, offering no
+         * ALPN (the upstream's sidecar tells the protocol by the first bytes, as here). */
+        LOG_DEBUG("conn=%llu out: %s to an %s upstream, relayed at L4", (unsigned long long)s->id,
+                  h2 ? "HTTP/2 prior knowledge" : "not HTTP/2",
+                  h2_upstream ? "http2/grpc" : "http");
         pick_endpoint(s); /* the relay becomes the carrier once the upstream is verified */
         return;
     }
@@ -854,8 +877,8 @@ static void start_handshake_out(struct session *s)
                                         s->snap->cfg.tls_resumption ? key : NULL);
     /* An L7 (http) session says what it will speak, as Envoy's outbound cluster does: the
      * inbound sidecar may choose its codec by it. An L4 one offers nothing, as before. */
-    if (s->end[1].tls != NULL && s->mux != NULL &&
-        tls_conn_offer_alpn(s->end[1].tls, "http/1.1") != 0) {
+    if (s->end[1].tls != NULL && (s->mux != NULL || s->dial_h2) &&
+        tls_conn_offer_alpn(s->end[1].tls, s->dial_h2 ? "h2" : "http/1.1") != 0) {
         tls_conn_free(s->end[1].tls);
         s->end[1].tls = NULL;
     }
@@ -907,6 +930,82 @@ static void upool_key(const struct session *s, char *key, size_t len)
     if (spiffe_format(uri, sizeof(uri), &id) < 0)
         uri[0] = '\0';
     snprintf(key, len, "%s|%s|%s", s->ep_name, sni, uri);
+}
+
+/* The key of a shared HTTP/2 connection to session <s>'s current endpoint (h2up). */
+static void h2_key(const struct session *s, char *key, size_t len)
+{
+    char k[1600];
+    upool_key(s, k, sizeof(k));
+    snprintf(key, len, "%s|h2", k);
+}
+
+void session_app_h2_key(const struct session *s, char *key, size_t len)
+{
+    const struct proxy_cfg *c = &s->snap->cfg;
+    /* The codec is about to use the shared connection under this key: the sweep that drains
+     * connections a new snapshot no longer fits must run. */
+    if (!loop_timer_armed(&s->host->upool_sweep))
+        loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
+    if (c->local_socket_path[0] != '\0')
+        snprintf(key, len, "app|unix:%s", c->local_socket_path);
+    else
+        snprintf(key, len, "app|%s:%d", c->local_address, c->local_port);
+}
+
+/*
+ * session_dial_h2(), an endpoint picked: when the worker has a shared connection to it that
+ * takes a stream, the dial ends with it (1), else 0 (dial it).
+ */
+static int h2_take(struct session *s)
+{
+    char key[1700];
+    h2_key(s, key, sizeof(key));
+    struct h2up_conn *c = h2up_find(s->host->h2up, key, s->snap->tls);
+    if (c == NULL)
+        return 0;
+    LOG_DEBUG("conn=%llu out sharing the HTTP/2 connection to %s (%zu streams)",
+              (unsigned long long)s->id, LOG_ESC(s->ep_name), h2up_conn_streams(c));
+    s->h2c = c;
+    session_set_state(s, S_HTTP);
+    s->carrier->dialled(s, NULL);
+    return 1;
+}
+
+/* Whether a shared HTTP/2 connection no longer fits the worker's snapshot: another TLS
+ * context, an endpoint no http2/grpc upstream has, another local application address. */
+static int h2_stale(const char *key, const struct tls_ctx *tls, void *arg)
+{
+    const struct session_host *h = arg;
+    char name[300];
+    if (h->snap == NULL || h->stopping)
+        return 1;
+    if (strncmp(key, "app|", 4) == 0) {
+        const struct proxy_cfg *c = &h->snap->cfg;
+        if (c->local_socket_path[0] != '\0')
+            snprintf(name, sizeof(name), "app|unix:%s", c->local_socket_path);
+        else
+            snprintf(name, sizeof(name), "app|%s:%d", c->local_address, c->local_port);
+        return tls != NULL || strcmp(key, name) != 0;
+    }
+    if (tls != h->snap->tls)
+        return 1;
+    const char *bar = strchr(key, '|');
+    size_t elen = bar != NULL ? (size_t)(bar - key) : strlen(key);
+    for (size_t u = 0; u < h->snap->cfg.n_upstreams; u++) {
+        const struct snap_upstream *up = &h->snap->upstreams[u];
+        if (up->protocol != PROTO_HTTP2 && up->protocol != PROTO_GRPC)
+            continue;
+        for (size_t j = 0; j < up->n_targets; j++) {
+            const struct endpoint_set *eps = up->targets[j].endpoints;
+            for (size_t i = 0; i < eps->n; i++) {
+                endpoint_name(&eps->v[i], name, sizeof(name));
+                if (strlen(name) == elen && strncmp(name, key, elen) == 0)
+                    return 0;
+            }
+        }
+    }
+    return 1;
 }
 
 static void upool_reap(struct loop_defer *d)
@@ -974,7 +1073,8 @@ static void upool_on_sweep(struct loop_timer *t)
         if (now - c->since_ms >= SESSION_UPOOL_IDLE_MS || !upool_current(h, c))
             upool_drop(h, c);
     }
-    if (h->upool != NULL)
+    h2up_sweep(h->h2up, h2_stale, h);
+    if (h->upool != NULL || atomic_load_explicit(&h->stats->h2up_conns, memory_order_relaxed) > 0)
         loop_timer_start(h->loop, &h->upool_sweep, 1000);
 }
 
@@ -1077,6 +1177,19 @@ static void verify_peer(struct session *s)
         return;
     }
     loop_timer_stop(s->host->loop, &s->timer);
+    if (s->dial_h2) {
+        char alpn[32], key[1700];
+        if (tls_conn_alpn(s->end[1].tls, alpn, sizeof(alpn)) > 0 && strcmp(alpn, "h2") != 0) {
+            snprintf(why, sizeof(why), "the server selected ALPN %s, not h2", LOG_ESC(alpn));
+            try_next_endpoint(s, why);
+            return;
+        }
+        h2_key(s, key, sizeof(key));
+        s->h2c = h2up_adopt(s->host->h2up, key, s->snap->tls, &s->end[1], s->ep_name);
+        session_set_state(s, S_HTTP);
+        s->carrier->dialled(s, NULL);
+        return;
+    }
     if (s->mux != NULL) {
         /* Outbound L7: the codec that asked for this connection takes it. */
         session_set_state(s, S_HTTP);
@@ -1112,7 +1225,7 @@ static void pick_endpoint(struct session *s)
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
             const char *why = total == 0 ? "no healthy endpoint" : "every endpoint tried failed";
-            if (s->mux != NULL) {
+            if (s->mux != NULL || s->dial_h2) {
                 /* Outbound L7: the request gets a 503; the application's connection stays. */
                 session_set_state(s, S_HTTP);
                 s->carrier->dialled(s, why);
@@ -1131,6 +1244,8 @@ static void pick_endpoint(struct session *s)
         s->ep = &t->endpoints->v[i];
         int unix_sock = s->ep->socket_path[0] != '\0';
         endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
+        if (s->dial_h2 && h2_take(s))
+            return;
         int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
                            : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
@@ -1151,7 +1266,7 @@ static void pick_endpoint(struct session *s)
     }
 }
 
-void session_dial_upstream(struct session *s)
+void session_dial_h2(struct session *s)
 {
     size_t total = 0;
     for (size_t j = 0; j < s->up->n_targets; j++)
@@ -1161,7 +1276,28 @@ void session_dial_upstream(struct session *s)
     s->tgt = NULL;
     s->ep = NULL;
     s->ep_name[0] = '\0';
-    if (upool_take(s)) {
+    s->h2c = NULL;
+    s->dial_h2 = 1;
+    if (!loop_timer_armed(&s->host->upool_sweep))
+        loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
+    pick_endpoint(s);
+}
+
+static void dial_upstream(struct session *s, int use_pool)
+{
+    s->dial_h2 = 0;
+    s->h2c = NULL;
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    memset(s->tried, 0, total);
+    s->tries = 0;
+    s->tgt = NULL;
+    s->ep = NULL;
+    s->ep_name[0] = '\0';
+    s->dial_pooled = 0;
+    if (use_pool && upool_take(s)) {
+        s->dial_pooled = 1;
         LOG_DEBUG("conn=%llu out reusing a pooled connection to %s", (unsigned long long)s->id,
                   LOG_ESC(s->ep_name));
         session_set_state(s, S_HTTP);
@@ -1169,6 +1305,16 @@ void session_dial_upstream(struct session *s)
         return;
     }
     pick_endpoint(s);
+}
+
+void session_dial_upstream(struct session *s)
+{
+    dial_upstream(s, 1);
+}
+
+void session_redial_upstream(struct session *s)
+{
+    dial_upstream(s, 0);
 }
 
 static void try_next_endpoint(struct session *s, const char *why)
@@ -1466,6 +1612,7 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
     loop_timer_init(&h->handshake_summary, on_handshake_summary, h);
     loop_timer_init(&h->upool_sweep, upool_on_sweep, h);
     h->stats = xcalloc(1, sizeof(*h->stats));
+    h->h2up = h2up_pool_new(loop, &h->stats->h2up_conns, &h->stats->h2up_streams);
     snprintf(h->stats->other_listener.name, sizeof(h->stats->other_listener.name), "other");
     snprintf(h->stats->other_source.name, sizeof(h->stats->other_source.name), "other");
 }
@@ -1477,6 +1624,8 @@ void session_host_dispose(struct session_host *h)
     loop_timer_stop(h->loop, &h->upool_sweep);
     while (h->upool != NULL)
         upool_drop(h, h->upool);
+    h2up_pool_free(h->h2up);
+    h->h2up = NULL;
     free(h->stats);
     h->stats = NULL;
 }
@@ -1533,10 +1682,14 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     for (size_t j = 0; j < s->up->n_targets; j++)
         total += s->up->targets[j].endpoints->n;
     s->tried = xcalloc(total ? total : 1, 1);
-    if (s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) {
-        /* L7: the application's first bytes choose (HTTP/1.1, or HTTP/2 prior knowledge,
-         * which is relayed); the HTTP/1.1 codec reads the first request, then dials
-         * (session_dial_upstream). */
+    if ((s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) ||
+        ((s->up->protocol == PROTO_HTTP2 || s->up->protocol == PROTO_GRPC) &&
+         (s->host->muxes.http2 != NULL || s->host->muxes.http1 != NULL))) {
+        /* L7: the application's first bytes choose (sniff_done): HTTP/1.1 goes to mux_h1,
+         * which reads each request, then dials (session_dial_upstream, or for an http2 or
+         * grpc upstream session_dial_h2: each request a stream on a shared HTTP/2
+         * connection); HTTP/2 prior knowledge to mux_h2 for an http2 or grpc upstream, and is
+         * relayed for an http one. */
         start_sniff(s);
         return;
     }
@@ -1581,6 +1734,26 @@ size_t session_reauthorize_all(struct session_host *h)
     }
     STAT_ADD(h->stats->counters.reauthorize_closed, closed);
     return closed;
+}
+
+static int always_stale(const char *key, const struct tls_ctx *tls, void *arg)
+{
+    (void)key;
+    (void)tls;
+    (void)arg;
+    return 1;
+}
+
+void session_drain_all(struct session_host *h)
+{
+    struct session *s = h->sessions, *next;
+    for (; s != NULL; s = next) {
+        next = s->next;
+        if (s->carrier != NULL && s->carrier->drain != NULL &&
+            (s->state == S_HTTP || s->mux2 != NULL))
+            s->carrier->drain(s);
+    }
+    h2up_sweep(h->h2up, always_stale, NULL);
 }
 
 void session_close_all(struct session_host *h)

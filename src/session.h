@@ -151,6 +151,8 @@ struct session_stats {
     atomic_uint_fast64_t tls_handshakes[2][2]; /* [0 inbound, 1 outbound][1 resumed] */
     atomic_uint_fast64_t upool_idle;           /* upstream connections in the pool now */
     atomic_uint_fast64_t upool_reused;         /* dials served from the pool */
+    atomic_uint_fast64_t h2up_conns;           /* shared HTTP/2 client connections open now */
+    atomic_uint_fast64_t h2up_streams;         /* streams opened on them */
     atomic_size_t n_listeners;
     struct session_listener_stats listeners[SESSION_STATS_MAX_LISTENERS];
     struct session_listener_stats other_listener; /* when the table is full */
@@ -181,6 +183,7 @@ struct session_info {
 #define SESSION_UPOOL_IDLE_MS      30000
 
 struct session_mux;
+struct h2up_pool;
 
 /* The carriers a worker hands its sessions (session_int.h): the L4 relay and the HTTP/1.1
  * codec. Set after session_host_init(); a NULL http1 serves protocol http at L4. */
@@ -219,6 +222,10 @@ struct session_host {
     struct upool_conn *upool;
     size_t n_upool;
     struct loop_timer upool_sweep;
+    /* HTTP/2 client connections the worker's sessions share (h2up.h): to upstream sidecars
+     * (ALPN h2, keyed like the pool above plus "|h2") and h2c to the local application
+     * ("app|<address>"). Swept with the pool above. */
+    struct h2up_pool *h2up;
     int stopping; /* session_close_all ran: nothing more is pooled */
 };
 
@@ -268,6 +275,13 @@ void session_authorize_answer(struct authq_req *r);
  * exceed <max>). Worker thread only.
  */
 size_t session_host_list(const struct session_host *h, struct session_info *out, size_t max);
+
+/*
+ * connectd drains: every session whose carrier can end gracefully is told to (an HTTP/2
+ * connection gets GOAWAY, its open streams finish, then it closes); the others run on. The
+ * shared HTTP/2 connections are drained too (GOAWAY, closed when their streams are done).
+ */
+void session_drain_all(struct session_host *h);
 
 /* Ends every session at once with result SESSION_RES_SHUTDOWN. */
 void session_close_all(struct session_host *h);

@@ -42,6 +42,7 @@ struct relay_buf {
 
 struct mux_h1;
 struct mux_h2;
+struct h2up_conn;
 
 /*
  * What carries a session's bytes once its legs are up, as HAProxy's muxes: relay.c (L4) and
@@ -60,8 +61,12 @@ struct session_mux {
     /* The session is finishing (any cause, <reason> as given to session_finish); NULL when
      * the carrier has nothing to close. It must not finish the session itself. */
     void (*on_finish)(struct session *s, const char *reason);
-    /* Outbound L7: the end of session_dial_upstream(); <why> NULL on success. */
+    /* Outbound L7: the end of session_dial_upstream() or session_dial_h2(); <why> NULL on
+     * success. */
     void (*dialled)(struct session *s, const char *why);
+    /* connectd drains (optional): stop taking requests, let the open ones finish, then end
+     * the session (HTTP/2: GOAWAY). It may finish the session. */
+    void (*drain)(struct session *s);
 };
 
 struct session {
@@ -104,9 +109,14 @@ struct session {
     const struct snap_upstream *up; /* inside snap */
     unsigned char *tried;           /* one flag per endpoint of every target, in order */
     unsigned tries;
+    int dial_pooled; /* the last session_dial_upstream() took a pooled (reused) connection */
     const struct snap_target *tgt; /* the target of the endpoint being dialled */
     const struct dec_endpoint *ep; /* the endpoint being dialled */
     char ep_name[300];
+    /* session_dial_h2(): the dial is for a shared HTTP/2 connection (ALPN h2), and its result,
+     * borrowed from the worker's h2up pool until the carrier returns to the loop. */
+    int dial_h2;
+    struct h2up_conn *h2c;
     struct session_listener_stats *lstat; /* in host->stats; never NULL */
 };
 
@@ -138,6 +148,7 @@ int session_destination(const struct session *s, char *out, size_t len);
 struct session_alog_text {
     char local[64];
     char ident[SPIFFE_NAME_MAX * 2];
+    char alpn[32];
 };
 /*
  * Fills the fields an access-log record of session <s> shares with its streams' records:
@@ -154,6 +165,29 @@ void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog
  * carrier->dialled(s, why) when no endpoint is left; either may come before this returns.
  */
 void session_dial_upstream(struct session *s);
+/*
+ * As session_dial_upstream(), but never with a pooled connection: the codec retries a request
+ * that a reused connection lost before any byte of its answer (the keep-alive race), and
+ * another connection idle as long may have been closed the same way.
+ */
+void session_redial_upstream(struct session *s);
+/*
+ * Outbound L7 over HTTP/2 (an http2 or grpc upstream): a shared connection to one of the
+ * upstream's endpoints. An endpoint is picked as session_dial_upstream() picks one (primary
+ * target first, random among its endpoints not tried yet); when the worker's h2up pool has a
+ * connection to it that takes a stream (key: the endpoint, SNI and identity, plus "|h2"), that
+ * one, else it is dialled like session_dial_upstream() does but offering ALPN h2, and the
+ * verified end is adopted into the pool (a peer that selects another protocol counts as a
+ * failed endpoint). The same rules for end[1], the state timer and end[0] apply meanwhile. Ends
+ * with carrier->dialled(s, NULL) and s->h2c set (borrowed: open the stream on it before
+ * returning to the loop), or carrier->dialled(s, why) when no endpoint is left; either may come
+ * before this returns.
+ */
+void session_dial_h2(struct session *s);
+/* The key of the worker's shared h2c connection to the local application ("app|<address>"),
+ * for the snapshot <s> started with; keeps the worker's pool sweep running, which drains such
+ * connections once the snapshot names another address. */
+void session_app_h2_key(const struct session *s, char *key, size_t len);
 /*
  * Outbound L7, the session finishing: end[1], an idle verified upstream connection with
  * nothing in flight, goes to the worker's pool (or is closed when the pool is full, the worker

@@ -218,7 +218,8 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}}, ended[SESSION_RES_COUNT] = {0};
     uint64_t h2_closed = 0;
     uint64_t refused_max = 0, refused_rate = 0, reauth = 0, reauth_closed = 0, refused_pending = 0,
-             refused_pending_source = 0, refused_fds = 0, upool_idle = 0, upool_reused = 0;
+             refused_pending_source = 0, refused_fds = 0, upool_idle = 0, upool_reused = 0,
+             h2up_conns = 0, h2up_streams = 0;
     for (int i = 0; i < vw->n_workers; i++) {
         const struct session_stats *st = worker_stats(vw->workers[i]);
         size_t n = atomic_load_explicit(&st->n_listeners, memory_order_acquire);
@@ -249,6 +250,8 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         reauth_closed += load(&st->counters.reauthorize_closed);
         upool_idle += load(&st->upool_idle);
         upool_reused += load(&st->upool_reused);
+        h2up_conns += load(&st->h2up_conns);
+        h2up_streams += load(&st->h2up_streams);
         h2_closed += load(&st->counters.h2_protocol_closed);
     }
 
@@ -304,6 +307,14 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
                 "Upstream connections taken from the pool instead of dialled.");
     admin_buf_printf(b, "connectd_upstream_pool_reused_total %llu\n",
                      (unsigned long long)upool_reused);
+    metric_head(b, "upstream_h2_connections", "gauge",
+                "Shared HTTP/2 client connections open (to upstream sidecars with ALPN h2, and "
+                "h2c to the local application).");
+    admin_buf_printf(b, "connectd_upstream_h2_connections %llu\n", (unsigned long long)h2up_conns);
+    metric_head(b, "upstream_h2_streams_total", "counter",
+                "Streams opened on shared HTTP/2 client connections.");
+    admin_buf_printf(b, "connectd_upstream_h2_streams_total %llu\n",
+                     (unsigned long long)h2up_streams);
 
     metric_head(b, "authorization_decisions_total", "counter",
                 "Inbound authorization decisions by source service and result (at most 256 "

@@ -337,6 +337,7 @@ static void on_wakeup(struct loop *loop, void *data)
     if (atomic_load(&w->drain) && !w->draining) {
         w->draining = 1;
         reconcile_listeners(w, NULL);
+        session_drain_all(&w->host);
         on_drain_check(&w->drain_check);
     }
     struct snapshot *s = atomic_exchange(&w->pending, NULL);

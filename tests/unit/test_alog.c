@@ -137,6 +137,20 @@ static void test_line_logfmt(void **state)
                              "worker=1\n");
 }
 
+/* The ALPN protocol of an inbound hop is written after the addresses when there is one. */
+static void test_line_alpn(void **state)
+{
+    char buf[ALOG_LINE_MAX];
+    struct alog_rec r = rec;
+    (void)state;
+    r.alpn = "h2";
+    alog_format_line(buf, sizeof(buf), ALOG_JSON, &r);
+    assert_non_null(
+        strstr(buf, "\"remote_addr\":\"127.0.0.1:40000\",\"alpn\":\"h2\",\"bytes_in\""));
+    alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &r);
+    assert_non_null(strstr(buf, " alpn=h2 bytes_in=12"));
+}
+
 static void test_line_worst_case_fits(void **state)
 {
     static char big[LOG_VALUE_MAX * 4], buf[ALOG_LINE_MAX];
@@ -199,11 +213,17 @@ static void test_parse_format(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_json_escaping),      cmocka_unit_test(test_logfmt_quoting),
-        cmocka_unit_test(test_values_are_bounded), cmocka_unit_test(test_buffer_never_overflows),
-        cmocka_unit_test(test_time_rfc3339_ms),    cmocka_unit_test(test_line_json),
-        cmocka_unit_test(test_line_logfmt),        cmocka_unit_test(test_line_worst_case_fits),
-        cmocka_unit_test(test_parse_format),       cmocka_unit_test(test_request_record),
+        cmocka_unit_test(test_json_escaping),
+        cmocka_unit_test(test_logfmt_quoting),
+        cmocka_unit_test(test_values_are_bounded),
+        cmocka_unit_test(test_buffer_never_overflows),
+        cmocka_unit_test(test_time_rfc3339_ms),
+        cmocka_unit_test(test_line_json),
+        cmocka_unit_test(test_line_alpn),
+        cmocka_unit_test(test_line_logfmt),
+        cmocka_unit_test(test_line_worst_case_fits),
+        cmocka_unit_test(test_parse_format),
+        cmocka_unit_test(test_request_record),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
