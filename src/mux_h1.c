@@ -133,7 +133,14 @@ struct mux_h1 {
     char why[256];              /* the reason of the current local answer / close */
     uint64_t armed_at;          /* the deadline the timer is armed for; 0 when not armed */
     char xfcc[STREAM_XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
-    struct buf target;          /* the request's normalized target (forwarded, or a redirect's) */
+    /* Reads that would only say EAGAIN are not made (see end_read()): end i may have bytes
+     * (an event came for it, or its last read filled what was asked), and what its last
+     * unfinished read waits for. ev0: an event came for end[0] in this pump and end[0] was
+     * not read since. */
+    unsigned char rd_ok[2];
+    unsigned rd_wants[2];
+    int ev0;
+    struct buf target; /* the request's normalized target (forwarded, or a redirect's) */
 };
 
 /* ---- buffers ---- */
@@ -282,6 +289,34 @@ static int blank_line(const struct buf *b, size_t from)
 /* ---- I/O helpers ---- */
 
 /*
+ * Reads from end <i>, unless its last read drained it (EAGAIN, or fewer bytes than asked with
+ * nothing left inside TLS) and no event came for it since: the loop is level-triggered, so
+ * the event comes when there is more, and the read that would only say EAGAIN is saved (a
+ * syscall, and for TLS an SSL_read that takes and gives back a record buffer). Returns what
+ * xprt_read() does; -EAGAIN adds the events to wait for to *<wants>.
+ */
+static ssize_t end_read(struct session *s, int i, void *p, size_t len, unsigned *wants)
+{
+    struct mux_h1 *m = s->mux;
+    if (!m->rd_ok[i]) {
+        *wants |= m->rd_wants[i];
+        return -EAGAIN;
+    }
+    ssize_t n = xprt_read(&s->end[i], p, len);
+    if (i == 0)
+        m->ev0 = 0; /* what the event announced was read */
+    if (n == -EAGAIN) {
+        m->rd_ok[i] = 0;
+        m->rd_wants[i] = xprt_wants(&s->end[i], LOOP_READ);
+        *wants |= m->rd_wants[i];
+    } else if (n > 0 && (size_t)n < len && !xprt_pending(&s->end[i])) {
+        m->rd_ok[i] = 0;
+        m->rd_wants[i] = LOOP_READ;
+    }
+    return n;
+}
+
+/*
  * Reads from end <i> into <b>, at most <max> bytes in the buffer. Returns >0, 0 at EOF (the
  * end's rd_eof is set), -EAGAIN (the events to wait for are added to *<wants>), or an error.
  */
@@ -291,7 +326,7 @@ static ssize_t read_into(struct session *s, int i, struct buf *b, size_t max, un
         return -ENOBUFS;
     size_t want = max - b->len < IO_CHUNK ? max - b->len : IO_CHUNK;
     buf_reserve(b, b->len + want);
-    ssize_t n = xprt_read(&s->end[i], b->p + b->len, want);
+    ssize_t n = end_read(s, i, b->p + b->len, want, wants);
     if (n > 0) {
         b->len += (size_t)n;
         if (i == 0) {
@@ -300,8 +335,6 @@ static ssize_t read_into(struct session *s, int i, struct buf *b, size_t max, un
         }
     } else if (n == 0) {
         s->end[i].rd_eof = 1;
-    } else if (n == -EAGAIN) {
-        *wants |= xprt_wants(&s->end[i], LOOP_READ);
     }
     return n;
 }
@@ -479,6 +512,7 @@ static int connect_app(struct session *s)
     memset(&s->end[1], 0, sizeof(s->end[1]));
     s->end[1].fd = fd;
     loop_io_init(&s->end[1].io, fd, app_on_io, s);
+    m->rd_ok[1] = 1;
     m->app_writable = 0;
     m->app_keep = 1;
     m->connect_start_ms = loop_now_ms(s->host->loop);
@@ -828,6 +862,12 @@ static void pump(struct session *s)
 {
     struct mux_h1 *m = s->mux;
     m->in_pump = 1;
+    m->ev0 = s->end[0].io.fired != 0;
+    for (int i = 0; i < 2; i++) {
+        if (s->end[i].io.fired != 0)
+            m->rd_ok[i] = 1;
+        s->end[i].io.fired = 0;
+    }
     pump_run(s);
     /* The session may have finished (its memory is freed later) or become a tunnel. */
     if (s->mux == m)
@@ -874,10 +914,8 @@ static void pump_run(struct session *s)
             if (s->end[1].fd >= 0) {
                 /* An idle application connection: bytes or EOF mean it is no longer usable. */
                 char junk[256];
-                n = xprt_read(&s->end[1], junk, sizeof(junk));
-                if (n == -EAGAIN)
-                    wants[1] |= xprt_wants(&s->end[1], LOOP_READ);
-                else
+                n = end_read(s, 1, junk, sizeof(junk), &wants[1]);
+                if (n != -EAGAIN)
                     close_app(s);
             }
             int look = m->cin.len > m->head_max ||
@@ -1117,6 +1155,11 @@ static void pump_run(struct session *s)
             continue;
         }
         arm(s);
+        /* While the answer is awaited the caller is not read, but its read interest stays
+         * registered until an event shows it matters (bytes sent ahead, or a hang-up): taking
+         * it off and putting it back costs two epoll_ctl calls per request. */
+        if (wants[0] == 0 && m->phase == P_EXCHANGE && !m->ev0)
+            wants[0] = s->end[0].io.want & LOOP_READ;
         if (session_want(s, 0, wants[0]) == 0 && s->end[1].fd >= 0)
             session_want(s, 1, wants[1]);
         return;
@@ -1207,6 +1250,7 @@ static void mux_start(struct session *s)
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
     m->outbound = !s->inbound;
+    m->rd_ok[0] = m->rd_ok[1] = 1;
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
@@ -1238,6 +1282,7 @@ static void mux_dialled(struct session *s, const char *why)
         local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
     } else {
         m->app_keep = 1;
+        m->rd_ok[1] = 1;
         forward_head(s);
     }
     s->last_io_ms = loop_now_ms(s->host->loop);
