@@ -631,6 +631,7 @@ static void on_head(struct session *s, size_t n)
         .authority = rq->host,
         .headers = rq->headers,
         .nheaders = rq->nheaders,
+        .quiet_allow = 1, /* an allowed request's record has no reason */
     };
     if (rq->target_form == HTTP_TARGET_ABSOLUTE)
         sr.target = absolute_path(rq->target);
