@@ -65,6 +65,10 @@
 struct buf {
     char *p;
     size_t len, cap;
+    /* The worker whose pool (session_buf_take()) lends buffers of SESSION_RELAY_BUF_BYTES,
+     * so a keep-alive connection's buffers, let go while it waits, cost no malloc() each
+     * request; NULL: plain heap buffers. */
+    struct session_host *pool;
 };
 
 enum phase {
@@ -149,6 +153,13 @@ static void buf_reserve(struct buf *b, size_t need)
 {
     if (b->cap >= need)
         return;
+    if (b->p == NULL && b->pool != NULL && need <= SESSION_RELAY_BUF_BYTES) {
+        struct relay_buf rb = {0};
+        session_buf_take(b->pool, &rb);
+        b->p = rb.data;
+        b->cap = SESSION_RELAY_BUF_BYTES;
+        return;
+    }
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < need)
         cap *= 2;
@@ -177,7 +188,12 @@ static void buf_release(struct buf *b)
 {
     if (b->len != 0)
         return;
-    free(b->p);
+    if (b->p != NULL && b->pool != NULL && b->cap == SESSION_RELAY_BUF_BYTES) {
+        struct relay_buf rb = {.data = b->p};
+        session_buf_give_back(b->pool, &rb); /* the pool's, or freed when the pool is full */
+    } else {
+        free(b->p);
+    }
     b->p = NULL;
     b->cap = 0;
 }
@@ -208,11 +224,11 @@ static void mux_free(struct mux_h1 *m)
 {
     if (m == NULL)
         return;
-    free(m->cin.p);
-    free(m->cout.p);
-    free(m->ain.p);
-    free(m->aout.p);
-    free(m->target.p);
+    struct buf *all[] = {&m->cin, &m->cout, &m->ain, &m->aout, &m->target};
+    for (size_t i = 0; i < ARRAY_SIZE(all); i++) {
+        all[i]->len = 0;
+        buf_release(all[i]);
+    }
     free(m);
 }
 
@@ -1155,6 +1171,12 @@ static void pump_run(struct session *s)
             s->last_io_ms = loop_now_ms(s->host->loop);
             continue;
         }
+        /* Waiting: empty buffers go back to the pool, so a connection holds none while its
+         * application thinks or its caller is idle. */
+        buf_release(&m->cin);
+        buf_release(&m->cout);
+        buf_release(&m->ain);
+        buf_release(&m->aout);
         arm(s);
         /* While the answer is awaited the caller is not read, but its read interest stays
          * registered until an event shows it matters (bytes sent ahead, or a hang-up): taking
@@ -1247,6 +1269,7 @@ static void mux_start(struct session *s)
     s->mux = m;
     s->mux_free = mux_free;
     s->carrier = &mux_h1_mux;
+    m->cin.pool = m->cout.pool = m->ain.pool = m->aout.pool = m->target.pool = s->host;
     session_set_state(s, S_HTTP);
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
