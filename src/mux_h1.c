@@ -139,8 +139,8 @@ struct mux_h1 {
     char xfcc[STREAM_XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
     /* Reads that would only say EAGAIN are not made (see end_read()): end i may have bytes
      * (an event came for it, or its last read filled what was asked), and what its last
-     * unfinished read waits for. ev0: an event came for end[0] in this pump and end[0] was
-     * not read since. */
+     * unfinished read waits for. ev0: an event came for end[0] and end[0] was not read
+     * since. */
     unsigned char rd_ok[2];
     unsigned rd_wants[2];
     int ev0;
@@ -879,7 +879,8 @@ static void pump(struct session *s)
 {
     struct mux_h1 *m = s->mux;
     m->in_pump = 1;
-    m->ev0 = s->end[0].io.fired != 0;
+    if (s->end[0].io.fired != 0)
+        m->ev0 = 1;
     for (int i = 0; i < 2; i++) {
         if (s->end[i].io.fired != 0)
             m->rd_ok[i] = 1;
@@ -1178,11 +1179,14 @@ static void pump_run(struct session *s)
         buf_release(&m->ain);
         buf_release(&m->aout);
         arm(s);
-        /* While the answer is awaited the caller is not read, but its read interest stays
+        /* While the answer is awaited the caller is not read, but its read interest is kept
          * registered until an event shows it matters (bytes sent ahead, or a hang-up): taking
-         * it off and putting it back costs two epoll_ctl calls per request. */
+         * it off and putting it back would cost two epoll_ctl calls per request. Registered
+         * then, a caller's close after its answer is queued before whatever comes later, such
+         * as its next connection: outbound, this session puts its upstream connection back in
+         * the pool before that connection looks there. */
         if (wants[0] == 0 && m->phase == P_EXCHANGE && !m->ev0)
-            wants[0] = s->end[0].io.want & LOOP_READ;
+            wants[0] = LOOP_READ;
         if (session_want(s, 0, wants[0]) == 0 && s->end[1].fd >= 0)
             session_want(s, 1, wants[1]);
         return;
@@ -1275,6 +1279,9 @@ static void mux_start(struct session *s)
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
     m->outbound = !s->inbound;
     m->rd_ok[0] = m->rd_ok[1] = 1;
+    /* An event session.c already read for (the sniffed first bytes) is not one for us: it
+     * would make the first exchange drop the caller's read interest (see pump_run()). */
+    s->end[0].io.fired = s->end[1].io.fired = 0;
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
