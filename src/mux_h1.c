@@ -1282,6 +1282,11 @@ static void mux_start(struct session *s)
     /* An event session.c already read for (the sniffed first bytes) is not one for us: it
      * would make the first exchange drop the caller's read interest (see pump_run()). */
     s->end[0].io.fired = s->end[1].io.fired = 0;
+    /* The TLS end is read a socketful at a time: one read() per record instead of two. It is
+     * read only until a read drains it (end_read() asks xprt_pending()), and a connection
+     * handed to the relay or the pool is checked the same way. */
+    if (s->end[0].tls != NULL)
+        tls_conn_set_read_ahead(s->end[0].tls);
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
@@ -1314,6 +1319,8 @@ static void mux_dialled(struct session *s, const char *why)
     } else {
         m->app_keep = 1;
         m->rd_ok[1] = 1;
+        if (s->end[1].tls != NULL)
+            tls_conn_set_read_ahead(s->end[1].tls);
         forward_head(s);
     }
     s->last_io_ms = loop_now_ms(s->host->loop);
@@ -1331,7 +1338,8 @@ static void mux_on_finish(struct session *s, const char *reason)
     /* Outbound, between requests: a kept-alive upstream connection serves the application's
      * next connection (session_pool_put decides whether it may). */
     if (m != NULL && m->outbound && m->phase == P_HEAD && s->state == S_HTTP && m->app_keep &&
-        s->end[1].fd >= 0 && m->ain.len == 0 && m->aout.len == 0 && !s->end[1].rd_eof)
+        s->end[1].fd >= 0 && m->ain.len == 0 && m->aout.len == 0 && !s->end[1].rd_eof &&
+        !xprt_pending(&s->end[1]))
         session_pool_put(s);
 }
 

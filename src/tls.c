@@ -1033,6 +1033,16 @@ size_t tls_conn_pending(const struct tls_conn *c)
     return n > 0 ? (size_t)n : 0;
 }
 
+int tls_conn_has_pending(const struct tls_conn *c)
+{
+    return SSL_has_pending(c->ssl);
+}
+
+void tls_conn_set_read_ahead(struct tls_conn *c)
+{
+    SSL_set_read_ahead(c->ssl, 1);
+}
+
 const char *tls_conn_error(const struct tls_conn *c)
 {
     return c->err;
