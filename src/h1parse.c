@@ -17,7 +17,7 @@
     } while (0)
 
 /* tchar (RFC 9110 section 5.6.2). */
-static int is_tchar(unsigned char c)
+static inline int is_tchar(unsigned char c)
 {
     if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'))
         return 1;
@@ -58,17 +58,6 @@ static int is_ows(unsigned char c)
 static unsigned char lower(unsigned char c)
 {
     return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
-}
-
-int h1_slice_eq(struct http_slice s, const char *lower_str)
-{
-    size_t n = strlen(lower_str);
-    if (s.len != n)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (lower((unsigned char)s.p[i]) != (unsigned char)lower_str[i])
-            return 0;
-    return 1;
 }
 
 static int slice_eq_slice(struct http_slice a, struct http_slice b)
