@@ -27,8 +27,12 @@
  *
  * Back-pressure: a side is read only while the buffer its bytes go to holds less than
  * IO_CHUNK; heads may grow a buffer up to their limit (max_request_headers_kb for requests,
- * H1_HEAD_MAX for responses). Buffers are freed whenever the connection waits for a head with
- * nothing buffered, so an idle keep-alive connection holds none.
+ * H1_HEAD_MAX for responses). Buffers (the worker's pooled 16 KiB ones) go back whenever the
+ * codec waits with them empty, so an idle keep-alive connection holds none.
+ *
+ * Events: the loop is level-triggered, so an end is read only after an event for it or a read
+ * that filled what was asked (end_read()); the caller's read interest stays registered while
+ * an answer is awaited. A keep-alive request costs one read and one write per leg.
  *
  * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
  * interim response. A request refused locally (403, 503) that expects 100-continue and has a
