@@ -23,6 +23,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 
 #include "http.h"
@@ -94,7 +95,24 @@ int h1_write_request_head(char *out, size_t cap, const struct http_request *req,
 int h1_write_response_head(char *out, size_t cap, const struct http_response *res,
                            const struct http_header *extra, size_t nextra);
 
-/* Case-insensitive comparison of a slice with a NUL-terminated lower-case string. */
-int h1_slice_eq(struct http_slice s, const char *lower);
+/*
+ * Case-insensitive comparison of a slice with a NUL-terminated lower-case string. Inline: it
+ * runs for several names per field of every head, and inlined the length of a literal is
+ * known at compile time instead of a strlen() per call.
+ */
+static inline int h1_slice_eq(struct http_slice s, const char *lower)
+{
+    size_t n = strlen(lower);
+    if (s.len != n)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s.p[i];
+        if (c >= 'A' && c <= 'Z')
+            c = (unsigned char)(c - 'A' + 'a');
+        if (c != (unsigned char)lower[i])
+            return 0;
+    }
+    return 1;
+}
 
 #endif

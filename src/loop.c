@@ -102,6 +102,7 @@ void loop_io_init(struct loop_io *io, int fd, loop_io_cb cb, void *data)
 {
     io->fd = fd;
     io->want = 0;
+    io->fired = 0;
     io->cb = cb;
     io->data = data;
 }
@@ -322,8 +323,10 @@ int loop_run(struct loop *loop)
             if (events[i].events & (EPOLLERR | EPOLLHUP))
                 ev |= LOOP_ERROR | LOOP_READ | LOOP_WRITE;
             /* An earlier callback in this round may have stopped watching this fd. */
-            if (io->want != 0)
+            if (io->want != 0) {
+                io->fired |= ev & (io->want | LOOP_ERROR);
                 io->cb(io, ev & (io->want | LOOP_ERROR));
+            }
         }
         run_timers(loop);
         run_deferred(loop);

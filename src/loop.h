@@ -26,7 +26,9 @@ typedef void (*loop_io_cb)(struct loop_io *io, unsigned events);
 
 struct loop_io {
     int fd;
-    unsigned want; /* the mask currently registered with epoll; 0 when not registered */
+    unsigned want;  /* the mask currently registered with epoll; 0 when not registered */
+    unsigned fired; /* events dispatched since the owner last cleared it (owners sharing a
+                     * callback between watchers tell which one fired) */
     loop_io_cb cb;
     void *data;
 };

@@ -27,8 +27,12 @@
  *
  * Back-pressure: a side is read only while the buffer its bytes go to holds less than
  * IO_CHUNK; heads may grow a buffer up to their limit (max_request_headers_kb for requests,
- * H1_HEAD_MAX for responses). Buffers are freed whenever the connection waits for a head with
- * nothing buffered, so an idle keep-alive connection holds none.
+ * H1_HEAD_MAX for responses). Buffers (the worker's pooled 16 KiB ones) go back whenever the
+ * codec waits with them empty, so an idle keep-alive connection holds none.
+ *
+ * Events: the loop is level-triggered, so an end is read only after an event for it or a read
+ * that filled what was asked (end_read()); the caller's read interest stays registered while
+ * an answer is awaited. A keep-alive request costs one read and one write per leg.
  *
  * HTTP/2 far side (an http2 or grpc service or upstream): end[1] stays closed; each request is
  * a stream on a shared h2up connection (h2c to the application inbound, session_dial_h2()
@@ -79,6 +83,10 @@
 struct buf {
     char *p;
     size_t len, cap;
+    /* The worker whose pool (session_buf_take()) lends buffers of SESSION_RELAY_BUF_BYTES,
+     * so a keep-alive connection's buffers, let go while it waits, cost no malloc() each
+     * request; NULL: plain heap buffers. */
+    struct session_host *pool;
 };
 
 enum phase {
@@ -183,6 +191,13 @@ struct mux_h1 {
     struct buf h2held;
     int h2_has_body;
     size_t replay_off;
+    /* Reads that would only say EAGAIN are not made (see end_read()): end i may have bytes
+     * (an event came for it, or its last read filled what was asked), and what its last
+     * unfinished read waits for. ev0: an event came for end[0] and end[0] was not read
+     * since. */
+    unsigned char rd_ok[2];
+    unsigned rd_wants[2];
+    int ev0;
 };
 
 /* ---- buffers ---- */
@@ -191,6 +206,13 @@ static void buf_reserve(struct buf *b, size_t need)
 {
     if (b->cap >= need)
         return;
+    if (b->p == NULL && b->pool != NULL && need <= SESSION_RELAY_BUF_BYTES) {
+        struct relay_buf rb = {0};
+        session_buf_take(b->pool, &rb);
+        b->p = rb.data;
+        b->cap = SESSION_RELAY_BUF_BYTES;
+        return;
+    }
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < need)
         cap *= 2;
@@ -219,7 +241,12 @@ static void buf_release(struct buf *b)
 {
     if (b->len != 0)
         return;
-    free(b->p);
+    if (b->p != NULL && b->pool != NULL && b->cap == SESSION_RELAY_BUF_BYTES) {
+        struct relay_buf rb = {.data = b->p};
+        session_buf_give_back(b->pool, &rb); /* the pool's, or freed when the pool is full */
+    } else {
+        free(b->p);
+    }
     b->p = NULL;
     b->cap = 0;
 }
@@ -268,14 +295,12 @@ static void mux_free(struct mux_h1 *m)
 {
     if (m == NULL)
         return;
-    free(m->cin.p);
-    free(m->cout.p);
-    free(m->ain.p);
-    free(m->aout.p);
-    free(m->target.p);
-    free(m->replay.p);
-    free(m->trailers.p);
-    free(m->h2held.p);
+    struct buf *all[] = {&m->cin, &m->cout, &m->ain, &m->aout, &m->target,
+                          &m->replay, &m->trailers, &m->h2held};
+    for (size_t i = 0; i < ARRAY_SIZE(all); i++) {
+        all[i]->len = 0;
+        buf_release(all[i]);
+    }
     free(m->h2f);
     free(m);
 }
@@ -353,6 +378,34 @@ static int blank_line(const struct buf *b, size_t from)
 /* ---- I/O helpers ---- */
 
 /*
+ * Reads from end <i>, unless its last read drained it (EAGAIN, or fewer bytes than asked with
+ * nothing left inside TLS) and no event came for it since: the loop is level-triggered, so
+ * the event comes when there is more, and the read that would only say EAGAIN is saved (a
+ * syscall, and for TLS an SSL_read that takes and gives back a record buffer). Returns what
+ * xprt_read() does; -EAGAIN adds the events to wait for to *<wants>.
+ */
+static ssize_t end_read(struct session *s, int i, void *p, size_t len, unsigned *wants)
+{
+    struct mux_h1 *m = s->mux;
+    if (!m->rd_ok[i]) {
+        *wants |= m->rd_wants[i];
+        return -EAGAIN;
+    }
+    ssize_t n = xprt_read(&s->end[i], p, len);
+    if (i == 0)
+        m->ev0 = 0; /* what the event announced was read */
+    if (n == -EAGAIN) {
+        m->rd_ok[i] = 0;
+        m->rd_wants[i] = xprt_wants(&s->end[i], LOOP_READ);
+        *wants |= m->rd_wants[i];
+    } else if (n > 0 && (size_t)n < len && !xprt_pending(&s->end[i])) {
+        m->rd_ok[i] = 0;
+        m->rd_wants[i] = LOOP_READ;
+    }
+    return n;
+}
+
+/*
  * Reads from end <i> into <b>, at most <max> bytes in the buffer. Returns >0, 0 at EOF (the
  * end's rd_eof is set), -EAGAIN (the events to wait for are added to *<wants>), or an error.
  */
@@ -362,7 +415,7 @@ static ssize_t read_into(struct session *s, int i, struct buf *b, size_t max, un
         return -ENOBUFS;
     size_t want = max - b->len < IO_CHUNK ? max - b->len : IO_CHUNK;
     buf_reserve(b, b->len + want);
-    ssize_t n = xprt_read(&s->end[i], b->p + b->len, want);
+    ssize_t n = end_read(s, i, b->p + b->len, want, wants);
     if (n > 0) {
         b->len += (size_t)n;
         if (i == 0) {
@@ -371,8 +424,6 @@ static ssize_t read_into(struct session *s, int i, struct buf *b, size_t max, un
         }
     } else if (n == 0) {
         s->end[i].rd_eof = 1;
-    } else if (n == -EAGAIN) {
-        *wants |= xprt_wants(&s->end[i], LOOP_READ);
     }
     return n;
 }
@@ -566,6 +617,7 @@ static int connect_app(struct session *s)
     memset(&s->end[1], 0, sizeof(s->end[1]));
     s->end[1].fd = fd;
     loop_io_init(&s->end[1].io, fd, app_on_io, s);
+    m->rd_ok[1] = 1;
     m->app_writable = 0;
     m->app_keep = 1;
     m->app_served = 0;
@@ -1247,6 +1299,7 @@ static void on_head(struct session *s, size_t n)
         .authority = rq->host,
         .headers = rq->headers,
         .nheaders = rq->nheaders,
+        .quiet_allow = 1, /* an allowed request's record has no reason */
     };
     if (rq->target_form == HTTP_TARGET_ABSOLUTE)
         sr.target = absolute_path(rq->target);
@@ -1630,6 +1683,13 @@ static void pump(struct session *s)
 {
     struct mux_h1 *m = s->mux;
     m->in_pump = 1;
+    if (s->end[0].io.fired != 0)
+        m->ev0 = 1;
+    for (int i = 0; i < 2; i++) {
+        if (s->end[i].io.fired != 0)
+            m->rd_ok[i] = 1;
+        s->end[i].io.fired = 0;
+    }
     pump_run(s);
     /* The session may have finished (its memory is freed later) or become a tunnel. */
     if (s->mux == m)
@@ -1676,10 +1736,8 @@ static void pump_run(struct session *s)
             if (s->end[1].fd >= 0) {
                 /* An idle application connection: bytes or EOF mean it is no longer usable. */
                 char junk[256];
-                n = xprt_read(&s->end[1], junk, sizeof(junk));
-                if (n == -EAGAIN)
-                    wants[1] |= xprt_wants(&s->end[1], LOOP_READ);
-                else
+                n = end_read(s, 1, junk, sizeof(junk), &wants[1]);
+                if (n != -EAGAIN)
                     close_app(s);
             }
             int look = m->cin.len > m->head_max ||
@@ -1938,7 +1996,21 @@ static void pump_run(struct session *s)
             s->last_io_ms = loop_now_ms(s->host->loop);
             continue;
         }
+        /* Waiting: empty buffers go back to the pool, so a connection holds none while its
+         * application thinks or its caller is idle. */
+        buf_release(&m->cin);
+        buf_release(&m->cout);
+        buf_release(&m->ain);
+        buf_release(&m->aout);
         arm(s);
+        /* While the answer is awaited the caller is not read, but its read interest is kept
+         * registered until an event shows it matters (bytes sent ahead, or a hang-up): taking
+         * it off and putting it back would cost two epoll_ctl calls per request. Registered
+         * then, a caller's close after its answer is queued before whatever comes later, such
+         * as its next connection: outbound, this session puts its upstream connection back in
+         * the pool before that connection looks there. */
+        if (wants[0] == 0 && m->phase == P_EXCHANGE && !m->ev0)
+            wants[0] = LOOP_READ;
         if (session_want(s, 0, wants[0]) == 0 && s->end[1].fd >= 0)
             session_want(s, 1, wants[1]);
         return;
@@ -2025,6 +2097,7 @@ static void mux_start(struct session *s)
     s->mux = m;
     s->mux_free = mux_free;
     s->carrier = &mux_h1_mux;
+    m->cin.pool = m->cout.pool = m->ain.pool = m->aout.pool = m->target.pool = s->host;
     session_set_state(s, S_HTTP);
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
@@ -2034,6 +2107,15 @@ static void mux_start(struct session *s)
      * an h2c application, or an HTTP/2 mesh hop. */
     int far = m->outbound ? s->up->protocol : c->protocol;
     m->h2 = far == PROTO_HTTP2 || far == PROTO_GRPC;
+    m->rd_ok[0] = m->rd_ok[1] = 1;
+    /* An event session.c already read for (the sniffed first bytes) is not one for us: it
+     * would make the first exchange drop the caller's read interest (see pump_run()). */
+    s->end[0].io.fired = s->end[1].io.fired = 0;
+    /* The TLS end is read a socketful at a time: one read() per record instead of two. It is
+     * read only until a read drains it (end_read() asks xprt_pending()), and a connection
+     * handed to the relay or the pool is checked the same way. */
+    if (s->end[0].tls != NULL)
+        tls_conn_set_read_ahead(s->end[0].tls);
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
@@ -2077,6 +2159,9 @@ static void mux_dialled(struct session *s, const char *why)
     } else {
         m->app_keep = 1;
         m->app_served = s->dial_pooled ? 1 : 0;
+        m->rd_ok[1] = 1;
+        if (s->end[1].tls != NULL)
+            tls_conn_set_read_ahead(s->end[1].tls);
         send_request(s);
     }
     s->last_io_ms = loop_now_ms(s->host->loop);
@@ -2098,7 +2183,8 @@ static void mux_on_finish(struct session *s, const char *reason)
     /* Outbound, between requests: a kept-alive upstream connection serves the application's
      * next connection (session_pool_put decides whether it may). */
     if (m != NULL && m->outbound && m->phase == P_HEAD && s->state == S_HTTP && m->app_keep &&
-        s->end[1].fd >= 0 && m->ain.len == 0 && m->aout.len == 0 && !s->end[1].rd_eof)
+        s->end[1].fd >= 0 && m->ain.len == 0 && m->aout.len == 0 && !s->end[1].rd_eof &&
+        !xprt_pending(&s->end[1]))
         session_pool_put(s);
 }
 

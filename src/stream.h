@@ -87,6 +87,8 @@ struct stream_req {
     struct http_slice authority; /* Host / :authority; absent: p == NULL */
     struct http_header *headers; /* normalization may flag some HTTP_HDR_DROP */
     size_t nheaders;
+    int quiet_allow; /* an allowed request needs no <why>: it is left empty (saves a
+                      * formatted description of the deciding intention per request) */
 };
 
 enum stream_verdict {

@@ -883,7 +883,12 @@ void tls_conn_free(struct tls_conn *c)
 
 static void before_io(struct tls_conn *c)
 {
-    ERR_clear_error();
+    /* SSL_get_error() reads the thread's error queue, so it must be empty before each call.
+     * It nearly always is already: ERR_clear_error() wipes all 16 slots of the queue and
+     * costs ~800 instructions, several times per request on a keep-alive connection, while
+     * peeking is a few loads. */
+    if (ERR_peek_error() != 0)
+        ERR_clear_error();
     errno = 0;
     c->wants = 0;
     c->err[0] = '\0';
@@ -1026,6 +1031,16 @@ size_t tls_conn_pending(const struct tls_conn *c)
 {
     int n = SSL_pending(c->ssl);
     return n > 0 ? (size_t)n : 0;
+}
+
+int tls_conn_has_pending(const struct tls_conn *c)
+{
+    return SSL_has_pending(c->ssl);
+}
+
+void tls_conn_set_read_ahead(struct tls_conn *c)
+{
+    SSL_set_read_ahead(c->ssl, 1);
 }
 
 const char *tls_conn_error(const struct tls_conn *c)

@@ -103,6 +103,15 @@ int tls_shutdown(struct tls_conn *c);
 unsigned tls_conn_wants(const struct tls_conn *c);
 /* Bytes already decrypted and buffered inside the connection (readable without the fd). */
 size_t tls_conn_pending(const struct tls_conn *c);
+/* Whether the connection holds anything to read without the fd: decrypted bytes, or received
+ * bytes not processed yet (with read-ahead on). */
+int tls_conn_has_pending(const struct tls_conn *c);
+/*
+ * Read-ahead on <c>: a read takes what the socket holds (up to the record buffer), not one
+ * record at a time, saving the separate read of each record's header. The caller must then
+ * not wait for the fd while tls_conn_has_pending(): bytes may wait inside OpenSSL.
+ */
+void tls_conn_set_read_ahead(struct tls_conn *c);
 /* One line describing the last failure ("" when none). Valid until the next call on c. */
 const char *tls_conn_error(const struct tls_conn *c);
 

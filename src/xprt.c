@@ -51,7 +51,7 @@ unsigned xprt_wants(const struct xprt *x, unsigned plain)
 
 int xprt_pending(const struct xprt *x)
 {
-    return x->tls != NULL && tls_conn_pending(x->tls) > 0;
+    return x->tls != NULL && tls_conn_has_pending(x->tls);
 }
 
 const char *xprt_error(const struct xprt *x, int rc)

@@ -33,7 +33,7 @@ int xprt_shutdown(struct xprt *x);
 /* The events the end waits for after -EAGAIN from an operation that, on a plain end, needs
  * <plain> (LOOP_READ or LOOP_WRITE): TLS may need the other one. */
 unsigned xprt_wants(const struct xprt *x, unsigned plain);
-/* Whether bytes are readable without the descriptor (TLS records already decrypted). */
+/* Whether bytes are readable without the descriptor (TLS: decrypted, or read ahead). */
 int xprt_pending(const struct xprt *x);
 /* One line describing the failure <rc> of the last operation. */
 const char *xprt_error(const struct xprt *x, int rc);

@@ -251,6 +251,20 @@ static void test_line_rules(void **state)
     assert_bad("GET / HTTP/1.1\r\nHost: h\r\n: v\r\n\r\n", -EBADMSG);
     assert_bad("GET / HTTP/1.1\r\nHost: h\r\nNoColon\r\n\r\n", -EBADMSG);
     assert_bad("GET / HTTP/1.1\r\nHost: h\r\nX\xc3\xa9: v\r\n\r\n", -EBADMSG);
+    /* Every byte value in a name: exactly RFC 9110's tchar pass (':' ends the name). */
+    for (int c = 1; c < 256; c++) {
+        if (c == ':')
+            continue;
+        char head[64];
+        int n = snprintf(head, sizeof(head), "GET / HTTP/1.1\r\nHost: h\r\nX%cY: v\r\n\r\n", c);
+        int tchar = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                    (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+        int rc = parse_req_n(head, (size_t)n, &req);
+        if (tchar)
+            assert_true(rc > 0);
+        else
+            assert_int_equal(rc, -EBADMSG);
+    }
     /* An empty line before the request line. */
     assert_bad("\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n", -EBADMSG);
 }
@@ -597,6 +611,32 @@ static void test_chunked_refusals(void **state)
     chunked_bad(many, -EMSGSIZE);
 }
 
+/* The extra fields' values are checked a word at a time: every forbidden byte (controls but
+ * tab, DEL) is refused at every position of a word and of the tail, and everything else,
+ * tab and bytes from 0x80 included, passes. */
+static void test_serializer_extra_values(void **state)
+{
+    (void)state;
+    struct http_request req;
+    assert_true(parse_req("GET / HTTP/1.1\r\nHost: h\r\n\r\n", &req) > 0);
+    char out[512], val[64];
+    for (int c = 0; c < 256; c++) {
+        int ok = c == '\t' || (c >= 0x20 && c != 0x7f);
+        for (size_t len = 1; len <= 19; len++) {
+            for (size_t at = 0; at < len; at++) {
+                memset(val, 'v', len);
+                val[at] = (char)c;
+                struct http_header x[] = {{{"X", 1}, {val, len}, 0}};
+                int n = h1_write_request_head(out, sizeof(out), &req, x, 1);
+                if (ok)
+                    assert_true(n > 0);
+                else
+                    assert_int_equal(n, -EINVAL);
+            }
+        }
+    }
+}
+
 static void test_serializer(void **state)
 {
     (void)state;
@@ -649,6 +689,7 @@ int main(void)
         cmocka_unit_test(test_chunked_every_split),
         cmocka_unit_test(test_chunked_refusals),
         cmocka_unit_test(test_serializer),
+        cmocka_unit_test(test_serializer_extra_values),
     };
     return cmocka_run_group_tests_name("h1parse", tests, NULL, NULL);
 }

@@ -10,6 +10,8 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "loop.h"
 
@@ -76,10 +78,65 @@ static void test_only_the_notified_receiver_runs(void **state)
     loop_free(c.loop);
 }
 
+/* Two watchers sharing one callback, which counts calls and stops the loop. */
+struct shared {
+    struct loop *loop;
+    struct loop_io a, b;
+    int calls;
+};
+
+static void on_shared(struct loop_io *io, unsigned events)
+{
+    struct shared *sh = io->data;
+    (void)events;
+    sh->calls++;
+    loop_stop(sh->loop);
+}
+
+/* io.fired tells a callback shared by several watchers which of them had an event: the loop
+ * adds the dispatched events, only the owner clears them, and loop_io_init() starts at 0. */
+static void test_fired_marks_the_watcher_dispatched(void **state)
+{
+    (void)state;
+    int sa[2], sb[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sa), 0);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sb), 0);
+    struct shared sh = {.loop = loop_new()};
+    assert_non_null(sh.loop);
+    sh.a.fired = sh.b.fired = 0x80; /* loop_io_init() clears whatever was there */
+    loop_io_init(&sh.a, sa[0], on_shared, &sh);
+    loop_io_init(&sh.b, sb[0], on_shared, &sh);
+    assert_int_equal(sh.a.fired, 0);
+    assert_int_equal(loop_io_want(sh.loop, &sh.a, LOOP_READ), 0);
+    assert_int_equal(loop_io_want(sh.loop, &sh.b, LOOP_READ), 0);
+
+    assert_int_equal(write(sa[1], "x", 1), 1);
+    assert_int_equal(loop_run(sh.loop), 0);
+    assert_int_equal(sh.calls, 1);
+    assert_int_equal(sh.a.fired, LOOP_READ);
+    assert_int_equal(sh.b.fired, 0);
+
+    /* Not cleared by the owner: a second event adds to it; b's own event marks b. */
+    assert_int_equal(write(sb[1], "y", 1), 1);
+    assert_int_equal(loop_io_want(sh.loop, &sh.a, 0), 0);
+    assert_int_equal(loop_run(sh.loop), 0);
+    assert_int_equal(sh.calls, 2);
+    assert_int_equal(sh.a.fired, LOOP_READ);
+    assert_int_equal(sh.b.fired, LOOP_READ);
+
+    assert_int_equal(loop_io_want(sh.loop, &sh.b, 0), 0);
+    loop_free(sh.loop);
+    for (int i = 0; i < 2; i++) {
+        close(sa[i]);
+        close(sb[i]);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_only_the_notified_receiver_runs),
+        cmocka_unit_test(test_fired_marks_the_watcher_dispatched),
     };
     return cmocka_run_group_tests_name("loop", tests, NULL, NULL);
 }
