@@ -1667,9 +1667,10 @@ void session_start_outbound(struct session_host *h, int fd, const char *peer,
     if ((s->up->protocol == PROTO_HTTP && s->host->muxes.http1 != NULL) ||
         ((s->up->protocol == PROTO_HTTP2 || s->up->protocol == PROTO_GRPC) &&
          s->host->muxes.http2 != NULL)) {
-        /* L7: the application's first bytes choose (HTTP/1.1, or HTTP/2 prior knowledge,
-         * which is relayed); the HTTP/1.1 codec reads the first request, then dials
-         * (session_dial_upstream). */
+        /* L7: the application's first bytes choose (sniff_done): HTTP/1.1 to an http
+         * upstream goes to mux_h1, which reads the first request, then dials
+         * (session_dial_upstream); HTTP/2 prior knowledge to an http2/grpc one goes to mux_h2
+         * (session_dial_h2 per stream); the other mixes are relayed at L4 for now. */
         start_sniff(s);
         return;
     }
