@@ -295,8 +295,8 @@ static void mux_free(struct mux_h1 *m)
 {
     if (m == NULL)
         return;
-    struct buf *all[] = {&m->cin, &m->cout, &m->ain, &m->aout, &m->target,
-                          &m->replay, &m->trailers, &m->h2held};
+    struct buf *all[] = {&m->cin,    &m->cout,   &m->ain,      &m->aout,
+                         &m->target, &m->replay, &m->trailers, &m->h2held};
     for (size_t i = 0; i < ARRAY_SIZE(all); i++) {
         all[i]->len = 0;
         buf_release(all[i]);
