@@ -2098,6 +2098,7 @@ static void mux_start(struct session *s)
     s->mux_free = mux_free;
     s->carrier = &mux_h1_mux;
     m->cin.pool = m->cout.pool = m->ain.pool = m->aout.pool = m->target.pool = s->host;
+    m->replay.pool = m->trailers.pool = m->h2held.pool = s->host;
     session_set_state(s, S_HTTP);
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
