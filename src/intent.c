@@ -66,20 +66,6 @@ static int order_cmp(const void *pa, const void *pb)
     return a->index < b->index ? -1 : a->index > b->index;
 }
 
-static char ascii_lower(char c)
-{
-    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
-}
-
-/* A lower-cased copy of <len> bytes (xstrndup copies all of them, NUL bytes included). */
-static char *lower_dup(const char *s, size_t len)
-{
-    char *out = xstrndup(s, len);
-    for (size_t i = 0; i < len; i++)
-        out[i] = ascii_lower(out[i]);
-    return out;
-}
-
 /*
  * Compiles one regex of a rule. A pattern that does not compile leaves *rx NULL, counts as
  * broken and is logged once here, naming where it sits; the condition then fails closed.
@@ -121,7 +107,7 @@ static void perm_init(struct intent_table *t, const struct intent_rule *r, size_
             dh->ignore_case != 0 && dh->match != DEC_HDR_PRESENT && dh->match != DEC_HDR_REGEX;
         const char *v = or_empty(dh->value);
         h->value_len = strlen(v);
-        h->value = h->ignore_case ? lower_dup(v, h->value_len) : xstrdup(v);
+        h->value = h->ignore_case ? xstrndup_lower(v, h->value_len) : xstrdup(v);
         if (h->match == DEC_HDR_REGEX)
             compile_rx(t, r, index, "Header Regex", h->value, &h->rx, &p->broken);
     }
@@ -367,7 +353,7 @@ static int slice_is(struct http_slice s, const char *lit)
     if (s.len != n)
         return 0;
     for (size_t i = 0; i < n; i++)
-        if (ascii_lower(s.p[i]) != lit[i])
+        if (util_ascii_lower(s.p[i]) != lit[i])
             return 0;
     return 1;
 }
@@ -377,7 +363,7 @@ static int name_is(const struct intent_header_cond *h, struct http_slice name)
     if (name.len != h->name_len)
         return 0;
     for (size_t i = 0; i < name.len; i++)
-        if (ascii_lower(name.p[i]) != ascii_lower(h->name[i]))
+        if (util_ascii_lower(name.p[i]) != util_ascii_lower(h->name[i]))
             return 0;
     return 1;
 }
@@ -388,7 +374,7 @@ static int bytes_eq(const char *a, const char *b, size_t n, int fold)
     if (!fold)
         return memcmp(a, b, n) == 0;
     for (size_t i = 0; i < n; i++)
-        if (ascii_lower(a[i]) != b[i])
+        if (util_ascii_lower(a[i]) != b[i])
             return 0;
     return 1;
 }
@@ -408,7 +394,7 @@ static int value_matches(const struct intent_header_cond *h, const char *v, size
         if (!fold)
             return memmem(v, len, h->value, h->value_len) != NULL;
         /* memmem is linear; a folded copy keeps it so whatever the caller sends. */
-        char *low = lower_dup(v, len);
+        char *low = xstrndup_lower(v, len);
         int found = memmem(low, len, h->value, h->value_len) != NULL;
         free(low);
         return found;

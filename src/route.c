@@ -35,19 +35,6 @@ struct route_table {
     struct dec_chain_resolver *res_defs;
 };
 
-static char ascii_lower(char c)
-{
-    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
-}
-
-static char *lower_dup(const char *s, size_t len)
-{
-    char *out = xstrndup(s, len);
-    for (size_t i = 0; i < len; i++)
-        out[i] = ascii_lower(out[i]);
-    return out;
-}
-
 /* Compiles one pattern; one that does not compile leaves *rx NULL, marks the route broken and
  * is logged once, naming the upstream, the route and the condition. */
 static void compile_rx(struct route_table *t, struct route *r, const char *what, const char *where,
@@ -85,7 +72,7 @@ static void route_init(struct route_table *t, struct route *r, const struct dec_
         h->ignore_case =
             dh->ignore_case != 0 && dh->match != DEC_HDR_PRESENT && dh->match != DEC_HDR_REGEX;
         h->value_len = strlen(dh->value);
-        h->value = h->ignore_case ? lower_dup(dh->value, h->value_len) : xstrdup(dh->value);
+        h->value = h->ignore_case ? xstrndup_lower(dh->value, h->value_len) : xstrdup(dh->value);
         if (h->match == DEC_HDR_REGEX)
             compile_rx(t, r, what, "Header Regex", h->value, &h->rx);
     }
@@ -216,7 +203,7 @@ static int bytes_eq(const char *a, const char *b, size_t n, int fold)
     if (!fold)
         return memcmp(a, b, n) == 0;
     for (size_t i = 0; i < n; i++)
-        if (ascii_lower(a[i]) != ascii_lower(b[i]))
+        if (util_ascii_lower(a[i]) != util_ascii_lower(b[i]))
             return 0;
     return 1;
 }

@@ -1266,7 +1266,8 @@ static void pick_endpoint(struct session *s)
     }
 }
 
-void session_dial_h2(struct session *s)
+/* A dial starts afresh: no endpoint tried or chosen yet. */
+static void dial_reset(struct session *s, int h2)
 {
     size_t total = 0;
     for (size_t j = 0; j < s->up->n_targets; j++)
@@ -1277,7 +1278,13 @@ void session_dial_h2(struct session *s)
     s->ep = NULL;
     s->ep_name[0] = '\0';
     s->h2c = NULL;
-    s->dial_h2 = 1;
+    s->dial_h2 = h2;
+    s->dial_pooled = 0;
+}
+
+void session_dial_h2(struct session *s)
+{
+    dial_reset(s, 1);
     if (!loop_timer_armed(&s->host->upool_sweep))
         loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
     pick_endpoint(s);
@@ -1285,17 +1292,7 @@ void session_dial_h2(struct session *s)
 
 static void dial_upstream(struct session *s, int use_pool)
 {
-    s->dial_h2 = 0;
-    s->h2c = NULL;
-    size_t total = 0;
-    for (size_t j = 0; j < s->up->n_targets; j++)
-        total += s->up->targets[j].endpoints->n;
-    memset(s->tried, 0, total);
-    s->tries = 0;
-    s->tgt = NULL;
-    s->ep = NULL;
-    s->ep_name[0] = '\0';
-    s->dial_pooled = 0;
+    dial_reset(s, 0);
     if (use_pool && upool_take(s)) {
         s->dial_pooled = 1;
         LOG_DEBUG("conn=%llu out reusing a pooled connection to %s", (unsigned long long)s->id,

@@ -202,6 +202,14 @@ char *xstrndup(const char *s, size_t n)
     return p;
 }
 
+char *xstrndup_lower(const char *s, size_t n)
+{
+    char *p = xstrndup(s, n);
+    for (size_t i = 0; i < n; i++)
+        p[i] = util_ascii_lower(p[i]);
+    return p;
+}
+
 char *xasprintf(const char *fmt, ...)
 {
     va_list ap;

@@ -56,6 +56,13 @@ void *xcalloc(size_t nmemb, size_t size);
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
+/* xstrndup() with ASCII letters lowered (for case-insensitive matching); NUL bytes are kept. */
+char *xstrndup_lower(const char *s, size_t n);
+/* <c> with an ASCII capital lowered. */
+static inline char util_ascii_lower(char c)
+{
+    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
+}
 /*
  * Wiping: memory that held key or token bytes is overwritten before it goes back to the heap,
  * so neither a later read of the process's memory nor a core dump finds stale copies.
