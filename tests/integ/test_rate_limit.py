@@ -31,8 +31,9 @@ class Limits:
     """db's service-defaults entry (protocol http) with <rate_limits> (InstanceLevel), written
     through the agent's HTTP API, and injected by the hop when the agent refuses them."""
 
-    def __init__(self, m, hop):
+    def __init__(self, m, hop, protocol="http"):
         self.m = m
+        self.protocol = protocol
         self.name = m.name("db")
         self.injected = None
         self.version = 0
@@ -53,7 +54,7 @@ class Limits:
         meta = {"version": str(self.version)}
         if self.enterprise is not False and instance_level is not None:
             try:
-                self.m.service_defaults("db", "http", Meta=meta,
+                self.m.service_defaults("db", self.protocol, Meta=meta,
                                         RateLimits={"InstanceLevel": instance_level})
                 self.enterprise = True
                 return
@@ -62,20 +63,22 @@ class Limits:
                     raise
                 self.enterprise = False
         self.injected = instance_level
-        self.m.service_defaults("db", "http", Meta=meta)
+        self.m.service_defaults("db", self.protocol, Meta=meta)
 
     def delete(self):
         self.injected = None
         self.m.api.delete_config_entry("service-defaults", self.name)
 
 
-def setup(m, hop, instance_level, db_args=()):
-    """db (http, rate limited) behind web (L4); returns (limits, db, web) once connectd has
-    taken the limits (its log says so), before any request went through."""
-    lim = Limits(m, hop)
+def setup(m, hop, instance_level, db_args=(), protocol="http", app_port=None):
+    """db (<protocol>, rate limited; an HttpApp behind it unless <app_port>) behind web (L4);
+    returns (limits, db, web) once connectd has taken the limits (its log says so), before
+    any request went through."""
+    lim = Limits(m, hop, protocol)
     lim.set(instance_level)
-    app = m.app(HttpApp)
-    db = m.add("db", app_port=app.port, proxy_config={"protocol": "http"}, start=False)
+    if app_port is None:
+        app_port = m.app(HttpApp).port
+    db = m.add("db", app_port=app_port, proxy_config={"protocol": protocol}, start=False)
     db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr", hop.http_addr,
                                           "-log-level", "debug", "-workers", "2", *db_args])
     db.proxy.wait_port(db.public_port)
@@ -177,3 +180,26 @@ def test_changing_and_removing_the_entry_applies_live(hop, mesh):
         assert [status() for _ in range(20)] == [200] * 20
         lim.set({"RequestsPerSecond": 1, "RequestsMaxBurst": 2})
         wait_until(lambda: status() == 429, 20, "the limit back")
+
+
+def test_grpc_call_over_the_limit_is_resource_exhausted(hop, mesh):
+    """protocol grpc, 1/s with a burst of 2: calls past the burst end with a trailers-only
+    grpc-status 8 (RESOURCE_EXHAUSTED) "local_rate_limited" from connectd."""
+    grpc = pytest.importorskip("grpc")
+    from test_l7_h2 import grpc_code, grpc_server, grpc_unary
+    m = mesh
+    srv, port = grpc_server()
+    try:
+        lim, db, web = setup(m, hop, {"RequestsPerSecond": 1, "RequestsMaxBurst": 2},
+                             protocol="grpc", app_port=port)
+        up = web.up["db"]
+        wait_until(lambda: grpc_code(up) == grpc.StatusCode.OK, 30, "a call through the mesh")
+        codes = [grpc_code(up) for _ in range(6)]
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        with pytest.raises(grpc.RpcError) as e:
+            grpc_unary(up)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.value.details() == "local_rate_limited"
+    finally:
+        srv.stop(0)
