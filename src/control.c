@@ -254,6 +254,7 @@ static void do_rebuild(struct loop_defer *d)
         s->upstreams[i].routes = parts.routes[i] ? route_table_ref(parts.routes[i]) : NULL;
     }
     upstreams_parts_dispose(&parts);
+    s->rates = inputs_rates(ctl->in) != NULL ? limit_rates_ref(inputs_rates(ctl->in)) : NULL;
     if (ctl->current == NULL)
         LOG_INFO("ready: serving %s as %s", ctl->cfg.service, ctl->proxy_id);
     LOG_DEBUG("publishing snapshot %llu", (unsigned long long)s->generation);

@@ -2027,6 +2027,120 @@ void dec_agent_self_dispose(struct dec_agent_self *s)
     memset(s, 0, sizeof(*s));
 }
 
+/* ---- GET /v1/config/service-defaults/<service>: RateLimits ---- */
+
+#define RATE_MAX 100000000
+
+void dec_rate_limits_dispose(struct dec_rate_limits *c)
+{
+    for (size_t i = 0; i < c->n_routes; i++)
+        free(c->routes[i].path);
+    free(c->routes);
+    memset(c, 0, sizeof(*c));
+}
+
+int dec_rate_limits_equal(const struct dec_rate_limits *a, const struct dec_rate_limits *b)
+{
+    if (a->per_second != b->per_second || a->burst != b->burst || a->n_routes != b->n_routes)
+        return 0;
+    for (size_t i = 0; i < a->n_routes; i++) {
+        const struct dec_rate_route *x = &a->routes[i], *y = &b->routes[i];
+        if (x->kind != y->kind || x->per_second != y->per_second || x->burst != y->burst ||
+            strcmp(x->path, y->path) != 0)
+            return 0;
+    }
+    return 1;
+}
+
+int decode_rate_limits(const char *buf, size_t len, struct dec_rate_limits *out, char *err,
+                       size_t errlen)
+{
+    static const char where[] = "RateLimits.InstanceLevel";
+    static const char *const keys[] = {"PathExact", "PathPrefix", "PathRegex"};
+    struct dctx c;
+    json_t *root, *rl = NULL, *il = NULL, *routes = NULL;
+    const char *kind = "";
+    int rps = 0, burst = 0;
+    ctx_init(&c, err, errlen);
+    memset(out, 0, sizeof(*out));
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "service-defaults: the body must be a JSON object");
+        goto out;
+    }
+    if ((rc = peek_str(&c, root, "Kind", 0, "", &kind)) != 0)
+        goto out;
+    if (kind[0] != '\0' && strcmp(kind, "service-defaults") != 0) {
+        rc = fail(&c, ERR_BAD_FIELD, "service-defaults: Kind is \"%.64s\"", kind);
+        goto out;
+    }
+    if ((rc = get_obj(&c, root, "RateLimits", 0, "", &rl)) != 0 || rl == NULL ||
+        (rc = get_obj(&c, rl, "InstanceLevel", 0, "RateLimits", &il)) != 0 || il == NULL ||
+        (rc = get_int(&c, il, "RequestsPerSecond", 0, 0, RATE_MAX, where, &rps)) != 0 ||
+        (rc = get_int(&c, il, "RequestsMaxBurst", 0, 0, RATE_MAX, where, &burst)) != 0 ||
+        (rc = get_arr(&c, il, "Routes", 0, where, &routes)) != 0)
+        goto out;
+    out->per_second = (uint32_t)rps;
+    out->burst = (uint32_t)burst;
+    size_t n = routes != NULL ? json_array_size(routes) : 0;
+    if (n > DEC_RATE_ROUTES_MAX) {
+        rc = fail(&c, ERR_BAD_FIELD, "%s.Routes has %zu entries, more than %d", where, n,
+                  DEC_RATE_ROUTES_MAX);
+        goto out;
+    }
+    out->routes = n ? xcalloc(n, sizeof(*out->routes)) : NULL;
+    for (size_t i = 0; i < n; i++) {
+        json_t *r = json_array_get(routes, i);
+        char at[64];
+        snprintf(at, sizeof(at), "%s.Routes[%zu]", where, i);
+        if (!json_is_object(r)) {
+            rc = fail(&c, ERR_BAD_FIELD, "%s must be an object", at);
+            goto out;
+        }
+        struct dec_rate_route *u = &out->routes[out->n_routes];
+        const char *path = NULL;
+        for (int k = 0; k < 3; k++) {
+            const char *v;
+            if ((rc = peek_str(&c, r, keys[k], 0, at, &v)) != 0)
+                goto out;
+            if (v[0] == '\0')
+                continue;
+            if (path != NULL) {
+                rc = fail(&c, ERR_BAD_FIELD,
+                          "%s names more than one of PathExact, PathPrefix "
+                          "and PathRegex",
+                          at);
+                goto out;
+            }
+            path = v;
+            u->kind = k == 0 ? DEC_PATH_EXACT : k == 1 ? DEC_PATH_PREFIX : DEC_PATH_REGEX;
+        }
+        if (path == NULL) {
+            rc =
+                fail(&c, ERR_BAD_FIELD, "%s names none of PathExact, PathPrefix and PathRegex", at);
+            goto out;
+        }
+        if (strlen(path) > 4096) {
+            rc = fail(&c, ERR_BAD_FIELD, "%s: the path is longer than 4096 bytes", at);
+            goto out;
+        }
+        if ((rc = get_int(&c, r, "RequestsPerSecond", 0, 0, RATE_MAX, at, &rps)) != 0 ||
+            (rc = get_int(&c, r, "RequestsMaxBurst", 0, 0, RATE_MAX, at, &burst)) != 0)
+            goto out;
+        u->path = xstrdup(path);
+        u->per_second = (uint32_t)rps;
+        u->burst = (uint32_t)burst;
+        out->n_routes++;
+    }
+out:
+    json_decref(root);
+    if (rc != 0)
+        dec_rate_limits_dispose(out);
+    return rc;
+}
+
 /* ---- GET /v1/config/mesh/mesh ---- */
 
 int decode_mesh_http(const char *buf, size_t len, struct mesh_http_cfg *out, char *err,

@@ -472,6 +472,38 @@ void dec_agent_self_dispose(struct dec_agent_self *s);
 int decode_mesh_http(const char *buf, size_t len, struct mesh_http_cfg *out, char *err,
                      size_t errlen);
 
+/* A service-defaults entry's RateLimits.InstanceLevel (limit.h enforces it). */
+struct dec_rate_route {
+    int kind;   /* enum dec_path_match: DEC_PATH_EXACT, _PREFIX or _REGEX */
+    char *path; /* owned; the path, prefix or regex (RE2 syntax, matching the whole path) */
+    uint32_t per_second;
+    uint32_t burst; /* 0 = per_second */
+};
+
+/* The decoded settings (decode_rate_limits()); all zero is no limit at all. */
+struct dec_rate_limits {
+    uint32_t per_second;
+    uint32_t burst; /* 0 = per_second */
+    struct dec_rate_route *routes;
+    size_t n_routes;
+};
+
+void dec_rate_limits_dispose(struct dec_rate_limits *c);
+/* 1 when <a> and <b> say the same. */
+int dec_rate_limits_equal(const struct dec_rate_limits *a, const struct dec_rate_limits *b);
+
+/* The most Routes[] of a RateLimits.InstanceLevel decode_rate_limits() accepts. */
+#define DEC_RATE_ROUTES_MAX 256
+
+/*
+ * Decodes a service-defaults config entry's RateLimits.InstanceLevel into <out> (free it with
+ * dec_rate_limits_dispose()); no RateLimits is all zero, no limit. Each route must name
+ * exactly one of PathExact, PathPrefix and PathRegex; numbers must not be negative. On error
+ * <out> is zeroed and <err> names the field.
+ */
+int decode_rate_limits(const char *buf, size_t len, struct dec_rate_limits *out, char *err,
+                       size_t errlen);
+
 void dec_kv_free(struct dec_kv *v, size_t n);
 
 /* ---- PUT /v1/agent/service/register: a self-registered proxy (-register) ---- */

@@ -8,6 +8,7 @@
  * The mesh config entry is the one of the proxy's partition.
  */
 #include "inputs.h"
+#include "limit.h"
 #include "log.h"
 #include "util.h"
 
@@ -24,7 +25,7 @@ struct inputs {
     inputs_cb cb;
     void *cb_data;
 
-    struct watch *roots_watch, *leaf_watch, *intent_watch, *mesh_watch;
+    struct watch *roots_watch, *leaf_watch, *intent_watch, *mesh_watch, *rates_watch;
     char *service; /* the destination service the leaf and intentions watches are for */
     char *scope;   /* its "&ns=..&partition=.." query suffix ("" for the defaults) */
 
@@ -55,6 +56,10 @@ struct inputs {
     int have_mesh;    /* the agent has answered about the entry (an entry, none, or a 403) */
     int mesh_refused; /* the last answer was a 403 (logged once) */
     char *mesh_scope; /* the mesh watch's "&partition=.." ("" for the default partition) */
+    /* The service-defaults entry's RateLimits.InstanceLevel: none until it arrives, and again
+     * when the agent says there is no entry (404). <rates> is NULL while nothing is limited. */
+    struct dec_rate_limits rates_cfg;
+    struct limit_rates *rates;
     struct agent_req *self_req;
     struct loop_timer self_retry;
     unsigned self_failures;
@@ -367,6 +372,75 @@ static void start_mesh_watch(struct inputs *in, const char *partition)
     free(path);
 }
 
+/* ---- the service-defaults entry: inbound rate limits ---- */
+
+/* Makes <c> (taken) the limits in force; a rebuild only when they differ. */
+static void install_rates(struct inputs *in, struct dec_rate_limits *c, const char *source)
+{
+    if (dec_rate_limits_equal(&in->rates_cfg, c)) {
+        dec_rate_limits_dispose(c);
+        return;
+    }
+    char err[320];
+    struct limit_rates *r = limit_rates_new(c, in->rates, err, sizeof(err));
+    if (err[0] != '\0')
+        LOG_ERROR("service-defaults rate limits: %s; that route limits every path", err);
+    if (limit_rates_none(r)) {
+        limit_rates_unref(r);
+        r = NULL;
+    }
+    limit_rates_unref(in->rates);
+    in->rates = r;
+    dec_rate_limits_dispose(&in->rates_cfg);
+    in->rates_cfg = *c;
+    memset(c, 0, sizeof(*c));
+    LOG_INFO("inbound rate limits (%s): %u/s, burst %u, %zu route(s)", source,
+             in->rates_cfg.per_second, in->rates_cfg.burst, in->rates_cfg.n_routes);
+    tell(in, INPUTS_CHANGED);
+}
+
+static int on_rates(void *data, const struct agent_response *resp)
+{
+    struct inputs *in = data;
+    char err[512];
+    struct dec_rate_limits c;
+    memset(&c, 0, sizeof(c));
+    if (resp->status == 404) {
+        install_rates(in, &c, "no service-defaults entry");
+        return 0;
+    }
+    if (resp->status == 403) {
+        LOG_WARN("service-defaults entry: HTTP 403 (the ACL token may not read it); the rate "
+                 "limits in force stay");
+        return -EACCES;
+    }
+    int rc = decode_rate_limits(resp->body, resp->body_len, &c, err, sizeof(err));
+    if (rc != 0) {
+        LOG_ERROR("service-defaults entry: %s; keeping the rate limits in force", err);
+        return rc;
+    }
+    install_rates(in, &c, "service-defaults entry");
+    return 0;
+}
+
+static void start_rates_watch(struct inputs *in, const char *service)
+{
+    char *esc = util_url_escape(service);
+    char *path = xasprintf("/v1/config/service-defaults/%s%s%s", esc, in->scope[0] ? "?" : "",
+                           in->scope[0] ? in->scope + 1 : "");
+    struct watch_spec spec = {.name = "service-defaults",
+                              .method = "GET",
+                              .path = path,
+                              .block = WATCH_BY_INDEX,
+                              .reach = in->reach,
+                              .deliver_403_404 = 1};
+    if (in->rates_watch != NULL)
+        watch_stop(in->rates_watch);
+    in->rates_watch = watch_start(in->agent, &spec, on_rates, in);
+    free(path);
+    free(esc);
+}
+
 /* One look at the agent's own configuration for its default policies; retried only while the
  * agent cannot answer (a 403 without agent:read leaves what the answers' headers say). */
 static void self_start(struct inputs *in);
@@ -474,6 +548,7 @@ void inputs_set_service(struct inputs *in, const char *service, const char *ns,
         in->intents_gen++;
         forget_rules(in);
         start_service_watches(in, service);
+        start_rates_watch(in, service);
     }
     free(scope);
     start_mesh_watch(in, partition);
@@ -520,6 +595,10 @@ void inputs_free(struct inputs *in)
         watch_stop(in->roots_watch);
     if (in->mesh_watch != NULL)
         watch_stop(in->mesh_watch);
+    if (in->rates_watch != NULL)
+        watch_stop(in->rates_watch);
+    limit_rates_unref(in->rates);
+    dec_rate_limits_dispose(&in->rates_cfg);
     free(in->mesh_scope);
     forget_rules(in);
     tls_ctx_unref(in->tls);
@@ -567,6 +646,11 @@ struct intent_table *inputs_intents(const struct inputs *in)
     return in->intents;
 }
 
+struct limit_rates *inputs_rates(const struct inputs *in)
+{
+    return in->rates;
+}
+
 const struct mesh_http_cfg *inputs_mesh_http(const struct inputs *in)
 {
     return in->have_mesh ? &in->mesh_http : NULL;
@@ -600,4 +684,6 @@ void inputs_each_watch(const struct inputs *in, watch_visit_cb fn, void *data)
         fn(data, "intentions", in->intent_watch);
     if (in->mesh_watch != NULL)
         fn(data, "mesh", in->mesh_watch);
+    if (in->rates_watch != NULL)
+        fn(data, "service-defaults", in->rates_watch);
 }

@@ -74,6 +74,12 @@ struct intent_table *inputs_intents(const struct inputs *in);
  * cannot be decoded keeps the settings in force (the defaults at first) and is logged.
  */
 const struct mesh_http_cfg *inputs_mesh_http(const struct inputs *in);
+/*
+ * The inbound rate limits of the destination service's service-defaults entry
+ * (RateLimits.InstanceLevel), or NULL when nothing is limited (no entry, or not yet). The
+ * inputs keep their reference; take one to keep it.
+ */
+struct limit_rates *inputs_rates(const struct inputs *in);
 /* Counts the changes of the intention table, for answers asked under an older one. */
 uint64_t inputs_intents_gen(const struct inputs *in);
 /* "waiting for ..." naming the first input that has not arrived, or NULL when all have. */

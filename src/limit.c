@@ -4,11 +4,13 @@
  * compare-and-swap on a single 64-bit atomic updates it without a lock.
  */
 #include "limit.h"
+#include "rx.h"
 #include "util.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <time.h>
 
@@ -28,6 +30,7 @@ struct limit_state *limit_state_new(void)
     atomic_init(&l->open, 0);
     atomic_init(&l->bucket_at, 0);
     atomic_init(&l->pending, 0);
+    atomic_init(&l->rate_limited, 0);
     for (size_t i = 0; i < LIMIT_SOURCE_SLOTS; i++)
         atomic_init(&l->sources[i], 0);
     return l;
@@ -301,6 +304,187 @@ uint32_t limit_pending_per_source_max(const struct limit_cfg *cfg)
         return 0;
     uint32_t n = max / 16 > PER_SOURCE_MIN ? max / 16 : PER_SOURCE_MIN;
     return n < max ? n : max;
+}
+
+/* ---- request rate limits ---- */
+
+/* One token bucket, shared by the limits built from one another while its numbers stay. */
+struct limit_bucket {
+    atomic_uint refs;
+    atomic_uint_fast64_t at; /* the theoretical arrival time, microseconds (limit_bucket_take) */
+};
+
+struct rate_rule {
+    int kind;   /* enum dec_path_match, or -1 for the top level */
+    char *path; /* owned; NULL at the top level */
+    size_t plen;
+    struct rx *rx; /* DEC_PATH_REGEX; NULL when it did not compile (matches every path) */
+    uint32_t per_second, burst;
+    struct limit_bucket *bucket; /* one reference; NULL when per_second is 0 */
+};
+
+struct limit_rates {
+    atomic_uint refs;
+    struct rate_rule top;
+    struct rate_rule *routes;
+    size_t n_routes;
+};
+
+static int same_rule(const struct rate_rule *r, int kind, const char *path, uint32_t per_second,
+                     uint32_t burst)
+{
+    if (r->kind != kind || r->per_second != per_second || r->burst != burst)
+        return 0;
+    return path == NULL ? r->path == NULL : r->path != NULL && strcmp(r->path, path) == 0;
+}
+
+/* The bucket of the rule of <prev> with the same match and numbers, with a new reference; or
+ * a new full one. */
+static struct limit_bucket *bucket_for(const struct limit_rates *prev, int kind, const char *path,
+                                       uint32_t per_second, uint32_t burst)
+{
+    if (per_second == 0)
+        return NULL;
+    if (prev != NULL) {
+        const struct rate_rule *hit = NULL;
+        if (same_rule(&prev->top, kind, path, per_second, burst))
+            hit = &prev->top;
+        for (size_t i = 0; hit == NULL && i < prev->n_routes; i++)
+            if (same_rule(&prev->routes[i], kind, path, per_second, burst))
+                hit = &prev->routes[i];
+        if (hit != NULL && hit->bucket != NULL) {
+            atomic_fetch_add_explicit(&hit->bucket->refs, 1, memory_order_relaxed);
+            return hit->bucket;
+        }
+    }
+    struct limit_bucket *b = xcalloc(1, sizeof(*b));
+    atomic_init(&b->refs, 1);
+    atomic_init(&b->at, 0);
+    return b;
+}
+
+static void bucket_unref(struct limit_bucket *b)
+{
+    if (b != NULL && atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
+        free(b);
+}
+
+struct limit_rates *limit_rates_new(const struct dec_rate_limits *cfg,
+                                    const struct limit_rates *prev, char *err, size_t errlen)
+{
+    struct limit_rates *r = xcalloc(1, sizeof(*r));
+    atomic_init(&r->refs, 1);
+    if (err != NULL && errlen > 0)
+        err[0] = '\0';
+    r->top.kind = -1;
+    r->top.per_second = cfg->per_second;
+    r->top.burst = cfg->burst;
+    r->top.bucket = bucket_for(prev, -1, NULL, cfg->per_second, cfg->burst);
+    r->routes = cfg->n_routes ? xcalloc(cfg->n_routes, sizeof(*r->routes)) : NULL;
+    r->n_routes = cfg->n_routes;
+    for (size_t i = 0; i < cfg->n_routes; i++) {
+        const struct dec_rate_route *c = &cfg->routes[i];
+        struct rate_rule *u = &r->routes[i];
+        u->kind = c->kind;
+        u->path = xstrdup(c->path);
+        u->plen = strlen(c->path);
+        u->per_second = c->per_second;
+        u->burst = c->burst;
+        u->bucket = bucket_for(prev, c->kind, c->path, c->per_second, c->burst);
+        if (c->kind == DEC_PATH_REGEX) {
+            char why[256];
+            if (rx_compile(u->path, u->plen, &u->rx, why, sizeof(why)) != 0 && err != NULL &&
+                err[0] == '\0')
+                snprintf(err, errlen, "Routes[%zu].PathRegex: %s", i, why);
+        }
+    }
+    return r;
+}
+
+struct limit_rates *limit_rates_ref(struct limit_rates *r)
+{
+    atomic_fetch_add_explicit(&r->refs, 1, memory_order_relaxed);
+    return r;
+}
+
+void limit_rates_unref(struct limit_rates *r)
+{
+    if (r == NULL || atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    bucket_unref(r->top.bucket);
+    for (size_t i = 0; i < r->n_routes; i++) {
+        free(r->routes[i].path);
+        rx_free(r->routes[i].rx);
+        bucket_unref(r->routes[i].bucket);
+    }
+    free(r->routes);
+    free(r);
+}
+
+int limit_rates_none(const struct limit_rates *r)
+{
+    if (r == NULL)
+        return 1;
+    if (r->top.per_second != 0)
+        return 0;
+    for (size_t i = 0; i < r->n_routes; i++)
+        if (r->routes[i].per_second != 0)
+            return 0;
+    return 1;
+}
+
+/* 1 when route <u> matches <path>; a regex that did not compile or hit its match limit
+ * matches (the limit fails closed). */
+static int route_matches(const struct rate_rule *u, const char *path, size_t len)
+{
+    switch (u->kind) {
+    case DEC_PATH_EXACT:
+        return len == u->plen && memcmp(path, u->path, len) == 0;
+    case DEC_PATH_PREFIX:
+        return len >= u->plen && memcmp(path, u->path, u->plen) == 0;
+    default:
+        return u->rx == NULL || rx_match(u->rx, path, len) != 0;
+    }
+}
+
+static const char *kind_name(int kind)
+{
+    return kind == DEC_PATH_EXACT    ? "PathExact"
+           : kind == DEC_PATH_PREFIX ? "PathPrefix"
+                                     : "PathRegex";
+}
+
+int limit_rates_take(struct limit_rates *r, const char *path, size_t len, uint64_t now_us,
+                     char *why, size_t wlen)
+{
+    if (wlen > 0)
+        why[0] = '\0';
+    if (r == NULL)
+        return 1;
+    const struct rate_rule *rule = &r->top;
+    for (size_t i = 0; i < r->n_routes; i++) {
+        if (route_matches(&r->routes[i], path, len)) {
+            rule = &r->routes[i]; /* the first match wins and overrides the top level */
+            break;
+        }
+    }
+    if (rule->bucket == NULL)
+        return 1;
+    uint32_t burst = rule->burst != 0 ? rule->burst : rule->per_second;
+    if (rule->kind < 0)
+        snprintf(why, wlen, "rate limit: %u/s, burst %u", rule->per_second, burst);
+    else
+        snprintf(why, wlen, "rate limit: route %s %.200s: %u/s, burst %u", kind_name(rule->kind),
+                 rule->path, rule->per_second, burst);
+    uint_fast64_t old = atomic_load_explicit(&rule->bucket->at, memory_order_relaxed);
+    for (;;) {
+        uint64_t at = old;
+        if (!limit_bucket_take(&at, now_us, rule->per_second, rule->burst))
+            return 0;
+        if (atomic_compare_exchange_weak_explicit(&rule->bucket->at, &old, at, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return 1;
+    }
 }
 
 uint64_t limit_now_us(void)

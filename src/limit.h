@@ -12,7 +12,10 @@
 #define CONNECTD_LIMIT_H
 
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include "decode.h"
 
 /* The settings of one listener; 0 in a field means "no limit". */
 struct limit_cfg {
@@ -37,9 +40,10 @@ struct limit_cfg {
 
 struct limit_state {
     atomic_uint refs;
-    atomic_long open;               /* connections admitted and not yet released */
-    atomic_uint_fast64_t bucket_at; /* the bucket's theoretical arrival time, microseconds */
-    atomic_long pending;            /* connections admitted to the handshake, not yet done */
+    atomic_long open;                  /* connections admitted and not yet released */
+    atomic_uint_fast64_t bucket_at;    /* the bucket's theoretical arrival time, microseconds */
+    atomic_long pending;               /* connections admitted to the handshake, not yet done */
+    atomic_uint_fast64_t rate_limited; /* requests answered 429 by the request rate limits */
     atomic_uint_fast64_t sources[LIMIT_SOURCE_SLOTS];
 };
 
@@ -139,6 +143,40 @@ uint32_t limit_pending_default(void);
 /* The effective caps of <cfg>: its own values, or the defaults above. */
 uint32_t limit_pending_max(const struct limit_cfg *cfg);
 uint32_t limit_pending_per_source_max(const struct limit_cfg *cfg);
+
+/*
+ * Request rate limits of the inbound listener: the service-defaults entry's
+ * RateLimits.InstanceLevel. A request takes a token from the bucket of the first route whose
+ * path matches, else from the top-level bucket; a limit of 0 requests per second is no limit.
+ * The buckets are shared by every worker (one atomic each), so the rate holds for the whole
+ * instance whatever the number of workers.
+ */
+/* The compiled limits with their buckets: immutable but for the buckets' atomics. */
+struct limit_rates;
+
+/*
+ * Builds the limits of <cfg> (copied). A bucket of <prev> (may be NULL) whose route (or the
+ * top level) has the same match and the same numbers is shared, not reset, so a refresh of
+ * the entry that leaves a limit alone does not hand out a fresh burst. A regex that does not
+ * compile makes its route match every path (the limit fails closed); <err> (<errlen> bytes,
+ * may be NULL) names it, else is "". Never fails (allocation aborts). One reference.
+ */
+struct limit_rates *limit_rates_new(const struct dec_rate_limits *cfg,
+                                    const struct limit_rates *prev, char *err, size_t errlen);
+struct limit_rates *limit_rates_ref(struct limit_rates *r);
+/* Any thread; NULL is ignored. */
+void limit_rates_unref(struct limit_rates *r);
+/* 1 when <r> limits nothing (NULL, or every rate 0). */
+int limit_rates_none(const struct limit_rates *r);
+
+/*
+ * Takes one token for a request to <path> (<len> bytes, without its query) at <now_us>.
+ * Returns 1 when the request may go on, 0 when it is over its limit. <why> (<wlen> bytes)
+ * names the limit that decided ("route PathPrefix /api: 5/s, burst 10"). <r> may be NULL.
+ * Any thread.
+ */
+int limit_rates_take(struct limit_rates *r, const char *path, size_t len, uint64_t now_us,
+                     char *why, size_t wlen);
 
 /* Monotonic clock in microseconds. */
 uint64_t limit_now_us(void);

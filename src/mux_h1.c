@@ -483,6 +483,8 @@ static const char *reason_phrase(int status)
         return "Request Timeout";
     case 417:
         return "Expectation Failed";
+    case 429:
+        return "Too Many Requests";
     case 431:
         return "Request Header Fields Too Large";
     case 502:
@@ -520,6 +522,8 @@ static const char *local_body(enum stream_result r)
         return "request timeout";
     case STREAM_RES_EXPECTATION_FAILED:
         return "expectation failed";
+    case STREAM_RES_RATE_LIMITED:
+        return "local_rate_limited";
     case STREAM_RES_REDIRECT:
         return "";
     default:
@@ -1315,11 +1319,7 @@ static void on_head(struct session *s, size_t n)
         buf_consume(&m->cin, m->rq_len);
         memset(rq, 0, sizeof(*rq));
         m->target.len = v == STREAM_REDIRECT ? tlen : 0;
-        local_answer(s,
-                     v == STREAM_DENY       ? STREAM_RES_DENIED
-                     : v == STREAM_REDIRECT ? STREAM_RES_REDIRECT
-                                            : STREAM_RES_BAD_REQUEST,
-                     close, why);
+        local_answer(s, stream_verdict_result(v), close, why);
         return;
     }
     /* The application is given the normalized target, in origin form. */

@@ -333,6 +333,7 @@ static int grpc_code(int status)
     case 404:
         return 12; /* UNIMPLEMENTED */
     case 429:
+        return 8; /* RESOURCE_EXHAUSTED: only the rate limit answers 429 */
     case 502:
     case 503:
     case 504:
@@ -359,6 +360,8 @@ static const char *local_text(enum stream_result r)
     case STREAM_RES_BAD_RESPONSE:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "protocol error";
+    case STREAM_RES_RATE_LIMITED:
+        return "local_rate_limited";
     case STREAM_RES_REDIRECT:
         return "";
     default:
@@ -854,11 +857,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
     session_count_request_decision(s, v == STREAM_ALLOW);
     struct http_slice t = {target, tlen};
     if (v != STREAM_ALLOW) {
-        local_answer(s, x,
-                     v == STREAM_DENY       ? STREAM_RES_DENIED
-                     : v == STREAM_REDIRECT ? STREAM_RES_REDIRECT
-                                            : STREAM_RES_BAD_REQUEST,
-                     why, t);
+        local_answer(s, x, stream_verdict_result(v), why, t);
         goto out;
     }
     set_why(x, why);

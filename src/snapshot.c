@@ -107,6 +107,7 @@ void snapshot_unref(struct snapshot *s)
         route_table_unref(u->routes);
     }
     limit_state_unref(s->inbound_limit);
+    limit_rates_unref(s->rates);
     free(s->upstreams);
     intent_table_unref(s->intents);
     tls_ctx_unref(s->tls);

@@ -81,6 +81,9 @@ struct snapshot {
     struct snap_upstream *upstreams;   /* cfg.n_upstreams entries, same order */
     struct limit_state *inbound_limit; /* the public listener's; one reference */
     struct mesh_http_cfg mesh_http;    /* inbound request normalization (the mesh entry) */
+    /* Inbound request rate limits (service-defaults RateLimits); NULL = none. One reference,
+     * set by the control thread after snapshot_new(); its buckets outlive the snapshot. */
+    struct limit_rates *rates;
 };
 
 /*

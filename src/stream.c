@@ -15,6 +15,7 @@
 #include "alog.h"
 #include "h1parse.h"
 #include "intent.h"
+#include "limit.h"
 #include "log.h"
 #include "pathnorm.h"
 #include "session_int.h"
@@ -42,6 +43,38 @@ const char *stream_result_name(enum stream_result r)
 int stream_result_status(enum stream_result r)
 {
     return (unsigned)r < ARRAY_SIZE(results) ? results[r].status : 0;
+}
+
+enum stream_result stream_verdict_result(enum stream_verdict v)
+{
+    switch (v) {
+    case STREAM_DENY:
+        return STREAM_RES_DENIED;
+    case STREAM_REDIRECT:
+        return STREAM_RES_REDIRECT;
+    case STREAM_RATE_LIMITED:
+        return STREAM_RES_RATE_LIMITED;
+    default:
+        return STREAM_RES_BAD_REQUEST;
+    }
+}
+
+/* Takes a token for <path> from the snapshot's rate limits: STREAM_ALLOW or
+ * STREAM_RATE_LIMITED, <why> naming the limit when it is the latter. */
+static enum stream_verdict rate_limit(const struct snapshot *now, struct http_slice path, char *why,
+                                      size_t len)
+{
+    if (limit_rates_none(now->rates))
+        return STREAM_ALLOW;
+    char lim[320];
+    size_t n = 0;
+    while (n < path.len && path.p[n] != '?')
+        n++;
+    if (limit_rates_take(now->rates, path.p, n, limit_now_us(), lim, sizeof(lim)))
+        return STREAM_ALLOW;
+    snprintf(why, len, "%s", lim);
+    atomic_fetch_add_explicit(&now->inbound_limit->rate_limited, 1, memory_order_relaxed);
+    return STREAM_RATE_LIMITED;
 }
 
 /* Copies slice <v> into <out> (<cap> bytes), cut to fit and NUL-terminated. */
@@ -139,7 +172,7 @@ enum stream_verdict stream_authorize(struct session *s, struct stream *st, struc
         if (l4.allow != s->agent_allowed)
             session_ask_again(s);
         snprintf(why, len, "agent authorize: %s", s->agent_allowed ? "allowed" : "denied");
-        return s->agent_allowed ? STREAM_ALLOW : STREAM_DENY;
+        return s->agent_allowed ? rate_limit(now, path, why, len) : STREAM_DENY;
     }
     if (d.allow && rq->quiet_allow) {
         if (len > 0)
@@ -147,7 +180,7 @@ enum stream_verdict stream_authorize(struct session *s, struct stream *st, struc
         return STREAM_ALLOW;
     }
     intent_describe(&d, why, len);
-    return d.allow ? STREAM_ALLOW : STREAM_DENY;
+    return d.allow ? rate_limit(now, path, why, len) : STREAM_DENY;
 }
 
 static void count(struct session *s, const struct stream *st, uint64_t dur_ms)

@@ -29,7 +29,8 @@ struct session;
     X(HEADERS_TOO_LARGE, "headers_too_large", 431) /* max_request_headers_kb, or 100 fields */     \
     X(HEADERS_TIMEOUT, "headers_timeout", 408)     /* request_headers_timeout_ms */                \
     X(EXPECTATION_FAILED, "expectation_failed", 417) /* an Expect other than 100-continue */       \
-    X(REDIRECT, "redirect", 307) /* UNESCAPE_AND_REDIRECT: to the unescaped path */                \
+    X(REDIRECT, "redirect", 307)         /* UNESCAPE_AND_REDIRECT: to the unescaped path */        \
+    X(RATE_LIMITED, "rate_limited", 429) /* service-defaults RateLimits.InstanceLevel */           \
     X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
     X(UPSTREAM_CONNECT_ERROR, "upstream_connect_error", 503) /* outbound: no endpoint answered */  \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
@@ -92,11 +93,15 @@ struct stream_req {
 };
 
 enum stream_verdict {
-    STREAM_ALLOW,    /* forward it, with the normalized target */
-    STREAM_DENY,     /* 403 RBAC: access denied */
-    STREAM_REFUSE,   /* 400: request normalization refuses it */
-    STREAM_REDIRECT, /* 307 to the normalized target (PathWithEscapedSlashesAction) */
+    STREAM_ALLOW,        /* forward it, with the normalized target */
+    STREAM_DENY,         /* 403 RBAC: access denied */
+    STREAM_REFUSE,       /* 400: request normalization refuses it */
+    STREAM_REDIRECT,     /* 307 to the normalized target (PathWithEscapedSlashesAction) */
+    STREAM_RATE_LIMITED, /* 429: over the service's instance-level rate limit */
 };
+
+/* The result a mux answers a verdict other than STREAM_ALLOW with. */
+enum stream_result stream_verdict_result(enum stream_verdict v);
 
 /*
  * THE per-request authorization: what the caller of session <s> may do with request <rq>,
@@ -111,6 +116,10 @@ enum stream_verdict {
  * In authorize mode the agent answers per caller, not per request: its latest answer about
  * the caller (asked per connection and again on every intention change, see session.c)
  * decides every request, after normalization.
+ *
+ * A request allowed so far then takes a token from the service's rate limits (snapshot
+ * rates, shared by every worker) for its normalized path: none left is STREAM_RATE_LIMITED.
+ * A denied or refused request takes none.
  */
 enum stream_verdict stream_authorize(struct session *s, struct stream *st, struct stream_req *rq,
                                      char *out, size_t cap, size_t *out_len, char *why, size_t len);

@@ -361,6 +361,10 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     sample(b, "limit_refusals_total", "limit", "pending_handshakes_per_source",
            refused_pending_source);
     sample(b, "limit_refusals_total", "limit", "descriptor_reserve", refused_fds);
+    metric_head(b, "http_rate_limited_total", "counter",
+                "Inbound requests answered 429 by the service-defaults RateLimits.");
+    sample(b, "http_rate_limited_total", NULL, NULL,
+           atomic_load_explicit(&vw->inbound_limit->rate_limited, memory_order_relaxed));
     metric_head(b, "pending_handshakes", "gauge",
                 "Inbound connections in the TLS handshake now, over all workers.");
     sample(b, "pending_handshakes", NULL, NULL, (uint64_t)limit_pending_count(vw->inbound_limit));

@@ -2691,6 +2691,81 @@ static int mesh(const char *body, struct mesh_http_cfg *m, char *err, size_t err
     return decode_mesh_http(body, strlen(body), m, err, errlen);
 }
 
+/* A service-defaults entry as Consul Enterprise returns it (Community refuses RateLimits). */
+static const char RATES_JSON[] =
+    "{\"Kind\":\"service-defaults\",\"Name\":\"web\",\"Protocol\":\"http\","
+    "\"RateLimits\":{\"InstanceLevel\":{\"RequestsPerSecond\":5,\"RequestsMaxBurst\":7,"
+    "\"Routes\":[{\"PathExact\":\"/e\",\"RequestsPerSecond\":1},"
+    "{\"PathPrefix\":\"/p\",\"RequestsPerSecond\":2,\"RequestsMaxBurst\":4},"
+    "{\"PathRegex\":\"/r/.*\",\"RequestsPerSecond\":3}]}},"
+    "\"CreateIndex\":20,\"ModifyIndex\":21}";
+
+static int rates(const char *body, struct dec_rate_limits *c, char *err, size_t errlen)
+{
+    memset(c, 0xa5, sizeof(*c));
+    return decode_rate_limits(body, strlen(body), c, err, errlen);
+}
+
+static void test_rate_limits(void **state)
+{
+    struct dec_rate_limits c;
+    char err[512];
+    (void)state;
+    assert_int_equal(rates(RATES_JSON, &c, err, sizeof(err)), 0);
+    assert_int_equal(c.per_second, 5);
+    assert_int_equal(c.burst, 7);
+    assert_int_equal(c.n_routes, 3);
+    assert_int_equal(c.routes[0].kind, DEC_PATH_EXACT);
+    assert_string_equal(c.routes[0].path, "/e");
+    assert_int_equal(c.routes[0].per_second, 1);
+    assert_int_equal(c.routes[0].burst, 0);
+    assert_int_equal(c.routes[1].kind, DEC_PATH_PREFIX);
+    assert_int_equal(c.routes[1].burst, 4);
+    assert_int_equal(c.routes[2].kind, DEC_PATH_REGEX);
+    assert_string_equal(c.routes[2].path, "/r/.*");
+    dec_rate_limits_dispose(&c);
+    /* No RateLimits, or an empty one: no limit. */
+    assert_int_equal(
+        rates("{\"Kind\":\"service-defaults\",\"Name\":\"web\"}", &c, err, sizeof(err)), 0);
+    assert_int_equal(c.per_second, 0);
+    assert_int_equal(c.n_routes, 0);
+    assert_null(c.routes);
+    assert_int_equal(rates("{\"RateLimits\":{\"InstanceLevel\":{}}}", &c, err, sizeof(err)), 0);
+    assert_int_equal(c.per_second, 0);
+    /* Errors name the field and leave nothing behind. */
+    static const char *const bad[] = {
+        "{\"RateLimits\":{\"InstanceLevel\":{\"RequestsPerSecond\":-1}}}",
+        "{\"RateLimits\":{\"InstanceLevel\":{\"RequestsPerSecond\":\"5\"}}}",
+        "{\"RateLimits\":{\"InstanceLevel\":{\"Routes\":[{\"RequestsPerSecond\":1}]}}}",
+        "{\"RateLimits\":{\"InstanceLevel\":{\"Routes\":[{\"PathExact\":\"/a\","
+        "\"PathPrefix\":\"/b\"}]}}}",
+        "{\"RateLimits\":{\"InstanceLevel\":{\"Routes\":[{\"PathExact\":\"/a\"},7]}}}",
+        "{\"RateLimits\":{\"InstanceLevel\":{\"Routes\":{}}}}",
+        "{\"Kind\":\"mesh\"}",
+        "[]",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        assert_int_not_equal(rates(bad[i], &c, err, sizeof(err)), 0);
+        assert_int_equal(c.n_routes, 0);
+        assert_null(c.routes);
+        assert_true(err[0] != '\0');
+    }
+    assert_int_equal(rates("{\"RateLimits\":{\"InstanceLevel\":{\"Routes\":[{\"PathExact\":"
+                           "\"/a\",\"PathPrefix\":\"/b\"}]}}}",
+                           &c, err, sizeof(err)),
+                     ERR_BAD_FIELD);
+    assert_non_null(strstr(err, "RateLimits.InstanceLevel.Routes[0]"));
+    /* Too many routes is refused, not truncated. */
+    char big[64 + (DEC_RATE_ROUTES_MAX + 1) * 24];
+    size_t n =
+        (size_t)snprintf(big, sizeof(big), "{\"RateLimits\":{\"InstanceLevel\":{\"Routes\":[");
+    for (int i = 0; i <= DEC_RATE_ROUTES_MAX; i++)
+        n += (size_t)snprintf(big + n, sizeof(big) - n, "%s{\"PathExact\":\"/%d\"}", i ? "," : "",
+                              i);
+    snprintf(big + n, sizeof(big) - n, "]}}}");
+    assert_int_equal(rates(big, &c, err, sizeof(err)), ERR_BAD_FIELD);
+}
+
 static void test_mesh_http(void **state)
 {
     struct mesh_http_cfg m;
@@ -2824,6 +2899,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_agent_self),
         cmocka_unit_test(test_mesh_http),
+        cmocka_unit_test(test_rate_limits),
         cmocka_unit_test(test_uint64_fields),
         cmocka_unit_test(test_roots_good),
         cmocka_unit_test(test_roots_minimal),

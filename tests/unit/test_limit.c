@@ -10,6 +10,7 @@
 
 #include <pthread.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/resource.h>
 
 #include "limit.h"
@@ -302,6 +303,158 @@ static void test_fds_raise_to_hard_limit(void **state)
     assert_int_equal(setrlimit(RLIMIT_NOFILE, &saved), 0);
 }
 
+/* ---- request rate limits ---- */
+
+static struct dec_rate_route route(int kind, const char *path, uint32_t rps, uint32_t burst)
+{
+    return (struct dec_rate_route){
+        .kind = kind, .path = (char *)path, .per_second = rps, .burst = burst};
+}
+
+/* How many of <n> requests to <path> at <now> the limits let through. */
+static int admitted(struct limit_rates *r, const char *path, int n, uint64_t now)
+{
+    char why[320];
+    int ok = 0;
+    for (int i = 0; i < n; i++)
+        ok += limit_rates_take(r, path, strlen(path), now, why, sizeof(why));
+    return ok;
+}
+
+static void test_rates_top_level_burst_then_refill(void **state)
+{
+    (void)state;
+    struct dec_rate_limits c = {.per_second = 2, .burst = 5};
+    struct limit_rates *r = limit_rates_new(&c, NULL, NULL, 0);
+    uint64_t now = 50 * SEC;
+    assert_false(limit_rates_none(r));
+    assert_int_equal(admitted(r, "/a", 20, now), 5);
+    assert_int_equal(admitted(r, "/b", 20, now + SEC), 2); /* two tokens a second */
+    char why[320];
+    assert_int_equal(limit_rates_take(r, "/a", 2, now + SEC, why, sizeof(why)), 0);
+    assert_string_equal(why, "rate limit: 2/s, burst 5");
+    limit_rates_unref(r);
+    /* No limits at all, and NULL, admit everything. */
+    struct dec_rate_limits none = {0};
+    r = limit_rates_new(&none, NULL, NULL, 0);
+    assert_true(limit_rates_none(r));
+    assert_true(limit_rates_none(NULL));
+    assert_int_equal(admitted(r, "/", 1000, now), 1000);
+    assert_int_equal(admitted(NULL, "/", 10, now), 10);
+    limit_rates_unref(r);
+}
+
+static void test_rates_first_route_wins_over_top_level(void **state)
+{
+    (void)state;
+    struct dec_rate_route rs[] = {
+        route(DEC_PATH_EXACT, "/slow", 1, 2),
+        route(DEC_PATH_PREFIX, "/api/", 3, 0),
+        route(DEC_PATH_REGEX, "/x/[0-9]+", 1, 1),
+        route(DEC_PATH_PREFIX, "/free", 0, 0),     /* 0: this route is not limited */
+        route(DEC_PATH_PREFIX, "/api/v2", 100, 0), /* shadowed by /api/ */
+    };
+    struct dec_rate_limits c = {.per_second = 4, .burst = 4, .routes = rs, .n_routes = 5};
+    char err[320];
+    struct limit_rates *r = limit_rates_new(&c, NULL, err, sizeof(err));
+    assert_string_equal(err, "");
+    uint64_t now = 50 * SEC;
+    assert_int_equal(admitted(r, "/slow", 10, now), 2);
+    assert_int_equal(admitted(r, "/slowly", 10, now), 4); /* not exact: the top level */
+    assert_int_equal(admitted(r, "/other", 10, now), 0);  /* the top level is spent */
+    assert_int_equal(admitted(r, "/api/v2/a", 10, now), 3);
+    assert_int_equal(admitted(r, "/x/12", 10, now), 1);
+    assert_int_equal(admitted(r, "/x/12/", 10, now), 0); /* whole-path regex: top level */
+    assert_int_equal(admitted(r, "/free/x", 1000, now), 1000);
+    char why[320];
+    assert_int_equal(limit_rates_take(r, "/api/q", 6, now, why, sizeof(why)), 0);
+    assert_string_equal(why, "rate limit: route PathPrefix /api/: 3/s, burst 3");
+    limit_rates_unref(r);
+}
+
+static void test_rates_refresh_keeps_buckets_whose_numbers_stay(void **state)
+{
+    (void)state;
+    struct dec_rate_route rs[] = {route(DEC_PATH_PREFIX, "/a", 1, 3)};
+    struct dec_rate_limits c = {.per_second = 1, .burst = 3, .routes = rs, .n_routes = 1};
+    struct limit_rates *r1 = limit_rates_new(&c, NULL, NULL, 0);
+    uint64_t now = 50 * SEC;
+    assert_int_equal(admitted(r1, "/a", 10, now), 3);
+    assert_int_equal(admitted(r1, "/b", 10, now), 3);
+    /* Same numbers: the spent buckets carry over, even while r1 is still in use. */
+    struct limit_rates *r2 = limit_rates_new(&c, r1, NULL, 0);
+    assert_int_equal(admitted(r2, "/a", 10, now), 0);
+    assert_int_equal(admitted(r2, "/b", 10, now), 0);
+    limit_rates_unref(r1);
+    assert_int_equal(admitted(r2, "/a", 10, now + SEC), 1);
+    /* New numbers for the route only: its bucket starts full, the top level's stays spent. */
+    rs[0].burst = 4;
+    struct limit_rates *r3 = limit_rates_new(&c, r2, NULL, 0);
+    limit_rates_unref(r2);
+    assert_int_equal(admitted(r3, "/a", 10, now + SEC), 4);
+    assert_int_equal(admitted(r3, "/b", 10, now + SEC), 1);
+    limit_rates_unref(r3);
+}
+
+static void test_rates_bad_regex_fails_closed(void **state)
+{
+    (void)state;
+    struct dec_rate_route rs[] = {route(DEC_PATH_REGEX, "(", 1, 1)};
+    struct dec_rate_limits c = {.per_second = 0, .routes = rs, .n_routes = 1};
+    char err[320];
+    struct limit_rates *r = limit_rates_new(&c, NULL, err, sizeof(err));
+    assert_non_null(strstr(err, "Routes[0].PathRegex"));
+    assert_int_equal(admitted(r, "/anything", 10, 50 * SEC), 1);
+    limit_rates_unref(r);
+}
+
+static void test_rates_cfg_equal(void **state)
+{
+    (void)state;
+    struct dec_rate_route a[] = {route(DEC_PATH_EXACT, "/a", 1, 0)};
+    struct dec_rate_route b[] = {route(DEC_PATH_PREFIX, "/a", 1, 0)};
+    struct dec_rate_limits x = {.per_second = 1, .routes = a, .n_routes = 1};
+    struct dec_rate_limits y = x;
+    assert_true(dec_rate_limits_equal(&x, &y));
+    y.routes = b;
+    assert_false(dec_rate_limits_equal(&x, &y));
+    y = x;
+    y.burst = 2;
+    assert_false(dec_rate_limits_equal(&x, &y));
+}
+
+struct rates_race {
+    struct limit_rates *r;
+    int ok;
+};
+
+static void *rates_hammer(void *arg)
+{
+    struct rates_race *t = arg;
+    t->ok = admitted(t->r, "/", 1000, 50 * SEC);
+    return NULL;
+}
+
+static void test_rates_shared_across_threads(void **state)
+{
+    (void)state;
+    struct dec_rate_limits c = {.per_second = 1, .burst = 100};
+    struct limit_rates *r = limit_rates_new(&c, NULL, NULL, 0);
+    struct rates_race t[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        t[i] = (struct rates_race){.r = r};
+        assert_int_equal(pthread_create(&th[i], NULL, rates_hammer, &t[i]), 0);
+    }
+    int total = 0;
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        total += t[i].ok;
+    }
+    assert_int_equal(total, 100); /* one bucket for every thread, not one each */
+    limit_rates_unref(r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -317,6 +470,12 @@ int main(void)
         cmocka_unit_test(test_pending_holds_across_threads),
         cmocka_unit_test(test_fds_budget),
         cmocka_unit_test(test_fds_raise_to_hard_limit),
+        cmocka_unit_test(test_rates_top_level_burst_then_refill),
+        cmocka_unit_test(test_rates_first_route_wins_over_top_level),
+        cmocka_unit_test(test_rates_refresh_keeps_buckets_whose_numbers_stay),
+        cmocka_unit_test(test_rates_bad_regex_fails_closed),
+        cmocka_unit_test(test_rates_cfg_equal),
+        cmocka_unit_test(test_rates_shared_across_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -94,6 +94,12 @@ static void test_results(void **state)
     assert_int_equal(stream_result_status(STREAM_RES_LOCAL_TIMEOUT), 504);
     assert_int_equal(stream_result_status(STREAM_RES_BAD_RESPONSE), 502);
     assert_int_equal(stream_result_status(STREAM_RES_OK), 0);
+    assert_string_equal(stream_result_name(STREAM_RES_RATE_LIMITED), "rate_limited");
+    assert_int_equal(stream_result_status(STREAM_RES_RATE_LIMITED), 429);
+    assert_int_equal(stream_verdict_result(STREAM_RATE_LIMITED), STREAM_RES_RATE_LIMITED);
+    assert_int_equal(stream_verdict_result(STREAM_DENY), STREAM_RES_DENIED);
+    assert_int_equal(stream_verdict_result(STREAM_REDIRECT), STREAM_RES_REDIRECT);
+    assert_int_equal(stream_verdict_result(STREAM_REFUSE), STREAM_RES_BAD_REQUEST);
     assert_string_equal(stream_result_name((enum stream_result)999), "aborted");
     assert_int_equal(stream_result_status((enum stream_result)999), 0);
 }
