@@ -79,6 +79,7 @@
 #define LINGER_MS    1000
 #define LINGER_BYTES (256u * 1024u)
 #define REPLAY_MAX   (64u * 1024u) /* a request held for a retry: head and body */
+#define INTERIM_MAX  H1_HEAD_MAX   /* unwritten bytes past which a 1xx answer is dropped */
 
 struct buf {
     char *p;
@@ -916,8 +917,12 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     const char *reason = status_reason(hd->status);
     m->rs.reason = (struct http_slice){reason, strlen(reason)};
     if (hd->status < 200) {
-        /* 100 Continue, 103 Early Hints (HTTP/2 has no 101). */
-        if (m->minor == 1 && append_head(&m->cout, 1024, NULL, &m->rs, NULL, 0) < 0) {
+        /* 100 Continue, 103 Early Hints (HTTP/2 has no 101). Heads are not flow controlled:
+         * one that finds INTERIM_MAX bytes the caller has not taken yet is dropped (an
+         * interim answer is advisory), or a far side sending 1xx after 1xx to a caller that
+         * does not read would grow cout without end. */
+        if (m->minor == 1 && m->cout.len < INTERIM_MAX &&
+            append_head(&m->cout, 1024, NULL, &m->rs, NULL, 0) < 0) {
             bad_h2_answer(s, "the interim answer cannot be forwarded");
             return 0;
         }
@@ -1361,8 +1366,9 @@ static int on_response_head(struct session *s, size_t n)
     size_t nx = 0;
     int tunnel = rs->framing == HTTP_BODY_TUNNEL;
     if (rs->status >= 100 && rs->status < 200 && rs->status != 101) {
-        /* Interim (100 Continue, 103 Early Hints): passed on to an HTTP/1.1 caller. */
-        if (m->minor == 1)
+        /* Interim (100 Continue, 103 Early Hints): passed on to an HTTP/1.1 caller, unless
+         * INTERIM_MAX bytes it has not taken wait already (see h2_on_head()). */
+        if (m->minor == 1 && m->cout.len < INTERIM_MAX)
             (void)append_head(&m->cout, n + 64, NULL, rs, NULL, 0);
         buf_consume(&m->ain, n);
         return 0;

@@ -36,6 +36,8 @@ from test_l7_inbound import Reader, connect, response
 
 # --- an h2c-only application -------------------------------------------------------------------
 
+FLOOD = 5000  # interim answers of the /flood tests: 20 MB once written as HTTP/1.1
+
 
 class H2JsonApp(TcpApp):
     """HTTP/2 with prior knowledge only (anything else ends the connection). Each request is
@@ -50,6 +52,7 @@ class H2JsonApp(TcpApp):
     def __init__(self):
         self.connections = 0
         self.refused = []
+        self.flood_sent = threading.Event()
         super().__init__()
 
     @staticmethod
@@ -75,6 +78,7 @@ class H2JsonApp(TcpApp):
         conn.initiate_connection()
         c.sendall(conn.data_to_send())
         reqs, pending = {}, {}
+        flood = False
         try:
             while True:
                 data = c.recv(65536)
@@ -105,8 +109,11 @@ class H2JsonApp(TcpApp):
                             conn.reset_stream(ev.stream_id, 7)  # REFUSED_STREAM
                         else:
                             self._answer(conn, ev.stream_id, r, pending)
+                            flood = flood or path == "/flood"
                 self._send_pending(conn, pending)
                 c.sendall(conn.data_to_send())
+                if flood:
+                    self.flood_sent.set()
         except Exception:  # noqa: BLE001 - a test app: any failure ends its connection
             return
 
@@ -115,6 +122,13 @@ class H2JsonApp(TcpApp):
         hs = r["headers"]
         path = hs[":path"][0]
         if path == "/hold":
+            return
+        if path == "/flood":
+            # FLOOD interim answers of 4 kB each (HPACK makes each a few bytes on the wire).
+            for _ in range(FLOOD):
+                conn.send_headers(sid, [(":status", "103"), ("link", "x" * 4000)])
+            conn.send_headers(sid, [(":status", "200"), ("content-length", "4")])
+            conn.send_data(sid, b"done", end_stream=True)
             return
         if path.startswith("/big?n="):
             n = int(path.split("=", 1)[1])
@@ -638,3 +652,68 @@ def test_sigterm_closes_idle_http11_connections_and_answers_in_flight_ones(mesh)
         app.release.set()
         idle.close()
         busy.close()
+
+
+# --- interim answers a caller does not read ------------------------------------------------------
+
+
+class FloodsInterim(TcpApp):
+    """An HTTP/1.1 application that answers each request with FLOOD "103 Early Hints" heads of
+    4 kB, then 200 "done"; flood_sent is set once all of it was taken by the sidecar."""
+
+    def __init__(self):
+        self.flood_sent = threading.Event()
+        super().__init__()
+
+    def handle(self, c):
+        r = Reader(c)
+        while True:
+            try:
+                if r.head() is None:
+                    return
+            except (EOFError, OSError):
+                return
+            hint = b"HTTP/1.1 103 Early Hints\r\nlink: " + b"x" * 4000 + b"\r\n\r\n"
+            c.sendall(hint * FLOOD + b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+            self.flood_sent.set()
+
+
+def read_flood(caller, app):
+    """Asks for /flood on a caller connection with a small receive buffer that reads nothing
+    until the application sent the whole answer, then reads it: (status, body, interims)."""
+    app.flood_sent.clear()
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(30)
+    raw.connect((LOOPBACK, caller.port))
+    with caller.ctx.wrap_socket(raw) as s:
+        s.sendall(b"GET /flood HTTP/1.1\r\nHost: db\r\n\r\n")
+        assert app.flood_sent.wait(30), "the application could not send its whole answer"
+        status, _, body, interim = response(Reader(s))
+    return status, body, interim
+
+
+def test_interim_answers_a_caller_does_not_read_are_bounded(mesh, tmp_path):
+    """Heads are not flow controlled: an application (h2c, or HTTP/1.1) that sends 103 after
+    103 to an HTTP/1.1 caller that does not read them made db's sidecar queue every one (20
+    MB here, without end for a longer flood). Past INTERIM_MAX unwritten bytes an interim
+    answer is dropped: the caller gets far fewer than were sent, then the final answer."""
+    m = mesh
+    app, db, web = h2_pair(m, db_args=("-workers", "1"))
+    caller = MtlsCaller(m.api, tmp_path, web.name, db)
+    wait_until(lambda: caller.status() == 200, 30, "an HTTP/1.1 request over mTLS")
+    status, body, interim = read_flood(caller, app)
+    assert status == 200 and body == b"done", (status, body)
+    assert set(interim) == {103} and 0 < len(interim) < FLOOD, len(interim)
+
+    h1 = FloodsInterim()
+    m.apps.append(h1)
+    m.service_defaults("api", "http")
+    svc = m.add("api", app_port=h1.port, proxy_config={"protocol": "http"}, start=False)
+    m.start(svc, extra_args=("-workers", "1"))
+    m.wait_passing(svc)
+    caller = MtlsCaller(m.api, tmp_path, web.name, svc)
+    wait_until(lambda: caller.status() == 200, 30, "an HTTP/1.1 request over mTLS")
+    status, body, interim = read_flood(caller, h1)
+    assert status == 200 and body == b"done", (status, body)
+    assert set(interim) == {103} and 0 < len(interim) < FLOOD, len(interim)
