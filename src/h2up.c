@@ -428,7 +428,8 @@ int h2up_established(const struct h2up_conn *c)
 struct h2up_stream *h2up_open(struct h2up_conn *c, const struct h2_out_head *hd, int has_body,
                               const struct h2up_stream_ops *ops, void *owner)
 {
-    if (c->closed || c->draining)
+    if (c->closed || c->draining ||
+        c->nstreams >= (size_t)h2_peer_max_streams(c->h2) + H2UP_MAX_QUEUED)
         return NULL;
     struct h2up_stream *st = xcalloc(1, sizeof(*st));
     st->c = c;

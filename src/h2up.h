@@ -23,7 +23,8 @@
  * by a deferred call).
  *
  * Bounds: frames waiting for the socket are at most H2UP_OUT_MAX bytes per connection (the h2
- * session is asked for more only below it); at most H2UP_MAX_PER_KEY connections per key; a
+ * session is asked for more only below it); at most H2UP_MAX_PER_KEY connections per key, each
+ * holding at most H2UP_MAX_QUEUED streams over the peer's concurrency limit; a
  * stream's unconsumed response bytes are bounded by the HTTP/2 receive window (the owner's
  * h2up_consume is the back-pressure). A connection with no stream closes after
  * H2UP_IDLE_MS.
@@ -44,6 +45,9 @@
 #define H2UP_MAX_PER_KEY 4
 #define H2UP_IDLE_MS     30000
 #define H2UP_OUT_MAX     (64u * 1024u)
+/* Streams a conn holds past the peer's SETTINGS_MAX_CONCURRENT_STREAMS, waiting for a slot;
+ * cancelled ones count until the peer frees a slot (their queued head is dropped only then). */
+#define H2UP_MAX_QUEUED 100u
 
 struct h2up_pool;   /* one per worker */
 struct h2up_conn;   /* one HTTP/2 client session over one transport */
@@ -112,7 +116,9 @@ int h2up_established(const struct h2up_conn *c);
 /*
  * Opens a stream with request <hd> (copied now); <has_body>: ops->read_body supplies a body.
  * Returns the handle, owned by the conn and valid until ops->on_close; NULL when the conn takes
- * no new stream (GOAWAY, ids spent, a bad head): nothing fires then. No callback fires before
+ * no new stream (GOAWAY, ids spent, a bad head, H2UP_MAX_QUEUED streams already waiting for
+ * the peer's limit: a far side that holds every slot cannot make us queue without bound):
+ * nothing fires then. No callback fires before
  * this returns.
  */
 struct h2up_stream *h2up_open(struct h2up_conn *c, const struct h2_out_head *hd, int has_body,

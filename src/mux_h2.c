@@ -762,9 +762,10 @@ static void up_open(struct session *s, struct h2s *x, struct h2up_conn *c,
 {
     x->us = h2up_open(c, oh, has_body, &up_ops, x);
     if (x->us == NULL) {
-        local_answer(s, x, connect_error(s->mux2),
-                     "the shared HTTP/2 connection takes no new stream (GOAWAY)",
-                     (struct http_slice){0});
+        local_answer(
+            s, x, connect_error(s->mux2),
+            "the shared HTTP/2 connection takes no new stream (GOAWAY, or its queue is full)",
+            (struct http_slice){0});
         return;
     }
     x->app_open = 1;

@@ -502,6 +502,32 @@ static void test_cancel_queued(void **state)
     assert_int_equal(h2up_conn_streams(c), 0);
 }
 
+/*
+ * A far side that holds its one slot cannot make a conn queue without bound: streams opened
+ * and cancelled while they wait still count (nghttp2 drops a cancelled queued head only when
+ * a slot frees), and past H2UP_MAX_QUEUED the conn takes no new stream.
+ */
+static void test_queue_bounded(void **state)
+{
+    struct fx *f = *state;
+    struct h2up_conn *c = connect_one(f, 1);
+    static struct own o[H2UP_MAX_QUEUED + 2];
+    memset(o, 0, sizeof(o));
+    f->srv[0].hold = 1;
+    for (size_t i = 0; i < H2UP_MAX_QUEUED + 2; i++)
+        o[i].loop = f->loop;
+    o[0].st = h2up_open(c, &req, 0, &own_ops, &o[0]);
+    assert_non_null(o[0].st);
+    run(f, 200);
+    for (size_t i = 1; i <= H2UP_MAX_QUEUED; i++) {
+        o[i].st = h2up_open(c, &req, 0, &own_ops, &o[i]);
+        assert_non_null(o[i].st);
+        h2up_cancel(o[i].st, H2_CANCEL);
+    }
+    assert_null(h2up_open(c, &req, 0, &own_ops, &o[H2UP_MAX_QUEUED + 1]));
+    assert_int_equal(h2up_conn_streams(c), H2UP_MAX_QUEUED + 1);
+}
+
 static int always(const char *key, const struct tls_ctx *tls, void *arg)
 {
     (void)tls;
@@ -539,6 +565,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cancel_in_callback, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sweep, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel_queued, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_queue_bounded, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
