@@ -175,9 +175,10 @@ enum stream_verdict stream_authorize(struct session *s, struct stream *st, struc
         return s->agent_allowed ? rate_limit(now, path, why, len) : STREAM_DENY;
     }
     if (d.allow && rq->quiet_allow) {
+        /* Quiet only skips the description: the rate limit still applies (and says why). */
         if (len > 0)
             why[0] = '\0';
-        return STREAM_ALLOW;
+        return rate_limit(now, path, why, len);
     }
     intent_describe(&d, why, len);
     return d.allow ? rate_limit(now, path, why, len) : STREAM_DENY;
