@@ -104,6 +104,30 @@ static unsigned char lower(unsigned char c)
     return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
 }
 
+int h2_value_ok(const void *v, size_t n)
+{
+    const unsigned char *p = v;
+    if (n == 0)
+        return 1;
+    if (p[0] == ' ' || p[0] == '\t' || p[n - 1] == ' ' || p[n - 1] == '\t')
+        return 0;
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        /* A byte below 0x20 (high bit clear) or equal to 0x7f flags its word; such a word
+         * (HTAB is one) is looked at byte by byte. Bytes from 0x80 up are never flagged. */
+        uint64_t del = w ^ (0x7fULL * ones);
+        if ((((w - 0x20ULL * ones) & ~w) | ((del - ones) & ~del)) & highs)
+            break;
+    }
+    for (; i < n; i++)
+        if ((p[i] < 0x20 && p[i] != '\t') || p[i] == 0x7f)
+            return 0;
+    return 1;
+}
+
 static int slice_is(const char *p, size_t n, const char *lit)
 {
     size_t m = strlen(lit);
@@ -896,8 +920,7 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
                 nv_add(nv, &k, ":path", 5, h->path.p, h->path.len);
         }
         for (size_t i = 0; i < k; i++)
-            if (!nghttp2_check_header_value_rfc9113(nv[i].value, nv[i].valuelen) ||
-                nv[i].valuelen == 0)
+            if (!h2_value_ok(nv[i].value, nv[i].valuelen) || nv[i].valuelen == 0)
                 return -EINVAL;
     }
     size_t used = 0;
@@ -913,7 +936,7 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
         used += f->name.len;
         if (f->name.len == 0 || lname[0] == ':' ||
             !nghttp2_check_header_name((const uint8_t *)lname, f->name.len) ||
-            !nghttp2_check_header_value_rfc9113((const uint8_t *)f->value.p, f->value.len))
+            !h2_value_ok(f->value.p, f->value.len))
             return -EINVAL;
         nv_add(nv, &k, lname, f->name.len, f->value.p, f->value.len);
     }
