@@ -104,6 +104,30 @@ static unsigned char lower(unsigned char c)
     return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
 }
 
+int h2_value_ok(const void *v, size_t n)
+{
+    const unsigned char *p = v;
+    if (n == 0)
+        return 1;
+    if (p[0] == ' ' || p[0] == '\t' || p[n - 1] == ' ' || p[n - 1] == '\t')
+        return 0;
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        /* A byte below 0x20 (high bit clear) or equal to 0x7f flags its word; such a word
+         * (HTAB is one) is looked at byte by byte. Bytes from 0x80 up are never flagged. */
+        uint64_t del = w ^ (0x7fULL * ones);
+        if ((((w - 0x20ULL * ones) & ~w) | ((del - ones) & ~del)) & highs)
+            break;
+    }
+    for (; i < n; i++)
+        if ((p[i] < 0x20 && p[i] != '\t') || p[i] == 0x7f)
+            return 0;
+    return 1;
+}
+
 static int slice_is(const char *p, size_t n, const char *lit)
 {
     size_t m = strlen(lit);
@@ -868,19 +892,27 @@ static void nv_add(nghttp2_nv *nv, size_t *n, const char *name, size_t nlen, con
     (*n)++;
 }
 
+/* Room on the caller's stack for the field list of a usual head (nghttp2 copies it). */
+struct nv_space {
+    nghttp2_nv nv[40];
+    char names[1024];
+};
+
 /*
  * Builds the field list of a head or trailers: pseudo-fields first, then <fields> lowered and
- * filtered. *<nv> and *<names> are fresh allocations the caller frees (nghttp2 copies both).
- * Returns the count, or -EINVAL for a field that cannot be sent.
+ * filtered. *<nv> and *<names> are in <sp> when they fit, else fresh allocations; the caller
+ * gives them back with nv_release(). Returns the count, or -EINVAL for a field that cannot be
+ * sent. (Two allocations per head cost ~500 instructions, four heads per proxied request.)
  */
 static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *fields, size_t n,
-                        char *status, nghttp2_nv **nvp, char **namesp)
+                        char *status, struct nv_space *sp, nghttp2_nv **nvp, char **namesp)
 {
     size_t total = 0, k = 0;
     for (size_t i = 0; i < n; i++)
         total += fields[i].name.len;
-    nghttp2_nv *nv = xcalloc(n + 5, sizeof(*nv));
-    char *names = xmalloc(total);
+    nghttp2_nv *nv =
+        n + 5 <= sizeof(sp->nv) / sizeof(sp->nv[0]) ? sp->nv : xcalloc(n + 5, sizeof(*nv));
+    char *names = total <= sizeof(sp->names) ? sp->names : xmalloc(total);
     *nvp = nv;
     *namesp = names;
     if (h != NULL) {
@@ -896,8 +928,7 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
                 nv_add(nv, &k, ":path", 5, h->path.p, h->path.len);
         }
         for (size_t i = 0; i < k; i++)
-            if (!nghttp2_check_header_value_rfc9113(nv[i].value, nv[i].valuelen) ||
-                nv[i].valuelen == 0)
+            if (!h2_value_ok(nv[i].value, nv[i].valuelen) || nv[i].valuelen == 0)
                 return -EINVAL;
     }
     size_t used = 0;
@@ -913,11 +944,19 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
         used += f->name.len;
         if (f->name.len == 0 || lname[0] == ':' ||
             !nghttp2_check_header_name((const uint8_t *)lname, f->name.len) ||
-            !nghttp2_check_header_value_rfc9113((const uint8_t *)f->value.p, f->value.len))
+            !h2_value_ok(f->value.p, f->value.len))
             return -EINVAL;
         nv_add(nv, &k, lname, f->name.len, f->value.p, f->value.len);
     }
     return (ssize_t)k;
+}
+
+static void nv_release(struct nv_space *sp, nghttp2_nv *nv, char *names)
+{
+    if (nv != sp->nv)
+        free(nv);
+    if (names != sp->names)
+        free(names);
 }
 
 int32_t h2_submit_request(struct h2_session *s, const struct h2_out_head *head, int has_body,
@@ -927,9 +966,10 @@ int32_t h2_submit_request(struct h2_session *s, const struct h2_out_head *head, 
         return -EINVAL;
     if (s->failed || !nghttp2_session_check_request_allowed(s->ng))
         return -ESHUTDOWN;
+    struct nv_space sp;
     nghttp2_nv *nv;
     char *names;
-    ssize_t n = build_nv(head, head->headers, head->nheaders, NULL, &nv, &names);
+    ssize_t n = build_nv(head, head->headers, head->nheaders, NULL, &sp, &nv, &names);
     int32_t id = -EINVAL;
     if (n < 0)
         goto out;
@@ -945,8 +985,7 @@ int32_t h2_submit_request(struct h2_session *s, const struct h2_out_head *head, 
     st->flags |= ST_HANDED;
     s->stats.streams_opened++;
 out:
-    free(nv);
-    free(names);
+    nv_release(&sp, nv, names);
     return id;
 }
 
@@ -963,10 +1002,11 @@ int h2_submit_response(struct h2_session *s, int32_t stream_id, const struct h2_
         return -EINVAL;
     char status[4];
     snprintf(status, sizeof(status), "%d", head->status);
+    struct nv_space sp;
     nghttp2_nv *nv;
     char *names;
     int rc = -EINVAL;
-    ssize_t n = build_nv(head, head->headers, head->nheaders, status, &nv, &names);
+    ssize_t n = build_nv(head, head->headers, head->nheaders, status, &sp, &nv, &names);
     if (n < 0)
         goto out;
     if (interim) {
@@ -979,8 +1019,7 @@ int h2_submit_response(struct h2_session *s, int32_t stream_id, const struct h2_
     }
     rc = rc < 0 ? -EINVAL : 0;
 out:
-    free(nv);
-    free(names);
+    nv_release(&sp, nv, names);
     return rc;
 }
 
@@ -989,14 +1028,14 @@ int h2_submit_trailers(struct h2_session *s, int32_t stream_id, const struct htt
 {
     if (stream_get(s, stream_id) == NULL)
         return -EINVAL;
+    struct nv_space sp;
     nghttp2_nv *nv;
     char *names;
     int rc = -EINVAL;
-    ssize_t k = build_nv(NULL, fields, n, NULL, &nv, &names);
+    ssize_t k = build_nv(NULL, fields, n, NULL, &sp, &nv, &names);
     if (k >= 0)
         rc = nghttp2_submit_trailer(s->ng, stream_id, nv, (size_t)k) == 0 ? 0 : -EINVAL;
-    free(nv);
-    free(names);
+    nv_release(&sp, nv, names);
     return rc;
 }
 

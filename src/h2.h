@@ -298,4 +298,12 @@ uint32_t h2_peer_max_streams(const struct h2_session *s);
  */
 int h2_preface_check(const void *p, size_t n);
 
+/*
+ * Whether <p>[<n>] may be sent as a field value (RFC 9113 8.2.1): no NUL, CR, LF or other
+ * control character but HTAB, no DEL, no leading or trailing SP or HTAB; the empty value is
+ * valid. The same answer as nghttp2_check_header_value_rfc9113(), eight bytes at a time
+ * (the outbound codec checks every value it sends: XFCC alone is ~270 bytes per request).
+ */
+int h2_value_ok(const void *p, size_t n);
+
 #endif

@@ -851,6 +851,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         .authority = hd->authority,
         .headers = f,
         .nheaders = nf,
+        .quiet_allow = 1, /* an allowed stream's record has no reason, as over HTTP/1.1 */
     };
     size_t cap = PATHNORM_OUT_MAX(sr.target.len), tlen = 0;
     char *target = xmalloc(cap);

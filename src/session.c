@@ -115,6 +115,7 @@ static void reap(struct loop_defer *d)
     snapshot_unref(s->snap);
     free(s->upstream_key);
     free(s->tried);
+    free(s->h2memo);
     free(s);
 }
 
@@ -932,12 +933,40 @@ static void upool_key(const struct session *s, char *key, size_t len)
     snprintf(key, len, "%s|%s|%s", s->ep_name, sni, uri);
 }
 
-/* The key of a shared HTTP/2 connection to session <s>'s current endpoint (h2up). */
-static void h2_key(const struct session *s, char *key, size_t len)
+struct session_h2memo {
+    const struct snap_target *tgt;
+    const struct dec_endpoint *ep;
+    char ep_name[sizeof(((struct session *)0)->ep_name)];
+    char key[1700]; /* upool_key() | "h2" */
+};
+
+/*
+ * Sets s->ep_name for the endpoint just picked and returns the key of a shared HTTP/2
+ * connection to it (h2up), formatted only when the endpoint differs from the last one this
+ * session picked: an outbound HTTP/2 session dials once per stream, and the identity, SNI and
+ * URI behind the key cost ~7k instructions to format. NULL when out of memory.
+ */
+static const char *h2_key(struct session *s)
 {
-    char k[1600];
-    upool_key(s, k, sizeof(k));
-    snprintf(key, len, "%s|h2", k);
+    struct session_h2memo *m = s->h2memo;
+    if (m == NULL) {
+        m = calloc(1, sizeof(*m));
+        if (m == NULL)
+            return NULL;
+        s->h2memo = m;
+    }
+    int fresh = m->tgt != s->tgt || m->ep != s->ep;
+    if (fresh)
+        endpoint_name(s->ep, m->ep_name, sizeof(m->ep_name));
+    memcpy(s->ep_name, m->ep_name, strlen(m->ep_name) + 1);
+    if (fresh) {
+        char k[1600];
+        upool_key(s, k, sizeof(k)); /* reads s->ep_name */
+        snprintf(m->key, sizeof(m->key), "%s|h2", k);
+        m->tgt = s->tgt;
+        m->ep = s->ep;
+    }
+    return m->key;
 }
 
 void session_app_h2_key(const struct session *s, char *key, size_t len)
@@ -957,10 +986,8 @@ void session_app_h2_key(const struct session *s, char *key, size_t len)
  * session_dial_h2(), an endpoint picked: when the worker has a shared connection to it that
  * takes a stream, the dial ends with it (1), else 0 (dial it).
  */
-static int h2_take(struct session *s)
+static int h2_take(struct session *s, const char *key)
 {
-    char key[1700];
-    h2_key(s, key, sizeof(key));
     struct h2up_conn *c = h2up_find(s->host->h2up, key, s->snap->tls);
     if (c == NULL)
         return 0;
@@ -1178,13 +1205,17 @@ static void verify_peer(struct session *s)
     }
     loop_timer_stop(s->host->loop, &s->timer);
     if (s->dial_h2) {
-        char alpn[32], key[1700];
+        char alpn[32];
         if (tls_conn_alpn(s->end[1].tls, alpn, sizeof(alpn)) > 0 && strcmp(alpn, "h2") != 0) {
             snprintf(why, sizeof(why), "the server selected ALPN %s, not h2", LOG_ESC(alpn));
             try_next_endpoint(s, why);
             return;
         }
-        h2_key(s, key, sizeof(key));
+        const char *key = h2_key(s);
+        if (key == NULL) {
+            try_next_endpoint(s, "out of memory");
+            return;
+        }
         s->h2c = h2up_adopt(s->host->h2up, key, s->snap->tls, &s->end[1], s->ep_name);
         session_set_state(s, S_HTTP);
         s->carrier->dialled(s, NULL);
@@ -1243,9 +1274,18 @@ static void pick_endpoint(struct session *s)
         s->tgt = t;
         s->ep = &t->endpoints->v[i];
         int unix_sock = s->ep->socket_path[0] != '\0';
-        endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
-        if (s->dial_h2 && h2_take(s))
-            return;
+        if (s->dial_h2) {
+            const char *key = h2_key(s);
+            if (key == NULL) {
+                session_set_state(s, S_HTTP);
+                s->carrier->dialled(s, "out of memory");
+                return;
+            }
+            if (h2_take(s, key))
+                return;
+        } else {
+            endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
+        }
         int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
                            : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {

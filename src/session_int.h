@@ -117,6 +117,11 @@ struct session {
      * borrowed from the worker's h2up pool until the carrier returns to the loop. */
     int dial_h2;
     struct h2up_conn *h2c;
+    /* session_dial_h2() runs once per outbound stream: the name and h2up key of the last
+     * endpoint it picked, kept (allocated on the first h2 dial, owned) so that picking it
+     * again formats nothing. <snap> is held for the session's life, so the endpoint pointers
+     * it names stay valid and unique. */
+    struct session_h2memo *h2memo;
     struct session_listener_stats *lstat; /* in host->stats; never NULL */
 };
 

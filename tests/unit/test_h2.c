@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <nghttp2/nghttp2.h>
+
 #include "h2.h"
 
 /* ---- one end: what its callbacks saw, per stream ---------------------------------------- */
@@ -1208,9 +1210,42 @@ static void test_preface_check(void **state)
     assert_int_equal(h2_preface_check("Q", 1), -1);
 }
 
+/* h2_value_ok() answers as nghttp2_check_header_value_rfc9113() does: every byte value at
+ * every position of values of 1 to 24 bytes (the word-at-a-time scan and its tail), and
+ * mixed values of random printable, high and control bytes. */
+static void test_value_ok_matches_nghttp2(void **state)
+{
+    (void)state;
+    uint8_t v[64];
+    for (size_t n = 1; n <= 24; n++)
+        for (size_t at = 0; at < n; at++)
+            for (int c = 0; c < 256; c++) {
+                memset(v, 'a', n);
+                v[at] = (uint8_t)c;
+                int want = nghttp2_check_header_value_rfc9113(v, n) != 0;
+                if (h2_value_ok(v, n) != want)
+                    fail_msg("byte 0x%02x at %zu of %zu: want %d", c, at, n, want);
+            }
+    static const uint8_t mix[] = {'a', ' ', '\t', 0x7f, 0x80, 0xff, 0x00, 0x0a, 0x0d, 0x1f, '~'};
+    unsigned seed = 1;
+    for (int round = 0; round < 20000; round++) {
+        size_t n = (size_t)(seed % 40);
+        for (size_t i = 0; i < n; i++) {
+            seed = seed * 1103515245u + 12345u;
+            unsigned r = (seed >> 16) % 64;
+            v[i] = r < sizeof(mix) && r % 4 == 0 ? mix[r] : (uint8_t)(0x21 + (seed >> 8) % 0x5e);
+        }
+        seed = seed * 1103515245u + 12345u;
+        int want = nghttp2_check_header_value_rfc9113(v, n) != 0;
+        assert_int_equal(h2_value_ok(v, n), want);
+    }
+    assert_int_equal(h2_value_ok("", 0), 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_value_ok_matches_nghttp2),
         cmocka_unit_test(test_get_and_response),
         cmocka_unit_test(test_post_backpressure),
         cmocka_unit_test(test_grpc_trailers),
