@@ -10,6 +10,8 @@
 #include <limits.h>
 #include <string.h>
 
+#include "util.h"
+
 #define FAIL(reason)                                                                               \
     do {                                                                                           \
         *why = (reason);                                                                           \
@@ -842,4 +844,45 @@ int h1_write_response_head(char *out, size_t cap, const struct http_response *re
     put(&o, res->reason.p, res->reason.len);
     put(&o, "\r\n", 2);
     return put_fields(&o, res->headers, res->nheaders, extra, nextra);
+}
+
+static int field_named(const struct http_header *x, const char *name, size_t name_len)
+{
+    if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 || x->name.len != name_len)
+        return 0;
+    for (size_t i = 0; i < name_len; i++)
+        if (lower((unsigned char)x->name.p[i]) != lower((unsigned char)name[i]))
+            return 0;
+    return 1;
+}
+
+size_t h1_field_value(const struct http_header *hs, size_t n, const char *name, size_t name_len,
+                      struct http_slice *v, char **joined)
+{
+    size_t count = 0, total = 0;
+    *joined = NULL;
+    *v = (struct http_slice){NULL, 0};
+    for (size_t i = 0; i < n; i++) {
+        if (!field_named(&hs[i], name, name_len))
+            continue;
+        if (count++ == 0)
+            *v = hs[i].value;
+        total += hs[i].value.len + 1;
+    }
+    if (count < 2)
+        return count;
+    char *out = xmalloc(total);
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!field_named(&hs[i], name, name_len))
+            continue;
+        if (o > 0)
+            out[o++] = ',';
+        if (hs[i].value.len > 0)
+            memcpy(out + o, hs[i].value.p, hs[i].value.len);
+        o += hs[i].value.len;
+    }
+    *joined = out;
+    *v = (struct http_slice){out, o};
+    return count;
 }

@@ -96,6 +96,14 @@ int h1_write_response_head(char *out, size_t cap, const struct http_response *re
                            const struct http_header *extra, size_t nextra);
 
 /*
+ * The value of the request fields named <name> (<name_len> bytes, any case) among <hs>, as a
+ * matcher sees it (RFC 9110 section 5.3): one field's value as is, several joined with ","
+ * into a new allocation left in *<joined> (the caller frees it; NULL otherwise). Fields
+ * flagged HTTP_HDR_DUP or HTTP_HDR_DROP are left out. Returns how many fields there were.
+ */
+size_t h1_field_value(const struct http_header *hs, size_t n, const char *name, size_t name_len,
+                      struct http_slice *v, char **joined);
+/*
  * Case-insensitive comparison of a slice with a NUL-terminated lower-case string. Inline: it
  * runs for several names per field of every head, and inlined the length of a literal is
  * known at compile time instead of a strlen() per call.

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "h1parse.h"
 #include "log.h"
 #include "rx.h"
 #include "util.h"
@@ -358,16 +359,6 @@ static int slice_is(struct http_slice s, const char *lit)
     return 1;
 }
 
-static int name_is(const struct intent_header_cond *h, struct http_slice name)
-{
-    if (name.len != h->name_len)
-        return 0;
-    for (size_t i = 0; i < name.len; i++)
-        if (util_ascii_lower(name.p[i]) != util_ascii_lower(h->name[i]))
-            return 0;
-    return 1;
-}
-
 /* Equal bytes; <b> is already lower-cased when <fold>. */
 static int bytes_eq(const char *a, const char *b, size_t n, int fold)
 {
@@ -423,31 +414,7 @@ static enum tri header_matches(const struct intent_header_cond *h, const struct 
     } else if (h->name_len > 0 && h->name[0] == ':') {
         return TRI_UNKNOWN; /* :path with its query, :scheme: not carried here */
     } else {
-        size_t count = 0, total = 0;
-        for (size_t i = 0; i < rq->nheaders; i++) {
-            const struct http_header *x = &rq->headers[i];
-            if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 || !name_is(h, x->name))
-                continue;
-            if (count++ == 0)
-                v = x->value;
-            total += x->value.len + 1;
-        }
-        present = count > 0;
-        if (count > 1) {
-            joined = xmalloc(total);
-            size_t o = 0;
-            for (size_t i = 0; i < rq->nheaders; i++) {
-                const struct http_header *x = &rq->headers[i];
-                if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 || !name_is(h, x->name))
-                    continue;
-                if (o > 0)
-                    joined[o++] = ',';
-                if (x->value.len > 0)
-                    memcpy(joined + o, x->value.p, x->value.len);
-                o += x->value.len;
-            }
-            v = (struct http_slice){joined, o};
-        }
+        present = h1_field_value(rq->headers, rq->nheaders, h->name, h->name_len, &v, &joined) > 0;
     }
     enum tri r;
     if (!present) {

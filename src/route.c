@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "h1parse.h"
 #include "log.h"
 #include "rx.h"
 #include "util.h"
@@ -287,33 +288,7 @@ static int header_matches(const struct route_header_cond *h, const struct route_
             v = (struct http_slice){joined, rq->path.len + 1 + rq->query.len};
         }
     } else if (h->name_len == 0 || h->name[0] != ':') {
-        size_t count = 0, total = 0;
-        for (size_t i = 0; i < rq->nheaders; i++) {
-            const struct http_header *x = &rq->headers[i];
-            if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 ||
-                !name_is(x->name, h->name, h->name_len))
-                continue;
-            if (count++ == 0)
-                v = x->value;
-            total += x->value.len + 1;
-        }
-        present = count > 0;
-        if (count > 1) {
-            joined = xmalloc(total);
-            size_t o = 0;
-            for (size_t i = 0; i < rq->nheaders; i++) {
-                const struct http_header *x = &rq->headers[i];
-                if ((x->flags & (HTTP_HDR_DUP | HTTP_HDR_DROP)) != 0 ||
-                    !name_is(x->name, h->name, h->name_len))
-                    continue;
-                if (o > 0)
-                    joined[o++] = ',';
-                if (x->value.len > 0)
-                    memcpy(joined + o, x->value.p, x->value.len);
-                o += x->value.len;
-            }
-            v = (struct http_slice){joined, o};
-        }
+        present = h1_field_value(rq->headers, rq->nheaders, h->name, h->name_len, &v, &joined) > 0;
     }
     int r;
     if (!present) {
