@@ -62,6 +62,7 @@
 #include "log.h"
 #include "pathnorm.h"
 #include "relay.h"
+#include "route.h"
 #include "session_int.h"
 #include "sock.h"
 #include "spiffe.h"
@@ -167,6 +168,10 @@ struct mux_h1 {
     int retried;         /* this request was sent again once already */
     int resend;          /* the connection being made sends replay, not the request head */
     int draining;        /* connectd drains: the current request is the last */
+    /* Outbound: the route and split the current request took (route.h; in s->up->routes,
+     * valid for the session's snapshot); NULL without a route table. */
+    const struct route *route;
+    const struct route_split *split;
     /* The far side speaks HTTP/2 (an http2 or grpc service or upstream): each request is a
      * stream on a connection the worker's sessions share (h2up), end[1] stays closed, aout
      * holds the request body's data for read_body and ain the response's DATA. */
@@ -526,6 +531,7 @@ static const char *local_body(enum stream_result r)
     case STREAM_RES_RATE_LIMITED:
         return "local_rate_limited";
     case STREAM_RES_REDIRECT:
+    case STREAM_RES_NO_ROUTE: /* Envoy's route_not_found answer has no body */
         return "";
     default:
         return "bad request";
@@ -787,6 +793,63 @@ static struct http_slice absolute_path(struct http_slice t)
             return (struct http_slice){p, (size_t)(end - p)};
     }
     return (struct http_slice){"/", 1};
+}
+
+/*
+ * Outbound routing (route.h): the request's route and split pick the resolver whose targets
+ * the dial may use (s->dial_rs). A keep-alive connection to a target outside them goes back
+ * to the pool. Returns 0, or -1 after answering 404 (no route matched) or 503 (no split has
+ * weight). Without a route table (a prepared query, or no chain yet) every target serves.
+ */
+static int route_request(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_request *rq = &m->rq;
+    const struct route_table *t = s->up->routes;
+    m->route = NULL;
+    m->split = NULL;
+    s->dial_rs = NULL;
+    if (t == NULL)
+        return 0;
+    struct http_slice target = rq->target;
+    if (rq->target_form == HTTP_TARGET_ABSOLUTE)
+        target = absolute_path(target);
+    struct route_req rr = {
+        .method = rq->method_name,
+        .path = target,
+        .authority = rq->host,
+        .headers = rq->headers,
+        .nheaders = rq->nheaders,
+    };
+    const char *q = memchr(target.p, '?', target.len);
+    if (q != NULL) {
+        rr.path.len = (size_t)(q - target.p);
+        rr.query = (struct http_slice){q + 1, target.len - rr.path.len - 1};
+    }
+    const char *why = NULL;
+    enum stream_result r = STREAM_RES_NO_ROUTE;
+    m->route = route_match(t, &rr);
+    if (m->route == NULL) {
+        why = "no route matched";
+    } else {
+        m->split = route_split_pick(m->route, util_rand());
+        if (m->split == NULL) {
+            why = "the route's splits all have weight 0";
+            r = STREAM_RES_UPSTREAM_CONNECT_ERROR;
+        }
+    }
+    if (why != NULL) {
+        buf_consume(&m->cin, m->rq_len);
+        memset(rq, 0, sizeof(*rq));
+        local_answer(s, r, m->expect && !m->req.done, why);
+        return -1;
+    }
+    s->dial_rs = route_table_resolver(t, m->split->resolver);
+    if (s->end[1].fd >= 0 && !session_dial_allows(s, s->tgt)) {
+        session_pool_put(s); /* closes end[1] when the pool does not take it */
+        close_app(s);
+    }
+    return 0;
 }
 
 /* ---- the far side over HTTP/2 (h2up) ---- */
@@ -1284,6 +1347,8 @@ static void on_head(struct session *s, size_t n)
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
         return;
     }
+    if (m->outbound && route_request(s) < 0)
+        return;
     if (m->outbound && m->h2) {
         /* Each request a stream on a shared HTTP/2 connection (session_dial_h2). */
         m->phase = P_DIAL;

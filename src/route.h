@@ -11,8 +11,8 @@
  * then failovers): the same order as the upstream's snap_target array in the snapshot built
  * from the same chain, so route_resolver()->targets[i] indexes snap_upstream.targets.
  *
- * Nothing routes traffic through a table yet: the muxes will call route_match() and
- * route_split_pick() per request.
+ * mux_h1 routes each outbound request through its upstream's table (route_request()): the
+ * matched route's split names the resolver whose targets the dial may use (session dial_rs).
  */
 #ifndef CONNECTD_ROUTE_H
 #define CONNECTD_ROUTE_H

@@ -1145,17 +1145,58 @@ out:
 }
 
 /*
- * Gives session <s> a pooled connection to one of its upstream's endpoints (primary target
- * first) made under its TLS context: 1 when end[1] is now that connection, else 0.
+ * The <k>th target the current dial may use (dial_rs's, else the upstream's, in order) and the
+ * offset of its endpoints' flags in s->tried; NULL past the last. An index the resolver names
+ * beyond the upstream's targets (a table and targets from different chains) is skipped.
+ */
+static const struct snap_target *dial_target(const struct session *s, size_t k, size_t *base)
+{
+    size_t j = k;
+    if (s->dial_rs != NULL) {
+        if (k >= s->dial_rs->n_targets)
+            return NULL;
+        j = s->dial_rs->targets[k];
+    }
+    if (j >= s->up->n_targets || s->up->targets == NULL)
+        return NULL;
+    *base = 0;
+    for (size_t x = 0; x < j; x++)
+        *base += s->up->targets[x].endpoints->n;
+    return &s->up->targets[j];
+}
+
+/* How many targets the current dial walks (dial_target()'s k runs below it). */
+static size_t dial_targets(const struct session *s)
+{
+    return s->dial_rs != NULL ? s->dial_rs->n_targets : s->up->n_targets;
+}
+
+int session_dial_allows(const struct session *s, const struct snap_target *t)
+{
+    if (s->dial_rs == NULL)
+        return 1;
+    for (size_t k = 0; k < s->dial_rs->n_targets; k++)
+        if (s->dial_rs->targets[k] < s->up->n_targets &&
+            &s->up->targets[s->dial_rs->targets[k]] == t)
+            return 1;
+    return 0;
+}
+
+/*
+ * Gives session <s> a pooled connection to one of the endpoints its dial may use (primary
+ * target first) made under its TLS context: 1 when end[1] is now that connection, else 0.
  */
 static int upool_take(struct session *s)
 {
     struct session_host *h = s->host;
     char key[sizeof(((struct upool_conn *)0)->key)];
-    for (size_t j = 0; j < s->up->n_targets && h->upool != NULL; j++) {
-        const struct endpoint_set *eps = s->up->targets[j].endpoints;
+    for (size_t k = 0, base; k < dial_targets(s) && h->upool != NULL; k++) {
+        const struct snap_target *t = dial_target(s, k, &base);
+        if (t == NULL)
+            continue;
+        const struct endpoint_set *eps = t->endpoints;
         for (size_t i = 0; i < eps->n; i++) {
-            s->tgt = &s->up->targets[j];
+            s->tgt = t;
             s->ep = &eps->v[i];
             endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
             upool_key(s, key, sizeof(key));
@@ -1231,10 +1272,11 @@ static void verify_peer(struct session *s)
 }
 
 /*
- * PICK_ENDPOINT: a random endpoint not tried yet by this session from the first target
- * (primary, then failovers in order) that has one, at most MAX_ENDPOINT_TRIES in all. Targets
- * hold only healthy endpoints, so the primary serves while it has any, and a failover takes
- * over when it has none or every one of them failed for this session.
+ * PICK_ENDPOINT: a random endpoint not tried yet by this session from the first target the
+ * dial may use (primary, then failovers in order; dial_target()) that has one, at most
+ * MAX_ENDPOINT_TRIES in all. Targets hold only healthy endpoints, so the primary serves while
+ * it has any, and a failover takes over when it has none or every one of them failed for this
+ * session.
  */
 static void pick_endpoint(struct session *s)
 {
@@ -1242,17 +1284,19 @@ static void pick_endpoint(struct session *s)
     for (;;) {
         const struct snap_target *t = NULL;
         size_t base = 0, left = 0, total = 0;
-        for (size_t j = 0; j < s->up->n_targets; j++)
-            total += s->up->targets[j].endpoints->n;
-        for (size_t j = 0; j < s->up->n_targets && t == NULL; j++) {
-            const struct endpoint_set *eps = s->up->targets[j].endpoints;
-            left = 0;
-            for (size_t i = 0; i < eps->n; i++)
-                left += !s->tried[base + i];
-            if (left > 0)
-                t = &s->up->targets[j];
-            else
-                base += eps->n;
+        for (size_t k = 0, b; k < dial_targets(s); k++) {
+            const struct snap_target *c = dial_target(s, k, &b);
+            if (c == NULL)
+                continue;
+            size_t n = 0;
+            for (size_t i = 0; i < c->endpoints->n; i++)
+                n += !s->tried[b + i];
+            total += c->endpoints->n;
+            if (n > 0 && t == NULL) {
+                t = c;
+                base = b;
+                left = n;
+            }
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
             const char *why = total == 0 ? "no healthy endpoint" : "every endpoint tried failed";

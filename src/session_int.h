@@ -43,6 +43,7 @@ struct relay_buf {
 struct mux_h1;
 struct mux_h2;
 struct h2up_conn;
+struct route_resolver;
 
 /*
  * What carries a session's bytes once its legs are up, as HAProxy's muxes: relay.c (L4) and
@@ -113,6 +114,11 @@ struct session {
     const struct snap_target *tgt; /* the target of the endpoint being dialled */
     const struct dec_endpoint *ep; /* the endpoint being dialled */
     char ep_name[300];
+    /* Outbound L7 routing: the resolver the request's route and split chose (route.h), set by
+     * the codec before session_dial_upstream() / session_dial_h2(): the dial picks only from
+     * its targets, in its order (primary, then failovers), pooled connections included. NULL:
+     * every target of the upstream in order (L4, or an upstream without a route table). */
+    const struct route_resolver *dial_rs;
     /* session_dial_h2(): the dial is for a shared HTTP/2 connection (ALPN h2), and its result,
      * borrowed from the worker's h2up pool until the carrier returns to the loop. */
     int dial_h2;
@@ -134,6 +140,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
 int session_want(struct session *s, int i, unsigned mask);
 /* Moves to state <st> (traced). */
 void session_set_state(struct session *s, enum session_state st);
+/* Whether target <t> of the session's upstream is one the current dial may use (dial_rs). */
+int session_dial_allows(const struct session *s, const struct snap_target *t);
 /* The idle timeout of the session's side (local_idle_timeout_ms or the upstream's; 0 = off). */
 uint32_t session_idle_timeout_ms(const struct session *s);
 /* Relay buffers from the worker's pool: taken when a direction reads, given back when empty. */

@@ -67,7 +67,7 @@ struct snap_upstream {
     int protocol;
     /* The route table compiled from the upstream's discovery chain (one reference; NULL for a
      * prepared query, or before the first chain). Its resolvers index <targets>, built from
-     * the same chain. Not used by the data path yet. */
+     * the same chain. mux_h1 routes each outbound request by it. */
     struct route_table *routes;
 };
 

@@ -31,6 +31,7 @@ struct session;
     X(EXPECTATION_FAILED, "expectation_failed", 417) /* an Expect other than 100-continue */       \
     X(REDIRECT, "redirect", 307)         /* UNESCAPE_AND_REDIRECT: to the unescaped path */        \
     X(RATE_LIMITED, "rate_limited", 429) /* service-defaults RateLimits.InstanceLevel */           \
+    X(NO_ROUTE, "no_route", 404)         /* outbound: no route of the upstream's chain matched */  \
     X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
     X(UPSTREAM_CONNECT_ERROR, "upstream_connect_error", 503) /* outbound: no endpoint answered */  \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
