@@ -21,21 +21,10 @@
 #include <stdint.h>
 
 #include "decode.h"
+#include "hdrmatch.h"
 #include "http.h"
 
 struct rx;
-
-/* One header condition of a route (Match.HTTP.Header[]), compiled. */
-struct route_header_cond {
-    char *name; /* compared case-insensitively; "Host"/":authority" name the authority */
-    size_t name_len;
-    enum dec_header_match match;
-    char *value; /* lower-cased when ignore_case */
-    size_t value_len;
-    int invert;
-    int ignore_case;
-    struct rx *rx; /* DEC_HDR_REGEX when the pattern compiled, else NULL */
-};
 
 /* One query parameter condition (Match.HTTP.QueryParam[]), compiled. */
 struct route_query_cond {
@@ -63,7 +52,7 @@ struct route {
     size_t path_len;
     int case_insensitive; /* PathExact / PathPrefix ignore ASCII case (as Envoy, not PathRegex) */
     struct rx *path_rx;   /* DEC_PATH_REGEX when the pattern compiled, else NULL */
-    struct route_header_cond *headers;
+    struct hdr_cond *headers; /* Match.HTTP.Header[] */
     size_t n_headers;
     struct route_query_cond *query;
     size_t n_query;

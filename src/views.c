@@ -762,7 +762,7 @@ static void json_route_match(struct admin_buf *b, const struct route *r)
     json_kv_bool(b, "case_insensitive", r->case_insensitive, 1);
     admin_buf_add(b, "\"headers\":[", 11);
     for (size_t i = 0; i < r->n_headers; i++) {
-        const struct route_header_cond *h = &r->headers[i];
+        const struct hdr_cond *h = &r->headers[i];
         admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
         json_kv_str(b, "name", h->name, 1);
         if ((size_t)h->match < ARRAY_SIZE(header_match_keys)) {
