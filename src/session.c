@@ -117,7 +117,6 @@ static void reap(struct loop_defer *d)
     free(s->upstream_key);
     free(s->tried);
     free(s->h2memo);
-    session_lb_release(s);
     free(s);
 }
 
@@ -261,6 +260,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
     if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL || s->mux2 != NULL) &&
         s->carrier != NULL && s->carrier->on_finish != NULL)
         s->carrier->on_finish(s, reason);
+    /* Here, not in reap(): the worker's load-balancing state may be gone by then. */
+    session_lb_release(s);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
@@ -1254,8 +1255,9 @@ static void lb_cache_free(struct session_host *h)
 /*
  * The worker's entry for policy <lb> over <eps>, built on first use (a ring or maglev table
  * is built once per endpoint set and worker, then only read). Entries whose endpoint set no
- * snapshot holds any more (only the entry's reference is left) and that no session counts
- * in are dropped first, so the cache holds no more than the live endpoint sets.
+ * snapshot holds any more (only the cache's references are left) and that no session counts
+ * in are dropped first: the cache holds the live endpoint sets (times the policies over
+ * each), and stale ones only until the next entry is built.
  */
 static struct lb_entry *lb_entry_for(struct session_host *h, const struct dec_load_balancer *lb,
                                      struct endpoint_set *eps)
@@ -1266,7 +1268,13 @@ static struct lb_entry *lb_entry_for(struct session_host *h, const struct dec_lo
             return e;
     for (struct lb_entry **pp = &h->lb_cache; *pp != NULL;) {
         struct lb_entry *e = *pp;
-        if (e->users == 0 && atomic_load_explicit(&e->eps->refs, memory_order_acquire) == 1) {
+        unsigned ours = 0, busy = 0; /* the cache's own references to e's set, and its users */
+        for (struct lb_entry *o = h->lb_cache; o != NULL; o = o->next)
+            if (o->eps == e->eps) {
+                ours++;
+                busy += o->users;
+            }
+        if (busy == 0 && atomic_load_explicit(&e->eps->refs, memory_order_acquire) <= ours) {
             *pp = e->next;
             lb_entry_free(e);
         } else {
@@ -1393,27 +1401,27 @@ static int upool_take_chosen(struct session *s)
 void session_lb_request(struct session *s, const struct http_header *headers, size_t nheaders,
                         struct http_slice query, char *set_cookie, size_t len)
 {
+    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
+    s->lb_pre_tgt = NULL;
+    s->lb_hashed = 0;
+    if (len > 0)
+        set_cookie[0] = '\0';
+    if (lb == NULL || !lb_policy_hashed(lb->policy) || lb->n_hash == 0)
+        return;
     char src[64], conn[sizeof(s->peer) + 8 + 256];
     peer_source(s->peer, src, sizeof(src));
     /* Envoy derives a generated cookie from the client connection's remote and local
      * addresses; the listener's key stands for the local one here. */
-    int clen = snprintf(conn, sizeof(conn), "%s|%s", s->peer,
-                        s->upstream_key != NULL ? s->upstream_key : "");
+    snprintf(conn, sizeof(conn), "%s|%s", s->peer, s->upstream_key != NULL ? s->upstream_key : "");
     struct lb_req rq = {
         .headers = headers,
         .nheaders = nheaders,
         .query = query,
         .source_ip = {src, strlen(src)},
-        .conn = {conn, clen < 0                      ? 0
-                       : (size_t)clen < sizeof(conn) ? (size_t)clen
-                                                     : sizeof(conn) - 1},
+        .conn = {conn, strlen(conn)},
     };
     struct lb_set_cookie sc;
-    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
-    s->lb_pre_tgt = NULL;
     s->lb_hashed = lb_request_hash(lb, &rq, &s->lb_hash, &sc);
-    if (len > 0)
-        set_cookie[0] = '\0';
     if (s->lb_hashed && sc.policy != NULL && len > 0 &&
         lb_set_cookie_format(&sc, set_cookie, len) < 0)
         LOG_DEBUG("conn=%llu out cookie %s cannot be set", (unsigned long long)s->id,
