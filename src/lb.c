@@ -140,11 +140,22 @@ static void build_ring(struct lb_table *t, uint32_t ring_min, uint32_t ring_max,
     struct ring_entry *r = xcalloc(per * t->n, sizeof(*r));
     size_t k = 0;
     for (size_t i = 0; i < t->n; i++) {
+        /* "<key>_<j>": the key and '_' once, then each j's decimal digits after them. */
         size_t klen = strlen(keys[i]);
         char *buf = xmalloc(klen + 24);
+        memcpy(buf, keys[i], klen);
+        buf[klen] = '_';
         for (size_t j = 0; j < per; j++) {
-            int len = snprintf(buf, klen + 24, "%s_%zu", keys[i], j);
-            r[k].hash = lb_xxh64(buf, (size_t)len, 0);
+            char digits[24];
+            size_t nd = 0;
+            for (size_t v = j;; v /= 10) {
+                digits[nd++] = (char)('0' + v % 10);
+                if (v < 10)
+                    break;
+            }
+            for (size_t d = 0; d < nd; d++)
+                buf[klen + 1 + d] = digits[nd - 1 - d];
+            r[k].hash = lb_xxh64(buf, klen + 1 + nd, 0);
             r[k++].ep = (uint32_t)i;
         }
         free(buf);
@@ -403,9 +414,9 @@ static int find_cookie(const struct lb_req *rq, const char *name, struct http_sl
 static int find_param(struct http_slice q, const char *name, struct http_slice *out)
 {
     size_t nlen = strlen(name);
-    const char *p = q.p, *end = q.p + q.len;
-    if (p == NULL)
+    if (q.p == NULL)
         return 0;
+    const char *p = q.p, *end = q.p + q.len;
     while (p < end) {
         const char *pair = p;
         while (p < end && *p != '&')

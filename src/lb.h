@@ -26,9 +26,11 @@
 /* Envoy's ring sizes when RingHashConfig leaves them unset. */
 #define LB_RING_MIN_DEFAULT 1024u
 #define LB_RING_MAX_DEFAULT (8u * 1024u * 1024u)
-/* The most ring entries connectd builds, whatever MinimumRingSize asks: each worker holds a
- * ring per endpoint set (16 bytes an entry), and 2^20 keeps one under 16 MiB. */
-#define LB_RING_CAP (1u << 20)
+/* The most ring entries connectd builds, whatever MinimumRingSize asks: each worker builds
+ * and holds a ring per endpoint set (16 bytes an entry) on its own thread, and 2^16 keeps one
+ * at 1 MiB and its build to milliseconds, like a maglev table (Envoy's default ring is
+ * 1,024 entries). */
+#define LB_RING_CAP (1u << 16)
 /* LeastRequestConfig.ChoiceCount when unset (Envoy's default), and the most honoured. */
 #define LB_CHOICE_DEFAULT 2u
 #define LB_CHOICE_MAX     64u
