@@ -10,6 +10,7 @@ discovery chain; web's /config shows when it has it.
 
 import json
 import re
+import threading
 
 from mesh import admin_args, free_port, sidecar_registration, wait_until
 from test_l7_inbound import HttpApp, Reader, connect, get, response
@@ -26,7 +27,10 @@ class _Tap:
         self.app = app
 
     def recv(self, n):
-        return self.sock.recv(n)
+        data = self.sock.recv(n)
+        with self.app.lock:
+            self.app.arrived.update(int(x) for x in re.findall(rb"rid=(\d+)", data))
+        return data
 
     def sendall(self, data):
         head, sep, body = data.partition(b"\r\n\r\n")
@@ -49,6 +53,7 @@ class TellingApp(HttpApp):
     def __init__(self, label):
         self.label = label
         self.seen = []
+        self.arrived = set()  # ids of the requests it started to read
         super().__init__()
 
     def _serve(self, c):
@@ -56,7 +61,7 @@ class TellingApp(HttpApp):
 
     def answered(self, rid):
         with self.lock:
-            return any(f"rid={rid}" in i["target"] for i in self.seen)
+            return any(re.search(rf"[?&]rid={rid}(&|$)", i["target"]) for i in self.seen)
 
 
 def add_instance(m, instance, app):
@@ -199,5 +204,39 @@ def test_cookie_policy_sets_a_cookie_then_sticks(mesh):
                 assert "set-cookie" not in h2, h2
             homes.add(first)
         assert len(homes) >= 2, homes
+    finally:
+        delete_entries(m)
+
+
+def test_least_request_sends_concurrent_requests_to_idle_instances(mesh):
+    """least_request (ChoiceCount 50): three slow requests in flight at once, each started
+    once the previous one reached its app, go to three different instances (the one with
+    the fewest active requests among 50 draws), three rounds in a row, so the counts also go
+    back down when a request ends. Before, each request took a uniform draw: all three
+    rounds distinct by chance is (2/9)^3, about 1 %."""
+    m = mesh
+    web, admin, apps = lb_mesh(m)
+    try:
+        set_lb(m, admin, {"Policy": "least_request", "LeastRequestConfig": {"ChoiceCount": 50}})
+        for _ in range(3):
+            got, threads = {}, []
+
+            def slow(rid):
+                with connect(web.up["db"]) as s:
+                    s.sendall(get(f"/slow?ms=1500&rid={rid}"))
+                    st, _, body, _ = response(Reader(s))
+                    got[rid] = (st, [a.label for a in apps if a.answered(rid)])
+
+            for _ in range(3):
+                rid = next(_rid)
+                t = threading.Thread(target=slow, args=(rid,), daemon=True)
+                t.start()
+                threads.append(t)
+                wait_until(lambda: any(rid in a.arrived for a in apps), 10,
+                           f"request {rid} at an app")
+            for t in threads:
+                t.join(20)
+            assert len(got) == 3 and all(st == 200 and len(w) == 1 for st, w in got.values()), got
+            assert {w[0] for _, w in got.values()} == {"a", "b", "c"}, got
     finally:
         delete_entries(m)
