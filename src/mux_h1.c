@@ -172,6 +172,9 @@ struct mux_h1 {
      * valid for the session's snapshot); NULL without a route table. */
     const struct route *route;
     const struct route_split *split;
+    /* The Set-Cookie value the response carries when a cookie hash policy generated the
+     * request's cookie ("" when none; session_lb_request()). */
+    char lb_cookie[512];
     /* The far side speaks HTTP/2 (an http2 or grpc service or upstream): each request is a
      * stream on a connection the worker's sessions share (h2up), end[1] stays closed, aout
      * holds the request body's data for read_body and ain the response's DATA. */
@@ -808,6 +811,7 @@ static int route_request(struct session *s)
     const struct route_table *t = s->up->routes;
     m->route = NULL;
     m->split = NULL;
+    m->lb_cookie[0] = '\0';
     s->dial_rs = NULL;
     if (t == NULL)
         return 0;
@@ -845,7 +849,8 @@ static int route_request(struct session *s)
         return -1;
     }
     s->dial_rs = route_table_resolver(t, m->split->resolver);
-    if (s->end[1].fd >= 0 && !session_dial_allows(s, s->tgt)) {
+    session_lb_request(s, rr.headers, rr.nheaders, rr.query, m->lb_cookie, sizeof(m->lb_cookie));
+    if (s->end[1].fd >= 0 && (!session_dial_allows(s, s->tgt) || !session_lb_keeps(s))) {
         session_pool_put(s); /* closes end[1] when the pool does not take it */
         close_app(s);
     }
@@ -952,7 +957,7 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
 {
     struct session *s = owner;
     struct mux_h1 *m = s->mux;
-    struct http_header extra[3];
+    struct http_header extra[4];
     size_t nx = 0;
     if (m->phase != P_EXCHANGE || m->res_head_done)
         return 0;
@@ -1026,8 +1031,10 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
         EXTRA("Connection", "close");
     else if (m->minor == 0)
         EXTRA("Connection", "keep-alive");
+    if (m->outbound && m->lb_cookie[0] != '\0')
+        EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
 #undef EXTRA
-    if (append_head(&m->cout, 4096, NULL, &m->rs, extra, nx) < 0) {
+    if (append_head(&m->cout, 4096 + sizeof(m->lb_cookie), NULL, &m->rs, extra, nx) < 0) {
         bad_h2_answer(s, "the response head cannot be forwarded");
         return 0;
     }
@@ -1465,8 +1472,10 @@ static int on_response_head(struct session *s, size_t n)
     } else if (m->minor == 0) {
         EXTRA("Connection", "keep-alive");
     }
+    if (m->outbound && m->lb_cookie[0] != '\0')
+        EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
 #undef EXTRA
-    if (append_head(&m->cout, n + 256, NULL, rs, extra, nx) < 0) {
+    if (append_head(&m->cout, n + 256 + sizeof(m->lb_cookie), NULL, rs, extra, nx) < 0) {
         close_app(s);
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "the response head cannot be forwarded");
         return -1;

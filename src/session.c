@@ -37,6 +37,7 @@
 #include "alog.h"
 #include "h2.h"
 #include "h2up.h"
+#include "lb.h"
 #include "limit.h"
 #include "log.h"
 #include "sock.h"
@@ -259,6 +260,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
     if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL || s->mux2 != NULL) &&
         s->carrier != NULL && s->carrier->on_finish != NULL)
         s->carrier->on_finish(s, reason);
+    /* Here, not in reap(): the worker's load-balancing state may be gone by then. */
+    session_lb_release(s);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
@@ -1183,13 +1186,282 @@ int session_dial_allows(const struct session *s, const struct snap_target *t)
 }
 
 /*
+ * Whether the current dial chooses the endpoint first by the resolver's LoadBalancer policy
+ * and only then looks for a pooled connection to it, as Envoy picks a host per request and
+ * then takes a connection from that host's pool. Without a policy (no LoadBalancer) a pooled
+ * connection to any endpoint the dial may use serves, as before.
+ */
+static int lb_first(const struct session *s)
+{
+    return s->dial_rs != NULL && s->dial_rs->lb != NULL && s->dial_rs->lb->policy != DEC_LB_DEFAULT;
+}
+
+/* Gives <s> a pooled connection to its current endpoint (s->tgt, s->ep) made under its TLS
+ * context: 1 when end[1] is now that connection, else 0. Sets ep_name. */
+static int upool_take_current(struct session *s)
+{
+    struct session_host *h = s->host;
+    char key[sizeof(((struct upool_conn *)0)->key)];
+    endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
+    upool_key(s, key, sizeof(key));
+    for (struct upool_conn *c = h->upool; c != NULL; c = c->next) {
+        if (c->tls != s->snap->tls || strcmp(c->key, key) != 0)
+            continue;
+        loop_io_want(h->loop, &c->x.io, 0);
+        s->end[1] = c->x;
+        c->x = (struct xprt){.fd = -1};
+        loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
+        upool_drop(h, c);
+        STAT_ADD(h->stats->upool_reused, 1);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- load balancing (lb.h) ---- */
+
+static void peer_source(const char *peer, char *out, size_t len);
+
+/* A policy's tables and per-worker state over one endpoint set. */
+struct lb_entry {
+    struct lb_entry *next;
+    /* One reference, so that the set (the entry's key) is not freed and its address not
+     * reused while the entry exists. */
+    struct endpoint_set *eps;
+    enum dec_lb_policy policy;
+    uint32_t ring_min, ring_max;
+    struct lb_table *table; /* ring_hash, maglev */
+    struct lb_state st;
+    unsigned users; /* sessions counting an active request in st.active */
+};
+
+static void lb_entry_free(struct lb_entry *e)
+{
+    endpoint_set_unref(e->eps);
+    lb_table_free(e->table);
+    free(e->st.active);
+    free(e);
+}
+
+static void lb_cache_free(struct session_host *h)
+{
+    while (h->lb_cache != NULL) {
+        struct lb_entry *e = h->lb_cache;
+        h->lb_cache = e->next;
+        lb_entry_free(e);
+    }
+}
+
+/*
+ * The worker's entry for policy <lb> over <eps>, built on first use (a ring or maglev table
+ * is built once per endpoint set and worker, then only read). Entries whose endpoint set no
+ * snapshot holds any more (only the cache's references are left) and that no session counts
+ * in are dropped first: the cache holds the live endpoint sets (times the policies over
+ * each), and stale ones only until the next entry is built.
+ */
+static struct lb_entry *lb_entry_for(struct session_host *h, const struct dec_load_balancer *lb,
+                                     struct endpoint_set *eps)
+{
+    for (struct lb_entry *e = h->lb_cache; e != NULL; e = e->next)
+        if (e->eps == eps && e->policy == lb->policy && e->ring_min == lb->ring_min &&
+            e->ring_max == lb->ring_max)
+            return e;
+    for (struct lb_entry **pp = &h->lb_cache; *pp != NULL;) {
+        struct lb_entry *e = *pp;
+        unsigned ours = 0, busy = 0; /* the cache's own references to e's set, and its users */
+        for (struct lb_entry *o = h->lb_cache; o != NULL; o = o->next)
+            if (o->eps == e->eps) {
+                ours++;
+                busy += o->users;
+            }
+        if (busy == 0 && atomic_load_explicit(&e->eps->refs, memory_order_acquire) <= ours) {
+            *pp = e->next;
+            lb_entry_free(e);
+        } else {
+            pp = &e->next;
+        }
+    }
+    struct lb_entry *e = xcalloc(1, sizeof(*e));
+    e->eps = endpoint_set_ref(eps);
+    e->policy = lb->policy;
+    e->ring_min = lb->ring_min;
+    e->ring_max = lb->ring_max;
+    e->st.n = eps->n;
+    e->st.active = xcalloc(eps->n ? eps->n : 1, sizeof(uint32_t));
+    /* Workers start their round-robin cycles at different places, as Envoy's do. */
+    e->st.rr = eps->n ? util_rand() % eps->n : 0;
+    if (lb_policy_hashed(lb->policy) && eps->n > 0) {
+        char **keys = xcalloc(eps->n, sizeof(char *));
+        for (size_t i = 0; i < eps->n; i++) {
+            keys[i] = xmalloc(300);
+            endpoint_name(&eps->v[i], keys[i], 300);
+        }
+        e->table =
+            lb_table_new(lb->policy, lb->ring_min, lb->ring_max, (const char *const *)keys, eps->n);
+        for (size_t i = 0; i < eps->n; i++)
+            free(keys[i]);
+        free(keys);
+    }
+    e->next = h->lb_cache;
+    h->lb_cache = e;
+    return e;
+}
+
+void session_lb_release(struct session *s)
+{
+    struct lb_entry *e = s->lb_held;
+    if (e == NULL)
+        return;
+    if (e->st.active[s->lb_held_i] > 0)
+        e->st.active[s->lb_held_i]--;
+    e->users--;
+    s->lb_held = NULL;
+}
+
+/* The session's request goes to endpoint <i> of <e>'s set: counted active until released. */
+static void lb_hold(struct session *s, struct lb_entry *e, size_t i)
+{
+    session_lb_release(s);
+    if (e == NULL || i >= e->st.n)
+        return;
+    e->st.active[i]++;
+    e->users++;
+    s->lb_held = e;
+    s->lb_held_i = i;
+}
+
+/*
+ * The endpoint of target <t> (its flags at s->tried + base; at least one not tried) that the
+ * dial takes: the one chosen ahead for it (session_lb_keeps(), upool_take_chosen()), else the
+ * one the resolver's policy picks among those not tried yet (lb.h; a uniform draw without a
+ * policy, as before). *<e> is the worker's entry the choice used (NULL: none).
+ */
+static size_t choose_endpoint(struct session *s, const struct snap_target *t, size_t base,
+                              struct lb_entry **e)
+{
+    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
+    size_t n = t->endpoints->n;
+    int pre = s->lb_pre_tgt == t && s->lb_pre_i < n && !s->tried[base + s->lb_pre_i];
+    s->lb_pre_tgt = NULL;
+    *e = NULL;
+    if (lb == NULL || lb->policy == DEC_LB_DEFAULT || lb->policy == DEC_LB_RANDOM)
+        return pre ? s->lb_pre_i : lb_choose(lb, NULL, NULL, s->tried + base, n, 0, 0, util_rand);
+    *e = lb_entry_for(s->host, lb, t->endpoints);
+    if (pre)
+        return s->lb_pre_i;
+    return lb_choose(lb, (*e)->table, &(*e)->st, s->tried + base, n, s->lb_hashed, s->lb_hash,
+                     util_rand);
+}
+
+/* The first target the dial may use that has an endpoint not tried yet, and its base. */
+static const struct snap_target *first_open_target(const struct session *s, size_t *base)
+{
+    for (size_t k = 0, b; k < dial_targets(s); k++) {
+        const struct snap_target *c = dial_target(s, k, &b);
+        if (c == NULL)
+            continue;
+        for (size_t i = 0; i < c->endpoints->n; i++)
+            if (!s->tried[b + i]) {
+                *base = b;
+                return c;
+            }
+    }
+    return NULL;
+}
+
+/*
+ * The dial under a policy (lb_first()): the policy picks the endpoint, then a pooled
+ * connection to it serves when there is one (1); else 0, and pick_endpoint() dials the
+ * endpoint chosen.
+ */
+static int upool_take_chosen(struct session *s)
+{
+    size_t base = 0;
+    const struct snap_target *t = first_open_target(s, &base);
+    if (t == NULL)
+        return 0;
+    struct lb_entry *e;
+    size_t i = choose_endpoint(s, t, base, &e);
+    s->tgt = t;
+    s->ep = &t->endpoints->v[i];
+    if (s->host->upool != NULL && upool_take_current(s)) {
+        s->tried[base + i] = 1;
+        s->tries++;
+        lb_hold(s, e, i);
+        return 1;
+    }
+    s->lb_pre_tgt = t;
+    s->lb_pre_i = i;
+    s->tgt = NULL;
+    s->ep = NULL;
+    s->ep_name[0] = '\0';
+    return 0;
+}
+
+void session_lb_request(struct session *s, const struct http_header *headers, size_t nheaders,
+                        struct http_slice query, char *set_cookie, size_t len)
+{
+    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
+    s->lb_pre_tgt = NULL;
+    s->lb_hashed = 0;
+    if (len > 0)
+        set_cookie[0] = '\0';
+    if (lb == NULL || !lb_policy_hashed(lb->policy) || lb->n_hash == 0)
+        return;
+    char src[64], conn[sizeof(s->peer) + 8 + 256];
+    peer_source(s->peer, src, sizeof(src));
+    /* Envoy derives a generated cookie from the client connection's remote and local
+     * addresses; the listener's key stands for the local one here. */
+    snprintf(conn, sizeof(conn), "%s|%s", s->peer, s->upstream_key != NULL ? s->upstream_key : "");
+    struct lb_req rq = {
+        .headers = headers,
+        .nheaders = nheaders,
+        .query = query,
+        .source_ip = {src, strlen(src)},
+        .conn = {conn, strlen(conn)},
+    };
+    struct lb_set_cookie sc;
+    s->lb_hashed = lb_request_hash(lb, &rq, &s->lb_hash, &sc);
+    if (s->lb_hashed && sc.policy != NULL && len > 0 &&
+        lb_set_cookie_format(&sc, set_cookie, len) < 0)
+        LOG_DEBUG("conn=%llu out cookie %s cannot be set", (unsigned long long)s->id,
+                  LOG_ESC(sc.policy->field_value));
+}
+
+int session_lb_keeps(struct session *s)
+{
+    if (!lb_first(s) || s->tgt == NULL || s->ep == NULL)
+        return 1;
+    /* A new choice: nothing of this request was tried yet. */
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    memset(s->tried, 0, total);
+    size_t base = 0;
+    const struct snap_target *t = first_open_target(s, &base);
+    if (t == NULL)
+        return 1;
+    struct lb_entry *e;
+    size_t i = choose_endpoint(s, t, base, &e);
+    if (t == s->tgt && &t->endpoints->v[i] == s->ep) {
+        lb_hold(s, e, i);
+        return 1;
+    }
+    s->lb_pre_tgt = t;
+    s->lb_pre_i = i;
+    return 0;
+}
+
+/*
  * Gives session <s> a pooled connection to one of the endpoints its dial may use (primary
  * target first) made under its TLS context: 1 when end[1] is now that connection, else 0.
+ * Under a LoadBalancer policy, only to the endpoint the policy picks (upool_take_chosen()).
  */
 static int upool_take(struct session *s)
 {
     struct session_host *h = s->host;
-    char key[sizeof(((struct upool_conn *)0)->key)];
+    if (lb_first(s))
+        return upool_take_chosen(s);
     for (size_t k = 0, base; k < dial_targets(s) && h->upool != NULL; k++) {
         const struct snap_target *t = dial_target(s, k, &base);
         if (t == NULL)
@@ -1198,19 +1470,8 @@ static int upool_take(struct session *s)
         for (size_t i = 0; i < eps->n; i++) {
             s->tgt = t;
             s->ep = &eps->v[i];
-            endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
-            upool_key(s, key, sizeof(key));
-            for (struct upool_conn *c = h->upool; c != NULL; c = c->next) {
-                if (c->tls != s->snap->tls || strcmp(c->key, key) != 0)
-                    continue;
-                loop_io_want(h->loop, &c->x.io, 0);
-                s->end[1] = c->x;
-                c->x = (struct xprt){.fd = -1};
-                loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
-                upool_drop(h, c);
-                STAT_ADD(h->stats->upool_reused, 1);
+            if (upool_take_current(s))
                 return 1;
-            }
         }
     }
     s->tgt = NULL;
@@ -1283,7 +1544,7 @@ static void pick_endpoint(struct session *s)
     session_set_state(s, S_PICK_ENDPOINT);
     for (;;) {
         const struct snap_target *t = NULL;
-        size_t base = 0, left = 0, total = 0;
+        size_t base = 0, total = 0;
         for (size_t k = 0, b; k < dial_targets(s); k++) {
             const struct snap_target *c = dial_target(s, k, &b);
             if (c == NULL)
@@ -1295,7 +1556,6 @@ static void pick_endpoint(struct session *s)
             if (n > 0 && t == NULL) {
                 t = c;
                 base = b;
-                left = n;
             }
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
@@ -1309,12 +1569,11 @@ static void pick_endpoint(struct session *s)
             session_finish(s, SESSION_RES_NO_ENDPOINT, why);
             return;
         }
-        size_t k = (size_t)(util_rand() % left), i = 0;
-        for (;; i++)
-            if (!s->tried[base + i] && k-- == 0)
-                break;
+        struct lb_entry *e;
+        size_t i = choose_endpoint(s, t, base, &e);
         s->tried[base + i] = 1;
         s->tries++;
+        lb_hold(s, e, i);
         s->tgt = t;
         s->ep = &t->endpoints->v[i];
         int unix_sock = s->ep->socket_path[0] != '\0';
@@ -1707,6 +1966,7 @@ void session_host_dispose(struct session_host *h)
         upool_drop(h, h->upool);
     h2up_pool_free(h->h2up);
     h->h2up = NULL;
+    lb_cache_free(h);
     free(h->stats);
     h->stats = NULL;
 }

@@ -226,6 +226,9 @@ struct session_host {
      * (ALPN h2, keyed like the pool above plus "|h2") and h2c to the local application
      * ("app|<address>"). Swept with the pool above. */
     struct h2up_pool *h2up;
+    /* Outbound L7 load balancing: per endpoint set and policy, the ring or maglev table and
+     * the round-robin cursor and active request counts of this worker (session.c). */
+    struct lb_entry *lb_cache;
     int stopping; /* session_close_all ran: nothing more is pooled */
 };
 

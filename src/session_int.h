@@ -17,6 +17,7 @@
 #include "limit.h"
 #include "loop.h"
 #include "alog.h"
+#include "http.h"
 #include "session.h"
 #include "xprt.h"
 
@@ -119,6 +120,16 @@ struct session {
      * its targets, in its order (primary, then failovers), pooled connections included. NULL:
      * every target of the upstream in order (L4, or an upstream without a route table). */
     const struct route_resolver *dial_rs;
+    /* Outbound L7 load balancing (lb.h), set by the codec before the dial
+     * (session_lb_request()): the request's hash (lb_hashed 0: no policy produced one), an
+     * endpoint chosen ahead of the dial (lb_pre_tgt NULL: none; session_lb_keeps()), and the
+     * worker's state in which this session counts an active request (NULL: none). */
+    uint64_t lb_hash;
+    int lb_hashed;
+    const struct snap_target *lb_pre_tgt;
+    size_t lb_pre_i;
+    struct lb_entry *lb_held;
+    size_t lb_held_i;
     /* session_dial_h2(): the dial is for a shared HTTP/2 connection (ALPN h2), and its result,
      * borrowed from the worker's h2up pool until the carrier returns to the loop. */
     int dial_h2;
@@ -142,6 +153,24 @@ int session_want(struct session *s, int i, unsigned mask);
 void session_set_state(struct session *s, enum session_state st);
 /* Whether target <t> of the session's upstream is one the current dial may use (dial_rs). */
 int session_dial_allows(const struct session *s, const struct snap_target *t);
+/*
+ * Outbound L7, after dial_rs is set for a request: computes the request's hash by the
+ * resolver's HashPolicies (lb.h) from its <headers> and raw <query> (p NULL: none) and the
+ * application's address, for the dial that follows. A cookie policy that generated a value
+ * leaves the Set-Cookie value the response must carry in <set_cookie> ("" when none, or when
+ * it does not fit <len>).
+ */
+void session_lb_request(struct session *s, const struct http_header *headers, size_t nheaders,
+                        struct http_slice query, char *set_cookie, size_t len);
+/*
+ * Whether the kept-alive end[1] serves the request session_lb_request() prepared: 1 without a
+ * LoadBalancer policy (any allowed endpoint does), or when the policy picks end[1]'s endpoint;
+ * else 0, and the dial that follows takes the endpoint the policy picked (end[1] is for the
+ * pool then).
+ */
+int session_lb_keeps(struct session *s);
+/* The request the session counted as active (least_request) is over; safe when none. */
+void session_lb_release(struct session *s);
 /* The idle timeout of the session's side (local_idle_timeout_ms or the upstream's; 0 = off). */
 uint32_t session_idle_timeout_ms(const struct session *s);
 /* Relay buffers from the worker's pool: taken when a direction reads, given back when empty. */
