@@ -241,7 +241,7 @@ static void do_rebuild(struct loop_defer *d)
     const char *trust_domain = inputs_trust_domain(ctl->in);
     const struct mesh_http_cfg *mesh_http = inputs_mesh_http(ctl->in);
     if (!ctl->have_cfg || tls == NULL || intents == NULL || trust_domain == NULL ||
-        mesh_http == NULL)
+        mesh_http == NULL || inputs_waiting_for(ctl->in) != NULL)
         return;
     struct upstreams_parts parts;
     upstreams_parts(ctl->ups, ctl->cfg.n_upstreams, &parts);

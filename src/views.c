@@ -715,6 +715,34 @@ static void json_kv_bool(struct admin_buf *b, const char *key, int v, int comma)
     admin_buf_printf(b, ":%s%s", v ? "true" : "false", comma ? "," : "");
 }
 
+/* The service-defaults RateLimits.InstanceLevel in force (null: none), in Consul's terms. */
+static void config_rate_limits(struct admin_buf *b, const struct limit_rates *r)
+{
+    static const char *const kinds[] = {[DEC_PATH_EXACT] = "path_exact",
+                                        [DEC_PATH_PREFIX] = "path_prefix",
+                                        [DEC_PATH_REGEX] = "path_regex"};
+    admin_buf_add(b, "\"rate_limits\":", 14);
+    if (r == NULL) {
+        admin_buf_add(b, "null", 4);
+        return;
+    }
+    size_t n = limit_rates_rules(r);
+    for (size_t i = 0; i < n; i++) {
+        struct limit_rate_rule x = limit_rates_rule(r, i);
+        if (i > 0)
+            admin_buf_add(b, i > 1 ? ",{" : ",\"routes\":[{", i > 1 ? 2 : 12);
+        else
+            admin_buf_add(b, "{", 1);
+        if (x.kind >= 0 && (size_t)x.kind < ARRAY_SIZE(kinds) && kinds[x.kind] != NULL)
+            json_kv_str(b, kinds[x.kind], x.path, 1);
+        json_kv_num(b, "requests_per_second", x.per_second, 1);
+        json_kv_num(b, "requests_max_burst", x.burst, 0);
+        if (i > 0)
+            admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, n > 1 ? "]}" : ",\"routes\":[]}", n > 1 ? 2 : 13);
+}
+
 static void json_str_list(struct admin_buf *b, const char *key, char *const *v, size_t n, int comma)
 {
     admin_buf_json_str(b, key);
@@ -971,7 +999,9 @@ static void render_config(const struct views *v, const struct views_state *st,
                 pathnorm_escaped_slash_name(s->mesh_http.escaped_slash), 1);
     json_kv_str(b, "headers_with_underscores_action",
                 pathnorm_underscore_name(s->mesh_http.underscore), 0);
-    admin_buf_add(b, "},\"upstreams\":[", 15);
+    admin_buf_add(b, "},", 2);
+    config_rate_limits(b, s->rates);
+    admin_buf_add(b, ",\"upstreams\":[", 14);
     for (size_t i = 0; i < c->n_upstreams; i++) {
         const struct upstream_cfg *u = &c->upstreams[i];
         const struct snap_upstream *su = &s->upstreams[i];
