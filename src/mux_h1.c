@@ -43,11 +43,14 @@
  * Reuse: a request on a connection that carried an answer before is held (at most
  * REPLAY_MAX) until its answer's first byte; if the connection ends before that byte (its peer
  * closed it as idle while the request was on its way), the request is sent once more on a new
- * connection (retry()).
+ * connection (retry()). Over HTTP/2 the same holds for a stream refused unprocessed or lost
+ * with its connection before a byte of its answer (retry_h2()).
  *
  * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
- * interim response. A request refused locally (403, 503) that expects 100-continue and has a
- * body closes the connection after the answer, since the caller may or may not send the body.
+ * interim response. To an HTTP/2 far side connectd sends the 100 itself once the stream is
+ * open and forwards no expectation, as Envoy does by default. A request refused locally (403, 503)
+ * that expects 100-continue and has a body closes the connection after the answer, since the caller
+ * may or may not send the body.
  *
  * Timers (the session's one state timer): request_headers_timeout_ms from a head's first byte
  * (408), local_connect_timeout_ms (503), local_request_timeout_ms from the end of the request
@@ -1138,8 +1141,10 @@ static int open_stream(struct session *s, struct h2up_conn *c)
     struct http_request *rq = &m->rq;
     struct http_header f[MAX_HEADERS + 8], extra[4];
     size_t n = 0, nx = forwarded_fields(s, extra);
+    /* Expect: 100-continue is met here (below), so it is not forwarded. */
     for (size_t i = 0; i < rq->nheaders; i++)
-        if (!(rq->headers[i].flags & HTTP_HDR_DROP))
+        if (!(rq->headers[i].flags & HTTP_HDR_DROP) &&
+            !(m->expect && h1_slice_eq(rq->headers[i].name, "expect")))
             f[n++] = rq->headers[i];
     for (size_t i = 0; i < nx; i++)
         f[n++] = extra[i];
@@ -1162,6 +1167,14 @@ static int open_stream(struct session *s, struct h2up_conn *c)
     m->h2_deferred = m->h2_end = m->h2_closed = 0;
     m->replay.len = 0;
     m->replay_ok = 1;
+    if (m->expect && !m->req.done) {
+        /* The caller waits for 100 Continue before its body, and an HTTP/2 far side need not
+         * send one (RFC 9113 section 8.1.1 leaves 1xx to the server; h2c servers and gRPC
+         * seldom do): connectd answers it now the stream is open, as Envoy's connection
+         * manager does by default (proxy_100_continue off: it sends 100 itself and strips the
+         * expectation). */
+        buf_add(&m->cout, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    }
     buf_consume(&m->cin, m->rq_len);
     m->rq_len = 0;
     memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
