@@ -1560,17 +1560,20 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
 
 /*
  * The far side refused the stream before processing it (REFUSED_STREAM, or above the last
- * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried): it is
+ * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried), or the
+ * stream's connection ended under it without a GOAWAY before any byte of its answer (the
+ * keep-alive race of HTTP/2: a peer closing an idle connection as a stream goes out): it is
  * opened once more, with the head and the body bytes held (at most REPLAY_MAX), on another
- * connection when the refusing one drains (outbound a new dial, which may pick another
- * endpoint).
+ * connection when the refusing one drains or is gone (outbound a new dial, which may pick
+ * another endpoint).
  */
 static void retry_h2(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    LOG_DEBUG("conn=%llu stream=%llu %s %s refused the stream unprocessed (%s): opening it "
-              "again",
-              (unsigned long long)s->id, (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+    LOG_DEBUG("conn=%llu stream=%llu %s %s %s (%s): opening it again", (unsigned long long)s->id,
+              (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+              m->h2_code == H2_REFUSED_STREAM ? "refused the stream unprocessed"
+                                              : "lost the stream with its connection",
               m->h2_why);
     m->retried = 1;
     m->h2_closed = m->h2_end = m->h2_deferred = 0;
@@ -1599,8 +1602,11 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
     /* The stream ended before its answer did (checked first: a retry needs every body
      * byte, which the code below would drop once the stream is gone). */
     if (m->h2_closed && !m->h2_end) {
-        if (!m->res_head_done && m->h2_code == H2_REFUSED_STREAM && !m->app_heard && m->replay_ok &&
-            !m->retried) {
+        /* Refused unprocessed, or lost with its connection (closed or broken without a
+         * GOAWAY) before a byte of the answer: opened once more on another connection. */
+        int lost = m->h2_code == H2_CONNECT_ERROR && m->h2_up;
+        if (!m->res_head_done && (m->h2_code == H2_REFUSED_STREAM || lost) && !m->app_heard &&
+            m->replay_ok && !m->retried) {
             retry_h2(s);
             *progress = 1;
             return 0;
