@@ -14,12 +14,14 @@
 """
 
 import json
+import time
 import socket
 import threading
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 from mesh import LOOPBACK, TcpApp, wait_until
 from test_l7_inbound import Reader, connect, response
@@ -164,3 +166,201 @@ def test_http11_caller_stream_lost_with_the_app_connection_is_opened_again(mesh,
         assert app.connections == before + 1, (before, app.connections)
         s.sendall(b"GET /after HTTP/1.1\r\nHost: db\r\n\r\n")
         assert response(r)[0] == 200
+
+
+# --- 1. an h2c application calling an http upstream ---------------------------------------------
+
+
+def h2_many(port, reqs, timeout=30):
+    """Sends every (method, path, body) of <reqs> at once as concurrent streams on one new h2c
+    connection (prior knowledge), bodies as the windows allow; returns one (status, body,
+    reset code) per request, in order, once every stream ended."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                    header_encoding="utf-8"))
+        conn.initiate_connection()
+        sids, left, out = [], {}, {}
+        for method, path, body in reqs:
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", method), (":scheme", "http"),
+                                    (":authority", "db"), (":path", path)],
+                              end_stream=not body)
+            sids.append(sid)
+            out[sid] = [None, b"", None]
+            if body:
+                left[sid] = body
+        done = set()
+        while len(done) < len(sids):
+            for sid in list(left):
+                while left[sid]:
+                    data = left[sid]
+                    n = min(len(data), conn.local_flow_control_window(sid),
+                            conn.max_outbound_frame_size)
+                    if n <= 0:
+                        break
+                    conn.send_data(sid, data[:n], end_stream=n == len(data))
+                    left[sid] = data[n:]
+                if not left[sid]:
+                    del left[sid]
+            s.sendall(conn.data_to_send())
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            for ev in conn.receive_data(chunk):
+                sid = getattr(ev, "stream_id", None)
+                if sid not in out:
+                    continue
+                if isinstance(ev, h2.events.ResponseReceived):
+                    out[sid][0] = int(dict(ev.headers)[":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    out[sid][1] += ev.data
+                elif isinstance(ev, h2.events.StreamEnded):
+                    done.add(sid)
+                elif isinstance(ev, h2.events.StreamReset):
+                    out[sid][2] = ev.error_code
+                    done.add(sid)
+            s.sendall(conn.data_to_send())
+        return [tuple(out[sid]) for sid in sids]
+
+
+def h2_status(port, path="/"):
+    try:
+        return h2_many(port, [("GET", path, b"")], timeout=5)[0][0]
+    except (OSError, EOFError, h2.exceptions.ProtocolError):
+        return None
+
+
+def records(path):
+    try:
+        text = open(path).read()
+    except FileNotFoundError:
+        return []
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+def http_pair(m, tmp_path):
+    """db (protocol http, behind it an HTTP/1.1-only HttpApp) and web with upstream db
+    (Config.protocol http), both with access logs. Returns (app, db, web, db_log, web_log)
+    once an h2c request goes through web's upstream listener."""
+    from test_l7_inbound import HttpApp
+    app = m.app(HttpApp)
+    db_log, web_log = str(tmp_path / "db.log"), str(tmp_path / "web.log")
+    db = m.add("db", app_port=app.port, proxy_config={"protocol": "http"}, start=False)
+    m.start(db, extra_args=("-access-log", db_log))
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": "http"}}], start=False)
+    m.start(web, extra_args=("-access-log", web_log, "-workers", "1"))
+    m.wait_passing(db)
+    wait_until(lambda: h2_status(web.up["db"]) == 200, 30, "an h2c request through web")
+    return app, db, web, db_log, web_log
+
+
+def test_h2c_application_to_http_upstream_is_served_at_l7(mesh, tmp_path):
+    """An h2c client (prior knowledge) of web's upstream port, db being an http service whose
+    application speaks HTTP/1.1 only: a GET, a POST with a 100 kB body (no content-length: sent
+    chunked), a chunked answer (decoded into DATA), eight concurrent streams of 600 ms each on
+    one connection (answered together, not one after the other) all pass. db's access log shows
+    the mesh hop as HTTP/1.1 with ALPN http/1.1 (web served the streams at L7: before, the h2c
+    bytes were relayed as they were and db saw HTTP/2 without ALPN); web logs an outbound
+    record per stream naming the endpoint; five streams one after the other ride one mesh
+    connection (kept alive and handed on)."""
+    m = mesh
+    app, db, web, db_log, web_log = http_pair(m, tmp_path)
+    port = web.up["db"]
+    (st, body, rst), = h2_many(port, [("GET", "/hello?x=1", b"")])
+    assert st == 200 and rst is None, (st, body, rst)
+    seen = json.loads(body)
+    assert seen["version"] == "HTTP/1.1" and seen["target"] == "/hello?x=1", seen
+    assert seen["headers"]["host"] == ["db"], seen
+    assert seen["headers"]["x-forwarded-client-cert"][0].startswith("By=spiffe://"), seen
+    (st, body, _), (st2, body2, _) = h2_many(port, [("POST", "/post", b"p" * 100000),
+                                                    ("GET", "/chunked?n=50000", b"")])
+    assert st == 200 and json.loads(body)["body_len"] == 100000, body[:200]
+    assert json.loads(body)["headers"]["transfer-encoding"] == ["chunked"], body[:300]
+    assert st2 == 200 and body2 == bytes(i % 251 for i in range(50000)), (st2, len(body2))
+
+    t0 = time.monotonic()
+    got = h2_many(port, [("GET", f"/slow?ms=600&i={i}", b"") for i in range(8)])
+    took = time.monotonic() - t0
+    assert [g[0] for g in got] == [200] * 8, got
+    assert took < 3, f"eight concurrent 600 ms streams took {took:.1f}s: served one by one"
+
+    got = [h2_many(port, [("GET", f"/seq{i}", b"")])[0][0] for i in range(5)]
+    assert got == [200] * 5, got
+
+    def db_rec(path):
+        return [r for r in records(db_log) if r.get("path", "").split("?")[0] == path]
+
+    wait_until(lambda: db_rec("/hello") and len(db_rec("/seq4")) == 1, 10, "db's records")
+    rec = db_rec("/hello")[-1]
+    assert rec["protocol"] == "HTTP/1.1" and rec.get("alpn") == "http/1.1", rec
+    conns = {db_rec(f"/seq{i}")[0]["conn"] for i in range(5)}
+    assert len(conns) == 1, f"five streams in a row took {len(conns)} mesh connections"
+
+    def web_rec():
+        return [r for r in records(web_log) if r.get("path", "").startswith("/hello")]
+
+    wait_until(web_rec, 10, "web's record")
+    out = web_rec()[-1]
+    assert out["direction"] == "outbound" and out["protocol"] == "HTTP/2", out
+    assert out["status"] == 200 and out["result"] == "ok", out
+    assert out["endpoint"] == f"{LOOPBACK}:{db.public_port}", out
+
+
+def test_h2c_application_to_http_upstream_dead_endpoint_skipped_then_503(mesh, tmp_path):
+    """A second, dead endpoint of db (registered and passing, its sidecar port refusing):
+    twenty concurrent streams, each dialling its own connection, all pass, the dead endpoint
+    having been tried and passed over before any byte of a request went out. With only the
+    dead endpoint left a stream gets connectd's 503, and the h2c connection stays for the
+    next stream, also 503."""
+    from test_l7_outbound import add_dead_instance
+    m = mesh
+    app, db, web, db_log, web_log = http_pair(m, tmp_path)
+    add_dead_instance(m, "db", app.port)
+    wait_until(lambda: len(m.api.health_connect(db.name)) == 2, 30, "two healthy endpoints")
+    web.proxy.wait_log(r"target .*: 2 healthy endpoint\(s\)")
+    got = h2_many(web.up["db"], [("GET", f"/slow?ms=300&r={i}", b"") for i in range(20)])
+    assert [g[0] for g in got] == [200] * 20, got
+    assert "failed: connect" in web.proxy.log()  # the dead one was tried and passed over
+
+    m.api.deregister(db.id)
+    wait_until(lambda: len(m.api.health_connect(db.name)) == 1, 30, "one (dead) endpoint")
+    wait_until(lambda: h2_status(web.up["db"], "/gone") == 503, 30, "a 503")
+    got = h2_many(web.up["db"], [("GET", "/none", b"")])
+    assert got[0][0] == 503 and got[0][1].startswith(b"upstream connect error"), got
+
+
+def test_h2c_application_to_http_upstream_pooled_connection_lost_is_retried(mesh):
+    """The keep-alive race on an h2c application's HTTP/1.1 legs: db's endpoint (a TLS server
+    with db's leaf) answers the first request of each connection and closes the connection,
+    without a byte of answer, on the next. A stream sent on the connection the previous one
+    left in the worker's pool is lost that way; its request (a 1000-byte body, held) is sent
+    again on a newly dialled connection and answered 200 (without the retry: 503). A request
+    lost on the new connection too is a 503, sent twice and no more."""
+    import tempfile
+
+    from mesh import sidecar_registration
+    from test_l7_translate import ClosesReusedConnections, sidecar_tls_context
+    m = mesh
+    name = m.name("db")
+    srv = ClosesReusedConnections(sidecar_tls_context(m.api, name, tempfile.mkdtemp(dir=m.workdir)))
+    m.apps.append(srv)
+    m.api.register(sidecar_registration(name, srv.port + 0, srv.port))
+    m.registered.append(name)
+    m.api.wait_passing(name, port=srv.port)
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": "http"}}], start=False)
+    m.start(web, extra_args=("-workers", "1"))
+    wait_until(lambda: h2_status(web.up["db"], "/warm") == 200, 30, "an h2c request through web")
+    web.proxy.wait_log(r"upstream connection to .* pooled")
+    first = srv.attempts("/warm")[-1]
+
+    (st, body, rst), = h2_many(web.up["db"], [("POST", "/again", b"b" * 1000)])
+    assert st == 200, (st, body, rst, srv.seen)
+    seen = json.loads(body)
+    assert srv.attempts("/again") == [first, seen["conn"]], srv.seen
+    assert seen["conn"] != first and seen["body_len"] == 1000, seen
+
+    web.proxy.wait_log(r"(?s)sending the request again.*upstream connection to .* pooled")
+    (st, body, _), = h2_many(web.up["db"], [("GET", "/die", b"")])
+    assert st == 503, (st, body)
+    assert len(srv.attempts("/die")) == 2, srv.seen
