@@ -14,6 +14,8 @@
  *            (struct h1leg, below).
  *
  *   HEADERS --> authorize (inbound) --allow--> upstream stream --> head, DATA, trailers --> back
+ *                  |                              |  \--REFUSED_STREAM, or connection lost, before
+ *                  |                              |     any answer: opened once more (body held)
  *                  |                              |  \--RST / connection lost: 503 before the
  *                  |                              |     response head, else RST downstream
  *                  |                              |--local_request_timeout_ms: 504 (or RST)
@@ -148,20 +150,30 @@ struct h2s {
     int app_open;           /* the upstream stream (or HTTP/1.1 leg) exists for this one */
     int conn_established;   /* <us>'s connection had heard from its peer (503 reason) */
     int waiting;            /* outbound: waits for the session's dial (<pend> holds the head) */
-    struct fields pend;     /* outbound: the request head while it waits, pseudo-fields first */
+    struct fields pend;     /* the request head as sent upstream, pseudo-fields first: while it
+                               waits (outbound), then until the first byte of the answer */
     int pend_body;          /* ... and whether a body follows */
-    uint64_t last_ms;       /* when something last moved on the stream (its idle timer) */
-    char *ep;               /* outbound: the endpoint its stream went to (its record's) */
-    struct h1leg *h1;       /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
-    int grpc;               /* content-type application/grpc... */
-    int local;              /* connectd answered it (403, 503, ...) */
-    int res_head;           /* a final response head was submitted to the caller */
-    int req_eof;            /* the caller's side ended */
-    int res_eof;            /* the response body in <resb> is complete */
-    int req_defer;          /* the application's session waits for request bytes (h2_resume) */
-    int res_defer;          /* the caller's session waits for response bytes */
-    struct buf reqb;        /* request body bytes for the application */
-    struct buf resb;        /* response body bytes for the caller */
+    /* A stream refused unprocessed (REFUSED_STREAM, above a GOAWAY) or lost with its
+     * connection before any byte of its answer is opened once more (RFC 9113 section 8.7),
+     * its body bytes held until then (at most REPLAY_MAX). */
+    int heard;        /* a response head (even 1xx) came */
+    int held_ok;      /* <held> has every body byte read_body gave */
+    int retried;      /* opened a second time already */
+    int retry;        /* to be opened again by the pump */
+    struct buf held;  /* those body bytes */
+    size_t skip;      /* bytes at the front of <reqb> given back to the caller already */
+    uint64_t last_ms; /* when something last moved on the stream (its idle timer) */
+    char *ep;         /* outbound: the endpoint its stream went to (its record's) */
+    struct h1leg *h1; /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
+    int grpc;         /* content-type application/grpc... */
+    int local;        /* connectd answered it (403, 503, ...) */
+    int res_head;     /* a final response head was submitted to the caller */
+    int req_eof;      /* the caller's side ended */
+    int res_eof;      /* the response body in <resb> is complete */
+    int req_defer;    /* the application's session waits for request bytes (h2_resume) */
+    int res_defer;    /* the caller's session waits for response bytes */
+    struct buf reqb;  /* request body bytes for the application */
+    struct buf resb;  /* response body bytes for the caller */
     struct fields req_tr, res_tr;
     uint64_t req_end_ms; /* when the caller's side ended; 0 until */
     enum stream_result result;
@@ -174,6 +186,7 @@ struct mux_h2 {
     struct h2_session *down; /* end[0]'s connection (server) */
     int outbound;            /* end[0] is the local application; streams go to the upstream */
     int h1up;                /* outbound to an http upstream: streams become HTTP/1.1 legs */
+    unsigned retries;        /* streams up_on_close() left for retry_streams() */
     int dialling;            /* outbound: session_dial_h2() owns end[1] and the state timer */
     int draining;            /* connectd drains: GOAWAY sent, closes when no stream is left */
     int down_failed;         /* the downstream session ended in an error: flush and close */
@@ -271,6 +284,28 @@ static void copy_str(char *out, size_t cap, struct http_slice v)
     out[n] = '\0';
 }
 
+/* Request bytes no one will forward go back to the caller's window (but those a retry put
+ * back in front, given back already). */
+static void reqb_drop(struct mux_h2 *m, struct h2s *x)
+{
+    if (x->reqb.len > x->skip)
+        h2_consume(m->down, x->cid, x->reqb.len - x->skip);
+    x->reqb.len = 0;
+    x->skip = 0;
+}
+
+/* The answer started: what was held for a retry goes. */
+static void heard(struct h2s *x)
+{
+    if (x->heard)
+        return;
+    x->heard = 1;
+    x->held_ok = 0;
+    buf_free(&x->held);
+    free(x->pend.h);
+    x->pend = (struct fields){0};
+}
+
 /* Notes a grpc-status among <h> in the stream's record. */
 static void note_grpc_status(struct h2s *x, const struct http_header *h, size_t n)
 {
@@ -306,6 +341,7 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
     if (x->next != NULL)
         x->next->prev = x->prev;
     buf_free(&x->reqb);
+    buf_free(&x->held);
     free(x->pend.h);
     free(x->ep);
     buf_free(&x->resb);
@@ -413,8 +449,7 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
     set_why(x, why);
     app_stream_drop(s, x, H2_CANCEL);
     /* What the caller sent that no one will read is given back to its window. */
-    h2_consume(m->down, x->cid, x->reqb.len);
-    x->reqb.len = 0;
+    reqb_drop(m, x);
     if (x->res_head) {
         x->result = STREAM_RES_ABORTED;
         x->local = 1;
@@ -1009,6 +1044,7 @@ static void up_open(struct session *s, struct h2s *x, struct h2up_conn *c,
                     const struct h2_out_head *oh, int has_body)
 {
     x->us = h2up_open(c, oh, has_body, &up_ops, x);
+    x->held_ok = x->us != NULL && !x->retried;
     if (x->us == NULL) {
         local_answer(
             s, x, connect_error(s->mux2),
@@ -1034,10 +1070,80 @@ static void pend_keep(struct h2s *x, const struct h2_head *hd)
     x->pend_body = !hd->end_stream;
 }
 
+/* Inbound: the head as it goes to the application (the fields it leaves out left out), kept
+ * like pend_keep()'s for a retry. */
+static void pend_keep_out(struct h2s *x, const struct h2_out_head *oh, int has_body)
+{
+    struct http_header f[MAX_FIELDS];
+    struct http_slice none = {"", 0};
+    size_t nf = 0;
+    f[nf++] = (struct http_header){.name = {":method", 7}, .value = oh->method};
+    f[nf++] = (struct http_header){.name = {":scheme", 7},
+                                   .value = oh->scheme.p != NULL ? oh->scheme : none};
+    f[nf++] = (struct http_header){.name = {":authority", 10},
+                                   .value = oh->authority.p != NULL ? oh->authority : none};
+    f[nf++] =
+        (struct http_header){.name = {":path", 5}, .value = oh->path.p != NULL ? oh->path : none};
+    for (size_t i = 0; i < oh->nheaders && nf < MAX_FIELDS; i++)
+        if (!(oh->headers[i].flags & (HTTP_HDR_HOP | HTTP_HDR_DUP | HTTP_HDR_DROP)))
+            f[nf++] = oh->headers[i];
+    fields_copy(&x->pend, f, nf);
+    x->pend_body = has_body;
+}
+
 static struct http_slice pend_slice(const struct h2s *x, size_t i)
 {
     struct http_slice v = x->pend.h[i].value;
     return v.len > 0 ? v : (struct http_slice){NULL, 0};
+}
+
+/* The head kept in <pend> as an h2_out_head (slices into it). */
+static struct h2_out_head pend_head(const struct h2s *x)
+{
+    return (struct h2_out_head){
+        .method = pend_slice(x, 0),
+        .scheme = pend_slice(x, 1),
+        .authority = pend_slice(x, 2),
+        .path = pend_slice(x, 3),
+        .headers = x->pend.h + 4,
+        .nheaders = x->pend.n - 4,
+    };
+}
+
+/*
+ * Opens again the streams up_on_close() left to retry: inbound on the worker's connection to
+ * the application (the lost one is out of the pool: a new one), outbound through a new dial
+ * (the waiting streams are opened by mux_dialled()).
+ */
+static void retry_streams(struct session *s)
+{
+    struct mux_h2 *m = s->mux2;
+    char why[400];
+    int dial = 0;
+    if (m->retries == 0)
+        return;
+    m->retries = 0;
+    for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+        if (!x->retry)
+            continue;
+        x->retry = 0;
+        if (x->local || !x->waiting)
+            continue;
+        if (m->outbound) {
+            dial = 1;
+            continue;
+        }
+        x->waiting = 0;
+        struct h2up_conn *c = app_conn(s, why, sizeof(why));
+        if (c == NULL) {
+            local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why, (struct http_slice){0});
+            continue;
+        }
+        struct h2_out_head oh = pend_head(x);
+        up_open(s, x, c, &oh, x->pend_body);
+    }
+    if (dial && !m->dialling)
+        start_dial(s);
 }
 
 /* ---- the downstream session (server) ---- */
@@ -1165,6 +1271,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         .headers = f,
         .nheaders = nf,
     };
+    pend_keep_out(x, &oh, !hd->end_stream);
     up_open(s, x, c, &oh, !hd->end_stream);
 out:
     free(target);
@@ -1349,6 +1456,7 @@ static int up_on_head(void *owner, const struct h2_head *hd)
     x->conn_established = 1;
     x->last_ms = loop_now_ms(s->host->loop);
     kick(s);
+    heard(x);
     if (x->local)
         return -1;
     if (hd->status < 200)
@@ -1421,9 +1529,31 @@ static void up_on_close(void *owner, uint32_t code, const char *what)
     if (!x->app_open)
         return;
     x->app_open = 0;
+    if (!x->local && !x->res_head && !x->heard && !x->retried && x->held_ok && x->pend.h != NULL &&
+        (code == H2_REFUSED_STREAM || (code == H2_CONNECT_ERROR && x->conn_established))) {
+        /* Refused unprocessed, or lost with its connection (closed or broken without a
+         * GOAWAY) before a byte of the answer: the pump opens it once more, on another
+         * connection, its held body bytes first (given back to the caller already). */
+        LOG_DEBUG("conn=%llu stream=%llu %s %s: %s before any answer: opening the stream again",
+                  (unsigned long long)s->id, (unsigned long long)x->st.seq, peer_word(m),
+                  LOG_ESC(x->ep != NULL ? x->ep : s->ep_name), what);
+        struct buf nb = {0};
+        buf_add(&nb, x->held.p, x->held.len);
+        buf_add(&nb, x->reqb.p, x->reqb.len);
+        buf_free(&x->reqb);
+        x->reqb = nb;
+        x->skip = x->held.len;
+        buf_free(&x->held);
+        x->held_ok = 0;
+        x->retried = 1;
+        x->retry = 1;
+        m->retries++;
+        x->waiting = 1;
+        x->req_defer = 0;
+        return;
+    }
     /* Request bytes no one will forward go back to the caller's window. */
-    h2_consume(m->down, x->cid, x->reqb.len);
-    x->reqb.len = 0;
+    reqb_drop(m, x);
     if (x->local || (code == H2_NO_ERROR && x->res_eof))
         return;
     if (code == H2_CONNECT_ERROR)
@@ -1456,7 +1586,17 @@ static ssize_t up_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *fla
     if (n > 0) {
         memcpy(buf, x->reqb.p, n);
         buf_consume(&x->reqb, n);
-        h2_consume(m->down, x->cid, n);
+        if (x->held_ok && x->held.len + n > REPLAY_MAX) {
+            x->held_ok = 0;
+            buf_free(&x->held);
+        } else if (x->held_ok) {
+            buf_add(&x->held, buf, n);
+        }
+        /* Bytes a retry sent again were given back to the caller the first time. */
+        size_t again = n < x->skip ? n : x->skip;
+        x->skip -= again;
+        if (n > again)
+            h2_consume(m->down, x->cid, n - again);
         x->last_ms = loop_now_ms(s->host->loop);
         kick(s);
     }
@@ -1542,19 +1682,10 @@ static void mux_dialled(struct session *s, const char *why)
             local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
             continue;
         }
-        struct h2_out_head oh = {
-            .method = pend_slice(x, 0),
-            .scheme = pend_slice(x, 1),
-            .authority = pend_slice(x, 2),
-            .path = pend_slice(x, 3),
-            .headers = x->pend.h + 4,
-            .nheaders = x->pend.n - 4,
-        };
+        struct h2_out_head oh = pend_head(x);
         up_open(s, x, c, &oh, x->pend_body);
         free(x->ep);
         x->ep = xstrdup(s->ep_name);
-        free(x->pend.h);
-        x->pend = (struct fields){0};
     }
     kick(s);
 }
@@ -1655,11 +1786,12 @@ static void pump(struct session *s)
         int progress = 0;
         unsigned wants = 0;
         ssize_t n;
-        if (m->h1up) {
+        if (m->h1up)
             h1_dial_next(s);
-            if (s->state == S_DONE)
-                return;
-        }
+        else
+            retry_streams(s);
+        if (s->state == S_DONE)
+            return;
         /* Downstream: read while what we owe it is under the bound. */
         if (!m->down_failed && m->cout.len < OUT_MAX && h2_wants_read(m->down)) {
             n = xprt_read(&s->end[0], m->rbuf, sizeof(m->rbuf));

@@ -29,19 +29,26 @@ from test_l7_translate import MtlsCaller, h2_pair, try_status
 
 
 class DropsOnceApp(TcpApp):
-    """h2c (prior knowledge). A request whose path starts with /drop is, the first time that
-    path is asked for, read whole and then answered by closing the connection (no GOAWAY, no
-    RST_STREAM): the connection dies under it. Every other request is answered 200 with JSON
-    {path, body_len, headers, conn}. self.dropped lists the paths dropped, self.connections
-    counts connections."""
+    """h2c (prior knowledge), or HTTP/2 over TLS when <ctx> is given (a stand-in for a
+    sidecar). A request whose path starts with /drop is, the first time that path is asked
+    for, read whole and then answered by closing the connection (no GOAWAY, no RST_STREAM):
+    the connection dies under it. Every other request is answered 200 with JSON {path,
+    body_len, headers, conn}. self.dropped lists the paths dropped, self.connections counts
+    connections."""
 
-    def __init__(self):
+    def __init__(self, ctx=None):
+        self.ctx = ctx
         self.connections = 0
         self.dropped = []
         self.lock = threading.Lock()
         super().__init__()
 
     def handle(self, c):
+        if self.ctx is not None:
+            try:
+                c = self.ctx.wrap_socket(c, server_side=True)
+            except (OSError, ValueError):
+                return
         with self.lock:
             self.connections += 1
             me = self.connections
@@ -364,3 +371,56 @@ def test_h2c_application_to_http_upstream_pooled_connection_lost_is_retried(mesh
     (st, body, _), = h2_many(web.up["db"], [("GET", "/die", b"")])
     assert st == 503, (st, body)
     assert len(srv.attempts("/die")) == 2, srv.seen
+
+
+def test_h2_caller_stream_lost_with_the_app_connection_is_opened_again(mesh):
+    """The same through web's outbound HTTP/2 codec: an h2c client's stream reaches db's
+    inbound HTTP/2 codec, whose shared h2c connection to the application dies under it
+    (closed without GOAWAY): db opens the stream once more on a new connection, with the
+    5000-byte body it held, and the client gets 200 (before: 503)."""
+    m = mesh
+    app, db, web = drop_pair(m, db_args=("-workers", "1"))
+    wait_until(lambda: h2_status(web.up["db"]) == 200, 30, "an h2c request through web")
+    before = app.connections
+    (st, body, rst), = h2_many(web.up["db"], [("POST", "/drop-h2", b"h" * 5000)])
+    assert st == 200, (st, body, rst)
+    seen = json.loads(body)
+    assert seen["path"] == "/drop-h2" and seen["body_len"] == 5000, seen
+    assert app.dropped == ["/drop-h2"] and app.connections == before + 1, app.dropped
+
+
+def test_stream_lost_with_the_mesh_connection_is_opened_again(mesh):
+    """db's endpoint is an HTTP/2 server over TLS with db's leaf (ALPN h2) that closes the
+    connection, without GOAWAY, on reading a /drop request: web's shared mesh connection dies
+    under the stream. web opens the stream once more on a new mesh connection and its client
+    gets 200 with the whole body: an h2c client (web's outbound HTTP/2 codec) and an HTTP/1.1
+    client (translated by web's HTTP/1.1 codec). Before: 503."""
+    import tempfile
+
+    from mesh import sidecar_registration
+    from test_l7_translate import request, sidecar_tls_context
+    m = mesh
+    name = m.name("db")
+    ctx = sidecar_tls_context(m.api, name, tempfile.mkdtemp(dir=m.workdir))
+    ctx.set_alpn_protocols(["h2"])
+    srv = DropsOnceApp(ctx)
+    m.apps.append(srv)
+    m.service_defaults("db", "http2")
+    m.api.register(sidecar_registration(name, srv.port + 0, srv.port))
+    m.registered.append(name)
+    m.api.wait_passing(name, port=srv.port)
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": "http2"}}], start=False)
+    m.start(web, extra_args=("-workers", "1"))
+    wait_until(lambda: h2_status(web.up["db"]) == 200, 30, "an h2c request through web")
+
+    before = srv.connections
+    (st, body, rst), = h2_many(web.up["db"], [("POST", "/drop-h2c", b"c" * 7000)])
+    assert st == 200, (st, body, rst)
+    seen = json.loads(body)
+    assert seen["path"] == "/drop-h2c" and seen["body_len"] == 7000, seen
+    assert srv.dropped == ["/drop-h2c"] and srv.connections == before + 1, srv.dropped
+
+    status, seen = request(web.up["db"], "POST", "/drop-h1", body=b"1" * 3000)
+    assert status == 200, (status, seen)
+    assert seen["path"] == "/drop-h1" and seen["body_len"] == 3000, seen
+    assert srv.dropped == ["/drop-h2c", "/drop-h1"] and srv.connections == before + 2
