@@ -540,7 +540,7 @@ static void sniff_done(struct session *s, int h2)
         s->host->muxes.http1->start(s);
         return;
     }
-    if (!h2_upstream && h2 && s->host->muxes.http2 != NULL) {
+    if (!s->inbound && !h2_upstream && h2 && s->host->muxes.http2 != NULL) {
         /* The application's h2c to an http upstream: mux_h2 turns each stream into an
          * HTTP/1.1 exchange on a connection of its own (session_dial_upstream, ALPN
          * http/1.1), as the upstream's sidecar serves an http service's mesh hop. */
