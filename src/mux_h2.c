@@ -989,10 +989,11 @@ static int legs_pump(struct session *s)
             /* The answer is complete: inbound the connection is not reused; outbound it is
              * when both sides allow it and the whole request went out. */
             if (l->mesh && l->keep && l->req_done && l->out.len == 0 && l->in.len == 0 && !l->eof)
-                leg_release(s, x);
+                leg_release(s, x); /* maybe to a stream this round has passed: go round */
             else
                 leg_close(s, x);
             x->app_open = 0;
+            progress = 1;
             continue;
         }
         loop_io_want(s->host->loop, &l->x.io, wants);

@@ -424,3 +424,22 @@ def test_stream_lost_with_the_mesh_connection_is_opened_again(mesh):
     assert status == 200, (status, seen)
     assert seen["path"] == "/drop-h1" and seen["body_len"] == 3000, seen
     assert srv.dropped == ["/drop-h2c", "/drop-h1"] and srv.connections == before + 2
+
+
+def test_h2c_application_to_http_upstream_connections_are_bounded(mesh, tmp_path):
+    """Forty concurrent streams of 300 ms on one h2c connection: the session holds at most 32
+    HTTP/1.1 connections to the upstream (LEGS_MAX); the other streams wait and take the
+    connections the first ones free (kept alive and handed on), so all forty pass while db
+    sees at most 32 mesh connections for them."""
+    m = mesh
+    app, db, web, db_log, web_log = http_pair(m, tmp_path)
+    got = h2_many(web.up["db"], [("GET", f"/slow?ms=300&b={i}", b"") for i in range(40)])
+    assert [g[0] for g in got] == [200] * 40, got
+
+    def recs():
+        return [r for r in records(db_log) if "b=" in r.get("path", "")]
+
+    wait_until(lambda: len(recs()) == 40, 10, "db's forty records")
+    conns = {r["conn"] for r in recs()}
+    assert len(conns) <= 32, f"forty streams took {len(conns)} mesh connections"
+    assert len(conns) < 40, "no connection was handed on to a waiting stream"
