@@ -43,11 +43,14 @@
  * Reuse: a request on a connection that carried an answer before is held (at most
  * REPLAY_MAX) until its answer's first byte; if the connection ends before that byte (its peer
  * closed it as idle while the request was on its way), the request is sent once more on a new
- * connection (retry()).
+ * connection (retry()). Over HTTP/2 the same holds for a stream refused unprocessed or lost
+ * with its connection before a byte of its answer (retry_h2()).
  *
  * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
- * interim response. A request refused locally (403, 503) that expects 100-continue and has a
- * body closes the connection after the answer, since the caller may or may not send the body.
+ * interim response. To an HTTP/2 far side connectd sends the 100 itself once the stream is
+ * open and forwards no expectation, as Envoy does by default. A request refused locally (403, 503)
+ * that expects 100-continue and has a body closes the connection after the answer, since the caller
+ * may or may not send the body.
  *
  * Timers (the session's one state timer): request_headers_timeout_ms from a head's first byte
  * (408), local_connect_timeout_ms (503), local_request_timeout_ms from the end of the request
@@ -1208,8 +1211,10 @@ static int open_stream(struct session *s, struct h2up_conn *c)
     struct http_request *rq = &m->rq;
     struct http_header f[MAX_HEADERS + 8], extra[4];
     size_t n = 0, nx = forwarded_fields(s, extra);
+    /* Expect: 100-continue is met here (below), so it is not forwarded. */
     for (size_t i = 0; i < rq->nheaders; i++)
-        if (!(rq->headers[i].flags & HTTP_HDR_DROP))
+        if (!(rq->headers[i].flags & HTTP_HDR_DROP) &&
+            !(m->expect && h1_slice_eq(rq->headers[i].name, "expect")))
             f[n++] = rq->headers[i];
     for (size_t i = 0; i < nx; i++)
         f[n++] = extra[i];
@@ -1232,6 +1237,14 @@ static int open_stream(struct session *s, struct h2up_conn *c)
     m->h2_deferred = m->h2_end = m->h2_closed = 0;
     m->replay.len = 0;
     m->replay_ok = 1;
+    if (m->expect && !m->req.done) {
+        /* The caller waits for 100 Continue before its body, and an HTTP/2 far side need not
+         * send one (RFC 9113 section 8.1.1 leaves 1xx to the server; h2c servers and gRPC
+         * seldom do): connectd answers it now the stream is open, as Envoy's connection
+         * manager does by default (proxy_100_continue off: it sends 100 itself and strips the
+         * expectation). */
+        buf_add(&m->cout, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    }
     buf_consume(&m->cin, m->rq_len);
     m->rq_len = 0;
     memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
@@ -1621,17 +1634,20 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
 
 /*
  * The far side refused the stream before processing it (REFUSED_STREAM, or above the last
- * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried): it is
+ * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried), or the
+ * stream's connection ended under it without a GOAWAY before any byte of its answer (the
+ * keep-alive race of HTTP/2: a peer closing an idle connection as a stream goes out): it is
  * opened once more, with the head and the body bytes held (at most REPLAY_MAX), on another
- * connection when the refusing one drains (outbound a new dial, which may pick another
- * endpoint).
+ * connection when the refusing one drains or is gone (outbound a new dial, which may pick
+ * another endpoint).
  */
 static void retry_h2(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    LOG_DEBUG("conn=%llu stream=%llu %s %s refused the stream unprocessed (%s): opening it "
-              "again",
-              (unsigned long long)s->id, (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+    LOG_DEBUG("conn=%llu stream=%llu %s %s %s (%s): opening it again", (unsigned long long)s->id,
+              (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+              m->h2_code == H2_REFUSED_STREAM ? "refused the stream unprocessed"
+                                              : "lost the stream with its connection",
               m->h2_why);
     m->retried = 1;
     m->h2_closed = m->h2_end = m->h2_deferred = 0;
@@ -1660,8 +1676,11 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
     /* The stream ended before its answer did (checked first: a retry needs every body
      * byte, which the code below would drop once the stream is gone). */
     if (m->h2_closed && !m->h2_end) {
-        if (!m->res_head_done && m->h2_code == H2_REFUSED_STREAM && !m->app_heard && m->replay_ok &&
-            !m->retried) {
+        /* Refused unprocessed, or lost with its connection (closed or broken without a
+         * GOAWAY) before a byte of the answer: opened once more on another connection. */
+        int lost = m->h2_code == H2_CONNECT_ERROR && m->h2_up;
+        if (!m->res_head_done && (m->h2_code == H2_REFUSED_STREAM || lost) && !m->app_heard &&
+            m->replay_ok && !m->retried) {
             retry_h2(s);
             *progress = 1;
             return 0;

@@ -21,8 +21,9 @@
  * whose snapshot says protocol http, mux_h1.c (the HTTP/1.1 codec, drawn there) right after
  * the caller's identity is verified: authorization then happens per request, and the codec
  * dials the local application itself. An outbound session whose upstream's protocol is http
- * goes to mux_h1 at once; it asks for the upstream connection when a request needs one
- * (session_dial_upstream), and the states above run that dial with their endpoint retries. Ends are
+ * goes to mux_h1 (HTTP/1.x from the application) or mux_h2 (its h2c) by its first bytes; the
+ * codec asks for an upstream connection when a request needs one (session_dial_upstream),
+ * and the states above run that dial with their endpoint retries. Ends are
  * xprt.h's: the same read/write/shutdown for the plain and the TLS end.
  *
  * Limits and timeouts: admission (open-connection count and new-connection rate, shared by all
@@ -542,9 +543,18 @@ static void sniff_done(struct session *s, int h2)
         s->host->muxes.http1->start(s);
         return;
     }
+    if (!s->inbound && !h2_upstream && h2 && s->host->muxes.http2 != NULL) {
+        /* The application's h2c to an http upstream: mux_h2 turns each stream into an
+         * HTTP/1.1 exchange on a connection of its own (session_dial_upstream, ALPN
+         * http/1.1), as the upstream's sidecar serves an http service's mesh hop. */
+        LOG_DEBUG("conn=%llu out: HTTP/2 prior knowledge to an http upstream, translated",
+                  (unsigned long long)s->id);
+        s->host->muxes.http2->start(s);
+        return;
+    }
     if (h2_upstream || (!s->inbound && h2)) {
-        /* The application's h2c to an http upstream: relayed at L4 as bytes, offering no
-         * ALPN (the upstream's sidecar tells the protocol by the first bytes, as here). */
+        /* A worker that lends no codec for the other protocol: relayed at L4 as bytes,
+         * offering no ALPN (the upstream's sidecar tells the protocol by the first bytes). */
         LOG_DEBUG("conn=%llu out: %s to an %s upstream, relayed at L4", (unsigned long long)s->id,
                   h2 ? "HTTP/2 prior knowledge" : "not HTTP/2",
                   h2_upstream ? "http2/grpc" : "http");
@@ -881,7 +891,7 @@ static void start_handshake_out(struct session *s)
                                         s->snap->cfg.tls_resumption ? key : NULL);
     /* An L7 (http) session says what it will speak, as Envoy's outbound cluster does: the
      * inbound sidecar may choose its codec by it. An L4 one offers nothing, as before. */
-    if (s->end[1].tls != NULL && (s->mux != NULL || s->dial_h2) &&
+    if (s->end[1].tls != NULL && (s->mux != NULL || s->mux2 != NULL || s->dial_h2) &&
         tls_conn_offer_alpn(s->end[1].tls, s->dial_h2 ? "h2" : "http/1.1") != 0) {
         tls_conn_free(s->end[1].tls);
         s->end[1].tls = NULL;
@@ -924,16 +934,23 @@ static void endpoint_name(const struct dec_endpoint *ep, char *out, size_t len)
         snprintf(out, len, "%s:%d", ep->address, ep->port);
 }
 
-/* What a pooled connection must match to serve session <s>'s current endpoint. */
-static void upool_key(const struct session *s, char *key, size_t len)
+/* What a pooled connection must match to serve endpoint <ep> (named <ep_name>) of <tgt>. */
+static void upool_key_of(const struct session *s, const struct snap_target *tgt,
+                         const struct dec_endpoint *ep, const char *ep_name, char *key, size_t len)
 {
     struct spiffe_id id;
     char sni[1024], uri[SPIFFE_NAME_MAX * 2];
-    expected_identity(s, s->tgt, s->ep, &id);
+    expected_identity(s, tgt, ep, &id);
     target_sni(s, &id, sni, sizeof(sni));
     if (spiffe_format(uri, sizeof(uri), &id) < 0)
         uri[0] = '\0';
-    snprintf(key, len, "%s|%s|%s", s->ep_name, sni, uri);
+    snprintf(key, len, "%s|%s|%s", ep_name, sni, uri);
+}
+
+/* What a pooled connection must match to serve session <s>'s current endpoint. */
+static void upool_key(const struct session *s, char *key, size_t len)
+{
+    upool_key_of(s, s->tgt, s->ep, s->ep_name, key, len);
 }
 
 struct session_h2memo {
@@ -1110,14 +1127,19 @@ static void upool_on_sweep(struct loop_timer *t)
 
 void session_pool_put(struct session *s)
 {
+    session_pool_put_conn(s, &s->end[1], s->tgt, s->ep, s->ep_name);
+}
+
+void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_target *tgt,
+                           const struct dec_endpoint *ep, const char *ep_name)
+{
     struct session_host *h = s->host;
     char key[sizeof(((struct upool_conn *)0)->key)];
     size_t same = 0;
-    if (h->stopping || s->inbound || s->end[1].fd < 0 || s->end[1].tls == NULL || s->tgt == NULL ||
-        s->ep == NULL || h->snap == NULL || s->snap->tls != h->snap->tls ||
-        h->n_upool >= SESSION_UPOOL_MAX)
+    if (h->stopping || s->inbound || x->fd < 0 || x->tls == NULL || tgt == NULL || ep == NULL ||
+        h->snap == NULL || s->snap->tls != h->snap->tls || h->n_upool >= SESSION_UPOOL_MAX)
         goto out;
-    upool_key(s, key, sizeof(key));
+    upool_key_of(s, tgt, ep, ep_name, key, sizeof(key));
     for (const struct upool_conn *c = h->upool; c != NULL; c = c->next)
         same += strcmp(c->key, key) == 0;
     if (same >= SESSION_UPOOL_PER_ENDPOINT)
@@ -1125,13 +1147,13 @@ void session_pool_put(struct session *s)
     struct upool_conn *c = xcalloc(1, sizeof(*c));
     c->h = h;
     /* Out of epoll before the end moves: the registration points at its old place. */
-    loop_io_want(h->loop, &s->end[1].io, 0);
-    c->x = s->end[1];
-    s->end[1] = (struct xprt){.fd = -1};
+    loop_io_want(h->loop, &x->io, 0);
+    c->x = *x;
+    *x = (struct xprt){.fd = -1};
     loop_io_init(&c->x.io, c->x.fd, upool_on_io, c);
     c->tls = tls_ctx_ref(s->snap->tls);
     c->upstream_key = xstrdup(s->upstream_key);
-    snprintf(c->ep_name, sizeof(c->ep_name), "%s", s->ep_name);
+    snprintf(c->ep_name, sizeof(c->ep_name), "%s", ep_name);
     snprintf(c->key, sizeof(c->key), "%s", key);
     c->since_ms = loop_now_ms(h->loop);
     c->next = h->upool;
@@ -1142,9 +1164,9 @@ void session_pool_put(struct session *s)
     if (!loop_timer_armed(&h->upool_sweep))
         loop_timer_start(h->loop, &h->upool_sweep, 1000);
     LOG_DEBUG("conn=%llu out upstream connection to %s pooled", (unsigned long long)s->id,
-              LOG_ESC(s->ep_name));
+              LOG_ESC(ep_name));
 out:
-    xprt_close(h->loop, &s->end[1]);
+    xprt_close(h->loop, x);
 }
 
 /*
@@ -1523,7 +1545,7 @@ static void verify_peer(struct session *s)
         s->carrier->dialled(s, NULL);
         return;
     }
-    if (s->mux != NULL) {
+    if (s->mux != NULL || s->mux2 != NULL) {
         /* Outbound L7: the codec that asked for this connection takes it. */
         session_set_state(s, S_HTTP);
         s->carrier->dialled(s, NULL);
@@ -1560,7 +1582,7 @@ static void pick_endpoint(struct session *s)
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
             const char *why = total == 0 ? "no healthy endpoint" : "every endpoint tried failed";
-            if (s->mux != NULL || s->dial_h2) {
+            if (s->mux != NULL || s->mux2 != NULL || s->dial_h2) {
                 /* Outbound L7: the request gets a 503; the application's connection stays. */
                 session_set_state(s, S_HTTP);
                 s->carrier->dialled(s, why);

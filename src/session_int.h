@@ -237,5 +237,12 @@ void session_app_h2_key(const struct session *s, char *key, size_t len);
  * The next session_dial_upstream() to the same endpoint and identity takes it.
  */
 void session_pool_put(struct session *s);
+/*
+ * As session_pool_put(), for a connection the codec took over from end[1] after an earlier
+ * dial: <x>, verified as endpoint <ep> (named <ep_name>) of target <tgt> of the session's
+ * upstream, goes to the pool or is closed; <x> is closed (fd -1) on return either way.
+ */
+void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_target *tgt,
+                           const struct dec_endpoint *ep, const char *ep_name);
 
 #endif
