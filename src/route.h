@@ -139,4 +139,30 @@ const struct route *route_match(const struct route_table *t, const struct route_
  */
 const struct route_split *route_split_pick(const struct route *r, uint64_t rand);
 
+/*
+ * PrefixRewrite: how many leading bytes of <path> (the path of a request <r> matched, without
+ * its query) the route's PrefixRewrite replaces, as Envoy's prefix_rewrite: the matched prefix
+ * for PathPrefix (the compiler's catch-all is PathPrefix "/"), the whole path for PathExact
+ * and PathRegex, "/" for a route without a path condition. 0 when the route has no
+ * PrefixRewrite, the rewrite holds a byte a request line cannot carry (a space, a control
+ * byte, non-ASCII) or the path does not start with what it replaces (nothing to rewrite). Pure.
+ */
+size_t route_rewrite_len(const struct route *r, struct http_slice path);
+
+/* How many fields route_headers_apply() may append for <mods> (its Add and Set entries). */
+size_t route_headers_added(const struct dec_header_mods *mods);
+
+/*
+ * Applies one level of header modifiers (a route's or a split's RequestHeaders or
+ * ResponseHeaders) to the field list <f> of *<n> fields, as Envoy applies Consul's: Remove
+ * first, then Add (appended to what is there), then Set (replacing every field of that name,
+ * one added just before included). Removed and replaced fields are flagged HTTP_HDR_HOP, which
+ * both serializers leave out; appended fields are slices into <mods>, which must outlive the
+ * head's serialization. Fields the message's framing or connection depend on (Host,
+ * Content-Length, Transfer-Encoding, Connection and the other hop-by-hop ones, pseudo-fields)
+ * are never touched, as Envoy refuses to modify them. <f> must have room for
+ * route_headers_added(<mods>) more fields. Pure.
+ */
+void route_headers_apply(const struct dec_header_mods *mods, struct http_header *f, size_t *n);
+
 #endif
