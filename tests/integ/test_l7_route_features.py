@@ -6,16 +6,62 @@ Envoy check them, with config entries written through the REAL agent's API:
   present / exact / regex, methods), each with a request that matches and a near miss that
   falls to the compiler's catch-all; PrefixRewrite as the application sees it; request and
   response header Add / Set / Remove.
+* case-cfg-splitter-features: 50/50 and 90/10 splits within a tolerance over 1,000 requests,
+  with split-level header modifiers.
+* case-cfg-resolver-features: a route to a subset next to the resolver's DefaultSubset, and
+  failover over HTTP (the route's service gone, its resolver's failover target answers).
+* A router replaced through the API while requests flow: every request gets 200.
 
 db and db2 are each behind their own HttpApp, which answers with what it received; which
 service answered is read from the X-Forwarded-Client-Cert its sidecar adds (answered_by()).
 """
 
 import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mesh import wait_until
+from mesh import LOOPBACK, wait_until
 from test_l7_inbound import Reader, connect, response
 from test_l7_routing import answered_by, delete_entries, routed_mesh
+from test_upstreams import add_instance
+
+
+class NamedApp:
+    """An HTTP/1.1 keep-alive server answering every request with JSON: its own name, the
+    target and the headers it received (lower-case name -> [values])."""
+
+    def __init__(self, name):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                hs = {}
+                for k, v in self.headers.items():
+                    hs.setdefault(k.lower(), []).append(v)
+                body = json.dumps({"name": name, "target": self.path, "headers": hs}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.srv = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.srv.daemon_threads = True
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.srv.shutdown()
+        self.srv.server_close()
 
 
 def request(sock, path, method="GET", headers=()):
@@ -156,4 +202,214 @@ def test_router_prefix_rewrite_and_header_modifiers(mesh):
             assert hs["content-type"] == ["application/json"], hs
             assert "x-resp-added" not in hs and "x-gone" in json.loads(body)["headers"]
     finally:
+        delete_entries(m)
+
+
+def splitter(m, weights, tag):
+    """A db splitter over db and db2 with these weights; each split sets x-split on the
+    request and adds x-split-resp to the answer, both "<service>-<tag>"."""
+    m.api.set_config_entry({"Kind": "service-splitter", "Name": m.name("db"), "Splits": [
+        {"Weight": w, "Service": m.name(svc),
+         "RequestHeaders": {"Set": {"x-split": f"{svc}-{tag}"}},
+         "ResponseHeaders": {"Add": {"x-split-resp": f"{svc}-{tag}"}}}
+        for svc, w in zip(("db", "db2"), weights)]})
+
+
+def split_counts(m, port, tag, n=1000):
+    """Sends requests on keep-alive connections until <n> were answered under the splitter
+    tagged <tag> (answers under an earlier one, from a connection opened before the change,
+    are not counted). Checks that each split's header modifiers went with it. Returns
+    {"db": count, "db2": count}."""
+    counts = {"db": 0, "db2": 0}
+    done = sent = 0
+    while done < n:
+        assert sent < 3 * n, (counts, sent)
+        with connect(port) as s:
+            for _ in range(100):
+                st, hs, body = request(s, "/split")
+                sent += 1
+                assert st == 200, (st, body)
+                who = answered_by(m, body)
+                split = json.loads(body)["headers"].get("x-split", [""])
+                if split != [f"{who}-{tag}"]:
+                    continue
+                assert hs.get("x-split-resp") == [f"{who}-{tag}"], hs
+                counts[who] += 1
+                done += 1
+                if done == n:
+                    break
+    return counts
+
+
+def test_splitter_50_50_and_90_10_over_1000_requests(mesh):
+    """case-cfg-splitter-features: a splitter's weights are drawn per request: 50/50 gives
+    each service 500 +- 70 of 1,000 requests (about 4.4 standard deviations), 90/10 gives db2
+    100 +- 40 (about 4.2); each request carries its own split's RequestHeaders and its answer
+    that split's ResponseHeaders."""
+    m = mesh
+    web = routed_mesh(m)
+    port = web.up["db"]
+    try:
+        splitter(m, (50, 50), "a")
+
+        def sees(tag):
+            def ok():
+                try:
+                    with connect(port) as s:
+                        for _ in range(20):
+                            st, _, body = request(s, "/split")
+                            h = json.loads(body)["headers"].get("x-split", [""])[0]
+                            if st == 200 and h.endswith("-" + tag):
+                                return True
+                except (OSError, EOFError, AssertionError, ValueError):
+                    pass
+                return False
+            wait_until(ok, 30, f"the splitter tagged {tag}")
+
+        sees("a")
+        half = split_counts(m, port, "a")
+        assert 430 <= half["db"] <= 570, half
+        splitter(m, (90, 10), "b")
+        sees("b")
+        tenth = split_counts(m, port, "b")
+        assert 60 <= tenth["db2"] <= 140, tenth
+    finally:
+        delete_entries(m)
+
+
+def named(body):
+    return json.loads(body)["name"]
+
+
+def test_resolver_default_subset_and_route_to_subset(mesh):
+    """case-cfg-resolver-features, subsets: db has two instances, Meta version v1 and v2; its
+    resolver's DefaultSubset is v2 and a route sends /v1... to ServiceSubset v1. Every request
+    goes to its subset's instance, on one keep-alive connection."""
+    m = mesh
+    db = m.name("db")
+    m.service_defaults("db", "http")
+    try:
+        m.api.set_config_entry({
+            "Kind": "service-resolver", "Name": db, "DefaultSubset": "v2",
+            "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"},
+                        "v2": {"Filter": "Service.Meta.version == v2"}}})
+        router(m, [{"Match": {"HTTP": {"PathPrefix": "/v1"}},
+                    "Destination": {"Service": db, "ServiceSubset": "v1"}}])
+        add_instance(m, "db", "a", m.app(NamedApp, "v1"), meta={"version": "v1"})
+        add_instance(m, "db", "b", m.app(NamedApp, "v2"), meta={"version": "v2"})
+        web = m.add("web", upstreams=["db"])
+
+        def routed():
+            try:
+                with connect(web.up["db"]) as s:
+                    st, _, body = request(s, "/v1/x")
+                    st2, _, body2 = request(s, "/")
+                    return st == st2 == 200 and (named(body), named(body2)) == ("v1", "v2")
+            except (OSError, EOFError, AssertionError, ValueError, KeyError):
+                return False
+        wait_until(routed, 30, "/v1 to subset v1 and / to the default subset v2")
+        seen = []
+        with connect(web.up["db"]) as s:
+            for i in range(40):
+                path = "/v1/%d" % i if i % 2 else "/%d" % i
+                st, _, body = request(s, path)
+                assert st == 200, (path, st, body)
+                seen.append(named(body))
+        assert seen == ["v2", "v1"] * 20, seen
+    finally:
+        delete_entries(m)
+
+
+def test_resolver_failover_over_http(mesh):
+    """case-cfg-resolver-features, failover: /two... goes to db2, whose resolver fails over to
+    db. With db2's only instance gone (its sidecar stopped, its check critical), /two is
+    answered by db, on a keep-alive connection, every request 200."""
+    m = mesh
+    web = routed_mesh(m)
+    db2 = m.services["db2"]
+    try:
+        m.api.set_config_entry({"Kind": "service-resolver", "Name": db2.name,
+                                "Failover": {"*": {"Service": m.name("db")}}})
+        router(m, [{"Match": {"HTTP": {"PathPrefix": "/two"}},
+                    "Destination": {"Service": db2.name}}])
+        wait_routed(m, web.up["db"], "/two")
+        assert db2.proxy.stop() == []
+        m.procs.remove(db2.proxy)
+        wait_until(lambda: not m.api.health_connect(db2.name), 30, "db2 to be unhealthy")
+        wait_routed(m, web.up["db"], "/two", want="db")
+        with connect(web.up["db"]) as s:
+            for i in range(20):
+                st, _, body = request(s, "/two/%d" % i)
+                assert st == 200 and answered_by(m, body) == "db", (st, body)
+    finally:
+        try:
+            m.api.delete("/v1/config/service-resolver/" + urllib.parse.quote(db2.name))
+        except Exception:  # noqa: BLE001 (cleanup)
+            pass
+        delete_entries(m)
+
+
+def test_router_replaced_while_requests_flow_loses_none(mesh):
+    """A router replaced through the API, again and again, while two client threads send
+    requests on keep-alive connections (25 requests each, then a new one): the flowing
+    traffic follows each version (/two to db2, then to db, and back), and every request of
+    every connection is answered 200."""
+    m = mesh
+    web = routed_mesh(m)
+    port = web.up["db"]
+    versions = [
+        [{"Match": {"HTTP": {"PathPrefix": "/two"}}, "Destination": {"Service": m.name("db2")}}],
+        [{"Match": {"HTTP": {"PathPrefix": "/two"}}, "Destination": {"Service": m.name("db")}},
+         {"Match": {"HTTP": {"PathPrefix": "/else"}},
+          "Destination": {"Service": m.name("db2")}}],
+    ]
+    stop = threading.Event()
+    lock = threading.Lock()
+    results = []  # (status, answered by, path)
+    errors = []
+
+    def client():
+        try:
+            while not stop.is_set():
+                with connect(port) as s:
+                    for i in range(25):
+                        path = "/two/%d" % i if i % 2 else "/one/%d" % i
+                        st, _, body = request(s, path)
+                        who = answered_by(m, body) if st == 200 else None
+                        with lock:
+                            results.append((st, who, path))
+        except Exception as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(repr(e))
+
+    try:
+        router(m, versions[0])
+        wait_routed(m, port, "/two")
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+
+        def last_two(want):
+            with lock:
+                mark = len(results)
+
+            def ok():
+                with lock:
+                    after = [r for r in results[mark:] if r[2].startswith("/two")]
+                return len(after) >= 10 and all(r[1] == want for r in after[-6:])
+            return ok
+
+        for flip in range(6):
+            v = (flip + 1) % 2
+            router(m, versions[v])
+            wait_until(last_two("db" if v else "db2"), 30, f"router version {v} in the traffic")
+            assert not errors, errors
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        bad = [r for r in results if r[0] != 200]
+        assert not bad, (len(bad), len(results), bad[:10])
+        assert len(results) > 100, len(results)
+    finally:
+        stop.set()
         delete_entries(m)
