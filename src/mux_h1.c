@@ -920,6 +920,7 @@ static int route_request(struct session *s)
     const char *why = NULL;
     enum stream_result r = STREAM_RES_NO_ROUTE;
     m->route = route_match(t, &rr);
+    m->st.route = m->route;
     if (m->route == NULL) {
         why = "no route matched";
     } else {
@@ -936,6 +937,7 @@ static int route_request(struct session *s)
         return -1;
     }
     s->dial_rs = route_table_resolver(t, m->split->resolver);
+    m->st.resolver = s->dial_rs != NULL ? s->dial_rs->name : NULL;
     if (s->end[1].fd >= 0 && !session_dial_allows(s, s->tgt)) {
         session_pool_put(s); /* closes end[1] when the pool does not take it */
         close_app(s);

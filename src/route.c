@@ -54,6 +54,7 @@ static void route_init(struct route_table *t, struct route *r, const struct dec_
                        const char *what)
 {
     r->def = d;
+    r->stats = xcalloc(1, sizeof(*r->stats));
     r->next_node = d->next_node != NULL ? d->next_node : "";
     r->path_match = d->path_match;
     r->path = d->path != NULL ? d->path : "";
@@ -163,6 +164,7 @@ void route_table_unref(struct route_table *t)
             rx_free(r->query[j].rx);
         free(r->query);
         free(r->splits);
+        free(r->stats);
     }
     free(t->routes);
     free(t->resolvers);
@@ -385,6 +387,12 @@ const struct route_split *route_split_pick(const struct route *r, uint64_t rand)
         if (x < r->splits[i].cum)
             return &r->splits[i];
     return NULL; /* not reached: the last cumulative weight is the total */
+}
+
+void route_count(const struct route *r, int status)
+{
+    int cls = status >= 100 && status <= 599 ? status / 100 : 0;
+    atomic_fetch_add_explicit(&r->stats->requests[cls], 1, memory_order_relaxed);
 }
 
 size_t route_rewrite_len(const struct route *r, struct http_slice path)

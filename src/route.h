@@ -17,6 +17,7 @@
 #ifndef CONNECTD_ROUTE_H
 #define CONNECTD_ROUTE_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -55,9 +56,20 @@ struct route_split {
     const struct dec_header_mods *request_headers, *response_headers; /* never NULL */
 };
 
+/*
+ * The requests that took one route, by the class of the status answered ([0]: none was, [1]
+ * 1xx ... [5] 5xx). Every worker adds to them (relaxed atomics) through the const table they
+ * share; they live and die with the table, so a changed chain (a new table) starts them from
+ * zero, as Prometheus counters may.
+ */
+struct route_stats {
+    atomic_uint_fast64_t requests[6];
+};
+
 struct route {
-    size_t index;          /* position in the table */
-    const char *next_node; /* the chain node it leads to ("" without a router) */
+    size_t index;              /* position in the table */
+    struct route_stats *stats; /* the table's, never NULL */
+    const char *next_node;     /* the chain node it leads to ("" without a router) */
     enum dec_path_match path_match;
     const char *path;
     size_t path_len;
@@ -138,6 +150,9 @@ const struct route *route_match(const struct route_table *t, const struct route_
  * when every weight is 0. Pure.
  */
 const struct route_split *route_split_pick(const struct route *r, uint64_t rand);
+
+/* Counts a request that took <r> and was answered <status> (0: none); any thread. */
+void route_count(const struct route *r, int status);
 
 /*
  * PrefixRewrite: how many leading bytes of <path> (the path of a request <r> matched, without

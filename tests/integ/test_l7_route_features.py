@@ -11,18 +11,20 @@ Envoy check them, with config entries written through the REAL agent's API:
 * case-cfg-resolver-features: a route to a subset next to the resolver's DefaultSubset, and
   failover over HTTP (the route's service gone, its resolver's failover target answers).
 * A router replaced through the API while requests flow: every request gets 200.
+* The access-log record and /metrics name the route a request took.
 
 db and db2 are each behind their own HttpApp, which answers with what it received; which
 service answered is read from the X-Forwarded-Client-Cert its sidecar adds (answered_by()).
 """
 
 import json
+import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mesh import LOOPBACK, wait_until
-from test_l7_inbound import Reader, connect, response
+from mesh import LOOPBACK, admin_args, admin_get, wait_until
+from test_l7_inbound import HttpApp, Reader, connect, response
 from test_l7_routing import answered_by, delete_entries, routed_mesh
 from test_upstreams import add_instance
 
@@ -412,4 +414,48 @@ def test_router_replaced_while_requests_flow_loses_none(mesh):
         assert len(results) > 100, len(results)
     finally:
         stop.set()
+        delete_entries(m)
+
+
+def test_access_log_and_metrics_name_the_route(mesh, tmp_path):
+    """Each outbound request's access-log record names the route it took (its index in the
+    upstream's table) and the resolver its split named; /metrics counts requests per upstream,
+    route and status class (a route to a service without instances answers 503: 5xx)."""
+    m = mesh
+    for logical in ("db", "db2"):
+        m.service_defaults(logical, "http")
+        m.wait_passing(m.add(logical, app_port=m.app(HttpApp).port))
+    alog = tmp_path / "access.log"
+    args, admin = admin_args()
+    web = m.add("web", upstreams=["db"], start=False)
+    m.start(web, extra_args=(*args, "-access-log", str(alog)))
+    db, db2, db3 = m.name("db"), m.name("db2"), m.name("db3")
+    try:
+        m.service_defaults("db3", "http")
+        router(m, [{"Match": {"HTTP": {"PathPrefix": "/two"}}, "Destination": {"Service": db2}},
+                   {"Match": {"HTTP": {"PathPrefix": "/dead"}}, "Destination": {"Service": db3}}])
+        wait_routed(m, web.up["db"], "/two")
+        with connect(web.up["db"]) as s:
+            for path, status in (("/two/a", 200), ("/one", 200), ("/dead", 503), ("/two/b", 200)):
+                st, _, body = request(s, path)
+                assert st == status, (path, st, body)
+
+        def records():
+            return [json.loads(x) for x in alog.read_text().splitlines() if x.strip()]
+
+        wait_until(lambda: any(r.get("path") == "/two/b" for r in records()), 10, "the records")
+        recs = {r["path"]: r for r in records() if r.get("direction") == "outbound" and "path" in r}
+        assert recs["/two/a"]["route"] == 0, recs["/two/a"]
+        assert recs["/two/a"]["resolver"] == f"resolver:{db2}.default.default.dc1", recs["/two/a"]
+        assert recs["/dead"]["route"] == 1 and recs["/dead"]["status"] == 503, recs["/dead"]
+        assert recs["/dead"]["resolver"] == f"resolver:{db3}.default.default.dc1", recs["/dead"]
+        assert recs["/one"]["route"] == 2, recs["/one"]
+        assert recs["/one"]["resolver"] == f"resolver:{db}.default.default.dc1", recs["/one"]
+        _, text = admin_get(admin, "/metrics")
+        line = 'connectd_http_route_requests_total{upstream="%s",route="%d",code_class="%s"} '
+        assert re.search(re.escape(line % (db, 0, "2xx")) + r"[2-9]", text), text
+        assert re.search(re.escape(line % (db, 1, "5xx")) + r"[1-9]", text), text
+        assert re.search(re.escape(line % (db, 2, "2xx")) + r"[1-9]", text), text
+        assert (line % (db, 1, "2xx")) not in text, text
+    finally:
         delete_entries(m)

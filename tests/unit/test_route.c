@@ -569,6 +569,24 @@ static void test_headers_apply(void **state)
     assert_int_equal(n, 8);
 }
 
+/* Each route counts its requests by status class, shared by every user of the table. */
+static void test_route_count(void **state)
+{
+    (void)state;
+    struct route_table *t = TABLE(M("\"PathPrefix\": \"/a\""), CATCH_ALL);
+    const struct route *a = route_table_route(t, 0), *all = route_table_route(t, 1);
+    route_count(a, 200);
+    route_count(a, 204);
+    route_count(a, 503);
+    route_count(all, 0);
+    route_count(all, 999);
+    assert_int_equal(atomic_load(&a->stats->requests[2]), 2);
+    assert_int_equal(atomic_load(&a->stats->requests[5]), 1);
+    assert_int_equal(atomic_load(&a->stats->requests[0]), 0);
+    assert_int_equal(atomic_load(&all->stats->requests[0]), 2);
+    route_table_unref(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -585,6 +603,7 @@ int main(void)
         cmocka_unit_test(test_refcount),
         cmocka_unit_test(test_rewrite_len),
         cmocka_unit_test(test_headers_apply),
+        cmocka_unit_test(test_route_count),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
