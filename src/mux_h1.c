@@ -816,49 +816,12 @@ static struct http_slice absolute_path(struct http_slice t)
     return (struct http_slice){"/", 1};
 }
 
-/*
- * The header modifiers of the request's split, then of its route (RequestHeaders, or
- * ResponseHeaders when <response>), into <lv>; returns how many fields they may append, with
- * *<any> set when they modify anything. None without a route.
- */
-static size_t mods_levels(const struct mux_h1 *m, int response, const struct dec_header_mods *lv[2],
-                          int *any)
-{
-    size_t add = 0;
-    *any = 0;
-    if (m->route == NULL || m->split == NULL)
-        return 0;
-    /* Envoy applies a weighted cluster's modifiers before its route's: a route's Set wins. */
-    lv[0] = response ? m->split->response_headers : m->split->request_headers;
-    lv[1] = response ? &m->route->def->response_headers : &m->route->def->request_headers;
-    for (int i = 0; i < 2; i++) {
-        add += route_headers_added(lv[i]);
-        *any |= lv[i]->n_remove > 0;
-    }
-    *any |= add > 0;
-    return add;
-}
-
-/*
- * The fields <h> (<n> of them) with the route's and split's header modifiers applied (see
- * mods_levels(), route_headers_apply()), in a new array the caller frees, *<out_n> fields
- * long; NULL when nothing modifies them. The added fields are slices into the route table.
- */
+/* The fields <h> with the request's route's and split's header modifiers applied
+ * (route_headers_modified()): a new array the caller frees, or NULL. */
 static struct http_header *modified_fields(const struct mux_h1 *m, int response,
                                            const struct http_header *h, size_t n, size_t *out_n)
 {
-    const struct dec_header_mods *lv[2];
-    int any;
-    size_t add = mods_levels(m, response, lv, &any);
-    if (!any)
-        return NULL;
-    struct http_header *f = xcalloc(n + add + 1, sizeof(*f));
-    if (n > 0)
-        memcpy(f, h, n * sizeof(*f));
-    *out_n = n;
-    for (int i = 0; i < 2; i++)
-        route_headers_apply(lv[i], f, out_n);
-    return f;
+    return route_headers_modified(m->route, m->split, response, h, n, out_n);
 }
 
 /*

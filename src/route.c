@@ -446,6 +446,28 @@ static void drop_named(struct http_header *f, size_t n, const char *name)
             f[i].flags |= HTTP_HDR_HOP;
 }
 
+struct http_header *route_headers_modified(const struct route *r, const struct route_split *sp,
+                                           int response, const struct http_header *h, size_t n,
+                                           size_t *out_n)
+{
+    if (r == NULL || sp == NULL)
+        return NULL;
+    const struct dec_header_mods *lv[2] = {
+        response ? sp->response_headers : sp->request_headers,
+        response ? &r->def->response_headers : &r->def->request_headers,
+    };
+    size_t add = route_headers_added(lv[0]) + route_headers_added(lv[1]);
+    if (add + lv[0]->n_remove + lv[1]->n_remove == 0)
+        return NULL;
+    struct http_header *f = xcalloc(n + add + 1, sizeof(*f));
+    if (n > 0)
+        memcpy(f, h, n * sizeof(*f));
+    *out_n = n;
+    for (int i = 0; i < 2; i++)
+        route_headers_apply(lv[i], f, out_n);
+    return f;
+}
+
 void route_headers_apply(const struct dec_header_mods *mods, struct http_header *f, size_t *n)
 {
     for (size_t i = 0; i < mods->n_remove; i++)

@@ -180,4 +180,16 @@ size_t route_headers_added(const struct dec_header_mods *mods);
  */
 void route_headers_apply(const struct dec_header_mods *mods, struct http_header *f, size_t *n);
 
+/*
+ * The fields <h> (<n> of them) of a request that took route <r> and split <sp> with their
+ * header modifiers applied (RequestHeaders, or ResponseHeaders when <response>): the split's
+ * level first, then the route's, as Envoy applies a weighted cluster's before its route's (so
+ * a route's Set wins); see route_headers_apply(). Returns a new array the caller frees,
+ * *<out_n> fields long (removed and replaced ones flagged HTTP_HDR_HOP, added ones slices
+ * into the table), or NULL when <r> or <sp> is NULL or they modify nothing.
+ */
+struct http_header *route_headers_modified(const struct route *r, const struct route_split *sp,
+                                           int response, const struct http_header *h, size_t n,
+                                           size_t *out_n);
+
 #endif

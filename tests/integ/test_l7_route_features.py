@@ -12,6 +12,7 @@ Envoy check them, with config entries written through the REAL agent's API:
   failover over HTTP (the route's service gone, its resolver's failover target answers).
 * A router replaced through the API while requests flow: every request gets 200.
 * The access-log record and /metrics name the route a request took.
+* An h2c application's streams to an http2 upstream routed the same way (mux_h2).
 
 db and db2 are each behind their own HttpApp, which answers with what it received; which
 service answered is read from the X-Forwarded-Client-Cert its sidecar adds (answered_by()).
@@ -19,11 +20,17 @@ service answered is read from the X-Forwarded-Client-Cert its sidecar adds (answ
 
 import json
 import re
+import socket
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import h2.config
+import h2.connection
+import h2.events
+
 from mesh import LOOPBACK, admin_args, admin_get, wait_until
+from test_l7_h2 import H2App
 from test_l7_inbound import HttpApp, Reader, connect, response
 from test_l7_routing import answered_by, delete_entries, routed_mesh
 from test_upstreams import add_instance
@@ -457,5 +464,99 @@ def test_access_log_and_metrics_name_the_route(mesh, tmp_path):
         assert re.search(re.escape(line % (db, 1, "5xx")) + r"[1-9]", text), text
         assert re.search(re.escape(line % (db, 2, "2xx")) + r"[1-9]", text), text
         assert (line % (db, 1, "2xx")) not in text, text
+    finally:
+        delete_entries(m)
+
+
+def h2_streams(port, paths, headers=()):
+    """Opens one h2c stream per path at once on one connection and reads every answer:
+    {path: (status, response headers, JSON body)}."""
+    with socket.create_connection((LOOPBACK, port), timeout=10) as s:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                    header_encoding="utf-8"))
+        conn.initiate_connection()
+        sids = {}
+        for p in paths:
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
+                                    (":authority", "db"), (":path", p), *headers],
+                              end_stream=True)
+            sids[sid] = p
+        s.sendall(conn.data_to_send())
+        out, data = {}, {}
+        while len(out) < len(sids):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            for ev in conn.receive_data(chunk):
+                sid = getattr(ev, "stream_id", None)
+                if sid not in sids:
+                    continue
+                if isinstance(ev, h2.events.ResponseReceived):
+                    data[sid] = [ev.headers, b""]
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    data[sid][1] += ev.data
+                elif isinstance(ev, h2.events.StreamEnded):
+                    hs = {}
+                    for k, v in data[sid][0]:
+                        hs.setdefault(k, []).append(v)
+                    out[sids[sid]] = (int(hs[":status"][0]), hs, json.loads(data[sid][1]))
+                elif isinstance(ev, h2.events.StreamReset):
+                    out[sids[sid]] = (None, {}, {})
+            s.sendall(conn.data_to_send())
+        return out
+
+
+def h2_by(m, info):
+    """The logical service whose sidecar forwarded an H2App's request (XFCC By=)."""
+    return answered_by(m, json.dumps({"headers": info["headers"]}).encode())
+
+
+def test_h2c_outbound_streams_routed_with_rewrite_and_header_modifiers(mesh):
+    """An h2c application's streams to an http2 upstream are routed as HTTP/1.1 requests are:
+    on one connection, streams opened together go each to its own route's service (/two... to
+    db2, the rest to db), a PrefixRewrite is what db2's application sees, and the route's
+    request and response header modifiers apply. Before, every stream went to db, unchanged."""
+    m = mesh
+    for logical in ("db", "db2"):
+        m.service_defaults(logical, "http2")
+        app = m.app(H2App)
+        m.wait_passing(m.add(logical, app_port=app.port, proxy_config={"protocol": "http2"}))
+    web = m.add("web", upstreams=["db"])
+    db2 = m.name("db2")
+    try:
+        router(m, [
+            {"Match": {"HTTP": {"PathPrefix": "/pre/"}},
+             "Destination": {"Service": db2, "PrefixRewrite": "/rewritten/",
+                             "RequestHeaders": {"Add": {"x-added": "a"}, "Set": {"x-set": "s"},
+                                                "Remove": ["x-gone"]},
+                             "ResponseHeaders": {"Set": {"x-resp": "r"},
+                                                 "Remove": ["content-type"]}}},
+            {"Match": {"HTTP": {"PathPrefix": "/two"}}, "Destination": {"Service": db2}}])
+
+        def routed():
+            try:
+                st, _, info = h2_streams(web.up["db"], ["/two"])["/two"]
+                return st == 200 and h2_by(m, info) == "db2"
+            except (OSError, EOFError, KeyError, ValueError, AssertionError, TypeError):
+                return False
+        wait_until(routed, 30, "an h2c stream to /two routed to db2")
+        paths = ["/two/a", "/one", "/two/b", "/other", "/pre/x?q=1"]
+        got = h2_streams(web.up["db"], paths, headers=(
+            ("x-gone", "bye"), ("x-set", "old"), ("x-added", "orig")))
+        want = {"/two/a": "db2", "/one": "db", "/two/b": "db2", "/other": "db",
+                "/pre/x?q=1": "db2"}
+        for p in paths:
+            st, hs, info = got[p]
+            assert st == 200 and h2_by(m, info) == want[p], (p, st, info)
+        st, hs, info = got["/pre/x?q=1"]
+        assert info["path"] == "/rewritten/x?q=1", info
+        assert info["headers"]["x-added"] == ["orig", "a"], info
+        assert info["headers"]["x-set"] == ["s"] and "x-gone" not in info["headers"], info
+        assert hs["x-resp"] == ["r"] and "content-type" not in hs, hs
+        st, hs, info = got["/one"]
+        assert info["path"] == "/one" and info["headers"]["x-gone"] == ["bye"], info
+        assert "x-resp" not in hs and hs["content-type"] == ["application/json"], hs
     finally:
         delete_entries(m)
