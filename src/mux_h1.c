@@ -1281,9 +1281,12 @@ static int open_stream(struct session *s, struct h2up_conn *c)
     if (m->te_trailers)
         fs[n++] = (struct http_header){.name = {"te", 2}, .value = {"trailers", 8}};
     /* Outbound, the route's header modifiers and PrefixRewrite (see forward_head()). */
-    struct http_header *mf = m->outbound ? modified_fields(m, 0, fs, n, &n) : NULL;
-    if (mf != NULL)
+    size_t nmf = 0;
+    struct http_header *mf = m->outbound ? modified_fields(m, 0, fs, n, &nmf) : NULL;
+    if (mf != NULL) {
         f = mf;
+        n = nmf;
+    }
     if (m->outbound)
         rewrite_target(m, rq);
     const char *name = m->outbound ? s->up->cfg->destination_name : s->snap->cfg.service;
