@@ -837,7 +837,10 @@ static void pend_keep(struct h2s *x, const struct h2_head *hd)
         buf_add(&path, p.p + cut, p.len - cut);
         p = (struct http_slice){path.p, path.len};
     }
-    mf = route_headers_modified(x->route, x->split, 0, hd->headers, nm, &nm);
+    size_t nmf = 0;
+    mf = route_headers_modified(x->route, x->split, 0, hd->headers, nm, &nmf);
+    if (mf != NULL)
+        nm = nmf;
     f = xcalloc(nm + 4, sizeof(*f));
     f[nf++] = (struct http_header){.name = {":method", 7}, .value = hd->method};
     f[nf++] = (struct http_header){.name = {":scheme", 7}, .value = hd->scheme};

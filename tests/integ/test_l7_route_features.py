@@ -517,7 +517,8 @@ def test_h2c_outbound_streams_routed_with_rewrite_and_header_modifiers(mesh):
     """An h2c application's streams to an http2 upstream are routed as HTTP/1.1 requests are:
     on one connection, streams opened together go each to its own route's service (/two... to
     db2, the rest to db), a PrefixRewrite is what db2's application sees, and the route's
-    request and response header modifiers apply. Before, every stream went to db, unchanged."""
+    request and response header modifiers apply; an HTTP/1.1 application's requests, made
+    streams by mux_h1, too. Before, every stream went to db, unchanged."""
     m = mesh
     for logical in ("db", "db2"):
         m.service_defaults(logical, "http2")
@@ -558,5 +559,16 @@ def test_h2c_outbound_streams_routed_with_rewrite_and_header_modifiers(mesh):
         st, hs, info = got["/one"]
         assert info["path"] == "/one" and info["headers"]["x-gone"] == ["bye"], info
         assert "x-resp" not in hs and hs["content-type"] == ["application/json"], hs
+        # An HTTP/1.1 application on the same upstream port: its requests become streams
+        # (mux_h1's translation), routed and modified the same way.
+        with connect(web.up["db"]) as s:
+            st, hs, body = request(s, "/pre/y?r=2", headers=(("X-Gone", "bye"),))
+            info = json.loads(body)
+            assert st == 200 and h2_by(m, info) == "db2", (st, body)
+            assert info["path"] == "/rewritten/y?r=2", info
+            assert info["headers"]["x-added"] == ["a"] and "x-gone" not in info["headers"]
+            assert hs["x-resp"] == ["r"] and "content-type" not in hs, hs
+            st, hs, body = request(s, "/one")
+            assert st == 200 and h2_by(m, json.loads(body)) == "db", body
     finally:
         delete_entries(m)

@@ -569,6 +569,37 @@ static void test_headers_apply(void **state)
     assert_int_equal(n, 8);
 }
 
+/* A split's modifiers apply first, then its route's: the route's Set wins, as in Envoy. */
+static void test_headers_modified_order(void **state)
+{
+    (void)state;
+    struct route_table *t = TABLE(
+        ROUTE("\"PathPrefix\": \"/a\"",
+              "\"RequestHeaders\": {\"Set\": {\"x-split\": \"route\"}, \"Add\": {\"x-r\": \"1\"}}",
+              "splitter:db"),
+        CATCH_ALL);
+    const struct route *r = route_table_route(t, 0), *all = route_table_route(t, 1);
+    struct http_header in[1] = {{.name = {"x-split", 7}, .value = {"caller", 6}}};
+    size_t n = 0;
+    struct http_header *f = route_headers_modified(r, &r->splits[0], 0, in, 1, &n);
+    assert_non_null(f);
+    assert_int_equal(has(f, n, "x-split", "route"), 1);
+    assert_int_equal(has(f, n, "x-split", "a") + has(f, n, "x-split", "caller"), 0);
+    assert_int_equal(has(f, n, "x-r", "1"), 1);
+    free(f);
+    /* The second split's ResponseHeaders: Add x-s, Remove x-r. */
+    struct http_header rs[1] = {{.name = {"X-R", 3}, .value = {"v", 1}}};
+    f = route_headers_modified(r, &r->splits[1], 1, rs, 1, &n);
+    assert_non_null(f);
+    assert_int_equal(has(f, n, "x-s", "2"), 1);
+    assert_int_equal(has(f, n, "x-r", "v"), 0);
+    free(f);
+    /* Nothing to modify, or no route: NULL. */
+    assert_null(route_headers_modified(all, &all->splits[1], 0, in, 1, &n));
+    assert_null(route_headers_modified(NULL, NULL, 0, in, 1, &n));
+    route_table_unref(t);
+}
+
 /* Each route counts its requests by status class, shared by every user of the table. */
 static void test_route_count(void **state)
 {
@@ -604,6 +635,7 @@ int main(void)
         cmocka_unit_test(test_rewrite_len),
         cmocka_unit_test(test_headers_apply),
         cmocka_unit_test(test_route_count),
+        cmocka_unit_test(test_headers_modified_order),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
