@@ -199,7 +199,8 @@ struct mux_h1 {
      * stream the far side refused unprocessed can be opened again; replay then holds the
      * body bytes read_body gave (replay_ok as for HTTP/1.1), sent again from replay_off. */
     struct h2_out_head h2hd;
-    struct http_header *h2f; /* MAX_HEADERS + 8 slots, taken by the first stream */
+    struct http_header *h2f; /* h2f_cap slots, taken by the first stream */
+    size_t h2f_cap;
     struct buf h2held;
     int h2_has_body;
     size_t replay_off;
@@ -685,6 +686,10 @@ static size_t forwarded_fields(struct session *s, struct http_header *extra)
     return nx;
 }
 
+static void rewrite_target(struct mux_h1 *m, struct http_request *rq);
+static struct http_header *modified_fields(const struct mux_h1 *m, int response,
+                                           const struct http_header *h, size_t n, size_t *out_n);
+
 /*
  * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
  * Proto and X-Request-Id, consumes its head from cin and enters EXCHANGE.
@@ -711,8 +716,24 @@ static void forward_head(struct session *s)
         extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rq->upgrade};
     }
 #undef EXTRA
-    size_t from = m->aout.len;
-    if (append_head(&m->aout, m->rq_len + 1024 + strlen(m->xfcc), rq, NULL, extra, nx) < 0) {
+    /* Outbound, the route's PrefixRewrite and header modifiers (the caller's fields are
+     * restored after: a retry's held bytes are the modified head). */
+    struct http_header *caller = rq->headers, *mf = NULL;
+    size_t ncaller = rq->nheaders, nmf = 0;
+    if (m->outbound) {
+        rewrite_target(m, rq);
+        mf = modified_fields(m, 0, rq->headers, rq->nheaders, &nmf);
+        if (mf != NULL) {
+            rq->headers = mf;
+            rq->nheaders = nmf;
+        }
+    }
+    size_t from = m->aout.len, room = m->rq_len + m->target.len + 1024 + strlen(m->xfcc);
+    int rc = append_head(&m->aout, room, rq, NULL, extra, nx);
+    rq->headers = caller;
+    rq->nheaders = ncaller;
+    free(mf);
+    if (rc < 0) {
         local_answer(s, STREAM_RES_BAD_REQUEST, 1, "the request head cannot be forwarded");
         return;
     }
@@ -801,6 +822,39 @@ static struct http_slice absolute_path(struct http_slice t)
     return (struct http_slice){"/", 1};
 }
 
+/* The fields <h> with the request's route's and split's header modifiers applied
+ * (route_headers_modified()): a new array the caller frees, or NULL. */
+static struct http_header *modified_fields(const struct mux_h1 *m, int response,
+                                           const struct http_header *h, size_t n, size_t *out_n)
+{
+    return route_headers_modified(m->route, m->split, response, h, n, out_n);
+}
+
+/*
+ * The route's PrefixRewrite (route_rewrite_len()): the request's target becomes, in origin
+ * form, the rewrite followed by what the matched part of the path left, query included. The
+ * new target lives in m->target (unused outbound otherwise) until the head is written.
+ */
+static void rewrite_target(struct mux_h1 *m, struct http_request *rq)
+{
+    if (m->route == NULL ||
+        (rq->target_form != HTTP_TARGET_ORIGIN && rq->target_form != HTTP_TARGET_ABSOLUTE))
+        return;
+    struct http_slice t =
+        rq->target_form == HTTP_TARGET_ABSOLUTE ? absolute_path(rq->target) : rq->target;
+    const char *q = memchr(t.p, '?', t.len);
+    struct http_slice path = {t.p, q != NULL ? (size_t)(q - t.p) : t.len};
+    size_t cut = route_rewrite_len(m->route, path);
+    if (cut == 0)
+        return;
+    const char *pre = m->route->def->prefix_rewrite;
+    m->target.len = 0;
+    buf_add(&m->target, pre, strlen(pre));
+    buf_add(&m->target, t.p + cut, t.len - cut);
+    rq->target = (struct http_slice){m->target.p, m->target.len};
+    rq->target_form = HTTP_TARGET_ORIGIN;
+}
+
 /*
  * Outbound routing (route.h): the request's route and split pick the resolver whose targets
  * the dial may use (s->dial_rs). A keep-alive connection to a target outside them goes back
@@ -836,6 +890,7 @@ static int route_request(struct session *s)
     const char *why = NULL;
     enum stream_result r = STREAM_RES_NO_ROUTE;
     m->route = route_match(t, &rr);
+    m->st.route = m->route;
     if (m->route == NULL) {
         why = "no route matched";
     } else {
@@ -853,6 +908,7 @@ static int route_request(struct session *s)
     }
     s->dial_rs = route_table_resolver(t, m->split->resolver);
     session_lb_request(s, rr.headers, rr.nheaders, rr.query, m->lb_cookie, sizeof(m->lb_cookie));
+    m->st.resolver = s->dial_rs != NULL ? s->dial_rs->name : NULL;
     if (s->end[1].fd >= 0 && (!session_dial_allows(s, s->tgt) || !session_lb_keeps(s))) {
         session_pool_put(s); /* closes end[1] when the pool does not take it */
         close_app(s);
@@ -1037,7 +1093,19 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     if (m->outbound && m->lb_cookie[0] != '\0')
         EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
 #undef EXTRA
-    if (append_head(&m->cout, 4096 + sizeof(m->lb_cookie), NULL, &m->rs, extra, nx) < 0) {
+    /* Outbound, the route's and split's ResponseHeaders (see on_response_head()). */
+    size_t nmf = 0;
+    struct http_header *mf =
+        m->outbound ? modified_fields(m, 1, m->rs.headers, m->rs.nheaders, &nmf) : NULL;
+    if (mf != NULL) {
+        m->rs.headers = mf;
+        m->rs.nheaders = nmf;
+    }
+    int rc = append_head(&m->cout, 4096 + sizeof(m->lb_cookie), NULL, &m->rs, extra, nx);
+    m->rs.headers = m->rs_h;
+    m->rs.nheaders = hd->nheaders;
+    free(mf);
+    if (rc < 0) {
         bad_h2_answer(s, "the response head cannot be forwarded");
         return 0;
     }
@@ -1175,8 +1243,12 @@ static void hold_head(struct mux_h1 *m, const struct h2_out_head *hd)
         total += hd->headers[i].name.len + hd->headers[i].value.len;
     m->h2held.len = 0;
     buf_reserve(&m->h2held, total);
-    if (m->h2f == NULL)
-        m->h2f = xcalloc(MAX_HEADERS + 8, sizeof(*m->h2f));
+    if (m->h2f_cap < hd->nheaders || m->h2f == NULL) {
+        /* More than the caller's fields only with a route's header modifiers. */
+        m->h2f_cap = hd->nheaders > MAX_HEADERS + 8 ? hd->nheaders : MAX_HEADERS + 8;
+        free(m->h2f);
+        m->h2f = xcalloc(m->h2f_cap, sizeof(*m->h2f));
+    }
     char *p = m->h2held.p;
     m->h2hd = (struct h2_out_head){
         .method = copy_slice(&p, hd->method),
@@ -1209,17 +1281,26 @@ static int open_stream(struct session *s, struct h2up_conn *c)
         return 0;
     }
     struct http_request *rq = &m->rq;
-    struct http_header f[MAX_HEADERS + 8], extra[4];
+    struct http_header fs[MAX_HEADERS + 8], *f = fs, extra[4];
     size_t n = 0, nx = forwarded_fields(s, extra);
     /* Expect: 100-continue is met here (below), so it is not forwarded. */
     for (size_t i = 0; i < rq->nheaders; i++)
         if (!(rq->headers[i].flags & HTTP_HDR_DROP) &&
             !(m->expect && h1_slice_eq(rq->headers[i].name, "expect")))
-            f[n++] = rq->headers[i];
+            fs[n++] = rq->headers[i];
     for (size_t i = 0; i < nx; i++)
-        f[n++] = extra[i];
+        fs[n++] = extra[i];
     if (m->te_trailers)
-        f[n++] = (struct http_header){.name = {"te", 2}, .value = {"trailers", 8}};
+        fs[n++] = (struct http_header){.name = {"te", 2}, .value = {"trailers", 8}};
+    /* Outbound, the route's header modifiers and PrefixRewrite (see forward_head()). */
+    size_t nmf = 0;
+    struct http_header *mf = m->outbound ? modified_fields(m, 0, fs, n, &nmf) : NULL;
+    if (mf != NULL) {
+        f = mf;
+        n = nmf;
+    }
+    if (m->outbound)
+        rewrite_target(m, rq);
     const char *name = m->outbound ? s->up->cfg->destination_name : s->snap->cfg.service;
     struct h2_out_head hd = {
         .method = rq->method_name,
@@ -1230,6 +1311,7 @@ static int open_stream(struct session *s, struct h2up_conn *c)
         .nheaders = n,
     };
     hold_head(m, &hd);
+    free(mf);
     m->h2_has_body = !m->req.done;
     m->h2s = h2up_open(c, &m->h2hd, m->h2_has_body, &h2_ops, s);
     if (m->h2s == NULL)
@@ -1488,7 +1570,21 @@ static int on_response_head(struct session *s, size_t n)
     if (m->outbound && m->lb_cookie[0] != '\0')
         EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
 #undef EXTRA
-    if (append_head(&m->cout, n + 256 + sizeof(m->lb_cookie), NULL, rs, extra, nx) < 0) {
+    /* Outbound, the route's and split's ResponseHeaders. */
+    size_t nmf = 0;
+    struct http_header *mf =
+        m->outbound ? modified_fields(m, 1, rs->headers, rs->nheaders, &nmf) : NULL;
+    struct http_header *got = rs->headers;
+    size_t ngot = rs->nheaders;
+    if (mf != NULL) {
+        rs->headers = mf;
+        rs->nheaders = nmf;
+    }
+    int rc = append_head(&m->cout, n + 256 + sizeof(m->lb_cookie), NULL, rs, extra, nx);
+    rs->headers = got;
+    rs->nheaders = ngot;
+    free(mf);
+    if (rc < 0) {
         close_app(s);
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "the response head cannot be forwarded");
         return -1;

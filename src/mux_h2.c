@@ -72,6 +72,7 @@
 #include "h2up.h"
 #include "log.h"
 #include "pathnorm.h"
+#include "route.h"
 #include "session_int.h"
 #include "sock.h"
 #include "spiffe.h"
@@ -179,6 +180,11 @@ struct h2s {
     enum stream_result result;
     char why[200];
     struct stream st;
+    /* Outbound: the route and split the stream took and the resolver its dial may use
+     * (route.h, in the session's snapshot); NULL without a route table. */
+    const struct route *route;
+    const struct route_split *split;
+    const struct route_resolver *rs;
 };
 
 struct mux_h2 {
@@ -432,6 +438,7 @@ static const char *local_text(enum stream_result r)
     case STREAM_RES_RATE_LIMITED:
         return "local_rate_limited";
     case STREAM_RES_REDIRECT:
+    case STREAM_RES_NO_ROUTE: /* Envoy's route_not_found answer has no body */
         return "";
     default:
         return "bad request";
@@ -1056,19 +1063,82 @@ static void up_open(struct session *s, struct h2s *x, struct h2up_conn *c,
     x->app_open = 1;
 }
 
-/* Outbound: the request head a waiting stream keeps, pseudo-fields first. */
+/*
+ * Outbound routing (route.h), as mux_h1's route_request(): the stream's route and a split
+ * drawn by weight name the resolver whose targets its dial may use (x->rs). Returns 0, or -1
+ * after answering 404 (no route matched) or 503 (no split has weight).
+ */
+static int route_stream(struct session *s, struct h2s *x, const struct h2_head *hd)
+{
+    const struct route_table *t = s->up->routes;
+    if (t == NULL)
+        return 0;
+    struct route_req rr = {
+        .method = hd->method,
+        .path = hd->path,
+        .authority = hd->authority,
+        .headers = hd->headers,
+        .nheaders = hd->nheaders,
+    };
+    const char *q = hd->path.p != NULL ? memchr(hd->path.p, '?', hd->path.len) : NULL;
+    if (q != NULL) {
+        rr.path.len = (size_t)(q - hd->path.p);
+        rr.query = (struct http_slice){q + 1, hd->path.len - rr.path.len - 1};
+    }
+    x->route = x->st.route = route_match(t, &rr);
+    if (x->route == NULL) {
+        local_answer(s, x, STREAM_RES_NO_ROUTE, "no route matched", (struct http_slice){0});
+        return -1;
+    }
+    x->split = route_split_pick(x->route, util_rand());
+    if (x->split == NULL) {
+        local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR,
+                     "the route's splits all have weight 0", (struct http_slice){0});
+        return -1;
+    }
+    x->rs = route_table_resolver(t, x->split->resolver);
+    x->st.resolver = x->rs != NULL ? x->rs->name : NULL;
+    return 0;
+}
+
+/*
+ * Outbound: the request head a waiting stream keeps, pseudo-fields first, with its route's
+ * PrefixRewrite and header modifiers applied (the removed fields left out).
+ */
 static void pend_keep(struct h2s *x, const struct h2_head *hd)
 {
-    struct http_header f[MAX_FIELDS];
-    size_t nf = 0;
+    struct http_header *f, *mf;
+    size_t nf = 0,
+           nm = hd->nheaders < H2_DEFAULT_MAX_HEADERS ? hd->nheaders : H2_DEFAULT_MAX_HEADERS;
+    struct buf path = {0};
+    struct http_slice p = hd->path;
+    const char *q = p.p != NULL ? memchr(p.p, '?', p.len) : NULL;
+    size_t cut = 0;
+    if (x->route != NULL && p.p != NULL)
+        cut = route_rewrite_len(x->route,
+                                (struct http_slice){p.p, q != NULL ? (size_t)(q - p.p) : p.len});
+    if (cut > 0) {
+        buf_add(&path, x->route->def->prefix_rewrite, strlen(x->route->def->prefix_rewrite));
+        buf_add(&path, p.p + cut, p.len - cut);
+        p = (struct http_slice){path.p, path.len};
+    }
+    size_t nmf = 0;
+    mf = route_headers_modified(x->route, x->split, 0, hd->headers, nm, &nmf);
+    if (mf != NULL)
+        nm = nmf;
+    f = xcalloc(nm + 4, sizeof(*f));
     f[nf++] = (struct http_header){.name = {":method", 7}, .value = hd->method};
     f[nf++] = (struct http_header){.name = {":scheme", 7}, .value = hd->scheme};
     f[nf++] = (struct http_header){.name = {":authority", 10}, .value = hd->authority};
-    f[nf++] = (struct http_header){.name = {":path", 5}, .value = hd->path};
-    for (size_t i = 0; i < hd->nheaders && nf < MAX_FIELDS; i++)
-        f[nf++] = hd->headers[i];
+    f[nf++] = (struct http_header){.name = {":path", 5}, .value = p};
+    for (size_t i = 0; i < nm; i++)
+        if (!((mf != NULL ? mf : hd->headers)[i].flags & HTTP_HDR_HOP))
+            f[nf++] = (mf != NULL ? mf : hd->headers)[i];
     fields_copy(&x->pend, f, nf);
     x->pend_body = !hd->end_stream;
+    free(f);
+    free(mf);
+    buf_free(&path);
 }
 
 /* Inbound: the head as it goes to the application (the fields it leaves out left out), kept
@@ -1204,6 +1274,8 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
                 leg_wait(s, x, hd, f, nf);
             return 0;
         }
+        if (route_stream(s, x, hd) < 0)
+            return 0;
         pend_keep(x, hd);
         x->waiting = 1;
         if (!m->dialling)
@@ -1466,11 +1538,18 @@ static int up_on_head(void *owner, const struct h2_head *hd)
         return -1;
     x->st.status = hd->status;
     note_grpc_status(x, hd->headers, hd->nheaders);
-    struct h2_out_head oh = {
-        .status = hd->status, .headers = hd->headers, .nheaders = hd->nheaders};
+    /* Outbound, the route's and split's ResponseHeaders. */
+    size_t nmf = 0;
+    struct http_header *mf =
+        route_headers_modified(x->route, x->split, 1, hd->headers, hd->nheaders, &nmf);
+    struct h2_out_head oh = {.status = hd->status,
+                             .headers = mf != NULL ? mf : hd->headers,
+                             .nheaders = mf != NULL ? nmf : hd->nheaders};
     x->res_head = 1;
     x->res_eof = hd->end_stream;
-    if (h2_submit_response(m->down, x->cid, &oh, !hd->end_stream) != 0) {
+    int rc = h2_submit_response(m->down, x->cid, &oh, !hd->end_stream);
+    free(mf);
+    if (rc != 0) {
         snprintf(x->why, sizeof(x->why), "%s's response head cannot be forwarded", peer_word(m));
         x->local = 1;
         x->result = STREAM_RES_BAD_RESPONSE;
@@ -1632,6 +1711,13 @@ static const struct h2up_stream_ops up_ops = {
 static void start_dial(struct session *s)
 {
     struct mux_h2 *m = s->mux2;
+    /* One resolver per dial: the first waiting stream's (see mux_dialled()). */
+    s->dial_rs = NULL;
+    for (struct h2s *x = m->streams; x != NULL; x = x->next)
+        if (x->waiting) {
+            s->dial_rs = x->rs;
+            break;
+        }
     m->dialling = 1;
     session_dial_h2(s);
 }
@@ -1666,6 +1752,8 @@ static void mux_dialled(struct session *s, const char *why)
 {
     struct mux_h2 *m = s->mux2;
     struct h2up_conn *c = why == NULL ? s->h2c : NULL;
+    const struct route_resolver *rs = s->dial_rs;
+    int others = 0;
     char msg[400];
     if (m->h1up) {
         h1_dialled(s, why);
@@ -1678,6 +1766,10 @@ static void mux_dialled(struct session *s, const char *why)
     for (struct h2s *x = m->streams; x != NULL; x = x->next) {
         if (!x->waiting)
             continue;
+        if (x->rs != rs) {
+            others = 1; /* routed elsewhere: its own dial follows */
+            continue;
+        }
         x->waiting = 0;
         if (c == NULL) {
             local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
@@ -1688,6 +1780,8 @@ static void mux_dialled(struct session *s, const char *why)
         free(x->ep);
         x->ep = xstrdup(s->ep_name);
     }
+    if (others && !m->dialling)
+        start_dial(s);
     kick(s);
 }
 

@@ -59,6 +59,7 @@ static void route_init(struct route_table *t, struct route *r, const struct dec_
                        const char *what)
 {
     r->def = d;
+    r->stats = xcalloc(1, sizeof(*r->stats));
     r->next_node = d->next_node != NULL ? d->next_node : "";
     r->path_match = d->path_match;
     r->path = d->path != NULL ? d->path : "";
@@ -156,6 +157,7 @@ void route_table_unref(struct route_table *t)
             rx_free(r->query[j].rx);
         free(r->query);
         free(r->splits);
+        free(r->stats);
     }
     free(t->routes);
     free(t->resolvers);
@@ -312,4 +314,103 @@ const struct route_split *route_split_pick(const struct route *r, uint64_t rand)
         if (x < r->splits[i].cum)
             return &r->splits[i];
     return NULL; /* not reached: the last cumulative weight is the total */
+}
+
+void route_count(const struct route *r, int status)
+{
+    int cls = status >= 100 && status <= 599 ? status / 100 : 0;
+    atomic_fetch_add_explicit(&r->stats->requests[cls], 1, memory_order_relaxed);
+}
+
+size_t route_rewrite_len(const struct route *r, struct http_slice path)
+{
+    if (r->def == NULL || r->def->prefix_rewrite == NULL || r->def->prefix_rewrite[0] == '\0' ||
+        path.len == 0 || path.p[0] != '/')
+        return 0;
+    /* The rewrite goes into a request line: a space or a control byte would split it. */
+    for (const char *c = r->def->prefix_rewrite; *c != '\0'; c++)
+        if ((unsigned char)*c <= 0x20 || (unsigned char)*c >= 0x7f)
+            return 0;
+    switch (r->path_match) {
+    case DEC_PATH_PREFIX:
+        return path_matches(r, path) ? r->path_len : 0;
+    case DEC_PATH_EXACT:
+    case DEC_PATH_REGEX:
+        return path.len;
+    case DEC_PATH_ANY:
+        break;
+    }
+    return 1;
+}
+
+size_t route_headers_added(const struct dec_header_mods *mods)
+{
+    return mods->n_add + mods->n_set;
+}
+
+/* Whether modifiers may touch field <name> (see route_headers_apply()). */
+static int modifiable(const char *name, size_t len)
+{
+    static const char *const fixed[] = {
+        "host",       "content-length", "transfer-encoding",
+        "connection", "keep-alive",     "proxy-connection",
+        "te",         "upgrade",        "trailer",
+    };
+    if (len == 0 || name[0] == ':')
+        return 0;
+    for (size_t i = 0; i < ARRAY_SIZE(fixed); i++)
+        if (len == strlen(fixed[i]) && bytes_eq(name, fixed[i], len, 1))
+            return 0;
+    return 1;
+}
+
+/* Flags every forwarded field of <f> named <name> as left out. */
+static void drop_named(struct http_header *f, size_t n, const char *name)
+{
+    size_t len = strlen(name);
+    for (size_t i = 0; i < n; i++)
+        if (f[i].name.len == len && bytes_eq(f[i].name.p, name, len, 1))
+            f[i].flags |= HTTP_HDR_HOP;
+}
+
+struct http_header *route_headers_modified(const struct route *r, const struct route_split *sp,
+                                           int response, const struct http_header *h, size_t n,
+                                           size_t *out_n)
+{
+    if (r == NULL || sp == NULL)
+        return NULL;
+    const struct dec_header_mods *lv[2] = {
+        response ? sp->response_headers : sp->request_headers,
+        response ? &r->def->response_headers : &r->def->request_headers,
+    };
+    size_t add = route_headers_added(lv[0]) + route_headers_added(lv[1]);
+    if (add + lv[0]->n_remove + lv[1]->n_remove == 0)
+        return NULL;
+    struct http_header *f = xcalloc(n + add + 1, sizeof(*f));
+    if (n > 0)
+        memcpy(f, h, n * sizeof(*f));
+    *out_n = n;
+    for (int i = 0; i < 2; i++)
+        route_headers_apply(lv[i], f, out_n);
+    return f;
+}
+
+void route_headers_apply(const struct dec_header_mods *mods, struct http_header *f, size_t *n)
+{
+    for (size_t i = 0; i < mods->n_remove; i++)
+        if (modifiable(mods->remove[i], strlen(mods->remove[i])))
+            drop_named(f, *n, mods->remove[i]);
+    for (size_t i = 0; i < mods->n_add + mods->n_set; i++) {
+        int set = i >= mods->n_add;
+        const struct dec_header_kv *kv = set ? &mods->set[i - mods->n_add] : &mods->add[i];
+        size_t len = strlen(kv->name);
+        if (!modifiable(kv->name, len))
+            continue;
+        if (set)
+            drop_named(f, *n, kv->name);
+        f[(*n)++] = (struct http_header){
+            .name = {kv->name, len},
+            .value = {kv->value, strlen(kv->value)},
+        };
+    }
 }

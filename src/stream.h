@@ -14,6 +14,7 @@
 #include "http.h"
 #include "spiffe.h"
 
+struct route;
 struct session;
 
 /*
@@ -71,6 +72,10 @@ struct stream {
     int done;            /* stream_finish() ran */
     int h2;              /* carried over HTTP/2 (mux_h2) */
     char grpc_status[8]; /* gRPC: the grpc-status answered; "" when none was */
+    /* Outbound: the route the request took and the resolver its split named (route.h; in the
+     * session's snapshot), for the record and the route's counters; NULL when none. */
+    const struct route *route;
+    const char *resolver;
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

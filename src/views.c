@@ -209,6 +209,34 @@ static void render_http(struct admin_buf *b, const struct listener_sum *ls, size
     }
 }
 
+/*
+ * Outbound HTTP requests per route, by upstream, the route's index in the upstream's table
+ * (bounded by the table's length, and only routes that served requests show) and status class.
+ */
+static void render_routes(struct admin_buf *b, const struct snapshot *s)
+{
+    static const char *const classes[6] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
+    metric_head(b, "http_route_requests_total", "counter",
+                "Outbound HTTP requests by upstream, route (its index in the upstream's route "
+                "table, counted since the table last changed) and the class of the status "
+                "answered.");
+    for (size_t i = 0; s != NULL && i < s->cfg.n_upstreams; i++) {
+        const struct route_table *t = s->upstreams[i].routes;
+        for (size_t k = 0; t != NULL && k < route_table_len(t); k++) {
+            const struct route *r = route_table_route(t, k);
+            for (int c = 0; c < 6; c++) {
+                uint64_t n = load(&r->stats->requests[c]);
+                if (n == 0)
+                    continue;
+                admin_buf_add(b, "connectd_http_route_requests_total{upstream=", 44);
+                admin_buf_label(b, s->cfg.upstreams[i].destination_name);
+                admin_buf_printf(b, ",route=\"%zu\",code_class=\"%s\"} %llu\n", k, classes[c],
+                                 (unsigned long long)n);
+            }
+        }
+    }
+}
+
 static void render_metrics(const struct views *vw, const struct views_state *vs,
                            struct admin_buf *b)
 {
@@ -342,6 +370,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         }
     }
     render_http(b, ls, nl);
+    render_routes(b, vs->current);
 
     metric_head(b, "reauthorizations_total", "counter",
                 "Open inbound sessions re-evaluated against the intentions.");
