@@ -178,8 +178,8 @@ struct session_info {
 };
 
 #define SESSION_BUF_POOL           32 /* idle relay buffers a worker keeps for reuse */
-#define SESSION_UPOOL_MAX          64
-#define SESSION_UPOOL_PER_ENDPOINT 8
+#define SESSION_UPOOL_MAX          512
+#define SESSION_UPOOL_PER_ENDPOINT 128
 #define SESSION_UPOOL_IDLE_MS      30000
 
 struct session_mux;
