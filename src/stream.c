@@ -202,6 +202,10 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     if (st->done)
         return;
     st->done = 1;
+    if (st->active != NULL) {
+        outlier_release(st->active, OUTLIER_LIMIT_CONCURRENT);
+        st->active = NULL;
+    }
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
     const char *proto = st->h2 ? "HTTP/2" : st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
