@@ -1162,10 +1162,11 @@ static struct outlier_host *host_of(const struct snap_target *t, size_t i)
 static int dial_skips(const struct session *s, const struct snap_target *t, size_t i,
                       uint64_t now_ms, int panic)
 {
-    int back = 0, out = outlier_ejected(host_of(t, i), now_ms, &back);
-    if (back)
+    struct outlier_host *h = host_of(t, i);
+    int back = 0, out = outlier_ejected(h, now_ms, &back);
+    if (back && h != NULL)
         LOG_INFO("upstream %s: endpoint %s of target %s back in service after its ejection",
-                 LOG_ESC(s->up->cfg->destination_name), LOG_ESC(t->hosts[i]->name), LOG_ESC(t->id));
+                 LOG_ESC(s->up->cfg->destination_name), LOG_ESC(h->name), LOG_ESC(t->id));
     return out && !panic;
 }
 
