@@ -19,6 +19,7 @@
 static const char *const limit_names[OUTLIER_LIMIT_COUNT] = {
     [OUTLIER_LIMIT_PENDING] = "max_pending_requests",
     [OUTLIER_LIMIT_CONCURRENT] = "max_concurrent_requests",
+    [OUTLIER_LIMIT_CONNECTIONS] = "max_connections",
 };
 
 const char *outlier_limit_name(enum outlier_limit l)
@@ -32,6 +33,7 @@ struct outlier *outlier_new(void)
     atomic_init(&o->refs, 1);
     atomic_init(&o->pending, 0);
     atomic_init(&o->active, 0);
+    atomic_init(&o->conns, 0);
     for (size_t i = 0; i < OUTLIER_LIMIT_COUNT; i++)
         atomic_init(&o->overflow[i], 0);
     atomic_init(&o->ejections, 0);
@@ -112,7 +114,9 @@ size_t outlier_prune(struct outlier *o)
 
 static atomic_long *count_of(struct outlier *o, enum outlier_limit l)
 {
-    return l == OUTLIER_LIMIT_PENDING ? &o->pending : &o->active;
+    return l == OUTLIER_LIMIT_PENDING       ? &o->pending
+           : l == OUTLIER_LIMIT_CONNECTIONS ? &o->conns
+                                            : &o->active;
 }
 
 int outlier_admit(struct outlier *o, enum outlier_limit l, uint32_t max)
@@ -134,8 +138,10 @@ void outlier_release(struct outlier *o, enum outlier_limit l)
 
 long outlier_count(const struct outlier *o, enum outlier_limit l)
 {
-    return atomic_load_explicit(l == OUTLIER_LIMIT_PENDING ? &o->pending : &o->active,
-                                memory_order_relaxed);
+    const atomic_long *c = l == OUTLIER_LIMIT_PENDING       ? &o->pending
+                           : l == OUTLIER_LIMIT_CONNECTIONS ? &o->conns
+                                                            : &o->active;
+    return atomic_load_explicit(c, memory_order_relaxed);
 }
 
 /* ---- arithmetic ---- */

@@ -46,6 +46,7 @@ struct outlier_cfg {
 enum outlier_limit {
     OUTLIER_LIMIT_PENDING = 0, /* limits.max_pending_requests */
     OUTLIER_LIMIT_CONCURRENT,  /* limits.max_concurrent_requests */
+    OUTLIER_LIMIT_CONNECTIONS, /* limits.max_connections: connections L7 opened to it */
     OUTLIER_LIMIT_COUNT
 };
 
@@ -65,8 +66,9 @@ struct outlier_host {
 
 struct outlier {
     atomic_uint refs;
-    atomic_long pending;                                /* requests waiting for a connection */
-    atomic_long active;                                 /* requests in flight */
+    atomic_long pending; /* requests waiting for a connection */
+    atomic_long active;  /* requests in flight */
+    atomic_long conns;   /* connections open to its endpoints (HTTP/1.1 pooled or not, HTTP/2) */
     atomic_uint_fast64_t overflow[OUTLIER_LIMIT_COUNT]; /* requests answered 503, by limit */
     atomic_uint_fast64_t ejections;                     /* endpoints ejected */
     atomic_uint_fast64_t ejection_overflows;            /* ejections max_ejection_pct prevented */
@@ -98,9 +100,9 @@ struct outlier_host *outlier_host_get(struct outlier *o, const char *name);
 size_t outlier_prune(struct outlier *o);
 
 /*
- * Takes one unit of the count of limit <l> (pending or active) when it is below <max> (0 = no
- * limit): 1 taken, give it back with outlier_release(); 0 over the limit, nothing held and the
- * overflow counted.
+ * Takes one unit of the count of limit <l> (pending, active or connections) when it is below <max>
+ * (0 = no limit): 1 taken, give it back with outlier_release(); 0 over the limit, nothing held and
+ * the overflow counted.
  */
 int outlier_admit(struct outlier *o, enum outlier_limit l, uint32_t max);
 void outlier_release(struct outlier *o, enum outlier_limit l);

@@ -463,7 +463,10 @@ static const struct key_def keys[] = {
      .def_note = "(no limit)",
      .max = 10000000,
      .doc = "Most concurrent connections to this upstream over all workers (Consul's "
-            "`limits { max_connections }`); more are closed at once after accept and counted."},
+            "`limits { max_connections }`); more are closed at once after accept and counted. "
+            "With protocol http, http2 or grpc it also bounds the connections opened to the "
+            "upstream's endpoints (Envoy's circuit breaker max_connections; pooled idle ones "
+            "count): a request that needs one more is answered 503 at once (upstream_overflow)."},
     {.name = "limits.max_pending_requests",
      .scope = SCOPE_UPSTREAM,
      .type = KEY_COUNT,

@@ -1251,6 +1251,42 @@ static int dial_admit(struct session *s)
 }
 
 /*
+ * Outbound L7, before a new connection to an endpoint: limits.max_connections bounds the
+ * connections open to the upstream's endpoints over all workers (pooled ones too), as Envoy's
+ * circuit breaker bounds a cluster's. Returns the state to count the connection in (a unit and
+ * a reference taken; the end gives both back when it closes), NULL with nothing taken when
+ * there is nothing to count (L4: the listener's limit bounds it), or ends the dial with an
+ * overflow and returns NULL with *<over> set.
+ */
+static struct outlier *conn_admit(struct session *s, int *over)
+{
+    struct outlier *o = s->up->outlier;
+    *over = 0;
+    if (o == NULL || (s->mux == NULL && !s->dial_h2))
+        return NULL;
+    uint32_t max = s->up->cfg->limits.max_connections;
+    if (outlier_admit(o, OUTLIER_LIMIT_CONNECTIONS, max))
+        return outlier_ref(o);
+    char why[128];
+    snprintf(why, sizeof(why), "upstream overflow: max_connections (%lu) reached",
+             (unsigned long)max);
+    *over = 1;
+    s->dial_overflow = 1;
+    session_set_state(s, S_HTTP);
+    dial_end(s, why);
+    return NULL;
+}
+
+/* Gives back what conn_admit() took for a connection that was not made. */
+static void conn_unadmit(struct outlier *o)
+{
+    if (o == NULL)
+        return;
+    outlier_release(o, OUTLIER_LIMIT_CONNECTIONS);
+    outlier_unref(o);
+}
+
+/*
  * The <k>th target the current dial may use (dial_rs's, else the upstream's, in order) and the
  * offset of its endpoints' flags in s->tried; NULL past the last. An index the resolver names
  * beyond the upstream's targets (a table and targets from different chains) is skipped.
@@ -1302,9 +1338,10 @@ static int upool_take(struct session *s)
             continue;
         const struct endpoint_set *eps = t->endpoints;
         uint64_t now = t->hosts != NULL ? outlier_now_ms() : 0;
+        int panic = t->hosts != NULL && target_panics(t, now);
         for (size_t i = 0; i < eps->n; i++) {
-            if (dial_skips(s, t, i, now, 0))
-                continue; /* ejected: a dial decides, which may use it when all are */
+            if (dial_skips(s, t, i, now, panic))
+                continue; /* ejected, and not every endpoint of the target is */
             s->tgt = t;
             s->ep = &eps->v[i];
             endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
@@ -1443,9 +1480,14 @@ static void pick_endpoint(struct session *s)
         } else {
             endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
         }
+        int over;
+        struct outlier *counted = conn_admit(s, &over);
+        if (over)
+            return;
         int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
                            : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
+            conn_unadmit(counted);
             LOG_WARN("conn=%llu out endpoint %s: connect: %s", (unsigned long long)s->id,
                      LOG_ESC(s->ep_name), util_strerror(fd));
             if (s->mux != NULL || s->dial_h2)
@@ -1455,6 +1497,7 @@ static void pick_endpoint(struct session *s)
         LOG_DEBUG("conn=%llu out target %s endpoint %s", (unsigned long long)s->id, LOG_ESC(t->id),
                   LOG_ESC(s->ep_name));
         s->end[1].fd = fd;
+        s->end[1].counted = counted;
         loop_io_init(&s->end[1].io, fd, session_on_io, s);
         session_set_state(s, S_CONNECT);
         loop_timer_start(s->host->loop, &s->timer,

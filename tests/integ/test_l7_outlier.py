@@ -21,6 +21,7 @@ from mesh import LOOPBACK, TcpApp, admin_args, admin_get, free_port, sidecar_reg
     wait_until
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_outbound import l7_pair, outbound_requests, try_status
+from test_l7_routing import answered_by, delete_entries
 
 
 class Always503(TcpApp):
@@ -267,3 +268,48 @@ def test_max_ejection_percent_keeps_the_share(mesh, tmp_path):
     assert metric(admin, "upstream_ejected_endpoints", db.name) == 1
     assert "stays: max_ejection_percent 10 of 2 endpoints" in web.proxy.log()
     assert len(re.findall(r"ejected for \d+ ms", web.proxy.log())) == 1
+
+
+def test_max_connections_bounds_upstream_connections_of_l7(mesh, tmp_path):
+    """limits.max_connections 1 on an http upstream bounds the connections web's sidecar opens
+    to the upstream's endpoints, as Envoy's circuit breaker does (not only the application's
+    connections to the listener). One application connection: "/" goes to db on one upstream
+    connection; "/two", routed to db2, needs a second one while the first waits in the pool
+    (counted, as Envoy counts idle ones): 503 at once, upstream_overflow naming the limit. The
+    application connection stays, and "/" is served again on the pooled connection. Without
+    the bound "/two" was answered by db2."""
+    m = mesh
+    args, admin = admin_args()
+    for logical in ("db", "db2"):
+        m.service_defaults(logical, "http")
+        m.wait_passing(m.add(logical, app_port=m.app(HttpApp).port))
+    alog = str(tmp_path / "web-access.log")
+    web = m.add("web", upstreams=[{"name": "db", "config": {"limits": {"max_connections": 1}}}],
+                start=False)
+    m.start(web, extra_args=("-access-log", alog, "-workers", "1", *args))
+    try:
+        m.api.set_config_entry({
+            "Kind": "service-router", "Name": m.name("db"),
+            "Routes": [{"Match": {"HTTP": {"PathPrefix": "/two"}},
+                        "Destination": {"Service": m.name("db2")}}]})
+        wait_until(lambda: "/two" in str(admin_get(admin, "/config")[1]), 30, "the router")
+        web.proxy.wait_log(r"target %s\S*: 1 healthy endpoint" % re.escape(m.name("db2")), 30)
+        with connect(web.up["db"]) as s:
+            r = Reader(s)
+            s.sendall(get("/one"))
+            st, _, body, _ = response(r)
+            assert st == 200 and answered_by(m, body) == "db", (st, body)
+            s.sendall(get("/two"))
+            st, _, body, _ = response(r)
+            assert st == 503 and b"overflow" in body, (st, body)
+            s.sendall(get("/one-again"))
+            st, _, body, _ = response(r)
+            assert st == 200 and answered_by(m, body) == "db", (st, body)
+        wait_until(lambda: any(x["path"] == "/two" for x in outbound_requests(alog)), 10,
+                   "the overflow's record")
+        rec = [x for x in outbound_requests(alog) if x["path"] == "/two"][0]
+        assert rec["result"] == "upstream_overflow", rec
+        assert "max_connections (1)" in rec["reason"], rec
+        assert metric(admin, "upstream_overflow_total", m.name("db"), "max_connections") == 1
+    finally:
+        delete_entries(m)

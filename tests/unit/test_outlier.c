@@ -208,6 +208,11 @@ static void test_admit_counts_and_overflows(void **state)
     assert_true(outlier_admit(o, OUTLIER_LIMIT_PENDING, 2));
     assert_string_equal(outlier_limit_name(OUTLIER_LIMIT_PENDING), "max_pending_requests");
     assert_string_equal(outlier_limit_name(OUTLIER_LIMIT_CONCURRENT), "max_concurrent_requests");
+    assert_string_equal(outlier_limit_name(OUTLIER_LIMIT_CONNECTIONS), "max_connections");
+    assert_true(outlier_admit(o, OUTLIER_LIMIT_CONNECTIONS, 1));
+    assert_false(outlier_admit(o, OUTLIER_LIMIT_CONNECTIONS, 1));
+    assert_int_equal(outlier_count(o, OUTLIER_LIMIT_CONNECTIONS), 1);
+    assert_int_equal(outlier_count(o, OUTLIER_LIMIT_PENDING), 2);
     outlier_unref(o);
 }
 
