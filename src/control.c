@@ -248,6 +248,7 @@ static void do_rebuild(struct loop_defer *d)
     struct snapshot *s = snapshot_new(++ctl->generation, &ctl->cfg, trust_domain, tls, intents,
                                       (const struct snap_target *const *)parts.targets,
                                       parts.n_targets, ctl->inbound_limit, parts.limits, mesh_http);
+    snapshot_attach_outliers(s, parts.outliers);
     /* Not published yet: the upstreams' protocols (some come from their chains) are set. */
     for (size_t i = 0; i < parts.n; i++) {
         s->upstreams[i].protocol = parts.protocols[i];

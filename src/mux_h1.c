@@ -524,6 +524,9 @@ static const char *local_body(enum stream_result r)
     case STREAM_RES_LOCAL_RESET:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "connection termination";
+    case STREAM_RES_UPSTREAM_OVERFLOW:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "overflow";
     case STREAM_RES_LOCAL_TIMEOUT:
         return "upstream request timeout";
     case STREAM_RES_BAD_RESPONSE:
@@ -916,6 +919,32 @@ static int route_request(struct session *s)
     return 0;
 }
 
+/*
+ * Outbound, limits.max_concurrent_requests: the request is in flight from here to the end of
+ * its stream (stream_finish() gives the unit back). Returns 0, or -1 after answering 503 at
+ * once when that many are in flight to the upstream over all workers (Envoy's circuit
+ * breaker; nothing is queued).
+ */
+static int admit_request(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct outlier *o = s->up->outlier;
+    uint32_t max = s->up->cfg->max_concurrent_requests;
+    if (o == NULL)
+        return 0;
+    if (outlier_admit(o, OUTLIER_LIMIT_CONCURRENT, max)) {
+        m->st.active = o;
+        return 0;
+    }
+    char why[128];
+    snprintf(why, sizeof(why), "upstream overflow: max_concurrent_requests (%lu) reached",
+             (unsigned long)max);
+    buf_consume(&m->cin, m->rq_len);
+    memset(&m->rq, 0, sizeof(m->rq));
+    local_answer(s, STREAM_RES_UPSTREAM_OVERFLOW, m->expect && !m->req.done, why);
+    return -1;
+}
+
 /* ---- the far side over HTTP/2 (h2up) ---- */
 
 static void pump(struct session *s);
@@ -1056,6 +1085,8 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
         kick(s);
         return 0;
     }
+    if (m->outbound)
+        session_outlier_report(s, hd->status >= 500);
 #define EXTRA(n, v)                                                                                \
     extra[nx++] = (struct http_header)                                                             \
     {                                                                                              \
@@ -1449,7 +1480,7 @@ static void on_head(struct session *s, size_t n)
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
         return;
     }
-    if (m->outbound && route_request(s) < 0)
+    if (m->outbound && (route_request(s) < 0 || admit_request(s) < 0))
         return;
     if (m->outbound && m->h2) {
         /* Each request a stream on a shared HTTP/2 connection (session_dial_h2). */
@@ -1460,6 +1491,8 @@ static void on_head(struct session *s, size_t n)
     if (m->outbound) {
         /* Outbound: the application's own request, forwarded as sent (the upstream's
          * sidecar normalizes and authorizes it). */
+        if (s->end[1].fd >= 0 && session_endpoint_ejected(s))
+            close_app(s); /* each request picks its endpoint, as Envoy's balancer does */
         if (s->end[1].fd < 0) {
             m->phase = P_DIAL;
             session_dial_upstream(s);
@@ -1545,6 +1578,8 @@ static int on_response_head(struct session *s, size_t n)
         local_answer(s, STREAM_RES_BAD_RESPONSE, !m->req.done, "101 without an Upgrade offer");
         return -1;
     }
+    if (m->outbound)
+        session_outlier_report(s, rs->status >= 500);
     body_init(&m->res, rs->framing, rs->content_length);
     m->res.dechunk = rs->framing == HTTP_BODY_CHUNKED && m->minor == 0;
     m->app_keep = m->app_keep && (rs->flags & HTTP_F_KEEP_ALIVE) &&
@@ -2340,7 +2375,9 @@ static void mux_dialled(struct session *s, const char *why)
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
         buf_consume(&m->cin, m->rq_len);
         memset(&m->rq, 0, sizeof(m->rq));
-        local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
+        local_answer(
+            s, s->dial_overflow ? STREAM_RES_UPSTREAM_OVERFLOW : STREAM_RES_UPSTREAM_CONNECT_ERROR,
+            m->expect && !m->req.done, msg);
     } else if (m->h2) {
         struct h2up_conn *c = s->h2c;
         s->h2c = NULL;

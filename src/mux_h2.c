@@ -430,6 +430,9 @@ static const char *local_text(enum stream_result r)
     case STREAM_RES_LOCAL_RESET:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "connection termination";
+    case STREAM_RES_UPSTREAM_OVERFLOW:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "overflow";
     case STREAM_RES_LOCAL_TIMEOUT:
         return "upstream request timeout";
     case STREAM_RES_BAD_RESPONSE:
@@ -1772,7 +1775,10 @@ static void mux_dialled(struct session *s, const char *why)
         }
         x->waiting = 0;
         if (c == NULL) {
-            local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
+            local_answer(s, x,
+                         s->dial_overflow ? STREAM_RES_UPSTREAM_OVERFLOW
+                                          : STREAM_RES_UPSTREAM_CONNECT_ERROR,
+                         msg, (struct http_slice){0});
             continue;
         }
         struct h2_out_head oh = pend_head(x);

@@ -41,6 +41,7 @@
 #include "lb.h"
 #include "limit.h"
 #include "log.h"
+#include "outlier.h"
 #include "sock.h"
 #include "spiffe.h"
 #include "util.h"
@@ -68,6 +69,7 @@ static void on_timer(struct loop_timer *t);
 static void on_lifetime(struct loop_timer *t);
 static void advance(struct session *s);
 static void try_next_endpoint(struct session *s, const char *why);
+static void dial_end(struct session *s, const char *why);
 
 /* ---- lifecycle ---- */
 
@@ -312,6 +314,10 @@ void session_finish(struct session *s, enum session_result result, const char *r
     if (s->admitted != NULL) {
         limit_pending_release(s->admitted, &s->pending);
         limit_release(s->admitted);
+    }
+    if (s->dial_waiting) {
+        s->dial_waiting = 0;
+        outlier_release(s->up->outlier, OUTLIER_LIMIT_PENDING);
     }
     for (int i = 0; i < 2; i++)
         if (s->end[i].fd >= 0)
@@ -927,11 +933,7 @@ struct upool_conn {
 
 static void endpoint_name(const struct dec_endpoint *ep, char *out, size_t len)
 {
-    /* Service.SocketPath, when set, replaces address:port (consul-api.md 3.3). */
-    if (ep->socket_path[0] != '\0')
-        snprintf(out, len, "unix:%s", ep->socket_path);
-    else
-        snprintf(out, len, "%s:%d", ep->address, ep->port);
+    snapshot_endpoint_name(ep, out, len);
 }
 
 /* What a pooled connection must match to serve endpoint <ep> (named <ep_name>) of <tgt>. */
@@ -1015,7 +1017,7 @@ static int h2_take(struct session *s, const char *key)
               (unsigned long long)s->id, LOG_ESC(s->ep_name), h2up_conn_streams(c));
     s->h2c = c;
     session_set_state(s, S_HTTP);
-    s->carrier->dialled(s, NULL);
+    dial_end(s, NULL);
     return 1;
 }
 
@@ -1167,6 +1169,146 @@ void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_
               LOG_ESC(ep_name));
 out:
     xprt_close(h->loop, x);
+}
+
+/* ---- the upstream's request limits and passive health (outlier.h) ---- */
+
+/* The passive-health state of endpoint <i> of target <t>, or NULL. */
+static struct outlier_host *host_of(const struct snap_target *t, size_t i)
+{
+    return t != NULL && t->hosts != NULL && i < t->n_hosts ? t->hosts[i] : NULL;
+}
+
+/*
+ * Whether the dial passes over endpoint <i> of <t> at <now_ms>: it is ejected, and <panic> is
+ * not set (every endpoint of the target ejected, when Envoy balances over them all anyway).
+ * Logs an endpoint whose ejection is over as it comes back.
+ */
+static int dial_skips(const struct session *s, const struct snap_target *t, size_t i,
+                      uint64_t now_ms, int panic)
+{
+    struct outlier_host *h = host_of(t, i);
+    int back = 0, out = outlier_ejected(h, now_ms, &back);
+    if (back && h != NULL)
+        LOG_INFO("upstream %s: endpoint %s of target %s back in service after its ejection",
+                 LOG_ESC(s->up->cfg->destination_name), LOG_ESC(h->name), LOG_ESC(t->id));
+    return out && !panic;
+}
+
+/* 1 when every endpoint of <t> (at least one) is ejected: the dial then uses them anyway. */
+static int target_panics(const struct snap_target *t, uint64_t now_ms)
+{
+    return t->hosts != NULL && t->n_hosts > 0 &&
+           outlier_ejected_among(t->hosts, t->n_hosts, now_ms) == t->n_hosts;
+}
+
+void session_outlier_report(struct session *s, int failed)
+{
+    const struct snap_target *t = s->tgt;
+    if (s->inbound || s->up == NULL || s->up->outlier == NULL || t == NULL || s->ep == NULL ||
+        t->hosts == NULL)
+        return;
+    size_t i = (size_t)(s->ep - t->endpoints->v);
+    struct outlier_host *h = host_of(t, i);
+    uint64_t ms = 0;
+    const struct outlier_cfg *c = &s->up->cfg->passive;
+    if (h == NULL || (!failed && atomic_load_explicit(&h->fails, memory_order_relaxed) == 0))
+        return; /* the common case: a success after a success, no clock read */
+    uint64_t now = outlier_now_ms();
+    enum outlier_event ev = outlier_report(s->up->outlier, c, h, t->hosts, t->n_hosts, failed, now,
+                                           (uint32_t)util_rand(), &ms);
+    struct outlier_cfg e = outlier_cfg_effective(c);
+    if (ev == OUTLIER_EJECTED)
+        LOG_WARN("conn=%llu upstream %s: endpoint %s of target %s ejected for %llu ms after %u "
+                 "consecutive failures (%zu of %zu ejected)",
+                 (unsigned long long)s->id, LOG_ESC(s->up->cfg->destination_name), LOG_ESC(h->name),
+                 LOG_ESC(t->id), (unsigned long long)ms, e.max_failures,
+                 outlier_ejected_among(t->hosts, t->n_hosts, now), t->n_hosts);
+    else if (ev == OUTLIER_OVERFLOW)
+        LOG_INFO("conn=%llu upstream %s: endpoint %s of target %s failed %u times in a row but "
+                 "stays: max_ejection_percent %u of %zu endpoints already ejected",
+                 (unsigned long long)s->id, LOG_ESC(s->up->cfg->destination_name), LOG_ESC(h->name),
+                 LOG_ESC(t->id), e.max_failures, e.max_ejection_pct, t->n_hosts);
+}
+
+int session_endpoint_ejected(struct session *s)
+{
+    const struct snap_target *t = s->tgt;
+    if (t == NULL || s->ep == NULL || t->hosts == NULL)
+        return 0;
+    uint64_t now = outlier_now_ms();
+    return dial_skips(s, t, (size_t)(s->ep - t->endpoints->v), now, target_panics(t, now));
+}
+
+/* Outbound L7: the dial ends (<why> NULL: end[1] or s->h2c is ready): the pending unit it held
+ * is given back before the codec runs, which may start the next dial. */
+static void dial_end(struct session *s, const char *why)
+{
+    if (s->dial_waiting) {
+        s->dial_waiting = 0;
+        outlier_release(s->up->outlier, OUTLIER_LIMIT_PENDING);
+    }
+    s->carrier->dialled(s, why);
+}
+
+/*
+ * The dial needs a new connection (or an HTTP/2 stream's): it waits as one of the upstream's
+ * pending requests. 1 when admitted; 0 after ending the dial with an overflow, at once (no
+ * queue), when limits.max_pending_requests are waiting already over all workers.
+ */
+static int dial_admit(struct session *s)
+{
+    s->dial_overflow = 0;
+    if (s->up->outlier == NULL || s->dial_waiting)
+        return 1;
+    uint32_t max = s->up->cfg->max_pending_requests;
+    if (outlier_admit(s->up->outlier, OUTLIER_LIMIT_PENDING, max)) {
+        s->dial_waiting = 1;
+        return 1;
+    }
+    char why[128];
+    snprintf(why, sizeof(why), "upstream overflow: max_pending_requests (%lu) reached",
+             (unsigned long)max);
+    s->dial_overflow = 1;
+    session_set_state(s, S_HTTP);
+    dial_end(s, why);
+    return 0;
+}
+
+/*
+ * Outbound L7, before a new connection to an endpoint: limits.max_connections bounds the
+ * connections open to the upstream's endpoints over all workers (pooled ones too), as Envoy's
+ * circuit breaker bounds a cluster's. Returns the state to count the connection in (a unit and
+ * a reference taken; the end gives both back when it closes), NULL with nothing taken when
+ * there is nothing to count (L4: the listener's limit bounds it), or ends the dial with an
+ * overflow and returns NULL with *<over> set.
+ */
+static struct outlier *conn_admit(struct session *s, int *over)
+{
+    struct outlier *o = s->up->outlier;
+    *over = 0;
+    if (o == NULL || (s->mux == NULL && !s->dial_h2))
+        return NULL;
+    uint32_t max = s->up->cfg->limits.max_connections;
+    if (outlier_admit(o, OUTLIER_LIMIT_CONNECTIONS, max))
+        return outlier_ref(o);
+    char why[128];
+    snprintf(why, sizeof(why), "upstream overflow: max_connections (%lu) reached",
+             (unsigned long)max);
+    *over = 1;
+    s->dial_overflow = 1;
+    session_set_state(s, S_HTTP);
+    dial_end(s, why);
+    return NULL;
+}
+
+/* Gives back what conn_admit() took for a connection that was not made. */
+static void conn_unadmit(struct outlier *o)
+{
+    if (o == NULL)
+        return;
+    outlier_release(o, OUTLIER_LIMIT_CONNECTIONS);
+    outlier_unref(o);
 }
 
 /*
@@ -1362,28 +1504,52 @@ static size_t choose_endpoint(struct session *s, const struct snap_target *t, si
                               struct lb_entry **e)
 {
     const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
-    size_t n = t->endpoints->n;
-    int pre = s->lb_pre_tgt == t && s->lb_pre_i < n && !s->tried[base + s->lb_pre_i];
+    size_t n = t->endpoints->n, i;
+    /* Ejected endpoints (outlier) are passed over as tried ones are, unless every endpoint of
+     * the target is (dial_skips()); the caller made sure one is left. */
+    const unsigned char *skip = s->tried + base;
+    unsigned char *merged = NULL;
+    if (t->hosts != NULL) {
+        uint64_t now = outlier_now_ms();
+        int panic = target_panics(t, now);
+        for (size_t j = 0; j < n; j++)
+            if (!skip[j] && dial_skips(s, t, j, now, panic)) {
+                if (merged == NULL) {
+                    merged = xmalloc(n);
+                    memcpy(merged, skip, n);
+                }
+                merged[j] = 1;
+            }
+        if (merged != NULL)
+            skip = merged;
+    }
+    int pre = s->lb_pre_tgt == t && s->lb_pre_i < n && !skip[s->lb_pre_i];
     s->lb_pre_tgt = NULL;
     *e = NULL;
-    if (lb == NULL || lb->policy == DEC_LB_DEFAULT || lb->policy == DEC_LB_RANDOM)
-        return pre ? s->lb_pre_i : lb_choose(lb, NULL, NULL, s->tried + base, n, 0, 0, util_rand);
-    *e = lb_entry_for(s->host, lb, t->endpoints);
-    if (pre)
-        return s->lb_pre_i;
-    return lb_choose(lb, (*e)->table, &(*e)->st, s->tried + base, n, s->lb_hashed, s->lb_hash,
-                     util_rand);
+    if (lb == NULL || lb->policy == DEC_LB_DEFAULT || lb->policy == DEC_LB_RANDOM) {
+        i = pre ? s->lb_pre_i : lb_choose(lb, NULL, NULL, skip, n, 0, 0, util_rand);
+    } else {
+        *e = lb_entry_for(s->host, lb, t->endpoints);
+        i = pre ? s->lb_pre_i
+                : lb_choose(lb, (*e)->table, &(*e)->st, skip, n, s->lb_hashed, s->lb_hash,
+                            util_rand);
+    }
+    free(merged);
+    return i;
 }
 
-/* The first target the dial may use that has an endpoint not tried yet, and its base. */
+/* The first target the dial may use that has an endpoint not tried yet and not passed over
+ * (dial_skips()), and its base. */
 static const struct snap_target *first_open_target(const struct session *s, size_t *base)
 {
+    uint64_t now = outlier_now_ms();
     for (size_t k = 0, b; k < dial_targets(s); k++) {
         const struct snap_target *c = dial_target(s, k, &b);
         if (c == NULL)
             continue;
+        int panic = target_panics(c, now);
         for (size_t i = 0; i < c->endpoints->n; i++)
-            if (!s->tried[b + i]) {
+            if (!s->tried[b + i] && !dial_skips(s, c, i, now, panic)) {
                 *base = b;
                 return c;
             }
@@ -1489,7 +1655,11 @@ static int upool_take(struct session *s)
         if (t == NULL)
             continue;
         const struct endpoint_set *eps = t->endpoints;
+        uint64_t now = t->hosts != NULL ? outlier_now_ms() : 0;
+        int panic = t->hosts != NULL && target_panics(t, now);
         for (size_t i = 0; i < eps->n; i++) {
+            if (dial_skips(s, t, i, now, panic))
+                continue; /* ejected, and not every endpoint of the target is */
             s->tgt = t;
             s->ep = &eps->v[i];
             if (upool_take_current(s))
@@ -1542,13 +1712,13 @@ static void verify_peer(struct session *s)
         }
         s->h2c = h2up_adopt(s->host->h2up, key, s->snap->tls, &s->end[1], s->ep_name);
         session_set_state(s, S_HTTP);
-        s->carrier->dialled(s, NULL);
+        dial_end(s, NULL);
         return;
     }
     if (s->mux != NULL || s->mux2 != NULL) {
         /* Outbound L7: the codec that asked for this connection takes it. */
         session_set_state(s, S_HTTP);
-        s->carrier->dialled(s, NULL);
+        dial_end(s, NULL);
         return;
     }
     s->host->muxes.relay->start(s);
@@ -1567,13 +1737,15 @@ static void pick_endpoint(struct session *s)
     for (;;) {
         const struct snap_target *t = NULL;
         size_t base = 0, total = 0;
+        uint64_t now = outlier_now_ms();
         for (size_t k = 0, b; k < dial_targets(s); k++) {
             const struct snap_target *c = dial_target(s, k, &b);
             if (c == NULL)
                 continue;
             size_t n = 0;
+            int p = target_panics(c, now);
             for (size_t i = 0; i < c->endpoints->n; i++)
-                n += !s->tried[b + i];
+                n += !s->tried[b + i] && !dial_skips(s, c, i, now, p);
             total += c->endpoints->n;
             if (n > 0 && t == NULL) {
                 t = c;
@@ -1585,7 +1757,7 @@ static void pick_endpoint(struct session *s)
             if (s->mux != NULL || s->mux2 != NULL || s->dial_h2) {
                 /* Outbound L7: the request gets a 503; the application's connection stays. */
                 session_set_state(s, S_HTTP);
-                s->carrier->dialled(s, why);
+                dial_end(s, why);
                 return;
             }
             session_finish(s, SESSION_RES_NO_ENDPOINT, why);
@@ -1603,7 +1775,7 @@ static void pick_endpoint(struct session *s)
             const char *key = h2_key(s);
             if (key == NULL) {
                 session_set_state(s, S_HTTP);
-                s->carrier->dialled(s, "out of memory");
+                dial_end(s, "out of memory");
                 return;
             }
             if (h2_take(s, key))
@@ -1611,16 +1783,24 @@ static void pick_endpoint(struct session *s)
         } else {
             endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
         }
+        int over;
+        struct outlier *counted = conn_admit(s, &over);
+        if (over)
+            return;
         int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
                            : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
+            conn_unadmit(counted);
             LOG_WARN("conn=%llu out endpoint %s: connect: %s", (unsigned long long)s->id,
                      LOG_ESC(s->ep_name), util_strerror(fd));
+            if (s->mux != NULL || s->dial_h2)
+                session_outlier_report(s, 1);
             continue;
         }
         LOG_DEBUG("conn=%llu out target %s endpoint %s", (unsigned long long)s->id, LOG_ESC(t->id),
                   LOG_ESC(s->ep_name));
         s->end[1].fd = fd;
+        s->end[1].counted = counted;
         loop_io_init(&s->end[1].io, fd, session_on_io, s);
         session_set_state(s, S_CONNECT);
         loop_timer_start(s->host->loop, &s->timer,
@@ -1652,6 +1832,8 @@ void session_dial_h2(struct session *s)
     dial_reset(s, 1);
     if (!loop_timer_armed(&s->host->upool_sweep))
         loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
+    if (!dial_admit(s))
+        return;
     pick_endpoint(s);
 }
 
@@ -1663,9 +1845,11 @@ static void dial_upstream(struct session *s, int use_pool)
         LOG_DEBUG("conn=%llu out reusing a pooled connection to %s", (unsigned long long)s->id,
                   LOG_ESC(s->ep_name));
         session_set_state(s, S_HTTP);
-        s->carrier->dialled(s, NULL);
+        dial_end(s, NULL);
         return;
     }
+    if (!dial_admit(s))
+        return;
     pick_endpoint(s);
 }
 
@@ -1684,6 +1868,8 @@ static void try_next_endpoint(struct session *s, const char *why)
     LOG_WARN("conn=%llu out endpoint %s failed: %s", (unsigned long long)s->id, LOG_ESC(s->ep_name),
              why);
     STAT_ADD(s->lstat->connect_errors, 1);
+    if (s->mux != NULL || s->dial_h2)
+        session_outlier_report(s, 1); /* a failed connection counts as a 5xx (Envoy) */
     if (s->state == S_VERIFY_PEER)
         STAT_ADD(s->host->stats->handshake_failures[SESSION_HS_WRONG_PEER], 1);
     loop_timer_stop(s->host->loop, &s->timer);

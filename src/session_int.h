@@ -134,6 +134,12 @@ struct session {
      * borrowed from the worker's h2up pool until the carrier returns to the loop. */
     int dial_h2;
     struct h2up_conn *h2c;
+    /* The dial holds a unit of up->outlier's pending count (limits.max_pending_requests) from
+     * the moment it needs a new connection until carrier->dialled(); <dial_overflow> says
+     * that dial ended at once because the limit was reached (the codec answers
+     * STREAM_RES_UPSTREAM_OVERFLOW). */
+    int dial_waiting;
+    int dial_overflow;
     /* session_dial_h2() runs once per outbound stream: the name and h2up key of the last
      * endpoint it picked, kept (allocated on the first h2 dial, owned) so that picking it
      * again formats nothing. <snap> is held for the session's life, so the endpoint pointers
@@ -226,6 +232,15 @@ void session_redial_upstream(struct session *s);
  * before this returns.
  */
 void session_dial_h2(struct session *s);
+/*
+ * Outbound L7: how the request just answered went for its endpoint (s->tgt, s->ep), for the
+ * upstream's passive health check: <failed> a 5xx answer (or a failure to reach it), else a
+ * success. Logs an ejection it causes. No-op without an endpoint or outlier state.
+ */
+void session_outlier_report(struct session *s, int failed);
+/* Outbound L7: 1 when the endpoint of end[1] (s->tgt, s->ep) is ejected now, so the next
+ * request should not ride its kept-alive connection (unless every endpoint of its target is). */
+int session_endpoint_ejected(struct session *s);
 /* The key of the worker's shared h2c connection to the local application ("app|<address>"),
  * for the snapshot <s> started with; keeps the worker's pool sweep running, which drains such
  * connections once the snapshot names another address. */

@@ -204,6 +204,10 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
         return;
     st->done = 1;
     session_lb_release(s); /* least_request counts the request active until here */
+    if (st->active != NULL) {
+        outlier_release(st->active, OUTLIER_LIMIT_CONCURRENT);
+        st->active = NULL;
+    }
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
     if (st->route != NULL)

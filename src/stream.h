@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "http.h"
+#include "outlier.h"
 #include "spiffe.h"
 
 struct route;
@@ -35,6 +36,8 @@ struct session;
     X(NO_ROUTE, "no_route", 404)         /* outbound: no route of the upstream's chain matched */  \
     X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
     X(UPSTREAM_CONNECT_ERROR, "upstream_connect_error", 503) /* outbound: no endpoint answered */  \
+    X(UPSTREAM_OVERFLOW, "upstream_overflow",                                                      \
+      503)                                 /* outbound: the upstream's limits (no queue) */        \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
     X(LOCAL_TIMEOUT, "local_timeout", 504) /* local_request_timeout_ms */                          \
     X(BAD_RESPONSE, "bad_response", 502)   /* the application's answer was broken */               \
@@ -76,6 +79,9 @@ struct stream {
      * session's snapshot), for the record and the route's counters; NULL when none. */
     const struct route *route;
     const char *resolver;
+    /* Outbound: the upstream whose in-flight count (limits.max_concurrent_requests) this
+     * request holds a unit of; stream_finish() gives it back. NULL when none. */
+    struct outlier *active;
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

@@ -6,6 +6,7 @@
  */
 #include "views.h"
 #include "intent.h"
+#include "outlier.h"
 #include "pathnorm.h"
 #include "route.h"
 #include "util.h"
@@ -153,6 +154,72 @@ static void visit_watch(void *data, const char *name, const struct watch *w)
 {
     struct watch_visit *v = data;
     watch_metrics(v->b, name, w, v->now);
+}
+
+/* connectd_<name>{upstream="<u>"[,limit="<l>"]} <v> */
+static void upstream_sample(struct admin_buf *b, const char *name, const char *upstream,
+                            const char *limit, uint64_t v)
+{
+    admin_buf_printf(b, "connectd_%s{upstream=", name);
+    admin_buf_label(b, upstream);
+    if (limit != NULL) {
+        admin_buf_add(b, ",limit=", 7);
+        admin_buf_label(b, limit);
+    }
+    admin_buf_printf(b, "} %llu\n", (unsigned long long)v);
+}
+
+/* Each upstream's request limits and outlier ejections (outlier.h), from the current
+ * snapshot's shared state. */
+static void render_outliers(const struct snapshot *snap, struct admin_buf *b)
+{
+    if (snap == NULL)
+        return;
+    uint64_t now = outlier_now_ms();
+    metric_head(b, "upstream_overflow_total", "counter",
+                "Outbound requests answered 503 at once by an upstream's limits, by limit.");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++) {
+        const struct outlier *o = snap->upstreams[i].outlier;
+        for (int l = 0; o != NULL && l < OUTLIER_LIMIT_COUNT; l++)
+            upstream_sample(b, "upstream_overflow_total", snap->cfg.upstreams[i].destination_name,
+                            outlier_limit_name(l),
+                            atomic_load_explicit(&o->overflow[l], memory_order_relaxed));
+    }
+    metric_head(b, "upstream_requests_in_flight", "gauge",
+                "Outbound requests in flight to an upstream now (limits.max_concurrent_requests "
+                "counts them), over all workers.");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++)
+        if (snap->upstreams[i].outlier != NULL)
+            upstream_sample(
+                b, "upstream_requests_in_flight", snap->cfg.upstreams[i].destination_name, NULL,
+                (uint64_t)outlier_count(snap->upstreams[i].outlier, OUTLIER_LIMIT_CONCURRENT));
+    metric_head(b, "upstream_ejections_total", "counter",
+                "Upstream endpoints ejected by the passive health check (consecutive 5xx).");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++)
+        if (snap->upstreams[i].outlier != NULL)
+            upstream_sample(
+                b, "upstream_ejections_total", snap->cfg.upstreams[i].destination_name, NULL,
+                atomic_load_explicit(&snap->upstreams[i].outlier->ejections, memory_order_relaxed));
+    metric_head(b, "upstream_ejections_overflow_total", "counter",
+                "Ejections max_ejection_percent prevented (the endpoint stayed in service).");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++)
+        if (snap->upstreams[i].outlier != NULL)
+            upstream_sample(b, "upstream_ejections_overflow_total",
+                            snap->cfg.upstreams[i].destination_name, NULL,
+                            atomic_load_explicit(&snap->upstreams[i].outlier->ejection_overflows,
+                                                 memory_order_relaxed));
+    metric_head(b, "upstream_ejected_endpoints", "gauge",
+                "Upstream endpoints ejected now (over the upstream's targets).");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++) {
+        const struct snap_upstream *u = &snap->upstreams[i];
+        if (u->outlier == NULL)
+            continue;
+        size_t n = 0;
+        for (size_t j = 0; j < u->n_targets; j++)
+            n += outlier_ejected_among(u->targets[j].hosts, u->targets[j].n_hosts, now);
+        upstream_sample(b, "upstream_ejected_endpoints", snap->cfg.upstreams[i].destination_name,
+                        NULL, n);
+    }
 }
 
 static void render_watches(const struct views *v, const struct views_state *st, struct admin_buf *b)
@@ -403,6 +470,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         if (session_result_close_kind(r) != NULL)
             sample(b, "timeout_closes_total", "kind", session_result_close_kind(r), ended[r]);
 
+    render_outliers(vs->current, b);
     render_watches(vw, vs, b);
 
     metric_head(b, "leaf_not_after_seconds", "gauge",
