@@ -143,7 +143,14 @@ def test_upstream_connections_pooled_across_application_connections(mesh, tmp_pa
                                  db_config={"protocol": "http"},
                                  web_args=("-workers", "1", *args))
     before = app.connections
+
+    def pooled():
+        return "connectd_upstream_pool_idle_connections 1\n" in admin_get(admin, "/metrics")[1]
     for i in range(5):
+        # The previous application connection's close must have reached the sidecar (its
+        # upstream connection is in the pool) before the next connects: else the two race on
+        # the worker's loop, and the next may dial before the pool has anything.
+        wait_until(pooled, 10, "the upstream connection back in the pool")
         assert try_status(web.up["db"], f"/pool{i}") == 200
     assert app.connections == before
     assert web.proxy.log().count("reusing a pooled connection") >= 5
