@@ -7,8 +7,11 @@
  *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
  *                             ^------- next endpoint on connect/handshake/identity failure ---'
  *             '--- upstream protocol http/http2/grpc ---> HTTP (mux_h1) --(per dial)-->
- * PICK_ENDPOINT ... VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request) any
- * state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door out)
+ * PICK_ENDPOINT ... VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request)
+ *   exposed:  ACCEPTED -> HTTP (plain, no caller; mux_h1 | mux_h2 by the first bytes; the
+ *             listener's paths instead of the intentions, 404 else) -> DONE
+ * any state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door
+ * out)
  *
  * A session has two ends: end[0] is the accepted connection, end[1] the one we dial (the local
  * application inbound, the upstream endpoint outbound). Exactly one end speaks TLS. AUTHORIZE
