@@ -279,7 +279,8 @@ static int same_paths(const struct expose_checks *x, const struct expose_path *p
     for (size_t i = 0; i < n; i++)
         if (p[i].listener_port != x->paths[i].listener_port ||
             p[i].local_path_port != x->paths[i].local_path_port ||
-            p[i].protocol != x->paths[i].protocol || strcmp(p[i].path, x->paths[i].path) != 0)
+            p[i].protocol != x->paths[i].protocol || p[i].path == NULL ||
+            x->paths[i].path == NULL || strcmp(p[i].path, x->paths[i].path) != 0)
             return 0;
     return 1;
 }
@@ -300,11 +301,12 @@ static int on_checks(void *data, const struct agent_response *resp)
     char **ids = xcalloc(n + 1, sizeof(*ids));
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
-        int prc = expose_check_path(&v[i], x->local_port, &paths[k]);
+        struct expose_path p;
+        int prc = expose_check_path(&v[i], x->local_port, &p);
         const char *known = prc == -EAGAIN ? known_path(x, &v[i]) : NULL;
         if (known != NULL) {
-            paths[k].protocol = PROTO_HTTP;
-            paths[k].path = xstrdup(known);
+            p.protocol = PROTO_HTTP;
+            p.path = xstrdup(known);
             prc = 0;
         }
         if (prc == -EAGAIN)
@@ -314,8 +316,9 @@ static int on_checks(void *data, const struct agent_response *resp)
         else if (prc == -EINVAL)
             LOG_WARN("check %s of %s: its URL's path cannot be exposed", LOG_ESC(v[i].check_id),
                      x->service_id);
-        if (prc != 0)
+        if (prc != 0 || p.path == NULL)
             continue;
+        paths[k] = p;
         ids[k++] = xstrdup(v[i].check_id);
     }
     dec_checks_free(v, n);
