@@ -267,7 +267,8 @@ static void do_rebuild(struct loop_defer *d)
     size_t n_checks;
     const struct expose_path *checks = expose_checks_paths(ctl->exp, &n_checks);
     char warn[512];
-    s->exposes = expose_build(&ctl->cfg, checks, n_checks, ctl->expose_limit, warn, sizeof(warn));
+    s->exposes = expose_build(&ctl->cfg, checks, n_checks, ctl->expose_limit,
+                              inputs_agent_addr(ctl->in), warn, sizeof(warn));
     if (warn[0] != '\0')
         warn_once(ctl, warn);
     if (ctl->current == NULL)

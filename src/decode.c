@@ -2100,7 +2100,7 @@ int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, c
                       size_t errlen)
 {
     struct dctx c;
-    json_t *root, *config = NULL, *debug = NULL, *acl = NULL;
+    json_t *root, *config = NULL, *debug = NULL, *acl = NULL, *mem = NULL;
     ctx_init(&c, err, errlen);
     memset(out, 0, sizeof(*out));
     int rc = load(&c, buf, len, &root);
@@ -2118,7 +2118,9 @@ int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, c
                       &out->default_intention_policy)) != 0 ||
         (rc = get_str(&c, acl, "ACLDefaultPolicy", 0, "DebugConfig.ACLResolverSettings",
                       &out->acl_default_policy)) != 0 ||
-        (rc = get_bool(&c, debug, "ACLsEnabled", "DebugConfig", &out->acls_enabled)) != 0)
+        (rc = get_bool(&c, debug, "ACLsEnabled", "DebugConfig", &out->acls_enabled)) != 0 ||
+        (rc = get_obj(&c, root, "Member", 0, "", &mem)) != 0 ||
+        (rc = get_str(&c, mem, "Addr", 0, "Member", &out->member_addr)) != 0)
         goto out;
     if (member(debug, "ACLsEnabled") == NULL)
         out->acls_enabled = -1;
@@ -2133,6 +2135,7 @@ void dec_agent_self_dispose(struct dec_agent_self *s)
 {
     free(s->datacenter);
     free(s->default_intention_policy);
+    free(s->member_addr);
     free(s->acl_default_policy);
     memset(s, 0, sizeof(*s));
 }

@@ -493,6 +493,7 @@ struct dec_agent_self {
     char *default_intention_policy; /* DebugConfig.DefaultIntentionPolicy: "", allow or deny */
     char *acl_default_policy;       /* DebugConfig.ACLResolverSettings.ACLDefaultPolicy */
     int acls_enabled;               /* DebugConfig.ACLsEnabled: 1, 0, or -1 when absent */
+    char *member_addr;              /* Member.Addr: the agent's LAN advertise address */
 };
 
 /* Decodes the few fields connectd reads; every one is optional (older agents lack some). */

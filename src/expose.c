@@ -158,8 +158,8 @@ static int by_port(const void *a, const void *b)
 }
 
 struct snap_exposes *expose_build(const struct proxy_cfg *cfg, const struct expose_path *checks,
-                                  size_t n_checks, struct limit_state *limit, char *warn,
-                                  size_t wlen)
+                                  size_t n_checks, struct limit_state *limit,
+                                  const char *agent_addr, char *warn, size_t wlen)
 {
     struct snap_expose *v = NULL;
     size_t n = 0, n_explicit;
@@ -193,7 +193,9 @@ struct snap_exposes *expose_build(const struct proxy_cfg *cfg, const struct expo
     if (n == 0)
         return NULL;
     qsort(v, n, sizeof(*v), by_port);
-    return snap_exposes_new(v, n, limit);
+    struct snap_exposes *x = snap_exposes_new(v, n, limit);
+    snprintf(x->agent_addr, sizeof(x->agent_addr), "%s", agent_addr != NULL ? agent_addr : "");
+    return x;
 }
 
 /* ---- the checks watch ---- */

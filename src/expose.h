@@ -45,11 +45,12 @@ int expose_check_path(const struct dec_check *c, int local_port, struct expose_p
  * one listener per ListenerPort, sorted by port, paths in order without repeats. A check path
  * whose port is already an Expose.Paths listener, the public port or an upstream's is left out
  * and named in <warn> (may be NULL; the last such conflict). NULL when there is nothing to
- * expose; else a new set holding a reference to <limit>.
+ * expose; else a new set holding a reference to <limit> and a copy of <agent_addr> (the
+ * agent's advertise address, "" unknown: see snap_expose_source_ok()).
  */
 struct snap_exposes *expose_build(const struct proxy_cfg *cfg, const struct expose_path *checks,
-                                  size_t n_checks, struct limit_state *limit, char *warn,
-                                  size_t wlen);
+                                  size_t n_checks, struct limit_state *limit,
+                                  const char *agent_addr, char *warn, size_t wlen);
 
 /* The watch of the parent service's checks, for Expose.Checks. */
 struct expose_checks;

@@ -1734,6 +1734,14 @@ void session_start_exposed(struct session_host *h, int fd, const char *peer, int
         refuse(h, fd, peer, name, "the exposed listener is no longer configured");
         return;
     }
+    char source[64], local[64] = "", local_addr[64];
+    peer_source(peer, source, sizeof(source));
+    sock_local_name(fd, local, sizeof(local));
+    peer_source(local, local_addr, sizeof(local_addr));
+    if (!snap_expose_source_ok(h->snap->exposes, e, source, local_addr)) {
+        refuse(h, fd, peer, name, "a check listener takes callers from this host and the agent");
+        return;
+    }
     struct limit_state *l = h->snap->exposes->limit;
     if (admit(h, fd, peer, name, l, &cap, "the exposed listeners' connection cap") != 0)
         return;

@@ -147,6 +147,26 @@ void snap_exposes_unref(struct snap_exposes *x)
     free(x);
 }
 
+/* <a> without an IPv4-mapped IPv6 prefix. */
+static const char *unmapped(const char *a)
+{
+    return strncasecmp(a, "::ffff:", 7) == 0 && strchr(a + 7, '.') != NULL ? a + 7 : a;
+}
+
+int snap_expose_source_ok(const struct snap_exposes *x, const struct snap_expose *e,
+                          const char *source, const char *local)
+{
+    if (!e->from_checks)
+        return 1;
+    source = unmapped(source);
+    if (strncmp(source, "127.", 4) == 0 || strcmp(source, "::1") == 0)
+        return 1;
+    if (source[0] == '\0')
+        return 0;
+    return strcmp(source, unmapped(local)) == 0 ||
+           (x->agent_addr[0] != '\0' && strcmp(source, unmapped(x->agent_addr)) == 0);
+}
+
 int snap_exposes_equal(const struct snap_exposes *a, const struct snap_exposes *b)
 {
     size_t na = a != NULL ? a->n : 0, nb = b != NULL ? b->n : 0;

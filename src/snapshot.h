@@ -93,6 +93,7 @@ struct snap_exposes {
     struct snap_expose *v;
     size_t n;
     struct limit_state *limit; /* admission of every exposed listener's connections */
+    char agent_addr[64];       /* the agent's LAN advertise address; "" unknown */
 };
 
 /* Takes ownership of <v> (each entry's <paths> too) and a new reference to <limit>. */
@@ -100,6 +101,17 @@ struct snap_exposes *snap_exposes_new(struct snap_expose *v, size_t n, struct li
 struct snap_exposes *snap_exposes_ref(struct snap_exposes *x);
 /* NULL is ignored. */
 void snap_exposes_unref(struct snap_exposes *x);
+/*
+ * Whether a caller from address <source> may use exposed listener <e> of <x>, whose accepted
+ * connection has the local address <local> (addresses without ports; IPv4-mapped IPv6 is
+ * read as IPv4). An Expose.Paths listener takes anyone; a check listener (from_checks) only
+ * this host and the agent, as Envoy's exposed check listeners do: 127.0.0.0/8, ::1, the
+ * connection's own local address (a caller on this host reaching a non-loopback address
+ * comes from it), and the agent's advertise address.
+ */
+int snap_expose_source_ok(const struct snap_exposes *x, const struct snap_expose *e,
+                          const char *source, const char *local);
+
 /* Whether <a> and <b> (either may be NULL: none) list the same listeners and paths. */
 int snap_exposes_equal(const struct snap_exposes *a, const struct snap_exposes *b);
 

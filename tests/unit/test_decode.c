@@ -2638,7 +2638,7 @@ static const char SELF_JSON[] =
     "        \"DefaultIntentionPolicy\": \"deny\",\n"
     "        \"Experiments\": []\n"
     "    },\n"
-    "    \"Member\": {}, \"xDS\": null\n"
+    "    \"Member\": {\"Name\": \"n1\", \"Addr\": \"10.0.0.7\", \"Port\": 8301}, \"xDS\": null\n"
     "}\n";
 
 static void test_agent_self(void **state)
@@ -2652,12 +2652,14 @@ static void test_agent_self(void **state)
     assert_string_equal(self.default_intention_policy, "deny");
     assert_string_equal(self.acl_default_policy, "allow");
     assert_int_equal(self.acls_enabled, 0);
+    assert_string_equal(self.member_addr, "10.0.0.7");
     dec_agent_self_dispose(&self);
 
     /* Older agents lack the fields: all optional, "" (or -1) when absent. */
     assert_int_equal(decode_agent_self("{}", 2, &self, err, sizeof(err)), 0);
     assert_string_equal(self.default_intention_policy, "");
     assert_int_equal(self.acls_enabled, -1);
+    assert_string_equal(self.member_addr, "");
     dec_agent_self_dispose(&self);
 
     /* Wrong shapes name the field; every truncation fails cleanly. */

@@ -145,7 +145,7 @@ static void test_build(void **state)
         {21510, 8080, "/health", PROTO_HTTP},
         {21511, 8080, EXPOSE_GRPC_HEALTH_PATH, PROTO_HTTP2},
     };
-    struct snap_exposes *x = expose_build(&cfg, checks, 2, limit, warn, sizeof(warn));
+    struct snap_exposes *x = expose_build(&cfg, checks, 2, limit, "", warn, sizeof(warn));
     assert_non_null(x);
     assert_string_equal(warn, "");
     assert_int_equal(x->n, 4);
@@ -165,10 +165,10 @@ static void test_build(void **state)
     assert_ptr_equal(x->limit, limit);
 
     /* The same inputs give an equal set; one path more does not. */
-    struct snap_exposes *y = expose_build(&cfg, checks, 2, limit, NULL, 0);
+    struct snap_exposes *y = expose_build(&cfg, checks, 2, limit, NULL, NULL, 0);
     assert_true(snap_exposes_equal(x, y));
     snap_exposes_unref(y);
-    y = expose_build(&cfg, checks, 1, limit, NULL, 0);
+    y = expose_build(&cfg, checks, 1, limit, NULL, NULL, 0);
     assert_false(snap_exposes_equal(x, y));
     assert_false(snap_exposes_equal(x, NULL));
     assert_true(snap_exposes_equal(NULL, NULL));
@@ -185,7 +185,7 @@ static void test_build(void **state)
         {{9191, 8080, "/health", PROTO_HTTP}, "the public listener or an upstream"},
     };
     for (size_t i = 0; i < ARRAY_SIZE(taken); i++) {
-        x = expose_build(&cfg, &taken[i].p, 1, limit, warn, sizeof(warn));
+        x = expose_build(&cfg, &taken[i].p, 1, limit, "", warn, sizeof(warn));
         assert_int_equal(x->n, 2);
         if (strstr(warn, taken[i].why) == NULL)
             fail_msg("case %zu: %s", i, warn);
@@ -195,7 +195,7 @@ static void test_build(void **state)
         {21510, 8080, "/health", PROTO_HTTP},
         {21510, 8080, EXPOSE_GRPC_HEALTH_PATH, PROTO_HTTP2},
     };
-    x = expose_build(&cfg, clash, 2, limit, warn, sizeof(warn));
+    x = expose_build(&cfg, clash, 2, limit, "", warn, sizeof(warn));
     assert_int_equal(x->n, 3);
     assert_non_null(strstr(warn, "another check going elsewhere"));
     snap_exposes_unref(x);
@@ -204,7 +204,7 @@ static void test_build(void **state)
     proxycfg_dispose(&cfg);
     svc.n_expose_paths = 0;
     assert_int_equal(proxycfg_build(&svc, &cfg, err, sizeof(err)), 0);
-    assert_null(expose_build(&cfg, NULL, 0, limit, warn, sizeof(warn)));
+    assert_null(expose_build(&cfg, NULL, 0, limit, "", warn, sizeof(warn)));
     proxycfg_dispose(&cfg);
     limit_state_unref(limit);
 }
