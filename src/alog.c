@@ -77,6 +77,10 @@ size_t alog_format_line(char *buf, size_t cap, enum alog_format fmt, const struc
             field_str(&b, fmt, "grpc_status", r->grpc_status);
         field_str(&b, fmt, "request_id", r->request_id);
         field_u64(&b, fmt, "stream", r->stream);
+        if (r->resolver != NULL) {
+            field_u64(&b, fmt, "route", r->route);
+            field_str(&b, fmt, "resolver", r->resolver);
+        }
     }
     field_str(&b, fmt, "result", r->result);
     field_str(&b, fmt, "reason", r->reason);
@@ -84,7 +88,7 @@ size_t alog_format_line(char *buf, size_t cap, enum alog_format fmt, const struc
     field_u64(&b, fmt, "worker", r->worker);
     if (fmt == ALOG_JSON)
         log_buf_raw(&b, "}", 1);
-    /* Fourteen values of at most 6 * LOG_VALUE_MAX + 2 bytes and the keys fit ALOG_LINE_MAX, so
+    /* Seventeen values of at most 6 * LOG_VALUE_MAX + 2 bytes and the keys fit ALOG_LINE_MAX, so
      * <full> cannot happen with a big enough buffer; a small one gets a cut line. */
     buf[b.len++] = '\n';
     buf[b.len] = '\0';

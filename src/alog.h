@@ -48,6 +48,10 @@ struct alog_rec {
     int status;              /* the status answered; 0 when none was */
     const char *grpc_status; /* gRPC: the grpc-status answered; NULL when none was */
     uint64_t stream;         /* the request's number on its connection, from 1 */
+    /* Outbound, a routed request (NULL resolver: not written): the index of the route it took
+     * in its upstream's table and the resolver its split named. */
+    size_t route;
+    const char *resolver;
 };
 
 /* Longest line alog_format_line writes, newline included. */

@@ -250,13 +250,14 @@ static void do_rebuild(struct loop_defer *d)
     const char *trust_domain = inputs_trust_domain(ctl->in);
     const struct mesh_http_cfg *mesh_http = inputs_mesh_http(ctl->in);
     if (!ctl->have_cfg || tls == NULL || intents == NULL || trust_domain == NULL ||
-        mesh_http == NULL)
+        mesh_http == NULL || inputs_waiting_for(ctl->in) != NULL)
         return;
     struct upstreams_parts parts;
     upstreams_parts(ctl->ups, ctl->cfg.n_upstreams, &parts);
     struct snapshot *s = snapshot_new(++ctl->generation, &ctl->cfg, trust_domain, tls, intents,
                                       (const struct snap_target *const *)parts.targets,
                                       parts.n_targets, ctl->inbound_limit, parts.limits, mesh_http);
+    snapshot_attach_outliers(s, parts.outliers);
     /* Not published yet: the upstreams' protocols (some come from their chains) are set. */
     for (size_t i = 0; i < parts.n; i++) {
         s->upstreams[i].protocol = parts.protocols[i];

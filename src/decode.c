@@ -873,10 +873,63 @@ static int decode_perm_header(struct dctx *c, json_t *o, const char *where,
     return rc;
 }
 
+/*
+ * PathExact / PathPrefix / PathRegex of an HTTP match, at most one of them (none:
+ * DEC_PATH_ANY and ""). With <rooted>, an exact or prefix path must begin with "/".
+ */
+static int decode_path_match(struct dctx *c, json_t *http, const char *where, int rooted,
+                             char **path, enum dec_path_match *match)
+{
+    static const char *const path_keys[] = {"PathExact", "PathPrefix", "PathRegex"};
+    static const enum dec_path_match path_values[] = {DEC_PATH_EXACT, DEC_PATH_PREFIX,
+                                                      DEC_PATH_REGEX};
+    int rc;
+    for (size_t k = 0; k < ARRAY_SIZE(path_keys); k++) {
+        char *v = NULL;
+        if ((rc = get_perm_str(c, http, path_keys[k], where, &v)) != 0 || v == NULL)
+            return rc;
+        if (v[0] == '\0') {
+            free(v);
+        } else if (*path != NULL) {
+            free(v);
+            return bad_field(c, where, "",
+                             "must set at most one of PathExact, PathPrefix or PathRegex");
+        } else {
+            *path = v;
+            *match = path_values[k];
+            if (rooted && k < 2 && v[0] != '/')
+                return bad_field(c, where, path_keys[k], "must begin with \"/\"");
+        }
+    }
+    if (*path == NULL)
+        *path = xstrdup("");
+    return 0;
+}
+
+/* Header[] of an HTTP match: at most DEC_PERM_HEADERS_MAX conditions. */
+static int decode_header_conds(struct dctx *c, json_t *http, const char *where,
+                               struct dec_perm_header **out, size_t *n)
+{
+    json_t *hdrs;
+    int rc = get_arr(c, http, "Header", 0, where, &hdrs);
+    if (rc != 0)
+        return rc;
+    if (hdrs != NULL && json_array_size(hdrs) > DEC_PERM_HEADERS_MAX)
+        return bad_field(c, where, "Header", "has too many entries");
+    *n = hdrs != NULL ? json_array_size(hdrs) : 0;
+    *out = *n > 0 ? xcalloc(*n, sizeof(**out)) : NULL;
+    for (size_t i = 0; i < *n && rc == 0; i++) {
+        char hw[360];
+        snprintf(hw, sizeof(hw), "%.320s.Header[%zu]", where, i);
+        rc = decode_perm_header(c, json_array_get(hdrs, i), hw, &(*out)[i]);
+    }
+    return rc;
+}
+
 static int decode_permission(struct dctx *c, json_t *o, const char *where, struct dec_permission *p)
 {
     char sub[200];
-    json_t *http, *hdrs, *methods;
+    json_t *http, *methods;
     const char *action;
     if (!json_is_object(o))
         return bad_field(c, where, "", "must be an object");
@@ -890,37 +943,9 @@ static int decode_permission(struct dctx *c, json_t *o, const char *where, struc
     if ((rc = get_obj(c, o, "HTTP", 0, where, &http)) != 0)
         return rc;
     snprintf(sub, sizeof(sub), "%.150s.HTTP", where);
-    static const char *const path_keys[] = {"PathExact", "PathPrefix", "PathRegex"};
-    static const enum dec_path_match path_values[] = {DEC_PATH_EXACT, DEC_PATH_PREFIX,
-                                                      DEC_PATH_REGEX};
-    for (size_t k = 0; k < ARRAY_SIZE(path_keys); k++) {
-        char *v = NULL;
-        if ((rc = get_perm_str(c, http, path_keys[k], sub, &v)) != 0 || v == NULL)
-            return rc;
-        if (v[0] == '\0') {
-            free(v);
-        } else if (p->path != NULL) {
-            free(v);
-            return bad_field(c, sub, "",
-                             "must set at most one of PathExact, PathPrefix or PathRegex");
-        } else {
-            p->path = v;
-            p->path_match = path_values[k];
-        }
-    }
-    if (p->path == NULL)
-        p->path = xstrdup("");
-    if ((rc = get_arr(c, http, "Header", 0, sub, &hdrs)) != 0)
+    if ((rc = decode_path_match(c, http, sub, 0, &p->path, &p->path_match)) != 0)
         return rc;
-    if (hdrs != NULL && json_array_size(hdrs) > DEC_PERM_HEADERS_MAX)
-        return bad_field(c, sub, "Header", "has too many entries");
-    p->n_headers = hdrs != NULL ? json_array_size(hdrs) : 0;
-    p->headers = p->n_headers > 0 ? xcalloc(p->n_headers, sizeof(*p->headers)) : NULL;
-    for (size_t i = 0; i < p->n_headers && rc == 0; i++) {
-        char hw[240];
-        snprintf(hw, sizeof(hw), "%.200s.Header[%zu]", sub, i);
-        rc = decode_perm_header(c, json_array_get(hdrs, i), hw, &p->headers[i]);
-    }
+    rc = decode_header_conds(c, http, sub, &p->headers, &p->n_headers);
     if (rc == 0)
         rc = get_arr(c, http, "Methods", 0, sub, &methods);
     if (rc != 0)
@@ -1559,42 +1584,12 @@ static int decode_query_param(struct dctx *c, json_t *o, const char *where,
 static int decode_route_match(struct dctx *c, json_t *http, const char *where,
                               struct dec_chain_route *r)
 {
-    static const char *const path_keys[] = {"PathExact", "PathPrefix", "PathRegex"};
-    static const enum dec_path_match path_values[] = {DEC_PATH_EXACT, DEC_PATH_PREFIX,
-                                                      DEC_PATH_REGEX};
-    json_t *hdrs, *query;
-    int rc = 0;
-    for (size_t k = 0; k < ARRAY_SIZE(path_keys); k++) {
-        char *v = NULL;
-        if ((rc = get_perm_str(c, http, path_keys[k], where, &v)) != 0 || v == NULL)
-            return rc;
-        if (v[0] == '\0') {
-            free(v);
-        } else if (r->path != NULL) {
-            free(v);
-            return bad_field(c, where, "",
-                             "must set at most one of PathExact, PathPrefix or PathRegex");
-        } else {
-            r->path = v;
-            r->path_match = path_values[k];
-            if (k < 2 && v[0] != '/')
-                return bad_field(c, where, path_keys[k], "must begin with \"/\"");
-        }
-    }
-    if (r->path == NULL)
-        r->path = xstrdup("");
-    if ((rc = get_bool(c, http, "CaseInsensitive", where, &r->case_insensitive)) != 0 ||
-        (rc = get_arr(c, http, "Header", 0, where, &hdrs)) != 0)
-        return rc;
-    if (hdrs != NULL && json_array_size(hdrs) > DEC_PERM_HEADERS_MAX)
-        return bad_field(c, where, "Header", "has too many entries");
-    r->n_headers = hdrs != NULL ? json_array_size(hdrs) : 0;
-    r->headers = r->n_headers > 0 ? xcalloc(r->n_headers, sizeof(*r->headers)) : NULL;
-    for (size_t i = 0; i < r->n_headers && rc == 0; i++) {
-        char hw[360];
-        snprintf(hw, sizeof(hw), "%.320s.Header[%zu]", where, i);
-        rc = decode_perm_header(c, json_array_get(hdrs, i), hw, &r->headers[i]);
-    }
+    json_t *query;
+    int rc = decode_path_match(c, http, where, 1, &r->path, &r->path_match);
+    if (rc == 0)
+        rc = get_bool(c, http, "CaseInsensitive", where, &r->case_insensitive);
+    if (rc == 0)
+        rc = decode_header_conds(c, http, where, &r->headers, &r->n_headers);
     if (rc == 0)
         rc = get_arr(c, http, "QueryParam", 0, where, &query);
     if (rc != 0)

@@ -61,6 +61,9 @@ struct inputs {
      * when the agent says there is no entry (404). <rates> is NULL while nothing is limited. */
     struct dec_rate_limits rates_cfg;
     struct limit_rates *rates;
+    /* The agent has answered about the entry (an entry, none, or a 403): until then nothing
+     * is served, so no request slips past limits that were not read yet. */
+    int have_rates;
     struct agent_req *self_req;
     struct loop_timer self_retry;
     unsigned self_failures;
@@ -378,6 +381,10 @@ static void start_mesh_watch(struct inputs *in, const char *partition)
 /* Makes <c> (taken) the limits in force; a rebuild only when they differ. */
 static void install_rates(struct inputs *in, struct dec_rate_limits *c, const char *source)
 {
+    if (!in->have_rates) {
+        in->have_rates = 1;
+        tell(in, INPUTS_CHANGED); /* the first snapshot may have waited for this answer */
+    }
     if (dec_rate_limits_equal(&in->rates_cfg, c)) {
         dec_rate_limits_dispose(c);
         return;
@@ -413,6 +420,9 @@ static int on_rates(void *data, const struct agent_response *resp)
     if (resp->status == 403) {
         LOG_WARN("service-defaults entry: HTTP 403 (the ACL token may not read it); the rate "
                  "limits in force stay");
+        /* Serving beats waiting forever, as for the mesh entry: none at first. */
+        if (!in->have_rates)
+            install_rates(in, &c, "none, the entry could not be read");
         return -EACCES;
     }
     int rc = decode_rate_limits(resp->body, resp->body_len, &c, err, sizeof(err));
@@ -681,6 +691,8 @@ const char *inputs_waiting_for(const struct inputs *in)
         return "waiting for the intentions";
     if (!in->have_mesh)
         return "waiting for the mesh config entry";
+    if (in->rates_watch != NULL && !in->have_rates)
+        return "waiting for the service-defaults entry";
     return NULL;
 }
 

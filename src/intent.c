@@ -71,17 +71,22 @@ static int order_cmp(const void *pa, const void *pb)
  * Compiles one regex of a rule. A pattern that does not compile leaves *rx NULL, counts as
  * broken and is logged once here, naming where it sits; the condition then fails closed.
  */
-static void compile_rx(struct intent_table *t, const struct intent_rule *r, size_t perm_index,
-                       const char *what, const char *pattern, struct rx **rx, int *broken)
+static void rx_broken(struct intent_table *t, const struct intent_rule *r, size_t perm_index,
+                      const char *what, const char *pattern, const char *err, int *broken)
 {
-    char err[200];
-    if (rx_compile(pattern, strlen(pattern), rx, err, sizeof(err)) == 0)
-        return;
     *broken = 1;
     t->broken++;
     LOG_WARN("intention %s => %s: Permissions[%zu] %s %s is not usable: %s; the permission "
              "fails closed (a deny permission denies, an allow permission never allows)",
              LOG_ESC(r->src_name), LOG_ESC(r->dst_name), perm_index, what, LOG_ESC(pattern), err);
+}
+
+static void compile_rx(struct intent_table *t, const struct intent_rule *r, size_t perm_index,
+                       const char *what, const char *pattern, struct rx **rx, int *broken)
+{
+    char err[200];
+    if (rx_compile(pattern, strlen(pattern), rx, err, sizeof(err)) != 0)
+        rx_broken(t, r, perm_index, what, pattern, err, broken);
 }
 
 static void perm_init(struct intent_table *t, const struct intent_rule *r, size_t index,
@@ -97,20 +102,9 @@ static void perm_init(struct intent_table *t, const struct intent_rule *r, size_
     p->n_headers = d->n_headers;
     p->headers = xcalloc(d->n_headers, sizeof(*p->headers));
     for (size_t i = 0; i < d->n_headers; i++) {
-        const struct dec_perm_header *dh = &d->headers[i];
-        struct intent_header_cond *h = &p->headers[i];
-        h->name = xstrdup(or_empty(dh->name));
-        h->name_len = strlen(h->name);
-        h->match = dh->match;
-        h->invert = dh->invert != 0;
-        /* Consul passes IgnoreCase on for the four plain string kinds only. */
-        h->ignore_case =
-            dh->ignore_case != 0 && dh->match != DEC_HDR_PRESENT && dh->match != DEC_HDR_REGEX;
-        const char *v = or_empty(dh->value);
-        h->value_len = strlen(v);
-        h->value = h->ignore_case ? xstrndup_lower(v, h->value_len) : xstrdup(v);
-        if (h->match == DEC_HDR_REGEX)
-            compile_rx(t, r, index, "Header Regex", h->value, &h->rx, &p->broken);
+        char err[200];
+        if (hdr_cond_init(&p->headers[i], &d->headers[i], err, sizeof(err)) != 0)
+            rx_broken(t, r, index, "Header Regex", p->headers[i].value, err, &p->broken);
     }
     p->n_methods = d->n_methods;
     p->methods = xcalloc(d->n_methods, sizeof(*p->methods));
@@ -122,11 +116,8 @@ static void perm_dispose(struct intent_perm *p)
 {
     free(p->path);
     rx_free(p->path_rx);
-    for (size_t i = 0; i < p->n_headers; i++) {
-        free(p->headers[i].name);
-        free(p->headers[i].value);
-        rx_free(p->headers[i].rx);
-    }
+    for (size_t i = 0; i < p->n_headers; i++)
+        hdr_cond_dispose(&p->headers[i]);
     free(p->headers);
     for (size_t i = 0; i < p->n_methods; i++)
         free(p->methods[i]);
@@ -219,7 +210,7 @@ static size_t next_local(const struct intent_table *t, size_t i)
     return i;
 }
 
-static int same_header(const struct intent_header_cond *a, const struct intent_header_cond *b)
+static int same_header(const struct hdr_cond *a, const struct hdr_cond *b)
 {
     return a->match == b->match && a->invert == b->invert && a->ignore_case == b->ignore_case &&
            strcmp(a->name, b->name) == 0 && strcmp(a->value, b->value) == 0;
@@ -348,93 +339,6 @@ static enum tri tri_rx(const struct rx *rx, const char *s, size_t len)
     return rc == 1 ? TRI_YES : rc == 0 ? TRI_NO : TRI_UNKNOWN;
 }
 
-static int slice_is(struct http_slice s, const char *lit)
-{
-    size_t n = strlen(lit);
-    if (s.len != n)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (util_ascii_lower(s.p[i]) != lit[i])
-            return 0;
-    return 1;
-}
-
-/* Equal bytes; <b> is already lower-cased when <fold>. */
-static int bytes_eq(const char *a, const char *b, size_t n, int fold)
-{
-    if (!fold)
-        return memcmp(a, b, n) == 0;
-    for (size_t i = 0; i < n; i++)
-        if (util_ascii_lower(a[i]) != b[i])
-            return 0;
-    return 1;
-}
-
-static int value_matches(const struct intent_header_cond *h, const char *v, size_t len)
-{
-    int fold = h->ignore_case;
-    switch (h->match) {
-    case DEC_HDR_EXACT:
-        return len == h->value_len && bytes_eq(v, h->value, len, fold);
-    case DEC_HDR_PREFIX:
-        return len >= h->value_len && bytes_eq(v, h->value, h->value_len, fold);
-    case DEC_HDR_SUFFIX:
-        return len >= h->value_len &&
-               bytes_eq(v + len - h->value_len, h->value, h->value_len, fold);
-    case DEC_HDR_CONTAINS: {
-        if (!fold)
-            return memmem(v, len, h->value, h->value_len) != NULL;
-        /* memmem is linear; a folded copy keeps it so whatever the caller sends. */
-        char *low = xstrndup_lower(v, len);
-        int found = memmem(low, len, h->value, h->value_len) != NULL;
-        free(low);
-        return found;
-    }
-    default:
-        return 0;
-    }
-}
-
-/*
- * Evaluates one header condition. The value is the authority for "Host" and ":authority",
- * the method for ":method", else every header of that name joined with ",".
- */
-static enum tri header_matches(const struct intent_header_cond *h, const struct intent_http_req *rq)
-{
-    struct http_slice name = {h->name, h->name_len};
-    struct http_slice v = {NULL, 0};
-    char *joined = NULL;
-    int present = 0;
-    if (slice_is(name, "host") || slice_is(name, ":authority")) {
-        present = rq->authority.p != NULL;
-        v = rq->authority;
-    } else if (slice_is(name, ":method")) {
-        present = rq->method.p != NULL;
-        v = rq->method;
-    } else if (h->name_len > 0 && h->name[0] == ':') {
-        return TRI_UNKNOWN; /* :path with its query, :scheme: not carried here */
-    } else {
-        present = h1_field_value(rq->headers, rq->nheaders, h->name, h->name_len, &v, &joined) > 0;
-    }
-    enum tri r;
-    if (!present) {
-        /* Envoy: a missing header matches only an inverted presence test. */
-        r = h->match == DEC_HDR_PRESENT && h->invert ? TRI_YES : TRI_NO;
-    } else {
-        const char *p = v.p != NULL ? v.p : "";
-        if (h->match == DEC_HDR_PRESENT)
-            r = TRI_YES;
-        else if (h->match == DEC_HDR_REGEX)
-            r = tri_rx(h->rx, p, v.len);
-        else
-            r = value_matches(h, p, v.len) ? TRI_YES : TRI_NO;
-        if (h->invert && r != TRI_UNKNOWN)
-            r = r == TRI_YES ? TRI_NO : TRI_YES;
-    }
-    free(joined);
-    return r;
-}
-
 static enum tri perm_matches(const struct intent_perm *p, const struct intent_http_req *rq)
 {
     if (p->n_methods > 0) {
@@ -462,8 +366,16 @@ static enum tri perm_matches(const struct intent_perm *p, const struct intent_ht
     case DEC_PATH_ANY:
         break;
     }
-    for (size_t i = 0; i < p->n_headers && r != TRI_NO; i++)
-        r = tri_and(r, header_matches(&p->headers[i], rq));
+    struct hdr_req hr = {
+        .method = rq->method,
+        .authority = rq->authority,
+        .headers = rq->headers,
+        .nheaders = rq->nheaders,
+    };
+    for (size_t i = 0; i < p->n_headers && r != TRI_NO; i++) {
+        int m = hdr_cond_eval(&p->headers[i], &hr);
+        r = tri_and(r, m == 1 ? TRI_YES : m == 0 ? TRI_NO : TRI_UNKNOWN);
+    }
     if (p->has_jwt)
         r = tri_and(r, TRI_UNKNOWN);
     return r;
@@ -600,7 +512,7 @@ const char *intent_perm_describe(const struct intent_perm *p, char *buf, size_t 
     if (p->path_match != DEC_PATH_ANY && (size_t)p->path_match < ARRAY_SIZE(path_kinds))
         append(buf, len, &off, " %s \"%.128s\"", path_kinds[p->path_match], p->path);
     for (size_t i = 0; i < p->n_headers; i++) {
-        const struct intent_header_cond *h = &p->headers[i];
+        const struct hdr_cond *h = &p->headers[i];
         const char *kind =
             (size_t)h->match < ARRAY_SIZE(header_kinds) ? header_kinds[h->match] : "?";
         append(buf, len, &off, " Header %.64s %s%s", h->name, h->invert ? "not " : "", kind);

@@ -13,21 +13,10 @@
 #include <stddef.h>
 
 #include "decode.h"
+#include "hdrmatch.h"
 #include "http.h"
 
 struct rx;
-
-/* One header condition of a permission (Consul's Header[] entry), compiled. */
-struct intent_header_cond {
-    char *name; /* matched case-insensitively; "Host" and ":authority" mean the authority */
-    size_t name_len;
-    enum dec_header_match match;
-    char *value; /* lower-cased when ignore_case (ASCII, as Envoy) */
-    size_t value_len;
-    int invert;
-    int ignore_case; /* Exact, Prefix, Suffix and Contains only */
-    struct rx *rx;   /* DEC_HDR_REGEX when the pattern compiled, else NULL */
-};
 
 /* One of an L7 intention's Permissions, compiled. */
 struct intent_perm {
@@ -35,8 +24,8 @@ struct intent_perm {
     enum dec_path_match path_match;
     char *path;
     size_t path_len;
-    struct rx *path_rx; /* DEC_PATH_REGEX when the pattern compiled, else NULL */
-    struct intent_header_cond *headers;
+    struct rx *path_rx;       /* DEC_PATH_REGEX when the pattern compiled, else NULL */
+    struct hdr_cond *headers; /* Header[] */
     size_t n_headers;
     char **methods;
     size_t n_methods;

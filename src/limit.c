@@ -421,6 +421,18 @@ void limit_rates_unref(struct limit_rates *r)
     free(r);
 }
 
+size_t limit_rates_rules(const struct limit_rates *r)
+{
+    return r != NULL ? 1 + r->n_routes : 0;
+}
+
+struct limit_rate_rule limit_rates_rule(const struct limit_rates *r, size_t i)
+{
+    const struct rate_rule *x = i == 0 ? &r->top : &r->routes[i - 1];
+    return (struct limit_rate_rule){
+        .kind = x->kind, .path = x->path, .per_second = x->per_second, .burst = x->burst};
+}
+
 int limit_rates_none(const struct limit_rates *r)
 {
     if (r == NULL)

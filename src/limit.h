@@ -169,6 +169,17 @@ void limit_rates_unref(struct limit_rates *r);
 /* 1 when <r> limits nothing (NULL, or every rate 0). */
 int limit_rates_none(const struct limit_rates *r);
 
+/* One rule of <r> as configured, for /config: rule 0 is the top level (path NULL, kind -1),
+ * then Routes[] in order. */
+struct limit_rate_rule {
+    int kind; /* enum dec_path_match; -1 for the top level */
+    const char *path;
+    uint32_t per_second, burst;
+};
+/* How many rules <r> has (0 for NULL), and rule <i> of them. */
+size_t limit_rates_rules(const struct limit_rates *r);
+struct limit_rate_rule limit_rates_rule(const struct limit_rates *r, size_t i);
+
 /*
  * Takes one token for a request to <path> (<len> bytes, without its query) at <now_us>.
  * Returns 1 when the request may go on, 0 when it is over its limit. <why> (<wlen> bytes)

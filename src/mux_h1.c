@@ -43,11 +43,14 @@
  * Reuse: a request on a connection that carried an answer before is held (at most
  * REPLAY_MAX) until its answer's first byte; if the connection ends before that byte (its peer
  * closed it as idle while the request was on its way), the request is sent once more on a new
- * connection (retry()).
+ * connection (retry()). Over HTTP/2 the same holds for a stream refused unprocessed or lost
+ * with its connection before a byte of its answer (retry_h2()).
  *
  * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
- * interim response. A request refused locally (403, 503) that expects 100-continue and has a
- * body closes the connection after the answer, since the caller may or may not send the body.
+ * interim response. To an HTTP/2 far side connectd sends the 100 itself once the stream is
+ * open and forwards no expectation, as Envoy does by default. A request refused locally (403, 503)
+ * that expects 100-continue and has a body closes the connection after the answer, since the caller
+ * may or may not send the body.
  *
  * Timers (the session's one state timer): request_headers_timeout_ms from a head's first byte
  * (408), local_connect_timeout_ms (503), local_request_timeout_ms from the end of the request
@@ -62,6 +65,7 @@
 #include "log.h"
 #include "pathnorm.h"
 #include "relay.h"
+#include "route.h"
 #include "session_int.h"
 #include "sock.h"
 #include "spiffe.h"
@@ -167,6 +171,13 @@ struct mux_h1 {
     int retried;         /* this request was sent again once already */
     int resend;          /* the connection being made sends replay, not the request head */
     int draining;        /* connectd drains: the current request is the last */
+    /* Outbound: the route and split the current request took (route.h; in s->up->routes,
+     * valid for the session's snapshot); NULL without a route table. */
+    const struct route *route;
+    const struct route_split *split;
+    /* The Set-Cookie value the response carries when a cookie hash policy generated the
+     * request's cookie ("" when none; session_lb_request()). */
+    char lb_cookie[512];
     /* The far side speaks HTTP/2 (an http2 or grpc service or upstream): each request is a
      * stream on a connection the worker's sessions share (h2up), end[1] stays closed, aout
      * holds the request body's data for read_body and ain the response's DATA. */
@@ -188,7 +199,8 @@ struct mux_h1 {
      * stream the far side refused unprocessed can be opened again; replay then holds the
      * body bytes read_body gave (replay_ok as for HTTP/1.1), sent again from replay_off. */
     struct h2_out_head h2hd;
-    struct http_header *h2f; /* MAX_HEADERS + 8 slots, taken by the first stream */
+    struct http_header *h2f; /* h2f_cap slots, taken by the first stream */
+    size_t h2f_cap;
     struct buf h2held;
     int h2_has_body;
     size_t replay_off;
@@ -514,6 +526,9 @@ static const char *local_body(enum stream_result r)
     case STREAM_RES_LOCAL_RESET:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "connection termination";
+    case STREAM_RES_UPSTREAM_OVERFLOW:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "overflow";
     case STREAM_RES_LOCAL_TIMEOUT:
         return "upstream request timeout";
     case STREAM_RES_BAD_RESPONSE:
@@ -528,6 +543,7 @@ static const char *local_body(enum stream_result r)
     case STREAM_RES_RATE_LIMITED:
         return "local_rate_limited";
     case STREAM_RES_REDIRECT:
+    case STREAM_RES_NO_ROUTE:  /* Envoy's route_not_found answer has no body */
     case STREAM_RES_NOT_FOUND: /* Envoy's "route not found" has no body either */
         return "";
     default:
@@ -677,6 +693,10 @@ static size_t forwarded_fields(struct session *s, struct http_header *extra)
     return nx;
 }
 
+static void rewrite_target(struct mux_h1 *m, struct http_request *rq);
+static struct http_header *modified_fields(const struct mux_h1 *m, int response,
+                                           const struct http_header *h, size_t n, size_t *out_n);
+
 /*
  * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
  * Proto and X-Request-Id, consumes its head from cin and enters EXCHANGE.
@@ -703,8 +723,24 @@ static void forward_head(struct session *s)
         extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rq->upgrade};
     }
 #undef EXTRA
-    size_t from = m->aout.len;
-    if (append_head(&m->aout, m->rq_len + 1024 + strlen(m->xfcc), rq, NULL, extra, nx) < 0) {
+    /* Outbound, the route's PrefixRewrite and header modifiers (the caller's fields are
+     * restored after: a retry's held bytes are the modified head). */
+    struct http_header *caller = rq->headers, *mf = NULL;
+    size_t ncaller = rq->nheaders, nmf = 0;
+    if (m->outbound) {
+        rewrite_target(m, rq);
+        mf = modified_fields(m, 0, rq->headers, rq->nheaders, &nmf);
+        if (mf != NULL) {
+            rq->headers = mf;
+            rq->nheaders = nmf;
+        }
+    }
+    size_t from = m->aout.len, room = m->rq_len + m->target.len + 1024 + strlen(m->xfcc);
+    int rc = append_head(&m->aout, room, rq, NULL, extra, nx);
+    rq->headers = caller;
+    rq->nheaders = ncaller;
+    free(mf);
+    if (rc < 0) {
         local_answer(s, STREAM_RES_BAD_REQUEST, 1, "the request head cannot be forwarded");
         return;
     }
@@ -791,6 +827,126 @@ static struct http_slice absolute_path(struct http_slice t)
             return (struct http_slice){p, (size_t)(end - p)};
     }
     return (struct http_slice){"/", 1};
+}
+
+/* The fields <h> with the request's route's and split's header modifiers applied
+ * (route_headers_modified()): a new array the caller frees, or NULL. */
+static struct http_header *modified_fields(const struct mux_h1 *m, int response,
+                                           const struct http_header *h, size_t n, size_t *out_n)
+{
+    return route_headers_modified(m->route, m->split, response, h, n, out_n);
+}
+
+/*
+ * The route's PrefixRewrite (route_rewrite_len()): the request's target becomes, in origin
+ * form, the rewrite followed by what the matched part of the path left, query included. The
+ * new target lives in m->target (unused outbound otherwise) until the head is written.
+ */
+static void rewrite_target(struct mux_h1 *m, struct http_request *rq)
+{
+    if (m->route == NULL ||
+        (rq->target_form != HTTP_TARGET_ORIGIN && rq->target_form != HTTP_TARGET_ABSOLUTE))
+        return;
+    struct http_slice t =
+        rq->target_form == HTTP_TARGET_ABSOLUTE ? absolute_path(rq->target) : rq->target;
+    const char *q = memchr(t.p, '?', t.len);
+    struct http_slice path = {t.p, q != NULL ? (size_t)(q - t.p) : t.len};
+    size_t cut = route_rewrite_len(m->route, path);
+    if (cut == 0)
+        return;
+    const char *pre = m->route->def->prefix_rewrite;
+    m->target.len = 0;
+    buf_add(&m->target, pre, strlen(pre));
+    buf_add(&m->target, t.p + cut, t.len - cut);
+    rq->target = (struct http_slice){m->target.p, m->target.len};
+    rq->target_form = HTTP_TARGET_ORIGIN;
+}
+
+/*
+ * Outbound routing (route.h): the request's route and split pick the resolver whose targets
+ * the dial may use (s->dial_rs). A keep-alive connection to a target outside them goes back
+ * to the pool. Returns 0, or -1 after answering 404 (no route matched) or 503 (no split has
+ * weight). Without a route table (a prepared query, or no chain yet) every target serves.
+ */
+static int route_request(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct http_request *rq = &m->rq;
+    const struct route_table *t = s->up->routes;
+    m->route = NULL;
+    m->split = NULL;
+    m->lb_cookie[0] = '\0';
+    s->dial_rs = NULL;
+    if (t == NULL)
+        return 0;
+    struct http_slice target = rq->target;
+    if (rq->target_form == HTTP_TARGET_ABSOLUTE)
+        target = absolute_path(target);
+    struct route_req rr = {
+        .method = rq->method_name,
+        .path = target,
+        .authority = rq->host,
+        .headers = rq->headers,
+        .nheaders = rq->nheaders,
+    };
+    const char *q = memchr(target.p, '?', target.len);
+    if (q != NULL) {
+        rr.path.len = (size_t)(q - target.p);
+        rr.query = (struct http_slice){q + 1, target.len - rr.path.len - 1};
+    }
+    const char *why = NULL;
+    enum stream_result r = STREAM_RES_NO_ROUTE;
+    m->route = route_match(t, &rr);
+    m->st.route = m->route;
+    if (m->route == NULL) {
+        why = "no route matched";
+    } else {
+        m->split = route_split_pick(m->route, util_rand());
+        if (m->split == NULL) {
+            why = "the route's splits all have weight 0";
+            r = STREAM_RES_UPSTREAM_CONNECT_ERROR;
+        }
+    }
+    if (why != NULL) {
+        buf_consume(&m->cin, m->rq_len);
+        memset(rq, 0, sizeof(*rq));
+        local_answer(s, r, m->expect && !m->req.done, why);
+        return -1;
+    }
+    s->dial_rs = route_table_resolver(t, m->split->resolver);
+    session_lb_request(s, rr.headers, rr.nheaders, rr.query, m->lb_cookie, sizeof(m->lb_cookie));
+    m->st.resolver = s->dial_rs != NULL ? s->dial_rs->name : NULL;
+    if (s->end[1].fd >= 0 && (!session_dial_allows(s, s->tgt) || !session_lb_keeps(s))) {
+        session_pool_put(s); /* closes end[1] when the pool does not take it */
+        close_app(s);
+    }
+    return 0;
+}
+
+/*
+ * Outbound, limits.max_concurrent_requests: the request is in flight from here to the end of
+ * its stream (stream_finish() gives the unit back). Returns 0, or -1 after answering 503 at
+ * once when that many are in flight to the upstream over all workers (Envoy's circuit
+ * breaker; nothing is queued).
+ */
+static int admit_request(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    struct outlier *o = s->up->outlier;
+    uint32_t max = s->up->cfg->max_concurrent_requests;
+    if (o == NULL)
+        return 0;
+    if (outlier_admit(o, OUTLIER_LIMIT_CONCURRENT, max)) {
+        m->st.active = o;
+        return 0;
+    }
+    char why[128];
+    snprintf(why, sizeof(why), "upstream overflow: max_concurrent_requests (%lu) reached",
+             (unsigned long)max);
+    buf_consume(&m->cin, m->rq_len);
+    memset(&m->rq, 0, sizeof(m->rq));
+    local_answer(s, STREAM_RES_UPSTREAM_OVERFLOW, m->expect && !m->req.done, why);
+    return -1;
 }
 
 /* ---- the far side over HTTP/2 (h2up) ---- */
@@ -893,7 +1049,7 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
 {
     struct session *s = owner;
     struct mux_h1 *m = s->mux;
-    struct http_header extra[3];
+    struct http_header extra[4];
     size_t nx = 0;
     if (m->phase != P_EXCHANGE || m->res_head_done)
         return 0;
@@ -933,6 +1089,8 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
         kick(s);
         return 0;
     }
+    if (m->outbound)
+        session_outlier_report(s, hd->status >= 500);
 #define EXTRA(n, v)                                                                                \
     extra[nx++] = (struct http_header)                                                             \
     {                                                                                              \
@@ -967,8 +1125,22 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
         EXTRA("Connection", "close");
     else if (m->minor == 0)
         EXTRA("Connection", "keep-alive");
+    if (m->outbound && m->lb_cookie[0] != '\0')
+        EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
 #undef EXTRA
-    if (append_head(&m->cout, 4096, NULL, &m->rs, extra, nx) < 0) {
+    /* Outbound, the route's and split's ResponseHeaders (see on_response_head()). */
+    size_t nmf = 0;
+    struct http_header *mf =
+        m->outbound ? modified_fields(m, 1, m->rs.headers, m->rs.nheaders, &nmf) : NULL;
+    if (mf != NULL) {
+        m->rs.headers = mf;
+        m->rs.nheaders = nmf;
+    }
+    int rc = append_head(&m->cout, 4096 + sizeof(m->lb_cookie), NULL, &m->rs, extra, nx);
+    m->rs.headers = m->rs_h;
+    m->rs.nheaders = hd->nheaders;
+    free(mf);
+    if (rc < 0) {
         bad_h2_answer(s, "the response head cannot be forwarded");
         return 0;
     }
@@ -1106,8 +1278,12 @@ static void hold_head(struct mux_h1 *m, const struct h2_out_head *hd)
         total += hd->headers[i].name.len + hd->headers[i].value.len;
     m->h2held.len = 0;
     buf_reserve(&m->h2held, total);
-    if (m->h2f == NULL)
-        m->h2f = xcalloc(MAX_HEADERS + 8, sizeof(*m->h2f));
+    if (m->h2f_cap < hd->nheaders || m->h2f == NULL) {
+        /* More than the caller's fields only with a route's header modifiers. */
+        m->h2f_cap = hd->nheaders > MAX_HEADERS + 8 ? hd->nheaders : MAX_HEADERS + 8;
+        free(m->h2f);
+        m->h2f = xcalloc(m->h2f_cap, sizeof(*m->h2f));
+    }
     char *p = m->h2held.p;
     m->h2hd = (struct h2_out_head){
         .method = copy_slice(&p, hd->method),
@@ -1140,15 +1316,26 @@ static int open_stream(struct session *s, struct h2up_conn *c)
         return 0;
     }
     struct http_request *rq = &m->rq;
-    struct http_header f[MAX_HEADERS + 8], extra[4];
+    struct http_header fs[MAX_HEADERS + 8], *f = fs, extra[4];
     size_t n = 0, nx = forwarded_fields(s, extra);
+    /* Expect: 100-continue is met here (below), so it is not forwarded. */
     for (size_t i = 0; i < rq->nheaders; i++)
-        if (!(rq->headers[i].flags & HTTP_HDR_DROP))
-            f[n++] = rq->headers[i];
+        if (!(rq->headers[i].flags & HTTP_HDR_DROP) &&
+            !(m->expect && h1_slice_eq(rq->headers[i].name, "expect")))
+            fs[n++] = rq->headers[i];
     for (size_t i = 0; i < nx; i++)
-        f[n++] = extra[i];
+        fs[n++] = extra[i];
     if (m->te_trailers)
-        f[n++] = (struct http_header){.name = {"te", 2}, .value = {"trailers", 8}};
+        fs[n++] = (struct http_header){.name = {"te", 2}, .value = {"trailers", 8}};
+    /* Outbound, the route's header modifiers and PrefixRewrite (see forward_head()). */
+    size_t nmf = 0;
+    struct http_header *mf = m->outbound ? modified_fields(m, 0, fs, n, &nmf) : NULL;
+    if (mf != NULL) {
+        f = mf;
+        n = nmf;
+    }
+    if (m->outbound)
+        rewrite_target(m, rq);
     const char *name = m->outbound ? s->up->cfg->destination_name : s->snap->cfg.service;
     struct h2_out_head hd = {
         .method = rq->method_name,
@@ -1160,6 +1347,7 @@ static int open_stream(struct session *s, struct h2up_conn *c)
         .nheaders = n,
     };
     hold_head(m, &hd);
+    free(mf);
     m->h2_has_body = !m->req.done;
     m->h2s = h2up_open(c, &m->h2hd, m->h2_has_body, &h2_ops, s);
     if (m->h2s == NULL)
@@ -1167,6 +1355,14 @@ static int open_stream(struct session *s, struct h2up_conn *c)
     m->h2_deferred = m->h2_end = m->h2_closed = 0;
     m->replay.len = 0;
     m->replay_ok = 1;
+    if (m->expect && !m->req.done) {
+        /* The caller waits for 100 Continue before its body, and an HTTP/2 far side need not
+         * send one (RFC 9113 section 8.1.1 leaves 1xx to the server; h2c servers and gRPC
+         * seldom do): connectd answers it now the stream is open, as Envoy's connection
+         * manager does by default (proxy_100_continue off: it sends 100 itself and strips the
+         * expectation). */
+        buf_add(&m->cout, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    }
     buf_consume(&m->cin, m->rq_len);
     m->rq_len = 0;
     memset(rq, 0, sizeof(*rq)); /* its slices pointed into cin */
@@ -1292,6 +1488,8 @@ static void on_head(struct session *s, size_t n)
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
         return;
     }
+    if (m->outbound && (route_request(s) < 0 || admit_request(s) < 0))
+        return;
     if (m->outbound && m->h2) {
         /* Each request a stream on a shared HTTP/2 connection (session_dial_h2). */
         m->phase = P_DIAL;
@@ -1301,6 +1499,8 @@ static void on_head(struct session *s, size_t n)
     if (m->outbound) {
         /* Outbound: the application's own request, forwarded as sent (the upstream's
          * sidecar normalizes and authorizes it). */
+        if (s->end[1].fd >= 0 && session_endpoint_ejected(s))
+            close_app(s); /* each request picks its endpoint, as Envoy's balancer does */
         if (s->end[1].fd < 0) {
             m->phase = P_DIAL;
             session_dial_upstream(s);
@@ -1386,6 +1586,8 @@ static int on_response_head(struct session *s, size_t n)
         local_answer(s, STREAM_RES_BAD_RESPONSE, !m->req.done, "101 without an Upgrade offer");
         return -1;
     }
+    if (m->outbound)
+        session_outlier_report(s, rs->status >= 500);
     body_init(&m->res, rs->framing, rs->content_length);
     m->res.dechunk = rs->framing == HTTP_BODY_CHUNKED && m->minor == 0;
     m->app_keep = m->app_keep && (rs->flags & HTTP_F_KEEP_ALIVE) &&
@@ -1408,8 +1610,24 @@ static int on_response_head(struct session *s, size_t n)
     } else if (m->minor == 0) {
         EXTRA("Connection", "keep-alive");
     }
+    if (m->outbound && m->lb_cookie[0] != '\0')
+        EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
 #undef EXTRA
-    if (append_head(&m->cout, n + 256, NULL, rs, extra, nx) < 0) {
+    /* Outbound, the route's and split's ResponseHeaders. */
+    size_t nmf = 0;
+    struct http_header *mf =
+        m->outbound ? modified_fields(m, 1, rs->headers, rs->nheaders, &nmf) : NULL;
+    struct http_header *got = rs->headers;
+    size_t ngot = rs->nheaders;
+    if (mf != NULL) {
+        rs->headers = mf;
+        rs->nheaders = nmf;
+    }
+    int rc = append_head(&m->cout, n + 256 + sizeof(m->lb_cookie), NULL, rs, extra, nx);
+    rs->headers = got;
+    rs->nheaders = ngot;
+    free(mf);
+    if (rc < 0) {
         close_app(s);
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "the response head cannot be forwarded");
         return -1;
@@ -1555,17 +1773,20 @@ static void stream_done(struct session *s, enum stream_result r, const char *why
 
 /*
  * The far side refused the stream before processing it (REFUSED_STREAM, or above the last
- * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried): it is
+ * stream id of its GOAWAY: RFC 9113 section 8.7 says such a request may be retried), or the
+ * stream's connection ended under it without a GOAWAY before any byte of its answer (the
+ * keep-alive race of HTTP/2: a peer closing an idle connection as a stream goes out): it is
  * opened once more, with the head and the body bytes held (at most REPLAY_MAX), on another
- * connection when the refusing one drains (outbound a new dial, which may pick another
- * endpoint).
+ * connection when the refusing one drains or is gone (outbound a new dial, which may pick
+ * another endpoint).
  */
 static void retry_h2(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    LOG_DEBUG("conn=%llu stream=%llu %s %s refused the stream unprocessed (%s): opening it "
-              "again",
-              (unsigned long long)s->id, (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+    LOG_DEBUG("conn=%llu stream=%llu %s %s %s (%s): opening it again", (unsigned long long)s->id,
+              (unsigned long long)m->st.seq, far_side(m), s->ep_name,
+              m->h2_code == H2_REFUSED_STREAM ? "refused the stream unprocessed"
+                                              : "lost the stream with its connection",
               m->h2_why);
     m->retried = 1;
     m->h2_closed = m->h2_end = m->h2_deferred = 0;
@@ -1594,8 +1815,11 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
     /* The stream ended before its answer did (checked first: a retry needs every body
      * byte, which the code below would drop once the stream is gone). */
     if (m->h2_closed && !m->h2_end) {
-        if (!m->res_head_done && m->h2_code == H2_REFUSED_STREAM && !m->app_heard && m->replay_ok &&
-            !m->retried) {
+        /* Refused unprocessed, or lost with its connection (closed or broken without a
+         * GOAWAY) before a byte of the answer: opened once more on another connection. */
+        int lost = m->h2_code == H2_CONNECT_ERROR && m->h2_up;
+        if (!m->res_head_done && (m->h2_code == H2_REFUSED_STREAM || lost) && !m->app_heard &&
+            m->replay_ok && !m->retried) {
             retry_h2(s);
             *progress = 1;
             return 0;
@@ -2161,7 +2385,9 @@ static void mux_dialled(struct session *s, const char *why)
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
         buf_consume(&m->cin, m->rq_len);
         memset(&m->rq, 0, sizeof(m->rq));
-        local_answer(s, STREAM_RES_UPSTREAM_CONNECT_ERROR, m->expect && !m->req.done, msg);
+        local_answer(
+            s, s->dial_overflow ? STREAM_RES_UPSTREAM_OVERFLOW : STREAM_RES_UPSTREAM_CONNECT_ERROR,
+            m->expect && !m->req.done, msg);
     } else if (m->h2) {
         struct h2up_conn *c = s->h2c;
         s->h2c = NULL;

@@ -9,9 +9,13 @@
  *   outbound: the local application's h2c (prior knowledge, the plain end) -> no authorization
  *            -> a stream on a shared mTLS connection (ALPN h2) to an endpoint of the upstream
  *            (session_dial_h2(): pooled, else dialled; one dial at a time per session, the
- *            streams that arrive meanwhile wait for it).
+ *            streams that arrive meanwhile wait for it); for an http upstream, an HTTP/1.1
+ *            exchange over mTLS (ALPN http/1.1) on a connection of the stream's own
+ *            (struct h1leg, below).
  *
  *   HEADERS --> authorize (inbound) --allow--> upstream stream --> head, DATA, trailers --> back
+ *                  |                              |  \--REFUSED_STREAM, or connection lost, before
+ *                  |                              |     any answer: opened once more (body held)
  *                  |                              |  \--RST / connection lost: 503 before the
  *                  |                              |     response head, else RST downstream
  *                  |                              |--local_request_timeout_ms: 504 (or RST)
@@ -44,6 +48,16 @@
  * decoded into DATA, Upgrade refused with 502) and its body read only while the caller's side
  * of the stream holds under a window. CONNECT is not translated (502); trailers are dropped.
  *
+ * Outbound to an http upstream the legs are the session's dials (session_dial_upstream(): the
+ * worker's pool first, else PICK_ENDPOINT .. VERIFY_PEER with the next endpoint on a failure,
+ * before any request byte went out), one at a time: each stream waits with its request head
+ * written until the dial's connection is handed to it (oldest first), and pump() starts the
+ * next dial while streams wait and the session holds fewer than LEGS_MAX connections (the rest
+ * wait for one to free). A connection whose exchange completed with keep-alive goes to the
+ * next waiting stream, else back to the worker's pool. No endpoint left: every waiting stream
+ * gets 503. The keep-alive race: a request on a reused connection is held (REPLAY_MAX) until
+ * its answer's first byte, and sent once more on a fresh dial when the connection ends first.
+ *
  * Timers (the codec's own timer <tmr>, set to the earliest deadline; the session's state timer
  * belongs to an outbound dial meanwhile): local_connect_timeout_ms for an HTTP/1.1 leg's and
  * the shared application connection's connect (503), local_request_timeout_ms from the end of
@@ -58,6 +72,7 @@
 #include "h2up.h"
 #include "log.h"
 #include "pathnorm.h"
+#include "route.h"
 #include "session_int.h"
 #include "sock.h"
 #include "spiffe.h"
@@ -73,6 +88,10 @@
 #define IO_CHUNK   16384
 #define OUT_MAX    (64u * 1024u) /* frames queued for one end before its session is asked for more */
 #define MAX_FIELDS (H2_DEFAULT_MAX_HEADERS + 8)
+/* Outbound to an http upstream: HTTP/1.1 connections one session holds or dials at once (its
+ * other streams wait for one), and the request bytes held for a retry on a reused one. */
+#define LEGS_MAX   32
+#define REPLAY_MAX (64u * 1024u)
 
 struct buf {
     char *p;
@@ -108,6 +127,19 @@ struct h1leg {
         uint64_t remaining;
         struct h1_chunked ch;
     } body;
+    /* Outbound (an http upstream): the connection is a verified mTLS end from the session's
+     * dial (fd -1 while the stream waits for one), kept alive after a complete exchange and
+     * handed to the next waiting stream or the worker's pool. */
+    int mesh;
+    const struct snap_target *tgt; /* the endpoint it is connected to (the pool's key) */
+    const struct dec_endpoint *ep;
+    char ep_name[300];
+    int reused;      /* the connection carried an answer before (here or in the pool) */
+    int keep;        /* the answer allows another request on the connection */
+    int heard;       /* a byte of the answer came */
+    int retried;     /* the request was sent again once already (the keep-alive race) */
+    struct buf held; /* on a reused connection: every request byte queued, until heard */
+    int held_ok;     /* <held> has them all (at most REPLAY_MAX) */
 };
 
 /* One downstream stream and its upstream stream. */
@@ -119,31 +151,48 @@ struct h2s {
     int app_open;           /* the upstream stream (or HTTP/1.1 leg) exists for this one */
     int conn_established;   /* <us>'s connection had heard from its peer (503 reason) */
     int waiting;            /* outbound: waits for the session's dial (<pend> holds the head) */
-    struct fields pend;     /* outbound: the request head while it waits, pseudo-fields first */
+    struct fields pend;     /* the request head as sent upstream, pseudo-fields first: while it
+                               waits (outbound), then until the first byte of the answer */
     int pend_body;          /* ... and whether a body follows */
-    uint64_t last_ms;       /* when something last moved on the stream (its idle timer) */
-    char *ep;               /* outbound: the endpoint its stream went to (its record's) */
-    struct h1leg *h1;       /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
-    int grpc;               /* content-type application/grpc... */
-    int local;              /* connectd answered it (403, 503, ...) */
-    int res_head;           /* a final response head was submitted to the caller */
-    int req_eof;            /* the caller's side ended */
-    int res_eof;            /* the response body in <resb> is complete */
-    int req_defer;          /* the application's session waits for request bytes (h2_resume) */
-    int res_defer;          /* the caller's session waits for response bytes */
-    struct buf reqb;        /* request body bytes for the application */
-    struct buf resb;        /* response body bytes for the caller */
+    /* A stream refused unprocessed (REFUSED_STREAM, above a GOAWAY) or lost with its
+     * connection before any byte of its answer is opened once more (RFC 9113 section 8.7),
+     * its body bytes held until then (at most REPLAY_MAX). */
+    int heard;        /* a response head (even 1xx) came */
+    int held_ok;      /* <held> has every body byte read_body gave */
+    int retried;      /* opened a second time already */
+    int retry;        /* to be opened again by the pump */
+    struct buf held;  /* those body bytes */
+    size_t skip;      /* bytes at the front of <reqb> given back to the caller already */
+    uint64_t last_ms; /* when something last moved on the stream (its idle timer) */
+    char *ep;         /* outbound: the endpoint its stream went to (its record's) */
+    struct h1leg *h1; /* protocol http: the HTTP/1.1 exchange instead of an h2c stream */
+    int grpc;         /* content-type application/grpc... */
+    int local;        /* connectd answered it (403, 503, ...) */
+    int res_head;     /* a final response head was submitted to the caller */
+    int req_eof;      /* the caller's side ended */
+    int res_eof;      /* the response body in <resb> is complete */
+    int req_defer;    /* the application's session waits for request bytes (h2_resume) */
+    int res_defer;    /* the caller's session waits for response bytes */
+    struct buf reqb;  /* request body bytes for the application */
+    struct buf resb;  /* response body bytes for the caller */
     struct fields req_tr, res_tr;
     uint64_t req_end_ms; /* when the caller's side ended; 0 until */
     enum stream_result result;
     char why[200];
     struct stream st;
+    /* Outbound: the route and split the stream took and the resolver its dial may use
+     * (route.h, in the session's snapshot); NULL without a route table. */
+    const struct route *route;
+    const struct route_split *split;
+    const struct route_resolver *rs;
 };
 
 struct mux_h2 {
     struct session *s;
     struct h2_session *down; /* end[0]'s connection (server) */
     int outbound;            /* end[0] is the local application; streams go to the upstream */
+    int h1up;                /* outbound to an http upstream: streams become HTTP/1.1 legs */
+    unsigned retries;        /* streams up_on_close() left for retry_streams() */
     int dialling;            /* outbound: session_dial_h2() owns end[1] and the state timer */
     int draining;            /* connectd drains: GOAWAY sent, closes when no stream is left */
     int down_failed;         /* the downstream session ended in an error: flush and close */
@@ -241,6 +290,28 @@ static void copy_str(char *out, size_t cap, struct http_slice v)
     out[n] = '\0';
 }
 
+/* Request bytes no one will forward go back to the caller's window (but those a retry put
+ * back in front, given back already). */
+static void reqb_drop(struct mux_h2 *m, struct h2s *x)
+{
+    if (x->reqb.len > x->skip)
+        h2_consume(m->down, x->cid, x->reqb.len - x->skip);
+    x->reqb.len = 0;
+    x->skip = 0;
+}
+
+/* The answer started: what was held for a retry goes. */
+static void heard(struct h2s *x)
+{
+    if (x->heard)
+        return;
+    x->heard = 1;
+    x->held_ok = 0;
+    buf_free(&x->held);
+    free(x->pend.h);
+    x->pend = (struct fields){0};
+}
+
 /* Notes a grpc-status among <h> in the stream's record. */
 static void note_grpc_status(struct h2s *x, const struct http_header *h, size_t n)
 {
@@ -276,6 +347,7 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
     if (x->next != NULL)
         x->next->prev = x->prev;
     buf_free(&x->reqb);
+    buf_free(&x->held);
     free(x->pend.h);
     free(x->ep);
     buf_free(&x->resb);
@@ -300,6 +372,7 @@ static void leg_close(struct session *s, struct h2s *x)
     xprt_close(s->host->loop, &l->x);
     buf_free(&l->out);
     buf_free(&l->in);
+    buf_free(&l->held);
     x->h1 = NULL;
     loop_defer(s->host->loop, &l->reap, leg_free);
 }
@@ -307,13 +380,15 @@ static void leg_close(struct session *s, struct h2s *x)
 static void app_stream_drop(struct session *s, struct h2s *x, uint32_t code)
 {
     x->waiting = 0;
-    if (!x->app_open)
-        return;
-    x->app_open = 0;
     if (x->h1 != NULL) {
+        /* Open, or (outbound) still waiting for a connection. */
+        x->app_open = 0;
         leg_close(s, x);
         return;
     }
+    if (!x->app_open)
+        return;
+    x->app_open = 0;
     if (x->us != NULL) {
         h2up_cancel(x->us, code);
         x->us = NULL;
@@ -355,6 +430,9 @@ static const char *local_text(enum stream_result r)
     case STREAM_RES_LOCAL_RESET:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "connection termination";
+    case STREAM_RES_UPSTREAM_OVERFLOW:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "overflow";
     case STREAM_RES_LOCAL_TIMEOUT:
         return "upstream request timeout";
     case STREAM_RES_BAD_RESPONSE:
@@ -363,6 +441,7 @@ static const char *local_text(enum stream_result r)
     case STREAM_RES_RATE_LIMITED:
         return "local_rate_limited";
     case STREAM_RES_REDIRECT:
+    case STREAM_RES_NO_ROUTE:  /* Envoy's route_not_found answer has no body */
     case STREAM_RES_NOT_FOUND: /* Envoy's "route not found" has no body either */
         return "";
     default:
@@ -381,8 +460,7 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
     set_why(x, why);
     app_stream_drop(s, x, H2_CANCEL);
     /* What the caller sent that no one will read is given back to its window. */
-    h2_consume(m->down, x->cid, x->reqb.len);
-    x->reqb.len = 0;
+    reqb_drop(m, x);
     if (x->res_head) {
         x->result = STREAM_RES_ABORTED;
         x->local = 1;
@@ -425,13 +503,38 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
 /* ---- protocol http: HTTP/2 streams as HTTP/1.1 exchanges ---- */
 
 static void resume_down(struct mux_h2 *m, struct h2s *x);
+static void pump(struct session *s);
 
+/* A leg's events run the codec directly: outbound, the session's state (and its I/O
+ * callback) may belong to a dial for another stream meanwhile. */
 static void leg_on_io(struct loop_io *io, unsigned events)
 {
     struct h1leg *l = (struct h1leg *)((char *)io - offsetof(struct h1leg, x.io));
+    struct session *s = io->data;
     if (events & (LOOP_WRITE | LOOP_ERROR))
         l->writable = 1;
-    session_on_io(io, events);
+    if (s->state != S_DONE)
+        pump(s);
+}
+
+/* Who is on the far side of a leg, for reasons and logs. */
+static const char *leg_peer(const struct h1leg *l)
+{
+    return l->mesh ? "the upstream" : "the application";
+}
+
+/* Queues request bytes for the leg, and holds them while a retry may resend them. */
+static void leg_queue(struct h1leg *l, const void *p, size_t n)
+{
+    buf_add(&l->out, p, n);
+    if (!l->held_ok)
+        return;
+    if (l->held.len + n > REPLAY_MAX) {
+        l->held_ok = 0;
+        buf_free(&l->held);
+        return;
+    }
+    buf_add(&l->held, p, n);
 }
 
 static int connection_specific(struct http_slice n)
@@ -457,9 +560,43 @@ static enum http_method method_of(struct http_slice m)
 }
 
 /*
+ * A new HTTP/1.1 exchange without a connection yet: its request head queued (<target> and
+ * <authority> for the request line and Host; <f>: the fields, the flagged ones and those
+ * specific to a connection left out). A body without content-length is sent chunked.
+ */
+static struct h1leg *leg_new(const struct h2_head *hd, struct http_slice target,
+                             struct http_slice authority, const struct http_header *f, size_t nf)
+{
+    struct h1leg *l = xcalloc(1, sizeof(*l));
+    l->x.fd = -1;
+    l->method = method_of(hd->method);
+    struct buf *o = &l->out;
+    buf_add(o, hd->method.p, hd->method.len);
+    buf_add(o, " ", 1);
+    buf_add(o, target.p, target.len);
+    buf_add(o, " HTTP/1.1\r\nhost: ", 17);
+    buf_add(o, authority.p, authority.len);
+    buf_add(o, "\r\n", 2);
+    for (size_t i = 0; i < nf; i++) {
+        if ((f[i].flags & (HTTP_HDR_HOP | HTTP_HDR_DROP)) || connection_specific(f[i].name))
+            continue;
+        buf_add(o, f[i].name.p, f[i].name.len);
+        buf_add(o, ": ", 2);
+        buf_add(o, f[i].value.p, f[i].value.len);
+        buf_add(o, "\r\n", 2);
+    }
+    l->chunked = !hd->end_stream && hd->content_length < 0;
+    if (l->chunked)
+        buf_add(o, "transfer-encoding: chunked\r\n", 28);
+    buf_add(o, "\r\n", 2);
+    l->req_done = hd->end_stream;
+    return l;
+}
+
+/*
  * Opens the HTTP/1.1 exchange of stream <x> with the application: dials a connection of its
  * own and queues the request head (<target>: the normalized path; <f>: the fields with the
- * forwarded extras, the flagged ones left out). A body without content-length is sent chunked.
+ * forwarded extras, the flagged ones left out).
  */
 static void leg_open(struct session *s, struct h2s *x, const struct h2_head *hd,
                      struct http_slice target, const struct http_header *f, size_t nf)
@@ -478,33 +615,169 @@ static void leg_open(struct session *s, struct h2s *x, const struct h2_head *hd,
         local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why, (struct http_slice){0});
         return;
     }
-    struct h1leg *l = xcalloc(1, sizeof(*l));
+    struct h1leg *l = leg_new(hd, target, hd->authority, f, nf);
     l->x.fd = fd;
     loop_io_init(&l->x.io, fd, leg_on_io, s);
     l->connect_start_ms = loop_now_ms(s->host->loop);
-    l->method = method_of(hd->method);
-    struct buf *o = &l->out;
-    buf_add(o, hd->method.p, hd->method.len);
-    buf_add(o, " ", 1);
-    buf_add(o, target.p, target.len);
-    buf_add(o, " HTTP/1.1\r\nhost: ", 17);
-    buf_add(o, hd->authority.p, hd->authority.len);
-    buf_add(o, "\r\n", 2);
-    for (size_t i = 0; i < nf; i++) {
-        if ((f[i].flags & (HTTP_HDR_HOP | HTTP_HDR_DROP)) || connection_specific(f[i].name))
-            continue;
-        buf_add(o, f[i].name.p, f[i].name.len);
-        buf_add(o, ": ", 2);
-        buf_add(o, f[i].value.p, f[i].value.len);
-        buf_add(o, "\r\n", 2);
-    }
-    l->chunked = !hd->end_stream && hd->content_length < 0;
-    if (l->chunked)
-        buf_add(o, "transfer-encoding: chunked\r\n", 28);
-    buf_add(o, "\r\n", 2);
-    l->req_done = hd->end_stream;
     x->h1 = l;
     x->app_open = 1;
+}
+
+/* Whether <v> can go into a request line as it is: visible ASCII only, not empty. */
+static int line_token_ok(struct http_slice v)
+{
+    if (v.len == 0)
+        return 0;
+    for (size_t i = 0; i < v.len; i++)
+        if ((unsigned char)v.p[i] <= 0x20 || (unsigned char)v.p[i] >= 0x7f)
+            return 0;
+    return 1;
+}
+
+/*
+ * Outbound to an http upstream: stream <x>'s request, as the application sent it (the
+ * upstream's sidecar normalizes and authorizes it), becomes an HTTP/1.1 exchange that waits
+ * for a connection from the session's dial (h1_dial_next); without :authority, Host is the
+ * upstream's name. 0, or -1 when the head cannot be written as HTTP/1.1 (<x> answered 400).
+ */
+static int leg_wait(struct session *s, struct h2s *x, const struct h2_head *hd,
+                    const struct http_header *f, size_t nf)
+{
+    const char *name = s->up->cfg->destination_name;
+    struct http_slice authority =
+        hd->authority.len > 0 ? hd->authority : (struct http_slice){name, strlen(name)};
+    if (!line_token_ok(hd->method) || !line_token_ok(hd->path) || !line_token_ok(authority)) {
+        local_answer(s, x, STREAM_RES_BAD_REQUEST, "the request line cannot be written as HTTP/1.1",
+                     (struct http_slice){0});
+        return -1;
+    }
+    struct h1leg *l = leg_new(hd, hd->path, authority, f, nf);
+    l->mesh = 1;
+    l->connected = 1;
+    x->h1 = l;
+    x->waiting = 1;
+    return 0;
+}
+
+/*
+ * The waiting stream to give a connection: the oldest, but a stream whose request a reused
+ * connection lost (retried) takes only a <fresh> one, and gets it first. NULL when none.
+ */
+static struct h2s *next_waiting(struct mux_h2 *m, int fresh)
+{
+    struct h2s *best = NULL;
+    for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+        if (!x->waiting || x->h1 == NULL || (x->h1->retried && !fresh))
+            continue;
+        if (best == NULL || (x->h1->retried && !best->h1->retried) ||
+            (x->h1->retried == best->h1->retried && x->st.seq < best->st.seq))
+            best = x;
+    }
+    return best;
+}
+
+/*
+ * Waiting stream <x> takes connection <src> (moved: fd -1 on return), verified as endpoint
+ * <ep> (<ep_name>) of <tgt>; <reused>: it carried an answer before, so the request is held
+ * until its answer starts (a retry resends it should the peer have closed it just then).
+ */
+static void leg_attach(struct session *s, struct h2s *x, struct xprt *src,
+                       const struct snap_target *tgt, const struct dec_endpoint *ep,
+                       const char *ep_name, int reused)
+{
+    struct h1leg *l = x->h1;
+    loop_io_want(s->host->loop, &src->io, 0);
+    l->x = *src;
+    *src = (struct xprt){.fd = -1};
+    loop_io_init(&l->x.io, l->x.fd, leg_on_io, s);
+    l->tgt = tgt;
+    l->ep = ep;
+    copy_str_cut(l->ep_name, sizeof(l->ep_name), ep_name);
+    l->reused = reused;
+    l->writable = 1;
+    l->held_ok = reused && !l->retried && l->out.len <= REPLAY_MAX;
+    if (l->held_ok)
+        buf_add(&l->held, l->out.p, l->out.len);
+    x->waiting = 0;
+    x->app_open = 1;
+    x->last_ms = loop_now_ms(s->host->loop);
+    free(x->ep);
+    x->ep = xstrdup(ep_name);
+}
+
+/*
+ * A complete exchange on a connection that stays alive: the connection goes to the next
+ * waiting stream, else to the worker's pool; the leg ends.
+ */
+static void leg_release(struct session *s, struct h2s *x)
+{
+    struct h1leg *l = x->h1;
+    loop_io_want(s->host->loop, &l->x.io, 0);
+    struct xprt conn = l->x;
+    l->x = (struct xprt){.fd = -1};
+    struct h2s *y = next_waiting(s->mux2, 0);
+    if (y != NULL)
+        leg_attach(s, y, &conn, l->tgt, l->ep, l->ep_name, 1);
+    else
+        session_pool_put_conn(s, &conn, l->tgt, l->ep, l->ep_name);
+    leg_close(s, x);
+}
+
+/*
+ * The keep-alive race: a reused connection ended before any byte of the answer (its peer
+ * closed it as idle while the request went out). With the whole request held, the stream
+ * waits for a fresh connection and sends it again, once. 1 when so.
+ */
+static int leg_lost(struct session *s, struct h2s *x)
+{
+    struct h1leg *l = x->h1;
+    if (!l->mesh || !l->reused || l->heard || !l->held_ok || l->retried || l->head_done)
+        return 0;
+    LOG_DEBUG("conn=%llu stream=%llu out: %s closed a reused connection before any answer: "
+              "sending the request again on a new one",
+              (unsigned long long)s->id, (unsigned long long)x->st.seq, LOG_ESC(l->ep_name));
+    xprt_close(s->host->loop, &l->x);
+    l->out.len = 0;
+    buf_add(&l->out, l->held.p, l->held.len);
+    buf_free(&l->held);
+    l->held_ok = 0;
+    l->in.len = 0;
+    l->eof = 0;
+    l->retried = 1;
+    l->reused = 0;
+    x->app_open = 0;
+    x->waiting = 1;
+    return 1;
+}
+
+/*
+ * Outbound to an http upstream: when streams wait for a connection and the session holds
+ * fewer than LEGS_MAX, the next dial (one at a time; mux_dialled() gives its result to the
+ * oldest waiting stream). A stream to send again after the keep-alive race asks for a fresh
+ * connection (no pooled one, which may have idled as long).
+ */
+static void h1_dial_next(struct session *s)
+{
+    struct mux_h2 *m = s->mux2;
+    size_t open = 0;
+    int waiting = 0, fresh = 0;
+    if (m->dialling)
+        return;
+    for (const struct h2s *x = m->streams; x != NULL; x = x->next) {
+        if (x->h1 != NULL && x->h1->x.fd >= 0)
+            open++;
+        if (x->waiting && x->h1 != NULL) {
+            waiting = 1;
+            fresh |= x->h1->retried;
+        }
+    }
+    if (!waiting || open >= LEGS_MAX)
+        return;
+    m->dialling = 1;
+    if (fresh)
+        session_redial_upstream(s);
+    else
+        session_dial_upstream(s);
 }
 
 /* The stream's exchange failed: 503 before the response head, else the caller's stream is
@@ -531,6 +804,7 @@ static int leg_body(struct session *s, struct h2s *x)
     struct h1leg *l = x->h1;
     struct body_state *b = &l->body;
     const char *why = NULL;
+    char msg[200];
     size_t used = 0;
     if (b->framing == HTTP_BODY_LENGTH || b->framing == HTTP_BODY_UNTIL_CLOSE) {
         size_t n = l->in.len;
@@ -546,7 +820,8 @@ static int leg_body(struct session *s, struct h2s *x)
             struct http_slice d = {0};
             ssize_t n = h1_chunked_decode(&b->ch, l->in.p + used, l->in.len - used, &d, &why);
             if (n < 0) {
-                leg_fail(s, x, STREAM_RES_BAD_RESPONSE, "bad chunked body from the application");
+                snprintf(msg, sizeof(msg), "bad chunked body from %s", leg_peer(l));
+                leg_fail(s, x, STREAM_RES_BAD_RESPONSE, msg);
                 return -1;
             }
             if (n == 0)
@@ -560,7 +835,8 @@ static int leg_body(struct session *s, struct h2s *x)
     }
     buf_consume(&l->in, used);
     if (l->eof && !x->res_eof && l->in.len == 0) {
-        leg_fail(s, x, STREAM_RES_ABORTED, "the application closed in the middle of its answer");
+        snprintf(msg, sizeof(msg), "%s closed in the middle of its answer", leg_peer(l));
+        leg_fail(s, x, STREAM_RES_ABORTED, msg);
         return -1;
     }
     return 0;
@@ -580,13 +856,16 @@ static int leg_head(struct session *s, struct h2s *x)
         int rc = h1_parse_response(l->in.p, l->in.len, H1_HEAD_MAX, l->method, &rs, &why);
         if (rc == -EAGAIN) {
             if (l->eof) {
-                leg_fail(s, x, STREAM_RES_LOCAL_RESET, "the application closed before its answer");
+                if (leg_lost(s, x))
+                    return -1;
+                snprintf(msg, sizeof(msg), "%s closed before its answer", leg_peer(l));
+                leg_fail(s, x, STREAM_RES_LOCAL_RESET, msg);
                 return -1;
             }
             return 0;
         }
         if (rc < 0 || rs.status == 101 || rs.framing == HTTP_BODY_TUNNEL) {
-            snprintf(msg, sizeof(msg), "bad response from the application: %s",
+            snprintf(msg, sizeof(msg), "bad response from %s: %s", leg_peer(l),
                      why != NULL ? why : "an upgrade");
             leg_fail(s, x, STREAM_RES_BAD_RESPONSE, msg);
             return -1;
@@ -601,6 +880,7 @@ static int leg_head(struct session *s, struct h2s *x)
         x->st.status = rs.status;
         x->res_head = 1;
         l->head_done = 1;
+        l->keep = (rs.flags & HTTP_F_KEEP_ALIVE) && rs.framing != HTTP_BODY_UNTIL_CLOSE;
         l->body.framing = has_body ? rs.framing : HTTP_BODY_NONE;
         l->body.remaining = rs.content_length;
         h1_chunked_init(&l->body.ch);
@@ -622,8 +902,8 @@ static int legs_pump(struct session *s)
     for (struct h2s *x = m->streams; x != NULL; x = x->next) {
         struct h1leg *l = x->h1;
         unsigned wants = 0;
-        if (l == NULL)
-            continue;
+        if (l == NULL || l->x.fd < 0)
+            continue; /* outbound: waits for a connection */
         if (!l->connected) {
             if (!l->writable) {
                 loop_io_want(s->host->loop, &l->x.io, LOOP_WRITE);
@@ -645,18 +925,18 @@ static int legs_pump(struct session *s)
             if (l->chunked) {
                 char hex[24];
                 int k = snprintf(hex, sizeof(hex), "%zx\r\n", n);
-                buf_add(&l->out, hex, (size_t)k);
+                leg_queue(l, hex, (size_t)k);
             }
-            buf_add(&l->out, x->reqb.p, n);
+            leg_queue(l, x->reqb.p, n);
             if (l->chunked)
-                buf_add(&l->out, "\r\n", 2);
+                leg_queue(l, "\r\n", 2);
             buf_consume(&x->reqb, n);
             h2_consume(m->down, x->cid, n);
             progress = 1;
         }
         if (!l->req_done && x->reqb.len == 0 && x->req_eof) {
             if (l->chunked)
-                buf_add(&l->out, "0\r\n\r\n", 5);
+                leg_queue(l, "0\r\n\r\n", 5);
             l->req_done = 1;
         }
         if (l->out.len > 0) {
@@ -665,7 +945,10 @@ static int legs_pump(struct session *s)
                 buf_consume(&l->out, (size_t)n);
                 progress = 1;
             } else if (n == -EAGAIN) {
-                wants |= LOOP_WRITE;
+                wants |= xprt_wants(&l->x, LOOP_WRITE);
+            } else if (leg_lost(s, x)) {
+                progress = 1;
+                continue;
             } else if (!l->head_done) {
                 /* It may still answer (a 413, say): the rest of the request is dropped. */
                 l->out.len = 0;
@@ -681,8 +964,14 @@ static int legs_pump(struct session *s)
             if (n > 0) {
                 l->in.len += (size_t)n;
                 progress = 1;
+                if (!l->heard) {
+                    /* Answered: the request is no longer sent again. */
+                    l->heard = 1;
+                    l->held_ok = 0;
+                    buf_free(&l->held);
+                }
             } else if (n == -EAGAIN) {
-                wants |= LOOP_READ;
+                wants |= xprt_wants(&l->x, LOOP_READ);
             } else {
                 l->eof = 1;
                 progress = 1;
@@ -708,9 +997,14 @@ static int legs_pump(struct session *s)
         if (x->resb.len != before || x->res_eof)
             resume_down(m, x);
         if (x->res_eof) {
-            /* The answer is complete: the connection is not reused. */
-            leg_close(s, x);
+            /* The answer is complete: inbound the connection is not reused; outbound it is
+             * when both sides allow it and the whole request went out. */
+            if (l->mesh && l->keep && l->req_done && l->out.len == 0 && l->in.len == 0 && !l->eof)
+                leg_release(s, x); /* maybe to a stream this round has passed: go round */
+            else
+                leg_close(s, x);
             x->app_open = 0;
+            progress = 1;
             continue;
         }
         loop_io_want(s->host->loop, &l->x.io, wants);
@@ -764,6 +1058,7 @@ static void up_open(struct session *s, struct h2s *x, struct h2up_conn *c,
                     const struct h2_out_head *oh, int has_body)
 {
     x->us = h2up_open(c, oh, has_body, &up_ops, x);
+    x->held_ok = x->us != NULL && !x->retried;
     if (x->us == NULL) {
         local_answer(
             s, x, connect_error(s->mux2),
@@ -774,25 +1069,158 @@ static void up_open(struct session *s, struct h2s *x, struct h2up_conn *c,
     x->app_open = 1;
 }
 
-/* Outbound: the request head a waiting stream keeps, pseudo-fields first. */
+/*
+ * Outbound routing (route.h), as mux_h1's route_request(): the stream's route and a split
+ * drawn by weight name the resolver whose targets its dial may use (x->rs). Returns 0, or -1
+ * after answering 404 (no route matched) or 503 (no split has weight).
+ */
+static int route_stream(struct session *s, struct h2s *x, const struct h2_head *hd)
+{
+    const struct route_table *t = s->up->routes;
+    if (t == NULL)
+        return 0;
+    struct route_req rr = {
+        .method = hd->method,
+        .path = hd->path,
+        .authority = hd->authority,
+        .headers = hd->headers,
+        .nheaders = hd->nheaders,
+    };
+    const char *q = hd->path.p != NULL ? memchr(hd->path.p, '?', hd->path.len) : NULL;
+    if (q != NULL) {
+        rr.path.len = (size_t)(q - hd->path.p);
+        rr.query = (struct http_slice){q + 1, hd->path.len - rr.path.len - 1};
+    }
+    x->route = x->st.route = route_match(t, &rr);
+    if (x->route == NULL) {
+        local_answer(s, x, STREAM_RES_NO_ROUTE, "no route matched", (struct http_slice){0});
+        return -1;
+    }
+    x->split = route_split_pick(x->route, util_rand());
+    if (x->split == NULL) {
+        local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR,
+                     "the route's splits all have weight 0", (struct http_slice){0});
+        return -1;
+    }
+    x->rs = route_table_resolver(t, x->split->resolver);
+    x->st.resolver = x->rs != NULL ? x->rs->name : NULL;
+    return 0;
+}
+
+/*
+ * Outbound: the request head a waiting stream keeps, pseudo-fields first, with its route's
+ * PrefixRewrite and header modifiers applied (the removed fields left out).
+ */
 static void pend_keep(struct h2s *x, const struct h2_head *hd)
 {
-    struct http_header f[MAX_FIELDS];
-    size_t nf = 0;
+    struct http_header *f, *mf;
+    size_t nf = 0,
+           nm = hd->nheaders < H2_DEFAULT_MAX_HEADERS ? hd->nheaders : H2_DEFAULT_MAX_HEADERS;
+    struct buf path = {0};
+    struct http_slice p = hd->path;
+    const char *q = p.p != NULL ? memchr(p.p, '?', p.len) : NULL;
+    size_t cut = 0;
+    if (x->route != NULL && p.p != NULL)
+        cut = route_rewrite_len(x->route,
+                                (struct http_slice){p.p, q != NULL ? (size_t)(q - p.p) : p.len});
+    if (cut > 0) {
+        buf_add(&path, x->route->def->prefix_rewrite, strlen(x->route->def->prefix_rewrite));
+        buf_add(&path, p.p + cut, p.len - cut);
+        p = (struct http_slice){path.p, path.len};
+    }
+    size_t nmf = 0;
+    mf = route_headers_modified(x->route, x->split, 0, hd->headers, nm, &nmf);
+    if (mf != NULL)
+        nm = nmf;
+    f = xcalloc(nm + 4, sizeof(*f));
     f[nf++] = (struct http_header){.name = {":method", 7}, .value = hd->method};
     f[nf++] = (struct http_header){.name = {":scheme", 7}, .value = hd->scheme};
     f[nf++] = (struct http_header){.name = {":authority", 10}, .value = hd->authority};
-    f[nf++] = (struct http_header){.name = {":path", 5}, .value = hd->path};
-    for (size_t i = 0; i < hd->nheaders && nf < MAX_FIELDS; i++)
-        f[nf++] = hd->headers[i];
+    f[nf++] = (struct http_header){.name = {":path", 5}, .value = p};
+    for (size_t i = 0; i < nm; i++)
+        if (!((mf != NULL ? mf : hd->headers)[i].flags & HTTP_HDR_HOP))
+            f[nf++] = (mf != NULL ? mf : hd->headers)[i];
     fields_copy(&x->pend, f, nf);
     x->pend_body = !hd->end_stream;
+    free(f);
+    free(mf);
+    buf_free(&path);
+}
+
+/* Inbound: the head as it goes to the application (the fields it leaves out left out), kept
+ * like pend_keep()'s for a retry. */
+static void pend_keep_out(struct h2s *x, const struct h2_out_head *oh, int has_body)
+{
+    struct http_header f[MAX_FIELDS];
+    struct http_slice none = {"", 0};
+    size_t nf = 0;
+    f[nf++] = (struct http_header){.name = {":method", 7}, .value = oh->method};
+    f[nf++] = (struct http_header){.name = {":scheme", 7},
+                                   .value = oh->scheme.p != NULL ? oh->scheme : none};
+    f[nf++] = (struct http_header){.name = {":authority", 10},
+                                   .value = oh->authority.p != NULL ? oh->authority : none};
+    f[nf++] =
+        (struct http_header){.name = {":path", 5}, .value = oh->path.p != NULL ? oh->path : none};
+    for (size_t i = 0; i < oh->nheaders && nf < MAX_FIELDS; i++)
+        if (!(oh->headers[i].flags & (HTTP_HDR_HOP | HTTP_HDR_DUP | HTTP_HDR_DROP)))
+            f[nf++] = oh->headers[i];
+    fields_copy(&x->pend, f, nf);
+    x->pend_body = has_body;
 }
 
 static struct http_slice pend_slice(const struct h2s *x, size_t i)
 {
     struct http_slice v = x->pend.h[i].value;
     return v.len > 0 ? v : (struct http_slice){NULL, 0};
+}
+
+/* The head kept in <pend> as an h2_out_head (slices into it). */
+static struct h2_out_head pend_head(const struct h2s *x)
+{
+    return (struct h2_out_head){
+        .method = pend_slice(x, 0),
+        .scheme = pend_slice(x, 1),
+        .authority = pend_slice(x, 2),
+        .path = pend_slice(x, 3),
+        .headers = x->pend.h + 4,
+        .nheaders = x->pend.n - 4,
+    };
+}
+
+/*
+ * Opens again the streams up_on_close() left to retry: inbound on the worker's connection to
+ * the application (the lost one is out of the pool: a new one), outbound through a new dial
+ * (the waiting streams are opened by mux_dialled()).
+ */
+static void retry_streams(struct session *s)
+{
+    struct mux_h2 *m = s->mux2;
+    char why[400];
+    int dial = 0;
+    if (m->retries == 0)
+        return;
+    m->retries = 0;
+    for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+        if (!x->retry)
+            continue;
+        x->retry = 0;
+        if (x->local || !x->waiting)
+            continue;
+        if (m->outbound) {
+            dial = 1;
+            continue;
+        }
+        x->waiting = 0;
+        struct h2up_conn *c = app_conn(s, why, sizeof(why));
+        if (c == NULL) {
+            local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why, (struct http_slice){0});
+            continue;
+        }
+        struct h2_out_head oh = pend_head(x);
+        up_open(s, x, c, &oh, x->pend_body);
+    }
+    if (dial && !m->dialling)
+        start_dial(s);
 }
 
 /* ---- the downstream session (server) ---- */
@@ -841,6 +1269,19 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
             set_why(x, "connectd is draining");
             return 0;
         }
+        if (m->h1up) {
+            /* An http upstream: an HTTP/1.1 exchange; pump() dials for it. */
+            if (connect)
+                local_answer(s, x, STREAM_RES_BAD_RESPONSE,
+                             "CONNECT over HTTP/2 to an http upstream is not translated to "
+                             "HTTP/1.1",
+                             (struct http_slice){0});
+            else
+                leg_wait(s, x, hd, f, nf);
+            return 0;
+        }
+        if (route_stream(s, x, hd) < 0)
+            return 0;
         pend_keep(x, hd);
         x->waiting = 1;
         if (!m->dialling)
@@ -916,6 +1357,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         .headers = f,
         .nheaders = nf,
     };
+    pend_keep_out(x, &oh, !hd->end_stream);
     up_open(s, x, c, &oh, !hd->end_stream);
 out:
     free(target);
@@ -1100,6 +1542,7 @@ static int up_on_head(void *owner, const struct h2_head *hd)
     x->conn_established = 1;
     x->last_ms = loop_now_ms(s->host->loop);
     kick(s);
+    heard(x);
     if (x->local)
         return -1;
     if (hd->status < 200)
@@ -1108,11 +1551,18 @@ static int up_on_head(void *owner, const struct h2_head *hd)
         return -1;
     x->st.status = hd->status;
     note_grpc_status(x, hd->headers, hd->nheaders);
-    struct h2_out_head oh = {
-        .status = hd->status, .headers = hd->headers, .nheaders = hd->nheaders};
+    /* Outbound, the route's and split's ResponseHeaders. */
+    size_t nmf = 0;
+    struct http_header *mf =
+        route_headers_modified(x->route, x->split, 1, hd->headers, hd->nheaders, &nmf);
+    struct h2_out_head oh = {.status = hd->status,
+                             .headers = mf != NULL ? mf : hd->headers,
+                             .nheaders = mf != NULL ? nmf : hd->nheaders};
     x->res_head = 1;
     x->res_eof = hd->end_stream;
-    if (h2_submit_response(m->down, x->cid, &oh, !hd->end_stream) != 0) {
+    int rc = h2_submit_response(m->down, x->cid, &oh, !hd->end_stream);
+    free(mf);
+    if (rc != 0) {
         snprintf(x->why, sizeof(x->why), "%s's response head cannot be forwarded", peer_word(m));
         x->local = 1;
         x->result = STREAM_RES_BAD_RESPONSE;
@@ -1172,9 +1622,31 @@ static void up_on_close(void *owner, uint32_t code, const char *what)
     if (!x->app_open)
         return;
     x->app_open = 0;
+    if (!x->local && !x->res_head && !x->heard && !x->retried && x->held_ok && x->pend.h != NULL &&
+        (code == H2_REFUSED_STREAM || (code == H2_CONNECT_ERROR && x->conn_established))) {
+        /* Refused unprocessed, or lost with its connection (closed or broken without a
+         * GOAWAY) before a byte of the answer: the pump opens it once more, on another
+         * connection, its held body bytes first (given back to the caller already). */
+        LOG_DEBUG("conn=%llu stream=%llu %s %s: %s before any answer: opening the stream again",
+                  (unsigned long long)s->id, (unsigned long long)x->st.seq, peer_word(m),
+                  LOG_ESC(x->ep != NULL ? x->ep : s->ep_name), what);
+        struct buf nb = {0};
+        buf_add(&nb, x->held.p, x->held.len);
+        buf_add(&nb, x->reqb.p, x->reqb.len);
+        buf_free(&x->reqb);
+        x->reqb = nb;
+        x->skip = x->held.len;
+        buf_free(&x->held);
+        x->held_ok = 0;
+        x->retried = 1;
+        x->retry = 1;
+        m->retries++;
+        x->waiting = 1;
+        x->req_defer = 0;
+        return;
+    }
     /* Request bytes no one will forward go back to the caller's window. */
-    h2_consume(m->down, x->cid, x->reqb.len);
-    x->reqb.len = 0;
+    reqb_drop(m, x);
     if (x->local || (code == H2_NO_ERROR && x->res_eof))
         return;
     if (code == H2_CONNECT_ERROR)
@@ -1207,7 +1679,17 @@ static ssize_t up_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *fla
     if (n > 0) {
         memcpy(buf, x->reqb.p, n);
         buf_consume(&x->reqb, n);
-        h2_consume(m->down, x->cid, n);
+        if (x->held_ok && x->held.len + n > REPLAY_MAX) {
+            x->held_ok = 0;
+            buf_free(&x->held);
+        } else if (x->held_ok) {
+            buf_add(&x->held, buf, n);
+        }
+        /* Bytes a retry sent again were given back to the caller the first time. */
+        size_t again = n < x->skip ? n : x->skip;
+        x->skip -= again;
+        if (n > again)
+            h2_consume(m->down, x->cid, n - again);
         x->last_ms = loop_now_ms(s->host->loop);
         kick(s);
     }
@@ -1242,15 +1724,54 @@ static const struct h2up_stream_ops up_ops = {
 static void start_dial(struct session *s)
 {
     struct mux_h2 *m = s->mux2;
+    /* One resolver per dial: the first waiting stream's (see mux_dialled()). */
+    s->dial_rs = NULL;
+    for (struct h2s *x = m->streams; x != NULL; x = x->next)
+        if (x->waiting) {
+            s->dial_rs = x->rs;
+            break;
+        }
     m->dialling = 1;
     session_dial_h2(s);
+}
+
+/*
+ * An http upstream: the dial's connection (end[1], verified) goes to the oldest waiting stream
+ * (the pool takes it back when none is left); no endpoint left answers every waiting stream
+ * 503, as for HTTP/2.
+ */
+static void h1_dialled(struct session *s, const char *why)
+{
+    struct mux_h2 *m = s->mux2;
+    char msg[400];
+    m->dialling = 0;
+    if (why != NULL) {
+        snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
+        for (struct h2s *x = m->streams; x != NULL; x = x->next)
+            if (x->waiting)
+                local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
+        kick(s);
+        return;
+    }
+    struct h2s *x = next_waiting(m, !s->dial_pooled);
+    if (x != NULL)
+        leg_attach(s, x, &s->end[1], s->tgt, s->ep, s->ep_name, s->dial_pooled);
+    else
+        session_pool_put(s);
+    kick(s);
 }
 
 static void mux_dialled(struct session *s, const char *why)
 {
     struct mux_h2 *m = s->mux2;
     struct h2up_conn *c = why == NULL ? s->h2c : NULL;
+    const struct route_resolver *rs = s->dial_rs;
+    int others = 0;
     char msg[400];
+    if (m->h1up) {
+        h1_dialled(s, why);
+        return;
+    }
     m->dialling = 0;
     s->h2c = NULL;
     if (why != NULL)
@@ -1258,25 +1779,25 @@ static void mux_dialled(struct session *s, const char *why)
     for (struct h2s *x = m->streams; x != NULL; x = x->next) {
         if (!x->waiting)
             continue;
-        x->waiting = 0;
-        if (c == NULL) {
-            local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
+        if (x->rs != rs) {
+            others = 1; /* routed elsewhere: its own dial follows */
             continue;
         }
-        struct h2_out_head oh = {
-            .method = pend_slice(x, 0),
-            .scheme = pend_slice(x, 1),
-            .authority = pend_slice(x, 2),
-            .path = pend_slice(x, 3),
-            .headers = x->pend.h + 4,
-            .nheaders = x->pend.n - 4,
-        };
+        x->waiting = 0;
+        if (c == NULL) {
+            local_answer(s, x,
+                         s->dial_overflow ? STREAM_RES_UPSTREAM_OVERFLOW
+                                          : STREAM_RES_UPSTREAM_CONNECT_ERROR,
+                         msg, (struct http_slice){0});
+            continue;
+        }
+        struct h2_out_head oh = pend_head(x);
         up_open(s, x, c, &oh, x->pend_body);
         free(x->ep);
         x->ep = xstrdup(s->ep_name);
-        free(x->pend.h);
-        x->pend = (struct fields){0};
     }
+    if (others && !m->dialling)
+        start_dial(s);
     kick(s);
 }
 
@@ -1376,6 +1897,12 @@ static void pump(struct session *s)
         int progress = 0;
         unsigned wants = 0;
         ssize_t n;
+        if (m->h1up)
+            h1_dial_next(s);
+        else
+            retry_streams(s);
+        if (s->state == S_DONE)
+            return;
         /* Downstream: read while what we owe it is under the bound. */
         if (!m->down_failed && m->cout.len < OUT_MAX && h2_wants_read(m->down)) {
             n = xprt_read(&s->end[0], m->rbuf, sizeof(m->rbuf));
@@ -1566,6 +2093,7 @@ static void mux_start(struct session *s)
     const struct proxy_cfg *c = &s->snap->cfg;
     m->s = s;
     m->outbound = !s->inbound;
+    m->h1up = m->outbound && s->up->protocol == PROTO_HTTP;
     s->mux2 = m;
     s->mux2_free = mux_free;
     s->carrier = &mux_h2_mux;

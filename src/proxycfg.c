@@ -10,6 +10,8 @@
 #include "proxycfg.h"
 #include "util.h"
 
+#include <errno.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -29,7 +31,8 @@ enum key_type {
     KEY_BOOL,
     KEY_TLS_VERSION, /* "TLS_AUTO", "TLSv1_2" or "TLSv1_3", as Consul's mesh TLS settings */
     KEY_COUNT,
-    KEY_IGNORED, /* known, accepted, no effect here (e.g. set by central config for Envoy) */
+    KEY_IGNORED,  /* known, accepted, no effect here (e.g. set by central config for Envoy) */
+    KEY_DURATION, /* a Go duration ("10s", "1m30s") or integer nanoseconds, as Consul decodes */
 };
 
 /* One accepted name of an enumerated key and the value it stands for. */
@@ -461,7 +464,85 @@ static const struct key_def keys[] = {
      .def_note = "(no limit)",
      .max = 10000000,
      .doc = "Most concurrent connections to this upstream over all workers (Consul's "
-            "`limits { max_connections }`); more are closed at once after accept and counted."},
+            "`limits { max_connections }`); more are closed at once after accept and counted. "
+            "With protocol http, http2 or grpc it also bounds the connections opened to the "
+            "upstream's endpoints (Envoy's circuit breaker max_connections; pooled idle ones "
+            "count): a request that needs one more is answered 503 at once (upstream_overflow)."},
+    {.name = "limits.max_pending_requests",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(max_pending_requests),
+     .def = 0,
+     .def_note = "(no limit)",
+     .max = 10000000,
+     .doc = "protocol http, http2, grpc: most requests to this upstream waiting for a "
+            "connection (a dial, or an HTTP/2 stream's connection) at once over all workers "
+            "(Envoy's circuit breaker max_pending_requests); more are answered 503 at once, "
+            "never queued, with result upstream_overflow, and counted."},
+    {.name = "limits.max_concurrent_requests",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(max_concurrent_requests),
+     .def = 0,
+     .def_note = "(no limit)",
+     .max = 10000000,
+     .doc = "protocol http, http2, grpc: most requests in flight to this upstream at once "
+            "over all workers, from the request head to the end of its answer (Envoy's "
+            "max_requests); more are answered 503 at once with result upstream_overflow, and "
+            "counted."},
+    {.name = "passive_health_check.interval",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_DURATION,
+     .set = set_u32,
+     .off = UPSTREAM(passive.interval_ms),
+     .def = 0,
+     .def_note = "(10s)",
+     .max = 86400000,
+     .doc = "Outlier detection (protocol http, http2, grpc): the period of Envoy's ejection "
+            "sweep; an ejected endpoint comes back at the first sweep past its ejection time, "
+            "and its ejection multiplier drops by one per sweep it stays in service."},
+    {.name = "passive_health_check.max_failures",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(passive.max_failures),
+     .def = 0,
+     .def_note = "(5)",
+     .max = 1000000,
+     .doc = "Consecutive 5xx answers (a failed connection counts as one) that eject an "
+            "endpoint (Envoy's consecutive_5xx); any other answer starts the count again."},
+    {.name = "passive_health_check.enforcing_consecutive_5xx",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(passive.enforcing_pct),
+     .def = OUTLIER_ENFORCING_PERCENT,
+     .max = 100,
+     .doc = "The chance, in percent, that an endpoint reaching max_failures is really ejected; "
+            "0 never ejects."},
+    {.name = "passive_health_check.max_ejection_percent",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(passive.max_ejection_pct),
+     .def = OUTLIER_MAX_EJECTION_PCT,
+     .max = 100,
+     .doc = "At most this share of a target's endpoints is ejected at once: an endpoint is "
+            "ejected only while fewer than this percent are, so one always may be (as Consul "
+            "documents), and 0 ejects none. When every endpoint of a target is ejected the "
+            "dial uses them anyway (Envoy's panic routing)."},
+    {.name = "passive_health_check.base_ejection_time",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_DURATION,
+     .set = set_u32,
+     .off = UPSTREAM(passive.base_ejection_ms),
+     .def = 0,
+     .def_note = "(30s)",
+     .max = 86400000,
+     .doc = "An ejected endpoint stays out this long times the number of times it was ejected "
+            "in a row (at most 300 s, or this time when longer), rounded up to the interval."},
     {.name = "max_new_connections_per_second",
      .scope = SCOPE_UPSTREAM,
      .type = KEY_COUNT,
@@ -599,6 +680,31 @@ static int kv_int(const struct dec_kv *kv, const struct key_def *def, long *out)
     return util_parse_int(kv->str, def->min, def->max, out);
 }
 
+/*
+ * Reads a duration key into milliseconds (rounded up): a Go duration string, or a number of
+ * nanoseconds (a time.Duration as JSON), as Consul's mapstructure hook decodes its
+ * passive_health_check.
+ */
+static int kv_duration(const struct dec_kv *kv, const struct key_def *def, long *out)
+{
+    uint64_t ms = 0;
+    if (kv->type == DEC_KV_STRING) {
+        if (decode_duration_ms(kv->str, &ms) != 0)
+            return -EINVAL;
+    } else if (kv->type == DEC_KV_NUMBER) {
+        long ns;
+        if (util_parse_int(kv->str, 0, LONG_MAX, &ns) != 0)
+            return -EINVAL;
+        ms = ((uint64_t)ns + 999999u) / 1000000u;
+    } else {
+        return -EINVAL;
+    }
+    if (ms < (uint64_t)def->min || ms > (uint64_t)def->max)
+        return -ERANGE;
+    *out = (long)ms;
+    return 0;
+}
+
 /* "must be A, B or C" for an enumerated key (the "" alias is not named). */
 static int fail_names(const struct key_def *def, const char *where, const char *key, char *err,
                       size_t errlen)
@@ -653,6 +759,12 @@ static int read_value(const struct key_def *def, const struct dec_kv *kv, const 
             *v = 0;
         else
             return fail(err, errlen, "%s: key \"%s\" must be true or false", where, kv->key);
+        return 0;
+    case KEY_DURATION:
+        if (kv_duration(kv, def, v) != 0)
+            return fail(err, errlen,
+                        "%s: key \"%s\" must be a duration such as \"10s\" (at most %ld ms)", where,
+                        kv->key, def->max);
         return 0;
     default:
         if (kv_int(kv, def, v) != 0)
@@ -1071,7 +1183,8 @@ void proxycfg_copy(struct proxy_cfg *dst, const struct proxy_cfg *src)
 
 static const char *const scope_names[] = {"", "Proxy.Config", "Upstreams[].Config"};
 static const char *const type_names[] = {"",        "string",      "port",  "milliseconds",
-                                         "boolean", "TLS version", "count", "accepted"};
+                                         "boolean", "TLS version", "count", "accepted",
+                                         "duration"};
 
 void proxycfg_write_man(FILE *f)
 {

@@ -13,6 +13,7 @@
 
 #include "decode.h"
 #include "limit.h"
+#include "outlier.h"
 
 /*
  * Proxy.Config.protocol: how inbound connections are served. PROTO_TCP relays bytes (L4);
@@ -47,8 +48,13 @@ struct upstream_cfg {
     uint32_t poll_interval_ms; /* prepared queries: how often the query is executed */
     uint32_t idle_timeout_ms;  /* 0 = off */
     struct limit_cfg limits;   /* of the upstream's listener */
-    int protocol;              /* enum proxycfg_protocol; meaningful when protocol_set */
-    int protocol_set;          /* Config.protocol was given (not ""): it overrides the chain's */
+    /* L7: limits.max_pending_requests and limits.max_concurrent_requests (0 = no limit), and
+     * passive_health_check (outlier.h; zeros stand for Envoy's defaults). */
+    uint32_t max_pending_requests;
+    uint32_t max_concurrent_requests;
+    struct outlier_cfg passive;
+    int protocol;     /* enum proxycfg_protocol; meaningful when protocol_set */
+    int protocol_set; /* Config.protocol was given (not ""): it overrides the chain's */
 };
 
 /*

@@ -38,22 +38,28 @@ struct route_table {
 
 /* Compiles one pattern; one that does not compile leaves *rx NULL, marks the route broken and
  * is logged once, naming the upstream, the route and the condition. */
-static void compile_rx(struct route_table *t, struct route *r, const char *what, const char *where,
-                       const char *pattern, struct rx **rx)
+static void rx_broken(struct route_table *t, struct route *r, const char *what, const char *where,
+                      const char *pattern, const char *err)
 {
-    char err[200];
-    if (rx_compile(pattern, strlen(pattern), rx, err, sizeof(err)) == 0)
-        return;
     r->broken = 1;
     t->broken++;
     LOG_WARN("upstream %s: route %zu %s %s is not usable: %s; the route never matches",
              LOG_ESC(what), r->index, where, LOG_ESC(pattern), err);
 }
 
+static void compile_rx(struct route_table *t, struct route *r, const char *what, const char *where,
+                       const char *pattern, struct rx **rx)
+{
+    char err[200];
+    if (rx_compile(pattern, strlen(pattern), rx, err, sizeof(err)) != 0)
+        rx_broken(t, r, what, where, pattern, err);
+}
+
 static void route_init(struct route_table *t, struct route *r, const struct dec_chain_route *d,
                        const char *what)
 {
     r->def = d;
+    r->stats = xcalloc(1, sizeof(*r->stats));
     r->next_node = d->next_node != NULL ? d->next_node : "";
     r->path_match = d->path_match;
     r->path = d->path != NULL ? d->path : "";
@@ -64,18 +70,9 @@ static void route_init(struct route_table *t, struct route *r, const struct dec_
     r->n_headers = d->n_headers;
     r->headers = xcalloc(d->n_headers ? d->n_headers : 1, sizeof(*r->headers));
     for (size_t i = 0; i < d->n_headers; i++) {
-        const struct dec_perm_header *dh = &d->headers[i];
-        struct route_header_cond *h = &r->headers[i];
-        h->name = xstrdup(dh->name);
-        h->name_len = strlen(h->name);
-        h->match = dh->match;
-        h->invert = dh->invert != 0;
-        h->ignore_case =
-            dh->ignore_case != 0 && dh->match != DEC_HDR_PRESENT && dh->match != DEC_HDR_REGEX;
-        h->value_len = strlen(dh->value);
-        h->value = h->ignore_case ? xstrndup_lower(dh->value, h->value_len) : xstrdup(dh->value);
-        if (h->match == DEC_HDR_REGEX)
-            compile_rx(t, r, what, "Header Regex", h->value, &h->rx);
+        char err[200];
+        if (hdr_cond_init(&r->headers[i], &d->headers[i], err, sizeof(err)) != 0)
+            rx_broken(t, r, what, "Header Regex", r->headers[i].value, err);
     }
     r->n_query = d->n_query;
     r->query = xcalloc(d->n_query ? d->n_query : 1, sizeof(*r->query));
@@ -153,16 +150,14 @@ void route_table_unref(struct route_table *t)
     for (size_t i = 0; i < t->n_routes; i++) {
         struct route *r = &t->routes[i];
         rx_free(r->path_rx);
-        for (size_t j = 0; j < r->n_headers; j++) {
-            free(r->headers[j].name);
-            free(r->headers[j].value);
-            rx_free(r->headers[j].rx);
-        }
+        for (size_t j = 0; j < r->n_headers; j++)
+            hdr_cond_dispose(&r->headers[j]);
         free(r->headers);
         for (size_t j = 0; j < r->n_query; j++)
             rx_free(r->query[j].rx);
         free(r->query);
         free(r->splits);
+        free(r->stats);
     }
     free(t->routes);
     free(t->resolvers);
@@ -231,81 +226,6 @@ static int path_matches(const struct route *r, struct http_slice path)
     return 1;
 }
 
-static int name_is(struct http_slice name, const char *want, size_t want_len)
-{
-    return name.len == want_len && bytes_eq(name.p, want, want_len, 1);
-}
-
-static int value_matches(const struct route_header_cond *h, const char *v, size_t len)
-{
-    int fold = h->ignore_case;
-    switch (h->match) {
-    case DEC_HDR_PRESENT:
-        return 1;
-    case DEC_HDR_EXACT:
-        return len == h->value_len && bytes_eq(v, h->value, len, fold);
-    case DEC_HDR_PREFIX:
-        return len >= h->value_len && bytes_eq(v, h->value, h->value_len, fold);
-    case DEC_HDR_SUFFIX:
-        return len >= h->value_len &&
-               bytes_eq(v + len - h->value_len, h->value, h->value_len, fold);
-    case DEC_HDR_CONTAINS:
-        for (size_t i = 0; i + h->value_len <= len; i++)
-            if (bytes_eq(v + i, h->value, h->value_len, fold))
-                return 1;
-        return 0;
-    case DEC_HDR_REGEX:
-        return rx_full(h->rx, v, len);
-    }
-    return 0;
-}
-
-/*
- * One header condition. The value is the authority for "Host" and ":authority", the method
- * for ":method", the path with its query for ":path", else every header of that name joined
- * with ",". Another pseudo-header is absent.
- */
-static int header_matches(const struct route_header_cond *h, const struct route_req *rq)
-{
-    struct http_slice name = {h->name, h->name_len};
-    struct http_slice v = {NULL, 0};
-    char *joined = NULL;
-    int present = 0;
-    if (name_is(name, "host", 4) || name_is(name, ":authority", 10)) {
-        present = rq->authority.p != NULL;
-        v = rq->authority;
-    } else if (name_is(name, ":method", 7)) {
-        present = rq->method.p != NULL;
-        v = rq->method;
-    } else if (name_is(name, ":path", 5)) {
-        present = rq->path.p != NULL;
-        v = rq->path;
-        if (present && rq->query.p != NULL) {
-            joined = xmalloc(rq->path.len + 1 + rq->query.len + 1);
-            memcpy(joined, rq->path.p, rq->path.len);
-            joined[rq->path.len] = '?';
-            memcpy(joined + rq->path.len + 1, rq->query.p, rq->query.len);
-            v = (struct http_slice){joined, rq->path.len + 1 + rq->query.len};
-        }
-    } else if (h->name_len == 0 || h->name[0] != ':') {
-        present = h1_field_value(rq->headers, rq->nheaders, h->name, h->name_len, &v, &joined) > 0;
-    }
-    int r;
-    if (!present) {
-        /* Envoy: a missing header matches only an inverted presence test. */
-        r = h->match == DEC_HDR_PRESENT && h->invert;
-    } else if (h->match == DEC_HDR_REGEX && h->rx != NULL) {
-        /* The match limit is neither a match nor a miss: the condition fails either way. */
-        int m = rx_match(h->rx, v.p != NULL ? v.p : "", v.len);
-        r = m < 0 ? 0 : h->invert ? m == 0 : m == 1;
-    } else {
-        r = value_matches(h, v.p != NULL ? v.p : "", v.len);
-        r = h->invert ? !r : r;
-    }
-    free(joined);
-    return r;
-}
-
 /*
  * The first parameter named <q> in <query> ("a=1&b&c=2"), raw: names and values are not
  * percent-decoded (Envoy's parseQueryString). A parameter without '=' has the value "".
@@ -359,8 +279,17 @@ static int route_matches(const struct route *r, const struct route_req *rq)
         if (!any)
             return 0;
     }
+    struct hdr_req hr = {
+        .method = rq->method,
+        .authority = rq->authority,
+        .path = rq->path,
+        .query = rq->query,
+        .headers = rq->headers,
+        .nheaders = rq->nheaders,
+        .pseudo_absent = 1,
+    };
     for (size_t i = 0; i < r->n_headers; i++)
-        if (!header_matches(&r->headers[i], rq))
+        if (hdr_cond_eval(&r->headers[i], &hr) != 1)
             return 0;
     for (size_t i = 0; i < r->n_query; i++)
         if (!query_matches(&r->query[i], rq->query))
@@ -385,4 +314,103 @@ const struct route_split *route_split_pick(const struct route *r, uint64_t rand)
         if (x < r->splits[i].cum)
             return &r->splits[i];
     return NULL; /* not reached: the last cumulative weight is the total */
+}
+
+void route_count(const struct route *r, int status)
+{
+    int cls = status >= 100 && status <= 599 ? status / 100 : 0;
+    atomic_fetch_add_explicit(&r->stats->requests[cls], 1, memory_order_relaxed);
+}
+
+size_t route_rewrite_len(const struct route *r, struct http_slice path)
+{
+    if (r->def == NULL || r->def->prefix_rewrite == NULL || r->def->prefix_rewrite[0] == '\0' ||
+        path.len == 0 || path.p[0] != '/')
+        return 0;
+    /* The rewrite goes into a request line: a space or a control byte would split it. */
+    for (const char *c = r->def->prefix_rewrite; *c != '\0'; c++)
+        if ((unsigned char)*c <= 0x20 || (unsigned char)*c >= 0x7f)
+            return 0;
+    switch (r->path_match) {
+    case DEC_PATH_PREFIX:
+        return path_matches(r, path) ? r->path_len : 0;
+    case DEC_PATH_EXACT:
+    case DEC_PATH_REGEX:
+        return path.len;
+    case DEC_PATH_ANY:
+        break;
+    }
+    return 1;
+}
+
+size_t route_headers_added(const struct dec_header_mods *mods)
+{
+    return mods->n_add + mods->n_set;
+}
+
+/* Whether modifiers may touch field <name> (see route_headers_apply()). */
+static int modifiable(const char *name, size_t len)
+{
+    static const char *const fixed[] = {
+        "host",       "content-length", "transfer-encoding",
+        "connection", "keep-alive",     "proxy-connection",
+        "te",         "upgrade",        "trailer",
+    };
+    if (len == 0 || name[0] == ':')
+        return 0;
+    for (size_t i = 0; i < ARRAY_SIZE(fixed); i++)
+        if (len == strlen(fixed[i]) && bytes_eq(name, fixed[i], len, 1))
+            return 0;
+    return 1;
+}
+
+/* Flags every forwarded field of <f> named <name> as left out. */
+static void drop_named(struct http_header *f, size_t n, const char *name)
+{
+    size_t len = strlen(name);
+    for (size_t i = 0; i < n; i++)
+        if (f[i].name.len == len && bytes_eq(f[i].name.p, name, len, 1))
+            f[i].flags |= HTTP_HDR_HOP;
+}
+
+struct http_header *route_headers_modified(const struct route *r, const struct route_split *sp,
+                                           int response, const struct http_header *h, size_t n,
+                                           size_t *out_n)
+{
+    if (r == NULL || sp == NULL)
+        return NULL;
+    const struct dec_header_mods *lv[2] = {
+        response ? sp->response_headers : sp->request_headers,
+        response ? &r->def->response_headers : &r->def->request_headers,
+    };
+    size_t add = route_headers_added(lv[0]) + route_headers_added(lv[1]);
+    if (add + lv[0]->n_remove + lv[1]->n_remove == 0)
+        return NULL;
+    struct http_header *f = xcalloc(n + add + 1, sizeof(*f));
+    if (n > 0)
+        memcpy(f, h, n * sizeof(*f));
+    *out_n = n;
+    for (int i = 0; i < 2; i++)
+        route_headers_apply(lv[i], f, out_n);
+    return f;
+}
+
+void route_headers_apply(const struct dec_header_mods *mods, struct http_header *f, size_t *n)
+{
+    for (size_t i = 0; i < mods->n_remove; i++)
+        if (modifiable(mods->remove[i], strlen(mods->remove[i])))
+            drop_named(f, *n, mods->remove[i]);
+    for (size_t i = 0; i < mods->n_add + mods->n_set; i++) {
+        int set = i >= mods->n_add;
+        const struct dec_header_kv *kv = set ? &mods->set[i - mods->n_add] : &mods->add[i];
+        size_t len = strlen(kv->name);
+        if (!modifiable(kv->name, len))
+            continue;
+        if (set)
+            drop_named(f, *n, kv->name);
+        f[(*n)++] = (struct http_header){
+            .name = {kv->name, len},
+            .value = {kv->value, strlen(kv->value)},
+        };
+    }
 }

@@ -11,31 +11,21 @@
  * then failovers): the same order as the upstream's snap_target array in the snapshot built
  * from the same chain, so route_resolver()->targets[i] indexes snap_upstream.targets.
  *
- * Nothing routes traffic through a table yet: the muxes will call route_match() and
- * route_split_pick() per request.
+ * mux_h1 routes each outbound request through its upstream's table (route_request()): the
+ * matched route's split names the resolver whose targets the dial may use (session dial_rs).
  */
 #ifndef CONNECTD_ROUTE_H
 #define CONNECTD_ROUTE_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "decode.h"
+#include "hdrmatch.h"
 #include "http.h"
 
 struct rx;
-
-/* One header condition of a route (Match.HTTP.Header[]), compiled. */
-struct route_header_cond {
-    char *name; /* compared case-insensitively; "Host"/":authority" name the authority */
-    size_t name_len;
-    enum dec_header_match match;
-    char *value; /* lower-cased when ignore_case */
-    size_t value_len;
-    int invert;
-    int ignore_case;
-    struct rx *rx; /* DEC_HDR_REGEX when the pattern compiled, else NULL */
-};
 
 /* One query parameter condition (Match.HTTP.QueryParam[]), compiled. */
 struct route_query_cond {
@@ -55,15 +45,26 @@ struct route_split {
     const struct dec_header_mods *request_headers, *response_headers; /* never NULL */
 };
 
+/*
+ * The requests that took one route, by the class of the status answered ([0]: none was, [1]
+ * 1xx ... [5] 5xx). Every worker adds to them (relaxed atomics) through the const table they
+ * share; they live and die with the table, so a changed chain (a new table) starts them from
+ * zero, as Prometheus counters may.
+ */
+struct route_stats {
+    atomic_uint_fast64_t requests[6];
+};
+
 struct route {
-    size_t index;          /* position in the table */
-    const char *next_node; /* the chain node it leads to ("" without a router) */
+    size_t index;              /* position in the table */
+    struct route_stats *stats; /* the table's, never NULL */
+    const char *next_node;     /* the chain node it leads to ("" without a router) */
     enum dec_path_match path_match;
     const char *path;
     size_t path_len;
     int case_insensitive; /* PathExact / PathPrefix ignore ASCII case (as Envoy, not PathRegex) */
     struct rx *path_rx;   /* DEC_PATH_REGEX when the pattern compiled, else NULL */
-    struct route_header_cond *headers;
+    struct hdr_cond *headers; /* Match.HTTP.Header[] */
     size_t n_headers;
     struct route_query_cond *query;
     size_t n_query;
@@ -138,5 +139,46 @@ const struct route *route_match(const struct route_table *t, const struct route_
  * when every weight is 0. Pure.
  */
 const struct route_split *route_split_pick(const struct route *r, uint64_t rand);
+
+/* Counts a request that took <r> and was answered <status> (0: none); any thread. */
+void route_count(const struct route *r, int status);
+
+/*
+ * PrefixRewrite: how many leading bytes of <path> (the path of a request <r> matched, without
+ * its query) the route's PrefixRewrite replaces, as Envoy's prefix_rewrite: the matched prefix
+ * for PathPrefix (the compiler's catch-all is PathPrefix "/"), the whole path for PathExact
+ * and PathRegex, "/" for a route without a path condition. 0 when the route has no
+ * PrefixRewrite, the rewrite holds a byte a request line cannot carry (a space, a control
+ * byte, non-ASCII) or the path does not start with what it replaces (nothing to rewrite). Pure.
+ */
+size_t route_rewrite_len(const struct route *r, struct http_slice path);
+
+/* How many fields route_headers_apply() may append for <mods> (its Add and Set entries). */
+size_t route_headers_added(const struct dec_header_mods *mods);
+
+/*
+ * Applies one level of header modifiers (a route's or a split's RequestHeaders or
+ * ResponseHeaders) to the field list <f> of *<n> fields, as Envoy applies Consul's: Remove
+ * first, then Add (appended to what is there), then Set (replacing every field of that name,
+ * one added just before included). Removed and replaced fields are flagged HTTP_HDR_HOP, which
+ * both serializers leave out; appended fields are slices into <mods>, which must outlive the
+ * head's serialization. Fields the message's framing or connection depend on (Host,
+ * Content-Length, Transfer-Encoding, Connection and the other hop-by-hop ones, pseudo-fields)
+ * are never touched, as Envoy refuses to modify them. <f> must have room for
+ * route_headers_added(<mods>) more fields. Pure.
+ */
+void route_headers_apply(const struct dec_header_mods *mods, struct http_header *f, size_t *n);
+
+/*
+ * The fields <h> (<n> of them) of a request that took route <r> and split <sp> with their
+ * header modifiers applied (RequestHeaders, or ResponseHeaders when <response>): the split's
+ * level first, then the route's, as Envoy applies a weighted cluster's before its route's (so
+ * a route's Set wins); see route_headers_apply(). Returns a new array the caller frees,
+ * *<out_n> fields long (removed and replaced ones flagged HTTP_HDR_HOP, added ones slices
+ * into the table), or NULL when <r> or <sp> is NULL or they modify nothing.
+ */
+struct http_header *route_headers_modified(const struct route *r, const struct route_split *sp,
+                                           int response, const struct http_header *h, size_t n,
+                                           size_t *out_n);
 
 #endif

@@ -24,8 +24,9 @@
  * whose snapshot says protocol http, mux_h1.c (the HTTP/1.1 codec, drawn there) right after
  * the caller's identity is verified: authorization then happens per request, and the codec
  * dials the local application itself. An outbound session whose upstream's protocol is http
- * goes to mux_h1 at once; it asks for the upstream connection when a request needs one
- * (session_dial_upstream), and the states above run that dial with their endpoint retries. Ends are
+ * goes to mux_h1 (HTTP/1.x from the application) or mux_h2 (its h2c) by its first bytes; the
+ * codec asks for an upstream connection when a request needs one (session_dial_upstream),
+ * and the states above run that dial with their endpoint retries. Ends are
  * xprt.h's: the same read/write/shutdown for the plain and the TLS end.
  *
  * Limits and timeouts: admission (open-connection count and new-connection rate, shared by all
@@ -40,8 +41,10 @@
 #include "alog.h"
 #include "h2.h"
 #include "h2up.h"
+#include "lb.h"
 #include "limit.h"
 #include "log.h"
+#include "outlier.h"
 #include "sock.h"
 #include "spiffe.h"
 #include "util.h"
@@ -69,6 +72,7 @@ static void on_timer(struct loop_timer *t);
 static void on_lifetime(struct loop_timer *t);
 static void advance(struct session *s);
 static void try_next_endpoint(struct session *s, const char *why);
+static void dial_end(struct session *s, const char *why);
 
 /* ---- lifecycle ---- */
 
@@ -263,6 +267,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
     if ((s->state == S_RELAY || s->state == S_HTTP || s->mux != NULL || s->mux2 != NULL) &&
         s->carrier != NULL && s->carrier->on_finish != NULL)
         s->carrier->on_finish(s, reason);
+    /* Here, not in reap(): the worker's load-balancing state may be gone by then. */
+    session_lb_release(s);
     struct session_host *h = s->host;
     uint64_t dur = loop_now_ms(h->loop) - s->start_ms;
     const char *upstream = s->inbound ? NULL : s->up ? s->up->cfg->destination_name : NULL;
@@ -312,6 +318,10 @@ void session_finish(struct session *s, enum session_result result, const char *r
     if (s->admitted != NULL) {
         limit_pending_release(s->admitted, &s->pending);
         limit_release(s->admitted);
+    }
+    if (s->dial_waiting) {
+        s->dial_waiting = 0;
+        outlier_release(s->up->outlier, OUTLIER_LIMIT_PENDING);
     }
     for (int i = 0; i < 2; i++)
         if (s->end[i].fd >= 0)
@@ -545,9 +555,18 @@ static void sniff_done(struct session *s, int h2)
         s->host->muxes.http1->start(s);
         return;
     }
+    if (!s->inbound && !h2_upstream && h2 && s->host->muxes.http2 != NULL) {
+        /* The application's h2c to an http upstream: mux_h2 turns each stream into an
+         * HTTP/1.1 exchange on a connection of its own (session_dial_upstream, ALPN
+         * http/1.1), as the upstream's sidecar serves an http service's mesh hop. */
+        LOG_DEBUG("conn=%llu out: HTTP/2 prior knowledge to an http upstream, translated",
+                  (unsigned long long)s->id);
+        s->host->muxes.http2->start(s);
+        return;
+    }
     if (h2_upstream || (!s->inbound && h2)) {
-        /* The application's h2c to an http upstream: relayed at L4 as bytes, offering no
-         * ALPN (the upstream's sidecar tells the protocol by the first bytes, as here). */
+        /* A worker that lends no codec for the other protocol: relayed at L4 as bytes,
+         * offering no ALPN (the upstream's sidecar tells the protocol by the first bytes). */
         LOG_DEBUG("conn=%llu out: %s to an %s upstream, relayed at L4", (unsigned long long)s->id,
                   h2 ? "HTTP/2 prior knowledge" : "not HTTP/2",
                   h2_upstream ? "http2/grpc" : "http");
@@ -887,7 +906,7 @@ static void start_handshake_out(struct session *s)
                                         s->snap->cfg.tls_resumption ? key : NULL);
     /* An L7 (http) session says what it will speak, as Envoy's outbound cluster does: the
      * inbound sidecar may choose its codec by it. An L4 one offers nothing, as before. */
-    if (s->end[1].tls != NULL && (s->mux != NULL || s->dial_h2) &&
+    if (s->end[1].tls != NULL && (s->mux != NULL || s->mux2 != NULL || s->dial_h2) &&
         tls_conn_offer_alpn(s->end[1].tls, s->dial_h2 ? "h2" : "http/1.1") != 0) {
         tls_conn_free(s->end[1].tls);
         s->end[1].tls = NULL;
@@ -923,23 +942,26 @@ struct upool_conn {
 
 static void endpoint_name(const struct dec_endpoint *ep, char *out, size_t len)
 {
-    /* Service.SocketPath, when set, replaces address:port (consul-api.md 3.3). */
-    if (ep->socket_path[0] != '\0')
-        snprintf(out, len, "unix:%s", ep->socket_path);
-    else
-        snprintf(out, len, "%s:%d", ep->address, ep->port);
+    snapshot_endpoint_name(ep, out, len);
+}
+
+/* What a pooled connection must match to serve endpoint <ep> (named <ep_name>) of <tgt>. */
+static void upool_key_of(const struct session *s, const struct snap_target *tgt,
+                         const struct dec_endpoint *ep, const char *ep_name, char *key, size_t len)
+{
+    struct spiffe_id id;
+    char sni[1024], uri[SPIFFE_NAME_MAX * 2];
+    expected_identity(s, tgt, ep, &id);
+    target_sni(s, &id, sni, sizeof(sni));
+    if (spiffe_format(uri, sizeof(uri), &id) < 0)
+        uri[0] = '\0';
+    snprintf(key, len, "%s|%s|%s", ep_name, sni, uri);
 }
 
 /* What a pooled connection must match to serve session <s>'s current endpoint. */
 static void upool_key(const struct session *s, char *key, size_t len)
 {
-    struct spiffe_id id;
-    char sni[1024], uri[SPIFFE_NAME_MAX * 2];
-    expected_identity(s, s->tgt, s->ep, &id);
-    target_sni(s, &id, sni, sizeof(sni));
-    if (spiffe_format(uri, sizeof(uri), &id) < 0)
-        uri[0] = '\0';
-    snprintf(key, len, "%s|%s|%s", s->ep_name, sni, uri);
+    upool_key_of(s, s->tgt, s->ep, s->ep_name, key, len);
 }
 
 struct session_h2memo {
@@ -1014,7 +1036,7 @@ static int h2_take(struct session *s, const char *key)
               (unsigned long long)s->id, LOG_ESC(s->ep_name), h2up_conn_streams(c));
     s->h2c = c;
     session_set_state(s, S_HTTP);
-    s->carrier->dialled(s, NULL);
+    dial_end(s, NULL);
     return 1;
 }
 
@@ -1135,14 +1157,19 @@ static void upool_on_sweep(struct loop_timer *t)
 
 void session_pool_put(struct session *s)
 {
+    session_pool_put_conn(s, &s->end[1], s->tgt, s->ep, s->ep_name);
+}
+
+void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_target *tgt,
+                           const struct dec_endpoint *ep, const char *ep_name)
+{
     struct session_host *h = s->host;
     char key[sizeof(((struct upool_conn *)0)->key)];
     size_t same = 0;
-    if (h->stopping || s->inbound || s->end[1].fd < 0 || s->end[1].tls == NULL || s->tgt == NULL ||
-        s->ep == NULL || h->snap == NULL || s->snap->tls != h->snap->tls ||
-        h->n_upool >= SESSION_UPOOL_MAX)
+    if (h->stopping || s->inbound || x->fd < 0 || x->tls == NULL || tgt == NULL || ep == NULL ||
+        h->snap == NULL || s->snap->tls != h->snap->tls || h->n_upool >= SESSION_UPOOL_MAX)
         goto out;
-    upool_key(s, key, sizeof(key));
+    upool_key_of(s, tgt, ep, ep_name, key, sizeof(key));
     for (const struct upool_conn *c = h->upool; c != NULL; c = c->next)
         same += strcmp(c->key, key) == 0;
     if (same >= SESSION_UPOOL_PER_ENDPOINT)
@@ -1150,13 +1177,13 @@ void session_pool_put(struct session *s)
     struct upool_conn *c = xcalloc(1, sizeof(*c));
     c->h = h;
     /* Out of epoll before the end moves: the registration points at its old place. */
-    loop_io_want(h->loop, &s->end[1].io, 0);
-    c->x = s->end[1];
-    s->end[1] = (struct xprt){.fd = -1};
+    loop_io_want(h->loop, &x->io, 0);
+    c->x = *x;
+    *x = (struct xprt){.fd = -1};
     loop_io_init(&c->x.io, c->x.fd, upool_on_io, c);
     c->tls = tls_ctx_ref(s->snap->tls);
     c->upstream_key = xstrdup(s->upstream_key);
-    snprintf(c->ep_name, sizeof(c->ep_name), "%s", s->ep_name);
+    snprintf(c->ep_name, sizeof(c->ep_name), "%s", ep_name);
     snprintf(c->key, sizeof(c->key), "%s", key);
     c->since_ms = loop_now_ms(h->loop);
     c->next = h->upool;
@@ -1167,37 +1194,504 @@ void session_pool_put(struct session *s)
     if (!loop_timer_armed(&h->upool_sweep))
         loop_timer_start(h->loop, &h->upool_sweep, 1000);
     LOG_DEBUG("conn=%llu out upstream connection to %s pooled", (unsigned long long)s->id,
-              LOG_ESC(s->ep_name));
+              LOG_ESC(ep_name));
 out:
-    xprt_close(h->loop, &s->end[1]);
+    xprt_close(h->loop, x);
+}
+
+/* ---- the upstream's request limits and passive health (outlier.h) ---- */
+
+/* The passive-health state of endpoint <i> of target <t>, or NULL. */
+static struct outlier_host *host_of(const struct snap_target *t, size_t i)
+{
+    return t != NULL && t->hosts != NULL && i < t->n_hosts ? t->hosts[i] : NULL;
 }
 
 /*
- * Gives session <s> a pooled connection to one of its upstream's endpoints (primary target
- * first) made under its TLS context: 1 when end[1] is now that connection, else 0.
+ * Whether the dial passes over endpoint <i> of <t> at <now_ms>: it is ejected, and <panic> is
+ * not set (every endpoint of the target ejected, when Envoy balances over them all anyway).
+ * Logs an endpoint whose ejection is over as it comes back.
+ */
+static int dial_skips(const struct session *s, const struct snap_target *t, size_t i,
+                      uint64_t now_ms, int panic)
+{
+    struct outlier_host *h = host_of(t, i);
+    int back = 0, out = outlier_ejected(h, now_ms, &back);
+    if (back && h != NULL)
+        LOG_INFO("upstream %s: endpoint %s of target %s back in service after its ejection",
+                 LOG_ESC(s->up->cfg->destination_name), LOG_ESC(h->name), LOG_ESC(t->id));
+    return out && !panic;
+}
+
+/* 1 when every endpoint of <t> (at least one) is ejected: the dial then uses them anyway. */
+static int target_panics(const struct snap_target *t, uint64_t now_ms)
+{
+    return t->hosts != NULL && t->n_hosts > 0 &&
+           outlier_ejected_among(t->hosts, t->n_hosts, now_ms) == t->n_hosts;
+}
+
+void session_outlier_report(struct session *s, int failed)
+{
+    const struct snap_target *t = s->tgt;
+    if (s->inbound || s->up == NULL || s->up->outlier == NULL || t == NULL || s->ep == NULL ||
+        t->hosts == NULL)
+        return;
+    size_t i = (size_t)(s->ep - t->endpoints->v);
+    struct outlier_host *h = host_of(t, i);
+    uint64_t ms = 0;
+    const struct outlier_cfg *c = &s->up->cfg->passive;
+    if (h == NULL || (!failed && atomic_load_explicit(&h->fails, memory_order_relaxed) == 0))
+        return; /* the common case: a success after a success, no clock read */
+    uint64_t now = outlier_now_ms();
+    enum outlier_event ev = outlier_report(s->up->outlier, c, h, t->hosts, t->n_hosts, failed, now,
+                                           (uint32_t)util_rand(), &ms);
+    struct outlier_cfg e = outlier_cfg_effective(c);
+    if (ev == OUTLIER_EJECTED)
+        LOG_WARN("conn=%llu upstream %s: endpoint %s of target %s ejected for %llu ms after %u "
+                 "consecutive failures (%zu of %zu ejected)",
+                 (unsigned long long)s->id, LOG_ESC(s->up->cfg->destination_name), LOG_ESC(h->name),
+                 LOG_ESC(t->id), (unsigned long long)ms, e.max_failures,
+                 outlier_ejected_among(t->hosts, t->n_hosts, now), t->n_hosts);
+    else if (ev == OUTLIER_OVERFLOW)
+        LOG_INFO("conn=%llu upstream %s: endpoint %s of target %s failed %u times in a row but "
+                 "stays: max_ejection_percent %u of %zu endpoints already ejected",
+                 (unsigned long long)s->id, LOG_ESC(s->up->cfg->destination_name), LOG_ESC(h->name),
+                 LOG_ESC(t->id), e.max_failures, e.max_ejection_pct, t->n_hosts);
+}
+
+int session_endpoint_ejected(struct session *s)
+{
+    const struct snap_target *t = s->tgt;
+    if (t == NULL || s->ep == NULL || t->hosts == NULL)
+        return 0;
+    uint64_t now = outlier_now_ms();
+    return dial_skips(s, t, (size_t)(s->ep - t->endpoints->v), now, target_panics(t, now));
+}
+
+/* Outbound L7: the dial ends (<why> NULL: end[1] or s->h2c is ready): the pending unit it held
+ * is given back before the codec runs, which may start the next dial. */
+static void dial_end(struct session *s, const char *why)
+{
+    if (s->dial_waiting) {
+        s->dial_waiting = 0;
+        outlier_release(s->up->outlier, OUTLIER_LIMIT_PENDING);
+    }
+    s->carrier->dialled(s, why);
+}
+
+/*
+ * The dial needs a new connection (or an HTTP/2 stream's): it waits as one of the upstream's
+ * pending requests. 1 when admitted; 0 after ending the dial with an overflow, at once (no
+ * queue), when limits.max_pending_requests are waiting already over all workers.
+ */
+static int dial_admit(struct session *s)
+{
+    s->dial_overflow = 0;
+    if (s->up->outlier == NULL || s->dial_waiting)
+        return 1;
+    uint32_t max = s->up->cfg->max_pending_requests;
+    if (outlier_admit(s->up->outlier, OUTLIER_LIMIT_PENDING, max)) {
+        s->dial_waiting = 1;
+        return 1;
+    }
+    char why[128];
+    snprintf(why, sizeof(why), "upstream overflow: max_pending_requests (%lu) reached",
+             (unsigned long)max);
+    s->dial_overflow = 1;
+    session_set_state(s, S_HTTP);
+    dial_end(s, why);
+    return 0;
+}
+
+/*
+ * Outbound L7, before a new connection to an endpoint: limits.max_connections bounds the
+ * connections open to the upstream's endpoints over all workers (pooled ones too), as Envoy's
+ * circuit breaker bounds a cluster's. Returns the state to count the connection in (a unit and
+ * a reference taken; the end gives both back when it closes), NULL with nothing taken when
+ * there is nothing to count (L4: the listener's limit bounds it), or ends the dial with an
+ * overflow and returns NULL with *<over> set.
+ */
+static struct outlier *conn_admit(struct session *s, int *over)
+{
+    struct outlier *o = s->up->outlier;
+    *over = 0;
+    if (o == NULL || (s->mux == NULL && !s->dial_h2))
+        return NULL;
+    uint32_t max = s->up->cfg->limits.max_connections;
+    if (outlier_admit(o, OUTLIER_LIMIT_CONNECTIONS, max))
+        return outlier_ref(o);
+    char why[128];
+    snprintf(why, sizeof(why), "upstream overflow: max_connections (%lu) reached",
+             (unsigned long)max);
+    *over = 1;
+    s->dial_overflow = 1;
+    session_set_state(s, S_HTTP);
+    dial_end(s, why);
+    return NULL;
+}
+
+/* Gives back what conn_admit() took for a connection that was not made. */
+static void conn_unadmit(struct outlier *o)
+{
+    if (o == NULL)
+        return;
+    outlier_release(o, OUTLIER_LIMIT_CONNECTIONS);
+    outlier_unref(o);
+}
+
+/*
+ * The <k>th target the current dial may use (dial_rs's, else the upstream's, in order) and the
+ * offset of its endpoints' flags in s->tried; NULL past the last. An index the resolver names
+ * beyond the upstream's targets (a table and targets from different chains) is skipped.
+ */
+static const struct snap_target *dial_target(const struct session *s, size_t k, size_t *base)
+{
+    size_t j = k;
+    if (s->dial_rs != NULL) {
+        if (k >= s->dial_rs->n_targets)
+            return NULL;
+        j = s->dial_rs->targets[k];
+    }
+    if (j >= s->up->n_targets || s->up->targets == NULL)
+        return NULL;
+    *base = 0;
+    for (size_t x = 0; x < j; x++)
+        *base += s->up->targets[x].endpoints->n;
+    return &s->up->targets[j];
+}
+
+/* How many targets the current dial walks (dial_target()'s k runs below it). */
+static size_t dial_targets(const struct session *s)
+{
+    return s->dial_rs != NULL ? s->dial_rs->n_targets : s->up->n_targets;
+}
+
+int session_dial_allows(const struct session *s, const struct snap_target *t)
+{
+    if (s->dial_rs == NULL)
+        return 1;
+    for (size_t k = 0; k < s->dial_rs->n_targets; k++)
+        if (s->dial_rs->targets[k] < s->up->n_targets &&
+            &s->up->targets[s->dial_rs->targets[k]] == t)
+            return 1;
+    return 0;
+}
+
+/*
+ * Whether the current dial chooses the endpoint first by the resolver's LoadBalancer policy
+ * and only then looks for a pooled connection to it, as Envoy picks a host per request and
+ * then takes a connection from that host's pool. Without a policy (no LoadBalancer) a pooled
+ * connection to any endpoint the dial may use serves, as before.
+ */
+static int lb_first(const struct session *s)
+{
+    return s->dial_rs != NULL && s->dial_rs->lb != NULL && s->dial_rs->lb->policy != DEC_LB_DEFAULT;
+}
+
+/* Gives <s> a pooled connection to its current endpoint (s->tgt, s->ep) made under its TLS
+ * context: 1 when end[1] is now that connection, else 0. Sets ep_name. */
+static int upool_take_current(struct session *s)
+{
+    struct session_host *h = s->host;
+    char key[sizeof(((struct upool_conn *)0)->key)];
+    endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
+    upool_key(s, key, sizeof(key));
+    for (struct upool_conn *c = h->upool; c != NULL; c = c->next) {
+        if (c->tls != s->snap->tls || strcmp(c->key, key) != 0)
+            continue;
+        loop_io_want(h->loop, &c->x.io, 0);
+        s->end[1] = c->x;
+        c->x = (struct xprt){.fd = -1};
+        loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
+        upool_drop(h, c);
+        STAT_ADD(h->stats->upool_reused, 1);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- load balancing (lb.h) ---- */
+
+static void peer_source(const char *peer, char *out, size_t len);
+
+/* A policy's tables and per-worker state over one endpoint set. */
+struct lb_entry {
+    struct lb_entry *next;
+    /* One reference, so that the set (the entry's key) is not freed and its address not
+     * reused while the entry exists. */
+    struct endpoint_set *eps;
+    enum dec_lb_policy policy;
+    uint32_t ring_min, ring_max;
+    struct lb_table *table; /* ring_hash, maglev */
+    struct lb_state st;
+    unsigned users; /* sessions counting an active request in st.active */
+};
+
+static void lb_entry_free(struct lb_entry *e)
+{
+    endpoint_set_unref(e->eps);
+    lb_table_free(e->table);
+    free(e->st.active);
+    free(e);
+}
+
+static void lb_cache_free(struct session_host *h)
+{
+    while (h->lb_cache != NULL) {
+        struct lb_entry *e = h->lb_cache;
+        h->lb_cache = e->next;
+        lb_entry_free(e);
+    }
+}
+
+/*
+ * The worker's entry for policy <lb> over <eps>, built on first use (a ring or maglev table
+ * is built once per endpoint set and worker, then only read). Entries whose endpoint set no
+ * snapshot holds any more (only the cache's references are left) and that no session counts
+ * in are dropped first: the cache holds the live endpoint sets (times the policies over
+ * each), and stale ones only until the next entry is built.
+ */
+static struct lb_entry *lb_entry_for(struct session_host *h, const struct dec_load_balancer *lb,
+                                     struct endpoint_set *eps)
+{
+    for (struct lb_entry *e = h->lb_cache; e != NULL; e = e->next)
+        if (e->eps == eps && e->policy == lb->policy && e->ring_min == lb->ring_min &&
+            e->ring_max == lb->ring_max)
+            return e;
+    for (struct lb_entry **pp = &h->lb_cache; *pp != NULL;) {
+        struct lb_entry *e = *pp;
+        unsigned ours = 0, busy = 0; /* the cache's own references to e's set, and its users */
+        for (struct lb_entry *o = h->lb_cache; o != NULL; o = o->next)
+            if (o->eps == e->eps) {
+                ours++;
+                busy += o->users;
+            }
+        if (busy == 0 && atomic_load_explicit(&e->eps->refs, memory_order_acquire) <= ours) {
+            *pp = e->next;
+            lb_entry_free(e);
+        } else {
+            pp = &e->next;
+        }
+    }
+    struct lb_entry *e = xcalloc(1, sizeof(*e));
+    e->eps = endpoint_set_ref(eps);
+    e->policy = lb->policy;
+    e->ring_min = lb->ring_min;
+    e->ring_max = lb->ring_max;
+    e->st.n = eps->n;
+    e->st.active = xcalloc(eps->n ? eps->n : 1, sizeof(uint32_t));
+    /* Workers start their round-robin cycles at different places, as Envoy's do. */
+    e->st.rr = eps->n ? util_rand() % eps->n : 0;
+    if (lb_policy_hashed(lb->policy) && eps->n > 0) {
+        char **keys = xcalloc(eps->n, sizeof(char *));
+        for (size_t i = 0; i < eps->n; i++) {
+            keys[i] = xmalloc(300);
+            endpoint_name(&eps->v[i], keys[i], 300);
+        }
+        e->table =
+            lb_table_new(lb->policy, lb->ring_min, lb->ring_max, (const char *const *)keys, eps->n);
+        for (size_t i = 0; i < eps->n; i++)
+            free(keys[i]);
+        free(keys);
+    }
+    e->next = h->lb_cache;
+    h->lb_cache = e;
+    return e;
+}
+
+void session_lb_release(struct session *s)
+{
+    struct lb_entry *e = s->lb_held;
+    if (e == NULL)
+        return;
+    if (e->st.active[s->lb_held_i] > 0)
+        e->st.active[s->lb_held_i]--;
+    e->users--;
+    s->lb_held = NULL;
+}
+
+/* The session's request goes to endpoint <i> of <e>'s set: counted active until released. */
+static void lb_hold(struct session *s, struct lb_entry *e, size_t i)
+{
+    session_lb_release(s);
+    if (e == NULL || i >= e->st.n)
+        return;
+    e->st.active[i]++;
+    e->users++;
+    s->lb_held = e;
+    s->lb_held_i = i;
+}
+
+/*
+ * The endpoint of target <t> (its flags at s->tried + base; at least one not tried) that the
+ * dial takes: the one chosen ahead for it (session_lb_keeps(), upool_take_chosen()), else the
+ * one the resolver's policy picks among those not tried yet (lb.h; a uniform draw without a
+ * policy, as before). *<e> is the worker's entry the choice used (NULL: none).
+ */
+static size_t choose_endpoint(struct session *s, const struct snap_target *t, size_t base,
+                              struct lb_entry **e)
+{
+    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
+    size_t n = t->endpoints->n, i;
+    /* Ejected endpoints (outlier) are passed over as tried ones are, unless every endpoint of
+     * the target is (dial_skips()); the caller made sure one is left. */
+    const unsigned char *skip = s->tried + base;
+    unsigned char *merged = NULL;
+    if (t->hosts != NULL) {
+        uint64_t now = outlier_now_ms();
+        int panic = target_panics(t, now);
+        for (size_t j = 0; j < n; j++)
+            if (!skip[j] && dial_skips(s, t, j, now, panic)) {
+                if (merged == NULL) {
+                    merged = xmalloc(n);
+                    memcpy(merged, skip, n);
+                }
+                merged[j] = 1;
+            }
+        if (merged != NULL)
+            skip = merged;
+    }
+    int pre = s->lb_pre_tgt == t && s->lb_pre_i < n && !skip[s->lb_pre_i];
+    s->lb_pre_tgt = NULL;
+    *e = NULL;
+    if (lb == NULL || lb->policy == DEC_LB_DEFAULT || lb->policy == DEC_LB_RANDOM) {
+        i = pre ? s->lb_pre_i : lb_choose(lb, NULL, NULL, skip, n, 0, 0, util_rand);
+    } else {
+        *e = lb_entry_for(s->host, lb, t->endpoints);
+        i = pre ? s->lb_pre_i
+                : lb_choose(lb, (*e)->table, &(*e)->st, skip, n, s->lb_hashed, s->lb_hash,
+                            util_rand);
+    }
+    free(merged);
+    return i;
+}
+
+/* The first target the dial may use that has an endpoint not tried yet and not passed over
+ * (dial_skips()), and its base. */
+static const struct snap_target *first_open_target(const struct session *s, size_t *base)
+{
+    uint64_t now = outlier_now_ms();
+    for (size_t k = 0, b; k < dial_targets(s); k++) {
+        const struct snap_target *c = dial_target(s, k, &b);
+        if (c == NULL)
+            continue;
+        int panic = target_panics(c, now);
+        for (size_t i = 0; i < c->endpoints->n; i++)
+            if (!s->tried[b + i] && !dial_skips(s, c, i, now, panic)) {
+                *base = b;
+                return c;
+            }
+    }
+    return NULL;
+}
+
+/*
+ * The dial under a policy (lb_first()): the policy picks the endpoint, then a pooled
+ * connection to it serves when there is one (1); else 0, and pick_endpoint() dials the
+ * endpoint chosen.
+ */
+static int upool_take_chosen(struct session *s)
+{
+    size_t base = 0;
+    const struct snap_target *t = first_open_target(s, &base);
+    if (t == NULL)
+        return 0;
+    struct lb_entry *e;
+    size_t i = choose_endpoint(s, t, base, &e);
+    s->tgt = t;
+    s->ep = &t->endpoints->v[i];
+    if (s->host->upool != NULL && upool_take_current(s)) {
+        s->tried[base + i] = 1;
+        s->tries++;
+        lb_hold(s, e, i);
+        return 1;
+    }
+    s->lb_pre_tgt = t;
+    s->lb_pre_i = i;
+    s->tgt = NULL;
+    s->ep = NULL;
+    s->ep_name[0] = '\0';
+    return 0;
+}
+
+void session_lb_request(struct session *s, const struct http_header *headers, size_t nheaders,
+                        struct http_slice query, char *set_cookie, size_t len)
+{
+    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
+    s->lb_pre_tgt = NULL;
+    s->lb_hashed = 0;
+    if (len > 0)
+        set_cookie[0] = '\0';
+    if (lb == NULL || !lb_policy_hashed(lb->policy) || lb->n_hash == 0)
+        return;
+    char src[64], conn[sizeof(s->peer) + 8 + 256];
+    peer_source(s->peer, src, sizeof(src));
+    /* Envoy derives a generated cookie from the client connection's remote and local
+     * addresses; the listener's key stands for the local one here. */
+    snprintf(conn, sizeof(conn), "%s|%s", s->peer, s->upstream_key != NULL ? s->upstream_key : "");
+    struct lb_req rq = {
+        .headers = headers,
+        .nheaders = nheaders,
+        .query = query,
+        .source_ip = {src, strlen(src)},
+        .conn = {conn, strlen(conn)},
+    };
+    struct lb_set_cookie sc;
+    s->lb_hashed = lb_request_hash(lb, &rq, &s->lb_hash, &sc);
+    if (s->lb_hashed && sc.policy != NULL && len > 0 &&
+        lb_set_cookie_format(&sc, set_cookie, len) < 0)
+        LOG_DEBUG("conn=%llu out cookie %s cannot be set", (unsigned long long)s->id,
+                  LOG_ESC(sc.policy->field_value));
+}
+
+int session_lb_keeps(struct session *s)
+{
+    if (!lb_first(s) || s->tgt == NULL || s->ep == NULL)
+        return 1;
+    /* A new choice: nothing of this request was tried yet. */
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    memset(s->tried, 0, total);
+    size_t base = 0;
+    const struct snap_target *t = first_open_target(s, &base);
+    if (t == NULL)
+        return 1;
+    struct lb_entry *e;
+    size_t i = choose_endpoint(s, t, base, &e);
+    if (t == s->tgt && &t->endpoints->v[i] == s->ep) {
+        lb_hold(s, e, i);
+        return 1;
+    }
+    s->lb_pre_tgt = t;
+    s->lb_pre_i = i;
+    return 0;
+}
+
+/*
+ * Gives session <s> a pooled connection to one of the endpoints its dial may use (primary
+ * target first) made under its TLS context: 1 when end[1] is now that connection, else 0.
+ * Under a LoadBalancer policy, only to the endpoint the policy picks (upool_take_chosen()).
  */
 static int upool_take(struct session *s)
 {
     struct session_host *h = s->host;
-    char key[sizeof(((struct upool_conn *)0)->key)];
-    for (size_t j = 0; j < s->up->n_targets && h->upool != NULL; j++) {
-        const struct endpoint_set *eps = s->up->targets[j].endpoints;
+    if (lb_first(s))
+        return upool_take_chosen(s);
+    for (size_t k = 0, base; k < dial_targets(s) && h->upool != NULL; k++) {
+        const struct snap_target *t = dial_target(s, k, &base);
+        if (t == NULL)
+            continue;
+        const struct endpoint_set *eps = t->endpoints;
+        uint64_t now = t->hosts != NULL ? outlier_now_ms() : 0;
+        int panic = t->hosts != NULL && target_panics(t, now);
         for (size_t i = 0; i < eps->n; i++) {
-            s->tgt = &s->up->targets[j];
+            if (dial_skips(s, t, i, now, panic))
+                continue; /* ejected, and not every endpoint of the target is */
+            s->tgt = t;
             s->ep = &eps->v[i];
-            endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
-            upool_key(s, key, sizeof(key));
-            for (struct upool_conn *c = h->upool; c != NULL; c = c->next) {
-                if (c->tls != s->snap->tls || strcmp(c->key, key) != 0)
-                    continue;
-                loop_io_want(h->loop, &c->x.io, 0);
-                s->end[1] = c->x;
-                c->x = (struct xprt){.fd = -1};
-                loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
-                upool_drop(h, c);
-                STAT_ADD(h->stats->upool_reused, 1);
+            if (upool_take_current(s))
                 return 1;
-            }
         }
     }
     s->tgt = NULL;
@@ -1246,59 +1740,62 @@ static void verify_peer(struct session *s)
         }
         s->h2c = h2up_adopt(s->host->h2up, key, s->snap->tls, &s->end[1], s->ep_name);
         session_set_state(s, S_HTTP);
-        s->carrier->dialled(s, NULL);
+        dial_end(s, NULL);
         return;
     }
-    if (s->mux != NULL) {
+    if (s->mux != NULL || s->mux2 != NULL) {
         /* Outbound L7: the codec that asked for this connection takes it. */
         session_set_state(s, S_HTTP);
-        s->carrier->dialled(s, NULL);
+        dial_end(s, NULL);
         return;
     }
     s->host->muxes.relay->start(s);
 }
 
 /*
- * PICK_ENDPOINT: a random endpoint not tried yet by this session from the first target
- * (primary, then failovers in order) that has one, at most MAX_ENDPOINT_TRIES in all. Targets
- * hold only healthy endpoints, so the primary serves while it has any, and a failover takes
- * over when it has none or every one of them failed for this session.
+ * PICK_ENDPOINT: a random endpoint not tried yet by this session from the first target the
+ * dial may use (primary, then failovers in order; dial_target()) that has one, at most
+ * MAX_ENDPOINT_TRIES in all. Targets hold only healthy endpoints, so the primary serves while
+ * it has any, and a failover takes over when it has none or every one of them failed for this
+ * session.
  */
 static void pick_endpoint(struct session *s)
 {
     session_set_state(s, S_PICK_ENDPOINT);
     for (;;) {
         const struct snap_target *t = NULL;
-        size_t base = 0, left = 0, total = 0;
-        for (size_t j = 0; j < s->up->n_targets; j++)
-            total += s->up->targets[j].endpoints->n;
-        for (size_t j = 0; j < s->up->n_targets && t == NULL; j++) {
-            const struct endpoint_set *eps = s->up->targets[j].endpoints;
-            left = 0;
-            for (size_t i = 0; i < eps->n; i++)
-                left += !s->tried[base + i];
-            if (left > 0)
-                t = &s->up->targets[j];
-            else
-                base += eps->n;
+        size_t base = 0, total = 0;
+        uint64_t now = outlier_now_ms();
+        for (size_t k = 0, b; k < dial_targets(s); k++) {
+            const struct snap_target *c = dial_target(s, k, &b);
+            if (c == NULL)
+                continue;
+            size_t n = 0;
+            int p = target_panics(c, now);
+            for (size_t i = 0; i < c->endpoints->n; i++)
+                n += !s->tried[b + i] && !dial_skips(s, c, i, now, p);
+            total += c->endpoints->n;
+            if (n > 0 && t == NULL) {
+                t = c;
+                base = b;
+            }
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
             const char *why = total == 0 ? "no healthy endpoint" : "every endpoint tried failed";
-            if (s->mux != NULL || s->dial_h2) {
+            if (s->mux != NULL || s->mux2 != NULL || s->dial_h2) {
                 /* Outbound L7: the request gets a 503; the application's connection stays. */
                 session_set_state(s, S_HTTP);
-                s->carrier->dialled(s, why);
+                dial_end(s, why);
                 return;
             }
             session_finish(s, SESSION_RES_NO_ENDPOINT, why);
             return;
         }
-        size_t k = (size_t)(util_rand() % left), i = 0;
-        for (;; i++)
-            if (!s->tried[base + i] && k-- == 0)
-                break;
+        struct lb_entry *e;
+        size_t i = choose_endpoint(s, t, base, &e);
         s->tried[base + i] = 1;
         s->tries++;
+        lb_hold(s, e, i);
         s->tgt = t;
         s->ep = &t->endpoints->v[i];
         int unix_sock = s->ep->socket_path[0] != '\0';
@@ -1306,7 +1803,7 @@ static void pick_endpoint(struct session *s)
             const char *key = h2_key(s);
             if (key == NULL) {
                 session_set_state(s, S_HTTP);
-                s->carrier->dialled(s, "out of memory");
+                dial_end(s, "out of memory");
                 return;
             }
             if (h2_take(s, key))
@@ -1314,16 +1811,24 @@ static void pick_endpoint(struct session *s)
         } else {
             endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
         }
+        int over;
+        struct outlier *counted = conn_admit(s, &over);
+        if (over)
+            return;
         int fd = unix_sock ? sock_connect_unix(s->ep->socket_path)
                            : sock_connect(s->ep->address, s->ep->port);
         if (fd < 0) {
+            conn_unadmit(counted);
             LOG_WARN("conn=%llu out endpoint %s: connect: %s", (unsigned long long)s->id,
                      LOG_ESC(s->ep_name), util_strerror(fd));
+            if (s->mux != NULL || s->dial_h2)
+                session_outlier_report(s, 1);
             continue;
         }
         LOG_DEBUG("conn=%llu out target %s endpoint %s", (unsigned long long)s->id, LOG_ESC(t->id),
                   LOG_ESC(s->ep_name));
         s->end[1].fd = fd;
+        s->end[1].counted = counted;
         loop_io_init(&s->end[1].io, fd, session_on_io, s);
         session_set_state(s, S_CONNECT);
         loop_timer_start(s->host->loop, &s->timer,
@@ -1355,6 +1860,8 @@ void session_dial_h2(struct session *s)
     dial_reset(s, 1);
     if (!loop_timer_armed(&s->host->upool_sweep))
         loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
+    if (!dial_admit(s))
+        return;
     pick_endpoint(s);
 }
 
@@ -1366,9 +1873,11 @@ static void dial_upstream(struct session *s, int use_pool)
         LOG_DEBUG("conn=%llu out reusing a pooled connection to %s", (unsigned long long)s->id,
                   LOG_ESC(s->ep_name));
         session_set_state(s, S_HTTP);
-        s->carrier->dialled(s, NULL);
+        dial_end(s, NULL);
         return;
     }
+    if (!dial_admit(s))
+        return;
     pick_endpoint(s);
 }
 
@@ -1387,6 +1896,8 @@ static void try_next_endpoint(struct session *s, const char *why)
     LOG_WARN("conn=%llu out endpoint %s failed: %s", (unsigned long long)s->id, LOG_ESC(s->ep_name),
              why);
     STAT_ADD(s->lstat->connect_errors, 1);
+    if (s->mux != NULL || s->dial_h2)
+        session_outlier_report(s, 1); /* a failed connection counts as a 5xx (Envoy) */
     if (s->state == S_VERIFY_PEER)
         STAT_ADD(s->host->stats->handshake_failures[SESSION_HS_WRONG_PEER], 1);
     loop_timer_stop(s->host->loop, &s->timer);
@@ -1691,6 +2202,7 @@ void session_host_dispose(struct session_host *h)
         upool_drop(h, h->upool);
     h2up_pool_free(h->h2up);
     h->h2up = NULL;
+    lb_cache_free(h);
     free(h->stats);
     h->stats = NULL;
 }

@@ -179,8 +179,8 @@ struct session_info {
 };
 
 #define SESSION_BUF_POOL           32 /* idle relay buffers a worker keeps for reuse */
-#define SESSION_UPOOL_MAX          64
-#define SESSION_UPOOL_PER_ENDPOINT 8
+#define SESSION_UPOOL_MAX          512
+#define SESSION_UPOOL_PER_ENDPOINT 128
 #define SESSION_UPOOL_IDLE_MS      30000
 
 struct session_mux;
@@ -227,6 +227,9 @@ struct session_host {
      * (ALPN h2, keyed like the pool above plus "|h2") and h2c to the local application
      * ("app|<address>"). Swept with the pool above. */
     struct h2up_pool *h2up;
+    /* Outbound L7 load balancing: per endpoint set and policy, the ring or maglev table and
+     * the round-robin cursor and active request counts of this worker (session.c). */
+    struct lb_entry *lb_cache;
     int stopping; /* session_close_all ran: nothing more is pooled */
 };
 

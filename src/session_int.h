@@ -17,6 +17,7 @@
 #include "limit.h"
 #include "loop.h"
 #include "alog.h"
+#include "http.h"
 #include "session.h"
 #include "xprt.h"
 
@@ -43,6 +44,7 @@ struct relay_buf {
 struct mux_h1;
 struct mux_h2;
 struct h2up_conn;
+struct route_resolver;
 
 /*
  * What carries a session's bytes once its legs are up, as HAProxy's muxes: relay.c (L4) and
@@ -113,10 +115,31 @@ struct session {
     const struct snap_target *tgt; /* the target of the endpoint being dialled */
     const struct dec_endpoint *ep; /* the endpoint being dialled */
     char ep_name[300];
+    /* Outbound L7 routing: the resolver the request's route and split chose (route.h), set by
+     * the codec before session_dial_upstream() / session_dial_h2(): the dial picks only from
+     * its targets, in its order (primary, then failovers), pooled connections included. NULL:
+     * every target of the upstream in order (L4, or an upstream without a route table). */
+    const struct route_resolver *dial_rs;
+    /* Outbound L7 load balancing (lb.h), set by the codec before the dial
+     * (session_lb_request()): the request's hash (lb_hashed 0: no policy produced one), an
+     * endpoint chosen ahead of the dial (lb_pre_tgt NULL: none; session_lb_keeps()), and the
+     * worker's state in which this session counts an active request (NULL: none). */
+    uint64_t lb_hash;
+    int lb_hashed;
+    const struct snap_target *lb_pre_tgt;
+    size_t lb_pre_i;
+    struct lb_entry *lb_held;
+    size_t lb_held_i;
     /* session_dial_h2(): the dial is for a shared HTTP/2 connection (ALPN h2), and its result,
      * borrowed from the worker's h2up pool until the carrier returns to the loop. */
     int dial_h2;
     struct h2up_conn *h2c;
+    /* The dial holds a unit of up->outlier's pending count (limits.max_pending_requests) from
+     * the moment it needs a new connection until carrier->dialled(); <dial_overflow> says
+     * that dial ended at once because the limit was reached (the codec answers
+     * STREAM_RES_UPSTREAM_OVERFLOW). */
+    int dial_waiting;
+    int dial_overflow;
     /* session_dial_h2() runs once per outbound stream: the name and h2up key of the last
      * endpoint it picked, kept (allocated on the first h2 dial, owned) so that picking it
      * again formats nothing. <snap> is held for the session's life, so the endpoint pointers
@@ -136,6 +159,26 @@ void session_finish(struct session *s, enum session_result result, const char *r
 int session_want(struct session *s, int i, unsigned mask);
 /* Moves to state <st> (traced). */
 void session_set_state(struct session *s, enum session_state st);
+/* Whether target <t> of the session's upstream is one the current dial may use (dial_rs). */
+int session_dial_allows(const struct session *s, const struct snap_target *t);
+/*
+ * Outbound L7, after dial_rs is set for a request: computes the request's hash by the
+ * resolver's HashPolicies (lb.h) from its <headers> and raw <query> (p NULL: none) and the
+ * application's address, for the dial that follows. A cookie policy that generated a value
+ * leaves the Set-Cookie value the response must carry in <set_cookie> ("" when none, or when
+ * it does not fit <len>).
+ */
+void session_lb_request(struct session *s, const struct http_header *headers, size_t nheaders,
+                        struct http_slice query, char *set_cookie, size_t len);
+/*
+ * Whether the kept-alive end[1] serves the request session_lb_request() prepared: 1 without a
+ * LoadBalancer policy (any allowed endpoint does), or when the policy picks end[1]'s endpoint;
+ * else 0, and the dial that follows takes the endpoint the policy picked (end[1] is for the
+ * pool then).
+ */
+int session_lb_keeps(struct session *s);
+/* The request the session counted as active (least_request) is over; safe when none. */
+void session_lb_release(struct session *s);
 /* The idle timeout of the session's side (local_idle_timeout_ms or the upstream's; 0 = off). */
 uint32_t session_idle_timeout_ms(const struct session *s);
 /* Relay buffers from the worker's pool: taken when a direction reads, given back when empty. */
@@ -192,6 +235,15 @@ void session_redial_upstream(struct session *s);
  */
 void session_dial_h2(struct session *s);
 /*
+ * Outbound L7: how the request just answered went for its endpoint (s->tgt, s->ep), for the
+ * upstream's passive health check: <failed> a 5xx answer (or a failure to reach it), else a
+ * success. Logs an ejection it causes. No-op without an endpoint or outlier state.
+ */
+void session_outlier_report(struct session *s, int failed);
+/* Outbound L7: 1 when the endpoint of end[1] (s->tgt, s->ep) is ejected now, so the next
+ * request should not ride its kept-alive connection (unless every endpoint of its target is). */
+int session_endpoint_ejected(struct session *s);
+/*
  * Where an inbound session reaches the local application: the registration's local service
  * (an address and port, or a unix socket path), or for an exposed listener's session that
  * listener's LocalPathPort on the local service address; and what the application speaks
@@ -216,5 +268,12 @@ void session_app_h2_key(const struct session *s, char *key, size_t len);
  * The next session_dial_upstream() to the same endpoint and identity takes it.
  */
 void session_pool_put(struct session *s);
+/*
+ * As session_pool_put(), for a connection the codec took over from end[1] after an earlier
+ * dial: <x>, verified as endpoint <ep> (named <ep_name>) of target <tgt> of the session's
+ * upstream, goes to the pool or is closed; <x> is closed (fd -1) on return either way.
+ */
+void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_target *tgt,
+                           const struct dec_endpoint *ep, const char *ep_name);
 
 #endif

@@ -5,6 +5,7 @@
 #include "snapshot.h"
 #include "util.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -43,10 +44,21 @@ void snap_target_copy(struct snap_target *dst, const struct snap_target *src)
     dst->sni = xstrdup(src->sni);
     dst->endpoints =
         src->endpoints != NULL ? endpoint_set_ref(src->endpoints) : endpoint_set_new(NULL, 0);
+    dst->hosts = NULL;
+    dst->n_hosts = 0;
+    if (src->hosts != NULL) {
+        dst->hosts = xcalloc(src->n_hosts ? src->n_hosts : 1, sizeof(*dst->hosts));
+        dst->n_hosts = src->n_hosts;
+        for (size_t i = 0; i < src->n_hosts; i++)
+            dst->hosts[i] = outlier_host_ref(src->hosts[i]);
+    }
 }
 
 void snap_target_dispose(struct snap_target *t)
 {
+    for (size_t i = 0; i < t->n_hosts; i++)
+        outlier_host_unref(t->hosts[i]);
+    free(t->hosts);
     free(t->id);
     free(t->service);
     free(t->ns);
@@ -88,6 +100,38 @@ struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
     return s;
 }
 
+void snapshot_endpoint_name(const struct dec_endpoint *ep, char *out, size_t len)
+{
+    if (ep->socket_path[0] != '\0')
+        snprintf(out, len, "unix:%s", ep->socket_path);
+    else
+        snprintf(out, len, "%s:%d", ep->address, ep->port);
+}
+
+void snapshot_attach_outliers(struct snapshot *s, struct outlier *const *outliers)
+{
+    char name[sizeof(((struct outlier_host *)0)->name)];
+    for (size_t i = 0; i < s->cfg.n_upstreams; i++) {
+        struct snap_upstream *u = &s->upstreams[i];
+        struct outlier *o = outliers[i];
+        if (o == NULL)
+            continue;
+        u->outlier = outlier_ref(o);
+        outlier_begin(o);
+        for (size_t j = 0; j < u->n_targets; j++) {
+            struct snap_target *t = &u->targets[j];
+            const struct endpoint_set *eps = t->endpoints;
+            t->hosts = xcalloc(eps->n ? eps->n : 1, sizeof(*t->hosts));
+            t->n_hosts = eps->n;
+            for (size_t k = 0; k < eps->n; k++) {
+                snapshot_endpoint_name(&eps->v[k], name, sizeof(name));
+                t->hosts[k] = outlier_host_get(o, name);
+            }
+        }
+        outlier_prune(o);
+    }
+}
+
 struct snapshot *snapshot_ref(struct snapshot *s)
 {
     atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
@@ -104,6 +148,7 @@ void snapshot_unref(struct snapshot *s)
             snap_target_dispose(&u->targets[j]);
         free(u->targets);
         limit_state_unref(u->limit);
+        outlier_unref(u->outlier);
         route_table_unref(u->routes);
     }
     limit_state_unref(s->inbound_limit);

@@ -17,6 +17,7 @@
 #include "decode.h"
 #include "intent.h"
 #include "limit.h"
+#include "outlier.h"
 #include "pathnorm.h"
 #include "proxycfg.h"
 #include "route.h"
@@ -47,6 +48,10 @@ struct snap_target {
     char *sni;                      /* "" = derived (prepared query SNI, or the service SNI) */
     uint32_t connect_timeout_ms;    /* 0 = the upstream's connect_timeout_ms */
     struct endpoint_set *endpoints; /* the healthy endpoints; never NULL in a snapshot */
+    /* The passive health of each endpoint, parallel to endpoints->v (one reference each), set
+     * by snapshot_attach_outliers(); NULL before (and in the control thread's own copies). */
+    struct outlier_host **hosts;
+    size_t n_hosts;
 };
 
 /*
@@ -54,7 +59,8 @@ struct snap_target {
  * (an empty set when <src> has none yet).
  */
 void snap_target_copy(struct snap_target *dst, const struct snap_target *src);
-/* Frees <t>'s strings and drops its endpoint set's reference (NULL members are fine). */
+/* Frees <t>'s strings and drops its endpoint set's (and hosts') references (NULL members
+ * are fine). */
 void snap_target_dispose(struct snap_target *t);
 
 struct snap_upstream {
@@ -62,12 +68,15 @@ struct snap_upstream {
     struct snap_target *targets;    /* primary first, then failovers in order */
     size_t n_targets;
     struct limit_state *limit; /* one reference; shared with later snapshots */
+    /* Request limits and passive health (one reference; shared with later snapshots; NULL
+     * until snapshot_attach_outliers()). */
+    struct outlier *outlier;
     /* enum proxycfg_protocol: the upstream's Config.protocol when set, else its discovery
      * chain's; new connections to the upstream are served by it (http: L7, else L4). */
     int protocol;
     /* The route table compiled from the upstream's discovery chain (one reference; NULL for a
      * prepared query, or before the first chain). Its resolvers index <targets>, built from
-     * the same chain. Not used by the data path yet. */
+     * the same chain. mux_h1 routes each outbound request by it. */
     struct route_table *routes;
 };
 
@@ -147,6 +156,17 @@ struct snapshot *snapshot_new(uint64_t generation, const struct proxy_cfg *cfg,
                               const struct snap_target *const *targets, const size_t *n_targets,
                               struct limit_state *inbound_limit, struct limit_state *const *limits,
                               const struct mesh_http_cfg *mesh_http);
+/*
+ * Control thread, before the snapshot is published: gives upstream i the state <outliers[i]>
+ * (a new reference; NULL leaves it without) and each of its targets the hosts of its
+ * endpoints from that state's registry, then prunes the registry of endpoints no target has.
+ */
+void snapshot_attach_outliers(struct snapshot *s, struct outlier *const *outliers);
+
+/* The name of endpoint <ep> in logs and registries: "address:port", or "unix:<path>" when it
+ * has a socket path (which replaces the address, consul-api.md 3.3). */
+void snapshot_endpoint_name(const struct dec_endpoint *ep, char *out, size_t len);
+
 struct snapshot *snapshot_ref(struct snapshot *s);
 /* Safe from any thread; the last reference frees everything. */
 void snapshot_unref(struct snapshot *s);

@@ -18,6 +18,7 @@
 #include "limit.h"
 #include "log.h"
 #include "pathnorm.h"
+#include "route.h"
 #include "session_int.h"
 #include "spiffe.h"
 #include "tls.h"
@@ -232,8 +233,15 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     if (st->done)
         return;
     st->done = 1;
+    session_lb_release(s); /* least_request counts the request active until here */
+    if (st->active != NULL) {
+        outlier_release(st->active, OUTLIER_LIMIT_CONCURRENT);
+        st->active = NULL;
+    }
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
+    if (st->route != NULL)
+        route_count(st->route, st->status);
     const char *proto = st->h2 ? "HTTP/2" : st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
     LOG_DEBUG("conn=%llu stream=%llu %s src=%s %s %s %s status=%d result=%s reason=%s "
               "bytes_in=%llu bytes_out=%llu duration_ms=%llu request_id=%s",
@@ -260,6 +268,10 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     rec.status = st->status;
     rec.grpc_status = st->grpc_status[0] ? st->grpc_status : NULL;
     rec.stream = st->seq;
+    if (st->route != NULL) {
+        rec.route = st->route->index;
+        rec.resolver = st->resolver != NULL ? st->resolver : "";
+    }
     alog_write(&rec);
 }
 

@@ -12,8 +12,10 @@
 #include <stdint.h>
 
 #include "http.h"
+#include "outlier.h"
 #include "spiffe.h"
 
+struct route;
 struct session;
 
 /*
@@ -31,9 +33,12 @@ struct session;
     X(EXPECTATION_FAILED, "expectation_failed", 417) /* an Expect other than 100-continue */       \
     X(REDIRECT, "redirect", 307)         /* UNESCAPE_AND_REDIRECT: to the unescaped path */        \
     X(RATE_LIMITED, "rate_limited", 429) /* service-defaults RateLimits.InstanceLevel */           \
+    X(NO_ROUTE, "no_route", 404)         /* outbound: no route of the upstream's chain matched */  \
     X(NOT_FOUND, "not_found", 404)       /* an exposed listener: not one of its paths */           \
     X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
     X(UPSTREAM_CONNECT_ERROR, "upstream_connect_error", 503) /* outbound: no endpoint answered */  \
+    X(UPSTREAM_OVERFLOW, "upstream_overflow",                                                      \
+      503)                                 /* outbound: the upstream's limits (no queue) */        \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
     X(LOCAL_TIMEOUT, "local_timeout", 504) /* local_request_timeout_ms */                          \
     X(BAD_RESPONSE, "bad_response", 502)   /* the application's answer was broken */               \
@@ -71,6 +76,13 @@ struct stream {
     int done;            /* stream_finish() ran */
     int h2;              /* carried over HTTP/2 (mux_h2) */
     char grpc_status[8]; /* gRPC: the grpc-status answered; "" when none was */
+    /* Outbound: the route the request took and the resolver its split named (route.h; in the
+     * session's snapshot), for the record and the route's counters; NULL when none. */
+    const struct route *route;
+    const char *resolver;
+    /* Outbound: the upstream whose in-flight count (limits.max_concurrent_requests) this
+     * request holds a unit of; stream_finish() gives it back. NULL when none. */
+    struct outlier *active;
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

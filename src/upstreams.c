@@ -32,6 +32,7 @@ struct up_watch {
     struct tgt_watch **tgts; /* primary first, then failovers in order */
     size_t n_tgts;
     struct limit_state *limit; /* admission state of its listener, across snapshots */
+    struct outlier *outlier;   /* request limits and endpoints' passive health, likewise */
     int protocol_set;          /* Config.protocol given: the chain was compiled for it */
     int protocol;              /* effective: Config.protocol, else the chain's Protocol */
     /* compiled from the same chain as <tgts>, whose order its resolvers index; NULL for a
@@ -301,6 +302,7 @@ static void up_watch_free(struct up_watch *u)
     route_table_unref(u->routes);
     free(u->request);
     limit_state_unref(u->limit);
+    outlier_unref(u->outlier);
     free(u->key);
     free(u);
 }
@@ -319,6 +321,7 @@ static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstrea
     u->key = xstrdup(c->key);
     u->ups = ups;
     u->limit = old != NULL ? limit_state_ref(old->limit) : limit_state_new();
+    u->outlier = old != NULL ? outlier_ref(old->outlier) : outlier_new();
     u->protocol_set = c->protocol_set;
     u->protocol = c->protocol_set ? c->protocol : PROTO_TCP;
     u->request = upstream_request(c, &spec);
@@ -426,11 +429,13 @@ void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_par
     out->targets = xcalloc(n, sizeof(*out->targets));
     out->n_targets = xcalloc(n, sizeof(*out->n_targets));
     out->limits = xcalloc(n, sizeof(*out->limits));
+    out->outliers = xcalloc(n, sizeof(*out->outliers));
     out->protocols = xcalloc(n, sizeof(*out->protocols));
     out->routes = xcalloc(n, sizeof(*out->routes));
     for (size_t i = 0; i < n && i < ups->n; i++) {
         const struct up_watch *u = ups->v[i];
         out->limits[i] = u->limit;
+        out->outliers[i] = u->outlier;
         out->protocols[i] = u->protocol;
         out->routes[i] = u->routes;
         out->targets[i] = xcalloc(u->n_tgts, sizeof(**out->targets));
@@ -447,6 +452,7 @@ void upstreams_parts_dispose(struct upstreams_parts *p)
     free(p->targets);
     free(p->n_targets);
     free(p->limits);
+    free(p->outliers);
     free(p->protocols);
     free(p->routes);
 }

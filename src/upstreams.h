@@ -37,13 +37,15 @@ void upstreams_reconcile(struct upstreams *ups, const struct proxy_cfg *cfg);
 
 /*
  * What snapshot_new() takes for the first <n> upstreams: per upstream its targets (borrowed
- * strings and endpoint sets, valid until the next callback of the set) and its listener's
- * admission state. Free with upstreams_parts_dispose().
+ * strings and endpoint sets, valid until the next callback of the set), its listener's
+ * admission state and its outlier state (borrowed, for snapshot_attach_outliers()). Free with
+ * upstreams_parts_dispose().
  */
 struct upstreams_parts {
     struct snap_target **targets;
     size_t *n_targets;
     struct limit_state **limits;
+    struct outlier **outliers;   /* each upstream's request limits and passive health */
     int *protocols;              /* each upstream's effective protocol (snap_upstream.protocol) */
     struct route_table **routes; /* each upstream's route table (borrowed), or NULL */
     size_t n;

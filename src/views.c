@@ -6,6 +6,7 @@
  */
 #include "views.h"
 #include "intent.h"
+#include "outlier.h"
 #include "pathnorm.h"
 #include "route.h"
 #include "util.h"
@@ -163,6 +164,72 @@ static void visit_watch(void *data, const char *name, const struct watch *w)
     watch_metrics(v->b, name, w, v->now);
 }
 
+/* connectd_<name>{upstream="<u>"[,limit="<l>"]} <v> */
+static void upstream_sample(struct admin_buf *b, const char *name, const char *upstream,
+                            const char *limit, uint64_t v)
+{
+    admin_buf_printf(b, "connectd_%s{upstream=", name);
+    admin_buf_label(b, upstream);
+    if (limit != NULL) {
+        admin_buf_add(b, ",limit=", 7);
+        admin_buf_label(b, limit);
+    }
+    admin_buf_printf(b, "} %llu\n", (unsigned long long)v);
+}
+
+/* Each upstream's request limits and outlier ejections (outlier.h), from the current
+ * snapshot's shared state. */
+static void render_outliers(const struct snapshot *snap, struct admin_buf *b)
+{
+    if (snap == NULL)
+        return;
+    uint64_t now = outlier_now_ms();
+    metric_head(b, "upstream_overflow_total", "counter",
+                "Outbound requests answered 503 at once by an upstream's limits, by limit.");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++) {
+        const struct outlier *o = snap->upstreams[i].outlier;
+        for (int l = 0; o != NULL && l < OUTLIER_LIMIT_COUNT; l++)
+            upstream_sample(b, "upstream_overflow_total", snap->cfg.upstreams[i].destination_name,
+                            outlier_limit_name(l),
+                            atomic_load_explicit(&o->overflow[l], memory_order_relaxed));
+    }
+    metric_head(b, "upstream_requests_in_flight", "gauge",
+                "Outbound requests in flight to an upstream now (limits.max_concurrent_requests "
+                "counts them), over all workers.");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++)
+        if (snap->upstreams[i].outlier != NULL)
+            upstream_sample(
+                b, "upstream_requests_in_flight", snap->cfg.upstreams[i].destination_name, NULL,
+                (uint64_t)outlier_count(snap->upstreams[i].outlier, OUTLIER_LIMIT_CONCURRENT));
+    metric_head(b, "upstream_ejections_total", "counter",
+                "Upstream endpoints ejected by the passive health check (consecutive 5xx).");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++)
+        if (snap->upstreams[i].outlier != NULL)
+            upstream_sample(
+                b, "upstream_ejections_total", snap->cfg.upstreams[i].destination_name, NULL,
+                atomic_load_explicit(&snap->upstreams[i].outlier->ejections, memory_order_relaxed));
+    metric_head(b, "upstream_ejections_overflow_total", "counter",
+                "Ejections max_ejection_percent prevented (the endpoint stayed in service).");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++)
+        if (snap->upstreams[i].outlier != NULL)
+            upstream_sample(b, "upstream_ejections_overflow_total",
+                            snap->cfg.upstreams[i].destination_name, NULL,
+                            atomic_load_explicit(&snap->upstreams[i].outlier->ejection_overflows,
+                                                 memory_order_relaxed));
+    metric_head(b, "upstream_ejected_endpoints", "gauge",
+                "Upstream endpoints ejected now (over the upstream's targets).");
+    for (size_t i = 0; i < snap->cfg.n_upstreams; i++) {
+        const struct snap_upstream *u = &snap->upstreams[i];
+        if (u->outlier == NULL)
+            continue;
+        size_t n = 0;
+        for (size_t j = 0; j < u->n_targets; j++)
+            n += outlier_ejected_among(u->targets[j].hosts, u->targets[j].n_hosts, now);
+        upstream_sample(b, "upstream_ejected_endpoints", snap->cfg.upstreams[i].destination_name,
+                        NULL, n);
+    }
+}
+
 static void render_watches(const struct views *v, const struct views_state *st, struct admin_buf *b)
 {
     struct watch_visit visit = {.b = b, .now = util_now_ms()};
@@ -214,6 +281,34 @@ static void render_http(struct admin_buf *b, const struct listener_sum *ls, size
         admin_buf_printf(b, " %.3f\n", (double)ls[i].duration_sum_ms / 1000.0);
         listener_label(b, "http_request_duration_seconds_count", &ls[i]);
         admin_buf_printf(b, " %llu\n", (unsigned long long)cum);
+    }
+}
+
+/*
+ * Outbound HTTP requests per route, by upstream, the route's index in the upstream's table
+ * (bounded by the table's length, and only routes that served requests show) and status class.
+ */
+static void render_routes(struct admin_buf *b, const struct snapshot *s)
+{
+    static const char *const classes[6] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
+    metric_head(b, "http_route_requests_total", "counter",
+                "Outbound HTTP requests by upstream, route (its index in the upstream's route "
+                "table, counted since the table last changed) and the class of the status "
+                "answered.");
+    for (size_t i = 0; s != NULL && i < s->cfg.n_upstreams; i++) {
+        const struct route_table *t = s->upstreams[i].routes;
+        for (size_t k = 0; t != NULL && k < route_table_len(t); k++) {
+            const struct route *r = route_table_route(t, k);
+            for (int c = 0; c < 6; c++) {
+                uint64_t n = load(&r->stats->requests[c]);
+                if (n == 0)
+                    continue;
+                admin_buf_add(b, "connectd_http_route_requests_total{upstream=", 44);
+                admin_buf_label(b, s->cfg.upstreams[i].destination_name);
+                admin_buf_printf(b, ",route=\"%zu\",code_class=\"%s\"} %llu\n", k, classes[c],
+                                 (unsigned long long)n);
+            }
+        }
     }
 }
 
@@ -360,6 +455,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         }
     }
     render_http(b, ls, nl);
+    render_routes(b, vs->current);
 
     metric_head(b, "reauthorizations_total", "counter",
                 "Open inbound sessions re-evaluated against the intentions.");
@@ -392,6 +488,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         if (session_result_close_kind(r) != NULL)
             sample(b, "timeout_closes_total", "kind", session_result_close_kind(r), ended[r]);
 
+    render_outliers(vs->current, b);
     render_watches(vw, vs, b);
 
     metric_head(b, "leaf_not_after_seconds", "gauge",
@@ -733,6 +830,34 @@ static void json_kv_bool(struct admin_buf *b, const char *key, int v, int comma)
     admin_buf_printf(b, ":%s%s", v ? "true" : "false", comma ? "," : "");
 }
 
+/* The service-defaults RateLimits.InstanceLevel in force (null: none), in Consul's terms. */
+static void config_rate_limits(struct admin_buf *b, const struct limit_rates *r)
+{
+    static const char *const kinds[] = {[DEC_PATH_EXACT] = "path_exact",
+                                        [DEC_PATH_PREFIX] = "path_prefix",
+                                        [DEC_PATH_REGEX] = "path_regex"};
+    admin_buf_add(b, "\"rate_limits\":", 14);
+    if (r == NULL) {
+        admin_buf_add(b, "null", 4);
+        return;
+    }
+    size_t n = limit_rates_rules(r);
+    for (size_t i = 0; i < n; i++) {
+        struct limit_rate_rule x = limit_rates_rule(r, i);
+        if (i > 0)
+            admin_buf_add(b, i > 1 ? ",{" : ",\"routes\":[{", i > 1 ? 2 : 12);
+        else
+            admin_buf_add(b, "{", 1);
+        if (x.kind >= 0 && (size_t)x.kind < ARRAY_SIZE(kinds) && kinds[x.kind] != NULL)
+            json_kv_str(b, kinds[x.kind], x.path, 1);
+        json_kv_num(b, "requests_per_second", x.per_second, 1);
+        json_kv_num(b, "requests_max_burst", x.burst, 0);
+        if (i > 0)
+            admin_buf_add(b, "}", 1);
+    }
+    admin_buf_add(b, n > 1 ? "]}" : ",\"routes\":[]}", n > 1 ? 2 : 13);
+}
+
 static void json_str_list(struct admin_buf *b, const char *key, char *const *v, size_t n, int comma)
 {
     admin_buf_json_str(b, key);
@@ -780,7 +905,7 @@ static void json_route_match(struct admin_buf *b, const struct route *r)
     json_kv_bool(b, "case_insensitive", r->case_insensitive, 1);
     admin_buf_add(b, "\"headers\":[", 11);
     for (size_t i = 0; i < r->n_headers; i++) {
-        const struct route_header_cond *h = &r->headers[i];
+        const struct hdr_cond *h = &r->headers[i];
         admin_buf_add(b, i ? ",{" : "{", i ? 2 : 1);
         json_kv_str(b, "name", h->name, 1);
         if ((size_t)h->match < ARRAY_SIZE(header_match_keys)) {
@@ -989,7 +1114,9 @@ static void render_config(const struct views *v, const struct views_state *st,
                 pathnorm_escaped_slash_name(s->mesh_http.escaped_slash), 1);
     json_kv_str(b, "headers_with_underscores_action",
                 pathnorm_underscore_name(s->mesh_http.underscore), 0);
-    admin_buf_add(b, "},\"upstreams\":[", 15);
+    admin_buf_add(b, "},", 2);
+    config_rate_limits(b, s->rates);
+    admin_buf_add(b, ",\"upstreams\":[", 14);
     for (size_t i = 0; i < c->n_upstreams; i++) {
         const struct upstream_cfg *u = &c->upstreams[i];
         const struct snap_upstream *su = &s->upstreams[i];

@@ -73,4 +73,9 @@ void xprt_close(struct loop *loop, struct xprt *x)
     close(x->fd);
     x->fd = -1;
     x->rd_eof = x->wr_shut = 0;
+    if (x->counted != NULL) {
+        outlier_release(x->counted, OUTLIER_LIMIT_CONNECTIONS);
+        outlier_unref(x->counted);
+        x->counted = NULL;
+    }
 }

@@ -13,6 +13,7 @@
 #include <sys/types.h>
 
 #include "loop.h"
+#include "outlier.h"
 #include "tls.h"
 
 struct xprt {
@@ -21,6 +22,9 @@ struct xprt {
     struct tls_conn *tls; /* NULL on a plain end; owned */
     int rd_eof;           /* the read side reached the end of the stream */
     int wr_shut;          /* our write side is shut down (close_notify or SHUT_WR sent) */
+    /* Outbound L7: the upstream whose connection count (limits.max_connections) this end
+     * holds a unit of, with a reference; xprt_close() gives both back. Moves with the end. */
+    struct outlier *counted;
 };
 
 /* Reads up to <len> bytes. */

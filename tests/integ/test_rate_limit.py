@@ -138,13 +138,19 @@ def test_burst_over_the_limit_is_429_counted_and_logged(hop, mesh, tmp_path):
 def test_route_limit_applies_only_to_its_path(hop, mesh):
     """No top-level limit; Routes: PathPrefix /limited (burst 2), PathExact /exact (burst 1),
     PathRegex /re/[0-9]+ (burst 1). Each limits its own paths only; other paths never see a
-    429, and the first matching route decides."""
+    429, and the first matching route decides. /config shows the limits in force."""
     m = mesh
+    args, admin = admin_args()
     lim, db, web = setup(m, hop, {"Routes": [
         {"PathPrefix": "/limited", "RequestsPerSecond": 1, "RequestsMaxBurst": 2},
         {"PathExact": "/exact", "RequestsPerSecond": 1, "RequestsMaxBurst": 1},
         {"PathRegex": "/re/[0-9]+", "RequestsPerSecond": 1, "RequestsMaxBurst": 1},
-    ]})
+    ]}, db_args=args)
+    assert json.loads(admin_get(admin, "/config")[1])["rate_limits"] == {
+        "requests_per_second": 0, "requests_max_burst": 0, "routes": [
+            {"path_prefix": "/limited", "requests_per_second": 1, "requests_max_burst": 2},
+            {"path_exact": "/exact", "requests_per_second": 1, "requests_max_burst": 1},
+            {"path_regex": "/re/[0-9]+", "requests_per_second": 1, "requests_max_burst": 1}]}
     port = web.up["db"]
     wait_until(lambda: try_get(port, "/free") == 200, 30, "a request through")
     free, _ = statuses(port, "/free", 20)
@@ -203,3 +209,34 @@ def test_grpc_call_over_the_limit_is_resource_exhausted(hop, mesh):
         assert e.value.details() == "local_rate_limited"
     finally:
         srv.stop(0)
+
+
+def test_nothing_is_served_before_the_limits_are_known(hop, mesh):
+    """While the agent fails connectd's first service-defaults read (a 500 from the hop), db's
+    sidecar is not ready, says why, and serves nothing: a request must not slip past limits it
+    has not read yet. Once the agent answers, the limits are in force from the first request.
+    Before, the sidecar served at once, unlimited, whatever the entry said."""
+    m = mesh
+    lim = Limits(m, hop)
+    lim.set({"RequestsPerSecond": 1, "RequestsMaxBurst": 1})
+    hop.canned[f"/v1/config/service-defaults/{lim.name}"] = (500, b"agent error")
+    args, admin = admin_args()
+    db = m.add("db", app_port=m.app(HttpApp).port, proxy_config={"protocol": "http"},
+               start=False)
+    db.proxy = m.start_connectd(db.name, ["-sidecar-for", db.id, "-http-addr", hop.http_addr,
+                                          *args])
+    web = m.add("web", upstreams=("db",))
+    m.intend("db", {"web": "allow"})
+    wait_until(lambda: "waiting for the service-defaults entry" in admin_get(admin, "/ready")[1],
+               30, "/ready naming the service-defaults entry")
+    assert admin_get(admin, "/ready")[0] == 503
+    assert try_get(web.up["db"], "/a") != 200
+    del hop.canned[f"/v1/config/service-defaults/{lim.name}"]
+    db.proxy.wait_log(r"inbound rate limits \(service-defaults entry\)", timeout=60)
+    wait_until(lambda: admin_get(admin, "/ready")[0] == 200, 30, "ready once the entry is read")
+    m.wait_passing(db)
+    wait_until(lambda: try_get(web.up["db"], "/a") in (200, 429), 30, "a request through")
+    got = [try_get(web.up["db"], "/a") for _ in range(4)]
+    assert 429 in got, got
+    assert json.loads(admin_get(admin, "/config")[1])["rate_limits"] == {
+        "requests_per_second": 1, "requests_max_burst": 1, "routes": []}

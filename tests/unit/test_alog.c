@@ -170,7 +170,10 @@ static void test_line_worst_case_fits(void **state)
                          .method = big,
                          .authority = big,
                          .path = big,
-                         .request_id = big};
+                         .request_id = big,
+                         .grpc_status = big,
+                         .alpn = big,
+                         .resolver = big};
     size_t n = alog_format_line(buf, sizeof(buf), ALOG_JSON, &r);
     assert_true(n < sizeof(buf));
     assert_int_equal(buf[n - 1], '\n');
@@ -195,6 +198,12 @@ static void test_request_record(void **state)
     alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &r);
     assert_non_null(strstr(buf, " protocol=HTTP/1.1 method=GET authority=db path=\"/a b\\\"c\" "
                                 "status=403 request_id=id-1 stream=2 result="));
+    assert_null(strstr(buf, "route="));
+    /* Issue 10: a routed request names its route and its split's resolver. */
+    r.route = 3;
+    r.resolver = "resolver:db2.default.default.dc1";
+    alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &r);
+    assert_non_null(strstr(buf, " stream=2 route=3 resolver=resolver:db2.default.default.dc1 "));
     alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &rec);
     assert_null(strstr(buf, "method="));
 }

@@ -236,6 +236,68 @@ static void test_upstream_protocol_key(void **state)
 }
 
 /*
+ * The upstream's limits and passive_health_check (issue 10): Consul's key names, Envoy's
+ * defaults (zeros: outlier.h fills them), and durations given as Go durations or integer
+ * nanoseconds, as Consul's mapstructure hook decodes them.
+ */
+static void test_upstream_outlier_keys(void **state)
+{
+    (void)state;
+    struct dec_service s = base_service();
+    struct dec_upstream up = db_upstream();
+    s.upstreams = &up;
+    s.n_upstreams = 1;
+    struct proxy_cfg c;
+    char err[256];
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    const struct upstream_cfg *u = &c.upstreams[0];
+    assert_int_equal(u->max_pending_requests, 0);
+    assert_int_equal(u->max_concurrent_requests, 0);
+    assert_int_equal(u->passive.interval_ms, 0);
+    assert_int_equal(u->passive.max_failures, 0);
+    assert_int_equal(u->passive.enforcing_pct, 100);
+    assert_int_equal(u->passive.max_ejection_pct, 10);
+    assert_int_equal(u->passive.base_ejection_ms, 0);
+    proxycfg_dispose(&c);
+
+    struct dec_kv kv[] = {
+        {.key = "limits.max_pending_requests", .type = DEC_KV_NUMBER, .str = "7"},
+        {.key = "limits.max_concurrent_requests", .type = DEC_KV_STRING, .str = "9"},
+        {.key = "passive_health_check.interval", .type = DEC_KV_STRING, .str = "1m30s"},
+        {.key = "passive_health_check.max_failures", .type = DEC_KV_NUMBER, .str = "3"},
+        {.key = "passive_health_check.enforcing_consecutive_5xx",
+         .type = DEC_KV_NUMBER,
+         .str = "50"},
+        {.key = "passive_health_check.max_ejection_percent", .type = DEC_KV_NUMBER, .str = "0"},
+        /* A time.Duration as JSON: nanoseconds (2.5 s). */
+        {.key = "passive_health_check.base_ejection_time",
+         .type = DEC_KV_NUMBER,
+         .str = "2500000000"},
+    };
+    up.config = kv;
+    up.n_config = sizeof(kv) / sizeof(kv[0]);
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), 0);
+    u = &c.upstreams[0];
+    assert_int_equal(c.n_warnings, 0);
+    assert_int_equal(u->max_pending_requests, 7);
+    assert_int_equal(u->max_concurrent_requests, 9);
+    assert_int_equal(u->passive.interval_ms, 90000);
+    assert_int_equal(u->passive.max_failures, 3);
+    assert_int_equal(u->passive.enforcing_pct, 50);
+    assert_int_equal(u->passive.max_ejection_pct, 0);
+    assert_int_equal(u->passive.base_ejection_ms, 2500);
+    proxycfg_dispose(&c);
+
+    kv[2].str = "soon";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_non_null(strstr(err, "\"passive_health_check.interval\" must be a duration"));
+    kv[2].str = "10s";
+    kv[5].str = "101";
+    assert_int_equal(proxycfg_build(&s, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+    assert_non_null(strstr(err, "max_ejection_percent"));
+}
+
+/*
  * Issue 7 defect 9: every unknown Config key became a warning, and the control thread checked
  * each against every warning logged before (a linear list that only grew): a registration
  * with 100k unknown keys took minutes of the control thread and 100k log lines. Now one build
@@ -406,6 +468,7 @@ int main(void)
         cmocka_unit_test(test_defaults_are_stored_and_documented_from_the_table),
         cmocka_unit_test(test_protocol_key),
         cmocka_unit_test(test_upstream_protocol_key),
+        cmocka_unit_test(test_upstream_outlier_keys),
         cmocka_unit_test(test_enumerated_keys),
         cmocka_unit_test(test_many_unknown_keys_are_bounded_and_fast),
         cmocka_unit_test(test_warned_set_is_bounded),

@@ -3,7 +3,8 @@
  * compiled into a route table, and the two pure walks over it: route_match() (every match
  * kind, Invert, CaseInsensitive, query parameters, methods, first match and the catch-all, a
  * regex that does not compile) and route_split_pick() (weights, with a fixed-seed
- * distribution check).
+ * distribution check); route_rewrite_len() and route_headers_apply() (PrefixRewrite and
+ * header modifiers).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -499,6 +500,124 @@ static void test_refcount(void **state)
     route_table_unref(NULL);
 }
 
+/* PrefixRewrite replaces what the route matched: a prefix, a whole exact or regex path, "/"
+ * without a path condition; nothing without a rewrite or with one a request line cannot
+ * carry. */
+static void test_rewrite_len(void **state)
+{
+    (void)state;
+    struct route_table *t = TABLE(
+        ROUTE("\"PathPrefix\": \"/api/\", \"CaseInsensitive\": true", "\"PrefixRewrite\": \"/v2/\"",
+              "resolver:b"),
+        ROUTE("\"PathExact\": \"/old\"", "\"PrefixRewrite\": \"/new\"", "resolver:b"),
+        ROUTE("\"PathRegex\": \"/r.*\"", "\"PrefixRewrite\": \"/x\"", "resolver:b"),
+        ROUTE("\"Header\": [{\"Name\": \"a\", \"Present\": true}]", "\"PrefixRewrite\": \"/h/\"",
+              "resolver:b"),
+        ROUTE("\"PathPrefix\": \"/sp\"", "\"PrefixRewrite\": \"/a b\"", "resolver:b"), CATCH_ALL);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 0), sl("/API/x", 6)), 5);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 0), sl("/ap", 3)), 0);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 1), sl("/old", 4)), 4);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 2), sl("/rab", 4)), 4);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 3), sl("/q", 2)), 1);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 3), sl("*", 1)), 0);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 4), sl("/sp", 3)), 0);
+    assert_int_equal(route_rewrite_len(route_table_route(t, 5), sl("/q", 2)), 0);
+    route_table_unref(t);
+}
+
+static int has(const struct http_header *f, size_t n, const char *name, const char *value)
+{
+    int count = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!(f[i].flags & HTTP_HDR_HOP) && f[i].name.len == strlen(name) &&
+            strncasecmp(f[i].name.p, name, f[i].name.len) == 0 && f[i].value.len == strlen(value) &&
+            memcmp(f[i].value.p, value, f[i].value.len) == 0)
+            count++;
+    return count;
+}
+
+/* Remove, then Add, then Set (which replaces an Add of the same level too); the framing's and
+ * the connection's fields are never touched. */
+static void test_headers_apply(void **state)
+{
+    (void)state;
+    struct dec_header_kv add[] = {{"X-A", "1"}, {"X-S", "added"}, {"content-length", "9"}};
+    struct dec_header_kv set[] = {{"x-s", "set"}, {"Host", "evil"}};
+    char *rm[] = {"x-r", "Transfer-Encoding", "x-none"};
+    struct dec_header_mods mods = {add, 3, set, 2, rm, 3};
+    struct http_header f[16] = {
+        {.name = {"Host", 4}, .value = {"db", 2}},
+        {.name = {"x-a", 3}, .value = {"0", 1}},
+        {.name = {"X-R", 3}, .value = {"gone", 4}},
+        {.name = {"x-s", 3}, .value = {"old", 3}},
+        {.name = {"transfer-encoding", 17}, .value = {"chunked", 7}},
+    };
+    size_t n = 5;
+    assert_int_equal(route_headers_added(&mods), 5);
+    route_headers_apply(&mods, f, &n);
+    assert_int_equal(n, 8); /* X-A, X-S and x-s appended; content-length and Host refused */
+    assert_int_equal(has(f, n, "x-a", "0"), 1);
+    assert_int_equal(has(f, n, "x-a", "1"), 1);
+    assert_int_equal(has(f, n, "x-r", "gone"), 0);
+    assert_int_equal(has(f, n, "x-s", "old") + has(f, n, "x-s", "added"), 0);
+    assert_int_equal(has(f, n, "x-s", "set"), 1);
+    assert_int_equal(has(f, n, "host", "db"), 1);
+    assert_int_equal(has(f, n, "transfer-encoding", "chunked"), 1);
+    assert_int_equal(has(f, n, "content-length", "9"), 0);
+    struct dec_header_mods none = {0};
+    route_headers_apply(&none, f, &n);
+    assert_int_equal(n, 8);
+}
+
+/* A split's modifiers apply first, then its route's: the route's Set wins, as in Envoy. */
+static void test_headers_modified_order(void **state)
+{
+    (void)state;
+    struct route_table *t = TABLE(
+        ROUTE("\"PathPrefix\": \"/a\"",
+              "\"RequestHeaders\": {\"Set\": {\"x-split\": \"route\"}, \"Add\": {\"x-r\": \"1\"}}",
+              "splitter:db"),
+        CATCH_ALL);
+    const struct route *r = route_table_route(t, 0), *all = route_table_route(t, 1);
+    struct http_header in[1] = {{.name = {"x-split", 7}, .value = {"caller", 6}}};
+    size_t n = 0;
+    struct http_header *f = route_headers_modified(r, &r->splits[0], 0, in, 1, &n);
+    assert_non_null(f);
+    assert_int_equal(has(f, n, "x-split", "route"), 1);
+    assert_int_equal(has(f, n, "x-split", "a") + has(f, n, "x-split", "caller"), 0);
+    assert_int_equal(has(f, n, "x-r", "1"), 1);
+    free(f);
+    /* The second split's ResponseHeaders: Add x-s, Remove x-r. */
+    struct http_header rs[1] = {{.name = {"X-R", 3}, .value = {"v", 1}}};
+    f = route_headers_modified(r, &r->splits[1], 1, rs, 1, &n);
+    assert_non_null(f);
+    assert_int_equal(has(f, n, "x-s", "2"), 1);
+    assert_int_equal(has(f, n, "x-r", "v"), 0);
+    free(f);
+    /* Nothing to modify, or no route: NULL. */
+    assert_null(route_headers_modified(all, &all->splits[1], 0, in, 1, &n));
+    assert_null(route_headers_modified(NULL, NULL, 0, in, 1, &n));
+    route_table_unref(t);
+}
+
+/* Each route counts its requests by status class, shared by every user of the table. */
+static void test_route_count(void **state)
+{
+    (void)state;
+    struct route_table *t = TABLE(M("\"PathPrefix\": \"/a\""), CATCH_ALL);
+    const struct route *a = route_table_route(t, 0), *all = route_table_route(t, 1);
+    route_count(a, 200);
+    route_count(a, 204);
+    route_count(a, 503);
+    route_count(all, 0);
+    route_count(all, 999);
+    assert_int_equal(atomic_load(&a->stats->requests[2]), 2);
+    assert_int_equal(atomic_load(&a->stats->requests[5]), 1);
+    assert_int_equal(atomic_load(&a->stats->requests[0]), 0);
+    assert_int_equal(atomic_load(&all->stats->requests[0]), 2);
+    route_table_unref(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -513,6 +632,10 @@ int main(void)
         cmocka_unit_test(test_start_at_splitter_or_resolver),
         cmocka_unit_test(test_split_weights),
         cmocka_unit_test(test_refcount),
+        cmocka_unit_test(test_rewrite_len),
+        cmocka_unit_test(test_headers_apply),
+        cmocka_unit_test(test_route_count),
+        cmocka_unit_test(test_headers_modified_order),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
