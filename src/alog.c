@@ -62,6 +62,8 @@ size_t alog_format_line(char *buf, size_t cap, enum alog_format fmt, const struc
     field_str(&b, fmt, "remote_addr", r->remote_addr);
     if (r->alpn != NULL)
         field_str(&b, fmt, "alpn", r->alpn);
+    if (r->listener != NULL)
+        field_str(&b, fmt, "listener", r->listener);
     field_u64(&b, fmt, "bytes_in", r->bytes_in);
     field_u64(&b, fmt, "bytes_out", r->bytes_out);
     field_u64(&b, fmt, "duration_ms", r->duration_ms);

@@ -30,6 +30,8 @@ struct alog_rec {
     const char *remote_addr; /* peer address of the accepted connection */
     const char *alpn;        /* inbound: the protocol the mesh hop's TLS selected by ALPN
                                 ("h2", "http/1.1"); NULL (not written) when none */
+    const char *listener;    /* an exposed listener's name ("expose:21500"); NULL (not written)
+                                for the public and upstream listeners */
     uint64_t bytes_in;       /* from the accepted connection's peer */
     uint64_t bytes_out;      /* to the accepted connection's peer */
     uint64_t duration_ms;

@@ -22,6 +22,7 @@
 #include "authorize.h"
 #include "authq.h"
 #include "decode.h"
+#include "expose.h"
 #include "inputs.h"
 #include "limit.h"
 #include "log.h"
@@ -54,6 +55,7 @@ struct control {
     int n_workers;
     int exit_code;
     struct limit_state *inbound_limit; /* the public listener's, across snapshots */
+    struct limit_state *expose_limit;  /* the exposed listeners', across snapshots */
     int draining;
     int drain_done; /* the drain finished or timed out (or there was none to do) */
     uint64_t drain_deadline_ms;
@@ -72,12 +74,13 @@ struct control {
     struct proxycfg_warned warned; /* warnings already logged once (bounded) */
 
     /* the parts, each with its own state */
-    struct inputs *in;        /* roots, leaf, intentions: TLS context and intention table */
-    struct upstreams *ups;    /* one per cfg.upstreams entry, same order */
-    struct authorize *authz;  /* authorize mode: the workers' questions */
-    struct register_ctx *reg; /* -register, or NULL */
-    struct views *views;      /* the admin endpoint's answers */
-    struct authq_box *ask;    /* the workers' questions arrive here */
+    struct inputs *in;         /* roots, leaf, intentions: TLS context and intention table */
+    struct upstreams *ups;     /* one per cfg.upstreams entry, same order */
+    struct authorize *authz;   /* authorize mode: the workers' questions */
+    struct register_ctx *reg;  /* -register, or NULL */
+    struct views *views;       /* the admin endpoint's answers */
+    struct expose_checks *exp; /* Expose.Checks: the parent service's check paths */
+    struct authq_box *ask;     /* the workers' questions arrive here */
     struct loop_receiver startup_failed; /* a worker could not open its listeners */
     struct admin *admin;                 /* -admin-bind */
 
@@ -108,6 +111,11 @@ static void on_inputs(void *data, enum inputs_event ev)
 }
 
 static void on_upstreams(void *data)
+{
+    schedule_rebuild(data);
+}
+
+static void on_expose(void *data)
 {
     schedule_rebuild(data);
 }
@@ -146,6 +154,7 @@ static void apply_cfg(struct control *ctl, struct proxy_cfg *cfg_in, const char 
 
     inputs_set_service(ctl->in, cfg.service, cfg.ns, cfg.partition);
     upstreams_reconcile(ctl->ups, &cfg);
+    expose_checks_reconcile(ctl->exp, &cfg);
     if (ctl->have_cfg)
         proxycfg_dispose(&ctl->cfg);
     ctl->cfg = cfg;
@@ -256,6 +265,13 @@ static void do_rebuild(struct loop_defer *d)
     }
     upstreams_parts_dispose(&parts);
     s->rates = inputs_rates(ctl->in) != NULL ? limit_rates_ref(inputs_rates(ctl->in)) : NULL;
+    size_t n_checks;
+    const struct expose_path *checks = expose_checks_paths(ctl->exp, &n_checks);
+    char warn[512];
+    s->exposes = expose_build(&ctl->cfg, checks, n_checks, ctl->expose_limit,
+                              inputs_agent_addr(ctl->in), warn, sizeof(warn));
+    if (warn[0] != '\0')
+        warn_once(ctl, warn);
     if (ctl->current == NULL)
         LOG_INFO("ready: serving %s as %s", ctl->cfg.service, ctl->proxy_id);
     LOG_DEBUG("publishing snapshot %llu", (unsigned long long)s->generation);
@@ -434,6 +450,7 @@ int control_run(const struct config *conf)
     loop_io_init(&ctl.sig_io, ctl.sigfd, on_signal, &ctl);
     loop_io_want(ctl.loop, &ctl.sig_io, LOOP_READ);
     ctl.inbound_limit = limit_state_new();
+    ctl.expose_limit = limit_state_new();
 
     struct agent_opts aopts = {
         .addr = conf->http_addr,
@@ -454,6 +471,7 @@ int control_run(const struct config *conf)
     ctl.reach = watch_reach_new(agent_addr(ctl.agent));
     ctl.in = inputs_new(ctl.agent, ctl.reach, on_inputs, &ctl);
     ctl.ups = upstreams_new(ctl.agent, ctl.reach, on_upstreams, &ctl);
+    ctl.exp = expose_checks_new(ctl.agent, ctl.reach, on_expose, &ctl);
     ctl.authz = authorize_new(ctl.agent, ctl.reach, ctl.in);
     ctl.ask = authq_box_new(ctl.loop, on_questions, &ctl);
     loop_receiver_register(ctl.loop, &ctl.startup_failed, on_startup_failed, &ctl);
@@ -533,12 +551,14 @@ out:
     if (ctl.svc_watch != NULL)
         watch_stop(ctl.svc_watch);
     upstreams_free(ctl.ups);
+    expose_checks_free(ctl.exp);
     inputs_free(ctl.in);
     if (ctl.loop != NULL) {
         loop_timer_stop(ctl.loop, &ctl.lookup_retry);
         loop_timer_stop(ctl.loop, &ctl.drain_poll);
     }
     limit_state_unref(ctl.inbound_limit);
+    limit_state_unref(ctl.expose_limit);
     watch_reach_free(ctl.reach);
     agent_free(ctl.agent);
     snapshot_unref(ctl.current);

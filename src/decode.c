@@ -530,6 +530,45 @@ static int decode_upstream(struct dctx *c, json_t *u, const char *where, struct 
     return rc;
 }
 
+static const struct str_field expose_path_fields[] = {
+    SF(struct dec_expose_path, "Path", path, 0),
+    SF(struct dec_expose_path, "Protocol", protocol, 0),
+};
+
+/* Proxy.Expose: {"Checks": bool, "Paths": [{ListenerPort, LocalPathPort, Path, Protocol}]}. */
+static int decode_expose(struct dctx *c, json_t *proxy, struct dec_service *out)
+{
+    json_t *expose, *paths = NULL;
+    int rc = get_obj(c, proxy, "Expose", 0, "Proxy", &expose);
+    if (rc == 0)
+        rc = get_bool(c, expose, "Checks", "Proxy.Expose", &out->expose_checks);
+    if (rc == 0)
+        rc = get_arr(c, expose, "Paths", 0, "Proxy.Expose", &paths);
+    if (rc != 0 || paths == NULL)
+        return rc;
+    if (json_array_size(paths) > DEC_EXPOSE_PATHS_MAX)
+        return fail(c, ERR_BAD_FIELD, "Proxy.Expose.Paths has more than %d entries",
+                    DEC_EXPOSE_PATHS_MAX);
+    out->n_expose_paths = json_array_size(paths);
+    out->expose_paths = xcalloc(out->n_expose_paths, sizeof(*out->expose_paths));
+    for (size_t i = 0; i < out->n_expose_paths && rc == 0; i++) {
+        struct dec_expose_path *p = &out->expose_paths[i];
+        json_t *v = json_array_get(paths, i);
+        char where[48];
+        snprintf(where, sizeof(where), "Proxy.Expose.Paths[%zu]", i);
+        if (!json_is_object(v))
+            return bad_field(c, where, "", "must be an object");
+        rc = get_strs(c, v, where, expose_path_fields, ARRAY_SIZE(expose_path_fields), p);
+        if (rc == 0 && strlen(p->path) > DEC_EXPOSE_PATH_MAX)
+            rc = bad_field(c, where, "Path", "is longer than 1024 bytes");
+        if (rc == 0)
+            rc = get_int(c, v, "ListenerPort", 0, 0, 65535, where, &p->listener_port);
+        if (rc == 0)
+            rc = get_int(c, v, "LocalPathPort", 0, 0, 65535, where, &p->local_path_port);
+    }
+    return rc;
+}
+
 int decode_agent_service(const char *buf, size_t len, struct dec_service *out, char *err,
                          size_t errlen)
 {
@@ -555,6 +594,8 @@ int decode_agent_service(const char *buf, size_t len, struct dec_service *out, c
         rc = get_int(&c, proxy, "LocalServicePort", 0, 0, 65535, "Proxy", &out->local_service_port);
     if (rc == 0)
         rc = get_config(&c, proxy, "Proxy", &out->config, &out->n_config);
+    if (rc == 0)
+        rc = decode_expose(&c, proxy, out);
     if (rc == 0)
         rc = get_arr(&c, proxy, "Upstreams", 0, "Proxy", &ups);
     if (rc != 0 || ups == NULL)
@@ -587,7 +628,76 @@ void dec_service_dispose(struct dec_service *s)
     for (size_t i = 0; i < s->n_upstreams; i++)
         upstream_dispose(&s->upstreams[i]);
     free(s->upstreams);
+    for (size_t i = 0; i < s->n_expose_paths; i++)
+        free_strs(expose_path_fields, ARRAY_SIZE(expose_path_fields), &s->expose_paths[i]);
+    free(s->expose_paths);
     memset(s, 0, sizeof(*s));
+}
+
+/* ---- /v1/agent/checks ---- */
+
+static const struct str_field check_fields[] = {
+    SF(struct dec_check, "CheckID", check_id, 1), SF(struct dec_check, "ServiceID", service_id, 0),
+    SF(struct dec_check, "Type", type, 0),        SF(struct dec_check, "Status", status, 0),
+    SF(struct dec_check, "Output", output, 0),
+};
+
+int decode_agent_checks(const char *buf, size_t len, const char *service_id, struct dec_check **out,
+                        size_t *n, char *err, size_t errlen)
+{
+    struct dctx c;
+    json_t *root, *chk;
+    const char *key;
+    ctx_init(&c, err, errlen);
+    *out = NULL;
+    *n = 0;
+    int rc = load(&c, buf, len, &root);
+    if (rc != 0)
+        return rc;
+    if (!json_is_object(root)) {
+        rc = fail(&c, ERR_BAD_FIELD, "checks: the body must be a JSON object");
+        goto out;
+    }
+    if (json_object_size(root) > DEC_CHECKS_MAX) {
+        rc = fail(&c, ERR_BAD_FIELD, "checks: more than %d checks", DEC_CHECKS_MAX);
+        goto out;
+    }
+    *out = xcalloc(json_object_size(root) + 1, sizeof(**out));
+    json_object_foreach(root, key, chk)
+    {
+        char where[96];
+        const char *sid;
+        snprintf(where, sizeof(where), "checks[\"%.64s\"]", key);
+        if (!json_is_object(chk)) {
+            rc = bad_field(&c, where, "", "must be an object");
+            goto out;
+        }
+        if ((rc = peek_str(&c, chk, "ServiceID", 0, where, &sid)) != 0)
+            goto out;
+        if (strcmp(sid, service_id) != 0)
+            continue;
+        struct dec_check *d = &(*out)[(*n)++];
+        rc = get_strs(&c, chk, where, check_fields, ARRAY_SIZE(check_fields), d);
+        if (rc == 0)
+            rc = get_int(&c, chk, "ExposedPort", 0, 0, 65535, where, &d->exposed_port);
+        if (rc != 0)
+            goto out;
+    }
+out:
+    json_decref(root);
+    if (rc != 0) {
+        dec_checks_free(*out, *n);
+        *out = NULL;
+        *n = 0;
+    }
+    return rc;
+}
+
+void dec_checks_free(struct dec_check *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free_strs(check_fields, ARRAY_SIZE(check_fields), &v[i]);
+    free(v);
 }
 
 /* ---- /v1/agent/services: -sidecar-for ---- */
@@ -1985,7 +2095,7 @@ int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, c
                       size_t errlen)
 {
     struct dctx c;
-    json_t *root, *config = NULL, *debug = NULL, *acl = NULL;
+    json_t *root, *config = NULL, *debug = NULL, *acl = NULL, *mem = NULL;
     ctx_init(&c, err, errlen);
     memset(out, 0, sizeof(*out));
     int rc = load(&c, buf, len, &root);
@@ -2003,7 +2113,9 @@ int decode_agent_self(const char *buf, size_t len, struct dec_agent_self *out, c
                       &out->default_intention_policy)) != 0 ||
         (rc = get_str(&c, acl, "ACLDefaultPolicy", 0, "DebugConfig.ACLResolverSettings",
                       &out->acl_default_policy)) != 0 ||
-        (rc = get_bool(&c, debug, "ACLsEnabled", "DebugConfig", &out->acls_enabled)) != 0)
+        (rc = get_bool(&c, debug, "ACLsEnabled", "DebugConfig", &out->acls_enabled)) != 0 ||
+        (rc = get_obj(&c, root, "Member", 0, "", &mem)) != 0 ||
+        (rc = get_str(&c, mem, "Addr", 0, "Member", &out->member_addr)) != 0)
         goto out;
     if (member(debug, "ACLsEnabled") == NULL)
         out->acls_enabled = -1;
@@ -2018,6 +2130,7 @@ void dec_agent_self_dispose(struct dec_agent_self *s)
 {
     free(s->datacenter);
     free(s->default_intention_policy);
+    free(s->member_addr);
     free(s->acl_default_policy);
     memset(s, 0, sizeof(*s));
 }

@@ -90,6 +90,20 @@ struct dec_upstream {
     size_t n_config;
 };
 
+/*
+ * Proxy.Expose.Paths[]: a path of the local application served without mTLS on a plain
+ * listener. Shape only; proxycfg checks the values. At most DEC_EXPOSE_PATHS_MAX of them and
+ * paths of DEC_EXPOSE_PATH_MAX bytes, else the registration is malformed.
+ */
+#define DEC_EXPOSE_PATHS_MAX 64
+#define DEC_EXPOSE_PATH_MAX  1024
+struct dec_expose_path {
+    int listener_port;   /* 0 when absent */
+    int local_path_port; /* 0 when absent */
+    char *path;          /* "" when absent */
+    char *protocol;      /* as sent ("http", "http2"); "" when absent */
+};
+
 struct dec_service {
     char *kind; /* "connect-proxy" for proxies; "" for typical services */
     char *id;
@@ -112,6 +126,10 @@ struct dec_service {
     size_t n_config;
     struct dec_upstream *upstreams;
     size_t n_upstreams;
+    /* Proxy.Expose */
+    int expose_checks; /* Checks: expose the parent service's HTTP and gRPC checks */
+    struct dec_expose_path *expose_paths;
+    size_t n_expose_paths;
 };
 
 int decode_agent_service(const char *buf, size_t len, struct dec_service *out, char *err,
@@ -126,6 +144,27 @@ void dec_service_dispose(struct dec_service *s);
  */
 int decode_sidecar_for(const char *buf, size_t len, const char *target_id, char **proxy_id,
                        char *err, size_t errlen);
+
+/* ---- /v1/agent/checks ---- */
+
+/* One health check of the local agent, the fields exposing checks needs. */
+struct dec_check {
+    char *check_id;
+    char *service_id;
+    char *type;       /* "http", "grpc", "tcp", "ttl", ... */
+    char *status;     /* "passing", "warning", "critical", "maintenance" */
+    char *output;     /* the last run's output, as the agent keeps it */
+    int exposed_port; /* ExposedPort: the proxy listener the agent sends it to; 0 = none */
+};
+
+/*
+ * Decodes /v1/agent/checks (an object of CheckID -> HealthCheck), keeping only the checks of
+ * service <service_id>, in CheckID order. At most DEC_CHECKS_MAX of them (more is an error).
+ */
+#define DEC_CHECKS_MAX 1024
+int decode_agent_checks(const char *buf, size_t len, const char *service_id, struct dec_check **out,
+                        size_t *n, char *err, size_t errlen);
+void dec_checks_free(struct dec_check *v, size_t n);
 
 /* ---- /v1/connect/intentions/match?by=destination&name=<key> ---- */
 
@@ -454,6 +493,7 @@ struct dec_agent_self {
     char *default_intention_policy; /* DebugConfig.DefaultIntentionPolicy: "", allow or deny */
     char *acl_default_policy;       /* DebugConfig.ACLResolverSettings.ACLDefaultPolicy */
     int acls_enabled;               /* DebugConfig.ACLsEnabled: 1, 0, or -1 when absent */
+    char *member_addr;              /* Member.Addr: the agent's LAN advertise address */
 };
 
 /* Decodes the few fields connectd reads; every one is optional (older agents lack some). */

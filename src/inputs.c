@@ -50,6 +50,7 @@ struct inputs {
     char default_intention_policy[8]; /* agent config default_intention_policy */
     char self_acl_policy[8];          /* agent config acl.default_policy, from /v1/agent/self */
     int self_acls_enabled;            /* from /v1/agent/self: 1, 0, or -1 when unknown */
+    char agent_addr[64];              /* its Member.Addr (LAN advertise address); "" unknown */
     /* The mesh config entry's HTTP.Incoming.RequestNormalization: Consul's defaults until an
      * entry arrives, and again when the agent says there is none (404). */
     struct mesh_http_cfg mesh_http;
@@ -491,7 +492,11 @@ static void on_self(void *data, const struct agent_response *resp)
     }
     keep_policy(in->self_acl_policy, self.acl_default_policy);
     in->self_acls_enabled = self.acls_enabled;
+    int addr_changed = strcmp(in->agent_addr, self.member_addr) != 0;
+    snprintf(in->agent_addr, sizeof(in->agent_addr), "%s", self.member_addr);
     dec_agent_self_dispose(&self);
+    if (addr_changed)
+        tell(in, INPUTS_CHANGED); /* exposed check listeners admit the agent's address */
     apply_intentions(in);
 }
 
@@ -654,6 +659,11 @@ const char *inputs_trust_domain(const struct inputs *in)
 struct intent_table *inputs_intents(const struct inputs *in)
 {
     return in->intents;
+}
+
+const char *inputs_agent_addr(const struct inputs *in)
+{
+    return in->agent_addr;
 }
 
 struct limit_rates *inputs_rates(const struct inputs *in)

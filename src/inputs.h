@@ -80,6 +80,9 @@ const struct mesh_http_cfg *inputs_mesh_http(const struct inputs *in);
  * inputs keep their reference; take one to keep it.
  */
 struct limit_rates *inputs_rates(const struct inputs *in);
+
+/* The agent's LAN advertise address from /v1/agent/self (Member.Addr); "" while unknown. */
+const char *inputs_agent_addr(const struct inputs *in);
 /* Counts the changes of the intention table, for answers asked under an older one. */
 uint64_t inputs_intents_gen(const struct inputs *in);
 /* "waiting for ..." naming the first input that has not arrived, or NULL when all have. */

@@ -27,6 +27,28 @@
 #define CONNECTD_VERSION "0.1.0"
 #endif
 
+/* What Proxy.Expose does, for doc/config.md and the manual page (plain text, one paragraph). */
+static const char expose_doc[] =
+    "The registration's Proxy.Expose opens plain HTTP listeners, without TLS, beside the public "
+    "listener (on its address, bind_address or the registration's Address, else 0.0.0.0): "
+    "each Paths[] entry serves requests for exactly its Path (the query may vary; nothing "
+    "else, not even /path/ or an encoded form) on its ListenerPort, forwarded to the local "
+    "application's LocalPathPort on the local service address over HTTP/1.1 (Protocol http, "
+    "the default) or h2c (http2); callers may speak HTTP/1.1 or h2c. Every other request is "
+    "answered 404, counted in connectd_expose_refused_total{listener=\"expose:PORT\"} and "
+    "logged with the listener's name. With Checks: true the agent sends the parent service's "
+    "HTTP and gRPC health checks to a port it assigns each (ExposedPort, from "
+    "ports.expose_min_port..expose_max_port) on the proxy's address, and connectd serves "
+    "them there, to the LocalServicePort: an HTTP check's path as the agent's check output "
+    "names it, a gRPC check as /grpc.health.v1.Health/Check; as with Envoy, a check's listener "
+    "takes callers from this host (loopback or its own address) and the agent's advertise "
+    "address only. Exposed listeners are the one "
+    "place where connectd accepts callers without a mesh identity: no certificate, no "
+    "intention, no X-Forwarded-Client-Cert; expose only what anyone who can reach the "
+    "address may call. Their connections are capped at 256 over all of them and end after "
+    "30 s idle. Listeners follow the registration (and the checks) without a restart; a "
+    "bad entry is an error naming it, and the previous configuration stays in force.";
+
 /* The manual page; OPTIONS, ENVIRONMENT and CONFIGURATION KEYS come from the code's tables. */
 static void write_man(void)
 {
@@ -67,7 +89,9 @@ static void write_man(void)
            "known key with a bad value is an error naming it, and the previous "
            "configuration stays in force.\n");
     proxycfg_write_man(stdout);
-    printf(".SH SIGNALS\n"
+    printf(".SH EXPOSED PATHS\n");
+    util_fput_troff(stdout, expose_doc);
+    printf("\n.SH SIGNALS\n"
            ".TP\n.B SIGTERM\\fR, \\fBSIGINT\nClose the listeners, let open connections "
            "finish for up to \\fB\\-drain\\-timeout\\fR, then exit 0. A second signal stops "
            "at once.\n"
@@ -149,6 +173,7 @@ int main(int argc, char **argv)
                "Unknown keys are logged once and ignored; a known key with a bad value is an "
                "error naming it, and the previous configuration stays in force.\n\n");
         proxycfg_write_doc(stdout);
+        printf("\n## Exposed paths (Proxy.Expose)\n\n%s\n", expose_doc);
         config_dispose(&conf);
         return 0;
     }

@@ -492,6 +492,8 @@ static const char *reason_phrase(int status)
         return "Bad Request";
     case 403:
         return "Forbidden";
+    case 404:
+        return "Not Found";
     case 408:
         return "Request Timeout";
     case 417:
@@ -541,7 +543,8 @@ static const char *local_body(enum stream_result r)
     case STREAM_RES_RATE_LIMITED:
         return "local_rate_limited";
     case STREAM_RES_REDIRECT:
-    case STREAM_RES_NO_ROUTE: /* Envoy's route_not_found answer has no body */
+    case STREAM_RES_NO_ROUTE:  /* Envoy's route_not_found answer has no body */
+    case STREAM_RES_NOT_FOUND: /* Envoy's "route not found" has no body either */
         return "";
     default:
         return "bad request";
@@ -625,14 +628,14 @@ static void app_on_io(struct loop_io *io, unsigned events);
 static int connect_app(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    const struct proxy_cfg *c = &s->snap->cfg;
-    int unix_sock = c->local_socket_path[0] != '\0';
-    int fd = unix_sock ? sock_connect_unix(c->local_socket_path)
-                       : sock_connect(c->local_address, c->local_port);
+    struct session_app c;
+    session_app(s, &c);
+    int unix_sock = c.socket_path[0] != '\0';
+    int fd = unix_sock ? sock_connect_unix(c.socket_path) : sock_connect(c.address, c.port);
     if (unix_sock)
-        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c.socket_path);
     else
-        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c.address, c.port);
     if (fd < 0)
         return fd;
     memset(&s->end[1], 0, sizeof(s->end[1]));
@@ -675,10 +678,11 @@ static size_t forwarded_fields(struct session *s, struct http_header *extra)
     {                                                                                              \
         .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
     }
-    if (!m->outbound) {
+    /* An exposed listener's caller has no certificate: no XFCC, and it came over plain HTTP. */
+    if (!m->outbound && s->end[0].tls != NULL)
         EXTRA("X-Forwarded-Client-Cert", m->xfcc);
-        EXTRA("X-Forwarded-Proto", "https");
-    }
+    if (!m->outbound)
+        EXTRA("X-Forwarded-Proto", s->end[0].tls != NULL ? "https" : "http");
     /* Outbound, the upstream's sidecar generates a missing id (adding one here could take
      * a head of 100 fields over its limit). */
     if (!have_id && !m->outbound) {
@@ -1335,7 +1339,8 @@ static int open_stream(struct session *s, struct h2up_conn *c)
     const char *name = m->outbound ? s->up->cfg->destination_name : s->snap->cfg.service;
     struct h2_out_head hd = {
         .method = rq->method_name,
-        .scheme = m->outbound ? (struct http_slice){"http", 4} : (struct http_slice){"https", 5},
+        .scheme = m->outbound || s->end[0].tls == NULL ? (struct http_slice){"http", 4}
+                                                       : (struct http_slice){"https", 5},
         .authority = rq->host.len > 0 ? rq->host : (struct http_slice){name, strlen(name)},
         .path = rq->target_form == HTTP_TARGET_ABSOLUTE ? absolute_path(rq->target) : rq->target,
         .headers = f,
@@ -1369,11 +1374,12 @@ static int open_stream(struct session *s, struct h2up_conn *c)
 /* The address of the local application, for logs and records. */
 static void app_name(struct session *s)
 {
-    const struct proxy_cfg *c = &s->snap->cfg;
-    if (c->local_socket_path[0] != '\0')
-        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+    struct session_app c;
+    session_app(s, &c);
+    if (c.socket_path[0] != '\0')
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c.socket_path);
     else
-        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c.address, c.port);
 }
 
 /*
@@ -1385,14 +1391,16 @@ static void app_name(struct session *s)
 static struct h2up_conn *app_conn(struct session *s, int fresh, int *err)
 {
     const struct proxy_cfg *c = &s->snap->cfg;
-    char key[sizeof(c->local_socket_path) + 64];
+    struct session_app a;
+    session_app(s, &a);
+    char key[sizeof(s->ep_name) + 8];
     session_app_h2_key(s, key, sizeof(key));
     app_name(s);
     struct h2up_conn *hc = fresh ? NULL : h2up_find(s->host->h2up, key, NULL);
     if (hc != NULL)
         return hc;
-    int fd = c->local_socket_path[0] != '\0' ? sock_connect_unix(c->local_socket_path)
-                                             : sock_connect(c->local_address, c->local_port);
+    int fd = a.socket_path[0] != '\0' ? sock_connect_unix(a.socket_path)
+                                      : sock_connect(a.address, a.port);
     if (fd < 0) {
         *err = fd;
         return NULL;
@@ -2336,7 +2344,9 @@ static void mux_start(struct session *s)
     m->sess = s;
     /* The far side speaks HTTP/2 when the service (inbound) or the upstream is http2 or grpc:
      * an h2c application, or an HTTP/2 mesh hop. */
-    int far = m->outbound ? s->up->protocol : c->protocol;
+    struct session_app app;
+    session_app(s, &app);
+    int far = m->outbound ? s->up->protocol : app.protocol;
     m->h2 = far == PROTO_HTTP2 || far == PROTO_GRPC;
     m->rd_ok[0] = m->rd_ok[1] = 1;
     /* An event session.c already read for (the sniffed first bytes) is not one for us: it
@@ -2348,7 +2358,7 @@ static void mux_start(struct session *s)
     if (s->end[0].tls != NULL)
         tls_conn_set_read_ahead(s->end[0].tls);
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
-    if (!m->outbound)
+    if (!m->outbound && s->end[0].tls != NULL)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
     s->last_io_ms = loop_now_ms(s->host->loop);
     next_stream(s);

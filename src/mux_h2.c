@@ -441,7 +441,8 @@ static const char *local_text(enum stream_result r)
     case STREAM_RES_RATE_LIMITED:
         return "local_rate_limited";
     case STREAM_RES_REDIRECT:
-    case STREAM_RES_NO_ROUTE: /* Envoy's route_not_found answer has no body */
+    case STREAM_RES_NO_ROUTE:  /* Envoy's route_not_found answer has no body */
+    case STREAM_RES_NOT_FOUND: /* Envoy's "route not found" has no body either */
         return "";
     default:
         return "bad request";
@@ -600,14 +601,14 @@ static struct h1leg *leg_new(const struct h2_head *hd, struct http_slice target,
 static void leg_open(struct session *s, struct h2s *x, const struct h2_head *hd,
                      struct http_slice target, const struct http_header *f, size_t nf)
 {
-    const struct proxy_cfg *c = &s->snap->cfg;
-    int unix_sock = c->local_socket_path[0] != '\0';
-    int fd = unix_sock ? sock_connect_unix(c->local_socket_path)
-                       : sock_connect(c->local_address, c->local_port);
+    struct session_app c;
+    session_app(s, &c);
+    int unix_sock = c.socket_path[0] != '\0';
+    int fd = unix_sock ? sock_connect_unix(c.socket_path) : sock_connect(c.address, c.port);
     if (unix_sock)
-        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c->local_socket_path);
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c.socket_path);
     else
-        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c->local_address, c->local_port);
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c.address, c.port);
     if (fd < 0) {
         char why[400];
         snprintf(why, sizeof(why), "connect %s: %s", s->ep_name, util_strerror(fd));
@@ -1038,8 +1039,10 @@ static struct h2up_conn *app_conn(struct session *s, char *why, size_t len)
     struct h2up_conn *hc = h2up_find(s->host->h2up, key, NULL);
     if (hc != NULL)
         return hc;
-    int fd = c->local_socket_path[0] != '\0' ? sock_connect_unix(c->local_socket_path)
-                                             : sock_connect(c->local_address, c->local_port);
+    struct session_app a;
+    session_app(s, &a);
+    int fd = a.socket_path[0] != '\0' ? sock_connect_unix(a.socket_path)
+                                      : sock_connect(a.address, a.port);
     if (fd < 0) {
         snprintf(why, len, "connect %s: %s", s->ep_name, util_strerror(fd));
         return NULL;
@@ -1304,7 +1307,9 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         goto out;
     }
     set_why(x, why);
-    if (s->snap->cfg.protocol == PROTO_HTTP && connect) {
+    struct session_app app;
+    session_app(s, &app);
+    if (app.protocol == PROTO_HTTP && connect) {
         local_answer(s, x, STREAM_RES_BAD_RESPONSE,
                      "CONNECT over HTTP/2 to an http service is not translated to HTTP/1.1", t);
         goto out;
@@ -1322,15 +1327,20 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         else if (name_is(nm, "x-request-id"))
             kept_id = 1;
     }
-    f[nf++] = (struct http_header){.name = {"x-forwarded-client-cert", 23},
-                                   .value = {m->xfcc, strlen(m->xfcc)}};
-    f[nf++] = (struct http_header){.name = {"x-forwarded-proto", 17}, .value = {"https", 5}};
+    /* An exposed listener's caller has no certificate: no XFCC, and it came over h2c. */
+    if (s->end[0].tls != NULL) {
+        f[nf++] = (struct http_header){.name = {"x-forwarded-client-cert", 23},
+                                       .value = {m->xfcc, strlen(m->xfcc)}};
+        f[nf++] = (struct http_header){.name = {"x-forwarded-proto", 17}, .value = {"https", 5}};
+    } else {
+        f[nf++] = (struct http_header){.name = {"x-forwarded-proto", 17}, .value = {"http", 4}};
+    }
     if (!have_id) {
         stream_new_request_id(&x->st);
         f[nf++] = (struct http_header){.name = {"x-request-id", 12},
                                        .value = {x->st.request_id, strlen(x->st.request_id)}};
     }
-    if (s->snap->cfg.protocol == PROTO_HTTP) {
+    if (app.protocol == PROTO_HTTP) {
         leg_open(s, x, hd, t, f, nf);
         goto out;
     }
@@ -2093,7 +2103,7 @@ static void mux_start(struct session *s)
     /* end[0] gets the codec's own callback (see down_io). */
     loop_io_want(s->host->loop, &s->end[0].io, 0);
     loop_io_init(&s->end[0].io, s->end[0].fd, down_io, s);
-    if (!m->outbound)
+    if (!m->outbound && s->end[0].tls != NULL)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
     struct h2_limits lim = {.max_header_list_bytes = c->max_request_headers_kb * 1024u};
     m->down = h2_session_new(H2_SERVER, &lim, &down_cb, s);

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 enum key_scope {
     SCOPE_PROXY = 1,
@@ -849,6 +850,85 @@ static void upstream_dispose(struct upstream_cfg *u)
     free(u->bind_socket_path);
 }
 
+int proxycfg_expose_path_valid(const char *path, size_t len)
+{
+    if (len == 0 || len > DEC_EXPOSE_PATH_MAX || path[0] != '/')
+        return 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)path[i];
+        if (ch <= 0x20 || ch >= 0x7f || ch == '?' || ch == '#')
+            return 0;
+    }
+    return 1;
+}
+
+/* Whether listeners on <a>:<port> and <b>:<port> would collide (same or a wildcard address). */
+static int same_bind(const char *a, const char *b)
+{
+    return strcmp(a, b) == 0 || strcmp(a, "0.0.0.0") == 0 || strcmp(b, "0.0.0.0") == 0 ||
+           strcmp(a, "::") == 0 || strcmp(b, "::") == 0;
+}
+
+/*
+ * Proxy.Expose into <out>: every path checked (as Consul validates them, and stricter: a port
+ * of 0 and a path a request could not match byte for byte are errors here). Paths that share a
+ * ListenerPort share its listener, so they must agree on LocalPathPort and Protocol (Consul
+ * refuses shared ports altogether).
+ */
+static int build_expose(const struct dec_service *svc, struct proxy_cfg *out, char *err,
+                        size_t errlen)
+{
+    out->expose_checks = svc->expose_checks;
+    out->expose_paths = xcalloc(svc->n_expose_paths, sizeof(*out->expose_paths));
+    for (size_t i = 0; i < svc->n_expose_paths; i++) {
+        const struct dec_expose_path *d = &svc->expose_paths[i];
+        struct expose_path *e = &out->expose_paths[i];
+        int proto = strcasecmp(d->protocol, "http2") == 0                            ? PROTO_HTTP2
+                    : d->protocol[0] == '\0' || strcasecmp(d->protocol, "http") == 0 ? PROTO_HTTP
+                                                                                     : -1;
+        if (proto < 0)
+            return fail(err, errlen,
+                        "Proxy.Expose.Paths[%zu].Protocol \"%s\" is not \"http\" or \"http2\"", i,
+                        d->protocol);
+        if (!proxycfg_expose_path_valid(d->path, strlen(d->path)))
+            return fail(err, errlen,
+                        "Proxy.Expose.Paths[%zu].Path \"%s\" must begin with / and have no query, "
+                        "fragment, space or control character",
+                        i, d->path);
+        if (d->listener_port == 0 || d->local_path_port == 0)
+            return fail(err, errlen, "Proxy.Expose.Paths[%zu]: %s must be set (1-65535)", i,
+                        d->listener_port == 0 ? "ListenerPort" : "LocalPathPort");
+        if (out->bind_port == d->listener_port)
+            return fail(err, errlen,
+                        "Proxy.Expose.Paths[%zu].ListenerPort %d is the proxy's public port", i,
+                        d->listener_port);
+        for (size_t j = 0; j < out->n_upstreams; j++) {
+            const struct upstream_cfg *u = &out->upstreams[j];
+            if (u->bind_socket_path[0] == '\0' && u->bind_port == d->listener_port &&
+                same_bind(u->bind_address, out->bind_address))
+                return fail(err, errlen,
+                            "Proxy.Expose.Paths[%zu].ListenerPort %d is also upstream \"%s\"'s "
+                            "port",
+                            i, d->listener_port, u->destination_name);
+        }
+        for (size_t j = 0; j < i; j++) {
+            const struct expose_path *o = &out->expose_paths[j];
+            if (o->listener_port == d->listener_port &&
+                (o->local_path_port != d->local_path_port || o->protocol != proto))
+                return fail(err, errlen,
+                            "Proxy.Expose.Paths[%zu] and [%zu] share ListenerPort %d but not "
+                            "LocalPathPort and Protocol",
+                            j, i, d->listener_port);
+        }
+        e->listener_port = d->listener_port;
+        e->local_path_port = d->local_path_port;
+        e->protocol = proto;
+        e->path = xstrdup(d->path);
+        out->n_expose_paths++;
+    }
+    return 0;
+}
+
 int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *err, size_t errlen)
 {
     int rc;
@@ -939,6 +1019,7 @@ int proxycfg_build(const struct dec_service *svc, struct proxy_cfg *out, char *e
             }
         }
     }
+    rc = build_expose(svc, out, err, errlen);
 out:
     if (rc == 0 && out->n_unwarned > 0)
         warn(out, xasprintf("%zu more unknown keys ignored (only the first %d are named)",
@@ -1047,6 +1128,9 @@ void proxycfg_dispose(struct proxy_cfg *c)
     for (size_t i = 0; i < c->n_upstreams; i++)
         upstream_dispose(&c->upstreams[i]);
     free(c->upstreams);
+    for (size_t i = 0; i < c->n_expose_paths; i++)
+        free(c->expose_paths[i].path);
+    free(c->expose_paths);
     for (size_t i = 0; i < c->n_warnings; i++)
         free(c->warnings[i]);
     free(c->warnings);
@@ -1085,6 +1169,11 @@ void proxycfg_copy(struct proxy_cfg *dst, const struct proxy_cfg *src)
         d->datacenter = xstrdup(s->datacenter);
         d->bind_address = xstrdup(s->bind_address);
         d->bind_socket_path = xstrdup(s->bind_socket_path);
+    }
+    dst->expose_paths = xcalloc(src->n_expose_paths, sizeof(*dst->expose_paths));
+    for (size_t i = 0; i < src->n_expose_paths; i++) {
+        dst->expose_paths[i] = src->expose_paths[i];
+        dst->expose_paths[i].path = xstrdup(src->expose_paths[i].path);
     }
     /* Warnings are for the control thread's logs only. */
     dst->warnings = NULL;

@@ -57,6 +57,26 @@ struct upstream_cfg {
     int protocol_set; /* Config.protocol was given (not ""): it overrides the chain's */
 };
 
+/*
+ * One exposed path (Proxy.Expose.Paths[], or a health check of the parent service when
+ * Expose.Checks is set): requests for exactly <path> on the plain listener <listener_port> go
+ * to the local application's <local_path_port>, over HTTP/1.1 (PROTO_HTTP) or h2c
+ * (PROTO_HTTP2).
+ */
+struct expose_path {
+    int listener_port;   /* 1..65535 */
+    int local_path_port; /* 1..65535 */
+    char *path;          /* see proxycfg_expose_path_valid() */
+    int protocol;        /* PROTO_HTTP or PROTO_HTTP2 */
+};
+
+/*
+ * Whether <path> (<len> bytes) may be exposed: it begins with '/' and has no query or
+ * fragment ('?', '#'), no space, control or non-ASCII byte, and at most DEC_EXPOSE_PATH_MAX
+ * bytes. Requests are matched against it byte for byte.
+ */
+int proxycfg_expose_path_valid(const char *path, size_t len);
+
 struct proxy_cfg {
     char *proxy_id;
     char *service;    /* Proxy.DestinationServiceName: the identity we present */
@@ -95,6 +115,12 @@ struct proxy_cfg {
     uint32_t local_request_timeout_ms;
     struct upstream_cfg *upstreams;
     size_t n_upstreams;
+    /* Proxy.Expose: the paths served without mTLS on plain listeners of bind_address, and
+     * whether the parent service's HTTP and gRPC checks are exposed too (control.c adds
+     * those paths from the agent's checks). */
+    struct expose_path *expose_paths;
+    size_t n_expose_paths;
+    int expose_checks;
     /* Things to warn about once: keys no table knows. At most PROXYCFG_MAX_WARNINGS of them,
      * then one more line that counts the rest. */
     char **warnings;

@@ -7,8 +7,11 @@
  *   outbound: ACCEPTED -> PICK_ENDPOINT -> CONNECT -> TLS_HANDSHAKE -> VERIFY_PEER -> RELAY -> DONE
  *                             ^------- next endpoint on connect/handshake/identity failure ---'
  *             '--- upstream protocol http/http2/grpc ---> HTTP (mux_h1) --(per dial)-->
- * PICK_ENDPOINT ... VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request) any
- * state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door out)
+ * PICK_ENDPOINT ... VERIFY_PEER --> HTTP, or no endpoint left --> HTTP (a 503 to that request)
+ *   exposed:  ACCEPTED -> HTTP (plain, no caller; mux_h1 | mux_h2 by the first bytes; the
+ *             listener's paths instead of the intentions, 404 else) -> DONE
+ * any state -> DONE on error, timeout, deny or shutdown (through session_finish(), the one door
+ * out)
  *
  * A session has two ends: end[0] is the accepted connection, end[1] the one we dial (the local
  * application inbound, the upstream endpoint outbound). Exactly one end speaks TLS. AUTHORIZE
@@ -162,6 +165,7 @@ void session_alog_rec(struct session *s, struct alog_rec *r, struct session_alog
         .local_addr = t->local[0] ? t->local : NULL,
         .remote_addr = s->peer,
         .alpn = t->alpn[0] ? t->alpn : NULL,
+        .listener = s->expose != NULL ? s->expose->name : NULL,
         .conn = s->id,
         .worker = s->host->index,
     };
@@ -393,6 +397,8 @@ static void count_decision(struct session_host *h, const char *name, int allow)
 
 void session_count_request_decision(struct session *s, int allow)
 {
+    if (s->caller_service == NULL)
+        return; /* an exposed listener's caller: no service to count it for */
     struct session_source_stats *src = source_stats(s->host, s->caller_service);
     if (allow)
         STAT_ADD(src->req_allow, 1);
@@ -826,6 +832,9 @@ static void authorize(struct session *s)
 
 uint32_t session_idle_timeout_ms(const struct session *s)
 {
+    if (s->expose != NULL && (s->snap->cfg.idle_timeout_ms == 0 ||
+                              s->snap->cfg.idle_timeout_ms > SESSION_EXPOSE_IDLE_MS))
+        return SESSION_EXPOSE_IDLE_MS; /* no identity: not held open for ever */
     return s->inbound ? s->snap->cfg.idle_timeout_ms : s->up->cfg->idle_timeout_ms;
 }
 
@@ -991,17 +1000,27 @@ static const char *h2_key(struct session *s)
     return m->key;
 }
 
-void session_app_h2_key(const struct session *s, char *key, size_t len)
+void session_app(const struct session *s, struct session_app *out)
 {
     const struct proxy_cfg *c = &s->snap->cfg;
+    out->address = c->local_address;
+    out->port = s->expose != NULL ? s->expose->local_port : c->local_port;
+    out->socket_path = s->expose != NULL ? "" : c->local_socket_path;
+    out->protocol = s->expose != NULL ? s->expose->protocol : c->protocol;
+}
+
+void session_app_h2_key(const struct session *s, char *key, size_t len)
+{
+    struct session_app a;
+    session_app(s, &a);
     /* The codec is about to use the shared connection under this key: the sweep that drains
      * connections a new snapshot no longer fits must run. */
     if (!loop_timer_armed(&s->host->upool_sweep))
         loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
-    if (c->local_socket_path[0] != '\0')
-        snprintf(key, len, "app|unix:%s", c->local_socket_path);
+    if (a.socket_path[0] != '\0')
+        snprintf(key, len, "app|unix:%s", a.socket_path);
     else
-        snprintf(key, len, "app|%s:%d", c->local_address, c->local_port);
+        snprintf(key, len, "app|%s:%d", a.address, a.port);
 }
 
 /*
@@ -1035,7 +1054,16 @@ static int h2_stale(const char *key, const struct tls_ctx *tls, void *arg)
             snprintf(name, sizeof(name), "app|unix:%s", c->local_socket_path);
         else
             snprintf(name, sizeof(name), "app|%s:%d", c->local_address, c->local_port);
-        return tls != NULL || strcmp(key, name) != 0;
+        if (tls == NULL && strcmp(key, name) == 0)
+            return 0;
+        /* An exposed http2 path's application port. */
+        for (size_t i = 0; h->snap->exposes != NULL && i < h->snap->exposes->n; i++) {
+            const struct snap_expose *e = &h->snap->exposes->v[i];
+            snprintf(name, sizeof(name), "app|%s:%d", c->local_address, e->local_port);
+            if (tls == NULL && e->protocol == PROTO_HTTP2 && strcmp(key, name) == 0)
+                return 0;
+        }
+        return 1;
     }
     if (tls != h->snap->tls)
         return 1;
@@ -2208,6 +2236,41 @@ void session_start_inbound(struct session_host *h, int fd, const char *peer)
     advance(s);
 }
 
+void session_start_exposed(struct session_host *h, int fd, const char *peer, int port)
+{
+    static const struct limit_cfg cap = {.max_connections = SESSION_EXPOSE_MAX_CONNECTIONS};
+    const struct snap_expose *e = snapshot_expose(h->snap, port);
+    char name[32];
+    snprintf(name, sizeof(name), "expose:%d", port);
+    if (e == NULL) {
+        refuse(h, fd, peer, name, "the exposed listener is no longer configured");
+        return;
+    }
+    char source[64], local[64] = "", local_addr[64];
+    peer_source(peer, source, sizeof(source));
+    sock_local_name(fd, local, sizeof(local));
+    peer_source(local, local_addr, sizeof(local_addr));
+    if (!snap_expose_source_ok(h->snap->exposes, e, source, local_addr)) {
+        refuse(h, fd, peer, name, "a check listener takes callers from this host and the agent");
+        return;
+    }
+    struct limit_state *l = h->snap->exposes->limit;
+    if (admit(h, fd, peer, name, l, &cap, "the exposed listeners' connection cap") != 0)
+        return;
+    if (limit_fds_over_reserve(fd)) {
+        /* Callers without an identity never take the descriptors kept for the mesh. */
+        limit_release(l);
+        STAT_ADD(h->stats->counters.refused_descriptors, 1);
+        refuse(h, fd, peer, name, "descriptor in the reserve kept for outbound connections");
+        return;
+    }
+    struct session *s = session_new(h, fd, peer, 1, l, e->name);
+    s->expose = e;
+    /* Plain HTTP/1.1 or h2c (prior knowledge, as the agent's gRPC checks speak), by the
+     * caller's first bytes. */
+    start_sniff(s);
+}
+
 void session_start_outbound(struct session_host *h, int fd, const char *peer,
                             const char *upstream_key)
 {
@@ -2252,7 +2315,8 @@ size_t session_reauthorize_all(struct session_host *h)
     struct session *s = h->sessions, *next;
     for (; s != NULL; s = next) {
         next = s->next;
-        if (!s->inbound ||
+        /* An exposed listener's sessions have no caller to decide about. */
+        if (!s->inbound || s->expose != NULL ||
             (s->state != S_CONNECT_LOCAL && s->state != S_RELAY && s->state != S_HTTP))
             continue;
         /* The trust domain is ours to check in both modes (the agent is not asked about it). */

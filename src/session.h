@@ -134,6 +134,7 @@ struct session_listener_stats {
     atomic_uint_fast64_t requests[6];
     atomic_uint_fast64_t duration_buckets[SESSION_DURATION_BUCKETS + 1];
     atomic_uint_fast64_t duration_sum_ms;
+    atomic_uint_fast64_t expose_refused; /* an exposed listener: requests answered 404 */
 };
 
 /* Authorization decisions per source service; past the cap they go to <other_source>. */
@@ -250,6 +251,23 @@ void session_host_free_buffers(struct session_host *h);
  * finish.
  */
 void session_start_inbound(struct session_host *h, int fd, const char *peer);
+
+/*
+ * Bounds of the exposed listeners (Proxy.Expose), whose callers have no mesh identity: their
+ * open connections over all workers and listeners, and how long one may stay idle when
+ * local_idle_timeout_ms sets no shorter bound.
+ */
+#define SESSION_EXPOSE_MAX_CONNECTIONS 256
+#define SESSION_EXPOSE_IDLE_MS         30000
+
+/*
+ * Starts a session of the exposed listener on <port> (plain, no TLS, no caller identity): an
+ * HTTP/1.1 or HTTP/2 (h2c) codec by the first bytes, each request checked against the
+ * listener's paths (stream_authorize). The descriptor reserve and
+ * SESSION_EXPOSE_MAX_CONNECTIONS are checked first, as session_start_inbound() checks its
+ * limits. Same ownership of <fd>.
+ */
+void session_start_exposed(struct session_host *h, int fd, const char *peer, int port);
 
 /* Starts an outbound session for the upstream with key <upstream_key>. Same ownership and
  * the same admission check against that upstream's limits. */

@@ -146,6 +146,8 @@ struct session {
      * it names stay valid and unique. */
     struct session_h2memo *h2memo;
     struct session_listener_stats *lstat; /* in host->stats; never NULL */
+    /* An exposed listener's session (inbound, plain, no caller): its listener in <snap>. */
+    const struct snap_expose *expose;
 };
 
 #define STAT_ADD(field, n) atomic_fetch_add_explicit(&(field), (n), memory_order_relaxed)
@@ -241,6 +243,20 @@ void session_outlier_report(struct session *s, int failed);
 /* Outbound L7: 1 when the endpoint of end[1] (s->tgt, s->ep) is ejected now, so the next
  * request should not ride its kept-alive connection (unless every endpoint of its target is). */
 int session_endpoint_ejected(struct session *s);
+/*
+ * Where an inbound session reaches the local application: the registration's local service
+ * (an address and port, or a unix socket path), or for an exposed listener's session that
+ * listener's LocalPathPort on the local service address; and what the application speaks
+ * there (enum proxycfg_protocol: the service's protocol, or the exposed path's).
+ */
+struct session_app {
+    const char *address;
+    int port;
+    const char *socket_path; /* "" = address:port */
+    int protocol;
+};
+void session_app(const struct session *s, struct session_app *out);
+
 /* The key of the worker's shared h2c connection to the local application ("app|<address>"),
  * for the snapshot <s> started with; keeps the worker's pool sweep running, which drains such
  * connections once the snapshot names another address. */

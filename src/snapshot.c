@@ -153,12 +153,88 @@ void snapshot_unref(struct snapshot *s)
     }
     limit_state_unref(s->inbound_limit);
     limit_rates_unref(s->rates);
+    snap_exposes_unref(s->exposes);
     free(s->upstreams);
     intent_table_unref(s->intents);
     tls_ctx_unref(s->tls);
     free(s->trust_domain);
     proxycfg_dispose(&s->cfg);
     free(s);
+}
+
+struct snap_exposes *snap_exposes_new(struct snap_expose *v, size_t n, struct limit_state *limit)
+{
+    struct snap_exposes *x = xcalloc(1, sizeof(*x));
+    atomic_init(&x->refs, 1);
+    x->v = v;
+    x->n = n;
+    x->limit = limit_state_ref(limit);
+    return x;
+}
+
+struct snap_exposes *snap_exposes_ref(struct snap_exposes *x)
+{
+    atomic_fetch_add_explicit(&x->refs, 1, memory_order_relaxed);
+    return x;
+}
+
+void snap_exposes_unref(struct snap_exposes *x)
+{
+    if (x == NULL || atomic_fetch_sub_explicit(&x->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    for (size_t i = 0; i < x->n; i++) {
+        for (size_t j = 0; j < x->v[i].n_paths; j++)
+            free(x->v[i].paths[j]);
+        free(x->v[i].paths);
+    }
+    free(x->v);
+    limit_state_unref(x->limit);
+    free(x);
+}
+
+/* <a> without an IPv4-mapped IPv6 prefix. */
+static const char *unmapped(const char *a)
+{
+    return strncasecmp(a, "::ffff:", 7) == 0 && strchr(a + 7, '.') != NULL ? a + 7 : a;
+}
+
+int snap_expose_source_ok(const struct snap_exposes *x, const struct snap_expose *e,
+                          const char *source, const char *local)
+{
+    if (!e->from_checks)
+        return 1;
+    source = unmapped(source);
+    if (strncmp(source, "127.", 4) == 0 || strcmp(source, "::1") == 0)
+        return 1;
+    if (source[0] == '\0')
+        return 0;
+    return strcmp(source, unmapped(local)) == 0 ||
+           (x->agent_addr[0] != '\0' && strcmp(source, unmapped(x->agent_addr)) == 0);
+}
+
+int snap_exposes_equal(const struct snap_exposes *a, const struct snap_exposes *b)
+{
+    size_t na = a != NULL ? a->n : 0, nb = b != NULL ? b->n : 0;
+    if (na != nb)
+        return 0;
+    for (size_t i = 0; i < na; i++) {
+        const struct snap_expose *p = &a->v[i], *q = &b->v[i];
+        if (p->port != q->port || p->local_port != q->local_port || p->protocol != q->protocol ||
+            p->from_checks != q->from_checks || p->n_paths != q->n_paths)
+            return 0;
+        for (size_t j = 0; j < p->n_paths; j++)
+            if (strcmp(p->paths[j], q->paths[j]) != 0)
+                return 0;
+    }
+    return 1;
+}
+
+const struct snap_expose *snapshot_expose(const struct snapshot *s, int port)
+{
+    for (size_t i = 0; s->exposes != NULL && i < s->exposes->n; i++)
+        if (s->exposes->v[i].port == port)
+            return &s->exposes->v[i];
+    return NULL;
 }
 
 const struct snap_upstream *snapshot_upstream(const struct snapshot *s, const char *key)

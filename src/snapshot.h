@@ -80,6 +80,50 @@ struct snap_upstream {
     struct route_table *routes;
 };
 
+/*
+ * One exposed listener (Proxy.Expose): a plain listener, no TLS and no caller identity, on the
+ * public listener's address and <port>. A request whose path (without its query) is exactly
+ * one of <paths> goes to the local application's <local_port> on the local service address,
+ * over HTTP/1.1 (PROTO_HTTP) or h2c (PROTO_HTTP2); anything else is answered 404.
+ */
+struct snap_expose {
+    int port;
+    int local_port;
+    int protocol;
+    int from_checks; /* its paths are the parent service's health checks (Expose.Checks) */
+    char name[24];   /* "expose:<port>": the listener's name in logs, /metrics, access log */
+    char **paths;
+    size_t n_paths;
+};
+
+/* The exposed listeners of a configuration; immutable, shared by reference. */
+struct snap_exposes {
+    atomic_uint refs;
+    struct snap_expose *v;
+    size_t n;
+    struct limit_state *limit; /* admission of every exposed listener's connections */
+    char agent_addr[64];       /* the agent's LAN advertise address; "" unknown */
+};
+
+/* Takes ownership of <v> (each entry's <paths> too) and a new reference to <limit>. */
+struct snap_exposes *snap_exposes_new(struct snap_expose *v, size_t n, struct limit_state *limit);
+struct snap_exposes *snap_exposes_ref(struct snap_exposes *x);
+/* NULL is ignored. */
+void snap_exposes_unref(struct snap_exposes *x);
+/*
+ * Whether a caller from address <source> may use exposed listener <e> of <x>, whose accepted
+ * connection has the local address <local> (addresses without ports; IPv4-mapped IPv6 is
+ * read as IPv4). An Expose.Paths listener takes anyone; a check listener (from_checks) only
+ * this host and the agent, as Envoy's exposed check listeners do: 127.0.0.0/8, ::1, the
+ * connection's own local address (a caller on this host reaching a non-loopback address
+ * comes from it), and the agent's advertise address.
+ */
+int snap_expose_source_ok(const struct snap_exposes *x, const struct snap_expose *e,
+                          const char *source, const char *local);
+
+/* Whether <a> and <b> (either may be NULL: none) list the same listeners and paths. */
+int snap_exposes_equal(const struct snap_exposes *a, const struct snap_exposes *b);
+
 struct snapshot {
     atomic_uint refs;
     uint64_t generation;
@@ -93,6 +137,9 @@ struct snapshot {
     /* Inbound request rate limits (service-defaults RateLimits); NULL = none. One reference,
      * set by the control thread after snapshot_new(); its buckets outlive the snapshot. */
     struct limit_rates *rates;
+    /* The exposed listeners (Proxy.Expose); NULL = none. One reference, set by the control
+     * thread after snapshot_new(). */
+    struct snap_exposes *exposes;
 };
 
 /*
@@ -132,6 +179,9 @@ void snapshot_unref(struct snapshot *s);
  * connection would be decided the same way under <next>.
  */
 const char *snapshot_inbound_change(const struct snapshot *prev, const struct snapshot *next);
+
+/* The exposed listener on <port>, or NULL. */
+const struct snap_expose *snapshot_expose(const struct snapshot *s, int port);
 
 /* The upstream whose key is <key>, or NULL. */
 const struct snap_upstream *snapshot_upstream(const struct snapshot *s, const char *key);

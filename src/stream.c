@@ -55,6 +55,8 @@ enum stream_result stream_verdict_result(enum stream_verdict v)
         return STREAM_RES_REDIRECT;
     case STREAM_RATE_LIMITED:
         return STREAM_RES_RATE_LIMITED;
+    case STREAM_NOT_FOUND:
+        return STREAM_RES_NOT_FOUND;
     default:
         return STREAM_RES_BAD_REQUEST;
     }
@@ -125,10 +127,38 @@ void stream_new_request_id(struct stream *st)
     *o = '\0';
 }
 
+/* An exposed listener's allowlist (see stream_authorize()). */
+static enum stream_verdict expose_allow(struct session *s, struct stream *st,
+                                        const struct stream_req *rq, char *out, size_t cap,
+                                        size_t *out_len, char *why, size_t len)
+{
+    const struct snap_expose *e = snapshot_expose(s->host->snap, s->expose->port);
+    size_t n = rq->target.len < cap ? rq->target.len : cap;
+    if (n > 0)
+        memcpy(out, rq->target.p, n);
+    *out_len = n;
+    copy_slice(st->path, sizeof(st->path), (struct http_slice){out, n});
+    size_t plen = 0;
+    while (plen < rq->target.len && rq->target.p[plen] != '?')
+        plen++;
+    for (size_t i = 0; rq->origin && e != NULL && i < e->n_paths; i++) {
+        if (strlen(e->paths[i]) == plen && memcmp(e->paths[i], rq->target.p, plen) == 0) {
+            if (len > 0)
+                why[0] = '\0';
+            return STREAM_ALLOW;
+        }
+    }
+    STAT_ADD(s->lstat->expose_refused, 1);
+    snprintf(why, len, "%s exposes no such path", s->expose->name);
+    return STREAM_NOT_FOUND;
+}
+
 enum stream_verdict stream_authorize(struct session *s, struct stream *st, struct stream_req *rq,
                                      char *out, size_t cap, size_t *out_len, char *why, size_t len)
 {
     const struct snapshot *now = s->host->snap;
+    if (s->expose != NULL)
+        return expose_allow(s, st, rq, out, cap, out_len, why, len);
     struct http_slice path = rq->target;
     int redirect = 0;
     if (rq->origin) {

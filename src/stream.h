@@ -34,6 +34,7 @@ struct session;
     X(REDIRECT, "redirect", 307)         /* UNESCAPE_AND_REDIRECT: to the unescaped path */        \
     X(RATE_LIMITED, "rate_limited", 429) /* service-defaults RateLimits.InstanceLevel */           \
     X(NO_ROUTE, "no_route", 404)         /* outbound: no route of the upstream's chain matched */  \
+    X(NOT_FOUND, "not_found", 404)       /* an exposed listener: not one of its paths */           \
     X(LOCAL_CONNECT_ERROR, "local_connect_error", 503) /* the application refused or timed out */  \
     X(UPSTREAM_CONNECT_ERROR, "upstream_connect_error", 503) /* outbound: no endpoint answered */  \
     X(UPSTREAM_OVERFLOW, "upstream_overflow",                                                      \
@@ -110,6 +111,7 @@ enum stream_verdict {
     STREAM_REFUSE,       /* 400: request normalization refuses it */
     STREAM_REDIRECT,     /* 307 to the normalized target (PathWithEscapedSlashesAction) */
     STREAM_RATE_LIMITED, /* 429: over the service's instance-level rate limit */
+    STREAM_NOT_FOUND,    /* 404: an exposed listener's request for a path it does not expose */
 };
 
 /* The result a mux answers a verdict other than STREAM_ALLOW with. */
@@ -132,6 +134,12 @@ enum stream_result stream_verdict_result(enum stream_verdict v);
  * A request allowed so far then takes a token from the service's rate limits (snapshot
  * rates, shared by every worker) for its normalized path: none left is STREAM_RATE_LIMITED.
  * A denied or refused request takes none.
+ *
+ * A session of an exposed listener (s->expose) has no caller identity: the listener's path
+ * list in the worker's current snapshot stands in for the intentions. A request in origin
+ * form whose path (without the query) is exactly one of them is STREAM_ALLOW, forwarded as
+ * sent (no normalization: the path already equals one the operator wrote); anything else is
+ * STREAM_NOT_FOUND, counted in the listener's expose_refused. No rate limit applies.
  */
 enum stream_verdict stream_authorize(struct session *s, struct stream *st, struct stream_req *rq,
                                      char *out, size_t cap, size_t *out_len, char *why, size_t len);

@@ -46,6 +46,7 @@ struct listener_sum {
     int inbound;
     uint64_t active, total, bytes_in, bytes_out, connect_errors;
     uint64_t requests[6], duration[SESSION_DURATION_BUCKETS + 1], duration_sum_ms;
+    uint64_t expose_refused;
 };
 
 static void sum_listener(struct listener_sum **v, size_t *n, const struct session_listener_stats *l)
@@ -69,6 +70,13 @@ static void sum_listener(struct listener_sum **v, size_t *n, const struct sessio
     for (int k = 0; k <= SESSION_DURATION_BUCKETS; k++)
         s->duration[k] += load(&l->duration_buckets[k]);
     s->duration_sum_ms += load(&l->duration_sum_ms);
+    s->expose_refused += load(&l->expose_refused);
+}
+
+/* An exposed listener's stats go by its own name ("expose:<port>"). */
+static int exposed(const struct listener_sum *l)
+{
+    return l->inbound && strncmp(l->name, "expose:", 7) == 0;
 }
 
 struct source_sum {
@@ -115,7 +123,7 @@ static void sample(struct admin_buf *b, const char *name, const char *label, con
 static void listener_label_open(struct admin_buf *b, const char *name, const struct listener_sum *l)
 {
     admin_buf_printf(b, "connectd_%s{listener=", name);
-    admin_buf_label(b, l->inbound ? "public" : "upstream");
+    admin_buf_label(b, exposed(l) ? l->name : l->inbound ? "public" : "upstream");
     if (!l->inbound) {
         admin_buf_add(b, ",upstream=", 10);
         admin_buf_label(b, l->name);
@@ -375,6 +383,16 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
             memcpy(&v, (const char *)&ls[i] + per_listener[m].off, sizeof(v));
             admin_buf_printf(b, " %llu\n", (unsigned long long)v);
         }
+    }
+
+    metric_head(b, "expose_refused_total", "counter",
+                "Requests an exposed listener (Proxy.Expose, no mesh identity) answered 404: "
+                "not one of its paths.");
+    for (size_t i = 0; i < nl; i++) {
+        if (!exposed(&ls[i]))
+            continue;
+        listener_label(b, "expose_refused_total", &ls[i]);
+        admin_buf_printf(b, " %llu\n", (unsigned long long)ls[i].expose_refused);
     }
 
     metric_head(b, "handshake_failures_total", "counter",

@@ -34,17 +34,19 @@
 struct listener {
     struct listener *next;
     struct worker *w;
-    char *key;         /* "public" or the upstream key */
+    char *key;         /* "public", the upstream key, or an exposed listener's name */
     char *addr;        /* IP address, or the socket path of a unix listener */
     int port;          /* -1 for a unix listener */
     int mode;          /* unix listener: file mode, -1 = SOCK_UNIX_DEFAULT_MODE */
     unsigned long ino; /* unix listener: the socket file we created */
-    int inbound;
+    int inbound;       /* 1: the public listener; LISTENER_EXPOSED: an exposed one; 0: upstream */
     int fd;
     struct loop_io io;
     struct loop_timer pause; /* re-enables accepting after running out of descriptors */
     struct loop_defer reap;  /* frees the listener after the dispatch round that closed it */
 };
+
+#define LISTENER_EXPOSED 2
 
 struct worker {
     unsigned index;
@@ -120,7 +122,9 @@ static void on_accept(struct loop_io *io, unsigned events)
                      util_strerror(fd));
             return;
         }
-        if (l->inbound)
+        if (l->inbound == LISTENER_EXPOSED)
+            session_start_exposed(&w->host, fd, peer, l->port);
+        else if (l->inbound)
             session_start_inbound(&w->host, fd, peer);
         else
             session_start_outbound(&w->host, fd, peer, l->key);
@@ -135,7 +139,7 @@ static struct listener *listener_open(struct worker *w, const char *key, const c
     int fd = port == -1 ? sock_listen_unix(addr, mode, &ino, err, sizeof(err))
                         : sock_listen(addr, port, 1, err, sizeof(err));
     if (fd < 0) {
-        LOG_ERROR("worker %u: %s listener: %s", w->index, inbound ? "public" : key, err);
+        LOG_ERROR("worker %u: %s listener: %s", w->index, inbound == 1 ? "public" : key, err);
         return NULL;
     }
     struct listener *l = xcalloc(1, sizeof(*l));
@@ -156,7 +160,7 @@ static struct listener *listener_open(struct worker *w, const char *key, const c
     if (w->index == 0 && port == -1)
         LOG_INFO("listening on unix %s (%s)", addr, key);
     else if (w->index == 0)
-        LOG_INFO("listening on %s:%d (%s)", addr, port, inbound ? "public" : key);
+        LOG_INFO("listening on %s:%d (%s)", addr, port, inbound == 1 ? "public" : key);
     return l;
 }
 
@@ -232,12 +236,21 @@ static void reconcile_listeners(struct worker *w, const struct snapshot *s)
                     add_listener(w, &old, &fresh, u->key, u->bind_address, u->bind_port, -1, 0);
             }
         }
+        /* Exposed paths listen beside the public listener, as Envoy binds them. A check's port
+         * is the agent's pick: one that cannot be opened is logged, not fatal at start-up. */
+        for (size_t i = 0; s->exposes != NULL && i < s->exposes->n; i++) {
+            const struct snap_expose *e = &s->exposes->v[i];
+            int rc = add_listener(w, &old, &fresh, e->name, s->cfg.bind_address, e->port, -1,
+                                  LISTENER_EXPOSED);
+            if (!e->from_checks)
+                failed |= rc;
+        }
     }
     while (old != NULL) {
         struct listener *next = old->next;
         if (w->index == 0)
             LOG_INFO("closing listener %s:%d (%s)", old->addr, old->port == -1 ? 0 : old->port,
-                     old->inbound ? "public" : old->key);
+                     old->inbound == 1 ? "public" : old->key);
         listener_free(w, old);
         old = next;
     }

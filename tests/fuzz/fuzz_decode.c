@@ -132,7 +132,35 @@ static void fuzz_service(const char *buf, size_t len)
         check_str(u->local_bind_socket_mode);
         check_kvs(u->config, u->n_config);
     }
+    FUZZ_CHECK(s.n_expose_paths <= DEC_EXPOSE_PATHS_MAX);
+    for (size_t i = 0; i < s.n_expose_paths; i++) {
+        const struct dec_expose_path *p = &s.expose_paths[i];
+        check_str(p->path);
+        check_str(p->protocol);
+        FUZZ_CHECK(strlen(p->path) <= DEC_EXPOSE_PATH_MAX);
+        FUZZ_CHECK(p->listener_port >= 0 && p->listener_port <= 65535);
+        FUZZ_CHECK(p->local_path_port >= 0 && p->local_path_port <= 65535);
+    }
     dec_service_dispose(&s);
+}
+
+static void fuzz_checks(const char *buf, size_t len)
+{
+    struct dec_check *v;
+    size_t n;
+    char err[256] = "";
+    if (decode_agent_checks(buf, len, "web", &v, &n, err, sizeof(err)) != 0) {
+        FUZZ_CHECK(v == NULL && n == 0 && err[0] != '\0');
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        FUZZ_CHECK(v[i].check_id[0] != '\0' && strcmp(v[i].service_id, "web") == 0);
+        check_str(v[i].type);
+        check_str(v[i].status);
+        check_str(v[i].output);
+        FUZZ_CHECK(v[i].exposed_port >= 0 && v[i].exposed_port <= 65535);
+    }
+    dec_checks_free(v, n);
 }
 
 static void fuzz_sidecar(const char *buf, size_t len)
@@ -326,6 +354,7 @@ int fuzz_decode_one(const uint8_t *data, size_t size)
     fuzz_roots(buf, size);
     fuzz_leaf(buf, size);
     fuzz_service(buf, size);
+    fuzz_checks(buf, size);
     fuzz_sidecar(buf, size);
     fuzz_intentions(buf, size);
     fuzz_health(buf, size);

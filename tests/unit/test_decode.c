@@ -2638,7 +2638,7 @@ static const char SELF_JSON[] =
     "        \"DefaultIntentionPolicy\": \"deny\",\n"
     "        \"Experiments\": []\n"
     "    },\n"
-    "    \"Member\": {}, \"xDS\": null\n"
+    "    \"Member\": {\"Name\": \"n1\", \"Addr\": \"10.0.0.7\", \"Port\": 8301}, \"xDS\": null\n"
     "}\n";
 
 static void test_agent_self(void **state)
@@ -2652,12 +2652,14 @@ static void test_agent_self(void **state)
     assert_string_equal(self.default_intention_policy, "deny");
     assert_string_equal(self.acl_default_policy, "allow");
     assert_int_equal(self.acls_enabled, 0);
+    assert_string_equal(self.member_addr, "10.0.0.7");
     dec_agent_self_dispose(&self);
 
     /* Older agents lack the fields: all optional, "" (or -1) when absent. */
     assert_int_equal(decode_agent_self("{}", 2, &self, err, sizeof(err)), 0);
     assert_string_equal(self.default_intention_policy, "");
     assert_int_equal(self.acls_enabled, -1);
+    assert_string_equal(self.member_addr, "");
     dec_agent_self_dispose(&self);
 
     /* Wrong shapes name the field; every truncation fails cleanly. */
@@ -2894,9 +2896,145 @@ static void test_every_decoder_rejects_the_others(void **state)
         }
 }
 
+/* ---- Proxy.Expose and /v1/agent/checks (expose paths) ---- */
+
+/* A sidecar registration whose Proxy block ends with <expose> (JSON text of Expose's value). */
+static int decode_with_expose(const char *expose, struct dec_service *s, char *err, size_t len)
+{
+    char body[8192];
+    snprintf(body, sizeof(body),
+             "{\"Kind\":\"connect-proxy\",\"ID\":\"web-sidecar-proxy\",\"Service\":\"web-sp\","
+             "\"Port\":21000,\"Proxy\":{\"DestinationServiceName\":\"web\","
+             "\"LocalServicePort\":8080,\"Expose\":%s}}",
+             expose);
+    return decode_agent_service(body, strlen(body), s, err, len);
+}
+
+static void test_service_expose(void **state)
+{
+    (void)state;
+    struct dec_service s;
+    char err[256];
+    assert_int_equal(decode_with_expose(
+                         "{\"Checks\":true,\"Paths\":[{\"ListenerPort\":21500,\"Path\":\"/health\","
+                         "\"LocalPathPort\":8080,\"ParsedFromCheck\":false},{\"ListenerPort\":"
+                         "21501,\"Path\":\"/grpc\",\"LocalPathPort\":9090,\"Protocol\":\"http2\"}"
+                         "]}",
+                         &s, err, sizeof(err)),
+                     0);
+    assert_true(s.expose_checks);
+    assert_int_equal(s.n_expose_paths, 2);
+    assert_int_equal(s.expose_paths[0].listener_port, 21500);
+    assert_int_equal(s.expose_paths[0].local_path_port, 8080);
+    assert_string_equal(s.expose_paths[0].path, "/health");
+    assert_string_equal(s.expose_paths[0].protocol, "");
+    assert_string_equal(s.expose_paths[1].protocol, "http2");
+    assert_int_equal(s.expose_paths[1].local_path_port, 9090);
+    dec_service_dispose(&s);
+
+    /* Absent, null and empty are all "nothing exposed". */
+    const char *none[] = {"null", "{}", "{\"Paths\":null}", "{\"Checks\":false,\"Paths\":[]}"};
+    for (size_t i = 0; i < ARRAY_SIZE(none); i++) {
+        assert_int_equal(decode_with_expose(none[i], &s, err, sizeof(err)), 0);
+        assert_false(s.expose_checks);
+        assert_int_equal(s.n_expose_paths, 0);
+        dec_service_dispose(&s);
+    }
+
+    /* Wrong shapes name the field; nothing is left allocated (ASan). */
+    static const struct {
+        const char *json, *field;
+    } bad[] = {
+        {"[]", "Proxy.Expose must be an object"},
+        {"{\"Checks\":\"yes\"}", "Proxy.Expose.Checks must be true or false"},
+        {"{\"Paths\":{}}", "Proxy.Expose.Paths must be an array"},
+        {"{\"Paths\":[7]}", "Proxy.Expose.Paths[0] must be an object"},
+        {"{\"Paths\":[{\"Path\":\"/a\",\"ListenerPort\":\"21500\"}]}",
+         "Proxy.Expose.Paths[0].ListenerPort must be an integer"},
+        {"{\"Paths\":[{\"Path\":\"/a\"},{\"Path\":\"/b\",\"LocalPathPort\":70000}]}",
+         "Proxy.Expose.Paths[1].LocalPathPort must be an integer"},
+        {"{\"Paths\":[{\"Path\":5}]}", "Proxy.Expose.Paths[0].Path must be a string"},
+        {"{\"Paths\":[{\"Path\":\"/a\",\"Protocol\":2}]}",
+         "Proxy.Expose.Paths[0].Protocol must be a string"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        assert_int_equal(decode_with_expose(bad[i].json, &s, err, sizeof(err)), ERR_BAD_FIELD);
+        if (strstr(err, bad[i].field) == NULL)
+            fail_msg("%s: got \"%s\", want \"%s\"", bad[i].json, err, bad[i].field);
+        assert_null(s.expose_paths);
+    }
+
+    /* Bounded: DEC_EXPOSE_PATHS_MAX paths, paths of DEC_EXPOSE_PATH_MAX bytes. */
+    char *many = xmalloc(8192);
+    size_t n = (size_t)snprintf(many, 8192, "{\"Paths\":[");
+    for (int i = 0; i <= DEC_EXPOSE_PATHS_MAX; i++)
+        n += (size_t)snprintf(many + n, 8192 - n, "%s{\"Path\":\"/p%d\"}", i ? "," : "", i);
+    snprintf(many + n, 8192 - n, "]}");
+    assert_int_equal(decode_with_expose(many, &s, err, sizeof(err)), ERR_BAD_FIELD);
+    assert_non_null(strstr(err, "more than 64"));
+    char *longp = xmalloc(DEC_EXPOSE_PATH_MAX + 64);
+    n = (size_t)snprintf(longp, DEC_EXPOSE_PATH_MAX + 64, "{\"Paths\":[{\"Path\":\"/");
+    memset(longp + n, 'a', DEC_EXPOSE_PATH_MAX);
+    snprintf(longp + n + DEC_EXPOSE_PATH_MAX, 64, "\"}]}");
+    assert_int_equal(decode_with_expose(longp, &s, err, sizeof(err)), ERR_BAD_FIELD);
+    assert_non_null(strstr(err, "Path is longer than 1024 bytes"));
+    free(many);
+    free(longp);
+}
+
+static void test_agent_checks(void **state)
+{
+    (void)state;
+    static const char body[] =
+        "{\"service:web:1\":{\"Node\":\"n\",\"CheckID\":\"service:web:1\",\"Name\":\"h\","
+        "\"Status\":\"passing\",\"Output\":\"HTTP GET http://127.0.0.1:21500/health: 200 OK\","
+        "\"ServiceID\":\"web\",\"ServiceName\":\"web\",\"Type\":\"http\",\"ExposedPort\":21500,"
+        "\"Definition\":{}},"
+        "\"service:web-sidecar-proxy\":{\"CheckID\":\"service:web-sidecar-proxy\","
+        "\"ServiceID\":\"web-sidecar-proxy\",\"Type\":\"tcp\",\"ExposedPort\":0},"
+        "\"serfHealth\":{\"CheckID\":\"serfHealth\",\"ServiceID\":\"\",\"Type\":\"\"},"
+        "\"service:web:2\":{\"CheckID\":\"service:web:2\",\"ServiceID\":\"web\",\"Type\":\"grpc\","
+        "\"Status\":\"critical\",\"Output\":null,\"ExposedPort\":21501}}";
+    struct dec_check *v;
+    size_t n;
+    char err[256];
+    assert_int_equal(decode_agent_checks(body, strlen(body), "web", &v, &n, err, sizeof(err)), 0);
+    assert_int_equal(n, 2);
+    assert_string_equal(v[0].check_id, "service:web:1");
+    assert_string_equal(v[0].type, "http");
+    assert_string_equal(v[0].status, "passing");
+    assert_int_equal(v[0].exposed_port, 21500);
+    assert_string_equal(v[0].output, "HTTP GET http://127.0.0.1:21500/health: 200 OK");
+    assert_string_equal(v[1].type, "grpc");
+    assert_string_equal(v[1].output, "");
+    assert_int_equal(v[1].exposed_port, 21501);
+    dec_checks_free(v, n);
+
+    assert_int_equal(decode_agent_checks("{}", 2, "web", &v, &n, err, sizeof(err)), 0);
+    assert_int_equal(n, 0);
+    dec_checks_free(v, n);
+
+    static const char *const bad[] = {
+        "[]",
+        "{\"a\":3}",
+        "{\"a\":{\"ServiceID\":\"web\"}}", /* no CheckID */
+        "{\"a\":{\"CheckID\":\"a\",\"ServiceID\":\"web\",\"ExposedPort\":-1}}",
+        "{\"a\":{\"CheckID\":\"a\",\"ServiceID\":\"web\",\"Output\":[]}}",
+        "{\"a\":{\"CheckID\":\"a\",\"ServiceID\":7}}",
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        assert_int_not_equal(
+            decode_agent_checks(bad[i], strlen(bad[i]), "web", &v, &n, err, sizeof(err)), 0);
+        assert_null(v);
+        assert_int_equal(n, 0);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_service_expose),
+        cmocka_unit_test(test_agent_checks),
         cmocka_unit_test(test_agent_self),
         cmocka_unit_test(test_mesh_http),
         cmocka_unit_test(test_rate_limits),

@@ -393,9 +393,78 @@ static void test_warned_set_is_bounded(void **state)
     free(w);
 }
 
+/* ---- Proxy.Expose ---- */
+
+/* proxycfg_build() of the base registration with <n> exposed paths (and one upstream on 9191). */
+static int build_exposed(struct dec_expose_path *paths, size_t n, struct proxy_cfg *c, char *err,
+                         size_t len)
+{
+    struct dec_service svc = base_service();
+    struct dec_upstream up = db_upstream();
+    svc.upstreams = &up;
+    svc.n_upstreams = 1;
+    svc.expose_paths = paths;
+    svc.n_expose_paths = n;
+    svc.expose_checks = 1;
+    return proxycfg_build(&svc, c, err, len);
+}
+
+static void test_expose_paths(void **state)
+{
+    (void)state;
+    struct proxy_cfg c, copy;
+    char err[512];
+    struct dec_expose_path ok[] = {
+        {.listener_port = 21500, .local_path_port = 8080, .path = "/health", .protocol = ""},
+        {.listener_port = 21500, .local_path_port = 8080, .path = "/ready", .protocol = "HTTP"},
+        {.listener_port = 21501, .local_path_port = 9090, .path = "/x", .protocol = "http2"},
+    };
+    assert_int_equal(build_exposed(ok, 3, &c, err, sizeof(err)), 0);
+    assert_true(c.expose_checks);
+    assert_int_equal(c.n_expose_paths, 3);
+    assert_int_equal(c.expose_paths[0].protocol, PROTO_HTTP);
+    assert_int_equal(c.expose_paths[1].protocol, PROTO_HTTP);
+    assert_int_equal(c.expose_paths[2].protocol, PROTO_HTTP2);
+    assert_string_equal(c.expose_paths[1].path, "/ready");
+    proxycfg_copy(&copy, &c);
+    proxycfg_dispose(&c);
+    assert_int_equal(copy.n_expose_paths, 3);
+    assert_string_equal(copy.expose_paths[2].path, "/x");
+    assert_int_equal(copy.expose_paths[2].local_path_port, 9090);
+    proxycfg_dispose(&copy);
+
+    /* Each bad value is an error naming it, so the last good configuration stays. */
+    static const struct {
+        struct dec_expose_path p;
+        const char *msg;
+    } bad[] = {
+        {{21500, 8080, "/a", "grpc"}, "Paths[1].Protocol \"grpc\" is not \"http\" or \"http2\""},
+        {{21500, 8080, "health", ""}, "Paths[1].Path \"health\" must begin with /"},
+        {{21500, 8080, "", ""}, "Paths[1].Path \"\" must begin with /"},
+        {{21500, 8080, "/a?b=1", ""}, "must begin with / and have no query"},
+        {{21500, 8080, "/a#b", ""}, "no query, fragment"},
+        {{21500, 8080, "/a b", ""}, "space or control"},
+        {{21500, 8080, "/a\x01", ""}, "space or control"},
+        {{0, 8080, "/a", ""}, "Paths[1]: ListenerPort must be set"},
+        {{21502, 0, "/a", ""}, "Paths[1]: LocalPathPort must be set"},
+        {{21000, 8080, "/a", ""}, "ListenerPort 21000 is the proxy's public port"},
+        {{9191, 8080, "/a", ""}, "ListenerPort 9191 is also upstream \"db\"'s port"},
+        {{21500, 8081, "/a", ""}, "Paths[0] and [1] share ListenerPort 21500"},
+        {{21500, 8080, "/a", "http2"}, "Paths[0] and [1] share ListenerPort 21500"},
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        struct dec_expose_path two[] = {ok[0], bad[i].p};
+        assert_int_equal(build_exposed(two, 2, &c, err, sizeof(err)), ERR_BAD_CONFIG);
+        if (strstr(err, bad[i].msg) == NULL)
+            fail_msg("case %zu: got \"%s\", want \"%s\"", i, err, bad[i].msg);
+        assert_null(c.expose_paths);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_expose_paths),
         cmocka_unit_test(test_defaults_are_stored_and_documented_from_the_table),
         cmocka_unit_test(test_protocol_key),
         cmocka_unit_test(test_upstream_protocol_key),

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdio.h>
 #include <string.h>
 
 #include "decode.h"
@@ -136,10 +137,52 @@ static void test_target_copy_and_dispose(void **state)
     endpoint_set_unref(eps);
 }
 
+/* Envoy's exposed check listeners take this host and the agent only; Expose.Paths anyone. */
+static void test_expose_sources(void **state)
+{
+    (void)state;
+    struct snap_expose *v = xcalloc(2, sizeof(*v));
+    v[0].port = 21500;
+    v[1].port = 21510;
+    v[1].from_checks = 1;
+    struct limit_state *l = limit_state_new();
+    struct snap_exposes *x = snap_exposes_new(v, 2, l);
+    snprintf(x->agent_addr, sizeof(x->agent_addr), "10.0.0.7");
+    static const struct {
+        const char *source, *local;
+        int paths, checks;
+    } cases[] = {
+        {"192.0.2.9", "10.0.0.5", 1, 0},  /* another host */
+        {"127.0.0.1", "127.0.0.1", 1, 1}, /* loopback */
+        {"127.3.4.5", "10.0.0.5", 1, 1},  /* all of 127.0.0.0/8 */
+        {"::1", "::1", 1, 1},
+        {"::ffff:127.0.0.1", "::ffff:127.0.0.1", 1, 1},
+        {"10.0.0.5", "10.0.0.5", 1, 1},        /* this host, to our own address */
+        {"::ffff:10.0.0.5", "10.0.0.5", 1, 1}, /* the same, mapped */
+        {"10.0.0.7", "10.0.0.5", 1, 1},        /* the agent */
+        {"::ffff:10.0.0.7", "::ffff:10.0.0.5", 1, 1},
+        {"10.0.0.70", "10.0.0.5", 1, 0}, /* not the agent: whole addresses compared */
+        {"fe80::1", "10.0.0.5", 1, 0},
+        {"", "", 1, 0}, /* no address (a unix socket) */
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+        if (snap_expose_source_ok(x, &v[0], cases[i].source, cases[i].local) != cases[i].paths ||
+            snap_expose_source_ok(x, &v[1], cases[i].source, cases[i].local) != cases[i].checks)
+            fail_msg("case %zu: %s -> %s", i, cases[i].source, cases[i].local);
+    }
+    /* The agent's address unknown: this host only. */
+    x->agent_addr[0] = '\0';
+    assert_false(snap_expose_source_ok(x, &v[1], "10.0.0.7", "10.0.0.5"));
+    assert_true(snap_expose_source_ok(x, &v[1], "10.0.0.5", "10.0.0.5"));
+    snap_exposes_unref(x);
+    limit_state_unref(l);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nothing_that_decides_changed),
+        cmocka_unit_test(test_expose_sources),
         cmocka_unit_test(test_each_input_that_decides),
         cmocka_unit_test(test_target_copy_and_dispose),
     };
