@@ -75,6 +75,8 @@ size_t alog_format_line(char *buf, size_t cap, enum alog_format fmt, const struc
             field_str(&b, fmt, "grpc_status", r->grpc_status);
         field_str(&b, fmt, "request_id", r->request_id);
         field_u64(&b, fmt, "stream", r->stream);
+        if (r->retries > 0)
+            field_u64(&b, fmt, "retries", r->retries);
     }
     field_str(&b, fmt, "result", r->result);
     field_str(&b, fmt, "reason", r->reason);

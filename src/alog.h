@@ -46,6 +46,7 @@ struct alog_rec {
     int status;              /* the status answered; 0 when none was */
     const char *grpc_status; /* gRPC: the grpc-status answered; NULL when none was */
     uint64_t stream;         /* the request's number on its connection, from 1 */
+    unsigned retries;        /* outbound: retries of the request's retry policy; 0: not written */
 };
 
 /* Longest line alog_format_line writes, newline included. */

@@ -230,6 +230,7 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     rec.status = st->status;
     rec.grpc_status = st->grpc_status[0] ? st->grpc_status : NULL;
     rec.stream = st->seq;
+    rec.retries = st->retries;
     alog_write(&rec);
 }
 

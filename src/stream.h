@@ -36,8 +36,10 @@ struct session;
     X(UPSTREAM_CONNECT_ERROR, "upstream_connect_error", 503) /* outbound: no endpoint answered */  \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
     X(LOCAL_TIMEOUT, "local_timeout", 504) /* local_request_timeout_ms */                          \
-    X(BAD_RESPONSE, "bad_response", 502)   /* the application's answer was broken */               \
-    X(ABORTED, "aborted", 0)               /* a side went away mid-stream */
+    X(UPSTREAM_TIMEOUT, "upstream_timeout", 504)       /* outbound: the route's RequestTimeout */  \
+    X(STREAM_IDLE_TIMEOUT, "stream_idle_timeout", 408) /* outbound: the route's IdleTimeout */     \
+    X(BAD_RESPONSE, "bad_response", 502)               /* the application's answer was broken */   \
+    X(ABORTED, "aborted", 0)                           /* a side went away mid-stream */
 
 enum stream_result {
 #define X(name, label, status) STREAM_RES_##name,
@@ -71,6 +73,7 @@ struct stream {
     int done;            /* stream_finish() ran */
     int h2;              /* carried over HTTP/2 (mux_h2) */
     char grpc_status[8]; /* gRPC: the grpc-status answered; "" when none was */
+    unsigned retries;    /* outbound: times the request was sent again by its retry policy */
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

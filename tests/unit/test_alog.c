@@ -195,6 +195,10 @@ static void test_request_record(void **state)
     alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &r);
     assert_non_null(strstr(buf, " protocol=HTTP/1.1 method=GET authority=db path=\"/a b\\\"c\" "
                                 "status=403 request_id=id-1 stream=2 result="));
+    assert_null(strstr(buf, "retries=")); /* none made: not written */
+    r.retries = 2;
+    alog_format_line(buf, sizeof(buf), ALOG_JSON, &r);
+    assert_non_null(strstr(buf, ",\"stream\":2,\"retries\":2,\"result\""));
     alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &rec);
     assert_null(strstr(buf, "method="));
 }
