@@ -128,7 +128,7 @@ def wait_routed(m, web, app, destination, probe="fail=1&code=503", want=200, pat
             return status_of(web.up["db"], p)[0] == want
         except (OSError, EOFError, AssertionError, ValueError):
             return False
-    wait_until(routed, 30, "the route's retry policy in use")
+    wait_until(routed, 30, "the new route in use")
 
 
 def delete_router(m):
