@@ -902,10 +902,12 @@ static void note_request_done(struct session *s)
 static int retry_allowed(struct session *s, int sent)
 {
     struct mux_h1 *m = s->mux;
-    if (!m->outbound || m->h2 || m->retries_left == 0 || m->upgrade ||
-        m->method == HTTP_METHOD_CONNECT)
+    if (!m->outbound || m->retries_left == 0 || m->upgrade || m->method == HTTP_METHOD_CONNECT)
         return 0;
     if (sent && (!m->replay_ok || !m->req.done || m->res_head_done))
+        return 0;
+    /* Over HTTP/2 the copy is made as the stream reads the body: it must have read it all. */
+    if (sent && m->h2 && m->aout.len > 0)
         return 0;
     uint64_t dl = route_deadline(m);
     return dl == 0 || loop_now_ms(s->host->loop) < dl;
@@ -1003,7 +1005,9 @@ static void retry_backoff(struct session *s, int sent, const char *what)
     m->close_after = 0;
     m->req_sent_ms = 0;
     m->res_head_done = 0;
-    if (sent)
+    if (sent && m->h2)
+        m->retried = 1; /* open_stream() opens the held head again, read_body the held body */
+    else if (sent)
         m->resend = 1;
     loop_timer_stop(s->host->loop, &s->timer);
     m->armed_at = 0;
@@ -1289,6 +1293,18 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     m->rs.status = hd->status;
     const char *reason = status_reason(hd->status);
     m->rs.reason = (struct http_slice){reason, strlen(reason)};
+    if (hd->status >= 200 && m->outbound && retry_allowed(s, 1) &&
+        retry_on_status(m, hd->status, hd->headers, hd->nheaders)) {
+        char what[64];
+        snprintf(what, sizeof(what), "answered %d", hd->status);
+        retry_backoff(s, 1, what);
+        kick(s);
+        return 0;
+    }
+    if (hd->status >= 200) {
+        replay_drop(m);
+        m->retries_left = 0;
+    }
     if (hd->status < 200) {
         /* 100 Continue, 103 Early Hints (HTTP/2 has no 101). Heads are not flow controlled:
          * one that finds INTERIM_MAX bytes the caller has not taken yet is dropped (an
@@ -1299,6 +1315,8 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
             bad_h2_answer(s, "the interim answer cannot be forwarded");
             return 0;
         }
+        if (m->minor == 1 && m->cout.len > 0)
+            m->retries_left = 0; /* the application heard from it: never retried */
         kick(s);
         return 0;
     }
@@ -2013,8 +2031,17 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
             *progress = 1;
             return 0;
         }
+        int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
+        unsigned on = connect                           ? RETRY_ON_CONNECT
+                      : m->h2_code == H2_REFUSED_STREAM ? RETRY_ON_RESET | RETRY_BIT(REFUSED_STREAM)
+                                                        : RETRY_ON_RESET;
+        if (!m->res_head_done && (m->retry_on & on) && retry_allowed(s, 1)) {
+            snprintf(msg, sizeof(msg), "%s before its answer", m->h2_why);
+            retry_backoff(s, 1, msg);
+            *progress = 1;
+            return 0;
+        }
         if (!m->res_head_done) {
-            int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
             snprintf(msg, sizeof(msg), "%s %s: %s before its answer", far_side(m), s->ep_name,
                      m->h2_why);
             close_app(s);

@@ -1418,7 +1418,7 @@ void session_redial_retry(struct session *s)
         total += s->up->targets[j].endpoints->n;
     unsigned char *keep = xmalloc(total ? total : 1);
     memcpy(keep, tried, total);
-    dial_reset(s, 0);
+    dial_reset(s, s->dial_h2); /* the same kind of dial as the request's first */
     if (left > 0)
         memcpy(tried, keep, total); /* another endpoint is left: the tried ones wait */
     free(keep);

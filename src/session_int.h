@@ -185,10 +185,11 @@ void session_dial_upstream(struct session *s);
  */
 void session_redial_upstream(struct session *s);
 /*
- * A retry by the request's retry policy (mux_h1): as session_redial_upstream(), but the
- * endpoints this request was sent to or failed on (s->tried, the last one, s->ep, included)
- * are passed over while the dial's targets have another one; when none is left, any may be
- * picked again. Same rules and ending as session_dial_upstream().
+ * A retry by the request's retry policy (mux_h1): as session_redial_upstream() (or, when the
+ * last dial was session_dial_h2(), as that one), but the endpoints this request was sent to
+ * or failed on (s->tried, the last one, s->ep, included) are passed over while the dial's
+ * targets have another one; when none is left, any may be picked again. Same rules and
+ * ending as the dial it repeats.
  */
 void session_redial_retry(struct session *s);
 /*
