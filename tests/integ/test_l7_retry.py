@@ -19,6 +19,7 @@ import urllib.parse
 from mesh import TcpApp, admin_args, admin_get, wait_until
 from test_l7_inbound import Reader, connect, get, response
 from test_l7_outbound import add_dead_instance, outbound_requests, try_status
+from test_l7_translate import H2JsonApp
 
 
 class ScriptedApp(TcpApp):
@@ -313,5 +314,57 @@ def test_idle_timeout_cuts_a_stalled_request(mesh, tmp_path):
         assert st == 408 and body == b"stream timeout", (st, body)
         assert 0.25 < took < 2.0, took
         assert record(alog, "/slow?ms=3000")["result"] == "stream_idle_timeout"
+    finally:
+        delete_router(m)
+
+
+class FlakyH2App(H2JsonApp):
+    """H2JsonApp (HTTP/2 with prior knowledge) whose /flaky/<key>?fail=N answers 503 to the
+    first N requests for that path; self.counts counts the requests per path."""
+
+    def __init__(self):
+        self.counts = {}
+        super().__init__()
+
+    def _answer(self, conn, sid, r, pending):
+        path = r["headers"][":path"][0]
+        if path.startswith("/flaky/"):
+            self.counts[path] = self.counts.get(path, 0) + 1
+            fail = int(dict(urllib.parse.parse_qsl(path.partition("?")[2])).get("fail", "0"))
+            if self.counts[path] <= fail:
+                conn.send_headers(sid, [(":status", "503"), ("content-length", "0")],
+                                  end_stream=True)
+                return
+        H2JsonApp._answer(conn, sid, r, pending)
+
+
+def test_http2_upstream_retries_and_request_timeout(mesh, tmp_path):
+    """The HTTP/1.1 application's requests translated to an http2 upstream follow the same
+    policy: a 503 once is retried under RetryOn 5xx (a new stream; db's application sees the
+    request twice, its body whole both times), and a request never answered (/hold) is cut at
+    RequestTimeout with 504. Without a policy the 503 goes through."""
+    m = mesh
+    app = FlakyH2App()
+    m.apps.append(app)
+    m.service_defaults("db", "http2")
+    db = m.add("db", app_port=app.port, proxy_config={"protocol": "http2"})
+    alog = str(tmp_path / "web-access.log")
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": "http2"}}], start=False)
+    m.start(web, extra_args=("-access-log", alog))
+    m.wait_passing(db)
+    try:
+        wait_until(lambda: try_status(web.up["db"], "/ready") == 200, 30, "a request")
+        assert status_of(web.up["db"], "/flaky/h0?fail=1")[0] == 503
+        wait_routed(m, web, app, {"RetryOn": ["5xx"], "NumRetries": 2,
+                                  "RequestTimeout": "500ms"})
+        st, body = status_of(web.up["db"], "/flaky/h1?fail=2", body=b"y" * 3000)
+        assert st == 200, body
+        assert json.loads(body)["body_len"] == 3000
+        assert app.counts["/flaky/h1?fail=2"] == 3
+        assert record(alog, "/flaky/h1?fail=2")["retries"] == 2
+        t0 = time.monotonic()
+        st, body = status_of(web.up["db"], "/hold")
+        assert st == 504 and body == b"upstream request timeout", (st, body)
+        assert 0.45 < time.monotonic() - t0 < 3.0
     finally:
         delete_router(m)
