@@ -1302,8 +1302,10 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
         return 0;
     }
     if (hd->status >= 200) {
-        replay_drop(m);
+        /* Not sent again; the copy goes unless a stream opened again still reads from it. */
         m->retries_left = 0;
+        if (!m->retried || m->replay_off >= m->replay.len)
+            replay_drop(m);
     }
     if (hd->status < 200) {
         /* 100 Continue, 103 Early Hints (HTTP/2 has no 101). Heads are not flow controlled:
