@@ -1026,8 +1026,8 @@ static void retry_attempt(struct session *s)
 }
 
 /*
- * A final answer's head (<n> bytes in ain, parsed into m->rs) came before any byte of it went
- * to the application: when the policy retries it, it is dropped and the request goes again
+ * A final answer's head (parsed into m->rs, still in ain) came before any byte of it went to
+ * the application: when the policy retries it, it is dropped and the request goes again
  * (1); else the held copy of the request goes (0).
  */
 static int retry_on_answer(struct session *s)
