@@ -11,6 +11,7 @@ sidecar sent, attempt by attempt) and answers as the path asks, so a test sees b
 application behind web got and how many attempts reached db.
 """
 
+import itertools
 import json
 import threading
 import time
@@ -116,16 +117,18 @@ def record(alog, path):
     return found[-1]
 
 
+# Probe paths are never asked twice: a back-end counts its failures per path.
+PROBES = itertools.count()
+
+
 def wait_routed(m, web, app, destination, probe="fail=1&code=503", want=200, path=None):
     """Writes the route and waits until web's sidecar uses it: a request failing as <probe>
     says (or to <path>), which only the new policy treats so, is answered <want>."""
     set_route(m, destination)
-    k = [0]
 
     def routed():
-        k[0] += 1
         try:
-            p = path or f"/flaky/warm{k[0]}?{probe}"
+            p = path or f"/flaky/warm{next(PROBES)}?{probe}"
             return status_of(web.up["db"], p)[0] == want
         except (OSError, EOFError, AssertionError, ValueError):
             return False
