@@ -81,6 +81,8 @@ size_t alog_format_line(char *buf, size_t cap, enum alog_format fmt, const struc
             field_u64(&b, fmt, "route", r->route);
             field_str(&b, fmt, "resolver", r->resolver);
         }
+        if (r->retries > 0)
+            field_u64(&b, fmt, "retries", r->retries);
     }
     field_str(&b, fmt, "result", r->result);
     field_str(&b, fmt, "reason", r->reason);

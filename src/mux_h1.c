@@ -12,6 +12,7 @@
  *    |                '--deny--> LOCAL 403 '--fail--> LOCAL 503         (a raw tunnel)
  *    |                           (request body read and dropped)  |
  *    |   EXCHANGE --bad answer / timeout--> LOCAL 502 / 504       |
+ *    |   EXCHANGE --outbound, retried--> BACKOFF --> (DIAL) --> EXCHANGE (resend)
  *    |   LOCAL --written--> HEAD (keep-alive) or CLOSING          |
  *    '--malformed 400 / too large 431 / slow 408 / bad Expect 417--> LOCAL --> CLOSING
  *   CLOSING: the answer written, close_notify sent, the caller's bytes read and dropped
@@ -46,6 +47,14 @@
  * connection (retry()). Over HTTP/2 the same holds for a stream refused unprocessed or lost
  * with its connection before a byte of its answer (retry_h2()).
  *
+ * Outbound retries (route_policy_start()): the route's NumRetries / RetryOn / RetryOnStatusCodes
+ * / RetryOnConnectFailure hold the request in the same replay copy (at most the upstream's
+ * retry_buffer_bytes) until the answer's final head, which is dropped unseen when the policy
+ * retries it; the request goes again after a jittered back-off (BACKOFF), to an endpoint not
+ * used yet when one is left (session_redial_retry()). The route's RequestTimeout (else the
+ * resolver's, else 15 s) bounds the whole request, retries included, from its end to the end
+ * of the answer; its IdleTimeout cuts a stream that moves nothing.
+ *
  * Expect: 100-continue is forwarded: the application's 100 goes back to the caller as an
  * interim response. To an HTTP/2 far side connectd sends the 100 itself once the stream is
  * open and forwards no expectation, as Envoy does by default. A request refused locally (403, 503)
@@ -55,7 +64,8 @@
  * Timers (the session's one state timer): request_headers_timeout_ms from a head's first byte
  * (408), local_connect_timeout_ms (503), local_request_timeout_ms from the end of the request
  * to the end of the response (504 before its head, else the connection is cut), and the idle
- * timeout (local_idle_timeout_ms) otherwise. The timer is started for the earliest deadline
+ * timeout (local_idle_timeout_ms) otherwise; outbound also the route's timeouts and a retry's
+ * back-off (outbound_deadline()). The timer is started for the earliest deadline
  * and, when it fires early, re-armed for the rest, so moving bytes does not touch the heap.
  */
 #include "mux_h1.h"
@@ -82,8 +92,15 @@
 #define MAX_HEADERS  100 /* Envoy's max_headers_count default; one more is 431 */
 #define LINGER_MS    1000
 #define LINGER_BYTES (256u * 1024u)
-#define REPLAY_MAX   (64u * 1024u) /* a request held for a retry: head and body */
+#define REPLAY_MAX   (64u * 1024u) /* inbound: a request held for a retry: head and body */
 #define INTERIM_MAX  H1_HEAD_MAX   /* unwritten bytes past which a 1xx answer is dropped */
+
+/* Outbound retries by a route's policy: Envoy's back-off (a random wait below a base that
+ * doubles with each retry, capped at ten times the first) and its route timeout when the
+ * route and resolver set none. */
+#define RETRY_BACKOFF_BASE_MS    25u
+#define RETRY_BACKOFF_MAX_MS     250u
+#define ROUTE_TIMEOUT_DEFAULT_MS 15000u
 
 struct buf {
     char *p;
@@ -99,6 +116,7 @@ enum phase {
     P_CONNECT,
     P_DIAL, /* outbound: session_dial_upstream() owns end[1] and the timer */
     P_EXCHANGE,
+    P_BACKOFF, /* outbound: a retry waits its back-off (the timer is the codec's) */
     P_LOCAL,
     P_CLOSING,
 };
@@ -109,6 +127,9 @@ enum deadline {
     DL_HEAD,
     DL_CONNECT,
     DL_RESPONSE,
+    DL_ROUTE,      /* outbound: the route's RequestTimeout */
+    DL_ROUTE_IDLE, /* outbound: the route's IdleTimeout */
+    DL_BACKOFF,
     DL_LINGER,
 };
 
@@ -168,9 +189,23 @@ struct mux_h1 {
     struct buf replay;   /* every byte queued to end[1] for this request, while replay_ok */
     int replay_ok;       /* replay holds the whole request so far (at most REPLAY_MAX) */
     int app_heard;       /* a byte of this request's answer (even a 1xx) came from end[1] */
-    int retried;         /* this request was sent again once already */
+    int retried;         /* this request was sent again once already (the keep-alive race) */
     int resend;          /* the connection being made sends replay, not the request head */
-    int draining;        /* connectd drains: the current request is the last */
+    size_t replay_max;   /* outbound the upstream's retry_buffer_bytes, else REPLAY_MAX */
+    /* Outbound: the current request's retry policy and timeouts, from its route
+     * (route_policy_start()). retry_on: bits 1 << DEC_RETRY_ON_IDX_*, RetryOnConnectFailure
+     * folded in; retries_left: how many more times it may be sent (Envoy's default of 1 when
+     * the route has a policy without NumRetries). */
+    unsigned retry_on;
+    uint32_t retries_left;
+    const uint16_t *retry_codes;
+    size_t n_retry_codes;
+    uint32_t route_timeout_ms; /* the whole request, retries included; 0: none */
+    uint32_t route_idle_ms;    /* 0: none */
+    uint64_t req_done_ms;      /* the request was whole (the route timeout runs from here) */
+    uint64_t backoff_until_ms; /* P_BACKOFF: when the next attempt is dialled */
+    unsigned backoffs;         /* back-offs waited by this request (the exponent) */
+    int draining;              /* connectd drains: the current request is the last */
     /* Outbound: the route and split the current request took (route.h; in s->up->routes,
      * valid for the session's snapshot); NULL without a route table. */
     const struct route *route;
@@ -295,7 +330,7 @@ static void hold(struct mux_h1 *m, size_t from)
     size_t n = m->aout.len - from;
     if (!m->replay_ok || n == 0)
         return;
-    if (m->replay.len + n > REPLAY_MAX) {
+    if (m->replay.len + n > m->replay_max) {
         m->replay_ok = 0;
         m->replay.len = 0;
         buf_release(&m->replay);
@@ -530,7 +565,10 @@ static const char *local_body(enum stream_result r)
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "overflow";
     case STREAM_RES_LOCAL_TIMEOUT:
+    case STREAM_RES_UPSTREAM_TIMEOUT:
         return "upstream request timeout";
+    case STREAM_RES_STREAM_IDLE_TIMEOUT:
+        return "stream timeout";
     case STREAM_RES_BAD_RESPONSE:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "protocol error";
@@ -613,6 +651,13 @@ static void next_stream(struct session *s)
     m->replay.len = 0;
     buf_release(&m->replay);
     m->replay_ok = m->app_heard = m->retried = m->resend = 0;
+    m->retry_on = 0;
+    m->retries_left = 0;
+    m->retry_codes = NULL;
+    m->n_retry_codes = 0;
+    m->route_timeout_ms = m->route_idle_ms = 0;
+    m->req_done_ms = m->backoff_until_ms = 0;
+    m->backoffs = 0;
     m->h2_deferred = m->h2_end = m->h2_closed = m->h2_up = 0;
     m->h2_code = H2_NO_ERROR;
     m->te_trailers = m->res_chunked = 0;
@@ -747,7 +792,7 @@ static void forward_head(struct session *s)
     /* Only a reused connection may have been closed by its peer while idle: a request on it
      * is held until its answer starts, so that it can be sent again (see retry()). */
     m->replay.len = 0;
-    m->replay_ok = m->app_served > 0 && !m->retried;
+    m->replay_ok = (m->app_served > 0 && !m->retried) || m->retries_left > 0;
     hold(m, from);
     buf_consume(&m->cin, m->rq_len);
     m->rq_len = 0;              /* what a failure before the answer must still drop from cin */
@@ -756,15 +801,16 @@ static void forward_head(struct session *s)
     m->phase = P_EXCHANGE;
 }
 
-/* The new connection of a retry is up: the held request goes out again, byte for byte. */
+/*
+ * The new connection of a retry is up: the held request goes out again, byte for byte. It
+ * stays held (replay), so that a retry policy can send it once more; what of its body comes
+ * later is added to it by hold() as before.
+ */
 static void resend(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    struct buf empty = m->aout; /* close_app() emptied it */
-    m->aout = m->replay;
-    m->replay = empty;
-    m->replay.len = 0;
-    m->replay_ok = 0;
+    m->aout.len = 0; /* close_app() emptied it */
+    buf_add(&m->aout, m->replay.p, m->replay.len);
     m->resend = 0;
     m->res_head_done = 0;
     m->phase = P_EXCHANGE;
@@ -812,6 +858,277 @@ static void retry(struct session *s, const char *what)
         snprintf(msg, sizeof(msg), "connect %s: %s", s->ep_name, util_strerror(rc));
         local_answer(s, STREAM_RES_LOCAL_CONNECT_ERROR, m->expect && !m->req.done, msg);
     }
+}
+
+/* ---- outbound retries and route timeouts ---- */
+
+static void abort_conn(struct session *s, enum session_result r, const char *why);
+
+#define RETRY_BIT(name) (1u << DEC_RETRY_ON_IDX_##name)
+/* Envoy retries any reset before the answer's head, connection failures included, under 5xx,
+ * gateway-error and reset; connect-failure covers connection failures only. */
+#define RETRY_ON_RESET   (RETRY_BIT(5XX) | RETRY_BIT(GATEWAY_ERROR) | RETRY_BIT(RESET))
+#define RETRY_ON_CONNECT (RETRY_ON_RESET | RETRY_BIT(CONNECT_FAILURE))
+
+/*
+ * The retry policy and timeouts of the request just routed (m->route, s->dial_rs), as Consul
+ * configures Envoy's route (agent/xds/routes.go): RequestTimeout of the route, else of the
+ * resolver, else Envoy's 15 s; a retry policy when the route has NumRetries, RetryOn,
+ * RetryOnConnectFailure or RetryOnStatusCodes, with NumRetries or else Envoy's 1 retry.
+ */
+static void route_policy_start(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    const struct dec_chain_route *d = m->route != NULL ? m->route->def : NULL;
+    m->retry_on = 0;
+    m->retries_left = 0;
+    m->retry_codes = NULL;
+    m->n_retry_codes = 0;
+    m->route_idle_ms = 0;
+    m->req_done_ms = 0;
+    m->backoffs = 0;
+    m->route_timeout_ms = ROUTE_TIMEOUT_DEFAULT_MS;
+    if (d != NULL && d->request_timeout_ms != 0)
+        m->route_timeout_ms = d->request_timeout_ms;
+    else if (s->dial_rs != NULL && s->dial_rs->request_timeout_ms != 0)
+        m->route_timeout_ms = s->dial_rs->request_timeout_ms;
+    if (d == NULL)
+        return;
+    m->route_idle_ms = d->idle_timeout_ms;
+    m->retry_on = d->retry_on | (d->retry_on_connect_failure ? RETRY_BIT(CONNECT_FAILURE) : 0);
+    m->retry_codes = d->retry_status_codes;
+    m->n_retry_codes = d->n_retry_status_codes;
+    if (m->retry_on != 0 || m->n_retry_codes > 0 || d->num_retries > 0)
+        m->retries_left = d->num_retries > 0 ? d->num_retries : 1;
+}
+
+/* The held copy of the request is no longer needed: no retry of any kind will send it. */
+static void replay_drop(struct mux_h1 *m)
+{
+    m->replay_ok = 0;
+    m->replay.len = 0;
+    buf_release(&m->replay);
+}
+
+/* The route deadline (absolute ms) of the current request, 0 while it runs from no point yet. */
+static uint64_t route_deadline(const struct mux_h1 *m)
+{
+    if (!m->outbound || m->route_timeout_ms == 0 || m->req_done_ms == 0)
+        return 0;
+    return m->req_done_ms + m->route_timeout_ms;
+}
+
+/* Notes when the request became whole: the route timeout runs from there (Envoy's route
+ * timeout spans from the end of the downstream request to the end of the response). */
+static void note_request_done(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    if (m->outbound && m->req.done && m->req_done_ms == 0)
+        m->req_done_ms = loop_now_ms(s->host->loop);
+}
+
+/*
+ * Whether the policy may send the request once more: retries left, the whole request held
+ * (body received in full and within the retry buffer, nothing of the answer passed on), and
+ * time left before the route's deadline. <sent>: the request went out (else a dial failed and
+ * nothing of it was sent, so nothing needs to be held).
+ */
+static int retry_allowed(struct session *s, int sent)
+{
+    struct mux_h1 *m = s->mux;
+    if (!m->outbound || m->retries_left == 0 || m->upgrade || m->method == HTTP_METHOD_CONNECT)
+        return 0;
+    if (sent && (!m->replay_ok || !m->req.done || m->res_head_done))
+        return 0;
+    /* Over HTTP/2 the copy is made as the stream reads the body: it must have read it all. */
+    if (sent && m->h2 && m->aout.len > 0)
+        return 0;
+    uint64_t dl = route_deadline(m);
+    return dl == 0 || loop_now_ms(s->host->loop) < dl;
+}
+
+/* The gRPC status of an answer's head (a Trailers-Only answer carries it there), or -1. */
+static int head_grpc_status(const struct http_header *h, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!h1_slice_eq(h[i].name, "grpc-status"))
+            continue;
+        int v = 0;
+        if (h[i].value.len == 0 || h[i].value.len > 3)
+            return -1;
+        for (size_t k = 0; k < h[i].value.len; k++) {
+            if (h[i].value.p[k] < '0' || h[i].value.p[k] > '9')
+                return -1;
+            v = v * 10 + (h[i].value.p[k] - '0');
+        }
+        return v;
+    }
+    return -1;
+}
+
+/*
+ * Whether the policy's RetryOn / RetryOnStatusCodes ask to retry an answer with <status> and
+ * fields <h>, as Envoy's retry state reads them: 5xx any 5xx, gateway-error 502/503/504,
+ * retriable-4xx 409, envoy-ratelimited an x-envoy-ratelimited field, the gRPC ones the
+ * grpc-status of the head (cancelled 1, deadline-exceeded 4, resource-exhausted 8, internal
+ * 13, unavailable 14), and the listed status codes.
+ */
+static int retry_on_status(const struct mux_h1 *m, int status, const struct http_header *h,
+                           size_t n)
+{
+    unsigned on = m->retry_on;
+    if ((on & RETRY_BIT(5XX)) && status >= 500 && status <= 599)
+        return 1;
+    if ((on & RETRY_BIT(GATEWAY_ERROR)) && (status == 502 || status == 503 || status == 504))
+        return 1;
+    if ((on & RETRY_BIT(RETRIABLE_4XX)) && status == 409)
+        return 1;
+    for (size_t i = 0; i < m->n_retry_codes; i++)
+        if (m->retry_codes[i] == status)
+            return 1;
+    if (on & RETRY_BIT(ENVOY_RATELIMITED))
+        for (size_t i = 0; i < n; i++)
+            if (h1_slice_eq(h[i].name, "x-envoy-ratelimited"))
+                return 1;
+    static const struct {
+        unsigned bit;
+        int code;
+    } grpc[] = {
+        {RETRY_BIT(CANCELLED), 1},          {RETRY_BIT(DEADLINE_EXCEEDED), 4},
+        {RETRY_BIT(RESOURCE_EXHAUSTED), 8}, {RETRY_BIT(INTERNAL), 13},
+        {RETRY_BIT(UNAVAILABLE), 14},
+    };
+    int gs = -1, looked = 0;
+    for (size_t i = 0; i < ARRAY_SIZE(grpc); i++) {
+        if (!(on & grpc[i].bit))
+            continue;
+        if (!looked) {
+            gs = head_grpc_status(h, n);
+            looked = 1;
+        }
+        if (gs == grpc[i].code)
+            return 1;
+    }
+    return 0;
+}
+
+/*
+ * The policy sends the request again (<what> failed): the connection that failed is closed
+ * (an answer read from it is dropped unseen), and after a back-off, a random wait below 25 ms
+ * doubled per retry (at most 250 ms), a new connection to an endpoint not tried yet when one
+ * is left (session_redial_retry()) carries the held request. <sent>: the request had gone out
+ * (it is resent from replay), else a dial failed and it goes out as it would have.
+ */
+static void retry_backoff(struct session *s, int sent, const char *what)
+{
+    struct mux_h1 *m = s->mux;
+    uint32_t base = RETRY_BACKOFF_BASE_MS;
+    for (unsigned i = 0; i < m->backoffs && base < RETRY_BACKOFF_MAX_MS; i++)
+        base *= 2;
+    if (base > RETRY_BACKOFF_MAX_MS)
+        base = RETRY_BACKOFF_MAX_MS;
+    uint64_t wait_ms = util_rand() % base;
+    m->backoffs++;
+    m->retries_left--;
+    LOG_DEBUG("conn=%llu stream=%llu upstream %s %s: retrying in %llu ms (%u more allowed)",
+              (unsigned long long)s->id, (unsigned long long)m->st.seq, LOG_ESC(s->ep_name), what,
+              (unsigned long long)wait_ms, m->retries_left);
+    close_app(s);
+    m->app_heard = 0;
+    m->app_wr_dead = 0;
+    m->close_after = 0;
+    m->req_sent_ms = 0;
+    m->res_head_done = 0;
+    if (sent && m->h2)
+        m->retried = 1; /* open_stream() opens the held head again, read_body the held body */
+    else if (sent)
+        m->resend = 1;
+    loop_timer_stop(s->host->loop, &s->timer);
+    m->armed_at = 0;
+    m->backoff_until_ms = loop_now_ms(s->host->loop) + wait_ms;
+    m->phase = P_BACKOFF;
+}
+
+/* The back-off is over: the next attempt is dialled (its result comes to mux_dialled()). It
+ * counts as a retry from here: one the route's timeout cut during its back-off never was. */
+static void retry_attempt(struct session *s)
+{
+    s->mux->st.retries++;
+    STAT_ADD(s->host->stats->upstream_retries, 1);
+    s->mux->phase = P_DIAL;
+    session_redial_retry(s);
+}
+
+/*
+ * A final answer's head (parsed into m->rs, still in ain) came before any byte of it went to
+ * the application: when the policy retries it, it is dropped and the request goes again
+ * (1); else the held copy of the request goes (0).
+ */
+static int retry_on_answer(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    int st = m->rs.status;
+    if (st < 200 && st != 101)
+        return 0; /* an interim answer: the final one decides */
+    if (st != 101 && retry_allowed(s, 1) && retry_on_status(m, st, m->rs.headers, m->rs.nheaders)) {
+        /* Passive health sees every answer, the retried ones too (as Envoy's outlier
+         * detection counts each attempt). */
+        session_outlier_report(s, st >= 500);
+        char what[64];
+        snprintf(what, sizeof(what), "answered %d", st);
+        retry_backoff(s, 1, what);
+        return 1;
+    }
+    replay_drop(m);
+    m->retries_left = 0;
+    return 0;
+}
+
+/*
+ * A dial for the request ended (connected, or no endpoint was left): the connection failures
+ * it passed over on its way (the dial tries the next endpoint by itself, nothing having been
+ * sent) count as retries of the request when its policy retries connection failures, and
+ * use up its NumRetries.
+ */
+static void count_dial_failovers(struct session *s)
+{
+    struct mux_h1 *m = s->mux;
+    if (!m->outbound || m->h2 || !(m->retry_on & RETRY_ON_CONNECT) || s->dial_pooled ||
+        s->tries < 2)
+        return;
+    unsigned failed = (unsigned)s->tries - 1;
+    m->st.retries += failed;
+    STAT_ADD(s->host->stats->upstream_retries, failed);
+    m->retries_left = m->retries_left > failed ? m->retries_left - failed : 0;
+}
+
+/*
+ * The route's RequestTimeout (or IdleTimeout, <idle>) passed: before the answer's head the
+ * application gets 504 "upstream request timeout" (408 "stream timeout" for the idle one, as
+ * Envoy's stream idle timeout), after it the connection is cut. Returns 1 when the session
+ * ended.
+ */
+static int route_timed_out(struct session *s, int idle, uint64_t now)
+{
+    struct mux_h1 *m = s->mux;
+    char why[200];
+    if (idle)
+        snprintf(why, sizeof(why), "no byte for %llu ms (the route's IdleTimeout %lu ms)",
+                 (unsigned long long)(now - s->last_io_ms), (unsigned long)m->route_idle_ms);
+    else
+        snprintf(why, sizeof(why), "no complete answer in %lu ms (the route's RequestTimeout)%s",
+                 (unsigned long)m->route_timeout_ms, m->st.retries > 0 ? " after retries" : "");
+    STAT_ADD(s->host->stats->upstream_timeouts, 1);
+    close_app(s);
+    replay_drop(m);
+    m->retries_left = 0;
+    if (m->res_head_done) {
+        abort_conn(s, SESSION_RES_TIMEOUT, why);
+        return 1;
+    }
+    local_answer(s, idle ? STREAM_RES_STREAM_IDLE_TIMEOUT : STREAM_RES_UPSTREAM_TIMEOUT,
+                 !m->req.done, why);
+    return 0;
 }
 
 /* The path and query of an absolute-form target ("http://host/p?q" -> "/p?q"; none -> "/"). */
@@ -1076,6 +1393,21 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     m->rs.status = hd->status;
     const char *reason = status_reason(hd->status);
     m->rs.reason = (struct http_slice){reason, strlen(reason)};
+    if (hd->status >= 200 && m->outbound && retry_allowed(s, 1) &&
+        retry_on_status(m, hd->status, hd->headers, hd->nheaders)) {
+        session_outlier_report(s, hd->status >= 500);
+        char what[64];
+        snprintf(what, sizeof(what), "answered %d", hd->status);
+        retry_backoff(s, 1, what);
+        kick(s);
+        return 0;
+    }
+    if (hd->status >= 200) {
+        /* Not sent again; the copy goes unless a stream opened again still reads from it. */
+        m->retries_left = 0;
+        if (!m->retried || m->replay_off >= m->replay.len)
+            replay_drop(m);
+    }
     if (hd->status < 200) {
         /* 100 Continue, 103 Early Hints (HTTP/2 has no 101). Heads are not flow controlled:
          * one that finds INTERIM_MAX bytes the caller has not taken yet is dropped (an
@@ -1086,6 +1418,8 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
             bad_h2_answer(s, "the interim answer cannot be forwarded");
             return 0;
         }
+        if (m->minor == 1 && m->cout.len > 0)
+            m->retries_left = 0; /* the application heard from it: never retried */
         kick(s);
         return 0;
     }
@@ -1228,7 +1562,7 @@ static ssize_t h2_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *fla
         buf_consume(&m->aout, n);
         if (m->replay_ok && !m->retried) {
             /* Held until the far side answers, in case it refuses the stream unprocessed. */
-            m->replay_ok = m->replay.len + n <= REPLAY_MAX;
+            m->replay_ok = m->replay.len + n <= m->replay_max;
             if (m->replay_ok)
                 buf_add(&m->replay, buf, n);
             else
@@ -1490,6 +1824,10 @@ static void on_head(struct session *s, size_t n)
     }
     if (m->outbound && (route_request(s) < 0 || admit_request(s) < 0))
         return;
+    if (m->outbound) {
+        route_policy_start(s);
+        note_request_done(s);
+    }
     if (m->outbound && m->h2) {
         /* Each request a stream on a shared HTTP/2 connection (session_dial_h2). */
         m->phase = P_DIAL;
@@ -1576,8 +1914,10 @@ static int on_response_head(struct session *s, size_t n)
     if (rs->status >= 100 && rs->status < 200 && rs->status != 101) {
         /* Interim (100 Continue, 103 Early Hints): passed on to an HTTP/1.1 caller, unless
          * INTERIM_MAX bytes it has not taken wait already (see h2_on_head()). */
-        if (m->minor == 1 && m->cout.len < INTERIM_MAX)
+        if (m->minor == 1 && m->cout.len < INTERIM_MAX) {
             (void)append_head(&m->cout, n + 64, NULL, rs, NULL, 0);
+            m->retries_left = 0; /* the application heard from it: never retried */
+        }
         buf_consume(&m->ain, n);
         return 0;
     }
@@ -1672,6 +2012,35 @@ static void become_tunnel(struct session *s)
 
 /* ---- timers ---- */
 
+/*
+ * Outbound EXCHANGE: the earliest of the route's RequestTimeout and IdleTimeout,
+ * local_request_timeout_ms when set, and the upstream's idle timeout.
+ */
+static uint64_t outbound_deadline(const struct session *s, enum deadline *kind)
+{
+    const struct mux_h1 *m = s->mux;
+    const struct proxy_cfg *c = &s->snap->cfg;
+    uint32_t idle = session_idle_timeout_ms(s);
+    struct {
+        enum deadline kind;
+        uint64_t at;
+    } v[4] = {{DL_IDLE, idle != 0 ? s->last_io_ms + idle : 0},
+              {DL_ROUTE_IDLE, m->route_idle_ms != 0 ? s->last_io_ms + m->route_idle_ms : 0},
+              {DL_ROUTE, !m->res.done || !m->res_head_done ? route_deadline(m) : 0},
+              {DL_RESPONSE, m->req_sent_ms != 0 && !m->res.done && c->local_request_timeout_ms
+                                ? m->req_sent_ms + c->local_request_timeout_ms
+                                : 0}};
+    uint64_t best = 0;
+    *kind = DL_NONE;
+    for (size_t i = 0; i < ARRAY_SIZE(v); i++) {
+        if (v[i].at != 0 && (best == 0 || v[i].at < best)) {
+            best = v[i].at;
+            *kind = v[i].kind;
+        }
+    }
+    return best;
+}
+
 /* The earliest deadline of the current phase (absolute ms, 0 for none) and its kind. */
 static uint64_t deadline(const struct session *s, enum deadline *kind)
 {
@@ -1690,11 +2059,22 @@ static uint64_t deadline(const struct session *s, enum deadline *kind)
         *kind = DL_CONNECT;
         return m->connect_start_ms + c->local_connect_timeout_ms;
     case P_EXCHANGE:
+        if (m->outbound)
+            return outbound_deadline(s, kind);
         if (m->req_sent_ms != 0 && !m->res.done && c->local_request_timeout_ms != 0) {
             *kind = DL_RESPONSE;
             return m->req_sent_ms + c->local_request_timeout_ms;
         }
         break;
+    case P_BACKOFF: {
+        uint64_t route = route_deadline(m);
+        *kind = DL_BACKOFF;
+        if (route != 0 && route < m->backoff_until_ms) {
+            *kind = DL_ROUTE;
+            return route;
+        }
+        return m->backoff_until_ms;
+    }
     case P_CLOSING:
         *kind = DL_LINGER;
         return m->linger_start_ms + LINGER_MS;
@@ -1824,8 +2204,17 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
             *progress = 1;
             return 0;
         }
+        int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
+        unsigned on = connect                           ? RETRY_ON_CONNECT
+                      : m->h2_code == H2_REFUSED_STREAM ? RETRY_ON_RESET | RETRY_BIT(REFUSED_STREAM)
+                                                        : RETRY_ON_RESET;
+        if (!m->res_head_done && (m->retry_on & on) && retry_allowed(s, 1)) {
+            snprintf(msg, sizeof(msg), "%s before its answer", m->h2_why);
+            retry_backoff(s, 1, msg);
+            *progress = 1;
+            return 0;
+        }
         if (!m->res_head_done) {
-            int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
             snprintf(msg, sizeof(msg), "%s %s: %s before its answer", far_side(m), s->ep_name,
                      m->h2_why);
             close_app(s);
@@ -1945,6 +2334,12 @@ static void pump_run(struct session *s)
             session_want(s, 0, 0);
             return;
         }
+        if (m->phase == P_BACKOFF) {
+            /* A retry waits (mux_on_timer() dials it); the caller is not read meanwhile. */
+            session_want(s, 0, 0);
+            arm(s);
+            return;
+        }
         unsigned wants[2] = {0, 0};
         int progress = 0;
         ssize_t n;
@@ -2038,8 +2433,10 @@ static void pump_run(struct session *s)
             break;
         }
         case P_DIAL:
+        case P_BACKOFF:
             break; /* returned above */
         case P_EXCHANGE: {
+            note_request_done(s);
             if (m->h2) {
                 if (exchange_h2(s, &wants[0], &progress) != 0)
                     return;
@@ -2063,6 +2460,7 @@ static void pump_run(struct session *s)
                 if (k > 0) {
                     m->st.bytes_in += (uint64_t)k;
                     hold(m, from);
+                    note_request_done(s);
                     progress = 1;
                 }
                 if (!m->req.done && m->cin.len < IO_CHUNK) {
@@ -2085,6 +2483,10 @@ static void pump_run(struct session *s)
                 int rc =
                     h1_parse_response(m->ain.p, m->ain.len, H1_HEAD_MAX, m->method, &m->rs, &why);
                 if (rc > 0) {
+                    if (retry_on_answer(s)) {
+                        progress = 1;
+                        break;
+                    }
                     if (on_response_head(s, (size_t)rc) != 0) {
                         progress = 1;
                         break;
@@ -2116,11 +2518,11 @@ static void pump_run(struct session *s)
                     n = read_into(s, 1, &m->ain, ain_max, &wants[1]);
                     if (n > 0) {
                         if (!m->app_heard) {
-                            /* It reached someone: it is not sent again. */
+                            /* It reached someone: it is not sent again, unless a retry
+                             * policy reads the answer's head first (retry_on_answer()). */
                             m->app_heard = 1;
-                            m->replay_ok = 0;
-                            m->replay.len = 0;
-                            buf_release(&m->replay);
+                            if (m->retries_left == 0)
+                                replay_drop(m);
                         }
                         progress = 1;
                     } else if (n == 0 || (n < 0 && n != -EAGAIN)) {
@@ -2130,8 +2532,14 @@ static void pump_run(struct session *s)
                             m->app_keep = 0;
                             progress = 1;
                         } else if (!m->res_head_done && !m->app_heard && m->replay_ok &&
-                                   !m->retried) {
+                                   m->app_served > 0 && !m->retried) {
                             retry(s, what);
+                            progress = 1;
+                            break;
+                        } else if (!m->res_head_done && (m->retry_on & RETRY_ON_RESET) &&
+                                   retry_allowed(s, 1)) {
+                            snprintf(msg, sizeof(msg), "%s before its answer", what);
+                            retry_backoff(s, 1, msg);
                             progress = 1;
                             break;
                         } else if (!m->res_head_done) {
@@ -2314,6 +2722,14 @@ static void mux_on_timer(struct session *s)
         }
         local_answer(s, STREAM_RES_LOCAL_TIMEOUT, 0, why);
         break;
+    case DL_ROUTE:
+    case DL_ROUTE_IDLE:
+        if (route_timed_out(s, kind == DL_ROUTE_IDLE, now))
+            return;
+        break;
+    case DL_BACKOFF:
+        retry_attempt(s);
+        return;
     case DL_LINGER:
         session_finish(s, SESSION_RES_OK, m->why);
         return;
@@ -2337,6 +2753,7 @@ static void mux_start(struct session *s)
     s->carrier = &mux_h1_mux;
     m->cin.pool = m->cout.pool = m->ain.pool = m->aout.pool = m->target.pool = s->host;
     m->replay.pool = m->trailers.pool = m->h2held.pool = s->host;
+    m->replay_max = s->inbound ? REPLAY_MAX : s->up->cfg->retry_buffer_bytes;
     session_set_state(s, S_HTTP);
     loop_timer_stop(s->host->loop, &s->timer);
     m->head_max = (size_t)c->max_request_headers_kb * 1024u;
@@ -2380,7 +2797,10 @@ static void mux_start(struct session *s)
 static void mux_dialled(struct session *s, const char *why)
 {
     struct mux_h1 *m = s->mux;
-    if (why != NULL) {
+    count_dial_failovers(s);
+    if (why != NULL && (m->retry_on & RETRY_ON_CONNECT) && retry_allowed(s, 0)) {
+        retry_backoff(s, 0, why);
+    } else if (why != NULL) {
         char msg[400];
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
         buf_consume(&m->cin, m->rq_len);

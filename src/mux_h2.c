@@ -434,7 +434,10 @@ static const char *local_text(enum stream_result r)
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "overflow";
     case STREAM_RES_LOCAL_TIMEOUT:
+    case STREAM_RES_UPSTREAM_TIMEOUT:
         return "upstream request timeout";
+    case STREAM_RES_STREAM_IDLE_TIMEOUT:
+        return "stream timeout";
     case STREAM_RES_BAD_RESPONSE:
         return "upstream connect error or disconnect/reset before headers. reset reason: "
                "protocol error";

@@ -433,6 +433,16 @@ static const struct key_def keys[] = {
             "discovery chain as OverrideConnectTimeout, as Envoy does, so it overrides a "
             "service-resolver's ConnectTimeout; when absent the resolver's applies (Consul's "
             "default is 5000)."},
+    {.name = "retry_buffer_bytes",
+     .scope = SCOPE_UPSTREAM,
+     .type = KEY_COUNT,
+     .set = set_u32,
+     .off = UPSTREAM(retry_buffer_bytes),
+     .def = 65536,
+     .max = 16777216,
+     .doc = "http upstreams: the most bytes of a request (head and body) held while it may "
+            "be retried (a route's NumRetries / RetryOn, or the keep-alive race); a longer "
+            "request is sent once, as Envoy's per_request_buffer_limit_bytes."},
     {.name = "prepared_query_poll_interval_ms",
      .scope = SCOPE_UPSTREAM,
      .type = KEY_MS,

@@ -55,6 +55,9 @@ struct upstream_cfg {
     struct outlier_cfg passive;
     int protocol;     /* enum proxycfg_protocol; meaningful when protocol_set */
     int protocol_set; /* Config.protocol was given (not ""): it overrides the chain's */
+    /* HTTP: the most bytes of a request (head and body) held so that a retry can send it
+     * again; a longer request is never retried. */
+    uint32_t retry_buffer_bytes;
 };
 
 /*

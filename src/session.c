@@ -1891,6 +1891,33 @@ void session_redial_upstream(struct session *s)
     dial_upstream(s, 0);
 }
 
+void session_redial_retry(struct session *s)
+{
+    size_t left = 0;
+    for (size_t k = 0, base; k < dial_targets(s); k++) {
+        const struct snap_target *t = dial_target(s, k, &base);
+        if (t == NULL)
+            continue;
+        /* A pooled connection's endpoint was not flagged by pick_endpoint(). */
+        if (s->ep != NULL && t == s->tgt && s->ep >= t->endpoints->v &&
+            s->ep < t->endpoints->v + t->endpoints->n)
+            s->tried[base + (size_t)(s->ep - t->endpoints->v)] = 1;
+        for (size_t i = 0; i < t->endpoints->n; i++)
+            left += !s->tried[base + i];
+    }
+    unsigned char *tried = s->tried;
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    unsigned char *keep = xmalloc(total ? total : 1);
+    memcpy(keep, tried, total);
+    dial_reset(s, s->dial_h2); /* the same kind of dial as the request's first */
+    if (left > 0)
+        memcpy(tried, keep, total); /* another endpoint is left: the tried ones wait */
+    free(keep);
+    pick_endpoint(s);
+}
+
 static void try_next_endpoint(struct session *s, const char *why)
 {
     LOG_WARN("conn=%llu out endpoint %s failed: %s", (unsigned long long)s->id, LOG_ESC(s->ep_name),

@@ -152,6 +152,8 @@ struct session_stats {
     atomic_uint_fast64_t tls_handshakes[2][2]; /* [0 inbound, 1 outbound][1 resumed] */
     atomic_uint_fast64_t upool_idle;           /* upstream connections in the pool now */
     atomic_uint_fast64_t upool_reused;         /* dials served from the pool */
+    atomic_uint_fast64_t upstream_retries;     /* outbound requests sent again (retry policy) */
+    atomic_uint_fast64_t upstream_timeouts;    /* outbound requests past their RequestTimeout */
     atomic_uint_fast64_t h2up_conns;           /* shared HTTP/2 client connections open now */
     atomic_uint_fast64_t h2up_streams;         /* streams opened on them */
     atomic_size_t n_listeners;

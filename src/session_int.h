@@ -222,6 +222,14 @@ void session_dial_upstream(struct session *s);
  */
 void session_redial_upstream(struct session *s);
 /*
+ * A retry by the request's retry policy (mux_h1): as session_redial_upstream() (or, when the
+ * last dial was session_dial_h2(), as that one), but the endpoints this request was sent to
+ * or failed on (s->tried, the last one, s->ep, included) are passed over while the dial's
+ * targets have another one; when none is left, any may be picked again. Same rules and
+ * ending as the dial it repeats.
+ */
+void session_redial_retry(struct session *s);
+/*
  * Outbound L7 over HTTP/2 (an http2 or grpc upstream): a shared connection to one of the
  * upstream's endpoints. An endpoint is picked as session_dial_upstream() picks one (primary
  * target first, random among its endpoints not tried yet); when the worker's h2up pool has a

@@ -272,6 +272,7 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
         rec.route = st->route->index;
         rec.resolver = st->resolver != NULL ? st->resolver : "";
     }
+    rec.retries = st->retries;
     alog_write(&rec);
 }
 

@@ -41,8 +41,10 @@ struct session;
       503)                                 /* outbound: the upstream's limits (no queue) */        \
     X(LOCAL_RESET, "local_reset", 503)     /* the application closed before its answer's head */   \
     X(LOCAL_TIMEOUT, "local_timeout", 504) /* local_request_timeout_ms */                          \
-    X(BAD_RESPONSE, "bad_response", 502)   /* the application's answer was broken */               \
-    X(ABORTED, "aborted", 0)               /* a side went away mid-stream */
+    X(UPSTREAM_TIMEOUT, "upstream_timeout", 504)       /* outbound: the route's RequestTimeout */  \
+    X(STREAM_IDLE_TIMEOUT, "stream_idle_timeout", 408) /* outbound: the route's IdleTimeout */     \
+    X(BAD_RESPONSE, "bad_response", 502)               /* the application's answer was broken */   \
+    X(ABORTED, "aborted", 0)                           /* a side went away mid-stream */
 
 enum stream_result {
 #define X(name, label, status) STREAM_RES_##name,
@@ -83,6 +85,7 @@ struct stream {
     /* Outbound: the upstream whose in-flight count (limits.max_concurrent_requests) this
      * request holds a unit of; stream_finish() gives it back. NULL when none. */
     struct outlier *active;
+    unsigned retries;    /* outbound: times the request was sent again by its retry policy */
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

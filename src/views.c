@@ -319,7 +319,7 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     struct source_sum *ss = NULL;
     size_t nl = 0, ns = 0;
     uint64_t hs[SESSION_HS_COUNT] = {0}, tls_hs[2][2] = {{0}}, ended[SESSION_RES_COUNT] = {0};
-    uint64_t h2_closed = 0;
+    uint64_t h2_closed = 0, up_retries = 0, up_timeouts = 0;
     uint64_t refused_max = 0, refused_rate = 0, reauth = 0, reauth_closed = 0, refused_pending = 0,
              refused_pending_source = 0, refused_fds = 0, upool_idle = 0, upool_reused = 0,
              h2up_conns = 0, h2up_streams = 0;
@@ -353,6 +353,8 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
         reauth_closed += load(&st->counters.reauthorize_closed);
         upool_idle += load(&st->upool_idle);
         upool_reused += load(&st->upool_reused);
+        up_retries += load(&st->upstream_retries);
+        up_timeouts += load(&st->upstream_timeouts);
         h2up_conns += load(&st->h2up_conns);
         h2up_streams += load(&st->h2up_streams);
         h2_closed += load(&st->counters.h2_protocol_closed);
@@ -420,6 +422,14 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
                 "Upstream connections taken from the pool instead of dialled.");
     admin_buf_printf(b, "connectd_upstream_pool_reused_total %llu\n",
                      (unsigned long long)upool_reused);
+    metric_head(b, "upstream_request_retries_total", "counter",
+                "Outbound requests sent again by their route's retry policy.");
+    admin_buf_printf(b, "connectd_upstream_request_retries_total %llu\n",
+                     (unsigned long long)up_retries);
+    metric_head(b, "upstream_request_timeouts_total", "counter",
+                "Outbound requests not answered in full within their route's RequestTimeout.");
+    admin_buf_printf(b, "connectd_upstream_request_timeouts_total %llu\n",
+                     (unsigned long long)up_timeouts);
     metric_head(b, "upstream_h2_connections", "gauge",
                 "Shared HTTP/2 client connections open (to upstream sidecars with ALPN h2, and "
                 "h2c to the local application).");

@@ -93,6 +93,7 @@ static void test_defaults_are_stored_and_documented_from_the_table(void **state)
     assert_int_equal(c.upstreams[0].connect_timeout_ms, 5000);
     assert_int_equal(c.upstreams[0].connect_timeout_set, 0); /* a default is not "given" */
     assert_int_equal(c.upstreams[0].poll_interval_ms, 10000);
+    assert_int_equal(c.upstreams[0].retry_buffer_bytes, 65536);
     proxycfg_dispose(&c);
 
     char *doc = NULL;
