@@ -52,7 +52,7 @@ struct alog_rec {
      * in its upstream's table and the resolver its split named. */
     size_t route;
     const char *resolver;
-    unsigned retries;        /* outbound: retries of the request's retry policy; 0: not written */
+    unsigned retries; /* outbound: retries of the request's retry policy; 0: not written */
 };
 
 /* Longest line alog_format_line writes, newline included. */

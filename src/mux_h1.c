@@ -1822,6 +1822,10 @@ static void on_head(struct session *s, size_t n)
         local_answer(s, STREAM_RES_BAD_RESPONSE, 1, "CONNECT is not translated to HTTP/2");
         return;
     }
+    /* A router (or endpoint) change applies to this request too, not only to new
+     * application connections. */
+    if (m->outbound && session_follow_snapshot(s))
+        close_app(s);
     if (m->outbound && (route_request(s) < 0 || admit_request(s) < 0))
         return;
     if (m->outbound) {

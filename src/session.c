@@ -120,6 +120,7 @@ static void reap(struct loop_defer *d)
         s->mux2_free(s->mux2);
     free(s->caller);
     snapshot_unref(s->snap);
+    snapshot_unref(s->snap0);
     free(s->upstream_key);
     free(s->tried);
     free(s->h2memo);
@@ -1750,6 +1751,43 @@ static void verify_peer(struct session *s)
         return;
     }
     s->host->muxes.relay->start(s);
+}
+
+int session_follow_snapshot(struct session *s)
+{
+    struct snapshot *now = s->host->snap;
+    if (s->inbound || now == NULL || now == s->snap || s->upstream_key == NULL || s->up == NULL)
+        return 0;
+    const struct snap_upstream *up = snapshot_upstream(now, s->upstream_key);
+    if (up == NULL || up->protocol != s->up->protocol)
+        return 0;
+    if (s->end[1].fd >= 0)
+        session_pool_put(s); /* under the old snapshot's TLS context check; else closed */
+    size_t total = 0;
+    for (size_t j = 0; j < up->n_targets; j++)
+        total += up->targets[j].endpoints->n;
+    free(s->tried);
+    s->tried = xcalloc(total ? total : 1, 1);
+    s->tries = 0;
+    if (s->snap0 == NULL)
+        s->snap0 = s->snap;
+    else
+        snapshot_unref(s->snap);
+    s->snap = snapshot_ref(now);
+    s->up = up;
+    s->tgt = NULL;
+    s->ep = NULL;
+    s->ep_name[0] = '\0';
+    s->dial_rs = NULL;
+    s->lb_pre_tgt = NULL;
+    if (s->h2memo != NULL) {
+        /* Its pointers named endpoints of the snapshot left: never equal to new ones. */
+        s->h2memo->tgt = NULL;
+        s->h2memo->ep = NULL;
+    }
+    LOG_DEBUG("conn=%llu out follows snapshot %llu", (unsigned long long)s->id,
+              (unsigned long long)now->generation);
+    return 1;
 }
 
 /*

@@ -74,7 +74,11 @@ struct session_mux {
 struct session {
     struct session *next, *prev;
     struct session_host *host;
-    struct snapshot *snap; /* the snapshot this session started with */
+    /* The snapshot this session started with; an outbound L7 session moves to the worker's
+     * current one between requests (session_follow_snapshot()), holding the first in <snap0>
+     * (its admission state is where the session counts). One reference each. */
+    struct snapshot *snap;
+    struct snapshot *snap0;
     uint64_t id;
     int inbound;
     enum session_state state;
@@ -159,6 +163,16 @@ void session_finish(struct session *s, enum session_result result, const char *r
 int session_want(struct session *s, int i, unsigned mask);
 /* Moves to state <st> (traced). */
 void session_set_state(struct session *s, enum session_state st);
+/*
+ * Outbound L7, between requests (nothing in flight, no dial under way): moves the session to
+ * the worker's current snapshot, so that a router, splitter or resolver change and new
+ * endpoints apply to the next request of a kept-alive application connection, as Envoy
+ * applies a new route table to new requests. A kept-alive end[1] goes to the pool first (it
+ * serves again while its endpoint, identity and TLS context still fit). Nothing moves when the
+ * upstream left the snapshot or its protocol changed. Returns 1 when it moved (the codec then
+ * resets what it knew of end[1]).
+ */
+int session_follow_snapshot(struct session *s);
 /* Whether target <t> of the session's upstream is one the current dial may use (dial_rs). */
 int session_dial_allows(const struct session *s, const struct snap_target *t);
 /*

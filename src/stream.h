@@ -85,7 +85,7 @@ struct stream {
     /* Outbound: the upstream whose in-flight count (limits.max_concurrent_requests) this
      * request holds a unit of; stream_finish() gives it back. NULL when none. */
     struct outlier *active;
-    unsigned retries;    /* outbound: times the request was sent again by its retry policy */
+    unsigned retries; /* outbound: times the request was sent again by its retry policy */
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

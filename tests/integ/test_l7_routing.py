@@ -146,3 +146,37 @@ def test_split_keep_alive_clients_reuse_pooled_connections(mesh):
         assert dials <= 2 * 64 + 16, dials
     finally:
         delete_entries(m)
+
+
+def test_router_change_applies_to_an_open_keep_alive_connection(mesh):
+    """A router written while the application holds a keep-alive connection applies to that
+    connection's next request, as Envoy applies a new route table to new requests: the
+    session moves to the current snapshot between requests. Before, a session kept the
+    snapshot it started with, so a long-lived client connection never saw a router change."""
+    m = mesh
+    web = routed_mesh(m)
+    try:
+        with connect(web.up["db"]) as s:
+            st, _, body, _ = ask(s, "/two")
+            assert st == 200 and answered_by(m, body) == "db"
+            m.api.set_config_entry({
+                "Kind": "service-router", "Name": m.name("db"),
+                "Routes": [{"Match": {"HTTP": {"PathPrefix": "/two"}},
+                            "Destination": {"Service": m.name("db2")}}]})
+
+            def fresh_routed():
+                try:
+                    with connect(web.up["db"]) as c:
+                        st, _, body, _ = ask(c, "/two")
+                        return st == 200 and answered_by(m, body) == "db2"
+                except (OSError, EOFError, AssertionError, ValueError, KeyError):
+                    return False
+            wait_until(fresh_routed, 30, "a new connection routed to db2")
+            seen = []
+            for path in ("/two", "/", "/two/x"):
+                st, _, body, _ = ask(s, path)
+                assert st == 200, (path, st, body)
+                seen.append(answered_by(m, body))
+            assert seen == ["db2", "db", "db2"], seen
+    finally:
+        delete_entries(m)

@@ -204,7 +204,7 @@ static void test_request_record(void **state)
     r.resolver = "resolver:db2.default.default.dc1";
     alog_format_line(buf, sizeof(buf), ALOG_LOGFMT, &r);
     assert_non_null(strstr(buf, " stream=2 route=3 resolver=resolver:db2.default.default.dc1 "));
-    r.resolver = NULL; /* not routed: no route fields */
+    r.resolver = NULL;                    /* not routed: no route fields */
     assert_null(strstr(buf, "retries=")); /* none made: not written */
     r.retries = 2;
     alog_format_line(buf, sizeof(buf), ALOG_JSON, &r);
