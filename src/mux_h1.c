@@ -673,14 +673,7 @@ static void app_on_io(struct loop_io *io, unsigned events);
 static int connect_app(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    struct session_app c;
-    session_app(s, &c);
-    int unix_sock = c.socket_path[0] != '\0';
-    int fd = unix_sock ? sock_connect_unix(c.socket_path) : sock_connect(c.address, c.port);
-    if (unix_sock)
-        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c.socket_path);
-    else
-        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c.address, c.port);
+    int fd = session_app_connect(s);
     if (fd < 0)
         return fd;
     memset(&s->end[1], 0, sizeof(s->end[1]));

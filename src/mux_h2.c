@@ -604,14 +604,7 @@ static struct h1leg *leg_new(const struct h2_head *hd, struct http_slice target,
 static void leg_open(struct session *s, struct h2s *x, const struct h2_head *hd,
                      struct http_slice target, const struct http_header *f, size_t nf)
 {
-    struct session_app c;
-    session_app(s, &c);
-    int unix_sock = c.socket_path[0] != '\0';
-    int fd = unix_sock ? sock_connect_unix(c.socket_path) : sock_connect(c.address, c.port);
-    if (unix_sock)
-        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c.socket_path);
-    else
-        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c.address, c.port);
+    int fd = session_app_connect(s);
     if (fd < 0) {
         char why[400];
         snprintf(why, sizeof(why), "connect %s: %s", s->ep_name, util_strerror(fd));

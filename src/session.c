@@ -1010,6 +1010,18 @@ void session_app(const struct session *s, struct session_app *out)
     out->protocol = s->expose != NULL ? s->expose->protocol : c->protocol;
 }
 
+int session_app_connect(struct session *s)
+{
+    struct session_app c;
+    session_app(s, &c);
+    int unix_sock = c.socket_path[0] != '\0';
+    if (unix_sock)
+        snprintf(s->ep_name, sizeof(s->ep_name), "unix:%s", c.socket_path);
+    else
+        snprintf(s->ep_name, sizeof(s->ep_name), "%s:%d", c.address, c.port);
+    return unix_sock ? sock_connect_unix(c.socket_path) : sock_connect(c.address, c.port);
+}
+
 void session_app_h2_key(const struct session *s, char *key, size_t len)
 {
     struct session_app a;

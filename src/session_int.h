@@ -278,6 +278,9 @@ struct session_app {
     int protocol;
 };
 void session_app(const struct session *s, struct session_app *out);
+/* Starts a non-blocking connect to the application (session_app()) and names it in
+ * s->ep_name ("addr:port" or "unix:path"); the descriptor, or -errno. */
+int session_app_connect(struct session *s);
 
 /* The key of the worker's shared h2c connection to the local application ("app|<address>"),
  * for the snapshot <s> started with; keeps the worker's pool sweep running, which drains such
