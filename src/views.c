@@ -416,28 +416,23 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
 
     metric_head(b, "upstream_pool_idle_connections", "gauge",
                 "Idle upstream connections (http upstreams) kept for the next request.");
-    admin_buf_printf(b, "connectd_upstream_pool_idle_connections %llu\n",
-                     (unsigned long long)upool_idle);
+    sample(b, "upstream_pool_idle_connections", NULL, NULL, upool_idle);
     metric_head(b, "upstream_pool_reused_total", "counter",
                 "Upstream connections taken from the pool instead of dialled.");
-    admin_buf_printf(b, "connectd_upstream_pool_reused_total %llu\n",
-                     (unsigned long long)upool_reused);
+    sample(b, "upstream_pool_reused_total", NULL, NULL, upool_reused);
     metric_head(b, "upstream_request_retries_total", "counter",
                 "Outbound requests sent again by their route's retry policy.");
-    admin_buf_printf(b, "connectd_upstream_request_retries_total %llu\n",
-                     (unsigned long long)up_retries);
+    sample(b, "upstream_request_retries_total", NULL, NULL, up_retries);
     metric_head(b, "upstream_request_timeouts_total", "counter",
                 "Outbound requests not answered in full within their route's RequestTimeout.");
-    admin_buf_printf(b, "connectd_upstream_request_timeouts_total %llu\n",
-                     (unsigned long long)up_timeouts);
+    sample(b, "upstream_request_timeouts_total", NULL, NULL, up_timeouts);
     metric_head(b, "upstream_h2_connections", "gauge",
                 "Shared HTTP/2 client connections open (to upstream sidecars with ALPN h2, and "
                 "h2c to the local application).");
-    admin_buf_printf(b, "connectd_upstream_h2_connections %llu\n", (unsigned long long)h2up_conns);
+    sample(b, "upstream_h2_connections", NULL, NULL, h2up_conns);
     metric_head(b, "upstream_h2_streams_total", "counter",
                 "Streams opened on shared HTTP/2 client connections.");
-    admin_buf_printf(b, "connectd_upstream_h2_streams_total %llu\n",
-                     (unsigned long long)h2up_streams);
+    sample(b, "upstream_h2_streams_total", NULL, NULL, h2up_streams);
 
     metric_head(b, "authorization_decisions_total", "counter",
                 "Inbound authorization decisions by source service and result (at most 256 "
