@@ -3,6 +3,7 @@
  * meaning. Parsing, -help and the documentation read the same rows.
  */
 #include "config.h"
+#include "cpus.h"
 #include "util.h"
 
 #include <ctype.h>
@@ -84,7 +85,9 @@ static const struct flag_def flags[] = {
      "Access log format: json (default) or logfmt."},
     GROUP("Running"),
     {"workers", FLAG_STRING, NULL, F(workers),
-     "Number of worker threads, 1 to 256 (default: the number of online CPUs)."},
+     "Number of worker threads, 1 to 256 (default: 2, or 1 when this process may use only one "
+     "CPU: its affinity mask and its cgroup's CPU quota count). A sidecar shares the node with its "
+     "application; one worker carries tens of thousands of requests per second."},
     {"drain-timeout", FLAG_STRING, NULL, F(drain_timeout),
      "On SIGTERM or SIGINT, how long open connections may run on after the listeners close: "
      "a duration such as 500ms, 10s or 1m, or milliseconds (default 5s; 0 stops at once). A "
@@ -314,8 +317,7 @@ int config_parse(struct config *c, int argc, char **argv, const char *(*getenv_f
         snprintf(err, errlen, "flag -access-log: empty path");
         goto fail;
     }
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    long n = cpus < 1 ? 1 : cpus > 256 ? 256 : cpus;
+    long n = cpus_default_workers(cpus_usable());
     if (c->workers != NULL && util_parse_int(c->workers, 1, 256, &n) != 0) {
         snprintf(err, errlen, "flag -workers: \"%s\" is not an integer in [1, 256]", c->workers);
         goto fail;
