@@ -1133,6 +1133,7 @@ static int route_timed_out(struct session *s, int idle, uint64_t now)
         snprintf(why, sizeof(why), "no complete answer in %lu ms (the route's RequestTimeout)%s",
                  (unsigned long)m->route_timeout_ms, m->st.retries > 0 ? " after retries" : "");
     STAT_ADD(s->host->stats->upstream_timeouts, 1);
+    m->st.timed_out = 1;
     close_app(s);
     replay_drop(m);
     m->retries_left = 0;

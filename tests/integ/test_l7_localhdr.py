@@ -1,16 +1,19 @@
-"""Outbound routes seen from outside (issue 10, item 2): a route's ResponseHeaders on
-connectd's own answers.
+"""Outbound routes seen from outside (issue 10, items 2 and 9): a route's ResponseHeaders on
+connectd's own answers, and the per-route and per-upstream counters of /metrics.
 
 * connectd's own answer to a routed request (503 when the route's service has no healthy
   instance, 504 when its RequestTimeout passes) carries the route's ResponseHeaders Add /
   Set / Remove, as Envoy finalizes a local reply with the route it selected; over HTTP/1.1 and
   over an h2c application's streams to an http2 upstream.
+* connectd_http_route_requests_total and the other per-route counters never go back when the
+  router changes (a new route table): a route index that stays counts on.
+* Per route, the retries its policy made and the requests its timeouts cut.
 
 db's application is test_l7_retry's ScriptedApp (/slow?ms=N answers after N ms, /flaky/<key>
 fails as asked); db3 is a service with no instance at all.
 """
 
-from mesh import wait_until
+from mesh import admin_get, metric, parse_metrics, wait_until
 from test_l7_h2 import H2App
 from test_l7_inbound import Reader, connect, get, response
 from test_l7_retry import delete_router, retry_mesh
@@ -108,3 +111,76 @@ def test_route_response_headers_on_h2c_local_answers(mesh):
     finally:
         delete_router(m)
 
+
+def route_metric(admin, upstream, name, route, **labels):
+    """The value of connectd_<name>{upstream=<upstream>,route="<route>",...} (0 when absent)."""
+    text = admin_get(admin, "/metrics")[1]
+    return metric(parse_metrics(text), "connectd_" + name, upstream=upstream, route=str(route),
+                  **labels)
+
+
+def test_route_counters_survive_a_router_change(mesh, tmp_path):
+    """N requests on route 0 (/r), then the router gains a second route (/q) and keeps /r as
+    route 0, then M more on /r: connectd_http_route_requests_total for route 0, 2xx, is the
+    count before plus N + M. Before, a changed chain built a new table whose counters started
+    at zero, so the counter went back to M (a Prometheus counter must not decrease)."""
+    m = mesh
+    app, db, web, alog, admin = retry_mesh(m, tmp_path, admin=True)
+    up = web.up["db"]
+
+    def requests(route):
+        return route_metric(admin, m.name("db"), "http_route_requests_total", route,
+                            code_class="2xx")
+    r = {"Match": {"HTTP": {"PathPrefix": "/r"}},
+         "Destination": {"Service": m.name("db"), "ResponseHeaders": {"Add": {"x-route": "r"}}}}
+    q = {"Match": {"HTTP": {"PathPrefix": "/q"}},
+         "Destination": {"Service": m.name("db"), "ResponseHeaders": {"Add": {"x-route": "q"}}}}
+    try:
+        routes(m, [r])
+        wait_answer(up, "/r/warm", lambda st, hs: hs.get("x-route") == ["r"], "route /r in use")
+        wait_until(lambda: requests(0) > 0, 10, "route 0 counted")
+        before = requests(0)
+        n, k = 4, 3
+        for i in range(n):
+            assert answer(up, f"/r/{i}")[0] == 200
+        wait_until(lambda: requests(0) == before + n, 10, f"route 0 at {before + n}")
+        routes(m, [r, q])
+        wait_answer(up, "/q/warm", lambda st, hs: hs.get("x-route") == ["q"], "route /q in use")
+        for i in range(k):
+            assert answer(up, f"/r/after{i}")[0] == 200
+        want = before + n + k
+        wait_until(lambda: requests(0) == want, 10, f"route 0 at {want}")
+        assert requests(1) >= 1, requests(1)
+    finally:
+        delete_router(m)
+
+
+def test_per_route_retries_and_timeouts(mesh, tmp_path):
+    """Route 0 (/flaky, RetryOn 5xx) retries a request that fails once: its
+    connectd_http_route_retries_total grows by 1, route 1's does not; route 1 (/slow,
+    RequestTimeout 300ms) cuts a slow request: its connectd_http_route_timeouts_total grows by
+    1, route 0's does not. Before, retries and timeouts were counted only for the whole
+    process."""
+    m = mesh
+    app, db, web, alog, admin = retry_mesh(m, tmp_path, admin=True)
+    up = web.up["db"]
+    try:
+        routes(m, [
+            {"Match": {"HTTP": {"PathPrefix": "/flaky"}},
+             "Destination": {"Service": m.name("db"), "RetryOn": ["5xx"], "NumRetries": 2}},
+            {"Match": {"HTTP": {"PathPrefix": "/slow"}},
+             "Destination": {"Service": m.name("db"), "RequestTimeout": "300ms"}},
+        ])
+        wait_answer(up, "/slow?ms=1500", lambda st, hs: st == 504, "the router in use")
+
+        def counts():
+            return [route_metric(admin, m.name("db"), f"http_route_{c}_total", k)
+                    for c in ("retries", "timeouts") for k in (0, 1)]
+        wait_until(lambda: counts()[3] > 0, 10, "route 1's timeout counted")
+        r0, r1, t0, t1 = counts()
+        assert answer(up, "/flaky/once?fail=1&code=503")[0] == 200
+        assert answer(up, "/slow?ms=1500")[0] == 504
+        want = [r0 + 1, r1, t0, t1 + 1]
+        wait_until(lambda: counts() == want, 10, f"retries and timeouts per route {want}")
+    finally:
+        delete_router(m)
