@@ -46,7 +46,7 @@ struct listener_sum {
     int inbound;
     uint64_t active, total, bytes_in, bytes_out, connect_errors;
     uint64_t requests[6], duration[SESSION_DURATION_BUCKETS + 1], duration_sum_ms;
-    uint64_t expose_refused;
+    uint64_t expose_refused, pool_idle;
 };
 
 static void sum_listener(struct listener_sum **v, size_t *n, const struct session_listener_stats *l)
@@ -71,6 +71,7 @@ static void sum_listener(struct listener_sum **v, size_t *n, const struct sessio
         s->duration[k] += load(&l->duration_buckets[k]);
     s->duration_sum_ms += load(&l->duration_sum_ms);
     s->expose_refused += load(&l->expose_refused);
+    s->pool_idle += load(&l->pool_idle);
 }
 
 /* An exposed listener's stats go by its own name ("expose:<port>"). */
@@ -447,6 +448,13 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     metric_head(b, "upstream_pool_idle_connections", "gauge",
                 "Idle upstream connections (http upstreams) kept for the next request.");
     sample(b, "upstream_pool_idle_connections", NULL, NULL, upool_idle);
+    metric_head(b, "upstream_pool_idle_connections_by_upstream", "gauge",
+                "Idle upstream connections kept for the next request, by upstream (http "
+                "upstreams; the sum of connectd_upstream_pool_idle_connections).");
+    for (size_t i = 0; i < nl; i++)
+        if (!ls[i].inbound)
+            upstream_sample(b, "upstream_pool_idle_connections_by_upstream", ls[i].name, NULL,
+                            ls[i].pool_idle);
     metric_head(b, "upstream_pool_reused_total", "counter",
                 "Upstream connections taken from the pool instead of dialled.");
     sample(b, "upstream_pool_reused_total", NULL, NULL, upool_reused);

@@ -7,7 +7,8 @@ connectd's own answers, and the per-route and per-upstream counters of /metrics.
   over an h2c application's streams to an http2 upstream.
 * connectd_http_route_requests_total and the other per-route counters never go back when the
   router changes (a new route table): a route index that stays counts on.
-* Per route, the retries its policy made and the requests its timeouts cut.
+* Per route, the retries its policy made and the requests its timeouts cut; per upstream, the
+  idle pooled connections.
 
 db's application is test_l7_retry's ScriptedApp (/slow?ms=N answers after N ms, /flaky/<key>
 fails as asked); db3 is a service with no instance at all.
@@ -155,12 +156,13 @@ def test_route_counters_survive_a_router_change(mesh, tmp_path):
         delete_router(m)
 
 
-def test_per_route_retries_and_timeouts(mesh, tmp_path):
+def test_per_route_retries_timeouts_and_pool_per_upstream(mesh, tmp_path):
     """Route 0 (/flaky, RetryOn 5xx) retries a request that fails once: its
     connectd_http_route_retries_total grows by 1, route 1's does not; route 1 (/slow,
     RequestTimeout 300ms) cuts a slow request: its connectd_http_route_timeouts_total grows by
-    1, route 0's does not. Before, retries and timeouts were counted only for the whole
-    process."""
+    1, route 0's does not. The idle pooled connections to db show per upstream
+    (connectd_upstream_pool_idle_connections_by_upstream) as the process-wide gauge does.
+    Before, retries and timeouts were counted only for the whole process, and the pool too."""
     m = mesh
     app, db, web, alog, admin = retry_mesh(m, tmp_path, admin=True)
     up = web.up["db"]
@@ -182,5 +184,13 @@ def test_per_route_retries_and_timeouts(mesh, tmp_path):
         assert answer(up, "/slow?ms=1500")[0] == 504
         want = [r0 + 1, r1, t0, t1 + 1]
         wait_until(lambda: counts() == want, 10, f"retries and timeouts per route {want}")
+
+        def pooled():
+            ms = parse_metrics(admin_get(admin, "/metrics")[1])
+            per = metric(ms, "connectd_upstream_pool_idle_connections_by_upstream",
+                         upstream=m.name("db"))
+            return per >= 1 and per == metric(ms, "connectd_upstream_pool_idle_connections")
+        assert answer(up, "/fine")[0] == 200
+        wait_until(pooled, 10, "db's idle pooled connection counted for db")
     finally:
         delete_router(m)
