@@ -589,10 +589,16 @@ static const char *local_body(enum stream_result r)
     }
 }
 
+static struct http_header *modified_fields(const struct mux_h1 *m, int response,
+                                           const struct http_header *h, size_t n, size_t *out_n);
+
 /*
  * Queues connectd's own answer <r> to the current stream and enters LOCAL. <close>: the
  * caller's connection closes after it (else the rest of the request body, m->req, is read and
- * dropped first). The stream finishes once the answer is written.
+ * dropped first). The stream finishes once the answer is written. Outbound, a request that
+ * took a route gets its route's and split's ResponseHeaders on this answer too (a 503 or a
+ * 504 for that route, not the 404 of no route), as Envoy finalizes a local reply's headers
+ * with the route entry it selected.
  */
 static void local_answer(struct session *s, enum stream_result r, int close, const char *why)
 {
@@ -606,13 +612,26 @@ static void local_answer(struct session *s, enum stream_result r, int close, con
     int n = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\ncontent-length: %zu\r\n", status,
                      reason_phrase(status), strlen(body));
     buf_add(&m->cout, head, (size_t)n);
-    if (r == STREAM_RES_REDIRECT) {
-        /* The normalized target: a path and query of visible characters only. */
-        buf_add(&m->cout, "location: ", 10);
-        buf_add(&m->cout, m->target.p, m->target.len);
+    /* The fields a route's modifiers may touch; Content-Length and Connection they never do. */
+    struct http_header f[2];
+    size_t nf = 0;
+    f[nf++] = (struct http_header){.name = {"content-type", 12}, .value = {"text/plain", 10}};
+    if (r == STREAM_RES_REDIRECT) /* the normalized target: visible characters only */
+        f[nf++] =
+            (struct http_header){.name = {"location", 8}, .value = {m->target.p, m->target.len}};
+    size_t nmf = 0;
+    struct http_header *mf = m->outbound ? modified_fields(m, 1, f, nf, &nmf) : NULL;
+    const struct http_header *out = mf != NULL ? mf : f;
+    for (size_t i = 0, nout = mf != NULL ? nmf : nf; i < nout; i++) {
+        if (out[i].flags & HTTP_HDR_HOP)
+            continue; /* removed or replaced by the modifiers */
+        buf_add(&m->cout, out[i].name.p, out[i].name.len);
+        buf_add(&m->cout, ": ", 2);
+        buf_add(&m->cout, out[i].value.p, out[i].value.len);
         buf_add(&m->cout, "\r\n", 2);
     }
-    n = snprintf(head, sizeof(head), "content-type: text/plain\r\n%s\r\n",
+    free(mf);
+    n = snprintf(head, sizeof(head), "%s\r\n",
                  close           ? "connection: close\r\n"
                  : m->minor == 0 ? "connection: keep-alive\r\n"
                                  : "");
@@ -641,6 +660,10 @@ static void next_stream(struct session *s)
     m->close_after = 0;
     m->upgrade = m->expect = 0;
     m->why[0] = '\0';
+    /* The last request's route lives in the snapshot it was routed on, which the session may
+     * leave before the next request; a local answer before routing has none. */
+    m->route = NULL;
+    m->split = NULL;
     memset(&m->rq, 0, sizeof(m->rq));
     buf_release(&m->cin);
     buf_release(&m->cout);
@@ -732,8 +755,6 @@ static size_t forwarded_fields(struct session *s, struct http_header *extra)
 }
 
 static void rewrite_target(struct mux_h1 *m, struct http_request *rq);
-static struct http_header *modified_fields(const struct mux_h1 *m, int response,
-                                           const struct http_header *h, size_t n, size_t *out_n);
 
 /*
  * Serializes the request being served into aout for the application, with XFCC, X-Forwarded-
@@ -1112,6 +1133,7 @@ static int route_timed_out(struct session *s, int idle, uint64_t now)
         snprintf(why, sizeof(why), "no complete answer in %lu ms (the route's RequestTimeout)%s",
                  (unsigned long)m->route_timeout_ms, m->st.retries > 0 ? " after retries" : "");
     STAT_ADD(s->host->stats->upstream_timeouts, 1);
+    m->st.timed_out = 1;
     close_app(s);
     replay_drop(m);
     m->retries_left = 0;

@@ -498,9 +498,15 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
         x->res_eof = 1;
     }
     x->st.status = status;
-    struct h2_out_head oh = {.status = status, .headers = h, .nheaders = n};
+    /* Outbound, a stream that took a route gets its route's and split's ResponseHeaders on
+     * connectd's own answer too, as Envoy finalizes a local reply with the selected route. */
+    size_t nmf = 0;
+    struct http_header *mf = route_headers_modified(x->route, x->split, 1, h, n, &nmf);
+    struct h2_out_head oh = {
+        .status = status, .headers = mf != NULL ? mf : h, .nheaders = mf != NULL ? nmf : n};
     if (h2_submit_response(m->down, x->cid, &oh, x->resb.len > 0) != 0)
         h2_submit_rst(m->down, x->cid, H2_INTERNAL_ERROR);
+    free(mf);
 }
 
 /* ---- protocol http: HTTP/2 streams as HTTP/1.1 exchanges ---- */

@@ -60,6 +60,7 @@ static void route_init(struct route_table *t, struct route *r, const struct dec_
 {
     r->def = d;
     r->stats = xcalloc(1, sizeof(*r->stats));
+    atomic_init(&r->stats->refs, 1);
     r->next_node = d->next_node != NULL ? d->next_node : "";
     r->path_match = d->path_match;
     r->path = d->path != NULL ? d->path : "";
@@ -137,6 +138,22 @@ struct route_table *route_table_new(struct dec_chain *chain, const char *what)
     return t;
 }
 
+static void stats_unref(struct route_stats *st)
+{
+    if (atomic_fetch_sub_explicit(&st->refs, 1, memory_order_acq_rel) == 1)
+        free(st);
+}
+
+void route_table_carry_stats(struct route_table *t, const struct route_table *prev)
+{
+    for (size_t i = 0; prev != NULL && i < t->n_routes && i < prev->n_routes; i++) {
+        struct route_stats *st = prev->routes[i].stats;
+        atomic_fetch_add_explicit(&st->refs, 1, memory_order_relaxed);
+        stats_unref(t->routes[i].stats);
+        t->routes[i].stats = st;
+    }
+}
+
 struct route_table *route_table_ref(struct route_table *t)
 {
     atomic_fetch_add_explicit(&t->refs, 1, memory_order_relaxed);
@@ -157,7 +174,7 @@ void route_table_unref(struct route_table *t)
             rx_free(r->query[j].rx);
         free(r->query);
         free(r->splits);
-        free(r->stats);
+        stats_unref(r->stats);
     }
     free(t->routes);
     free(t->resolvers);
@@ -316,10 +333,14 @@ const struct route_split *route_split_pick(const struct route *r, uint64_t rand)
     return NULL; /* not reached: the last cumulative weight is the total */
 }
 
-void route_count(const struct route *r, int status)
+void route_count(const struct route *r, int status, unsigned retries, int timed_out)
 {
     int cls = status >= 100 && status <= 599 ? status / 100 : 0;
     atomic_fetch_add_explicit(&r->stats->requests[cls], 1, memory_order_relaxed);
+    if (retries > 0)
+        atomic_fetch_add_explicit(&r->stats->retries, retries, memory_order_relaxed);
+    if (timed_out)
+        atomic_fetch_add_explicit(&r->stats->timeouts, 1, memory_order_relaxed);
 }
 
 size_t route_rewrite_len(const struct route *r, struct http_slice path)

@@ -47,12 +47,18 @@ struct route_split {
 
 /*
  * The requests that took one route, by the class of the status answered ([0]: none was, [1]
- * 1xx ... [5] 5xx). Every worker adds to them (relaxed atomics) through the const table they
- * share; they live and die with the table, so a changed chain (a new table) starts them from
- * zero, as Prometheus counters may.
+ * 1xx ... [5] 5xx), the times they were sent again by the retry policy and the requests the
+ * route's RequestTimeout or IdleTimeout cut. Every worker adds to them (relaxed atomics)
+ * through the const table they share. Reference-counted: a table built from a changed chain
+ * takes over, by route index, the counters of the table it replaces
+ * (route_table_carry_stats()), so a Prometheus counter labelled with the upstream and the
+ * route index never goes back while the process and the route live.
  */
 struct route_stats {
+    atomic_uint refs;
     atomic_uint_fast64_t requests[6];
+    atomic_uint_fast64_t retries;
+    atomic_uint_fast64_t timeouts;
 };
 
 struct route {
@@ -109,6 +115,14 @@ const struct route_resolver *route_table_resolver(const struct route_table *t, s
 /* How many regexes of the table did not compile. */
 size_t route_table_broken(const struct route_table *t);
 
+/*
+ * Makes the routes of <t>, a table just built and not yet shared, count on from the counters
+ * of the same index in <prev> (the table <t> replaces for the same upstream; NULL: none),
+ * which both then share. Routes past <prev>'s length keep their fresh counters; counters of
+ * <prev>'s routes past <t>'s length go with <prev>. Control thread.
+ */
+void route_table_carry_stats(struct route_table *t, const struct route_table *prev);
+
 /* One request as routing sees it; slices into the caller's buffers. */
 struct route_req {
     struct http_slice method;          /* as sent, compared exactly */
@@ -140,8 +154,11 @@ const struct route *route_match(const struct route_table *t, const struct route_
  */
 const struct route_split *route_split_pick(const struct route *r, uint64_t rand);
 
-/* Counts a request that took <r> and was answered <status> (0: none); any thread. */
-void route_count(const struct route *r, int status);
+/*
+ * Counts a request that took <r> and was answered <status> (0: none), after <retries> retries,
+ * <timed_out> when its route's RequestTimeout or IdleTimeout cut it; any thread.
+ */
+void route_count(const struct route *r, int status, unsigned retries, int timed_out);
 
 /*
  * PrefixRewrite: how many leading bytes of <path> (the path of a request <r> matched, without

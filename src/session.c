@@ -935,6 +935,8 @@ struct upool_conn {
     struct xprt x;
     struct tls_ctx *tls; /* one reference: the context it was verified under */
     char *upstream_key;
+    /* The upstream's stats block on this worker (lives as long as the host): its pool gauge. */
+    struct session_listener_stats *lstat;
     char ep_name[300];
     char key[1600]; /* endpoint | SNI | expected identity */
     uint64_t since_ms;
@@ -1112,6 +1114,7 @@ static void upool_drop(struct session_host *h, struct upool_conn *c)
     *pp = c->next;
     h->n_upool--;
     STAT_SUB(h->stats->upool_idle, 1);
+    STAT_SUB(c->lstat->pool_idle, 1);
     xprt_close(h->loop, &c->x);
     tls_ctx_unref(c->tls);
     free(c->upstream_key);
@@ -1203,6 +1206,8 @@ void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_
     h->upool = c;
     h->n_upool++;
     STAT_ADD(h->stats->upool_idle, 1);
+    c->lstat = s->lstat;
+    STAT_ADD(c->lstat->pool_idle, 1);
     loop_io_want(h->loop, &c->x.io, xprt_wants(&c->x, LOOP_READ));
     if (!loop_timer_armed(&h->upool_sweep))
         loop_timer_start(h->loop, &h->upool_sweep, 1000);

@@ -135,6 +135,7 @@ struct session_listener_stats {
     atomic_uint_fast64_t duration_buckets[SESSION_DURATION_BUCKETS + 1];
     atomic_uint_fast64_t duration_sum_ms;
     atomic_uint_fast64_t expose_refused; /* an exposed listener: requests answered 404 */
+    atomic_uint_fast64_t pool_idle;      /* upstreams: idle connections in the pool now */
 };
 
 /* Authorization decisions per source service; past the cap they go to <other_source>. */

@@ -241,7 +241,7 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
     if (st->route != NULL)
-        route_count(st->route, st->status);
+        route_count(st->route, st->status, st->retries, st->timed_out);
     const char *proto = st->h2 ? "HTTP/2" : st->minor_version == 0 ? "HTTP/1.0" : "HTTP/1.1";
     LOG_DEBUG("conn=%llu stream=%llu %s src=%s %s %s %s status=%d result=%s reason=%s "
               "bytes_in=%llu bytes_out=%llu duration_ms=%llu request_id=%s",

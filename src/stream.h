@@ -86,6 +86,7 @@ struct stream {
      * request holds a unit of; stream_finish() gives it back. NULL when none. */
     struct outlier *active;
     unsigned retries; /* outbound: times the request was sent again by its retry policy */
+    int timed_out;    /* outbound: the route's RequestTimeout or IdleTimeout cut it */
 };
 
 /* Starts stream number <seq> at <now_ms>; <req> may be NULL (a head that failed to parse). */

@@ -205,9 +205,13 @@ static int on_chain(void *data, const struct agent_response *resp)
     free(u->tgts);
     u->tgts = fresh;
     u->n_tgts = chain.n_targets;
-    /* The targets and the table change together: the table's resolvers index <fresh>. */
+    /* The targets and the table change together: the table's resolvers index <fresh>. The
+     * routes' counters carry on by index (route_table_carry_stats()): a chain change must not
+     * make a per-route Prometheus counter go back. */
+    struct route_table *rt = route_table_new(&chain, u->key);
+    route_table_carry_stats(rt, u->routes);
     route_table_unref(u->routes);
-    u->routes = route_table_new(&chain, u->key);
+    u->routes = rt;
     if (!u->protocol_set) {
         int p = proxycfg_protocol_from_name(chain.protocol != NULL ? chain.protocol : "");
         if (p < 0)

@@ -46,7 +46,7 @@ struct listener_sum {
     int inbound;
     uint64_t active, total, bytes_in, bytes_out, connect_errors;
     uint64_t requests[6], duration[SESSION_DURATION_BUCKETS + 1], duration_sum_ms;
-    uint64_t expose_refused;
+    uint64_t expose_refused, pool_idle;
 };
 
 static void sum_listener(struct listener_sum **v, size_t *n, const struct session_listener_stats *l)
@@ -71,6 +71,7 @@ static void sum_listener(struct listener_sum **v, size_t *n, const struct sessio
         s->duration[k] += load(&l->duration_buckets[k]);
     s->duration_sum_ms += load(&l->duration_sum_ms);
     s->expose_refused += load(&l->expose_refused);
+    s->pool_idle += load(&l->pool_idle);
 }
 
 /* An exposed listener's stats go by its own name ("expose:<port>"). */
@@ -284,29 +285,59 @@ static void render_http(struct admin_buf *b, const struct listener_sum *ls, size
     }
 }
 
+/* connectd_<name>{upstream="<u>",route="<k>" — the label set left open. */
+static void route_label_open(struct admin_buf *b, const char *name, const char *upstream, size_t k)
+{
+    admin_buf_printf(b, "connectd_%s{upstream=", name);
+    admin_buf_label(b, upstream);
+    admin_buf_printf(b, ",route=\"%zu\"", k);
+}
+
 /*
  * Outbound HTTP requests per route, by upstream, the route's index in the upstream's table
- * (bounded by the table's length, and only routes that served requests show) and status class.
+ * (bounded by the table's length, and only routes that served requests show) and status
+ * class; and per route, the retries its policy made and the requests its timeouts cut. A
+ * changed chain's table counts on from the last one's by index (route_table_carry_stats()),
+ * so the series stay monotonic; a route index the table no longer has stops showing.
  */
 static void render_routes(struct admin_buf *b, const struct snapshot *s)
 {
     static const char *const classes[6] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
-    metric_head(b, "http_route_requests_total", "counter",
-                "Outbound HTTP requests by upstream, route (its index in the upstream's route "
-                "table, counted since the table last changed) and the class of the status "
-                "answered.");
-    for (size_t i = 0; s != NULL && i < s->cfg.n_upstreams; i++) {
-        const struct route_table *t = s->upstreams[i].routes;
-        for (size_t k = 0; t != NULL && k < route_table_len(t); k++) {
-            const struct route *r = route_table_route(t, k);
-            for (int c = 0; c < 6; c++) {
-                uint64_t n = load(&r->stats->requests[c]);
-                if (n == 0)
+    static const struct {
+        const char *name, *help;
+    } per_route[] = {
+        {"http_route_requests_total",
+         "Outbound HTTP requests by upstream, route (its index in the upstream's route table) "
+         "and the class of the status answered."},
+        {"http_route_retries_total",
+         "Outbound HTTP requests sent again by their route's retry policy, by upstream and "
+         "route."},
+        {"http_route_timeouts_total",
+         "Outbound HTTP requests cut by their route's RequestTimeout or IdleTimeout, by "
+         "upstream and route."},
+    };
+    for (size_t m = 0; m < ARRAY_SIZE(per_route); m++) {
+        metric_head(b, per_route[m].name, "counter", per_route[m].help);
+        for (size_t i = 0; s != NULL && i < s->cfg.n_upstreams; i++) {
+            const struct route_table *t = s->upstreams[i].routes;
+            const char *up = s->cfg.upstreams[i].destination_name;
+            for (size_t k = 0; t != NULL && k < route_table_len(t); k++) {
+                const struct route_stats *st = route_table_route(t, k)->stats;
+                uint64_t total = 0;
+                for (int c = 0; c < 6; c++) {
+                    uint64_t n = load(&st->requests[c]);
+                    total += n;
+                    if (m != 0 || n == 0)
+                        continue;
+                    route_label_open(b, per_route[m].name, up, k);
+                    admin_buf_printf(b, ",code_class=\"%s\"} %llu\n", classes[c],
+                                     (unsigned long long)n);
+                }
+                if (m == 0 || total == 0)
                     continue;
-                admin_buf_add(b, "connectd_http_route_requests_total{upstream=", 44);
-                admin_buf_label(b, s->cfg.upstreams[i].destination_name);
-                admin_buf_printf(b, ",route=\"%zu\",code_class=\"%s\"} %llu\n", k, classes[c],
-                                 (unsigned long long)n);
+                route_label_open(b, per_route[m].name, up, k);
+                admin_buf_printf(b, "} %llu\n",
+                                 (unsigned long long)load(m == 1 ? &st->retries : &st->timeouts));
             }
         }
     }
@@ -417,6 +448,13 @@ static void render_metrics(const struct views *vw, const struct views_state *vs,
     metric_head(b, "upstream_pool_idle_connections", "gauge",
                 "Idle upstream connections (http upstreams) kept for the next request.");
     sample(b, "upstream_pool_idle_connections", NULL, NULL, upool_idle);
+    metric_head(b, "upstream_pool_idle_connections_by_upstream", "gauge",
+                "Idle upstream connections kept for the next request, by upstream (http "
+                "upstreams; the sum of connectd_upstream_pool_idle_connections).");
+    for (size_t i = 0; i < nl; i++)
+        if (!ls[i].inbound)
+            upstream_sample(b, "upstream_pool_idle_connections_by_upstream", ls[i].name, NULL,
+                            ls[i].pool_idle);
     metric_head(b, "upstream_pool_reused_total", "counter",
                 "Upstream connections taken from the pool instead of dialled.");
     sample(b, "upstream_pool_reused_total", NULL, NULL, upool_reused);

@@ -1569,6 +1569,25 @@ class Mesh:
             self.start(svc, use_proxy_id=use_proxy_id)
         return svc
 
+    def add_instance(self, logical, instance, app_port, proxy_config=None, meta=None):
+        """Registers one more instance of <logical> (service ID <name>-<instance>, its
+        application on <app_port>) with its own sidecar, starts that sidecar's connectd and
+        waits until the instance is passing. Returns (connectd, public port)."""
+        name = self.name(logical)
+        sid = f"{name}-{instance}"
+        public = free_port()
+        body = sidecar_registration(name, app_port, public, proxy_config=proxy_config,
+                                    service_id=sid)
+        if meta:
+            body["Meta"] = meta
+        self.api.register(body)
+        self.registered.append(sid)
+        proc = self.start_connectd(sid, ["-sidecar-for", sid, "-http-addr", self.agent.http_addr,
+                                         "-log-level", "debug", "-workers", "1"])
+        proc.wait_port(public)
+        self.api.wait_passing(name, port=public)
+        return proc, public
+
     def register(self, svc):
         body = sidecar_registration(svc.name, svc.app_port, svc.public_port,
                                     svc.upstreams.values(), svc.proxy_config)

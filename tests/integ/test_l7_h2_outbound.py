@@ -228,17 +228,7 @@ def test_concurrent_calls_from_many_channels_share_mesh_connections(mesh, tmp_pa
 def add_instance(m, instance, app_port):
     """One more instance of db (protocol grpc) with its own sidecar; returns (connectd, public
     port) once it is passing."""
-    name = m.name("db")
-    sid = f"{name}-{instance}"
-    public = free_port()
-    m.api.register(sidecar_registration(name, app_port, public, proxy_config={"protocol": "grpc"},
-                                        service_id=sid))
-    m.registered.append(sid)
-    proc = m.start_connectd(sid, ["-sidecar-for", sid, "-http-addr", m.agent.http_addr,
-                                  "-log-level", "debug", "-workers", "1"])
-    proc.wait_port(public)
-    m.api.wait_passing(name, port=public)
-    return proc, public
+    return m.add_instance("db", instance, app_port, proxy_config={"protocol": "grpc"})
 
 
 def test_endpoint_killed_next_streams_elsewhere_then_unavailable(mesh, tmp_path):

@@ -12,7 +12,7 @@ import json
 import re
 import threading
 
-from mesh import admin_args, free_port, sidecar_registration, wait_until
+from mesh import admin_args, wait_until
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_routing import delete_entries
 from test_routes_config import upstream_config
@@ -67,16 +67,7 @@ class TellingApp(HttpApp):
 def add_instance(m, instance, app):
     """One more instance of db (service ID db-<tag>-<instance>) with its own sidecar and app;
     waits until it is passing."""
-    name = m.name("db")
-    sid = f"{name}-{instance}"
-    public = free_port()
-    m.api.register(sidecar_registration(name, app.port, public, service_id=sid))
-    m.registered.append(sid)
-    proc = m.start_connectd(sid, ["-sidecar-for", sid, "-http-addr", m.agent.http_addr,
-                                  "-log-level", "debug", "-workers", "1"])
-    proc.wait_port(public)
-    m.api.wait_passing(name, port=public)
-    return proc
+    return m.add_instance("db", instance, app.port)[0]
 
 
 def lb_mesh(m):

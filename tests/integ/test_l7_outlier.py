@@ -17,8 +17,7 @@ import socket
 import threading
 import time
 
-from mesh import LOOPBACK, TcpApp, admin_args, admin_get, free_port, sidecar_registration, \
-    wait_until
+from mesh import LOOPBACK, TcpApp, admin_args, admin_get, sidecar_registration, wait_until
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_outbound import l7_pair, outbound_requests, try_status
 from test_l7_routing import answered_by, delete_entries
@@ -62,17 +61,7 @@ def metric(admin, name, upstream, limit=None):
 def add_http_instance(m, instance, app_port):
     """One more instance of db (protocol http) with its own sidecar; returns its public port
     once it is passing."""
-    name = m.name("db")
-    sid = f"{name}-{instance}"
-    public = free_port()
-    m.api.register(sidecar_registration(name, app_port, public, proxy_config={"protocol": "http"},
-                                        service_id=sid))
-    m.registered.append(sid)
-    proc = m.start_connectd(sid, ["-sidecar-for", sid, "-http-addr", m.agent.http_addr,
-                                  "-log-level", "debug", "-workers", "1"])
-    proc.wait_port(public)
-    m.api.wait_passing(name, port=public)
-    return public
+    return m.add_instance("db", instance, app_port, proxy_config={"protocol": "http"})[1]
 
 
 def add_black_hole_instance(m, hole, live_port):

@@ -468,9 +468,9 @@ def test_access_log_and_metrics_name_the_route(mesh, tmp_path):
         delete_entries(m)
 
 
-def h2_streams(port, paths, headers=()):
+def h2_streams(port, paths, headers=(), decode=json.loads):
     """Opens one h2c stream per path at once on one connection and reads every answer:
-    {path: (status, response headers, JSON body)}."""
+    {path: (status, response headers, body)}, the body as <decode> makes it (JSON)."""
     with socket.create_connection((LOOPBACK, port), timeout=10) as s:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                     header_encoding="utf-8"))
@@ -501,7 +501,7 @@ def h2_streams(port, paths, headers=()):
                     hs = {}
                     for k, v in data[sid][0]:
                         hs.setdefault(k, []).append(v)
-                    out[sids[sid]] = (int(hs[":status"][0]), hs, json.loads(data[sid][1]))
+                    out[sids[sid]] = (int(hs[":status"][0]), hs, decode(data[sid][1]))
                 elif isinstance(ev, h2.events.StreamReset):
                     out[sids[sid]] = (None, {}, {})
             s.sendall(conn.data_to_send())

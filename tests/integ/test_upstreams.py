@@ -62,19 +62,7 @@ def put_config(api, entry):
 def add_instance(m, logical, instance, app, meta=None):
     """Registers one more instance of <logical> (service ID <name>-<instance>) with a sidecar
     and starts its connectd; waits until it is passing. Returns the connectd."""
-    name = m.name(logical)
-    sid = f"{name}-{instance}"
-    public = free_port()
-    body = sidecar_registration(name, app.port, public, service_id=sid)
-    if meta:
-        body["Meta"] = meta
-    m.api.register(body)
-    m.registered.append(sid)
-    proc = m.start_connectd(sid, ["-sidecar-for", sid, "-http-addr", m.agent.http_addr,
-                                  "-log-level", "debug", "-workers", "1"])
-    proc.wait_port(public)
-    m.api.wait_passing(name, port=public)
-    return proc
+    return m.add_instance(logical, instance, app.port, meta=meta)[0]
 
 
 def test_failover_to_backup_and_back(mesh):

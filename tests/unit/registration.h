@@ -1,6 +1,7 @@
 /*
  * registration.h: the decoded registration of a plain sidecar (web-sidecar-proxy for web,
- * public port 21000, local app 127.0.0.1:8080) that the proxycfg tests start from and vary.
+ * public port 21000, local app 127.0.0.1:8080) that the proxycfg tests start from and vary,
+ * and an upstream for it.
  */
 #ifndef CONNECTD_TEST_REGISTRATION_H
 #define CONNECTD_TEST_REGISTRATION_H
@@ -27,6 +28,21 @@ static inline struct dec_service base_service(void)
     s.local_service_socket_path = "";
     s.mode = "";
     return s;
+}
+
+/* An upstream "db" on port 9191 with every string field empty and no Config. */
+static inline struct dec_upstream db_upstream(void)
+{
+    return (struct dec_upstream){.destination_type = "",
+                                 .destination_name = "db",
+                                 .destination_namespace = "",
+                                 .destination_partition = "",
+                                 .destination_peer = "",
+                                 .datacenter = "",
+                                 .local_bind_address = "",
+                                 .local_bind_port = 9191,
+                                 .local_bind_socket_path = "",
+                                 .local_bind_socket_mode = ""};
 }
 
 #endif

@@ -116,16 +116,7 @@ static void test_build(void **state)
 {
     (void)state;
     struct dec_service svc = base_service();
-    struct dec_upstream up = {.destination_type = "",
-                              .destination_name = "db",
-                              .destination_namespace = "",
-                              .destination_partition = "",
-                              .destination_peer = "",
-                              .datacenter = "",
-                              .local_bind_address = "",
-                              .local_bind_port = 9191,
-                              .local_bind_socket_path = "",
-                              .local_bind_socket_mode = ""};
+    struct dec_upstream up = db_upstream();
     struct dec_expose_path paths[] = {
         {.listener_port = 21502, .local_path_port = 8080, .path = "/b", .protocol = ""},
         {.listener_port = 21500, .local_path_port = 8080, .path = "/a", .protocol = ""},

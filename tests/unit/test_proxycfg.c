@@ -38,21 +38,6 @@ static size_t warnings_naming(const struct proxy_cfg *c, const char *key)
     return n;
 }
 
-/* An upstream "db" on port 9191 with every string field empty and no Config. */
-static struct dec_upstream db_upstream(void)
-{
-    return (struct dec_upstream){.destination_type = "",
-                                 .destination_name = "db",
-                                 .destination_namespace = "",
-                                 .destination_partition = "",
-                                 .destination_peer = "",
-                                 .datacenter = "",
-                                 .local_bind_address = "",
-                                 .local_bind_port = 9191,
-                                 .local_bind_socket_path = "",
-                                 .local_bind_socket_mode = ""};
-}
-
 /* The "| `key` | scope | type | default |" start of <key>'s row in doc/config.md. */
 static void assert_doc_default(const char *doc, const char *key, const char *scope,
                                const char *type, const char *def)

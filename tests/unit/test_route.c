@@ -600,22 +600,61 @@ static void test_headers_modified_order(void **state)
     route_table_unref(t);
 }
 
-/* Each route counts its requests by status class, shared by every user of the table. */
+/* Each route counts its requests by status class, retries and timeouts, shared by every user
+ * of the table. */
 static void test_route_count(void **state)
 {
     (void)state;
     struct route_table *t = TABLE(M("\"PathPrefix\": \"/a\""), CATCH_ALL);
     const struct route *a = route_table_route(t, 0), *all = route_table_route(t, 1);
-    route_count(a, 200);
-    route_count(a, 204);
-    route_count(a, 503);
-    route_count(all, 0);
-    route_count(all, 999);
+    route_count(a, 200, 0, 0);
+    route_count(a, 204, 2, 0);
+    route_count(a, 503, 1, 0);
+    route_count(all, 0, 0, 1);
+    route_count(all, 999, 0, 0);
     assert_int_equal(atomic_load(&a->stats->requests[2]), 2);
     assert_int_equal(atomic_load(&a->stats->requests[5]), 1);
     assert_int_equal(atomic_load(&a->stats->requests[0]), 0);
+    assert_int_equal(atomic_load(&a->stats->retries), 3);
+    assert_int_equal(atomic_load(&a->stats->timeouts), 0);
     assert_int_equal(atomic_load(&all->stats->requests[0]), 2);
+    assert_int_equal(atomic_load(&all->stats->timeouts), 1);
     route_table_unref(t);
+}
+
+/*
+ * A changed chain's table counts on from the one it replaces, by route index (the metric's
+ * label): before, its counters started at zero and /metrics' per-route counters went back.
+ * Counters of routes the new table does not have go with the old table.
+ */
+static void test_route_stats_carried(void **state)
+{
+    (void)state;
+    struct route_table *old = TABLE(M("\"PathPrefix\": \"/a\""), CATCH_ALL);
+    route_count(route_table_route(old, 0), 200, 1, 0);
+    route_count(route_table_route(old, 1), 504, 0, 1);
+    struct route_table *grown =
+        TABLE(M("\"PathPrefix\": \"/a\""), M("\"PathPrefix\": \"/b\""), CATCH_ALL);
+    route_table_carry_stats(grown, old);
+    route_table_carry_stats(grown, NULL); /* no previous table: nothing changes */
+    const struct route *a = route_table_route(grown, 0), *b = route_table_route(grown, 1);
+    const struct route *all = route_table_route(grown, 2);
+    assert_int_equal(atomic_load(&a->stats->requests[2]), 1);
+    assert_int_equal(atomic_load(&a->stats->retries), 1);
+    assert_int_equal(atomic_load(&b->stats->requests[5]), 1); /* index 1 was the catch-all */
+    assert_int_equal(atomic_load(&b->stats->timeouts), 1);
+    assert_int_equal(atomic_load(&all->stats->requests[5]), 0);
+    /* The old table goes (its sessions done): the carried counters stay with the new one. */
+    route_table_unref(old);
+    route_count(a, 200, 0, 0);
+    assert_int_equal(atomic_load(&a->stats->requests[2]), 2);
+    struct route_table *shrunk = TABLE(CATCH_ALL);
+    route_table_carry_stats(shrunk, grown);
+    assert_int_equal(atomic_load(&route_table_route(shrunk, 0)->stats->requests[2]), 2);
+    route_table_unref(grown);
+    route_count(route_table_route(shrunk, 0), 200, 0, 0);
+    assert_int_equal(atomic_load(&route_table_route(shrunk, 0)->stats->requests[2]), 3);
+    route_table_unref(shrunk);
 }
 
 int main(void)
@@ -635,6 +674,7 @@ int main(void)
         cmocka_unit_test(test_rewrite_len),
         cmocka_unit_test(test_headers_apply),
         cmocka_unit_test(test_route_count),
+        cmocka_unit_test(test_route_stats_carried),
         cmocka_unit_test(test_headers_modified_order),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
