@@ -59,14 +59,14 @@ def metric(admin, name, upstream, limit=None):
     return int(m.group(1)) if m else None
 
 
-def add_http_instance(m, instance, app_port):
-    """One more instance of db (protocol http) with its own sidecar; returns its public port
-    once it is passing."""
+def add_http_instance(m, instance, app_port, protocol="http"):
+    """One more instance of db (protocol http, or <protocol>) with its own sidecar; returns its
+    public port once it is passing."""
     name = m.name("db")
     sid = f"{name}-{instance}"
     public = free_port()
-    m.api.register(sidecar_registration(name, app_port, public, proxy_config={"protocol": "http"},
-                                        service_id=sid))
+    m.api.register(sidecar_registration(name, app_port, public,
+                                        proxy_config={"protocol": protocol}, service_id=sid))
     m.registered.append(sid)
     proc = m.start_connectd(sid, ["-sidecar-for", sid, "-http-addr", m.agent.http_addr,
                                   "-log-level", "debug", "-workers", "1"])
