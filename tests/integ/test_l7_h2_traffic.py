@@ -35,7 +35,8 @@ from test_routes_config import wait_table
 
 class NamedH2App(FlakyH2App):
     """FlakyH2App (h2c; /flaky/<key>?fail=N, /hold) that names itself in an x-app field of
-    its answers, or answers every request <status> when one is given."""
+    its answers, or answers every request <status> when one is given; /unavailable/<key> is
+    answered grpc-status 14 (trailers-only) the first time."""
 
     def __init__(self, label, status=None):
         self.label = label
@@ -50,6 +51,12 @@ class NamedH2App(FlakyH2App):
             conn.send_headers(sid, [(":status", str(self.status)), ("x-app", self.label),
                                     ("content-length", "0")], end_stream=True)
             return
+        if path.startswith("/unavailable/"):
+            self.counts[path] = self.counts.get(path, 0) + 1
+            if self.counts[path] == 1:  # a trailers-only gRPC answer: UNAVAILABLE
+                conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
+                                        ("grpc-status", "14")], end_stream=True)
+                return
         if path.startswith("/flaky/") or path == "/hold":
             FlakyH2App._answer(self, conn, sid, r, pending)
             return
@@ -107,14 +114,17 @@ def one(port, method, path, body=b"", extra=(), timeout=30):
 def test_h2_stream_answered_503_once_is_retried_on_a_new_stream(mesh, tmp_path):
     """RetryOn 5xx with NumRetries 2: a POST whose first attempt db's application answers 503
     is seen by the h2c client as 200, the application got it twice with its whole body, and
-    the stream's record says retries 1 (counted in /metrics). Without the route's policy the
-    503 goes through; before, it went through with the policy too."""
+    the stream's record says retries 1 (counted in /metrics); under RetryOn unavailable a
+    trailers-only grpc-status 14 is retried the same way. A body over the upstream's
+    retry_buffer_bytes (4096) is not held, so its 503 goes through. Without the route's policy
+    the 503 goes through; before, it went through with the policy too."""
     m = mesh
     app = m.app(NamedH2App, "a")
-    db, web, alog, admin = h2_mesh(m, tmp_path, app)
+    db, web, alog, admin = h2_mesh(m, tmp_path, app, up_config={"retry_buffer_bytes": 4096})
     try:
         assert one(web.up["db"], "GET", "/flaky/plain?fail=1")[0] == 503
-        set_destination(m, admin, {"RetryOn": ["5xx"], "NumRetries": 2}, "the retry policy")
+        set_destination(m, admin, {"RetryOn": ["5xx", "unavailable"], "NumRetries": 2},
+                        "the retry policy")
         st, body, rst, _ = one(web.up["db"], "POST", "/flaky/k?fail=1", b"z" * 3000)
         assert (st, rst) == (200, None), (st, body, rst)
         assert json.loads(body)["body_len"] == 3000
@@ -122,6 +132,11 @@ def test_h2_stream_answered_503_once_is_retried_on_a_new_stream(mesh, tmp_path):
         rec = record(alog, "/flaky/k?fail=1")
         assert rec["retries"] == 1 and rec["status"] == 200, rec
         assert totals(admin, "upstream_request_retries_total") >= 1
+        # RetryOn unavailable: a trailers-only grpc-status 14 is retried too.
+        st, _, _, fields = one(web.up["db"], "GET", "/unavailable/u")
+        assert (st, fields.get("x-app")) == (200, "a") and app.counts["/unavailable/u"] == 2
+        st, _, _, _ = one(web.up["db"], "POST", "/flaky/big?fail=1", b"z" * 8000)
+        assert st == 503 and app.counts["/flaky/big?fail=1"] == 1, st
     finally:
         delete_entries(m)
 
