@@ -95,13 +95,6 @@
 #define REPLAY_MAX   (64u * 1024u) /* inbound: a request held for a retry: head and body */
 #define INTERIM_MAX  H1_HEAD_MAX   /* unwritten bytes past which a 1xx answer is dropped */
 
-/* Outbound retries by a route's policy: Envoy's back-off (a random wait below a base that
- * doubles with each retry, capped at ten times the first) and its route timeout when the
- * route and resolver set none. */
-#define RETRY_BACKOFF_BASE_MS    25u
-#define RETRY_BACKOFF_MAX_MS     250u
-#define ROUTE_TIMEOUT_DEFAULT_MS 15000u
-
 struct buf {
     char *p;
     size_t len, cap;
@@ -193,18 +186,10 @@ struct mux_h1 {
     int resend;          /* the connection being made sends replay, not the request head */
     size_t replay_max;   /* outbound the upstream's retry_buffer_bytes, else REPLAY_MAX */
     /* Outbound: the current request's retry policy and timeouts, from its route
-     * (route_policy_start()). retry_on: bits 1 << DEC_RETRY_ON_IDX_*, RetryOnConnectFailure
-     * folded in; retries_left: how many more times it may be sent (Envoy's default of 1 when
-     * the route has a policy without NumRetries). */
-    unsigned retry_on;
-    uint32_t retries_left;
-    const uint16_t *retry_codes;
-    size_t n_retry_codes;
-    uint32_t route_timeout_ms; /* the whole request, retries included; 0: none */
-    uint32_t route_idle_ms;    /* 0: none */
+     * (route_policy_start(), route.h). */
+    struct route_policy pol;
     uint64_t req_done_ms;      /* the request was whole (the route timeout runs from here) */
     uint64_t backoff_until_ms; /* P_BACKOFF: when the next attempt is dialled */
-    unsigned backoffs;         /* back-offs waited by this request (the exponent) */
     int draining;              /* connectd drains: the current request is the last */
     /* Outbound: the route and split the current request took (route.h; in s->up->routes,
      * valid for the session's snapshot); NULL without a route table. */
@@ -674,13 +659,8 @@ static void next_stream(struct session *s)
     m->replay.len = 0;
     buf_release(&m->replay);
     m->replay_ok = m->app_heard = m->retried = m->resend = 0;
-    m->retry_on = 0;
-    m->retries_left = 0;
-    m->retry_codes = NULL;
-    m->n_retry_codes = 0;
-    m->route_timeout_ms = m->route_idle_ms = 0;
+    memset(&m->pol, 0, sizeof(m->pol));
     m->req_done_ms = m->backoff_until_ms = 0;
-    m->backoffs = 0;
     m->h2_deferred = m->h2_end = m->h2_closed = m->h2_up = 0;
     m->h2_code = H2_NO_ERROR;
     m->te_trailers = m->res_chunked = 0;
@@ -806,7 +786,7 @@ static void forward_head(struct session *s)
     /* Only a reused connection may have been closed by its peer while idle: a request on it
      * is held until its answer starts, so that it can be sent again (see retry()). */
     m->replay.len = 0;
-    m->replay_ok = (m->app_served > 0 && !m->retried) || m->retries_left > 0;
+    m->replay_ok = (m->app_served > 0 && !m->retried) || m->pol.retries_left > 0;
     hold(m, from);
     buf_consume(&m->cin, m->rq_len);
     m->rq_len = 0;              /* what a failure before the answer must still drop from cin */
@@ -878,42 +858,13 @@ static void retry(struct session *s, const char *what)
 
 static void abort_conn(struct session *s, enum session_result r, const char *why);
 
-#define RETRY_BIT(name) (1u << DEC_RETRY_ON_IDX_##name)
-/* Envoy retries any reset before the answer's head, connection failures included, under 5xx,
- * gateway-error and reset; connect-failure covers connection failures only. */
-#define RETRY_ON_RESET   (RETRY_BIT(5XX) | RETRY_BIT(GATEWAY_ERROR) | RETRY_BIT(RESET))
-#define RETRY_ON_CONNECT (RETRY_ON_RESET | RETRY_BIT(CONNECT_FAILURE))
-
-/*
- * The retry policy and timeouts of the request just routed (m->route, s->dial_rs), as Consul
- * configures Envoy's route (agent/xds/routes.go): RequestTimeout of the route, else of the
- * resolver, else Envoy's 15 s; a retry policy when the route has NumRetries, RetryOn,
- * RetryOnConnectFailure or RetryOnStatusCodes, with NumRetries or else Envoy's 1 retry.
- */
+/* The retry policy and timeouts of the request just routed (m->route, s->dial_rs;
+ * route_policy_init()). */
 static void route_policy_start(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    const struct dec_chain_route *d = m->route != NULL ? m->route->def : NULL;
-    m->retry_on = 0;
-    m->retries_left = 0;
-    m->retry_codes = NULL;
-    m->n_retry_codes = 0;
-    m->route_idle_ms = 0;
+    route_policy_init(&m->pol, m->route, s->dial_rs);
     m->req_done_ms = 0;
-    m->backoffs = 0;
-    m->route_timeout_ms = ROUTE_TIMEOUT_DEFAULT_MS;
-    if (d != NULL && d->request_timeout_ms != 0)
-        m->route_timeout_ms = d->request_timeout_ms;
-    else if (s->dial_rs != NULL && s->dial_rs->request_timeout_ms != 0)
-        m->route_timeout_ms = s->dial_rs->request_timeout_ms;
-    if (d == NULL)
-        return;
-    m->route_idle_ms = d->idle_timeout_ms;
-    m->retry_on = d->retry_on | (d->retry_on_connect_failure ? RETRY_BIT(CONNECT_FAILURE) : 0);
-    m->retry_codes = d->retry_status_codes;
-    m->n_retry_codes = d->n_retry_status_codes;
-    if (m->retry_on != 0 || m->n_retry_codes > 0 || d->num_retries > 0)
-        m->retries_left = d->num_retries > 0 ? d->num_retries : 1;
 }
 
 /* The held copy of the request is no longer needed: no retry of any kind will send it. */
@@ -927,9 +878,9 @@ static void replay_drop(struct mux_h1 *m)
 /* The route deadline (absolute ms) of the current request, 0 while it runs from no point yet. */
 static uint64_t route_deadline(const struct mux_h1 *m)
 {
-    if (!m->outbound || m->route_timeout_ms == 0 || m->req_done_ms == 0)
+    if (!m->outbound || m->pol.timeout_ms == 0 || m->req_done_ms == 0)
         return 0;
-    return m->req_done_ms + m->route_timeout_ms;
+    return m->req_done_ms + m->pol.timeout_ms;
 }
 
 /* Notes when the request became whole: the route timeout runs from there (Envoy's route
@@ -950,7 +901,7 @@ static void note_request_done(struct session *s)
 static int retry_allowed(struct session *s, int sent)
 {
     struct mux_h1 *m = s->mux;
-    if (!m->outbound || m->retries_left == 0 || m->upgrade || m->method == HTTP_METHOD_CONNECT)
+    if (!m->outbound || m->pol.retries_left == 0 || m->upgrade || m->method == HTTP_METHOD_CONNECT)
         return 0;
     if (sent && (!m->replay_ok || !m->req.done || m->res_head_done))
         return 0;
@@ -959,71 +910,6 @@ static int retry_allowed(struct session *s, int sent)
         return 0;
     uint64_t dl = route_deadline(m);
     return dl == 0 || loop_now_ms(s->host->loop) < dl;
-}
-
-/* The gRPC status of an answer's head (a Trailers-Only answer carries it there), or -1. */
-static int head_grpc_status(const struct http_header *h, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (!h1_slice_eq(h[i].name, "grpc-status"))
-            continue;
-        int v = 0;
-        if (h[i].value.len == 0 || h[i].value.len > 3)
-            return -1;
-        for (size_t k = 0; k < h[i].value.len; k++) {
-            if (h[i].value.p[k] < '0' || h[i].value.p[k] > '9')
-                return -1;
-            v = v * 10 + (h[i].value.p[k] - '0');
-        }
-        return v;
-    }
-    return -1;
-}
-
-/*
- * Whether the policy's RetryOn / RetryOnStatusCodes ask to retry an answer with <status> and
- * fields <h>, as Envoy's retry state reads them: 5xx any 5xx, gateway-error 502/503/504,
- * retriable-4xx 409, envoy-ratelimited an x-envoy-ratelimited field, the gRPC ones the
- * grpc-status of the head (cancelled 1, deadline-exceeded 4, resource-exhausted 8, internal
- * 13, unavailable 14), and the listed status codes.
- */
-static int retry_on_status(const struct mux_h1 *m, int status, const struct http_header *h,
-                           size_t n)
-{
-    unsigned on = m->retry_on;
-    if ((on & RETRY_BIT(5XX)) && status >= 500 && status <= 599)
-        return 1;
-    if ((on & RETRY_BIT(GATEWAY_ERROR)) && (status == 502 || status == 503 || status == 504))
-        return 1;
-    if ((on & RETRY_BIT(RETRIABLE_4XX)) && status == 409)
-        return 1;
-    for (size_t i = 0; i < m->n_retry_codes; i++)
-        if (m->retry_codes[i] == status)
-            return 1;
-    if (on & RETRY_BIT(ENVOY_RATELIMITED))
-        for (size_t i = 0; i < n; i++)
-            if (h1_slice_eq(h[i].name, "x-envoy-ratelimited"))
-                return 1;
-    static const struct {
-        unsigned bit;
-        int code;
-    } grpc[] = {
-        {RETRY_BIT(CANCELLED), 1},          {RETRY_BIT(DEADLINE_EXCEEDED), 4},
-        {RETRY_BIT(RESOURCE_EXHAUSTED), 8}, {RETRY_BIT(INTERNAL), 13},
-        {RETRY_BIT(UNAVAILABLE), 14},
-    };
-    int gs = -1, looked = 0;
-    for (size_t i = 0; i < ARRAY_SIZE(grpc); i++) {
-        if (!(on & grpc[i].bit))
-            continue;
-        if (!looked) {
-            gs = head_grpc_status(h, n);
-            looked = 1;
-        }
-        if (gs == grpc[i].code)
-            return 1;
-    }
-    return 0;
 }
 
 /*
@@ -1036,17 +922,10 @@ static int retry_on_status(const struct mux_h1 *m, int status, const struct http
 static void retry_backoff(struct session *s, int sent, const char *what)
 {
     struct mux_h1 *m = s->mux;
-    uint32_t base = RETRY_BACKOFF_BASE_MS;
-    for (unsigned i = 0; i < m->backoffs && base < RETRY_BACKOFF_MAX_MS; i++)
-        base *= 2;
-    if (base > RETRY_BACKOFF_MAX_MS)
-        base = RETRY_BACKOFF_MAX_MS;
-    uint64_t wait_ms = util_rand() % base;
-    m->backoffs++;
-    m->retries_left--;
+    uint64_t wait_ms = route_policy_backoff_ms(&m->pol, util_rand());
     LOG_DEBUG("conn=%llu stream=%llu upstream %s %s: retrying in %llu ms (%u more allowed)",
               (unsigned long long)s->id, (unsigned long long)m->st.seq, LOG_ESC(s->ep_name), what,
-              (unsigned long long)wait_ms, m->retries_left);
+              (unsigned long long)wait_ms, m->pol.retries_left);
     close_app(s);
     m->app_heard = 0;
     m->app_wr_dead = 0;
@@ -1084,7 +963,8 @@ static int retry_on_answer(struct session *s)
     int st = m->rs.status;
     if (st < 200 && st != 101)
         return 0; /* an interim answer: the final one decides */
-    if (st != 101 && retry_allowed(s, 1) && retry_on_status(m, st, m->rs.headers, m->rs.nheaders)) {
+    if (st != 101 && retry_allowed(s, 1) &&
+        route_policy_retries_status(&m->pol, st, m->rs.headers, m->rs.nheaders)) {
         /* Passive health sees every answer, the retried ones too (as Envoy's outlier
          * detection counts each attempt). */
         session_outlier_report(s, st >= 500);
@@ -1094,7 +974,7 @@ static int retry_on_answer(struct session *s)
         return 1;
     }
     replay_drop(m);
-    m->retries_left = 0;
+    m->pol.retries_left = 0;
     return 0;
 }
 
@@ -1107,13 +987,13 @@ static int retry_on_answer(struct session *s)
 static void count_dial_failovers(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    if (!m->outbound || m->h2 || !(m->retry_on & RETRY_ON_CONNECT) || s->dial_pooled ||
+    if (!m->outbound || m->h2 || !(m->pol.retry_on & ROUTE_RETRY_ON_CONNECT) || s->dial_pooled ||
         s->tries < 2)
         return;
     unsigned failed = (unsigned)s->tries - 1;
     m->st.retries += failed;
     STAT_ADD(s->host->stats->upstream_retries, failed);
-    m->retries_left = m->retries_left > failed ? m->retries_left - failed : 0;
+    m->pol.retries_left = m->pol.retries_left > failed ? m->pol.retries_left - failed : 0;
 }
 
 /*
@@ -1128,15 +1008,15 @@ static int route_timed_out(struct session *s, int idle, uint64_t now)
     char why[200];
     if (idle)
         snprintf(why, sizeof(why), "no byte for %llu ms (the route's IdleTimeout %lu ms)",
-                 (unsigned long long)(now - s->last_io_ms), (unsigned long)m->route_idle_ms);
+                 (unsigned long long)(now - s->last_io_ms), (unsigned long)m->pol.idle_ms);
     else
         snprintf(why, sizeof(why), "no complete answer in %lu ms (the route's RequestTimeout)%s",
-                 (unsigned long)m->route_timeout_ms, m->st.retries > 0 ? " after retries" : "");
+                 (unsigned long)m->pol.timeout_ms, m->st.retries > 0 ? " after retries" : "");
     STAT_ADD(s->host->stats->upstream_timeouts, 1);
     m->st.timed_out = 1;
     close_app(s);
     replay_drop(m);
-    m->retries_left = 0;
+    m->pol.retries_left = 0;
     if (m->res_head_done) {
         abort_conn(s, SESSION_RES_TIMEOUT, why);
         return 1;
@@ -1264,17 +1144,9 @@ static int route_request(struct session *s)
 static int admit_request(struct session *s)
 {
     struct mux_h1 *m = s->mux;
-    struct outlier *o = s->up->outlier;
-    uint32_t max = s->up->cfg->max_concurrent_requests;
-    if (o == NULL)
-        return 0;
-    if (outlier_admit(o, OUTLIER_LIMIT_CONCURRENT, max)) {
-        m->st.active = o;
-        return 0;
-    }
     char why[128];
-    snprintf(why, sizeof(why), "upstream overflow: max_concurrent_requests (%lu) reached",
-             (unsigned long)max);
+    if (session_admit_request(s, &m->st.active, why, sizeof(why)) == 0)
+        return 0;
     buf_consume(&m->cin, m->rq_len);
     memset(&m->rq, 0, sizeof(m->rq));
     local_answer(s, STREAM_RES_UPSTREAM_OVERFLOW, m->expect && !m->req.done, why);
@@ -1409,7 +1281,7 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     const char *reason = status_reason(hd->status);
     m->rs.reason = (struct http_slice){reason, strlen(reason)};
     if (hd->status >= 200 && m->outbound && retry_allowed(s, 1) &&
-        retry_on_status(m, hd->status, hd->headers, hd->nheaders)) {
+        route_policy_retries_status(&m->pol, hd->status, hd->headers, hd->nheaders)) {
         session_outlier_report(s, hd->status >= 500);
         char what[64];
         snprintf(what, sizeof(what), "answered %d", hd->status);
@@ -1419,7 +1291,7 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     }
     if (hd->status >= 200) {
         /* Not sent again; the copy goes unless a stream opened again still reads from it. */
-        m->retries_left = 0;
+        m->pol.retries_left = 0;
         if (!m->retried || m->replay_off >= m->replay.len)
             replay_drop(m);
     }
@@ -1434,7 +1306,7 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
             return 0;
         }
         if (m->minor == 1 && m->cout.len > 0)
-            m->retries_left = 0; /* the application heard from it: never retried */
+            m->pol.retries_left = 0; /* the application heard from it: never retried */
         kick(s);
         return 0;
     }
@@ -1935,7 +1807,7 @@ static int on_response_head(struct session *s, size_t n)
          * INTERIM_MAX bytes it has not taken wait already (see h2_on_head()). */
         if (m->minor == 1 && m->cout.len < INTERIM_MAX) {
             (void)append_head(&m->cout, n + 64, NULL, rs, NULL, 0);
-            m->retries_left = 0; /* the application heard from it: never retried */
+            m->pol.retries_left = 0; /* the application heard from it: never retried */
         }
         buf_consume(&m->ain, n);
         return 0;
@@ -2044,7 +1916,7 @@ static uint64_t outbound_deadline(const struct session *s, enum deadline *kind)
         enum deadline kind;
         uint64_t at;
     } v[4] = {{DL_IDLE, idle != 0 ? s->last_io_ms + idle : 0},
-              {DL_ROUTE_IDLE, m->route_idle_ms != 0 ? s->last_io_ms + m->route_idle_ms : 0},
+              {DL_ROUTE_IDLE, m->pol.idle_ms != 0 ? s->last_io_ms + m->pol.idle_ms : 0},
               {DL_ROUTE, !m->res.done || !m->res_head_done ? route_deadline(m) : 0},
               {DL_RESPONSE, m->req_sent_ms != 0 && !m->res.done && c->local_request_timeout_ms
                                 ? m->req_sent_ms + c->local_request_timeout_ms
@@ -2224,10 +2096,11 @@ static int exchange_h2(struct session *s, unsigned *wants0, int *progress)
             return 0;
         }
         int connect = m->h2_code == H2_CONNECT_ERROR && !m->h2_up;
-        unsigned on = connect                           ? RETRY_ON_CONNECT
-                      : m->h2_code == H2_REFUSED_STREAM ? RETRY_ON_RESET | RETRY_BIT(REFUSED_STREAM)
-                                                        : RETRY_ON_RESET;
-        if (!m->res_head_done && (m->retry_on & on) && retry_allowed(s, 1)) {
+        unsigned on = connect ? ROUTE_RETRY_ON_CONNECT
+                      : m->h2_code == H2_REFUSED_STREAM
+                          ? ROUTE_RETRY_ON_RESET | ROUTE_RETRY_BIT(REFUSED_STREAM)
+                          : ROUTE_RETRY_ON_RESET;
+        if (!m->res_head_done && (m->pol.retry_on & on) && retry_allowed(s, 1)) {
             snprintf(msg, sizeof(msg), "%s before its answer", m->h2_why);
             retry_backoff(s, 1, msg);
             *progress = 1;
@@ -2540,7 +2413,7 @@ static void pump_run(struct session *s)
                             /* It reached someone: it is not sent again, unless a retry
                              * policy reads the answer's head first (retry_on_answer()). */
                             m->app_heard = 1;
-                            if (m->retries_left == 0)
+                            if (m->pol.retries_left == 0)
                                 replay_drop(m);
                         }
                         progress = 1;
@@ -2555,7 +2428,7 @@ static void pump_run(struct session *s)
                             retry(s, what);
                             progress = 1;
                             break;
-                        } else if (!m->res_head_done && (m->retry_on & RETRY_ON_RESET) &&
+                        } else if (!m->res_head_done && (m->pol.retry_on & ROUTE_RETRY_ON_RESET) &&
                                    retry_allowed(s, 1)) {
                             snprintf(msg, sizeof(msg), "%s before its answer", what);
                             retry_backoff(s, 1, msg);
@@ -2817,7 +2690,7 @@ static void mux_dialled(struct session *s, const char *why)
 {
     struct mux_h1 *m = s->mux;
     count_dial_failovers(s);
-    if (why != NULL && (m->retry_on & RETRY_ON_CONNECT) && retry_allowed(s, 0)) {
+    if (why != NULL && (m->pol.retry_on & ROUTE_RETRY_ON_CONNECT) && retry_allowed(s, 0)) {
         retry_backoff(s, 0, why);
     } else if (why != NULL) {
         char msg[400];

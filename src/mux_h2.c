@@ -58,13 +58,32 @@
  * gets 503. The keep-alive race: a request on a reused connection is held (REPLAY_MAX) until
  * its answer's first byte, and sent once more on a fresh dial when the connection ends first.
  *
+ * Outbound traffic management, per stream as mux_h1 does it per request (route.h,
+ * session_int.h): route_stream() picks the route, split and resolver (an http upstream's
+ * HTTP/1.1 legs too, with the route's rewrite and header modifiers), stream_admit() applies
+ * limits.max_concurrent_requests and takes the route's policy (struct route_policy). A stream
+ * waiting behind another stream's dial counts as a pending request (max_pending_requests);
+ * each dial is for one stream (dial_for): its resolver, its hash for the LoadBalancer policy
+ * (session_lb_request()); the streams waiting for the same resolver share its connection unless
+ * the resolver balances by a policy, which picks per stream. Every final answer is reported to
+ * the passive health check for the endpoint the stream went to; one the policy retries (status,
+ * gRPC code, reset, connect failure) is dropped unseen, and the stream waits its back-off (the
+ * timer) and a dial that passes over the endpoints it used (stream_dial_retry()), only while the
+ * whole request is held (body ended, within retry_buffer_bytes) and no response head went to the
+ * caller. RequestTimeout (the route's, the resolver's, 15 s) runs from the end of the request to
+ * the end of the answer, retries included: 504 "upstream request timeout" before the head (gRPC:
+ * trailers-only, grpc-status 14 UNAVAILABLE with that message, as Envoy's local reply for a 504
+ * maps it; not 4 DEADLINE_EXCEEDED, which Envoy never sends here), else a reset; the route's
+ * IdleTimeout answers 408 "stream timeout".
+ *
  * Timers (the codec's own timer <tmr>, set to the earliest deadline; the session's state timer
  * belongs to an outbound dial meanwhile): local_connect_timeout_ms for an HTTP/1.1 leg's and
  * the shared application connection's connect (503), local_request_timeout_ms from the end of
  * a request to the end of its response (504 before the response head, else both legs' streams
  * are reset), the idle timeout (local_idle_timeout_ms inbound, the upstream's outbound) per
  * stream since anything last moved on it (Envoy's stream_idle_timeout: 504 before the response
- * head, else reset), and the same timeout for the connection while it has no stream.
+ * head, else reset), and the same timeout for the connection while it has no stream; outbound
+ * also each stream's route timeouts and retry back-off.
  */
 #include "mux_h2.h"
 #include "h1parse.h"
@@ -139,7 +158,8 @@ struct h1leg {
     int heard;       /* a byte of the answer came */
     int retried;     /* the request was sent again once already (the keep-alive race) */
     struct buf held; /* on a reused connection: every request byte queued, until heard */
-    int held_ok;     /* <held> has them all (at most REPLAY_MAX) */
+    int held_ok;     /* <held> has them all (at most <held_max>) */
+    size_t held_max; /* REPLAY_MAX, or the upstream's retry_buffer_bytes under a retry policy */
 };
 
 /* One downstream stream and its upstream stream. */
@@ -185,6 +205,20 @@ struct h2s {
     const struct route *route;
     const struct route_split *split;
     const struct route_resolver *rs;
+    /* Outbound: the stream's retry policy and timeouts (route.h, as mux_h1's per request), the
+     * endpoint its last attempt went to (outlier reports; a retry passes it over), the
+     * endpoints its attempts used (the session's tried flags after its dial, kept while the
+     * policy may retry), and when its back-off ends (0: none). */
+    struct route_policy pol;
+    const struct snap_target *tgt;
+    const struct dec_endpoint *uep;
+    unsigned char *tried;
+    size_t ntried;
+    uint64_t backoff_until_ms;
+    int policy_retry; /* waits for the dial of a retry (to an endpoint not used yet) */
+    int pending;      /* holds a unit of limits.max_pending_requests while it waits */
+    size_t held_max;  /* <held>'s bound: REPLAY_MAX, or retry_buffer_bytes under a policy */
+    char *lb_cookie;  /* a cookie hash policy's Set-Cookie value for the answer; NULL: none */
 };
 
 struct mux_h2 {
@@ -194,6 +228,7 @@ struct mux_h2 {
     int h1up;                /* outbound to an http upstream: streams become HTTP/1.1 legs */
     unsigned retries;        /* streams up_on_close() left for retry_streams() */
     int dialling;            /* outbound: session_dial_h2() owns end[1] and the state timer */
+    struct h2s *dial_for;    /* outbound: the waiting stream the dial under way is for */
     int draining;            /* connectd drains: GOAWAY sent, closes when no stream is left */
     int down_failed;         /* the downstream session ended in an error: flush and close */
     struct buf cout;
@@ -340,6 +375,12 @@ static struct h2s *stream_new(struct session *s, int32_t cid)
 
 static void stream_free(struct mux_h2 *m, struct h2s *x)
 {
+    if (m->dial_for == x)
+        m->dial_for = NULL;
+    if (x->pending)
+        session_release_pending(m->s);
+    free(x->tried);
+    free(x->lb_cookie);
     if (x->prev != NULL)
         x->prev->next = x->next;
     else
@@ -354,6 +395,17 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
     free(x->req_tr.h);
     free(x->res_tr.h);
     free(x);
+}
+
+/* The stream waits for a dial no more: the pending unit it held goes back. */
+static void unwait(struct session *s, struct h2s *x)
+{
+    x->waiting = 0;
+    x->policy_retry = 0;
+    if (x->pending) {
+        x->pending = 0;
+        session_release_pending(s);
+    }
 }
 
 /* Detaches the application's stream (reset with <code> unless 0 and closed already). */
@@ -379,7 +431,8 @@ static void leg_close(struct session *s, struct h2s *x)
 
 static void app_stream_drop(struct session *s, struct h2s *x, uint32_t code)
 {
-    x->waiting = 0;
+    unwait(s, x);
+    x->backoff_until_ms = 0;
     if (x->h1 != NULL) {
         /* Open, or (outbound) still waiting for a connection. */
         x->app_open = 0;
@@ -509,6 +562,252 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
     free(mf);
 }
 
+/* ---- outbound: a stream's retry policy, limits and endpoint (as mux_h1's per request) ---- */
+
+/*
+ * Outbound, a stream just routed: limits.max_concurrent_requests (503 at once when over), then
+ * its retry policy and timeouts (route_policy_init()). Returns 0, or -1 after answering it.
+ */
+static int stream_admit(struct session *s, struct h2s *x)
+{
+    char why[128];
+    if (session_admit_request(s, &x->st.active, why, sizeof(why)) < 0) {
+        local_answer(s, x, STREAM_RES_UPSTREAM_OVERFLOW, why, (struct http_slice){0});
+        return -1;
+    }
+    route_policy_init(&x->pol, x->route, x->rs);
+    return 0;
+}
+
+/*
+ * Outbound: stream <x> waits for a connection. While a dial for another stream is under way it
+ * counts as one of the upstream's pending requests (limits.max_pending_requests: 503 at once
+ * when over; the dial counts its own stream). Returns 0, or -1 after answering it.
+ */
+static int stream_wait(struct session *s, struct h2s *x)
+{
+    char why[128];
+    x->waiting = 1;
+    if (!s->mux2->dialling)
+        return 0;
+    if (session_admit_pending(s, why, sizeof(why)) < 0) {
+        local_answer(s, x, STREAM_RES_UPSTREAM_OVERFLOW, why, (struct http_slice){0});
+        return -1;
+    }
+    x->pending = 1;
+    return 0;
+}
+
+/* Stream <x>'s attempt went to endpoint <ep> of <tgt> (the session's dial just now when
+ * <dialled>): kept for outlier reports, and the endpoints tried for a retry's dial. */
+static void stream_note_endpoint(struct session *s, struct h2s *x, const struct snap_target *tgt,
+                                 const struct dec_endpoint *ep, int dialled)
+{
+    x->tgt = tgt;
+    x->uep = ep;
+    if (!dialled || x->pol.retries_left == 0)
+        return;
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    if (x->tried == NULL || x->ntried != total) {
+        free(x->tried);
+        x->tried = xcalloc(total ? total : 1, 1);
+        x->ntried = total;
+    }
+    for (size_t i = 0; i < total; i++)
+        x->tried[i] |= s->tried[i];
+}
+
+/* The stream's hash for the dial (session_lb_request()), and a generated cookie kept for its
+ * answer. */
+static void lb_hash_stream(struct session *s, struct h2s *x, char *cookie, size_t len)
+{
+    struct http_slice path = x->pend.h[3].value, query = {NULL, 0};
+    const char *q = path.p != NULL ? memchr(path.p, '?', path.len) : NULL;
+    if (q != NULL)
+        query = (struct http_slice){q + 1, path.len - (size_t)(q - path.p) - 1};
+    session_lb_request(s, x->pend.h + 4, x->pend.n - 4, query, cookie, len);
+    if (cookie[0] != '\0' && x->lb_cookie == NULL)
+        x->lb_cookie = xstrdup(cookie);
+}
+
+/*
+ * The dial of a retry for stream <x>: the endpoints its attempts used are passed over while
+ * another is left (session_redial_retry(), the same kind of dial as the stream's).
+ */
+static void stream_dial_retry(struct session *s, struct h2s *x)
+{
+    size_t total = 0;
+    for (size_t j = 0; j < s->up->n_targets; j++)
+        total += s->up->targets[j].endpoints->n;
+    memset(s->tried, 0, total);
+    if (x->tried != NULL && x->ntried == total)
+        memcpy(s->tried, x->tried, total);
+    s->tgt = x->tgt;
+    s->ep = x->uep;
+    s->dial_h2 = !s->mux2->h1up;
+    session_redial_retry(s);
+}
+
+/*
+ * The dial about to start is for stream <x>: the stream's pending unit passes to the dial
+ * (dial_admit() counts it from there), the dial walks the stream's resolver (s->dial_rs) and
+ * chooses the endpoint by the stream's hash (session_lb_request(), from the head it keeps), as
+ * Envoy picks a host per request. A retry's dial (policy_retry) starts here (1); else 0, and
+ * the caller starts its kind of dial.
+ */
+static int stream_dial_begin(struct session *s, struct h2s *x)
+{
+    struct mux_h2 *m = s->mux2;
+    char cookie[512];
+    m->dialling = 1;
+    m->dial_for = x;
+    if (x->pending) {
+        x->pending = 0;
+        session_release_pending(s);
+    }
+    s->dial_rs = x->rs;
+    if (x->pend.h != NULL && x->pend.n >= 4)
+        lb_hash_stream(s, x, cookie, sizeof(cookie));
+    if (!x->policy_retry)
+        return 0;
+    stream_dial_retry(s, x);
+    return 1;
+}
+
+/*
+ * Whether the policy may send stream <x> once more: retries left, no response head passed on,
+ * time left before its RequestTimeout, and, when it went out (<sent>), the whole request held:
+ * its body received in full and within the retry buffer (retry_buffer_bytes).
+ */
+static int stream_may_retry(struct session *s, const struct h2s *x, int sent)
+{
+    if (!s->mux2->outbound || x->pol.retries_left == 0 || x->local || x->res_head)
+        return 0;
+    if (sent && !x->req_eof)
+        return 0;
+    if (sent && x->h1 != NULL && (!x->h1->held_ok || !x->h1->req_done))
+        return 0;
+    if (sent && x->h1 == NULL && (!x->held_ok || x->pend.h == NULL))
+        return 0;
+    uint64_t now = loop_now_ms(s->host->loop);
+    return x->req_end_ms == 0 || x->pol.timeout_ms == 0 || now < x->req_end_ms + x->pol.timeout_ms;
+}
+
+/* Request body bytes held for a retry go back in front of <reqb> (given back to the caller's
+ * window already: <skip> says how many). */
+static void body_back(struct h2s *x)
+{
+    struct buf nb = {0};
+    buf_add(&nb, x->held.p, x->held.len);
+    buf_add(&nb, x->reqb.p, x->reqb.len);
+    buf_free(&x->reqb);
+    x->reqb = nb;
+    x->skip = x->held.len;
+    buf_free(&x->held);
+    x->held_ok = 0;
+}
+
+/*
+ * The policy sends stream <x> again (<what> failed): the attempt's stream or connection goes
+ * (an answer from it is dropped unseen), and after a back-off (route_policy_backoff_ms()) the
+ * stream waits for a dial to an endpoint its attempts did not use when one is left (the timer,
+ * DL_BACKOFF). <sent>: the request had gone out (it is sent again from the held copy).
+ */
+static void stream_retry_later(struct session *s, struct h2s *x, int sent, const char *what)
+{
+    uint64_t now = loop_now_ms(s->host->loop);
+    uint32_t wait_ms = route_policy_backoff_ms(&x->pol, util_rand());
+    LOG_DEBUG("conn=%llu stream=%llu upstream %s %s: retrying in %lu ms (%u more allowed)",
+              (unsigned long long)s->id, (unsigned long long)x->st.seq,
+              LOG_ESC(x->ep != NULL ? x->ep : s->ep_name), what, (unsigned long)wait_ms,
+              x->pol.retries_left);
+    unwait(s, x);
+    if (x->h1 != NULL) {
+        struct h1leg *l = x->h1;
+        xprt_close(s->host->loop, &l->x);
+        if (sent) {
+            l->out.len = 0;
+            buf_add(&l->out, l->held.p, l->held.len);
+        }
+        buf_free(&l->held);
+        l->held_ok = 0;
+        l->in.len = 0;
+        l->eof = l->heard = l->head_done = l->keep = l->reused = l->writable = 0;
+    } else {
+        if (x->us != NULL) {
+            h2up_cancel(x->us, H2_CANCEL);
+            x->us = NULL;
+        }
+        if (sent)
+            body_back(x);
+        x->heard = 0;
+    }
+    x->app_open = 0;
+    x->req_defer = 0;
+    x->conn_established = 0;
+    x->backoff_until_ms = now + wait_ms;
+}
+
+/*
+ * A final answer's head (<status>, fields <h>) came for stream <x> before anything of it went
+ * to the caller: reported to the passive health check (every attempt counts, as Envoy's outlier
+ * detection counts each), then retried when the policy asks (1), else 0: it goes through.
+ */
+static int stream_retry_on_answer(struct session *s, struct h2s *x, int status,
+                                  const struct http_header *h, size_t n)
+{
+    if (!s->mux2->outbound || status < 200)
+        return 0;
+    session_outlier_report_at(s, x->tgt, x->uep, status >= 500);
+    if (!stream_may_retry(s, x, 1) || !route_policy_retries_status(&x->pol, status, h, n)) {
+        x->pol.retries_left = 0;
+        return 0;
+    }
+    char what[64];
+    snprintf(what, sizeof(what), "answered %d", status);
+    stream_retry_later(s, x, 1, what);
+    return 1;
+}
+
+/* A dial for stream <x> found no endpoint (<why>; <overflow>: a limit refused it): retried
+ * when its policy retries connection failures, else 503. */
+static void stream_dial_failed(struct session *s, struct h2s *x, const char *why, int overflow)
+{
+    if (!overflow && (x->pol.retry_on & ROUTE_RETRY_ON_CONNECT) && stream_may_retry(s, x, 0)) {
+        stream_retry_later(s, x, 0, why);
+        return;
+    }
+    local_answer(s, x, overflow ? STREAM_RES_UPSTREAM_OVERFLOW : STREAM_RES_UPSTREAM_CONNECT_ERROR,
+                 why, (struct http_slice){0});
+}
+
+/*
+ * Outbound response fields for the caller: <h> with the route's and split's ResponseHeaders
+ * and a cookie hash policy's Set-Cookie. A new array the caller frees (*<out_n> fields), or
+ * NULL when nothing changes.
+ */
+static struct http_header *response_fields(const struct h2s *x, const struct http_header *h,
+                                           size_t n, size_t *out_n)
+{
+    size_t nmf = 0;
+    struct http_header *mf = route_headers_modified(x->route, x->split, 1, h, n, &nmf);
+    if (x->lb_cookie == NULL) {
+        *out_n = nmf;
+        return mf;
+    }
+    const struct http_header *src = mf != NULL ? mf : h;
+    size_t ns = mf != NULL ? nmf : n;
+    struct http_header *f = xcalloc(ns + 1, sizeof(*f));
+    memcpy(f, src, ns * sizeof(*f));
+    f[ns] = (struct http_header){.name = {"set-cookie", 10},
+                                 .value = {x->lb_cookie, strlen(x->lb_cookie)}};
+    free(mf);
+    *out_n = ns + 1;
+    return f;
+}
+
 /* ---- protocol http: HTTP/2 streams as HTTP/1.1 exchanges ---- */
 
 static void resume_down(struct mux_h2 *m, struct h2s *x);
@@ -538,7 +837,7 @@ static void leg_queue(struct h1leg *l, const void *p, size_t n)
     buf_add(&l->out, p, n);
     if (!l->held_ok)
         return;
-    if (l->held.len + n > REPLAY_MAX) {
+    if (l->held.len + n > l->held_max) {
         l->held_ok = 0;
         buf_free(&l->held);
         return;
@@ -573,14 +872,15 @@ static enum http_method method_of(struct http_slice m)
  * <authority> for the request line and Host; <f>: the fields, the flagged ones and those
  * specific to a connection left out). A body without content-length is sent chunked.
  */
-static struct h1leg *leg_new(const struct h2_head *hd, struct http_slice target,
-                             struct http_slice authority, const struct http_header *f, size_t nf)
+static struct h1leg *leg_new(const struct h2_head *hd, struct http_slice method,
+                             struct http_slice target, struct http_slice authority,
+                             const struct http_header *f, size_t nf)
 {
     struct h1leg *l = xcalloc(1, sizeof(*l));
     l->x.fd = -1;
-    l->method = method_of(hd->method);
+    l->method = method_of(method);
     struct buf *o = &l->out;
-    buf_add(o, hd->method.p, hd->method.len);
+    buf_add(o, method.p, method.len);
     buf_add(o, " ", 1);
     buf_add(o, target.p, target.len);
     buf_add(o, " HTTP/1.1\r\nhost: ", 17);
@@ -617,7 +917,7 @@ static void leg_open(struct session *s, struct h2s *x, const struct h2_head *hd,
         local_answer(s, x, STREAM_RES_LOCAL_CONNECT_ERROR, why, (struct http_slice){0});
         return;
     }
-    struct h1leg *l = leg_new(hd, target, hd->authority, f, nf);
+    struct h1leg *l = leg_new(hd, hd->method, target, hd->authority, f, nf);
     l->x.fd = fd;
     loop_io_init(&l->x.io, fd, leg_on_io, s);
     l->connect_start_ms = loop_now_ms(s->host->loop);
@@ -636,40 +936,46 @@ static int line_token_ok(struct http_slice v)
     return 1;
 }
 
+static struct h2_out_head pend_head(const struct h2s *x);
+
 /*
  * Outbound to an http upstream: stream <x>'s request, as the application sent it (the
- * upstream's sidecar normalizes and authorizes it), becomes an HTTP/1.1 exchange that waits
- * for a connection from the session's dial (h1_dial_next); without :authority, Host is the
+ * upstream's sidecar normalizes and authorizes it) with its route's rewrite and modifiers
+ * (the head pend_keep() kept), becomes an HTTP/1.1 exchange that waits for a connection from
+ * the session's dial (h1_dial_next; the caller makes it wait); without :authority, Host is the
  * upstream's name. 0, or -1 when the head cannot be written as HTTP/1.1 (<x> answered 400).
  */
-static int leg_wait(struct session *s, struct h2s *x, const struct h2_head *hd,
-                    const struct http_header *f, size_t nf)
+static int leg_wait(struct session *s, struct h2s *x, const struct h2_head *hd)
 {
     const char *name = s->up->cfg->destination_name;
+    struct h2_out_head oh = pend_head(x);
     struct http_slice authority =
-        hd->authority.len > 0 ? hd->authority : (struct http_slice){name, strlen(name)};
-    if (!line_token_ok(hd->method) || !line_token_ok(hd->path) || !line_token_ok(authority)) {
+        oh.authority.len > 0 ? oh.authority : (struct http_slice){name, strlen(name)};
+    if (!line_token_ok(oh.method) || !line_token_ok(oh.path) || !line_token_ok(authority)) {
         local_answer(s, x, STREAM_RES_BAD_REQUEST, "the request line cannot be written as HTTP/1.1",
                      (struct http_slice){0});
         return -1;
     }
-    struct h1leg *l = leg_new(hd, hd->path, authority, f, nf);
+    struct h1leg *l = leg_new(hd, oh.method, oh.path, authority, oh.headers, oh.nheaders);
     l->mesh = 1;
     l->connected = 1;
     x->h1 = l;
-    x->waiting = 1;
     return 0;
 }
 
 /*
- * The waiting stream to give a connection: the oldest, but a stream whose request a reused
- * connection lost (retried) takes only a <fresh> one, and gets it first. NULL when none.
+ * The waiting stream to give a connection to target <tgt>: the oldest whose resolver may use
+ * <tgt>, but a stream whose request a reused connection lost (retried) takes only a <fresh>
+ * one, and gets it first; a stream whose resolver balances by a policy, or that waits for a
+ * retry's dial, waits for its own dial. NULL when none.
  */
-static struct h2s *next_waiting(struct mux_h2 *m, int fresh)
+static struct h2s *next_waiting(struct session *s, int fresh, const struct snap_target *tgt)
 {
+    struct mux_h2 *m = s->mux2;
     struct h2s *best = NULL;
     for (struct h2s *x = m->streams; x != NULL; x = x->next) {
-        if (!x->waiting || x->h1 == NULL || (x->h1->retried && !fresh))
+        if (!x->waiting || x->h1 == NULL || (x->h1->retried && !fresh) || x->policy_retry ||
+            session_resolver_balances(x->rs) || !session_resolver_allows(s, x->rs, tgt))
             continue;
         if (best == NULL || (x->h1->retried && !best->h1->retried) ||
             (x->h1->retried == best->h1->retried && x->st.seq < best->st.seq))
@@ -697,14 +1003,17 @@ static void leg_attach(struct session *s, struct h2s *x, struct xprt *src,
     copy_str_cut(l->ep_name, sizeof(l->ep_name), ep_name);
     l->reused = reused;
     l->writable = 1;
-    l->held_ok = reused && !l->retried && l->out.len <= REPLAY_MAX;
+    l->held_max = x->pol.retries_left > 0 ? s->up->cfg->retry_buffer_bytes : REPLAY_MAX;
+    l->held_ok = ((reused && !l->retried) || x->pol.retries_left > 0) && l->out.len <= l->held_max;
     if (l->held_ok)
         buf_add(&l->held, l->out.p, l->out.len);
-    x->waiting = 0;
+    unwait(s, x);
     x->app_open = 1;
     x->last_ms = loop_now_ms(s->host->loop);
     free(x->ep);
     x->ep = xstrdup(ep_name);
+    x->tgt = tgt;
+    x->uep = ep;
 }
 
 /*
@@ -717,7 +1026,7 @@ static void leg_release(struct session *s, struct h2s *x)
     loop_io_want(s->host->loop, &l->x.io, 0);
     struct xprt conn = l->x;
     l->x = (struct xprt){.fd = -1};
-    struct h2s *y = next_waiting(s->mux2, 0);
+    struct h2s *y = next_waiting(s, 0, l->tgt);
     if (y != NULL)
         leg_attach(s, y, &conn, l->tgt, l->ep, l->ep_name, 1);
     else
@@ -755,28 +1064,34 @@ static int leg_lost(struct session *s, struct h2s *x)
 /*
  * Outbound to an http upstream: when streams wait for a connection and the session holds
  * fewer than LEGS_MAX, the next dial (one at a time; mux_dialled() gives its result to the
- * oldest waiting stream). A stream to send again after the keep-alive race asks for a fresh
- * connection (no pooled one, which may have idled as long).
+ * stream it is for, else the oldest waiting one its resolver allows). It is for a stream
+ * waiting for a retry's dial first (to an endpoint not used yet), then one to send again after
+ * the keep-alive race (a fresh connection: no pooled one, which may have idled as long), else
+ * the oldest; the stream's route chose the resolver the dial walks and its hash policy the
+ * endpoint.
  */
 static void h1_dial_next(struct session *s)
 {
     struct mux_h2 *m = s->mux2;
     size_t open = 0;
-    int waiting = 0, fresh = 0;
+    struct h2s *best = NULL;
     if (m->dialling)
         return;
-    for (const struct h2s *x = m->streams; x != NULL; x = x->next) {
+    for (struct h2s *x = m->streams; x != NULL; x = x->next) {
         if (x->h1 != NULL && x->h1->x.fd >= 0)
             open++;
-        if (x->waiting && x->h1 != NULL) {
-            waiting = 1;
-            fresh |= x->h1->retried;
-        }
+        if (!x->waiting || x->h1 == NULL)
+            continue;
+        int rank = x->policy_retry ? 2 : x->h1->retried ? 1 : 0;
+        int best_rank = best == NULL ? -1 : best->policy_retry ? 2 : best->h1->retried ? 1 : 0;
+        if (rank > best_rank || (rank == best_rank && x->st.seq < best->st.seq))
+            best = x;
     }
-    if (!waiting || open >= LEGS_MAX)
+    if (best == NULL || open >= LEGS_MAX)
         return;
-    m->dialling = 1;
-    if (fresh)
+    if (stream_dial_begin(s, best))
+        return;
+    if (best->h1->retried)
         session_redial_upstream(s);
     else
         session_dial_upstream(s);
@@ -876,9 +1191,18 @@ static int leg_head(struct session *s, struct h2s *x)
             buf_consume(&l->in, (size_t)rc);
             continue;
         }
+        if (l->mesh && stream_retry_on_answer(s, x, rs.status, h, rs.nheaders))
+            return -1;  /* dropped unseen: the stream goes again */
+        l->held_ok = 0; /* never sent again now */
+        buf_free(&l->held);
         int has_body = !(rs.framing == HTTP_BODY_NONE ||
                          (rs.framing == HTTP_BODY_LENGTH && rs.content_length == 0));
-        struct h2_out_head oh = {.status = rs.status, .headers = h, .nheaders = rs.nheaders};
+        /* Outbound, the route's and split's ResponseHeaders, and a hash policy's cookie. */
+        size_t nmf = 0;
+        struct http_header *mf = l->mesh ? response_fields(x, h, rs.nheaders, &nmf) : NULL;
+        struct h2_out_head oh = {.status = rs.status,
+                                 .headers = mf != NULL ? mf : h,
+                                 .nheaders = mf != NULL ? nmf : rs.nheaders};
         x->st.status = rs.status;
         x->res_head = 1;
         l->head_done = 1;
@@ -886,7 +1210,9 @@ static int leg_head(struct session *s, struct h2s *x)
         l->body.framing = has_body ? rs.framing : HTTP_BODY_NONE;
         l->body.remaining = rs.content_length;
         h1_chunked_init(&l->body.ch);
-        if (h2_submit_response(m->down, x->cid, &oh, has_body) != 0) {
+        int sent = h2_submit_response(m->down, x->cid, &oh, has_body);
+        free(mf);
+        if (sent != 0) {
             leg_fail(s, x, STREAM_RES_BAD_RESPONSE, "the response head cannot be forwarded");
             return -1;
         }
@@ -967,10 +1293,13 @@ static int legs_pump(struct session *s)
                 l->in.len += (size_t)n;
                 progress = 1;
                 if (!l->heard) {
-                    /* Answered: the request is no longer sent again. */
+                    /* Answered: the request is no longer sent again for the keep-alive race
+                     * (a retry policy still holds it until the answer's head). */
                     l->heard = 1;
-                    l->held_ok = 0;
-                    buf_free(&l->held);
+                    if (x->pol.retries_left == 0) {
+                        l->held_ok = 0;
+                        buf_free(&l->held);
+                    }
                 }
             } else if (n == -EAGAIN) {
                 wants |= xprt_wants(&l->x, LOOP_READ);
@@ -1060,7 +1389,8 @@ static void up_open(struct session *s, struct h2s *x, struct h2up_conn *c,
                     const struct h2_out_head *oh, int has_body)
 {
     x->us = h2up_open(c, oh, has_body, &up_ops, x);
-    x->held_ok = x->us != NULL && !x->retried;
+    x->held_max = x->pol.retries_left > 0 ? s->up->cfg->retry_buffer_bytes : REPLAY_MAX;
+    x->held_ok = x->us != NULL && (!x->retried || x->pol.retries_left > 0);
     if (x->us == NULL) {
         local_answer(
             s, x, connect_error(s->mux2),
@@ -1271,22 +1601,22 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
             set_why(x, "connectd is draining");
             return 0;
         }
-        if (m->h1up) {
-            /* An http upstream: an HTTP/1.1 exchange; pump() dials for it. */
-            if (connect)
-                local_answer(s, x, STREAM_RES_BAD_RESPONSE,
-                             "CONNECT over HTTP/2 to an http upstream is not translated to "
-                             "HTTP/1.1",
-                             (struct http_slice){0});
-            else
-                leg_wait(s, x, hd, f, nf);
+        if (m->h1up && connect) {
+            local_answer(s, x, STREAM_RES_BAD_RESPONSE,
+                         "CONNECT over HTTP/2 to an http upstream is not translated to HTTP/1.1",
+                         (struct http_slice){0});
             return 0;
         }
-        if (route_stream(s, x, hd) < 0)
+        if (route_stream(s, x, hd) < 0 || stream_admit(s, x) < 0)
             return 0;
         pend_keep(x, hd);
-        x->waiting = 1;
-        if (!m->dialling)
+        if (m->h1up) {
+            /* An http upstream: an HTTP/1.1 exchange; pump() dials for it. */
+            if (leg_wait(s, x, hd) == 0)
+                (void)stream_wait(s, x);
+            return 0;
+        }
+        if (stream_wait(s, x) == 0 && !m->dialling)
             start_dial(s);
         return 0;
     }
@@ -1366,10 +1696,11 @@ out:
     return 0;
 }
 
-/* Whether request bytes of <x> are still wanted by an upstream (open, or waiting for one). */
+/* Whether request bytes of <x> are still wanted by an upstream (open, or waiting for one or
+ * for a retry). */
 static int req_wanted(const struct h2s *x)
 {
-    return !x->local && (x->app_open || x->waiting);
+    return !x->local && (x->app_open || x->waiting || x->backoff_until_ms != 0);
 }
 
 static void resume_up(struct h2s *x)
@@ -1544,6 +1875,9 @@ static int up_on_head(void *owner, const struct h2_head *hd)
     x->conn_established = 1;
     x->last_ms = loop_now_ms(s->host->loop);
     kick(s);
+    if (!x->local && !x->res_head &&
+        stream_retry_on_answer(s, x, hd->status, hd->headers, hd->nheaders))
+        return 0; /* dropped unseen: the stream goes again */
     heard(x);
     if (x->local)
         return -1;
@@ -1553,10 +1887,9 @@ static int up_on_head(void *owner, const struct h2_head *hd)
         return -1;
     x->st.status = hd->status;
     note_grpc_status(x, hd->headers, hd->nheaders);
-    /* Outbound, the route's and split's ResponseHeaders. */
+    /* Outbound, the route's and split's ResponseHeaders, and a hash policy's cookie. */
     size_t nmf = 0;
-    struct http_header *mf =
-        route_headers_modified(x->route, x->split, 1, hd->headers, hd->nheaders, &nmf);
+    struct http_header *mf = response_fields(x, hd->headers, hd->nheaders, &nmf);
     struct h2_out_head oh = {.status = hd->status,
                              .headers = mf != NULL ? mf : hd->headers,
                              .nheaders = mf != NULL ? nmf : hd->nheaders};
@@ -1632,19 +1965,24 @@ static void up_on_close(void *owner, uint32_t code, const char *what)
         LOG_DEBUG("conn=%llu stream=%llu %s %s: %s before any answer: opening the stream again",
                   (unsigned long long)s->id, (unsigned long long)x->st.seq, peer_word(m),
                   LOG_ESC(x->ep != NULL ? x->ep : s->ep_name), what);
-        struct buf nb = {0};
-        buf_add(&nb, x->held.p, x->held.len);
-        buf_add(&nb, x->reqb.p, x->reqb.len);
-        buf_free(&x->reqb);
-        x->reqb = nb;
-        x->skip = x->held.len;
-        buf_free(&x->held);
-        x->held_ok = 0;
+        body_back(x);
         x->retried = 1;
         x->retry = 1;
         m->retries++;
         x->waiting = 1;
         x->req_defer = 0;
+        return;
+    }
+    /* Outbound, the retry policy: a reset or a failed connection before the answer's head. */
+    int failed_conn = code == H2_CONNECT_ERROR && !x->conn_established;
+    unsigned on = failed_conn ? ROUTE_RETRY_ON_CONNECT
+                  : code == H2_REFUSED_STREAM
+                      ? ROUTE_RETRY_ON_RESET | ROUTE_RETRY_BIT(REFUSED_STREAM)
+                      : ROUTE_RETRY_ON_RESET;
+    if (!x->local && !x->heard && code != H2_NO_ERROR && (x->pol.retry_on & on) &&
+        stream_may_retry(s, x, 1)) {
+        snprintf(why, sizeof(why), "%s before its answer", what);
+        stream_retry_later(s, x, 1, why);
         return;
     }
     /* Request bytes no one will forward go back to the caller's window. */
@@ -1681,7 +2019,7 @@ static ssize_t up_read_body(void *owner, uint8_t *buf, size_t cap, unsigned *fla
     if (n > 0) {
         memcpy(buf, x->reqb.p, n);
         buf_consume(&x->reqb, n);
-        if (x->held_ok && x->held.len + n > REPLAY_MAX) {
+        if (x->held_ok && x->held.len + n > x->held_max) {
             x->held_ok = 0;
             buf_free(&x->held);
         } else if (x->held_ok) {
@@ -1727,39 +2065,50 @@ static void start_dial(struct session *s)
 {
     struct mux_h2 *m = s->mux2;
     /* One resolver per dial: the first waiting stream's (see mux_dialled()). */
+    struct h2s *x = m->streams;
+    while (x != NULL && !x->waiting)
+        x = x->next;
     s->dial_rs = NULL;
-    for (struct h2s *x = m->streams; x != NULL; x = x->next)
-        if (x->waiting) {
-            s->dial_rs = x->rs;
-            break;
-        }
-    m->dialling = 1;
-    session_dial_h2(s);
+    m->dial_for = NULL;
+    if (x == NULL) {
+        m->dialling = 1;
+        session_dial_h2(s);
+    } else if (!stream_dial_begin(s, x)) {
+        session_dial_h2(s);
+    }
 }
 
 /*
- * An http upstream: the dial's connection (end[1], verified) goes to the oldest waiting stream
- * (the pool takes it back when none is left); no endpoint left answers every waiting stream
- * 503, as for HTTP/2.
+ * An http upstream: the dial's connection (end[1], verified) goes to the stream it was for,
+ * else to the oldest waiting stream its resolver allows (the pool takes it back when none is
+ * left); no endpoint left answers the streams waiting for that resolver 503 (or retries them
+ * by their policy), as for HTTP/2.
  */
 static void h1_dialled(struct session *s, const char *why)
 {
     struct mux_h2 *m = s->mux2;
+    struct h2s *for_x = m->dial_for;
     char msg[400];
     m->dialling = 0;
+    m->dial_for = NULL;
     if (why != NULL) {
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
         for (struct h2s *x = m->streams; x != NULL; x = x->next)
-            if (x->waiting)
-                local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
+            if (x->waiting && x->rs == s->dial_rs &&
+                (x == for_x || (!x->policy_retry && !session_resolver_balances(x->rs))))
+                stream_dial_failed(s, x, msg, s->dial_overflow);
         kick(s);
         return;
     }
-    struct h2s *x = next_waiting(m, !s->dial_pooled);
-    if (x != NULL)
+    struct h2s *x = for_x != NULL && for_x->waiting && for_x->h1 != NULL
+                        ? for_x
+                        : next_waiting(s, !s->dial_pooled, s->tgt);
+    if (x != NULL) {
         leg_attach(s, x, &s->end[1], s->tgt, s->ep, s->ep_name, s->dial_pooled);
-    else
+        stream_note_endpoint(s, x, s->tgt, s->ep, 1);
+    } else {
         session_pool_put(s);
+    }
     kick(s);
 }
 
@@ -1768,6 +2117,7 @@ static void mux_dialled(struct session *s, const char *why)
     struct mux_h2 *m = s->mux2;
     struct h2up_conn *c = why == NULL ? s->h2c : NULL;
     const struct route_resolver *rs = s->dial_rs;
+    struct h2s *for_x = m->dial_for;
     int others = 0;
     char msg[400];
     if (m->h1up) {
@@ -1775,28 +2125,30 @@ static void mux_dialled(struct session *s, const char *why)
         return;
     }
     m->dialling = 0;
+    m->dial_for = NULL;
     s->h2c = NULL;
     if (why != NULL)
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
     for (struct h2s *x = m->streams; x != NULL; x = x->next) {
         if (!x->waiting)
             continue;
-        if (x->rs != rs) {
-            others = 1; /* routed elsewhere: its own dial follows */
+        /* Routed elsewhere, choosing its endpoint by a policy, or a retry passing endpoints
+         * over: its own dial follows. */
+        if (x->rs != rs || (x != for_x && (session_resolver_balances(rs) || x->policy_retry ||
+                                           (for_x != NULL && for_x->policy_retry)))) {
+            others = 1;
             continue;
         }
-        x->waiting = 0;
         if (c == NULL) {
-            local_answer(s, x,
-                         s->dial_overflow ? STREAM_RES_UPSTREAM_OVERFLOW
-                                          : STREAM_RES_UPSTREAM_CONNECT_ERROR,
-                         msg, (struct http_slice){0});
+            stream_dial_failed(s, x, msg, s->dial_overflow);
             continue;
         }
+        unwait(s, x);
         struct h2_out_head oh = pend_head(x);
         up_open(s, x, c, &oh, x->pend_body);
         free(x->ep);
         x->ep = xstrdup(s->ep_name);
+        stream_note_endpoint(s, x, s->tgt, s->ep, 1);
     }
     if (others && !m->dialling)
         start_dial(s);
@@ -1811,7 +2163,19 @@ enum deadline {
     DL_REQUEST,
     DL_STREAM_IDLE,
     DL_IDLE,
+    DL_ROUTE,      /* outbound: a stream's RequestTimeout (its route's, resolver's or 15 s) */
+    DL_ROUTE_IDLE, /* outbound: a stream's route IdleTimeout */
+    DL_BACKOFF,    /* outbound: a stream's retry back-off ended */
 };
+
+/* Outbound stream <x>'s RequestTimeout deadline (absolute ms), 0 while none runs: from the end
+ * of its request (Envoy's route timeout) to the end of its answer, retries included. */
+static uint64_t route_deadline(const struct h2s *x)
+{
+    if (x->local || x->res_eof || x->req_end_ms == 0 || x->pol.timeout_ms == 0)
+        return 0;
+    return x->req_end_ms + x->pol.timeout_ms;
+}
 
 /* The earliest deadline (absolute ms, 0 for none) and its kind. */
 static uint64_t deadline(const struct session *s, enum deadline *kind)
@@ -1836,11 +2200,52 @@ static uint64_t deadline(const struct session *s, enum deadline *kind)
             CONSIDER(x->req_end_ms + c->local_request_timeout_ms, DL_REQUEST);
         if (idle != 0)
             CONSIDER(x->last_ms + idle, DL_STREAM_IDLE);
+        if (!m->outbound || x->local)
+            continue;
+        if (route_deadline(x) != 0)
+            CONSIDER(route_deadline(x), DL_ROUTE);
+        if (x->pol.idle_ms != 0 && !x->res_eof)
+            CONSIDER(x->last_ms + x->pol.idle_ms, DL_ROUTE_IDLE);
+        if (x->backoff_until_ms != 0)
+            CONSIDER(x->backoff_until_ms, DL_BACKOFF);
     }
     if (idle != 0 && m->streams == NULL)
         CONSIDER(s->last_io_ms + idle, DL_IDLE);
 #undef CONSIDER
     return best;
+}
+
+/*
+ * Outbound streams past their RequestTimeout (or their route's IdleTimeout, <idle>): before
+ * the answer's head 504 "upstream request timeout" (408 "stream timeout" for the idle one, as
+ * mux_h1), after it the caller's stream is reset. A gRPC stream gets what Envoy's local reply
+ * gives a 504: a trailers-only answer with grpc-status 14 (UNAVAILABLE) and that message.
+ */
+static void route_timed_out(struct session *s, int idle, uint64_t now)
+{
+    char why[200];
+    for (struct h2s *x = s->mux2->streams; x != NULL; x = x->next) {
+        if (x->local)
+            continue;
+        if (idle) {
+            if (x->pol.idle_ms == 0 || x->res_eof || x->last_ms + x->pol.idle_ms > now)
+                continue;
+            snprintf(why, sizeof(why), "nothing moved for %lu ms (the route's IdleTimeout)",
+                     (unsigned long)x->pol.idle_ms);
+        } else {
+            uint64_t d = route_deadline(x);
+            if (d == 0 || d > now)
+                continue;
+            snprintf(why, sizeof(why),
+                     "no complete answer in %lu ms (the route's "
+                     "RequestTimeout)%s",
+                     (unsigned long)x->pol.timeout_ms, x->st.retries > 0 ? " after retries" : "");
+        }
+        STAT_ADD(s->host->stats->upstream_timeouts, 1);
+        x->pol.retries_left = 0;
+        local_answer(s, x, idle ? STREAM_RES_STREAM_IDLE_TIMEOUT : STREAM_RES_UPSTREAM_TIMEOUT, why,
+                     (struct http_slice){0});
+    }
 }
 
 static void arm(struct session *s)
@@ -2061,7 +2466,7 @@ static void on_tmr(struct loop_timer *t)
         for (struct h2s *x = m->streams; x != NULL; x = x->next) {
             if (x->last_ms + idle > now)
                 continue;
-            if (!x->local && (x->app_open || x->waiting)) {
+            if (req_wanted(x)) {
                 local_answer(s, x, STREAM_RES_LOCAL_TIMEOUT, why, (struct http_slice){0});
             } else {
                 /* Answered, but the downstream peer does not take the rest. */
@@ -2072,6 +2477,25 @@ static void on_tmr(struct loop_timer *t)
             }
             x->last_ms = now; /* the answer (or reset) gets its own period to go out */
         }
+        break;
+    case DL_ROUTE:
+    case DL_ROUTE_IDLE:
+        route_timed_out(s, kind == DL_ROUTE_IDLE, now);
+        break;
+    case DL_BACKOFF:
+        /* It counts as a retry from here: one the timeout cut during its back-off never was. */
+        for (struct h2s *x = m->streams; x != NULL; x = x->next) {
+            if (x->backoff_until_ms == 0 || x->backoff_until_ms > now)
+                continue;
+            x->backoff_until_ms = 0;
+            x->st.retries++;
+            STAT_ADD(s->host->stats->upstream_retries, 1);
+            x->waiting = 1;
+            x->policy_retry = 1;
+            x->last_ms = now;
+        }
+        if (!m->h1up && !m->dialling)
+            start_dial(s);
         break;
     case DL_IDLE:
         snprintf(why, sizeof(why), "idle for %llu ms (local_idle_timeout_ms)",

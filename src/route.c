@@ -435,3 +435,97 @@ void route_headers_apply(const struct dec_header_mods *mods, struct http_header 
         };
     }
 }
+
+/* ---- retry policy ---- */
+
+void route_policy_init(struct route_policy *p, const struct route *r,
+                       const struct route_resolver *rs)
+{
+    const struct dec_chain_route *d = r != NULL ? r->def : NULL;
+    memset(p, 0, sizeof(*p));
+    p->timeout_ms = ROUTE_TIMEOUT_DEFAULT_MS;
+    if (d != NULL && d->request_timeout_ms != 0)
+        p->timeout_ms = d->request_timeout_ms;
+    else if (rs != NULL && rs->request_timeout_ms != 0)
+        p->timeout_ms = rs->request_timeout_ms;
+    if (d == NULL)
+        return;
+    p->idle_ms = d->idle_timeout_ms;
+    p->retry_on =
+        d->retry_on | (d->retry_on_connect_failure ? ROUTE_RETRY_BIT(CONNECT_FAILURE) : 0);
+    p->retry_codes = d->retry_status_codes;
+    p->n_retry_codes = d->n_retry_status_codes;
+    if (p->retry_on != 0 || p->n_retry_codes > 0 || d->num_retries > 0)
+        p->retries_left = d->num_retries > 0 ? d->num_retries : 1;
+}
+
+/* The gRPC status of an answer's head, or -1. */
+static int head_grpc_status(const struct http_header *h, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!h1_slice_eq(h[i].name, "grpc-status"))
+            continue;
+        int v = 0;
+        if (h[i].value.len == 0 || h[i].value.len > 3)
+            return -1;
+        for (size_t k = 0; k < h[i].value.len; k++) {
+            if (h[i].value.p[k] < '0' || h[i].value.p[k] > '9')
+                return -1;
+            v = v * 10 + (h[i].value.p[k] - '0');
+        }
+        return v;
+    }
+    return -1;
+}
+
+int route_policy_retries_status(const struct route_policy *p, int status,
+                                const struct http_header *h, size_t n)
+{
+    unsigned on = p->retry_on;
+    if ((on & ROUTE_RETRY_BIT(5XX)) && status >= 500 && status <= 599)
+        return 1;
+    if ((on & ROUTE_RETRY_BIT(GATEWAY_ERROR)) && (status == 502 || status == 503 || status == 504))
+        return 1;
+    if ((on & ROUTE_RETRY_BIT(RETRIABLE_4XX)) && status == 409)
+        return 1;
+    for (size_t i = 0; i < p->n_retry_codes; i++)
+        if (p->retry_codes[i] == status)
+            return 1;
+    if (on & ROUTE_RETRY_BIT(ENVOY_RATELIMITED))
+        for (size_t i = 0; i < n; i++)
+            if (h1_slice_eq(h[i].name, "x-envoy-ratelimited"))
+                return 1;
+    static const struct {
+        unsigned bit;
+        int code;
+    } grpc[] = {
+        {ROUTE_RETRY_BIT(CANCELLED), 1},          {ROUTE_RETRY_BIT(DEADLINE_EXCEEDED), 4},
+        {ROUTE_RETRY_BIT(RESOURCE_EXHAUSTED), 8}, {ROUTE_RETRY_BIT(INTERNAL), 13},
+        {ROUTE_RETRY_BIT(UNAVAILABLE), 14},
+    };
+    int gs = -1, looked = 0;
+    for (size_t i = 0; i < ARRAY_SIZE(grpc); i++) {
+        if (!(on & grpc[i].bit))
+            continue;
+        if (!looked) {
+            gs = head_grpc_status(h, n);
+            looked = 1;
+        }
+        if (gs == grpc[i].code)
+            return 1;
+    }
+    return 0;
+}
+
+uint32_t route_policy_backoff_ms(struct route_policy *p, uint64_t rnd)
+{
+    uint32_t base = ROUTE_BACKOFF_BASE_MS;
+    for (unsigned i = 0; i < p->backoffs && base < ROUTE_BACKOFF_MAX_MS; i++)
+        base *= 2;
+    if (base > ROUTE_BACKOFF_MAX_MS)
+        base = ROUTE_BACKOFF_MAX_MS;
+    p->backoffs++;
+    if (p->retries_left > 0)
+        p->retries_left--;
+    return (uint32_t)(rnd % base);
+}

@@ -198,4 +198,61 @@ struct http_header *route_headers_modified(const struct route *r, const struct r
                                            int response, const struct http_header *h, size_t n,
                                            size_t *out_n);
 
+/*
+ * One outbound request's retry policy and timeouts, from the route it took and the resolver
+ * its split chose, as Consul configures Envoy's route (agent/xds/routes.go). mux_h1 keeps one
+ * per request, mux_h2 one per stream: both read and spend it the same way.
+ */
+struct route_policy {
+    /* RetryOn as bits 1 << DEC_RETRY_ON_IDX_*, RetryOnConnectFailure folded in. */
+    unsigned retry_on;
+    /* How many more times the request may be sent (Envoy's default of 1 when the route has a
+     * policy without NumRetries); 0: no retry. */
+    uint32_t retries_left;
+    const uint16_t *retry_codes; /* RetryOnStatusCodes, in the table */
+    size_t n_retry_codes;
+    uint32_t timeout_ms; /* the whole request, retries included; 0: none */
+    uint32_t idle_ms;    /* IdleTimeout; 0: none */
+    unsigned backoffs;   /* back-offs waited so far (the exponent) */
+};
+
+#define ROUTE_RETRY_BIT(name) (1u << DEC_RETRY_ON_IDX_##name)
+/* Envoy retries any reset before the answer's head, connection failures included, under 5xx,
+ * gateway-error and reset; connect-failure covers connection failures only. */
+#define ROUTE_RETRY_ON_RESET                                                                       \
+    (ROUTE_RETRY_BIT(5XX) | ROUTE_RETRY_BIT(GATEWAY_ERROR) | ROUTE_RETRY_BIT(RESET))
+#define ROUTE_RETRY_ON_CONNECT (ROUTE_RETRY_ON_RESET | ROUTE_RETRY_BIT(CONNECT_FAILURE))
+/* Envoy's route timeout when neither the route nor the resolver sets one, and its retry
+ * back-off: a random wait below a base that doubles with each retry, capped at ten times the
+ * first. */
+#define ROUTE_TIMEOUT_DEFAULT_MS 15000u
+#define ROUTE_BACKOFF_BASE_MS    25u
+#define ROUTE_BACKOFF_MAX_MS     250u
+
+/*
+ * The policy of a request that took route <r> (NULL: none, only the timeout applies) and
+ * resolver <rs> (NULL: none): RequestTimeout of the route, else of the resolver, else
+ * ROUTE_TIMEOUT_DEFAULT_MS; IdleTimeout; a retry policy when the route has NumRetries,
+ * RetryOn, RetryOnConnectFailure or RetryOnStatusCodes. Pure.
+ */
+void route_policy_init(struct route_policy *p, const struct route *r,
+                       const struct route_resolver *rs);
+
+/*
+ * Whether <p>'s RetryOn / RetryOnStatusCodes ask to retry an answer with <status> and head
+ * fields <h> (<n>), as Envoy's retry state reads them: 5xx any 5xx, gateway-error 502/503/504,
+ * retriable-4xx 409, envoy-ratelimited an x-envoy-ratelimited field, the gRPC ones the
+ * grpc-status of the head (a Trailers-Only answer carries it there: cancelled 1,
+ * deadline-exceeded 4, resource-exhausted 8, internal 13, unavailable 14), and the listed
+ * status codes. Ignores retries_left. Pure.
+ */
+int route_policy_retries_status(const struct route_policy *p, int status,
+                                const struct http_header *h, size_t n);
+
+/*
+ * Spends one retry of <p> (retries_left > 0) and returns its back-off: <rnd> (uniform) below
+ * ROUTE_BACKOFF_BASE_MS doubled per back-off already waited, at most ROUTE_BACKOFF_MAX_MS.
+ */
+uint32_t route_policy_backoff_ms(struct route_policy *p, uint64_t rnd);
+
 #endif

@@ -1250,11 +1250,16 @@ static int target_panics(const struct snap_target *t, uint64_t now_ms)
 
 void session_outlier_report(struct session *s, int failed)
 {
-    const struct snap_target *t = s->tgt;
-    if (s->inbound || s->up == NULL || s->up->outlier == NULL || t == NULL || s->ep == NULL ||
+    session_outlier_report_at(s, s->tgt, s->ep, failed);
+}
+
+void session_outlier_report_at(struct session *s, const struct snap_target *t,
+                               const struct dec_endpoint *ep, int failed)
+{
+    if (s->inbound || s->up == NULL || s->up->outlier == NULL || t == NULL || ep == NULL ||
         t->hosts == NULL)
         return;
-    size_t i = (size_t)(s->ep - t->endpoints->v);
+    size_t i = (size_t)(ep - t->endpoints->v);
     struct outlier_host *h = host_of(t, i);
     uint64_t ms = 0;
     const struct outlier_cfg *c = &s->up->cfg->passive;
@@ -1284,6 +1289,38 @@ int session_endpoint_ejected(struct session *s)
         return 0;
     uint64_t now = outlier_now_ms();
     return dial_skips(s, t, (size_t)(s->ep - t->endpoints->v), now, target_panics(t, now));
+}
+
+int session_admit_request(struct session *s, struct outlier **active, char *why, size_t len)
+{
+    struct outlier *o = s->up->outlier;
+    uint32_t max = s->up->cfg->max_concurrent_requests;
+    *active = NULL;
+    if (o == NULL)
+        return 0;
+    if (outlier_admit(o, OUTLIER_LIMIT_CONCURRENT, max)) {
+        *active = o;
+        return 0;
+    }
+    snprintf(why, len, "upstream overflow: max_concurrent_requests (%lu) reached",
+             (unsigned long)max);
+    return -1;
+}
+
+int session_admit_pending(struct session *s, char *why, size_t len)
+{
+    struct outlier *o = s->up->outlier;
+    uint32_t max = s->up->cfg->max_pending_requests;
+    if (o == NULL || outlier_admit(o, OUTLIER_LIMIT_PENDING, max))
+        return 0;
+    snprintf(why, len, "upstream overflow: max_pending_requests (%lu) reached", (unsigned long)max);
+    return -1;
+}
+
+void session_release_pending(struct session *s)
+{
+    if (s->up->outlier != NULL)
+        outlier_release(s->up->outlier, OUTLIER_LIMIT_PENDING);
 }
 
 /* Outbound L7: the dial ends (<why> NULL: end[1] or s->h2c is ready): the pending unit it held
@@ -1384,15 +1421,20 @@ static size_t dial_targets(const struct session *s)
     return s->dial_rs != NULL ? s->dial_rs->n_targets : s->up->n_targets;
 }
 
-int session_dial_allows(const struct session *s, const struct snap_target *t)
+int session_resolver_allows(const struct session *s, const struct route_resolver *rs,
+                            const struct snap_target *t)
 {
-    if (s->dial_rs == NULL)
+    if (rs == NULL)
         return 1;
-    for (size_t k = 0; k < s->dial_rs->n_targets; k++)
-        if (s->dial_rs->targets[k] < s->up->n_targets &&
-            &s->up->targets[s->dial_rs->targets[k]] == t)
+    for (size_t k = 0; k < rs->n_targets; k++)
+        if (rs->targets[k] < s->up->n_targets && &s->up->targets[rs->targets[k]] == t)
             return 1;
     return 0;
+}
+
+int session_dial_allows(const struct session *s, const struct snap_target *t)
+{
+    return session_resolver_allows(s, s->dial_rs, t);
 }
 
 /*
@@ -1403,7 +1445,12 @@ int session_dial_allows(const struct session *s, const struct snap_target *t)
  */
 static int lb_first(const struct session *s)
 {
-    return s->dial_rs != NULL && s->dial_rs->lb != NULL && s->dial_rs->lb->policy != DEC_LB_DEFAULT;
+    return session_resolver_balances(s->dial_rs);
+}
+
+int session_resolver_balances(const struct route_resolver *rs)
+{
+    return rs != NULL && rs->lb != NULL && rs->lb->policy != DEC_LB_DEFAULT;
 }
 
 /* Gives <s> a pooled connection to its current endpoint (s->tgt, s->ep) made under its TLS

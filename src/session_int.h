@@ -45,6 +45,7 @@ struct mux_h1;
 struct mux_h2;
 struct h2up_conn;
 struct route_resolver;
+struct outlier;
 
 /*
  * What carries a session's bytes once its legs are up, as HAProxy's muxes: relay.c (L4) and
@@ -175,6 +176,12 @@ void session_set_state(struct session *s, enum session_state st);
 int session_follow_snapshot(struct session *s);
 /* Whether target <t> of the session's upstream is one the current dial may use (dial_rs). */
 int session_dial_allows(const struct session *s, const struct snap_target *t);
+/* Whether resolver <rs> (NULL: any) may use target <t> of the session's upstream. */
+int session_resolver_allows(const struct session *s, const struct route_resolver *rs,
+                            const struct snap_target *t);
+/* Whether <rs> (NULL: none) chooses each request's endpoint by a LoadBalancer policy, so that
+ * a connection dialled or kept for one request does not serve another by default. */
+int session_resolver_balances(const struct route_resolver *rs);
 /*
  * Outbound L7, after dial_rs is set for a request: computes the request's hash by the
  * resolver's HashPolicies (lb.h) from its <headers> and raw <query> (p NULL: none) and the
@@ -262,6 +269,26 @@ void session_dial_h2(struct session *s);
  * success. Logs an ejection it causes. No-op without an endpoint or outlier state.
  */
 void session_outlier_report(struct session *s, int failed);
+/* As session_outlier_report(), for endpoint <ep> of target <t> (mux_h2: each stream went to
+ * its own endpoint; NULL: a no-op). */
+void session_outlier_report_at(struct session *s, const struct snap_target *t,
+                               const struct dec_endpoint *ep, int failed);
+/*
+ * Outbound L7, limits.max_concurrent_requests: a request is in flight from here until its
+ * stream ends. 0 with *<active> the state to give the unit back to (the stream's st.active,
+ * released by stream_finish(); NULL without outlier state), or -1 with <why> when that many
+ * are in flight to the upstream over all workers already (answer 503 at once; Envoy's circuit
+ * breaker, nothing is queued).
+ */
+int session_admit_request(struct session *s, struct outlier **active, char *why, size_t len);
+/*
+ * Outbound L7, limits.max_pending_requests, for a request that waits for a connection while
+ * another dial of its session is under way (mux_h2's waiting streams; the dial counts itself,
+ * dial_admit()): 0 with a unit taken (give it back with session_release_pending()), or -1 with
+ * <why> when that many wait over all workers already (503 at once).
+ */
+int session_admit_pending(struct session *s, char *why, size_t len);
+void session_release_pending(struct session *s);
 /* Outbound L7: 1 when the endpoint of end[1] (s->tgt, s->ep) is ejected now, so the next
  * request should not ride its kept-alive connection (unless every endpoint of its target is). */
 int session_endpoint_ejected(struct session *s);

@@ -1757,3 +1757,79 @@ def parse_metrics(text):
 def metric(metrics, name, **labels):
     """The value of one sample (0 when absent)."""
     return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# An h2c client (prior knowledge), as a local application calling its upstream listener
+# ---------------------------------------------------------------------------------------------
+
+
+def h2_many(port, reqs, timeout=30, full=False):
+    """Sends every (method, path, body[, extra header pairs]) of <reqs> at once as concurrent
+    streams on one new h2c connection (prior knowledge), bodies as the windows allow; returns
+    one (status, body, reset code) per request, in order, once every stream ended, with the
+    response's fields (a dict; trailers merged in) as a fourth item when <full>."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                    header_encoding="utf-8"))
+        conn.initiate_connection()
+        sids, left, out = [], {}, {}
+        for req in reqs:
+            method, path, body = req[:3]
+            extra = list(req[3]) if len(req) > 3 else []
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", method), (":scheme", "http"),
+                                    (":authority", "db"), (":path", path), *extra],
+                              end_stream=not body)
+            sids.append(sid)
+            out[sid] = [None, b"", None, {}]
+            if body:
+                left[sid] = body
+        done = set()
+        while len(done) < len(sids):
+            for sid in list(left):
+                while left[sid]:
+                    data = left[sid]
+                    n = min(len(data), conn.local_flow_control_window(sid),
+                            conn.max_outbound_frame_size)
+                    if n <= 0:
+                        break
+                    conn.send_data(sid, data[:n], end_stream=n == len(data))
+                    left[sid] = data[n:]
+                if not left[sid]:
+                    del left[sid]
+            s.sendall(conn.data_to_send())
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            for ev in conn.receive_data(chunk):
+                sid = getattr(ev, "stream_id", None)
+                if sid not in out:
+                    continue
+                if isinstance(ev, h2.events.ResponseReceived):
+                    out[sid][3].update(dict(ev.headers))
+                    out[sid][0] = int(out[sid][3][":status"])
+                elif isinstance(ev, h2.events.TrailersReceived):
+                    out[sid][3].update(dict(ev.headers))
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    out[sid][1] += ev.data
+                elif isinstance(ev, h2.events.StreamEnded):
+                    done.add(sid)
+                elif isinstance(ev, h2.events.StreamReset):
+                    out[sid][2] = ev.error_code
+                    done.add(sid)
+            s.sendall(conn.data_to_send())
+        return [tuple(out[sid]) if full else tuple(out[sid][:3]) for sid in sids]
+
+
+def h2_status(port, path="/"):
+    """The status of one h2c GET of <path>, or None when it could not be had."""
+    import h2.exceptions
+    try:
+        return h2_many(port, [("GET", path, b"")], timeout=5)[0][0]
+    except (OSError, EOFError, h2.exceptions.ProtocolError):
+        return None

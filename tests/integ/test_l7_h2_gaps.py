@@ -21,9 +21,8 @@ import threading
 import h2.config
 import h2.connection
 import h2.events
-import h2.exceptions
 
-from mesh import LOOPBACK, TcpApp, wait_until
+from mesh import LOOPBACK, TcpApp, h2_many, h2_status, wait_until
 from test_l7_inbound import Reader, connect, response
 from test_l7_translate import MtlsCaller, h2_pair, try_status
 
@@ -176,66 +175,6 @@ def test_http11_caller_stream_lost_with_the_app_connection_is_opened_again(mesh,
 
 
 # --- 1. an h2c application calling an http upstream ---------------------------------------------
-
-
-def h2_many(port, reqs, timeout=30):
-    """Sends every (method, path, body) of <reqs> at once as concurrent streams on one new h2c
-    connection (prior knowledge), bodies as the windows allow; returns one (status, body,
-    reset code) per request, in order, once every stream ended."""
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
-                                                                    header_encoding="utf-8"))
-        conn.initiate_connection()
-        sids, left, out = [], {}, {}
-        for method, path, body in reqs:
-            sid = conn.get_next_available_stream_id()
-            conn.send_headers(sid, [(":method", method), (":scheme", "http"),
-                                    (":authority", "db"), (":path", path)],
-                              end_stream=not body)
-            sids.append(sid)
-            out[sid] = [None, b"", None]
-            if body:
-                left[sid] = body
-        done = set()
-        while len(done) < len(sids):
-            for sid in list(left):
-                while left[sid]:
-                    data = left[sid]
-                    n = min(len(data), conn.local_flow_control_window(sid),
-                            conn.max_outbound_frame_size)
-                    if n <= 0:
-                        break
-                    conn.send_data(sid, data[:n], end_stream=n == len(data))
-                    left[sid] = data[n:]
-                if not left[sid]:
-                    del left[sid]
-            s.sendall(conn.data_to_send())
-            chunk = s.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed")
-            for ev in conn.receive_data(chunk):
-                sid = getattr(ev, "stream_id", None)
-                if sid not in out:
-                    continue
-                if isinstance(ev, h2.events.ResponseReceived):
-                    out[sid][0] = int(dict(ev.headers)[":status"])
-                elif isinstance(ev, h2.events.DataReceived):
-                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
-                    out[sid][1] += ev.data
-                elif isinstance(ev, h2.events.StreamEnded):
-                    done.add(sid)
-                elif isinstance(ev, h2.events.StreamReset):
-                    out[sid][2] = ev.error_code
-                    done.add(sid)
-            s.sendall(conn.data_to_send())
-        return [tuple(out[sid]) for sid in sids]
-
-
-def h2_status(port, path="/"):
-    try:
-        return h2_many(port, [("GET", path, b"")], timeout=5)[0][0]
-    except (OSError, EOFError, h2.exceptions.ProtocolError):
-        return None
 
 
 def records(path):

@@ -58,10 +58,10 @@ def metric(admin, name, upstream, limit=None):
     return int(m.group(1)) if m else None
 
 
-def add_http_instance(m, instance, app_port):
-    """One more instance of db (protocol http) with its own sidecar; returns its public port
-    once it is passing."""
-    return m.add_instance("db", instance, app_port, proxy_config={"protocol": "http"})[1]
+def add_http_instance(m, instance, app_port, protocol="http"):
+    """One more instance of db (protocol http, or <protocol>) with its own sidecar; returns its
+    public port once it is passing."""
+    return m.add_instance("db", instance, app_port, proxy_config={"protocol": protocol})[1]
 
 
 def add_black_hole_instance(m, hole, live_port):

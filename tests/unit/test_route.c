@@ -657,6 +657,58 @@ static void test_route_stats_carried(void **state)
     route_table_unref(shrunk);
 }
 
+/* The retry policy and timeouts one outbound request (mux_h1) or stream (mux_h2) follows: the
+ * route's RequestTimeout, else the resolver's, else 15 s; a policy with NumRetries (or Envoy's
+ * 1); which answers it retries; the jittered, doubling, capped back-off. */
+static void test_route_policy(void **state)
+{
+    (void)state;
+    struct route_policy p;
+    struct route_resolver rs = {.request_timeout_ms = 7000};
+    route_policy_init(&p, NULL, NULL);
+    assert_int_equal(p.timeout_ms, ROUTE_TIMEOUT_DEFAULT_MS);
+    assert_int_equal(p.retries_left, 0);
+    route_policy_init(&p, NULL, &rs);
+    assert_int_equal(p.timeout_ms, 7000);
+
+    uint16_t codes[] = {418};
+    struct dec_chain_route d = {.request_timeout_ms = 500,
+                                .idle_timeout_ms = 300,
+                                .retry_on =
+                                    ROUTE_RETRY_BIT(GATEWAY_ERROR) | ROUTE_RETRY_BIT(UNAVAILABLE),
+                                .retry_status_codes = codes,
+                                .n_retry_status_codes = 1};
+    struct route r = {.def = &d};
+    route_policy_init(&p, &r, &rs);
+    assert_int_equal(p.timeout_ms, 500);
+    assert_int_equal(p.idle_ms, 300);
+    assert_int_equal(p.retries_left, 1); /* a policy without NumRetries: Envoy's one retry */
+    d.num_retries = 3;
+    d.retry_on_connect_failure = 1;
+    route_policy_init(&p, &r, &rs);
+    assert_int_equal(p.retries_left, 3);
+    assert_true(p.retry_on & ROUTE_RETRY_BIT(CONNECT_FAILURE));
+
+    struct http_header g[] = {{.name = {"grpc-status", 11}, .value = {"14", 2}}};
+    struct http_header g4[] = {{.name = {"grpc-status", 11}, .value = {"4", 1}}};
+    assert_true(route_policy_retries_status(&p, 503, NULL, 0));
+    assert_false(route_policy_retries_status(&p, 500, NULL, 0)); /* gateway-error: 502-504 */
+    assert_true(route_policy_retries_status(&p, 418, NULL, 0));
+    assert_true(route_policy_retries_status(&p, 200, g, 1));
+    assert_false(route_policy_retries_status(&p, 200, g4, 1));
+    assert_false(route_policy_retries_status(&p, 200, NULL, 0));
+
+    /* Back-off: below 25, 50, 100, 200, then 250 ms; each spends a retry. */
+    uint32_t caps[] = {25, 50, 100, 200, 250, 250};
+    p.retries_left = 6;
+    for (size_t i = 0; i < 6; i++) {
+        assert_int_equal(route_policy_backoff_ms(&p, 999999), caps[i] - 1);
+        assert_int_equal(p.retries_left, 5 - i);
+    }
+    assert_int_equal(route_policy_backoff_ms(&p, 0), 0);
+    assert_int_equal(p.retries_left, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -676,6 +728,7 @@ int main(void)
         cmocka_unit_test(test_route_count),
         cmocka_unit_test(test_route_stats_carried),
         cmocka_unit_test(test_headers_modified_order),
+        cmocka_unit_test(test_route_policy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
