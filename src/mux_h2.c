@@ -1744,8 +1744,10 @@ static void h1_dialled(struct session *s, const char *why)
     if (why != NULL) {
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
         for (struct h2s *x = m->streams; x != NULL; x = x->next)
-            if (x->waiting)
+            if (x->waiting) {
+                session_warn_unavailable(s, x->st.seq, why);
                 local_answer(s, x, STREAM_RES_UPSTREAM_CONNECT_ERROR, msg, (struct http_slice){0});
+            }
         kick(s);
         return;
     }
@@ -1781,6 +1783,7 @@ static void mux_dialled(struct session *s, const char *why)
         }
         x->waiting = 0;
         if (c == NULL) {
+            session_warn_unavailable(s, x->st.seq, why != NULL ? why : "no HTTP/2 connection");
             local_answer(s, x,
                          s->dial_overflow ? STREAM_RES_UPSTREAM_OVERFLOW
                                           : STREAM_RES_UPSTREAM_CONNECT_ERROR,

@@ -370,6 +370,42 @@ def test_splitter_new_target_waits_for_its_first_endpoints(hop, mesh):
         delete_entries(m)
 
 
+def test_new_target_without_endpoints_serves_after_the_bound_and_503_warns(hop, mesh):
+    """The wait for a new target's first endpoints is bounded (15 s, Envoy's
+    initial_fetch_timeout): when the agent never answers about db2, the splitter goes in force
+    then, with a WARN, and a request split to db2 gets 503 "...connection failure". That 503
+    is logged at WARN, naming the upstream, the reason and the target that had no endpoint
+    (it used to be in the request's DEBUG record only, which is why the flake above left no
+    WARN line behind)."""
+    m = mesh
+    web, port, db2_health = held_split(hop, m)
+    try:
+        splitter(m, (50, 50), "a")
+        web.proxy.wait_log(r"discovery chain %s: 2 target.*in force once" % re.escape(m.name("db")))
+        with connect(port) as s:
+            st, _, body = request(s, "/split")
+            assert st == 200 and answered_by(m, body) == "db", (st, body)
+        web.proxy.wait_log(r"\[WARN\] upstream \S+: a target of the new discovery chain has no "
+                           r"health answer after 15000 ms", timeout=30)
+        seen = []
+
+        def refused():
+            with connect(port) as s:
+                st, _, body = request(s, "/split")
+                seen.append((st, body))
+                return st == 503
+        wait_until(refused, 30, "a request split to db2 (no endpoint known) to get 503")
+        assert {st for st, _ in seen} <= {200, 503}, seen
+        assert seen[-1][1].endswith(b"reset reason: connection failure"), seen[-1]
+        target = re.escape(m.name("db2")) + r"\.default\.default\.dc1"
+        web.proxy.wait_log(r"\[WARN\] conn=\d+ stream=\d+ out upstream %s: answered 503: \"no "
+                           r"healthy endpoint in target %s\" \(endpoint none\)"
+                           % (re.escape(m.name("db")), target))
+    finally:
+        hop.held[db2_health].set()
+        delete_entries(m)
+
+
 def named(body):
     return json.loads(body)["name"]
 
