@@ -2437,6 +2437,8 @@ static void pump_run(struct session *s)
                         } else if (!m->res_head_done) {
                             snprintf(msg, sizeof(msg), "%s %s before its answer", far_side(m),
                                      what);
+                            if (m->outbound)
+                                session_warn_unavailable(s, m->st.seq, msg);
                             close_app(s);
                             /* As Envoy: a reset before the response head is 503, a broken
                              * head 502. */
@@ -2693,8 +2695,9 @@ static void mux_dialled(struct session *s, const char *why)
     if (why != NULL && (m->pol.retry_on & ROUTE_RETRY_ON_CONNECT) && retry_allowed(s, 0)) {
         retry_backoff(s, 0, why);
     } else if (why != NULL) {
-        char msg[400];
+        char msg[600];
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
+        session_warn_unavailable(s, m->st.seq, why);
         buf_consume(&m->cin, m->rq_len);
         memset(&m->rq, 0, sizeof(m->rq));
         local_answer(

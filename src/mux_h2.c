@@ -773,12 +773,14 @@ static int stream_retry_on_answer(struct session *s, struct h2s *x, int status,
 
 /* A dial for stream <x> found no endpoint (<why>; <overflow>: a limit refused it): retried
  * when its policy retries connection failures, else 503. */
-static void stream_dial_failed(struct session *s, struct h2s *x, const char *why, int overflow)
+static void stream_dial_failed(struct session *s, struct h2s *x, const char *why, const char *cause,
+                               int overflow)
 {
     if (!overflow && (x->pol.retry_on & ROUTE_RETRY_ON_CONNECT) && stream_may_retry(s, x, 0)) {
         stream_retry_later(s, x, 0, why);
         return;
     }
+    session_warn_unavailable(s, x->st.seq, cause);
     local_answer(s, x, overflow ? STREAM_RES_UPSTREAM_OVERFLOW : STREAM_RES_UPSTREAM_CONNECT_ERROR,
                  why, (struct http_slice){0});
 }
@@ -2096,7 +2098,7 @@ static void h1_dialled(struct session *s, const char *why)
         for (struct h2s *x = m->streams; x != NULL; x = x->next)
             if (x->waiting && x->rs == s->dial_rs &&
                 (x == for_x || (!x->policy_retry && !session_resolver_balances(x->rs))))
-                stream_dial_failed(s, x, msg, s->dial_overflow);
+                stream_dial_failed(s, x, msg, why, s->dial_overflow);
         kick(s);
         return;
     }
@@ -2140,7 +2142,8 @@ static void mux_dialled(struct session *s, const char *why)
             continue;
         }
         if (c == NULL) {
-            stream_dial_failed(s, x, msg, s->dial_overflow);
+            stream_dial_failed(s, x, msg, why != NULL ? why : "no HTTP/2 connection",
+                               s->dial_overflow);
             continue;
         }
         unwait(s, x);

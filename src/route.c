@@ -146,7 +146,7 @@ static void stats_unref(struct route_stats *st)
 
 void route_table_carry_stats(struct route_table *t, const struct route_table *prev)
 {
-    for (size_t i = 0; prev != NULL && i < t->n_routes && i < prev->n_routes; i++) {
+    for (size_t i = 0; t != NULL && prev != NULL && i < t->n_routes && i < prev->n_routes; i++) {
         struct route_stats *st = prev->routes[i].stats;
         atomic_fetch_add_explicit(&st->refs, 1, memory_order_relaxed);
         stats_unref(t->routes[i].stats);

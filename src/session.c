@@ -198,6 +198,7 @@ static void source_key(const struct session *s, char *key, size_t len)
 }
 
 static void on_handshake_summary(struct loop_timer *t);
+static void on_unavailable_summary(struct loop_timer *t);
 
 /*
  * The level of a failed handshake's WARN line: WARN for the first from its source in a
@@ -1883,7 +1884,23 @@ static void pick_endpoint(struct session *s)
             }
         }
         if (t == NULL || s->tries >= MAX_ENDPOINT_TRIES) {
-            const char *why = total == 0 ? "no healthy endpoint" : "every endpoint tried failed";
+            char why[512];
+            if (total == 0) {
+                /* Name the targets that had none: the line must tell which service is empty. */
+                size_t len = (size_t)snprintf(why, sizeof(why), "no healthy endpoint");
+                const char *sep = " in target ";
+                for (size_t k = 0, b; k < dial_targets(s) && len < sizeof(why); k++) {
+                    const struct snap_target *c = dial_target(s, k, &b);
+                    if (c == NULL)
+                        continue;
+                    len += (size_t)snprintf(why + len, sizeof(why) - len, "%s%s", sep, c->id);
+                    sep = ", ";
+                }
+                if (sep[0] == ' ') /* no target at all: no discovery chain in force yet */
+                    snprintf(why + len, sizeof(why) - len, " (the upstream has no target yet)");
+            } else {
+                snprintf(why, sizeof(why), "every endpoint tried failed (%u tried)", s->tries);
+            }
             if (s->mux != NULL || s->mux2 != NULL || s->dial_h2) {
                 /* Outbound L7: the request gets a 503; the application's connection stays. */
                 session_set_state(s, S_HTTP);
@@ -2231,6 +2248,43 @@ static void on_handshake_summary(struct loop_timer *t)
         loop_timer_start(h->loop, t, next);
 }
 
+static void report_unavailable_warns(void *arg, const char *key, uint64_t suppressed,
+                                     uint64_t open_ms)
+{
+    const struct session_host *h = arg;
+    LOG_WARN("worker %u: suppressed %llu more line(s) about requests to upstream %s answered 503 "
+             "in the last %llu ms",
+             h->index, (unsigned long long)suppressed, LOG_ESC(key), (unsigned long long)open_ms);
+}
+
+/* Reports the upstreams whose second of 503 lines is over; runs while any is tracked. */
+static void on_unavailable_summary(struct loop_timer *t)
+{
+    struct session_host *h = t->data;
+    uint64_t next =
+        log_limit_flush(&h->unavailable_warns, loop_now_ms(h->loop), report_unavailable_warns, h);
+    if (next != 0)
+        loop_timer_start(h->loop, t, next);
+}
+
+void session_warn_unavailable(struct session *s, uint64_t stream, const char *why)
+{
+    struct session_host *h = s->host;
+    const char *up = s->up != NULL ? s->up->cfg->destination_name : "";
+    uint64_t before = 0;
+    int pass = log_limit_pass(&h->unavailable_warns, up, loop_now_ms(h->loop), &before);
+    if (!loop_timer_armed(&h->unavailable_summary))
+        loop_timer_start(h->loop, &h->unavailable_summary, HANDSHAKE_WARN_MS);
+    char note[96] = "";
+    if (before != 0)
+        snprintf(note, sizeof(note), " (suppressed %llu earlier such line(s))",
+                 (unsigned long long)before);
+    LOG_AT(pass ? LOG_LEVEL_WARN : LOG_LEVEL_DEBUG,
+           "conn=%llu stream=%llu out upstream %s: answered 503: %s (endpoint %s)%s",
+           (unsigned long long)s->id, (unsigned long long)stream, LOG_ESC(up), LOG_ESC(why),
+           s->ep_name[0] != '\0' ? LOG_ESC(s->ep_name) : "none", note);
+}
+
 /*
  * Checks the listener's limits for a new connection. Returns 0 when admitted (the caller's
  * session then owns one unit of <l>), or -1 after closing <fd>, counting and logging.
@@ -2315,6 +2369,8 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
     loop_timer_init(&h->refusal_summary, on_refusal_summary, h);
     log_limit_init(&h->handshake_warns, HANDSHAKE_WARN_MS);
     loop_timer_init(&h->handshake_summary, on_handshake_summary, h);
+    log_limit_init(&h->unavailable_warns, HANDSHAKE_WARN_MS);
+    loop_timer_init(&h->unavailable_summary, on_unavailable_summary, h);
     loop_timer_init(&h->upool_sweep, upool_on_sweep, h);
     h->stats = xcalloc(1, sizeof(*h->stats));
     h->h2up = h2up_pool_new(loop, &h->stats->h2up_conns, &h->stats->h2up_streams);
@@ -2326,6 +2382,7 @@ void session_host_dispose(struct session_host *h)
 {
     loop_timer_stop(h->loop, &h->refusal_summary);
     loop_timer_stop(h->loop, &h->handshake_summary);
+    loop_timer_stop(h->loop, &h->unavailable_summary);
     loop_timer_stop(h->loop, &h->upool_sweep);
     while (h->upool != NULL)
         upool_drop(h, h->upool);

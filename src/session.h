@@ -217,6 +217,10 @@ struct session_host {
      * summed up when the second is over (its timer runs while a source is tracked). */
     struct log_limit handshake_warns;
     struct loop_timer handshake_summary;
+    /* Outbound requests answered 503 by connectd itself (session_warn_unavailable()): one
+     * WARN per upstream a second, the rest at DEBUG and summed up likewise. */
+    struct log_limit unavailable_warns;
+    struct loop_timer unavailable_summary;
     /* relay buffers not in use: a connection waiting for data holds none */
     char *buf_pool[SESSION_BUF_POOL];
     size_t n_buf_pool;

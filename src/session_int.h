@@ -251,6 +251,14 @@ void session_redial_upstream(struct session *s);
  */
 void session_redial_retry(struct session *s);
 /*
+ * Logs that stream <stream> of outbound session <s> is answered 503 by connectd itself
+ * (<why>: no endpoint left and why, or what ended its connection before the answer), naming
+ * the upstream and the endpoint last dialled. WARN for the first of an upstream in a second on
+ * this worker, DEBUG for the rest, which are summed up in one WARN line when the second is
+ * over, so a flood of refused requests costs a couple of lines a second.
+ */
+void session_warn_unavailable(struct session *s, uint64_t stream, const char *why);
+/*
  * Outbound L7 over HTTP/2 (an http2 or grpc upstream): a shared connection to one of the
  * upstream's endpoints. An endpoint is picked as session_dial_upstream() picks one (primary
  * target first, random among its endpoints not tried yet); when the worker's h2up pool has a

@@ -2,6 +2,13 @@
  * upstreams: per upstream, the discovery chain (or the polled prepared query) and one health
  * watch per chain target, reconciled with the configuration and with each new chain, and
  * turned into the targets and endpoint sets a snapshot carries.
+ *
+ * Warming: a chain whose resolvers' primary targets have not all had a first health answer
+ * (a splitter or router adding a service, or the first chain) is held back, its targets'
+ * watches running, while the chain in force keeps serving, until they have (or
+ * UPSTREAMS_WARM_MS passed); then its targets and route table replace the old ones together.
+ * Published at once, the snapshot in between sent the new target's requests to no endpoint
+ * (503), as Envoy, which warms a new cluster before a route uses it, never does.
  */
 #include "upstreams.h"
 #include "decode.h"
@@ -11,6 +18,10 @@
 
 #include <stdlib.h>
 #include <string.h>
+
+/* How long a new chain waits for its new targets' first health answers before it is put in
+ * force anyway (Envoy's initial_fetch_timeout). */
+#define UPSTREAMS_WARM_MS 15000
 
 struct up_watch;
 
@@ -38,6 +49,13 @@ struct up_watch {
     /* compiled from the same chain as <tgts>, whose order its resolvers index; NULL for a
      * prepared query and until the first chain */
     struct route_table *routes;
+    /* A chain received and not yet in force (warming): its targets (shared with <tgts> where
+     * they kept their watch), route table and protocol; n_next_tgts is 0 when none waits. */
+    struct tgt_watch **next_tgts;
+    size_t n_next_tgts;
+    struct route_table *next_routes;
+    int next_protocol;
+    struct loop_timer warm; /* bounds the wait (UPSTREAMS_WARM_MS) */
     struct upstreams *ups;
 };
 
@@ -90,6 +108,94 @@ static struct endpoint_set *healthy_set(struct dec_endpoint *v, size_t n, int on
     return endpoint_set_new(ok, n_ok);
 }
 
+static int tgt_in(struct tgt_watch *const *v, size_t n, const struct tgt_watch *t)
+{
+    for (size_t i = 0; i < n; i++)
+        if (v[i] == t)
+            return 1;
+    return 0;
+}
+
+/* Whether target <i> of the waiting chain has had its first health answer. */
+static int next_known(const struct up_watch *u, size_t i)
+{
+    return i >= u->n_next_tgts || u->next_tgts[i]->info.endpoints != NULL;
+}
+
+/*
+ * Whether the waiting chain may go in force: the primary target of each of its resolvers (of
+ * the chain's first target without a table) has had its first health answer. Failover
+ * targets are not waited for: they serve only when their primary has no healthy endpoint, and
+ * one in a datacenter out of reach would hold every change for the whole bound.
+ */
+static int next_warm(const struct up_watch *u)
+{
+    size_t n = u->next_routes != NULL ? route_table_resolvers(u->next_routes) : 0;
+    if (n == 0)
+        return next_known(u, 0);
+    for (size_t i = 0; i < n; i++) {
+        const struct route_resolver *r = route_table_resolver(u->next_routes, i);
+        if (r->n_targets > 0 && !next_known(u, r->targets[0]))
+            return 0;
+    }
+    return 1;
+}
+
+/* Frees the targets of <v> found in neither <keep1> nor <keep2>, then the array itself. */
+static void tgts_drop(struct tgt_watch **v, size_t n, struct tgt_watch *const *keep1, size_t n1,
+                      struct tgt_watch *const *keep2, size_t n2)
+{
+    for (size_t i = 0; i < n; i++)
+        if (v[i] != NULL && !tgt_in(keep1, n1, v[i]) && !tgt_in(keep2, n2, v[i]))
+            tgt_free(v[i]);
+    free(v);
+}
+
+/* Forgets the waiting chain (a newer one replaces it, or the upstream goes): its targets that
+ * the chain in force does not share stop. */
+static void next_drop(struct up_watch *u)
+{
+    loop_timer_stop(agent_loop(u->ups->agent), &u->warm);
+    tgts_drop(u->next_tgts, u->n_next_tgts, u->tgts, u->n_tgts, NULL, 0);
+    u->next_tgts = NULL;
+    u->n_next_tgts = 0;
+    route_table_unref(u->next_routes);
+    u->next_routes = NULL;
+}
+
+/* Puts the waiting chain in force: its targets and table replace the old ones together (the
+ * table's resolvers index its targets), and the old targets it does not share stop. */
+static void next_promote(struct up_watch *u)
+{
+    loop_timer_stop(agent_loop(u->ups->agent), &u->warm);
+    tgts_drop(u->tgts, u->n_tgts, u->next_tgts, u->n_next_tgts, NULL, 0);
+    u->tgts = u->next_tgts;
+    u->n_tgts = u->n_next_tgts;
+    u->next_tgts = NULL;
+    u->n_next_tgts = 0;
+    /* The routes' counters carry on by index (route_table_carry_stats()): a chain change must
+     * not make a per-route Prometheus counter go back. */
+    route_table_carry_stats(u->next_routes, u->routes);
+    route_table_unref(u->routes);
+    u->routes = u->next_routes;
+    u->next_routes = NULL;
+    u->protocol = u->next_protocol;
+}
+
+/* The wait for the new chain's targets is over: the chain goes in force with what is known
+ * (a target still without an answer has no endpoint, and its requests get 503). */
+static void on_warm_timeout(struct loop_timer *tm)
+{
+    struct up_watch *u = tm->data;
+    if (u->n_next_tgts == 0)
+        return;
+    LOG_WARN("upstream %s: a target of the new discovery chain has no health answer after %u ms; "
+             "putting the chain in force without its endpoints",
+             u->key, (unsigned)UPSTREAMS_WARM_MS);
+    next_promote(u);
+    changed(u->ups);
+}
+
 static int on_target_health(void *data, const struct agent_response *resp)
 {
     struct tgt_watch *t = data;
@@ -107,7 +213,16 @@ static int on_target_health(void *data, const struct agent_response *resp)
              set->n, n);
     endpoint_set_unref(t->info.endpoints);
     t->info.endpoints = set;
-    changed(t->up->ups);
+    struct up_watch *u = t->up;
+    int promoted = u->n_next_tgts > 0 && next_warm(u);
+    if (promoted) {
+        LOG_INFO("upstream %s: the new discovery chain's targets have their endpoints: in force",
+                 u->key);
+        next_promote(u);
+    }
+    /* A target only a waiting chain names changes no snapshot until that chain goes in force. */
+    if (promoted || tgt_in(u->tgts, u->n_tgts, t))
+        changed(u->ups);
     return 0;
 }
 
@@ -170,16 +285,19 @@ static int on_chain(void *data, const struct agent_response *resp)
         LOG_ERROR("upstream %s: discovery chain: %s; keeping the previous targets", u->key, err);
         return rc;
     }
+    /* Targets whose health query is unchanged keep their watch and endpoints, whether they
+     * serve now or belong to a chain still waiting; each serves one place of the new chain. */
     struct tgt_watch **fresh = xcalloc(chain.n_targets, sizeof(*fresh));
     for (size_t i = 0; i < chain.n_targets; i++) {
         const struct dec_chain_target *ct = &chain.targets[i];
         char *query = target_query(ct);
         char *wkey = xasprintf("%s%s", query, ct->only_passing ? " only-passing" : "");
-        for (size_t j = 0; j < u->n_tgts && fresh[i] == NULL; j++) {
-            if (u->tgts[j] != NULL && strcmp(u->tgts[j]->wkey, wkey) == 0) {
-                fresh[i] = u->tgts[j];
-                u->tgts[j] = NULL;
-            }
+        for (size_t k = 0; k < 2 && fresh[i] == NULL; k++) {
+            struct tgt_watch **v = k == 0 ? u->next_tgts : u->tgts;
+            size_t n = k == 0 ? u->n_next_tgts : u->n_tgts;
+            for (size_t j = 0; j < n && fresh[i] == NULL; j++)
+                if (strcmp(v[j]->wkey, wkey) == 0 && !tgt_in(fresh, i, v[j]))
+                    fresh[i] = v[j];
         }
         if (fresh[i] == NULL) {
             struct tgt_watch *t = tgt_new(u, wkey);
@@ -200,31 +318,42 @@ static int on_chain(void *data, const struct agent_response *resp)
         free(query);
         free(wkey);
     }
-    for (size_t j = 0; j < u->n_tgts; j++)
-        tgt_free(u->tgts[j]);
-    free(u->tgts);
-    u->tgts = fresh;
-    u->n_tgts = chain.n_targets;
-    /* The targets and the table change together: the table's resolvers index <fresh>. The
-     * routes' counters carry on by index (route_table_carry_stats()): a chain change must not
-     * make a per-route Prometheus counter go back. */
-    struct route_table *rt = route_table_new(&chain, u->key);
-    route_table_carry_stats(rt, u->routes);
-    route_table_unref(u->routes);
-    u->routes = rt;
+    /* A chain that was waiting gives way to this one: its targets this one does not name stop
+     * (unless they serve now). */
+    tgts_drop(u->next_tgts, u->n_next_tgts, u->tgts, u->n_tgts, fresh, chain.n_targets);
+    route_table_unref(u->next_routes);
+    u->next_tgts = fresh;
+    u->n_next_tgts = chain.n_targets;
+    /* The targets and the table change together: the table's resolvers index <fresh>. */
+    u->next_routes = route_table_new(&chain, u->key);
+    u->next_protocol = u->protocol;
     if (!u->protocol_set) {
         int p = proxycfg_protocol_from_name(chain.protocol != NULL ? chain.protocol : "");
         if (p < 0)
             LOG_WARN("upstream %s: discovery chain protocol \"%s\" is unknown; served as tcp",
                      u->key, LOG_ESC(chain.protocol));
-        u->protocol = p < 0 ? PROTO_TCP : p;
+        u->next_protocol = p < 0 ? PROTO_TCP : p;
     }
+    /* A chain waits for its primary targets' first endpoints while the one in force, if any,
+     * keeps serving. The first chain's protocol applies at once, so that the listener speaks
+     * it from the start (requests get 503 until the targets come, as they would anyway). */
+    if (u->n_tgts == 0 && u->routes == NULL)
+        u->protocol = u->next_protocol;
+    int wait = !next_warm(u);
     LOG_INFO("upstream %s: discovery chain %s: %zu target(s), primary %s, connect timeout %u ms, "
-             "protocol %s, %zu route(s)%s",
+             "protocol %s, %zu route(s)%s%s",
              u->key, chain.service_name, chain.n_targets, chain.targets[0].id,
-             (unsigned)chain.connect_timeout_ms, proxycfg_protocol_name(u->protocol),
-             route_table_len(u->routes),
-             route_table_broken(u->routes) > 0 ? " (some never match: see above)" : "");
+             (unsigned)chain.connect_timeout_ms, proxycfg_protocol_name(u->next_protocol),
+             route_table_len(u->next_routes),
+             route_table_broken(u->next_routes) > 0 ? " (some never match: see above)" : "",
+             wait ? "; in force once its targets have their endpoints" : "");
+    if (wait) {
+        /* The bound runs from the first chain that had to wait, not from each newer one. */
+        if (!loop_timer_armed(&u->warm))
+            loop_timer_start(agent_loop(u->ups->agent), &u->warm, UPSTREAMS_WARM_MS);
+    } else {
+        next_promote(u);
+    }
     dec_chain_dispose(&chain);
     changed(u->ups);
     return 0;
@@ -300,6 +429,7 @@ static void up_watch_free(struct up_watch *u)
         return;
     if (u->watch != NULL)
         watch_stop(u->watch);
+    next_drop(u);
     for (size_t i = 0; i < u->n_tgts; i++)
         tgt_free(u->tgts[i]);
     free(u->tgts);
@@ -324,6 +454,7 @@ static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstrea
     struct up_watch *u = xcalloc(1, sizeof(*u));
     u->key = xstrdup(c->key);
     u->ups = ups;
+    loop_timer_init(&u->warm, on_warm_timeout, u);
     u->limit = old != NULL ? limit_state_ref(old->limit) : limit_state_new();
     u->outlier = old != NULL ? outlier_ref(old->outlier) : outlier_new();
     u->protocol_set = c->protocol_set;
@@ -353,7 +484,9 @@ static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstrea
         u->watch = watch_start(ups->agent, &spec, on_query, u);
     } else {
         if (old != NULL) {
-            /* Their health watches keep running; on_chain keeps those still named. */
+            /* Their health watches keep running; on_chain keeps those still named. A chain
+             * that was waiting is dropped: the new request brings its own. */
+            next_drop(old);
             u->tgts = old->tgts;
             u->n_tgts = old->n_tgts;
             for (size_t i = 0; i < u->n_tgts; i++)
@@ -473,6 +606,13 @@ void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *
             snprintf(name, sizeof(name), "health:%s", u->tgts[j]->info.id);
             if (u->tgts[j]->watch != NULL)
                 fn(data, name, u->tgts[j]->watch);
+        }
+        /* Those of a chain still waiting too (the ones it shares were visited above). */
+        for (size_t j = 0; j < u->n_next_tgts; j++) {
+            const struct tgt_watch *t = u->next_tgts[j];
+            snprintf(name, sizeof(name), "health:%s", t->info.id);
+            if (t->watch != NULL && !tgt_in(u->tgts, u->n_tgts, t))
+                fn(data, name, t->watch);
         }
     }
 }

@@ -2,7 +2,10 @@
  * upstreams: where each upstream's endpoints come from. A service upstream watches its
  * discovery chain and, per chain target, that target's health; a prepared-query upstream polls
  * its query. The watches follow the configuration (upstreams_reconcile) and the chain
- * (targets added and removed), keeping whatever did not change.
+ * (targets added and removed), keeping whatever did not change. A chain goes in force
+ * (upstreams_parts() shows its targets and route table) only once the primary target of each
+ * of its resolvers has had a first health answer, or after 15 s; until then the previous chain
+ * serves (none before the first: the upstream has no target yet).
  *
  * Control thread only; a bad answer is logged and the last good endpoints stay in force.
  */

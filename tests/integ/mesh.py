@@ -1300,6 +1300,8 @@ class AgentInterposer:
     agent does only for a moment and cannot be made to do on demand.
 
     Also: <canned> maps a path prefix to (status, body) answered instead of the agent;
+    <held> maps a path prefix to a threading.Event: such a request is passed on only once the
+    event is set (at most 60 s late), as from an agent slow to answer that one query;
     <drop_headers> names (lower case) response headers left out; <rewrite>(path, body) may
     return another body for a 200 answer; <paths> lists every request path seen."""
 
@@ -1312,6 +1314,7 @@ class AgentInterposer:
         self.authorize_delay = 0.0
         self.authorize_calls = 0
         self.canned = {}
+        self.held = {}
         self.drop_headers = set()
         self.rewrite = None
         self.paths = []
@@ -1336,6 +1339,9 @@ class AgentInterposer:
                     if self.path.startswith(prefix):
                         return self._answer(status, [("Content-Type", "application/json")],
                                             data)
+                for prefix, event in list(outer.held.items()):
+                    if self.path.startswith(prefix):
+                        event.wait(60)
                 if self.path.startswith("/v1/agent/connect/authorize"):
                     outer.authorize_calls += 1
                     canned = outer.authorize_answer
