@@ -1374,11 +1374,11 @@ void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_
     }
     struct upool_conn *c = xcalloc(1, sizeof(*c));
     c->h = h;
-    /* Out of epoll before the end moves: the registration points at its old place. */
-    loop_io_want(h->loop, &x->io, 0);
+    /* The registration moves with the end (it points at the end's old place). */
     c->x = *x;
-    *x = (struct xprt){.fd = -1};
     loop_io_init(&c->x.io, c->x.fd, upool_on_io, c);
+    loop_io_move(h->loop, &x->io, &c->x.io, xprt_wants(&c->x, LOOP_READ));
+    *x = (struct xprt){.fd = -1};
     c->tls = tls_ctx_ref(s->snap->tls);
     c->upstream_key = xstrdup(s->upstream_key);
     c->since_ms = loop_now_ms(h->loop);
@@ -1390,7 +1390,6 @@ void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_
     g->n++;
     h->n_upool++;
     STAT_ADD(h->stats->upool_idle, 1);
-    loop_io_want(h->loop, &c->x.io, xprt_wants(&c->x, LOOP_READ));
     if (!loop_timer_armed(&h->upool_sweep))
         loop_timer_start(h->loop, &h->upool_sweep, 1000);
     LOG_DEBUG("conn=%llu out upstream connection to %s pooled", (unsigned long long)s->id,
@@ -1602,10 +1601,12 @@ static int upool_take_current(struct session *s)
     for (struct upool_conn *c = g != NULL ? g->conns : NULL; c != NULL; c = c->next) {
         if (c->tls != s->snap->tls)
             continue;
-        loop_io_want(h->loop, &c->x.io, 0);
+        /* The registration moves with the connection, still wanting what it did; the
+         * codec asks for what it needs next. */
         s->end[1] = c->x;
-        c->x = (struct xprt){.fd = -1};
         loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
+        loop_io_move(h->loop, &c->x.io, &s->end[1].io, c->x.io.want);
+        c->x = (struct xprt){.fd = -1};
         upool_drop(h, c);
         STAT_ADD(h->stats->upool_reused, 1);
         return 1;
