@@ -107,16 +107,23 @@ void loop_io_init(struct loop_io *io, int fd, loop_io_cb cb, void *data)
     io->data = data;
 }
 
+static uint32_t epoll_events(unsigned want)
+{
+    uint32_t ev = 0;
+    if (want & LOOP_READ)
+        ev |= EPOLLIN | EPOLLRDHUP;
+    if (want & LOOP_WRITE)
+        ev |= EPOLLOUT;
+    return ev;
+}
+
 int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want)
 {
     if (want == io->want)
         return 0;
     struct epoll_event ev = {0};
     ev.data.ptr = io;
-    if (want & LOOP_READ)
-        ev.events |= EPOLLIN | EPOLLRDHUP;
-    if (want & LOOP_WRITE)
-        ev.events |= EPOLLOUT;
+    ev.events = epoll_events(want);
     int op = io->want == 0 ? EPOLL_CTL_ADD : want == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
     if (epoll_ctl(loop->epfd, op, io->fd, &ev) == -1) {
         int err = -errno;
@@ -130,6 +137,24 @@ int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want)
         return err;
     }
     io->want = want;
+    return 0;
+}
+
+int loop_io_move(struct loop *loop, struct loop_io *from, struct loop_io *to, unsigned want)
+{
+    if (from->want == 0 || want == 0) {
+        int err = loop_io_want(loop, from, 0);
+        int err2 = loop_io_want(loop, to, want);
+        return err != 0 ? err : err2;
+    }
+    /* A MOD with the new pointer: the fd stays registered, only its owner changes. */
+    struct epoll_event ev = {0};
+    ev.data.ptr = to;
+    ev.events = epoll_events(want);
+    from->want = 0;
+    if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, to->fd, &ev) == -1)
+        return -errno; /* not registered any more (closed): neither watcher is */
+    to->want = want;
     return 0;
 }
 

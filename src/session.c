@@ -924,24 +924,63 @@ static void start_handshake_out(struct session *s)
 
 /* ---- the upstream connection pool (outbound L7) ---- */
 
+#define UPOOL_KEY_MAX 1600 /* endpoint | SNI | expected identity */
+
 /*
- * An idle upstream connection: verified at its handshake as <key>'s identity, kept alive, with
- * nothing in flight. It lives in its host's list until taken, closed by its peer, or swept
+ * An idle upstream connection: verified at its handshake as its group's identity, kept alive,
+ * with nothing in flight. It lives in its group until taken, closed by its peer, or swept
  * (idle too long, or the worker's snapshot no longer has its TLS context or endpoint); it is
  * freed by a deferred call, since an event for it may still be due in the current round.
  */
 struct upool_conn {
-    struct upool_conn *next;
+    struct upool_conn *next, *prev; /* in its group, newest first */
+    struct upool_group *g;
     struct session_host *h;
     struct xprt x;
     struct tls_ctx *tls; /* one reference: the context it was verified under */
     char *upstream_key;
     /* The upstream's stats block on this worker (lives as long as the host): its pool gauge. */
     struct session_listener_stats *lstat;
-    char ep_name[300];
-    char key[1600]; /* endpoint | SNI | expected identity */
     uint64_t since_ms;
     struct loop_defer reap;
+};
+
+/*
+ * The idle connections that serve one key (endpoint | SNI | expected identity), in bucket
+ * <hash> % SESSION_UPOOL_BUCKETS of the host's table; freed when its last connection leaves.
+ * Dials and puts find their group by hash and one strcmp, with no scan of other endpoints'
+ * connections.
+ */
+struct upool_group {
+    struct upool_group *next; /* in its bucket */
+    uint64_t hash;
+    size_t n;
+    struct upool_conn *conns;
+    char ep_name[300];
+    char key[]; /* NUL-terminated */
+};
+
+/*
+ * A pool key formatted once: the key of endpoint <ep> of target <tgt> of upstream <up> in the
+ * snapshot the host's memo table holds (session_host.upool_memo_snap). Formatting a key costs
+ * ~6k instructions (identity, SNI, URI through snprintf), and a routed keep-alive client
+ * switches endpoint about every other request.
+ */
+struct upool_memo {
+    struct upool_memo *next;
+    const struct snap_upstream *up;
+    const struct snap_target *tgt;
+    const struct dec_endpoint *ep;
+    uint64_t hash;
+    char ep_name[300];
+    char key[]; /* NUL-terminated */
+};
+
+/* What a pooled connection must match: pointers into a memo entry or the caller's buffers. */
+struct upool_ref {
+    const char *key;
+    const char *ep_name;
+    uint64_t hash;
 };
 
 static void endpoint_name(const struct dec_endpoint *ep, char *out, size_t len)
@@ -966,6 +1005,109 @@ static void upool_key_of(const struct session *s, const struct snap_target *tgt,
 static void upool_key(const struct session *s, char *key, size_t len)
 {
     upool_key_of(s, s->tgt, s->ep, s->ep_name, key, len);
+}
+
+/* FNV-1a: the key's bucket, and a cheap first test before strcmp(). */
+static uint64_t upool_hash(const char *key)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (const unsigned char *p = (const unsigned char *)key; *p != '\0'; p++)
+        h = (h ^ *p) * 1099511628211ULL;
+    return h;
+}
+
+static size_t memo_bucket(const struct snap_upstream *up, const struct snap_target *tgt,
+                          const struct dec_endpoint *ep)
+{
+    uint64_t h = (uint64_t)(uintptr_t)up * 31 + (uint64_t)(uintptr_t)tgt;
+    h = (h * 31 + (uint64_t)(uintptr_t)ep) * 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 58) % SESSION_UPOOL_BUCKETS;
+}
+
+/* Drops every memo entry and the memo table's snapshot reference. */
+static void memo_flush(struct session_host *h)
+{
+    for (size_t b = 0; b < SESSION_UPOOL_BUCKETS; b++)
+        while (h->upool_memo[b] != NULL) {
+            struct upool_memo *m = h->upool_memo[b];
+            h->upool_memo[b] = m->next;
+            free(m);
+        }
+    h->n_upool_memo = 0;
+    if (h->upool_memo_snap != NULL)
+        snapshot_unref(h->upool_memo_snap);
+    h->upool_memo_snap = NULL;
+}
+
+/*
+ * The key that endpoint <ep> of <tgt> (of s->up, in s->snap) must match. From the host's memo
+ * table when <s> uses the snapshot the table was made for, or the worker's current one (the
+ * table then starts over for it: it holds a reference, so its pointers are never reused while
+ * it does); else formatted into <key_buf>/<name_buf> (a session still on an older snapshot).
+ */
+static struct upool_ref upool_ref_of(struct session *s, const struct snap_target *tgt,
+                                     const struct dec_endpoint *ep, char *key_buf, size_t key_len,
+                                     char *name_buf, size_t name_len)
+{
+    struct session_host *h = s->host;
+    struct upool_ref r;
+    /* Only pointers into s->snap are memoized: one of an older snapshot (a codec's leg made
+     * before the session followed a new one) may be freed and its address reused. And only
+     * the session's own target: target_sni() takes the SNI from s->tgt, so the key of a
+     * codec's leg to another target depends on both. */
+    int ours = tgt == s->tgt && tgt >= s->up->targets && tgt < s->up->targets + s->up->n_targets &&
+               ep >= tgt->endpoints->v && ep < tgt->endpoints->v + tgt->endpoints->n;
+    if (ours && s->snap != h->upool_memo_snap && s->snap == h->snap) {
+        memo_flush(h);
+        h->upool_memo_snap = snapshot_ref(h->snap);
+    }
+    if (!ours || s->snap != h->upool_memo_snap) {
+        endpoint_name(ep, name_buf, name_len);
+        upool_key_of(s, tgt, ep, name_buf, key_buf, key_len);
+        r.key = key_buf;
+        r.ep_name = name_buf;
+        r.hash = upool_hash(key_buf);
+        return r;
+    }
+    size_t b = memo_bucket(s->up, tgt, ep);
+    struct upool_memo *m = h->upool_memo[b];
+    while (m != NULL && (m->up != s->up || m->tgt != tgt || m->ep != ep))
+        m = m->next;
+    if (m == NULL) {
+        /* Bounded by the snapshot's endpoints; a table this large starts over. */
+        if (h->n_upool_memo >= SESSION_UPOOL_MEMO_MAX) {
+            struct snapshot *keep = snapshot_ref(h->upool_memo_snap);
+            memo_flush(h);
+            h->upool_memo_snap = keep;
+        }
+        char name[sizeof(m->ep_name)];
+        endpoint_name(ep, name, sizeof(name));
+        upool_key_of(s, tgt, ep, name, key_buf, key_len);
+        size_t n = strlen(key_buf) + 1;
+        m = xmalloc(sizeof(*m) + n);
+        m->up = s->up;
+        m->tgt = tgt;
+        m->ep = ep;
+        m->hash = upool_hash(key_buf);
+        memcpy(m->ep_name, name, sizeof(name));
+        memcpy(m->key, key_buf, n);
+        m->next = h->upool_memo[b];
+        h->upool_memo[b] = m;
+        h->n_upool_memo++;
+    }
+    r.key = m->key;
+    r.ep_name = m->ep_name;
+    r.hash = m->hash;
+    return r;
+}
+
+/* The group of key <r> in <h>'s table, or NULL. */
+static struct upool_group *group_find(const struct session_host *h, const struct upool_ref *r)
+{
+    struct upool_group *g = h->upool[r->hash % SESSION_UPOOL_BUCKETS];
+    while (g != NULL && (g->hash != r->hash || strcmp(g->key, r->key) != 0))
+        g = g->next;
+    return g;
 }
 
 struct session_h2memo {
@@ -1109,10 +1251,21 @@ static void upool_reap(struct loop_defer *d)
 
 static void upool_drop(struct session_host *h, struct upool_conn *c)
 {
-    struct upool_conn **pp = &h->upool;
-    while (*pp != c)
-        pp = &(*pp)->next;
-    *pp = c->next;
+    struct upool_group *g = c->g;
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        g->conns = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    if (--g->n == 0) {
+        struct upool_group **pp = &h->upool[g->hash % SESSION_UPOOL_BUCKETS];
+        while (*pp != g)
+            pp = &(*pp)->next;
+        *pp = g->next;
+        free(g);
+    }
+    c->g = NULL;
     h->n_upool--;
     STAT_SUB(h->stats->upool_idle, 1);
     STAT_SUB(c->lstat->pool_idle, 1);
@@ -1120,6 +1273,25 @@ static void upool_drop(struct session_host *h, struct upool_conn *c)
     tls_ctx_unref(c->tls);
     free(c->upstream_key);
     loop_defer(h->loop, &c->reap, upool_reap);
+}
+
+/* Drops every pooled connection of <h> for which <drop> says so (NULL: all). */
+static void upool_drop_if(struct session_host *h,
+                          int (*drop)(const struct session_host *, const struct upool_conn *,
+                                      uint64_t),
+                          uint64_t now_ms)
+{
+    for (size_t b = 0; b < SESSION_UPOOL_BUCKETS; b++) {
+        /* A dropped group's successor in the bucket is read before the drop frees it. */
+        for (struct upool_group *g = h->upool[b], *gnext; g != NULL; g = gnext) {
+            gnext = g->next;
+            for (struct upool_conn *c = g->conns, *next; c != NULL; c = next) {
+                next = c->next;
+                if (drop == NULL || drop(h, c, now_ms))
+                    upool_drop(h, c);
+            }
+        }
+    }
 }
 
 static void upool_on_io(struct loop_io *io, unsigned events)
@@ -1134,14 +1306,14 @@ static void upool_on_io(struct loop_io *io, unsigned events)
     }
     /* Bytes nobody asked for, or the end: the connection is out of step or gone. */
     LOG_DEBUG("worker %u: pooled upstream connection to %s closed", c->h->index,
-              LOG_ESC(c->ep_name));
+              LOG_ESC(c->g->ep_name));
     upool_drop(c->h, c);
 }
 
 /* Whether the worker's snapshot still has <c>'s TLS context and endpoint, at L7. */
 static int upool_current(const struct session_host *h, const struct upool_conn *c)
 {
-    char name[sizeof(c->ep_name)];
+    char name[sizeof(c->g->ep_name)];
     if (h->snap == NULL || c->tls != h->snap->tls)
         return 0;
     const struct snap_upstream *up = snapshot_upstream(h->snap, c->upstream_key);
@@ -1151,24 +1323,27 @@ static int upool_current(const struct session_host *h, const struct upool_conn *
         const struct endpoint_set *eps = up->targets[j].endpoints;
         for (size_t i = 0; i < eps->n; i++) {
             endpoint_name(&eps->v[i], name, sizeof(name));
-            if (strcmp(name, c->ep_name) == 0)
+            if (strcmp(name, c->g->ep_name) == 0)
                 return 1;
         }
     }
     return 0;
 }
 
+static int upool_stale(const struct session_host *h, const struct upool_conn *c, uint64_t now_ms)
+{
+    return now_ms - c->since_ms >= SESSION_UPOOL_IDLE_MS || !upool_current(h, c);
+}
+
 static void upool_on_sweep(struct loop_timer *t)
 {
     struct session_host *h = t->data;
-    uint64_t now = loop_now_ms(h->loop);
-    for (struct upool_conn *c = h->upool, *next; c != NULL; c = next) {
-        next = c->next;
-        if (now - c->since_ms >= SESSION_UPOOL_IDLE_MS || !upool_current(h, c))
-            upool_drop(h, c);
-    }
+    upool_drop_if(h, upool_stale, loop_now_ms(h->loop));
+    /* The memo table holds its snapshot: not past the pool's use, nor the snapshot's turn. */
+    if (h->n_upool == 0 || h->upool_memo_snap != h->snap)
+        memo_flush(h);
     h2up_sweep(h->h2up, h2_stale, h);
-    if (h->upool != NULL || atomic_load_explicit(&h->stats->h2up_conns, memory_order_relaxed) > 0)
+    if (h->n_upool > 0 || atomic_load_explicit(&h->stats->h2up_conns, memory_order_relaxed) > 0)
         loop_timer_start(h->loop, &h->upool_sweep, 1000);
 }
 
@@ -1181,35 +1356,46 @@ void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_
                            const struct dec_endpoint *ep, const char *ep_name)
 {
     struct session_host *h = s->host;
-    char key[sizeof(((struct upool_conn *)0)->key)];
-    size_t same = 0;
+    char key[UPOOL_KEY_MAX], name[sizeof(((struct upool_group *)0)->ep_name)];
     if (h->stopping || s->inbound || x->fd < 0 || x->tls == NULL || tgt == NULL || ep == NULL ||
         h->snap == NULL || s->snap->tls != h->snap->tls || h->n_upool >= SESSION_UPOOL_MAX)
         goto out;
-    upool_key_of(s, tgt, ep, ep_name, key, sizeof(key));
-    for (const struct upool_conn *c = h->upool; c != NULL; c = c->next)
-        same += strcmp(c->key, key) == 0;
-    if (same >= SESSION_UPOOL_PER_ENDPOINT)
+    struct upool_ref r = upool_ref_of(s, tgt, ep, key, sizeof(key), name, sizeof(name));
+    struct upool_group *g = group_find(h, &r);
+    if (g != NULL && g->n >= SESSION_UPOOL_PER_ENDPOINT)
         goto out;
+    if (g == NULL) {
+        size_t n = strlen(r.key) + 1;
+        g = xmalloc(sizeof(*g) + n);
+        g->hash = r.hash;
+        g->n = 0;
+        g->conns = NULL;
+        snprintf(g->ep_name, sizeof(g->ep_name), "%s", r.ep_name);
+        memcpy(g->key, r.key, n);
+        struct upool_group **head = &h->upool[r.hash % SESSION_UPOOL_BUCKETS];
+        g->next = *head;
+        *head = g;
+    }
     struct upool_conn *c = xcalloc(1, sizeof(*c));
     c->h = h;
-    /* Out of epoll before the end moves: the registration points at its old place. */
-    loop_io_want(h->loop, &x->io, 0);
+    /* The registration moves with the end (it points at the end's old place). */
     c->x = *x;
-    *x = (struct xprt){.fd = -1};
     loop_io_init(&c->x.io, c->x.fd, upool_on_io, c);
+    loop_io_move(h->loop, &x->io, &c->x.io, xprt_wants(&c->x, LOOP_READ));
+    *x = (struct xprt){.fd = -1};
     c->tls = tls_ctx_ref(s->snap->tls);
     c->upstream_key = xstrdup(s->upstream_key);
-    snprintf(c->ep_name, sizeof(c->ep_name), "%s", ep_name);
-    snprintf(c->key, sizeof(c->key), "%s", key);
     c->since_ms = loop_now_ms(h->loop);
-    c->next = h->upool;
-    h->upool = c;
+    c->g = g;
+    c->next = g->conns;
+    if (g->conns != NULL)
+        g->conns->prev = c;
+    g->conns = c;
+    g->n++;
     h->n_upool++;
     STAT_ADD(h->stats->upool_idle, 1);
     c->lstat = s->lstat;
     STAT_ADD(c->lstat->pool_idle, 1);
-    loop_io_want(h->loop, &c->x.io, xprt_wants(&c->x, LOOP_READ));
     if (!loop_timer_armed(&h->upool_sweep))
         loop_timer_start(h->loop, &h->upool_sweep, 1000);
     LOG_DEBUG("conn=%llu out upstream connection to %s pooled", (unsigned long long)s->id,
@@ -1459,16 +1645,21 @@ int session_resolver_balances(const struct route_resolver *rs)
 static int upool_take_current(struct session *s)
 {
     struct session_host *h = s->host;
-    char key[sizeof(((struct upool_conn *)0)->key)];
-    endpoint_name(s->ep, s->ep_name, sizeof(s->ep_name));
-    upool_key(s, key, sizeof(key));
-    for (struct upool_conn *c = h->upool; c != NULL; c = c->next) {
-        if (c->tls != s->snap->tls || strcmp(c->key, key) != 0)
+    char key[UPOOL_KEY_MAX];
+    struct upool_ref r =
+        upool_ref_of(s, s->tgt, s->ep, key, sizeof(key), s->ep_name, sizeof(s->ep_name));
+    if (r.ep_name != s->ep_name)
+        memcpy(s->ep_name, r.ep_name, strlen(r.ep_name) + 1);
+    struct upool_group *g = group_find(h, &r);
+    for (struct upool_conn *c = g != NULL ? g->conns : NULL; c != NULL; c = c->next) {
+        if (c->tls != s->snap->tls)
             continue;
-        loop_io_want(h->loop, &c->x.io, 0);
+        /* The registration moves with the connection, still wanting what it did; the
+         * codec asks for what it needs next. */
         s->end[1] = c->x;
-        c->x = (struct xprt){.fd = -1};
         loop_io_init(&s->end[1].io, s->end[1].fd, session_on_io, s);
+        loop_io_move(h->loop, &c->x.io, &s->end[1].io, c->x.io.want);
+        c->x = (struct xprt){.fd = -1};
         upool_drop(h, c);
         STAT_ADD(h->stats->upool_reused, 1);
         return 1;
@@ -1666,7 +1857,7 @@ static int upool_take_chosen(struct session *s)
     size_t i = choose_endpoint(s, t, base, &e);
     s->tgt = t;
     s->ep = &t->endpoints->v[i];
-    if (s->host->upool != NULL && upool_take_current(s)) {
+    if (s->host->n_upool > 0 && upool_take_current(s)) {
         s->tried[base + i] = 1;
         s->tries++;
         lb_hold(s, e, i);
@@ -1744,7 +1935,7 @@ static int upool_take(struct session *s)
     struct session_host *h = s->host;
     if (lb_first(s))
         return upool_take_chosen(s);
-    for (size_t k = 0, base; k < dial_targets(s) && h->upool != NULL; k++) {
+    for (size_t k = 0, base; k < dial_targets(s) && h->n_upool > 0; k++) {
         const struct snap_target *t = dial_target(s, k, &base);
         if (t == NULL)
             continue;
@@ -2384,8 +2575,8 @@ void session_host_dispose(struct session_host *h)
     loop_timer_stop(h->loop, &h->handshake_summary);
     loop_timer_stop(h->loop, &h->unavailable_summary);
     loop_timer_stop(h->loop, &h->upool_sweep);
-    while (h->upool != NULL)
-        upool_drop(h, h->upool);
+    upool_drop_if(h, NULL, 0);
+    memo_flush(h);
     h2up_pool_free(h->h2up);
     h->h2up = NULL;
     lb_cache_free(h);

@@ -185,6 +185,8 @@ struct session_info {
 #define SESSION_UPOOL_MAX          512
 #define SESSION_UPOOL_PER_ENDPOINT 128
 #define SESSION_UPOOL_IDLE_MS      30000
+#define SESSION_UPOOL_BUCKETS      64   /* hash buckets of the pool and of its key memo */
+#define SESSION_UPOOL_MEMO_MAX     1024 /* keys memoized per worker before starting over */
 
 struct session_mux;
 struct h2up_pool;
@@ -227,9 +229,15 @@ struct session_host {
     /* Outbound L7: idle upstream connections (verified, kept alive) that the next dial to the
      * same endpoint and identity takes instead of connecting; at most SESSION_UPOOL_MAX, and
      * SESSION_UPOOL_PER_ENDPOINT per endpoint, each for at most SESSION_UPOOL_IDLE_MS. */
-    struct upool_conn *upool;
+    struct upool_group *upool[SESSION_UPOOL_BUCKETS]; /* by key hash; a group per key */
     size_t n_upool;
     struct loop_timer upool_sweep;
+    /* Each pool key formatted once per (upstream, target, endpoint) of <upool_memo_snap>
+     * (one reference, or NULL): dropped when the worker's snapshot changes or the pool
+     * empties (at the sweep), and past SESSION_UPOOL_MEMO_MAX keys. */
+    struct upool_memo *upool_memo[SESSION_UPOOL_BUCKETS];
+    size_t n_upool_memo;
+    struct snapshot *upool_memo_snap;
     /* HTTP/2 client connections the worker's sessions share (h2up.h): to upstream sidecars
      * (ALPN h2, keyed like the pool above plus "|h2") and h2c to the local application
      * ("app|<address>"). Swept with the pool above. */

@@ -1,7 +1,8 @@
 /*
  * Unit tests for the loop's typed cross-thread receivers: a notification from another thread
  * runs its own receiver's callback on the loop's thread, and only that one; notifications
- * before the callback runs coalesce; an unregistered receiver is not run.
+ * before the callback runs coalesce; an unregistered receiver is not run. And for fd watchers:
+ * io.fired marks the watcher dispatched, and loop_io_move() hands a registration over.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -132,11 +133,77 @@ static void test_fired_marks_the_watcher_dispatched(void **state)
     }
 }
 
+/* Counts calls per watcher and stops the loop. */
+struct moved {
+    struct loop *loop;
+    struct loop_io a, b;
+    int calls_a, calls_b;
+};
+
+static void on_moved(struct loop_io *io, unsigned events)
+{
+    struct moved *m = io->data;
+    (void)events;
+    if (io == &m->a)
+        m->calls_a++;
+    else
+        m->calls_b++;
+    loop_stop(m->loop);
+}
+
+/* loop_io_move() hands one fd's registration from one watcher to another: the fd's events go
+ * to the new one only, with the events asked for, and the old one is left wanting nothing. */
+static void test_move_hands_the_registration_over(void **state)
+{
+    (void)state;
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    struct moved m = {.loop = loop_new()};
+    assert_non_null(m.loop);
+    loop_io_init(&m.a, sv[0], on_moved, &m);
+    assert_int_equal(loop_io_want(m.loop, &m.a, LOOP_READ), 0);
+    loop_io_init(&m.b, sv[0], on_moved, &m);
+    assert_int_equal(loop_io_move(m.loop, &m.a, &m.b, LOOP_READ), 0);
+    assert_int_equal(m.a.want, 0);
+    assert_int_equal(m.b.want, LOOP_READ);
+
+    assert_int_equal(write(sv[1], "x", 1), 1);
+    assert_int_equal(loop_run(m.loop), 0);
+    assert_int_equal(m.calls_a, 0);
+    assert_int_equal(m.calls_b, 1);
+    assert_int_equal(m.b.fired, LOOP_READ);
+
+    /* Back to a, now for writing only (the byte is still unread: no read event for it). */
+    loop_io_init(&m.a, sv[0], on_moved, &m);
+    assert_int_equal(loop_io_move(m.loop, &m.b, &m.a, LOOP_WRITE), 0);
+    assert_int_equal(m.b.want, 0);
+    assert_int_equal(loop_run(m.loop), 0);
+    assert_int_equal(m.calls_a, 1);
+    assert_int_equal(m.calls_b, 1);
+    assert_int_equal(m.a.fired, LOOP_WRITE);
+
+    /* Moving to "nothing" unregisters the fd; from an unregistered watcher registers it. */
+    loop_io_init(&m.b, sv[0], on_moved, &m);
+    assert_int_equal(loop_io_move(m.loop, &m.a, &m.b, 0), 0);
+    assert_int_equal(m.a.want, 0);
+    assert_int_equal(m.b.want, 0);
+    loop_io_init(&m.a, sv[0], on_moved, &m);
+    assert_int_equal(loop_io_move(m.loop, &m.b, &m.a, LOOP_READ), 0);
+    assert_int_equal(loop_run(m.loop), 0);
+    assert_int_equal(m.calls_a, 2);
+
+    assert_int_equal(loop_io_want(m.loop, &m.a, 0), 0);
+    loop_free(m.loop);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_only_the_notified_receiver_runs),
         cmocka_unit_test(test_fired_marks_the_watcher_dispatched),
+        cmocka_unit_test(test_move_hands_the_registration_over),
     };
     return cmocka_run_group_tests_name("loop", tests, NULL, NULL);
 }
