@@ -1301,7 +1301,7 @@ static void upool_on_io(struct loop_io *io, unsigned events)
     (void)events;
     ssize_t n = xprt_read(&c->x, junk, sizeof(junk));
     if (n == -EAGAIN) {
-        loop_io_want(c->h->loop, &c->x.io, xprt_wants(&c->x, LOOP_READ));
+        loop_io_want(c->h->loop, &c->x.io, LOOP_READ | xprt_wants(&c->x, LOOP_READ));
         return;
     }
     /* Bytes nobody asked for, or the end: the connection is out of step or gone. */
@@ -1378,10 +1378,13 @@ void session_pool_put_conn(struct session *s, struct xprt *x, const struct snap_
     }
     struct upool_conn *c = xcalloc(1, sizeof(*c));
     c->h = h;
-    /* The registration moves with the end (it points at the end's old place). */
+    /* The registration moves with the end (it points at the end's old place). An idle
+     * connection is always read-watched, whatever its last read left in its TLS wants (nothing
+     * after a read that returned bytes): the far side's close, or bytes nobody asked for, must
+     * take it out of the pool at once, not at its next use or the sweep. */
     c->x = *x;
     loop_io_init(&c->x.io, c->x.fd, upool_on_io, c);
-    loop_io_move(h->loop, &x->io, &c->x.io, xprt_wants(&c->x, LOOP_READ));
+    loop_io_move(h->loop, &x->io, &c->x.io, LOOP_READ | xprt_wants(&c->x, LOOP_READ));
     *x = (struct xprt){.fd = -1};
     c->tls = tls_ctx_ref(s->snap->tls);
     c->upstream_key = xstrdup(s->upstream_key);

@@ -166,6 +166,30 @@ def test_upstream_connections_pooled_across_application_connections(mesh, tmp_pa
                in admin_get(admin, "/metrics")[1], 10, "the pooled connection closed")
 
 
+def test_idle_pooled_connection_closed_by_the_far_side_leaves_the_pool(mesh, tmp_path):
+    """db's sidecar closes an idle inbound connection after 500 ms: web's idle pooled
+    connection must see that end at once and leave the pool (metric back to 0, a DEBUG line),
+    not sit there until the 30 s sweep or the next request. Before, a TLS connection entered
+    the pool with the wants of its last read, nothing after a read that returned bytes, so its
+    descriptor was not watched and the far side's close went unnoticed."""
+    m = mesh
+    args, admin = admin_args()
+    app, db, web, alog = l7_pair(m, tmp_path, up_config={"protocol": "http"},
+                                 db_config={"protocol": "http", "local_idle_timeout_ms": 500},
+                                 web_args=("-workers", "1", *args))
+
+    def idle(n):
+        return f"connectd_upstream_pool_idle_connections {n}\n" in admin_get(admin, "/metrics")[1]
+
+    # l7_pair's own requests may have left a connection that db already closed: start clean.
+    wait_until(lambda: idle(0), 5, "no idle pooled connection")
+    closed = web.proxy.log().count("pooled upstream connection to")
+    assert try_status(web.up["db"], "/once") == 200
+    wait_until(lambda: web.proxy.log().count("pooled upstream connection to") > closed, 5,
+               "web noticing that db closed the idle pooled connection")
+    assert idle(0)
+
+
 def test_chain_protocol_from_service_defaults_and_its_change(mesh, tmp_path):
     """No Config.protocol in web's registration: the destination's service-defaults decides
     (the agent also merges its Protocol into the upstream's Config.protocol, and the chain is
