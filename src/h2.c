@@ -313,7 +313,7 @@ static size_t build_fields(struct h2_session *s)
     for (size_t i = 0; i < s->nhf; i++) {
         s->hdrs[i].name = (struct http_slice){s->hbuf + s->hf[i].noff, s->hf[i].nlen};
         s->hdrs[i].value = (struct http_slice){s->hbuf + s->hf[i].voff, s->hf[i].vlen};
-        s->hdrs[i].flags = 0;
+        s->hdrs[i].flags = HTTP_HDR_H2OK; /* nghttp2 checked it (see http.h) */
     }
     return s->nhf;
 }
@@ -892,6 +892,19 @@ static void nv_add(nghttp2_nv *nv, size_t *n, const char *name, size_t nlen, con
     (*n)++;
 }
 
+/*
+ * Whether a field's value is new on every message, so that HPACK's dynamic table gains
+ * nothing from it: X-Request-Id (a fresh UUID per request). Such a field is sent never
+ * indexed. Indexed, each one would take a table entry of its own, pushing out the entries
+ * that do repeat (X-Forwarded-Client-Cert, say), and nghttp2 compares every new value with
+ * each entry of the same name before adding it (~100 memcmp() per request seen on the
+ * inbound sidecar, all of them misses).
+ */
+static int unique_per_message(const char *lname, size_t len)
+{
+    return len == 12 && memcmp(lname, "x-request-id", 12) == 0;
+}
+
 /* Room on the caller's stack for the field list of a usual head (nghttp2 copies it). */
 struct nv_space {
     nghttp2_nv nv[40];
@@ -909,7 +922,8 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
 {
     size_t total = 0, k = 0;
     for (size_t i = 0; i < n; i++)
-        total += fields[i].name.len;
+        if (!(fields[i].flags & HTTP_HDR_H2OK))
+            total += fields[i].name.len;
     nghttp2_nv *nv =
         n + 5 <= sizeof(sp->nv) / sizeof(sp->nv[0]) ? sp->nv : xcalloc(n + 5, sizeof(*nv));
     char *names = total <= sizeof(sp->names) ? sp->names : xmalloc(total);
@@ -934,19 +948,29 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
     size_t used = 0;
     for (size_t i = 0; i < n; i++) {
         const struct http_header *f = &fields[i];
-        if ((f->flags & (HTTP_HDR_HOP | HTTP_HDR_DUP)) || connection_specific(f))
+        if (f->flags & (HTTP_HDR_HOP | HTTP_HDR_DUP))
             continue;
         if (h != NULL && h->authority.p != NULL && slice_is(f->name.p, f->name.len, "host"))
             continue;
-        char *lname = names + used;
-        for (size_t c = 0; c < f->name.len; c++)
-            lname[c] = (char)lower((unsigned char)f->name.p[c]);
-        used += f->name.len;
-        if (f->name.len == 0 || lname[0] == ':' ||
-            !nghttp2_check_header_name((const uint8_t *)lname, f->name.len) ||
-            !h2_value_ok(f->value.p, f->value.len))
-            return -EINVAL;
+        const char *lname = f->name.p;
+        if (!(f->flags & HTTP_HDR_H2OK)) {
+            /* Not known to be fit (from HTTP/1.1, a route's modifiers, connectd's own): lower
+             * the name and check it all, as nghttp2 would check it on receipt. */
+            if (connection_specific(f))
+                continue;
+            char *low = names + used;
+            for (size_t c = 0; c < f->name.len; c++)
+                low[c] = (char)lower((unsigned char)f->name.p[c]);
+            used += f->name.len;
+            lname = low;
+            if (f->name.len == 0 || lname[0] == ':' ||
+                !nghttp2_check_header_name((const uint8_t *)lname, f->name.len) ||
+                !h2_value_ok(f->value.p, f->value.len))
+                return -EINVAL;
+        }
         nv_add(nv, &k, lname, f->name.len, f->value.p, f->value.len);
+        if (unique_per_message(lname, f->name.len))
+            nv[k - 1].flags = NGHTTP2_NV_FLAG_NO_INDEX;
     }
     return (ssize_t)k;
 }
@@ -1000,8 +1024,9 @@ int h2_submit_response(struct h2_session *s, int32_t stream_id, const struct h2_
     int interim = head->status < 200;
     if (interim && has_body)
         return -EINVAL;
-    char status[4];
-    snprintf(status, sizeof(status), "%d", head->status);
+    /* Three digits (100-599, checked above), without snprintf() for each response. */
+    char status[4] = {(char)('0' + head->status / 100), (char)('0' + head->status / 10 % 10),
+                      (char)('0' + head->status % 10), '\0'};
     struct nv_space sp;
     nghttp2_nv *nv;
     char *names;

@@ -202,6 +202,8 @@ struct mux_h2 {
     struct loop_timer tmr;  /* the earliest deadline */
     struct loop_defer kick; /* a pump after the loop's round (from h2up callbacks) */
     char xfcc[STREAM_XFCC_MAX];
+    size_t xfcc_len;
+    int xfcc_ok; /* <xfcc> is a valid HTTP/2 field value (checked once, not per request) */
     uint8_t rbuf[IO_CHUNK];
 };
 
@@ -259,7 +261,7 @@ static void fields_copy(struct fields *f, const struct http_header *h, size_t n)
         memcpy(p, h[i].value.p, h[i].value.len);
         f->h[i].value = (struct http_slice){p, h[i].value.len};
         p += h[i].value.len;
-        f->h[i].flags = 0;
+        f->h[i].flags = h[i].flags & HTTP_HDR_H2OK; /* the same bytes: still fit for h2 */
     }
 }
 
@@ -1244,7 +1246,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
     int have_id = 0;
     for (size_t i = 0; i < hd->nheaders && nf < H2_DEFAULT_MAX_HEADERS; i++) {
         f[nf] = hd->headers[i];
-        f[nf].flags = 0;
+        f[nf].flags = hd->headers[i].flags & HTTP_HDR_H2OK;
         struct http_slice nm = f[nf].name;
         if (name_is(nm, "content-type") && f[nf].value.len >= 16 &&
             strncasecmp(f[nf].value.p, "application/grpc", 16) == 0)
@@ -1324,17 +1326,23 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
             kept_id = 1;
     }
     /* An exposed listener's caller has no certificate: no XFCC, and it came over h2c. */
+    /* Written here in lower case, with values checked once (XFCC, in mux_start) or fit by
+     * construction: the HTTP/2 encoder need not check them per request. */
     if (s->end[0].tls != NULL) {
         f[nf++] = (struct http_header){.name = {"x-forwarded-client-cert", 23},
-                                       .value = {m->xfcc, strlen(m->xfcc)}};
-        f[nf++] = (struct http_header){.name = {"x-forwarded-proto", 17}, .value = {"https", 5}};
+                                       .value = {m->xfcc, m->xfcc_len},
+                                       .flags = m->xfcc_ok ? HTTP_HDR_H2OK : 0};
+        f[nf++] = (struct http_header){
+            .name = {"x-forwarded-proto", 17}, .value = {"https", 5}, .flags = HTTP_HDR_H2OK};
     } else {
-        f[nf++] = (struct http_header){.name = {"x-forwarded-proto", 17}, .value = {"http", 4}};
+        f[nf++] = (struct http_header){
+            .name = {"x-forwarded-proto", 17}, .value = {"http", 4}, .flags = HTTP_HDR_H2OK};
     }
     if (!have_id) {
         stream_new_request_id(&x->st);
         f[nf++] = (struct http_header){.name = {"x-request-id", 12},
-                                       .value = {x->st.request_id, strlen(x->st.request_id)}};
+                                       .value = {x->st.request_id, strlen(x->st.request_id)},
+                                       .flags = HTTP_HDR_H2OK}; /* a UUID: hex digits and '-' */
     }
     if (app.protocol == PROTO_HTTP) {
         leg_open(s, x, hd, t, f, nf);
@@ -2099,8 +2107,11 @@ static void mux_start(struct session *s)
     /* end[0] gets the codec's own callback (see down_io). */
     loop_io_want(s->host->loop, &s->end[0].io, 0);
     loop_io_init(&s->end[0].io, s->end[0].fd, down_io, s);
-    if (!m->outbound && s->end[0].tls != NULL)
+    if (!m->outbound && s->end[0].tls != NULL) {
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
+        m->xfcc_len = strlen(m->xfcc);
+        m->xfcc_ok = h2_value_ok(m->xfcc, m->xfcc_len);
+    }
     struct h2_limits lim = {.max_header_list_bytes = c->max_request_headers_kb * 1024u};
     m->down = h2_session_new(H2_SERVER, &lim, &down_cb, s);
     s->last_io_ms = loop_now_ms(s->host->loop);
