@@ -203,7 +203,12 @@ struct mux_h2 {
     struct loop_defer kick; /* a pump after the loop's round (from h2up callbacks) */
     char xfcc[STREAM_XFCC_MAX];
     size_t xfcc_len;
-    int xfcc_ok; /* <xfcc> is a valid HTTP/2 field value (checked once, not per request) */
+    int xfcc_ok;
+    /* Inbound: session_app_h2_key() for <app_key_snap> (at <app_key_gen>; a pointer alone
+     * could be a new snapshot at a freed one's address). */
+    char app_key[sizeof(((struct session *)0)->ep_name) + 8];
+    const struct snapshot *app_key_snap;
+    uint64_t app_key_gen; /* <xfcc> is a valid HTTP/2 field value (checked once, not per request) */
     uint8_t rbuf[IO_CHUNK];
 };
 
@@ -1030,9 +1035,17 @@ static enum stream_result connect_error(const struct mux_h2 *m)
  */
 static struct h2up_conn *app_conn(struct session *s, char *why, size_t len)
 {
+    struct mux_h2 *m = s->mux2;
     const struct proxy_cfg *c = &s->snap->cfg;
-    char key[sizeof(s->ep_name) + 8];
-    session_app_h2_key(s, key, sizeof(key));
+    /* The key depends on the session's snapshot only: formatted once per snapshot. */
+    if (m->app_key_snap != s->snap || m->app_key_gen != s->snap->generation) {
+        session_app_h2_key(s, m->app_key, sizeof(m->app_key));
+        m->app_key_snap = s->snap;
+        m->app_key_gen = s->snap->generation;
+    } else {
+        session_app_h2_key_used(s);
+    }
+    const char *key = m->app_key;
     copy_str_cut(s->ep_name, sizeof(s->ep_name), key + 4);
     struct h2up_conn *hc = h2up_find(s->host->h2up, key, NULL);
     if (hc != NULL)
