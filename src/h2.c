@@ -23,6 +23,7 @@
 
 #include <nghttp2/nghttp2.h>
 
+#include "memcache.h"
 #include "util.h"
 
 /* Stream flags. */
@@ -141,7 +142,7 @@ static int slice_is(const char *p, size_t n, const char *lit)
 
 static struct stream *stream_new(struct h2_session *s, int32_t id, void *user)
 {
-    struct stream *st = xcalloc(1, sizeof(*st));
+    struct stream *st = memcache_calloc(1, sizeof(*st));
     st->id = id;
     st->user = user;
     st->next = s->streams;
@@ -161,7 +162,7 @@ static void stream_free(struct h2_session *s, struct stream *st)
     if (st->next != NULL)
         st->next->prev = st->prev;
     s->nstreams--;
-    free(st);
+    memcache_free(st);
 }
 
 static struct stream *stream_get(const struct h2_session *s, int32_t id)
@@ -202,30 +203,39 @@ static void terminate(struct h2_session *s, uint32_t code, const char *why)
     nghttp2_session_terminate_session(s->ng, code);
 }
 
-/* ---- nghttp2 allocator: OOM aborts like everywhere else ------------------------------- */
+/*
+ * ---- nghttp2 allocator: memcache (OOM aborts like everywhere else) ----------------------
+ *
+ * nghttp2 allocates ~8 small blocks per stream (the stream, queued frames, copies of header
+ * lists, HPACK strings) and frees them when it is done; with many streams in flight these
+ * come in bursts that glibc's per-thread cache cannot hold. The thread's memcache keeps them
+ * for the next streams, and is emptied when the thread's last session ends.
+ */
+
+static _Thread_local size_t live_sessions;
 
 static void *mem_malloc(size_t n, void *u)
 {
     (void)u;
-    return xmalloc(n);
+    return memcache_alloc(n);
 }
 
 static void mem_free(void *p, void *u)
 {
     (void)u;
-    free(p);
+    memcache_free(p);
 }
 
 static void *mem_calloc(size_t nmemb, size_t size, void *u)
 {
     (void)u;
-    return xcalloc(nmemb, size);
+    return memcache_calloc(nmemb, size);
 }
 
 static void *mem_realloc(void *p, size_t n, void *u)
 {
     (void)u;
-    return xrealloc(p, n);
+    return memcache_realloc(p, n);
 }
 
 /* ---- receiving heads ------------------------------------------------------------------ */
@@ -677,6 +687,7 @@ struct h2_session *h2_session_new(enum h2_role role, const struct h2_limits *lim
 {
     struct h2_session *s = xcalloc(1, sizeof(*s));
     struct h2_limits l = limits != NULL ? *limits : (struct h2_limits){0};
+    live_sessions++;
     s->role = role;
     s->cb = *cb;
     s->user = user;
@@ -763,6 +774,9 @@ void h2_session_free(struct h2_session *s)
     free(s->hf);
     free(s->hdrs);
     free(s);
+    /* The last session of the thread: an idle worker keeps no cached blocks. */
+    if (live_sessions > 0 && --live_sessions == 0)
+        memcache_trim();
 }
 
 /*

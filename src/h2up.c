@@ -19,6 +19,7 @@
  */
 #include "h2up.h"
 #include "log.h"
+#include "memcache.h"
 #include "util.h"
 
 #include <errno.h>
@@ -129,7 +130,7 @@ static void conn_close(struct h2up_conn *c, uint32_t code, const char *why, int 
             k = H2_REFUSED_STREAM;
         if (!quiet && st->ops != NULL && st->ops->on_close != NULL)
             st->ops->on_close(st->owner, k, why);
-        free(st);
+        memcache_free(st);
     }
     h2_session_free(c->h2);
     c->h2 = NULL;
@@ -220,7 +221,7 @@ static void cb_close(struct h2_session *hs, int32_t id, void *su, uint32_t code,
             snprintf(why, sizeof(why), "reset (HTTP/2 error 0x%x)", code);
         st->ops->on_close(st->owner, code, why);
     }
-    free(st);
+    memcache_free(st);
 }
 
 static void cb_goaway(struct h2_session *hs, int32_t last, uint32_t code, void *user)
@@ -431,7 +432,7 @@ struct h2up_stream *h2up_open(struct h2up_conn *c, const struct h2_out_head *hd,
     if (c->closed || c->draining ||
         c->nstreams >= (size_t)h2_peer_max_streams(c->h2) + H2UP_MAX_QUEUED)
         return NULL;
-    struct h2up_stream *st = xcalloc(1, sizeof(*st));
+    struct h2up_stream *st = memcache_calloc(1, sizeof(*st));
     st->c = c;
     st->ops = ops;
     st->owner = owner;
@@ -439,7 +440,7 @@ struct h2up_stream *h2up_open(struct h2up_conn *c, const struct h2_out_head *hd,
     if (id < 0) {
         if (id == -ESHUTDOWN)
             c->draining = 1;
-        free(st);
+        memcache_free(st);
         return NULL;
     }
     st->id = id;

@@ -71,6 +71,7 @@
 #include "h2.h"
 #include "h2up.h"
 #include "log.h"
+#include "memcache.h"
 #include "pathnorm.h"
 #include "route.h"
 #include "session_int.h"
@@ -214,14 +215,20 @@ struct mux_h2 {
 
 /* ---- buffers ---- */
 
+/*
+ * Buffers and per-stream memory come from memcache (the thread's cache of freed blocks): a
+ * hundred streams in flight allocate and free the same sizes in bursts, which glibc's malloc
+ * serves slowly. A buffer starts at what it first needs (a response body is often a few
+ * bytes), rounded up, and doubles.
+ */
 static void buf_reserve(struct buf *b, size_t need)
 {
     if (b->cap >= need)
         return;
-    size_t cap = b->cap ? b->cap : 4096;
+    size_t cap = b->cap ? b->cap : 256;
     while (cap < need)
         cap *= 2;
-    b->p = xrealloc(b->p, cap);
+    b->p = memcache_realloc(b->p, cap);
     b->cap = cap;
 }
 
@@ -246,7 +253,7 @@ static void buf_consume(struct buf *b, size_t n)
 
 static void buf_free(struct buf *b)
 {
-    free(b->p);
+    memcache_free(b->p);
     memset(b, 0, sizeof(*b));
 }
 
@@ -255,8 +262,8 @@ static void fields_copy(struct fields *f, const struct http_header *h, size_t n)
     size_t bytes = n * sizeof(*h);
     for (size_t i = 0; i < n; i++)
         bytes += h[i].name.len + h[i].value.len;
-    free(f->h);
-    f->h = xmalloc(bytes ? bytes : 1);
+    memcache_free(f->h);
+    f->h = memcache_alloc(bytes);
     f->n = n;
     char *p = (char *)(f->h + n);
     for (size_t i = 0; i < n; i++) {
@@ -297,6 +304,15 @@ static void copy_str(char *out, size_t cap, struct http_slice v)
     out[n] = '\0';
 }
 
+/* Names the endpoint stream <x> went to (its record's). */
+static void set_ep(struct h2s *x, const char *name)
+{
+    size_t n = strlen(name);
+    memcache_free(x->ep);
+    x->ep = memcache_alloc(n + 1);
+    memcpy(x->ep, name, n + 1);
+}
+
 /* Request bytes no one will forward go back to the caller's window (but those a retry put
  * back in front, given back already). */
 static void reqb_drop(struct mux_h2 *m, struct h2s *x)
@@ -315,7 +331,7 @@ static void heard(struct h2s *x)
     x->heard = 1;
     x->held_ok = 0;
     buf_free(&x->held);
-    free(x->pend.h);
+    memcache_free(x->pend.h);
     x->pend = (struct fields){0};
 }
 
@@ -332,7 +348,7 @@ static void note_grpc_status(struct h2s *x, const struct http_header *h, size_t 
 static struct h2s *stream_new(struct session *s, int32_t cid)
 {
     struct mux_h2 *m = s->mux2;
-    struct h2s *x = xcalloc(1, sizeof(*x));
+    struct h2s *x = memcache_calloc(1, sizeof(*x));
     x->s = s;
     x->cid = cid;
     x->last_ms = loop_now_ms(s->host->loop);
@@ -355,12 +371,12 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
         x->next->prev = x->prev;
     buf_free(&x->reqb);
     buf_free(&x->held);
-    free(x->pend.h);
-    free(x->ep);
+    memcache_free(x->pend.h);
+    memcache_free(x->ep);
     buf_free(&x->resb);
-    free(x->req_tr.h);
-    free(x->res_tr.h);
-    free(x);
+    memcache_free(x->req_tr.h);
+    memcache_free(x->res_tr.h);
+    memcache_free(x);
 }
 
 /* Detaches the application's stream (reset with <code> unless 0 and closed already). */
@@ -704,8 +720,7 @@ static void leg_attach(struct session *s, struct h2s *x, struct xprt *src,
     x->waiting = 0;
     x->app_open = 1;
     x->last_ms = loop_now_ms(s->host->loop);
-    free(x->ep);
-    x->ep = xstrdup(ep_name);
+    set_ep(x, ep_name);
 }
 
 /*
@@ -1143,7 +1158,8 @@ static void pend_keep(struct h2s *x, const struct h2_head *hd)
     mf = route_headers_modified(x->route, x->split, 0, hd->headers, nm, &nmf);
     if (mf != NULL)
         nm = nmf;
-    f = xcalloc(nm + 4, sizeof(*f));
+    struct http_header fs[MAX_FIELDS];
+    f = nm + 4 <= MAX_FIELDS ? fs : xcalloc(nm + 4, sizeof(*f));
     f[nf++] = (struct http_header){.name = {":method", 7}, .value = hd->method};
     f[nf++] = (struct http_header){.name = {":scheme", 7}, .value = hd->scheme};
     f[nf++] = (struct http_header){.name = {":authority", 10}, .value = hd->authority};
@@ -1153,7 +1169,8 @@ static void pend_keep(struct h2s *x, const struct h2_head *hd)
             f[nf++] = (mf != NULL ? mf : hd->headers)[i];
     fields_copy(&x->pend, f, nf);
     x->pend_body = !hd->end_stream;
-    free(f);
+    if (f != fs)
+        free(f);
     free(mf);
     buf_free(&path);
 }
@@ -1309,7 +1326,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         .quiet_allow = 1, /* an allowed stream's record has no reason, as over HTTP/1.1 */
     };
     size_t cap = PATHNORM_OUT_MAX(sr.target.len), tlen = 0;
-    char *target = xmalloc(cap);
+    char *target = memcache_alloc(cap);
     enum stream_verdict v = stream_authorize(s, &x->st, &sr, target, cap, &tlen, why, sizeof(why));
     session_count_request_decision(s, v == STREAM_ALLOW);
     struct http_slice t = {target, tlen};
@@ -1377,7 +1394,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
     pend_keep_out(x, &oh, !hd->end_stream);
     up_open(s, x, c, &oh, !hd->end_stream);
 out:
-    free(target);
+    memcache_free(target);
     return 0;
 }
 
@@ -1810,8 +1827,7 @@ static void mux_dialled(struct session *s, const char *why)
         }
         struct h2_out_head oh = pend_head(x);
         up_open(s, x, c, &oh, x->pend_body);
-        free(x->ep);
-        x->ep = xstrdup(s->ep_name);
+        set_ep(x, s->ep_name);
     }
     if (others && !m->dialling)
         start_dial(s);
