@@ -198,6 +198,8 @@ struct mux_h2 {
     int draining;            /* connectd drains: GOAWAY sent, closes when no stream is left */
     int down_failed;         /* the downstream session ended in an error: flush and close */
     struct buf cout;
+    int rd_ok;         /* read end[0]: an event came, or the last read did not drain it */
+    unsigned rd_wants; /* the events the last read that drained it waits for */
     struct h2s *streams;
     uint64_t nstreams;
     struct loop_timer tmr;  /* the earliest deadline */
@@ -1888,6 +1890,36 @@ static void arm(struct session *s)
 
 /* ---- the pump ---- */
 
+/*
+ * Reads end[0] unless its last read drained it (EAGAIN, or fewer bytes than asked with nothing
+ * left inside TLS) and no event came for it since: the loop is level-triggered, so the event
+ * comes when there is more, and the read that would only say EAGAIN is saved (a system call,
+ * and for TLS an SSL_read). The pump runs for many reasons besides end[0]'s events (h2up's
+ * callbacks through kick(), timers), each of which used to try a read. Returns what
+ * xprt_read() does; -EAGAIN adds the events to wait for to *<wants>.
+ */
+static ssize_t down_read(struct session *s, unsigned *wants)
+{
+    struct mux_h2 *m = s->mux2;
+    if (s->end[0].io.fired & (LOOP_READ | LOOP_ERROR | m->rd_wants))
+        m->rd_ok = 1;
+    s->end[0].io.fired = 0;
+    if (!m->rd_ok) {
+        *wants |= m->rd_wants;
+        return -EAGAIN;
+    }
+    ssize_t n = xprt_read(&s->end[0], m->rbuf, sizeof(m->rbuf));
+    if (n == -EAGAIN) {
+        m->rd_ok = 0;
+        m->rd_wants = xprt_wants(&s->end[0], LOOP_READ);
+        *wants |= m->rd_wants;
+    } else if (n > 0 && (size_t)n < sizeof(m->rbuf) && !xprt_pending(&s->end[0])) {
+        m->rd_ok = 0;
+        m->rd_wants = LOOP_READ;
+    }
+    return n;
+}
+
 /* Moves what <h> has to send into <b> (up to OUT_MAX). Returns 1 when bytes moved, 0, or -1
  * when the session failed. */
 static int fill(struct h2_session *h, struct buf *b)
@@ -1938,7 +1970,7 @@ static void pump(struct session *s)
             return;
         /* Downstream: read while what we owe it is under the bound. */
         if (!m->down_failed && m->cout.len < OUT_MAX && h2_wants_read(m->down)) {
-            n = xprt_read(&s->end[0], m->rbuf, sizeof(m->rbuf));
+            n = down_read(s, &wants);
             if (n > 0) {
                 s->bytes[0] += (uint64_t)n;
                 STAT_ADD(s->lstat->bytes_in, (uint64_t)n);
@@ -1948,9 +1980,7 @@ static void pump(struct session *s)
             } else if (n == 0) {
                 session_finish(s, SESSION_RES_OK, "closed");
                 return;
-            } else if (n == -EAGAIN) {
-                wants |= xprt_wants(&s->end[0], LOOP_READ);
-            } else {
+            } else if (n != -EAGAIN) {
                 session_finish(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
                 return;
             }
@@ -2136,6 +2166,12 @@ static void mux_start(struct session *s)
     /* end[0] gets the codec's own callback (see down_io). */
     loop_io_want(s->host->loop, &s->end[0].io, 0);
     loop_io_init(&s->end[0].io, s->end[0].fd, down_io, s);
+    /* Read at once (bytes may have come with the preface), then only as down_read() says;
+     * a TLS end is read a socketful at a time. */
+    m->rd_ok = 1;
+    m->rd_wants = LOOP_READ;
+    if (s->end[0].tls != NULL)
+        tls_conn_set_read_ahead(s->end[0].tls);
     if (!m->outbound && s->end[0].tls != NULL) {
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
         m->xfcc_len = strlen(m->xfcc);
