@@ -21,9 +21,9 @@
  *
  * A closed conn leaves the pool's list at once and its memory goes with a deferred call, since
  * an event or a callback frame may still refer to it in the loop's current round. Owner
- * callbacks are made only from conn_io() (and the connect timer), so an owner calling h2up_*
- * never re-enters itself; calls that produce frames just ask for the descriptor's writability
- * and the next round writes them (epoll is level-triggered: a writable socket fires at once).
+ * callbacks are made only from conn_run() (conn_io(), the deferred run of conn_kick()) and the
+ * connect timer, so an owner calling h2up_* never re-enters itself: calls that produce frames
+ * only queue the deferred run.
  */
 #include "h2up.h"
 #include "log.h"
