@@ -23,6 +23,7 @@
 
 #include <nghttp2/nghttp2.h>
 
+#include "memcache.h"
 #include "util.h"
 
 /* Stream flags. */
@@ -141,7 +142,7 @@ static int slice_is(const char *p, size_t n, const char *lit)
 
 static struct stream *stream_new(struct h2_session *s, int32_t id, void *user)
 {
-    struct stream *st = xcalloc(1, sizeof(*st));
+    struct stream *st = memcache_calloc(1, sizeof(*st));
     st->id = id;
     st->user = user;
     st->next = s->streams;
@@ -161,7 +162,7 @@ static void stream_free(struct h2_session *s, struct stream *st)
     if (st->next != NULL)
         st->next->prev = st->prev;
     s->nstreams--;
-    free(st);
+    memcache_free(st);
 }
 
 static struct stream *stream_get(const struct h2_session *s, int32_t id)
@@ -202,30 +203,39 @@ static void terminate(struct h2_session *s, uint32_t code, const char *why)
     nghttp2_session_terminate_session(s->ng, code);
 }
 
-/* ---- nghttp2 allocator: OOM aborts like everywhere else ------------------------------- */
+/*
+ * ---- nghttp2 allocator: memcache (OOM aborts like everywhere else) ----------------------
+ *
+ * nghttp2 allocates ~8 small blocks per stream (the stream, queued frames, copies of header
+ * lists, HPACK strings) and frees them when it is done; with many streams in flight these
+ * come in bursts that glibc's per-thread cache cannot hold. The thread's memcache keeps them
+ * for the next streams, and is emptied when the thread's last session ends.
+ */
+
+static _Thread_local size_t live_sessions;
 
 static void *mem_malloc(size_t n, void *u)
 {
     (void)u;
-    return xmalloc(n);
+    return memcache_alloc(n);
 }
 
 static void mem_free(void *p, void *u)
 {
     (void)u;
-    free(p);
+    memcache_free(p);
 }
 
 static void *mem_calloc(size_t nmemb, size_t size, void *u)
 {
     (void)u;
-    return xcalloc(nmemb, size);
+    return memcache_calloc(nmemb, size);
 }
 
 static void *mem_realloc(void *p, size_t n, void *u)
 {
     (void)u;
-    return xrealloc(p, n);
+    return memcache_realloc(p, n);
 }
 
 /* ---- receiving heads ------------------------------------------------------------------ */
@@ -313,7 +323,7 @@ static size_t build_fields(struct h2_session *s)
     for (size_t i = 0; i < s->nhf; i++) {
         s->hdrs[i].name = (struct http_slice){s->hbuf + s->hf[i].noff, s->hf[i].nlen};
         s->hdrs[i].value = (struct http_slice){s->hbuf + s->hf[i].voff, s->hf[i].vlen};
-        s->hdrs[i].flags = 0;
+        s->hdrs[i].flags = HTTP_HDR_H2OK; /* nghttp2 checked it (see http.h) */
     }
     return s->nhf;
 }
@@ -677,6 +687,7 @@ struct h2_session *h2_session_new(enum h2_role role, const struct h2_limits *lim
 {
     struct h2_session *s = xcalloc(1, sizeof(*s));
     struct h2_limits l = limits != NULL ? *limits : (struct h2_limits){0};
+    live_sessions++;
     s->role = role;
     s->cb = *cb;
     s->user = user;
@@ -763,6 +774,9 @@ void h2_session_free(struct h2_session *s)
     free(s->hf);
     free(s->hdrs);
     free(s);
+    /* The last session of the thread: an idle worker keeps no cached blocks. */
+    if (live_sessions > 0 && --live_sessions == 0)
+        memcache_trim();
 }
 
 /*
@@ -892,6 +906,19 @@ static void nv_add(nghttp2_nv *nv, size_t *n, const char *name, size_t nlen, con
     (*n)++;
 }
 
+/*
+ * Whether a field's value is new on every message, so that HPACK's dynamic table gains
+ * nothing from it: X-Request-Id (a fresh UUID per request). Such a field is sent never
+ * indexed. Indexed, each one would take a table entry of its own, pushing out the entries
+ * that do repeat (X-Forwarded-Client-Cert, say), and nghttp2 compares every new value with
+ * each entry of the same name before adding it (~100 memcmp() per request seen on the
+ * inbound sidecar, all of them misses).
+ */
+static int unique_per_message(const char *lname, size_t len)
+{
+    return len == 12 && memcmp(lname, "x-request-id", 12) == 0;
+}
+
 /* Room on the caller's stack for the field list of a usual head (nghttp2 copies it). */
 struct nv_space {
     nghttp2_nv nv[40];
@@ -909,7 +936,8 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
 {
     size_t total = 0, k = 0;
     for (size_t i = 0; i < n; i++)
-        total += fields[i].name.len;
+        if (!(fields[i].flags & HTTP_HDR_H2OK))
+            total += fields[i].name.len;
     nghttp2_nv *nv =
         n + 5 <= sizeof(sp->nv) / sizeof(sp->nv[0]) ? sp->nv : xcalloc(n + 5, sizeof(*nv));
     char *names = total <= sizeof(sp->names) ? sp->names : xmalloc(total);
@@ -934,19 +962,29 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
     size_t used = 0;
     for (size_t i = 0; i < n; i++) {
         const struct http_header *f = &fields[i];
-        if ((f->flags & (HTTP_HDR_HOP | HTTP_HDR_DUP)) || connection_specific(f))
+        if (f->flags & (HTTP_HDR_HOP | HTTP_HDR_DUP))
             continue;
         if (h != NULL && h->authority.p != NULL && slice_is(f->name.p, f->name.len, "host"))
             continue;
-        char *lname = names + used;
-        for (size_t c = 0; c < f->name.len; c++)
-            lname[c] = (char)lower((unsigned char)f->name.p[c]);
-        used += f->name.len;
-        if (f->name.len == 0 || lname[0] == ':' ||
-            !nghttp2_check_header_name((const uint8_t *)lname, f->name.len) ||
-            !h2_value_ok(f->value.p, f->value.len))
-            return -EINVAL;
+        const char *lname = f->name.p;
+        if (!(f->flags & HTTP_HDR_H2OK)) {
+            /* Not known to be fit (from HTTP/1.1, a route's modifiers, connectd's own): lower
+             * the name and check it all, as nghttp2 would check it on receipt. */
+            if (connection_specific(f))
+                continue;
+            char *low = names + used;
+            for (size_t c = 0; c < f->name.len; c++)
+                low[c] = (char)lower((unsigned char)f->name.p[c]);
+            used += f->name.len;
+            lname = low;
+            if (f->name.len == 0 || lname[0] == ':' ||
+                !nghttp2_check_header_name((const uint8_t *)lname, f->name.len) ||
+                !h2_value_ok(f->value.p, f->value.len))
+                return -EINVAL;
+        }
         nv_add(nv, &k, lname, f->name.len, f->value.p, f->value.len);
+        if (unique_per_message(lname, f->name.len))
+            nv[k - 1].flags = NGHTTP2_NV_FLAG_NO_INDEX;
     }
     return (ssize_t)k;
 }
@@ -1000,8 +1038,9 @@ int h2_submit_response(struct h2_session *s, int32_t stream_id, const struct h2_
     int interim = head->status < 200;
     if (interim && has_body)
         return -EINVAL;
-    char status[4];
-    snprintf(status, sizeof(status), "%d", head->status);
+    /* Three digits (100-599, checked above), without snprintf() for each response. */
+    char status[4] = {(char)('0' + head->status / 100), (char)('0' + head->status / 10 % 10),
+                      (char)('0' + head->status % 10), '\0'};
     struct nv_space sp;
     nghttp2_nv *nv;
     char *names;

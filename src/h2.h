@@ -106,8 +106,9 @@ struct h2_head {
     struct http_slice authority; /* request: :authority, else the Host field's value */
     struct http_slice path;      /* request: :path (absent for CONNECT) */
     int status;                  /* response: :status (100-599); 0 in a request */
-    /* The regular fields in order, names in lower case (HTTP/2 requires it). On a request a
-     * Host field is not among them: it is folded into <authority> (see h2_feed). */
+    /* The regular fields in order, names in lower case (HTTP/2 requires it), each flagged
+     * HTTP_HDR_H2OK. On a request a Host field is not among them: it is folded into
+     * <authority> (see h2_feed). */
     const struct http_header *headers;
     size_t nheaders;
     int64_t content_length; /* the content-length field's value, -1 when absent */
@@ -227,7 +228,11 @@ const struct h2_stats *h2_get_stats(const struct h2_session *s);
  * Head to send. Names may be in any case (they are lowered), hop-by-hop fields (HTTP_HDR_HOP,
  * HTTP_HDR_DUP, and the connection-specific names RFC 9113 section 8.2.2 forbids: connection,
  * keep-alive, proxy-connection, transfer-encoding, upgrade, te other than "trailers") and, when
- * <authority> is set, host are left out. content_length and end_stream are ignored here.
+ * <authority> is set, host are left out. content_length and end_stream are ignored here. A
+ * field flagged HTTP_HDR_H2OK goes out as it is, neither lowered nor checked: the flag says it
+ * is fit (h2_feed's heads carry it; a caller that changes a field clears it). X-Request-Id is
+ * sent never indexed (HPACK): a value new on every request would only churn the peer's and our
+ * dynamic tables.
  */
 struct h2_out_head {
     struct http_slice method, scheme, authority, path; /* request */

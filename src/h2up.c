@@ -11,14 +11,23 @@
  *                  owner gets on_close (REFUSED_STREAM above the peer's GOAWAY last id, else
  *                  CONNECT_ERROR), then closed
  *
+ * I/O: the descriptor is always watched for reading; it is read only after an event for it,
+ * or while the last read did not drain it (it filled the buffer, or TLS holds more: read-ahead
+ * is on), since the loop is level-triggered and a read that only says EAGAIN costs a system
+ * call (and, on TLS, an SSL_read). Frames the owners' calls produce are written after the
+ * loop's round (a deferred call, which every call of the round shares), without asking epoll
+ * whether the socket is writable; only a write that did not take everything waits for
+ * LOOP_WRITE. So a request costs no epoll_ctl() and no EAGAIN read.
+ *
  * A closed conn leaves the pool's list at once and its memory goes with a deferred call, since
  * an event or a callback frame may still refer to it in the loop's current round. Owner
- * callbacks are made only from conn_io() (and the connect timer), so an owner calling h2up_*
- * never re-enters itself; calls that produce frames just ask for the descriptor's writability
- * and the next round writes them (epoll is level-triggered: a writable socket fires at once).
+ * callbacks are made only from conn_run() (conn_io(), the deferred run of conn_kick()) and the
+ * connect timer, so an owner calling h2up_* never re-enters itself: calls that produce frames
+ * only queue the deferred run.
  */
 #include "h2up.h"
 #include "log.h"
+#include "memcache.h"
 #include "util.h"
 
 #include <errno.h>
@@ -56,6 +65,9 @@ struct h2up_conn {
     struct loop_timer idle;    /* no stream for H2UP_IDLE_MS */
     struct loop_timer connect; /* h2up_set_connect_timeout */
     struct loop_defer reap;
+    struct loop_defer flush; /* conn_kick(): a run after the loop's round */
+    int rd_ok;               /* read: an event came, or the last read did not drain the end */
+    unsigned rd_wants;       /* the events the last read that drained it waits for */
 };
 
 struct h2up_pool {
@@ -66,6 +78,7 @@ struct h2up_pool {
 };
 
 static void conn_io(struct loop_io *io, unsigned events);
+static void conn_run(struct h2up_conn *c);
 
 /* ---- conn lifetime ---- */
 
@@ -77,13 +90,21 @@ static void conn_reap(struct loop_defer *d)
     free(c);
 }
 
-/* Asks for the descriptor's events: reading always (a live peer may speak at any time),
- * writing when frames wait. */
+static void on_flush(struct loop_defer *d)
+{
+    struct h2up_conn *c = (struct h2up_conn *)((char *)d - offsetof(struct h2up_conn, flush));
+    if (!c->closed)
+        conn_run(c);
+}
+
+/* Frames may wait (a new stream, a window update, a body resumed): the conn runs after the
+ * loop's round and writes them (see I/O above). A closed conn's memory outlives this: its
+ * reap is queued behind, the deferred calls run in order. */
 static void conn_kick(struct h2up_conn *c)
 {
     if (c->closed)
         return;
-    loop_io_want(c->pool->loop, &c->x.io, LOOP_READ | LOOP_WRITE);
+    loop_defer(c->pool->loop, &c->flush, on_flush);
 }
 
 static void stream_unlink(struct h2up_conn *c, struct h2up_stream *st)
@@ -129,7 +150,7 @@ static void conn_close(struct h2up_conn *c, uint32_t code, const char *why, int 
             k = H2_REFUSED_STREAM;
         if (!quiet && st->ops != NULL && st->ops->on_close != NULL)
             st->ops->on_close(st->owner, k, why);
-        free(st);
+        memcache_free(st);
     }
     h2_session_free(c->h2);
     c->h2 = NULL;
@@ -220,7 +241,7 @@ static void cb_close(struct h2_session *hs, int32_t id, void *su, uint32_t code,
             snprintf(why, sizeof(why), "reset (HTTP/2 error 0x%x)", code);
         st->ops->on_close(st->owner, code, why);
     }
-    free(st);
+    memcache_free(st);
 }
 
 static void cb_goaway(struct h2_session *hs, int32_t last, uint32_t code, void *user)
@@ -261,14 +282,43 @@ static const struct h2_callbacks h2_cb = {
 static void conn_io(struct loop_io *io, unsigned events)
 {
     struct h2up_conn *c = io->data;
+    if (events & (LOOP_READ | LOOP_ERROR | c->rd_wants))
+        c->rd_ok = 1;
+    conn_run(c);
+}
+
+/*
+ * Reads the end unless its last read drained it and no event came since; -EAGAIN then, with
+ * the events to wait for added to *<wants>.
+ */
+static ssize_t conn_read(struct h2up_conn *c, unsigned *wants)
+{
+    struct h2up_pool *p = c->pool;
+    if (!c->rd_ok) {
+        *wants |= c->rd_wants;
+        return -EAGAIN;
+    }
+    ssize_t n = xprt_read(&c->x, p->rbuf, sizeof(p->rbuf));
+    if (n == -EAGAIN) {
+        c->rd_ok = 0;
+        c->rd_wants = xprt_wants(&c->x, LOOP_READ);
+        *wants |= c->rd_wants;
+    } else if (n > 0 && (size_t)n < sizeof(p->rbuf) && !xprt_pending(&c->x)) {
+        c->rd_ok = 0;
+        c->rd_wants = LOOP_READ;
+    }
+    return n;
+}
+
+static void conn_run(struct h2up_conn *c)
+{
     struct h2up_pool *p = c->pool;
     char why[800];
-    (void)events;
     for (;;) {
         int progress = 0;
         unsigned wants = 0;
         if (h2_wants_read(c->h2)) {
-            ssize_t n = xprt_read(&c->x, p->rbuf, sizeof(p->rbuf));
+            ssize_t n = conn_read(c, &wants);
             if (n > 0) {
                 if (!c->established) {
                     c->established = 1;
@@ -282,9 +332,7 @@ static void conn_io(struct loop_io *io, unsigned events)
                     conn_close(c, H2_CONNECT_ERROR, why, 0);
                     return;
                 }
-            } else if (n == -EAGAIN) {
-                wants |= xprt_wants(&c->x, LOOP_READ);
-            } else {
+            } else if (n != -EAGAIN) {
                 snprintf(why, sizeof(why), "%s %s", c->peer,
                          n == 0 ? "closed the connection" : xprt_error(&c->x, (int)n));
                 conn_close(c, H2_CONNECT_ERROR, why, 0);
@@ -400,6 +448,11 @@ struct h2up_conn *h2up_adopt(struct h2up_pool *p, const char *key, struct tls_ct
     c->x = *x;
     *x = (struct xprt){.fd = -1};
     loop_io_init(&c->x.io, c->x.fd, conn_io, c);
+    c->rd_ok = 1;
+    c->rd_wants = LOOP_READ;
+    /* TLS is read a socketful at a time (conn_read() asks xprt_pending() what is left). */
+    if (c->x.tls != NULL)
+        tls_conn_set_read_ahead(c->x.tls);
     c->out = xmalloc(H2UP_OUT_MAX + IO_CHUNK);
     c->h2 = h2_session_new(H2_CLIENT, NULL, &h2_cb, c);
     loop_timer_init(&c->idle, on_idle, c);
@@ -410,6 +463,8 @@ struct h2up_conn *h2up_adopt(struct h2up_pool *p, const char *key, struct tls_ct
     if (p->g_conns != NULL)
         atomic_fetch_add_explicit(p->g_conns, 1, memory_order_relaxed);
     conn_kick(c);
+    /* Read always (a live peer may speak at any time); the preface goes out with the kick. */
+    loop_io_want(p->loop, &c->x.io, LOOP_READ);
     LOG_DEBUG("h2up: new HTTP/2 connection to %s (%s)", LOG_ESC(c->peer), tls ? "TLS" : "h2c");
     return c;
 }
@@ -431,7 +486,7 @@ struct h2up_stream *h2up_open(struct h2up_conn *c, const struct h2_out_head *hd,
     if (c->closed || c->draining ||
         c->nstreams >= (size_t)h2_peer_max_streams(c->h2) + H2UP_MAX_QUEUED)
         return NULL;
-    struct h2up_stream *st = xcalloc(1, sizeof(*st));
+    struct h2up_stream *st = memcache_calloc(1, sizeof(*st));
     st->c = c;
     st->ops = ops;
     st->owner = owner;
@@ -439,7 +494,7 @@ struct h2up_stream *h2up_open(struct h2up_conn *c, const struct h2_out_head *hd,
     if (id < 0) {
         if (id == -ESHUTDOWN)
             c->draining = 1;
-        free(st);
+        memcache_free(st);
         return NULL;
     }
     st->id = id;

@@ -16,7 +16,8 @@
  *            h2up_consume(), h2up_trailers(), h2up_cancel(); ops->on_close ends the handle
  *
  * Threading and callbacks: everything runs on the worker's loop thread. Callbacks to an owner
- * are made only from the connection's own I/O handler or timers, never from inside an h2up_*
+ * are made only from the connection's own I/O handler (its events, or a run after the loop's
+ * round that an h2up_* call queued) or timers, never from inside an h2up_*
  * call an owner makes, so an owner never sees itself re-entered. Within a callback an owner may
  * call h2up_cancel/h2up_consume/h2up_resume/h2up_trailers on any of its streams, open new
  * streams, and finish its session: the connection outlives the callback (its memory is freed

@@ -28,6 +28,12 @@ struct http_slice {
 /* Left out by request normalization (a name with '_' under DROP_HEADER): neither matched by
  * intentions nor forwarded. */
 #define HTTP_HDR_DROP 0x4u
+/* The field is fit to go out over HTTP/2 as it is: its name is a lower-case token, its value
+ * passes RFC 9113 section 8.2.1, and it is not one HTTP/2 forbids (section 8.2.2). The HTTP/2
+ * codec sets it on every field nghttp2 accepted from a peer (nghttp2 checks all of that and
+ * drops or refuses the rest), so a field relayed from one HTTP/2 session to another is not
+ * lower-cased and checked a second time. A field whose name or value is changed loses it. */
+#define HTTP_HDR_H2OK 0x8u
 
 struct http_header {
     struct http_slice name;  /* a token, as sent (compare case-insensitively) */

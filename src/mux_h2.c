@@ -90,6 +90,7 @@
 #include "h2.h"
 #include "h2up.h"
 #include "log.h"
+#include "memcache.h"
 #include "pathnorm.h"
 #include "route.h"
 #include "session_int.h"
@@ -232,24 +233,39 @@ struct mux_h2 {
     int draining;            /* connectd drains: GOAWAY sent, closes when no stream is left */
     int down_failed;         /* the downstream session ended in an error: flush and close */
     struct buf cout;
+    int rd_ok;         /* read end[0]: an event came, or the last read did not drain it */
+    unsigned rd_wants; /* the events the last read that drained it waits for */
     struct h2s *streams;
     uint64_t nstreams;
     struct loop_timer tmr;  /* the earliest deadline */
     struct loop_defer kick; /* a pump after the loop's round (from h2up callbacks) */
     char xfcc[STREAM_XFCC_MAX];
+    size_t xfcc_len;
+    int xfcc_ok;
+    /* Inbound: session_app_h2_key() for <app_key_snap> (at <app_key_gen>; a pointer alone
+     * could be a new snapshot at a freed one's address). */
+    char app_key[sizeof(((struct session *)0)->ep_name) + 8];
+    const struct snapshot *app_key_snap;
+    uint64_t app_key_gen; /* <xfcc> is a valid HTTP/2 field value (checked once, not per request) */
     uint8_t rbuf[IO_CHUNK];
 };
 
 /* ---- buffers ---- */
 
+/*
+ * Buffers and per-stream memory come from memcache (the thread's cache of freed blocks): a
+ * hundred streams in flight allocate and free the same sizes in bursts, which glibc's malloc
+ * serves slowly. A buffer starts at what it first needs (a response body is often a few
+ * bytes), rounded up, and doubles.
+ */
 static void buf_reserve(struct buf *b, size_t need)
 {
     if (b->cap >= need)
         return;
-    size_t cap = b->cap ? b->cap : 4096;
+    size_t cap = b->cap ? b->cap : 256;
     while (cap < need)
         cap *= 2;
-    b->p = xrealloc(b->p, cap);
+    b->p = memcache_realloc(b->p, cap);
     b->cap = cap;
 }
 
@@ -274,7 +290,7 @@ static void buf_consume(struct buf *b, size_t n)
 
 static void buf_free(struct buf *b)
 {
-    free(b->p);
+    memcache_free(b->p);
     memset(b, 0, sizeof(*b));
 }
 
@@ -283,8 +299,8 @@ static void fields_copy(struct fields *f, const struct http_header *h, size_t n)
     size_t bytes = n * sizeof(*h);
     for (size_t i = 0; i < n; i++)
         bytes += h[i].name.len + h[i].value.len;
-    free(f->h);
-    f->h = xmalloc(bytes ? bytes : 1);
+    memcache_free(f->h);
+    f->h = memcache_alloc(bytes);
     f->n = n;
     char *p = (char *)(f->h + n);
     for (size_t i = 0; i < n; i++) {
@@ -294,7 +310,7 @@ static void fields_copy(struct fields *f, const struct http_header *h, size_t n)
         memcpy(p, h[i].value.p, h[i].value.len);
         f->h[i].value = (struct http_slice){p, h[i].value.len};
         p += h[i].value.len;
-        f->h[i].flags = 0;
+        f->h[i].flags = h[i].flags & HTTP_HDR_H2OK; /* the same bytes: still fit for h2 */
     }
 }
 
@@ -325,6 +341,15 @@ static void copy_str(char *out, size_t cap, struct http_slice v)
     out[n] = '\0';
 }
 
+/* Names the endpoint stream <x> went to (its record's). */
+static void set_ep(struct h2s *x, const char *name)
+{
+    size_t n = strlen(name);
+    memcache_free(x->ep);
+    x->ep = memcache_alloc(n + 1);
+    memcpy(x->ep, name, n + 1);
+}
+
 /* Request bytes no one will forward go back to the caller's window (but those a retry put
  * back in front, given back already). */
 static void reqb_drop(struct mux_h2 *m, struct h2s *x)
@@ -343,7 +368,7 @@ static void heard(struct h2s *x)
     x->heard = 1;
     x->held_ok = 0;
     buf_free(&x->held);
-    free(x->pend.h);
+    memcache_free(x->pend.h);
     x->pend = (struct fields){0};
 }
 
@@ -360,7 +385,7 @@ static void note_grpc_status(struct h2s *x, const struct http_header *h, size_t 
 static struct h2s *stream_new(struct session *s, int32_t cid)
 {
     struct mux_h2 *m = s->mux2;
-    struct h2s *x = xcalloc(1, sizeof(*x));
+    struct h2s *x = memcache_calloc(1, sizeof(*x));
     x->s = s;
     x->cid = cid;
     x->last_ms = loop_now_ms(s->host->loop);
@@ -389,12 +414,12 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
         x->next->prev = x->prev;
     buf_free(&x->reqb);
     buf_free(&x->held);
-    free(x->pend.h);
-    free(x->ep);
+    memcache_free(x->pend.h);
+    memcache_free(x->ep);
     buf_free(&x->resb);
-    free(x->req_tr.h);
-    free(x->res_tr.h);
-    free(x);
+    memcache_free(x->req_tr.h);
+    memcache_free(x->res_tr.h);
+    memcache_free(x);
 }
 
 /* The stream waits for a dial no more: the pending unit it held goes back. */
@@ -1012,8 +1037,7 @@ static void leg_attach(struct session *s, struct h2s *x, struct xprt *src,
     unwait(s, x);
     x->app_open = 1;
     x->last_ms = loop_now_ms(s->host->loop);
-    free(x->ep);
-    x->ep = xstrdup(ep_name);
+    set_ep(x, ep_name);
     x->tgt = tgt;
     x->uep = ep;
 }
@@ -1365,9 +1389,17 @@ static enum stream_result connect_error(const struct mux_h2 *m)
  */
 static struct h2up_conn *app_conn(struct session *s, char *why, size_t len)
 {
+    struct mux_h2 *m = s->mux2;
     const struct proxy_cfg *c = &s->snap->cfg;
-    char key[sizeof(s->ep_name) + 8];
-    session_app_h2_key(s, key, sizeof(key));
+    /* The key depends on the session's snapshot only: formatted once per snapshot. */
+    if (m->app_key_snap != s->snap || m->app_key_gen != s->snap->generation) {
+        session_app_h2_key(s, m->app_key, sizeof(m->app_key));
+        m->app_key_snap = s->snap;
+        m->app_key_gen = s->snap->generation;
+    } else {
+        session_app_h2_key_used(s);
+    }
+    const char *key = m->app_key;
     copy_str_cut(s->ep_name, sizeof(s->ep_name), key + 4);
     struct h2up_conn *hc = h2up_find(s->host->h2up, key, NULL);
     if (hc != NULL)
@@ -1466,7 +1498,8 @@ static void pend_keep(struct h2s *x, const struct h2_head *hd)
     mf = route_headers_modified(x->route, x->split, 0, hd->headers, nm, &nmf);
     if (mf != NULL)
         nm = nmf;
-    f = xcalloc(nm + 4, sizeof(*f));
+    struct http_header fs[MAX_FIELDS];
+    f = nm + 4 <= MAX_FIELDS ? fs : xcalloc(nm + 4, sizeof(*f));
     f[nf++] = (struct http_header){.name = {":method", 7}, .value = hd->method};
     f[nf++] = (struct http_header){.name = {":scheme", 7}, .value = hd->scheme};
     f[nf++] = (struct http_header){.name = {":authority", 10}, .value = hd->authority};
@@ -1476,7 +1509,8 @@ static void pend_keep(struct h2s *x, const struct h2_head *hd)
             f[nf++] = (mf != NULL ? mf : hd->headers)[i];
     fields_copy(&x->pend, f, nf);
     x->pend_body = !hd->end_stream;
-    free(f);
+    if (f != fs)
+        free(f);
     free(mf);
     buf_free(&path);
 }
@@ -1582,7 +1616,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
     int have_id = 0;
     for (size_t i = 0; i < hd->nheaders && nf < H2_DEFAULT_MAX_HEADERS; i++) {
         f[nf] = hd->headers[i];
-        f[nf].flags = 0;
+        f[nf].flags = hd->headers[i].flags & HTTP_HDR_H2OK;
         struct http_slice nm = f[nf].name;
         if (name_is(nm, "content-type") && f[nf].value.len >= 16 &&
             strncasecmp(f[nf].value.p, "application/grpc", 16) == 0)
@@ -1632,7 +1666,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
         .quiet_allow = 1, /* an allowed stream's record has no reason, as over HTTP/1.1 */
     };
     size_t cap = PATHNORM_OUT_MAX(sr.target.len), tlen = 0;
-    char *target = xmalloc(cap);
+    char *target = memcache_alloc(cap);
     enum stream_verdict v = stream_authorize(s, &x->st, &sr, target, cap, &tlen, why, sizeof(why));
     session_count_request_decision(s, v == STREAM_ALLOW);
     struct http_slice t = {target, tlen};
@@ -1662,17 +1696,23 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
             kept_id = 1;
     }
     /* An exposed listener's caller has no certificate: no XFCC, and it came over h2c. */
+    /* Written here in lower case, with values checked once (XFCC, in mux_start) or fit by
+     * construction: the HTTP/2 encoder need not check them per request. */
     if (s->end[0].tls != NULL) {
         f[nf++] = (struct http_header){.name = {"x-forwarded-client-cert", 23},
-                                       .value = {m->xfcc, strlen(m->xfcc)}};
-        f[nf++] = (struct http_header){.name = {"x-forwarded-proto", 17}, .value = {"https", 5}};
+                                       .value = {m->xfcc, m->xfcc_len},
+                                       .flags = m->xfcc_ok ? HTTP_HDR_H2OK : 0};
+        f[nf++] = (struct http_header){
+            .name = {"x-forwarded-proto", 17}, .value = {"https", 5}, .flags = HTTP_HDR_H2OK};
     } else {
-        f[nf++] = (struct http_header){.name = {"x-forwarded-proto", 17}, .value = {"http", 4}};
+        f[nf++] = (struct http_header){
+            .name = {"x-forwarded-proto", 17}, .value = {"http", 4}, .flags = HTTP_HDR_H2OK};
     }
     if (!have_id) {
         stream_new_request_id(&x->st);
         f[nf++] = (struct http_header){.name = {"x-request-id", 12},
-                                       .value = {x->st.request_id, strlen(x->st.request_id)}};
+                                       .value = {x->st.request_id, strlen(x->st.request_id)},
+                                       .flags = HTTP_HDR_H2OK}; /* a UUID: hex digits and '-' */
     }
     if (app.protocol == PROTO_HTTP) {
         leg_open(s, x, hd, t, f, nf);
@@ -1694,7 +1734,7 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
     pend_keep_out(x, &oh, !hd->end_stream);
     up_open(s, x, c, &oh, !hd->end_stream);
 out:
-    free(target);
+    memcache_free(target);
     return 0;
 }
 
@@ -2149,8 +2189,7 @@ static void mux_dialled(struct session *s, const char *why)
         unwait(s, x);
         struct h2_out_head oh = pend_head(x);
         up_open(s, x, c, &oh, x->pend_body);
-        free(x->ep);
-        x->ep = xstrdup(s->ep_name);
+        set_ep(x, s->ep_name);
         stream_note_endpoint(s, x, s->tgt, s->ep, 1);
     }
     if (others && !m->dialling)
@@ -2265,6 +2304,36 @@ static void arm(struct session *s)
 
 /* ---- the pump ---- */
 
+/*
+ * Reads end[0] unless its last read drained it (EAGAIN, or fewer bytes than asked with nothing
+ * left inside TLS) and no event came for it since: the loop is level-triggered, so the event
+ * comes when there is more, and the read that would only say EAGAIN is saved (a system call,
+ * and for TLS an SSL_read). The pump runs for many reasons besides end[0]'s events (h2up's
+ * callbacks through kick(), timers), each of which used to try a read. Returns what
+ * xprt_read() does; -EAGAIN adds the events to wait for to *<wants>.
+ */
+static ssize_t down_read(struct session *s, unsigned *wants)
+{
+    struct mux_h2 *m = s->mux2;
+    if (s->end[0].io.fired & (LOOP_READ | LOOP_ERROR | m->rd_wants))
+        m->rd_ok = 1;
+    s->end[0].io.fired = 0;
+    if (!m->rd_ok) {
+        *wants |= m->rd_wants;
+        return -EAGAIN;
+    }
+    ssize_t n = xprt_read(&s->end[0], m->rbuf, sizeof(m->rbuf));
+    if (n == -EAGAIN) {
+        m->rd_ok = 0;
+        m->rd_wants = xprt_wants(&s->end[0], LOOP_READ);
+        *wants |= m->rd_wants;
+    } else if (n > 0 && (size_t)n < sizeof(m->rbuf) && !xprt_pending(&s->end[0])) {
+        m->rd_ok = 0;
+        m->rd_wants = LOOP_READ;
+    }
+    return n;
+}
+
 /* Moves what <h> has to send into <b> (up to OUT_MAX). Returns 1 when bytes moved, 0, or -1
  * when the session failed. */
 static int fill(struct h2_session *h, struct buf *b)
@@ -2315,7 +2384,7 @@ static void pump(struct session *s)
             return;
         /* Downstream: read while what we owe it is under the bound. */
         if (!m->down_failed && m->cout.len < OUT_MAX && h2_wants_read(m->down)) {
-            n = xprt_read(&s->end[0], m->rbuf, sizeof(m->rbuf));
+            n = down_read(s, &wants);
             if (n > 0) {
                 s->bytes[0] += (uint64_t)n;
                 STAT_ADD(s->lstat->bytes_in, (uint64_t)n);
@@ -2325,9 +2394,7 @@ static void pump(struct session *s)
             } else if (n == 0) {
                 session_finish(s, SESSION_RES_OK, "closed");
                 return;
-            } else if (n == -EAGAIN) {
-                wants |= xprt_wants(&s->end[0], LOOP_READ);
-            } else {
+            } else if (n != -EAGAIN) {
                 session_finish(s, SESSION_RES_ERROR, xprt_error(&s->end[0], (int)n));
                 return;
             }
@@ -2532,8 +2599,17 @@ static void mux_start(struct session *s)
     /* end[0] gets the codec's own callback (see down_io). */
     loop_io_want(s->host->loop, &s->end[0].io, 0);
     loop_io_init(&s->end[0].io, s->end[0].fd, down_io, s);
-    if (!m->outbound && s->end[0].tls != NULL)
+    /* Read at once (bytes may have come with the preface), then only as down_read() says;
+     * a TLS end is read a socketful at a time. */
+    m->rd_ok = 1;
+    m->rd_wants = LOOP_READ;
+    if (s->end[0].tls != NULL)
+        tls_conn_set_read_ahead(s->end[0].tls);
+    if (!m->outbound && s->end[0].tls != NULL) {
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
+        m->xfcc_len = strlen(m->xfcc);
+        m->xfcc_ok = h2_value_ok(m->xfcc, m->xfcc_len);
+    }
     struct h2_limits lim = {.max_header_list_bytes = c->max_request_headers_kb * 1024u};
     m->down = h2_session_new(H2_SERVER, &lim, &down_cb, s);
     s->last_io_ms = loop_now_ms(s->host->loop);

@@ -1167,14 +1167,19 @@ int session_app_connect(struct session *s)
     return unix_sock ? sock_connect_unix(c.socket_path) : sock_connect(c.address, c.port);
 }
 
-void session_app_h2_key(const struct session *s, char *key, size_t len)
+void session_app_h2_key_used(const struct session *s)
 {
-    struct session_app a;
-    session_app(s, &a);
     /* The codec is about to use the shared connection under this key: the sweep that drains
      * connections a new snapshot no longer fits must run. */
     if (!loop_timer_armed(&s->host->upool_sweep))
         loop_timer_start(s->host->loop, &s->host->upool_sweep, 1000);
+}
+
+void session_app_h2_key(const struct session *s, char *key, size_t len)
+{
+    struct session_app a;
+    session_app(s, &a);
+    session_app_h2_key_used(s);
     if (a.socket_path[0] != '\0')
         snprintf(key, len, "app|unix:%s", a.socket_path);
     else

@@ -321,6 +321,9 @@ int session_app_connect(struct session *s);
  * for the snapshot <s> started with; keeps the worker's pool sweep running, which drains such
  * connections once the snapshot names another address. */
 void session_app_h2_key(const struct session *s, char *key, size_t len);
+/* What session_app_h2_key() does to the sweep, for a codec that kept the key it gave for the
+ * same snapshot (formatting it costs ~1k instructions per stream). */
+void session_app_h2_key_used(const struct session *s);
 /*
  * Outbound L7, the session finishing: end[1], an idle verified upstream connection with
  * nothing in flight, goes to the worker's pool (or is closed when the pool is full, the worker

@@ -113,16 +113,28 @@ void stream_new_request_id(struct stream *st)
     /* Version 4 (random) and the RFC 9562 variant bits. */
     a = (a & ~0xf000ull) | 0x4000ull;
     b = (b & ~(3ull << 62)) | (2ull << 62);
-    /* 8-4-4-4-12 hex digits, most significant first; written by hand since one is made per
-     * request and snprintf() costs ten times as much. */
+    /* 8-4-4-4-12 hex digits, most significant first; written by hand a byte at a time (two
+     * digits), since one is made per request: snprintf() cost ten times as much, a digit at a
+     * time with the dashes tested in the loop ~650 instructions. */
+    static const unsigned char group_bytes[5] = {4, 2, 2, 2, 6};
     char *o = st->request_id;
     _Static_assert(sizeof(st->request_id) >= 37, "room for a UUID");
-    for (int i = 0; i < 32; i++) {
-        uint64_t w = i < 16 ? a : b;
-        int shift = 60 - 4 * (i % 16);
-        if (i == 8 || i == 12 || i == 16 || i == 20)
+    int shift = 56;
+    uint64_t w = a;
+    for (int g = 0; g < 5; g++) {
+        if (g > 0)
             *o++ = '-';
-        *o++ = hex[(w >> shift) & 0xf];
+        for (int k = 0; k < group_bytes[g]; k++) {
+            unsigned byte = (unsigned)(w >> shift) & 0xffu;
+            o[0] = hex[byte >> 4];
+            o[1] = hex[byte & 0xfu];
+            o += 2;
+            shift -= 8;
+            if (shift < 0) {
+                shift = 56;
+                w = b;
+            }
+        }
     }
     *o = '\0';
 }

@@ -29,6 +29,7 @@ struct sst {
     uint32_t close_code;
     char method[16], path[64], authority[64], hdr[256], trailers[256];
     size_t nheaders;
+    int unflagged; /* delivered fields (head and trailers) without HTTP_HDR_H2OK */
     size_t got, delivered_unconsumed;
     uint64_t sum;
     /* Body to send. */
@@ -90,6 +91,8 @@ static int on_head(struct h2_session *s, int32_t id, void *su, const struct h2_h
     copy_slice(t->path, sizeof(t->path), h->path);
     copy_slice(t->authority, sizeof(t->authority), h->authority);
     copy_fields(t->hdr, sizeof(t->hdr), h->headers, h->nheaders);
+    for (size_t i = 0; i < h->nheaders; i++)
+        t->unflagged += !(h->headers[i].flags & HTTP_HDR_H2OK);
     return d->fail_on_head;
 }
 
@@ -116,6 +119,8 @@ static int on_trailers(struct h2_session *s, int32_t id, void *su, const struct 
     (void)su;
     t->trailers_n = (int)n;
     copy_fields(t->trailers, sizeof(t->trailers), f, n);
+    for (size_t i = 0; i < n; i++)
+        t->unflagged += !(f[i].flags & HTTP_HDR_H2OK);
     return 0;
 }
 
@@ -405,6 +410,8 @@ static void test_get_and_response(void **state)
     assert_string_equal(rq->authority, "svc.example");
     /* Lower-cased; Connection (forbidden in HTTP/2) and Host (authority given) left out. */
     assert_string_equal(rq->hdr, "x-trace=abc;");
+    /* What nghttp2 accepted is flagged fit to be sent on as it is (no second check). */
+    assert_int_equal(rq->unflagged, 0);
     assert_int_equal(rq->end_stream_flag, 1);
     assert_int_equal(rq->ends, 1);
 
@@ -419,6 +426,7 @@ static void test_get_and_response(void **state)
     struct sst *rs = &c->st[id];
     assert_int_equal(rs->status, 200);
     assert_string_equal(rs->hdr, "content-type=text/plain;");
+    assert_int_equal(rs->unflagged, 0);
     assert_int_equal(rs->got, sizeof(body) - 1);
     assert_int_equal(rs->ends, 1);
     assert_int_equal(rs->closes, 1);
@@ -1192,6 +1200,124 @@ static void test_submit_validation(void **state)
     side_free(v);
 }
 
+/*
+ * A field flagged HTTP_HDR_H2OK goes out as it is (the flag vouches for it: no lowering, no
+ * second check), and one without the flag is still lowered and checked, so that a relayed
+ * HTTP/2 field costs no second validation while anything else is validated as before.
+ */
+static void test_fit_fields_sent_as_is(void **state)
+{
+    (void)state;
+    struct side *c = side_new(H2_CLIENT, NULL), *v = side_new(H2_SERVER, NULL);
+    struct http_header hs[] = {{{"x-fit", 5}, {"1", 1}, HTTP_HDR_H2OK},
+                               {{"X-Unfit", 7}, {"2", 1}, 0},
+                               {{"connection", 10}, {"close", 5}, 0}};
+    struct h2_out_head h = get_head("/");
+    h.headers = hs;
+    h.nheaders = 3;
+    int32_t id = h2_submit_request(c->s, &h, 0, NULL);
+    assert_true(id > 0);
+    pump(c, v);
+    assert_string_equal(v->st[id].hdr, "x-fit=1;x-unfit=2;");
+    /* Without the flag, a bad value is refused as before. */
+    struct http_header bad[] = {{{"x-a", 3}, {"a\r\nx-b: 1", 9}, 0}};
+    h.headers = bad;
+    h.nheaders = 1;
+    assert_int_equal(h2_submit_request(c->s, &h, 0, NULL), -EINVAL);
+    side_free(c);
+    side_free(v);
+}
+
+/* The HEADERS frames in <out>[<len>] (client output, after the preface), decoded with an
+ * HPACK inflater of nghttp2's: counts per field name seen, and how many were never indexed. */
+struct hpack_seen {
+    int rid, rid_never, same, same_never;
+};
+
+static void hpack_scan(nghttp2_hd_inflater *inf, const uint8_t *out, size_t len,
+                       struct hpack_seen *seen)
+{
+    assert_true(len >= 24);
+    for (size_t off = 24; off + 9 <= len;) {
+        size_t n = (size_t)out[off] << 16 | (size_t)out[off + 1] << 8 | out[off + 2];
+        uint8_t type = out[off + 3], flags = out[off + 4];
+        const uint8_t *pl = out + off + 9;
+        assert_true(off + 9 + n <= len);
+        if (type == F_HEADERS) {
+            assert_true(flags & FL_END_HEADERS);
+            assert_false(flags & 0x28); /* neither PADDED nor PRIORITY */
+            for (size_t used = 0;;) {
+                nghttp2_nv nv;
+                int inflags = 0;
+                ssize_t r = nghttp2_hd_inflate_hd2(inf, &nv, &inflags, pl + used, n - used, 1);
+                assert_true(r >= 0);
+                used += (size_t)r;
+                if (inflags & NGHTTP2_HD_INFLATE_EMIT) {
+                    int never = (nv.flags & NGHTTP2_NV_FLAG_NO_INDEX) != 0;
+                    if (nv.namelen == 12 && memcmp(nv.name, "x-request-id", 12) == 0) {
+                        seen->rid++;
+                        seen->rid_never += never;
+                    } else if (nv.namelen == 6 && memcmp(nv.name, "x-same", 6) == 0) {
+                        seen->same++;
+                        seen->same_never += never;
+                    }
+                }
+                if (inflags & NGHTTP2_HD_INFLATE_FINAL) {
+                    nghttp2_hd_inflate_end_headers(inf);
+                    break;
+                }
+                assert_true(r > 0 || used < n);
+            }
+        }
+        off += 9 + n;
+    }
+}
+
+/*
+ * X-Request-Id is new on every request: it goes out never indexed, so it takes no entry of
+ * the HPACK dynamic table (each would push out entries that repeat, and nghttp2 compared
+ * every new id with each indexed one before adding it). A repeated field is still indexed.
+ */
+static void test_request_id_never_indexed(void **state)
+{
+    (void)state;
+    static uint8_t out[1 << 16];
+    struct side *c = side_new(H2_CLIENT, NULL);
+    char ids[8][40];
+    for (int i = 0; i < 8; i++) {
+        snprintf(ids[i], sizeof(ids[i]), "6f1c2d3e-0000-4000-8000-%012d", i);
+        struct http_header hs[] = {{{"x-request-id", 12}, {ids[i], strlen(ids[i])}, HTTP_HDR_H2OK},
+                                   {{"x-same", 6}, {"a-value-that-repeats", 20}, 0}};
+        struct h2_out_head h = get_head("/");
+        h.headers = hs;
+        h.nheaders = 2;
+        assert_true(h2_submit_request(c->s, &h, 0, NULL) > 0);
+    }
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = h2_output(c->s, out + len, sizeof(out) - len);
+        assert_true(n >= 0);
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    nghttp2_hd_inflater *inf;
+    assert_int_equal(nghttp2_hd_inflate_new(&inf), 0);
+    struct hpack_seen seen = {0};
+    hpack_scan(inf, out, len, &seen);
+    assert_int_equal(seen.rid, 8);
+    assert_int_equal(seen.rid_never, 8);
+    assert_int_equal(seen.same, 8);
+    assert_int_equal(seen.same_never, 0);
+    for (size_t i = 1; i <= nghttp2_hd_inflate_get_num_table_entries(inf); i++) {
+        const nghttp2_nv *e = nghttp2_hd_inflate_get_table_entry(inf, i);
+        assert_non_null(e);
+        assert_false(e->namelen == 12 && memcmp(e->name, "x-request-id", 12) == 0);
+    }
+    nghttp2_hd_inflate_del(inf);
+    side_free(c);
+}
+
 /* The codec choice without ALPN: the preface decides, a prefix of it waits, anything else
  * (an HTTP/1.1 request line, even "PRI" as a method of another request) is HTTP/1. */
 static void test_preface_check(void **state)
@@ -1262,6 +1388,8 @@ int main(void)
         cmocka_unit_test(test_outbound_queue_flood),
         cmocka_unit_test(test_goaway),
         cmocka_unit_test(test_submit_validation),
+        cmocka_unit_test(test_fit_fields_sent_as_is),
+        cmocka_unit_test(test_request_id_never_indexed),
         cmocka_unit_test(test_preface_check),
     };
     return cmocka_run_group_tests_name("h2", tests, NULL, NULL);
