@@ -193,9 +193,12 @@ static void test_index_blocking_delivers_only_changes(void **state)
     assert_null(strcasestr(h.srv.reqs[0], "X-Consul-Token"));
     /* One kept-alive connection served the whole run. */
     assert_int_equal(h.srv.accepts, 1);
-    /* Successful loops are rate-limited too. */
+    /* Successful loops are rate-limited too (50 ms apart at the client). The fake agent sees
+     * arrivals, which a loaded machine delays now and then: one late arrival shortens the gap
+     * after it, so the bound is on the whole run, with each gap still far from back to back. */
+    assert_true(h.srv.req_ms[4] - h.srv.req_ms[0] >= 4 * 40);
     for (size_t i = 1; i < 5; i++)
-        assert_true(h.srv.req_ms[i] - h.srv.req_ms[i - 1] >= 40);
+        assert_true(h.srv.req_ms[i] - h.srv.req_ms[i - 1] >= 20);
     teardown(&h);
 }
 
