@@ -187,16 +187,19 @@ def test_max_pending_requests_overflow_is_503_at_once(mesh, tmp_path):
 
 def test_endpoint_answering_5xx_is_ejected_and_returns(mesh, tmp_path):
     """Two instances of db, one whose application always answers 503. With max_failures 3,
-    base_ejection_time 3s and interval 500ms (max_ejection_percent left at 10: one of two may
+    base_ejection_time 3s and interval 3s (max_ejection_percent left at 10: one of two may
     be ejected, as Consul documents), the bad instance gets three requests in a row, then is
     ejected: web logs it, counts it, and the following requests all go to the good instance
     (200) until the ejection time is over. Then it is back (logged; a 503 again), and its next
-    ejection lasts twice as long. Without outlier ejection half the requests kept getting 503."""
+    ejection lasts twice as long. Without outlier ejection half the requests kept getting 503.
+    The interval is as long as the ejection: the multiplier decays one step per interval the
+    returned endpoint stays in, and with 500 ms a loaded machine could take that long for the
+    three failures after the return, so the second ejection was 3 s again (and counted)."""
     m = mesh
     args, admin = admin_args()
     bad = m.app(Always503)
     up = {"protocol": "http",
-          "passive_health_check": {"max_failures": 3, "interval": "500ms",
+          "passive_health_check": {"max_failures": 3, "interval": "3s",
                                    "base_ejection_time": "3s"}}
     app, db, web, alog = l7_pair(m, tmp_path, up_config=up, db_config={"protocol": "http"},
                                  web_args=args)
