@@ -1,0 +1,139 @@
+"""What an idle connection costs each sidecar of a pair in private memory (issue 11, item 5).
+
+A pair (web -> mTLS -> db -> echo app) of release builds (ASan's redzones and quarantine would
+measure ASan) carries N connections; each echoes one line, so both legs are up and every buffer
+the relay and OpenSSL used has been used once, then they sit idle. The growth of each sidecar's
+USS (Private_* of /proc/<pid>/smaps_rollup) divided by N is the cost of an idle connection.
+
+Measured on OpenSSL 3.0 (N=1000): 15.9 KiB inbound and 23 KiB outbound before the read buffer
+was freed while waiting (the outbound end kept OpenSSL's ~17 KiB read buffer), 15.9 and 15.8
+after. massif attributes what is left, per connection: the SSL object itself (one 7 KiB
+allocation in SSL_new), the record ciphers (1.8 KiB), the session (0.9 KiB), the tls_conn
+(0.5 KiB), the SSL_SESSION and OpenSSL's small objects (~2.5 KiB); the relay holds no buffer.
+So the issue's bar of 8 KiB is not reachable while each connection owns an OpenSSL 3.0 SSL
+object; this test guards what is reached: at most 19 KiB (a 3 KiB margin for allocator noise
+over the measured 15.9; the outbound cost before the fix was 23).
+N=300 keeps the test within a few seconds; IDLE_MEM_CONNS=1000 measures as the issue did.
+"""
+
+import os
+import socket
+
+from mesh import LOOPBACK, REPO, EchoApp, recv_exact, wait_until
+
+BAR_BYTES = 19 * 1024
+
+
+def uss_bytes(pid):
+    """Private memory of <pid>: the Private_* lines of /proc/<pid>/smaps_rollup."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Private_"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def release_binary(configured):
+    """The release build beside the configured one (the integration default is ASan)."""
+    if "/asan/" not in configured:
+        return configured
+    path = os.path.join(REPO, "build", "release", "connectd")
+    assert os.access(path, os.X_OK), f"{path} missing: build it with `make VARIANT=release`"
+    return path
+
+
+def test_idle_connection_private_memory(mesh):
+    m = mesh
+    m.binary = release_binary(m.binary)
+    n = int(os.environ.get("IDLE_MEM_CONNS", "300"))
+    app = m.app(EchoApp)
+    db = m.add("db", app_port=app.port)
+    web = m.add("web", upstreams=("db",))
+    m.wait_passing(db)
+    m.wait_echo(web.up["db"])
+
+    def open_and_echo(count):
+        out = []
+        for i in range(count):
+            s = socket.create_connection((LOOPBACK, web.up["db"]), timeout=10)
+            line = b"idle %d\n" % i
+            s.sendall(line)
+            assert recv_exact(s, len(line), 10) == line
+            out.append(s)
+        return out
+
+    # A few connections first: contexts, pools and the allocator's first arenas.
+    for s in open_and_echo(16):
+        s.close()
+    pids = {"inbound (db)": db.proxy.pid, "outbound (web)": web.proxy.pid}
+    before = {k: uss_bytes(p) for k, p in pids.items()}
+    held = open_and_echo(n)
+    try:
+        after = {k: uss_bytes(p) for k, p in pids.items()}
+        per = {k: (after[k] - before[k]) / n for k in pids}
+        for k in pids:
+            print(f"{k}: USS {before[k] / 1024:.0f} KiB idle, {after[k] / 1024:.0f} KiB with "
+                  f"{n} idle connections: {per[k] / 1024:.2f} KiB per connection")
+        for k in pids:
+            assert per[k] <= BAR_BYTES, (
+                f"{k}: {per[k] / 1024:.2f} KiB of private memory per idle connection "
+                f"(guard {BAR_BYTES // 1024} KiB; before {before[k]}, after {after[k]}, n {n})")
+    finally:
+        for s in held:
+            s.close()
+    # The pair still serves once they are gone.
+    m.wait_echo(web.up["db"])
+
+
+SILENT_BAR_BYTES = 3 * 1024
+
+
+def accepted(port):
+    """Connections to loopback <port> that a process accepted and holds open: established, with
+    a socket inode (one still in the listen queue has none; one refused is closed at once)."""
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if (int(fields[1].split(":")[1], 16) == port and fields[3] == "01"
+                    and fields[9] != "0"):
+                n += 1
+    return n
+
+
+def test_silent_connection_holds_no_tls_state(mesh):
+    """A caller that connects and sends nothing (the agent's TCP health check, or a slowloris
+    until handshake_timeout_ms) gets no TLS object until its first byte: each costs the
+    session's own few hundred bytes, where an SSL object made at accept cost ~8 KiB (and
+    ~130k instructions to make and free, every second, for the agent's check)."""
+    m = mesh
+    m.binary = release_binary(m.binary)
+    n = int(os.environ.get("IDLE_MEM_CONNS", "300"))
+    app = m.app(EchoApp)
+    db = m.add("db", app_port=app.port,
+               proxy_config={"max_pending_handshakes_per_source": 4 * n,
+                             "handshake_timeout_ms": 60000})
+    web = m.add("web", upstreams=("db",))
+    m.wait_passing(db)
+    m.wait_echo(web.up["db"])
+    pid = db.proxy.pid
+    before = uss_bytes(pid)
+    held = []
+    try:
+        for _ in range(n):
+            held.append(socket.create_connection((LOOPBACK, db.public_port), timeout=10))
+        wait_until(lambda: accepted(db.public_port) >= n, 30,
+                   f"db to accept {n} silent connections")
+        after = uss_bytes(pid)
+        per = (after - before) / n
+        print(f"inbound (db): USS {before / 1024:.0f} KiB, {after / 1024:.0f} KiB with {n} "
+              f"silent connections: {per / 1024:.2f} KiB per connection")
+        assert per <= SILENT_BAR_BYTES, (
+            f"{per / 1024:.2f} KiB of private memory per silent connection "
+            f"(bar {SILENT_BAR_BYTES // 1024} KiB; before {before}, after {after}, n {n})")
+    finally:
+        for s in held:
+            s.close()
+    m.wait_echo(web.up["db"])
