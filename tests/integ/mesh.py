@@ -1159,6 +1159,30 @@ def write_leaf_files(dirpath, leaf, prefix):
     return paths
 
 
+def access_records(path):
+    """The JSON records of access log <path> ([] before it exists). A line still being written
+    (no newline yet: a reader can see part of the writer's one write()) is left for the next
+    call, never parsed half."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+def mesh_client_context(api, dirpath, service, alpn=None):
+    """A TLS client context that presents <service>'s agent leaf and trusts the mesh roots,
+    as a sidecar opening the mesh hop itself would; ALPN <alpn> (a list) when given."""
+    paths = write_leaf_files(dirpath, api.leaf(service), service)
+    ca = os.path.join(dirpath, "mesh-ca.pem")
+    write_text(ca, api.roots_pem())
+    ctx = tls_client_context(paths["chain_all"], paths["key"], ca)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
 def write_text(path, text):
     with open(path, "w") as f:
         f.write(text)

@@ -9,7 +9,6 @@ connectd must serve them there, as Envoy does for Consul.
 """
 
 import json
-import os
 import re
 import socket
 import threading
@@ -18,8 +17,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from mesh import (LOOPBACK, HttpEchoApp, TcpApp, admin_args, admin_get, free_port, header_values,
-                  http_request, metric, parse_metrics, port_accepts, port_refuses,
+from mesh import (HttpEchoApp, LOOPBACK, TcpApp, access_records, admin_args, admin_get, free_port,
+                  header_values, http_request, metric, parse_metrics, port_accepts, port_refuses,
                   sidecar_registration, try_http, wait_until)
 from test_l7_h2 import H2App, h2_get
 
@@ -88,10 +87,7 @@ def test_exposed_path_reaches_the_app_and_nothing_else(mesh, tmp_path):
     assert metric(mt, "connectd_expose_refused_total", listener=f"expose:{port}") == len(refused)
 
     def records():
-        if not os.path.exists(alog):
-            return []
-        with open(alog) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return access_records(alog)
 
     recs = wait_until(lambda: [r for r in records() if r.get("status") == 404
                                and r.get("path") == "/other"], 10, "the 404 access-log record")

@@ -190,7 +190,9 @@ def test_half_sent_client_hello_flood_from_many_sources_is_capped(mesh):
             assert echo_roundtrip(held, b"during %d\n" % i) == b"during %d\n" % i
             assert try_echo(db.up["cache"], b"outbound %d\n" % i), "db's outbound failed"
         mx = metrics(admin)
-        assert metric(mx, REFUSALS, limit="pending_handshakes") == 130
+        # The flood's 130, plus any of the agent's 1 s TCP checks of db's public port that
+        # came while the flood held the cap (refused the same way, from 127.0.0.1).
+        assert 130 <= metric(mx, REFUSALS, limit="pending_handshakes") <= 140
         assert metric(mx, REFUSALS, limit="pending_handshakes_per_source") == 0
         assert metric(mx, "connectd_pending_handshakes") <= 20
         db.proxy.wait_log(r"refused connection from 127\.0\.1\.\d+:\d+ on the public listener: "

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mesh import (ConsulAgent, HttpConn, HttpEchoApp, Mesh, admin_args, admin_get,
+from mesh import (ConsulAgent, HttpConn, HttpEchoApp, Mesh, access_records, admin_args, admin_get,
                   build_request, cert_der_sha256, header_values, http_raw, http_request, metric,
                   parse_metrics, try_http, wait_http, wait_until)
 
@@ -1061,12 +1061,7 @@ def test_pipelined_requests_are_answered_in_order(t):
 
 
 def _access_records(path):
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in lines if line.strip()]
+    return access_records(path)
 
 
 def test_access_log_has_one_record_per_request(t):

@@ -29,8 +29,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-from mesh import (LOOPBACK, admin_args, tls_client_context, tls_connect, wait_until,
-                  write_leaf_files, write_text)
+from mesh import LOOPBACK, admin_args, mesh_client_context, tls_connect, wait_until
 from test_l7_h2 import H2App, H2Client, drop_defaults, try_h2
 from test_l7_h2 import l7_pair as h2_pair
 from test_l7_inbound import Reader, echo, get, response
@@ -76,12 +75,7 @@ def test_requests_in_records_sent_together_all_answered(mesh, tmp_path):
     m = mesh
     _app, db, web, _alog = l7_pair(m, tmp_path, up_config={"protocol": "http"},
                                    db_config={"protocol": "http"})
-    leaf = m.api.leaf(m.name("web"))
-    cert = write_text(os.path.join(tmp_path, "web.pem"), leaf["CertPEM"])
-    key = write_text(os.path.join(tmp_path, "web-key.pem"), leaf["PrivateKeyPEM"])
-    roots = write_text(os.path.join(tmp_path, "roots.pem"), m.api.roots_pem())
-    ctx = tls_client_context(cert, key, roots)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx = mesh_client_context(m.api, str(tmp_path), m.name("web"), ["http/1.1"])
     for attempt in range(3):
         with tls_connect(db.public_port, ctx) as s:
             s.settimeout(5)
@@ -135,11 +129,7 @@ def test_h2_frames_in_records_sent_together_all_answered(mesh, tmp_path):
     try:
         db, web = h2_pair(m, "http2", app.port)
         m.intend("db", {"web": "allow"})
-        paths = write_leaf_files(str(tmp_path), api.leaf(web.name), "web")
-        ca = tmp_path / "ca.pem"
-        ca.write_text(api.roots_pem())
-        ctx = tls_client_context(paths["chain_all"], paths["key"], str(ca))
-        ctx.set_alpn_protocols(["h2"])
+        ctx = mesh_client_context(api, str(tmp_path), web.name, ["h2"])
         wait_until(lambda: try_h2(web.up["db"]) == 200, 30, "an h2c request through the mesh")
         for attempt in range(3):
             with ctx.wrap_socket(socket.create_connection((LOOPBACK, db.public_port),

@@ -26,8 +26,8 @@ import h2.connection
 import h2.events
 import pytest
 
-from mesh import (LOOPBACK, admin_args, admin_get, metric, parse_metrics, tls_client_context,
-                  wait_until, write_leaf_files)
+from mesh import (LOOPBACK, admin_args, admin_get, mesh_client_context, metric, parse_metrics,
+                  wait_until)
 
 # --- an h2c application ------------------------------------------------------------------------
 
@@ -380,14 +380,8 @@ def test_http2_direct_tls_with_alpn_h2(mesh, tmp_path):
     try:
         db, web = l7_pair(m, "http2", app.port)
         m.intend("db", {"web": "allow"})
-        paths = write_leaf_files(str(tmp_path), api.leaf(web.name), "web")
-        ca = tmp_path / "ca.pem"
-        ca.write_text(api.roots_pem())
-
         def ctx(alpn):
-            c = tls_client_context(paths["chain_all"], paths["key"], str(ca))
-            c.set_alpn_protocols(alpn)
-            return c
+            return mesh_client_context(api, str(tmp_path), web.name, alpn)
 
         def h2_over_tls():
             with ctx(["h2", "http/1.1"]).wrap_socket(

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from mesh import LOOPBACK, admin_args, admin_get, wait_until
+from mesh import LOOPBACK, access_records, admin_args, admin_get, wait_until
 
 # --- the application -------------------------------------------------------------------------
 
@@ -618,7 +618,7 @@ def test_access_log_and_metrics_per_request(mesh, tmp_path):
         wait_until(ok, 20, "a 200")
 
     def records():
-        return [json.loads(line) for line in alog.read_text().splitlines() if line.strip()]
+        return access_records(str(alog))
 
     wait_until(lambda: any(x.get("path") == "/logged" for x in records()), 10, "a record")
     rec = [x for x in records() if x.get("path") == "/logged"][-1]

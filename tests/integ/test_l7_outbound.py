@@ -14,15 +14,14 @@ outbound record, an ALPN offer), so against a build without outbound L7 (CONNECT
 at a build of main, which relays every upstream at L4) each of them fails.
 """
 
-import json
 import os
 import re
 import ssl
 import tempfile
 import urllib.parse
 
-from mesh import (LOOPBACK, TcpApp, admin_args, admin_get, free_port, sidecar_registration,
-                  wait_until)
+from mesh import (LOOPBACK, TcpApp, access_records, admin_args, admin_get, free_port,
+                  sidecar_registration, wait_until)
 from test_l7_inbound import HttpApp, Reader, connect, echo, get, response
 
 # A head h1parse refuses (whitespace before the colon), which the HttpApp below accepts: a 400
@@ -31,9 +30,7 @@ BAD_HEAD = b"GET /bad HTTP/1.1\r\nHost: db\r\nBad Header : x\r\n\r\n"
 
 
 def records(path):
-    if not os.path.exists(path):
-        return []
-    return [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
+    return access_records(path)
 
 
 def outbound_requests(path):
