@@ -1765,15 +1765,27 @@ static struct lb_entry *lb_entry_for(struct session_host *h, const struct dec_lo
     return e;
 }
 
-void session_lb_release(struct session *s)
+void session_lb_hold_release(struct session_lb_hold *h)
 {
-    struct lb_entry *e = s->lb_held;
+    struct lb_entry *e = h->e;
     if (e == NULL)
         return;
-    if (e->st.active[s->lb_held_i] > 0)
-        e->st.active[s->lb_held_i]--;
+    if (e->st.active[h->i] > 0)
+        e->st.active[h->i]--;
     e->users--;
-    s->lb_held = NULL;
+    h->e = NULL;
+}
+
+void session_lb_release(struct session *s)
+{
+    session_lb_hold_release(&s->lb_held);
+}
+
+void session_lb_move(struct session *s, struct session_lb_hold *h)
+{
+    session_lb_hold_release(h);
+    *h = s->lb_held;
+    s->lb_held.e = NULL;
 }
 
 /* The session's request goes to endpoint <i> of <e>'s set: counted active until released. */
@@ -1784,8 +1796,7 @@ static void lb_hold(struct session *s, struct lb_entry *e, size_t i)
         return;
     e->st.active[i]++;
     e->users++;
-    s->lb_held = e;
-    s->lb_held_i = i;
+    s->lb_held = (struct session_lb_hold){e, i};
 }
 
 /*

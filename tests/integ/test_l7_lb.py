@@ -10,9 +10,14 @@ discovery chain; web's /config shows when it has it.
 
 import json
 import re
+import socket
 import threading
 
-from mesh import admin_args, wait_until
+import h2.config
+import h2.connection
+import h2.events
+
+from mesh import LOOPBACK, admin_args, wait_until
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_routing import delete_entries
 from test_routes_config import upstream_config
@@ -229,5 +234,60 @@ def test_least_request_sends_concurrent_requests_to_idle_instances(mesh):
                 t.join(20)
             assert len(got) == 3 and all(st == 200 and len(w) == 1 for st, w in got.values()), got
             assert {w[0] for _, w in got.values()} == {"a", "b", "c"}, got
+    finally:
+        delete_entries(m)
+
+
+def h2_streams_one_by_one(port, paths, arrived):
+    """On one new h2c connection (prior knowledge), opens a GET stream for each of <paths>,
+    each once arrived(i) says the previous one (index i) reached its app, then reads until
+    every stream ended; returns the :status of each (None: none came), in order."""
+    with socket.create_connection((LOOPBACK, port), timeout=30) as s:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        sids, done, status = [], set(), {}
+        for i, path in enumerate(paths):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
+                                    (":authority", "db"), (":path", path)], end_stream=True)
+            s.sendall(conn.data_to_send())
+            sids.append(sid)
+            wait_until(lambda: arrived(i), 10, f"stream {sid} ({path}) at an app")
+        while len(done) < len(sids):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status[ev.stream_id] = dict(ev.headers)[":status"]
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    done.add(ev.stream_id)
+            s.sendall(conn.data_to_send())
+        return [status.get(sid) for sid in sids]
+
+
+def test_least_request_counts_every_h2c_stream_in_flight(mesh):
+    """least_request (ChoiceCount 50) for an h2c application: on ONE connection, twelve slow
+    streams opened one after another (each once the previous one reached its app) go three
+    by three to the three instances, since each stream in flight counts as an active request
+    of its instance until it ends. Before, the session counted only its latest stream's
+    request, so the third stream of each three avoided only the second's instance: all four
+    rounds distinct by chance is (1/2)^4."""
+    m = mesh
+    web, admin, apps = lb_mesh(m)
+    try:
+        set_lb(m, admin, {"Policy": "least_request", "LeastRequestConfig": {"ChoiceCount": 50}})
+        rids = [next(_rid) for _ in range(12)]
+        statuses = h2_streams_one_by_one(
+            web.up["db"], [f"/slow?ms=6000&rid={rid}" for rid in rids],
+            lambda i: any(rids[i] in a.arrived for a in apps))
+        assert statuses == ["200"] * 12, statuses
+        where = [[a.label for a in apps if rid in a.arrived] for rid in rids]
+        assert all(len(w) == 1 for w in where), where
+        rounds = [{w[0] for w in where[k:k + 3]} for k in range(0, 12, 3)]
+        assert all(r == {"a", "b", "c"} for r in rounds), where
     finally:
         delete_entries(m)
