@@ -17,7 +17,8 @@ import h2.config
 import h2.connection
 import h2.events
 
-from mesh import LOOPBACK, admin_args, wait_until
+from mesh import LOOPBACK, admin_args, admin_get, wait_until
+from test_l7_translate import H2JsonApp
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_routing import delete_entries
 from test_routes_config import upstream_config
@@ -238,10 +239,11 @@ def test_least_request_sends_concurrent_requests_to_idle_instances(mesh):
         delete_entries(m)
 
 
-def h2_streams_one_by_one(port, paths, arrived):
+def h2_streams_one_by_one(port, paths, arrived, answers=True):
     """On one new h2c connection (prior knowledge), opens a GET stream for each of <paths>,
     each once arrived(i) says the previous one (index i) reached its app, then reads until
-    every stream ended; returns the :status of each (None: none came), in order."""
+    every stream ended; returns the :status of each (None: none came), in order. Without
+    <answers> it closes the connection (streams in flight) once the last one arrived."""
     with socket.create_connection((LOOPBACK, port), timeout=30) as s:
         conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -254,6 +256,8 @@ def h2_streams_one_by_one(port, paths, arrived):
             s.sendall(conn.data_to_send())
             sids.append(sid)
             wait_until(lambda: arrived(i), 10, f"stream {sid} ({path}) at an app")
+        if not answers:
+            return []
         while len(done) < len(sids):
             chunk = s.recv(65536)
             if not chunk:
@@ -289,5 +293,57 @@ def test_least_request_counts_every_h2c_stream_in_flight(mesh):
         assert all(len(w) == 1 for w in where), where
         rounds = [{w[0] for w in where[k:k + 3]} for k in range(0, 12, 3)]
         assert all(r == {"a", "b", "c"} for r in rounds), where
+    finally:
+        delete_entries(m)
+
+
+class HoldingH2App(H2JsonApp):
+    """H2JsonApp (h2c) that records the rid=N of each request it gets in <arrived>; /hold...
+    is never answered."""
+
+    def __init__(self, label):
+        self.label = label
+        self.arrived = set()
+        super().__init__()
+
+    def _answer(self, conn, sid, r, pending):
+        path = r["headers"][":path"][0]
+        self.arrived.update(int(x) for x in re.findall(r"rid=(\d+)", path))
+        if not path.startswith("/hold"):
+            H2JsonApp._answer(conn, sid, r, pending)
+
+
+def test_least_request_counts_every_stream_to_an_http2_upstream(mesh):
+    """The same for an http2 upstream (each stream a stream of a shared HTTP/2 connection to
+    the endpoint the policy chose): twelve streams held by three h2c instances, opened one by
+    one on one connection, go three by three to the three instances; then the application
+    closes its connection, and its streams' counts go with it (a new round still spreads).
+    Before, the third stream of each three avoided only the second's instance."""
+    m = mesh
+    m.service_defaults("db", "http2")
+    apps = [m.app(HoldingH2App, x) for x in ("a", "b", "c")]
+    for app in apps:
+        m.add_instance("db", app.label, app.port, proxy_config={"protocol": "http2"})
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": "http2"}}], start=False)
+    args, admin = admin_args()
+    m.start(web, extra_args=[*args, "-workers", "1"])
+    try:
+        set_lb(m, admin, {"Policy": "least_request", "LeastRequestConfig": {"ChoiceCount": 50}})
+        def open_connections():
+            text = admin_get(admin, "/metrics")[1]
+            return sum(float(x) for x in
+                       re.findall(r"^connectd_connections_active(?:\{.*\})? (\S+)$", text, re.M))
+        idle = open_connections()
+        for n in (12, 6):
+            rids = [next(_rid) for _ in range(n)]
+            h2_streams_one_by_one(web.up["db"], [f"/hold?rid={rid}" for rid in rids],
+                                  lambda i: any(rids[i] in a.arrived for a in apps),
+                                  answers=False)
+            # The session and its streams are over (their counts released) before the next.
+            wait_until(lambda: open_connections() == idle, 10, "the application's connection gone")
+            where = [[a.label for a in apps if rid in a.arrived] for rid in rids]
+            assert all(len(w) == 1 for w in where), where
+            rounds = [{w[0] for w in where[k:k + 3]} for k in range(0, n, 3)]
+            assert all(r == {"a", "b", "c"} for r in rounds), where
     finally:
         delete_entries(m)
