@@ -220,6 +220,9 @@ struct h2s {
     int pending;      /* holds a unit of limits.max_pending_requests while it waits */
     size_t held_max;  /* <held>'s bound: REPLAY_MAX, or retry_buffer_bytes under a policy */
     char *lb_cookie;  /* a cookie hash policy's Set-Cookie value for the answer; NULL: none */
+    /* Outbound: the attempt in flight counted among its endpoint's active requests
+     * (least_request), from its dial (session_lb_move()) until it ends, fails or is retried. */
+    struct session_lb_hold lb;
 };
 
 struct mux_h2 {
@@ -404,6 +407,7 @@ static void stream_free(struct mux_h2 *m, struct h2s *x)
         m->dial_for = NULL;
     if (x->pending)
         session_release_pending(m->s);
+    session_lb_hold_release(&x->lb);
     free(x->tried);
     free(x->lb_cookie);
     if (x->prev != NULL)
@@ -457,6 +461,7 @@ static void leg_close(struct session *s, struct h2s *x)
 static void app_stream_drop(struct session *s, struct h2s *x, uint32_t code)
 {
     unwait(s, x);
+    session_lb_hold_release(&x->lb);
     x->backoff_until_ms = 0;
     if (x->h1 != NULL) {
         /* Open, or (outbound) still waiting for a connection. */
@@ -749,6 +754,7 @@ static void stream_retry_later(struct session *s, struct h2s *x, int sent, const
               LOG_ESC(x->ep != NULL ? x->ep : s->ep_name), what, (unsigned long)wait_ms,
               x->pol.retries_left);
     unwait(s, x);
+    session_lb_hold_release(&x->lb);
     if (x->h1 != NULL) {
         struct h1leg *l = x->h1;
         xprt_close(s->host->loop, &l->x);
@@ -1084,6 +1090,7 @@ static int leg_lost(struct session *s, struct h2s *x)
     l->reused = 0;
     x->app_open = 0;
     x->waiting = 1;
+    session_lb_hold_release(&x->lb);
     return 1;
 }
 
@@ -1807,6 +1814,7 @@ static void down_on_end_stream(struct h2_session *hs, int32_t cid, void *su, voi
 static void finish_stream(struct session *s, struct h2s *x, enum stream_result r, const char *why)
 {
     char saved[sizeof(s->ep_name)];
+    session_lb_hold_release(&x->lb);
     if (x->ep == NULL) {
         stream_finish(s, &x->st, r, why);
         return;
@@ -2134,6 +2142,7 @@ static void h1_dialled(struct session *s, const char *why)
     m->dialling = 0;
     m->dial_for = NULL;
     if (why != NULL) {
+        session_lb_release(s);
         snprintf(msg, sizeof(msg), "upstream %s: %s", s->up->cfg->destination_name, why);
         for (struct h2s *x = m->streams; x != NULL; x = x->next)
             if (x->waiting && x->rs == s->dial_rs &&
@@ -2148,7 +2157,9 @@ static void h1_dialled(struct session *s, const char *why)
     if (x != NULL) {
         leg_attach(s, x, &s->end[1], s->tgt, s->ep, s->ep_name, s->dial_pooled);
         stream_note_endpoint(s, x, s->tgt, s->ep, 1);
+        session_lb_move(s, &x->lb);
     } else {
+        session_lb_release(s);
         session_pool_put(s);
     }
     kick(s);
@@ -2191,7 +2202,11 @@ static void mux_dialled(struct session *s, const char *why)
         up_open(s, x, c, &oh, x->pend_body);
         set_ep(x, s->ep_name);
         stream_note_endpoint(s, x, s->tgt, s->ep, 1);
+        /* Under a policy only the stream the dial was for is here (the others dial their own);
+         * without one no count is held. */
+        session_lb_move(s, &x->lb);
     }
+    session_lb_release(s);
     if (others && !m->dialling)
         start_dial(s);
     kick(s);

@@ -875,17 +875,18 @@ static void expected_identity(const struct session *s, const struct snap_target 
 }
 
 /*
- * The SNI to send: the chain target's own; for a prepared query Envoy's QuerySNI
+ * The SNI to send to target <t> (identity <want_id>): the chain target's own; for a prepared query
+ * Envoy's QuerySNI
  * "<query>.default.<dc>.query.<trust-domain>" with the endpoint's datacenter (consul-api.md
  * 3.2; sidecars do not require SNI, mesh gateways route on it); else the service SNI.
  */
-static void target_sni(const struct session *s, const struct spiffe_id *want_id, char *sni,
-                       size_t len)
+static void target_sni(const struct session *s, const struct snap_target *t,
+                       const struct spiffe_id *want_id, char *sni, size_t len)
 {
     const struct upstream_cfg *u = s->up->cfg;
     int n;
-    if (s->tgt->sni[0] != '\0')
-        n = snprintf(sni, len, "%s", s->tgt->sni);
+    if (t != NULL && t->sni[0] != '\0')
+        n = snprintf(sni, len, "%s", t->sni);
     else if (strcmp(u->destination_type, "prepared_query") == 0)
         n = snprintf(sni, len, "%s.default.%s.query.%s", u->destination_name, want_id->dc,
                      want_id->trust_domain);
@@ -901,7 +902,7 @@ static void start_handshake_out(struct session *s)
     struct spiffe_id want_id;
     char sni[1024];
     expected_identity(s, s->tgt, s->ep, &want_id);
-    target_sni(s, &want_id, sni, sizeof(sni));
+    target_sni(s, s->tgt, &want_id, sni, sizeof(sni));
     /* Sessions are kept per endpoint and name: the next connection to this sidecar resumes. */
     char key[sizeof(s->ep_name) + sizeof(sni) + 1];
     snprintf(key, sizeof(key), "%s|%s", s->ep_name, sni);
@@ -996,7 +997,7 @@ static void upool_key_of(const struct session *s, const struct snap_target *tgt,
     struct spiffe_id id;
     char sni[1024], uri[SPIFFE_NAME_MAX * 2];
     expected_identity(s, tgt, ep, &id);
-    target_sni(s, &id, sni, sizeof(sni));
+    target_sni(s, tgt, &id, sni, sizeof(sni));
     if (spiffe_format(uri, sizeof(uri), &id) < 0)
         uri[0] = '\0';
     snprintf(key, len, "%s|%s|%s", ep_name, sni, uri);
@@ -1053,10 +1054,10 @@ static struct upool_ref upool_ref_of(struct session *s, const struct snap_target
     struct session_host *h = s->host;
     struct upool_ref r;
     /* Only pointers into s->snap are memoized: one of an older snapshot (a codec's leg made
-     * before the session followed a new one) may be freed and its address reused. And only
-     * the session's own target: target_sni() takes the SNI from s->tgt, so the key of a
-     * codec's leg to another target depends on both. */
-    int ours = tgt == s->tgt && tgt >= s->up->targets && tgt < s->up->targets + s->up->n_targets &&
+     * before the session followed a new one) may be freed and its address reused. The key
+     * depends on the upstream, target and endpoint only (the SNI is <tgt>'s), so a codec's
+     * leg to another target than s->tgt is memoized too. */
+    int ours = tgt >= s->up->targets && tgt < s->up->targets + s->up->n_targets &&
                ep >= tgt->endpoints->v && ep < tgt->endpoints->v + tgt->endpoints->n;
     if (ours && s->snap != h->upool_memo_snap && s->snap == h->snap) {
         memo_flush(h);
@@ -1765,15 +1766,27 @@ static struct lb_entry *lb_entry_for(struct session_host *h, const struct dec_lo
     return e;
 }
 
-void session_lb_release(struct session *s)
+void session_lb_hold_release(struct session_lb_hold *h)
 {
-    struct lb_entry *e = s->lb_held;
+    struct lb_entry *e = h->e;
     if (e == NULL)
         return;
-    if (e->st.active[s->lb_held_i] > 0)
-        e->st.active[s->lb_held_i]--;
+    if (e->st.active[h->i] > 0)
+        e->st.active[h->i]--;
     e->users--;
-    s->lb_held = NULL;
+    h->e = NULL;
+}
+
+void session_lb_release(struct session *s)
+{
+    session_lb_hold_release(&s->lb_held);
+}
+
+void session_lb_move(struct session *s, struct session_lb_hold *h)
+{
+    session_lb_hold_release(h);
+    *h = s->lb_held;
+    s->lb_held.e = NULL;
 }
 
 /* The session's request goes to endpoint <i> of <e>'s set: counted active until released. */
@@ -1784,8 +1797,7 @@ static void lb_hold(struct session *s, struct lb_entry *e, size_t i)
         return;
     e->st.active[i]++;
     e->users++;
-    s->lb_held = e;
-    s->lb_held_i = i;
+    s->lb_held = (struct session_lb_hold){e, i};
 }
 
 /*

@@ -72,6 +72,13 @@ struct session_mux {
     void (*drain)(struct session *s);
 };
 
+/* One request counted among the active requests of endpoint <i> in the worker's load-balancing
+ * entry <e> (least_request; session.c); <e> NULL: none. */
+struct session_lb_hold {
+    struct lb_entry *e;
+    size_t i;
+};
+
 struct session {
     struct session *next, *prev;
     struct session_host *host;
@@ -128,13 +135,13 @@ struct session {
     /* Outbound L7 load balancing (lb.h), set by the codec before the dial
      * (session_lb_request()): the request's hash (lb_hashed 0: no policy produced one), an
      * endpoint chosen ahead of the dial (lb_pre_tgt NULL: none; session_lb_keeps()), and the
-     * worker's state in which this session counts an active request (NULL: none). */
+     * worker's state in which this session counts an active request (its entry NULL: none;
+     * mux_h2 moves it to the stream the dial was for, session_lb_move()). */
     uint64_t lb_hash;
     int lb_hashed;
     const struct snap_target *lb_pre_tgt;
     size_t lb_pre_i;
-    struct lb_entry *lb_held;
-    size_t lb_held_i;
+    struct session_lb_hold lb_held;
     /* session_dial_h2(): the dial is for a shared HTTP/2 connection (ALPN h2), and its result,
      * borrowed from the worker's h2up pool until the carrier returns to the loop. */
     int dial_h2;
@@ -200,6 +207,15 @@ void session_lb_request(struct session *s, const struct http_header *headers, si
 int session_lb_keeps(struct session *s);
 /* The request the session counted as active (least_request) is over; safe when none. */
 void session_lb_release(struct session *s);
+/*
+ * mux_h2: the request the session's last dial chose an endpoint for is stream <h>'s, whose
+ * own count (a request before, now over) is released first: each stream in flight counts as
+ * one active request of its endpoint until session_lb_hold_release(), which must come before
+ * the session finishes (the worker's entry may go after that).
+ */
+void session_lb_move(struct session *s, struct session_lb_hold *h);
+/* Releases <h>'s count; safe when it holds none. */
+void session_lb_hold_release(struct session_lb_hold *h);
 /* The idle timeout of the session's side (local_idle_timeout_ms or the upstream's; 0 = off). */
 uint32_t session_idle_timeout_ms(const struct session *s);
 /* Relay buffers from the worker's pool: taken when a direction reads, given back when empty. */

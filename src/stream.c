@@ -245,7 +245,11 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
     if (st->done)
         return;
     st->done = 1;
-    session_lb_release(s); /* least_request counts the request active until here */
+    /* least_request counts the request active until here; mux_h2's streams, several in flight
+     * at once, each hold their own count (session_lb_move()), and the session's belongs to a
+     * dial under way for another stream. */
+    if (s->mux2 == NULL)
+        session_lb_release(s);
     if (st->active != NULL) {
         outlier_release(st->active, OUTLIER_LIMIT_CONCURRENT);
         st->active = NULL;

@@ -10,9 +10,15 @@ discovery chain; web's /config shows when it has it.
 
 import json
 import re
+import socket
 import threading
 
-from mesh import admin_args, wait_until
+import h2.config
+import h2.connection
+import h2.events
+
+from mesh import LOOPBACK, admin_args, admin_get, wait_until
+from test_l7_translate import H2JsonApp
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_routing import delete_entries
 from test_routes_config import upstream_config
@@ -229,5 +235,115 @@ def test_least_request_sends_concurrent_requests_to_idle_instances(mesh):
                 t.join(20)
             assert len(got) == 3 and all(st == 200 and len(w) == 1 for st, w in got.values()), got
             assert {w[0] for _, w in got.values()} == {"a", "b", "c"}, got
+    finally:
+        delete_entries(m)
+
+
+def h2_streams_one_by_one(port, paths, arrived, answers=True):
+    """On one new h2c connection (prior knowledge), opens a GET stream for each of <paths>,
+    each once arrived(i) says the previous one (index i) reached its app, then reads until
+    every stream ended; returns the :status of each (None: none came), in order. Without
+    <answers> it closes the connection (streams in flight) once the last one arrived."""
+    with socket.create_connection((LOOPBACK, port), timeout=30) as s:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        sids, done, status = [], set(), {}
+        for i, path in enumerate(paths):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
+                                    (":authority", "db"), (":path", path)], end_stream=True)
+            s.sendall(conn.data_to_send())
+            sids.append(sid)
+            wait_until(lambda: arrived(i), 10, f"stream {sid} ({path}) at an app")
+        if not answers:
+            return []
+        while len(done) < len(sids):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status[ev.stream_id] = dict(ev.headers)[":status"]
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    done.add(ev.stream_id)
+            s.sendall(conn.data_to_send())
+        return [status.get(sid) for sid in sids]
+
+
+def test_least_request_counts_every_h2c_stream_in_flight(mesh):
+    """least_request (ChoiceCount 50) for an h2c application: on ONE connection, twelve slow
+    streams opened one after another (each once the previous one reached its app) go three
+    by three to the three instances, since each stream in flight counts as an active request
+    of its instance until it ends. Before, the session counted only its latest stream's
+    request, so the third stream of each three avoided only the second's instance: all four
+    rounds distinct by chance is (1/2)^4."""
+    m = mesh
+    web, admin, apps = lb_mesh(m)
+    try:
+        set_lb(m, admin, {"Policy": "least_request", "LeastRequestConfig": {"ChoiceCount": 50}})
+        rids = [next(_rid) for _ in range(12)]
+        statuses = h2_streams_one_by_one(
+            web.up["db"], [f"/slow?ms=6000&rid={rid}" for rid in rids],
+            lambda i: any(rids[i] in a.arrived for a in apps))
+        assert statuses == ["200"] * 12, statuses
+        where = [[a.label for a in apps if rid in a.arrived] for rid in rids]
+        assert all(len(w) == 1 for w in where), where
+        rounds = [{w[0] for w in where[k:k + 3]} for k in range(0, 12, 3)]
+        assert all(r == {"a", "b", "c"} for r in rounds), where
+    finally:
+        delete_entries(m)
+
+
+class HoldingH2App(H2JsonApp):
+    """H2JsonApp (h2c) that records the rid=N of each request it gets in <arrived>; /hold...
+    is never answered."""
+
+    def __init__(self, label):
+        self.label = label
+        self.arrived = set()
+        super().__init__()
+
+    def _answer(self, conn, sid, r, pending):
+        path = r["headers"][":path"][0]
+        self.arrived.update(int(x) for x in re.findall(r"rid=(\d+)", path))
+        if not path.startswith("/hold"):
+            H2JsonApp._answer(conn, sid, r, pending)
+
+
+def test_least_request_counts_every_stream_to_an_http2_upstream(mesh):
+    """The same for an http2 upstream (each stream a stream of a shared HTTP/2 connection to
+    the endpoint the policy chose): twelve streams held by three h2c instances, opened one by
+    one on one connection, go three by three to the three instances; then the application
+    closes its connection, and its streams' counts go with it (a new round still spreads).
+    Before, the third stream of each three avoided only the second's instance."""
+    m = mesh
+    m.service_defaults("db", "http2")
+    apps = [m.app(HoldingH2App, x) for x in ("a", "b", "c")]
+    for app in apps:
+        m.add_instance("db", app.label, app.port, proxy_config={"protocol": "http2"})
+    web = m.add("web", upstreams=[{"name": "db", "config": {"protocol": "http2"}}], start=False)
+    args, admin = admin_args()
+    m.start(web, extra_args=[*args, "-workers", "1"])
+    try:
+        set_lb(m, admin, {"Policy": "least_request", "LeastRequestConfig": {"ChoiceCount": 50}})
+        def open_connections():
+            text = admin_get(admin, "/metrics")[1]
+            return sum(float(x) for x in
+                       re.findall(r"^connectd_connections_active(?:\{.*\})? (\S+)$", text, re.M))
+        idle = open_connections()
+        for n in (12, 6):
+            rids = [next(_rid) for _ in range(n)]
+            h2_streams_one_by_one(web.up["db"], [f"/hold?rid={rid}" for rid in rids],
+                                  lambda i: any(rids[i] in a.arrived for a in apps),
+                                  answers=False)
+            # The session and its streams are over (their counts released) before the next.
+            wait_until(lambda: open_connections() == idle, 10, "the application's connection gone")
+            where = [[a.label for a in apps if rid in a.arrived] for rid in rids]
+            assert all(len(w) == 1 for w in where), where
+            rounds = [{w[0] for w in where[k:k + 3]} for k in range(0, n, 3)]
+            assert all(r == {"a", "b", "c"} for r in rounds), where
     finally:
         delete_entries(m)

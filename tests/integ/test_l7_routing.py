@@ -8,6 +8,7 @@ the service whose sidecar forwarded the request.
 """
 
 import json
+import re
 import urllib.parse
 
 from mesh import wait_until
@@ -178,5 +179,58 @@ def test_router_change_applies_to_an_open_keep_alive_connection(mesh):
                 assert st == 200, (path, st, body)
                 seen.append(answered_by(m, body))
             assert seen == ["db2", "db", "db2"], seen
+    finally:
+        delete_entries(m)
+
+
+def test_h2c_legs_to_two_services_pooled_under_their_own_names(mesh):
+    """An h2c application's streams to an http upstream become HTTP/1.1 legs, each pooled
+    when its exchange ends. A router sends /two to db2 and the rest to db; on one h2c
+    connection a slow stream to db and a quick one to db2 are in flight at once, so the
+    session's current target is db2 when db's leg goes back to the pool. The leg is pooled
+    under db's own name and serves the next rounds: after the first round no dial (TLS
+    handshake) is needed any more. Before, the key took the SNI of the session's current
+    target (db2's), so db's connection was never found again and each round dialled db."""
+    from mesh import admin_args, admin_get, h2_many
+    m = mesh
+    for logical in ("db", "db2"):
+        m.service_defaults(logical, "http")
+        app = m.app(HttpApp)
+        m.wait_passing(m.add(logical, app_port=app.port))
+    args, admin = admin_args()
+    web = m.add("web", upstreams=["db"], start=False)
+    m.start(web, extra_args=(*args, "-workers", "1"))
+    try:
+        m.api.set_config_entry({
+            "Kind": "service-router", "Name": m.name("db"),
+            "Routes": [{"Match": {"HTTP": {"PathPrefix": "/two"}},
+                        "Destination": {"Service": m.name("db2")}}]})
+
+        def routed():
+            try:
+                got = h2_many(web.up["db"], [("GET", "/two", b"")], timeout=5, full=True)[0]
+                return got[0] == 200 and answered_by(m, got[1]) == "db2"
+            except (OSError, EOFError, AssertionError, ValueError, KeyError):
+                return False
+        wait_until(routed, 30, "/two routed to db2")
+
+        def idle():
+            text = admin_get(admin, "/metrics")[1]
+            found = re.search(r"^connectd_upstream_pool_idle_connections (\d+)$", text, re.M)
+            return int(found.group(1)) if found else 0
+
+        def round_trip():
+            got = h2_many(web.up["db"], [("GET", "/slow?ms=600", b""), ("GET", "/two", b"")])
+            assert [g[0] for g in got] == [200, 200], got
+            assert [answered_by(m, g[1]) for g in got] == ["db", "db2"], got
+            wait_until(lambda: idle() >= 2, 10, "both legs back in the pool")
+
+        round_trip()
+        before = outbound_handshakes(admin)
+        for _ in range(3):
+            round_trip()
+        dials = outbound_handshakes(admin) - before
+        # Before: one dial to db per round, and its connection pooled where none looks.
+        assert dials == 0 and idle() == 2, (dials, idle())
     finally:
         delete_entries(m)
