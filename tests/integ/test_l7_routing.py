@@ -27,14 +27,18 @@ def answered_by(m, body):
     raise AssertionError(f"unknown service in {xfcc}")
 
 
-def routed_mesh(m):
-    """db and db2 (protocol http, each behind its own HttpApp) and web with upstream db.
-    Returns web."""
+def routed_mesh(m, web_args=None):
+    """db and db2 (protocol http, each behind its own HttpApp) and web with upstream db
+    (its connectd started with <web_args> when given). Returns web."""
     for logical in ("db", "db2"):
         m.service_defaults(logical, "http")
         app = m.app(HttpApp)
         m.wait_passing(m.add(logical, app_port=app.port))
-    return m.add("web", upstreams=["db"])
+    if web_args is None:
+        return m.add("web", upstreams=["db"])
+    web = m.add("web", upstreams=["db"], start=False)
+    m.start(web, extra_args=web_args)
+    return web
 
 
 def delete_entries(m):
@@ -99,13 +103,8 @@ def test_split_keep_alive_clients_reuse_pooled_connections(mesh):
     import threading
     from mesh import admin_args
     m = mesh
-    for logical in ("db", "db2"):
-        m.service_defaults(logical, "http")
-        app = m.app(HttpApp)
-        m.wait_passing(m.add(logical, app_port=app.port))
     args, admin = admin_args()
-    web = m.add("web", upstreams=["db"], start=False)
-    m.start(web, extra_args=(*args, "-workers", "1"))
+    web = routed_mesh(m, (*args, "-workers", "1"))
     try:
         m.api.set_config_entry({
             "Kind": "service-splitter", "Name": m.name("db"),
@@ -193,13 +192,8 @@ def test_h2c_legs_to_two_services_pooled_under_their_own_names(mesh):
     target (db2's), so db's connection was never found again and each round dialled db."""
     from mesh import admin_args, admin_get, h2_many
     m = mesh
-    for logical in ("db", "db2"):
-        m.service_defaults(logical, "http")
-        app = m.app(HttpApp)
-        m.wait_passing(m.add(logical, app_port=app.port))
     args, admin = admin_args()
-    web = m.add("web", upstreams=["db"], start=False)
-    m.start(web, extra_args=(*args, "-workers", "1"))
+    web = routed_mesh(m, (*args, "-workers", "1"))
     try:
         m.api.set_config_entry({
             "Kind": "service-router", "Name": m.name("db"),
