@@ -49,6 +49,24 @@ def delete_entries(m):
             pass
 
 
+def route_two_to_db2(m, web):
+    """Writes db's router (/two to db2, the rest to db) and waits until a new connection
+    through web's upstream is routed by it."""
+    m.api.set_config_entry({
+        "Kind": "service-router", "Name": m.name("db"),
+        "Routes": [{"Match": {"HTTP": {"PathPrefix": "/two"}},
+                    "Destination": {"Service": m.name("db2")}}]})
+
+    def routed():
+        try:
+            with connect(web.up["db"]) as s:
+                st, _, body, _ = ask(s, "/two")
+                return st == 200 and answered_by(m, body) == "db2"
+        except (OSError, EOFError, AssertionError, ValueError, KeyError):
+            return False
+    wait_until(routed, 30, "a new connection routed /two to db2")
+
+
 def ask(sock, path):
     sock.sendall(get(path))
     return response(Reader(sock))
@@ -62,19 +80,7 @@ def test_router_sends_each_request_of_a_connection_to_its_route(mesh):
     m = mesh
     web = routed_mesh(m)
     try:
-        m.api.set_config_entry({
-            "Kind": "service-router", "Name": m.name("db"),
-            "Routes": [{"Match": {"HTTP": {"PathPrefix": "/two"}},
-                        "Destination": {"Service": m.name("db2")}}]})
-
-        def routed():
-            try:
-                with connect(web.up["db"]) as s:
-                    st, _, body, _ = ask(s, "/two")
-                    return st == 200 and answered_by(m, body) == "db2"
-            except (OSError, EOFError, AssertionError, ValueError, KeyError):
-                return False
-        wait_until(routed, 30, "/two routed to db2")
+        route_two_to_db2(m, web)
         with connect(web.up["db"]) as s:
             seen = []
             for path in ("/two", "/", "/two/x?y=1", "/other", "/two", "/tw"):
@@ -159,19 +165,7 @@ def test_router_change_applies_to_an_open_keep_alive_connection(mesh):
         with connect(web.up["db"]) as s:
             st, _, body, _ = ask(s, "/two")
             assert st == 200 and answered_by(m, body) == "db"
-            m.api.set_config_entry({
-                "Kind": "service-router", "Name": m.name("db"),
-                "Routes": [{"Match": {"HTTP": {"PathPrefix": "/two"}},
-                            "Destination": {"Service": m.name("db2")}}]})
-
-            def fresh_routed():
-                try:
-                    with connect(web.up["db"]) as c:
-                        st, _, body, _ = ask(c, "/two")
-                        return st == 200 and answered_by(m, body) == "db2"
-                except (OSError, EOFError, AssertionError, ValueError, KeyError):
-                    return False
-            wait_until(fresh_routed, 30, "a new connection routed to db2")
+            route_two_to_db2(m, web)
             seen = []
             for path in ("/two", "/", "/two/x"):
                 st, _, body, _ = ask(s, path)
