@@ -163,6 +163,10 @@ class Host:
                                     stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=env)
 
+    def consul(self, *args, timeout=30, check=True):
+        """Runs a command (the consul CLI) in this namespace; it talks to the local agent."""
+        return run("ip", "netns", "exec", self.netns, *args, timeout=timeout, check=check)
+
     def reachable(self, other, port, timeout=1.0):
         with self.inside():
             return port_accepts(port, other.ip, timeout)
@@ -617,6 +621,17 @@ class ClusterMesh:
         if svc in self.services:
             self.services.remove(svc)
         return problems
+
+    def forget(self, svc):
+        """Deregisters an instance whose connectd a test killed on purpose (so close() does
+        not report its exit) and stops its app."""
+        if svc.app is not None:
+            svc.app.stop()
+        try:
+            svc.node.api.deregister(svc.sid)
+        except (OSError, ApiError):
+            pass
+        self.services.remove(svc)
 
     def close(self):
         problems = []
