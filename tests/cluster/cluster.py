@@ -22,13 +22,9 @@ import ctypes
 import json
 import os
 import random
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "integ"))
@@ -45,10 +41,6 @@ ADMIN_BASE = 19000
 PUBLIC_BASE = 21000
 APP_BASE = 9000
 UPSTREAM_BASE = 10000
-
-
-class NamespaceUnavailable(Exception):
-    """The kernel or the caller's privileges refuse network namespaces."""
 
 
 def run(*args, check=True, timeout=30):
@@ -166,11 +158,6 @@ class Host:
     def consul(self, *args, timeout=30, check=True):
         """Runs a command (the consul CLI) in this namespace; it talks to the local agent."""
         return run("ip", "netns", "exec", self.netns, *args, timeout=timeout, check=check)
-
-    def reachable(self, other, port, timeout=1.0):
-        with self.inside():
-            return port_accepts(port, other.ip, timeout)
-
 
 class Net:
     """The switch namespace with its bridge, and the hosts."""
@@ -508,34 +495,6 @@ def passing_on(api, service, public_port=None, host=None, dc=None):
         return entries
     return [e for e in entries if e["Service"]["Port"] == public_port
             and (e["Service"]["Address"] or e["Node"]["Address"]) == host.ip]
-
-
-def sidecar_id(sid):
-    return sid + "-sidecar-proxy"
-
-
-def count_lines(path, pattern):
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return 0
-    return len(re.findall(pattern, text))
-
-
-def kill_quietly(proc):
-    if proc is not None and proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-
-
-def sleep_until(deadline):
-    left = deadline - time.monotonic()
-    if left > 0:
-        time.sleep(left)
 
 
 class Held:

@@ -185,6 +185,8 @@ def test_leader_killed(cluster, base):
     db, web = base["db"], base["web"]
     leader = cluster.leader()
     others = [cluster[n] for n in cluster.DC1_SERVERS if cluster[n] is not leader]
+    denied = r"src=spiffe://[^ ]+/svc/web dst=db result=denied"
+    denied_before = len(re.findall(denied, db.sidecar.log()))
     held = Held(web.host, web.up["db"])
     try:
         assert held.echoes()
@@ -214,6 +216,7 @@ def test_leader_killed(cluster, base):
         held.close()
         leader.start()
     assert db.sidecar.admin("/ready") == (200, "ready\n")
+    assert len(re.findall(denied, db.sidecar.log())) > denied_before
     flip(cluster, "db", {"web": "allow"}, via=others[1])
     wait_echo(web.host, web.up["db"], what="traffic after the allow")
     # The cluster is whole again: the restarted server answers and sees three peers.
