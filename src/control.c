@@ -414,6 +414,7 @@ static void on_admin(void *data, const struct admin_request *req, struct admin_r
         .not_ready = not_ready_reason(ctl),
         .current = ctl->current,
         .registration = ctl->svc_watch,
+        .agent_down = watch_reach_down(ctl->reach) ? agent_addr(ctl->agent) : NULL,
     };
     views_answer(ctl->views, &st, req, reply);
 }

@@ -1327,9 +1327,17 @@ void views_answer(struct views *v, const struct views_state *st, const struct ad
 {
     struct admin_buf *b = &reply->body;
     if (strcmp(req->path, "/ready") == 0) {
+        /* Fail static: an unreachable agent does not make a serving proxy unready (a probe
+         * would take it out of service for the agent's fault), but the answer says so. */
         const char *why = st->not_ready;
         reply->status = why == NULL ? 200 : 503;
-        admin_buf_printf(b, "%s\n", why == NULL ? "ready" : why);
+        if (st->agent_down == NULL)
+            admin_buf_printf(b, "%s\n", why == NULL ? "ready" : why);
+        else if (why == NULL)
+            admin_buf_printf(b, "ready; agent %s unreachable: serving the last good state\n",
+                             st->agent_down);
+        else
+            admin_buf_printf(b, "%s; agent %s unreachable\n", why, st->agent_down);
     } else if (strcmp(req->path, "/metrics") == 0) {
         reply->content_type = "text/plain; version=0.0.4; charset=utf-8";
         render_metrics(v, st, b);

@@ -27,6 +27,7 @@ struct views_state {
     const char *not_ready;            /* why /ready answers 503, or NULL when ready */
     const struct snapshot *current;   /* the snapshot last published, or NULL */
     const struct watch *registration; /* the registration watch, or NULL */
+    const char *agent_down;           /* the agent's address while it is unreachable, or NULL */
 };
 
 /*

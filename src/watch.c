@@ -87,8 +87,12 @@ struct watch {
 struct watch_reach {
     char *addr;
     int down;
+    uint64_t down_ms; /* util_now_ms() of the transport error that began the outage */
     struct watch *watches;
 };
+
+static void reach_note(struct watch_reach *r, const struct agent_response *resp,
+                       uint64_t started_ms);
 
 static uint32_t backoff_base_ms = 200;
 static uint32_t backoff_cap_ms = 30000;
@@ -280,14 +284,14 @@ static void on_response(void *data, const struct agent_response *resp)
     if (!answer) {
         char reason[REASON_MAX];
         describe(resp, reason, sizeof(reason));
-        watch_reach_note(w->reach, resp);
+        reach_note(w->reach, resp, w->last_start_ms);
         fail(w, reason, resp->status);
         return;
     }
 
     int news;
     uint64_t next_ms = 0;
-    watch_reach_note(w->reach, resp);
+    reach_note(w->reach, resp, w->last_start_ms);
     switch (resp->status == 403 ? 0 : (int)w->block) {
     case 0:
         /* A refusal has no index or hash to block on (nor to go back from): always the
@@ -428,19 +432,27 @@ void watch_reach_free(struct watch_reach *r)
     free(r);
 }
 
-void watch_reach_note(struct watch_reach *r, const struct agent_response *resp)
+/* <started_ms>: when the answered request was sent (UINT64_MAX: unknown, counts as new). */
+static void reach_note(struct watch_reach *r, const struct agent_response *resp,
+                       uint64_t started_ms)
 {
     if (r == NULL)
         return;
     if (resp->status == 0) {
-        if (!r->down)
+        if (!r->down) {
             LOG_WARN("agent %s unreachable (%s); serving with the last good certificates, "
                      "intentions and endpoints",
                      r->addr, resp->error[0] ? resp->error : "transport error");
+            r->down_ms = util_now_ms();
+        }
         r->down = 1;
         return;
     }
-    if (!r->down)
+    /* An agent that is shutting down answers the blocking queries it holds (HTTP 500) while
+     * it already refuses connections: such an answer, to a request sent before the outage
+     * began, says nothing about the agent now and must not end the outage (which would log
+     * it twice). */
+    if (!r->down || started_ms < r->down_ms)
         return;
     r->down = 0;
     LOG_INFO("agent %s reachable again", r->addr);
@@ -452,6 +464,11 @@ void watch_reach_note(struct watch_reach *r, const struct agent_response *resp)
             schedule(w, 0);
         }
     }
+}
+
+void watch_reach_note(struct watch_reach *r, const struct agent_response *resp)
+{
+    reach_note(r, resp, UINT64_MAX);
 }
 
 int watch_reach_down(const struct watch_reach *r)

@@ -84,7 +84,8 @@ void watch_retry_later(struct loop *loop, struct loop_timer *t, unsigned failure
  * Reachability of one agent, shared by every watch (and one-off request) that talks to it, so
  * an outage is logged once rather than once per watch and retry: "agent <addr> unreachable"
  * when the first transport error arrives while the agent was reachable, "agent <addr>
- * reachable again" when any HTTP answer (whatever its status) arrives after that. On recovery
+ * reachable again" when any HTTP answer (whatever its status) to a request sent after that
+ * error arrives (an agent on its way out answers the queries it holds). On recovery
  * every watch of the tracker that is backing off after a failure retries at once, so all
  * inputs resume together instead of each waiting out its own back-off. Create it before the
  * watches that use it and free it after they are stopped.

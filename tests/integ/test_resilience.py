@@ -10,8 +10,8 @@ import re
 import socket
 import time
 
-from mesh import (LOOPBACK, EchoApp, closed_without_data, echo_roundtrip, is_refused, try_echo,
-                  wait_until)
+from mesh import (LOOPBACK, EchoApp, admin_args, admin_get, closed_without_data, echo_roundtrip,
+                  is_refused, try_echo, wait_until)
 
 
 def test_agent_outage_fail_static_then_resume(fresh_agent, fresh_mesh):
@@ -65,3 +65,29 @@ def test_agent_outage_fail_static_then_resume(fresh_agent, fresh_mesh):
         assert len(re.findall(r"agent \S+ unreachable", log)) == 1, \
             f"{p.label}: expected one 'agent unreachable' line for the one outage"
         assert len(re.findall(r"agent \S+ reachable again", log)) == 1
+
+
+def test_ready_says_the_agent_is_unreachable(fresh_agent, fresh_mesh):
+    """/ready used to answer a bare "ready" while the agent was gone, so a probe could not
+    tell a proxy running on stale state from a healthy one. It stays 200 (the proxy serves
+    on its last good state; a probe must not take it out of service for the agent's fault)
+    and names the unreachable agent, until the agent answers again."""
+    m = fresh_mesh
+    app = m.app(EchoApp)
+    db = m.add("db", app_port=app.port, start=False)
+    args, port = admin_args()
+    m.start(db, extra_args=args)
+    wait_until(lambda: admin_get(port, "/ready") == (200, "ready\n"), 30, "/ready to be ready")
+
+    fresh_agent.kill()
+    db.proxy.wait_log(r"agent \S+ unreachable", timeout=30)
+    status, body = admin_get(port, "/ready")
+    assert status == 200, body
+    assert body == (f"ready; agent {fresh_agent.http_addr} unreachable: serving the last good "
+                    f"state\n"), body
+
+    fresh_agent.start()
+    m.register(db)
+    db.proxy.wait_log(r"agent \S+ reachable again", timeout=60)
+    wait_until(lambda: admin_get(port, "/ready") == (200, "ready\n"), 30,
+               "/ready to be plain ready again")

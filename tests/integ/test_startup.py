@@ -5,7 +5,8 @@ upstream (`-upstream name.query:port`), which reuses the registration path's que
 import re
 import socket
 
-from mesh import LOOPBACK, EchoApp, free_port, port_refuses, try_echo, wait_until
+from mesh import (LOOPBACK, EchoApp, admin_args, admin_get, free_port, port_refuses, try_echo,
+                  wait_until)
 
 
 def test_agent_unreachable_at_start_is_not_fatal(fresh_agent, fresh_mesh):
@@ -18,14 +19,25 @@ def test_agent_unreachable_at_start_is_not_fatal(fresh_agent, fresh_mesh):
     m.wait_passing(db)
 
     fresh_agent.kill()
+    args, admin = admin_args()
     m.start_connectd(web.name, ["-proxy-id", web.sidecar_id, "-http-addr",
-                                fresh_agent.http_addr, "-log-level", "debug"])
+                                fresh_agent.http_addr, "-log-level", "debug", *args])
     web.proxy = m.procs[-1]
     web.proxy.wait_log(r"retrying|unreachable", timeout=20)
     # Still running, and serving nothing: no certificates yet, so no listener either.
     wait_until(lambda: web.proxy.alive(), 1, "connectd to keep running")
     assert port_refuses(web.up["db"]) and port_refuses(web.public_port)
     assert web.proxy.alive(), "connectd gave up while the agent was unreachable at start"
+    # /ready says what it waits for and why it cannot have it yet.
+    def ready():
+        try:
+            return admin_get(admin, "/ready")
+        except OSError:
+            return None
+
+    want = (503, f"waiting for the proxy registration; agent {fresh_agent.http_addr} "
+                 f"unreachable\n")
+    wait_until(lambda: ready() == want, 20, "/ready to name the unreachable agent")
 
     fresh_agent.start()
     m.register(db)

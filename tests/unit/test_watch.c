@@ -56,6 +56,7 @@ struct harness {
     struct watch *w;
     const char *reject_prefix; /* the watch callback rejects bodies starting with this */
     int stop_in_cb;
+    void *ctx; /* a test's own state, for its done() */
 };
 
 static void on_check(struct loop_timer *t)
@@ -677,6 +678,151 @@ static int saw_tls_hello(struct harness *h)
     return yes;
 }
 
+/* ---- reachability: an agent on its way out ---- */
+
+/*
+ * A server run from the loop's check timer (no thread): the first request of each path is
+ * answered 200 with index 1, later ones are held so the test can end them as it likes.
+ */
+struct dying_agent {
+    int lfd;
+    int fds[8];
+    char bufs[8][2048];
+    size_t lens[8];
+    int held_a, held_b; /* fds of the held /v1/a and /v1/b requests, or -1 */
+    int answered_a, answered_b;
+    struct watch *wa, *wb;
+    struct watch_reach *reach;
+    int phase; /* 0: until both are held; 1: until a's transport error; 2: until b's 500 */
+};
+
+static void dying_serve(struct dying_agent *d)
+{
+    int fd = accept4(d->lfd, NULL, NULL, SOCK_NONBLOCK);
+    for (int i = 0; fd >= 0 && i < 8; i++) {
+        if (d->fds[i] < 0) {
+            d->fds[i] = fd;
+            d->lens[i] = 0;
+            fd = -1;
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+    for (int i = 0; i < 8; i++) {
+        if (d->fds[i] < 0 || d->fds[i] == d->held_a || d->fds[i] == d->held_b)
+            continue;
+        ssize_t r = read(d->fds[i], d->bufs[i] + d->lens[i], sizeof(d->bufs[i]) - 1 - d->lens[i]);
+        if (r <= 0)
+            continue;
+        d->lens[i] += (size_t)r;
+        d->bufs[i][d->lens[i]] = '\0';
+        char *end = strstr(d->bufs[i], "\r\n\r\n");
+        if (end == NULL)
+            continue;
+        int is_a = strncmp(d->bufs[i], "GET /v1/a", 9) == 0;
+        int *answered = is_a ? &d->answered_a : &d->answered_b;
+        d->lens[i] = 0;
+        if (!*answered) {
+            static const char ok[] = "HTTP/1.1 200 OK\r\nX-Consul-Index: 1\r\n"
+                                     "Content-Length: 1\r\n\r\nx";
+            send_all(d->fds[i], ok, sizeof(ok) - 1);
+            *answered = 1;
+        } else if (is_a) {
+            d->held_a = d->fds[i];
+        } else {
+            d->held_b = d->fds[i];
+        }
+    }
+}
+
+static int dying_done(struct harness *h)
+{
+    struct dying_agent *d = h->ctx;
+    if (d->lfd >= 0)
+        dying_serve(d);
+    switch (d->phase) {
+    case 0:
+        return d->held_a >= 0 && d->held_b >= 0;
+    case 1:
+        return watch_failures(d->wa) >= 1 && watch_reach_down(d->reach);
+    default:
+        return watch_failures(d->wb) >= 1;
+    }
+}
+
+static int accept_any(void *data, const struct agent_response *resp)
+{
+    (void)data;
+    (void)resp;
+    return 0;
+}
+
+/*
+ * A client agent stopped with SIGTERM answers the blocking queries it still holds with HTTP
+ * 500 while it already refuses new connections. Such an answer, to a request sent before the
+ * outage began, once ended the outage ("reachable again") a moment after it began, and the
+ * next refused connection logged "unreachable" a second time for the same outage.
+ */
+static void test_reach_ignores_answers_sent_before_the_outage(void **state)
+{
+    (void)state;
+    struct harness h;
+    struct dying_agent d;
+    memset(&d, 0, sizeof(d));
+    memset(&h, 0, sizeof(h));
+    for (int i = 0; i < 8; i++)
+        d.fds[i] = -1;
+    d.held_a = d.held_b = -1;
+    d.lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(d.lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(d.lfd, (struct sockaddr *)&sin, &sl), 0);
+    assert_int_equal(listen(d.lfd, 8), 0);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", ntohs(sin.sin_port));
+    h.loop = loop_new();
+    assert_non_null(h.loop);
+    struct agent_opts o = {.addr = addr, .ssl_verify = 1};
+    h.agent = make_agent(&h, &o);
+    d.reach = watch_reach_new(addr);
+    struct watch_spec a = {
+        .name = "a", .path = "/v1/a", .block = WATCH_BY_INDEX, .wait_ms = 10000, .reach = d.reach};
+    struct watch_spec b = a;
+    b.name = "b";
+    b.path = "/v1/b";
+    d.wa = watch_start(h.agent, &a, accept_any, NULL);
+    d.wb = watch_start(h.agent, &b, accept_any, NULL);
+    h.ctx = &d;
+    h.done = dying_done;
+    run(&h, 5000);
+
+    /* The agent goes: no new connections, and a's held query is cut without an answer. */
+    close(d.lfd);
+    d.lfd = -1;
+    shutdown(d.held_a, SHUT_RDWR);
+    d.phase = 1;
+    run(&h, 5000);
+    assert_true(watch_reach_down(d.reach));
+
+    /* b's query, sent before the outage, is answered 500 on the agent's way out. */
+    static const char err[] = "HTTP/1.1 500 X\r\nContent-Length: 3\r\n\r\nbye";
+    send_all(d.held_b, err, sizeof(err) - 1);
+    d.phase = 2;
+    run(&h, 5000);
+    assert_true(watch_reach_down(d.reach));
+
+    watch_stop(d.wa);
+    watch_stop(d.wb);
+    watch_reach_free(d.reach);
+    agent_free(h.agent);
+    loop_free(h.loop);
+    for (int i = 0; i < 8; i++)
+        if (d.fds[i] >= 0)
+            close(d.fds[i]);
+}
+
 /*
  * With tls_server_name the connection still goes to the address's host and port, but the TLS
  * hello names the server name (SNI; curl verifies the certificate against the same name).
@@ -753,6 +899,7 @@ int main(void)
         cmocka_unit_test(test_token_body_and_headers),
         cmocka_unit_test(test_cancel_and_transport_error),
         cmocka_unit_test(test_callback_may_cancel_another),
+        cmocka_unit_test(test_reach_ignores_answers_sent_before_the_outage),
         cmocka_unit_test(test_tls_server_name_routes_to_address),
         cmocka_unit_test(test_bad_addresses),
     };
