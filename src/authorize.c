@@ -1,8 +1,9 @@
 /*
  * authorize: authorize mode (Proxy.Config authorization = "authorize"). The workers' questions
  * are answered from a short cache, joined to the same question already on its way, or asked
- * of the agent with POST /v1/agent/connect/authorize; re-checks of open connections whose
- * answer disagrees with the intentions here are asked again a little later.
+ * of the agent with POST /v1/agent/connect/authorize; an allow the intentions here refuse
+ * is refused (refuse_stale_allow); re-checks of open connections whose answer still disagrees
+ * with the intentions here are asked again a little later.
  */
 #include "authorize.h"
 #include "decode.h"
@@ -17,6 +18,7 @@
 #define RECHECK_RETRY_MS  500  /* a re-check the agent answered stale: ask again after */
 #define RECHECK_ASKS      10   /* ...at most this many times in all */
 #define AUTHZ_CACHE_MAX   1024 /* callers remembered at once; the oldest make room */
+#define VETO_LOGGED_MAX   32   /* callers whose refused allow was logged, per intention table */
 
 /* One remembered answer of the agent for one caller. */
 struct authz_entry {
@@ -48,6 +50,11 @@ struct authorize {
     struct loop_timer recheck_timer;
     struct authz_entry *cache;
     size_t n_cache;
+    /* callers whose allow the intentions here refused, logged once each per intention table
+     * (<veto_gen>); past VETO_LOGGED_MAX the others are logged at DEBUG */
+    char *veto_logged[VETO_LOGGED_MAX];
+    size_t n_veto_logged;
+    uint64_t veto_gen;
 };
 
 static void authz_entry_dispose(struct authz_entry *e)
@@ -126,6 +133,65 @@ static int authz_agrees(const struct authorize *az, const struct authq_req *r)
     return d.allow == (r->allowed != 0);
 }
 
+/* Whether the refused allow of <uri> is to be logged at WARN: once per caller and table. */
+static int veto_first(struct authorize *az, const char *uri)
+{
+    uint64_t gen = inputs_intents_gen(az->in);
+    if (az->veto_gen != gen) {
+        for (size_t i = 0; i < az->n_veto_logged; i++)
+            free(az->veto_logged[i]);
+        az->n_veto_logged = 0;
+        az->veto_gen = gen;
+    }
+    for (size_t i = 0; i < az->n_veto_logged; i++)
+        if (strcmp(az->veto_logged[i], uri) == 0)
+            return 0;
+    if (az->n_veto_logged == VETO_LOGGED_MAX)
+        return 0;
+    az->veto_logged[az->n_veto_logged++] = xstrdup(uri);
+    return 1;
+}
+
+/*
+ * The agent's allow of <r> is taken only when the intentions here do not refuse it. Its
+ * answer comes from its own copy of the intentions (consul-api.md 2.3), which carries no
+ * index and was seen to keep answering an allow for more than 15 s after the intention was
+ * flipped to deny, while our blocking watch, which returns as soon as the agent's index
+ * moves, already held the deny; re-asking and then taking its word let that stale allow
+ * outlive the intention it was based on. So an intention here that denies the caller wins,
+ * and so does our table when the agent allows by an intention it no longer has (or does
+ * not have yet: then the deny lasts until our watch catches up, which fails closed). The
+ * agent keeps the last word where the two disagree only about the default policy (no
+ * intention matched on either side): that is what authorize mode follows, e.g. /authorize
+ * allows with ACLs off even when acl.default_policy is deny (consul-api.md 2.4.5). Without a
+ * table here (none yet) the agent's answer stands. Sets r->allowed to 0 and says why in
+ * r->reason when the allow is refused; returns 1 then.
+ */
+static int refuse_stale_allow(struct authorize *az, struct authq_req *r)
+{
+    struct spiffe_id id;
+    const struct intent_table *intents = inputs_intents(az->in);
+    if (!r->allowed || intents == NULL ||
+        spiffe_parse(r->client_uri, strlen(r->client_uri), &id) != 0 || id.kind != SPIFFE_SERVICE)
+        return 0;
+    struct intent_decision d = intent_eval(intents, id.partition, id.ns, id.service);
+    int agent_matched = strncmp(r->reason, "Matched ", 8) == 0;
+    if (d.allow || (d.matched == NULL && d.rule == NULL && !agent_matched))
+        return 0;
+    char here[300], agent_said[128];
+    intent_describe(&d, here, sizeof(here));
+    snprintf(agent_said, sizeof(agent_said), "%.127s", r->reason);
+    if (veto_first(az, r->client_uri))
+        LOG_WARN("authorize: the agent allows %s (\"%s\"), but the intentions here deny it "
+                 "(%s); failing closed: its copy of the intentions lags behind",
+                 LOG_ESC(r->client_uri), agent_said, here);
+    else
+        LOG_DEBUG("authorize: the agent's allow of %s refused again (%s)", r->client_uri, here);
+    snprintf(r->reason, sizeof(r->reason), "%.150s here, over the agent's stale allow", here);
+    r->allowed = 0;
+    return 1;
+}
+
 /*
  * A re-check of an open connection that the agent answered differently from the intentions
  * here is asked again a little later rather than answered: a stale "allow" would otherwise
@@ -183,6 +249,7 @@ static void on_authorized(void *data, const struct agent_response *resp)
 
     if (resp->status == 200 && decode_authorize(resp->body, resp->body_len, &r->allowed, r->reason,
                                                 sizeof(r->reason), err, sizeof(err)) == 0) {
+        refuse_stale_allow(az, r);
         int agrees = authz_agrees(az, r);
         if (r->recheck && agrees == 0 && r->asks < RECHECK_ASKS) {
             LOG_DEBUG("authorize: the agent's answer for %s (re-check) differs from the "
@@ -322,6 +389,8 @@ void authorize_free(struct authorize *az)
         free(p);
     }
     loop_timer_stop(az->loop, &az->recheck_timer);
+    for (size_t i = 0; i < az->n_veto_logged; i++)
+        free(az->veto_logged[i]);
     while (az->recheck_later != NULL) {
         struct authq_req *r = az->recheck_later;
         az->recheck_later = r->next;

@@ -3,9 +3,13 @@
  * their questions (authq.h) to the control thread, which hands each to authorize_submit();
  * the answer goes back to the asking worker's box, from the cache (per target and caller URI,
  * for the question's cache_ms, kept only when the intentions here agree), shared with the same
- * question already asked, or from the agent. An agent error is a deny for a new connection; a
- * re-check of an open one that the agent answers unlike the intentions here, or not at all,
- * is asked again every 500 ms, up to 10 times, and only a real "no" ends the connection.
+ * question already asked, or from the agent. The agent's answer can only add a deny: its
+ * allow is refused when an intention here denies the caller, or when it cites an intention
+ * the table here does not back (a stale copy: fail closed); it stands where the two differ
+ * only by default policy, and before the table here exists. An agent error is a deny for a
+ * new connection; a re-check of an open one that the agent answers unlike the intentions
+ * here, or not at all, is asked again every 500 ms, up to 10 times, and only a real "no" ends
+ * the connection.
  *
  * Control thread only.
  */

@@ -7,7 +7,8 @@
  *
  * Inputs fail independently: a malformed or refused answer is logged and the last good state
  * stays in force (the watch backs off and retries). Nothing is served before the registration,
- * a leaf, the roots and the intentions have all arrived once.
+ * a leaf, the roots and the intentions have all arrived once, nor before each upstream's first
+ * discovery chain and its primary targets' first health answers (at most 15 s: upstreams.h).
  *
  *   start -> [LOOKUP (-sidecar-for only)] -> WATCHING -> (SIGTERM/SIGINT) -> DRAINING -> STOPPING
  *
@@ -252,6 +253,16 @@ static void do_rebuild(struct loop_defer *d)
     if (!ctl->have_cfg || tls == NULL || intents == NULL || trust_domain == NULL ||
         mesh_http == NULL || inputs_waiting_for(ctl->in) != NULL)
         return;
+    /* The first snapshot also waits for each upstream's first chain and its primary targets'
+     * first health answers (bounded: upstreams.c), as Envoy opens no listener before its
+     * clusters' first fetch: published earlier, it opened the upstream listeners with no
+     * endpoint behind them, and a request at start-up got 503 (or a closed connection). Later
+     * snapshots never wait for an upstream: a new chain warms while the old one serves. */
+    char why[320];
+    if (ctl->current == NULL && upstreams_waiting(ctl->ups, why, sizeof(why))) {
+        LOG_DEBUG("first snapshot held: %s", why);
+        return;
+    }
     struct upstreams_parts parts;
     upstreams_parts(ctl->ups, ctl->cfg.n_upstreams, &parts);
     struct snapshot *s = snapshot_new(++ctl->generation, &ctl->cfg, trust_domain, tls, intents,
@@ -389,8 +400,8 @@ static void on_signal(struct loop_io *io, unsigned events)
 
 /* ---- admin endpoint ---- */
 
-/* Why the proxy is not ready, or NULL when it is. */
-static const char *not_ready_reason(const struct control *ctl)
+/* Why the proxy is not ready (in <buf> of <len> bytes, or a constant), or NULL when it is. */
+static const char *not_ready_reason(const struct control *ctl, char *buf, size_t len)
 {
     if (ctl->draining || ctl->stopping)
         return "draining: connectd is stopping";
@@ -399,6 +410,8 @@ static const char *not_ready_reason(const struct control *ctl)
     const char *waiting = inputs_waiting_for(ctl->in);
     if (waiting != NULL)
         return waiting;
+    if (ctl->current == NULL && upstreams_waiting(ctl->ups, buf, len))
+        return buf;
     if (ctl->current == NULL)
         return "no configuration published to the workers yet";
     for (int i = 0; i < ctl->n_workers; i++)
@@ -410,8 +423,9 @@ static const char *not_ready_reason(const struct control *ctl)
 static void on_admin(void *data, const struct admin_request *req, struct admin_reply *reply)
 {
     struct control *ctl = data;
+    char why[320];
     struct views_state st = {
-        .not_ready = not_ready_reason(ctl),
+        .not_ready = not_ready_reason(ctl, why, sizeof(why)),
         .current = ctl->current,
         .registration = ctl->svc_watch,
         .agent_down = watch_reach_down(ctl->reach) ? agent_addr(ctl->agent) : NULL,

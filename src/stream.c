@@ -214,6 +214,13 @@ enum stream_verdict stream_authorize(struct session *s, struct stream *st, struc
             intent_eval(now->intents, s->caller_partition, s->caller_ns, s->caller_service);
         if (l4.allow != s->agent_allowed)
             session_ask_again(s);
+        /* An intention here that denies the caller is newer than an allow of the agent's
+         * that contradicts it (the control thread refuses such an allow once the agent
+         * answers: authorize.c): it fails closed now, not one agent round trip later. */
+        if (s->agent_allowed && !l4.allow && (l4.rule != NULL || l4.matched != NULL)) {
+            snprintf(why, len, "agent authorize: allowed, but an intention here denies");
+            return STREAM_DENY;
+        }
         snprintf(why, len, "agent authorize: %s", s->agent_allowed ? "allowed" : "denied");
         return s->agent_allowed ? rate_limit(now, path, why, len) : STREAM_DENY;
     }

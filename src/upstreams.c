@@ -56,6 +56,10 @@ struct up_watch {
     struct route_table *next_routes;
     int next_protocol;
     struct loop_timer warm; /* bounds the wait (UPSTREAMS_WARM_MS) */
+    /* Its first chain (or query answer) has gone in force, or the bound passed without it:
+     * until then the proxy is not ready (upstreams_waiting()). */
+    int started;
+    int is_query; /* a prepared query's, polled (one target, no health watch) */
     struct upstreams *ups;
 };
 
@@ -123,22 +127,28 @@ static int next_known(const struct up_watch *u, size_t i)
 }
 
 /*
- * Whether the waiting chain may go in force: the primary target of each of its resolvers (of
- * the chain's first target without a table) has had its first health answer. Failover
- * targets are not waited for: they serve only when their primary has no healthy endpoint, and
- * one in a datacenter out of reach would hold every change for the whole bound.
+ * The waiting chain's first target the chain waits for: the primary target of each of its
+ * resolvers (the chain's first target without a table) that has had no health answer yet.
+ * Failover targets are not waited for: they serve only when their primary has no healthy
+ * endpoint, and one in a datacenter out of reach would hold every change for the whole bound.
+ * NULL when there is none: the chain may go in force.
  */
-static int next_warm(const struct up_watch *u)
+static const struct tgt_watch *next_unanswered(const struct up_watch *u)
 {
     size_t n = u->next_routes != NULL ? route_table_resolvers(u->next_routes) : 0;
     if (n == 0)
-        return next_known(u, 0);
+        return next_known(u, 0) ? NULL : u->next_tgts[0];
     for (size_t i = 0; i < n; i++) {
         const struct route_resolver *r = route_table_resolver(u->next_routes, i);
         if (r->n_targets > 0 && !next_known(u, r->targets[0]))
-            return 0;
+            return u->next_tgts[r->targets[0]];
     }
-    return 1;
+    return NULL;
+}
+
+static int next_warm(const struct up_watch *u)
+{
+    return next_unanswered(u) == NULL;
 }
 
 /* Frees the targets of <v> found in neither <keep1> nor <keep2>, then the array itself. */
@@ -180,13 +190,34 @@ static void next_promote(struct up_watch *u)
     u->routes = u->next_routes;
     u->next_routes = NULL;
     u->protocol = u->next_protocol;
+    u->started = 1;
 }
 
-/* The wait for the new chain's targets is over: the chain goes in force with what is known
- * (a target still without an answer has no endpoint, and its requests get 503). */
+/*
+ * The wait for the new chain's targets is over: the chain goes in force with what is known
+ * (a target still without an answer has no endpoint, and its requests get 503). At start-up
+ * the same bound also ends the wait for the first chain or query answer, so that one upstream
+ * the agent does not answer about cannot keep the proxy from ever being ready.
+ */
 static void on_warm_timeout(struct loop_timer *tm)
 {
     struct up_watch *u = tm->data;
+    if (!u->started) {
+        const struct tgt_watch *t = u->n_next_tgts > 0 ? next_unanswered(u) : NULL;
+        if (t != NULL)
+            LOG_WARN("upstream %s: target %s of the first discovery chain has no health answer "
+                     "after %u ms; ready without its endpoints",
+                     u->key, t->info.id, (unsigned)UPSTREAMS_WARM_MS);
+        else
+            LOG_WARN("upstream %s: no %s after %u ms; ready without it", u->key,
+                     u->is_query ? "answer to its prepared query" : "discovery chain",
+                     (unsigned)UPSTREAMS_WARM_MS);
+        u->started = 1;
+        if (u->n_next_tgts > 0)
+            next_promote(u);
+        changed(u->ups);
+        return;
+    }
     if (u->n_next_tgts == 0)
         return;
     LOG_WARN("upstream %s: a target of the new discovery chain has no health answer after %u ms; "
@@ -378,6 +409,10 @@ static int on_query(void *data, const struct agent_response *resp)
     dec_query_dispose(&q);
     endpoint_set_unref(t->info.endpoints);
     t->info.endpoints = set;
+    if (!u->started) {
+        loop_timer_stop(agent_loop(u->ups->agent), &u->warm);
+        u->started = 1;
+    }
     changed(u->ups);
     return 0;
 }
@@ -465,6 +500,12 @@ static struct up_watch *up_watch_new(struct upstreams *ups, const struct upstrea
                   c->destination_name);
     spec.name = wname;
     spec.reach = ups->reach;
+    /* A new upstream is waited for at start-up, for at most the chain's own bound; one that
+     * takes over from <old> serves what <old> had. */
+    u->started = old != NULL && old->started;
+    if (!u->started)
+        loop_timer_start(agent_loop(ups->agent), &u->warm, UPSTREAMS_WARM_MS);
+    u->is_query = spec.block == WATCH_POLL;
     if (spec.block == WATCH_POLL) {
         /* The query's one target: identity and datacenter come from each entry. */
         struct dec_chain_target ct = {.id = c->destination_name,
@@ -592,6 +633,26 @@ void upstreams_parts_dispose(struct upstreams_parts *p)
     free(p->outliers);
     free(p->protocols);
     free(p->routes);
+}
+
+int upstreams_waiting(const struct upstreams *ups, char *why, size_t why_len)
+{
+    for (size_t i = 0; i < ups->n; i++) {
+        const struct up_watch *u = ups->v[i];
+        if (u->started)
+            continue;
+        const struct tgt_watch *t = u->n_next_tgts > 0 ? next_unanswered(u) : NULL;
+        if (u->is_query)
+            snprintf(why, why_len, "waiting for upstream %s: its prepared query", u->key);
+        else if (t != NULL)
+            snprintf(why, why_len,
+                     "waiting for upstream %s: the first health answer of its target %s", u->key,
+                     t->info.id);
+        else
+            snprintf(why, why_len, "waiting for upstream %s: its discovery chain", u->key);
+        return 1;
+    }
+    return 0;
 }
 
 void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data)

@@ -5,7 +5,8 @@
  * (targets added and removed), keeping whatever did not change. A chain goes in force
  * (upstreams_parts() shows its targets and route table) only once the primary target of each
  * of its resolvers has had a first health answer, or after 15 s; until then the previous chain
- * serves (none before the first: the upstream has no target yet).
+ * serves (none before the first: the upstream has no target yet, and upstreams_waiting() says
+ * so, which holds the proxy's first snapshot).
  *
  * Control thread only; a bad answer is logged and the last good endpoints stay in force.
  */
@@ -55,6 +56,15 @@ struct upstreams_parts {
 };
 void upstreams_parts(const struct upstreams *ups, size_t n, struct upstreams_parts *out);
 void upstreams_parts_dispose(struct upstreams_parts *p);
+
+/*
+ * Whether an upstream has not gone in force yet (start-up): its discovery chain has not come,
+ * or the primary target of one of its resolvers has had no health answer (a prepared query:
+ * no answer), and the 15 s bound has not passed. Then writes why, naming the upstream, into
+ * <why> (<why_len> bytes) and returns 1; else 0. Envoy likewise takes no traffic before its
+ * clusters' first fetch (initial_fetch_timeout).
+ */
+int upstreams_waiting(const struct upstreams *ups, char *why, size_t why_len);
 
 /* Calls <fn> for each upstream's watch ("upstream:<key>") and its targets' ("health:<id>"). */
 void upstreams_each_watch(const struct upstreams *ups, watch_visit_cb fn, void *data);

@@ -1646,16 +1646,19 @@ class Mesh:
         self.on_log(p.label, log_path)
         return p.start()
 
-    def start(self, svc, extra_args=(), use_proxy_id=False, env=None, nofile=None):
+    def start(self, svc, extra_args=(), use_proxy_id=False, env=None, nofile=None,
+              port_timeout=20):
         """Starts connectd for svc (with more environment variables <env>; nofile: see
-        start_connectd) and waits until its public and upstream ports accept."""
+        start_connectd) and waits until its public and upstream ports accept (each for up to
+        <port_timeout> s: no listener opens before every upstream's first endpoints came, or
+        15 s passed)."""
         sel = ["-proxy-id", svc.sidecar_id] if use_proxy_id else ["-sidecar-for", svc.id]
         args = sel + ["-http-addr", self.agent.http_addr, "-log-level", "debug",
                       "-workers", "2", *extra_args]
         svc.proxy = self.start_connectd(svc.name, args, env, nofile=nofile)
         for port in [svc.public_port, *svc.up.values()]:
             if port is not None:
-                svc.proxy.wait_port(port)
+                svc.proxy.wait_port(port, timeout=port_timeout)
         return svc.proxy
 
     def wait_passing(self, svc, timeout=30):

@@ -2,14 +2,17 @@
 from its control thread) about each new inbound caller instead of consulting its own intention
 table, keeps answers a few seconds per caller, and forgets them when the intentions change."""
 
+import json
 import re
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mesh import (LOOPBACK, AgentInterposer, EchoApp, assert_refused, closed_without_data,
-                  echo_roundtrip, is_refused, try_echo, wait_until)
+from mesh import (LOOPBACK, AgentInterposer, EchoApp, HttpConn, HttpEchoApp, assert_refused,
+                  build_request, closed_without_data, echo_roundtrip, is_refused, try_echo,
+                  wait_http, wait_until)
 
 
 def test_authorize_mode_allows_and_denies_like_intentions(mesh):
@@ -67,32 +70,68 @@ def start_behind(m, hop, db):
     m.wait_passing(db)
 
 
-def test_authorize_answer_that_disagrees_with_the_intentions_is_not_cached(hop, mesh):
-    """The agent answers /authorize from its own copy of the intentions, which can lag behind
-    the intention change the sidecar has already seen. Such an answer decides its connection
-    (it is the agent's word) but is not cached: otherwise a stale allow would outlive the deny
-    for the whole authorize_cache_ms."""
+# What an agent whose own copy of the intentions lags behind answers for web after web's
+# intention to db was flipped to deny (its real answer names the intention it matched).
+STALE_ALLOW = {"Authorized": True,
+               "Reason": "Matched L4 intention: web => db (ID: stale, Precedence: 9)"}
+
+
+def test_stale_agent_allow_against_a_deny_here_is_refused(hop, mesh):
+    """Regression: after an intention was flipped to deny, the agent's /authorize kept
+    answering "Matched L4 intention ... ALLOW" for more than 15 s in one CI run, while the
+    intention table here (from a blocking watch, newer) already held the deny; connectd took
+    the agent's allow (a new connection at once, as its word; an open one after 10 re-asks).
+    A stale decision must not outlive what it was based on: an allow of the agent that an
+    intention here refuses is refused (fail closed), and logged once at WARN."""
     m = mesh
-    db, web = add_pair(m, authorize_cache_ms=60000)
+    db, web = add_pair(m, authorize_cache_ms=0)
     m.intend("db", {"web": "deny"})
-    # The agent behind the hop still "believes" web is allowed.
-    hop.authorize_answer = {"Authorized": True, "Reason": "stale copy: web allowed"}
+    hop.authorize_answer = STALE_ALLOW
     start_behind(m, hop, db)
     db.proxy.wait_log(r"intentions for \S+: 1 rule\(s\)")
 
-    m.wait_echo(web.up["db"], what="web allowed on the agent's (stale) word")
     calls = hop.authorize_calls
-    assert try_echo(web.up["db"])
-    assert hop.authorize_calls > calls, "the second connection was not asked again"
+    for _ in range(3):
+        assert_refused(web.up["db"])
+    wait_until(lambda: hop.authorize_calls >= calls + 3, 10, "the agent to be asked each time")
+    denied = re.compile(r"result=denied reason=\"agent authorize: intention \S+ => \S+ deny "
+                        r"\([^\"]*\) here, over the agent's stale allow\"")
+    db.proxy.wait_log(denied.pattern)
+    warn = re.compile(r"\[WARN\] authorize: the agent allows \S+/svc/" + re.escape(web.name)
+                      + r" \(\"Matched L4 intention[^\n]*the intentions here deny it "
+                      r"\(intention \S+ => \S+ deny")
+    assert len(warn.findall(db.proxy.log())) == 1, "the refused allow was not logged once"
+
+    # The agent's allow still counts when the intentions here allow too.
+    m.intend("db", {"web": "allow"})
+    m.wait_echo(web.up["db"], what="web allowed once the intentions here allow it")
+
+
+def test_authorize_answer_that_disagrees_with_the_intentions_is_not_cached(hop, mesh):
+    """The agent answers /authorize from its own copy of the intentions, which can lag behind
+    the intention change the sidecar has already seen. Its deny decides its connection (it is
+    the agent's word; a deny fails closed) but is not cached: otherwise a stale answer would
+    outlive the change for the whole authorize_cache_ms."""
+    m = mesh
+    db, web = add_pair(m, authorize_cache_ms=60000)
+    m.intend("db", {"web": "allow"})
+    # The agent behind the hop still "believes" web is denied.
+    hop.authorize_answer = {"Authorized": False, "Reason": "stale copy: web denied"}
+    start_behind(m, hop, db)
+    db.proxy.wait_log(r"intentions for \S+: 1 rule\(s\)")
+
+    calls = hop.authorize_calls
+    assert_refused(web.up["db"])
+    assert_refused(web.up["db"])
+    assert hop.authorize_calls >= calls + 2, "the second connection was not asked again"
     log = db.proxy.log()
-    assert "by the agent: stale copy: web allowed" in log
+    assert "agent authorize: stale copy: web denied" in log
     assert "(cached)" not in log
     assert "differs from the intentions here; not cached" in log
 
-    # The agent catches up: the deny applies to the very next connection, not 60 s later.
+    # The agent catches up: the allow applies to the very next connection, not 60 s later.
     hop.authorize_answer = None
-    assert_refused(web.up["db"])
-    db.proxy.wait_log(r"result=denied reason=\"agent authorize: [^\"]*DENY")
+    m.wait_echo(web.up["db"], timeout=10, what="web allowed once the agent caught up")
 
 
 def test_concurrent_questions_from_one_caller_make_one_request(hop, mesh):
@@ -123,9 +162,10 @@ def test_concurrent_questions_from_one_caller_make_one_request(hop, mesh):
 
 def test_open_connection_rechecked_with_the_agent_when_intentions_change(hop, mesh):
     """In authorize mode too, an intention change re-checks open connections, with the agent:
-    a connection the agent now refuses is closed. While the agent's own copy of the
-    intentions still answers the old way (it lags behind the change), the re-check is asked
-    again rather than taken as the final word."""
+    a connection the agent now refuses is closed. An agent whose own copy of the intentions
+    still allows (it lags behind the deny) does not keep the connection open: the deny here
+    wins. (It used to be asked again 10 times, 500 ms apart, and then taken: the connection
+    stayed open for good on the stale allow.)"""
     m = mesh
     db, web = add_pair(m)
     m.intend("db", {"web": "allow"})
@@ -135,15 +175,12 @@ def test_open_connection_rechecked_with_the_agent_when_intentions_change(hop, me
     with socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) as s:
         assert echo_roundtrip(s, b"before the change\n") == b"before the change\n"
         # The agent behind the hop lags: it still allows web after the deny is written.
-        hop.authorize_answer = {"Authorized": True, "Reason": "stale copy: web allowed"}
+        hop.authorize_answer = STALE_ALLOW
         m.intend("db", {"web": "deny"})
-        db.proxy.wait_log(r"\(re-check\) differs from the intentions here; asking again")
-        assert echo_roundtrip(s, b"still open\n") == b"still open\n"
-        # The agent catches up: the next re-check closes the connection.
-        hop.authorize_answer = None
         closed, _ = closed_without_data(s, timeout=15)
-        assert closed, "the open connection survived the deny"
-    db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: [^\"]*DENY")
+        assert closed, "the open connection survived the deny on the agent's stale allow"
+    db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: intention "
+                      r"\S+ => \S+ deny [^\"]* here, over the agent's stale allow\"")
 
 
 def test_recheck_without_an_answer_keeps_the_connection(hop, mesh):
@@ -173,13 +210,20 @@ def test_admitted_allow_the_intentions_refuse_is_rechecked(hop, mesh):
     connection for good: the answer was not cached, but the intention-change sweep had skipped
     the connection while it waited for the answer, and periodic re-authorization is off by
     default, so nothing asked again. Such a connection now goes the re-check path of open
-    connections at once and is closed when the agent agrees with the deny."""
+    connections at once and is closed when the agent agrees with the deny.
+
+    Where the two views differ only about the default policy, the agent's allow still admits:
+    that is what authorize mode follows (/authorize allows by default with ACLs off even when
+    acl.default_policy is deny, which is what the hop makes the table here read)."""
     m = mesh
     db, web = add_pair(m, authorize_cache_ms=60000)
-    m.intend("db", {"web": "deny"})
-    hop.authorize_answer = {"Authorized": True, "Reason": "stale copy: web allowed"}
+    hop.drop_headers = {"x-consul-default-acl-policy"}
+    hop.canned = {"/v1/agent/self": (200, json.dumps(
+        {"Config": {"Datacenter": "dc1"},
+         "DebugConfig": {"ACLsEnabled": False,
+                         "ACLResolverSettings": {"ACLDefaultPolicy": "deny"}}}).encode())}
     start_behind(m, hop, db)
-    db.proxy.wait_log(r"intentions for \S+: 1 rule\(s\)")
+    db.proxy.wait_log(r"intentions for \S+: 0 rule\(s\), default deny")
 
     def admitted():
         s = socket.create_connection((LOOPBACK, web.up["db"]), timeout=10)
@@ -191,12 +235,45 @@ def test_admitted_allow_the_intentions_refuse_is_rechecked(hop, mesh):
         s.close()
         return None
 
-    s = wait_until(admitted, 30, "web admitted on the agent's (stale) word")
+    s = wait_until(admitted, 30, "web admitted on the agent's default allow")
     with s:
-        # The agent catches up with the deny: the re-check closes the connection.
-        hop.authorize_answer = None
+        db.proxy.wait_log(r"allow for \S+/svc/" + web.name + r" differs from the intentions "
+                          r"here; re-checking it")
+        # The agent now denies: the re-check closes the connection.
+        hop.authorize_answer = {"Authorized": False, "Reason": "Default behavior configured "
+                                                               "by ACLs (now deny)"}
         closed, _ = closed_without_data(s, timeout=15)
         assert closed, "the connection admitted on a disputed allow was never re-checked"
-    db.proxy.wait_log(r"allow for \S+/svc/" + web.name + r" differs from the intentions here; "
-                      r"re-checking it")
-    db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: [^\"]*DENY")
+    db.proxy.wait_log(r"result=denied reason=\"re-authorization: agent authorize: Default "
+                      r"behavior configured by ACLs \(now deny\)")
+
+
+def test_l7_request_denied_by_an_intention_here_while_the_agent_is_asked(hop, mesh):
+    """authorize mode, protocol http: each request obeys the agent's last answer about its
+    caller. When an intention here starts denying the caller, the requests of an open
+    connection are refused at once (403), not only once the agent has answered the re-check
+    the change sent: an allow the intentions here refuse is not taken (the agent's answer is
+    held here, as from an agent slow to answer)."""
+    m = mesh
+    m.service_defaults("db", "http")
+    db = m.add("db", app_port=m.app(HttpEchoApp).port, start=False,
+               proxy_config={"authorization": "authorize", "authorize_cache_ms": 0})
+    web = m.add("web", upstreams=["db"])
+    m.intend("db", {"web": "allow"})
+    start_behind(m, hop, db)
+    wait_http(web.up["db"], "GET", "/", 200, timeout=30, what="web's requests to be allowed")
+    held = threading.Event()
+    try:
+        with HttpConn(web.up["db"]) as c:
+            def status_now():
+                c.send(build_request("GET", "/now"))
+                return c.response().status
+
+            assert status_now() == 200
+            hop.held["/v1/agent/connect/authorize"] = held
+            m.intend("db", {"web": "deny"})
+            wait_until(lambda: status_now() == 403, 10,
+                       "the deny here to refuse the next request before the agent answered")
+            assert not held.is_set()
+    finally:
+        held.set()

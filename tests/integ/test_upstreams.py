@@ -362,8 +362,12 @@ def test_upstream_datacenter_compiles_the_chain_there(mesh):
     m.wait_passing(db)
     # Datacenter dc1 (the agent's own, named explicitly) resolves as usual; dc2 does not exist
     # here, but the chain compiled there names dc2 targets, so compile-dc was sent.
+    # The agent cannot answer about dc2's endpoints: web serves after the 15 s bound of
+    # start-up (test_ready_warming.py).
     web = m.add("web", upstreams=[{"name": "db", "fields": {"Datacenter": "dc1"}},
-                                  {"name": "other", "fields": {"Datacenter": "dc2"}}])
+                                  {"name": "other", "fields": {"Datacenter": "dc2"}}],
+                start=False)
+    m.start(web, port_timeout=40)
     wait_who(web.up["db"], "db")
     other = m.name("other")
     web.proxy.wait_log(r"discovery chain " + other + r": 1 target\(s\), primary " + other
