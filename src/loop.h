@@ -74,10 +74,11 @@ void loop_io_init(struct loop_io *io, int fd, loop_io_cb cb, void *data);
 int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want);
 /*
  * Hands the epoll registration of <from>'s fd to <to> (initialised for the same fd), which
- * then wants <want>: one epoll_ctl where loop_io_want(from, 0) and loop_io_want(to, want)
- * make two (the pool moves a connection between a session and its idle list about every
- * other routed request). <from> is left wanting nothing, so an event for it still due in this
- * round is not dispatched. Returns 0 or -errno.
+ * then wants <want>: no system call when <want> is what <from> wanted, one epoll_ctl
+ * otherwise, where loop_io_want(from, 0) and loop_io_want(to, want) make two (the pool moves
+ * a connection between a session and its idle list about every other routed request).
+ * <from> is left wanting nothing; an event for the fd still due in this round goes to <to>.
+ * Returns 0 or -errno.
  */
 int loop_io_move(struct loop *loop, struct loop_io *from, struct loop_io *to, unsigned want);
 

@@ -2717,7 +2717,10 @@ static void mux_dialled(struct session *s, const char *why)
     } else {
         m->app_keep = 1;
         m->app_served = s->dial_pooled ? 1 : 0;
-        m->rd_ok[1] = 1;
+        /* A pooled connection was drained while idle (the pool drops one that says anything):
+         * its answer comes with an event, and a read before that would only say EAGAIN. */
+        m->rd_ok[1] = !s->dial_pooled || xprt_pending(&s->end[1]);
+        m->rd_wants[1] = LOOP_READ | xprt_wants(&s->end[1], LOOP_READ);
         if (s->end[1].tls != NULL)
             tls_conn_set_read_ahead(s->end[1].tls);
         send_request(s);
