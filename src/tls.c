@@ -1054,6 +1054,11 @@ void tls_conn_set_read_ahead(struct tls_conn *c)
     SSL_set_read_ahead(c->ssl, 1);
 }
 
+void tls_conn_rest(struct tls_conn *c)
+{
+    (void)SSL_free_buffers(c->ssl); /* refuses, harmlessly, when a buffer holds bytes */
+}
+
 const char *tls_conn_error(const struct tls_conn *c)
 {
     return c->err;

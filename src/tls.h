@@ -112,6 +112,12 @@ int tls_conn_has_pending(const struct tls_conn *c);
  * not wait for the fd while tls_conn_has_pending(): bytes may wait inside OpenSSL.
  */
 void tls_conn_set_read_ahead(struct tls_conn *c);
+/*
+ * The caller waits for the fd before its next read: OpenSSL's record buffers go back to the
+ * allocator unless they hold something (a partial record read ahead, an unsent write), so an
+ * idle connection holds none. What tls_read() does itself after a read that says EAGAIN.
+ */
+void tls_conn_rest(struct tls_conn *c);
 /* One line describing the last failure ("" when none). Valid until the next call on c. */
 const char *tls_conn_error(const struct tls_conn *c);
 

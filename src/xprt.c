@@ -54,6 +54,12 @@ int xprt_pending(const struct xprt *x)
     return x->tls != NULL && tls_conn_has_pending(x->tls);
 }
 
+void xprt_rest(struct xprt *x)
+{
+    if (x->tls != NULL)
+        tls_conn_rest(x->tls);
+}
+
 const char *xprt_error(const struct xprt *x, int rc)
 {
     if (x->tls != NULL && tls_conn_error(x->tls)[0] != '\0')
