@@ -179,6 +179,16 @@ int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want)
     return 0;
 }
 
+void loop_io_close(struct loop *loop, struct loop_io *io)
+{
+    if (io->want != 0 && io->fd >= 0 && (size_t)io->fd < loop->n_slots &&
+        loop->slots[io->fd].io == io)
+        loop->slots[io->fd].io = NULL;
+    io->want = 0;
+    if (io->fd >= 0)
+        close(io->fd);
+}
+
 int loop_io_move(struct loop *loop, struct loop_io *from, struct loop_io *to, unsigned want)
 {
     if (from->want == 0 || want == 0 || from->fd != to->fd) {

@@ -73,6 +73,12 @@ void loop_io_init(struct loop_io *io, int fd, loop_io_cb cb, void *data);
 /* Sets the wanted events (0 removes the fd from epoll). Returns 0 or -errno. */
 int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want);
 /*
+ * Closes <io>'s fd, which must be the last descriptor of its socket (never dup()ed): closing
+ * it takes it out of epoll, so no EPOLL_CTL_DEL is made (two system calls saved per
+ * connection and side), and an event still due for it in this round is dropped.
+ */
+void loop_io_close(struct loop *loop, struct loop_io *io);
+/*
  * Hands the epoll registration of <from>'s fd to <to> (initialised for the same fd), which
  * then wants <want>: no system call when <want> is what <from> wanted, one epoll_ctl
  * otherwise, where loop_io_want(from, 0) and loop_io_want(to, want) make two (the pool moves

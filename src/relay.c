@@ -21,9 +21,9 @@
  * An end is read only after an event for it or a read that did not drain it (a full buffer,
  * or records left inside OpenSSL): the loop is level-triggered, so more bytes come with an
  * event, and the read that would only say EAGAIN (a system call, and for TLS an SSL_read that
- * takes and gives back a record buffer) is saved. The TLS end reads ahead, so a record costs
- * one read() rather than two (header, then body); records it leaves inside OpenSSL are read
- * without waiting for an event that will not come.
+ * takes and gives back a record buffer) is saved. The TLS end reads ahead (tls.c), so a
+ * record costs one read() rather than two (header, then body); records it leaves inside
+ * OpenSSL are read without waiting for an event that will not come.
  */
 #include "relay.h"
 #include "session_int.h"
@@ -35,11 +35,8 @@ void relay_start(struct session *s)
 {
     session_set_state(s, S_RELAY);
     s->carrier = &relay_mux;
-    for (int d = 0; d < 2; d++) {
-        s->buf[d].rd_ok = 1; /* a codec may leave bytes inside OpenSSL */
-        if (s->end[d].tls != NULL)
-            tls_conn_set_read_ahead(s->end[d].tls);
-    }
+    /* The handshake or a codec may have left bytes inside OpenSSL (TLS reads ahead). */
+    s->buf[0].rd_ok = s->buf[1].rd_ok = 1;
     s->last_io_ms = loop_now_ms(s->host->loop);
     if (session_idle_timeout_ms(s) != 0)
         loop_timer_start(s->host->loop, &s->timer, session_idle_timeout_ms(s));

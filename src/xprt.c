@@ -71,12 +71,12 @@ void xprt_close(struct loop *loop, struct xprt *x)
 {
     if (x->fd < 0)
         return;
-    loop_io_want(loop, &x->io, 0);
     if (x->tls != NULL) {
         tls_conn_free(x->tls);
         x->tls = NULL;
     }
-    close(x->fd);
+    x->io.fd = x->fd;
+    loop_io_close(loop, &x->io); /* no EPOLL_CTL_DEL: the close takes it out */
     x->fd = -1;
     x->rd_eof = x->wr_shut = 0;
     if (x->counted != NULL) {

@@ -280,6 +280,38 @@ static void test_event_of_an_ended_registration_is_dropped(void **state)
     }
 }
 
+/* loop_io_close() closes a watched fd without an epoll_ctl; a socket that then gets the same
+ * number is watched afresh, and only its own events reach its watcher. */
+static void test_close_forgets_without_a_system_call(void **state)
+{
+    (void)state;
+    int sa[2], sb[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sa), 0);
+    struct shared sh = {.loop = loop_new()};
+    assert_non_null(sh.loop);
+    loop_io_init(&sh.a, sa[0], on_shared, &sh);
+    assert_int_equal(loop_io_want(sh.loop, &sh.a, LOOP_READ), 0);
+    assert_int_equal(write(sa[1], "x", 1), 1); /* an event due for a, never dispatched */
+    int num = sa[0], calls = n_epoll_ctl;
+    loop_io_close(sh.loop, &sh.a);
+    assert_int_equal(n_epoll_ctl, calls);
+    assert_int_equal(sh.a.want, 0);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sb), 0);
+    assert_int_equal(sb[0], num); /* the lowest free number: a's */
+    loop_io_init(&sh.b, sb[0], on_shared, &sh);
+    assert_int_equal(loop_io_want(sh.loop, &sh.b, LOOP_READ), 0);
+    assert_int_equal(write(sb[1], "y", 1), 1);
+    assert_int_equal(loop_run(sh.loop), 0);
+    assert_int_equal(sh.calls, 1);
+    assert_int_equal(sh.a.fired, 0);
+    assert_int_equal(sh.b.fired, LOOP_READ);
+    assert_int_equal(loop_io_want(sh.loop, &sh.b, 0), 0);
+    loop_free(sh.loop);
+    close(sa[1]);
+    close(sb[0]);
+    close(sb[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -287,6 +319,7 @@ int main(void)
         cmocka_unit_test(test_fired_marks_the_watcher_dispatched),
         cmocka_unit_test(test_move_hands_the_registration_over),
         cmocka_unit_test(test_event_of_an_ended_registration_is_dropped),
+        cmocka_unit_test(test_close_forgets_without_a_system_call),
     };
     return cmocka_run_group_tests_name("loop", tests, NULL, NULL);
 }
