@@ -179,11 +179,16 @@ int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want)
     return 0;
 }
 
-void loop_io_close(struct loop *loop, struct loop_io *io)
+void loop_io_mute(struct loop *loop, struct loop_io *io)
 {
     if (io->want != 0 && io->fd >= 0 && (size_t)io->fd < loop->n_slots &&
         loop->slots[io->fd].io == io)
         loop->slots[io->fd].io = NULL;
+}
+
+void loop_io_close(struct loop *loop, struct loop_io *io)
+{
+    loop_io_mute(loop, io);
     io->want = 0;
     if (io->fd >= 0)
         close(io->fd);

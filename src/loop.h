@@ -73,6 +73,12 @@ void loop_io_init(struct loop_io *io, int fd, loop_io_cb cb, void *data);
 /* Sets the wanted events (0 removes the fd from epoll). Returns 0 or -errno. */
 int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want);
 /*
+ * Stops dispatching <io>'s events without a system call, for an fd that loop_io_close() closes
+ * before the loop waits again (in a deferred call of this round): the registration stays in
+ * epoll until then, and its events are dropped.
+ */
+void loop_io_mute(struct loop *loop, struct loop_io *io);
+/*
  * Closes <io>'s fd, which must be the last descriptor of its socket (never dup()ed): closing
  * it takes it out of epoll, so no EPOLL_CTL_DEL is made (two system calls saved per
  * connection and side), and an event still due for it in this round is dropped.
