@@ -450,9 +450,7 @@ struct h2up_conn *h2up_adopt(struct h2up_pool *p, const char *key, struct tls_ct
     loop_io_init(&c->x.io, c->x.fd, conn_io, c);
     c->rd_ok = 1;
     c->rd_wants = LOOP_READ;
-    /* TLS is read a socketful at a time (conn_read() asks xprt_pending() what is left). */
-    if (c->x.tls != NULL)
-        tls_conn_set_read_ahead(c->x.tls);
+    /* TLS reads ahead (tls.c): conn_read() asks xprt_pending() what is left. */
     c->out = xmalloc(H2UP_OUT_MAX + IO_CHUNK);
     c->h2 = h2_session_new(H2_CLIENT, NULL, &h2_cb, c);
     loop_timer_init(&c->idle, on_idle, c);

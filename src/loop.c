@@ -19,8 +19,22 @@
 
 #define MAX_EVENTS 256
 
+/*
+ * The watcher registered for one fd. epoll carries the fd and the generation of its
+ * registration, not a watcher pointer, so that a registration changes owner without an
+ * epoll_ctl (loop_io_move()) and an event still due from a registration that is gone (the fd
+ * closed and its number reused in the same round) finds another generation and is dropped.
+ */
+struct loop_slot {
+    struct loop_io *io; /* NULL when nothing is registered */
+    uint32_t gen;
+};
+
 struct loop {
     int epfd;
+    struct loop_slot *slots; /* indexed by fd */
+    size_t n_slots;
+    uint32_t gen;
     int stop;
     uint64_t now_ms;
     uint64_t timer_pass; /* incremented before each run of due timers */
@@ -85,6 +99,7 @@ void loop_free(struct loop *loop)
     close(loop->wake_io.fd);
     close(loop->epfd);
     free(loop->heap);
+    free(loop->slots);
     free(loop);
 }
 
@@ -117,14 +132,33 @@ static uint32_t epoll_events(unsigned want)
     return ev;
 }
 
+/* The slot of <fd>, the table grown to hold it. */
+static struct loop_slot *slot_of(struct loop *loop, int fd)
+{
+    size_t i = (size_t)fd;
+    if (i >= loop->n_slots) {
+        size_t n = loop->n_slots != 0 ? loop->n_slots : 64;
+        while (n <= i)
+            n *= 2;
+        loop->slots = xrealloc(loop->slots, n * sizeof(*loop->slots));
+        memset(loop->slots + loop->n_slots, 0, (n - loop->n_slots) * sizeof(*loop->slots));
+        loop->n_slots = n;
+    }
+    return &loop->slots[i];
+}
+
 int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want)
 {
     if (want == io->want)
         return 0;
-    struct epoll_event ev = {0};
-    ev.data.ptr = io;
-    ev.events = epoll_events(want);
+    if (io->fd < 0)
+        return -EBADF;
+    struct loop_slot *slot = slot_of(loop, io->fd);
     int op = io->want == 0 ? EPOLL_CTL_ADD : want == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
+    uint32_t gen = op == EPOLL_CTL_ADD ? ++loop->gen : slot->gen;
+    struct epoll_event ev = {0};
+    ev.data.u64 = (uint64_t)gen << 32 | (uint32_t)io->fd;
+    ev.events = epoll_events(want);
     if (epoll_ctl(loop->epfd, op, io->fd, &ev) == -1) {
         int err = -errno;
         /*
@@ -132,28 +166,56 @@ int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want)
          * it): record that, or the dispatcher would keep calling a watcher its owner has
          * already given up on.
          */
-        if (op == EPOLL_CTL_DEL)
+        if (op == EPOLL_CTL_DEL) {
             io->want = 0;
+            if (slot->io == io)
+                slot->io = NULL;
+        }
         return err;
     }
+    slot->io = want != 0 ? io : NULL;
+    slot->gen = gen;
     io->want = want;
     return 0;
 }
 
+void loop_io_mute(struct loop *loop, struct loop_io *io)
+{
+    if (io->want != 0 && io->fd >= 0 && (size_t)io->fd < loop->n_slots &&
+        loop->slots[io->fd].io == io)
+        loop->slots[io->fd].io = NULL;
+}
+
+void loop_io_close(struct loop *loop, struct loop_io *io)
+{
+    loop_io_mute(loop, io);
+    io->want = 0;
+    if (io->fd >= 0)
+        close(io->fd);
+}
+
 int loop_io_move(struct loop *loop, struct loop_io *from, struct loop_io *to, unsigned want)
 {
-    if (from->want == 0 || want == 0) {
+    if (from->want == 0 || want == 0 || from->fd != to->fd) {
         int err = loop_io_want(loop, from, 0);
         int err2 = loop_io_want(loop, to, want);
         return err != 0 ? err : err2;
     }
-    /* A MOD with the new pointer: the fd stays registered, only its owner changes. */
-    struct epoll_event ev = {0};
-    ev.data.ptr = to;
-    ev.events = epoll_events(want);
+    struct loop_slot *slot = slot_of(loop, to->fd);
+    if (want != from->want) {
+        /* The same registration (and generation), other events. */
+        struct epoll_event ev = {0};
+        ev.data.u64 = (uint64_t)slot->gen << 32 | (uint32_t)to->fd;
+        ev.events = epoll_events(want);
+        if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, to->fd, &ev) == -1) {
+            from->want = 0;
+            slot->io = NULL;
+            return -errno; /* not registered any more (closed): neither watcher is */
+        }
+    }
+    /* Only the owner changes: no system call when the events stay. */
     from->want = 0;
-    if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, to->fd, &ev) == -1)
-        return -errno; /* not registered any more (closed): neither watcher is */
+    slot->io = to;
     to->want = want;
     return 0;
 }
@@ -339,7 +401,13 @@ int loop_run(struct loop *loop)
         }
         loop->now_ms = util_now_ms();
         for (int i = 0; i < n; i++) {
-            struct loop_io *io = events[i].data.ptr;
+            uint64_t tag = events[i].data.u64;
+            size_t fd = (uint32_t)tag;
+            if (fd >= loop->n_slots || loop->slots[fd].gen != (uint32_t)(tag >> 32))
+                continue; /* a registration that ended earlier in this round */
+            struct loop_io *io = loop->slots[fd].io;
+            if (io == NULL)
+                continue;
             unsigned ev = 0;
             if (events[i].events & (EPOLLIN | EPOLLRDHUP))
                 ev |= LOOP_READ;

@@ -73,11 +73,24 @@ void loop_io_init(struct loop_io *io, int fd, loop_io_cb cb, void *data);
 /* Sets the wanted events (0 removes the fd from epoll). Returns 0 or -errno. */
 int loop_io_want(struct loop *loop, struct loop_io *io, unsigned want);
 /*
+ * Stops dispatching <io>'s events without a system call, for an fd that loop_io_close() closes
+ * before the loop waits again (in a deferred call of this round): the registration stays in
+ * epoll until then, and its events are dropped.
+ */
+void loop_io_mute(struct loop *loop, struct loop_io *io);
+/*
+ * Closes <io>'s fd, which must be the last descriptor of its socket (never dup()ed): closing
+ * it takes it out of epoll, so no EPOLL_CTL_DEL is made (two system calls saved per
+ * connection and side), and an event still due for it in this round is dropped.
+ */
+void loop_io_close(struct loop *loop, struct loop_io *io);
+/*
  * Hands the epoll registration of <from>'s fd to <to> (initialised for the same fd), which
- * then wants <want>: one epoll_ctl where loop_io_want(from, 0) and loop_io_want(to, want)
- * make two (the pool moves a connection between a session and its idle list about every
- * other routed request). <from> is left wanting nothing, so an event for it still due in this
- * round is not dispatched. Returns 0 or -errno.
+ * then wants <want>: no system call when <want> is what <from> wanted, one epoll_ctl
+ * otherwise, where loop_io_want(from, 0) and loop_io_want(to, want) make two (the pool moves
+ * a connection between a session and its idle list about every other routed request).
+ * <from> is left wanting nothing; an event for the fd still due in this round goes to <to>.
+ * Returns 0 or -errno.
  */
 int loop_io_move(struct loop *loop, struct loop_io *from, struct loop_io *to, unsigned want);
 

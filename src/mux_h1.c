@@ -2663,11 +2663,9 @@ static void mux_start(struct session *s)
     /* An event session.c already read for (the sniffed first bytes) is not one for us: it
      * would make the first exchange drop the caller's read interest (see pump_run()). */
     s->end[0].io.fired = s->end[1].io.fired = 0;
-    /* The TLS end is read a socketful at a time: one read() per record instead of two. It is
-     * read only until a read drains it (end_read() asks xprt_pending()), and a connection
-     * handed to the relay or the pool is checked the same way. */
-    if (s->end[0].tls != NULL)
-        tls_conn_set_read_ahead(s->end[0].tls);
+    /* The TLS end reads ahead (tls.c): it is read only until a read drains it (end_read()
+     * asks xprt_pending()), and a connection handed to the relay or the pool is checked the
+     * same way. */
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound && s->end[0].tls != NULL)
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
@@ -2717,9 +2715,10 @@ static void mux_dialled(struct session *s, const char *why)
     } else {
         m->app_keep = 1;
         m->app_served = s->dial_pooled ? 1 : 0;
-        m->rd_ok[1] = 1;
-        if (s->end[1].tls != NULL)
-            tls_conn_set_read_ahead(s->end[1].tls);
+        /* A pooled connection was drained while idle (the pool drops one that says anything):
+         * its answer comes with an event, and a read before that would only say EAGAIN. */
+        m->rd_ok[1] = !s->dial_pooled || xprt_pending(&s->end[1]);
+        m->rd_wants[1] = LOOP_READ | xprt_wants(&s->end[1], LOOP_READ);
         send_request(s);
     }
     s->last_io_ms = loop_now_ms(s->host->loop);

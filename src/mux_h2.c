@@ -2618,8 +2618,6 @@ static void mux_start(struct session *s)
      * a TLS end is read a socketful at a time. */
     m->rd_ok = 1;
     m->rd_wants = LOOP_READ;
-    if (s->end[0].tls != NULL)
-        tls_conn_set_read_ahead(s->end[0].tls);
     if (!m->outbound && s->end[0].tls != NULL) {
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
         m->xfcc_len = strlen(m->xfcc);

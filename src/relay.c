@@ -17,6 +17,13 @@
  * a write), which xprt_wants() reports. Buffers come from the worker's pool and go back when
  * a direction holds nothing and waits, so an idle connection holds none. The idle timer only
  * looks at last_io_ms (session.c), so moving bytes never touches the timer heap.
+ *
+ * An end is read only after an event for it or a read that did not drain it (a full buffer,
+ * or records left inside OpenSSL): the loop is level-triggered, so more bytes come with an
+ * event, and the read that would only say EAGAIN (a system call, and for TLS an SSL_read that
+ * takes and gives back a record buffer) is saved. The TLS end reads ahead (tls.c), so a
+ * record costs one read() rather than two (header, then body); records it leaves inside
+ * OpenSSL are read without waiting for an event that will not come.
  */
 #include "relay.h"
 #include "session_int.h"
@@ -28,6 +35,8 @@ void relay_start(struct session *s)
 {
     session_set_state(s, S_RELAY);
     s->carrier = &relay_mux;
+    /* The handshake or a codec may have left bytes inside OpenSSL (TLS reads ahead). */
+    s->buf[0].rd_ok = s->buf[1].rd_ok = 1;
     s->last_io_ms = loop_now_ms(s->host->loop);
     if (session_idle_timeout_ms(s) != 0)
         loop_timer_start(s->host->loop, &s->timer, session_idle_timeout_ms(s));
@@ -37,6 +46,11 @@ void relay_start(struct session *s)
 void relay_pump(struct session *s)
 {
     unsigned wants[2];
+    for (int d = 0; d < 2; d++) {
+        if (s->end[d].io.fired != 0)
+            s->buf[d].rd_ok = 1;
+        s->end[d].io.fired = 0;
+    }
     for (;;) {
         int progress = 0;
         wants[0] = wants[1] = 0;
@@ -44,9 +58,18 @@ void relay_pump(struct session *s)
             struct xprt *src = &s->end[d], *dst = &s->end[1 - d];
             struct relay_buf *b = &s->buf[d];
             ssize_t n;
-            if (b->len == 0 && !src->rd_eof) {
+            if (b->len == 0 && !src->rd_eof && !b->rd_ok) {
+                wants[d] |= b->rd_wants;
+                session_buf_give_back(s->host, b); /* an idle direction holds no buffer */
+            } else if (b->len == 0 && !src->rd_eof) {
                 session_buf_take(s->host, b);
                 n = xprt_read(src, b->data, SESSION_RELAY_BUF_BYTES);
+                if (n > 0 && (size_t)n < SESSION_RELAY_BUF_BYTES && !xprt_pending(src)) {
+                    /* A short read drained the socket (as nginx assumes): wait for an event. */
+                    b->rd_ok = 0;
+                    b->rd_wants = LOOP_READ; /* asked for once what it holds is written */
+                    xprt_rest(src);
+                }
                 if (n > 0) {
                     b->off = 0;
                     b->len = (size_t)n;
@@ -61,7 +84,9 @@ void relay_pump(struct session *s)
                     progress = 1;
                     session_buf_give_back(s->host, b);
                 } else if (n == -EAGAIN) {
-                    wants[d] |= xprt_wants(src, LOOP_READ);
+                    b->rd_ok = 0;
+                    b->rd_wants = xprt_wants(src, LOOP_READ);
+                    wants[d] |= b->rd_wants;
                     session_buf_give_back(s->host, b);
                 } else {
                     session_finish(s, SESSION_RES_ERROR, xprt_error(src, (int)n));

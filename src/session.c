@@ -326,9 +326,11 @@ void session_finish(struct session *s, enum session_result result, const char *r
         s->dial_waiting = 0;
         outlier_release(s->up->outlier, OUTLIER_LIMIT_PENDING);
     }
+    /* Silenced, not unregistered: reap() closes them at the end of this round, and the close
+     * takes them out of epoll (no EPOLL_CTL_DEL each). */
     for (int i = 0; i < 2; i++)
         if (s->end[i].fd >= 0)
-            loop_io_want(h->loop, &s->end[i].io, 0);
+            loop_io_mute(h->loop, &s->end[i].io);
     if (s->prev != NULL)
         s->prev->next = s->next;
     else

@@ -39,6 +39,10 @@ enum session_state {
 struct relay_buf {
     char *data;
     size_t off, len;
+    /* RELAY: whether end[d] may hold bytes (an event came for it, or its last read did not
+     * drain it), and what to wait for when it does not (relay.c). */
+    unsigned char rd_ok;
+    unsigned rd_wants;
 };
 
 struct mux_h1;

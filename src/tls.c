@@ -569,6 +569,14 @@ static int setup_common(SSL_CTX *sc, X509 *leaf, STACK_OF(X509) * chain, EVP_PKE
      */
     SSL_CTX_set_mode(sc, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                              SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
+    /*
+     * Read-ahead from the first handshake byte: a read takes what the socket holds, not one
+     * record's header and then its body, so a handshake flight of several records costs one
+     * read() rather than two per record. Every reader of a connection must then look inside
+     * OpenSSL (tls_conn_has_pending()) before it waits for the fd: the caller's first request
+     * may come with its Finished and be read by the handshake.
+     */
+    SSL_CTX_set_read_ahead(sc, 1);
     SSL_CTX_set_verify_depth(sc, 8);
     return 0;
 }
@@ -1049,9 +1057,9 @@ int tls_conn_has_pending(const struct tls_conn *c)
     return SSL_has_pending(c->ssl);
 }
 
-void tls_conn_set_read_ahead(struct tls_conn *c)
+void tls_conn_rest(struct tls_conn *c)
 {
-    SSL_set_read_ahead(c->ssl, 1);
+    (void)SSL_free_buffers(c->ssl); /* refuses, harmlessly, when a buffer holds bytes */
 }
 
 const char *tls_conn_error(const struct tls_conn *c)

@@ -104,14 +104,16 @@ unsigned tls_conn_wants(const struct tls_conn *c);
 /* Bytes already decrypted and buffered inside the connection (readable without the fd). */
 size_t tls_conn_pending(const struct tls_conn *c);
 /* Whether the connection holds anything to read without the fd: decrypted bytes, or received
- * bytes not processed yet (with read-ahead on). */
+ * bytes not processed yet. Every connection reads ahead (a read takes what the socket holds,
+ * not one record's header and then its body, from the first handshake byte on): a reader must
+ * not wait for the fd while this says yes, since no event will come for those bytes. */
 int tls_conn_has_pending(const struct tls_conn *c);
 /*
- * Read-ahead on <c>: a read takes what the socket holds (up to the record buffer), not one
- * record at a time, saving the separate read of each record's header. The caller must then
- * not wait for the fd while tls_conn_has_pending(): bytes may wait inside OpenSSL.
+ * The caller waits for the fd before its next read: OpenSSL's record buffers go back to the
+ * allocator unless they hold something (a partial record read ahead, an unsent write), so an
+ * idle connection holds none. What tls_read() does itself after a read that says EAGAIN.
  */
-void tls_conn_set_read_ahead(struct tls_conn *c);
+void tls_conn_rest(struct tls_conn *c);
 /* One line describing the last failure ("" when none). Valid until the next call on c. */
 const char *tls_conn_error(const struct tls_conn *c);
 

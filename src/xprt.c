@@ -54,6 +54,12 @@ int xprt_pending(const struct xprt *x)
     return x->tls != NULL && tls_conn_has_pending(x->tls);
 }
 
+void xprt_rest(struct xprt *x)
+{
+    if (x->tls != NULL)
+        tls_conn_rest(x->tls);
+}
+
 const char *xprt_error(const struct xprt *x, int rc)
 {
     if (x->tls != NULL && tls_conn_error(x->tls)[0] != '\0')
@@ -65,12 +71,12 @@ void xprt_close(struct loop *loop, struct xprt *x)
 {
     if (x->fd < 0)
         return;
-    loop_io_want(loop, &x->io, 0);
     if (x->tls != NULL) {
         tls_conn_free(x->tls);
         x->tls = NULL;
     }
-    close(x->fd);
+    x->io.fd = x->fd;
+    loop_io_close(loop, &x->io); /* no EPOLL_CTL_DEL: the close takes it out */
     x->fd = -1;
     x->rd_eof = x->wr_shut = 0;
     if (x->counted != NULL) {

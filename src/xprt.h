@@ -39,6 +39,8 @@ int xprt_shutdown(struct xprt *x);
 unsigned xprt_wants(const struct xprt *x, unsigned plain);
 /* Whether bytes are readable without the descriptor (TLS: decrypted, or read ahead). */
 int xprt_pending(const struct xprt *x);
+/* The caller reads the end again only after an event: TLS buffers are given back. */
+void xprt_rest(struct xprt *x);
 /* One line describing the failure <rc> of the last operation. */
 const char *xprt_error(const struct xprt *x, int rc);
 /* Stops the end's events (on <loop>), frees its TLS and closes its descriptor; idempotent. */

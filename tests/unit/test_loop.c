@@ -2,7 +2,9 @@
  * Unit tests for the loop's typed cross-thread receivers: a notification from another thread
  * runs its own receiver's callback on the loop's thread, and only that one; notifications
  * before the callback runs coalesce; an unregistered receiver is not run. And for fd watchers:
- * io.fired marks the watcher dispatched, and loop_io_move() hands a registration over.
+ * io.fired marks the watcher dispatched, and loop_io_move() hands a registration over, with no
+ * system call when the events stay; an event due from a registration that ended in the same
+ * round (its fd number reused) reaches nobody.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,10 +13,21 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "loop.h"
+
+/* The loop's epoll_ctl calls, counted: this definition takes the place of libc's. */
+static int n_epoll_ctl;
+
+int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+    n_epoll_ctl++;
+    return (int)syscall(SYS_epoll_ctl, epfd, op, fd, ev);
+}
 
 struct counts {
     struct loop *loop;
@@ -163,7 +176,9 @@ static void test_move_hands_the_registration_over(void **state)
     loop_io_init(&m.a, sv[0], on_moved, &m);
     assert_int_equal(loop_io_want(m.loop, &m.a, LOOP_READ), 0);
     loop_io_init(&m.b, sv[0], on_moved, &m);
+    int calls = n_epoll_ctl;
     assert_int_equal(loop_io_move(m.loop, &m.a, &m.b, LOOP_READ), 0);
+    assert_int_equal(n_epoll_ctl, calls); /* the same events: only the owner changes */
     assert_int_equal(m.a.want, 0);
     assert_int_equal(m.b.want, LOOP_READ);
 
@@ -175,7 +190,9 @@ static void test_move_hands_the_registration_over(void **state)
 
     /* Back to a, now for writing only (the byte is still unread: no read event for it). */
     loop_io_init(&m.a, sv[0], on_moved, &m);
+    calls = n_epoll_ctl;
     assert_int_equal(loop_io_move(m.loop, &m.b, &m.a, LOOP_WRITE), 0);
+    assert_int_equal(n_epoll_ctl, calls + 1);
     assert_int_equal(m.b.want, 0);
     assert_int_equal(loop_run(m.loop), 0);
     assert_int_equal(m.calls_a, 1);
@@ -198,12 +215,111 @@ static void test_move_hands_the_registration_over(void **state)
     close(sv[1]);
 }
 
+/* Two watchers ready in one round; the first to run ends the other's registration, puts a
+ * fresh socket at the other's fd number and watches that. */
+struct reused {
+    struct loop *loop;
+    struct loop_io a, b, fresh;
+    int fds[2][2];
+    int calls_ab, calls_fresh;
+};
+
+static void on_fresh(struct loop_io *io, unsigned events)
+{
+    struct reused *r = io->data;
+    (void)events;
+    r->calls_fresh++;
+    loop_stop(r->loop);
+}
+
+static void on_reused(struct loop_io *io, unsigned events)
+{
+    struct reused *r = io->data;
+    (void)events;
+    if (r->calls_ab++ > 0)
+        return;
+    struct loop_io *other = io == &r->a ? &r->b : &r->a;
+    int num = other->fd, sv[2];
+    assert_int_equal(loop_io_want(r->loop, other, 0), 0);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    assert_int_equal(dup2(sv[0], num), num); /* closes the old socket at that number */
+    close(sv[0]);
+    close(sv[1]); /* the fresh socket reads EOF: readable, but not in this round */
+    loop_io_init(&r->fresh, num, on_fresh, r);
+    assert_int_equal(loop_io_want(r->loop, &r->fresh, LOOP_READ), 0);
+    loop_stop(r->loop);
+}
+
+/* The event already due for the old socket at a reused fd number is not the fresh watcher's. */
+static void test_event_of_an_ended_registration_is_dropped(void **state)
+{
+    (void)state;
+    struct reused r = {.loop = loop_new()};
+    assert_non_null(r.loop);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, r.fds[i]), 0);
+    loop_io_init(&r.a, r.fds[0][0], on_reused, &r);
+    loop_io_init(&r.b, r.fds[1][0], on_reused, &r);
+    assert_int_equal(loop_io_want(r.loop, &r.a, LOOP_READ), 0);
+    assert_int_equal(loop_io_want(r.loop, &r.b, LOOP_READ), 0);
+    assert_int_equal(write(r.fds[0][1], "x", 1), 1);
+    assert_int_equal(write(r.fds[1][1], "y", 1), 1);
+    assert_int_equal(loop_run(r.loop), 0);
+    assert_int_equal(r.calls_ab, 1);
+    assert_int_equal(r.calls_fresh, 0);
+    /* The next round: the fresh socket's own event (EOF) reaches its watcher. */
+    struct loop_io *left = r.a.want != 0 ? &r.a : &r.b;
+    assert_int_equal(loop_io_want(r.loop, left, 0), 0);
+    assert_int_equal(loop_run(r.loop), 0);
+    assert_int_equal(r.calls_fresh, 1);
+    assert_int_equal(loop_io_want(r.loop, &r.fresh, 0), 0);
+    loop_free(r.loop);
+    for (int i = 0; i < 2; i++) {
+        close(r.fds[i][0]);
+        close(r.fds[i][1]);
+    }
+}
+
+/* loop_io_close() closes a watched fd without an epoll_ctl; a socket that then gets the same
+ * number is watched afresh, and only its own events reach its watcher. */
+static void test_close_forgets_without_a_system_call(void **state)
+{
+    (void)state;
+    int sa[2], sb[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sa), 0);
+    struct shared sh = {.loop = loop_new()};
+    assert_non_null(sh.loop);
+    loop_io_init(&sh.a, sa[0], on_shared, &sh);
+    assert_int_equal(loop_io_want(sh.loop, &sh.a, LOOP_READ), 0);
+    assert_int_equal(write(sa[1], "x", 1), 1); /* an event due for a, never dispatched */
+    int num = sa[0], calls = n_epoll_ctl;
+    loop_io_close(sh.loop, &sh.a);
+    assert_int_equal(n_epoll_ctl, calls);
+    assert_int_equal(sh.a.want, 0);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sb), 0);
+    assert_int_equal(sb[0], num); /* the lowest free number: a's */
+    loop_io_init(&sh.b, sb[0], on_shared, &sh);
+    assert_int_equal(loop_io_want(sh.loop, &sh.b, LOOP_READ), 0);
+    assert_int_equal(write(sb[1], "y", 1), 1);
+    assert_int_equal(loop_run(sh.loop), 0);
+    assert_int_equal(sh.calls, 1);
+    assert_int_equal(sh.a.fired, 0);
+    assert_int_equal(sh.b.fired, LOOP_READ);
+    assert_int_equal(loop_io_want(sh.loop, &sh.b, 0), 0);
+    loop_free(sh.loop);
+    close(sa[1]);
+    close(sb[0]);
+    close(sb[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_only_the_notified_receiver_runs),
         cmocka_unit_test(test_fired_marks_the_watcher_dispatched),
         cmocka_unit_test(test_move_hands_the_registration_over),
+        cmocka_unit_test(test_event_of_an_ended_registration_is_dropped),
+        cmocka_unit_test(test_close_forgets_without_a_system_call),
     };
     return cmocka_run_group_tests_name("loop", tests, NULL, NULL);
 }
