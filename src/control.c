@@ -472,6 +472,7 @@ int control_run(const struct config *conf)
         rc = 2;
         goto out;
     }
+    watch_set_default_wait_ms(conf->watch_wait_ms);
     ctl.reach = watch_reach_new(agent_addr(ctl.agent));
     ctl.in = inputs_new(ctl.agent, ctl.reach, on_inputs, &ctl);
     ctl.ups = upstreams_new(ctl.agent, ctl.reach, on_upstreams, &ctl);
