@@ -368,7 +368,7 @@ static void on_response(void *data, const struct agent_response *resp)
         /* consul-api.md 1.4: an index lower than ours starts over from 0 (asked again with no
          * index, the answer news only if its body differs); an index of 0 counts as 1, so the
          * next query blocks (on an agent past 1 it returns at once: one a second, below). */
-        if (resp->index == 0)
+        if (resp->index == 0 && resp->status == 200)
             index_note(w, w->index, 0);
         if (w->resync || w->by_body) {
             news = body_differs(w, resp);
