@@ -189,6 +189,7 @@ static void run_done(struct agent *a)
         if (r->too_big) {
             resp.status = 0;
             resp.error = BODY_TOO_LARGE;
+            resp.body_too_large = 1;
         } else if (r->result != CURLE_OK) {
             resp.status = 0;
             resp.error = r->errbuf[0] != '\0' ? r->errbuf : curl_easy_strerror(r->result);

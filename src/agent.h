@@ -60,6 +60,9 @@ struct agent_response {
     uint64_t index;                 /* X-Consul-Index, 0 when absent or unparsable */
     const char *content_hash;       /* X-Consul-ContentHash, "" when absent */
     const char *default_acl_policy; /* X-Consul-Default-ACL-Policy, "" when absent */
+    /* 1 when the agent answered but the body was over max_body_bytes: status is then 0, body
+     * "" and error says so, yet the agent is not unreachable. */
+    int body_too_large;
 };
 
 /* Called once per request on the loop thread; <resp> is valid only during the call. */

@@ -73,6 +73,11 @@ static const struct flag_def flags[] = {
      "Server name to verify the https agent's certificate against."},
     {"http-ssl-verify", FLAG_STRING, "CONSUL_HTTP_SSL_VERIFY", F(ssl_verify),
      "Verify the https agent's certificate (true or false, default true)."},
+    {"watch-wait", FLAG_STRING, NULL, F(watch_wait),
+     "The wait of every blocking query to the agent: a duration such as 30s or 5m, 1s to 10m "
+     "(default 5m, the agent's own default). Shorter when a hop in front of the agent cuts "
+     "connections idle for less; a request with no answer is given up this long plus a sixteenth "
+     "plus 10 s after it started."},
     GROUP("Logging"),
     {"log-level", FLAG_STRING, NULL, F(log_level), "trace, debug, info (default), warn or error."},
     {"log-json", FLAG_BOOL, NULL, F(log_json),
@@ -330,6 +335,14 @@ int config_parse(struct config *c, int argc, char **argv, const char *(*getenv_f
                  "flag -drain-timeout: \"%s\" is not a duration (like 500ms, 10s or 1m) of at most "
                  "24 hours",
                  c->drain_timeout);
+        goto fail;
+    }
+    c->watch_wait_ms = 300000;
+    if (c->watch_wait != NULL && (parse_duration_ms(c->watch_wait, &c->watch_wait_ms) != 0 ||
+                                  c->watch_wait_ms < 1000 || c->watch_wait_ms > 600000)) {
+        snprintf(err, errlen,
+                 "flag -watch-wait: \"%s\" is not a duration (like 30s or 5m) from 1s to 10m",
+                 c->watch_wait);
         goto fail;
     }
     c->verify = 1;

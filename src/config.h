@@ -43,6 +43,7 @@ struct config {
     char *register_id;            /* -register-id suffix */
     int register_self;            /* -register */
     char *drain_timeout;          /* -drain-timeout */
+    char *watch_wait;             /* -watch-wait */
     char *admin_bind;             /* -admin-bind: host:port or unix:///path; NULL = off */
     int allow_core_dumps;         /* -allow-core-dumps: stay dumpable (PR_SET_DUMPABLE) */
     int help;
@@ -54,6 +55,7 @@ struct config {
     enum alog_format alog_format;
     int n_workers;             /* default: online CPUs */
     uint32_t drain_timeout_ms; /* 0 = stop at once */
+    uint32_t watch_wait_ms;    /* the blocking queries' wait */
     int verify;
 };
 

@@ -133,13 +133,17 @@ static int on_service(void *data, const struct agent_response *resp)
     struct proxy_cfg cfg;
     int rc = decode_agent_service(resp->body, resp->body_len, &svc, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("registration of %s: %s; keeping the previous configuration", ctl->proxy_id, err);
+        enum log_level lvl = watch_reject_level(ctl->svc_watch, err);
+        LOG_AT(lvl, "registration of %s: %s; keeping the previous configuration", ctl->proxy_id,
+               err);
         return rc;
     }
     rc = proxycfg_build(&svc, &cfg, err, sizeof(err));
     dec_service_dispose(&svc);
     if (rc != 0) {
-        LOG_ERROR("registration of %s: %s; keeping the previous configuration", ctl->proxy_id, err);
+        enum log_level lvl = watch_reject_level(ctl->svc_watch, err);
+        LOG_AT(lvl, "registration of %s: %s; keeping the previous configuration", ctl->proxy_id,
+               err);
         return rc;
     }
     apply_cfg(ctl, &cfg, "registration");
@@ -483,6 +487,7 @@ int control_run(const struct config *conf)
         rc = 2;
         goto out;
     }
+    watch_set_default_wait_ms(conf->watch_wait_ms);
     ctl.reach = watch_reach_new(agent_addr(ctl.agent));
     ctl.in = inputs_new(ctl.agent, ctl.reach, on_inputs, &ctl);
     ctl.ups = upstreams_new(ctl.agent, ctl.reach, on_upstreams, &ctl);

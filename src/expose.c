@@ -296,7 +296,8 @@ static int on_checks(void *data, const struct agent_response *resp)
     int rc =
         decode_agent_checks(resp->body, resp->body_len, x->service_id, &v, &n, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("checks of %s: %s; keeping the exposed check paths", x->service_id, err);
+        enum log_level lvl = watch_reject_level(x->watch, err);
+        LOG_AT(lvl, "checks of %s: %s; keeping the exposed check paths", x->service_id, err);
         return rc;
     }
     struct expose_path *paths = xcalloc(n + 1, sizeof(*paths));

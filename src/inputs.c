@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 struct inputs {
     struct agent *agent;
@@ -77,15 +78,15 @@ static void tell(struct inputs *in, enum inputs_event ev)
 /* ---- TLS: leaf + roots -> context ---- */
 
 /*
- * Builds and installs the TLS contexts for <leaf> with its <key>, and <roots> (the leaf or the
- * roots may be NULL while they have not arrived: then nothing happens). On failure the previous
- * contexts stay in force.
+ * Builds the TLS contexts for <leaf> with its <key>, and <roots>. Returns 0 with *out NULL when
+ * the leaf or the roots have not arrived (nothing to build), 0 with *out set, or a negative
+ * code with the reason in <err>.
  */
-static int install_tls(struct inputs *in, const struct dec_leaf *leaf, const struct tls_key *key,
-                       const struct dec_roots *roots)
+static int build_tls(const struct inputs *in, const struct dec_leaf *leaf,
+                     const struct tls_key *key, const struct dec_roots *roots, struct tls_ctx **out,
+                     char *err, size_t errlen)
 {
-    char err[512];
-    struct tls_ctx *ctx;
+    *out = NULL;
     if (leaf == NULL || roots == NULL)
         return 0;
     const char **pems = xcalloc(roots->n_roots, sizeof(*pems));
@@ -99,36 +100,68 @@ static int install_tls(struct inputs *in, const struct dec_leaf *leaf, const str
         opts.max_version = in->tls_max_version;
         opts.cipher_suites = in->tls_cipher_suites;
     }
-    int rc = tls_ctx_new_with_key(leaf->cert_pem, key, pems, roots->n_roots, &opts, &ctx, err,
-                                  sizeof(err));
+    int rc =
+        tls_ctx_new_with_key(leaf->cert_pem, key, pems, roots->n_roots, &opts, out, err, errlen);
     free(pems);
-    if (rc != 0) {
-        LOG_ERROR("cannot build TLS contexts from leaf %s and %zu root(s): %s; keeping the "
-                  "previous ones",
-                  leaf->serial, roots->n_roots, err);
-        return rc;
+    return rc;
+}
+
+/* Makes <ctx> (taken; NULL: nothing), built from <leaf> and <roots>, the contexts in force. */
+static void install_tls(struct inputs *in, struct tls_ctx *ctx, const struct dec_leaf *leaf,
+                        const struct dec_roots *roots)
+{
+    if (ctx == NULL || leaf == NULL || roots == NULL) {
+        tls_ctx_unref(ctx); /* only built with both: never happens */
+        return;
     }
     tls_ctx_unref(in->tls);
     in->tls = ctx;
     LOG_INFO("TLS: leaf %s for %s, %zu trusted root(s), trust domain %s", leaf->serial,
              leaf->service, roots->n_roots, roots->trust_domain);
     tell(in, INPUTS_CHANGED);
-    return 0;
+}
+
+/*
+ * A roots answer must name its active root among its roots, marked Active: the leaves the
+ * agent signs now chain to it, so roots without it would refuse every caller with a new leaf.
+ * Consul never sends such an answer; a broken hop or a half-written one might.
+ */
+static int check_active_root(const struct dec_roots *roots, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < roots->n_roots; i++)
+        if (roots->roots[i].active && roots->active_root_id != NULL &&
+            strcmp(roots->roots[i].id, roots->active_root_id) == 0)
+            return 0;
+    snprintf(err, errlen,
+             "the answer lacks its active root (ActiveRootID \"%s\" is none of its %zu "
+             "root(s) marked Active)",
+             LOG_ESC(roots->active_root_id != NULL ? roots->active_root_id : ""), roots->n_roots);
+    return ERR_BAD_FIELD;
 }
 
 static int on_roots(void *data, const struct agent_response *resp)
 {
     struct inputs *in = data;
-    char err[256];
+    char err[512] = "";
     struct dec_roots roots;
+    struct tls_ctx *ctx = NULL;
     int rc = decode_roots(resp->body, resp->body_len, &roots, err, sizeof(err));
-    if (rc == 0 &&
-        (rc = install_tls(in, in->have_leaf ? &in->leaf : NULL, in->leaf_key, &roots)) != 0)
-        dec_roots_dispose(&roots);
+    if (rc == 0) {
+        rc = check_active_root(&roots, err, sizeof(err));
+        if (rc == 0)
+            rc = build_tls(in, in->have_leaf ? &in->leaf : NULL, in->leaf_key, &roots, &ctx, err,
+                           sizeof(err));
+        if (rc != 0)
+            dec_roots_dispose(&roots);
+    }
     if (rc != 0) {
-        LOG_ERROR("roots: %s; keeping the previous roots", err[0] ? err : util_strerror(rc));
+        /* Once per bad answer, however often the agent sends it again. */
+        enum log_level lvl = watch_reject_level(in->roots_watch, err[0] ? err : util_strerror(rc));
+        LOG_AT(lvl, "watch roots: %s; keeping the previous roots",
+               err[0] ? err : util_strerror(rc));
         return rc;
     }
+    install_tls(in, ctx, &in->leaf, &roots);
     if (in->have_roots)
         dec_roots_dispose(&in->roots);
     in->roots = roots;
@@ -139,9 +172,10 @@ static int on_roots(void *data, const struct agent_response *resp)
 static int on_leaf(void *data, const struct agent_response *resp)
 {
     struct inputs *in = data;
-    char err[256];
+    char err[512] = "";
     struct dec_leaf leaf;
     struct tls_key *key = NULL;
+    struct tls_ctx *ctx = NULL;
     int rc = decode_leaf(resp->body, resp->body_len, &leaf, err, sizeof(err));
     if (rc == 0) {
         /* The PEM text goes at once: from here on the key lives only in OpenSSL's form, the one
@@ -150,17 +184,31 @@ static int on_leaf(void *data, const struct agent_response *resp)
         util_wipe_free(leaf.key_pem, strlen(leaf.key_pem));
         leaf.key_pem = NULL;
         if (rc == 0)
-            rc = install_tls(in, &leaf, key, in->have_roots ? &in->roots : NULL);
+            rc = build_tls(in, &leaf, key, in->have_roots ? &in->roots : NULL, &ctx, err,
+                           sizeof(err));
+        /* A leaf past its notAfter would be refused by every peer: the one in force (which the
+         * agent renews well before it ends) serves better. */
+        long long not_after = ctx != NULL ? tls_ctx_leaf_not_after(ctx) : 0;
+        if (rc == 0 && ctx != NULL && not_after <= (long long)time(NULL)) {
+            snprintf(err, sizeof(err), "certificate %s expired (its notAfter is %lld)",
+                     LOG_ESC(leaf.serial), not_after);
+            rc = ERR_BAD_CERT;
+        }
         if (rc != 0) {
+            tls_ctx_unref(ctx);
             dec_leaf_dispose(&leaf);
             tls_key_free(key);
         }
     }
     if (rc != 0) {
-        LOG_ERROR("leaf certificate: %s; keeping the previous one",
-                  err[0] ? err : util_strerror(rc));
+        /* Once per bad answer; <err> never holds key material (tls and decode name fields
+         * and reasons, not values). */
+        enum log_level lvl = watch_reject_level(in->leaf_watch, err[0] ? err : util_strerror(rc));
+        LOG_AT(lvl, "watch leaf %s: %s; keeping the previous one", in->service,
+               err[0] ? err : util_strerror(rc));
         return rc;
     }
+    install_tls(in, ctx, &leaf, in->have_roots ? &in->roots : NULL);
     if (in->have_leaf)
         dec_leaf_dispose(&in->leaf);
     tls_key_free(in->leaf_key);
@@ -188,9 +236,17 @@ void inputs_set_tls(struct inputs *in, int min_version, int max_version, const c
     in->tls_max_version = max_version;
     in->tls_cipher_suites = cipher_suites ? xstrdup(cipher_suites) : NULL;
     in->have_tls_opts = 1;
-    if (tls_changed && (min_version || max_version || cipher_suites || in->tls != NULL))
-        install_tls(in, in->have_leaf ? &in->leaf : NULL, in->leaf_key,
-                    in->have_roots ? &in->roots : NULL);
+    if (tls_changed && (min_version || max_version || cipher_suites || in->tls != NULL)) {
+        char err[512] = "";
+        struct tls_ctx *ctx;
+        if (build_tls(in, in->have_leaf ? &in->leaf : NULL, in->leaf_key,
+                      in->have_roots ? &in->roots : NULL, &ctx, err, sizeof(err)) != 0)
+            LOG_ERROR("cannot build TLS contexts with the new TLS settings: %s; keeping the "
+                      "previous ones",
+                      err);
+        else
+            install_tls(in, ctx, &in->leaf, &in->roots);
+    }
 }
 
 /* ---- intentions ---- */
@@ -272,7 +328,11 @@ static int on_intentions(void *data, const struct agent_response *resp)
     int rc =
         decode_intentions_match(resp->body, resp->body_len, in->service, &v, &n, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("intentions: %s; keeping the previous table", err);
+        enum log_level lvl = watch_reject_level(in->intent_watch, err);
+        LOG_AT(lvl,
+               "watch intentions %s: %s; keeping the "
+               "previous table",
+               in->service, err);
         return rc;
     }
     forget_rules(in);
@@ -340,8 +400,9 @@ static int on_mesh(void *data, const struct agent_response *resp)
     }
     int rc = decode_mesh_http(resp->body, resp->body_len, &m, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("mesh config entry: %s; keeping the %s request normalization", err,
-                  first ? "default" : "last good");
+        enum log_level lvl = watch_reject_level(in->mesh_watch, err);
+        LOG_AT(lvl, "mesh config entry: %s; keeping the %s request normalization", err,
+               first ? "default" : "last good");
         if (first) {
             memset(&m, 0, sizeof(m));
             install_mesh(in, &m, "defaults, the entry is not understood");
@@ -418,8 +479,9 @@ static int on_rates(void *data, const struct agent_response *resp)
         return 0;
     }
     if (resp->status == 403) {
-        LOG_WARN("service-defaults entry: HTTP 403 (the ACL token may not read it); the rate "
-                 "limits in force stay");
+        if (watch_reject_level(in->rates_watch, "HTTP 403") != LOG_LEVEL_DEBUG)
+            LOG_WARN("service-defaults entry: HTTP 403 (the ACL token may not read it); the "
+                     "rate limits in force stay");
         /* Serving beats waiting forever, as for the mesh entry: none at first. */
         if (!in->have_rates)
             install_rates(in, &c, "none, the entry could not be read");
@@ -427,7 +489,8 @@ static int on_rates(void *data, const struct agent_response *resp)
     }
     int rc = decode_rate_limits(resp->body, resp->body_len, &c, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("service-defaults entry: %s; keeping the rate limits in force", err);
+        enum log_level lvl = watch_reject_level(in->rates_watch, err);
+        LOG_AT(lvl, "service-defaults entry: %s; keeping the rate limits in force", err);
         return rc;
     }
     install_rates(in, &c, "service-defaults entry");

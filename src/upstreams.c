@@ -235,8 +235,9 @@ static int on_target_health(void *data, const struct agent_response *resp)
     size_t n;
     int rc = decode_health_connect(resp->body, resp->body_len, &v, &n, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("upstream %s target %s: %s; keeping the previous endpoints", t->up->key,
-                  t->info.id, err);
+        enum log_level lvl = watch_reject_level(t->watch, err);
+        LOG_AT(lvl, "upstream %s target %s: %s; keeping the previous endpoints", t->up->key,
+               t->info.id, err);
         return rc;
     }
     struct endpoint_set *set = healthy_set(v, n, t->only_passing);
@@ -313,7 +314,8 @@ static int on_chain(void *data, const struct agent_response *resp)
     struct dec_chain chain;
     int rc = decode_discovery_chain(resp->body, resp->body_len, &chain, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("upstream %s: discovery chain: %s; keeping the previous targets", u->key, err);
+        enum log_level lvl = watch_reject_level(u->watch, err);
+        LOG_AT(lvl, "upstream %s: discovery chain: %s; keeping the previous targets", u->key, err);
         return rc;
     }
     /* Targets whose health query is unchanged keep their watch and endpoints, whether they
@@ -397,7 +399,8 @@ static int on_query(void *data, const struct agent_response *resp)
     struct dec_query q;
     int rc = decode_prepared_query(resp->body, resp->body_len, &q, err, sizeof(err));
     if (rc != 0) {
-        LOG_ERROR("upstream %s: prepared query: %s; keeping the previous endpoints", u->key, err);
+        enum log_level lvl = watch_reject_level(u->watch, err);
+        LOG_AT(lvl, "upstream %s: prepared query: %s; keeping the previous endpoints", u->key, err);
         return rc;
     }
     struct tgt_watch *t = u->tgts[0];

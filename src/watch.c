@@ -36,9 +36,12 @@
 #define TIMEOUT_SLACK_MS     10000u /* above wait + wait/16 (the agent's own jitter) */
 #define POLL_TIMEOUT_MS      30000L
 #define REPEAT_LOG_MS        60000u
+#define MAX_WAIT_MS          600000u /* the agent's max_query_time */
 #define REASON_MAX           256
 #define RETRY_MIN_MS         200   /* one-shot requests (watch_retry_later): first delay */
 #define RETRY_MAX_MS         10000 /* ...and the cap */
+#define FAIL_REJECTED        (-1L) /* fail(): the owner rejected the answer */
+#define FAIL_TOO_LARGE       (-2L) /* fail(): the answer's body was over the cap */
 
 enum watch_state {
     WATCH_IN_FLIGHT = 1, /* <req> is outstanding */
@@ -72,13 +75,24 @@ struct watch {
     int has_data;
     /* After a transport error the agent may be a restarted one whose indexes began again:
      * the next request does not block, and its answer counts as news only if the body
-     * differs from the last accepted one. */
+     * differs from the last accepted one. An index that went back does the same. */
     int resync;
+    /* The position held is not one the agent gave (it answered X-Consul-Index 0, which
+     * blocks as 1): the next answer is news only if its body differs. */
+    int by_body;
 
     unsigned failures;
-    uint64_t last_ok_ms; /* util_now_ms() of the last good answer; 0 before the first */
+    /* The tracker's recovery made this watch retry at once since its last success. Once is
+     * enough: a query that fails alone (reset, or held past its timeout, by a hop) while the
+     * others are answered would otherwise be retried at every answer of every other watch,
+     * its back-off skipped. */
+    int kicked;
+    long last_fail;            /* the <status> of the last fail(): the kind of failure */
+    uint64_t last_reject_hash; /* of the reason the owner gave for its last rejection */
+    uint64_t last_ok_ms;       /* util_now_ms() of the last good answer; 0 before the first */
     uint64_t last_start_ms;
     uint64_t last_log_ms;
+    uint64_t last_index_log_ms; /* the last index_note() line */
 
     struct watch_reach *reach;
     struct watch *reach_prev, *reach_next; /* the tracker's list of its watches */
@@ -88,14 +102,23 @@ struct watch_reach {
     char *addr;
     int down;
     uint64_t down_ms; /* util_now_ms() of the transport error that began the outage */
+    /* The "unreachable" line of the current outage was written (then so is "reachable
+     * again"), and when the last one was: one query that keeps failing alone (a hop that
+     * resets it, or holds it past its timeout) while the others are answered makes the
+     * tracker go down and up again with each retry, so the lines come at most once a minute. */
+    int down_logged;
+    uint64_t last_down_log_ms;
     struct watch *watches;
 };
 
-static void reach_note(struct watch_reach *r, const struct agent_response *resp,
-                       uint64_t started_ms);
-
 static uint32_t backoff_base_ms = 200;
 static uint32_t backoff_cap_ms = 30000;
+static uint32_t default_wait_ms = DEFAULT_WAIT_MS;
+
+void watch_set_default_wait_ms(uint32_t wait_ms)
+{
+    default_wait_ms = wait_ms == 0 ? DEFAULT_WAIT_MS : MIN(wait_ms, MAX_WAIT_MS);
+}
 
 void watch_set_backoff_ms_for_testing(uint32_t base_ms, uint32_t cap_ms)
 {
@@ -160,6 +183,8 @@ static void schedule(struct watch *w, uint64_t delay_ms)
 }
 
 static void on_response(void *data, const struct agent_response *resp);
+static void reach_note(struct watch_reach *r, const struct agent_response *resp, const char *who,
+                       uint64_t started_ms);
 
 static void start_request(struct watch *w)
 {
@@ -192,6 +217,10 @@ static void start_request(struct watch *w)
 /* "HTTP 404: unknown service ID ..." or "transport error: ...", printable and bounded. */
 static void describe(const struct agent_response *resp, char *buf, size_t len)
 {
+    if (resp->body_too_large) {
+        snprintf(buf, len, "the answer's body is over the size cap (%s)", resp->error);
+        return;
+    }
     if (resp->status == 0) {
         snprintf(buf, len, "transport error: %s", resp->error[0] ? resp->error : "unknown");
         return;
@@ -211,12 +240,19 @@ static void describe(const struct agent_response *resp, char *buf, size_t len)
     buf[at] = '\0';
 }
 
-/* <status>: the HTTP status, 0 for a transport error, -1 for an answer the owner rejected. */
+/*
+ * <status>: the HTTP status, 0 for a transport error, FAIL_REJECTED for an answer the owner
+ * rejected (the owner logs why, at watch_reject_level()), FAIL_TOO_LARGE for an answer whose
+ * body was over the agent transport's cap. A failure of another kind than the previous one is
+ * a change of state and logged; the same failure again is logged at most once a minute.
+ */
 static void fail(struct watch *w, const char *reason, long status)
 {
     int transport = status == 0;
     uint64_t now = util_now_ms();
+    int changed = w->failures == 0 || status != w->last_fail;
     w->failures++;
+    w->last_fail = status;
     unsigned shift = MIN(w->failures - 1, 20u);
     uint64_t ceiling = MIN((uint64_t)backoff_base_ms << shift, (uint64_t)backoff_cap_ms);
     uint64_t delay = util_rand() % (ceiling + 1); /* full jitter; schedule() sets a floor */
@@ -225,13 +261,17 @@ static void fail(struct watch *w, const char *reason, long status)
         /* The tracker has said "agent unreachable" once for every watch. */
         LOG_DEBUG("watch %s: attempt %u failed: %s; next in %" PRIu64 " ms", w->name, w->failures,
                   reason, delay);
-    } else if (w->failures == 1 && status == 403) {
+    } else if (changed && status == FAIL_REJECTED) {
+        /* The owner has just logged what was wrong with the answer, in its own words. */
+        LOG_DEBUG("watch %s: %s; next in %" PRIu64 " ms", w->name, reason, delay);
+        w->last_log_ms = now;
+    } else if (changed && status == 403) {
         /* The token is unknown or lacks a permission: no retry will fix that by itself. */
         LOG_ERROR("watch %s: %s %s refused: %s (HTTP 403: the ACL token is unknown or lacks "
                   "the permission; retrying with back-off)",
                   w->name, w->method, w->path, reason);
         w->last_log_ms = now;
-    } else if (w->failures == 1) {
+    } else if (changed) {
         LOG_WARN("watch %s: %s %s failing: %s (retrying with back-off)", w->name, w->method,
                  w->path, reason);
         w->last_log_ms = now;
@@ -248,6 +288,7 @@ static void fail(struct watch *w, const char *reason, long status)
 static void healthy(struct watch *w)
 {
     w->last_ok_ms = util_now_ms();
+    w->kicked = 0;
     if (w->failures > 0) {
         LOG_INFO("watch %s: recovered after %u failed attempts", w->name, w->failures);
         w->failures = 0;
@@ -265,7 +306,10 @@ static int body_differs(const struct watch *w, const struct agent_response *resp
 
 static void accept_response(struct watch *w, const struct agent_response *resp)
 {
-    w->index = resp->index;
+    /* An index of 0 blocks as 1 (see on_response()); the next answer is judged by its body. */
+    int zero = w->block == WATCH_BY_INDEX && resp->status == 200 && resp->index == 0;
+    w->index = zero ? 1 : resp->index;
+    w->by_body = zero;
     if (w->block == WATCH_BY_HASH) {
         free(w->hash);
         w->hash = xstrdup(resp->content_hash);
@@ -273,6 +317,29 @@ static void accept_response(struct watch *w, const struct agent_response *resp)
     util_digest(resp->body, resp->body_len, &w->last_digest);
     w->last_body_len = resp->body_len;
     w->has_data = 1;
+}
+
+/*
+ * One line, at most once a minute per watch, about an index the agent should not have sent:
+ * <to> 0 (a Consul bug: a query on index 0 never blocks) or one lower than <from> (a snapshot
+ * restore or a new leader). A hop or an agent that keeps doing it must not flood the log.
+ */
+static void index_note(struct watch *w, uint64_t from, uint64_t to)
+{
+    uint64_t now = util_now_ms();
+    if (w->last_index_log_ms != 0 && now - w->last_index_log_ms < REPEAT_LOG_MS) {
+        LOG_DEBUG("watch %s: X-Consul-Index %" PRIu64 " after %" PRIu64, w->name, to, from);
+        return;
+    }
+    w->last_index_log_ms = now;
+    if (to == 0)
+        LOG_WARN("watch %s: the agent answered X-Consul-Index 0, which no query can block on; "
+                 "counting it as 1 and asking at most once a second while it lasts",
+                 w->name);
+    else
+        LOG_INFO("watch %s: X-Consul-Index went back from %" PRIu64 " to %" PRIu64
+                 " (a snapshot restore or a new leader?); starting over from index 0",
+                 w->name, from, to);
 }
 
 static void on_response(void *data, const struct agent_response *resp)
@@ -284,14 +351,14 @@ static void on_response(void *data, const struct agent_response *resp)
     if (!answer) {
         char reason[REASON_MAX];
         describe(resp, reason, sizeof(reason));
-        reach_note(w->reach, resp, w->last_start_ms);
-        fail(w, reason, resp->status);
+        reach_note(w->reach, resp, w->name, w->last_start_ms);
+        fail(w, reason, resp->body_too_large ? FAIL_TOO_LARGE : resp->status);
         return;
     }
 
     int news;
     uint64_t next_ms = 0;
-    reach_note(w->reach, resp, w->last_start_ms);
+    reach_note(w->reach, resp, w->name, w->last_start_ms);
     switch (resp->status == 403 ? 0 : (int)w->block) {
     case 0:
         /* A refusal has no index or hash to block on (nor to go back from): always the
@@ -300,18 +367,23 @@ static void on_response(void *data, const struct agent_response *resp)
         next_ms = NO_BLOCK_INTERVAL_MS;
         break;
     case WATCH_BY_INDEX:
-        if (w->resync) {
+        /* consul-api.md 1.4: an index lower than ours starts over from 0 (asked again with no
+         * index, the answer news only if its body differs); an index of 0 counts as 1, so the
+         * next query blocks (on an agent past 1 it returns at once: one a second, below). */
+        if (resp->index == 0 && resp->status == 200)
+            index_note(w, w->index, 0);
+        if (w->resync || w->by_body) {
             news = body_differs(w, resp);
-        } else if (resp->index < w->index) {
-            /* A snapshot restore or a new leader: start over, as consul-api.md 1.4 says. */
-            LOG_DEBUG("watch %s: index went back from %" PRIu64 " to %" PRIu64 "; resetting",
-                      w->name, w->index, resp->index);
+        } else if (MAX(resp->index, 1) < w->index) {
+            if (resp->index != 0)
+                index_note(w, w->index, resp->index);
             w->index = 0;
+            w->resync = 1;
             healthy(w);
             schedule(w, 0);
             return;
         } else {
-            news = resp->index != w->index || body_differs(w, resp);
+            news = MAX(resp->index, 1) != w->index || body_differs(w, resp);
         }
         if (resp->index == 0)
             next_ms = NO_BLOCK_INTERVAL_MS;
@@ -342,11 +414,11 @@ static void on_response(void *data, const struct agent_response *resp)
                 resp->index > w->index)
                 w->index = resp->index;
             snprintf(reason, sizeof(reason), "response rejected: %s", util_strerror(rc));
-            fail(w, reason, -1);
+            fail(w, reason, FAIL_REJECTED);
             return;
         }
         accept_response(w, resp);
-    } else if (w->resync) {
+    } else if (w->resync || w->by_body) {
         accept_response(w, resp); /* same data, but the agent's position to block on */
     }
     w->resync = 0;
@@ -366,7 +438,7 @@ struct watch *watch_start(struct agent *a, const struct watch_spec *spec, watch_
     w->block = spec->block;
     w->deliver_403_404 = spec->deliver_403_404;
     w->block_on_rejected = spec->block_on_rejected;
-    w->wait_ms = spec->wait_ms ? spec->wait_ms : DEFAULT_WAIT_MS;
+    w->wait_ms = spec->wait_ms ? spec->wait_ms : default_wait_ms;
     w->poll_ms = MAX(spec->poll_ms ? spec->poll_ms : DEFAULT_POLL_MS, MIN_INTERVAL_MS);
     w->cb = cb;
     w->data = data;
@@ -409,6 +481,16 @@ unsigned watch_failures(const struct watch *w)
     return w->failures;
 }
 
+enum log_level watch_reject_level(struct watch *w, const char *why)
+{
+    if (w == NULL)
+        return LOG_LEVEL_ERROR;
+    uint64_t h = util_hash_str(why != NULL ? why : "");
+    int again = w->failures > 0 && w->last_fail == FAIL_REJECTED && h == w->last_reject_hash;
+    w->last_reject_hash = h;
+    return again ? LOG_LEVEL_DEBUG : LOG_LEVEL_ERROR;
+}
+
 void watch_retry_later(struct loop *loop, struct loop_timer *t, unsigned failures)
 {
     uint64_t delay = MIN((uint64_t)RETRY_MIN_MS << MIN(failures, 6u), (uint64_t)RETRY_MAX_MS);
@@ -432,34 +514,45 @@ void watch_reach_free(struct watch_reach *r)
     free(r);
 }
 
-/* <started_ms>: when the answered request was sent (UINT64_MAX: unknown, counts as new). */
-static void reach_note(struct watch_reach *r, const struct agent_response *resp,
+/* <who>: the watch that saw <resp>, for the "unreachable" line; NULL for other requests.
+ * <started_ms>: when the answered request was sent (UINT64_MAX: unknown, counts as new). */
+static void reach_note(struct watch_reach *r, const struct agent_response *resp, const char *who,
                        uint64_t started_ms)
 {
     if (r == NULL)
         return;
-    if (resp->status == 0) {
-        if (!r->down) {
-            LOG_WARN("agent %s unreachable (%s); serving with the last good certificates, "
-                     "intentions and endpoints",
-                     r->addr, resp->error[0] ? resp->error : "transport error");
-            r->down_ms = util_now_ms();
-        }
+    /* An answer whose body was too large still came from the agent: it is reachable. */
+    if (resp->status == 0 && !resp->body_too_large) {
+        if (r->down)
+            return;
+        uint64_t now = util_now_ms();
+        r->down_ms = now;
         r->down = 1;
+        r->down_logged = r->last_down_log_ms == 0 || now - r->last_down_log_ms >= REPEAT_LOG_MS;
+        if (r->down_logged)
+            r->last_down_log_ms = now;
+        LOG_AT(r->down_logged ? LOG_LEVEL_WARN : LOG_LEVEL_DEBUG,
+               "agent %s unreachable (%s%s%s%s); serving with the last good certificates, "
+               "intentions and endpoints",
+               r->addr, who != NULL ? "watch " : "", who != NULL ? who : "",
+               who != NULL ? ": " : "", resp->error[0] ? resp->error : "transport error");
         return;
     }
     /* An agent that is shutting down answers the blocking queries it holds (HTTP 500) while
      * it already refuses connections: such an answer, to a request sent before the outage
      * began, says nothing about the agent now and must not end the outage (which would log
-     * it twice). */
-    if (!r->down || started_ms < r->down_ms)
+     * it twice). Any other answer does: one query failing alone (reset by a hop) takes the
+     * tracker down while the agent keeps answering the others' older blocking queries. */
+    if (!r->down || (started_ms < r->down_ms && resp->status >= 500))
         return;
     r->down = 0;
-    LOG_INFO("agent %s reachable again", r->addr);
-    /* Everyone backing off retries now; schedule() keeps the per-watch minimum interval. The
-     * list cannot change under us: starting a request never runs a callback. */
+    LOG_AT(r->down_logged ? LOG_LEVEL_INFO : LOG_LEVEL_DEBUG, "agent %s reachable again", r->addr);
+    /* Everyone backing off retries now, once per streak of failures (see <kicked>);
+     * schedule() keeps the per-watch minimum interval. The list cannot change under us:
+     * starting a request never runs a callback. */
     for (struct watch *w = r->watches; w != NULL; w = w->reach_next) {
-        if (w->state == WATCH_WAITING && w->failures > 0) {
+        if (w->state == WATCH_WAITING && w->failures > 0 && !w->kicked) {
+            w->kicked = 1;
             loop_timer_stop(w->loop, &w->timer);
             schedule(w, 0);
         }
@@ -468,7 +561,7 @@ static void reach_note(struct watch_reach *r, const struct agent_response *resp,
 
 void watch_reach_note(struct watch_reach *r, const struct agent_response *resp)
 {
-    reach_note(r, resp, UINT64_MAX);
+    reach_note(r, resp, NULL, UINT64_MAX);
 }
 
 int watch_reach_down(const struct watch_reach *r)

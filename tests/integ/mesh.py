@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -1327,7 +1328,18 @@ class AgentInterposer:
     <held> maps a path prefix to a threading.Event: such a request is passed on only once the
     event is set (at most 60 s late), as from an agent slow to answer that one query;
     <drop_headers> names (lower case) response headers left out; <rewrite>(path, body) may
-    return another body for a 200 answer; <paths> lists every request path seen."""
+    return another body for a 200 answer; <paths> lists every request path seen.
+
+    And <faults> maps a path prefix to a fault (what a real agent will not do), applied to
+    every request on that path until removed, each one counted in <fault_hits> (prefix ->
+    count). A fault is a tuple:
+      ("status", code, body)  answer <code> with <body> (bytes) at once;
+      ("body", fn)            the agent's answer, asked without index and wait (so at once),
+                              with its body replaced by fn(body) (bytes in, bytes out);
+      ("index", value)        the same, its X-Consul-Index replaced by <value>;
+      ("reset",)              close the connection with a TCP reset instead of answering;
+      ("stall", event)        answer nothing until <event> is set (at most 120 s), then close;
+      ("once", fault)         <fault> for the next request only, then nothing again."""
 
     def __init__(self, agent_http_addr):
         import http.server
@@ -1342,6 +1354,8 @@ class AgentInterposer:
         self.drop_headers = set()
         self.rewrite = None
         self.paths = []
+        self.faults = {}
+        self.fault_hits = {}
         # The hop's own connections to the agent, most of them blocking queries: stop() cuts
         # them, or they would stay open on the agent for the rest of their wait, long after
         # the connectd that asked is gone, and a shared agent would refuse new clients (429).
@@ -1359,6 +1373,13 @@ class AgentInterposer:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
                 outer.paths.append(self.path)
+                for prefix, fault in list(outer.faults.items()):
+                    if self.path.startswith(prefix):
+                        if fault[0] == "once":
+                            outer.faults.pop(prefix, None)
+                            fault = fault[1]
+                        outer.fault_hits[prefix] = outer.fault_hits.get(prefix, 0) + 1
+                        return self._fault(fault, body)
                 for prefix, (status, data) in list(outer.canned.items()):
                     if self.path.startswith(prefix):
                         return self._answer(status, [("Content-Type", "application/json")],
@@ -1376,6 +1397,14 @@ class AgentInterposer:
                         return self._answer(200, [("Content-Type", "application/json")],
                                             json.dumps(canned).encode())
                     time.sleep(outer.authorize_delay)
+                status, keep, data = self._forward(self.path, body)
+                if status == 200 and outer.rewrite is not None:
+                    data = outer.rewrite(self.path, data)
+                self._answer(status, keep, data)
+
+            def _forward(self, path, body, identity=False):
+                """The agent's answer to this request on <path>: (status, headers, body);
+                with <identity> the body is asked for unencoded (not gzip), to be rewritten."""
                 host, port = outer.upstream.rsplit(":", 1)
                 c = http.client.HTTPConnection(host, int(port), timeout=700)
                 with outer.live_lock:
@@ -1383,19 +1412,50 @@ class AgentInterposer:
                 try:
                     hdrs = {k: v for k, v in self.headers.items()
                             if k.lower() not in ("host", "connection", "content-length")}
-                    c.request(self.command, self.path, body=body, headers=hdrs)
+                    if identity:
+                        hdrs = {k: v for k, v in hdrs.items() if k.lower() != "accept-encoding"}
+                    c.request(self.command, path, body=body, headers=hdrs)
                     r = c.getresponse()
                     data = r.read()
-                    if r.status == 200 and outer.rewrite is not None:
-                        data = outer.rewrite(self.path, data)
                     keep = [(k, v) for k, v in r.getheaders()
                             if k.lower() not in ("connection", "content-length",
                                                  "transfer-encoding") + tuple(outer.drop_headers)]
-                    self._answer(r.status, keep, data)
+                    return r.status, keep, data
                 finally:
                     with outer.live_lock:
                         outer.live.discard(c)
                     c.close()
+
+            def _reset(self):
+                self.close_connection = True
+                try:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.connection.close()
+                except OSError:
+                    pass
+
+            def _fault(self, fault, body):
+                kind = fault[0]
+                if kind == "status":
+                    return self._answer(fault[1], [("Content-Type", "text/plain")], fault[2])
+                if kind == "reset":
+                    return self._reset()
+                if kind == "stall":
+                    fault[1].wait(120)
+                    return self._reset()
+                # The answer of the moment, not a blocking one: the fault shows at once.
+                base, _, query = self.path.partition("?")
+                kept = [q for q in query.split("&") if q and
+                        not q.startswith(("index=", "wait=", "hash="))]
+                status, keep, data = self._forward(base + ("?" + "&".join(kept) if kept else ""),
+                                                   body, identity=True)
+                if kind == "body" and status == 200:
+                    data = fault[1](data)
+                elif kind == "index":
+                    keep = [(k, v) for k, v in keep if k.lower() != "x-consul-index"]
+                    keep.append(("X-Consul-Index", str(fault[1])))
+                return self._answer(status, keep, data)
 
             def _answer(self, status, headers, data):
                 self.send_response(status)

@@ -163,6 +163,33 @@ static void test_flag_defaults_and_durations(void **state)
     }
 }
 
+/* -watch-wait: the agent's default 5 minutes unless set; 1 s to 10 min (max_query_time). */
+static void test_watch_wait(void **state)
+{
+    static const struct {
+        const char *text;
+        long ms; /* -1: refused */
+    } cases[] = {{"2s", 2000},  {"5m", 300000}, {"10m", 600000}, {"1000", 1000},
+                 {"999ms", -1}, {"0", -1},      {"11m", -1},     {"soon", -1}};
+    struct config c;
+    char err[256] = "";
+    (void)state;
+    assert_int_equal(parse(&c, err, sizeof(err), 3, "-proxy-id", "p"), 0);
+    assert_int_equal(c.watch_wait_ms, 300000);
+    config_dispose(&c);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int rc = parse(&c, err, sizeof(err), 5, "-proxy-id", "p", "-watch-wait", cases[i].text);
+        if (cases[i].ms < 0) {
+            assert_int_equal(rc, -EINVAL);
+            assert_non_null(strstr(err, "-watch-wait"));
+            continue;
+        }
+        assert_int_equal(rc, 0);
+        assert_int_equal(c.watch_wait_ms, cases[i].ms);
+        config_dispose(&c);
+    }
+}
+
 static void test_env_fallbacks(void **state)
 {
     struct config c;
@@ -620,6 +647,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_flags_basic, env_reset),
         cmocka_unit_test_setup(test_flags_mode, env_reset),
+        cmocka_unit_test(test_watch_wait),
         cmocka_unit_test_setup(test_env_fallbacks, env_reset),
         cmocka_unit_test_setup(test_token_precedence, env_reset),
         cmocka_unit_test_setup(test_core_dumps_and_unreadable_token_file, env_reset),

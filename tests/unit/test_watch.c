@@ -27,6 +27,7 @@
 #include <sys/un.h>
 
 #include "agent.h"
+#include "log.h"
 #include "loop.h"
 #include "util.h"
 #include "watch.h"
@@ -51,6 +52,7 @@ struct harness {
     uint64_t indexes[8];
     char hashes[8][32];
     unsigned failures_seen[8];
+    enum log_level reject_levels[8]; /* watch_reject_level() during each delivery */
     long statuses[8];
     int any_status; /* the watch delivers 403 and 404 too */
     struct watch *w;
@@ -143,6 +145,7 @@ static int on_watch(void *data, const struct agent_response *resp)
     h->indexes[i] = resp->index;
     snprintf(h->hashes[i], sizeof(h->hashes[i]), "%s", resp->content_hash);
     h->failures_seen[i] = watch_failures(h->w);
+    h->reject_levels[i] = watch_reject_level(h->w, resp->body); /* the body as the reason */
     if (h->stop_in_cb) {
         watch_stop(h->w);
         h->w = NULL;
@@ -437,6 +440,187 @@ static void test_stop_inside_callback(void **state)
     teardown(&h);
 }
 
+/*
+ * Consul's blocking-query rules: an X-Consul-Index of 0 counts as 1. The watch used to keep 0
+ * and ask with no index at all, a query that can never block; and an answer after the zeros
+ * that only moved the index (same body) was delivered again as news.
+ */
+static void test_index_zero_counts_as_one(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 5\r\n", "A", 0},
+        {200, "X-Consul-Index: 0\r\n", "A", 0}, /* a Consul bug, or a hop: lower than 5 */
+        {200, "X-Consul-Index: 0\r\n", "A", 0}, /* asked again from no index */
+        {200, "X-Consul-Index: 7\r\n", "A", 0}, /* a real index again, same data */
+        {200, "X-Consul-Index: 8\r\n", "B", 0},
+    };
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    struct watch_spec spec = {.name = "roots",
+                              .path = "/v1/agent/connect/ca/roots",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 6;
+    run(&h, 4000);
+
+    assert_req_line(&h.srv, 0, "GET /v1/agent/connect/ca/roots?wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 1, "GET /v1/agent/connect/ca/roots?index=5&wait=1000ms HTTP/1.1");
+    /* Lower than 5: start over from 0, that is with no index. */
+    assert_req_line(&h.srv, 2, "GET /v1/agent/connect/ca/roots?wait=1000ms HTTP/1.1");
+    /* 0 counts as 1, asked no sooner than a second later. */
+    assert_req_line(&h.srv, 3, "GET /v1/agent/connect/ca/roots?index=1&wait=1000ms HTTP/1.1");
+    assert_true(h.srv.req_ms[3] - h.srv.req_ms[2] >= 900);
+    assert_req_line(&h.srv, 4, "GET /v1/agent/connect/ca/roots?index=7&wait=1000ms HTTP/1.1");
+    assert_req_line(&h.srv, 5, "GET /v1/agent/connect/ca/roots?index=8&wait=1000ms HTTP/1.1");
+    /* Only the two bodies: neither the zeros nor index 7 with the same body were news. */
+    assert_int_equal(h.ndeliv, 2);
+    assert_string_equal(h.bodies[0], "A");
+    assert_string_equal(h.bodies[1], "B");
+    assert_int_equal(watch_failures(h.w), 0);
+    teardown(&h);
+}
+
+/*
+ * One line per bad answer: the owner logs why it rejects an answer at watch_reject_level(),
+ * an error the first time and debug while the agent keeps sending the same bad answer, an
+ * error again for another reason or after a failure of another kind. Each retry of a bad
+ * answer used to log an error.
+ */
+static void test_reject_level_once_per_streak(void **state)
+{
+    (void)state;
+    static const struct fake_resp script[] = {
+        {200, "X-Consul-Index: 5\r\n", "good1", 0},
+        {200, "X-Consul-Index: 6\r\n", "garbage", 0},
+        {200, "X-Consul-Index: 6\r\n", "garbage", 0},
+        {200, "X-Consul-Index: 6\r\n", "garbage, another", 0},
+        {500, NULL, "oops", 0},
+        {200, "X-Consul-Index: 6\r\n", "garbage, another", 0},
+        {200, "X-Consul-Index: 6\r\n", "good2", 0},
+    };
+    watch_set_backoff_ms_for_testing(60, 60);
+    struct harness h;
+    setup(&h, script, ARRAY_SIZE(script), 0, NULL);
+    h.reject_prefix = "garbage";
+    struct watch_spec spec = {.name = "leaf",
+                              .path = "/v1/agent/connect/ca/leaf/web",
+                              .block = WATCH_BY_INDEX,
+                              .wait_ms = 1000};
+    h.w = watch_start(h.agent, &spec, on_watch, &h);
+    h.want_reqs = 8;
+    run(&h, 3000);
+    watch_set_backoff_ms_for_testing(0, 0);
+
+    assert_int_equal(h.ndeliv, 6);
+    assert_int_equal(h.reject_levels[0], LOG_LEVEL_ERROR); /* good1: healthy */
+    assert_int_equal(h.reject_levels[1], LOG_LEVEL_ERROR); /* the first bad answer */
+    assert_int_equal(h.reject_levels[2], LOG_LEVEL_DEBUG); /* the same fault again */
+    assert_int_equal(h.reject_levels[3], LOG_LEVEL_ERROR); /* another reason: news */
+    assert_int_equal(h.reject_levels[4], LOG_LEVEL_ERROR); /* after a 500: news again */
+    assert_string_equal(h.bodies[5], "good2");
+    assert_int_equal(watch_failures(h.w), 0);
+    assert_int_equal(watch_reject_level(NULL, "x"), LOG_LEVEL_ERROR);
+    teardown(&h);
+}
+
+/*
+ * An answer over the body cap came from the agent: the agent is not unreachable. It used to
+ * count as a transport error, so the tracker logged "agent unreachable" (and then "reachable
+ * again" at the next answer of any watch) for what is a bad answer of one watch.
+ */
+static void test_too_large_answer_is_not_an_outage(void **state)
+{
+    (void)state;
+    struct watch_reach *r = watch_reach_new("127.0.0.1:1");
+    struct agent_response big = {.status = 0,
+                                 .error = "response body too large",
+                                 .body = "",
+                                 .content_hash = "",
+                                 .default_acl_policy = "",
+                                 .body_too_large = 1};
+    watch_reach_note(r, &big);
+    assert_false(watch_reach_down(r));
+    struct agent_response down = big;
+    down.body_too_large = 0;
+    down.error = "Connection refused";
+    watch_reach_note(r, &down);
+    assert_true(watch_reach_down(r));
+    /* ... and it does end an outage, like any answer. */
+    watch_reach_note(r, &big);
+    assert_false(watch_reach_down(r));
+    watch_reach_free(r);
+}
+
+/* Runs <fn> with stderr in a temporary file at level INFO; returns what was written (freed by
+ * the caller). */
+static char *capture_stderr(void (*fn)(void))
+{
+    FILE *tmp = tmpfile();
+    assert_non_null(tmp);
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    assert_true(saved >= 0);
+    assert_true(dup2(fileno(tmp), STDERR_FILENO) >= 0);
+    enum log_level level = log_min_level;
+    log_min_level = LOG_LEVEL_INFO;
+    fn();
+    log_min_level = level;
+    fflush(stderr);
+    assert_true(dup2(saved, STDERR_FILENO) >= 0);
+    close(saved);
+    long n = ftell(tmp);
+    char *out = xcalloc(1, (size_t)(n > 0 ? n : 0) + 1);
+    rewind(tmp);
+    if (n > 0)
+        assert_int_equal(fread(out, 1, (size_t)n, tmp), (size_t)n);
+    fclose(tmp);
+    return out;
+}
+
+static size_t count_of(const char *text, const char *what)
+{
+    size_t n = 0;
+    for (const char *p = text; (p = strstr(p, what)) != NULL; p += strlen(what))
+        n++;
+    return n;
+}
+
+static void flap_three_times(void)
+{
+    struct watch_reach *r = watch_reach_new("127.0.0.1:1");
+    struct agent_response reset = {.status = 0,
+                                   .error = "Recv failure: Connection reset by peer",
+                                   .body = "",
+                                   .content_hash = "",
+                                   .default_acl_policy = ""};
+    struct agent_response ok = reset;
+    ok.status = 200;
+    ok.error = "";
+    for (int i = 0; i < 3; i++) {
+        watch_reach_note(r, &reset);
+        assert_true(watch_reach_down(r));
+        watch_reach_note(r, &ok);
+        assert_false(watch_reach_down(r));
+    }
+    watch_reach_free(r);
+}
+
+/*
+ * One query that fails alone (reset by a hop, or held past its timeout) while the agent
+ * answers the others took the tracker down and up again at each retry, and each time it wrote
+ * "unreachable" and "reachable again": the lines now come at most once a minute.
+ */
+static void test_reach_lines_at_most_once_a_minute(void **state)
+{
+    (void)state;
+    char *out = capture_stderr(flap_three_times);
+    assert_int_equal(count_of(out, "unreachable (Recv failure: Connection reset by peer)"), 1);
+    assert_int_equal(count_of(out, "reachable again"), 1);
+    free(out);
+}
+
 static void test_poll_mode(void **state)
 {
     (void)state;
@@ -493,6 +677,7 @@ struct seen {
     size_t body_len[4];
     uint64_t index[4];
     char acl[4][16];
+    int too_large[4];
 };
 
 static struct seen seen;
@@ -507,6 +692,7 @@ static void on_resp(void *data, const struct agent_response *resp)
     snprintf(seen.body[i], sizeof(seen.body[i]), "%s", resp->body);
     seen.body_len[i] = resp->body_len;
     seen.index[i] = resp->index;
+    seen.too_large[i] = resp->body_too_large;
     snprintf(seen.acl[i], sizeof(seen.acl[i]), "%s", resp->default_acl_policy);
 }
 
@@ -550,7 +736,10 @@ static void test_body_cap(void **state)
     assert_int_equal(seen.status[0], 0);
     assert_string_equal(seen.error[0], "response body too large");
     assert_int_equal(seen.body_len[0], 0);
+    assert_true(seen.too_large[0]);
     assert_int_equal(seen.status[1], 0);
+    assert_true(seen.too_large[1]);
+    assert_false(seen.too_large[2]);
     assert_string_equal(seen.error[1], "response body too large");
     assert_int_equal(seen.status[2], 200);
     assert_int_equal(seen.body_len[2], 1000);
@@ -893,6 +1082,10 @@ int main(void)
         cmocka_unit_test(test_rejected_body_blocks_on_its_index),
         cmocka_unit_test(test_deliver_403_404),
         cmocka_unit_test(test_stop_inside_callback),
+        cmocka_unit_test(test_index_zero_counts_as_one),
+        cmocka_unit_test(test_reject_level_once_per_streak),
+        cmocka_unit_test(test_too_large_answer_is_not_an_outage),
+        cmocka_unit_test(test_reach_lines_at_most_once_a_minute),
         cmocka_unit_test(test_poll_mode),
         cmocka_unit_test(test_unix_socket),
         cmocka_unit_test(test_body_cap),
