@@ -16,24 +16,26 @@ sidecars (the ASan build unless CONNECTD_BIN says otherwise):
 Seven client threads call the upstreams at a steady rate (--rate per thread): three open L4
 connections with random payloads that must come back byte for byte (SHA-256 compared), two
 send HTTP/1.1 keep-alive requests and two make gRPC calls (one at a time, or three at once on
-the same connection) with random bodies checked the same way. Meanwhile, on a schedule: the intentions of all three
-destinations flip to deny and back (a call refused while deny is in force, or within GRACE of
-a flip, counts as refused, not as an error), the CA rotates to a root we generate, a second
-instance of echo or web comes (with its own sidecar) and goes, and the agent restarts twice
-(once SIGTERM, once SIGKILL).
+the same connection) with random bodies checked the same way. Meanwhile, on a schedule: the
+intentions of all three destinations flip to deny and back (a call refused while deny is in
+force, or within GRACE of a flip, counts as refused, not as an error), the CA rotates to a
+root we generate, a second instance of echo or web comes (with its own sidecar) and goes, and
+the agent restarts twice (once SIGTERM, once SIGKILL).
 
 Every few seconds each connectd's RSS, open descriptors and snapshot generation are sampled.
 Checks at the end: no failed call outside a deny window, no corrupt byte, every connectd alive
 throughout and exiting 0 on SIGTERM with no sanitizer report in its log; RSS and descriptors
 flat after warm-up (the last third's max within RSS_TOLERANCE / FD_TOLERANCE of the first
 post-warm-up third's max) and descriptors back to their idle baseline once traffic stops; the
-snapshot generation never moves in a quiet interval (no event for QUIET seconds). The summary
+snapshot generation never moves in a quiet interval (no event for QUIET seconds, QUIET_ROTATION
+after a CA rotation). The summary
 goes to stdout and build/soak-report.md; the exit status is 1 when any check failed.
 """
 
 import argparse
 import collections
 import hashlib
+import json
 import os
 import random
 import signal
@@ -55,6 +57,9 @@ REPO = mesh.REPO
 SAMPLE_EVERY = 3.0       # seconds between samples of each connectd
 GRACE = 5.0              # seconds after a flip in which either outcome is accepted
 QUIET = 15.0             # seconds after an event ends before the generation must stay put
+# ... after a CA rotation: the agent re-signs each leaf at a random point of the 30 s after it
+# sees the new root (caChangeJitterWindow in Consul's agent/leafcert), a new snapshot then.
+QUIET_ROTATION = 45.0
 RSS_TOLERANCE = 0.10     # last third's max RSS over the first post-warm-up third's max
 RSS_SLACK = 4 << 20      # ... plus this many bytes (allocator and ASan granularity)
 FD_TOLERANCE = 0.25      # same for descriptors, plus FD_SLACK
@@ -334,6 +339,7 @@ class Soak:
         self.baseline_fds = {}
         self.extra = {}        # service -> (sid, Connectd, app) of the second instance
         self.problems = []
+        self.gen_moves = []    # generation changes in quiet intervals, described
         self.stopped = []      # connectd processes stopped (and their logs checked) already
         self.planned_restarts = 0
         self.agent = None
@@ -685,11 +691,20 @@ class Soak:
             moved = quiet = 0
             ev = st.events
             for a, b in zip(self.samples[label], self.samples[label][1:]):
-                busy = any(s0 <= b[0] and e0 + QUIET >= a[0] for s0, e0, _, _ in ev)
+                busy = any(s0 <= b[0] and e0 + (QUIET_ROTATION if k == "rotate" else QUIET)
+                           >= a[0] for s0, e0, k, _ in ev)
                 if busy or a[3] is None or b[3] is None:
                     continue
                 quiet += 1
-                moved += a[3] != b[3]
+                if a[3] != b[3]:
+                    moved += 1
+                    last = max((e for e in ev if e[1] <= a[0]), key=lambda e: e[1],
+                               default=None)
+                    self.gen_moves.append(
+                        f"{label}: generation {a[3]:.0f} -> {b[3]:.0f} between "
+                        f"t={a[0] - self.t_start:.0f}s and t={b[0] - self.t_start:.0f}s"
+                        + (f", {a[0] - last[1]:.0f}s after {last[2]} {last[3]} ended"
+                           if last else ""))
             checks.append((moved == 0, f"{label}: snapshot generation still between events "
                                        f"({moved} moves in {quiet} quiet sample intervals)"))
             all_s = self.samples[label]
@@ -697,6 +712,14 @@ class Soak:
                          self.baseline_fds[label], all_s[0][2], max(x[2] for x in s), end_fd,
                          all_s[0][3], all_s[-1][3]))
         return checks, rows
+
+    def save_samples(self):
+        """The raw samples and events, for a look after the run (build/soak/samples.json)."""
+        out = {"t_start": self.t_start, "warmup_end": self.warmup_end,
+               "events": [list(e) for e in self.st.events],
+               "samples": {k: [list(x) for x in v] for k, v in self.samples.items()}}
+        with open(os.path.join(self.workdir, "samples.json"), "w") as f:
+            json.dump(out, f)
 
     def report(self, checks, rows, elapsed):
         st = self.st
@@ -708,7 +731,8 @@ class Soak:
             "",
             f"Duration {elapsed / 60:.1f} min (traffic {self.args.minutes:g} min), connectd "
             f"`{os.path.relpath(self.binary, REPO)}`, rate {self.args.rate:g}/s per client "
-            f"thread (3 L4, 2 HTTP, 2 gRPC), seed {self.args.seed}.",
+            f"thread (3 L4, 2 HTTP, 2 gRPC: one with 3 calls at a time), seed "
+            f"{self.args.seed}.",
             "",
             "| traffic | count | bytes (both ways) |",
             "|---|---:|---:|",
@@ -744,6 +768,9 @@ class Soak:
                       + f"; logs with a sanitizer report: {reports}."]
         lines += ["", "Checks:", ""]
         lines += [f"* {'ok  ' if x else 'FAIL'} {t}" for x, t in checks]
+        if self.gen_moves:
+            lines += ["", "Generation changes in quiet intervals:", ""]
+            lines += [f"* {x}" for x in self.gen_moves[:20]]
         if st.error_samples:
             lines += ["", "First errors (time, reason, nearest event):", ""]
             lines += [f"* {x}" for x in st.error_samples]
@@ -784,6 +811,7 @@ def main():
         soak.run()
         soak.shutdown()
         checks, rows = soak.verdict()
+        soak.save_samples()
         ok = soak.report(checks, rows, time.monotonic() - t0)
     except KeyboardInterrupt:
         print("soak: interrupted; stopping everything", file=sys.stderr, flush=True)
