@@ -343,6 +343,7 @@ class Soak:
         self.stopped = []      # connectd processes stopped (and their logs checked) already
         self.planned_restarts = 0
         self.agent = None
+        self.events_thread = None
 
     # --- set-up ---
 
@@ -589,7 +590,8 @@ class Soak:
         plan = self.schedule(self.t_start + warmup, self.t_start + total - cooldown)
         self.warmup_end = self.t_start + warmup
         self.planned_restarts = sum(1 for _, a in plan if a.startswith("restart"))
-        events = threading.Thread(target=self.run_events, args=(plan,), daemon=True)
+        events = self.events_thread = threading.Thread(target=self.run_events, args=(plan,),
+                                                       daemon=True)
         events.start()
         last = 0
         while time.monotonic() < self.t_start + total:
@@ -627,6 +629,10 @@ class Soak:
         """Stops everything this run started; safe to call twice and after a failure."""
         self.stop_traffic.set()
         self.stop_all.set()
+        # An event under way (an agent restart, an instance starting) finishes first, so
+        # nothing it starts outlives the run.
+        if self.events_thread is not None:
+            self.events_thread.join(150)
         for t in self.threads:
             t.join(15)
         for p in self.procs:
