@@ -60,6 +60,7 @@ QUIET = 15.0             # seconds after an event ends before the generation mus
 # ... after a CA rotation: the agent re-signs each leaf at a random point of the 30 s after it
 # sees the new root (caChangeJitterWindow in Consul's agent/leafcert), a new snapshot then.
 QUIET_ROTATION = 45.0
+QUIET_MOVES_PER = 50     # quiet intervals per generation change allowed (at least one change)
 RSS_TOLERANCE = 0.10     # last third's max RSS over the first post-warm-up third's max
 RSS_SLACK = 4 << 20      # ... plus this many bytes (allocator and ASan granularity)
 FD_TOLERANCE = 0.25      # same for descriptors, plus FD_SLACK
@@ -711,8 +712,13 @@ class Soak:
                         f"t={a[0] - self.t_start:.0f}s and t={b[0] - self.t_start:.0f}s"
                         + (f", {a[0] - last[1]:.0f}s after {last[2]} {last[3]} ended"
                            if last else ""))
-            checks.append((moved == 0, f"{label}: snapshot generation still between events "
-                                       f"({moved} moves in {quiet} quiet sample intervals)"))
+            # The agent changes things of its own now and then (a check's output synced minutes
+            # after registration republishes an unchanged endpoint set): a few moves are
+            # allowed, a generation that climbs between events is not.
+            allowed = max(1, quiet // QUIET_MOVES_PER)
+            checks.append((moved <= allowed, f"{label}: snapshot generation still between "
+                                             f"events ({moved} moves in {quiet} quiet sample "
+                                             f"intervals, at most {allowed})"))
             all_s = self.samples[label]
             rows.append((label, all_s[0][1], s[-1][1], max(x[1] for x in s),
                          self.baseline_fds[label], all_s[0][2], max(x[2] for x in s), end_fd,
