@@ -1104,6 +1104,16 @@ int h2_shutdown(struct h2_session *s)
     return rv == 0 ? 0 : -EALREADY;
 }
 
+int h2_shutdown_before(struct h2_session *s, int32_t stream_id)
+{
+    int32_t last = nghttp2_session_get_last_proc_stream_id(s->ng);
+    /* A peer's streams have odd ids, in order: the one before <stream_id> is 2 less. */
+    if (stream_id > 0 && stream_id - 2 < last)
+        last = stream_id > 2 ? stream_id - 2 : 0;
+    int rv = nghttp2_submit_goaway(s->ng, NGHTTP2_FLAG_NONE, last, NGHTTP2_NO_ERROR, NULL, 0);
+    return rv == 0 ? 0 : -EALREADY;
+}
+
 int h2_terminate(struct h2_session *s, uint32_t code)
 {
     return nghttp2_session_terminate_session(s->ng, code) == 0 ? 0 : -EALREADY;

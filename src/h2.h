@@ -268,6 +268,12 @@ int h2_submit_rst(struct h2_session *s, int32_t stream_id, uint32_t code);
  * finish, the peer opens no more. 0 or -EALREADY.
  */
 int h2_shutdown(struct h2_session *s);
+/*
+ * The same, naming the last stream below <stream_id> (a peer's stream being refused): the
+ * peer knows <stream_id> and every later stream went unprocessed and may send them again
+ * elsewhere. 0 or -EALREADY.
+ */
+int h2_shutdown_before(struct h2_session *s, int32_t stream_id);
 /* Ends the session now: GOAWAY(<code>), then h2_wants_read/write turn false once it is out. */
 int h2_terminate(struct h2_session *s, uint32_t code);
 

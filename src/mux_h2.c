@@ -234,6 +234,7 @@ struct mux_h2 {
     int dialling;            /* outbound: session_dial_h2() owns end[1] and the state timer */
     struct h2s *dial_for;    /* outbound: the waiting stream the dial under way is for */
     int draining;            /* connectd drains: GOAWAY sent, closes when no stream is left */
+    int resnap;              /* outbound: draining since the snapshot changed (follow_snapshot) */
     int down_failed;         /* the downstream session ended in an error: flush and close */
     struct buf cout;
     int rd_ok;         /* read end[0]: an event came, or the last read did not drain it */
@@ -1600,6 +1601,34 @@ static void retry_streams(struct session *s)
 
 /* ---- the downstream session (server) ---- */
 
+/*
+ * Outbound: a new snapshot (endpoints, routes, the CA's roots and our leaf) applies to the
+ * caller's next streams too, as mux_h1 follows it between requests. Without this a long-lived
+ * caller connection (a gRPC channel) kept dialling with the TLS context it started under, which
+ * stops verifying the upstream's leaf two CA rotations later, and with endpoints long gone.
+ * Streams hold pointers into the session's snapshot, so the session moves only when <x>, just
+ * opened, is its one stream and no dial is under way. Otherwise (or when the upstream left the
+ * new snapshot) the session drains: GOAWAY naming the stream before <x> as the last one
+ * processed, so the application knows <x> went unprocessed and sends it again on a new
+ * connection (gRPC does so transparently), which starts on the current snapshot; <x> is reset
+ * REFUSED_STREAM and the open streams finish. Called from the head's callback, so the GOAWAY
+ * is only queued; pump() sends it.
+ */
+static void follow_snapshot(struct session *s, struct h2s *x)
+{
+    struct mux_h2 *m = s->mux2;
+    if (s->host->snap == NULL || s->host->snap == s->snap || m->draining)
+        return;
+    if (m->streams == x && x->next == NULL && !m->dialling && session_follow_snapshot(s))
+        return;
+    LOG_DEBUG("conn=%llu out: the snapshot changed with streams open: GOAWAY, the caller's next "
+              "streams go on a new connection",
+              (unsigned long long)s->id);
+    m->draining = 1;
+    m->resnap = 1;
+    (void)h2_shutdown_before(m->down, x->cid);
+}
+
 static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const struct h2_head *hd,
                         void *user)
 {
@@ -1637,11 +1666,14 @@ static int down_on_head(struct h2_session *hs, int32_t cid, void *su, const stru
     if (m->outbound) {
         /* The application's own request, forwarded as sent (the upstream's sidecar
          * normalizes and authorizes it) once the session's dial gives a connection. */
+        follow_snapshot(s, x);
         if (m->draining) {
+            /* Unprocessed: the application may send it again on another connection. */
             h2_submit_rst(m->down, cid, H2_REFUSED_STREAM);
             x->local = 1;
             x->result = STREAM_RES_ABORTED;
-            set_why(x, "connectd is draining");
+            set_why(x, m->resnap ? "the configuration changed while streams were open"
+                                 : "connectd is draining");
             return 0;
         }
         if (m->h1up && connect) {

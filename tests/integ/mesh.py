@@ -401,13 +401,17 @@ def sidecar_registration(name, app_port, sidecar_port, upstreams=(), proxy_confi
 
 
 class ConsulAgent:
-    """A `consul agent -dev` on loopback with every listener on a free port."""
+    """A `consul agent -dev` on loopback with every listener on a free port; with data_dir, a
+    single server (-bootstrap-expect=1, Connect on) that keeps its state there instead, so a
+    restart brings back its CA, services and intentions (the soak restarts one)."""
 
     _seq = itertools.count(1)
 
-    def __init__(self, consul_bin, workdir, extra_hcl=(), https=False, token=None):
+    def __init__(self, consul_bin, workdir, extra_hcl=(), https=False, token=None,
+                 data_dir=None):
         self.consul_bin = consul_bin
         self.workdir = workdir
+        self.data_dir = data_dir
         self.extra_hcl = list(extra_hcl)  # more -hcl fragments, e.g. agent config for one test
         self.log_path = os.path.join(workdir, "consul.log")
         self.proc = None
@@ -433,8 +437,16 @@ class ConsulAgent:
         (smin, smax), (emin, emax) = p["sidecar"], p["expose"]
         hcl = (f"ports {{ https = {p.get('https', -1)} sidecar_min_port = {smin} "
                f"sidecar_max_port = {smax} expose_min_port = {emin} expose_max_port = {emax} }}")
+        if self.data_dir is None:
+            mode = ["-dev"]
+        else:
+            # What -dev would set that a server needs here: Connect, and the short Raft timers
+            # (an election within a second or two of a restart).
+            mode = ["-server", "-bootstrap-expect=1", "-data-dir", self.data_dir,
+                    "-hcl", "connect { enabled = true }",
+                    "-hcl", "performance { raft_multiplier = 1 }"]
         args = [
-            self.consul_bin, "agent", "-dev",
+            self.consul_bin, "agent", *mode,
             "-bind", LOOPBACK, "-client", LOOPBACK, "-advertise", LOOPBACK,
             "-node", self.node, "-datacenter", "dc1",
             "-http-port", str(p["http"]), "-dns-port", str(p["dns"]),
@@ -491,7 +503,8 @@ class ConsulAgent:
 
     def restart(self, timeout=60):
         """kill() then start() on the same ports. A dev agent keeps nothing across this: it
-        comes back with a new CA and no services or intentions."""
+        comes back with a new CA and no services or intentions (one with a data_dir keeps
+        them)."""
         self.kill()
         return self.start(timeout)
 

@@ -16,6 +16,7 @@ per-stream idle timeout ends a stalled stream while its sibling on the same conn
 
 import json
 import signal
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -23,8 +24,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from mesh import (LOOPBACK, SANITIZER_MARKERS, admin_args, admin_get, metric,
-                  parse_metrics, wait_until)
+from mesh import (LOOPBACK, SANITIZER_MARKERS, admin_args, admin_get, issued_by, make_ca,
+                  metric, parse_metrics, peer_cert_der, tls_client_context, wait_until,
+                  write_leaf_files)
 
 
 # --- a grpcio server on raw bytes ----------------------------------------------------------------
@@ -35,7 +37,8 @@ def grpc_server(name="db"):
     Who      answers <name> and the x-forwarded-client-cert it saw (JSON);
     Hold     answers "held-<name>" after the request's number of milliseconds;
     Tick     streams N messages (N = request), one every 250 ms;
-    Stall    answers after 6 s (a stream that stalls)."""
+    Stall    answers after 6 s (a stream that stalls);
+    Pipe     answers each message of a bidirectional stream with itself."""
     stop = threading.Event()
 
     def who(req, ctx):
@@ -60,6 +63,7 @@ def grpc_server(name="db"):
         "Hold": grpc.unary_unary_rpc_method_handler(hold),
         "Tick": grpc.unary_stream_rpc_method_handler(tick),
         "Stall": grpc.unary_unary_rpc_method_handler(stall),
+        "Pipe": grpc.stream_stream_rpc_method_handler(lambda reqs, ctx: iter(reqs)),
     })
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=80))
     srv.add_generic_rpc_handlers((handler,))
@@ -461,3 +465,89 @@ def expect_cut_at_timeout(port):
         assert e.value.details() == "upstream request timeout", e.value.details()
         assert time.monotonic() - t0 < 2.5
         assert json.loads(call(ch, "Who"))["who"] == "db"
+
+
+def rotate_ca_twice(api, db, web, tmp_path):
+    """Two CA rotations, each waited for until db's connectd presents a leaf of the new root:
+    then db's leaf chains (through the cross-signed intermediate) only to roots that came after
+    the first one."""
+
+    def presented_issued_by(root_pem):
+        leaf = write_leaf_files(str(tmp_path), api.leaf(web.name), "web-now")
+        ctx = tls_client_context(leaf["chain_all"], leaf["key"])
+        try:
+            return issued_by(peer_cert_der(db.public_port, ctx, 5), root_pem)
+        except (OSError, ssl.SSLError):
+            return False
+
+    for n in (1, 2):
+        ca = make_ca(f"connectd rotated root {n}", api.trust_domain())
+        api.set_ca(ca.cert_pem, ca.key_pem)
+        # The agent re-signs leaves with a random spread after a root change.
+        wait_until(lambda: presented_issued_by(ca.cert_pem), 90,
+                   f"db's connectd to present a leaf of root {n}", interval=0.5)
+    # A new connection starts on web's current snapshot: web has the new roots.
+    wait_until(lambda: code_of(web.up["db"]) == grpc.StatusCode.OK, 30,
+               "a gRPC call on a new channel after the rotations")
+
+
+def own_channel(port):
+    """A channel with a connection of its own (grpcio shares one between channels to the same
+    address by default, code_of()'s new channels included)."""
+    return grpc.insecure_channel(f"{LOOPBACK}:{port}",
+                                 options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def test_open_caller_connection_follows_two_ca_rotations(fresh_mesh, tmp_path):
+    """One gRPC channel (one h2c connection to web's upstream port) stays open, idle between
+    calls, while the CA rotates twice, and web drains its shared mesh connections of the old
+    TLS context: the channel's next calls must be dialled with web's current roots, not the
+    ones its connection started under (the soak found calls on such a channel failing
+    UNAVAILABLE for good, "certificate verify failed")."""
+    m, api = fresh_mesh, fresh_mesh.api
+    srv, port = grpc_server()
+    try:
+        db, web = grpc_pair(m, port)
+        wait_until(lambda: code_of(web.up["db"]) == grpc.StatusCode.OK, 30,
+                   "a gRPC call through web's outbound")
+        with own_channel(web.up["db"]) as ch:
+            assert json.loads(call(ch, "Who"))["who"] == "db"
+            rotate_ca_twice(api, db, web, tmp_path)
+            for _ in range(3):
+                assert json.loads(call(ch, "Who"))["who"] == "db"
+    finally:
+        srv.stop(0)
+        drop_defaults(m)
+
+
+def test_open_caller_connection_with_a_stream_open_moves_after_two_ca_rotations(fresh_mesh,
+                                                                              tmp_path):
+    """As above, but a bidirectional stream stays open on the channel throughout, so web's
+    session cannot move to the new snapshot under it: the next call is refused unprocessed
+    with GOAWAY (gRPC sends it again on a new connection, transparently) and passes, and the
+    open stream carries on to its end."""
+    m, api = fresh_mesh, fresh_mesh.api
+    srv, port = grpc_server()
+    release = threading.Event()
+
+    def messages():
+        yield b"first"
+        release.wait(150)
+        yield b"last"
+
+    try:
+        db, web = grpc_pair(m, port)
+        wait_until(lambda: code_of(web.up["db"]) == grpc.StatusCode.OK, 30,
+                   "a gRPC call through web's outbound")
+        with own_channel(web.up["db"]) as ch:
+            pipe = ch.stream_stream("/test.Echo/Pipe")(messages(), timeout=170)
+            assert next(pipe) == b"first"
+            rotate_ca_twice(api, db, web, tmp_path)
+            for _ in range(3):
+                assert json.loads(call(ch, "Who"))["who"] == "db"
+            release.set()
+            assert list(pipe) == [b"last"]
+    finally:
+        release.set()
+        srv.stop(0)
+        drop_defaults(m)

@@ -44,6 +44,7 @@ struct side {
     int auto_consume;
     int heads, closes, goaways;
     uint32_t goaway_code;
+    int32_t goaway_last;
     int fail_on_head; /* on_head returns this when non-zero */
     struct sst st[MAXID];
 };
@@ -145,9 +146,9 @@ static void on_goaway(struct h2_session *s, int32_t last, uint32_t code, void *u
 {
     struct side *d = u;
     (void)s;
-    (void)last;
     d->goaways++;
     d->goaway_code = code;
+    d->goaway_last = last;
 }
 
 static const struct http_header grpc_ok[] = {
@@ -1172,6 +1173,50 @@ static void test_goaway(void **state)
     side_free(v);
 }
 
+/* h2_shutdown_before(): the GOAWAY names the stream before the one being refused, so the
+ * client closes that one and every later one as REFUSED_STREAM (unprocessed, safe to send again
+ * elsewhere) while the earlier ones complete. */
+static void test_goaway_before(void **state)
+{
+    (void)state;
+    struct side *c = side_new(H2_CLIENT, NULL), *v = side_new(H2_SERVER, NULL);
+    struct h2_out_head h = get_head("/");
+    int32_t a = h2_submit_request(c->s, &h, 0, NULL);
+    int32_t b = h2_submit_request(c->s, &h, 0, NULL);
+    int32_t later = h2_submit_request(c->s, &h, 0, NULL);
+    pump(c, v);
+    assert_int_equal(v->heads, 3);
+    assert_int_equal(h2_shutdown_before(v->s, b), 0);
+    assert_int_equal(h2_submit_rst(v->s, b, H2_REFUSED_STREAM), 0);
+    assert_int_equal(h2_submit_rst(v->s, later, H2_REFUSED_STREAM), 0);
+    pump(c, v);
+    assert_int_equal(c->goaways, 1);
+    assert_int_equal(c->goaway_last, a);
+    assert_int_equal(c->st[b].closes, 1);
+    assert_int_equal(c->st[b].close_code, H2_REFUSED_STREAM);
+    assert_int_equal(c->st[later].closes, 1);
+    assert_int_equal(c->st[later].close_code, H2_REFUSED_STREAM);
+    struct h2_out_head resp = {.status = 200};
+    assert_int_equal(h2_submit_response(v->s, a, &resp, 0), 0);
+    pump(c, v);
+    assert_int_equal(c->st[a].status, 200);
+    side_free(c);
+    side_free(v);
+
+    /* The first stream refused: no stream was processed. */
+    c = side_new(H2_CLIENT, NULL);
+    v = side_new(H2_SERVER, NULL);
+    a = h2_submit_request(c->s, &h, 0, NULL);
+    pump(c, v);
+    assert_int_equal(h2_shutdown_before(v->s, a), 0);
+    pump(c, v);
+    assert_int_equal(c->goaways, 1);
+    assert_int_equal(c->goaway_last, 0);
+    assert_int_equal(c->st[a].close_code, H2_REFUSED_STREAM);
+    side_free(c);
+    side_free(v);
+}
+
 /* Heads that cannot be sent are refused before anything reaches the wire. */
 static void test_submit_validation(void **state)
 {
@@ -1387,6 +1432,7 @@ int main(void)
         cmocka_unit_test(test_ack_and_settings_floods),
         cmocka_unit_test(test_outbound_queue_flood),
         cmocka_unit_test(test_goaway),
+        cmocka_unit_test(test_goaway_before),
         cmocka_unit_test(test_submit_validation),
         cmocka_unit_test(test_fit_fields_sent_as_is),
         cmocka_unit_test(test_request_id_never_indexed),
