@@ -33,6 +33,28 @@ void endpoint_set_unref(struct endpoint_set *s)
     free(s);
 }
 
+static int str_same(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+int endpoint_set_same(const struct endpoint_set *a, const struct endpoint_set *b)
+{
+    if (a->n != b->n)
+        return 0;
+    for (size_t i = 0; i < a->n; i++) {
+        const struct dec_endpoint *x = &a->v[i], *y = &b->v[i];
+        if (x->port != y->port || x->passing != y->passing || x->critical != y->critical ||
+            !str_same(x->node, y->node) || !str_same(x->node_datacenter, y->node_datacenter) ||
+            !str_same(x->address, y->address) || !str_same(x->socket_path, y->socket_path) ||
+            !str_same(x->service_id, y->service_id) ||
+            !str_same(x->identity_service, y->identity_service) || !str_same(x->ns, y->ns) ||
+            !str_same(x->partition, y->partition))
+            return 0;
+    }
+    return 1;
+}
+
 void snap_target_copy(struct snap_target *dst, const struct snap_target *src)
 {
     *dst = *src;

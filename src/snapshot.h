@@ -34,6 +34,8 @@ struct endpoint_set {
 struct endpoint_set *endpoint_set_new(struct dec_endpoint *v, size_t n);
 struct endpoint_set *endpoint_set_ref(struct endpoint_set *s);
 void endpoint_set_unref(struct endpoint_set *s);
+/* Whether <a> and <b> hold the same endpoints, field for field and in the same order. */
+int endpoint_set_same(const struct endpoint_set *a, const struct endpoint_set *b);
 
 /*
  * One target of an upstream: where its endpoints came from and what a server there must

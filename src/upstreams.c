@@ -241,10 +241,19 @@ static int on_target_health(void *data, const struct agent_response *resp)
         return rc;
     }
     struct endpoint_set *set = healthy_set(v, n, t->only_passing);
-    LOG_INFO("upstream %s target %s: %zu healthy endpoint(s) of %zu", t->up->key, t->info.id,
-             set->n, n);
-    endpoint_set_unref(t->info.endpoints);
-    t->info.endpoints = set;
+    /* The agent answers when anything of the service's health changes, a check's output
+     * included: an answer that leaves the endpoints as they were publishes no snapshot (and
+     * keeps the set, which the workers' balancing tables are keyed by). */
+    int same = t->info.endpoints != NULL && endpoint_set_same(t->info.endpoints, set);
+    LOG_AT(same ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO,
+           "upstream %s target %s: %zu healthy endpoint(s) of %zu%s", t->up->key, t->info.id,
+           set->n, n, same ? " (unchanged)" : "");
+    if (same) {
+        endpoint_set_unref(set);
+    } else {
+        endpoint_set_unref(t->info.endpoints);
+        t->info.endpoints = set;
+    }
     struct up_watch *u = t->up;
     int promoted = u->n_next_tgts > 0 && next_warm(u);
     if (promoted) {
@@ -253,7 +262,7 @@ static int on_target_health(void *data, const struct agent_response *resp)
         next_promote(u);
     }
     /* A target only a waiting chain names changes no snapshot until that chain goes in force. */
-    if (promoted || tgt_in(u->tgts, u->n_tgts, t))
+    if (promoted || (!same && tgt_in(u->tgts, u->n_tgts, t)))
         changed(u->ups);
     return 0;
 }

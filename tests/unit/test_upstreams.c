@@ -2,7 +2,8 @@
  * Tests for upstreams against the scripted fake agent: at start-up an upstream is waited for
  * (upstreams_waiting(), which holds the first snapshot and names the upstream on /ready) until
  * its discovery chain has come and its primary target has had a first health answer; its
- * targets stay empty until then.
+ * targets stay empty until then. A health answer that leaves the endpoints as they were (the
+ * agent answers when a check's output changes) publishes nothing.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -33,6 +34,14 @@ static const char CHAIN[] =
     "\"db.default.default.dc1\", \"Service\": \"db\", \"Namespace\": \"default\", \"Partition\": "
     "\"default\", \"Datacenter\": \"dc1\", \"Subset\": {}, \"SNI\": "
     "\"db.default.dc1.internal.11111111-2222-3333-4444-555555555555.consul\"}}}}";
+
+/* One passing endpoint of db's sidecar; <out> is what its check says. */
+#define HEALTH(out)                                                                                \
+    "[{\"Node\": {\"Node\": \"node-a\", \"Address\": \"10.0.0.5\", \"Datacenter\": \"dc1\"}, "     \
+    "\"Service\": {\"Kind\": \"connect-proxy\", \"ID\": \"db-sidecar-proxy\", \"Service\": "       \
+    "\"db-sidecar-proxy\", \"Address\": \"\", \"Port\": 21001, \"Proxy\": "                        \
+    "{\"DestinationServiceName\": \"db\"}}, \"Checks\": [{\"CheckID\": \"c1\", \"Status\": "       \
+    "\"passing\", \"Output\": \"" out "\"}]}]"
 
 struct harness {
     struct loop *loop;
@@ -167,11 +176,40 @@ static void test_in_force_once_the_primary_target_answered(void **state)
     teardown(&h);
 }
 
+/*
+ * The same endpoint again (another check output, a newer index), twice: one request past the
+ * first health answer is the chain's next blocking query, which may come first and then gets
+ * a health body it refuses. Either way only the first health answer changes a snapshot.
+ */
+static void test_unchanged_endpoints_publish_nothing(void **state)
+{
+    (void)state;
+    static const struct fake_resp first[] = {{200, INDEX, CHAIN, 0}, {200, INDEX, HEALTH("up"), 0}};
+    static const struct fake_resp again[] = {{200, INDEX, CHAIN, 0},
+                                             {200, INDEX, HEALTH("up"), 0},
+                                             {200, "X-Consul-Index: 8\r\n", HEALTH("up 2"), 0},
+                                             {200, "X-Consul-Index: 9\r\n", HEALTH("up 3"), 0}};
+    struct harness h;
+    int with_endpoints;
+    setup(&h, first, ARRAY_SIZE(first));
+    run_until_reqs(&h, 4); /* both watches' next queries held */
+    int changes = h.changes;
+    assert_int_equal(n_targets(&h, &with_endpoints), 1);
+    assert_true(with_endpoints);
+    teardown(&h);
+
+    setup(&h, again, ARRAY_SIZE(again));
+    run_until_reqs(&h, 6);
+    assert_int_equal(h.changes, changes);
+    teardown(&h);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_waits_for_the_chain_then_the_first_health_answer),
         cmocka_unit_test(test_in_force_once_the_primary_target_answered),
+        cmocka_unit_test(test_unchanged_endpoints_publish_nothing),
     };
     return cmocka_run_group_tests_name("upstreams", tests, NULL, NULL);
 }
