@@ -571,14 +571,7 @@ class ClusterMesh:
         """Stops the instance's connectd and app and deregisters it. Returns the problems
         its connectd reported on the way out."""
         problems = svc.sidecar.stop() if svc.sidecar is not None else []
-        if svc.app is not None:
-            svc.app.stop()
-        try:
-            svc.node.api.deregister(svc.sid)
-        except (OSError, ApiError):
-            pass
-        if svc in self.services:
-            self.services.remove(svc)
+        self.forget(svc)
         return problems
 
     def forget(self, svc):
@@ -590,7 +583,8 @@ class ClusterMesh:
             svc.node.api.deregister(svc.sid)
         except (OSError, ApiError):
             pass
-        self.services.remove(svc)
+        if svc in self.services:
+            self.services.remove(svc)
 
     def close(self):
         problems = []

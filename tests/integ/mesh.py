@@ -723,6 +723,17 @@ def try_echo(port, payload=b"hello through the mesh\n", timeout=5):
         return False
 
 
+def tls_echo(port, ctx, payload=b"tls ping\n", timeout=5):
+    """One mTLS connection to <port> with <ctx>, one echo; True when the payload came back
+    intact, False when the handshake or the echo failed."""
+    try:
+        with tls_connect(port, ctx, timeout=timeout) as s:
+            s.sendall(payload)
+            return recv_exact(s, len(payload), timeout) == payload
+    except (OSError, ssl.SSLError):
+        return False
+
+
 def closed_without_data(sock, timeout=5):
     """Waits for the peer to end the connection. Returns (closed, data): closed is True when
     recv saw EOF or a reset/TLS error within `timeout`, data is whatever arrived before."""

@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh import (LOOPBACK, AgentInterposer, ConsulAgent, EchoApp, Mesh, admin_args, admin_get,
                   echo_roundtrip, is_refused, issued_by, make_ca, make_leaf, peer_cert_der,
-                  recv_exact, sidecar_registration, tls_client_context, tls_connect, try_echo,
-                  wait_until, write_text)
+                  sidecar_registration, tls_client_context, try_echo, wait_until, write_text,
+                  tls_echo)
 
 try:
     from conftest import LOGS
@@ -278,15 +278,6 @@ def rotate_ca(t):
                "db to relay for a caller signed by the new root only")
     t.m.wait_echo(t.web.up["db"], 30, "web -> db after the rotation")
     settle(t.db_admin, t.web_admin)
-
-
-def tls_echo(port, ctx, payload=b"new root caller\n"):
-    try:
-        with tls_connect(port, ctx, timeout=5) as s:
-            s.sendall(payload)
-            return recv_exact(s, len(payload), 5) == payload
-    except (OSError, ssl.SSLError):
-        return False
 
 
 def flip_intention(t):

@@ -28,7 +28,7 @@ import pytest
 from mesh import (LOOPBACK, AgentInterposer, ConsulAgent, EchoApp, Mesh, TcpApp, admin_args,
                   admin_get, assert_tls_refused, closed_without_data, free_port, make_ca,
                   make_leaf, parse_metrics, process_rss_bytes, recv_exact, sidecar_registration,
-                  tls_client_context, tls_connect, wait_until, write_text)
+                  tls_client_context, tls_connect, wait_until, write_text, tls_echo)
 
 try:
     from conftest import LOGS
@@ -97,15 +97,6 @@ def t(hostile, request):
         for label, path in hostile.logs:
             request.node.stash.setdefault(LOGS, []).append((label, path, 40))
     return hostile
-
-
-def tls_echo(port, ctx, payload=b"good caller\n"):
-    try:
-        with tls_connect(port, ctx, timeout=5) as s:
-            s.sendall(payload)
-            return recv_exact(s, len(payload), 5) == payload
-    except (OSError, ssl.SSLError):
-        return False
 
 
 def failures(t):

@@ -16,10 +16,10 @@ import threading
 import time
 
 from mesh import (LOOPBACK, EchoApp, RelayApp, RespondAfterEofApp, SinkApp, assert_refused,
-                  assert_tls_refused, closed_without_data, echo_roundtrip, free_port,
-                  is_refused, issued_by, make_ca, make_leaf, openssl_peer_chain, openssl_san,
-                  peer_cert_der, port_refuses, recv_all, recv_exact, tls_client_context,
-                  tls_connect, try_echo, wait_until, write_leaf_files, write_text)
+                  assert_tls_refused, closed_without_data, echo_roundtrip, free_port, is_refused,
+                  issued_by, make_ca, make_leaf, openssl_peer_chain, openssl_san, peer_cert_der,
+                  port_refuses, recv_all, tls_client_context, try_echo, wait_until,
+                  write_leaf_files, write_text, tls_echo)
 
 
 def connect(port, timeout=10):
@@ -34,15 +34,6 @@ def echo_pair(m, backend=EchoApp, backend_args=(), web_upstreams=("db",)):
     web = m.add("web", upstreams=web_upstreams)
     m.wait_passing(db)
     return app, db, web
-
-
-def tls_echo(port, ctx, payload=b"tls ping\n"):
-    try:
-        with tls_connect(port, ctx, timeout=5) as s:
-            s.sendall(payload)
-            return recv_exact(s, len(payload), 5) == payload
-    except (OSError, ssl.SSLError):
-        return False
 
 
 def test_basic_echo_and_server_identity(mesh, tmp_path):

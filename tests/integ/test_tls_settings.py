@@ -3,12 +3,11 @@ tls_cipher_suites (Consul's names), checked with openssl s_client presenting a r
 verify_trust_domain."""
 
 import re
-import ssl
 import subprocess
 
-from mesh import (LOOPBACK, EchoApp, admin_args, admin_get, assert_tls_refused, is_refused,
-                  make_ca, make_leaf, metric, parse_metrics, recv_exact, tls_client_context,
-                  tls_connect, try_echo, wait_until, write_leaf_files, write_text)
+from mesh import (LOOPBACK, EchoApp, admin_args, admin_get, assert_tls_refused, is_refused, make_ca,
+                  make_leaf, metric, parse_metrics, tls_client_context, try_echo, wait_until,
+                  write_leaf_files, write_text, tls_echo)
 
 
 def _s_client(port, paths, cafile, *extra):
@@ -95,19 +94,10 @@ def test_verify_trust_domain_false_accepts_another_trust_domain(fresh_mesh, tmp_
     other = make_leaf(ours, "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/"
                       f"dc/dc1/svc/{m.name('web')}", str(tmp_path), "other-td")
     ctx = tls_client_context(*other, roots)
-    wait_until(lambda: _tls_echo(relaxed.public_port, ctx), 30,
+    wait_until(lambda: tls_echo(relaxed.public_port, ctx), 30,
                "the relaxed sidecar to accept a caller of another trust domain")
     assert_tls_refused(strict.public_port, ctx)
     assert "trust domain 11111111-2222-3333-4444-555555555555.consul is not" in strict.proxy.log()
-
-
-def _tls_echo(port, ctx, payload=b"tls ping\n"):
-    try:
-        with tls_connect(port, ctx, timeout=5) as s:
-            s.sendall(payload)
-            return recv_exact(s, len(payload), 5) == payload
-    except (OSError, ssl.SSLError):
-        return False
 
 
 def _handshakes(port, direction):
