@@ -1637,14 +1637,21 @@ int session_dial_allows(const struct session *s, const struct snap_target *t)
 }
 
 /*
- * Whether the current dial chooses the endpoint first by the resolver's LoadBalancer policy
- * and only then looks for a pooled connection to it, as Envoy picks a host per request and
- * then takes a connection from that host's pool. Without a policy (no LoadBalancer) a pooled
- * connection to any endpoint the dial may use serves, as before.
+ * The policy without a LoadBalancer (or with an empty Policy): the power of two choices over
+ * the requests (HTTP) or connections (L4) each endpoint has in flight from this worker, as
+ * DESIGN.md's upstream choice says and as Envoy's least_request does by default. It spreads
+ * requests in sequence over every endpoint and steers new ones away from a slow endpoint.
  */
-static int lb_first(const struct session *s)
+static const struct dec_load_balancer lb_default = {
+    .policy = DEC_LB_LEAST_REQUEST,
+    .choice_count = LB_CHOICE_DEFAULT,
+};
+
+/* The policy the current dial chooses its endpoint by. */
+static const struct dec_load_balancer *dial_lb(const struct session *s)
 {
-    return session_resolver_balances(s->dial_rs);
+    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
+    return lb == NULL || lb->policy == DEC_LB_DEFAULT ? &lb_default : lb;
 }
 
 int session_resolver_balances(const struct route_resolver *rs)
@@ -1804,14 +1811,14 @@ static void lb_hold(struct session *s, struct lb_entry *e, size_t i)
 
 /*
  * The endpoint of target <t> (its flags at s->tried + base; at least one not tried) that the
- * dial takes: the one chosen ahead for it (session_lb_keeps(), upool_take_chosen()), else the
- * one the resolver's policy picks among those not tried yet (lb.h; a uniform draw without a
- * policy, as before). *<e> is the worker's entry the choice used (NULL: none).
+ * dial takes: the one chosen ahead for it (session_lb_keeps(), upool_take()), else the
+ * one the dial's policy (dial_lb()) picks among those not tried yet (lb.h). *<e> is the
+ * worker's entry the choice used (NULL: none, for random).
  */
 static size_t choose_endpoint(struct session *s, const struct snap_target *t, size_t base,
                               struct lb_entry **e)
 {
-    const struct dec_load_balancer *lb = s->dial_rs != NULL ? s->dial_rs->lb : NULL;
+    const struct dec_load_balancer *lb = dial_lb(s);
     size_t n = t->endpoints->n, i;
     /* Ejected endpoints (outlier) are passed over as tried ones are, unless every endpoint of
      * the target is (dial_skips()); the caller made sure one is left. */
@@ -1834,7 +1841,7 @@ static size_t choose_endpoint(struct session *s, const struct snap_target *t, si
     int pre = s->lb_pre_tgt == t && s->lb_pre_i < n && !skip[s->lb_pre_i];
     s->lb_pre_tgt = NULL;
     *e = NULL;
-    if (lb == NULL || lb->policy == DEC_LB_DEFAULT || lb->policy == DEC_LB_RANDOM) {
+    if (lb->policy == DEC_LB_RANDOM) {
         i = pre ? s->lb_pre_i : lb_choose(lb, NULL, NULL, skip, n, 0, 0, util_rand);
     } else {
         *e = lb_entry_for(s->host, lb, t->endpoints);
@@ -1866,11 +1873,11 @@ static const struct snap_target *first_open_target(const struct session *s, size
 }
 
 /*
- * The dial under a policy (lb_first()): the policy picks the endpoint, then a pooled
+ * The dial from the pool: the policy (dial_lb()) picks the endpoint, then a pooled
  * connection to it serves when there is one (1); else 0, and pick_endpoint() dials the
  * endpoint chosen.
  */
-static int upool_take_chosen(struct session *s)
+static int upool_take(struct session *s)
 {
     size_t base = 0;
     const struct snap_target *t = first_open_target(s, &base);
@@ -1926,7 +1933,7 @@ void session_lb_request(struct session *s, const struct http_header *headers, si
 
 int session_lb_keeps(struct session *s)
 {
-    if (!lb_first(s) || s->tgt == NULL || s->ep == NULL)
+    if (s->tgt == NULL || s->ep == NULL)
         return 1;
     /* A new choice: nothing of this request was tried yet. */
     size_t total = 0;
@@ -1945,38 +1952,6 @@ int session_lb_keeps(struct session *s)
     }
     s->lb_pre_tgt = t;
     s->lb_pre_i = i;
-    return 0;
-}
-
-/*
- * Gives session <s> a pooled connection to one of the endpoints its dial may use (primary
- * target first) made under its TLS context: 1 when end[1] is now that connection, else 0.
- * Under a LoadBalancer policy, only to the endpoint the policy picks (upool_take_chosen()).
- */
-static int upool_take(struct session *s)
-{
-    struct session_host *h = s->host;
-    if (lb_first(s))
-        return upool_take_chosen(s);
-    for (size_t k = 0, base; k < dial_targets(s) && h->n_upool > 0; k++) {
-        const struct snap_target *t = dial_target(s, k, &base);
-        if (t == NULL)
-            continue;
-        const struct endpoint_set *eps = t->endpoints;
-        uint64_t now = t->hosts != NULL ? outlier_now_ms() : 0;
-        int panic = t->hosts != NULL && target_panics(t, now);
-        for (size_t i = 0; i < eps->n; i++) {
-            if (dial_skips(s, t, i, now, panic))
-                continue; /* ejected, and not every endpoint of the target is */
-            s->tgt = t;
-            s->ep = &eps->v[i];
-            if (upool_take_current(s))
-                return 1;
-        }
-    }
-    s->tgt = NULL;
-    s->ep = NULL;
-    s->ep_name[0] = '\0';
     return 0;
 }
 

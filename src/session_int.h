@@ -190,8 +190,10 @@ int session_dial_allows(const struct session *s, const struct snap_target *t);
 /* Whether resolver <rs> (NULL: any) may use target <t> of the session's upstream. */
 int session_resolver_allows(const struct session *s, const struct route_resolver *rs,
                             const struct snap_target *t);
-/* Whether <rs> (NULL: none) chooses each request's endpoint by a LoadBalancer policy, so that
- * a connection dialled or kept for one request does not serve another by default. */
+/* Whether <rs> (NULL: none) chooses each request's endpoint by an explicit LoadBalancer
+ * policy, so that a connection dialled or kept for one request does not serve another. Under
+ * the default policy (power of two choices, session.c) a connection dialled for one waiting
+ * HTTP/2 stream may serve another. */
 int session_resolver_balances(const struct route_resolver *rs);
 /*
  * Outbound L7, after dial_rs is set for a request: computes the request's hash by the

@@ -21,7 +21,7 @@ from mesh import LOOPBACK, admin_args, admin_get, wait_until
 from test_l7_translate import H2JsonApp
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_routing import delete_entries
-from test_routes_config import upstream_config
+from test_routes_config import upstream_config, wait_table
 
 
 class _Tap:
@@ -124,6 +124,25 @@ def set_lb(m, admin, lb):
         eps = [t["healthy_endpoints"] for t in u.get("targets", [])]
         return pols == [lb["Policy"]] and eps == [3]
     wait_until(has, 30, f"web's table with the {lb['Policy']} policy and three endpoints")
+
+
+def test_default_policy_spreads_requests_in_sequence(mesh):
+    """Without a LoadBalancer the dial chooses by the power of two choices over the requests
+    in flight (DESIGN.md, Envoy's least_request default): 60 requests in sequence, on new
+    connections and on one keep-alive connection, reach every instance, each a fair share.
+    Before, a pooled connection to whichever endpoint had one first served every request, so
+    that all of them went to one instance."""
+    m = mesh
+    web, admin, apps = lb_mesh(m)
+    wait_table(admin, m.name("db"),
+               lambda u: [t["healthy_endpoints"] for t in u.get("targets", [])] == [3],
+               "web's table with three endpoints of db")
+    seq = [ask_new(web.up["db"], apps)[0] for _ in range(30)]
+    with connect(web.up["db"]) as s:
+        seq += [ask(s, apps)[0] for _ in range(30)]
+    # Each instance's share is binomial(60, 1/3): fewer than 6 happens about once in 10^4 runs.
+    counts = {a.label: seq.count(a.label) for a in apps}
+    assert min(counts.values()) >= 6, (counts, seq)
 
 
 def test_round_robin_cycles_over_every_instance(mesh):
