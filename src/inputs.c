@@ -169,6 +169,13 @@ static int on_roots(void *data, const struct agent_response *resp)
     return 0;
 }
 
+/* Whether a leaf is in force and valid at <now>. */
+static int leaf_in_force(const struct inputs *in, long long now)
+{
+    return in->have_leaf && in->tls != NULL && tls_ctx_leaf_not_before(in->tls) <= now &&
+           tls_ctx_leaf_not_after(in->tls) > now;
+}
+
 static int on_leaf(void *data, const struct agent_response *resp)
 {
     struct inputs *in = data;
@@ -188,10 +195,20 @@ static int on_leaf(void *data, const struct agent_response *resp)
                            sizeof(err));
         /* A leaf past its notAfter would be refused by every peer: the one in force (which the
          * agent renews well before it ends) serves better. */
+        long long now = (long long)time(NULL);
         long long not_after = ctx != NULL ? tls_ctx_leaf_not_after(ctx) : 0;
-        if (rc == 0 && ctx != NULL && not_after <= (long long)time(NULL)) {
+        long long not_before = ctx != NULL ? tls_ctx_leaf_not_before(ctx) : 0;
+        if (rc == 0 && ctx != NULL && not_after <= now) {
             snprintf(err, sizeof(err), "certificate %s expired (its notAfter is %lld)",
                      LOG_ESC(leaf.serial), not_after);
+            rc = ERR_BAD_CERT;
+        } else if (rc == 0 && ctx != NULL && not_before > now && leaf_in_force(in, now)) {
+            /* Not valid yet (the agent's clock ahead of ours, or a bad answer): peers whose
+             * clocks agree with ours would refuse it. The leaf in force serves until then;
+             * the watch fetches the answer again after its back-off and takes it once its
+             * notBefore has passed. Without a good leaf in force, this one is the best. */
+            snprintf(err, sizeof(err), "certificate %s is not valid yet (its notBefore is %lld)",
+                     LOG_ESC(leaf.serial), not_before);
             rc = ERR_BAD_CERT;
         }
         if (rc != 0) {

@@ -69,6 +69,7 @@ struct tls_ctx {
     SSL_CTX *server;
     SSL_CTX *client;
     long long leaf_not_after;
+    long long leaf_not_before;
     /* the client's sessions, shared by every worker (allocated on first use) */
     pthread_mutex_t sess_lock;
     uint64_t sess_seq;
@@ -735,8 +736,9 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
     SSL_CTX_sess_set_new_cb(client, on_new_session);
 
     time_t leaf_not_after = asn1_time_to_epoch(X509_get0_notAfter(leaf));
-    if (leaf_not_after == -1) {
-        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "certificate: unreadable notAfter");
+    time_t leaf_not_before = asn1_time_to_epoch(X509_get0_notBefore(leaf));
+    if (leaf_not_after == -1 || leaf_not_before == -1) {
+        rc = ctx_fail(err, errlen, ERR_BAD_CERT, "certificate: unreadable validity period");
         goto out;
     }
 
@@ -745,6 +747,7 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
     ctx->server = server;
     ctx->client = client;
     ctx->leaf_not_after = (long long)leaf_not_after;
+    ctx->leaf_not_before = (long long)leaf_not_before;
     pthread_mutex_init(&ctx->sess_lock, NULL);
     server = client = NULL;
     *out = ctx;
@@ -805,6 +808,11 @@ void tls_ctx_unref(struct tls_ctx *ctx)
 long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx)
 {
     return ctx->leaf_not_after;
+}
+
+long long tls_ctx_leaf_not_before(const struct tls_ctx *ctx)
+{
+    return ctx->leaf_not_before;
 }
 
 /* ---- connections --------------------------------------------------------------------------- */

@@ -61,6 +61,8 @@ void tls_ctx_unref(struct tls_ctx *ctx);
 
 /* Seconds since the epoch at which the leaf stops being valid (for logs and metrics). */
 long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx);
+/* Seconds since the epoch from which the leaf is valid. */
+long long tls_ctx_leaf_not_before(const struct tls_ctx *ctx);
 
 /*
  * Creates a connection over the connected non-blocking socket <fd> (not owned: the caller

@@ -578,25 +578,67 @@ def test_leaf_key_does_not_match(t):
            refused(t, "leaf", "private key does not match the leaf certificate"))
 
 
-def test_expired_leaf(t):
-    """A leaf (with its own key, signed by the active root) that expired an hour ago. It used
-    to be taken: db then presented it and every caller refused db's handshake."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+def leaf_answer(t, label, not_before, not_after):
+    """A body rewriter putting in the leaf answer a leaf for db (with its own key, signed by
+    the active root) valid from <not_before> to <not_after>; returns (rewriter, its serial)."""
     n = next(t.seq)
-    crt, key = make_leaf(t.ca, t.api.spiffe_id(t.db.name), t.work, f"expired{n}",
-                         not_before=now - datetime.timedelta(days=2),
-                         not_after=now - datetime.timedelta(hours=1))
+    crt, key = make_leaf(t.ca, t.api.spiffe_id(t.db.name), t.work, f"{label}{n}",
+                         not_before=not_before, not_after=not_after)
     with open(crt) as f:
         cert_pem = f.read()
     with open(key) as f:
         key_pem = f.read()
+    serial = f"{label}-{n}"
 
     def fn(body):
         d = json.loads(body)
-        d["CertPEM"], d["PrivateKeyPEM"], d["SerialNumber"] = cert_pem, key_pem, f"expired-{n}"
+        d["CertPEM"], d["PrivateKeyPEM"], d["SerialNumber"] = cert_pem, key_pem, serial
         return json.dumps(d).encode()
+    return fn, serial
 
+
+def test_expired_leaf(t):
+    """A leaf that expired an hour ago. It used to be taken: db then presented it and every
+    caller refused db's handshake."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    fn, _ = leaf_answer(t, "expired", now - datetime.timedelta(days=2),
+                        now - datetime.timedelta(hours=1))
     inject(t, WATCHES["leaf"], ("body", fn), refused(t, "leaf", r"certificate \S+ expired"))
+
+
+def test_leaf_not_valid_yet(t):
+    """A leaf valid only from an hour ahead, while db's leaf in force is good. It used to be
+    taken: db then presented it and every caller whose clock agrees refused db's handshake."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    fn, _ = leaf_answer(t, "future", now + datetime.timedelta(hours=1),
+                        now + datetime.timedelta(days=3))
+    inject(t, WATCHES["leaf"], ("body", fn),
+           refused(t, "leaf", r"certificate \S+ is not valid yet"))
+
+
+def test_leaf_taken_once_valid(t):
+    """A leaf valid from a few seconds ahead is held back, and the same answer is taken once
+    its notBefore has passed (the watch fetches it again after its back-off): db then presents
+    it and web's calls go through."""
+    w = WATCHES["leaf"]
+    prefix = w.prefix(t)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    fn, serial = leaf_answer(t, "soon", now + datetime.timedelta(seconds=6),
+                             now + datetime.timedelta(days=3))
+    mark = len(t.db.proxy.log())
+    t.hop.faults[prefix] = ("body", fn)
+    try:
+        line = refused(t, "leaf", r"certificate \S+ is not valid yet")
+        wait_until(lambda: re.search(line, t.db.proxy.log()[mark:]), 30,
+                   "db to hold the leaf back")
+        assert config(t.db_admin)["tls"]["leaf_serial"] != serial
+        wait_until(lambda: config(t.db_admin)["tls"]["leaf_serial"] == serial, 60,
+                   "db to take the leaf once it is valid")
+        t.m.wait_echo(t.web.up["db"], 30, "web -> db with db's new leaf")
+    finally:
+        del t.hop.faults[prefix]
+    # Back to leaves the agent signs.
+    w.proof(t)
 
 
 def test_roots_without_the_active_root(t):
