@@ -137,3 +137,62 @@ def test_silent_connection_holds_no_tls_state(mesh):
         for s in held:
             s.close()
     m.wait_echo(web.up["db"])
+
+
+RETAINED_BAR_BYTES = 3 * 1024 * 1024
+
+
+def test_memory_returns_after_a_crowd_leaves(mesh):
+    """A crowd of connections opened at once (S6's pattern: 100 connects, then one round trip
+    each) and then closed must not leave the outbound sidecar at its high-water mark. Their
+    SSL objects and sessions (~20 KiB each) were freed into the worker's arena between what
+    still lives, and glibc gives back only a thread heap's free top: 300 connections left
+    ~7 MB private for good (1,000 left 20 MB), until the worker trims once half its peak of
+    sessions has gone (session.c, on_trim). What stays is the client's kept sessions and the
+    pages they and the contexts pin (~1.9 MB at N=300). The inbound side is reported, not
+    bounded: its stateful session cache keeps one session per handshake (up to 1,024)."""
+    m = mesh
+    m.binary = release_binary(m.binary)
+    n = int(os.environ.get("IDLE_MEM_CONNS", "300"))
+    app = m.app(EchoApp)
+    db = m.add("db", app_port=app.port)
+    web = m.add("web", upstreams=("db",))
+    m.wait_passing(db)
+    m.wait_echo(web.up["db"])
+    pids = {"inbound (db)": db.proxy.pid, "outbound (web)": web.proxy.pid}
+    before = {k: uss_bytes(p) for k, p in pids.items()}
+    held = []
+    try:
+        for i in range(n):
+            held.append(socket.create_connection((LOOPBACK, web.up["db"]), timeout=10))
+            if len(held) % 100 == 0 or i == n - 1:
+                batch = held[len(held) - (len(held) % 100 or 100):]
+                for s in batch:
+                    s.sendall(b"x" * 64)
+                for s in batch:
+                    assert recv_exact(s, 64, 10) == b"x" * 64
+        top = {k: uss_bytes(p) for k, p in pids.items()}
+    finally:
+        for s in held:
+            s.close()
+    out_pid = pids["outbound (web)"]
+    retained = {}
+
+    def trimmed():
+        retained["out"] = uss_bytes(out_pid) - before["outbound (web)"]
+        return retained["out"] <= RETAINED_BAR_BYTES
+
+    ok = True
+    try:
+        wait_until(trimmed, 10, "the outbound sidecar to give back the crowd's memory")
+    except AssertionError:
+        ok = False
+    after = {k: uss_bytes(p) for k, p in pids.items()}
+    for k in pids:
+        print(f"{k}: USS {before[k] / 1024:.0f} KiB idle, {top[k] / 1024:.0f} KiB with {n} "
+              f"connections, {after[k] / 1024:.0f} KiB after they closed")
+    assert ok, (f"outbound: {retained['out'] / 1024:.0f} KiB of private memory still held "
+                f"10 s after {n} connections closed (bar {RETAINED_BAR_BYTES // 1024} KiB; "
+                f"{(top['outbound (web)'] - before['outbound (web)']) / 1024:.0f} KiB while "
+                f"they were open)")
+    m.wait_echo(web.up["db"])
