@@ -345,8 +345,8 @@ void session_finish(struct session *s, enum session_result result, const char *r
     if (s->next != NULL)
         s->next->prev = s->prev;
     h->n_sessions--;
-    if (h->trim_peak >= TRIM_MIN_PEAK && h->n_sessions <= h->trim_peak / 2 &&
-        !loop_timer_armed(&h->trim))
+    if (!loop_timer_armed(&h->trim) && (h->n_sessions == 0 || (h->trim_peak >= TRIM_MIN_PEAK &&
+                                                               h->n_sessions <= h->trim_peak / 2)))
         loop_timer_start(h->loop, &h->trim, TRIM_DELAY_MS);
     loop_defer(h->loop, &s->reap, reap);
 }
@@ -359,14 +359,22 @@ void session_finish(struct session *s, enum session_result result, const char *r
  * fallen to half of their peak (of at least TRIM_MIN_PEAK), and a second later so that the
  * deferred frees have run, malloc_trim() returns every free page of every arena
  * (MADV_DONTNEED). Steady traffic never gets here (the peak follows the live count), and
- * churn of small numbers never does either.
+ * churn of small numbers never does either. A worker that has had no session for that second
+ * also frees its pooled relay buffers (up to SESSION_BUF_POOL x 16 KiB, kept since its
+ * busiest moment); the next connection after the pause takes fresh ones.
  */
 static void on_trim(struct loop_timer *t)
 {
     struct session_host *h = t->data;
-    h->trim_peak = h->n_sessions;
+    int crowd_left = h->trim_peak >= TRIM_MIN_PEAK && h->n_sessions <= h->trim_peak / 2;
+    int pooled = h->n_sessions == 0 && h->n_buf_pool > 0;
+    if (pooled)
+        session_host_free_buffers(h);
+    if (crowd_left)
+        h->trim_peak = h->n_sessions;
 #ifdef __GLIBC__
-    (void)malloc_trim(0);
+    if (crowd_left || pooled)
+        (void)malloc_trim(0);
 #endif
 }
 
