@@ -50,6 +50,9 @@
 #include "util.h"
 
 #include <errno.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,6 +64,9 @@
 #define MAX_ENDPOINT_TRIES 5
 #define REFUSAL_SUMMARY_MS 1000
 #define HANDSHAKE_WARN_MS  1000
+/* on_trim: after a crowd of at least this many sessions, this long after half had left */
+#define TRIM_MIN_PEAK 64
+#define TRIM_DELAY_MS 1000
 
 static const char *const state_names[] = {
     "ACCEPTED", "TLS_HANDSHAKE", "AUTHORIZE", "CONNECT_LOCAL", "PICK_ENDPOINT",
@@ -70,6 +76,7 @@ static const char *const state_names[] = {
 static atomic_uint_fast64_t next_session_id = 1;
 
 static void on_timer(struct loop_timer *t);
+static void on_trim(struct loop_timer *t);
 static void on_lifetime(struct loop_timer *t);
 static void advance(struct session *s);
 static void try_next_endpoint(struct session *s, const char *why);
@@ -338,7 +345,37 @@ void session_finish(struct session *s, enum session_result result, const char *r
     if (s->next != NULL)
         s->next->prev = s->prev;
     h->n_sessions--;
+    if (!loop_timer_armed(&h->trim) && (h->n_sessions == 0 || (h->trim_peak >= TRIM_MIN_PEAK &&
+                                                               h->n_sessions <= h->trim_peak / 2)))
+        loop_timer_start(h->loop, &h->trim, TRIM_DELAY_MS);
     loop_defer(h->loop, &s->reap, reap);
+}
+
+/*
+ * A crowd of sessions that has left leaves its memory with the allocator: the SSL objects,
+ * sessions and buffers of a thousand connections (~20 MB) were freed into the worker's arena,
+ * interleaved with what still lives, and glibc gives back only the free top of a thread's
+ * heap, so the sidecar stayed at its high-water mark for good. Once the live sessions have
+ * fallen to half of their peak (of at least TRIM_MIN_PEAK), and a second later so that the
+ * deferred frees have run, malloc_trim() returns every free page of every arena
+ * (MADV_DONTNEED). Steady traffic never gets here (the peak follows the live count), and
+ * churn of small numbers never does either. A worker that has had no session for that second
+ * also frees its pooled relay buffers (up to SESSION_BUF_POOL x 16 KiB, kept since its
+ * busiest moment); the next connection after the pause takes fresh ones.
+ */
+static void on_trim(struct loop_timer *t)
+{
+    struct session_host *h = t->data;
+    int crowd_left = h->trim_peak >= TRIM_MIN_PEAK && h->n_sessions <= h->trim_peak / 2;
+    int pooled = h->n_sessions == 0 && h->n_buf_pool > 0;
+    if (pooled)
+        session_host_free_buffers(h);
+    if (crowd_left)
+        h->trim_peak = h->n_sessions;
+#ifdef __GLIBC__
+    if (crowd_left || pooled)
+        (void)malloc_trim(0);
+#endif
 }
 
 const char *session_handshake_reason_name(enum session_handshake_reason r)
@@ -436,7 +473,8 @@ static struct session *session_new(struct session_host *h, int fd, const char *p
     if (h->sessions != NULL)
         h->sessions->prev = s;
     h->sessions = s;
-    h->n_sessions++;
+    if (++h->n_sessions > h->trim_peak)
+        h->trim_peak = h->n_sessions;
     return s;
 }
 
@@ -2595,6 +2633,7 @@ void session_host_init(struct session_host *h, struct loop *loop, unsigned index
     log_limit_init(&h->unavailable_warns, HANDSHAKE_WARN_MS);
     loop_timer_init(&h->unavailable_summary, on_unavailable_summary, h);
     loop_timer_init(&h->upool_sweep, upool_on_sweep, h);
+    loop_timer_init(&h->trim, on_trim, h);
     h->stats = xcalloc(1, sizeof(*h->stats));
     h->h2up = h2up_pool_new(loop, &h->stats->h2up_conns, &h->stats->h2up_streams);
     snprintf(h->stats->other_listener.name, sizeof(h->stats->other_listener.name), "other");
@@ -2607,6 +2646,7 @@ void session_host_dispose(struct session_host *h)
     loop_timer_stop(h->loop, &h->handshake_summary);
     loop_timer_stop(h->loop, &h->unavailable_summary);
     loop_timer_stop(h->loop, &h->upool_sweep);
+    loop_timer_stop(h->loop, &h->trim);
     upool_drop_if(h, NULL, 0);
     memo_flush(h);
     h2up_pool_free(h->h2up);

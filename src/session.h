@@ -246,6 +246,11 @@ struct session_host {
      * the round-robin cursor and active request counts of this worker (session.c). */
     struct lb_entry *lb_cache;
     int stopping; /* session_close_all ran: nothing more is pooled */
+    /* Memory goes back to the system once a crowd of sessions has left (session.c, on_trim):
+     * the most sessions live since the last trim, and the timer that trims after they fell
+     * to half of it. */
+    size_t trim_peak;
+    struct loop_timer trim;
 };
 
 /* Initialises <h> for worker <index> on <loop> (no sessions, no snapshot, zeroed stats). */

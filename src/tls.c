@@ -46,6 +46,8 @@
 /* Server-side session cache: bounded so a burst of handshakes cannot grow memory without end. */
 #define TLS_SESSION_CACHE_SIZE 1024
 static const unsigned char session_id_context[] = "connectd";
+/* A connection's failure text, at most (tls_conn_error). */
+#define TLS_ERR_MAX 512
 
 /*
  * Client-side resumption. The sessions peers issue are kept per peer key (endpoint and SNI)
@@ -86,7 +88,9 @@ struct tls_conn {
     const char *preset;  /* a failure found before any I/O, reported by tls_handshake() */
     enum tls_failure failure; /* the class of the last failure (conn_fail) */
     int alpn_l7;              /* server: select "h2" or "http/1.1" when the client offers them */
-    char err[512];
+    /* The last failure's text (TLS_ERR_MAX bytes), made at the first failure: 512 bytes in
+     * every connection were 3 % of what an idle one costs, for a line few ever write. */
+    char *err;
 };
 
 /* ---- error text ---------------------------------------------------------------------------- */
@@ -175,20 +179,29 @@ static enum tls_failure classify(long v, unsigned long e, int before_hello)
     }
 }
 
+/* The connection's failure text, made on first use (TLS_ERR_MAX bytes, empty). */
+static char *err_buf(struct tls_conn *c)
+{
+    if (c->err == NULL)
+        c->err = xcalloc(1, TLS_ERR_MAX);
+    return c->err;
+}
+
 /* Records "<what>[: <detail>]; <queue>; verify: <reason>" as the connection's failure. */
 static void conn_fail(struct tls_conn *c, const char *what, const char *detail)
 {
     long v = SSL_get_verify_result(c->ssl);
+    char *e = err_buf(c);
     c->failure = classify(v, ERR_peek_error(), SSL_get_state(c->ssl) == TLS_ST_BEFORE);
-    snprintf(c->err, sizeof(c->err), "%s", what);
+    snprintf(e, TLS_ERR_MAX, "%s", what);
     if (detail != NULL) {
-        append(c->err, sizeof(c->err), ": ");
-        append(c->err, sizeof(c->err), detail);
+        append(e, TLS_ERR_MAX, ": ");
+        append(e, TLS_ERR_MAX, detail);
     }
-    drain_errors(c->err, sizeof(c->err));
+    drain_errors(e, TLS_ERR_MAX);
     if (v != X509_V_OK) {
-        append(c->err, sizeof(c->err), "; verify: ");
-        append(c->err, sizeof(c->err), X509_verify_cert_error_string(v));
+        append(e, TLS_ERR_MAX, "; verify: ");
+        append(e, TLS_ERR_MAX, X509_verify_cert_error_string(v));
     }
 }
 
@@ -892,6 +905,7 @@ void tls_conn_free(struct tls_conn *c)
     if (c == NULL)
         return;
     SSL_free(c->ssl);
+    free(c->err);
     free(c->resume_key);
     tls_ctx_unref(c->ctx);
     free(c);
@@ -907,7 +921,8 @@ static void before_io(struct tls_conn *c)
         ERR_clear_error();
     errno = 0;
     c->wants = 0;
-    c->err[0] = '\0';
+    if (c->err != NULL)
+        c->err[0] = '\0';
 }
 
 /*
@@ -964,7 +979,7 @@ static int io_result(struct tls_conn *c, const char *what, int is_read)
 int tls_handshake(struct tls_conn *c)
 {
     if (c->preset != NULL) {
-        snprintf(c->err, sizeof(c->err), "handshake: %s", c->preset);
+        snprintf(err_buf(c), TLS_ERR_MAX, "handshake: %s", c->preset);
         c->failure = TLS_FAIL_OTHER;
         return ERR_TLS;
     }
@@ -1033,7 +1048,7 @@ int tls_shutdown(struct tls_conn *c)
     if (c->shutdown_sent)
         return 0;
     if (c->fatal) {
-        snprintf(c->err, sizeof(c->err), "shutdown: connection already failed");
+        snprintf(err_buf(c), TLS_ERR_MAX, "shutdown: connection already failed");
         return ERR_TLS;
     }
     before_io(c);
@@ -1072,7 +1087,7 @@ void tls_conn_rest(struct tls_conn *c)
 
 const char *tls_conn_error(const struct tls_conn *c)
 {
-    return c->err;
+    return c->err != NULL ? c->err : "";
 }
 
 enum tls_failure tls_conn_failure(const struct tls_conn *c)
