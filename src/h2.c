@@ -58,6 +58,9 @@ struct h2_session {
     struct h2_stats stats;
     struct stream *streams;
     size_t nstreams;
+    /* The stream stream_get() found last (NULL: none): a frame's callbacks and the caller's
+     * calls that follow ask for the same stream several times in a row. */
+    struct stream *last;
 
     /* The header block being received. */
     int32_t hb_stream;
@@ -71,11 +74,22 @@ struct h2_session {
     size_t nhf;
     struct hfield ps[PS_COUNT];
     unsigned ps_set;          /* bit per PS_* */
+    int64_t hb_clen;          /* the content-length field's value, -1 when none came */
     struct http_header *hdrs; /* the slices handed out */
 
     /* Output taken from nghttp2 and not yet copied out; valid until the next mem_send. */
     const uint8_t *pend;
     size_t npend;
+
+    /*
+     * nghttp2's answers to want_write and want_read, kept while <known> has their bit: the
+     * caller's loops ask several times per round (~80 instructions each time for want_write),
+     * and the answers only change when the session does. Every function that can change the
+     * session clears <known> (changed()); h2_output() learns that nothing is left to send when
+     * nghttp2 gives no more bytes.
+     */
+    unsigned known; /* KNOWN_* */
+    int can_write, can_read;
 
     /* Peer RST_STREAM token bucket, in thousandths of a token. */
     uint64_t rst_tokens_milli;
@@ -85,7 +99,16 @@ struct h2_session {
     char why[96]; /* h2_error(); empty while the session is fine */
 };
 
+#define KNOWN_WRITE 0x1u
+#define KNOWN_READ  0x2u
+
 /* ---- helpers -------------------------------------------------------------------------- */
+
+/* The session may have changed: h2_wants_write() and h2_wants_read() ask nghttp2 again. */
+static void changed(struct h2_session *s)
+{
+    s->known = 0;
+}
 
 /* Records why the session ended: <what>, then <detail> when not NULL. */
 static void set_why(struct h2_session *s, const char *what, const char *detail)
@@ -162,14 +185,31 @@ static void stream_free(struct h2_session *s, struct stream *st)
     if (st->next != NULL)
         st->next->prev = st->prev;
     s->nstreams--;
+    if (s->last == st)
+        s->last = NULL;
     memcache_free(st);
 }
 
-static struct stream *stream_get(const struct h2_session *s, int32_t id)
+/* The stream nghttp2 knows as <id> (its user data), NULL when none. */
+static struct stream *stream_lookup(const struct h2_session *s, int32_t id)
 {
     if (id <= 0)
         return NULL;
     return nghttp2_session_get_stream_user_data(s->ng, id);
+}
+
+/*
+ * stream_lookup(), remembered: a stream stays nghttp2's user data for its id from the lookup
+ * until cb_stream_close() clears it and frees the stream, which forgets it here.
+ */
+static struct stream *stream_get(struct h2_session *s, int32_t id)
+{
+    if (s->last != NULL && s->last->id == id && id > 0)
+        return s->last;
+    struct stream *st = stream_lookup(s, id);
+    if (st != NULL)
+        s->last = st;
+    return st;
 }
 
 /*
@@ -248,6 +288,7 @@ static void hb_reset(struct h2_session *s, int32_t stream_id)
     s->nhf = 0;
     s->ps_set = 0;
     s->hb_over = 0;
+    s->hb_clen = -1;
 }
 
 static int hb_append(struct h2_session *s, const uint8_t *p, size_t n, uint32_t *off)
@@ -328,21 +369,6 @@ static size_t build_fields(struct h2_session *s)
     return s->nhf;
 }
 
-static int64_t content_length(const struct h2_session *s)
-{
-    for (size_t i = 0; i < s->nhf; i++) {
-        if (!slice_is(s->hbuf + s->hf[i].noff, s->hf[i].nlen, "content-length"))
-            continue;
-        /* nghttp2 accepted it, so it is digits that fit in int64_t. */
-        int64_t v = 0;
-        const char *p = s->hbuf + s->hf[i].voff;
-        for (size_t k = 0; k < s->hf[i].vlen; k++)
-            v = v * 10 + (p[k] - '0');
-        return v;
-    }
-    return -1;
-}
-
 static int status_of(const struct h2_session *s)
 {
     struct http_slice st = ps_slice(s, PS_STATUS);
@@ -402,7 +428,7 @@ static int deliver_head(struct h2_session *s, const nghttp2_frame *f, struct str
     struct h2_head h = {0};
     h.headers = s->hdrs;
     h.nheaders = n;
-    h.content_length = content_length(s);
+    h.content_length = s->hb_clen;
     h.end_stream = end_stream;
     if (s->role == H2_SERVER) {
         h.method = ps_slice(s, PS_METHOD);
@@ -478,6 +504,30 @@ static int cb_begin_headers(nghttp2_session *ng, const nghttp2_frame *f, void *u
     return 0;
 }
 
+/*
+ * Which of the pseudo-fields we keep <name> is, or -1. nghttp2 hands out only names it
+ * checked (RFC 9113 section 8.2.1: no upper case; a pseudo-field it knows, in its place), so
+ * the comparisons are exact; this runs for every field of every head.
+ */
+static int pseudo_field(const uint8_t *name, size_t len)
+{
+    switch (len) {
+    case 5:
+        return memcmp(name, ":path", 5) == 0 ? PS_PATH : -1;
+    case 7:
+        if (memcmp(name, ":method", 7) == 0)
+            return PS_METHOD;
+        if (memcmp(name, ":scheme", 7) == 0)
+            return PS_SCHEME;
+        return memcmp(name, ":status", 7) == 0 ? PS_STATUS : -1;
+    case 10:
+        return memcmp(name, ":authority", 10) == 0 ? PS_AUTHORITY : -1;
+    default:
+        /* Others (:protocol, which we do not enable) nghttp2 has refused already. */
+        return -1;
+    }
+}
+
 static int cb_header(nghttp2_session *ng, const nghttp2_frame *f, const uint8_t *name,
                      size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags, void *u)
 {
@@ -488,22 +538,9 @@ static int cb_header(nghttp2_session *ng, const nghttp2_frame *f, const uint8_t 
         return 0;
     s->hb_list += namelen + valuelen + 32;
     int pseudo = namelen > 0 && name[0] == ':';
-    int which = -1;
-    if (pseudo) {
-        if (slice_is((const char *)name, namelen, ":method"))
-            which = PS_METHOD;
-        else if (slice_is((const char *)name, namelen, ":scheme"))
-            which = PS_SCHEME;
-        else if (slice_is((const char *)name, namelen, ":authority"))
-            which = PS_AUTHORITY;
-        else if (slice_is((const char *)name, namelen, ":path"))
-            which = PS_PATH;
-        else if (slice_is((const char *)name, namelen, ":status"))
-            which = PS_STATUS;
-        /* Others (:protocol, which we do not enable) nghttp2 has refused already. */
-    } else if (s->role == H2_SERVER && slice_is((const char *)name, namelen, "host")) {
+    int which = pseudo ? pseudo_field(name, namelen) : -1;
+    if (!pseudo && s->role == H2_SERVER && namelen == 4 && memcmp(name, "host", 4) == 0)
         which = PS_HOST;
-    }
     if (s->hb_list > s->lim.max_header_list_bytes ||
         (which < 0 && !pseudo && s->nhf >= s->lim.max_headers)) {
         /*
@@ -515,6 +552,13 @@ static int cb_header(nghttp2_session *ng, const nghttp2_frame *f, const uint8_t 
     }
     if (pseudo && which < 0)
         return 0;
+    if (!pseudo && s->hb_clen < 0 && namelen == 14 && memcmp(name, "content-length", 14) == 0) {
+        /* nghttp2 accepted it, so it is digits that fit in int64_t (and only one came). */
+        int64_t v = 0;
+        for (size_t k = 0; k < valuelen; k++)
+            v = v * 10 + (value[k] - '0');
+        s->hb_clen = v;
+    }
     struct hfield fl;
     hb_append(s, name, namelen, &fl.noff);
     fl.nlen = (uint32_t)namelen;
@@ -791,7 +835,7 @@ static size_t outbound_queue_max(const struct h2_session *s)
     return (size_t)s->lim.max_outbound_ack + 5 * (size_t)s->lim.max_concurrent_streams;
 }
 
-ssize_t h2_feed(struct h2_session *s, const uint8_t *buf, size_t len)
+static ssize_t feed(struct h2_session *s, const uint8_t *buf, size_t len)
 {
     if (s->failed)
         return -EPROTO;
@@ -832,9 +876,17 @@ ssize_t h2_feed(struct h2_session *s, const uint8_t *buf, size_t len)
     }
 }
 
+ssize_t h2_feed(struct h2_session *s, const uint8_t *buf, size_t len)
+{
+    ssize_t r = feed(s, buf, len);
+    changed(s);
+    return r;
+}
+
 ssize_t h2_output(struct h2_session *s, uint8_t *buf, size_t cap)
 {
     size_t n = 0;
+    int drained = 0;
     while (n < cap) {
         if (s->npend == 0) {
             if (s->failed)
@@ -844,10 +896,13 @@ ssize_t h2_output(struct h2_session *s, uint8_t *buf, size_t cap)
             if (r < 0) {
                 set_why(s, "nghttp2: ", nghttp2_strerror((int)r));
                 s->failed = 1;
+                changed(s);
                 return n > 0 ? (ssize_t)n : -EPROTO;
             }
-            if (r == 0)
+            if (r == 0) {
+                drained = 1;
                 break;
+            }
             s->pend = p;
             s->npend = (size_t)r;
         }
@@ -857,20 +912,40 @@ ssize_t h2_output(struct h2_session *s, uint8_t *buf, size_t cap)
         s->npend -= k;
         n += k;
     }
+    /*
+     * Sending changes the session (a stream closes once its last frame is out, a GOAWAY ends
+     * reading). When nghttp2 had nothing more, it has nothing until the session changes
+     * again: callbacks that submitted something during this call did so before it said so,
+     * since nghttp2 takes newly queued frames before it answers 0.
+     */
+    s->known = drained ? KNOWN_WRITE : 0;
+    s->can_write = 0;
     return (ssize_t)n;
 }
 
-int h2_wants_write(const struct h2_session *s)
+int h2_wants_write(struct h2_session *s)
 {
     if (s->npend > 0)
         return 1;
-    return !s->failed && nghttp2_session_want_write(s->ng);
+    if (s->failed)
+        return 0;
+    if (!(s->known & KNOWN_WRITE)) {
+        s->can_write = nghttp2_session_want_write(s->ng) != 0;
+        s->known |= KNOWN_WRITE;
+    }
+    return s->can_write;
 }
 
-int h2_wants_read(const struct h2_session *s)
+int h2_wants_read(struct h2_session *s)
 {
     /* A reason is only recorded when the session ends: read nothing more after it. */
-    return !s->failed && s->why[0] == '\0' && nghttp2_session_want_read(s->ng);
+    if (s->failed || s->why[0] != '\0')
+        return 0;
+    if (!(s->known & KNOWN_READ)) {
+        s->can_read = nghttp2_session_want_read(s->ng) != 0;
+        s->known |= KNOWN_READ;
+    }
+    return s->can_read;
 }
 
 const char *h2_error(const struct h2_session *s)
@@ -955,9 +1030,13 @@ static ssize_t build_nv(const struct h2_out_head *h, const struct http_header *f
             if (h->path.p != NULL)
                 nv_add(nv, &k, ":path", 5, h->path.p, h->path.len);
         }
-        for (size_t i = 0; i < k; i++)
+        for (size_t i = 0; i < k; i++) {
             if (!h2_value_ok(nv[i].value, nv[i].valuelen) || nv[i].valuelen == 0)
                 return -EINVAL;
+            /* The names are string constants in lower case: nghttp2 need not copy and lower
+             * them (the values it copies). */
+            nv[i].flags = NGHTTP2_NV_FLAG_NO_COPY_NAME;
+        }
     }
     size_t used = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1000,6 +1079,7 @@ static void nv_release(struct nv_space *sp, nghttp2_nv *nv, char *names)
 int32_t h2_submit_request(struct h2_session *s, const struct h2_out_head *head, int has_body,
                           void *stream_user)
 {
+    changed(s);
     if (s->role != H2_CLIENT || head->method.p == NULL || head->status != 0)
         return -EINVAL;
     if (s->failed || !nghttp2_session_check_request_allowed(s->ng))
@@ -1030,6 +1110,7 @@ out:
 int h2_submit_response(struct h2_session *s, int32_t stream_id, const struct h2_out_head *head,
                        int has_body)
 {
+    changed(s);
     struct stream *st = stream_get(s, stream_id);
     if (s->role != H2_SERVER || st == NULL || head->status < 100 || head->status > 599)
         return -EINVAL;
@@ -1065,6 +1146,7 @@ out:
 int h2_submit_trailers(struct h2_session *s, int32_t stream_id, const struct http_header *fields,
                        size_t n)
 {
+    changed(s);
     if (stream_get(s, stream_id) == NULL)
         return -EINVAL;
     struct nv_space sp;
@@ -1080,6 +1162,7 @@ int h2_submit_trailers(struct h2_session *s, int32_t stream_id, const struct htt
 
 int h2_resume(struct h2_session *s, int32_t stream_id)
 {
+    changed(s);
     if (stream_get(s, stream_id) == NULL)
         return -EINVAL;
     int rv = nghttp2_session_resume_data(s->ng, stream_id);
@@ -1089,6 +1172,7 @@ int h2_resume(struct h2_session *s, int32_t stream_id)
 
 int h2_submit_rst(struct h2_session *s, int32_t stream_id, uint32_t code)
 {
+    changed(s);
     /* A client request still queued (its HEADERS not sent yet) has no nghttp2 stream yet: its
      * HEADERS are cancelled and, when nghttp2 would have sent them, the stream is opened and
      * closed with <code> (on_close). */
@@ -1099,6 +1183,7 @@ int h2_submit_rst(struct h2_session *s, int32_t stream_id, uint32_t code)
 
 int h2_shutdown(struct h2_session *s)
 {
+    changed(s);
     int32_t last = nghttp2_session_get_last_proc_stream_id(s->ng);
     int rv = nghttp2_submit_goaway(s->ng, NGHTTP2_FLAG_NONE, last, NGHTTP2_NO_ERROR, NULL, 0);
     return rv == 0 ? 0 : -EALREADY;
@@ -1106,6 +1191,7 @@ int h2_shutdown(struct h2_session *s)
 
 int h2_shutdown_before(struct h2_session *s, int32_t stream_id)
 {
+    changed(s);
     int32_t last = nghttp2_session_get_last_proc_stream_id(s->ng);
     /* A peer's streams have odd ids, in order: the one before <stream_id> is 2 less. */
     if (stream_id > 0 && stream_id - 2 < last)
@@ -1116,11 +1202,13 @@ int h2_shutdown_before(struct h2_session *s, int32_t stream_id)
 
 int h2_terminate(struct h2_session *s, uint32_t code)
 {
+    changed(s);
     return nghttp2_session_terminate_session(s->ng, code) == 0 ? 0 : -EALREADY;
 }
 
 int h2_consume(struct h2_session *s, int32_t stream_id, size_t n)
 {
+    changed(s);
     struct stream *st = stream_get(s, stream_id);
     if (st == NULL)
         return stream_id > 0 ? 0 : -EINVAL;
@@ -1145,7 +1233,7 @@ int64_t h2_send_window(const struct h2_session *s, int32_t stream_id)
 {
     if (stream_id == 0)
         return nghttp2_session_get_remote_window_size(s->ng);
-    if (stream_get(s, stream_id) == NULL)
+    if (stream_lookup(s, stream_id) == NULL)
         return -1;
     return nghttp2_session_get_stream_remote_window_size(s->ng, stream_id);
 }

@@ -215,10 +215,11 @@ ssize_t h2_feed(struct h2_session *s, const uint8_t *buf, size_t len);
  */
 ssize_t h2_output(struct h2_session *s, uint8_t *buf, size_t cap);
 
-/* 1 when h2_output() has bytes to give. */
-int h2_wants_write(const struct h2_session *s);
+/* 1 when h2_output() has bytes to give. (Not const: nghttp2's answer is kept until the
+ * session changes, since callers ask several times per round.) */
+int h2_wants_write(struct h2_session *s);
 /* 1 while the peer may still send something we want; when neither wants, close. */
-int h2_wants_read(const struct h2_session *s);
+int h2_wants_read(struct h2_session *s);
 
 /* Why the session ended (a short string owned by the session), or NULL while it has not. */
 const char *h2_error(const struct h2_session *s);

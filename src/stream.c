@@ -24,6 +24,7 @@
 #include "tls.h"
 #include "util.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -89,9 +90,15 @@ static void copy_slice(char *out, size_t cap, struct http_slice v)
     out[n] = '\0';
 }
 
+/* stream_begin() clears the fields before the text buffers; nothing may follow them. */
+_Static_assert(sizeof(struct stream) - offsetof(struct stream, request_id) <
+                   STREAM_REQUEST_ID_MAX + 8,
+               "the text buffers are the last members of struct stream");
+
 void stream_begin(struct stream *st, uint64_t seq, uint64_t now_ms, const struct http_request *req)
 {
-    memset(st, 0, sizeof(*st));
+    memset(st, 0, offsetof(struct stream, method));
+    st->method[0] = st->authority[0] = st->path[0] = st->request_id[0] = '\0';
     st->seq = seq;
     st->start_ms = now_ms;
     st->minor_version = 1;

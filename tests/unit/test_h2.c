@@ -1365,6 +1365,78 @@ static void test_request_id_never_indexed(void **state)
 
 /* The codec choice without ALPN: the preface decides, a prefix of it waits, anything else
  * (an HTTP/1.1 request line, even "PRI" as a method of another request) is HTTP/1. */
+/*
+ * h2_wants_write() and h2_wants_read() keep nghttp2's answers until the session changes (the
+ * pumps ask several times a round). Every way in that can give the session something to send
+ * must be seen: a PING fed in (its ACK), a request or a response submitted, a consume that
+ * reopens a window, a reset, a GOAWAY; and what is sent must be seen too (a GOAWAY that ends
+ * the session ends reading).
+ */
+static void test_wants_follow_the_session(void **state)
+{
+    (void)state;
+    static uint8_t buf[16384];
+    struct side *c = side_new(H2_CLIENT, NULL), *v = side_new(H2_SERVER, NULL);
+    c->auto_consume = 0;
+    pump(c, v);
+    assert_false(h2_wants_write(c->s));
+    assert_false(h2_wants_write(v->s));
+    assert_true(h2_wants_read(v->s));
+
+    /* Fed: a PING to the server, which owes its ACK. */
+    struct raw r = {0};
+    raw_frame(&r, 0x6, 0, 0, "12345678", 8);
+    assert_int_equal(h2_feed(v->s, r.p, r.len), (ssize_t)r.len);
+    free(r.p);
+    assert_true(h2_wants_write(v->s));
+    ssize_t n = h2_output(v->s, buf, sizeof(buf));
+    assert_int_equal(n, 17); /* the ACK, a 9-byte header and 8 bytes */
+    assert_int_equal(h2_feed(c->s, buf, (size_t)n), n);
+    assert_false(h2_wants_write(v->s));
+
+    /* Submitted: a request, then its response with a body. */
+    struct h2_out_head h = get_head("/");
+    int32_t id = h2_submit_request(c->s, &h, 0, NULL);
+    assert_true(id > 0);
+    assert_true(h2_wants_write(c->s));
+    pump(c, v);
+    assert_false(h2_wants_write(c->s));
+    assert_false(h2_wants_write(v->s));
+    static uint8_t big[300000]; /* more than a stream window: the stream stays open */
+    v->st[id].body = big;
+    v->st[id].body_len = v->st[id].body_avail = sizeof(big);
+    struct h2_out_head resp = {.status = 200};
+    assert_int_equal(h2_submit_response(v->s, id, &resp, 1), 0);
+    assert_true(h2_wants_write(v->s));
+    pump(c, v);
+    assert_false(h2_wants_write(c->s));
+
+    /* Consumed: more than half the stream window reopens it (WINDOW_UPDATE). */
+    assert_true(c->st[id].delivered_unconsumed > H2_DEFAULT_STREAM_WINDOW_BYTES / 2);
+    assert_int_equal(h2_consume(c->s, id, c->st[id].delivered_unconsumed), 0);
+    c->st[id].delivered_unconsumed = 0;
+    assert_true(h2_wants_write(c->s));
+    pump(c, v);
+
+    /* Reset, and GOAWAY: each is a frame to send. */
+    int32_t id2 = h2_submit_request(c->s, &h, 0, NULL);
+    pump(c, v);
+    assert_false(h2_wants_write(c->s));
+    assert_int_equal(h2_submit_rst(c->s, id2, H2_CANCEL), 0);
+    assert_true(h2_wants_write(c->s));
+    pump(c, v);
+    assert_false(h2_wants_write(v->s));
+    assert_true(h2_wants_read(v->s));
+    assert_int_equal(h2_terminate(v->s, H2_NO_ERROR), 0);
+    assert_true(h2_wants_write(v->s));
+    /* Sent: the session is over, neither reading nor writing. */
+    pump(c, v);
+    assert_false(h2_wants_write(v->s));
+    assert_false(h2_wants_read(v->s));
+    side_free(c);
+    side_free(v);
+}
+
 static void test_preface_check(void **state)
 {
     (void)state;
@@ -1436,6 +1508,7 @@ int main(void)
         cmocka_unit_test(test_submit_validation),
         cmocka_unit_test(test_fit_fields_sent_as_is),
         cmocka_unit_test(test_request_id_never_indexed),
+        cmocka_unit_test(test_wants_follow_the_session),
         cmocka_unit_test(test_preface_check),
     };
     return cmocka_run_group_tests_name("h2", tests, NULL, NULL);

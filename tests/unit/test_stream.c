@@ -59,6 +59,33 @@ static void test_begin_copies_the_head(void **state)
     assert_int_equal(st.minor_version, 1);
 }
 
+/*
+ * stream_begin() on memory a previous stream used (mux_h2 takes its streams from a cache
+ * without clearing them): every field starts at zero and every text is empty, though only the
+ * text buffers' first bytes are written.
+ */
+static void test_begin_on_used_memory(void **state)
+{
+    (void)state;
+    struct stream st, zero;
+    memset(&st, 0xa5, sizeof(st));
+    stream_begin(&st, 7, 42, NULL);
+    memset(&zero, 0, sizeof(zero));
+    zero.seq = 7;
+    zero.start_ms = 42;
+    zero.minor_version = 1;
+    /* Everything before the text buffers, as a fresh stream has it. */
+    assert_memory_equal(&st, &zero, offsetof(struct stream, method));
+    assert_string_equal(st.method, "");
+    assert_string_equal(st.authority, "");
+    assert_string_equal(st.path, "");
+    assert_string_equal(st.request_id, "");
+    assert_string_equal(st.grpc_status, "");
+    assert_null(st.route);
+    assert_null(st.active);
+    assert_int_equal(st.done, 0);
+}
+
 /* X-Request-Id when the caller sent none: a random RFC 9562 version-4 UUID. */
 static void test_request_id_is_uuid_v4(void **state)
 {
@@ -108,6 +135,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_begin_copies_the_head),
+        cmocka_unit_test(test_begin_on_used_memory),
         cmocka_unit_test(test_request_id_is_uuid_v4),
         cmocka_unit_test(test_results),
     };
