@@ -44,15 +44,22 @@ def release_binary(configured):
     return path
 
 
-def test_idle_connection_private_memory(mesh):
-    m = mesh
+def release_pair(m, db_config=None):
+    """db behind an echo app and web with upstream db, both release builds, an echo through
+    them; returns (web, db, {label: pid} of the two sidecars)."""
     m.binary = release_binary(m.binary)
-    n = int(os.environ.get("IDLE_MEM_CONNS", "300"))
     app = m.app(EchoApp)
-    db = m.add("db", app_port=app.port)
+    db = m.add("db", app_port=app.port, proxy_config=db_config)
     web = m.add("web", upstreams=("db",))
     m.wait_passing(db)
     m.wait_echo(web.up["db"])
+    return web, db, {"inbound (db)": db.proxy.pid, "outbound (web)": web.proxy.pid}
+
+
+def test_idle_connection_private_memory(mesh):
+    m = mesh
+    n = int(os.environ.get("IDLE_MEM_CONNS", "300"))
+    web, db, pids = release_pair(m)
 
     def open_and_echo(count):
         out = []
@@ -67,7 +74,6 @@ def test_idle_connection_private_memory(mesh):
     # A few connections first: contexts, pools and the allocator's first arenas.
     for s in open_and_echo(16):
         s.close()
-    pids = {"inbound (db)": db.proxy.pid, "outbound (web)": web.proxy.pid}
     before = {k: uss_bytes(p) for k, p in pids.items()}
     held = open_and_echo(n)
     try:
@@ -110,15 +116,9 @@ def test_silent_connection_holds_no_tls_state(mesh):
     session's own few hundred bytes, where an SSL object made at accept cost ~8 KiB (and
     ~130k instructions to make and free, every second, for the agent's check)."""
     m = mesh
-    m.binary = release_binary(m.binary)
     n = int(os.environ.get("IDLE_MEM_CONNS", "300"))
-    app = m.app(EchoApp)
-    db = m.add("db", app_port=app.port,
-               proxy_config={"max_pending_handshakes_per_source": 4 * n,
-                             "handshake_timeout_ms": 60000})
-    web = m.add("web", upstreams=("db",))
-    m.wait_passing(db)
-    m.wait_echo(web.up["db"])
+    web, db, _ = release_pair(m, {"max_pending_handshakes_per_source": 4 * n,
+                                  "handshake_timeout_ms": 60000})
     pid = db.proxy.pid
     before = uss_bytes(pid)
     held = []
@@ -153,14 +153,8 @@ def test_memory_returns_after_a_crowd_leaves(mesh):
     pages they and the contexts pin (~1.9 MB at N=300). The inbound side is reported, not
     bounded: its stateful session cache keeps one session per handshake (up to 1,024)."""
     m = mesh
-    m.binary = release_binary(m.binary)
     n = int(os.environ.get("IDLE_MEM_CONNS", "300"))
-    app = m.app(EchoApp)
-    db = m.add("db", app_port=app.port)
-    web = m.add("web", upstreams=("db",))
-    m.wait_passing(db)
-    m.wait_echo(web.up["db"])
-    pids = {"inbound (db)": db.proxy.pid, "outbound (web)": web.proxy.pid}
+    web, db, pids = release_pair(m)
     before = {k: uss_bytes(p) for k, p in pids.items()}
     held = []
     try:
@@ -211,13 +205,7 @@ def test_pooled_relay_buffers_go_back_when_idle(mesh):
     is freed and trimmed. Before, an idle sidecar kept the pool of its busiest moment for good
     (up to 0.5 MB per worker, against the 2 MB idle bar)."""
     m = mesh
-    m.binary = release_binary(m.binary)
-    app = m.app(EchoApp)
-    db = m.add("db", app_port=app.port)
-    web = m.add("web", upstreams=("db",))
-    m.wait_passing(db)
-    m.wait_echo(web.up["db"])
-    pids = {"inbound (db)": db.proxy.pid, "outbound (web)": web.proxy.pid}
+    web, db, pids = release_pair(m)
     before = {k: uss_bytes(p) for k, p in pids.items()}
     data = b"y" * (256 * 1024)
     held = [socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) for _ in range(40)]
