@@ -39,6 +39,9 @@
 #include "watch.h"
 #include "worker.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +49,8 @@
 #include <unistd.h>
 
 #define DRAIN_POLL_MS 20
+/* How often expired TLS sessions leave the server cache (on_session_sweep). */
+#define SESSION_SWEEP_MS 60000
 
 struct control {
     const struct config *conf;
@@ -67,6 +72,7 @@ struct control {
     char *proxy_id;
     struct agent_req *lookup;
     struct loop_timer lookup_retry;
+    struct loop_timer session_sweep; /* on_session_sweep */
     unsigned lookup_failures;
     struct watch *svc_watch;
 
@@ -343,6 +349,23 @@ static void on_questions(void *data)
     }
 }
 
+/*
+ * Once a minute, the server sessions that expired leave the cache (OpenSSL drops them only
+ * when it is full or every 255 handshakes), and the memory they pinned goes back to the
+ * system: after a burst of callers a quiet sidecar no longer keeps their sessions until the
+ * cache fills.
+ */
+static void on_session_sweep(struct loop_timer *t)
+{
+    struct control *ctl = t->data;
+    if (ctl->in != NULL && inputs_sweep_sessions(ctl->in) > 0) {
+#ifdef __GLIBC__
+        (void)malloc_trim(0);
+#endif
+    }
+    loop_timer_start(ctl->loop, t, SESSION_SWEEP_MS);
+}
+
 /* ---- signals ---- */
 
 static void on_drain_poll(struct loop_timer *t)
@@ -461,6 +484,8 @@ int control_run(const struct config *conf)
     /* Timers first: the clean-up at out: stops them all. */
     loop_timer_init(&ctl.lookup_retry, on_lookup_retry, &ctl);
     loop_timer_init(&ctl.drain_poll, on_drain_poll, &ctl);
+    loop_timer_init(&ctl.session_sweep, on_session_sweep, &ctl);
+    loop_timer_start(ctl.loop, &ctl.session_sweep, SESSION_SWEEP_MS);
     ctl.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     if (ctl.sigfd == -1) {
         LOG_ERROR("signalfd: %s", util_strerror(-errno));
@@ -576,6 +601,7 @@ out:
     if (ctl.loop != NULL) {
         loop_timer_stop(ctl.loop, &ctl.lookup_retry);
         loop_timer_stop(ctl.loop, &ctl.drain_poll);
+        loop_timer_stop(ctl.loop, &ctl.session_sweep);
     }
     limit_state_unref(ctl.inbound_limit);
     limit_state_unref(ctl.expose_limit);

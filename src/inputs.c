@@ -726,6 +726,11 @@ struct tls_ctx *inputs_tls(const struct inputs *in)
     return in->tls;
 }
 
+size_t inputs_sweep_sessions(struct inputs *in)
+{
+    return in->tls != NULL ? tls_ctx_flush_sessions(in->tls, (long long)time(NULL)) : 0;
+}
+
 const struct dec_leaf *inputs_leaf(const struct inputs *in)
 {
     return in->have_leaf ? &in->leaf : NULL;

@@ -62,6 +62,9 @@ const char *inputs_service(const struct inputs *in);
 const char *inputs_scope(const struct inputs *in);
 /* The current TLS context (borrowed), or NULL before a leaf and the roots both arrived. */
 struct tls_ctx *inputs_tls(const struct inputs *in);
+/* Drops the expired sessions of the current TLS context's server cache (tls.h); returns how
+ * many went (0 without a context). */
+size_t inputs_sweep_sessions(struct inputs *in);
 /* The current leaf (borrowed), or NULL. */
 const struct dec_leaf *inputs_leaf(const struct inputs *in);
 /* The roots' trust domain, or NULL before the roots arrived. */

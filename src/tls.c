@@ -45,6 +45,13 @@
 
 /* Server-side session cache: bounded so a burst of handshakes cannot grow memory without end. */
 #define TLS_SESSION_CACHE_SIZE 1024
+/*
+ * How long the server keeps a session for resumption (and the ticket lifetime it tells the
+ * client), as nginx's and HAProxy's defaults: OpenSSL's 7,200 s kept the sessions of a burst
+ * of connections, most of them never resumed (the client keeps a few per peer), and the pages
+ * they pinned (~15 KiB each) for two hours. A caller idle for longer does a full handshake.
+ */
+#define TLS_SESSION_TIMEOUT_S 300
 static const unsigned char session_id_context[] = "connectd";
 /* A connection's failure text, at most (tls_conn_error). */
 #define TLS_ERR_MAX 512
@@ -332,6 +339,11 @@ static int on_new_session(SSL *ssl, SSL_SESSION *sess)
         ERR_clear_error();
         return 0;
     }
+    /* A TLS 1.3 ticket is kept no longer than the lifetime the server gave it (RFC 8446
+     * 4.6.1): past it the server has forgotten the session, and offering it wastes a try. */
+    unsigned long hint = SSL_SESSION_get_ticket_lifetime_hint(copy);
+    if (hint > 0 && (long)hint < SSL_SESSION_get_timeout(copy))
+        SSL_SESSION_set_timeout(copy, (long)hint);
     session_put(c->ctx, c->resume_key, copy);
     return 0; /* OpenSSL keeps and frees its own reference */
 }
@@ -729,6 +741,7 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
     SSL_CTX_set_alpn_select_cb(server, on_alpn_select, NULL);
     SSL_CTX_set_session_cache_mode(server, SSL_SESS_CACHE_SERVER);
     SSL_CTX_sess_set_cache_size(server, TLS_SESSION_CACHE_SIZE);
+    SSL_CTX_set_timeout(server, TLS_SESSION_TIMEOUT_S);
     SSL_CTX_set_num_tickets(server, 1);
     /* No session outlives the certificate of the peer it vouches for (cap_session_timeout). */
     SSL_CTX_sess_set_new_cb(server, on_server_session);
@@ -826,6 +839,19 @@ long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx)
 long long tls_ctx_leaf_not_before(const struct tls_ctx *ctx)
 {
     return ctx->leaf_not_before;
+}
+
+size_t tls_ctx_server_sessions(const struct tls_ctx *ctx)
+{
+    return (size_t)SSL_CTX_sess_number(ctx->server);
+}
+
+size_t tls_ctx_flush_sessions(struct tls_ctx *ctx, long long now)
+{
+    size_t before = tls_ctx_server_sessions(ctx);
+    SSL_CTX_flush_sessions(ctx->server, (long)now);
+    size_t after = tls_ctx_server_sessions(ctx);
+    return before > after ? before - after : 0;
 }
 
 /* ---- connections --------------------------------------------------------------------------- */

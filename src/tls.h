@@ -63,6 +63,14 @@ void tls_ctx_unref(struct tls_ctx *ctx);
 long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx);
 /* Seconds since the epoch from which the leaf is valid. */
 long long tls_ctx_leaf_not_before(const struct tls_ctx *ctx);
+/* Sessions in the server's resumption cache. */
+size_t tls_ctx_server_sessions(const struct tls_ctx *ctx);
+/*
+ * Drops the server sessions that have expired at <now> (seconds since the epoch): OpenSSL
+ * drops them only when the cache is full or every 255 handshakes, so a quiet sidecar would
+ * keep them. Returns how many went. Safe from any thread (the cache has its own lock).
+ */
+size_t tls_ctx_flush_sessions(struct tls_ctx *ctx, long long now);
 
 /*
  * Creates a connection over the connected non-blocking socket <fd> (not owned: the caller

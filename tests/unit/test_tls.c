@@ -958,6 +958,33 @@ static void test_server_cache_per_roots(void **state)
 }
 
 /*
+ * The server keeps a session 300 s (nginx's and HAProxy's default; OpenSSL's 7,200 s kept a
+ * burst's sessions and their memory for two hours) and says so in the ticket's lifetime; a
+ * sweep drops the expired ones, which OpenSSL alone does only when the cache fills.
+ */
+static void test_server_sessions_expire_and_sweep(void **state)
+{
+    (void)state;
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    SSL_CTX *raw = raw_ctx(0, &pki.web, &pki.ca1);
+    SSL_SESSION *sess = NULL;
+    int resumed = -1;
+    assert_int_equal(raw_round(raw, db, &sess, &resumed), 0);
+    assert_int_equal(SSL_SESSION_get_ticket_lifetime_hint(sess), 300);
+    assert_int_equal(tls_ctx_server_sessions(db), 1);
+    long long now = (long long)time(NULL);
+    assert_int_equal(tls_ctx_flush_sessions(db, now), 0);
+    assert_int_equal(tls_ctx_server_sessions(db), 1);
+    assert_int_equal(tls_ctx_flush_sessions(db, now + 301), 1);
+    assert_int_equal(tls_ctx_server_sessions(db), 0);
+    assert_int_equal(raw_round(raw, db, &sess, &resumed), 0);
+    assert_int_equal(resumed, 0); /* swept: a full handshake */
+    SSL_SESSION_free(sess);
+    SSL_CTX_free(raw);
+    tls_ctx_unref(db);
+}
+
+/*
  * Resumption between two connectd ends: the client keeps the session the server issued under
  * its resume key and offers it on the next connection to the same key, once (a stateful TLS
  * 1.3 ticket is single-use, and each handshake brings a new one). Both ends still know the
@@ -1467,6 +1494,7 @@ int main(void)
         cmocka_unit_test(test_server_resumption_not_past_peer_expiry),
         cmocka_unit_test(test_server_resumption_not_past_peer_expiry_tls12),
         cmocka_unit_test(test_server_cache_per_roots),
+        cmocka_unit_test(test_server_sessions_expire_and_sweep),
         cmocka_unit_test(test_client_resumption),
         cmocka_unit_test(test_client_resumption_tls12),
         cmocka_unit_test(test_client_resumption_not_past_peer_expiry),
