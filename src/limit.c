@@ -25,14 +25,15 @@ static long fds_max, fds_reserve;
 
 struct limit_state *limit_state_new(void)
 {
-    struct limit_state *l = xcalloc(1, sizeof(*l));
+    /* Mapped: the source table's 32 KiB cost nothing until a source is counted in a slot, and
+     * a limit that never counts sources (an upstream's, the exposed paths') keeps one page.
+     * Its slots start as the kernel's zero pages, which is what atomic_init(0) would store. */
+    struct limit_state *l = xcalloc_pages(sizeof(*l));
     atomic_init(&l->refs, 1);
     atomic_init(&l->open, 0);
     atomic_init(&l->bucket_at, 0);
     atomic_init(&l->pending, 0);
     atomic_init(&l->rate_limited, 0);
-    for (size_t i = 0; i < LIMIT_SOURCE_SLOTS; i++)
-        atomic_init(&l->sources[i], 0);
     return l;
 }
 
@@ -46,7 +47,7 @@ void limit_state_unref(struct limit_state *l)
 {
     if (l == NULL || atomic_fetch_sub_explicit(&l->refs, 1, memory_order_acq_rel) != 1)
         return;
-    free(l);
+    xfree_pages(l, sizeof(*l));
 }
 
 int limit_bucket_take(uint64_t *at_us, uint64_t now_us, uint32_t per_second, uint32_t burst)

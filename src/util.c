@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 
 static const char *const err_msgs[] = {
@@ -55,6 +56,20 @@ void *xrealloc(void *p, size_t n)
     if (p == NULL)
         oom(n);
     return p;
+}
+
+void *xcalloc_pages(size_t n)
+{
+    void *p = mmap(NULL, n ? n : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        oom(n);
+    return p;
+}
+
+void xfree_pages(void *p, size_t n)
+{
+    if (p != NULL)
+        (void)munmap(p, n ? n : 1);
 }
 
 void util_wipe(void *p, size_t n)

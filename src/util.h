@@ -54,6 +54,14 @@ const char *util_strerror(int err);
 void *xmalloc(size_t n);
 void *xcalloc(size_t nmemb, size_t size);
 void *xrealloc(void *p, size_t n);
+/*
+ * A zeroed block for a big table of which little is ever written (the per-source slots of a
+ * limit): it is mapped, not taken from the heap, so a page costs memory only once something
+ * writes to it, where calloc() may clear (and so make resident) all of it. Released with
+ * xfree_pages() and its size.
+ */
+void *xcalloc_pages(size_t n);
+void xfree_pages(void *p, size_t n);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
 /* xstrndup() with ASCII letters lowered (for case-insensitive matching); NUL bytes are kept. */
