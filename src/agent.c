@@ -39,6 +39,7 @@
 #define DEFAULT_ADDR       "127.0.0.1:8500"
 #define DEFAULT_MAX_BODY   (16u * 1024 * 1024)
 #define CONNECT_TIMEOUT_MS 10000L
+#define AGENT_RECV_BUF     4096L /* CURLOPT_BUFFERSIZE; see setup_easy() */
 #define BODY_TOO_LARGE     "response body too large"
 
 struct sock {
@@ -696,6 +697,10 @@ static void setup_easy(struct agent *a, struct agent_req *r, const char *method,
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms > 0 ? timeout_ms : 0L);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, CONNECT_TIMEOUT_MS);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    /* Every request in flight holds a receive buffer this big, and a sidecar always has one
+     * blocking query per watch waiting: libcurl's default of 16 KiB each was an eighth of an
+     * idle sidecar's heap. A bigger answer takes a few more reads. */
+    curl_easy_setopt(e, CURLOPT_BUFFERSIZE, AGENT_RECV_BUF);
     curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)a->max_body);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, r);

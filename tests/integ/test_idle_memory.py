@@ -19,6 +19,7 @@ N=300 keeps the test within a few seconds; IDLE_MEM_CONNS=1000 measures as the i
 
 import os
 import socket
+import time
 
 from mesh import LOOPBACK, REPO, EchoApp, recv_exact, wait_until
 
@@ -91,6 +92,40 @@ def test_idle_connection_private_memory(mesh):
             s.close()
     # The pair still serves once they are gone.
     m.wait_echo(web.up["db"])
+
+
+UPSTREAM_BAR_BYTES = 64 * 1024
+
+
+def test_upstream_private_memory(mesh):
+    """What one more upstream costs an idle sidecar in private memory: its listener, its two
+    watches (health and discovery chain, each a blocking query in flight) and its limits.
+    Before, each cost 77-85 KiB: a 32 KiB per-source table in every upstream's limit state
+    (which only the public listener uses), written through at creation, and libcurl's 16 KiB
+    receive buffer per request in flight; now 32-50 KiB, most of it libcurl's handle,
+    connection and buffers, ~12 KiB per watch. Measured over 16 upstreams (to services with
+    no instance, which answer at once), so that the pages a process happens to touch weigh
+    little."""
+    m = mesh
+    m.binary = release_binary(m.binary)
+    app = m.app(EchoApp)
+    db = m.add("db", app_port=app.port)
+    m.wait_passing(db)
+    extra = 16
+    uss = {}
+    for n in (0, extra):
+        svc = m.add(f"many{n}", upstreams=["db"] + [f"nothing{n}x{i}" for i in range(n)],
+                    start=False)
+        m.start(svc, extra_args=("-workers", "1"))
+        m.wait_echo(svc.up["db"])
+        time.sleep(1.5)  # the first answers of every watch are in, the start-up is over
+        uss[n] = uss_bytes(svc.proxy.pid)
+    per = (uss[extra] - uss[0]) / extra
+    print(f"USS {uss[0] / 1024:.0f} KiB with one upstream, {uss[extra] / 1024:.0f} KiB with "
+          f"{extra + 1}: {per / 1024:.1f} KiB per upstream")
+    assert per <= UPSTREAM_BAR_BYTES, (
+        f"{per / 1024:.1f} KiB of private memory per upstream (bar "
+        f"{UPSTREAM_BAR_BYTES // 1024} KiB; {uss[0]} with one, {uss[extra]} with {extra + 1})")
 
 
 SILENT_BAR_BYTES = 3 * 1024
