@@ -59,9 +59,14 @@ static const unsigned char session_id_context[] = "connectd";
 /*
  * Client-side resumption. The sessions peers issue are kept per peer key (endpoint and SNI)
  * so that the next connection to the same sidecar resumes instead of running a full mutual
- * handshake. A stateful TLS 1.3 server (ours: SSL_OP_NO_TICKET) accepts each ticket once, so a
- * session is taken out when it is offered; every handshake brings one new ticket back. A few
- * per peer cover connections opened at the same moment.
+ * handshake. The newest is offered by every dial until a newer one comes, not taken out: an
+ * OpenSSL server forgets a session on use only when it accepts early data (anti-replay, which
+ * we never enable), so connections opened at the same moment all resume, as nginx's and
+ * HAProxy's upstream sides do, where one ticket each made 12 of 16 run full handshakes. RFC
+ * 8446 (C.4) advises against a ticket on several connections because an observer can link
+ * them; on a mesh hop they are linked anyway, by the two sidecars' addresses. Forward secrecy
+ * stays (every resumption runs a fresh (EC)DHE), and a session the server no longer knows is
+ * dropped after the full handshake it caused (tls_handshake).
  */
 #define TLS_CLIENT_SESSIONS          256
 #define TLS_CLIENT_SESSIONS_PER_PEER 4
@@ -89,6 +94,7 @@ struct tls_conn {
     SSL *ssl;
     char *resume_key;    /* client: where this connection's sessions are kept; NULL: not kept */
     struct tls_ctx *ctx; /* with a resume_key: the context that keeps them (a reference) */
+    uint64_t offered;    /* client: the kept session offered (its seq), until the handshake ends */
     unsigned wants;      /* LOOP_READ / LOOP_WRITE wanted by the last -EAGAIN */
     int shutdown_sent;   /* close_notify is out (or queued inside OpenSSL) */
     int fatal;           /* SSL_ERROR_SSL/SYSCALL seen: SSL_shutdown() must not be called */
@@ -269,8 +275,11 @@ static void session_put(struct tls_ctx *ctx, const char *key, SSL_SESSION *sess)
     pthread_mutex_unlock(&ctx->sess_lock);
 }
 
-/* Takes the newest unexpired session kept for <key> (the caller owns it), or NULL. */
-static SSL_SESSION *session_take(struct tls_ctx *ctx, const char *key)
+/* A copy of the newest unexpired session kept for <key> (the caller owns it; *seq says which
+ * one it was), or NULL. A copy, not a reference: OpenSSL marks a connection's session unusable
+ * when the connection ends without close_notify, which must not spoil it for the dials that
+ * share it. */
+static SSL_SESSION *session_get(struct tls_ctx *ctx, const char *key, uint64_t *seq)
 {
     uint64_t h = util_hash_str(key);
     time_t now = time(NULL);
@@ -285,20 +294,36 @@ static SSL_SESSION *session_take(struct tls_ctx *ctx, const char *key)
         }
         if (best == NULL)
             break;
-        sess = best->sess;
-        best->sess = NULL;
-        slot_clear(best);
         /* Neither an expired session (the server has forgotten it too) nor one whose server
          * certificate has expired since it was verified: resumption verifies nothing again. */
-        const X509 *peer = SSL_SESSION_get0_peer(sess);
-        if ((time_t)SSL_SESSION_get_time(sess) + (time_t)SSL_SESSION_get_timeout(sess) > now &&
-            peer != NULL && X509_cmp_time(X509_get0_notAfter(peer), &now) > 0)
+        const X509 *peer = SSL_SESSION_get0_peer(best->sess);
+        if ((time_t)SSL_SESSION_get_time(best->sess) + (time_t)SSL_SESSION_get_timeout(best->sess) >
+                now &&
+            peer != NULL && X509_cmp_time(X509_get0_notAfter(peer), &now) > 0) {
+            sess = SSL_SESSION_dup(best->sess);
+            if (sess == NULL)
+                ERR_clear_error();
+            else
+                *seq = best->seq;
             break;
-        SSL_SESSION_free(sess);
-        sess = NULL;
+        }
+        slot_clear(best);
     }
     pthread_mutex_unlock(&ctx->sess_lock);
     return sess;
+}
+
+/* Forgets the session session_get() copied as <seq>, if still kept: its server no longer
+ * knows it. */
+static void session_drop(struct tls_ctx *ctx, uint64_t seq)
+{
+    pthread_mutex_lock(&ctx->sess_lock);
+    for (size_t i = 0; ctx->sessions != NULL && i < TLS_CLIENT_SESSIONS; i++) {
+        struct client_session *e = &ctx->sessions[i];
+        if (e->hash != 0 && e->seq == seq)
+            slot_clear(e);
+    }
+    pthread_mutex_unlock(&ctx->sess_lock);
 }
 
 /*
@@ -399,6 +424,22 @@ static int on_server_ticket(SSL *ssl, void *arg)
     if (sess != NULL)
         cap_session_timeout(sess);
     return 1;
+}
+
+/*
+ * A resumed handshake issues no new ticket: the client offers the one it has to every dial
+ * until it expires (session_get), so a new one per connection only made, cached and sent a
+ * session more per connection, each kept ~1 KiB on both ends until it expired. A caller that
+ * resumes keeps the lifetime its ticket had (then a full handshake brings a new one). The
+ * server knows it resumes once its ServerHello is decided, and counts its tickets only after
+ * the client's Finished.
+ */
+static void on_server_state(const SSL *ssl, int where, int ret)
+{
+    (void)ret;
+    if ((where & SSL_CB_ACCEPT_LOOP) && SSL_get_state(ssl) == TLS_ST_SW_SRVR_HELLO &&
+        SSL_session_reused(ssl) == 1)
+        SSL_set_num_tickets((SSL *)ssl, 0); /* the connection's own object, not const */
 }
 
 /* Every session that enters the server cache (TLS 1.2 session ids too). */
@@ -743,6 +784,7 @@ static int ctx_new(const char *cert_pem, const char *key_pem, EVP_PKEY *pkey,
     SSL_CTX_sess_set_cache_size(server, TLS_SESSION_CACHE_SIZE);
     SSL_CTX_set_timeout(server, TLS_SESSION_TIMEOUT_S);
     SSL_CTX_set_num_tickets(server, 1);
+    SSL_CTX_set_info_callback(server, on_server_state);
     /* No session outlives the certificate of the peer it vouches for (cap_session_timeout). */
     SSL_CTX_sess_set_new_cb(server, on_server_session);
     if (!SSL_CTX_set_session_ticket_cb(server, on_server_ticket, NULL, NULL)) {
@@ -846,6 +888,17 @@ size_t tls_ctx_server_sessions(const struct tls_ctx *ctx)
     return (size_t)SSL_CTX_sess_number(ctx->server);
 }
 
+size_t tls_ctx_client_sessions(struct tls_ctx *ctx, const char *resume_key)
+{
+    uint64_t h = util_hash_str(resume_key);
+    size_t n = 0;
+    pthread_mutex_lock(&ctx->sess_lock);
+    for (size_t i = 0; ctx->sessions != NULL && i < TLS_CLIENT_SESSIONS; i++)
+        n += ctx->sessions[i].hash == h && strcmp(ctx->sessions[i].key, resume_key) == 0;
+    pthread_mutex_unlock(&ctx->sess_lock);
+    return n;
+}
+
 size_t tls_ctx_flush_sessions(struct tls_ctx *ctx, long long now)
 {
     size_t before = tls_ctx_server_sessions(ctx);
@@ -897,12 +950,15 @@ struct tls_conn *tls_conn_new_client(struct tls_ctx *ctx, int fd, const char *sn
         /* A ticket can arrive after the caller dropped its own reference. */
         c->ctx = tls_ctx_ref(ctx);
         c->resume_key = xstrdup(resume_key);
-        SSL_SESSION *sess = session_take(ctx, resume_key);
+        uint64_t seq = 0;
+        SSL_SESSION *sess = session_get(ctx, resume_key, &seq);
         if (sess != NULL) {
             /* No chain is verified again on resumption: the session carries the peer
              * certificate verified when it was made, under this same context's roots, and
              * the caller still checks the identity in it. */
-            if (!SSL_set_session(c->ssl, sess))
+            if (SSL_set_session(c->ssl, sess))
+                c->offered = seq;
+            else
                 ERR_clear_error();
             SSL_SESSION_free(sess);
         }
@@ -1024,15 +1080,11 @@ int tls_handshake(struct tls_conn *c)
                       "resumed session: the peer certificate is expired or not yet valid");
             return ERR_TLS;
         }
-        /* A TLS 1.2 server issues nothing new on resumption, and the session was taken out
-         * when offered: put it back, or only every other connection would resume. */
-        if (c->resume_key != NULL && SSL_session_reused(c->ssl) == 1 &&
-            SSL_version(c->ssl) < TLS1_3_VERSION) {
-            SSL_SESSION *copy = SSL_SESSION_dup(SSL_get0_session(c->ssl));
-            if (copy != NULL)
-                session_put(c->ctx, c->resume_key, copy);
-            ERR_clear_error();
-        }
+        /* An offered session the server did not take (it restarted, or dropped it from a
+         * full cache) would only cost every later dial the same wasted try. */
+        if (c->offered != 0 && SSL_session_reused(c->ssl) != 1)
+            session_drop(c->ctx, c->offered);
+        c->offered = 0;
         return 0;
     }
     return io_result(c, "handshake", 0);

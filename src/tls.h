@@ -65,6 +65,8 @@ long long tls_ctx_leaf_not_after(const struct tls_ctx *ctx);
 long long tls_ctx_leaf_not_before(const struct tls_ctx *ctx);
 /* Sessions in the server's resumption cache. */
 size_t tls_ctx_server_sessions(const struct tls_ctx *ctx);
+/* Client sessions kept for <resume_key> (tls_conn_new_client) now. */
+size_t tls_ctx_client_sessions(struct tls_ctx *ctx, const char *resume_key);
 /*
  * Drops the server sessions that have expired at <now> (seconds since the epoch): OpenSSL
  * drops them only when the cache is full or every 255 handshakes, so a quiet sidecar would

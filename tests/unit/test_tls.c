@@ -350,8 +350,9 @@ struct duo {
     const char *resume_key; /* the client's, for duo_open_resuming */
 };
 
-static void duo_open_resuming(struct duo *d, struct tls_ctx *cli_ctx, struct tls_ctx *srv_ctx,
-                              const char *sni, const char *resume_key)
+/* Both ends made (the client's kept session chosen), no handshake run yet. */
+static void duo_start(struct duo *d, struct tls_ctx *cli_ctx, struct tls_ctx *srv_ctx,
+                      const char *sni, const char *resume_key)
 {
     memset(d, 0, sizeof(*d));
     d->resume_key = resume_key;
@@ -362,6 +363,12 @@ static void duo_open_resuming(struct duo *d, struct tls_ctx *cli_ctx, struct tls
     d->srv.tc = tls_conn_new_server(srv_ctx, d->srv.fd);
     assert_non_null(d->cli.tc);
     assert_non_null(d->srv.tc);
+}
+
+static void duo_open_resuming(struct duo *d, struct tls_ctx *cli_ctx, struct tls_ctx *srv_ctx,
+                              const char *sni, const char *resume_key)
+{
+    duo_start(d, cli_ctx, srv_ctx, sni, resume_key);
     handshake_both(&d->cli, &d->srv);
 }
 
@@ -986,10 +993,10 @@ static void test_server_sessions_expire_and_sweep(void **state)
 
 /*
  * Resumption between two connectd ends: the client keeps the session the server issued under
- * its resume key and offers it on the next connection to the same key, once (a stateful TLS
- * 1.3 ticket is single-use, and each handshake brings a new one). Both ends still know the
- * peer's identity. A client connection freed without close_notify does not spoil the kept
- * session; no key, or another key, means a full handshake.
+ * its resume key and offers it on the next connections to the same key (a full handshake
+ * brings a ticket, a resumed one none). Both ends still know the peer's identity. A client
+ * connection freed without close_notify does not spoil the kept session; no key, or another
+ * key, means a full handshake.
  */
 static void test_client_resumption(void **state)
 {
@@ -1004,8 +1011,8 @@ static void test_client_resumption(void **state)
         {"127.0.0.1:1|" SNI_DB, 1}, /* the ticket of round 0 */
         {NULL, 0},                  /* resumption not asked for */
         {"127.0.0.1:2|" SNI_DB, 0}, /* another peer */
-        {"127.0.0.1:1|" SNI_DB, 1}, /* the ticket of round 1 */
-        {"127.0.0.1:1|" SNI_DB, 1}, /* of round 4: each handshake brings one */
+        {"127.0.0.1:1|" SNI_DB, 1}, /* still the ticket of round 0 */
+        {"127.0.0.1:1|" SNI_DB, 1}, /* and again */
     };
     for (size_t i = 0; i < ARRAY_SIZE(rounds); i++) {
         struct duo d;
@@ -1076,8 +1083,90 @@ static void test_client_resumption_not_past_peer_expiry(void **state)
     free_cert(&short_db);
 }
 
+/* Reads the byte the server sends, which takes in the tickets the server sent before it, then
+ * ends both sides (the server cleanly: its cache keeps the session). */
+static void duo_settle_close(struct duo *d)
+{
+    char c;
+    write_all(d->srv.tc, d->srv.fd, "t", 1);
+    read_exact(d->cli.tc, d->cli.fd, &c, 1);
+    assert_int_equal(c, 't');
+    assert_int_equal(tls_shutdown(d->srv.tc), 0);
+    duo_close(d);
+}
+
+/*
+ * Connections opened at the same moment all resume on the one session kept: an OpenSSL server
+ * forgets a session on use only when it accepts early data. Before, the session was taken out
+ * when offered, so of dials made together one resumed and the rest ran full handshakes. A
+ * resumed handshake brings no new ticket: the server cache keeps the one session of the full
+ * handshake (it held one more per resumed connection), and the client's ticket still serves.
+ */
+static void test_concurrent_dials_share_the_session(void **state)
+{
+    (void)state;
+    struct tls_ctx *web = ctx_for(&pki.web, &pki.ca1);
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    const char *key = "127.0.0.1:1|" SNI_DB;
+    struct duo d;
+    duo_open_resuming(&d, web, db, SNI_DB, key);
+    assert_int_equal(d.cli.rc, 0);
+    assert_int_equal(tls_conn_resumed(d.cli.tc), 0);
+    duo_settle_close(&d);
+    assert_int_equal(tls_ctx_server_sessions(db), 1);
+    assert_int_equal(tls_ctx_client_sessions(web, key), 1);
+
+    struct duo many[4];
+    for (size_t i = 0; i < ARRAY_SIZE(many); i++)
+        duo_start(&many[i], web, db, SNI_DB, key);
+    for (size_t i = 0; i < ARRAY_SIZE(many); i++) {
+        handshake_both(&many[i].cli, &many[i].srv);
+        assert_int_equal(many[i].cli.rc, 0);
+        if (!tls_conn_resumed(many[i].cli.tc) || !tls_conn_resumed(many[i].srv.tc))
+            fail_msg("dial %zu of %zu made together: a full handshake", i, ARRAY_SIZE(many));
+        assert_peer_uri(many[i].cli.tc, URI_DB);
+        assert_peer_uri(many[i].srv.tc, URI_WEB);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(many); i++)
+        duo_settle_close(&many[i]);
+    if (tls_ctx_server_sessions(db) != 1)
+        fail_msg("the server cache holds %zu sessions after 4 resumed connections, want 1",
+                 tls_ctx_server_sessions(db));
+    assert_int_equal(tls_ctx_client_sessions(web, key), 1);
+    duo_open_resuming(&d, web, db, SNI_DB, key);
+    assert_int_equal(tls_conn_resumed(d.cli.tc), 1);
+    duo_settle_close(&d);
+    tls_ctx_unref(web);
+    tls_ctx_unref(db);
+}
+
+/* A kept session the server does not know any more (another generation of its context, a
+ * restart) is dropped after the full handshake it caused, not offered to every later dial. */
+static void test_refused_session_is_dropped(void **state)
+{
+    (void)state;
+    struct tls_ctx *web = ctx_for(&pki.web, &pki.ca1);
+    struct tls_ctx *db = ctx_for(&pki.db, &pki.ca1);
+    struct tls_ctx *db_restarted = ctx_for(&pki.db, &pki.ca1);
+    const char *key = "127.0.0.1:1|" SNI_DB;
+    struct duo d;
+    duo_open_resuming(&d, web, db, SNI_DB, key);
+    duo_settle_close(&d);
+    assert_int_equal(tls_ctx_client_sessions(web, key), 1);
+    duo_open_resuming(&d, web, db_restarted, SNI_DB, key);
+    assert_int_equal(d.cli.rc, 0);
+    assert_int_equal(tls_conn_resumed(d.cli.tc), 0);
+    /* Before the new ticket is read: the refused session is gone. */
+    assert_int_equal(tls_ctx_client_sessions(web, key), 0);
+    duo_settle_close(&d);
+    assert_int_equal(tls_ctx_client_sessions(web, key), 1);
+    tls_ctx_unref(web);
+    tls_ctx_unref(db);
+    tls_ctx_unref(db_restarted);
+}
+
 /* TLS 1.2 resumes by session id and issues nothing new on resumption: the session offered
- * goes back after each resumed handshake, so every connection after the first resumes. */
+ * stays kept, so every connection after the first resumes. */
 static void test_client_resumption_tls12(void **state)
 {
     (void)state;
@@ -1495,6 +1584,8 @@ int main(void)
         cmocka_unit_test(test_server_resumption_not_past_peer_expiry_tls12),
         cmocka_unit_test(test_server_cache_per_roots),
         cmocka_unit_test(test_server_sessions_expire_and_sweep),
+        cmocka_unit_test(test_concurrent_dials_share_the_session),
+        cmocka_unit_test(test_refused_session_is_dropped),
         cmocka_unit_test(test_client_resumption),
         cmocka_unit_test(test_client_resumption_tls12),
         cmocka_unit_test(test_client_resumption_not_past_peer_expiry),
