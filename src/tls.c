@@ -1087,7 +1087,14 @@ int tls_handshake(struct tls_conn *c)
         c->offered = 0;
         return 0;
     }
-    return io_result(c, "handshake", 0);
+    int rc = io_result(c, "handshake", 0);
+    /* Nor may a session whose handshake failed fail the next dials the same way: they run a
+     * full handshake (when the session had nothing to do with it, that costs one). */
+    if (rc != -EAGAIN && c->offered != 0) {
+        session_drop(c->ctx, c->offered);
+        c->offered = 0;
+    }
+    return rc;
 }
 
 ssize_t tls_read(struct tls_conn *c, void *buf, size_t len)

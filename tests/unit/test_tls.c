@@ -1141,7 +1141,8 @@ static void test_concurrent_dials_share_the_session(void **state)
 }
 
 /* A kept session the server does not know any more (another generation of its context, a
- * restart) is dropped after the full handshake it caused, not offered to every later dial. */
+ * restart) is dropped after the full handshake it caused, and one offered to a handshake that
+ * failed is dropped too: neither is offered to every later dial. */
 static void test_refused_session_is_dropped(void **state)
 {
     (void)state;
@@ -1160,6 +1161,14 @@ static void test_refused_session_is_dropped(void **state)
     assert_int_equal(tls_ctx_client_sessions(web, key), 0);
     duo_settle_close(&d);
     assert_int_equal(tls_ctx_client_sessions(web, key), 1);
+    /* A server whose certificate the client's roots do not vouch for: the session is offered,
+     * the handshake fails. */
+    struct tls_ctx *db_other = ctx_for(&pki.rogue, &pki.ca2);
+    duo_open_resuming(&d, web, db_other, SNI_DB, key);
+    assert_int_not_equal(d.cli.rc, 0);
+    assert_int_equal(tls_ctx_client_sessions(web, key), 0);
+    duo_close(&d);
+    tls_ctx_unref(db_other);
     tls_ctx_unref(web);
     tls_ctx_unref(db);
     tls_ctx_unref(db_restarted);
