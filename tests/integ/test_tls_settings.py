@@ -3,10 +3,12 @@ tls_cipher_suites (Consul's names), checked with openssl s_client presenting a r
 verify_trust_domain."""
 
 import re
+import socket
 import subprocess
 
 from mesh import (LOOPBACK, EchoApp, admin_args, admin_get, assert_tls_refused, is_refused, make_ca,
-                  make_leaf, metric, parse_metrics, tls_client_context, try_echo, wait_until,
+                  make_leaf, metric, parse_metrics, recv_exact, tls_client_context, try_echo,
+                  wait_until,
                   write_leaf_files, write_text, tls_echo)
 
 
@@ -149,3 +151,34 @@ def test_sessions_resume_between_sidecars(mesh):
     m.intend("db", {"web": "deny"})
     wait_until(lambda: is_refused(web.up["db"]), 20, "web refused after the deny")
     assert _handshakes(db_port, "inbound")[1] > resumed_before
+
+
+def test_connections_opened_together_resume(mesh):
+    """Connections opened at the same moment all resume on the session an earlier one brought
+    (test_tls.c checks that resuming adds no session to either cache). Before, the session
+    was taken out of web's cache when offered: of 16 dials made together 3 resumed and 13 ran
+    full mutual handshakes."""
+    m = mesh
+    app = m.app(EchoApp)
+    db = m.add("db", app_port=app.port)
+    web = m.add("web", upstreams=["db"], start=False)
+    web_admin, web_port = admin_args()
+    m.start(web, extra_args=web_admin)
+    m.wait_passing(db)
+    m.wait_echo(web.up["db"])  # a full handshake (or a few): web keeps db's ticket
+    full0, resumed0 = _handshakes(web_port, "outbound")
+    n = 16
+    socks = [socket.create_connection((LOOPBACK, web.up["db"]), timeout=10) for _ in range(n)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(b"together %d\n" % i)
+        for i, s in enumerate(socks):
+            line = b"together %d\n" % i
+            assert recv_exact(s, len(line), 10) == line
+    finally:
+        for s in socks:
+            s.close()
+    full, resumed = _handshakes(web_port, "outbound")
+    assert (full - full0, resumed - resumed0) == (0, n), (
+        f"{n} connections opened together: {full - full0} full handshakes, "
+        f"{resumed - resumed0} resumed")
