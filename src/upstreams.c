@@ -401,6 +401,25 @@ static int on_chain(void *data, const struct agent_response *resp)
     return 0;
 }
 
+static int str_order(const char *a, const char *b)
+{
+    return strcmp(a != NULL ? a : "", b != NULL ? b : "");
+}
+
+/* qsort order of a prepared query's endpoints: by datacenter, node, service ID, address. */
+static int query_endpoint_order(const void *pa, const void *pb)
+{
+    const struct dec_endpoint *a = pa, *b = pb;
+    int c = str_order(a->node_datacenter, b->node_datacenter);
+    if (c == 0)
+        c = str_order(a->node, b->node);
+    if (c == 0)
+        c = str_order(a->service_id, b->service_id);
+    if (c == 0)
+        c = str_order(a->address, b->address);
+    return c != 0 ? c : (a->port > b->port) - (a->port < b->port);
+}
+
 static int on_query(void *data, const struct agent_response *resp)
 {
     struct up_watch *u = data;
@@ -416,9 +435,23 @@ static int on_query(void *data, const struct agent_response *resp)
     struct endpoint_set *set = healthy_set(q.nodes, q.n_nodes, 0);
     q.nodes = NULL;
     q.n_nodes = 0;
-    LOG_INFO("upstream %s: prepared query answered %zu endpoint(s) of %s in %s", u->key, set->n,
-             q.service, q.datacenter);
+    /*
+     * Polled, a query answers the same endpoints most of the time, but in another order (the
+     * agent shuffles them unless the query sorts by distance), so each poll's body differed
+     * and rebuilt the snapshot and the workers' balancing tables, keyed by the endpoint set.
+     * In one order, the same endpoints publish nothing, as for a health answer
+     * (on_target_health); the balancers do not read the order.
+     */
+    qsort(set->v, set->n, sizeof(*set->v), query_endpoint_order);
+    int same = u->started && t->info.endpoints != NULL && endpoint_set_same(t->info.endpoints, set);
+    LOG_AT(same ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO,
+           "upstream %s: prepared query answered %zu endpoint(s) of %s in %s%s", u->key, set->n,
+           q.service, q.datacenter, same ? " (unchanged)" : "");
     dec_query_dispose(&q);
+    if (same) {
+        endpoint_set_unref(set);
+        return 0;
+    }
     endpoint_set_unref(t->info.endpoints);
     t->info.endpoints = set;
     if (!u->started) {

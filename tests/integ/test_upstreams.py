@@ -10,6 +10,7 @@ entries and queries are named per test (mesh.name) and removed at the end.
 """
 
 import os
+import re
 import socket
 import stat
 import threading
@@ -164,6 +165,37 @@ def test_prepared_query_upstream(mesh):
         for _ in range(5):
             assert who(web.up["dbq"]) == "other"
         web.proxy.wait_log(r"prepared query answered 1 endpoint\(s\) of " + other.name)
+    finally:
+        api.delete("/v1/query/" + qid)
+
+
+def test_prepared_query_same_endpoints_publish_nothing(mesh):
+    """The agent shuffles a prepared query's instances on every execution, so each poll's
+    answer differed from the last one and published a snapshot (and reset the workers'
+    balancing tables keyed by the endpoint set): with three instances polled every 300 ms,
+    a new snapshot most polls. The same instances in another order now publish nothing."""
+    m, api = mesh, mesh.api
+    db = m.add("db", app_port=m.app(NameApp, "db").port)
+    m.wait_passing(db)
+    for i in (2, 3):
+        m.add_instance("db", f"i{i}", m.app(NameApp, f"db{i}").port)
+    qname = m.name("dbq")
+    qid = api.call("POST", "/v1/query", {"Name": qname,
+                                         "Service": {"Service": db.name, "OnlyPassing": True}})["ID"]
+    try:
+        web = m.add("web", upstreams=[{"name": "dbq",
+                                       "fields": {"DestinationType": "prepared_query"},
+                                       "config": {"prepared_query_poll_interval_ms": 300}}])
+        web.proxy.wait_log(r"prepared query answered 3 endpoint\(s\) of " + db.name)
+        published = re.compile(r"publishing snapshot (\d+)")
+        wait_until(lambda: published.search(web.proxy.log()), 10, "a first snapshot")
+        before = published.findall(web.proxy.log())[-1]
+        answered = re.compile(r"prepared query answered")
+        polls = len(answered.findall(web.proxy.log()))
+        wait_until(lambda: len(answered.findall(web.proxy.log())) >= polls + 6, 15,
+                   "six more answers to the query")
+        after = published.findall(web.proxy.log())[-1]
+        assert after == before, f"snapshots {before} -> {after} over six answers, same instances"
     finally:
         api.delete("/v1/query/" + qid)
 
