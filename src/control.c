@@ -39,9 +39,6 @@
 #include "watch.h"
 #include "worker.h"
 
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -358,11 +355,8 @@ static void on_questions(void *data)
 static void on_session_sweep(struct loop_timer *t)
 {
     struct control *ctl = t->data;
-    if (ctl->in != NULL && inputs_sweep_sessions(ctl->in) > 0) {
-#ifdef __GLIBC__
-        (void)malloc_trim(0);
-#endif
-    }
+    if (ctl->in != NULL && inputs_sweep_sessions(ctl->in) > 0)
+        util_trim_heap();
     loop_timer_start(ctl->loop, t, SESSION_SWEEP_MS);
 }
 

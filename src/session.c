@@ -50,9 +50,6 @@
 #include "util.h"
 
 #include <errno.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -372,10 +369,8 @@ static void on_trim(struct loop_timer *t)
         session_host_free_buffers(h);
     if (crowd_left)
         h->trim_peak = h->n_sessions;
-#ifdef __GLIBC__
     if (crowd_left || pooled)
-        (void)malloc_trim(0);
-#endif
+        util_trim_heap();
 }
 
 const char *session_handshake_reason_name(enum session_handshake_reason r)

@@ -72,6 +72,21 @@ void xfree_pages(void *p, size_t n)
         (void)munmap(p, n ? n : 1);
 }
 
+#if defined(__SANITIZE_ADDRESS__) /* GCC */
+#define UTIL_ASAN 1
+#elif defined(__has_feature) /* clang */
+#if __has_feature(address_sanitizer)
+#define UTIL_ASAN 1
+#endif
+#endif
+
+void util_trim_heap(void)
+{
+#if defined(__GLIBC__) && !defined(UTIL_ASAN)
+    (void)malloc_trim(0);
+#endif
+}
+
 void util_wipe(void *p, size_t n)
 {
     if (p != NULL && n > 0)

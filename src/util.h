@@ -62,6 +62,12 @@ void *xrealloc(void *p, size_t n);
  */
 void *xcalloc_pages(size_t n);
 void xfree_pages(void *p, size_t n);
+/*
+ * Gives the allocator's free pages back to the system (glibc's malloc_trim(0)); any thread.
+ * Nothing under AddressSanitizer, whose allocator is not glibc's: there malloc_trim() would
+ * set up glibc's unused heap on first call, and two threads doing that at once crashed.
+ */
+void util_trim_heap(void);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
 /* xstrndup() with ASCII letters lowered (for case-insensitive matching); NUL bytes are kept. */
