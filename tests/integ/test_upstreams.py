@@ -144,19 +144,31 @@ def test_redirect_follows_resolver(mesh):
     wait_who(web.up["db"], "db")
 
 
+def prepared_query(m, service):
+    """A prepared query "dbq" of <service>'s passing instances: (its name, its ID)."""
+    qname = m.name("dbq")
+    qid = m.api.call("POST", "/v1/query", {"Name": qname, "Service": {
+        "Service": service, "OnlyPassing": True}})["ID"]
+    return qname, qid
+
+
+def web_on_query(m):
+    """web with the upstream "dbq" through the prepared query of that name, polled every
+    300 ms."""
+    return m.add("web", upstreams=[{"name": "dbq",
+                                    "fields": {"DestinationType": "prepared_query"},
+                                    "config": {"prepared_query_poll_interval_ms": 300}}])
+
+
 def test_prepared_query_upstream(mesh):
     m, api = mesh, mesh.api
     db = m.add("db", app_port=m.app(NameApp, "db").port)
     other = m.add("other", app_port=m.app(NameApp, "other").port)
     m.wait_passing(db)
     m.wait_passing(other)
-    qname = m.name("dbq")
-    qid = api.call("POST", "/v1/query", {"Name": qname,
-                                         "Service": {"Service": db.name, "OnlyPassing": True}})["ID"]
+    qname, qid = prepared_query(m, db.name)
     try:
-        web = m.add("web", upstreams=[{"name": "dbq",
-                                       "fields": {"DestinationType": "prepared_query"},
-                                       "config": {"prepared_query_poll_interval_ms": 300}}])
+        web = web_on_query(m)
         wait_who(web.up["dbq"], "db")
         # The query now names another service: the next polls follow it.
         api.put("/v1/query/" + qid, {"Name": qname,
@@ -179,13 +191,9 @@ def test_prepared_query_same_endpoints_publish_nothing(mesh):
     m.wait_passing(db)
     for i in (2, 3):
         m.add_instance("db", f"i{i}", m.app(NameApp, f"db{i}").port)
-    qname = m.name("dbq")
-    qid = api.call("POST", "/v1/query", {"Name": qname,
-                                         "Service": {"Service": db.name, "OnlyPassing": True}})["ID"]
+    _, qid = prepared_query(m, db.name)
     try:
-        web = m.add("web", upstreams=[{"name": "dbq",
-                                       "fields": {"DestinationType": "prepared_query"},
-                                       "config": {"prepared_query_poll_interval_ms": 300}}])
+        web = web_on_query(m)
         web.proxy.wait_log(r"prepared query answered 3 endpoint\(s\) of " + db.name)
         published = re.compile(r"publishing snapshot (\d+)")
         wait_until(lambda: published.search(web.proxy.log()), 10, "a first snapshot")
