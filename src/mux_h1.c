@@ -1136,10 +1136,10 @@ static int route_request(struct session *s)
 }
 
 /*
- * Outbound, limits.max_concurrent_requests: the request is in flight from here to the end of
- * its stream (stream_finish() gives the unit back). Returns 0, or -1 after answering 503 at
- * once when that many are in flight to the upstream over all workers (Envoy's circuit
- * breaker; nothing is queued).
+ * Outbound, limits.max_concurrent_requests: the request is in flight from here until its
+ * answer is complete (stream_answered() gives the unit back). Returns 0, or -1 after answering 503
+ * at once when that many are in flight to the upstream over all workers (Envoy's circuit breaker;
+ * nothing is queued).
  */
 static int admit_request(struct session *s)
 {
@@ -2235,7 +2235,10 @@ static void pump_run(struct session *s)
         unsigned wants[2] = {0, 0};
         int progress = 0;
         ssize_t n;
-        /* Out to the caller first: answers are small and free the way for the next. */
+        /* Out to the caller first: answers are small and free the way for the next. A complete
+         * one stops counting as in flight before its end goes out. */
+        if (m->phase == P_LOCAL || (m->res_head_done && m->res.done))
+            stream_answered(&m->st);
         n = write_from(s, 0, &m->cout, &wants[0]);
         if (n > 0) {
             progress = 1;

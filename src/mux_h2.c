@@ -597,6 +597,8 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
     struct http_header *mf = route_headers_modified(x->route, x->split, 1, h, n, &nmf);
     struct h2_out_head oh = {
         .status = status, .headers = mf != NULL ? mf : h, .nheaders = mf != NULL ? nmf : n};
+    if (x->resb.len == 0)
+        stream_answered(&x->st);
     if (h2_submit_response(m->down, x->cid, &oh, x->resb.len > 0) != 0)
         h2_submit_rst(m->down, x->cid, H2_INTERNAL_ERROR);
     free(mf);
@@ -1253,6 +1255,8 @@ static int leg_head(struct session *s, struct h2s *x)
         l->body.framing = has_body ? rs.framing : HTTP_BODY_NONE;
         l->body.remaining = rs.content_length;
         h1_chunked_init(&l->body.ch);
+        if (!has_body)
+            stream_answered(&x->st);
         int sent = h2_submit_response(m->down, x->cid, &oh, has_body);
         free(mf);
         if (sent != 0) {
@@ -1911,6 +1915,7 @@ static ssize_t down_read_body(struct h2_session *hs, int32_t cid, void *su, uint
             h2up_consume(x->us, n);
     }
     if (x->resb.len == 0 && x->res_eof) {
+        stream_answered(&x->st); /* the body's last frame: before it goes out */
         *flags |= H2_BODY_EOF;
         if (x->res_tr.n > 0) {
             *flags |= H2_BODY_TRAILERS;
@@ -1986,6 +1991,8 @@ static int up_on_head(void *owner, const struct h2_head *hd)
                              .nheaders = mf != NULL ? nmf : hd->nheaders};
     x->res_head = 1;
     x->res_eof = hd->end_stream;
+    if (x->res_eof)
+        stream_answered(&x->st);
     int rc = h2_submit_response(m->down, x->cid, &oh, !hd->end_stream);
     free(mf);
     if (rc != 0) {

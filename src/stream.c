@@ -254,6 +254,14 @@ static void count(struct session *s, const struct stream *st, uint64_t dur_ms)
     STAT_ADD(l->duration_sum_ms, dur_ms);
 }
 
+void stream_answered(struct stream *st)
+{
+    if (st->active != NULL) {
+        outlier_release(st->active, OUTLIER_LIMIT_CONCURRENT);
+        st->active = NULL;
+    }
+}
+
 void stream_finish(struct session *s, struct stream *st, enum stream_result r, const char *why)
 {
     if (st->done)
@@ -264,10 +272,7 @@ void stream_finish(struct session *s, struct stream *st, enum stream_result r, c
      * dial under way for another stream. */
     if (s->mux2 == NULL)
         session_lb_release(s);
-    if (st->active != NULL) {
-        outlier_release(st->active, OUTLIER_LIMIT_CONCURRENT);
-        st->active = NULL;
-    }
+    stream_answered(st);
     uint64_t dur = loop_now_ms(s->host->loop) - st->start_ms;
     count(s, st, dur);
     if (st->route != NULL)

@@ -78,7 +78,7 @@ struct stream {
     const struct route *route;
     const char *resolver;
     /* Outbound: the upstream whose in-flight count (limits.max_concurrent_requests) this
-     * request holds a unit of; stream_finish() gives it back. NULL when none. */
+     * request holds a unit of; stream_answered() gives it back. NULL when none. */
     struct outlier *active;
     unsigned retries; /* outbound: times the request was sent again by its retry policy */
     int timed_out;    /* outbound: the route's RequestTimeout or IdleTimeout cut it */
@@ -160,6 +160,14 @@ enum stream_verdict stream_authorize(struct session *s, struct stream *st, struc
  * ',' or '"' (spiffe_parse accepted it).
  */
 void stream_xfcc(struct session *s, char *out, size_t len);
+
+/*
+ * Outbound: the answer is complete (the upstream's, or connectd's own) and its last bytes are
+ * about to go to the caller: the request stops counting against limits.max_concurrent_requests
+ * now, not once they are out, since a caller that reads them may send its next request at
+ * once, to another worker. Called again, or by stream_finish(), it does nothing.
+ */
+void stream_answered(struct stream *st);
 
 /*
  * The one way out of a stream: logs it (DEBUG), writes its access-log record, and counts it
