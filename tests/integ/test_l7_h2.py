@@ -266,16 +266,17 @@ def grpc_code(port, method="Unary"):
 # --- the mesh -----------------------------------------------------------------------------------
 
 
-def l7_pair(m, protocol, app_port, proxy_config=None, db_args=(), web_args=()):
+def l7_pair(m, protocol, app_port, proxy_config=None, db_args=(), web_args=(), up_config=None):
     """db (protocol <protocol>, service-defaults too) and web (upstream db: its protocol from
-    the discovery chain, so an http2/grpc one goes through web's outbound HTTP/2 codec)."""
+    the discovery chain, so an http2/grpc one goes through web's outbound HTTP/2 codec; the
+    upstream's Config <up_config>)."""
     db_name = m.name("db")
     assert m.api.put("/v1/config", {"Kind": "service-defaults", "Name": db_name,
                                     "Protocol": protocol}) is True
     db = m.add("db", app_port=app_port, proxy_config={"protocol": protocol, **(proxy_config or {})},
                start=False)
     m.start(db, extra_args=db_args)
-    web = m.add("web", upstreams=("db",), start=not web_args)
+    web = m.add("web", upstreams=[{"name": "db", "config": up_config}], start=not web_args)
     if web_args:
         m.start(web, extra_args=web_args)
     m.wait_passing(db)

@@ -20,7 +20,8 @@ import threading
 import time
 
 from mesh import LOOPBACK, TcpApp, admin_args, admin_get, sidecar_registration, wait_until
-from test_l7_h2 import H2App, H2Client, try_h2
+from test_l7_h2 import H2App, H2Client, drop_defaults, try_h2
+from test_l7_h2 import l7_pair as h2_pair
 from test_l7_inbound import HttpApp, Reader, connect, get, response
 from test_l7_outbound import l7_pair, outbound_requests, try_status
 from test_l7_routing import answered_by, delete_entries
@@ -209,16 +210,10 @@ def test_answered_h2_stream_frees_its_unit_before_the_caller_reads_it(mesh, tmp_
     and none of 400 streams back to back over 16 connections is refused."""
     m = mesh
     app = m.app(H2App)
-    db_name = m.name("db")
+    alog = str(tmp_path / "web-access.log")
     try:
-        assert m.api.put("/v1/config", {"Kind": "service-defaults", "Name": db_name,
-                                        "Protocol": "http2"}) is True
-        db = m.add("db", app_port=app.port, proxy_config={"protocol": "http2"})
-        alog = str(tmp_path / "web-access.log")
-        up = {"limits": {"max_concurrent_requests": 1}}
-        web = m.add("web", upstreams=[{"name": "db", "config": up}], start=False)
-        m.start(web, extra_args=("-access-log", alog))
-        m.wait_passing(db)
+        db, web = h2_pair(m, "http2", app.port, web_args=("-access-log", alog),
+                          up_config={"limits": {"max_concurrent_requests": 1}})
         wait_until(lambda: try_h2(web.up["db"]) == 200, 30, "an HTTP/2 request through the mesh")
         clients = {}
 
@@ -232,7 +227,7 @@ def test_answered_h2_stream_frees_its_unit_before_the_caller_reads_it(mesh, tmp_
         workers = {x["worker"] for x in outbound_requests(alog)}
         assert len(workers) == 2, workers
     finally:
-        m.api.delete("/v1/config/service-defaults/" + db_name)
+        drop_defaults(m)
 
 
 def test_max_pending_requests_overflow_is_503_at_once(mesh, tmp_path):

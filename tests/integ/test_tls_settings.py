@@ -8,8 +8,7 @@ import subprocess
 
 from mesh import (LOOPBACK, EchoApp, admin_args, admin_get, assert_tls_refused, is_refused, make_ca,
                   make_leaf, metric, parse_metrics, recv_exact, tls_client_context, try_echo,
-                  wait_until,
-                  write_leaf_files, write_text, tls_echo)
+                  wait_until, write_leaf_files, write_text, tls_echo)
 
 
 def _s_client(port, paths, cafile, *extra):
