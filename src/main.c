@@ -139,6 +139,20 @@ static void raise_open_files(void)
              (unsigned long)limit_pending_per_source_max(&defaults));
 }
 
+/*
+ * GnuTLS is loaded only because libcurl's dependencies (librtmp) need it; connectd never calls
+ * it. Its library constructor would still set itself up at load: ~105 KiB of heap (ASN.1
+ * trees) and the random generator, in every sidecar. GnuTLS asks the program through this
+ * symbol whether to skip that (its GNUTLS_SKIP_GLOBAL_INIT). A user of GnuTLS still calls
+ * gnutls_global_init() itself, as librtmp does for rtmp:// transfers, which agent.c never
+ * allows (CURLOPT_PROTOCOLS_STR). The Makefile exports the symbol from the executable.
+ */
+int _gnutls_global_init_skip(void);
+int _gnutls_global_init_skip(void)
+{
+    return 1;
+}
+
 static const char *env(const char *name)
 {
     return getenv(name);

@@ -19,6 +19,7 @@ N=300 keeps the test within a few seconds; IDLE_MEM_CONNS=1000 measures as the i
 
 import os
 import socket
+import subprocess
 import time
 
 from mesh import LOOPBACK, REPO, EchoApp, recv_exact, wait_until
@@ -331,3 +332,17 @@ def test_pooled_relay_buffers_go_back_when_idle(mesh):
                 f"{ {k: v // 1024 for k, v in POOL_BAR_BYTES.items()} } KiB)")
     m.wait_echo(web.up["db"])
 
+
+def test_gnutls_stays_uninitialized(connectd_bin):
+    """GnuTLS comes in only as a dependency of libcurl's dependencies (librtmp) and connectd never
+    calls it, but its library constructor set itself up at load: ~105 KiB of heap in every
+    sidecar, a tenth of its idle private memory. main.c's _gnutls_global_init_skip() tells it not
+    to. With GNUTLS_DEBUG_LEVEL set, that set-up logs its steps ("gnutls[2]: getrandom random
+    generator was selected", ...) before main() runs; without the skip, `-version` printed them."""
+    env = dict(os.environ, GNUTLS_DEBUG_LEVEL="2")
+    out = subprocess.run([connectd_bin, "-version"], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "connectd" in out.stdout
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("gnutls[")]
+    assert not lines, "GnuTLS initialized itself at load:\n" + "\n".join(lines[:5])
