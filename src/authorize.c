@@ -18,7 +18,18 @@
 #define RECHECK_RETRY_MS  500  /* a re-check the agent answered stale: ask again after */
 #define RECHECK_ASKS      10   /* ...at most this many times in all */
 #define AUTHZ_CACHE_MAX   1024 /* callers remembered at once; the oldest make room */
-#define VETO_LOGGED_MAX   32   /* callers whose refused allow was logged, per intention table */
+#define LOGGED_ONCE_MAX   32   /* callers a disagreement was logged for, per intention table */
+
+/*
+ * The callers one kind of disagreement with the agent was logged for under intention table
+ * <gen>: the first time per caller at WARN or INFO, then at DEBUG, and past LOGGED_ONCE_MAX
+ * callers at DEBUG too. A new table starts over.
+ */
+struct logged_once {
+    char *uri[LOGGED_ONCE_MAX];
+    size_t n;
+    uint64_t gen;
+};
 
 /* One remembered answer of the agent for one caller. */
 struct authz_entry {
@@ -50,11 +61,8 @@ struct authorize {
     struct loop_timer recheck_timer;
     struct authz_entry *cache;
     size_t n_cache;
-    /* callers whose allow the intentions here refused, logged once each per intention table
-     * (<veto_gen>); past VETO_LOGGED_MAX the others are logged at DEBUG */
-    char *veto_logged[VETO_LOGGED_MAX];
-    size_t n_veto_logged;
-    uint64_t veto_gen;
+    struct logged_once vetoed;    /* callers whose allow the intentions here refused */
+    struct logged_once overruled; /* callers the agent denied whom the intentions here allow */
 };
 
 static void authz_entry_dispose(struct authz_entry *e)
@@ -133,22 +141,27 @@ static int authz_agrees(const struct authorize *az, const struct authq_req *r)
     return d.allow == (r->allowed != 0);
 }
 
-/* Whether the refused allow of <uri> is to be logged at WARN: once per caller and table. */
-static int veto_first(struct authorize *az, const char *uri)
+static void logged_once_clear(struct logged_once *o)
+{
+    for (size_t i = 0; i < o->n; i++)
+        free(o->uri[i]);
+    o->n = 0;
+}
+
+/* Whether <uri> is to be logged above DEBUG: the first time under the current intentions. */
+static int logged_first(struct authorize *az, struct logged_once *o, const char *uri)
 {
     uint64_t gen = inputs_intents_gen(az->in);
-    if (az->veto_gen != gen) {
-        for (size_t i = 0; i < az->n_veto_logged; i++)
-            free(az->veto_logged[i]);
-        az->n_veto_logged = 0;
-        az->veto_gen = gen;
+    if (o->gen != gen) {
+        logged_once_clear(o);
+        o->gen = gen;
     }
-    for (size_t i = 0; i < az->n_veto_logged; i++)
-        if (strcmp(az->veto_logged[i], uri) == 0)
+    for (size_t i = 0; i < o->n; i++)
+        if (strcmp(o->uri[i], uri) == 0)
             return 0;
-    if (az->n_veto_logged == VETO_LOGGED_MAX)
+    if (o->n == LOGGED_ONCE_MAX)
         return 0;
-    az->veto_logged[az->n_veto_logged++] = xstrdup(uri);
+    o->uri[o->n++] = xstrdup(uri);
     return 1;
 }
 
@@ -181,7 +194,7 @@ static int refuse_stale_allow(struct authorize *az, struct authq_req *r)
     char here[300], agent_said[128];
     intent_describe(&d, here, sizeof(here));
     snprintf(agent_said, sizeof(agent_said), "%.127s", r->reason);
-    if (veto_first(az, r->client_uri))
+    if (logged_first(az, &az->vetoed, r->client_uri))
         LOG_WARN("authorize: the agent allows %s (\"%s\"), but the intentions here deny it "
                  "(%s); failing closed: its copy of the intentions lags behind",
                  LOG_ESC(r->client_uri), agent_said, here);
@@ -262,6 +275,11 @@ static void on_authorized(void *data, const struct agent_response *resp)
             LOG_INFO("authorize: the agent still answers %s for %s after %u re-check(s), unlike "
                      "the intentions here; its answer is taken",
                      r->allowed ? "allow" : "deny", r->client_uri, r->asks);
+        else if (agrees == 0 && !r->allowed && logged_first(az, &az->overruled, r->client_uri))
+            LOG_INFO("authorize: the agent denies %s (\"%.127s\"), but the intentions here "
+                     "allow it; its deny is taken and not cached (its copy of the intentions may "
+                     "lag behind; logged once per caller until the intentions change)",
+                     LOG_ESC(r->client_uri), r->reason);
         else if (agrees == 0)
             LOG_DEBUG("authorize: the agent's answer for %s differs from the intentions here; "
                       "not cached",
@@ -389,8 +407,8 @@ void authorize_free(struct authorize *az)
         free(p);
     }
     loop_timer_stop(az->loop, &az->recheck_timer);
-    for (size_t i = 0; i < az->n_veto_logged; i++)
-        free(az->veto_logged[i]);
+    logged_once_clear(&az->vetoed);
+    logged_once_clear(&az->overruled);
     while (az->recheck_later != NULL) {
         struct authq_req *r = az->recheck_later;
         az->recheck_later = r->next;
