@@ -533,47 +533,6 @@ static const char *reason_phrase(int status)
     }
 }
 
-/* The body of a local answer: Envoy's words where a client may look for them. */
-static const char *local_body(enum stream_result r)
-{
-    switch (r) {
-    case STREAM_RES_DENIED:
-        return "RBAC: access denied";
-    case STREAM_RES_LOCAL_CONNECT_ERROR:
-    case STREAM_RES_UPSTREAM_CONNECT_ERROR:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "connection failure";
-    case STREAM_RES_LOCAL_RESET:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "connection termination";
-    case STREAM_RES_UPSTREAM_OVERFLOW:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "overflow";
-    case STREAM_RES_LOCAL_TIMEOUT:
-    case STREAM_RES_UPSTREAM_TIMEOUT:
-        return "upstream request timeout";
-    case STREAM_RES_STREAM_IDLE_TIMEOUT:
-        return "stream timeout";
-    case STREAM_RES_BAD_RESPONSE:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "protocol error";
-    case STREAM_RES_HEADERS_TOO_LARGE:
-        return "request header fields too large";
-    case STREAM_RES_HEADERS_TIMEOUT:
-        return "request timeout";
-    case STREAM_RES_EXPECTATION_FAILED:
-        return "expectation failed";
-    case STREAM_RES_RATE_LIMITED:
-        return "local_rate_limited";
-    case STREAM_RES_REDIRECT:
-    case STREAM_RES_NO_ROUTE:  /* Envoy's route_not_found answer has no body */
-    case STREAM_RES_NOT_FOUND: /* Envoy's "route not found" has no body either */
-        return "";
-    default:
-        return "bad request";
-    }
-}
-
 static struct http_header *modified_fields(const struct mux_h1 *m, int response,
                                            const struct http_header *h, size_t n, size_t *out_n);
 
@@ -589,7 +548,7 @@ static void local_answer(struct session *s, enum stream_result r, int close, con
 {
     struct mux_h1 *m = s->mux;
     int status = stream_result_status(r);
-    const char *body = local_body(r);
+    const char *body = stream_local_body(r);
     /* 1xx already sent for this stream are fine; a final head is not (callers check). */
     if (!m->req_keep)
         close = 1;

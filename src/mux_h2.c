@@ -511,40 +511,6 @@ static int grpc_code(int status)
     }
 }
 
-static const char *local_text(enum stream_result r)
-{
-    switch (r) {
-    case STREAM_RES_DENIED:
-        return "RBAC: access denied";
-    case STREAM_RES_LOCAL_CONNECT_ERROR:
-    case STREAM_RES_UPSTREAM_CONNECT_ERROR:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "connection failure";
-    case STREAM_RES_LOCAL_RESET:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "connection termination";
-    case STREAM_RES_UPSTREAM_OVERFLOW:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "overflow";
-    case STREAM_RES_LOCAL_TIMEOUT:
-    case STREAM_RES_UPSTREAM_TIMEOUT:
-        return "upstream request timeout";
-    case STREAM_RES_STREAM_IDLE_TIMEOUT:
-        return "stream timeout";
-    case STREAM_RES_BAD_RESPONSE:
-        return "upstream connect error or disconnect/reset before headers. reset reason: "
-               "protocol error";
-    case STREAM_RES_RATE_LIMITED:
-        return "local_rate_limited";
-    case STREAM_RES_REDIRECT:
-    case STREAM_RES_NO_ROUTE:  /* Envoy's route_not_found answer has no body */
-    case STREAM_RES_NOT_FOUND: /* Envoy's "route not found" has no body either */
-        return "";
-    default:
-        return "bad request";
-    }
-}
-
 /*
  * connectd answers stream <x> itself with result <r> (<location>: a redirect's target). When
  * a response head already went out, the caller's stream is reset instead.
@@ -567,7 +533,7 @@ static void local_answer(struct session *s, struct h2s *x, enum stream_result r,
     x->result = r;
     x->res_head = 1;
     int status = stream_result_status(r);
-    const char *text = local_text(r);
+    const char *text = stream_local_body(r);
     struct http_header h[4];
     size_t n = 0;
     char num[24], len[24];

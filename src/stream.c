@@ -47,6 +47,46 @@ int stream_result_status(enum stream_result r)
     return (unsigned)r < ARRAY_SIZE(results) ? results[r].status : 0;
 }
 
+const char *stream_local_body(enum stream_result r)
+{
+    switch (r) {
+    case STREAM_RES_DENIED:
+        return "RBAC: access denied";
+    case STREAM_RES_LOCAL_CONNECT_ERROR:
+    case STREAM_RES_UPSTREAM_CONNECT_ERROR:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "connection failure";
+    case STREAM_RES_LOCAL_RESET:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "connection termination";
+    case STREAM_RES_UPSTREAM_OVERFLOW:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "overflow";
+    case STREAM_RES_LOCAL_TIMEOUT:
+    case STREAM_RES_UPSTREAM_TIMEOUT:
+        return "upstream request timeout";
+    case STREAM_RES_STREAM_IDLE_TIMEOUT:
+        return "stream timeout";
+    case STREAM_RES_BAD_RESPONSE:
+        return "upstream connect error or disconnect/reset before headers. reset reason: "
+               "protocol error";
+    case STREAM_RES_HEADERS_TOO_LARGE:
+        return "request header fields too large";
+    case STREAM_RES_HEADERS_TIMEOUT:
+        return "request timeout";
+    case STREAM_RES_EXPECTATION_FAILED:
+        return "expectation failed";
+    case STREAM_RES_RATE_LIMITED:
+        return "local_rate_limited";
+    case STREAM_RES_REDIRECT:
+    case STREAM_RES_NO_ROUTE:  /* Envoy's route_not_found answer has no body */
+    case STREAM_RES_NOT_FOUND: /* Envoy's "route not found" has no body either */
+        return "";
+    default:
+        return "bad request";
+    }
+}
+
 enum stream_result stream_verdict_result(enum stream_verdict v)
 {
     switch (v) {

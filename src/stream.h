@@ -57,6 +57,9 @@ enum stream_result {
 const char *stream_result_name(enum stream_result r);
 /* The status connectd answers with for result <r>, or 0. */
 int stream_result_status(enum stream_result r);
+/* The body (HTTP/1.1) or grpc-message text of connectd's own answer for result <r>: Envoy's
+ * words where a client may look for them; "" for none. */
+const char *stream_local_body(enum stream_result r);
 
 #define STREAM_METHOD_MAX     32
 #define STREAM_AUTHORITY_MAX  256

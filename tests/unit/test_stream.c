@@ -129,6 +129,12 @@ static void test_results(void **state)
     assert_int_equal(stream_verdict_result(STREAM_REFUSE), STREAM_RES_BAD_REQUEST);
     assert_string_equal(stream_result_name((enum stream_result)999), "aborted");
     assert_int_equal(stream_result_status((enum stream_result)999), 0);
+    /* The words of connectd's own answers, one table for HTTP/1.1 bodies and grpc-message. */
+    assert_string_equal(stream_local_body(STREAM_RES_DENIED), "RBAC: access denied");
+    assert_string_equal(stream_local_body(STREAM_RES_RATE_LIMITED), "local_rate_limited");
+    assert_string_equal(stream_local_body(STREAM_RES_UPSTREAM_TIMEOUT), "upstream request timeout");
+    assert_string_equal(stream_local_body(STREAM_RES_NO_ROUTE), "");
+    assert_string_equal(stream_local_body(STREAM_RES_BAD_REQUEST), "bad request");
 }
 
 int main(void)
