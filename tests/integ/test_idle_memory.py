@@ -155,19 +155,19 @@ def test_worker_memory(mesh):
     app = m.app(EchoApp)
     db = m.add("db", app_port=app.port)
     m.wait_passing(db)
-    uss = {}
+    anon = {}
     for n in (1, 3):
         svc = m.add(f"workers{n}", upstreams=["db"], start=False)
         m.start(svc, extra_args=("-workers", str(n)))
         m.wait_echo(svc.up["db"])
         time.sleep(1.5)  # the first answers of every watch are in, the start-up is over
-        uss[n] = anonymous_bytes(svc.proxy.pid)
-    per = (uss[3] - uss[1]) / 2
-    print(f"anonymous {uss[1] / 1024:.0f} KiB with one worker, {uss[3] / 1024:.0f} KiB with "
+        anon[n] = anonymous_bytes(svc.proxy.pid)
+    per = (anon[3] - anon[1]) / 2
+    print(f"anonymous {anon[1] / 1024:.0f} KiB with one worker, {anon[3] / 1024:.0f} KiB with "
           f"three: {per / 1024:.1f} KiB per worker")
     assert per <= WORKER_BAR_BYTES, (
         f"{per / 1024:.1f} KiB of anonymous memory per worker (bar {WORKER_BAR_BYTES // 1024} "
-        f"KiB; {uss[1]} with one, {uss[3]} with three)")
+        f"KiB; {anon[1]} with one, {anon[3]} with three)")
 
 
 SILENT_BAR_BYTES = 3 * 1024
@@ -336,7 +336,7 @@ def test_pooled_relay_buffers_go_back_when_idle(mesh):
 def test_gnutls_stays_uninitialized(connectd_bin):
     """GnuTLS comes in only as a dependency of libcurl's dependencies (librtmp) and connectd never
     calls it, but its library constructor set itself up at load: ~105 KiB of heap in every
-    sidecar, a tenth of its idle private memory. main.c's _gnutls_global_init_skip() tells it not
+    sidecar, a twentieth of its idle private memory. main.c's _gnutls_global_init_skip() tells it not
     to. With GNUTLS_DEBUG_LEVEL set, that set-up logs its steps ("gnutls[2]: getrandom random
     generator was selected", ...) before main() runs; without the skip, `-version` printed them."""
     env = dict(os.environ, GNUTLS_DEBUG_LEVEL="2")
