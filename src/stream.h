@@ -57,8 +57,8 @@ enum stream_result {
 const char *stream_result_name(enum stream_result r);
 /* The status connectd answers with for result <r>, or 0. */
 int stream_result_status(enum stream_result r);
-/* The body (HTTP/1.1) or grpc-message text of connectd's own answer for result <r>: Envoy's
- * words where a client may look for them; "" for none. */
+/* The body (or, to a gRPC caller, the grpc-message) of connectd's own answer for result <r>:
+ * Envoy's words where a client may look for them; "" for none. */
 const char *stream_local_body(enum stream_result r);
 
 #define STREAM_METHOD_MAX     32
