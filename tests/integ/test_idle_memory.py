@@ -27,25 +27,28 @@ from mesh import LOOPBACK, REPO, EchoApp, recv_exact, wait_until
 BAR_BYTES = 19 * 1024
 
 
-def uss_bytes(pid):
-    """Private memory of <pid>: the Private_* lines of /proc/<pid>/smaps_rollup."""
-    total = 0
+def smaps_rollup(pid):
+    """The lines of /proc/<pid>/smaps_rollup that give a size, in bytes, by their name."""
+    sizes = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Private_"):
-                total += int(line.split()[1]) * 1024
-    return total
+            name, _, rest = line.partition(":")
+            fields = rest.split()
+            if len(fields) == 2 and fields[1] == "kB":
+                sizes[name] = int(fields[0]) * 1024
+    return sizes
+
+
+def uss_bytes(pid):
+    """Private memory of <pid>: the Private_* lines of /proc/<pid>/smaps_rollup."""
+    return sum(v for k, v in smaps_rollup(pid).items() if k.startswith("Private_"))
 
 
 def anonymous_bytes(pid):
     """Anonymous memory of <pid> (heap, arenas, stacks, written library data): the Anonymous
     line of /proc/<pid>/smaps_rollup. Unlike USS it leaves out library text pages, which
     fault-around maps into one process or another from one run to the next."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Anonymous:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no Anonymous line in /proc/{pid}/smaps_rollup")
+    return smaps_rollup(pid)["Anonymous"]
 
 
 def release_binary(configured):
@@ -334,11 +337,12 @@ def test_pooled_relay_buffers_go_back_when_idle(mesh):
 
 
 def test_gnutls_stays_uninitialized(connectd_bin):
-    """GnuTLS comes in only as a dependency of libcurl's dependencies (librtmp) and connectd never
-    calls it, but its library constructor set itself up at load: ~105 KiB of heap in every
-    sidecar, a twentieth of its idle private memory. main.c's _gnutls_global_init_skip() tells it not
-    to. With GNUTLS_DEBUG_LEVEL set, that set-up logs its steps ("gnutls[2]: getrandom random
-    generator was selected", ...) before main() runs; without the skip, `-version` printed them."""
+    """GnuTLS comes in only as a dependency of libcurl's dependencies (librtmp) and connectd
+    never calls it, but its library constructor set itself up at load: ~105 KiB of heap in
+    every sidecar, a twentieth of its idle private memory. main.c's _gnutls_global_init_skip()
+    tells it not to. With GNUTLS_DEBUG_LEVEL set, that set-up logs its steps ("gnutls[2]:
+    getrandom random generator was selected", ...) before main() runs; without the skip,
+    `-version` printed them."""
     env = dict(os.environ, GNUTLS_DEBUG_LEVEL="2")
     out = subprocess.run([connectd_bin, "-version"], env=env, capture_output=True, text=True,
                          timeout=30)
