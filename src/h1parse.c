@@ -18,38 +18,52 @@
         return -EBADMSG;                                                                           \
     } while (0)
 
-/* tchar (RFC 9110 section 5.6.2). */
+/*
+ * The byte classes, one table lookup per byte of a head (this runs for every byte of every
+ * request and response). Built at compile time from the RFC's definitions below.
+ */
+enum {
+    CL_TCHAR = 1,    /* tchar (RFC 9110 section 5.6.2) */
+    CL_FIELD = 2,    /* field-vchar / SP / HTAB (section 5.5): obs-text allowed, controls not */
+    CL_LINE_END = 4, /* CR, LF, NUL: where next_line() stops to look */
+    CL_AUTHORITY = 8 /* reg-name, IPv4 and IP-literal bytes, and ':' (RFC 3986) */
+};
+
+#define ALNUM_(c)                                                                                  \
+    (((c) >= '0' && (c) <= '9') || ((c) >= 'a' && (c) <= 'z') || ((c) >= 'A' && (c) <= 'Z'))
+#define TCHAR_(c)                                                                                  \
+    (ALNUM_(c) || (c) == '!' || (c) == '#' || (c) == '$' || (c) == '%' || (c) == '&' ||            \
+     (c) == '\'' || (c) == '*' || (c) == '+' || (c) == '-' || (c) == '.' || (c) == '^' ||          \
+     (c) == '_' || (c) == '`' || (c) == '|' || (c) == '~')
+#define FIELD_(c) ((c) == '\t' || ((c) >= 0x20 && (c) != 0x7f))
+#define AUTHORITY_(c)                                                                              \
+    (ALNUM_(c) || (c) == '-' || (c) == '.' || (c) == '_' || (c) == '~' || (c) == '!' ||            \
+     (c) == '$' || (c) == '&' || (c) == '\'' || (c) == '(' || (c) == ')' || (c) == '*' ||          \
+     (c) == '+' || (c) == ',' || (c) == ';' || (c) == '=' || (c) == ':' || (c) == '[' ||           \
+     (c) == ']' || (c) == '%')
+#define CLASS_(c)                                                                                  \
+    ((TCHAR_(c) ? CL_TCHAR : 0) | (FIELD_(c) ? CL_FIELD : 0) |                                     \
+     ((c) == '\r' || (c) == '\n' || (c) == 0 ? CL_LINE_END : 0) |                                  \
+     (AUTHORITY_(c) ? CL_AUTHORITY : 0))
+#define ROW_(b)                                                                                    \
+    CLASS_((b) + 0), CLASS_((b) + 1), CLASS_((b) + 2), CLASS_((b) + 3), CLASS_((b) + 4),           \
+        CLASS_((b) + 5), CLASS_((b) + 6), CLASS_((b) + 7), CLASS_((b) + 8), CLASS_((b) + 9),       \
+        CLASS_((b) + 10), CLASS_((b) + 11), CLASS_((b) + 12), CLASS_((b) + 13), CLASS_((b) + 14),  \
+        CLASS_((b) + 15)
+
+static const unsigned char byte_class[256] = {
+    ROW_(0x00), ROW_(0x10), ROW_(0x20), ROW_(0x30), ROW_(0x40), ROW_(0x50), ROW_(0x60), ROW_(0x70),
+    ROW_(0x80), ROW_(0x90), ROW_(0xa0), ROW_(0xb0), ROW_(0xc0), ROW_(0xd0), ROW_(0xe0), ROW_(0xf0),
+};
+
 static inline int is_tchar(unsigned char c)
 {
-    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'))
-        return 1;
-    /* A switch, not strchr(): '-' is in most field names, and this runs per byte. */
-    switch (c) {
-    case '!':
-    case '#':
-    case '$':
-    case '%':
-    case '&':
-    case '\'':
-    case '*':
-    case '+':
-    case '-':
-    case '.':
-    case '^':
-    case '_':
-    case '`':
-    case '|':
-    case '~':
-        return 1;
-    default:
-        return 0;
-    }
+    return byte_class[c] & CL_TCHAR;
 }
 
-/* field-vchar / SP / HTAB (RFC 9110 section 5.5): obs-text is allowed, controls are not. */
-static int is_field_char(unsigned char c)
+static inline int is_field_char(unsigned char c)
 {
-    return c == '\t' || (c >= 0x20 && c != 0x7f);
+    return byte_class[c] & CL_FIELD;
 }
 
 static int is_ows(unsigned char c)
@@ -89,7 +103,28 @@ static int all_tchar(const char *p, size_t n)
  */
 static int next_line(const char *buf, size_t lim, size_t pos, size_t *end, const char **why)
 {
-    for (size_t i = pos; i < lim; i++) {
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    size_t i = pos;
+    /* Eight bytes at a time to the first word holding a CR, an LF or a NUL ("has a zero
+     * byte" on the word and on its XOR with each of the first two). The lowest flagged byte
+     * is exact (only bytes after a match can be flagged wrongly): on a little-endian machine
+     * it is the first such byte of the line. */
+    for (; i + 8 <= lim; i += 8) {
+        uint64_t x, cr, lf, hit;
+        memcpy(&x, buf + i, 8);
+        cr = x ^ (ones * '\r');
+        lf = x ^ (ones * '\n');
+        hit = (((x - ones) & ~x) | ((cr - ones) & ~cr) | ((lf - ones) & ~lf)) & highs;
+        if (hit != 0) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            i += (size_t)__builtin_ctzll(hit) / 8;
+#endif
+            break;
+        }
+    }
+    for (; i < lim; i++) {
+        if (!(byte_class[(unsigned char)buf[i]] & CL_LINE_END))
+            continue;
         if (buf[i] == '\r') {
             if (i + 1 == lim)
                 return -EAGAIN;
@@ -100,8 +135,7 @@ static int next_line(const char *buf, size_t lim, size_t pos, size_t *end, const
         }
         if (buf[i] == '\n')
             FAIL("bare LF (lines end in CRLF)");
-        if (buf[i] == '\0')
-            FAIL("NUL in head");
+        FAIL("NUL in head");
     }
     return -EAGAIN;
 }
@@ -113,6 +147,32 @@ static int parse_version(const char *p, size_t n, int *minor)
         return -1;
     *minor = p[7] - '0';
     return 0;
+}
+
+/*
+ * Whether every byte of <p> is a field-value byte (is_field_char()). Eight bytes at a time:
+ * every field value of every head goes through here. A word with a byte below 0x20 or equal
+ * to 0x7f (tab included, which is allowed) is looked at byte by byte.
+ */
+static int field_value_ok(const char *p, size_t n)
+{
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x, y;
+        memcpy(&x, p + i, 8);
+        y = x ^ (ones * 0x7f);
+        /* The classic "has a byte less than k" test, exact for bytes below 0x80. */
+        if ((((x - ones * 0x20) & ~x) | ((y - ones) & ~y)) & highs) {
+            for (size_t j = i; j < i + 8; j++)
+                if (!is_field_char((unsigned char)p[j]))
+                    return 0;
+        }
+    }
+    for (; i < n; i++)
+        if (!is_field_char((unsigned char)p[i]))
+            return 0;
+    return 1;
 }
 
 /*
@@ -154,9 +214,8 @@ static int parse_fields(const char *buf, size_t len, size_t head_max, size_t pos
         if (colon == 0)
             FAIL("empty field name");
         size_t vs = colon + 1, ve = ll;
-        for (size_t i = vs; i < ll; i++)
-            if (!is_field_char((unsigned char)line[i]))
-                FAIL("control character in a field value");
+        if (!field_value_ok(line + vs, ll - vs))
+            FAIL("control character in a field value");
         while (vs < ve && is_ows((unsigned char)line[vs]))
             vs++;
         while (ve > vs && is_ows((unsigned char)line[ve - 1]))
@@ -234,16 +293,45 @@ static int parse_conn_tokens(struct http_slice v, struct fields *f, const char *
     return 0;
 }
 
-static const char *const hop_names[] = {
-    "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "trailer",
+/* The field names read_fields() acts on. */
+enum known_name {
+    NAME_OTHER,
+    NAME_CONTENT_LENGTH,
+    NAME_TRANSFER_ENCODING,
+    NAME_CONNECTION,
+    NAME_HOST,
+    NAME_UPGRADE,
+    NAME_EXPECT,
+    NAME_HOP, /* the other standard hop-by-hop fields: Keep-Alive, Proxy-Connection, TE, Trailer */
 };
 
-static int is_hop_name(struct http_slice name)
+/* One switch on the length per field, then at most two comparisons. */
+static enum known_name name_of(struct http_slice n)
 {
-    for (size_t i = 0; i < sizeof(hop_names) / sizeof(hop_names[0]); i++)
-        if (h1_slice_eq(name, hop_names[i]))
-            return 1;
-    return 0;
+    switch (n.len) {
+    case 2:
+        return h1_slice_eq(n, "te") ? NAME_HOP : NAME_OTHER;
+    case 4:
+        return h1_slice_eq(n, "host") ? NAME_HOST : NAME_OTHER;
+    case 6:
+        return h1_slice_eq(n, "expect") ? NAME_EXPECT : NAME_OTHER;
+    case 7:
+        if (h1_slice_eq(n, "upgrade"))
+            return NAME_UPGRADE;
+        return h1_slice_eq(n, "trailer") ? NAME_HOP : NAME_OTHER;
+    case 10:
+        if (h1_slice_eq(n, "connection"))
+            return NAME_CONNECTION;
+        return h1_slice_eq(n, "keep-alive") ? NAME_HOP : NAME_OTHER;
+    case 14:
+        return h1_slice_eq(n, "content-length") ? NAME_CONTENT_LENGTH : NAME_OTHER;
+    case 16:
+        return h1_slice_eq(n, "proxy-connection") ? NAME_HOP : NAME_OTHER;
+    case 17:
+        return h1_slice_eq(n, "transfer-encoding") ? NAME_TRANSFER_ENCODING : NAME_OTHER;
+    default:
+        return NAME_OTHER;
+    }
 }
 
 /*
@@ -255,8 +343,11 @@ static int read_fields(struct http_header *h, size_t n, int is_request, struct f
                        const char **why)
 {
     for (size_t i = 0; i < n; i++) {
-        struct http_slice nm = h[i].name, v = h[i].value;
-        if (h1_slice_eq(nm, "content-length")) {
+        struct http_slice v = h[i].value;
+        enum known_name k = name_of(h[i].name);
+        if (k == NAME_HOP) {
+            h[i].flags |= HTTP_HDR_HOP;
+        } else if (k == NAME_CONTENT_LENGTH) {
             uint64_t x;
             if (parse_length(v, &x) != 0)
                 FAIL("bad Content-Length");
@@ -268,20 +359,23 @@ static int read_fields(struct http_header *h, size_t n, int is_request, struct f
             f->has_cl = 1;
             f->cl = x;
             f->cl_value = v;
-        } else if (h1_slice_eq(nm, "transfer-encoding")) {
+        } else if (k == NAME_TRANSFER_ENCODING) {
+            h[i].flags |= HTTP_HDR_HOP;
             if (f->has_te || !h1_slice_eq(v, "chunked"))
                 FAIL("Transfer-Encoding other than one chunked");
             f->has_te = 1;
-        } else if (h1_slice_eq(nm, "connection")) {
+        } else if (k == NAME_CONNECTION) {
+            h[i].flags |= HTTP_HDR_HOP;
             int rc = parse_conn_tokens(v, f, why);
             if (rc < 0)
                 return rc;
-        } else if (h1_slice_eq(nm, "host")) {
+        } else if (k == NAME_HOST) {
             f->nhost++;
             f->host = v;
-        } else if (h1_slice_eq(nm, "upgrade")) {
+        } else if (k == NAME_UPGRADE) {
+            h[i].flags |= HTTP_HDR_HOP;
             f->upgrade = v;
-        } else if (is_request && h1_slice_eq(nm, "expect")) {
+        } else if (is_request && k == NAME_EXPECT) {
             if (h1_slice_eq(v, "100-continue"))
                 f->flags |= HTTP_F_EXPECT_CONTINUE;
             else
@@ -292,12 +386,11 @@ static int read_fields(struct http_header *h, size_t n, int is_request, struct f
         FAIL("both Content-Length and Transfer-Encoding");
     if (f->has_te && f->minor_version == 0)
         FAIL("Transfer-Encoding in HTTP/1.0");
-    for (size_t i = 0; i < n; i++) {
-        if (is_hop_name(h[i].name)) {
-            h[i].flags |= HTTP_HDR_HOP;
-            continue;
-        }
-        if (h1_slice_eq(h[i].name, "content-length") || h1_slice_eq(h[i].name, "host"))
+    /* The standard hop-by-hop fields were flagged above; now those named by a token. */
+    for (size_t i = 0; f->ntokens > 0 && i < n; i++) {
+        enum known_name k;
+        if ((h[i].flags & HTTP_HDR_HOP) || (k = name_of(h[i].name)) == NAME_CONTENT_LENGTH ||
+            k == NAME_HOST)
             continue;
         for (size_t t = 0; t < f->ntokens; t++)
             if (slice_eq_slice(h[i].name, f->tokens[t]))
@@ -320,13 +413,9 @@ static int read_fields(struct http_header *h, size_t n, int is_request, struct f
 /* uri-host [":" port] with the characters of reg-name, IPv4 and IP-literal (RFC 3986). */
 static int valid_authority(const char *p, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-              strchr("-._~!$&'()*+,;=:[]%", c) != NULL) ||
-            c == '\0')
+    for (size_t i = 0; i < n; i++)
+        if (!(byte_class[(unsigned char)p[i]] & CL_AUTHORITY))
             return 0;
-    }
     return 1;
 }
 
@@ -751,33 +840,6 @@ static void put(struct out *o, const char *s, size_t n)
 static void puts_(struct out *o, const char *s)
 {
     put(o, s, strlen(s));
-}
-
-/*
- * Whether every byte of <p> is a field-value byte (is_field_char()). Eight bytes at a time:
- * X-Forwarded-Client-Cert, a few hundred bytes, is checked on every forwarded request. A word
- * with a byte below 0x20 or equal to 0x7f (tab included, which is allowed) is looked at byte
- * by byte.
- */
-static int field_value_ok(const char *p, size_t n)
-{
-    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t x, y;
-        memcpy(&x, p + i, 8);
-        y = x ^ (ones * 0x7f);
-        /* The classic "has a byte less than k" test, exact for bytes below 0x80. */
-        if ((((x - ones * 0x20) & ~x) | ((y - ones) & ~y)) & highs) {
-            for (size_t j = i; j < i + 8; j++)
-                if (!is_field_char((unsigned char)p[j]))
-                    return 0;
-        }
-    }
-    for (; i < n; i++)
-        if (!is_field_char((unsigned char)p[i]))
-            return 0;
-    return 1;
 }
 
 /* Checks the caller's extra fields: a token name and a value that cannot end the line. */
