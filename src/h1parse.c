@@ -842,12 +842,16 @@ static void puts_(struct out *o, const char *s)
     put(o, s, strlen(s));
 }
 
-/* Checks the caller's extra fields: a token name and a value that cannot end the line. */
+int h1_field_ok(struct http_slice name, struct http_slice value)
+{
+    return all_tchar(name.p, name.len) && field_value_ok(value.p, value.len);
+}
+
+/* Checks the caller's extra fields (those it has not vouched for with HTTP_HDR_H1OK). */
 static int valid_extra(const struct http_header *extra, size_t nextra)
 {
     for (size_t i = 0; i < nextra; i++) {
-        if (!all_tchar(extra[i].name.p, extra[i].name.len) ||
-            !field_value_ok(extra[i].value.p, extra[i].value.len))
+        if (!(extra[i].flags & HTTP_HDR_H1OK) && !h1_field_ok(extra[i].name, extra[i].value))
             return 0;
     }
     return 1;

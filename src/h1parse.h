@@ -86,7 +86,8 @@ int h1_chunked_done(const struct h1_chunked *c);
  * HTTP_HDR_DUP), then <extra> (<nextra> fields the caller adds, such as its own framing or
  * Connection), then the blank line. Returns the length written to <out> (at most <cap>),
  * -ENOSPC when it does not fit, -EINVAL when an extra field is not a token name with a
- * field value (CR, LF or NUL would inject a field).
+ * field value (CR, LF or NUL would inject a field). An extra field flagged HTTP_HDR_H1OK is
+ * not checked: the caller checked it (h1_field_ok()) or made it of known bytes.
  */
 int h1_write_request_head(char *out, size_t cap, const struct http_request *req,
                           const struct http_header *extra, size_t nextra);
@@ -94,6 +95,9 @@ int h1_write_request_head(char *out, size_t cap, const struct http_request *req,
 /* The same for a response head: "HTTP/1.1 <status> <reason>" and the fields. */
 int h1_write_response_head(char *out, size_t cap, const struct http_response *res,
                            const struct http_header *extra, size_t nextra);
+
+/* Whether a field may be written as it is: <name> a token, <value> only field-value bytes. */
+int h1_field_ok(struct http_slice name, struct http_slice value);
 
 /*
  * The value of the request fields named <name> (<name_len> bytes, any case) among <hs>, as a

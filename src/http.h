@@ -34,6 +34,11 @@ struct http_slice {
  * drops or refuses the rest), so a field relayed from one HTTP/2 session to another is not
  * lower-cased and checked a second time. A field whose name or value is changed loses it. */
 #define HTTP_HDR_H2OK 0x8u
+/* The field is fit to go out over HTTP/1.1 as it is: its name is a token and its value holds
+ * only field-value bytes (h1_field_ok()). Set by the HTTP/1.1 codec on a field it made of known
+ * bytes or checked once for the connection (X-Forwarded-Client-Cert), so that the serializer
+ * does not check it again on every request. A field whose name or value is changed loses it. */
+#define HTTP_HDR_H1OK 0x10u
 
 struct http_header {
     struct http_slice name;  /* a token, as sent (compare case-insensitively) */

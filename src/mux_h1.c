@@ -174,7 +174,9 @@ struct mux_h1 {
     char why[256];              /* the reason of the current local answer / close */
     uint64_t armed_at;          /* the deadline the timer is armed for; 0 when not armed */
     char xfcc[STREAM_XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
-    struct buf target;          /* the request's normalized target (forwarded, or a redirect's) */
+    size_t xfcc_len;
+    int xfcc_ok;       /* xfcc was checked once (h1_field_ok()): HTTP_HDR_H1OK on every request */
+    struct buf target; /* the request's normalized target (forwarded, or a redirect's) */
     /* The keep-alive race: a request sent on a reused connection (end[1] served an answer
      * before, here or in the pool) that the peer closed at that moment is lost before any
      * byte of its answer, and can be sent again on a new connection. */
@@ -651,6 +653,15 @@ static int connect_app(struct session *s)
 }
 
 /*
+ * Appends a field of the codec's own to the caller's array <extra>, counted by its <nx>.
+ * <fl> is HTTP_HDR_H1OK when the value is made of bytes known to be fit (a literal, digits,
+ * a request id), so that the serializer does not check it again on every request.
+ */
+#define EXTRA(n, v, fl)                                                                            \
+    (extra[nx++] = (struct http_header){                                                           \
+         .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v)}, .flags = (fl)})
+
+/*
  * The fields every forwarded request gets, whatever the far side speaks: inbound, XFCC and
  * X-Forwarded-Proto replacing the caller's, and X-Request-Id kept or made. Fills <extra> (room
  * for 4) and returns their count; the caller's fields they replace are flagged hop-by-hop.
@@ -673,23 +684,19 @@ static size_t forwarded_fields(struct session *s, struct http_header *extra)
         else if (h1_slice_eq(h->name, "x-request-id"))
             h->flags |= HTTP_HDR_HOP; /* empty or repeated: one id only */
     }
-#define EXTRA(n, v)                                                                                \
-    extra[nx++] = (struct http_header)                                                             \
-    {                                                                                              \
-        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
-    }
     /* An exposed listener's caller has no certificate: no XFCC, and it came over plain HTTP. */
     if (!m->outbound && s->end[0].tls != NULL)
-        EXTRA("X-Forwarded-Client-Cert", m->xfcc);
+        extra[nx++] = (struct http_header){.name = {"X-Forwarded-Client-Cert", 23},
+                                           .value = {m->xfcc, m->xfcc_len},
+                                           .flags = m->xfcc_ok ? HTTP_HDR_H1OK : 0};
     if (!m->outbound)
-        EXTRA("X-Forwarded-Proto", s->end[0].tls != NULL ? "https" : "http");
+        EXTRA("X-Forwarded-Proto", s->end[0].tls != NULL ? "https" : "http", HTTP_HDR_H1OK);
     /* Outbound, the upstream's sidecar generates a missing id (adding one here could take
      * a head of 100 fields over its limit). */
     if (!have_id && !m->outbound) {
         stream_new_request_id(&m->st);
-        EXTRA("X-Request-Id", m->st.request_id);
+        EXTRA("X-Request-Id", m->st.request_id, HTTP_HDR_H1OK);
     }
-#undef EXTRA
     return nx;
 }
 
@@ -705,22 +712,16 @@ static void forward_head(struct session *s)
     struct http_request *rq = &m->rq;
     struct http_header extra[8];
     size_t nx = forwarded_fields(s, extra);
-#define EXTRA(n, v)                                                                                \
-    extra[nx++] = (struct http_header)                                                             \
-    {                                                                                              \
-        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
-    }
     /* Outbound, an HTTP/1.0 request without Host gets the upstream's name, which the next
      * hop (HTTP/1.1) requires. */
     if (m->outbound && rq->host.p == NULL)
-        EXTRA("Host", s->up->cfg->destination_name);
+        EXTRA("Host", s->up->cfg->destination_name, 0);
     if (rq->framing == HTTP_BODY_CHUNKED)
-        EXTRA("Transfer-Encoding", "chunked");
+        EXTRA("Transfer-Encoding", "chunked", HTTP_HDR_H1OK);
     if (m->upgrade) {
-        EXTRA("Connection", "upgrade");
+        EXTRA("Connection", "upgrade", HTTP_HDR_H1OK);
         extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rq->upgrade};
     }
-#undef EXTRA
     /* Outbound, the route's PrefixRewrite and header modifiers (the caller's fields are
      * restored after: a retry's held bytes are the modified head). */
     struct http_header *caller = rq->headers, *mf = NULL;
@@ -733,7 +734,7 @@ static void forward_head(struct session *s)
             rq->nheaders = nmf;
         }
     }
-    size_t from = m->aout.len, room = m->rq_len + m->target.len + 1024 + strlen(m->xfcc);
+    size_t from = m->aout.len, room = m->rq_len + m->target.len + 1024 + m->xfcc_len;
     int rc = append_head(&m->aout, room, rq, NULL, extra, nx);
     rq->headers = caller;
     rq->nheaders = ncaller;
@@ -1271,11 +1272,6 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     }
     if (m->outbound)
         session_outlier_report(s, hd->status >= 500);
-#define EXTRA(n, v)                                                                                \
-    extra[nx++] = (struct http_header)                                                             \
-    {                                                                                              \
-        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
-    }
     enum http_framing f;
     int nobody = m->method == HTTP_METHOD_HEAD || hd->status == 204 || hd->status == 304;
     memset(&m->res, 0, sizeof(m->res));
@@ -1284,17 +1280,17 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
         /* A HEAD's or a 304's Content-Length tells of the body a GET would get: kept. */
         if (hd->content_length >= 0 && hd->status != 204) {
             snprintf(m->res_len, sizeof(m->res_len), "%lld", (long long)hd->content_length);
-            EXTRA("Content-Length", m->res_len);
+            EXTRA("Content-Length", m->res_len, HTTP_HDR_H1OK);
         }
     } else if (hd->end_stream || hd->content_length >= 0) {
         f = HTTP_BODY_LENGTH;
         snprintf(m->res_len, sizeof(m->res_len), "%lld",
                  hd->end_stream ? 0LL : (long long)hd->content_length);
-        EXTRA("Content-Length", m->res_len);
+        EXTRA("Content-Length", m->res_len, HTTP_HDR_H1OK);
     } else if (m->minor == 1) {
         f = HTTP_BODY_CHUNKED;
         m->res_chunked = 1;
-        EXTRA("Transfer-Encoding", "chunked");
+        EXTRA("Transfer-Encoding", "chunked", HTTP_HDR_H1OK);
     } else {
         f = HTTP_BODY_UNTIL_CLOSE;
     }
@@ -1302,12 +1298,11 @@ static int h2_on_head(void *owner, const struct h2_head *hd)
     int keep = m->req_keep && !m->close_after && f != HTTP_BODY_UNTIL_CLOSE;
     m->close_after = !keep;
     if (!keep)
-        EXTRA("Connection", "close");
+        EXTRA("Connection", "close", HTTP_HDR_H1OK);
     else if (m->minor == 0)
-        EXTRA("Connection", "keep-alive");
+        EXTRA("Connection", "keep-alive", HTTP_HDR_H1OK);
     if (m->outbound && m->lb_cookie[0] != '\0')
-        EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
-#undef EXTRA
+        EXTRA("Set-Cookie", m->lb_cookie, 0); /* a hash policy's generated cookie (lb.h) */
     /* Outbound, the route's and split's ResponseHeaders (see on_response_head()). */
     size_t nmf = 0;
     struct http_header *mf =
@@ -1785,24 +1780,18 @@ static int on_response_head(struct session *s, size_t n)
     int keep = m->req_keep && !m->close_after && rs->framing != HTTP_BODY_UNTIL_CLOSE &&
                !m->res.dechunk && !tunnel;
     m->close_after = !keep && !tunnel;
-#define EXTRA(n, v)                                                                                \
-    extra[nx++] = (struct http_header)                                                             \
-    {                                                                                              \
-        .name = {n, sizeof(n) - 1}, .value = {(v), strlen(v) }                                     \
-    }
     if (rs->framing == HTTP_BODY_CHUNKED && !m->res.dechunk)
-        EXTRA("Transfer-Encoding", "chunked");
+        EXTRA("Transfer-Encoding", "chunked", HTTP_HDR_H1OK);
     if (tunnel && rs->status == 101) {
-        EXTRA("Connection", "upgrade");
+        EXTRA("Connection", "upgrade", HTTP_HDR_H1OK);
         extra[nx++] = (struct http_header){.name = {"Upgrade", 7}, .value = rs->upgrade};
     } else if (!keep) {
-        EXTRA("Connection", "close");
+        EXTRA("Connection", "close", HTTP_HDR_H1OK);
     } else if (m->minor == 0) {
-        EXTRA("Connection", "keep-alive");
+        EXTRA("Connection", "keep-alive", HTTP_HDR_H1OK);
     }
     if (m->outbound && m->lb_cookie[0] != '\0')
-        EXTRA("Set-Cookie", m->lb_cookie); /* a hash policy's generated cookie (lb.h) */
-#undef EXTRA
+        EXTRA("Set-Cookie", m->lb_cookie, 0); /* a hash policy's generated cookie (lb.h) */
     /* Outbound, the route's and split's ResponseHeaders. */
     size_t nmf = 0;
     struct http_header *mf =
@@ -2629,8 +2618,12 @@ static void mux_start(struct session *s)
      * asks xprt_pending()), and a connection handed to the relay or the pool is checked the
      * same way. */
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
-    if (!m->outbound && s->end[0].tls != NULL)
+    if (!m->outbound && s->end[0].tls != NULL) {
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
+        m->xfcc_len = strlen(m->xfcc);
+        m->xfcc_ok = h1_field_ok((struct http_slice){"X-Forwarded-Client-Cert", 23},
+                                 (struct http_slice){m->xfcc, m->xfcc_len});
+    }
     s->last_io_ms = loop_now_ms(s->host->loop);
     next_stream(s);
     /* The bytes read to tell HTTP/1 from HTTP/2 (session.c's sniffing) start the first head;

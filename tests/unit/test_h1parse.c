@@ -613,7 +613,9 @@ static void test_chunked_refusals(void **state)
 
 /* The extra fields' values are checked a word at a time: every forbidden byte (controls but
  * tab, DEL) is refused at every position of a word and of the tail, and everything else,
- * tab and bytes from 0x80 included, passes. */
+ * tab and bytes from 0x80 included, passes. h1_field_ok(), the check a codec makes once for
+ * a field it then flags HTTP_HDR_H1OK (X-Forwarded-Client-Cert), gives the same verdicts, on
+ * values and on names (a token). */
 static void test_serializer_extra_values(void **state)
 {
     (void)state;
@@ -632,9 +634,24 @@ static void test_serializer_extra_values(void **state)
                     assert_true(n > 0);
                 else
                     assert_int_equal(n, -EINVAL);
+                assert_int_equal(h1_field_ok(x[0].name, x[0].value), ok);
             }
         }
+        int tchar = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                    (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+        char name[3] = {'X', (char)c, 'Y'};
+        struct http_header x[] = {{{name, 3}, {"v", 1}, 0}};
+        assert_int_equal(h1_field_ok(x[0].name, x[0].value), tchar);
+        assert_int_equal(h1_write_request_head(out, sizeof(out), &req, x, 1) > 0, tchar);
     }
+    /* A field flagged as checked is written as any other. */
+    struct http_header plain[] = {{{"X-A", 3}, {"b c", 3}, 0}};
+    struct http_header flagged[] = {{{"X-A", 3}, {"b c", 3}, HTTP_HDR_H1OK}};
+    char out2[512];
+    int n1 = h1_write_request_head(out, sizeof(out), &req, plain, 1);
+    assert_true(n1 > 0);
+    assert_int_equal(h1_write_request_head(out2, sizeof(out2), &req, flagged, 1), n1);
+    assert_memory_equal(out, out2, (size_t)n1);
 }
 
 static void test_serializer(void **state)
