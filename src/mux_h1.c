@@ -401,11 +401,11 @@ static ssize_t body_move(struct body *b, struct buf *in, struct buf *out, const 
  */
 static int blank_line(const struct buf *b, size_t from)
 {
-    for (size_t i = from; i + 1 < b->len; i++) {
-        if (b->p[i] != '\n')
-            continue;
-        if (b->p[i + 1] == '\n' || (b->p[i + 1] == '\r' && i + 2 < b->len && b->p[i + 2] == '\n'))
+    const char *p = b->p + from, *end = b->p + b->len;
+    while (p + 1 < end && (p = memchr(p, '\n', (size_t)(end - p - 1))) != NULL) {
+        if (p[1] == '\n' || (p[1] == '\r' && p + 2 < end && p[2] == '\n'))
             return 1;
+        p++;
     }
     return 0;
 }
