@@ -1973,6 +1973,14 @@ int session_lb_keeps(struct session *s)
     for (size_t j = 0; j < s->up->n_targets; j++)
         total += s->up->targets[j].endpoints->n;
     memset(s->tried, 0, total);
+    /* One endpoint in all is the current one (s->ep): no policy has anything to choose, and
+     * the requests in flight a least_request entry counts choose nothing either (outlier
+     * ejection leaves the last endpoint in use: dial_skips()). */
+    if (total == 1) {
+        s->lb_pre_tgt = NULL;
+        session_lb_release(s);
+        return 1;
+    }
     size_t base = 0;
     const struct snap_target *t = first_open_target(s, &base);
     if (t == NULL)
