@@ -174,8 +174,8 @@ struct mux_h1 {
     char why[256];              /* the reason of the current local answer / close */
     uint64_t armed_at;          /* the deadline the timer is armed for; 0 when not armed */
     char xfcc[STREAM_XFCC_MAX]; /* X-Forwarded-Client-Cert for every request of the connection */
-    size_t xfcc_len;
-    int xfcc_ok;       /* xfcc was checked once (h1_field_ok()): HTTP_HDR_H1OK on every request */
+    /* The field as every request adds it: checked once (h1_field_ok()), then HTTP_HDR_H1OK. */
+    struct http_header xfcc_field;
     struct buf target; /* the request's normalized target (forwarded, or a redirect's) */
     /* The keep-alive race: a request sent on a reused connection (end[1] served an answer
      * before, here or in the pool) that the peer closed at that moment is lost before any
@@ -686,9 +686,7 @@ static size_t forwarded_fields(struct session *s, struct http_header *extra)
     }
     /* An exposed listener's caller has no certificate: no XFCC, and it came over plain HTTP. */
     if (!m->outbound && s->end[0].tls != NULL)
-        extra[nx++] = (struct http_header){.name = {"X-Forwarded-Client-Cert", 23},
-                                           .value = {m->xfcc, m->xfcc_len},
-                                           .flags = m->xfcc_ok ? HTTP_HDR_H1OK : 0};
+        extra[nx++] = m->xfcc_field;
     if (!m->outbound)
         EXTRA("X-Forwarded-Proto", s->end[0].tls != NULL ? "https" : "http", HTTP_HDR_H1OK);
     /* Outbound, the upstream's sidecar generates a missing id (adding one here could take
@@ -734,7 +732,7 @@ static void forward_head(struct session *s)
             rq->nheaders = nmf;
         }
     }
-    size_t from = m->aout.len, room = m->rq_len + m->target.len + 1024 + m->xfcc_len;
+    size_t from = m->aout.len, room = m->rq_len + m->target.len + 1024 + m->xfcc_field.value.len;
     int rc = append_head(&m->aout, room, rq, NULL, extra, nx);
     rq->headers = caller;
     rq->nheaders = ncaller;
@@ -2620,9 +2618,11 @@ static void mux_start(struct session *s)
     /* Outbound, no XFCC: the upstream's sidecar writes it from our certificate. */
     if (!m->outbound && s->end[0].tls != NULL) {
         stream_xfcc(s, m->xfcc, sizeof(m->xfcc));
-        m->xfcc_len = strlen(m->xfcc);
-        m->xfcc_ok = h1_field_ok((struct http_slice){"X-Forwarded-Client-Cert", 23},
-                                 (struct http_slice){m->xfcc, m->xfcc_len});
+        struct http_header *f = &m->xfcc_field;
+        *f = (struct http_header){.name = {"X-Forwarded-Client-Cert", 23},
+                                  .value = {m->xfcc, strlen(m->xfcc)}};
+        if (h1_field_ok(f->name, f->value))
+            f->flags = HTTP_HDR_H1OK;
     }
     s->last_io_ms = loop_now_ms(s->host->loop);
     next_stream(s);
