@@ -10,11 +10,33 @@
 #include "rx.h"
 #include "util.h"
 
+/* Equal bytes; <b> is already lower-cased when <fold>. */
+static int bytes_eq(const char *a, const char *b, size_t n, int fold)
+{
+    if (!fold)
+        return memcmp(a, b, n) == 0;
+    for (size_t i = 0; i < n; i++)
+        if (util_ascii_lower(a[i]) != b[i])
+            return 0;
+    return 1;
+}
+
+static int name_is(const struct hdr_cond *h, const char *lit)
+{
+    size_t n = strlen(lit);
+    return h->name_len == n && bytes_eq(h->name, lit, n, 1);
+}
+
 int hdr_cond_init(struct hdr_cond *h, const struct dec_perm_header *d, char *err, size_t errlen)
 {
     memset(h, 0, sizeof(*h));
     h->name = xstrdup(d->name != NULL ? d->name : "");
     h->name_len = strlen(h->name);
+    h->reads = name_is(h, "host") || name_is(h, ":authority") ? HDR_NAME_AUTHORITY
+               : name_is(h, ":method")                        ? HDR_NAME_METHOD
+               : name_is(h, ":path")                          ? HDR_NAME_PATH
+               : h->name_len > 0 && h->name[0] == ':'         ? HDR_NAME_PSEUDO
+                                                              : HDR_NAME_FIELD;
     h->match = d->match;
     h->invert = d->invert != 0;
     h->ignore_case =
@@ -33,23 +55,6 @@ void hdr_cond_dispose(struct hdr_cond *h)
     free(h->value);
     rx_free(h->rx);
     memset(h, 0, sizeof(*h));
-}
-
-/* Equal bytes; <b> is already lower-cased when <fold>. */
-static int bytes_eq(const char *a, const char *b, size_t n, int fold)
-{
-    if (!fold)
-        return memcmp(a, b, n) == 0;
-    for (size_t i = 0; i < n; i++)
-        if (util_ascii_lower(a[i]) != b[i])
-            return 0;
-    return 1;
-}
-
-static int name_is(const struct hdr_cond *h, const char *lit)
-{
-    size_t n = strlen(lit);
-    return h->name_len == n && bytes_eq(h->name, lit, n, 1);
 }
 
 /* The plain string kinds (Exact, Prefix, Suffix, Contains) on a present value. */
@@ -83,13 +88,21 @@ int hdr_cond_eval(const struct hdr_cond *h, const struct hdr_req *rq)
     struct http_slice v = {NULL, 0};
     char *joined = NULL;
     int present = 0;
-    if (name_is(h, "host") || name_is(h, ":authority")) {
+    switch (h->reads) {
+    case HDR_NAME_AUTHORITY:
         present = rq->authority.p != NULL;
         v = rq->authority;
-    } else if (name_is(h, ":method")) {
+        break;
+    case HDR_NAME_METHOD:
         present = rq->method.p != NULL;
         v = rq->method;
-    } else if (name_is(h, ":path") && rq->path.p != NULL) {
+        break;
+    case HDR_NAME_PATH:
+        if (rq->path.p == NULL) {
+            if (!rq->pseudo_absent)
+                return -1;
+            break;
+        }
         present = 1;
         v = rq->path;
         if (rq->query.p != NULL) {
@@ -99,11 +112,14 @@ int hdr_cond_eval(const struct hdr_cond *h, const struct hdr_req *rq)
             memcpy(joined + rq->path.len + 1, rq->query.p, rq->query.len);
             v = (struct http_slice){joined, rq->path.len + 1 + rq->query.len};
         }
-    } else if (h->name_len > 0 && h->name[0] == ':') {
+        break;
+    case HDR_NAME_PSEUDO:
         if (!rq->pseudo_absent)
             return -1;
-    } else {
+        break;
+    case HDR_NAME_FIELD:
         present = h1_field_value(rq->headers, rq->nheaders, h->name, h->name_len, &v, &joined) > 0;
+        break;
     }
     int r;
     const char *p = v.p != NULL ? v.p : "";

@@ -16,9 +16,19 @@
 
 struct rx;
 
+/* What a condition's name reads, decided once when it is compiled. */
+enum hdr_name {
+    HDR_NAME_FIELD,     /* the request's fields of that name */
+    HDR_NAME_AUTHORITY, /* "Host", ":authority" */
+    HDR_NAME_METHOD,    /* ":method" */
+    HDR_NAME_PATH,      /* ":path" */
+    HDR_NAME_PSEUDO,    /* any other pseudo-header (":scheme", ...) */
+};
+
 struct hdr_cond {
     char *name; /* compared case-insensitively; "Host"/":authority" name the authority */
     size_t name_len;
+    enum hdr_name reads;
     enum dec_header_match match;
     char *value; /* lower-cased when ignore_case (ASCII, as Envoy) */
     size_t value_len;
