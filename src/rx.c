@@ -23,6 +23,7 @@
 
 #include <errno.h>
 #include <pcre2.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,7 +43,46 @@
 struct rx {
     pcre2_code *code;
     pcre2_match_context *mctx;
+    int jit; /* compiled to machine code: a match keeps no frames in its match data */
+    /* The fewest characters a match has (PCRE2_INFO_MINLENGTH): a shorter subject, in
+     * bytes, cannot match, and is answered without a call into PCRE2 (a route's path regex
+     * on "/" of most requests). */
+    uint32_t min_len;
 };
+
+/*
+ * The match-data block a thread's JIT matches share, made at its first one and freed when
+ * the thread ends: a block per match cost a malloc and a free on every regex a route or
+ * an intention evaluates. Only JIT matches share it: the interpreter keeps its backtracking
+ * frames in the block (up to RX_HEAP_LIMIT_KIB), which must not outlive the match.
+ */
+static pthread_key_t md_key;
+static pthread_once_t md_once = PTHREAD_ONCE_INIT;
+static _Thread_local pcre2_match_data *md_mine;
+
+static void md_free(void *md)
+{
+    pcre2_match_data_free(md);
+}
+
+static void md_key_init(void)
+{
+    if (pthread_key_create(&md_key, md_free) != 0)
+        abort();
+}
+
+static pcre2_match_data *thread_md(void)
+{
+    if (md_mine == NULL) {
+        pthread_once(&md_once, md_key_init);
+        md_mine = pcre2_match_data_create(1, NULL);
+        if (md_mine != NULL && pthread_setspecific(md_key, md_mine) != 0) {
+            pcre2_match_data_free(md_mine);
+            md_mine = NULL;
+        }
+    }
+    return md_mine;
+}
 
 static int refuse(char *err, size_t errlen, size_t at, const char *what)
 {
@@ -311,7 +351,11 @@ int rx_compile(const char *pattern, size_t len, struct rx **out, char *err, size
     struct rx *rx = xcalloc(1, sizeof(*rx));
     rx->code = code;
     /* Without JIT support (or memory for it) the interpreter gives the same answers. */
-    (void)pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
+    size_t jit_size = 0;
+    rx->jit = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0 &&
+              pcre2_pattern_info(code, PCRE2_INFO_JITSIZE, &jit_size) == 0 && jit_size > 0;
+    if (pcre2_pattern_info(code, PCRE2_INFO_MINLENGTH, &rx->min_len) != 0)
+        rx->min_len = 0;
     rx->mctx = pcre2_match_context_create(NULL);
     if (rx->mctx == NULL)
         abort(); /* out of memory, as the x* allocators do */
@@ -324,12 +368,15 @@ int rx_compile(const char *pattern, size_t len, struct rx **out, char *err, size
 
 int rx_match(const struct rx *rx, const char *subject, size_t len)
 {
-    pcre2_match_data *md = pcre2_match_data_create(1, NULL);
+    if (len < rx->min_len)
+        return 0; /* a character takes at least one byte */
+    pcre2_match_data *md = rx->jit ? thread_md() : pcre2_match_data_create(1, NULL);
     if (md == NULL)
         return -ENOMEM;
     int rc = pcre2_match(rx->code, (PCRE2_SPTR)(subject != NULL ? subject : ""), len, 0, 0, md,
                          rx->mctx);
-    pcre2_match_data_free(md);
+    if (!rx->jit)
+        pcre2_match_data_free(md);
     if (rc >= 0) /* 0: matched, with more groups than the one-pair vector holds */
         return 1;
     if (rc == PCRE2_ERROR_NOMATCH)

@@ -260,6 +260,30 @@ static void test_invalid_utf8_subject(void **state)
                      1);
 }
 
+static void test_shortest_match(void **state)
+{
+    (void)state;
+    /* A subject shorter than any match is refused before PCRE2 is asked; the bound is in
+     * characters, and a multi-byte character is several bytes. */
+    assert_int_equal(matches("^/admin(/.*)?$", "/"), 0);
+    assert_int_equal(matches("^/admin(/.*)?$", "/admi"), 0);
+    assert_int_equal(matches("^/admin(/.*)?$", "/admin"), 1);
+    assert_int_equal(matches("^/admin(/.*)?$", "/admin/"), 1);
+    assert_int_equal(matches("a{3}", "aa"), 0);
+    assert_int_equal(matches("a{3}", "aaa"), 1);
+    /* 3 bytes, 2 characters; 4 bytes, 3 characters; 4 bytes, 2 characters. */
+    assert_int_equal(matches(".{3}", "a\xc3\xa9"), 0);
+    assert_int_equal(matches(".{3}", "a\xc3\xa9"
+                                     "b"),
+                     1);
+    assert_int_equal(matches("\xc3\xa9{2}", "\xc3\xa9\xc3\xa9"), 1);
+    assert_int_equal(matches("x*", ""), 1);
+    struct rx *rx = compile_ok("abc");
+    assert_int_equal(rx_match(rx, "abcd", 2), 0);
+    assert_int_equal(rx_match(rx, NULL, 0), 0);
+    rx_free(rx);
+}
+
 struct shared {
     struct rx *rx;
     int bad;
@@ -297,6 +321,7 @@ int main(void)
         cmocka_unit_test(test_non_re2_refused),
         cmocka_unit_test(test_catastrophic_pattern_is_bounded),
         cmocka_unit_test(test_invalid_utf8_subject),
+        cmocka_unit_test(test_shortest_match),
         cmocka_unit_test(test_threads_share_one_rx),
     };
     return cmocka_run_group_tests_name("rx", tests, NULL, NULL);
