@@ -284,29 +284,23 @@ static int query_matches(const struct route_query_cond *q, struct http_slice que
     return 0;
 }
 
-static int route_matches(const struct route *r, const struct route_req *rq)
+static int route_matches(const struct route *r, const struct route_req *rq,
+                         const struct hdr_req *hr)
 {
     if (r->broken || !path_matches(r, rq->path))
         return 0;
     if (r->n_methods > 0) {
         int any = 0;
-        for (size_t i = 0; i < r->n_methods && !any; i++)
-            any = rq->method.len == strlen(r->methods[i]) && rq->method.p != NULL &&
-                  memcmp(rq->method.p, r->methods[i], rq->method.len) == 0;
+        const char *m = rq->method.p;
+        size_t n = rq->method.len;
+        for (size_t i = 0; i < r->n_methods && !any && m != NULL && n > 0; i++)
+            any = r->methods[i][0] == m[0] && strlen(r->methods[i]) == n &&
+                  memcmp(m, r->methods[i], n) == 0;
         if (!any)
             return 0;
     }
-    struct hdr_req hr = {
-        .method = rq->method,
-        .authority = rq->authority,
-        .path = rq->path,
-        .query = rq->query,
-        .headers = rq->headers,
-        .nheaders = rq->nheaders,
-        .pseudo_absent = 1,
-    };
     for (size_t i = 0; i < r->n_headers; i++)
-        if (hdr_cond_eval(&r->headers[i], &hr) != 1)
+        if (hdr_cond_eval(&r->headers[i], hr) != 1)
             return 0;
     for (size_t i = 0; i < r->n_query; i++)
         if (!query_matches(&r->query[i], rq->query))
@@ -316,8 +310,17 @@ static int route_matches(const struct route *r, const struct route_req *rq)
 
 const struct route *route_match(const struct route_table *t, const struct route_req *rq)
 {
+    const struct hdr_req hr = {
+        .method = rq->method,
+        .authority = rq->authority,
+        .path = rq->path,
+        .query = rq->query,
+        .headers = rq->headers,
+        .nheaders = rq->nheaders,
+        .pseudo_absent = 1,
+    };
     for (size_t i = 0; i < t->n_routes; i++)
-        if (route_matches(&t->routes[i], rq))
+        if (route_matches(&t->routes[i], rq, &hr))
             return &t->routes[i];
     return NULL;
 }
