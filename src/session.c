@@ -1886,6 +1886,25 @@ static size_t choose_endpoint(struct session *s, const struct snap_target *t, si
     return i;
 }
 
+/*
+ * The dial's first target with endpoints when it has one endpoint, not tried yet, and its
+ * base; else NULL. The dial takes that endpoint (first_open_target() and choose_endpoint()
+ * would): a target's last endpoint is never passed over (outlier ejection leaves it in use,
+ * dial_skips()), no policy has anything to choose in it, and the requests in flight a
+ * least_request entry counts choose nothing either. So it is with one endpoint in all, and
+ * on each side of a split to one instance each.
+ */
+static const struct snap_target *single_endpoint_target(const struct session *s, size_t *base)
+{
+    for (size_t k = 0; k < dial_targets(s); k++) {
+        const struct snap_target *c = dial_target(s, k, base);
+        if (c == NULL || c->endpoints->n == 0)
+            continue;
+        return c->endpoints->n == 1 && !s->tried[*base] ? c : NULL;
+    }
+    return NULL;
+}
+
 /* The first target the dial may use that has an endpoint not tried yet and not passed over
  * (dial_skips()), and its base. */
 static const struct snap_target *first_open_target(const struct session *s, size_t *base)
@@ -1912,12 +1931,15 @@ static const struct snap_target *first_open_target(const struct session *s, size
  */
 static int upool_take(struct session *s)
 {
-    size_t base = 0;
-    const struct snap_target *t = first_open_target(s, &base);
-    if (t == NULL)
-        return 0;
-    struct lb_entry *e;
-    size_t i = choose_endpoint(s, t, base, &e);
+    size_t base = 0, i = 0;
+    struct lb_entry *e = NULL;
+    const struct snap_target *t = single_endpoint_target(s, &base);
+    if (t == NULL) {
+        t = first_open_target(s, &base);
+        if (t == NULL)
+            return 0;
+        i = choose_endpoint(s, t, base, &e);
+    }
     s->tgt = t;
     s->ep = &t->endpoints->v[i];
     if (s->host->n_upool > 0 && upool_take_current(s)) {
@@ -1973,15 +1995,13 @@ int session_lb_keeps(struct session *s)
     for (size_t j = 0; j < s->up->n_targets; j++)
         total += s->up->targets[j].endpoints->n;
     memset(s->tried, 0, total);
-    /* One endpoint in all is the current one (s->ep): no policy has anything to choose, and
-     * the requests in flight a least_request entry counts choose nothing either (outlier
-     * ejection leaves the last endpoint in use: dial_skips()). */
-    if (total == 1) {
+    /* The current endpoint is the one the dial would take, with nothing to choose. */
+    size_t base = 0;
+    if (single_endpoint_target(s, &base) == s->tgt) {
         s->lb_pre_tgt = NULL;
         session_lb_release(s);
         return 1;
     }
-    size_t base = 0;
     const struct snap_target *t = first_open_target(s, &base);
     if (t == NULL)
         return 1;
