@@ -6,7 +6,6 @@ import json
 import re
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -44,7 +43,7 @@ def test_authorize_mode_allows_and_denies_like_intentions(mesh):
     # 60 s cache would have expired on its own.
     m.intend("db", {"web": "deny", "api": "allow"})
     wait_until(lambda: is_refused(web.up["db"]), 20, "web to be refused after the deny")
-    agent_catches_up(m, "api", "db", {"web": "deny", "api": "allow"})
+    agent_catches_up(m, "api", "db")
     m.wait_echo(api.up["db"], what="api allowed after the change")
 
 
@@ -55,22 +54,30 @@ def agent_allows(m, src, dst):
     return m.api.call("POST", "/v1/agent/connect/authorize", body)["Authorized"]
 
 
-def agent_catches_up(m, src, dst, sources):
-    """Waits until the agent itself allows <src> to call <dst> under the intentions just
-    written (<sources>, as given to intend()). In authorize mode the agent decides, and its
-    /authorize answers from an intention cache entry of its own: in one CI run it kept the
-    answer of a write made 20 ms before the last one for more than 30 s (no error in its log),
-    while /v1/connect/intentions/match, which connectd watches, had the last one at once. When
-    it lags 10 s, the same entry is written once more: a new index, which ends a blocking
-    refresh that missed the last one. A failure here is the agent's, not connectd's."""
-    deadline = time.monotonic() + 10
-    while not agent_allows(m, src, dst):
-        if time.monotonic() >= deadline:
-            m.intend(dst, sources)
-            wait_until(lambda: agent_allows(m, src, dst), 30,
-                       f"the agent's own /authorize to allow {src} -> {dst}")
-            return
-        time.sleep(0.1)
+def agent_catches_up(m, src, dst):
+    """Waits until the agent itself allows <src> to call <dst>. In authorize mode the agent
+    decides, from an intention cache entry of its own that it refreshes at most once a second
+    after a burst of two (its cache's entry_fetch_rate), so it may trail connectd's intentions
+    watch by a second; test_agent_authorize_follows_intention_flips shows it does not trail
+    for longer."""
+    wait_until(lambda: agent_allows(m, src, dst), 10,
+               f"the agent's own /authorize to allow {src} -> {dst}")
+
+
+def test_agent_authorize_follows_intention_flips(agent_mesh):
+    """The harness's agent: its own /authorize follows a run of intention writes. Consul
+    1.22.5 to 1.22.7 do not (hashicorp/consul#23368): a background refresh of the agent cache
+    runs with the context of the HTTP request that started it, which ends with that request,
+    so after a flip or two the entry stops refreshing and /authorize answers with an old
+    intention for good (seen for over 130 s; in CI this failed the authorize-mode test
+    above). scripts/consul pins a release without that change; this test fails within a
+    few flips on one with it, which would make every authorize-mode test flaky."""
+    m = agent_mesh
+    for i in range(12):
+        action = "deny" if i % 2 == 0 else "allow"
+        m.intend("db", {"web": action})
+        wait_until(lambda: agent_allows(m, "web", "db") == (action == "allow"), 10,
+                   f"the agent's /authorize to follow flip {i + 1} to {action}")
 
 
 @pytest.fixture
