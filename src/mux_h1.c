@@ -448,6 +448,13 @@ static ssize_t read_into(struct session *s, int i, struct buf *b, size_t max, un
 {
     if (b->len >= max)
         return -ENOBUFS;
+    struct mux_h1 *m = s->mux;
+    if (!m->rd_ok[i]) {
+        /* end_read() would say EAGAIN without reading: no buffer is taken for it (a take
+         * and a give-back from the pool, twice a request on each side). */
+        *wants |= m->rd_wants[i];
+        return -EAGAIN;
+    }
     size_t want = max - b->len < IO_CHUNK ? max - b->len : IO_CHUNK;
     buf_reserve(b, b->len + want);
     ssize_t n = end_read(s, i, b->p + b->len, want, wants);
