@@ -153,37 +153,40 @@ void stream_begin(struct stream *st, uint64_t seq, uint64_t now_ms, const struct
             copy_slice(st->request_id, sizeof(st->request_id), req->headers[i].value);
 }
 
-void stream_new_request_id(struct stream *st)
+/* The 16 hex digits of <w>, most significant first. */
+static void hex16(char *o, uint64_t w)
 {
     static const char hex[] = "0123456789abcdef";
+    for (int i = 15; i >= 0; i--) {
+        o[i] = hex[w & 0xfu];
+        w >>= 4;
+    }
+}
+
+void stream_new_request_id(struct stream *st)
+{
     uint64_t a = util_rand(), b = util_rand();
     /* Version 4 (random) and the RFC 9562 variant bits. */
     a = (a & ~0xf000ull) | 0x4000ull;
     b = (b & ~(3ull << 62)) | (2ull << 62);
-    /* 8-4-4-4-12 hex digits, most significant first; written by hand a byte at a time (two
-     * digits), since one is made per request: snprintf() cost ten times as much, a digit at a
-     * time with the dashes tested in the loop ~650 instructions. */
-    static const unsigned char group_bytes[5] = {4, 2, 2, 2, 6};
+    /* 8-4-4-4-12 hex digits: the 32 written a nibble at a time with no test in the loop, then
+     * grouped, since one is made per request: snprintf() cost ten times as much, a digit at a
+     * time with the dashes tested in the loop ~650 instructions, two digits a byte ~420. */
+    char d[32];
+    hex16(d, a);
+    hex16(d + 16, b);
     char *o = st->request_id;
     _Static_assert(sizeof(st->request_id) >= 37, "room for a UUID");
-    int shift = 56;
-    uint64_t w = a;
-    for (int g = 0; g < 5; g++) {
-        if (g > 0)
-            *o++ = '-';
-        for (int k = 0; k < group_bytes[g]; k++) {
-            unsigned byte = (unsigned)(w >> shift) & 0xffu;
-            o[0] = hex[byte >> 4];
-            o[1] = hex[byte & 0xfu];
-            o += 2;
-            shift -= 8;
-            if (shift < 0) {
-                shift = 56;
-                w = b;
-            }
-        }
-    }
-    *o = '\0';
+    memcpy(o, d, 8);
+    o[8] = '-';
+    memcpy(o + 9, d + 8, 4);
+    o[13] = '-';
+    memcpy(o + 14, d + 12, 4);
+    o[18] = '-';
+    memcpy(o + 19, d + 16, 4);
+    o[23] = '-';
+    memcpy(o + 24, d + 20, 12);
+    o[36] = '\0';
 }
 
 /* An exposed listener's allowlist (see stream_authorize()). */
