@@ -56,10 +56,9 @@ def agent_allows(m, src, dst):
 
 def agent_catches_up(m, src, dst):
     """Waits until the agent itself allows <src> to call <dst>. In authorize mode the agent
-    decides, from an intention cache entry of its own that it refreshes at most once a second
-    after a burst of two (its cache's entry_fetch_rate), so it may trail connectd's intentions
-    watch by a second; test_agent_authorize_follows_intention_flips shows it does not trail
-    for longer."""
+    decides, from an intention cache entry of its own that a blocking query refreshes in the
+    background, so it may trail connectd's intentions watch by a moment;
+    test_agent_authorize_follows_intention_flips shows it does not trail for longer."""
     wait_until(lambda: agent_allows(m, src, dst), 10,
                f"the agent's own /authorize to allow {src} -> {dst}")
 
