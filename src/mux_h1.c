@@ -413,19 +413,29 @@ static int blank_line(const struct buf *b, size_t from)
 /* ---- I/O helpers ---- */
 
 /*
- * Reads from end <i>, unless its last read drained it (EAGAIN, or fewer bytes than asked with
- * nothing left inside TLS) and no event came for it since: the loop is level-triggered, so
- * the event comes when there is more, and the read that would only say EAGAIN is saved (a
+ * Whether end <i>'s last read drained it (EAGAIN, or fewer bytes than asked with nothing left
+ * inside TLS) and no event came for it since: the loop is level-triggered, so the event comes
+ * when there is more, and a read now would only say EAGAIN. Then the events its last read
+ * waits for are added to *<wants>.
+ */
+static int drained(struct mux_h1 *m, int i, unsigned *wants)
+{
+    if (m->rd_ok[i])
+        return 0;
+    *wants |= m->rd_wants[i];
+    return 1;
+}
+
+/*
+ * Reads from end <i>, unless it is drained(): the read that would only say EAGAIN is saved (a
  * syscall, and for TLS an SSL_read that takes and gives back a record buffer). Returns what
  * xprt_read() does; -EAGAIN adds the events to wait for to *<wants>.
  */
 static ssize_t end_read(struct session *s, int i, void *p, size_t len, unsigned *wants)
 {
     struct mux_h1 *m = s->mux;
-    if (!m->rd_ok[i]) {
-        *wants |= m->rd_wants[i];
+    if (drained(m, i, wants))
         return -EAGAIN;
-    }
     ssize_t n = xprt_read(&s->end[i], p, len);
     if (i == 0)
         m->ev0 = 0; /* what the event announced was read */
@@ -448,13 +458,10 @@ static ssize_t read_into(struct session *s, int i, struct buf *b, size_t max, un
 {
     if (b->len >= max)
         return -ENOBUFS;
-    struct mux_h1 *m = s->mux;
-    if (!m->rd_ok[i]) {
-        /* end_read() would say EAGAIN without reading: no buffer is taken for it (a take
-         * and a give-back from the pool, twice a request on each side). */
-        *wants |= m->rd_wants[i];
+    /* A drained end takes no buffer for a read end_read() would not make (a take and a
+     * give-back from the pool, twice a request on each side). */
+    if (drained(s->mux, i, wants))
         return -EAGAIN;
-    }
     size_t want = max - b->len < IO_CHUNK ? max - b->len : IO_CHUNK;
     buf_reserve(b, b->len + want);
     ssize_t n = end_read(s, i, b->p + b->len, want, wants);
